@@ -1,0 +1,1 @@
+"""pykernels: fused GPU kernels for sequence-model training (placeholder, being built)."""
