@@ -1,1 +1,24 @@
-"""pykernels: fused GPU kernels for sequence-model training (placeholder, being built)."""
+"""pykernels: fused GPU kernels for sequence-model training (attention, LSTM, cross-entropy).
+
+Drop-in use::
+
+    import pykernels
+    loss = pykernels.functional.cross_entropy(logits, target)      # as torch.nn.functional.cross_entropy
+    criterion = pykernels.nn.CrossEntropyLoss()                     # as torch.nn.CrossEntropyLoss
+    model = pykernels.patch(model)                                  # swaps supported torch.nn modules in place
+"""
+from . import _ext
+from . import ops  # noqa: F401  (registers the operators)
+from . import functional, nn
+from .backends import BackendUnavailableError, available_backends, last_dispatch, use_backend
+from .patch import patch
+
+__version__ = "0.1.0"
+
+__all__ = ["functional", "nn", "patch", "use_backend", "available_backends", "last_dispatch",
+           "BackendUnavailableError", "build_info", "__version__"]
+
+
+def build_info() -> dict:
+    """Metadata of the compiled extension (torch, CUDA, arches), and why it is unusable if it is."""
+    return {**_ext.build_info, "loaded": _ext.loaded(), "load_error": _ext.load_error}

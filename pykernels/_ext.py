@@ -1,0 +1,65 @@
+"""Loading of the compiled extension ``pykernels._C``.
+
+Importing pykernels never fails because of the extension: when ``_C`` is missing, was built for another
+torch, or fails to load, the reason is kept here and reported by ``pykernels.available_backends()``; the
+Triton and reference backends keep working.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+_BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
+
+build_info: dict = {}
+load_error: Optional[str] = None  # why _C is unusable, or None when loaded
+_loaded = False
+
+
+def _torch_base(version: str) -> str:
+    return version.split("+")[0]
+
+
+def _load() -> None:
+    global build_info, load_error, _loaded
+    if os.environ.get("PYKERNELS_DISABLE_EXTENSION") == "1":
+        load_error = "disabled by PYKERNELS_DISABLE_EXTENSION=1"
+        return
+    if _BUILD_INFO_PATH.exists():
+        try:
+            build_info = json.loads(_BUILD_INFO_PATH.read_text())
+        except (OSError, ValueError) as e:  # a damaged file must not break the import
+            load_error = f"unreadable {_BUILD_INFO_PATH.name}: {e}"
+            return
+    else:
+        load_error = ("pykernels._C is not built (no _build_info.json); "
+                      "run `pip install --no-build-isolation -e .`")
+        return
+    built_for = build_info.get("torch_version", "?")
+    if _torch_base(built_for) != _torch_base(torch.__version__):
+        # Loading a .so built against another libtorch ABI can crash the process: refuse it up front.
+        load_error = (f"pykernels._C was built for torch {built_for} but torch {torch.__version__} is running; "
+                      "rebuild with `pip install --no-build-isolation -e .`")
+        return
+    try:
+        from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+    except ImportError as e:
+        load_error = f"pykernels._C failed to load: {e}"
+        return
+    _loaded = True
+
+
+def loaded() -> bool:
+    return _loaded
+
+
+def has_cuda_kernels() -> bool:
+    """True when _C was compiled with its CUDA kernels."""
+    return _loaded and bool(build_info.get("with_cuda"))
+
+
+_load()

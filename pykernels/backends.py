@@ -1,0 +1,138 @@
+"""Backend selection: which implementation runs an op.
+
+Order of precedence for one call:
+1. ``backend=`` passed to the function: a hard request. If that backend cannot run this call, a
+   ``BackendUnavailableError`` says why (nothing silently runs elsewhere).
+2. ``pykernels.use_backend(name)`` (context manager) or env ``PYKERNELS_BACKEND``: a preference. If the
+   preferred backend cannot run the call, the next one in the device's chain runs it, and the fallback is
+   logged on the ``pykernels`` logger (DEBUG) and recorded in ``pykernels.last_dispatch``.
+3. Automatic: the first backend of the device's chain that supports the call (chains are ordered by
+   measured speed, see bench/results/).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Callable, Dict, Iterator, Optional, Sequence
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+
+logger = logging.getLogger("pykernels")
+
+# op name -> (backend that ran, {backend skipped: why}); the last call of each op, for users and tests.
+last_dispatch: Dict[str, tuple] = {}
+
+# A plain list rather than a ContextVar: torch.compile (dynamo) traces through reads of module globals.
+_preferred: list = []
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this call; the message says why."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Prefer ``name`` for pykernels ops inside the block (None: automatic)."""
+    _preferred.append(None if name is None else _check_name(name))
+    try:
+        yield
+    finally:
+        _preferred.pop()
+
+
+def _triton_reason() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising anything
+        return f"triton is not importable: {e}"
+    return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _device_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device`` at all (None: it can)."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got {device.type}"
+        return None if _ext.loaded() else _ext.load_error
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got {device.type}"
+        if not _ext.loaded():
+            return _ext.load_error
+        return None if _ext.has_cuda_kernels() else "pykernels._C was built without CUDA kernels"
+    # triton
+    reason = _triton_reason()
+    if reason:
+        return reason
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return None if major >= 8 else f"triton kernels need compute capability >= 8.0, got {major}.x"
+    if device.type == "cpu":
+        return None if triton_interpreted() else "triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    return f"triton does not run on {device.type}"
+
+
+def _chain(device: torch.device) -> Sequence[str]:
+    if device.type == "cuda":
+        return ("cuda", "triton", "reference")
+    if device.type == "cpu":
+        return ("cpu", "reference")
+    return ("reference",)
+
+
+def available_backends(device: Optional[torch.device | str] = None) -> Dict[str, Optional[str]]:
+    """Each backend -> None when usable on ``device`` (default: cuda if present, else cpu), else the reason."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return {b: _device_reason(b, device) for b in BACKENDS}
+
+
+def choose(op: str, device: torch.device, backend: Optional[str],
+           unsupported: Callable[[str], Optional[str]]) -> str:
+    """Pick the backend for one call of ``op``.
+
+    ``unsupported(b)`` returns why backend ``b`` cannot run this particular call (dtype, option, ...) or None.
+    """
+    def reason(b: str) -> Optional[str]:
+        return _device_reason(b, device) or unsupported(b)
+
+    if backend is not None:
+        why = reason(_check_name(backend))
+        if why:
+            raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run this call: {why}")
+        last_dispatch[op] = (backend, {})
+        return backend
+
+    preferred = (_preferred[-1] if _preferred else None) or os.environ.get("PYKERNELS_BACKEND") or None
+    candidates = list(_chain(device))
+    if preferred is not None:
+        _check_name(preferred)
+        candidates = [preferred] + [b for b in candidates if b != preferred]
+    skipped: Dict[str, str] = {}
+    for b in candidates:
+        why = reason(b)
+        if why is None:
+            if skipped and not torch.compiler.is_compiling():
+                logger.debug("%s: ran on %r; skipped %s", op, b, skipped)
+            last_dispatch[op] = (b, skipped)
+            return b
+        skipped[b] = why
+    raise BackendUnavailableError(f"{op}: no backend can run this call: {skipped}")  # reference never refuses

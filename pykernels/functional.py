@@ -1,0 +1,144 @@
+"""Drop-in replacements for ``torch.nn.functional`` calls: same signatures and semantics, keyword-only extras."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .ops import cross_entropy as _ce
+from .reference import cross_entropy as _ce_ref
+
+__all__ = ["cross_entropy"]
+
+_KERNEL_DTYPES = {
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+    "cuda": (torch.float16, torch.bfloat16, torch.float32),
+    "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+
+
+def _legacy_reduction(size_average, reduce, reduction: str) -> str:
+    if size_average is None and reduce is None:
+        return reduction
+    # PyTorch's rule for the deprecated arguments (each defaults to True when the other is given).
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if not reduce:
+        return "none"
+    return "mean" if size_average else "sum"
+
+
+def _check_cross_entropy_args(input, target, weight, reduction, label_smoothing, z_loss, ignore_index) -> bool:
+    """Validates the call; returns True for probability targets."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"cross_entropy: input must be a Tensor, got {type(input).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"cross_entropy: target must be a Tensor, got {type(target).__name__}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"cross_entropy: input must be floating point, got {input.dtype}")
+    if input.dim() < 1:
+        raise ValueError("cross_entropy: input must have at least 1 dimension (C) or (N, C, ...), got a scalar")
+    if target.device != input.device:
+        raise ValueError(f"cross_entropy: target is on {target.device} but input is on {input.device}")
+    if reduction not in _ce.REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not (z_loss >= 0.0 and z_loss != float("inf")):
+        raise ValueError(f"cross_entropy: z_loss must be finite and >= 0, got {z_loss}")
+    C = input.shape[0 if input.dim() == 1 else 1]
+    if weight is not None:
+        if not isinstance(weight, Tensor) or not weight.dtype.is_floating_point:
+            raise TypeError("cross_entropy: weight must be a floating-point Tensor")
+        if weight.shape != (C,):
+            raise ValueError(f"cross_entropy: weight must have shape ({C},) (one per class), got {tuple(weight.shape)}")
+        if weight.device != input.device:
+            raise ValueError(f"cross_entropy: weight is on {weight.device} but input is on {input.device}")
+    if target.shape == input.shape and input.dim() > 0 and target.dtype.is_floating_point:
+        if ignore_index >= 0:
+            raise ValueError("cross_entropy: ignore_index is not supported for probability (floating) targets")
+        return True
+    if target.dtype.is_floating_point:
+        raise ValueError(f"cross_entropy: floating target must have the input's shape {tuple(input.shape)} "
+                         f"(class probabilities), got {tuple(target.shape)}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"cross_entropy: class-index target must be int64 (torch.long), got {target.dtype}")
+    expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    if target.shape != expected:
+        raise ValueError(f"cross_entropy: target must have shape {tuple(expected)} for input of shape "
+                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    return False
+
+
+def _check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
+    ok = ((target >= 0) & (target < C)) | (target == ignore_index)
+    if target.device.type == "cpu":
+        if not bool(ok.all()):
+            bad = target[~ok][0].item()
+            raise IndexError(f"cross_entropy: target {bad} is out of bounds for {C} classes "
+                             f"(ignore_index={ignore_index})")
+    else:  # a device-side assert, as PyTorch's CUDA kernels: no host sync
+        torch._assert_async(ok.all(), "cross_entropy: target out of bounds")
+
+
+def _canonical(x: Tensor) -> Tensor:
+    """(C) -> (1, C, 1); (N, C) -> (N, C, 1); (N, C, d1..dk) -> (N, C, d1*..*dk), a view when possible."""
+    if x.dim() == 1:
+        return x.reshape(1, -1, 1)
+    if x.dim() == 2:
+        return x.unsqueeze(-1)
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
+                  ignore_index: int = -100, reduce=None, reduction: str = "mean", label_smoothing: float = 0.0,
+                  *, z_loss: float = 0.0, return_lse: bool = False, fused: Optional[bool] = None,
+                  backend: Optional[str] = None):
+    """``torch.nn.functional.cross_entropy`` with fused kernels.
+
+    Extras (keyword-only):
+      z_loss: coefficient of the PaLM z-loss ``z_loss * lse**2`` added to each counted element's loss.
+      return_lse: also return the log-sum-exp over classes, fp32, shape of the target's batch (detached).
+      fused: compute the gradient during the forward (one read of the logits, one write of the gradient, the
+        minimum). None: on when the input requires grad and the reduction is "mean" or "sum". With an incoming
+        gradient other than exactly 1 (e.g. loss / accumulation_steps) the backward then costs one more pass.
+      backend: "triton", "cuda", "cpu" or "reference"; see ``pykernels.backends``.
+    """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    probs = _check_cross_entropy_args(input, target, weight, reduction, label_smoothing, z_loss, ignore_index)
+    C = input.shape[0 if input.dim() == 1 else 1]
+    needs_grad = torch.is_grad_enabled() and input.requires_grad
+
+    def unsupported(b: str) -> Optional[str]:
+        if b == "reference":
+            return None
+        if input.dtype not in _KERNEL_DTYPES[b]:
+            return f"dtype {input.dtype} is not supported by the {b} kernels"
+        if input.numel() == 0:
+            return "empty input"
+        if probs and target.requires_grad:
+            return "gradient with respect to probability targets is only implemented by the reference"
+        if b in _ce.KERNELS:
+            return None
+        return _ce.triton_import_error if b == "triton" else "kernel ops are not registered"
+
+    chosen = backends.choose("cross_entropy", input.device, backend, unsupported)
+    if chosen == "reference":
+        loss, lse = _ce_ref.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+        return (loss, lse.detach()) if return_lse else loss
+
+    if not probs:
+        _check_target_range(target, C, ignore_index)
+    x = _canonical(input)
+    t = _canonical(target.to(input.dtype)) if probs else target.reshape(-1)
+    w = None if weight is None else weight.detach().to(torch.float32).contiguous()
+    if fused is None:
+        fused = reduction != "none"
+    loss, lse, _, _ = _ce.cross_entropy_op(x, t, w, ignore_index, _ce.REDUCTIONS[reduction], float(label_smoothing),
+                                           float(z_loss), bool(fused and needs_grad), chosen)
+    batch = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    if reduction == "none":
+        loss = loss.reshape(batch)
+    return (loss, lse.reshape(batch)) if return_lse else loss

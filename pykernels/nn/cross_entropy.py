@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` on pykernels' fused kernels.
+
+    Same constructor, attributes, buffers (``weight``) and behaviour; still an instance of
+    ``torch.nn.CrossEntropyLoss``. Keyword-only extras: ``z_loss``, ``fused``, ``backend`` (see
+    ``pykernels.functional.cross_entropy``).
+    """
+
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100,
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                 fused: Optional[bool] = None, backend: Optional[str] = None) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.z_loss = z_loss
+        self.fused = fused
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                               reduction=self.reduction, label_smoothing=self.label_smoothing,
+                               z_loss=self.z_loss, fused=self.fused, backend=self.backend)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.CrossEntropyLoss, **extras) -> "CrossEntropyLoss":
+        new = cls(module.weight, ignore_index=module.ignore_index, reduction=module.reduction,
+                  label_smoothing=module.label_smoothing, **extras)
+        new.train(module.training)
+        return new
+
+    def extra_repr(self) -> str:
+        parts = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.z_loss:
+            parts.append(f"z_loss={self.z_loss}")
+        if self.backend:
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)

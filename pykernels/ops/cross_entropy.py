@@ -1,0 +1,148 @@
+"""Cross-entropy operators: kernel ops of each backend, and the autograd-level op ``pykernels::cross_entropy``.
+
+Kernel ops (contract in docs/cross_entropy.md), one set per backend:
+- ``pykernels::cross_entropy_{fwd,bwd,scale_grad_}``: C++ schemas in csrc/cross_entropy.cpp, CPU and CUDA
+  kernels ("cpu" / "cuda" backends); their fake impls are registered here.
+- ``pykernels::cross_entropy_{fwd,bwd,scale_grad_}_triton``: ``triton_op``s over pykernels/triton/cross_entropy.py.
+
+``pykernels::cross_entropy`` does the reduction around a backend's kernel ops. Its autograd (register_autograd)
+has two paths:
+- fused: the forward kernel also writes the gradient (scaled by 1/denominator for "mean") and the backward
+  multiplies it in place by the incoming gradient; the kernel skips that pass on the device when the incoming
+  gradient is exactly 1, so forward+backward read the logits once and write the gradient once;
+- split: the forward saves the logits and the per-row lse; the backward kernel reads them once and writes the
+  gradient once. Used when the forward does not require grad or the caller asks for it (fused=False).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+
+NONE, MEAN, SUM = 0, 1, 2
+REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fake (meta) implementations, shared by the C++ and the Triton kernel ops.
+
+def _fwd_fake(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, write_grad):
+    N, C, D = logits.shape
+    M = N * D
+    loss = logits.new_empty((M,), dtype=torch.float32)
+    lse = logits.new_empty((M,), dtype=torch.float32)
+    grad = logits.new_empty((N, C, D)) if write_grad else logits.new_empty((0,))
+    return loss, lse, grad
+
+
+def _bwd_fake(grad_rows, logits, target, weight, lse, ignore_index, label_smoothing, z_loss):
+    return logits.new_empty(logits.shape)
+
+
+def _scale_fake(grad, scale):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel ops per backend.
+
+KERNELS = {}  # backend -> (fwd, bwd, scale_grad_) op overloads
+
+if _ext.loaded():
+    torch.library.register_fake("pykernels::cross_entropy_fwd")(_fwd_fake)
+    torch.library.register_fake("pykernels::cross_entropy_bwd")(_bwd_fake)
+    torch.library.register_fake("pykernels::cross_entropy_scale_grad_")(_scale_fake)
+    _cpp = (torch.ops.pykernels.cross_entropy_fwd.default, torch.ops.pykernels.cross_entropy_bwd.default,
+            torch.ops.pykernels.cross_entropy_scale_grad_.default)
+    KERNELS["cpu"] = KERNELS["cuda"] = _cpp
+
+triton_import_error: Optional[str] = None
+try:
+    from ..triton import cross_entropy as _tk
+except Exception as e:  # no triton, or a triton too old for the kernels
+    triton_import_error = f"{type(e).__name__}: {e}"
+else:
+    _tfwd = torch.library.triton_op("pykernels::cross_entropy_fwd_triton", mutates_args=())(_tk.cross_entropy_fwd)
+    _tbwd = torch.library.triton_op("pykernels::cross_entropy_bwd_triton", mutates_args=())(_tk.cross_entropy_bwd)
+    _tscale = torch.library.triton_op("pykernels::cross_entropy_scale_grad__triton",
+                                      mutates_args=("grad",))(_tk.cross_entropy_scale_grad_)
+    KERNELS["triton"] = (torch.ops.pykernels.cross_entropy_fwd_triton.default,
+                         torch.ops.pykernels.cross_entropy_bwd_triton.default,
+                         torch.ops.pykernels.cross_entropy_scale_grad__triton.default)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The autograd-level op.
+
+def _denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, C: int) -> Tensor:
+    """Divisor of reduction="mean": sum of target weights over non-ignored rows (PyTorch's weighted mean),
+    the number of rows for probability targets. Stays on the device: no host sync."""
+    if target.dtype.is_floating_point:
+        return torch.full((), float(target.shape[0] * target.shape[2]), dtype=torch.float32, device=target.device)
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum().to(torch.float32)
+    w = weight.to(torch.float32)[torch.where(valid, target, 0).clamp(0, C - 1)]
+    return torch.where(valid, w, 0.0).sum()
+
+
+@torch.library.custom_op("pykernels::cross_entropy", mutates_args=())
+def cross_entropy_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: int,
+                     label_smoothing: float, z_loss: float, write_grad: bool, backend: str
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logits (N, C, D); target int64 (N*D,) or probabilities (N, C, D); weight fp32 (C,) or None.
+
+    Returns (loss, lse, grad, denominator): loss in the logits' dtype, shape () or (N*D,) for reduction none;
+    lse fp32 (N*D,); grad the gradient of the reduced loss when write_grad (else empty); denominator fp32 ().
+    """
+    fwd, _, _ = KERNELS[backend]
+    denom = _denominator(target, weight, ignore_index, logits.shape[1])
+    grad_scale = (1.0 / denom).reshape(1) if reduction == MEAN else None
+    rows, lse, grad = fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, write_grad)
+    if reduction == NONE:
+        loss = rows
+    elif reduction == SUM:
+        loss = rows.sum()
+    else:
+        loss = rows.sum() / denom  # 0/0 = NaN when every target is ignored, as PyTorch
+    return loss.to(logits.dtype), lse, grad, denom
+
+
+@cross_entropy_op.register_fake
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, write_grad, backend):
+    N, C, D = logits.shape
+    loss = logits.new_empty((N * D,) if reduction == NONE else ())
+    lse = logits.new_empty((N * D,), dtype=torch.float32)
+    grad = logits.new_empty((N, C, D)) if write_grad else logits.new_empty((0,))
+    return loss, lse, grad, logits.new_empty((), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, write_grad, backend = inputs
+    _, lse, grad, denom = output
+    ctx.mark_non_differentiable(lse, grad, denom)
+    ctx.args = (ignore_index, reduction, label_smoothing, z_loss, write_grad, backend)
+    if write_grad:
+        ctx.save_for_backward(grad)
+    else:
+        ctx.save_for_backward(logits, target, weight, lse, denom)
+
+
+def _backward(ctx, g_loss, g_lse, g_grad, g_denom):
+    ignore_index, reduction, label_smoothing, z_loss, write_grad, backend = ctx.args
+    _, bwd, scale_grad_ = KERNELS[backend]
+    g = g_loss.to(torch.float32).reshape(-1)
+    if write_grad:
+        (grad,) = ctx.saved_tensors
+        scale_grad_(grad, g)  # in place; a no-op on the device when g == 1
+        return grad, None, None, None, None, None, None, None, None
+    logits, target, weight, lse, denom = ctx.saved_tensors
+    grad_rows = g / denom if reduction == MEAN else g
+    grad = bwd(grad_rows, logits, target, weight, lse, ignore_index, label_smoothing, z_loss)
+    return grad, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("pykernels::cross_entropy", _backward, setup_context=_setup_context)

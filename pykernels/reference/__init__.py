@@ -1,0 +1,1 @@
+"""Plain-PyTorch references: the oracle of the tests and the last fallback backend."""
