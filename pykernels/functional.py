@@ -22,12 +22,8 @@ _KERNEL_DTYPES = {
 def _legacy_reduction(size_average, reduce, reduction: str) -> str:
     if size_average is None and reduce is None:
         return reduction
-    # PyTorch's rule for the deprecated arguments (each defaults to True when the other is given).
-    size_average = True if size_average is None else size_average
-    reduce = True if reduce is None else reduce
-    if not reduce:
-        return "none"
-    return "mean" if size_average else "sum"
+    # PyTorch's own rule and deprecation warning for the legacy arguments.
+    return torch.nn._reduction.legacy_get_string(size_average, reduce)
 
 
 def _check_cross_entropy_args(input, target, weight, reduction, label_smoothing, z_loss, ignore_index) -> bool:
@@ -63,8 +59,8 @@ def _check_cross_entropy_args(input, target, weight, reduction, label_smoothing,
     if target.dtype.is_floating_point:
         raise ValueError(f"cross_entropy: floating target must have the input's shape {tuple(input.shape)} "
                          f"(class probabilities), got {tuple(target.shape)}")
-    if target.dtype != torch.int64:
-        raise TypeError(f"cross_entropy: class-index target must be int64 (torch.long), got {target.dtype}")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise TypeError(f"cross_entropy: class-index target must be int64 (torch.long) or uint8, got {target.dtype}")
     expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
     if target.shape != expected:
         raise ValueError(f"cross_entropy: target must have shape {tuple(expected)} for input of shape "
@@ -132,7 +128,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if not probs:
         _check_target_range(target, C, ignore_index)
     x = _canonical(input)
-    t = _canonical(target.to(input.dtype)) if probs else target.reshape(-1)
+    t = _canonical(target.to(input.dtype)) if probs else target.reshape(-1).to(torch.int64)
     w = None if weight is None else weight.detach().to(torch.float32).contiguous()
     if fused is None:
         fused = reduction != "none"

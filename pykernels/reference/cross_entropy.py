@@ -41,6 +41,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         counted = torch.ones_like(rows)
         denom = torch.tensor(float(rows.numel()), dtype=acc, device=x.device)
     else:
+        target = target.to(torch.int64)
         valid = target != ignore_index
         y = torch.where(valid, target, torch.zeros_like(target))
         nll = -torch.gather(logp, cd, y.unsqueeze(cd)).squeeze(cd)
@@ -59,7 +60,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     elif reduction == "sum":
         loss = rows.sum()
     elif reduction == "mean":
-        loss = rows.sum() / denom  # 0/0 = NaN when every target is ignored, as PyTorch
+        # NaN when every target is ignored, as PyTorch, with a zero (not NaN) gradient, as PyTorch.
+        empty = denom == 0
+        loss = torch.where(empty, float("nan"), rows.sum() / torch.where(empty, 1.0, denom))
     else:
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     return loss.to(input.dtype), lse

@@ -1,0 +1,69 @@
+"""Test tiers.
+
+CPU tier (CI): the reference, the C++ CPU kernels, the Triton kernels under TRITON_INTERPRET=1 (set it for
+the whole run: ``TRITON_INTERPRET=1 pytest``), Triton kernels compiled for sm_80/sm_90, the CUDA sources built.
+GPU tier (``pytest -m gpu``): the same checks on CUDA tensors; skipped without a GPU.
+
+With PYKERNELS_REQUIRE_EXTENSION=1 (set by CI) a backend that should exist here but does not is a failure,
+not a skip: a broken build must not pass as "skipped".
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+import pykernels
+
+SEED = int(os.environ.get("PYKERNELS_TEST_SEED", random.SystemRandom().randrange(2**31)))
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_report_header(config):
+    info = pykernels.build_info()
+    return [f"pykernels test seed: {SEED} (set PYKERNELS_TEST_SEED to replay)",
+            f"torch {torch.__version__}, cuda available: {HAS_CUDA}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}",
+            f"extension: loaded={info['loaded']} with_cuda={info.get('with_cuda')} error={info['load_error']}",
+            f"backends: {pykernels.available_backends()}"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with -m gpu)")
+    config.addinivalue_line("markers", "slow: long-running")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A different but replayable stream per test: fresh random data every run, never zeros.
+    torch.manual_seed(SEED + hash(request.node.nodeid) % 100_000)
+    yield
+
+
+def require_backend(name: str, device: str) -> None:
+    why = pykernels.available_backends(device)[name]
+    if why is None:
+        return
+    expected_here = (name == "cpu" or (name == "triton" and device == "cpu")) and \
+        os.environ.get("PYKERNELS_REQUIRE_EXTENSION") == "1"
+    if expected_here:
+        pytest.fail(f"backend {name} on {device} must be usable in this run but is not: {why}")
+    pytest.skip(f"backend {name} unusable on {device}: {why}")
+
+
+def backend_params(include_reference: bool = True):
+    """(backend, device) pairs: the CPU tier's and, marked gpu, the GPU tier's."""
+    cpu = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("triton", "cpu", id="triton-interp")]
+    if include_reference:
+        cpu.insert(0, pytest.param("reference", "cpu", id="reference"))
+    gpu = [pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+           pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu)]
+    return cpu + gpu

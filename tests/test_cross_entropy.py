@@ -1,0 +1,303 @@
+"""pykernels.functional.cross_entropy / nn.CrossEntropyLoss against PyTorch and a float64 reference,
+for every backend (parametrised: see conftest.backend_params)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pykernels
+from pykernels.reference import cross_entropy as ref_ce
+from pykernels.testing import assert_error_rule, max_abs_err
+
+from conftest import backend_params, require_backend
+
+BACKENDS = backend_params()
+DTYPES = {  # dtypes each backend is tested in; bf16 is not tested under the interpreter (TOOLCHAIN.md)
+    ("reference", "cpu"): [torch.float32, torch.float64],
+    ("cpu", "cpu"): [torch.float32, torch.float64, torch.bfloat16],
+    ("triton", "cpu"): [torch.float32, torch.float16],
+    ("cuda", "cuda"): [torch.bfloat16, torch.float16, torch.float32],
+    ("triton", "cuda"): [torch.bfloat16, torch.float16, torch.float32],
+}
+
+
+def _run(backend, x, t, **kw):
+    """Loss and input gradient of pykernels on a fresh leaf; checks that the backend really ran."""
+    x = x.detach().clone().requires_grad_()
+    loss = pykernels.functional.cross_entropy(x, t, backend=backend, **kw)
+    assert pykernels.last_dispatch["cross_entropy"][0] == backend
+    g = torch.randn_like(loss) if loss.dim() else torch.tensor(1.7, dtype=loss.dtype, device=loss.device)
+    loss.backward(g)
+    return loss.detach(), x.grad, g
+
+
+def _check_against_torch(backend, x, t, name="", **kw):
+    """The FlashAttention rule for the loss and the gradient: pykernels at x.dtype vs float64, compared with
+    PyTorch at x.dtype vs float64. z_loss has no PyTorch counterpart: then the float32 reference is the baseline."""
+    loss, grad, g = _run(backend, x, t, **kw)
+    z = kw.pop("z_loss", 0.0)
+    x64 = x.detach().double().requires_grad_()
+    t64 = t.double() if t.dtype.is_floating_point else t
+    w = kw.pop("weight", None)
+    ref, _ = ref_ce.cross_entropy(x64, t64, None if w is None else w.double(), z_loss=z, **kw)
+    ref.backward(g.double())
+    xb = x.detach().clone().requires_grad_()
+    if z:
+        base, _ = ref_ce.cross_entropy(xb, t, w, z_loss=z, **kw)
+    else:
+        base = F.cross_entropy(xb, t.to(x.dtype) if t.dtype.is_floating_point else t,
+                               weight=None if w is None else w.to(x.dtype), **kw)
+    base.backward(g.to(base.dtype))
+    assert loss.dtype == x.dtype
+    assert_error_rule(f"{name} loss", loss, ref.detach(), base.detach())
+    assert_error_rule(f"{name} grad", grad, x64.grad, xb.grad)
+
+
+def _setup(backend, device, dtype):
+    require_backend(backend, device)
+    if dtype not in DTYPES[(backend, device)]:
+        pytest.skip(f"{dtype} not tested on {backend}/{device}")
+
+
+def _logits(shape, dtype, device, scale=3.0):
+    return (torch.randn(shape, device=device) * scale).to(dtype)
+
+
+def _targets(shape, C, device, ignore_frac=0.2, ignore_index=-100):
+    t = torch.randint(0, C, shape, device=device)
+    return torch.where(torch.rand(shape, device=device) < ignore_frac, torch.full_like(t, ignore_index), t)
+
+
+ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SHAPES = [  # (input shape, why)
+    ((7,), "unbatched (C)"),
+    ((1, 5), "one row"),
+    ((13, 129), "odd N, C just over a power of two"),
+    ((4, 3000), "C spanning several blocks"),
+    ((3, 11, 5), "(N, C, d): class dim 1 with an inner dim"),
+    ((2, 6, 3, 4), "(N, C, d1, d2)"),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=[w for _, w in SHAPES])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_shapes_and_reductions(backend, device, dtype, shape, reduction):
+    _setup(backend, device, dtype)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = _logits(shape, dtype, device)
+    t = _targets(shape[:1] + shape[2:] if len(shape) > 1 else (), C, device)
+    _check_against_torch(backend, x, t, f"{shape} {reduction}", reduction=reduction)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_weight_and_label_smoothing(backend, device, dtype, smoothing, weighted, reduction):
+    _setup(backend, device, dtype)
+    N, C = 9, 37
+    x = _logits((N, C), dtype, device)
+    t = _targets((N,), C, device)
+    w = torch.rand(C, device=device) + 0.1 if weighted else None
+    _check_against_torch(backend, x, t, "weight/smoothing", weight=w, label_smoothing=smoothing,
+                         reduction=reduction)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(6, 23), (2, 5, 7)], ids=["2d", "3d"])
+@pytest.mark.parametrize("smoothing,weighted", [(0.0, False), (0.2, True)])
+def test_probability_targets(backend, device, dtype, shape, smoothing, weighted):
+    _setup(backend, device, dtype)
+    C = shape[1]
+    x = _logits(shape, dtype, device)
+    t = torch.softmax(torch.randn(shape, device=device), dim=1).to(dtype)
+    w = torch.rand(C, device=device) + 0.1 if weighted else None
+    for reduction in ("mean", "sum", "none"):
+        _check_against_torch(backend, x, t, f"probs {reduction}", weight=w, label_smoothing=smoothing,
+                             reduction=reduction)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_z_loss_and_lse(backend, device, dtype):
+    _setup(backend, device, dtype)
+    x = _logits((11, 50), dtype, device)
+    t = _targets((11,), 50, device)
+    _check_against_torch(backend, x, t, "z_loss", z_loss=1e-2)
+    loss, lse = pykernels.functional.cross_entropy(x, t, reduction="none", return_lse=True, backend=backend)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.shape == (11,)
+    assert_error_rule("lse", lse, torch.logsumexp(x.double(), 1), floor=1e-6 if dtype != torch.float64 else None)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("p_y", [0.9, 0.99, 0.999])
+def test_confident_target_gradient(backend, device, dtype, p_y):
+    """p_y - 1 must be formed in fp32: in bf16 it cancels (Liger PR #1329)."""
+    _setup(backend, device, dtype)
+    N, C = 8, 1000
+    x = torch.randn(N, C, device=device) * 0.5
+    t = torch.randint(0, C, (N,), device=device)
+    rest = torch.logsumexp(x.scatter(1, t[:, None], float("-inf")), 1)
+    x.scatter_(1, t[:, None], (rest + torch.log(torch.tensor(p_y / (1 - p_y))))[:, None])  # softmax_y = p_y
+    x = x.to(dtype)
+    _check_against_torch(backend, x, t, f"p_y={p_y}", reduction="sum")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_contiguous_input(backend, device):
+    dtype = DTYPES.get((backend, device), [torch.float32])[0]
+    _setup(backend, device, dtype)
+    base = _logits((40, 30), dtype, device)
+    for x in (base[::3, ::2], base.t()[:, :17].t().contiguous().t().t(), base.t()):  # strided rows/classes
+        C = x.shape[1]
+        t = _targets((x.shape[0],), C, device)
+        assert not x.is_contiguous() or x is not base
+        _check_against_torch(backend, x, t, f"strides {x.stride()}")
+    x4 = _logits((3, 4, 5, 6), dtype, device).permute(0, 3, 1, 2)  # (N, C=6, 4, 5), inner dims not mergeable
+    _check_against_torch(backend, x4, _targets((3, 4, 5), 6, device), "permuted 4-d")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ignored_rows_are_exactly_zero(backend, device):
+    dtype = DTYPES.get((backend, device), [torch.float32])[0]
+    _setup(backend, device, dtype)
+    x = _logits((10, 33), dtype, device)
+    t = torch.randint(0, 33, (10,), device=device)
+    t[::3] = 5  # ignore_index may be a valid class: it stays in every softmax denominator
+    loss, grad, _ = _run(backend, x, t, ignore_index=5, reduction="none", label_smoothing=0.1, z_loss=1e-3)
+    assert bool((loss[::3] == 0).all()) and bool((grad[::3] == 0).all())
+    assert bool((grad[1::3] != 0).any())
+    _check_against_torch(backend, x, t, "ignore_index=5", ignore_index=5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_all_ignored_mean_is_nan(backend, device):
+    dtype = DTYPES.get((backend, device), [torch.float32])[0]
+    _setup(backend, device, dtype)
+    x = _logits((4, 9), dtype, device)
+    t = torch.full((4,), -100, device=device)
+    loss, grad, _ = _run(backend, x, t)
+    assert torch.isnan(loss) and bool((grad == 0).all())
+    assert float(pykernels.functional.cross_entropy(x, t, reduction="sum", backend=backend)) == 0.0
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_extreme_logits(backend, device):
+    """A masked class (-inf) does not poison its row; a huge common offset does not lose the loss."""
+    _setup(backend, device, torch.float32)
+    x = _logits((6, 40), torch.float32, device)
+    t = torch.randint(1, 40, (6,), device=device)
+    x[:, 0] = float("-inf")
+    loss, grad, _ = _run(backend, x, t, reduction="none")
+    assert bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad).all()) and bool((grad[:, 0] == 0).all())
+    _check_against_torch(backend, x + 1e4, t, "offset 1e4")
+    xn = x.clone()
+    xn[2, 3] = float("nan")
+    loss = pykernels.functional.cross_entropy(xn, t, reduction="none", backend=backend)
+    assert torch.isnan(loss[2]) and bool(torch.isfinite(loss[[0, 1, 3, 4, 5]]).all())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_fused_and_split_paths_agree(backend, device):
+    dtype = DTYPES.get((backend, device), [torch.float32])[0]
+    _setup(backend, device, dtype)
+    x = _logits((12, 77), dtype, device)
+    t = _targets((12,), 77, device)
+    for reduction in ("mean", "sum"):
+        grads = []
+        for fused in (True, False):
+            xx = x.detach().clone().requires_grad_()
+            (pykernels.functional.cross_entropy(xx, t, reduction=reduction, fused=fused, backend=backend)
+             * 3.0).backward()  # an incoming gradient != 1 exercises the scaling pass of the fused path
+            grads.append(xx.grad)
+        assert max_abs_err(grads[0], grads[1]) <= 4 * torch.finfo(dtype).eps * float(grads[1].abs().max())
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference"])
+def test_out_of_range_target_raises(backend, device):
+    _setup(backend, device, DTYPES[(backend, device)][0])
+    if device == "cuda":
+        pytest.skip("on CUDA an out-of-range target is a device-side assert, as in PyTorch")
+    x = _logits((3, 5), torch.float32, device)
+    for bad in (5, -1):
+        with pytest.raises(IndexError, match="out of bounds"):
+            pykernels.functional.cross_entropy(x, torch.tensor([0, bad, 1], device=device), backend=backend)
+
+
+def test_bad_arguments_name_the_argument():
+    x, t = torch.randn(4, 6), torch.randint(0, 6, (4,))
+    ce = pykernels.functional.cross_entropy
+    cases = [
+        (lambda: ce(x.long(), t), TypeError, "input must be floating"),
+        (lambda: ce(x, t.int()), TypeError, "target must be int64"),
+        (lambda: ce(x, t[:3]), ValueError, "target must have shape"),
+        (lambda: ce(x, torch.rand(4, 5)), ValueError, "floating target must have the input's shape"),
+        (lambda: ce(x, t, weight=torch.rand(5)), ValueError, "weight must have shape"),
+        (lambda: ce(x, t, reduction="avg"), ValueError, "reduction must be"),
+        (lambda: ce(x, t, label_smoothing=1.5), ValueError, "label_smoothing"),
+        (lambda: ce(x, t, z_loss=-1.0), ValueError, "z_loss"),
+        (lambda: ce(x, torch.rand(4, 6), ignore_index=0), ValueError, "ignore_index"),
+        (lambda: ce(torch.tensor(1.0), t), ValueError, "at least 1 dimension"),
+        (lambda: ce(x, t, backend="tpu"), ValueError, "backend must be one of"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
+def test_legacy_reduction_arguments():
+    x, t = torch.randn(5, 4), torch.randint(0, 4, (5,))
+    for sa, rd in [(None, False), (False, None), (True, True), (False, True)]:
+        expected = F.cross_entropy(x, t, size_average=sa, reduce=rd)
+        got = pykernels.functional.cross_entropy(x, t, size_average=sa, reduce=rd)
+        torch.testing.assert_close(got, expected)
+
+
+def test_uint8_targets_and_empty_batch():
+    x = torch.randn(5, 4)
+    t = torch.randint(0, 4, (5,), dtype=torch.uint8)
+    torch.testing.assert_close(pykernels.functional.cross_entropy(x, t), F.cross_entropy(x, t))
+    e = torch.randn(0, 4)
+    assert torch.isnan(pykernels.functional.cross_entropy(e, torch.zeros(0, dtype=torch.long)))
+    assert pykernels.functional.cross_entropy(e, torch.zeros(0, dtype=torch.long), reduction="none").shape == (0,)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_module_is_a_drop_in(backend, device):
+    dtype = DTYPES.get((backend, device), [torch.float32])[0]
+    _setup(backend, device, dtype)
+    w = torch.rand(8, device=device) + 0.5
+    theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.05)
+    ours = pykernels.nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.05, backend=backend)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x, t = _logits((6, 8), dtype, device), torch.randint(0, 8, (6,), device=device)
+    assert_error_rule("module", ours(x, t), ref_ce.cross_entropy(x.double(), t, w.double(), 2,
+                                                                 label_smoothing=0.05)[0],
+                      theirs(x, t) if dtype != torch.bfloat16 else None, floor=1e-2 if dtype != torch.float64 else None)
+
+
+def test_patch_swaps_the_loss_in_place():
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 6)
+            self.loss = torch.nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")
+
+        def forward(self, x, t):
+            return self.loss(self.proj(x), t)
+
+    m = Head()
+    x, t = torch.randn(3, 4), torch.randint(0, 6, (3,))
+    before = m(x, t)
+    assert pykernels.patch(m) is m
+    assert type(m.loss) is pykernels.nn.CrossEntropyLoss and m.loss.label_smoothing == 0.1
+    torch.testing.assert_close(m(x, t), before)
