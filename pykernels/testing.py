@@ -15,7 +15,7 @@ _FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.
 
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     both_nan = torch.isnan(a) & torch.isnan(b)
     if bool((torch.isnan(a) ^ torch.isnan(b)).any()):
         return float("inf")

@@ -1,0 +1,123 @@
+"""Operator-level checks of cross-entropy: opcheck, float64 gradcheck, torch.compile(fullgraph=True) parity."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pykernels
+from pykernels.ops import cross_entropy as ce_ops
+from pykernels.testing import max_abs_err
+
+from conftest import backend_params, require_backend
+
+KERNEL_BACKENDS = [p for p in backend_params(include_reference=False)]
+
+
+def _dtype(backend, device):
+    return torch.float32 if backend == "triton" or device == "cuda" else torch.float64
+
+
+def _samples(device, dtype):
+    """Arguments of pykernels::cross_entropy covering index/probability targets, weight, D > 1, reductions."""
+    N, C, D = 5, 19, 3
+    x = torch.randn(N, C, D, device=device, dtype=dtype)
+    t = torch.randint(0, C, (N * D,), device=device)
+    t[::4] = -100
+    p = torch.softmax(torch.randn(N, C, D, device=device, dtype=dtype), 1)
+    w = torch.rand(C, device=device) + 0.5
+    out = []
+    for reduction in (ce_ops.NONE, ce_ops.MEAN, ce_ops.SUM):
+        for write_grad in (False, True):
+            out.append((x, t, None, -100, reduction, 0.0, 0.0, write_grad))
+            out.append((x, t, w, -100, reduction, 0.1, 1e-3, write_grad))
+            out.append((x[:, :, :1].transpose(0, 2).contiguous().transpose(0, 2), t[:N], w, -100, reduction,
+                        0.0, 0.0, write_grad))  # non-contiguous logits
+            out.append((x, p, w, -100, reduction, 0.2, 0.0, write_grad))
+    return out
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_opcheck(backend, device):
+    require_backend(backend, device)
+    for args in _samples(device, _dtype(backend, device)):
+        x = args[0].detach().clone().requires_grad_(args[-1] or args[4] != ce_ops.NONE)
+        torch.library.opcheck(torch.ops.pykernels.cross_entropy.default, (x,) + args[1:] + (backend,))
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_opcheck_kernel_ops(backend, device):
+    require_backend(backend, device)
+    fwd, bwd, scale = ce_ops.KERNELS[backend]
+    dtype = _dtype(backend, device)
+    for x, t, w, ii, _, eps, zl, wg in _samples(device, dtype)[:8]:
+        torch.library.opcheck(fwd, (x, t, w, None, ii, eps, zl, wg))
+        M = x.shape[0] * x.shape[2]
+        lse = torch.logsumexp(x.float(), 1).reshape(-1) if x.shape[2] == 1 else \
+            torch.logsumexp(x.float(), 1).reshape(-1)
+        torch.library.opcheck(bwd, (torch.rand(M, device=device), x, t, w, lse, ii, eps, zl))
+        torch.library.opcheck(scale, (torch.randn(x.shape[0], x.shape[1], x.shape[2], device=device, dtype=dtype),
+                                      torch.rand(M, device=device)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradcheck_float64(backend, fused):
+    require_backend(backend, "cpu")
+    x = torch.randn(4, 7, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 7, (4, 2))
+    t[0, 0] = -100
+    w = torch.rand(7, dtype=torch.float64) + 0.5
+    p = torch.softmax(torch.randn(4, 7, 2, dtype=torch.float64), 1)
+    for reduction in ("mean", "sum", "none"):
+        def f(x):
+            return pykernels.functional.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.1,
+                                                      z_loss=1e-2, fused=fused, backend=backend)
+
+        def g(x):
+            return pykernels.functional.cross_entropy(x, p, weight=w, reduction=reduction, label_smoothing=0.1,
+                                                      fused=fused, backend=backend)
+        assert torch.autograd.gradcheck(f, (x,))
+        assert torch.autograd.gradcheck(g, (x,))
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + KERNEL_BACKENDS)
+def test_compile_fullgraph_parity(backend, device):
+    require_backend(backend, device)
+    if backend == "triton" and device == "cpu":
+        pytest.skip("Inductor cannot generate CPU code around an interpreted Triton kernel")
+    torch._dynamo.reset()
+    dtype = torch.float32
+    x = torch.randn(6, 33, device=device, dtype=dtype)
+    t = torch.randint(0, 33, (6,), device=device)
+    t[1] = -100
+
+    def f(x, t):
+        return pykernels.functional.cross_entropy(x, t, label_smoothing=0.1, z_loss=1e-3, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    le, lc = f(xe, t), compiled(xc, t)
+    le.backward()
+    lc.backward()
+    assert max_abs_err(le, lc) <= 1e-5 and max_abs_err(xe.grad, xc.grad) <= 1e-6
+
+
+def test_backend_selection_is_visible():
+    x, t = torch.randn(3, 4), torch.randint(0, 4, (3,))
+    with pytest.raises(pykernels.BackendUnavailableError, match="cuda"):
+        pykernels.functional.cross_entropy(x, t, backend="cuda")  # CPU tensors: a hard request fails loudly
+    with pykernels.use_backend("cuda"):  # a preference falls back, and says so
+        pykernels.functional.cross_entropy(x, t)
+    ran, skipped = pykernels.last_dispatch["cross_entropy"]
+    assert ran != "cuda" and "cuda" in skipped and skipped["cuda"]
+    with pykernels.use_backend("reference"):
+        pykernels.functional.cross_entropy(x, t)
+    assert pykernels.last_dispatch["cross_entropy"][0] == "reference"
+    pykernels.functional.cross_entropy(x.double().half(), t)  # fp16 on CPU: some backend runs it, never wrong
+    assert set(pykernels.available_backends("cpu")) == {"triton", "cuda", "cpu", "reference"}
+
+
+def test_env_backend_preference(monkeypatch):
+    monkeypatch.setenv("PYKERNELS_BACKEND", "reference")
+    pykernels.functional.cross_entropy(torch.randn(3, 4), torch.randint(0, 4, (3,)))
+    assert pykernels.last_dispatch["cross_entropy"][0] == "reference"
