@@ -1,4 +1,4 @@
-"""Drop-in replacements for ``torch.nn.functional`` calls: same signatures and semantics, keyword-only extras."""
+"""pykernels.functional.cross_entropy: torch.nn.functional.cross_entropy on fused kernels."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,9 +6,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
-from .ops import cross_entropy as _ce
-from .reference import cross_entropy as _ce_ref
+from .. import backends
+from ..ops import cross_entropy as _ce
+from ..reference import cross_entropy as _ce_ref
 
 __all__ = ["cross_entropy"]
 
