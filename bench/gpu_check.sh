@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (see ../shared/TOOLCHAIN.md): build the extension against the machine's torch,
+# run the GPU test tier, compute-sanitizer, and the benchmark. Everything lands under $OUT.
+#   STAGES="build test sanitize bench" SUITES="cross_entropy" FAMILIES="cross_entropy" bash bench/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/pykernels_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+STAGES=${STAGES:-"build test sanitize bench"}
+SUITES=${SUITES:-cross_entropy}
+FAMILIES=${FAMILIES:-cross_entropy}
+TESTS=${TESTS:-tests}
+t0=$(date +%s)
+stamp() { echo "== $1 at +$(( $(date +%s) - t0 )) s"; }
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c "import torch, triton, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'python', sys.version.split()[0])"
+} 2>&1 | tee "$OUT/env.txt"
+status=0
+for stage in $STAGES; do
+  stamp "$stage"
+  case $stage in
+    build)
+      MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+        || { tail -40 "$OUT/build.log"; exit 1; }
+      python3 -c "import pykernels; print(pykernels.build_info()); print(pykernels.available_backends('cuda'))" ;;
+    test)
+      timeout ${TEST_TIMEOUT:-360} python3 -m pytest -m gpu $TESTS -q -p no:cacheprovider --durations=10 \
+        > "$OUT/gpu_tests.log" 2>&1 || status=1
+      grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
+      grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -30 ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 \
+          python3 tests/gpu/sanitize.py $FAMILIES > "$OUT/sanitize_$tool.log" 2>&1; rc=$?
+        echo "compute-sanitizer $tool: rc=$rc"; tail -4 "$OUT/sanitize_$tool.log"
+        [ $rc -ne 0 ] && status=1
+      done ;;
+    bench)
+      timeout ${BENCH_TIMEOUT:-300} python3 -m bench --suite $SUITES --device cuda --out "$OUT/bench" --no-plots \
+        > "$OUT/bench.log" 2>&1 || status=1
+      tail -40 "$OUT/bench.log"
+      cp "$OUT"/bench/*.json "$OUT"/ 2>/dev/null ;;
+  esac
+done
+stamp done
+exit $status
