@@ -100,6 +100,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
       fused: compute the gradient during the forward (one read of the logits, one write of the gradient, the
         minimum). None: on when the input requires grad and the reduction is "mean" or "sum". With an incoming
         gradient other than exactly 1 (e.g. loss / accumulation_steps) the backward then costs one more pass.
+        The backward scales the saved gradient in place, so it runs once: a second backward through the same
+        graph (retain_graph=True) raises autograd's "modified by an inplace operation" error; pass fused=False
+        for that (the split path reads the saved logits in the backward, as PyTorch).
       backend: "triton", "cuda", "cpu" or "reference"; see ``pykernels.backends``.
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
@@ -129,7 +132,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         _check_target_range(target, C, ignore_index)
     x = _canonical(input)
     t = _canonical(target.to(input.dtype)) if probs else target.reshape(-1).to(torch.int64)
-    w = None if weight is None else weight.detach().to(torch.float32).contiguous()
+    w = None if weight is None else weight.detach().to(_ce.acc_dtype(input.dtype)).contiguous()
     if fused is None:
         fused = reduction != "none"
     loss, lse, _, _ = _ce.cross_entropy_op(x, t, w, ignore_index, _ce.REDUCTIONS[reduction], float(label_smoothing),

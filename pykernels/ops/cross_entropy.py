@@ -29,11 +29,16 @@ REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
 # ---------------------------------------------------------------------------------------------------------
 # Fake (meta) implementations, shared by the C++ and the Triton kernel ops.
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of weights, scales, per-row losses and lse: float64 for float64 logits, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _fwd_fake(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, write_grad):
     N, C, D = logits.shape
     M = N * D
-    loss = logits.new_empty((M,), dtype=torch.float32)
-    lse = logits.new_empty((M,), dtype=torch.float32)
+    loss = logits.new_empty((M,), dtype=acc_dtype(logits.dtype))
+    lse = logits.new_empty((M,), dtype=acc_dtype(logits.dtype))
     grad = logits.new_empty((N, C, D)) if write_grad else logits.new_empty((0,))
     return loss, lse, grad
 
@@ -77,15 +82,15 @@ else:
 # ---------------------------------------------------------------------------------------------------------
 # The autograd-level op.
 
-def _denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, C: int) -> Tensor:
+def _denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, C: int, acc: torch.dtype) -> Tensor:
     """Divisor of reduction="mean": sum of target weights over non-ignored rows (PyTorch's weighted mean),
     the number of rows for probability targets. Stays on the device: no host sync."""
     if target.dtype.is_floating_point:
-        return torch.full((), float(target.shape[0] * target.shape[2]), dtype=torch.float32, device=target.device)
+        return torch.full((), float(target.shape[0] * target.shape[2]), dtype=acc, device=target.device)
     valid = target != ignore_index
     if weight is None:
-        return valid.sum().to(torch.float32)
-    w = weight.to(torch.float32)[torch.where(valid, target, 0).clamp(0, C - 1)]
+        return valid.sum().to(acc)
+    w = weight.to(acc)[torch.where(valid, target, 0).clamp(0, C - 1)]
     return torch.where(valid, w, 0.0).sum()
 
 
@@ -93,13 +98,13 @@ def _denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, C:
 def cross_entropy_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: int,
                      label_smoothing: float, z_loss: float, write_grad: bool, backend: str
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """logits (N, C, D); target int64 (N*D,) or probabilities (N, C, D); weight fp32 (C,) or None.
+    """logits (N, C, D); target int64 (N*D,) or probabilities (N, C, D); weight (C,) of acc_dtype or None.
 
     Returns (loss, lse, grad, denominator): loss in the logits' dtype, shape () or (N*D,) for reduction none;
-    lse fp32 (N*D,); grad the gradient of the reduced loss when write_grad (else empty); denominator fp32 ().
+    lse (N*D,) of acc_dtype; grad the gradient of the reduced loss when write_grad (else empty); denominator ().
     """
     fwd, _, _ = KERNELS[backend]
-    denom = _denominator(target, weight, ignore_index, logits.shape[1])
+    denom = _denominator(target, weight, ignore_index, logits.shape[1], acc_dtype(logits.dtype))
     grad_scale = (1.0 / denom).reshape(1) if reduction == MEAN else None
     rows, lse, grad = fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, write_grad)
     if reduction == NONE:
@@ -115,9 +120,18 @@ def cross_entropy_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], i
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, write_grad, backend):
     N, C, D = logits.shape
     loss = logits.new_empty((N * D,) if reduction == NONE else ())
-    lse = logits.new_empty((N * D,), dtype=torch.float32)
+    lse = logits.new_empty((N * D,), dtype=acc_dtype(logits.dtype))
     grad = logits.new_empty((N, C, D)) if write_grad else logits.new_empty((0,))
-    return loss, lse, grad, logits.new_empty((), dtype=torch.float32)
+    return loss, lse, grad, logits.new_empty((), dtype=acc_dtype(logits.dtype))
+
+
+def _tracing(t: Tensor) -> bool:
+    """True while torch.compile / AOTAutograd / make_fx trace (fake or functional tensors, or a compile)."""
+    if torch.compiler.is_compiling():
+        return True
+    if isinstance(t, torch._subclasses.FakeTensor) or torch._is_functional_tensor(t):
+        return True
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
 
 
 def _setup_context(ctx, inputs, output):
@@ -134,10 +148,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_loss, g_lse, g_grad, g_denom):
     ignore_index, reduction, label_smoothing, z_loss, write_grad, backend = ctx.args
     _, bwd, scale_grad_ = KERNELS[backend]
-    g = g_loss.to(torch.float32).reshape(-1)
+    g = g_loss.to(acc_dtype(g_loss.dtype)).reshape(-1).contiguous()  # may arrive expanded (stride 0)
     if write_grad:
         (grad,) = ctx.saved_tensors
-        scale_grad_(grad, g)  # in place; a no-op on the device when g == 1
+        if _tracing(grad):
+            # A traced graph may not mutate a saved forward output: scale out of place (one more pass).
+            scale = g.reshape(grad.shape[0], 1, grad.shape[2]) if g.numel() > 1 else g
+            grad = (grad * scale).to(grad.dtype)
+        else:
+            scale_grad_(grad, g)  # in place; a no-op on the device when g == 1
         return grad, None, None, None, None, None, None, None, None
     logits, target, weight, lse, denom = ctx.saved_tensors
     grad_rows = g / denom if reduction == MEAN else g

@@ -1,0 +1,222 @@
+// CPU kernels of the cross-entropy ops (docs/cross_entropy.md). One pass over each row: the row is upcast
+// once into a thread-local buffer (any strides, any dtype), max / exp / sum run vectorised on that buffer,
+// and the gradient is written from it, so forward + gradient read the logits once and write the grad once.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../cross_entropy.h"
+
+namespace pykernels {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+struct RowKernel {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const CrossEntropyArgs& a;
+  const scalar_t* x;
+  const scalar_t* tp;  // probability targets or null
+  const acc_t* w;
+  acc_t W;  // sum of weights (C without weights)
+  acc_t eps, zl;
+  bool backward;  // take lse from a.lse_in, write only the gradient
+
+  acc_t scale(int64_t r) const {
+    if (!a.scale) return acc_t(1);
+    const acc_t* s = static_cast<const acc_t*>(a.scale);
+    return a.scale_numel == 1 ? s[0] : s[r];
+  }
+
+  // Processes row r with buf (size C) as scratch.
+  void operator()(int64_t r, acc_t* buf) const {
+    const int64_t n = r / a.D, d = r % a.D, C = a.C;
+    const scalar_t* row = x + n * a.sn + d * a.sd;
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    scalar_t* g = static_cast<scalar_t*>(a.grad);
+    const int64_t gbase = n * C * a.D + d;  // grad is contiguous (N, C, D)
+
+    // Target bookkeeping first: ignored rows with a saved lse need no pass over the logits at all.
+    int64_t y = -1;
+    bool ignored = false, invalid = false;
+    if (!tp) {
+      y = a.target_index[r];
+      ignored = y == a.ignore_index;
+      invalid = !ignored && (y < 0 || y >= C);
+    }
+    if (backward && (ignored || invalid)) {
+      const scalar_t fill = ignored ? scalar_t(0) : scalar_t(nan);
+      for (int64_t c = 0; c < C; ++c) g[gbase + c * a.D] = fill;
+      return;
+    }
+
+    // Pass 1: upcast once into buf.
+    if (a.sc == 1) {
+      for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<acc_t>(row[c]);
+    } else {
+      for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<acc_t>(row[c * a.sc]);
+    }
+    const acc_t x_y = (!tp && !ignored && !invalid) ? buf[y] : acc_t(0);
+    // Sums of the smoothing / probability-target terms, taken relative to the row max m so that a large
+    // common offset of the logits cancels exactly (loss = sum w t (m - x) + A log s, not A lse - sum w t x).
+    auto relative_sums = [&](acc_t m, acc_t& A, acc_t& sum_wd) {
+      if (tp) {
+        const scalar_t* trow = tp + n * a.tn + d * a.td;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t t = (acc_t(1) - eps) * static_cast<acc_t>(trow[c * a.tc]) + eps / C;
+          const acc_t wt = w ? w[c] * t : t;
+          A += wt;
+          if (wt != acc_t(0)) sum_wd += wt * (m - buf[c]);  // a zero weight never multiplies a -inf logit
+        }
+      } else if (eps > 0) {
+        for (int64_t c = 0; c < C; ++c) sum_wd += (w ? w[c] : acc_t(1)) * (m - buf[c]);
+      }
+    };
+    acc_t lse;
+    acc_t inv_sum;
+    acc_t A_row = 0;  // sum_c w_c t'_c (probability targets)
+    if (backward) {
+      lse = static_cast<const acc_t*>(a.lse_in)[r];
+      if (tp) {
+        acc_t unused = 0;
+        relative_sums(lse, A_row, unused);
+      }
+      at::vec::map([lse](Vec v) { return (v - Vec(lse)).exp(); }, buf, buf, C);
+      inv_sum = 1;
+    } else {
+      const acc_t m = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, buf, C);
+      acc_t A = 0, sum_wd = 0;
+      relative_sums(m, A, sum_wd);
+      at::vec::map([m](Vec v) { return (v - Vec(m)).exp(); }, buf, buf, C);
+      const acc_t s = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, buf, C);
+      const acc_t log_s = std::log(s);
+      lse = m + log_s;
+      inv_sum = acc_t(1) / s;
+      A_row = A;
+      static_cast<acc_t*>(a.lse)[r] = lse;
+      acc_t loss;
+      if (tp) {
+        loss = A * log_s + sum_wd;
+      } else if (ignored) {
+        loss = 0;
+      } else if (invalid) {
+        loss = nan;
+      } else {
+        const acc_t wy = w ? w[y] : acc_t(1);
+        loss = wy * (acc_t(1) - eps) * ((m - x_y) + log_s);
+        if (eps > 0) loss += eps / C * (W * log_s + sum_wd);
+      }
+      if (zl > 0 && !ignored && !invalid) loss += zl * lse * lse;
+      static_cast<acc_t*>(a.loss)[r] = loss;
+      if (!g) return;
+      if (ignored || invalid) {
+        const scalar_t fill = ignored ? scalar_t(0) : scalar_t(nan);
+        for (int64_t c = 0; c < C; ++c) g[gbase + c * a.D] = fill;
+        return;
+      }
+    }
+
+    // Gradient: s * (p_c * K - [c == y] * w_y (1 - eps) - eps/C * w_c), or s * (p_c * K - w_c t'_c).
+    const acc_t s = scale(r);
+    const acc_t z2 = zl > 0 ? 2 * zl * lse : acc_t(0);
+    if (tp) {
+      const scalar_t* trow = tp + n * a.tn + d * a.td;
+      const acc_t k = s * (A_row + z2) * inv_sum;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t t = (acc_t(1) - eps) * static_cast<acc_t>(trow[c * a.tc]) + eps / C;
+        g[gbase + c * a.D] = static_cast<scalar_t>(buf[c] * k - s * (w ? w[c] * t : t));
+      }
+      return;
+    }
+    const acc_t wy = w ? w[y] : acc_t(1);
+    const acc_t k = s * (wy * (acc_t(1) - eps) + eps * W / C + z2) * inv_sum;
+    const acc_t ew = s * eps / C;
+    if (a.D == 1 && !w && std::is_same<scalar_t, acc_t>::value) {
+      // Common case: contiguous output of the accumulation dtype, vectorised.
+      acc_t* out = reinterpret_cast<acc_t*>(g + gbase);
+      at::vec::map([k, ew](Vec v) { return v * Vec(k) - Vec(ew); }, out, buf, C);
+    } else {
+      for (int64_t c = 0; c < C; ++c) g[gbase + c * a.D] = static_cast<scalar_t>(buf[c] * k - ew * (w ? w[c] : acc_t(1)));
+    }
+    // The target entry, formed in the accumulation dtype before its single rounding.
+    g[gbase + y * a.D] = static_cast<scalar_t>(buf[y] * k - ew * (w ? w[y] : acc_t(1)) - s * wy * (acc_t(1) - eps));
+  }
+};
+
+template <typename scalar_t>
+void run_rows(const CrossEntropyArgs& a, bool backward) {
+  using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+  const acc_t* w = static_cast<const acc_t*>(a.weight);
+  acc_t W = static_cast<acc_t>(a.C);
+  if (w) {
+    W = 0;
+    for (int64_t c = 0; c < a.C; ++c) W += w[c];
+  }
+  RowKernel<scalar_t, acc_t> k{a,
+                               static_cast<const scalar_t*>(a.logits),
+                               static_cast<const scalar_t*>(a.target_prob),
+                               w,
+                               W,
+                               static_cast<acc_t>(a.label_smoothing),
+                               static_cast<acc_t>(a.z_loss),
+                               backward};
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.C, 1));
+  at::parallel_for(0, a.rows(), grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(a.C);
+    for (int64_t r = begin; r < end; ++r) k(r, buf.data());
+  });
+}
+
+void dispatch(const CrossEntropyArgs& a, at::ScalarType t, bool backward) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "cross_entropy_cpu", [&] {
+    run_rows<scalar_t>(a, backward);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                       const c10::optional<at::Tensor>& weight,
+                                                       const c10::optional<at::Tensor>& grad_scale,
+                                                       int64_t ignore_index, double label_smoothing, double z_loss,
+                                                       bool write_grad) {
+  auto a = make_args(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss);
+  auto out = alloc_fwd_outputs(logits, write_grad, a);
+  dispatch(a, logits.scalar_type(), /*backward=*/false);
+  return {out.loss, out.lse, out.grad};
+}
+
+at::Tensor bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
+                   const c10::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                   double label_smoothing, double z_loss) {
+  auto a = make_args(logits, target, weight, grad_rows, ignore_index, label_smoothing, z_loss);
+  at::Tensor grad = alloc_bwd(logits, lse, a);
+  dispatch(a, logits.scalar_type(), /*backward=*/true);
+  return grad;
+}
+
+void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
+  check_scale_grad(grad, scale);
+  if (scale.numel() == 1) {
+    const double s = scale.item<double>();  // on the CPU, reading the scalar costs nothing
+    if (s != 1.0) grad.mul_(s);             // a double Scalar: multiplied in the accumulation dtype
+    return;
+  }
+  // Row r = n*D + d scales grad[n, :, d].
+  // (mixed-dtype in-place mul computes in the promoted fp32/fp64, then rounds once into grad)
+  grad.mul_(scale.view({grad.size(0), 1, grad.size(2)}));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
+  m.impl("cross_entropy_fwd", &fwd_cpu);
+  m.impl("cross_entropy_bwd", &bwd_cpu);
+  m.impl("cross_entropy_scale_grad_", &scale_grad_cpu);
+}
+
+}  // namespace pykernels

@@ -1,0 +1,41 @@
+// Plain description of one cross-entropy call, shared by the CPU and CUDA kernels (no torch headers, so .cu
+// files that include it compile fast). Filled once by make_args() in cross_entropy.cpp.
+#pragma once
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define PYKERNELS_HD __host__ __device__
+#else
+#define PYKERNELS_HD
+#endif
+
+namespace pykernels {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+
+struct CrossEntropyArgs {
+  // logits: logical (N, C, D), element (n, c, d) at n*sn + c*sc + d*sd; row r = n*D + d.
+  const void* logits = nullptr;
+  DType dtype = DType::F32;
+  int64_t N = 0, C = 0, D = 1;
+  int64_t sn = 0, sc = 1, sd = 0;
+  // class-index targets: int64 (N*D) contiguous; or probability targets of the logits' dtype and layout.
+  const int64_t* target_index = nullptr;
+  const void* target_prob = nullptr;
+  int64_t tn = 0, tc = 1, td = 0;
+  // accumulation-dtype vectors (fp32; fp64 for fp64 logits)
+  const void* weight = nullptr;      // (C) or null
+  const void* weight_sum = nullptr;  // () sum of weight, when weight and smoothing
+  const void* scale = nullptr;       // grad scale: numel 1 (scale_numel == 1) or one per row; null = 1
+  int64_t scale_numel = 0;
+  const void* lse_in = nullptr;      // backward: saved lse (M)
+  void* loss = nullptr;              // forward outputs (M)
+  void* lse = nullptr;
+  void* grad = nullptr;              // contiguous (N, C, D), or null
+  int64_t ignore_index = -100;
+  double label_smoothing = 0.0;
+  double z_loss = 0.0;
+  PYKERNELS_HD int64_t rows() const { return N * D; }
+};
+
+}  // namespace pykernels

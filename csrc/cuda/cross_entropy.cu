@@ -1,0 +1,322 @@
+// CUDA kernels of the cross-entropy ops (contract and math: docs/cross_entropy.md). No torch headers.
+//
+// One thread block per row, persistent over rows. Pass 1 reads the row once from HBM with 16-byte loads and
+// keeps a per-thread online (max, sum-exp) pair plus the sums label smoothing / probability targets need;
+// a block reduction gives lse. With the gradient requested, pass 2 re-reads the row — the grid is sized so
+// the rows in flight fit in L2, so this read is served from L2 — and writes the gradient once. All math in
+// fp32; the target entry's p_y - 1 is formed in fp32 before its single rounding.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cross_entropy.h"
+
+namespace pykernels {
+namespace cuda {
+namespace {
+
+constexpr int kMaxThreads = 1024;
+
+template <typename T>
+__device__ __forceinline__ float to_f(T v);
+template <>
+__device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Online softmax state: running max m and sum of exp(x - m).
+struct MaxSum {
+  float m, s;
+  __device__ __forceinline__ void add(float x) {
+    if (x > m) {
+      s = s * expf(m - x) + 1.f;  // m = -inf the first time: exp(-inf) = 0
+      m = x;
+    } else if (x != -INFINITY) {  // -inf contributes 0 (and -inf - -inf would be NaN); NaN poisons s
+      s += expf(x - m);
+    }
+  }
+  __device__ __forceinline__ void merge(MaxSum o) {
+    const float nm = fmaxf(m, o.m);
+    if (nm == -INFINITY) return;
+    s = (m == -INFINITY ? 0.f : s * expf(m - nm)) + (o.m == -INFINITY ? 0.f : o.s * expf(o.m - nm));
+    m = nm;
+  }
+};
+
+struct RowSums {
+  MaxSum ms;
+  float wx, wt, wtx;  // sum w_c x_c (smoothing); sum w_c t'_c and sum w_c t'_c x_c (probability targets)
+};
+
+// Block-wide reduction of RowSums; every thread gets the result. smem: 32 entries.
+__device__ RowSums block_reduce(RowSums v, RowSums* smem) {
+  for (int off = 16; off > 0; off >>= 1) {
+    MaxSum o{__shfl_xor_sync(0xffffffffu, v.ms.m, off), __shfl_xor_sync(0xffffffffu, v.ms.s, off)};
+    v.ms.merge(o);
+    v.wx += __shfl_xor_sync(0xffffffffu, v.wx, off);
+    v.wt += __shfl_xor_sync(0xffffffffu, v.wt, off);
+    v.wtx += __shfl_xor_sync(0xffffffffu, v.wtx, off);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  __syncthreads();  // smem may still be read from the previous row
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  RowSums r = smem[0];
+  for (int i = 1; i < nwarps; ++i) {
+    r.ms.merge(smem[i].ms);
+    r.wx += smem[i].wx;
+    r.wt += smem[i].wt;
+    r.wtx += smem[i].wtx;
+  }
+  return r;
+}
+
+// Calls f(c, x) for every class of a row; 16-byte loads when the row is contiguous and aligned.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_class(const T* row, int64_t C, int64_t sc, F&& f) {
+  constexpr int V = 16 / sizeof(T);
+  if (sc == 1 && (reinterpret_cast<uintptr_t>(row) % 16) == 0) {
+    const int64_t nvec = C / V;
+    const uint4* vrow = reinterpret_cast<const uint4*>(row);
+    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+      const uint4 raw = vrow[i];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < V; ++j) f(i * V + j, to_f(e[j]));
+    }
+    for (int64_t c = nvec * V + threadIdx.x; c < C; c += blockDim.x) f(c, to_f(row[c]));
+  } else {
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) f(c, to_f(row[c * sc]));
+  }
+}
+
+// out[c * so] = g(c, x_c) for every class; 16-byte loads and stores when both rows allow it.
+template <typename T, typename G>
+__device__ __forceinline__ void map_row(const T* row, int64_t C, int64_t sc, T* out, int64_t so, G&& g) {
+  constexpr int V = 16 / sizeof(T);
+  if (sc == 1 && so == 1 && (reinterpret_cast<uintptr_t>(row) % 16) == 0 &&
+      (reinterpret_cast<uintptr_t>(out) % 16) == 0) {
+    const int64_t nvec = C / V;
+    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+      const uint4 raw = reinterpret_cast<const uint4*>(row)[i];
+      const T* e = reinterpret_cast<const T*>(&raw);
+      uint4 res;
+      T* o = reinterpret_cast<T*>(&res);
+#pragma unroll
+      for (int j = 0; j < V; ++j) o[j] = from_f<T>(g(i * V + j, to_f(e[j])));
+      reinterpret_cast<uint4*>(out)[i] = res;
+    }
+    for (int64_t c = nvec * V + threadIdx.x; c < C; c += blockDim.x) out[c] = from_f<T>(g(c, to_f(row[c])));
+  } else {
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) out[c * so] = from_f<T>(g(c, to_f(row[c * sc])));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void fill_row(T* out, int64_t C, int64_t so, float v) {
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) out[c * so] = from_f<T>(v);
+}
+
+enum Mode { kFwd = 0, kFwdGrad = 1, kBwd = 2 };
+
+template <typename T, bool PROB, int MODE>
+__global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CrossEntropyArgs a) {
+  __shared__ RowSums smem[32];
+  const T* X = static_cast<const T*>(a.logits);
+  const T* TP = static_cast<const T*>(a.target_prob);
+  T* G = static_cast<T*>(a.grad);
+  const float* w = static_cast<const float*>(a.weight);
+  const float* scale = static_cast<const float*>(a.scale);
+  const float eps = static_cast<float>(a.label_smoothing), zl = static_cast<float>(a.z_loss);
+  const int64_t C = a.C, D = a.D, M = a.rows();
+  const float W = a.weight_sum ? *static_cast<const float*>(a.weight_sum) : static_cast<float>(C);
+  const float nan = __int_as_float(0x7fffffff);
+
+  for (int64_t r = blockIdx.x; r < M; r += gridDim.x) {
+    const int64_t n = r / D, d = r - n * D;
+    const T* row = X + n * a.sn + d * a.sd;
+    const T* trow = PROB ? TP + n * a.tn + d * a.td : nullptr;
+    T* grow = MODE != kFwd ? G + n * C * D + d : nullptr;  // contiguous (N, C, D): class stride D
+    int64_t y = 0;
+    bool ignored = false, invalid = false;
+    if (!PROB) {
+      y = a.target_index[r];
+      ignored = y == a.ignore_index;
+      invalid = !ignored && (y < 0 || y >= C);
+    }
+    if (MODE == kBwd && (ignored || invalid)) {
+      fill_row(grow, C, D, ignored ? 0.f : nan);
+      continue;
+    }
+
+    // Pass 1 (forward): lse and the weighted sums. Backward: only the target sums, lse is saved.
+    RowSums v{{-INFINITY, 0.f}, 0.f, 0.f, 0.f};
+    if (MODE != kBwd) {
+      for_each_class(row, C, a.sc, [&](int64_t c, float x) {
+        v.ms.add(x);
+        if (PROB) {
+          const float t = (1.f - eps) * to_f(trow[c * a.tc]) + eps / C;
+          const float wt = w ? w[c] * t : t;
+          v.wt += wt;
+          if (wt != 0.f) v.wtx += wt * x;
+        } else if (eps > 0.f) {
+          v.wx += (w ? w[c] : 1.f) * x;
+        }
+      });
+    } else if (PROB) {
+      for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+        const float t = (1.f - eps) * to_f(trow[c * a.tc]) + eps / C;
+        v.wt += w ? w[c] * t : t;
+      }
+    }
+    const RowSums s = (MODE == kBwd && !PROB) ? v : block_reduce(v, smem);  // uniform per row
+    const float lse = MODE == kBwd ? static_cast<const float*>(a.lse_in)[r] : s.ms.m + logf(s.ms.s);
+
+    if (MODE != kBwd && threadIdx.x == 0) {
+      float loss;
+      if (PROB) {
+        loss = s.wt * lse - s.wtx;
+      } else if (ignored) {
+        loss = 0.f;
+      } else if (invalid) {
+        loss = nan;
+      } else {
+        const float wy = w ? w[y] : 1.f;
+        loss = wy * (1.f - eps) * (lse - to_f(row[y * a.sc]));
+        if (eps > 0.f) loss += eps / C * (W * lse - s.wx);
+      }
+      if (zl > 0.f && !ignored && !invalid) loss += zl * lse * lse;
+      static_cast<float*>(a.loss)[r] = loss;
+      static_cast<float*>(a.lse)[r] = lse;
+    }
+    if (MODE == kFwd) continue;
+    if (ignored || invalid) {
+      fill_row(grow, C, D, ignored ? 0.f : nan);
+      continue;
+    }
+
+    // Pass 2: the gradient, s * (p_c K - [c == y] w_y (1 - eps) - eps/C w_c)  or  s * (p_c K - w_c t'_c).
+    const float sr = scale ? scale[a.scale_numel == 1 ? 0 : r] : 1.f;
+    const float z2 = zl > 0.f ? 2.f * zl * lse : 0.f;
+    if (PROB) {
+      const float k = sr * (s.wt + z2);
+      map_row(row, C, a.sc, grow, D, [&](int64_t c, float x) {
+        const float t = (1.f - eps) * to_f(trow[c * a.tc]) + eps / C;
+        return expf(x - lse) * k - sr * (w ? w[c] * t : t);
+      });
+    } else {
+      const float wy = w ? w[y] : 1.f;
+      const float k = sr * (wy * (1.f - eps) + eps * W / C + z2);
+      const float ew = sr * eps / C;
+      const float hit = sr * wy * (1.f - eps);
+      map_row(row, C, a.sc, grow, D, [&](int64_t c, float x) {
+        return expf(x - lse) * k - ew * (w ? w[c] : 1.f) - (c == y ? hit : 0.f);
+      });
+    }
+  }
+}
+
+template <typename T>
+__global__ void scale_grad_kernel(T* grad, int64_t rows_n, int64_t C, int64_t D, const float* scale,
+                                  int64_t scale_numel) {
+  if (scale_numel == 1 && scale[0] == 1.f) return;  // the common loss.backward(): nothing to do, no traffic
+  const int64_t total = rows_n * C * D;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = i / (C * D), d = i % D;
+    const float s = scale[scale_numel == 1 ? 0 : n * D + d];
+    grad[i] = from_f<T>(to_f(grad[i]) * s);
+  }
+}
+
+struct DeviceInfo {
+  int sms = 0, l2_bytes = 0;
+};
+
+DeviceInfo device_info() {
+  DeviceInfo info;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaDeviceGetAttribute(&info.l2_bytes, cudaDevAttrL2CacheSize, dev);
+  return info;
+}
+
+template <typename T, bool PROB, int MODE>
+cudaError_t launch(const CrossEntropyArgs& a, cudaStream_t stream) {
+  const DeviceInfo info = device_info();
+  // Enough threads to give each one a few 16-byte vectors of the row, at most 1024.
+  const int64_t vecs = (a.C * static_cast<int64_t>(sizeof(T)) + 15) / 16;
+  int threads = 64;
+  while (threads < kMaxThreads && threads * 4 < vecs) threads *= 2;
+  int64_t blocks = static_cast<int64_t>(info.sms) * (2048 / threads);
+  if (MODE == kFwdGrad) {
+    // Rows in flight must stay in L2 until pass 2 re-reads them: budget 3/4 of L2.
+    const int64_t row_bytes = a.C * static_cast<int64_t>(sizeof(T)) * (PROB ? 2 : 1);
+    const int64_t fit = (static_cast<int64_t>(info.l2_bytes) * 3 / 4) / (row_bytes > 0 ? row_bytes : 1);
+    if (fit < blocks) blocks = fit > info.sms ? fit : info.sms;
+  }
+  if (blocks > a.rows()) blocks = a.rows();
+  if (blocks < 1) blocks = 1;
+  cross_entropy_kernel<T, PROB, MODE><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <int MODE>
+cudaError_t dispatch(const CrossEntropyArgs& a, cudaStream_t stream) {
+  const bool prob = a.target_prob != nullptr;
+  switch (a.dtype) {
+    case DType::F32: return prob ? launch<float, true, MODE>(a, stream) : launch<float, false, MODE>(a, stream);
+    case DType::F16: return prob ? launch<__half, true, MODE>(a, stream) : launch<__half, false, MODE>(a, stream);
+    case DType::BF16:
+      return prob ? launch<__nv_bfloat16, true, MODE>(a, stream) : launch<__nv_bfloat16, false, MODE>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t cross_entropy_fwd(const CrossEntropyArgs& a, cudaStream_t stream) {
+  return a.grad ? dispatch<kFwdGrad>(a, stream) : dispatch<kFwd>(a, stream);
+}
+
+cudaError_t cross_entropy_bwd(const CrossEntropyArgs& a, cudaStream_t stream) { return dispatch<kBwd>(a, stream); }
+
+cudaError_t cross_entropy_scale_grad(void* grad, DType dtype, int64_t N, int64_t C, int64_t D, const float* scale,
+                                     int64_t scale_numel, cudaStream_t stream) {
+  const DeviceInfo info = device_info();
+  const int threads = 256;
+  const int64_t total = N * C * D;
+  int64_t blocks = (total + threads - 1) / threads;
+  if (blocks > static_cast<int64_t>(info.sms) * 8) blocks = static_cast<int64_t>(info.sms) * 8;
+  if (blocks < 1) blocks = 1;
+  switch (dtype) {
+    case DType::F32:
+      scale_grad_kernel<<<blocks, threads, 0, stream>>>(static_cast<float*>(grad), N, C, D, scale, scale_numel);
+      break;
+    case DType::F16:
+      scale_grad_kernel<<<blocks, threads, 0, stream>>>(static_cast<__half*>(grad), N, C, D, scale, scale_numel);
+      break;
+    case DType::BF16:
+      scale_grad_kernel<<<blocks, threads, 0, stream>>>(static_cast<__nv_bfloat16*>(grad), N, C, D, scale,
+                                                        scale_numel);
+      break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace pykernels

@@ -1,0 +1,20 @@
+// Launchers of the CUDA cross-entropy kernels (csrc/cuda/cross_entropy.cu). No torch headers here.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "../cross_entropy_args.h"
+
+namespace pykernels {
+namespace cuda {
+
+// Forward: loss and lse of every row, and the gradient when a.grad is set. One read of each row from HBM;
+// the gradient pass re-reads it from L2.
+cudaError_t cross_entropy_fwd(const CrossEntropyArgs& a, cudaStream_t stream);
+// Backward: the gradient from a.lse_in, scaled by a.scale. One read, one write.
+cudaError_t cross_entropy_bwd(const CrossEntropyArgs& a, cudaStream_t stream);
+// grad (rows x C*D contiguous, row r = n*D + d) *= scale[r]; returns on the device when scale is exactly 1.
+cudaError_t cross_entropy_scale_grad(void* grad, DType dtype, int64_t N, int64_t C, int64_t D, const float* scale,
+                                     int64_t scale_numel, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace pykernels

@@ -1,0 +1,113 @@
+"""Builds pykernels._C: C++ CPU kernels always, CUDA kernels when torch is a CUDA build and nvcc is found.
+
+Install with `pip install --no-build-isolation -e .` so that _C is compiled against the torch you run.
+Knobs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, PYKERNELS_SKIP_CUDA_BUILD=1, CUDA_HOME, DEBUG=1.
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import os
+import platform
+import sys
+
+# PyTorch guesses CUDA_HOME from the nvcc on PATH and may pick /usr/local, where linking fails
+# (TOOLCHAIN.md): prefer the toolkit's standard location. Must happen before cpp_extension is imported.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.environ.get("DEBUG") == "1"
+
+
+def _with_cuda() -> bool:
+    if os.environ.get("PYKERNELS_SKIP_CUDA_BUILD") == "1":
+        return False
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and \
+        os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+
+
+def _arch_list() -> list[str]:
+    raw = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    return [a.strip() for a in raw.replace(" ", ";").split(";") if a.strip()]
+
+
+def _gencode(archs: list[str]) -> list[str]:
+    """Explicit -gencode pairs; "+PTX" also embeds PTX for forward compatibility."""
+    flags = []
+    for a in archs:
+        ptx = a.endswith("+PTX")
+        num = a.replace("+PTX", "").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def _sources(with_cuda: bool) -> list[str]:
+    src = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    if with_cuda:
+        src += sorted(glob.glob("csrc/cuda/*.cu"))
+    return src
+
+
+def _extension():
+    with_cuda = _with_cuda()
+    opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+    cxx = opt + ["-fvisibility=hidden"]  # the C++ standard is the one torch asks for (C++20 for torch >= 2.13)
+    if not with_cuda:
+        return cpp_extension.CppExtension("pykernels._C", _sources(False), extra_compile_args={"cxx": cxx}), with_cuda
+    cxx.append("-DPYKERNELS_WITH_CUDA")
+    nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "-DPYKERNELS_WITH_CUDA",
+                  f"--threads={os.environ.get('NVCC_THREADS', '1')}"] + _gencode(_arch_list())
+    return cpp_extension.CUDAExtension("pykernels._C", _sources(True), extra_compile_args={"cxx": cxx, "nvcc": nvcc}), with_cuda
+
+
+EXTENSION, WITH_CUDA = _extension()
+
+
+class BuildExt(cpp_extension.BuildExtension):
+    """Writes pykernels/_build_info.json next to the library: what _C was built for, read at import time."""
+
+    def run(self):
+        super().run()
+        info = {
+            "torch_version": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "with_cuda": WITH_CUDA,
+            "cuda_home": cpp_extension.CUDA_HOME if WITH_CUDA else None,
+            "arch_list": _arch_list() if WITH_CUDA else [],
+            "python": platform.python_version(),
+            "cxx_flags": EXTENSION.extra_compile_args.get("cxx"),
+            "nvcc_flags": EXTENSION.extra_compile_args.get("nvcc"),
+            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        for target in {os.path.join(ROOT, "pykernels"), os.path.join(self.build_lib, "pykernels")}:
+            if os.path.isdir(target):
+                with open(os.path.join(target, "_build_info.json"), "w") as f:
+                    json.dump(info, f, indent=1)
+
+
+setup(
+    name="pykernels",
+    version="0.1.0",
+    description="Fused GPU kernels (Triton and CUDA C++) for attention, LSTM and cross-entropy in PyTorch",
+    packages=find_packages(include=["pykernels", "pykernels.*", "bench", "bench.*"]),
+    package_data={"pykernels": ["_build_info.json"]},
+    ext_modules=[EXTENSION],
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy", "triton>=3.6; platform_system == 'Linux'"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "expecttest"],
+        "bench": ["pytest-benchmark", "matplotlib", "rich"],
+    },
+    entry_points={"console_scripts": ["pykernels-bench=bench.__main__:main"]},
+    zip_safe=False,
+)
