@@ -55,9 +55,11 @@ struct MaxSum {
   }
 };
 
+// Sums are taken relative to a pivot logit (the target's, or the row's first) so that a large common offset
+// of the logits cancels exactly: W lse - sum w x = W ((m - pivot) + log s) - sum w (x - pivot).
 struct RowSums {
   MaxSum ms;
-  float wx, wt, wtx;  // sum w_c x_c (smoothing); sum w_c t'_c and sum w_c t'_c x_c (probability targets)
+  float wx, wt, wtx;  // sum w_c (x_c - pivot) (smoothing); sum w_c t'_c, sum w_c t'_c (x_c - pivot) (probs)
 };
 
 // Block-wide reduction of RowSums; every thread gets the result. smem: 32 entries.
@@ -163,16 +165,19 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CrossE
 
     // Pass 1 (forward): lse and the weighted sums. Backward: only the target sums, lse is saved.
     RowSums v{{-INFINITY, 0.f}, 0.f, 0.f, 0.f};
+    float pivot = 0.f;
     if (MODE != kBwd) {
+      pivot = PROB ? to_f(row[0]) : (ignored || invalid ? 0.f : to_f(row[y * a.sc]));
+      if (!isfinite(pivot)) pivot = 0.f;
       for_each_class(row, C, a.sc, [&](int64_t c, float x) {
         v.ms.add(x);
         if (PROB) {
           const float t = (1.f - eps) * to_f(trow[c * a.tc]) + eps / C;
           const float wt = w ? w[c] * t : t;
           v.wt += wt;
-          if (wt != 0.f) v.wtx += wt * x;
+          if (wt != 0.f) v.wtx += wt * (x - pivot);
         } else if (eps > 0.f) {
-          v.wx += (w ? w[c] : 1.f) * x;
+          v.wx += (w ? w[c] : 1.f) * (x - pivot);
         }
       });
     } else if (PROB) {
@@ -182,20 +187,22 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CrossE
       }
     }
     const RowSums s = (MODE == kBwd && !PROB) ? v : block_reduce(v, smem);  // uniform per row
-    const float lse = MODE == kBwd ? static_cast<const float*>(a.lse_in)[r] : s.ms.m + logf(s.ms.s);
+    const float log_s = logf(s.ms.s);
+    const float lse = MODE == kBwd ? static_cast<const float*>(a.lse_in)[r] : s.ms.m + log_s;
 
     if (MODE != kBwd && threadIdx.x == 0) {
+      const float rel = (s.ms.m - pivot) + log_s;  // lse - pivot without the offset's rounding
       float loss;
       if (PROB) {
-        loss = s.wt * lse - s.wtx;
+        loss = s.wt * rel - s.wtx;
       } else if (ignored) {
         loss = 0.f;
       } else if (invalid) {
         loss = nan;
       } else {
         const float wy = w ? w[y] : 1.f;
-        loss = wy * (1.f - eps) * (lse - to_f(row[y * a.sc]));
-        if (eps > 0.f) loss += eps / C * (W * lse - s.wx);
+        loss = wy * (1.f - eps) * rel;
+        if (eps > 0.f) loss += eps / C * (W * rel - s.wx);
       }
       if (zl > 0.f && !ignored && !invalid) loss += zl * lse * lse;
       static_cast<float*>(a.loss)[r] = loss;
@@ -209,12 +216,15 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CrossE
 
     // Pass 2: the gradient, s * (p_c K - [c == y] w_y (1 - eps) - eps/C w_c)  or  s * (p_c K - w_c t'_c).
     const float sr = scale ? scale[a.scale_numel == 1 ? 0 : r] : 1.f;
+    // p_c = exp(x_c - lse); in the forward from (x - m) - log s, exact under a large common offset.
+    const float shift = MODE == kBwd ? lse : s.ms.m;
+    const float shift_lo = MODE == kBwd ? 0.f : log_s;
     const float z2 = zl > 0.f ? 2.f * zl * lse : 0.f;
     if (PROB) {
       const float k = sr * (s.wt + z2);
       map_row(row, C, a.sc, grow, D, [&](int64_t c, float x) {
         const float t = (1.f - eps) * to_f(trow[c * a.tc]) + eps / C;
-        return expf(x - lse) * k - sr * (w ? w[c] * t : t);
+        return expf((x - shift) - shift_lo) * k - sr * (w ? w[c] * t : t);
       });
     } else {
       const float wy = w ? w[y] : 1.f;
@@ -222,7 +232,7 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CrossE
       const float ew = sr * eps / C;
       const float hit = sr * wy * (1.f - eps);
       map_row(row, C, a.sc, grow, D, [&](int64_t c, float x) {
-        return expf(x - lse) * k - ew * (w ? w[c] : 1.f) - (c == y ? hit : 0.f);
+        return expf((x - shift) - shift_lo) * k - ew * (w ? w[c] : 1.f) - (c == y ? hit : 0.f);
       });
     }
   }
