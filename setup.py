@@ -50,6 +50,25 @@ def _gencode(archs: list[str]) -> list[str]:
     return flags
 
 
+def _cpu_capability() -> str:
+    """AVX2 when the build machine has it (at::vec then uses 256-bit vectors instead of its scalar fallback).
+    _ext refuses to load an AVX2 build on a CPU without AVX2 rather than die of an illegal instruction."""
+    if os.environ.get("PYKERNELS_CPU_CAPABILITY"):
+        return os.environ["PYKERNELS_CPU_CAPABILITY"]
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return "default"
+    return "avx2" if (" avx2" in flags and " fma" in flags and platform.machine() == "x86_64") else "default"
+
+
+def _cpu_capability_flags() -> list[str]:
+    if _cpu_capability() == "avx2":
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return []
+
+
 def _sources(with_cuda: bool) -> list[str]:
     src = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if with_cuda:
@@ -61,6 +80,7 @@ def _extension():
     with_cuda = _with_cuda()
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     cxx = opt + ["-fvisibility=hidden"]  # the C++ standard is the one torch asks for (C++20 for torch >= 2.13)
+    cxx += _cpu_capability_flags()
     if not with_cuda:
         return cpp_extension.CppExtension("pykernels._C", _sources(False), extra_compile_args={"cxx": cxx}), with_cuda
     cxx.append("-DPYKERNELS_WITH_CUDA")
@@ -84,6 +104,7 @@ class BuildExt(cpp_extension.BuildExtension):
             "cuda_home": cpp_extension.CUDA_HOME if WITH_CUDA else None,
             "arch_list": _arch_list() if WITH_CUDA else [],
             "python": platform.python_version(),
+            "cpu_capability": _cpu_capability(),
             "cxx_flags": EXTENSION.extra_compile_args.get("cxx"),
             "nvcc_flags": EXTENSION.extra_compile_args.get("nvcc"),
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -10,6 +10,7 @@ STAGES=${STAGES:-"build test sanitize bench"}
 SUITES=${SUITES:-cross_entropy}
 FAMILIES=${FAMILIES:-cross_entropy}
 TESTS=${TESTS:-tests}
+BENCH_ARGS=${BENCH_ARGS:-}
 t0=$(date +%s)
 stamp() { echo "== $1 at +$(( $(date +%s) - t0 )) s"; }
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
@@ -24,19 +25,20 @@ for stage in $STAGES; do
         || { tail -40 "$OUT/build.log"; exit 1; }
       python3 -c "import pykernels; print(pykernels.build_info()); print(pykernels.available_backends('cuda'))" ;;
     test)
-      timeout ${TEST_TIMEOUT:-360} python3 -m pytest -m gpu $TESTS -q -p no:cacheprovider --durations=10 \
+      xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n ${XDIST:-8}"
+      timeout ${TEST_TIMEOUT:-360} python3 -m pytest -m gpu $TESTS -q -p no:cacheprovider --durations=10 $xdist \
         > "$OUT/gpu_tests.log" 2>&1 || status=1
       grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
       grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -30 ;;
     sanitize)
-      for tool in memcheck racecheck; do
+      for tool in ${SAN_TOOLS:-memcheck racecheck}; do
         timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 \
           python3 tests/gpu/sanitize.py $FAMILIES > "$OUT/sanitize_$tool.log" 2>&1; rc=$?
         echo "compute-sanitizer $tool: rc=$rc"; tail -4 "$OUT/sanitize_$tool.log"
         [ $rc -ne 0 ] && status=1
       done ;;
     bench)
-      timeout ${BENCH_TIMEOUT:-300} python3 -m bench --suite $SUITES --device cuda --out "$OUT/bench" --no-plots \
+      timeout ${BENCH_TIMEOUT:-300} python3 -m bench --suite $SUITES --device cuda --out "$OUT/bench" --no-plots $BENCH_ARGS \
         > "$OUT/bench.log" 2>&1 || status=1
       tail -40 "$OUT/bench.log"
       cp "$OUT"/bench/*.json "$OUT"/ 2>/dev/null ;;

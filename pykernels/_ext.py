@@ -24,6 +24,13 @@ def _torch_base(version: str) -> str:
     return version.split("+")[0]
 
 
+def _cpu_has_avx2() -> bool:
+    try:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "AVX512_BF16", "AMX")
+    except Exception:
+        return False
+
+
 def _load() -> None:
     global build_info, load_error, _loaded
     if os.environ.get("PYKERNELS_DISABLE_EXTENSION") == "1":
@@ -44,6 +51,9 @@ def _load() -> None:
         # Loading a .so built against another libtorch ABI can crash the process: refuse it up front.
         load_error = (f"pykernels._C was built for torch {built_for} but torch {torch.__version__} is running; "
                       "rebuild with `pip install --no-build-isolation -e .`")
+        return
+    if build_info.get("cpu_capability") == "avx2" and not _cpu_has_avx2():
+        load_error = "pykernels._C was built with AVX2 but this CPU lacks it; rebuild here"
         return
     try:
         from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)

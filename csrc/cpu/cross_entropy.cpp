@@ -87,13 +87,13 @@ struct RowKernel {
         acc_t unused = 0;
         relative_sums(lse, A_row, unused);
       }
-      at::vec::map([lse](Vec v) { return (v - Vec(lse)).exp(); }, buf, buf, C);
+      at::vec::map([lse](Vec v) { return (v - Vec(lse)).exp_u20(); }, buf, buf, C);
       inv_sum = 1;
     } else {
       const acc_t m = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, buf, C);
       acc_t A = 0, sum_wd = 0;
       relative_sums(m, A, sum_wd);
-      at::vec::map([m](Vec v) { return (v - Vec(m)).exp(); }, buf, buf, C);
+      at::vec::map([m](Vec v) { return (v - Vec(m)).exp_u20(); }, buf, buf, C);
       const acc_t s = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, buf, C);
       const acc_t log_s = std::log(s);
       lse = m + log_s;

@@ -1,0 +1,1 @@
+"""pykernels benchmark harness: `python -m bench` / `pykernels-bench`."""
