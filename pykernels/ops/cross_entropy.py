@@ -157,6 +157,9 @@ def _backward(ctx, g_loss, g_lse, g_grad, g_denom):
             grad = (grad * scale).to(grad.dtype)
         else:
             scale_grad_(grad, g)  # in place; a no-op on the device when g == 1
+            # Kernels write through raw pointers: bump the version so a second backward through this graph
+            # fails loudly instead of rescaling an already scaled gradient.
+            torch.autograd.graph.increment_version(grad)
         return grad, None, None, None, None, None, None, None, None
     logits, target, weight, lse, denom = ctx.saved_tensors
     grad_rows = g / denom if reduction == MEAN else g

@@ -14,7 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-FWD, FWD_GRAD, BWD = 0, 1, 2
+# kernel modes; constexpr globals so @triton.jit code may read them
+FWD = tl.constexpr(0)
+FWD_GRAD = tl.constexpr(1)
+BWD = tl.constexpr(2)
 
 
 @triton.jit
@@ -201,7 +204,7 @@ def _launch(mode: int, logits, target, weight, scale, lse_in, loss, lse, grad, i
     wsum = weight.sum() if (weight is not None and smooth) else None
     dummy = loss if loss.numel() else lse_in if lse_in is not None else grad
     block, warps = _config(C, logits.element_size())
-    grid = (_grid(M, C, logits.element_size(), logits.device, mode != FWD),)
+    grid = (_grid(M, C, logits.element_size(), logits.device, mode != FWD.value),)
     tn, tc, td = target.stride() if prob else (0, 0, 0)
     torch.library.wrap_triton(_cross_entropy_kernel)[grid](
         logits, target if not prob else dummy, target if prob else logits,
@@ -222,7 +225,7 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, weight: Option
     lse = torch.empty(N * D, device=logits.device, dtype=torch.float32)
     grad = torch.empty((N, C, D) if write_grad else (0,), device=logits.device, dtype=logits.dtype)
     if N * D:
-        _launch(FWD_GRAD if write_grad else FWD, logits, target, weight, grad_scale, None, loss, lse, grad,
+        _launch(FWD_GRAD.value if write_grad else FWD.value, logits, target, weight, grad_scale, None, loss, lse, grad,
                 ignore_index, label_smoothing, z_loss)
     return loss, lse, grad
 
@@ -234,7 +237,7 @@ def cross_entropy_bwd(grad_rows: torch.Tensor, logits: torch.Tensor, target: tor
     grad = torch.empty((N, C, D), device=logits.device, dtype=logits.dtype)
     if N * D:
         empty = torch.empty(0, device=logits.device, dtype=torch.float32)
-        _launch(BWD, logits, target, weight, grad_rows, lse, empty, empty, grad, ignore_index, label_smoothing,
+        _launch(BWD.value, logits, target, weight, grad_rows, lse, empty, empty, grad, ignore_index, label_smoothing,
                 z_loss)
     return grad
 
