@@ -39,13 +39,26 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return
 // Online softmax state: running max m and sum of exp(x - m).
 struct MaxSum {
   float m, s;
-  __device__ __forceinline__ void add(float x) {
-    if (x > m) {
-      s = s * expf(m - x) + 1.f;  // m = -inf the first time: exp(-inf) = 0
-      m = x;
-    } else if (x != -INFINITY) {  // -inf contributes 0 (and -inf - -inf would be NaN); NaN poisons s
-      s += expf(x - m);
+  // n values at once: one rescale per vector instead of a branch per element.
+  template <int N>
+  __device__ __forceinline__ void add_vec(const float (&x)[N], int n) {
+    float vmax = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (j < n) vmax = fmaxf(vmax, x[j]);
+    if (vmax == -INFINITY) {
+#pragma unroll
+      for (int j = 0; j < N; ++j)  // a NaN must still poison the row (fmaxf drops NaN)
+        if (j < n && x[j] != x[j]) s = x[j];
+      return;
     }
+    if (vmax > m) {
+      s = (m == -INFINITY ? 0.f : s * expf(m - vmax));
+      m = vmax;
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (j < n) s += expf(x[j] - m);  // NaN x poisons s; -inf adds 0
   }
   __device__ __forceinline__ void merge(MaxSum o) {
     const float nm = fmaxf(m, o.m);
@@ -85,42 +98,78 @@ __device__ RowSums block_reduce(RowSums v, RowSums* smem) {
   return r;
 }
 
-// Calls f(c, x) for every class of a row; 16-byte loads when the row is contiguous and aligned.
+constexpr int kUnroll = 4;  // 16-byte loads in flight per thread: hides HBM latency with few rows in flight
+
+// Calls f(c0, xs, n) over a row: xs holds the n classes c0..c0+n-1 as fp32 (n = 16 / sizeof(T) on the fast
+// path). 16-byte loads, kUnroll of them issued before use, when the row is contiguous and aligned.
 template <typename T, typename F>
 __device__ __forceinline__ void for_each_class(const T* row, int64_t C, int64_t sc, F&& f) {
   constexpr int V = 16 / sizeof(T);
+  float xs[V];
   if (sc == 1 && (reinterpret_cast<uintptr_t>(row) % 16) == 0) {
     const int64_t nvec = C / V;
     const uint4* vrow = reinterpret_cast<const uint4*>(row);
-    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const int64_t step = blockDim.x;
+    int64_t i = threadIdx.x;
+    for (; i + (kUnroll - 1) * step < nvec; i += kUnroll * step) {
+      uint4 raw[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) raw[u] = vrow[i + u * step];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const T* e = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+        for (int j = 0; j < V; ++j) xs[j] = to_f(e[j]);
+        f((i + u * step) * V, xs, V);
+      }
+    }
+    for (; i < nvec; i += step) {
       const uint4 raw = vrow[i];
       const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int j = 0; j < V; ++j) f(i * V + j, to_f(e[j]));
+      for (int j = 0; j < V; ++j) xs[j] = to_f(e[j]);
+      f(i * V, xs, V);
     }
-    for (int64_t c = nvec * V + threadIdx.x; c < C; c += blockDim.x) f(c, to_f(row[c]));
+    for (int64_t c = nvec * V + threadIdx.x; c < C; c += step) {
+      xs[0] = to_f(row[c]);
+      f(c, xs, 1);
+    }
   } else {
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) f(c, to_f(row[c * sc]));
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+      xs[0] = to_f(row[c * sc]);
+      f(c, xs, 1);
+    }
   }
 }
 
-// out[c * so] = g(c, x_c) for every class; 16-byte loads and stores when both rows allow it.
+// out[c * so] = g(c, x_c) for every class; batched 16-byte loads and stores when both rows allow it.
 template <typename T, typename G>
 __device__ __forceinline__ void map_row(const T* row, int64_t C, int64_t sc, T* out, int64_t so, G&& g) {
   constexpr int V = 16 / sizeof(T);
   if (sc == 1 && so == 1 && (reinterpret_cast<uintptr_t>(row) % 16) == 0 &&
       (reinterpret_cast<uintptr_t>(out) % 16) == 0) {
     const int64_t nvec = C / V;
-    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-      const uint4 raw = reinterpret_cast<const uint4*>(row)[i];
+    const uint4* vrow = reinterpret_cast<const uint4*>(row);
+    uint4* vout = reinterpret_cast<uint4*>(out);
+    const int64_t step = blockDim.x;
+    auto convert = [&](int64_t i, const uint4& raw) {
       const T* e = reinterpret_cast<const T*>(&raw);
       uint4 res;
       T* o = reinterpret_cast<T*>(&res);
 #pragma unroll
       for (int j = 0; j < V; ++j) o[j] = from_f<T>(g(i * V + j, to_f(e[j])));
-      reinterpret_cast<uint4*>(out)[i] = res;
+      vout[i] = res;
+    };
+    int64_t i = threadIdx.x;
+    for (; i + (kUnroll - 1) * step < nvec; i += kUnroll * step) {
+      uint4 raw[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) raw[u] = vrow[i + u * step];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) convert(i + u * step, raw[u]);
     }
-    for (int64_t c = nvec * V + threadIdx.x; c < C; c += blockDim.x) out[c] = from_f<T>(g(c, to_f(row[c])));
+    for (; i < nvec; i += step) convert(i, vrow[i]);
+    for (int64_t c = nvec * V + threadIdx.x; c < C; c += step) out[c] = from_f<T>(g(c, to_f(row[c])));
   } else {
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) out[c * so] = from_f<T>(g(c, to_f(row[c * sc])));
   }
@@ -169,15 +218,21 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CrossE
     if (MODE != kBwd) {
       pivot = PROB ? to_f(row[0]) : (ignored || invalid ? 0.f : to_f(row[y * a.sc]));
       if (!isfinite(pivot)) pivot = 0.f;
-      for_each_class(row, C, a.sc, [&](int64_t c, float x) {
-        v.ms.add(x);
-        if (PROB) {
-          const float t = (1.f - eps) * to_f(trow[c * a.tc]) + eps / C;
-          const float wt = w ? w[c] * t : t;
-          v.wt += wt;
-          if (wt != 0.f) v.wtx += wt * (x - pivot);
-        } else if (eps > 0.f) {
-          v.wx += (w ? w[c] : 1.f) * (x - pivot);
+      for_each_class(row, C, a.sc, [&](int64_t c0, const auto& xs, int n) {
+        v.ms.add_vec(xs, n);
+        if (PROB || eps > 0.f) {
+          for (int j = 0; j < n; ++j) {
+            const int64_t c = c0 + j;
+            const float x = xs[j];
+            if (PROB) {
+              const float t = (1.f - eps) * to_f(trow[c * a.tc]) + eps / C;
+              const float wt = w ? w[c] * t : t;
+              v.wt += wt;
+              if (wt != 0.f) v.wtx += wt * (x - pivot);
+            } else {
+              v.wx += (w ? w[c] : 1.f) * (x - pivot);
+            }
+          }
         }
       });
     } else if (PROB) {
