@@ -138,6 +138,8 @@ def _setup_context(ctx, inputs, output):
     logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, write_grad, backend = inputs
     _, lse, grad, denom = output
     ctx.mark_non_differentiable(lse, grad, denom)
+    # Never materialise zero gradients for the unused outputs: one for `grad` would be an N x C fill.
+    ctx.set_materialize_grads(False)
     ctx.args = (ignore_index, reduction, label_smoothing, z_loss, write_grad, backend)
     if write_grad:
         ctx.save_for_backward(grad)
@@ -148,6 +150,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_loss, g_lse, g_grad, g_denom):
     ignore_index, reduction, label_smoothing, z_loss, write_grad, backend = ctx.args
     _, bwd, scale_grad_ = KERNELS[backend]
+    if g_loss is None:  # only lse/denominator were used downstream: they carry no gradient
+        return None, None, None, None, None, None, None, None, None
     g = g_loss.to(acc_dtype(g_loss.dtype)).reshape(-1).contiguous()  # may arrive expanded (stride 0)
     if write_grad:
         (grad,) = ctx.saved_tensors

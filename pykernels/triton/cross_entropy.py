@@ -161,27 +161,40 @@ def _cross_entropy_kernel(X, TI, TP, Wt, Wsum, Scale, Loss, Lse, LseIn, G,
 
 @triton.jit
 def _scale_grad_kernel(G, Scale, total, CD, D, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < total
-    if PER_ROW:
-        s = tl.load(Scale + (i // CD) * D + i % D, mask=mask, other=1.0).to(tl.float32)
-    else:
-        s = tl.load(Scale).to(tl.float32) + tl.zeros([BLOCK], tl.float32)
-        mask = mask & (s != 1.0)  # the common loss.backward(): every access masked off, no memory traffic
-    g = tl.load(G + i, mask=mask, other=0.0).to(tl.float32)
-    tl.store(G + i, (g * s).to(G.dtype.element_ty), mask=mask)
+    pid = tl.program_id(0).to(tl.int64)
+    nprog = tl.num_programs(0).to(tl.int64)
+    n_blocks = tl.cdiv(total, BLOCK)
+    if not PER_ROW:
+        s = tl.load(Scale).to(tl.float32)
+        # The common loss.backward() passes exactly 1: zero iterations, no memory traffic.
+        n_blocks = tl.where(s == 1.0, 0, n_blocks)
+    for b in range(pid, n_blocks, nprog):
+        i = b * BLOCK + tl.arange(0, BLOCK)
+        mask = i < total
+        if PER_ROW:
+            sv = tl.load(Scale + (i // CD) * D + i % D, mask=mask, other=1.0).to(tl.float32)
+        else:
+            sv = s
+        g = tl.load(G + i, mask=mask, other=0.0).to(tl.float32)
+        tl.store(G + i, (g * sv).to(G.dtype.element_ty), mask=mask)
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _knob(name: str) -> int:
+    """Tuning knobs for measurements (bench/tune_cross_entropy.py); 0 = the default."""
+    return int(os.environ.get(name, "0") or 0)
+
+
 def _config(C: int, elem_bytes: int) -> Tuple[int, int]:
     """(BLOCK, num_warps): chunks of up to 32 KB of the row; the interpreter gets one big chunk."""
     if _interpreted():
         return min(triton.next_power_of_2(C), 4096), 4
-    block = min(triton.next_power_of_2(C), max(32768 // elem_bytes, 16))
-    warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    block = min(triton.next_power_of_2(C), _knob("PYKERNELS_CE_BLOCK_BYTES") // elem_bytes or
+                max(32768 // elem_bytes, 16))
+    warps = _knob("PYKERNELS_CE_WARPS") or (4 if block <= 1024 else 8 if block <= 4096 else 16)
     return block, warps
 
 
@@ -191,7 +204,8 @@ def _grid(M: int, C: int, elem_bytes: int, device: torch.device, write_grad: boo
     props = torch.cuda.get_device_properties(device)
     # Persistent programs whose rows stay in L2 until pass 2 re-reads them (3/4 of L2 as budget).
     l2 = getattr(props, "L2_cache_size", 50 << 20)
-    fit = max((l2 * 3 // 4) // max(C * elem_bytes, 1), props.multi_processor_count)
+    pct = _knob("PYKERNELS_CE_L2_PERCENT") or 75
+    fit = max((l2 * pct // 100) // max(C * elem_bytes, 1), props.multi_processor_count)
     return max(1, min(M, fit, props.multi_processor_count * 4))
 
 
@@ -248,5 +262,8 @@ def cross_entropy_scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     if total == 0:
         return
     block = 4096
-    torch.library.wrap_triton(_scale_grad_kernel)[(triton.cdiv(total, block),)](
+    programs = triton.cdiv(total, block)
+    if grad.device.type == "cuda":  # persistent: a no-op launch must not cost 10^5 programs
+        programs = min(programs, torch.cuda.get_device_properties(grad.device).multi_processor_count * 8)
+    torch.library.wrap_triton(_scale_grad_kernel)[(programs,)](
         grad, scale, total, C * D, D, PER_ROW=scale.numel() > 1, BLOCK=block, num_warps=8)
