@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -43,9 +44,12 @@ class Result:
 
 
 def git_commit() -> str:
+    if os.environ.get("PYKERNELS_GIT_COMMIT"):  # set by bench/gpu_check.sh: the device copy has no history
+        return os.environ["PYKERNELS_GIT_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out if len(out) == 40 else "unknown"
     except Exception:
         return "unknown"
 

@@ -1,0 +1,79 @@
+"""The compiled extension: it loads, matches the running torch, carries its CUDA kernels for the requested
+architectures (when this torch is a CUDA build and nvcc exists), and those kernels do not spill."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import pykernels
+from pykernels import _ext
+
+
+def _so() -> str:
+    files = glob.glob(os.path.join(os.path.dirname(pykernels.__file__), "_C*.so"))
+    if not files:
+        pytest.fail("pykernels._C is not built") if os.environ.get("PYKERNELS_REQUIRE_EXTENSION") == "1" \
+            else pytest.skip("pykernels._C is not built")
+    return files[0]
+
+
+def _cuobjdump():
+    try:
+        import triton
+        cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(cand):
+            return cand
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump") or (os.path.exists("/usr/local/cuda/bin/cuobjdump") and
+                                         "/usr/local/cuda/bin/cuobjdump") or None
+
+
+def test_extension_loads_and_matches_torch():
+    _so()
+    info = pykernels.build_info()
+    assert info["loaded"], info["load_error"]
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    for op in ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_scale_grad_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pykernels::{op}", "CPU")
+
+
+def test_cuda_kernels_compiled_for_requested_arches_without_spills():
+    _so()
+    if torch.version.cuda is None:
+        pytest.skip("torch is a CPU build: no CUDA sources are compiled")
+    info = pykernels.build_info()
+    assert info.get("with_cuda"), "torch is a CUDA build but _C was built without its CUDA kernels"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("pykernels::cross_entropy_fwd", "CUDA")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump to inspect the binary")
+    elf = subprocess.run([tool, "--list-elf", _so()], capture_output=True, text=True, check=True).stdout
+    for arch in info["arch_list"]:
+        sm = "sm_" + arch.replace(".", "").replace("+PTX", "")
+        assert sm in elf, f"{sm} missing from {elf}"
+    res = subprocess.run([tool, "--dump-resource-usage", _so()], capture_output=True, text=True, check=True).stdout
+    kernels = [line for line in res.splitlines() if "cross_entropy" in line or "scale_grad" in line]
+    assert kernels, res[:2000]
+    usage = res.split("Function ")
+    for block in usage:
+        if "cross_entropy" in block.split(":")[0] or "scale_grad" in block.split(":")[0]:
+            flat = block.replace(" ", "")
+            assert "STACK:0" in flat and "LOCAL:0" in flat, f"local memory used: {block[:400]}"
+
+
+def test_missing_extension_degrades_gracefully():
+    assert _ext.loaded() or _ext.load_error
+    code = ("import os; os.environ['PYKERNELS_DISABLE_EXTENSION']='1'; import pykernels, torch; "
+            "b = pykernels.available_backends('cpu'); assert b['cpu'] and b['reference'] is None, b; "
+            "x = torch.randn(3, 5, requires_grad=True); pykernels.functional.cross_entropy(x, torch.tensor([0, 1, 2]))"
+            ".backward(); print(b['cpu'])")
+    env = dict(os.environ)
+    p = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "disabled" in p.stdout
