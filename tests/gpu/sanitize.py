@@ -15,13 +15,14 @@ from pykernels.reference import cross_entropy as ref_ce
 def cross_entropy(backends):
     dev = "cuda"
     cases = [((7, 33), {}), ((5, 4099), {"label_smoothing": 0.1, "z_loss": 1e-3}), ((3, 70001), {}),
-             ((2, 9, 5), {"reduction": "none"}), ((2, 131072), {})]
+             ((2, 9, 5), {"reduction": "none"}), ((2, 131072), {}), ((3, 50257), {"label_smoothing": 0.1}),
+             ((2, 262144), {})]  # even C: contiguous rows (the sm_90 cluster path); odd C: strided rows
     for backend in backends:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for shape, kw in cases:
                 C = shape[1]
                 x = torch.randn(shape, device=dev, dtype=dtype)
-                if len(shape) == 2:
+                if len(shape) == 2 and C % 2:
                     x = torch.randn(shape[0], C + 3, device=dev, dtype=dtype)[:, 1:C + 1]  # strided rows
                 t = torch.randint(0, C, shape[:1] + shape[2:], device=dev)
                 t.view(-1)[::3] = -100

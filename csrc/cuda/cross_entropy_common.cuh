@@ -1,0 +1,103 @@
+// Device helpers shared by the cross-entropy kernels (cross_entropy.cu, cross_entropy_cluster.cu).
+// No torch headers.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace pykernels {
+namespace cuda {
+namespace ce {
+
+template <typename T>
+__device__ __forceinline__ float to_f(T v);
+template <>
+__device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// e^x through the SFU's ex2.approx (about 2 ulp): one FMUL + one MUFU instead of expf's ~10 instructions,
+// which matters because a row costs two exponentials per element. -inf -> 0, NaN -> NaN.
+__device__ __forceinline__ float fast_exp(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
+
+// Online softmax state: running max m and sum of exp(x - m).
+struct MaxSum {
+  float m, s;
+  // n values at once: one rescale per vector instead of a branch per element.
+  template <int N>
+  __device__ __forceinline__ void add_vec(const float (&x)[N], int n) {
+    float vmax = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (j < n) vmax = fmaxf(vmax, x[j]);
+    if (vmax == -INFINITY) {
+#pragma unroll
+      for (int j = 0; j < N; ++j)  // a NaN must still poison the row (fmaxf drops NaN)
+        if (j < n && x[j] != x[j]) s = x[j];
+      return;
+    }
+    if (vmax > m) {
+      s = (m == -INFINITY ? 0.f : s * fast_exp(m - vmax));
+      m = vmax;
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (j < n) s += fast_exp(x[j] - m);  // NaN x poisons s; -inf adds 0
+  }
+  __device__ __forceinline__ void merge(MaxSum o) {
+    const float nm = fmaxf(m, o.m);
+    if (nm == -INFINITY) return;
+    s = (m == -INFINITY ? 0.f : s * fast_exp(m - nm)) + (o.m == -INFINITY ? 0.f : o.s * fast_exp(o.m - nm));
+    m = nm;
+  }
+};
+
+// Sums are taken relative to a pivot logit (the target's, or the row's first) so that a large common offset
+// of the logits cancels exactly: W lse - sum w x = W ((m - pivot) + log s) - sum w (x - pivot).
+struct RowSums {
+  MaxSum ms;
+  float wx, wt, wtx;  // sum w_c (x_c - pivot) (smoothing); sum w_c t'_c, sum w_c t'_c (x_c - pivot) (probs)
+};
+
+// Block-wide reduction of RowSums; every thread gets the result. smem: 32 entries.
+__device__ __forceinline__ RowSums block_reduce(RowSums v, RowSums* smem) {
+  for (int off = 16; off > 0; off >>= 1) {
+    MaxSum o{__shfl_xor_sync(0xffffffffu, v.ms.m, off), __shfl_xor_sync(0xffffffffu, v.ms.s, off)};
+    v.ms.merge(o);
+    v.wx += __shfl_xor_sync(0xffffffffu, v.wx, off);
+    v.wt += __shfl_xor_sync(0xffffffffu, v.wt, off);
+    v.wtx += __shfl_xor_sync(0xffffffffu, v.wtx, off);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  __syncthreads();  // smem may still be read from the previous row
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  RowSums r = smem[0];
+  for (int i = 1; i < nwarps; ++i) {
+    r.ms.merge(smem[i].ms);
+    r.wx += smem[i].wx;
+    r.wt += smem[i].wt;
+    r.wtx += smem[i].wtx;
+  }
+  return r;
+}
+
+}  // namespace ce
+}  // namespace cuda
+}  // namespace pykernels
