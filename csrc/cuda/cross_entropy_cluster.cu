@@ -23,7 +23,7 @@ constexpr int64_t kChunkBytes = 64 * 1024;  // 3 CTAs per SM fit in its 228 KB o
 constexpr int kMaxCluster = 8;               // the portable maximum
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) cross_entropy_cluster_kernel(const CrossEntropyArgs a, int64_t chunk) {
+__global__ void __launch_bounds__(kThreads, 3) cross_entropy_cluster_kernel(const CrossEntropyArgs a, int64_t chunk) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ uint4 smem_raw[];
   __shared__ RowSums red[32];
@@ -136,23 +136,25 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_cluster_kernel(const C
   const float k = sr * (wy * (1.f - eps) + eps * W / C + (zl > 0.f ? 2.f * zl * lse : 0.f));
   const float ew = sr * eps / C, hit = sr * wy * (1.f - eps);
   const float fill = ignored ? 0.f : __int_as_float(0x7fffffff);
-  auto grad_of = [&](int64_t cl, float x) {
-    const int64_t c = c0 + cl;
+  // Chunk-local 32-bit indices in the per-element work (a chunk holds at most 64 KB).
+  const int y_local = (!skip && y >= c0 && y < c1) ? static_cast<int>(y - c0) : -1;
+  const float* wc = w ? w + c0 : nullptr;
+  auto grad_of = [&](int cl, float x) {
     if (skip) return fill;
-    return fast_exp((x - m) - log_s) * k - ew * (w ? w[c] : 1.f) - (c == y ? hit : 0.f);
+    return fast_exp((x - m) - log_s) * k - ew * (wc ? wc[cl] : 1.f) - (cl == y_local ? hit : 0.f);
   };
-  for (int64_t i = threadIdx.x; i < head; i += kThreads) grow[c0 + i] = from_f<T>(grad_of(i, to_f(buf[i])));
+  for (int i = threadIdx.x; i < head; i += kThreads) grow[c0 + i] = from_f<T>(grad_of(i, to_f(buf[i])));
   uint4* vdst = reinterpret_cast<uint4*>(grow + c0 + head);  // same misalignment as the logits row
-  for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
+  for (int i = threadIdx.x; i < nvec; i += kThreads) {
     const uint4 raw = vbuf[i];
     const T* e = reinterpret_cast<const T*>(&raw);
     uint4 res;
     T* o = reinterpret_cast<T*>(&res);
 #pragma unroll
-    for (int j = 0; j < V; ++j) o[j] = from_f<T>(grad_of(head + i * V + j, to_f(e[j])));
+    for (int j = 0; j < V; ++j) o[j] = from_f<T>(grad_of(static_cast<int>(head) + i * V + j, to_f(e[j])));
     vdst[i] = res;
   }
-  for (int64_t i = tail0 + threadIdx.x; i < n; i += kThreads) grow[c0 + i] = from_f<T>(grad_of(i, to_f(buf[i])));
+  for (int i = static_cast<int>(tail0) + threadIdx.x; i < n; i += kThreads) grow[c0 + i] = from_f<T>(grad_of(i, to_f(buf[i])));
   cluster.sync();  // no CTA may exit while another still reads its `partial`
 #endif
 }
