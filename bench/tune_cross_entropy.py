@@ -14,21 +14,27 @@ import pykernels
 
 
 def main():
-    N, V = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (8192, 128256)
+    shapes = [(int(sys.argv[1]), int(sys.argv[2]))] if len(sys.argv) > 2 else [(8192, 128256), (8192, 32000)]
+    for N, V in shapes:
+        sweep(N, V)
+
+
+def sweep(N, V):
     x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16).requires_grad_()
     t = torch.randint(0, V, (N,), device="cuda")
     floor_bytes = 2 * N * V * 2
-    grid = {"cuda": [dict(PYKERNELS_CE_L2_PERCENT=p, PYKERNELS_CE_THREADS=th)
-                     for p, th in itertools.product([50, 75, 100, 150, 250], [512, 1024])],
+    grid = {"cuda": [dict(PYKERNELS_CE_NO_CLUSTER=1, PYKERNELS_CE_L2_PERCENT=p) for p in (100, 250)] +
+                    [dict(PYKERNELS_CE_CLUSTER_THREADS=th, PYKERNELS_CE_CLUSTER_CHUNK_KB=kb)
+                     for th, kb in itertools.product([256, 512], [32, 64, 96, 128])],
             "triton": [dict(PYKERNELS_CE_L2_PERCENT=p, PYKERNELS_CE_WARPS=w, PYKERNELS_CE_BLOCK_BYTES=b)
-                       for p, w, b in itertools.product([75, 150, 250], [8, 16], [16384, 32768])]}
+                       for p, w, b in itertools.product([150, 250, 400], [4, 8, 16], [8192, 16384])]}
     for backend, configs in grid.items():
         for cfg in configs:
             os.environ.update({k: str(v) for k, v in cfg.items()})
             step = lambda: pykernels.functional.cross_entropy(x, t, backend=backend).backward()  # noqa: E731
             ms = triton.testing.do_bench(step, warmup=20, rep=100, grad_to_none=[x], quantiles=[0.5])
             ms = ms[0] if isinstance(ms, (list, tuple)) else ms
-            print(f"{backend:7} {cfg} {ms:.3f} ms {floor_bytes / ms / 1e6:.0f} GB/s")
+            print(f"{N}x{V} {backend:7} {cfg} {ms:.3f} ms {floor_bytes / ms / 1e6:.0f} GB/s")
             for k in cfg:
                 os.environ.pop(k)
 

@@ -18,14 +18,21 @@ namespace {
 namespace cg = cooperative_groups;
 using namespace ce;
 
-constexpr int kThreads = 512;
-constexpr int64_t kChunkBytes = 64 * 1024;  // 3 CTAs per SM fit in its 228 KB of shared memory
-constexpr int kMaxCluster = 8;               // the portable maximum
+constexpr int kMaxThreads = 512;
+constexpr int64_t kChunkBytes = 64 * 1024;  // default: 3 CTAs per SM fit in its 228 KB of shared memory
+constexpr int kMaxCluster = 8;              // the portable maximum
+
+// Measurement knobs (bench/tune_cross_entropy.py); 0 = default.
+int64_t knob(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::atoll(v) : 0;
+}
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 3) cross_entropy_cluster_kernel(const CrossEntropyArgs a, int64_t chunk) {
+__global__ void __launch_bounds__(kMaxThreads, 3) cross_entropy_cluster_kernel(const CrossEntropyArgs a, int64_t chunk) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ uint4 smem_raw[];
+  const int nthreads = blockDim.x;
   __shared__ RowSums red[32];
   __shared__ RowSums partial;
   constexpr int V = 16 / sizeof(T);
@@ -64,7 +71,7 @@ __global__ void __launch_bounds__(kThreads, 3) cross_entropy_cluster_kernel(cons
     if (eps > 0.f)
       for (int j = 0; j < cnt; ++j) v.wx += (w ? w[c0 + cl + j] : 1.f) * (xs[j] - pivot);
   };
-  for (int64_t i = threadIdx.x; i < head; i += kThreads) {
+  for (int64_t i = threadIdx.x; i < head; i += nthreads) {
     buf[i] = row[c0 + i];
     xs[0] = to_f(buf[i]);
     visit(i, 1);
@@ -74,20 +81,20 @@ __global__ void __launch_bounds__(kThreads, 3) cross_entropy_cluster_kernel(cons
   {
     int64_t i = threadIdx.x;
     constexpr int U = 4;
-    for (; i + (U - 1) * kThreads < nvec; i += U * kThreads) {
+    for (; i + (U - 1) * nthreads < nvec; i += U * nthreads) {
       uint4 raw[U];
 #pragma unroll
-      for (int u = 0; u < U; ++u) raw[u] = vsrc[i + u * kThreads];
+      for (int u = 0; u < U; ++u) raw[u] = vsrc[i + u * nthreads];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const T* e = reinterpret_cast<const T*>(&raw[u]);
 #pragma unroll
         for (int j = 0; j < V; ++j) xs[j] = to_f(e[j]);
-        visit(head + (i + u * kThreads) * V, V);
-        vbuf[i + u * kThreads] = raw[u];
+        visit(head + (i + u * nthreads) * V, V);
+        vbuf[i + u * nthreads] = raw[u];
       }
     }
-    for (; i < nvec; i += kThreads) {
+    for (; i < nvec; i += nthreads) {
       const uint4 raw = vsrc[i];
       const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -96,7 +103,7 @@ __global__ void __launch_bounds__(kThreads, 3) cross_entropy_cluster_kernel(cons
       vbuf[i] = raw;
     }
   }
-  for (int64_t i = tail0 + threadIdx.x; i < n; i += kThreads) {
+  for (int64_t i = tail0 + threadIdx.x; i < n; i += nthreads) {
     buf[i] = row[c0 + i];
     xs[0] = to_f(buf[i]);
     visit(i, 1);
@@ -112,6 +119,9 @@ __global__ void __launch_bounds__(kThreads, 3) cross_entropy_cluster_kernel(cons
     s.ms.merge(o.ms);
     s.wx += o.wx;
   }
+  // Done reading the other CTAs' shared memory: say so now, wait for the others only before exiting, so the
+  // gradient pass overlaps the slowest CTA instead of waiting for it.
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
   const float log_s = logf(s.ms.s), m = s.ms.m, lse = m + log_s;
   if (rank == 0 && threadIdx.x == 0) {
     const float rel = (m - pivot) + log_s;
@@ -143,9 +153,9 @@ __global__ void __launch_bounds__(kThreads, 3) cross_entropy_cluster_kernel(cons
     if (skip) return fill;
     return fast_exp((x - m) - log_s) * k - ew * (wc ? wc[cl] : 1.f) - (cl == y_local ? hit : 0.f);
   };
-  for (int i = threadIdx.x; i < head; i += kThreads) grow[c0 + i] = from_f<T>(grad_of(i, to_f(buf[i])));
+  for (int i = threadIdx.x; i < head; i += nthreads) grow[c0 + i] = from_f<T>(grad_of(i, to_f(buf[i])));
   uint4* vdst = reinterpret_cast<uint4*>(grow + c0 + head);  // same misalignment as the logits row
-  for (int i = threadIdx.x; i < nvec; i += kThreads) {
+  for (int i = threadIdx.x; i < nvec; i += nthreads) {
     const uint4 raw = vbuf[i];
     const T* e = reinterpret_cast<const T*>(&raw);
     uint4 res;
@@ -154,8 +164,8 @@ __global__ void __launch_bounds__(kThreads, 3) cross_entropy_cluster_kernel(cons
     for (int j = 0; j < V; ++j) o[j] = from_f<T>(grad_of(static_cast<int>(head) + i * V + j, to_f(e[j])));
     vdst[i] = res;
   }
-  for (int i = static_cast<int>(tail0) + threadIdx.x; i < n; i += kThreads) grow[c0 + i] = from_f<T>(grad_of(i, to_f(buf[i])));
-  cluster.sync();  // no CTA may exit while another still reads its `partial`
+  for (int i = static_cast<int>(tail0) + threadIdx.x; i < n; i += nthreads) grow[c0 + i] = from_f<T>(grad_of(i, to_f(buf[i])));
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");  // no CTA exits while its `partial` is read
 #endif
 }
 
@@ -171,7 +181,8 @@ cudaError_t launch_cluster(const CrossEntropyArgs& a, int cs, int64_t chunk, cud
   if (err != cudaSuccess) return err;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(a.rows() * cs));
-  cfg.blockDim = dim3(kThreads);
+  const int64_t threads = knob("PYKERNELS_CE_CLUSTER_THREADS");
+  cfg.blockDim = dim3(threads > 0 && threads <= kMaxThreads ? static_cast<unsigned>(threads) : kMaxThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute at[1];
@@ -200,7 +211,9 @@ bool cross_entropy_fwd_cluster(const CrossEntropyArgs& a, cudaStream_t stream, c
   if (row_bytes < 16 * 1024 || reinterpret_cast<uintptr_t>(a.logits) % 16 ||
       reinterpret_cast<uintptr_t>(a.grad) % 16)
     return false;
-  const int cs = static_cast<int>((row_bytes + kChunkBytes - 1) / kChunkBytes);
+  const int64_t chunk_bytes = knob("PYKERNELS_CE_CLUSTER_CHUNK_KB") ? knob("PYKERNELS_CE_CLUSTER_CHUNK_KB") * 1024
+                                                                       : kChunkBytes;
+  const int cs = static_cast<int>((row_bytes + chunk_bytes - 1) / chunk_bytes);
   if (cs > kMaxCluster || a.rows() * cs > 0x7fffffffLL) return false;
   int64_t chunk = (a.C + cs - 1) / cs;
   chunk = (chunk + vec - 1) / vec * vec;  // chunks start at the row's alignment phase
