@@ -19,7 +19,10 @@ namespace cg = cooperative_groups;
 using namespace ce;
 
 constexpr int kMaxThreads = 512;
-constexpr int64_t kChunkBytes = 64 * 1024;  // default: 3 CTAs per SM fit in its 228 KB of shared memory
+// Defaults from the H100 sweep (bench/tune_cross_entropy.py): 256 threads and 64 KB chunks were best or near
+// best at both 32K and 128K classes (bf16); 3 CTAs per SM fit in its 228 KB of shared memory.
+constexpr int kDefaultThreads = 256;
+constexpr int64_t kChunkBytes = 64 * 1024;
 constexpr int kMaxCluster = 8;              // the portable maximum
 
 // Measurement knobs (bench/tune_cross_entropy.py); 0 = default.
@@ -182,7 +185,7 @@ cudaError_t launch_cluster(const CrossEntropyArgs& a, int cs, int64_t chunk, cud
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(a.rows() * cs));
   const int64_t threads = knob("PYKERNELS_CE_CLUSTER_THREADS");
-  cfg.blockDim = dim3(threads > 0 && threads <= kMaxThreads ? static_cast<unsigned>(threads) : kMaxThreads);
+  cfg.blockDim = dim3(threads > 0 && threads <= kMaxThreads ? static_cast<unsigned>(threads) : kDefaultThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute at[1];
