@@ -37,22 +37,32 @@ def main(argv=None) -> int:
     globs = a.providers.split(",")
     select = lambda name: any(fnmatch.fnmatch(name, g) for g in globs)  # noqa: E731
     results = []
-    for s in a.suite:
+    for s in harness.progress(a.suite, "suites"):
         results += SUITES[s].run(device, dtype, a.quick, select)
     results = [harness.finish(r, ceil) for r in results]
     harness.add_speedups(results)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(a.out) / f"{device.type}-{stamp}.json"
     harness.write_json(path, env, ceil, results)
+    harness.write_csv(path.with_suffix(".csv"), results)
+    plots = [] if a.no_plots else harness.write_plots(path.parent, results)
     print(harness.table(results))
-    print(f"written: {path}")
+    print(f"written: {path} (+ .csv{', ' + str(len(plots)) + ' plots' if plots else ''})")
     if a.compare:
-        old = {(r["suite"], r["case"], r["provider"], r["mode"]): r for r in json.loads(Path(a.compare).read_text())["results"]}
-        for r in results:
-            o = old.get((r.suite, r.case, r.provider, r.mode))
-            if o and o.get("ms_p50") and r.ms_p50 and r.ms_p50 > 1.05 * o["ms_p50"]:
-                print(f"REGRESSION {r.suite} {r.case} {r.provider}: {o['ms_p50']:.3f} -> {r.ms_p50:.3f} ms")
+        for line in regressions(json.loads(Path(a.compare).read_text()), results):
+            print(line)
     return 0
+
+
+def regressions(old_run: dict, results, threshold: float = 1.05):
+    """Lines for every (suite, case, provider, mode) more than 5% slower than in an earlier run's JSON."""
+    old = {(r["suite"], r["case"], r["provider"], r["mode"]): r for r in old_run["results"]}
+    out = []
+    for r in results:
+        o = old.get((r.suite, r.case, r.provider, r.mode))
+        if o and o.get("ms_p50") and r.ms_p50 and r.ms_p50 > threshold * o["ms_p50"]:
+            out.append(f"REGRESSION {r.suite} {r.case} {r.provider}: {o['ms_p50']:.3f} -> {r.ms_p50:.3f} ms")
+    return out
 
 
 if __name__ == "__main__":

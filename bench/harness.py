@@ -164,6 +164,60 @@ def write_json(path: Path, env: dict, ceil: dict, results: List[Result]) -> None
                                 "results": [dataclasses.asdict(r) for r in results]}, indent=1))
 
 
+def write_csv(path: Path, results: List[Result]) -> None:
+    import csv
+    fields = [f.name for f in dataclasses.fields(Result)]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in results:
+            row = dataclasses.asdict(r)
+            row["shape"] = json.dumps(row["shape"])
+            row["speedup_vs"] = json.dumps(row["speedup_vs"])
+            w.writerow(row)
+
+
+def write_plots(directory: Path, results: List[Result]) -> List[Path]:
+    """One PNG per (suite, mode, dtype): GB/s (or TFLOP/s) of each provider against the swept size."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out = []
+    groups: Dict[tuple, List[Result]] = {}
+    for r in results:
+        if r.status == "ok":
+            groups.setdefault((r.suite, r.mode, r.dtype), []).append(r)
+    for (suite, mode, dtype), rs in groups.items():
+        key = list(rs[0].shape)[-1]  # the swept dimension is the last of the shape dict
+        metric = "tflops" if rs[0].tflops is not None else "gbps"
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for prov in sorted({r.provider for r in rs}):
+            pts = sorted((r.shape[key], getattr(r, metric)) for r in rs if r.provider == prov)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+        ax.set_xlabel(key)
+        ax.set_ylabel("TFLOP/s" if metric == "tflops" else "GB/s (floor bytes / time)")
+        ax.set_title(f"{suite} {mode} {dtype}")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        path = directory / f"{suite}-{mode}-{dtype}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def progress(items, desc: str):
+    """A progress bar when rich or tqdm is installed; the bare iterable otherwise."""
+    try:
+        from tqdm import tqdm
+        return tqdm(items, desc=desc, leave=False)
+    except ImportError:
+        return items
+
+
 def table(results: List[Result]) -> str:
     head = f"{'suite':14} {'case':22} {'mode':8} {'provider':18} {'status':6} {'ms p50':>9} {'GB/s':>8} " \
            f"{'%copy':>6} {'TFLOP/s':>8} {'xtorch':>7} {'xcompile':>8} {'extra MiB':>9}"

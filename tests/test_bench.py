@@ -48,3 +48,21 @@ def test_committed_results_render():
     for f in render.RESULTS.glob("*.json"):
         env = json.loads(f.read_text())["env"]
         assert env["date_utc"][:10] in text
+
+
+def test_compare_flags_regressions():
+    old = {"results": [{"suite": "cross_entropy", "case": "c", "provider": "p", "mode": "fwd+bwd", "ms_p50": 1.0}]}
+    slower = harness.Result("cross_entropy", "c", "p", "fwd+bwd", "bf16", {"N": 1}, ms_p50=1.2)
+    same = harness.Result("cross_entropy", "c", "p", "fwd+bwd", "bf16", {"N": 1}, ms_p50=1.01)
+    assert len(bench_main.regressions(old, [slower])) == 1
+    assert bench_main.regressions(old, [same]) == []
+
+
+def test_csv_and_plots(tmp_path):
+    rs = [harness.Result("cross_entropy", f"V={v}", p, "fwd+bwd", "float32", {"N": 8, "V": v}, ms_p50=1.0 + v / 1e4,
+                         bytes=1e6) for v in (100, 200) for p in ("a", "b")]
+    rs = [harness.finish(r, {"copy_gbps": 10.0}) for r in rs]
+    harness.write_csv(tmp_path / "r.csv", rs)
+    assert (tmp_path / "r.csv").read_text().count("\n") == 5
+    plots = harness.write_plots(tmp_path, rs)
+    assert all(p.exists() for p in plots)
