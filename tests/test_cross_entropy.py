@@ -318,3 +318,22 @@ def test_patch_swaps_the_loss_in_place():
     assert pykernels.patch(m) is m
     assert type(m.loss) is pykernels.nn.CrossEntropyLoss and m.loss.label_smoothing == 0.1
     torch.testing.assert_close(m(x, t), before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_more_than_2_31_elements(backend):
+    """N * V > 2**31: every offset must be 64-bit (Liger issue #803). The last rows are the ones that overflow."""
+    require_backend(backend, "cuda")
+    N, V = 16800, 128256  # 2.15e9 logits, 4.3 GB in bf16
+    x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda")
+    loss, lse = pykernels.functional.cross_entropy(x, t, reduction="sum", return_lse=True, backend=backend)
+    loss.backward()
+    tail = slice(N - 3, N)
+    xr = x.detach()[tail].double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(xr, t[tail], reduction="sum")
+    ref.backward()
+    assert_error_rule("lse of the last rows", lse[tail], torch.logsumexp(xr.detach(), 1), floor=1e-5)
+    assert_error_rule("grad of the last rows", x.grad[tail], xr.grad, floor=1e-2)
+    assert torch.isfinite(loss)
