@@ -1,0 +1,81 @@
+"""Attention in plain PyTorch: the oracle of the attention kernels (issue: fused attention) and their last
+fallback. Explicit softmax(Q K^T * scale + bias) V with every feature the kernels must match, computed in the
+dtype given (float64 for the oracle), with the log-sum-exp of each query row.
+
+Semantics are torch.nn.functional.scaled_dot_product_attention's: layout (..., H, L, E) for the query and
+(..., H_kv, S, E) / (..., H_kv, S, Ev) for key / value; a bool attn_mask is True where attention is allowed, a
+float one is added to the scores; masks broadcast to (..., H, L, S); is_causal is aligned to the top-left
+(query i sees keys j <= i); enable_gqa repeats each key/value head over H / H_kv query heads. A query row
+that can see no key returns zeros (and lse = -inf), as PyTorch does.
+
+Extras the kernels also offer: causal alignment "bottom_right" (FlashAttention's convention when L != S:
+query i sees keys j <= i + S - L), a sliding window (left, right) around that diagonal (-1: unbounded),
+logit soft-capping (softcap * tanh(s / softcap), applied before masking), and an explicit dropout keep-mask
+(the kernels regenerate theirs from a seed; the tests hand the same mask to this reference).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def allowed(L: int, S: int, device, is_causal: bool = False, alignment: str = "top_left",
+            window: Tuple[int, int] = (-1, -1)) -> Optional[Tensor]:
+    """(L, S) bool: which keys each query may see under causality and the window; None when all."""
+    if not is_causal and window == (-1, -1):
+        return None
+    if alignment not in ("top_left", "bottom_right"):
+        raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    diag = i + (S - L if alignment == "bottom_right" else 0)  # the key each query is aligned with
+    ok = torch.ones(L, S, dtype=torch.bool, device=device)
+    if is_causal:
+        ok &= j <= diag
+    left, right = window
+    if left >= 0:
+        ok &= j >= diag - left
+    if right >= 0:
+        ok &= j <= diag + right
+    return ok
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, alignment: str = "top_left",
+                                 window: Tuple[int, int] = (-1, -1), softcap: float = 0.0
+                                 ) -> Tuple[Tensor, Tensor]:
+    """Returns (out, lse): out (..., H, L, Ev) in the query's dtype, lse (..., H, L) in float32 (float64 for
+    float64 inputs). ``dropout_mask`` (bool, broadcastable to the scores, True = keep) is applied with the
+    1 / (1 - dropout_p) rescaling; without it no dropout is applied."""
+    L, E = query.shape[-2], query.shape[-1]
+    S = key.shape[-2]
+    H, Hk = query.shape[-3] if query.dim() >= 3 else 1, key.shape[-3] if key.dim() >= 3 else 1
+    if H != Hk:
+        if not enable_gqa or H % Hk:
+            raise ValueError(f"query has {H} heads and key/value {Hk}: needs enable_gqa=True and H % H_kv == 0")
+        key = key.repeat_interleave(H // Hk, dim=-3)
+        value = value.repeat_interleave(H // Hk, dim=-3)
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    s = torch.matmul(query.to(acc), key.to(acc).transpose(-2, -1)) * (1.0 / math.sqrt(E) if scale is None else scale)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    ok = allowed(L, S, query.device, is_causal, alignment, window)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            ok = attn_mask if ok is None else ok & attn_mask
+        else:
+            s = s + attn_mask.to(acc)
+    if ok is not None:
+        s = s.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
+    p = torch.where(torch.isneginf(lse).unsqueeze(-1), torch.zeros_like(p), p)  # rows that see no key: zeros
+    if dropout_mask is not None and dropout_p > 0:
+        p = p * dropout_mask.to(acc) / (1.0 - dropout_p)
+    out = torch.matmul(p, value.to(acc))
+    return out.to(query.dtype), lse
