@@ -19,7 +19,7 @@ if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
 
 import torch  # noqa: E402
-from setuptools import find_packages, setup  # noqa: E402
+from setuptools import setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -33,13 +33,22 @@ def _with_cuda() -> bool:
         os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
 
 
+# Hopper-only kernels (wgmma, setmaxnreg, TMA multicast) go in files matching this pattern; when any exists and
+# 9.0 is requested, the build also emits sm_90a code (those instructions do not exist in plain sm_90). The
+# kernels guard their bodies with __CUDA_ARCH_FEAT_SM90_ALL so the other targets compile to empty stubs.
+HOPPER_ONLY_SOURCES = "csrc/cuda/*_sm90a.cu"
+
+
 def _arch_list() -> list[str]:
     raw = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    return [a.strip() for a in raw.replace(" ", ";").split(";") if a.strip()]
+    archs = [a.strip() for a in raw.replace(" ", ";").split(";") if a.strip()]
+    if glob.glob(HOPPER_ONLY_SOURCES) and "9.0" in archs and "9.0a" not in archs:
+        archs.append("9.0a")
+    return archs
 
 
 def _gencode(archs: list[str]) -> list[str]:
-    """Explicit -gencode pairs; "+PTX" also embeds PTX for forward compatibility."""
+    """Explicit -gencode pairs ("9.0a" -> sm_90a); "+PTX" also embeds PTX for forward compatibility."""
     flags = []
     for a in archs:
         ptx = a.endswith("+PTX")
@@ -79,7 +88,8 @@ def _sources(with_cuda: bool) -> list[str]:
 def _extension():
     with_cuda = _with_cuda()
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-    cxx = opt + ["-fvisibility=hidden"]  # the C++ standard is the one torch asks for (C++20 for torch >= 2.13)
+    # The C++ standard is the one torch asks for (C++20 for torch >= 2.13); torch's vec headers use #pragma unroll.
+    cxx = opt + ["-fvisibility=hidden", "-Wno-unknown-pragmas"]
     cxx += _cpu_capability_flags()
     if not with_cuda:
         return cpp_extension.CppExtension("pykernels._C", _sources(False), extra_compile_args={"cxx": cxx}), with_cuda
@@ -115,20 +125,8 @@ class BuildExt(cpp_extension.BuildExtension):
                     json.dump(info, f, indent=1)
 
 
+# Project metadata, dependencies and packages live in pyproject.toml; only the extension is described here.
 setup(
-    name="pykernels",
-    version="0.1.0",
-    description="Fused GPU kernels (Triton and CUDA C++) for attention, LSTM and cross-entropy in PyTorch",
-    packages=find_packages(include=["pykernels", "pykernels.*", "bench", "bench.*"]),
-    package_data={"pykernels": ["_build_info.json"]},
     ext_modules=[EXTENSION],
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy", "triton>=3.6; platform_system == 'Linux'"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "expecttest"],
-        "bench": ["pytest-benchmark", "matplotlib", "rich"],
-    },
-    entry_points={"console_scripts": ["pykernels-bench=bench.__main__:main"]},
-    zip_safe=False,
 )

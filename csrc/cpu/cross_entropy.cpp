@@ -201,14 +201,11 @@ at::Tensor bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const 
 
 void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
   check_scale_grad(grad, scale);
-  if (scale.numel() == 1) {
-    const double s = scale.item<double>();  // on the CPU, reading the scalar costs nothing
-    if (s != 1.0) grad.mul_(s);             // a double Scalar: multiplied in the accumulation dtype
-    return;
-  }
-  // Row r = n*D + d scales grad[n, :, d].
-  // (mixed-dtype in-place mul computes in the promoted fp32/fp64, then rounds once into grad)
-  grad.mul_(scale.view({grad.size(0), 1, grad.size(2)}));
+  // On the CPU reading the scalar costs nothing: 1.0 leaves grad untouched.
+  if (scale.numel() == 1 && scale.item<double>() == 1.0) return;
+  // Row r = n*D + d scales grad[n, :, d]. Multiplying by the (1-D) tensor, not by a Scalar, computes in the
+  // promoted fp32/fp64 and rounds once into grad (a Scalar would first be rounded to bf16/fp16).
+  grad.mul_(scale.numel() == 1 ? scale : scale.view({grad.size(0), 1, grad.size(2)}));
 }
 
 }  // namespace
