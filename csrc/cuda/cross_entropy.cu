@@ -24,16 +24,29 @@ constexpr int kMaxThreads = 1024;
 
 constexpr int kUnroll = 4;  // 16-byte loads in flight per thread: hides HBM latency with few rows in flight
 
+// Classes before the row's first 16-byte boundary (a row of odd C, e.g. 50257, starts anywhere): they go one by
+// one, the rest of the row in 16-byte vectors. Tensor data is always element-aligned.
+template <typename T>
+__device__ __forceinline__ int64_t head_of(const T* row, int64_t C) {
+  const int64_t h = static_cast<int64_t>((16 - reinterpret_cast<uintptr_t>(row) % 16) % 16) / sizeof(T);
+  return h < C ? h : C;
+}
+
 // Calls f(c0, xs, n) over a row: xs holds the n classes c0..c0+n-1 as fp32 (n = 16 / sizeof(T) on the fast
-// path). 16-byte loads, kUnroll of them issued before use, when the row is contiguous and aligned.
+// path). With class stride 1: 16-byte loads, kUnroll of them issued before use; else one strided load per class.
 template <typename T, typename F>
 __device__ __forceinline__ void for_each_class(const T* row, int64_t C, int64_t sc, F&& f) {
   constexpr int V = 16 / sizeof(T);
   float xs[V];
-  if (sc == 1 && (reinterpret_cast<uintptr_t>(row) % 16) == 0) {
-    const int64_t nvec = C / V;
-    const uint4* vrow = reinterpret_cast<const uint4*>(row);
-    const int64_t step = blockDim.x;
+  const int64_t step = blockDim.x;
+  if (sc == 1) {
+    const int64_t head = head_of(row, C);
+    for (int64_t c = threadIdx.x; c < head; c += step) {
+      xs[0] = to_f(row[c]);
+      f(c, xs, 1);
+    }
+    const int64_t nvec = (C - head) / V;
+    const uint4* vrow = reinterpret_cast<const uint4*>(row + head);
     int64_t i = threadIdx.x;
     for (; i + (kUnroll - 1) * step < nvec; i += kUnroll * step) {
       uint4 raw[kUnroll];
@@ -44,7 +57,7 @@ __device__ __forceinline__ void for_each_class(const T* row, int64_t C, int64_t 
         const T* e = reinterpret_cast<const T*>(&raw[u]);
 #pragma unroll
         for (int j = 0; j < V; ++j) xs[j] = to_f(e[j]);
-        f((i + u * step) * V, xs, V);
+        f(head + (i + u * step) * V, xs, V);
       }
     }
     for (; i < nvec; i += step) {
@@ -52,36 +65,38 @@ __device__ __forceinline__ void for_each_class(const T* row, int64_t C, int64_t 
       const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
       for (int j = 0; j < V; ++j) xs[j] = to_f(e[j]);
-      f(i * V, xs, V);
+      f(head + i * V, xs, V);
     }
-    for (int64_t c = nvec * V + threadIdx.x; c < C; c += step) {
+    for (int64_t c = head + nvec * V + threadIdx.x; c < C; c += step) {
       xs[0] = to_f(row[c]);
       f(c, xs, 1);
     }
   } else {
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    for (int64_t c = threadIdx.x; c < C; c += step) {
       xs[0] = to_f(row[c * sc]);
       f(c, xs, 1);
     }
   }
 }
 
-// out[c * so] = g(c, x_c) for every class; batched 16-byte loads and stores when both rows allow it.
+// out[c * so] = g(c, x_c) for every class; batched 16-byte loads and stores when both rows have unit stride and
+// the same alignment phase (then they share the scalar head).
 template <typename T, typename G>
 __device__ __forceinline__ void map_row(const T* row, int64_t C, int64_t sc, T* out, int64_t so, G&& g) {
   constexpr int V = 16 / sizeof(T);
-  if (sc == 1 && so == 1 && (reinterpret_cast<uintptr_t>(row) % 16) == 0 &&
-      (reinterpret_cast<uintptr_t>(out) % 16) == 0) {
-    const int64_t nvec = C / V;
-    const uint4* vrow = reinterpret_cast<const uint4*>(row);
-    uint4* vout = reinterpret_cast<uint4*>(out);
-    const int64_t step = blockDim.x;
+  const int64_t step = blockDim.x;
+  if (sc == 1 && so == 1 && reinterpret_cast<uintptr_t>(row) % 16 == reinterpret_cast<uintptr_t>(out) % 16) {
+    const int64_t head = head_of(row, C);
+    for (int64_t c = threadIdx.x; c < head; c += step) out[c] = from_f<T>(g(c, to_f(row[c])));
+    const int64_t nvec = (C - head) / V;
+    const uint4* vrow = reinterpret_cast<const uint4*>(row + head);
+    uint4* vout = reinterpret_cast<uint4*>(out + head);
     auto convert = [&](int64_t i, const uint4& raw) {
       const T* e = reinterpret_cast<const T*>(&raw);
       uint4 res;
       T* o = reinterpret_cast<T*>(&res);
 #pragma unroll
-      for (int j = 0; j < V; ++j) o[j] = from_f<T>(g(i * V + j, to_f(e[j])));
+      for (int j = 0; j < V; ++j) o[j] = from_f<T>(g(head + i * V + j, to_f(e[j])));
       vout[i] = res;
     };
     int64_t i = threadIdx.x;
@@ -93,9 +108,9 @@ __device__ __forceinline__ void map_row(const T* row, int64_t C, int64_t sc, T* 
       for (int u = 0; u < kUnroll; ++u) convert(i + u * step, raw[u]);
     }
     for (; i < nvec; i += step) convert(i, vrow[i]);
-    for (int64_t c = nvec * V + threadIdx.x; c < C; c += step) out[c] = from_f<T>(g(c, to_f(row[c])));
+    for (int64_t c = head + nvec * V + threadIdx.x; c < C; c += step) out[c] = from_f<T>(g(c, to_f(row[c])));
   } else {
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) out[c * so] = from_f<T>(g(c, to_f(row[c * sc])));
+    for (int64_t c = threadIdx.x; c < C; c += step) out[c * so] = from_f<T>(g(c, to_f(row[c * sc])));
   }
 }
 
