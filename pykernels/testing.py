@@ -36,7 +36,7 @@ def assert_error_rule(name: str, out: torch.Tensor, ref: torch.Tensor, baseline:
     dtype = dtype or out.dtype
     err = max_abs_err(out, ref)
     base = 0.0 if baseline is None else max_abs_err(baseline, ref)
-    finite = ref.double()[torch.isfinite(ref.double())]
+    finite = ref.detach().double()[torch.isfinite(ref.detach().double())]
     scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
     tol = factor * base + (_FLOOR[dtype] if floor is None else floor) * scale
     assert err <= tol, (f"{name}: max abs error {err:.3e} > tolerance {tol:.3e} "

@@ -1,2 +1,2 @@
 """torch.library operators. Importing this package registers every op of every available backend."""
-from . import cross_entropy  # noqa: F401
+from . import attention, cross_entropy  # noqa: F401
