@@ -1,5 +1,7 @@
-"""The C++ CPU kernels of pykernels._C, called directly (torch.ops.pykernels.cross_entropy_*), against a float64
-oracle written here from the formulas of docs/cross_entropy.md (loss by log_softmax, gradient by autograd).
+"""The kernels of pykernels._C, called directly (torch.ops.pykernels.cross_entropy_*), against a float64 oracle
+written here from the formulas of docs/cross_entropy.md (loss by log_softmax, gradient by autograd). CPU tensors
+in CI; the same checks on CUDA tensors in the GPU tier (`-m gpu`), plus shapes that take the CUDA kernels' other
+paths (misaligned rows, the sm_90 cluster kernel for rows >= 16 KB).
 
 Every test runs with torch's deterministic mode, whose empty() fills new float tensors with NaN: an output
 element the kernel forgets to write (an ignored row's zero gradient included) fails the comparison.
@@ -21,6 +23,7 @@ if not _ext.loaded():
 
 ops = torch.ops.pykernels
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # (rtol, atol) of the gradient: one rounding to the output dtype on top of fp32 math (fp64 for fp64).
 GRAD_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6), torch.bfloat16: (8e-3, 1e-6),
             torch.float16: (2e-3, 1e-6)}
@@ -42,15 +45,25 @@ def acc_of(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def skip_unsupported(device, dtype=None):
+    if device == "cuda" and not _ext.has_cuda_kernels():
+        pytest.fail("_C was built without its CUDA kernels") if torch.version.cuda else pytest.skip("CPU torch")
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is CPU-only (docs/cross_entropy.md)")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Oracle
 
 def oracle(x, target, weight=None, ignore_index=-100, eps=0.0, zl=0.0, scale=None):
     """(loss, lse, grad) of the contract in float64 on the canonical (N, C, D) view; grad is
     scale[r] * dloss_r/dlogits, NaN rows for out-of-range class indices."""
+    x, target = x.detach().cpu(), target.cpu()
+    weight = None if weight is None else weight.cpu()
+    scale = None if scale is None else scale.cpu()
     N, C, D = x.shape
     M = N * D
-    xr = x.detach().double().permute(0, 2, 1).reshape(M, C).requires_grad_()
+    xr = x.double().permute(0, 2, 1).reshape(M, C).requires_grad_()
     logp = torch.log_softmax(xr, 1)
     lse = torch.logsumexp(xr, 1)
     w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
@@ -79,17 +92,17 @@ def oracle(x, target, weight=None, ignore_index=-100, eps=0.0, zl=0.0, scale=Non
 
 
 def assert_close(name, out, ref, rtol, atol, equal_nan=False):
-    torch.testing.assert_close(out.double(), ref.double(), rtol=rtol, atol=atol, equal_nan=equal_nan,
+    torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), rtol=rtol, atol=atol, equal_nan=equal_nan,
                                msg=lambda m: f"{name}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Inputs
 
-def make_logits(layout, N, C, D, dtype):
+def make_logits(layout, N, C, D, dtype, device="cpu"):
     """Random logits (scaled so rows are far from uniform) in the requested memory layout."""
     def r(*shape):
-        return (torch.randn(*shape, dtype=torch.float64) * 3).to(dtype)
+        return (torch.randn(*shape, dtype=torch.float64, device=device) * 3).to(dtype)
     if layout == "contiguous":
         return r(N, C, D)
     if layout == "transposed":  # class stride N
@@ -104,8 +117,8 @@ def make_logits(layout, N, C, D, dtype):
 def make_target(kind, x, ignore_index=-100):
     N, C, D = x.shape
     if kind == "prob":
-        return torch.softmax(torch.randn(N, C, D, dtype=torch.float64) * 2, 1).to(x.dtype)
-    t = torch.randint(0, C, (N * D,))
+        return torch.softmax(torch.randn(N, C, D, dtype=torch.float64, device=x.device) * 2, 1).to(x.dtype)
+    t = torch.randint(0, C, (N * D,), device=x.device)
     t[1::3] = ignore_index
     return t
 
@@ -123,65 +136,96 @@ CONFIGS = [  # (weighted, label_smoothing, z_loss, ignore_index, grad_scale)
 def config_tensors(cfg, x):
     weighted, eps, zl, ii, sk = cfg
     N, C, D = x.shape
-    acc = acc_of(x.dtype)
-    w = (torch.rand(C, dtype=acc) + 0.5) if weighted else None
-    scale = {None: None, "one": torch.rand(1, dtype=acc) + 0.5, "rows": torch.rand(N * D, dtype=acc) + 0.5}[sk]
+    acc, dev = acc_of(x.dtype), x.device
+    w = (torch.rand(C, dtype=acc, device=dev) + 0.5) if weighted else None
+    scale = {None: None, "one": torch.rand(1, dtype=acc, device=dev) + 0.5,
+             "rows": torch.rand(N * D, dtype=acc, device=dev) + 0.5}[sk]
     return w, eps, zl, ii, scale
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Numerics
 
+def check_against_oracle(x, kind, configs=CONFIGS, layout=""):
+    """fwd with and without the gradient, and bwd from the saved lse, against the oracle for each config."""
+    dtype = x.dtype
+    gtol = GRAD_TOL[dtype]
+    ltol = LOSS_TOL.get(dtype, LOSS_TOL_LOW)
+    shape = tuple(x.shape)
+    for cfg in configs:
+        w, eps, zl, ii, scale = config_tensors(cfg, x)
+        t = make_target(kind, x, ii)
+        where = f"{shape} {layout} {kind} {cfg}"
+        rloss, rlse, rgrad = oracle(x, t, w, ii, eps, zl, scale)
+
+        loss, lse, grad = ops.cross_entropy_fwd(x, t, w, scale, ii, eps, zl, True)
+        assert loss.dtype == lse.dtype == acc_of(dtype) and loss.shape == lse.shape == (x.shape[0] * x.shape[2],)
+        assert grad.dtype == dtype and grad.shape == x.shape and grad.is_contiguous()
+        assert_close(f"loss {where}", loss, rloss, *ltol)
+        assert_close(f"lse {where}", lse, rlse, *ltol)
+        assert_close(f"grad {where}", grad, rgrad, *gtol)
+        if kind == "index":  # ignored rows: loss and gradient exactly 0, lse still computed
+            ign = t == ii
+            assert (loss[ign] == 0).all() and torch.isfinite(lse[ign]).all()
+            assert (grad.permute(0, 2, 1).reshape(-1, x.shape[1])[ign] == 0).all()
+
+        # Without the gradient: the same loss and lse (bitwise on the CPU; on CUDA another kernel may sum in
+        # another order), and an empty (0,) gradient of the logits' dtype.
+        loss2, lse2, g2 = ops.cross_entropy_fwd(x, t, w, scale, ii, eps, zl, False)
+        assert g2.shape == (0,) and g2.dtype == dtype
+        if x.device.type == "cpu":
+            assert torch.equal(loss2, loss) and torch.equal(lse2, lse)
+        assert_close(f"loss without grad {where}", loss2, rloss, *ltol)
+        assert_close(f"lse without grad {where}", lse2, rlse, *ltol)
+
+        # The backward from the saved lse: the same gradient, scaled by grad_rows.
+        grad_rows = scale if scale is not None else torch.ones(1, dtype=acc_of(dtype), device=x.device)
+        gb = ops.cross_entropy_bwd(grad_rows, x, t, w, lse, ii, eps, zl)
+        assert gb.shape == x.shape and gb.is_contiguous() and gb.dtype == dtype
+        assert_close(f"bwd grad {where}", gb, rgrad, *gtol)
+        assert_close(f"bwd vs fused grad {where}", gb, grad, *gtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", ["index", "prob"])
-def test_fwd_bwd_match_oracle(dtype, layout, kind):
-    gtol = GRAD_TOL[dtype]
-    ltol = LOSS_TOL.get(dtype, LOSS_TOL_LOW)
+def test_fwd_bwd_match_oracle(device, dtype, layout, kind):
+    skip_unsupported(device, dtype)
     for shape in SHAPES:
         if layout == "classes_last" and shape[2] == 1:
             continue  # same as contiguous
-        x = make_logits(layout, *shape, dtype)
-        for cfg in CONFIGS:
-            w, eps, zl, ii, scale = config_tensors(cfg, x)
-            t = make_target(kind, x, ii)
-            where = f"{tuple(shape)} {layout} {kind} {cfg}"
-            rloss, rlse, rgrad = oracle(x, t, w, ii, eps, zl, scale)
-
-            loss, lse, grad = ops.cross_entropy_fwd(x, t, w, scale, ii, eps, zl, True)
-            assert loss.dtype == lse.dtype == acc_of(dtype) and loss.shape == lse.shape == (x.shape[0] * x.shape[2],)
-            assert grad.dtype == dtype and grad.shape == x.shape and grad.is_contiguous()
-            assert_close(f"loss {where}", loss, rloss, *ltol)
-            assert_close(f"lse {where}", lse, rlse, *ltol)
-            assert_close(f"grad {where}", grad, rgrad, *gtol)
-            if kind == "index":  # ignored rows: loss and gradient exactly 0, lse still computed
-                ign = t == ii
-                assert (loss[ign] == 0).all() and torch.isfinite(lse[ign]).all()
-                assert (grad.permute(0, 2, 1).reshape(-1, x.shape[1])[ign] == 0).all()
-
-            # Without the gradient: the same loss and lse, and an empty (0,) gradient of the logits' dtype.
-            loss2, lse2, g2 = ops.cross_entropy_fwd(x, t, w, scale, ii, eps, zl, False)
-            assert g2.shape == (0,) and g2.dtype == dtype
-            assert torch.equal(loss2, loss) and torch.equal(lse2, lse)
-
-            # The backward from the saved lse: the same gradient, scaled by grad_rows.
-            grad_rows = scale if scale is not None else torch.ones(1, dtype=acc_of(dtype))
-            gb = ops.cross_entropy_bwd(grad_rows, x, t, w, lse, ii, eps, zl)
-            assert gb.shape == x.shape and gb.is_contiguous() and gb.dtype == dtype
-            assert_close(f"bwd grad {where}", gb, rgrad, *gtol)
-            assert_close(f"bwd vs fused grad {where}", gb, grad, *gtol)
+        check_against_oracle(make_logits(layout, *shape, dtype, device), kind, layout=layout)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("C", [50257, 32768, 128256, 131077])
+def test_cuda_large_vocab_paths(dtype, C):
+    """Rows of 16 KB and more take the sm_90 cluster kernel (row in shared memory, up to 8 CTAs per row) when
+    the gradient is written; odd C puts rows off 16-byte alignment (scalar head + vectors); sliced rows and
+    probability targets take the L2 kernel."""
+    skip_unsupported("cuda", dtype)
+    cfgs = CONFIGS[:2]
+    for layout in ("contiguous", "sliced"):
+        check_against_oracle(make_logits(layout, 5, C, 1, dtype, "cuda"), "index", cfgs, layout)
+    check_against_oracle(make_logits("contiguous", 2, C, 1, dtype, "cuda"), "prob", cfgs[:1], "contiguous")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_scale_grad_(dtype):
+def test_scale_grad_(device, dtype):
+    skip_unsupported(device, dtype)
     acc = acc_of(dtype)
     N, C, D = 5, 37, 3
-    x = make_logits("contiguous", N, C, D, dtype)
-    _, _, grad = ops.cross_entropy_fwd(x, torch.randint(0, C, (N * D,)), None, None, -100, 0.0, 0.0, True)
+    x = make_logits("contiguous", N, C, D, dtype, device)
+    t = torch.randint(0, C, (N * D,), device=device)
+    _, _, grad = ops.cross_entropy_fwd(x, t, None, None, -100, 0.0, 0.0, True)
     before = grad.clone()
-    ops.cross_entropy_scale_grad_(grad, torch.ones(1, dtype=acc))  # the no-op fast path
+    ops.cross_entropy_scale_grad_(grad, torch.ones(1, dtype=acc, device=device))  # the no-op fast path
     assert torch.equal(grad, before)
-    for s in (torch.tensor([2.5], dtype=acc), torch.tensor([-0.3], dtype=acc), torch.rand(N * D, dtype=acc) + 0.5):
+    for s in (torch.tensor([2.5], dtype=acc, device=device), torch.tensor([-0.3], dtype=acc, device=device),
+              torch.rand(N * D, dtype=acc, device=device) + 0.5):
         g = before.clone()
         ops.cross_entropy_scale_grad_(g, s)
         # multiplied in the accumulation dtype, one rounding; row r = n*D + d scales g[n, :, d]
@@ -189,10 +233,12 @@ def test_scale_grad_(dtype):
         assert torch.equal(g, expected), (s.numel(), (g.double() - expected.double()).abs().max())
 
 
-def test_out_of_range_targets_give_nan_rows():
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_range_targets_give_nan_rows(device):
+    skip_unsupported(device)
     N, C = 6, 11
-    x = make_logits("contiguous", N, C, 1, torch.float32)
-    t = torch.randint(0, C, (N,))
+    x = make_logits("contiguous", N, C, 1, torch.float32, device)
+    t = torch.randint(0, C, (N,), device=device)
     t[1], t[3], t[4] = C, -5, -100  # too large, negative, ignored
     rloss, rlse, rgrad = oracle(x, t)
     loss, lse, grad = ops.cross_entropy_fwd(x, t, None, None, -100, 0.1, 1e-3, True)
@@ -200,16 +246,18 @@ def test_out_of_range_targets_give_nan_rows():
     assert loss[4] == 0 and (grad[4] == 0).all() and torch.isfinite(lse).all()
     good = [0, 2, 5]
     assert torch.isfinite(loss[good]).all() and torch.isfinite(grad[good]).all()
-    gb = ops.cross_entropy_bwd(torch.ones(N), x, t, None, lse, -100, 0.0, 0.0)
+    gb = ops.cross_entropy_bwd(torch.ones(N, device=device), x, t, None, lse, -100, 0.0, 0.0)
     assert_close("bwd", gb, rgrad, *GRAD_TOL[torch.float32], equal_nan=True)
     assert torch.isnan(gb[[1, 3]]).all() and (gb[4] == 0).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_minus_inf_logits_without_smoothing(dtype):
+def test_minus_inf_logits_without_smoothing(device, dtype):
     # Masked-out classes (-inf) are legal: no 0 * inf = NaN from the skipped smoothing / z-loss terms.
-    x = make_logits("contiguous", 4, 40, 1, dtype)
-    t = torch.randint(0, 20, (4,))
+    skip_unsupported(device, dtype)
+    x = make_logits("contiguous", 4, 40, 1, dtype, device)
+    t = torch.randint(0, 20, (4,), device=device)
     x[:, 25:] = float("-inf")
     loss, lse, grad = ops.cross_entropy_fwd(x, t, None, None, -100, 0.0, 0.0, True)
     rloss, rlse, rgrad = oracle(x, t)
@@ -218,21 +266,26 @@ def test_minus_inf_logits_without_smoothing(dtype):
     assert_close("grad", grad, rgrad, *GRAD_TOL[dtype])
 
 
-def test_large_common_offset_keeps_loss_exact():
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_common_offset_keeps_loss_exact(device):
     # loss = lse - x_y must not inherit the rounding of lse ~ 1e4 (fp32 ulp there: 1e-3).
-    x = make_logits("contiguous", 8, 500, 1, torch.float32) + 1e4
-    t = torch.randint(0, 500, (8,))
+    skip_unsupported(device)
+    x = make_logits("contiguous", 8, 500, 1, torch.float32, device) + 1e4
+    t = torch.randint(0, 500, (8,), device=device)
     loss, _, _ = ops.cross_entropy_fwd(x, t, None, None, -100, 0.1, 0.0, False)
     rloss, _, _ = oracle(x, t, eps=0.1)
     assert_close("loss", loss, rloss, 1e-5, 1e-5)
 
 
-def test_empty_batch():
-    x = torch.randn(0, 7, 1)
-    loss, lse, grad = ops.cross_entropy_fwd(x, torch.zeros(0, dtype=torch.long), None, None, -100, 0.0, 0.0, True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    skip_unsupported(device)
+    x = torch.randn(0, 7, 1, device=device)
+    t = torch.zeros(0, dtype=torch.long, device=device)
+    loss, lse, grad = ops.cross_entropy_fwd(x, t, None, None, -100, 0.0, 0.0, True)
     assert loss.shape == lse.shape == (0,) and grad.shape == (0, 7, 1)
-    assert ops.cross_entropy_bwd(torch.ones(1), x, torch.zeros(0, dtype=torch.long), None, lse, -100, 0.0,
-                                 0.0).shape == (0, 7, 1)
+    assert ops.cross_entropy_bwd(torch.ones(1, device=device), x, t, None, lse, -100, 0.0, 0.0).shape == (0, 7, 1)
+    ops.cross_entropy_scale_grad_(grad, torch.full((1,), 2.0, device=device))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,33 +320,53 @@ def test_bad_inputs_raise_naming_the_argument():
             fn()
 
 
+@pytest.mark.gpu
+def test_cuda_bad_inputs():
+    skip_unsupported("cuda")
+    x = torch.randn(4, 5, 1, device="cuda")
+    t = torch.randint(0, 5, (4,), device="cuda")
+    with pytest.raises(RuntimeError, match="target must be on cuda"):
+        ops.cross_entropy_fwd(x, t.cpu(), None, None, -100, 0.0, 0.0, True)
+    with pytest.raises(RuntimeError, match="weight must be on cuda"):
+        ops.cross_entropy_fwd(x, t, torch.ones(5), None, -100, 0.0, 0.0, True)
+    with pytest.raises(RuntimeError, match="float64 logits are not supported"):
+        ops.cross_entropy_fwd(x.double(), t, None, None, -100, 0.0, 0.0, True)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # opcheck: schema, fake impls (pykernels/ops/cross_entropy.py), and AOT dispatch of the CPU kernels
 
-def _opcheck_samples():
+def _opcheck_samples(device):
     N, C, D = 3, 13, 2
     M = N * D
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        if device == "cuda" and dtype == torch.float64:
+            continue
         acc = acc_of(dtype)
-        x = make_logits("contiguous", N, C, D, dtype)
-        xt = make_logits("transposed", N, C, D, dtype)
+
+        def rand(*shape):
+            return torch.rand(*shape, dtype=acc, device=device) + 0.5
+        x = make_logits("contiguous", N, C, D, dtype, device)
+        xt = make_logits("transposed", N, C, D, dtype, device)
         t = make_target("index", x)
         p = make_target("prob", x)
-        w = torch.rand(C, dtype=acc) + 0.5
+        w = rand(C)
         yield "fwd", (x, t, None, None, -100, 0.0, 0.0, True)
-        yield "fwd", (xt, t, w, torch.rand(M, dtype=acc), -100, 0.1, 1e-3, True)
-        yield "fwd", (x, p, w, torch.rand(1, dtype=acc), -100, 0.2, 0.0, False)
+        yield "fwd", (xt, t, w, rand(M), -100, 0.1, 1e-3, True)
+        yield "fwd", (x, p, w, rand(1), -100, 0.2, 0.0, False)
         lse = torch.logsumexp(x.to(acc), 1).reshape(-1)  # row r = n*D + d
-        yield "bwd", (torch.rand(M, dtype=acc), x, t, w, lse, -100, 0.1, 1e-3)
-        yield "bwd", (torch.rand(1, dtype=acc), xt, p, None, lse, -100, 0.0, 0.0)
-        yield "scale", (torch.randn(N, C, D, dtype=dtype), torch.rand(M, dtype=acc))
-        yield "scale", (torch.randn(N, C, D, dtype=dtype), torch.ones(1, dtype=acc))
+        yield "bwd", (rand(M), x, t, w, lse, -100, 0.1, 1e-3)
+        yield "bwd", (rand(1), xt, p, None, lse, -100, 0.0, 0.0)
+        yield "scale", (make_logits("contiguous", N, C, D, dtype, device), rand(M))
+        yield "scale", (make_logits("contiguous", N, C, D, dtype, device), torch.ones(1, dtype=acc, device=device))
 
 
-def test_opcheck():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    skip_unsupported(device)
     fns = {"fwd": ops.cross_entropy_fwd.default, "bwd": ops.cross_entropy_bwd.default,
            "scale": ops.cross_entropy_scale_grad_.default}
-    for name, args in _opcheck_samples():
+    for name, args in _opcheck_samples(device):
         # All utils, test_aot_dispatch_dynamic included; the kernel ops have no autograd of their own
         # (pykernels::cross_entropy carries it), so their inputs do not require grad.
         torch.library.opcheck(fns[name], args)
