@@ -42,7 +42,8 @@ HOPPER_ONLY_SOURCES = "csrc/cuda/*_sm90a.cu"
 def _arch_list() -> list[str]:
     raw = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     archs = [a.strip() for a in raw.replace(" ", ";").split(";") if a.strip()]
-    if glob.glob(HOPPER_ONLY_SOURCES) and "9.0" in archs and "9.0a" not in archs:
+    bare = [a.replace("+PTX", "") for a in archs]
+    if glob.glob(HOPPER_ONLY_SOURCES) and "9.0" in bare and "9.0a" not in bare:
         archs.append("9.0a")
     return archs
 

@@ -13,6 +13,30 @@
 
 namespace pykernels {
 namespace cuda {
+namespace ce {  // external linkage: no unused-function warning in the passes that compile the kernel out
+
+// cp.async (sm_80+): a 16-byte global -> shared copy that does not go through registers, so a thread can have its
+// whole share of the chunk in flight at once instead of 4 vectors.
+constexpr int kAsyncGroups = 4;  // commit groups: the first quarter is consumed while the rest is still landing
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most `pending` of this thread's groups are in flight (the operand must be an immediate).
+__device__ __forceinline__ void cp_async_wait(int pending) {
+  switch (pending) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+  }
+}
+static_assert(kAsyncGroups == 4, "cp_async_wait covers 0..3 pending groups");
+
+}  // namespace ce
+
 namespace {
 
 namespace cg = cooperative_groups;
@@ -31,7 +55,9 @@ int64_t knob(const char* name) {
   return v ? std::atoll(v) : 0;
 }
 
-template <typename T>
+// ASYNC: pass 1 fills shared memory with cp.async and reads the values back from it (opt-in measurement knob
+// PYKERNELS_CE_CLUSTER_CPASYNC=1); else 16-byte loads into registers, 4 per thread in flight, then stored.
+template <typename T, bool ASYNC>
 __global__ void __launch_bounds__(kMaxThreads, 3) cross_entropy_cluster_kernel(const CrossEntropyArgs a, int64_t chunk) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ uint4 smem_raw[];
@@ -81,7 +107,31 @@ __global__ void __launch_bounds__(kMaxThreads, 3) cross_entropy_cluster_kernel(c
   }
   const uint4* vsrc = reinterpret_cast<const uint4*>(row + c0 + head);
   uint4* vbuf = reinterpret_cast<uint4*>(buf + head);  // mis + head is 0 or V: 16-byte aligned
-  {
+  if constexpr (ASYNC) {
+    // Thread t owns vectors t + j * nthreads (the same ones pass 2 reads back: its own copies need no barrier),
+    // issued in kAsyncGroups commit groups of per_group vectors; group g is consumed once it has landed.
+    const int per = static_cast<int>((nvec + nthreads - 1) / nthreads);
+    const int per_group = max(1, (per + kAsyncGroups - 1) / kAsyncGroups);
+    const int nv = static_cast<int>(nvec);
+    for (int j = 0, i = threadIdx.x, k = 0; j < per_group * kAsyncGroups; ++j, i += nthreads) {
+      if (i < nv) cp_async16(vbuf + i, vsrc + i);
+      if (++k == per_group) {  // exactly kAsyncGroups commits (an empty group completes at once)
+        cp_async_commit();
+        k = 0;
+      }
+    }
+    for (int i = threadIdx.x, k = 0, pending = kAsyncGroups; i < nv; i += nthreads) {
+      if (k-- == 0) {
+        cp_async_wait(--pending);
+        k = per_group - 1;
+      }
+      const uint4 raw = vbuf[i];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int q = 0; q < V; ++q) xs[q] = to_f(e[q]);
+      visit(head + static_cast<int64_t>(i) * V, V);
+    }
+  } else {
     int64_t i = threadIdx.x;
     constexpr int U = 4;
     for (; i + (U - 1) * nthreads < nvec; i += U * nthreads) {
@@ -174,7 +224,8 @@ __global__ void __launch_bounds__(kMaxThreads, 3) cross_entropy_cluster_kernel(c
 
 template <typename T>
 cudaError_t launch_cluster(const CrossEntropyArgs& a, int cs, int64_t chunk, cudaStream_t stream) {
-  auto kernel = cross_entropy_cluster_kernel<T>;
+  auto kernel = knob("PYKERNELS_CE_CLUSTER_CPASYNC") ? cross_entropy_cluster_kernel<T, true>
+                                                     : cross_entropy_cluster_kernel<T, false>;
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) return err;
