@@ -198,14 +198,23 @@ def test_fwd_bwd_match_oracle(device, dtype, layout, kind):
         check_against_oracle(make_logits(layout, *shape, dtype, device), kind, layout=layout)
 
 
+# Launch knobs of csrc/cuda (read at each launch): the sm_90 cluster kernel's opt-in cp.async loads, and the
+# L2-resident kernel forced for shapes the cluster kernel would take.
+CUDA_PATHS = {"default": {}, "cluster_cpasync": {"PYKERNELS_CE_CLUSTER_CPASYNC": "1"},
+              "no_cluster": {"PYKERNELS_CE_NO_CLUSTER": "1"}}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", list(CUDA_PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("C", [50257, 32768, 128256, 131077])
-def test_cuda_large_vocab_paths(dtype, C):
+def test_cuda_large_vocab_paths(dtype, C, path, monkeypatch):
     """Rows of 16 KB and more take the sm_90 cluster kernel (row in shared memory, up to 8 CTAs per row) when
     the gradient is written; odd C puts rows off 16-byte alignment (scalar head + vectors); sliced rows and
     probability targets take the L2 kernel."""
     skip_unsupported("cuda", dtype)
+    for k, v in CUDA_PATHS[path].items():
+        monkeypatch.setenv(k, v)
     cfgs = CONFIGS[:2]
     for layout in ("contiguous", "sliced"):
         check_against_oracle(make_logits(layout, 5, C, 1, dtype, "cuda"), "index", cfgs, layout)
