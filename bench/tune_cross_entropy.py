@@ -24,8 +24,9 @@ def sweep(N, V):
     t = torch.randint(0, V, (N,), device="cuda")
     floor_bytes = 2 * N * V * 2
     grid = {"cuda": [dict(PYKERNELS_CE_NO_CLUSTER=1, PYKERNELS_CE_L2_PERCENT=p) for p in (100, 250)] +
-                    [dict(PYKERNELS_CE_CLUSTER_THREADS=th, PYKERNELS_CE_CLUSTER_CHUNK_KB=kb)
-                     for th, kb in itertools.product([256, 512], [32, 64, 96, 128])],
+                    [dict(PYKERNELS_CE_CLUSTER_THREADS=th, PYKERNELS_CE_CLUSTER_CHUNK_KB=kb,
+                          PYKERNELS_CE_CLUSTER_CPASYNC=cp)
+                     for th, kb, cp in itertools.product([256, 512], [32, 64, 96], [0, 1])],
             "triton": [dict(PYKERNELS_CE_L2_PERCENT=p, PYKERNELS_CE_WARPS=w, PYKERNELS_CE_BLOCK_BYTES=b)
                        for p, w, b in itertools.product([150, 250, 400], [4, 8, 16], [8192, 16384])]}
     for backend, configs in grid.items():
