@@ -2,6 +2,8 @@
 
 One module per op family; each adds its public names here.
 """
+from .attention import scaled_dot_product_attention, varlen_attention
 from .cross_entropy import cross_entropy
+from .linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "scaled_dot_product_attention", "varlen_attention"]

@@ -1,4 +1,5 @@
 """Drop-in ``torch.nn`` modules."""
 from .cross_entropy import CrossEntropyLoss
+from .linear_cross_entropy import LinearCrossEntropyLoss
 
-__all__ = ["CrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]

@@ -1,0 +1,182 @@
+"""pykernels.functional.linear_cross_entropy: torch.nn.functional.linear_cross_entropy without the logits.
+
+Semantics are torch's (2.13+): ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` with
+``ignore_index=None`` meaning -100 for class-index targets (and forbidden with probability targets). Works on
+torch versions that lack torch's own function.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..ops import linear_cross_entropy as _lce
+from ..reference import linear_cross_entropy as _lce_ref
+
+__all__ = ["linear_cross_entropy"]
+
+_KERNEL_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32)}
+
+
+def _finite_nonneg(name: str, v: float) -> None:
+    if not (v >= 0.0 and v != float("inf")):
+        raise ValueError(f"linear_cross_entropy: {name} must be finite and >= 0, got {v}")
+
+
+def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+                z_loss, softcap):
+    """Validates the call; returns (logits_shape, probs, out_features)."""
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"linear_cross_entropy: {name} must be a Tensor, got {type(t).__name__}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"linear_cross_entropy: input must be floating point, got {input.dtype}")
+    if input.dim() < 1:
+        raise ValueError("linear_cross_entropy: input must have at least 1 dimension (in_features), got a scalar")
+    if linear_weight.dim() < 2:
+        raise ValueError(f"linear_cross_entropy: linear_weight must have at least 2 dimensions (num_classes, ..., "
+                         f"in_features), got shape {tuple(linear_weight.shape)}")
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"linear_cross_entropy: linear_weight has dtype {linear_weight.dtype} but input has "
+                        f"{input.dtype}; they must match")
+    H = input.shape[-1]
+    if linear_weight.shape[-1] != H:
+        raise ValueError(f"linear_cross_entropy: linear_weight's last dimension ({linear_weight.shape[-1]}) must "
+                         f"equal input's last dimension, in_features ({H})")
+    for name, t in (("linear_weight", linear_weight), ("target", target), ("linear_bias", linear_bias),
+                    ("weight", weight)):
+        if t is not None and isinstance(t, Tensor) and t.device != input.device:
+            raise ValueError(f"linear_cross_entropy: {name} is on {t.device} but input is on {input.device}")
+    C = linear_weight.shape[0]
+    out_features = tuple(linear_weight.shape[1:-1])
+    if out_features and input.dim() != 2:
+        raise ValueError(f"linear_cross_entropy: a K-dimensional linear_weight {tuple(linear_weight.shape)} needs "
+                         f"batched input (N, {H}), got input of shape {tuple(input.shape)}")
+    batch = tuple(input.shape[:-1])
+    logits_shape = (*batch, C, *out_features)
+    if linear_bias is not None:
+        if not isinstance(linear_bias, Tensor):
+            raise TypeError("linear_cross_entropy: linear_bias must be a Tensor or None")
+        if tuple(linear_bias.shape) != (C, *out_features):
+            raise ValueError(f"linear_cross_entropy: linear_bias must have shape {(C, *out_features)}, got "
+                             f"{tuple(linear_bias.shape)}")
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"linear_cross_entropy: linear_bias has dtype {linear_bias.dtype} but input has "
+                            f"{input.dtype}")
+    if weight is not None:
+        if not isinstance(weight, Tensor) or not weight.dtype.is_floating_point:
+            raise TypeError("linear_cross_entropy: weight must be a floating-point Tensor")
+        if tuple(weight.shape) != (C,):
+            raise ValueError(f"linear_cross_entropy: weight must have shape ({C},) (one per class), got "
+                             f"{tuple(weight.shape)}")
+    if reduction not in _lce.REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    _finite_nonneg("z_loss", z_loss)
+    _finite_nonneg("softcap", softcap)
+    # Class probabilities when the target has the logits' shape (torch's rule).
+    # Batched-input extension: input (..., H) with a 2-D weight puts the classes last; torch's cross_entropy
+    # wants them in dim 1, which the reference handles.
+    probs = tuple(target.shape) == logits_shape and target.dtype.is_floating_point
+    if probs:
+        if ignore_index is not None:
+            raise ValueError("linear_cross_entropy: ignore_index cannot be specified when target contains "
+                             "probabilities")
+        return logits_shape, True, out_features
+    if target.dtype.is_floating_point:
+        raise ValueError(f"linear_cross_entropy: a floating target must have the logits' shape {logits_shape} "
+                         f"(class probabilities), got {tuple(target.shape)}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"linear_cross_entropy: class-index target must be int64 (torch.long), got {target.dtype}")
+    expected = (*batch, *out_features)
+    if tuple(target.shape) != expected:
+        raise ValueError(f"linear_cross_entropy: target must have shape {expected} for input of shape "
+                         f"{tuple(input.shape)} and linear_weight of shape {tuple(linear_weight.shape)}, got "
+                         f"{tuple(target.shape)}")
+    return logits_shape, False, out_features
+
+
+def _check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
+    ok = ((target >= 0) & (target < C)) | (target == ignore_index)
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok.all()):
+            bad = target[~ok][0].item()
+            raise IndexError(f"linear_cross_entropy: target {bad} is out of bounds for {C} classes "
+                             f"(ignore_index={ignore_index})")
+    else:  # a device-side assert, no host sync; traceable by torch.compile
+        torch._assert_async(ok.all(), "linear_cross_entropy: target out of bounds")
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
+                         weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = None,
+                         label_smoothing: float = 0.0, options=None, z_loss: float = 0.0, softcap: float = 0.0,
+                         return_lse: bool = False, group=None, vocab_start: Optional[int] = None,
+                         vocab_size: Optional[int] = None, backend: Optional[str] = None):
+    """``torch.nn.functional.linear_cross_entropy`` on fused kernels: the N x V logits are never materialised
+    (backend "triton"; the "reference" backend is torch's linear + cross_entropy).
+
+    input (H), (N, H) or, as an extension, (..., H) with target (...); linear_weight (C, H) or, as torch,
+    (C, d1..dK, H) for a K-dimensional loss (reference only). ``options`` (torch's chunking options) is accepted
+    and ignored: the kernels never hold the logits.
+
+    Extras (keyword-only):
+      z_loss: coefficient of the PaLM z-loss ``z_loss * lse**2`` added to each non-ignored row's loss.
+      softcap: Gemma-2 logit soft-capping ``softcap * tanh(logits / softcap)`` before the loss (0: off).
+      return_lse: also return the per-row log-sum-exp of the (capped) logits, fp32 (fp64 for fp64), detached.
+      group: a torch.distributed process group: vocab-parallel loss, ``linear_weight`` (and ``linear_bias``)
+        hold this rank's contiguous rows of the vocabulary, ``weight`` covers the whole vocabulary
+        (see ``pykernels.distributed``); vocab_start / vocab_size override the shard's first class and the
+        vocabulary size (default: rank * rows, world * rows).
+      backend: "triton", "cuda", "cpu" or "reference"; see ``pykernels.backends``.
+    """
+    if group is not None:
+        from ..distributed import vocab_parallel_linear_cross_entropy
+        return vocab_parallel_linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            return_lse=return_lse, group=group, vocab_start=vocab_start, vocab_size=vocab_size, backend=backend)
+    logits_shape, probs, out_features = _check_args(input, linear_weight, target, linear_bias, weight, reduction,
+                                                    ignore_index, label_smoothing, z_loss, softcap)
+    ii = -100 if ignore_index is None else int(ignore_index)
+    C = linear_weight.shape[0]
+    H = input.shape[-1]
+    softcap = float(softcap or 0.0)
+
+    def unsupported(b: str) -> Optional[str]:
+        if b == "reference":
+            return None
+        if b in ("cuda", "cpu"):
+            return f"the {b} kernels of linear cross-entropy are not implemented yet"
+        if input.dtype not in _KERNEL_DTYPES[b]:
+            return f"dtype {input.dtype} is not supported by the {b} kernels"
+        if probs:
+            return "probability targets (an N x C target tensor) are only implemented by the reference"
+        if out_features:
+            return "K-dimensional linear_weight is only implemented by the reference"
+        if input.numel() == 0 or C == 0:
+            return "empty input"
+        if b in _lce.KERNELS:
+            return None
+        return _lce.triton_import_error or "kernel ops are not registered"
+
+    chosen = backends.choose("linear_cross_entropy", input.device, backend, unsupported)
+    if not probs:
+        _check_target_range(target, C, ii)
+    if chosen == "reference":
+        loss, lse = _lce_ref.linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                                  None if probs else ii, label_smoothing, z_loss, softcap)
+        return (loss, lse.detach()) if return_lse else loss
+
+    batch = input.shape[:-1]
+    x = input.reshape(-1, H)
+    t = target.reshape(-1)
+    w = None if weight is None else weight.detach().to(_lce.acc_dtype(input.dtype)).contiguous()
+    b = None if linear_bias is None else linear_bias.contiguous()
+    loss, lse, _ = _lce.linear_cross_entropy_op(x, linear_weight, b, t, w, ii, _lce.REDUCTIONS[reduction],
+                                                float(label_smoothing), float(z_loss), softcap, chosen)
+    if reduction == "none":
+        loss = loss.reshape(batch)
+    return (loss, lse.reshape(batch)) if return_lse else loss

@@ -1,0 +1,189 @@
+"""Fused linear cross-entropy operators (contract: docs/linear_cross_entropy.md).
+
+Kernel ops, one pair per backend, all with the same schema so that a C++ implementation can be added later as
+``pykernels::linear_cross_entropy_{fwd,bwd}`` (CPU/CUDA dispatch keys of the extension):
+- ``pykernels::linear_cross_entropy_{fwd,bwd}_triton``: ``triton_op``s over pykernels/triton/linear_cross_entropy.py;
+- "reference": the contract in plain PyTorch, chunked over the vocabulary (pykernels/reference/linear_cross_entropy.py),
+  plain functions (autograd never sees them: they run inside the op below).
+
+``pykernels::linear_cross_entropy`` turns a backend's per-row statistics into the loss (the reduction, the
+weighted-mean denominator, label smoothing, z-loss) and registers the autograd formula: its backward recomputes
+the logits tile by tile through the backend's ``bwd`` kernel; nothing of size N x V is saved or allocated.
+The per-row helpers (``row_terms``, ``rows_loss``, ``row_coefficients``) are shared with the vocab-parallel path
+(pykernels/distributed.py).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..reference import linear_cross_entropy as _ref
+
+NONE, MEAN, SUM = 0, 1, 2
+REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fwd_fake(input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth):
+    N = input.shape[0]
+    acc = acc_dtype(input.dtype)
+    return (input.new_empty(N, dtype=acc), input.new_empty(N, dtype=acc), input.new_empty(N, dtype=acc))
+
+
+def _bwd_fake(input, linear_weight, linear_bias, target, weight, lse, coef_p, coef_y, coef_w, vocab_start, softcap,
+              smooth, input_grad, weight_grad, bias_grad):
+    acc = acc_dtype(input.dtype)
+    gx = input.new_empty(input.shape if input_grad else (0,), dtype=acc)
+    gw = linear_weight.new_empty(linear_weight.shape if weight_grad else (0,))
+    gb = (linear_bias.new_empty(linear_bias.shape) if (bias_grad and linear_bias is not None)
+          else input.new_empty(0))
+    return gx, gw, gb
+
+
+KERNELS = {"reference": (_ref.linear_cross_entropy_fwd, _ref.linear_cross_entropy_bwd)}
+
+triton_import_error: Optional[str] = None
+try:
+    from ..triton import linear_cross_entropy as _tk
+except Exception as e:  # no triton, or a triton too old for the kernels
+    triton_import_error = f"{type(e).__name__}: {e}"
+else:
+    torch.library.triton_op("pykernels::linear_cross_entropy_fwd_triton", mutates_args=())(
+        _tk.linear_cross_entropy_fwd)
+    torch.library.triton_op("pykernels::linear_cross_entropy_bwd_triton", mutates_args=())(
+        _tk.linear_cross_entropy_bwd)
+    KERNELS["triton"] = (torch.ops.pykernels.linear_cross_entropy_fwd_triton.default,
+                         torch.ops.pykernels.linear_cross_entropy_bwd_triton.default)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-row math, shared with the vocab-parallel path. C is the number of classes of the whole vocabulary.
+
+def row_terms(target: Tensor, weight: Optional[Tensor], ignore_index: int, C: int, acc: torch.dtype
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(valid, bad, w_y, W): valid = not ignored; bad = not ignored and out of [0, C) (loss NaN);
+    w_y the target's class weight (0 on ignored rows); W = sum of the class weights (C without weight)."""
+    valid = target != ignore_index
+    inrange = (target >= 0) & (target < C)
+    bad = valid & ~inrange
+    y = torch.where(valid & inrange, target, 0)
+    if weight is None:
+        w_y = valid.to(acc)
+        wsum = torch.full((), float(C), dtype=acc, device=target.device)
+    else:
+        w_y = torch.where(valid, weight.to(acc)[y], 0.0)
+        wsum = weight.to(acc).sum()
+    return valid, bad, w_y, wsum
+
+
+def rows_loss(lse: Tensor, z_target: Tensor, z_sum: Tensor, valid: Tensor, bad: Tensor, w_y: Tensor, wsum: Tensor,
+              C: int, label_smoothing: float, z_loss: float) -> Tensor:
+    """Per-row loss: w_y (1-eps)(lse - z_y) + (eps/C)(W lse - sum_c w_c z_c) + zl lse^2 (last two on valid rows)."""
+    eps = label_smoothing
+    loss = w_y * (1.0 - eps) * torch.where(valid, lse - z_target, 0.0)
+    if eps:
+        loss = loss + torch.where(valid, (eps / C) * (wsum * lse - z_sum), 0.0)
+    if z_loss:
+        loss = loss + torch.where(valid, z_loss * lse.square(), 0.0)
+    return torch.where(bad, float("nan"), loss)
+
+
+def row_coefficients(g: Tensor, lse: Tensor, valid: Tensor, w_y: Tensor, wsum: Tensor, C: int,
+                     label_smoothing: float, z_loss: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(coef_p, coef_y, coef_w) of the kernels' dlogits formula for per-row upstream gradients g (zero on
+    ignored rows, also when g is inf/NaN there, e.g. 1/0 of an all-ignored mean)."""
+    eps = label_smoothing
+    cp = w_y * (1.0 - eps) + eps * wsum / C
+    if z_loss:
+        cp = cp + 2.0 * z_loss * lse
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    coef_p = torch.where(valid, g * cp, zero).contiguous()
+    coef_y = torch.where(valid, g * w_y * (1.0 - eps), zero).contiguous()
+    coef_w = torch.where(valid, g * (eps / C), zero).contiguous()
+    return coef_p, coef_y, coef_w
+
+
+def reduce_rows(rows: Tensor, w_y: Tensor, reduction: int) -> Tuple[Tensor, Tensor]:
+    """(loss, denominator); mean divides by sum_r w_y (NaN when everything is ignored, as PyTorch)."""
+    denom = w_y.sum()
+    if reduction == NONE:
+        return rows, denom
+    if reduction == SUM:
+        return rows.sum(), denom
+    return rows.sum() / denom, denom
+
+
+def upstream_rows(g_loss: Tensor, denom: Tensor, reduction: int, N: int, acc: torch.dtype) -> Tensor:
+    g = g_loss.to(acc)
+    if reduction == MEAN:
+        g = g / denom
+    return g.reshape(-1).expand(N).contiguous() if g.numel() == 1 else g.reshape(-1).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The autograd-level op.
+
+@torch.library.custom_op("pykernels::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
+                            weight: Optional[Tensor], ignore_index: int, reduction: int, label_smoothing: float,
+                            z_loss: float, softcap: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """input (N, H), linear_weight (V, H) of the same dtype, linear_bias (V,) or None, target int64 (N,),
+    weight (V,) of the accumulation dtype or None.
+
+    Returns (loss, lse, denominator): loss in the input's dtype, () or (N,) for reduction none; lse (N,) and the
+    mean's denominator () in the accumulation dtype."""
+    fwd, _ = KERNELS[backend]
+    acc = acc_dtype(input.dtype)
+    C = linear_weight.shape[0]
+    lse, zy, zs = fwd(input, linear_weight, linear_bias, target, weight, 0, softcap, label_smoothing > 0)
+    valid, bad, w_y, wsum = row_terms(target, weight, ignore_index, C, acc)
+    rows = rows_loss(lse, zy, zs, valid, bad, w_y, wsum, C, label_smoothing, z_loss)
+    loss, denom = reduce_rows(rows, w_y, reduction)
+    return loss.to(input.dtype), lse, denom
+
+
+@linear_cross_entropy_op.register_fake
+def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      backend):
+    N = input.shape[0]
+    acc = acc_dtype(input.dtype)
+    loss = input.new_empty((N,) if reduction == NONE else ())
+    return loss, input.new_empty(N, dtype=acc), input.new_empty((), dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    (input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+     backend) = inputs
+    _, lse, denom = output
+    ctx.mark_non_differentiable(lse, denom)
+    ctx.set_materialize_grads(False)
+    ctx.args = (ignore_index, reduction, label_smoothing, z_loss, softcap, backend)
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, denom)
+
+
+def _backward(ctx, g_loss, g_lse, g_denom):
+    ignore_index, reduction, label_smoothing, z_loss, softcap, backend = ctx.args
+    none = (None,) * 11
+    if g_loss is None:
+        return none
+    input, linear_weight, linear_bias, target, weight, lse, denom = ctx.saved_tensors
+    _, bwd = KERNELS[backend]
+    acc = acc_dtype(input.dtype)
+    C = linear_weight.shape[0]
+    g = upstream_rows(g_loss, denom, reduction, input.shape[0], acc)
+    valid, _, w_y, wsum = row_terms(target, weight, ignore_index, C, acc)
+    cp, cy, cw = row_coefficients(g, lse, valid, w_y, wsum, C, label_smoothing, z_loss)
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = linear_bias is not None and ctx.needs_input_grad[2]
+    gx, gw, gb = bwd(input, linear_weight, linear_bias, target, weight, lse, cp, cy, cw, 0, softcap,
+                     label_smoothing > 0, need_x, need_w, need_b)
+    return ((gx.to(input.dtype) if need_x else None), (gw if need_w else None), (gb if need_b else None),
+            None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("pykernels::linear_cross_entropy", _backward, setup_context=_setup_context)

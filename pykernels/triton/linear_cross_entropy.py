@@ -1,0 +1,272 @@
+"""Triton kernels of the fused linear cross-entropy ops (contract and math: docs/linear_cross_entropy.md).
+
+Forward (``_lce_fwd_kernel``): program (i, j) owns the token block ``i`` (BM rows) and the j-th contiguous range
+of vocabulary tiles (BN columns each). For each tile it computes the logits ``x[rows] @ W[cols]^T (+ b)`` with
+``tl.dot`` in fp32 (K loop over H in BK steps), optionally soft-caps them, and folds them into an online
+(max, sum-exp) per row, the target logit and, with label smoothing, ``sum_c w_c z_c``. Only those four fp32
+numbers per (row, split) leave the chip; the launcher combines the splits. Splitting the vocabulary keeps every
+SM busy when there are few token blocks (N = 8192, BM = 128: 64 blocks), and consecutive programs share the
+same W tiles (the large operand) so W streams from HBM about once.
+
+Backward (``_lce_dlogits_kernel``): recomputes one logit tile per program and writes
+``dlogits = (cp * exp(z - lse) - cy * [c == y] - cw * w_c) * softcap'(z)`` for a vocabulary chunk of the
+(N, V) matrix into a bounded buffer (``CHUNK_BYTES``); the launcher turns each chunk into
+``dW[chunk] = dlogits^T x`` (one GEMM over all tokens: fp32 accumulation, one rounding, deterministic),
+``db[chunk] = column sums`` (fp32) and ``dX_acc += dlogits W[chunk]`` (fp32 accumulator). No N x V tensor, no
+atomics, no host syncs; int64 offsets throughout.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Bytes of the dlogits buffer of one backward chunk (the backward's only workspace besides the fp32 dX
+# accumulator). Tests lower it to exercise several chunks.
+CHUNK_BYTES = int(os.environ.get("PYKERNELS_LCE_CHUNK_BYTES", str(256 << 20)))
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp (no libdevice in the interpreter): 1 - 2 / (exp(2x) + 1), exact at +-inf
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _logit_tile(X, W, B, rows, cols, N, V, H, sxn, sxh, swv, swh, softcap,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """z[BM, BN] = softcap(x[rows] @ W[cols]^T + b[cols]) in fp32; rows/cols are int64 index vectors."""
+    rmask = rows < N
+    cmask = cols < V
+    ks = tl.arange(0, BK)
+    x_ptrs = X + rows[:, None] * sxn + ks[None, :].to(tl.int64) * sxh
+    w_ptrs = W + cols[None, :] * swv + ks[:, None].to(tl.int64) * swh   # W^T tile (BK, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, H, BK):
+        kmask = (k + ks) < H
+        a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        x_ptrs += BK * sxh
+        w_ptrs += BK * swh
+    if HAS_BIAS:
+        acc += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
+    return acc
+
+
+@triton.jit
+def _lce_fwd_kernel(X, W, B, T, CW, Mp, Sp, ZYp, ZSp, N, V, H, vocab_start, sxn, sxh, swv, swh, softcap,
+                    HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
+                    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    n_tiles = tl.cdiv(V, BN)
+    per = tl.cdiv(n_tiles, n_splits)
+    t0 = pid_s * per
+    t1 = tl.minimum(t0 + per, n_tiles)
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    rmask = rows < N
+    y = tl.load(T + rows, mask=rmask, other=-1) - vocab_start   # target column within this shard
+    m = tl.full((BM,), -float("inf"), dtype=tl.float32)
+    s = tl.zeros((BM,), dtype=tl.float32)
+    zy = tl.zeros((BM,), dtype=tl.float32)
+    zs = tl.zeros((BM,), dtype=tl.float32)
+    for t in range(t0, t1):
+        cols = tl.arange(0, BN).to(tl.int64) + t * BN   # t * BN < V fits int32
+        cmask = cols < V
+        z = _logit_tile(X, W, B, rows, cols, N, V, H, sxn, sxh, swv, swh, softcap,
+                        HAS_BIAS, SOFTCAP, IEEE, BM, BN, BK)
+        zm = tl.where(cmask[None, :], z, -float("inf"))
+        m_new = tl.maximum(m, tl.max(zm, 1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)   # all -inf so far: s stays 0, not NaN
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(zm - m_safe[:, None]), 1)
+        m = m_new
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+        if SMOOTH:
+            if HAS_CW:
+                w = tl.load(CW + cols, mask=cmask, other=0.0)
+                zs += tl.sum(tl.where(cmask[None, :], z * w[None, :], 0.0), 1)
+            else:
+                zs += tl.sum(tl.where(cmask[None, :], z, 0.0), 1)
+    out = pid_s.to(tl.int64) * N + rows
+    tl.store(Mp + out, m, mask=rmask)
+    tl.store(Sp + out, s, mask=rmask)
+    tl.store(ZYp + out, zy, mask=rmask)
+    if SMOOTH:
+        tl.store(ZSp + out, zs, mask=rmask)
+
+
+@triton.jit
+def _lce_dlogits_kernel(X, W, B, T, CW, LSE, CP, CY, CWr, DL, N, V, H, vocab_start, col0, n_cols,
+                        sxn, sxh, swv, swh, sdn, softcap,
+                        HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
+                        IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    """dlogits for columns [col0, col0 + n_cols) of this shard, into DL (N, n_cols) (row stride sdn)."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(N, BM)
+    n_n = tl.cdiv(n_cols, BN)
+    # Grouped order: GROUP_M token blocks sweep the same W tiles together (L2 reuse of both operands).
+    per_group = GROUP_M * n_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    lcols = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)   # column within the chunk
+    cols = col0 + lcols                                                # column within the shard
+    rmask = rows < N
+    cmask = lcols < n_cols
+    z = _logit_tile(X, W, B, rows, cols, N, col0 + n_cols, H, sxn, sxh, swv, swh, softcap,
+                    HAS_BIAS, SOFTCAP, IEEE, BM, BN, BK)
+    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+    cp = tl.load(CP + rows, mask=rmask, other=0.0)
+    cy = tl.load(CY + rows, mask=rmask, other=0.0)
+    y = tl.load(T + rows, mask=rmask, other=-1) - vocab_start
+    # p_c - [c == y] formed in fp32 before the single rounding to the output dtype
+    d = cp[:, None] * tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == y[:, None], cy[:, None], 0.0)
+    if SMOOTH:
+        cw = tl.load(CWr + rows, mask=rmask, other=0.0)
+        if HAS_CW:
+            w = tl.load(CW + cols, mask=cmask, other=0.0)
+            d -= cw[:, None] * w[None, :]
+        else:
+            d -= cw[:, None]
+    if SOFTCAP:
+        tc = z / softcap
+        d = d * (1.0 - tc * tc)
+    ptrs = DL + rows[:, None] * sdn + lcols[None, :]
+    tl.store(ptrs, d.to(DL.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch configuration.
+
+def _fwd_config(device: torch.device, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
+    """(BM, BN, BK, num_warps, num_stages)."""
+    if _interpreted() or device.type != "cuda":
+        return 16, 16, 16, 4, 1
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 3
+    return 128, 128, 64, 8, 3
+
+
+def _bwd_config(device: torch.device, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
+    if _interpreted() or device.type != "cuda":
+        return 16, 16, 16, 4, 1
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 3
+    return 128, 128, 64, 8, 3
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with fp32 accumulation and no low-precision rounding of the product."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda":
+        acc.copy_(torch.addmm(acc, a, b, out_dtype=acc.dtype))   # cuBLAS: bf16/fp16 in, fp32 out
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers (registered as triton_ops by pykernels/ops/linear_cross_entropy.py).
+
+def linear_cross_entropy_fwd(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+                             target: torch.Tensor, weight: Optional[torch.Tensor], vocab_start: int,
+                             softcap: float, smooth: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, over this shard's classes: (lse, z_target, z_sum), fp32 (N,). See the contract."""
+    N, H = input.shape
+    V = linear_weight.shape[0]
+    dev = input.device
+    BM, BN, BK, warps, stages = _fwd_config(dev, input.dtype)
+    n_m = triton.cdiv(N, BM)
+    n_tiles = triton.cdiv(V, BN)
+    splits = max(1, min(n_tiles, triton.cdiv(2 * _num_sms(dev), max(n_m, 1))))
+    mp = torch.empty(splits, N, device=dev, dtype=torch.float32)
+    sp = torch.empty_like(mp)
+    zyp = torch.empty_like(mp)
+    zsp = torch.empty_like(mp) if smooth else mp.new_empty(0)
+    if N:
+        torch.library.wrap_triton(_lce_fwd_kernel)[(n_m, splits)](
+            input, linear_weight, linear_bias if linear_bias is not None else input, target,
+            weight if weight is not None else mp, mp, sp, zyp, zsp if smooth else mp,
+            N, V, H, vocab_start, input.stride(0), input.stride(1), linear_weight.stride(0),
+            linear_weight.stride(1), float(softcap or 1.0),
+            HAS_BIAS=linear_bias is not None, HAS_CW=weight is not None, SOFTCAP=bool(softcap), SMOOTH=smooth,
+            IEEE=input.dtype == torch.float32, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
+    m = mp.amax(0)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    lse = m_safe + torch.log((sp * torch.exp(mp - m_safe)).sum(0))
+    z_sum = zsp.sum(0) if smooth else torch.zeros_like(lse)
+    return lse, zyp.sum(0), z_sum
+
+
+def linear_cross_entropy_bwd(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+                             target: torch.Tensor, weight: Optional[torch.Tensor], lse: torch.Tensor,
+                             coef_p: torch.Tensor, coef_y: torch.Tensor, coef_w: torch.Tensor, vocab_start: int,
+                             softcap: float, smooth: bool, input_grad: bool, weight_grad: bool, bias_grad: bool
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_input in the accumulation dtype, grad_weight, grad_bias); an unrequested one is empty."""
+    N, H = input.shape
+    V = linear_weight.shape[0]
+    dev = input.device
+    acc = _acc(input.dtype)
+    gx = torch.zeros(N, H, device=dev, dtype=acc) if input_grad else input.new_empty(0, dtype=acc)
+    gw = torch.empty(V, H, device=dev, dtype=linear_weight.dtype) if weight_grad else linear_weight.new_empty(0)
+    has_b = linear_bias is not None
+    gb = torch.empty(V, device=dev, dtype=linear_bias.dtype) if (bias_grad and has_b) else input.new_empty(0)
+    if N == 0 or V == 0:
+        if weight_grad:
+            gw.zero_()
+        if bias_grad and has_b:
+            gb.zero_()
+        return gx, gw, gb
+    BM, BN, BK, warps, stages = _bwd_config(dev, input.dtype)
+    chunk = max(BN, (CHUNK_BYTES // max(N * input.element_size(), 1)) // BN * BN)
+    chunk = min(chunk, triton.cdiv(V, BN) * BN)
+    buf = torch.empty(N, chunk, device=dev, dtype=input.dtype)
+    for c0 in range(0, V, chunk):
+        nc = min(chunk, V - c0)
+        dl = buf[:, :nc]
+        grid = (triton.cdiv(N, BM) * triton.cdiv(nc, BN),)
+        torch.library.wrap_triton(_lce_dlogits_kernel)[grid](
+            input, linear_weight, linear_bias if has_b else input, target, weight if weight is not None else lse,
+            lse, coef_p, coef_y, coef_w, dl, N, V, H, vocab_start, c0, nc,
+            input.stride(0), input.stride(1), linear_weight.stride(0), linear_weight.stride(1), dl.stride(0),
+            float(softcap or 1.0),
+            HAS_BIAS=has_b, HAS_CW=weight is not None, SOFTCAP=bool(softcap), SMOOTH=smooth,
+            IEEE=input.dtype == torch.float32, BM=BM, BN=BN, BK=BK, GROUP_M=8, num_warps=warps,
+            num_stages=stages)
+        if weight_grad:
+            torch.mm(dl.t(), input, out=gw[c0:c0 + nc])
+        if bias_grad and has_b:
+            gb[c0:c0 + nc] = dl.sum(0, dtype=acc).to(gb.dtype)
+        if input_grad:
+            _mm_acc_(gx, dl, linear_weight[c0:c0 + nc])
+    return gx, gw, gb

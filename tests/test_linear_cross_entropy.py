@@ -1,0 +1,417 @@
+"""pykernels.functional.linear_cross_entropy / nn.LinearCrossEntropyLoss: against cross_entropy(linear(...)) in
+float64 for every option, gradients of input, weight and bias, odd N/H/V, ignored rows, opcheck, compile parity,
+no N x V allocation, drop-in module, and the Triton kernels under the interpreter (fp32/fp16: the interpreter's bf16
+tl.dot is wrong) and compiled for sm_80/sm_90."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pykernels
+from pykernels.functional import linear_cross_entropy
+from pykernels.ops import linear_cross_entropy as lce_ops
+from pykernels.reference import linear_cross_entropy as ref
+from pykernels.testing import assert_error_rule, max_abs_err
+
+from conftest import require_backend
+
+BACKENDS = [pytest.param("reference", "cpu", id="reference"), pytest.param("triton", "cpu", id="triton-interp"),
+            pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu)]
+
+
+def _dtypes(backend, device):
+    if backend == "reference":
+        return [torch.float64]
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+
+
+def _make(N, H, V, dtype, device, bias, weighted, ignore=True, scale=0.4):
+    x = torch.randn(N, H, dtype=torch.float64, device=device)
+    W = torch.randn(V, H, dtype=torch.float64, device=device) * (scale / H ** 0.5) * 4
+    b = torch.randn(V, dtype=torch.float64, device=device) if bias else None
+    w = (torch.rand(V, dtype=torch.float64, device=device) + 0.5) if weighted else None
+    t = torch.randint(0, V, (N,), device=device)
+    if ignore:
+        t[::3] = -100
+    # inputs rounded to the tested dtype once, so the float64 oracle sees exactly the same numbers
+    x, W = x.to(dtype).double(), W.to(dtype).double()
+    b = None if b is None else b.to(dtype).double()
+    return x, W, b, w, t
+
+
+def _oracle(x, W, b, t, w, reduction, ignore_index, eps, zl, softcap):
+    """pykernels.functional.cross_entropy(linear(...)) (the plain CE's semantics incl. z_loss) with softcap."""
+    z = F.linear(x, W, b)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return pykernels.functional.cross_entropy(z, t, weight=w, reduction=reduction,
+                                              ignore_index=-100 if ignore_index is None else ignore_index,
+                                              label_smoothing=eps, z_loss=zl, backend="reference")
+
+
+def _run(fn, leaves, g):
+    leaves = [a.detach().clone().requires_grad_() for a in leaves]
+    out = fn(*leaves)
+    out.backward(g.to(out.dtype))
+    return out.detach(), [a.grad for a in leaves]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The float64 contract against torch itself (reference backend, every option).
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias,weighted,eps,zl,softcap,ii", [
+    (False, False, 0.0, 0.0, 0.0, None), (True, True, 0.1, 0.0, 0.0, None), (True, False, 0.3, 1e-2, 0.0, -100),
+    (False, True, 0.0, 1e-3, 4.0, 5), (True, True, 0.2, 1e-3, 2.5, -7)])
+def test_reference_equals_linear_then_cross_entropy_float64(reduction, bias, weighted, eps, zl, softcap, ii):
+    x, W, b, w, t = _make(9, 13, 31, torch.float64, "cpu", bias, weighted)
+    if ii is not None and ii != -100:
+        t[t == -100] = ii  # 5: an ignore_index that is also a valid class
+    leaves = [x, W] + ([b] if bias else [])
+    g = torch.randn(9 if reduction == "none" else (), dtype=torch.float64)
+
+    def ours(x, W, b=None):
+        return linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=reduction, ignore_index=ii,
+                                    label_smoothing=eps, z_loss=zl, softcap=softcap, backend="reference")
+
+    def theirs(x, W, b=None):
+        return _oracle(x, W, b, t, w, reduction, ii, eps, zl, softcap)
+
+    (lo, go), (lt, gt) = _run(ours, leaves, g), _run(theirs, leaves, g)
+    torch.testing.assert_close(lo, lt, rtol=1e-12, atol=1e-12)
+    for a, c in zip(go, gt):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    if hasattr(F, "linear_cross_entropy") and not zl and not softcap:  # torch >= 2.13 has its own
+        native = F.linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=reduction, ignore_index=ii,
+                                        label_smoothing=eps)
+        torch.testing.assert_close(lo, native, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_conventions_k_dim_probabilities_unbatched():
+    """torch's shapes: unbatched input, K-dimensional weight, probability targets (reference backend)."""
+    H, V = 6, 11
+    x1, W = torch.randn(H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
+    t0 = torch.tensor(3)
+    torch.testing.assert_close(linear_cross_entropy(x1, W, t0), F.cross_entropy(F.linear(x1, W), t0))
+    xk, Wk, bk = torch.randn(4, H, dtype=torch.float64), torch.randn(V, 2, H, dtype=torch.float64), \
+        torch.randn(V, 2, dtype=torch.float64)
+    tk = torch.randint(0, V, (4, 2))
+    zk = F.linear(xk, Wk.reshape(-1, H), bk.reshape(-1)).reshape(4, V, 2)
+    torch.testing.assert_close(linear_cross_entropy(xk, Wk, tk, linear_bias=bk, reduction="none"),
+                               F.cross_entropy(zk, tk, reduction="none"))
+    p = torch.softmax(torch.randn(4, V, dtype=torch.float64), 1)
+    xp = torch.randn(4, H, dtype=torch.float64)
+    torch.testing.assert_close(linear_cross_entropy(xp, W, p, label_smoothing=0.1),
+                               F.cross_entropy(F.linear(xp, W), p, label_smoothing=0.1))
+    with pytest.raises(ValueError, match="ignore_index"):
+        linear_cross_entropy(xp, W, p, ignore_index=-100)
+    if hasattr(F, "linear_cross_entropy"):
+        torch.testing.assert_close(linear_cross_entropy(xk, Wk, tk, linear_bias=bk),
+                                   F.linear_cross_entropy(xk, Wk, tk, linear_bias=bk))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels (Triton under the interpreter; the same on CUDA in the GPU tier).
+
+CASES = [  # N, H, V, bias, weighted, eps, zl, softcap, reduction
+    (13, 21, 37, False, False, 0.0, 0.0, 0.0, "mean"),
+    (17, 40, 70, True, True, 0.1, 1e-3, 0.0, "none"),
+    (5, 19, 53, True, False, 0.2, 0.0, 5.0, "sum"),
+    (33, 17, 29, False, True, 0.0, 1e-2, 3.0, "mean"),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[8]}")
+def test_kernels_against_float64_oracle(backend, device, case):
+    require_backend(backend, device)
+    N, H, V, bias, weighted, eps, zl, sc, reduction = case
+    for dtype in _dtypes(backend, device):
+        x, W, b, w, t = _make(N, H, V, dtype, device, bias, weighted)
+        leaves = [x, W] + ([b] if bias else [])
+        g = torch.rand(N if reduction == "none" else (), dtype=torch.float64, device=device) + 0.5
+
+        def ours(x, W, b=None):
+            return linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=reduction, label_smoothing=eps,
+                                        z_loss=zl, softcap=sc, backend=backend)
+
+        def torch_at(x, W, b=None):  # PyTorch's own error at this dtype: the baseline of the 2x rule
+            return _oracle(x, W, b, t, w, reduction, None, eps, zl, sc)
+
+        lr, gr = _run(torch_at, leaves, g)
+        lo, go = _run(ours, [a.to(dtype) for a in leaves], g)
+        lb, gb = _run(torch_at, [a.to(dtype) for a in leaves], g) if dtype != torch.float64 else (lr, gr)
+        assert lo.dtype == dtype
+        assert_error_rule(f"loss {dtype}", lo, lr, lb)
+        for name, a, r, c in zip(("d_input", "d_weight", "d_bias"), go, gr, gb):
+            assert a.dtype == dtype
+            assert_error_rule(f"{name} {dtype}", a, r, c)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS[1:])
+def test_backward_in_several_vocab_chunks_and_splits(backend, device, monkeypatch):
+    """A small workspace budget: the backward walks the vocabulary in several chunks (and the forward combines
+    several vocabulary splits); the result must not depend on it."""
+    require_backend(backend, device)
+    from pykernels.triton import linear_cross_entropy as tk
+    x, W, b, w, t = _make(11, 24, 150, torch.float32, device, True, True)
+    leaves = [a.float() for a in (x, W, b)]
+
+    def ours(x, W, b):
+        return linear_cross_entropy(x, W, t, linear_bias=b, weight=w, label_smoothing=0.1, backend=backend)
+
+    g = torch.tensor(1.0, device=device)
+    one = _run(ours, leaves, g)
+    monkeypatch.setattr(tk, "CHUNK_BYTES", 11 * 4 * 32)  # 32-column chunks: 5 of them, the last partial
+    several = _run(ours, leaves, g)
+    assert max_abs_err(one[0], several[0]) == 0.0
+    for a, c in zip(one[1], several[1]):
+        assert max_abs_err(a, c) <= 1e-6 * max(1.0, float(c.abs().max()))
+    lr, gr = _run(lambda x, W, b: _oracle(x, W, b, t, w, "mean", None, 0.1, 0.0, 0.0), [x, W, b], g)
+    for a, r in zip(several[1], gr):
+        assert_error_rule("chunked", a, r)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ignored_rows_and_all_ignored_mean(backend, device):
+    require_backend(backend, device)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    x = torch.randn(7, 10, device=device, dtype=dtype, requires_grad=True)
+    W = torch.randn(19, 10, device=device, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, 19, (7,), device=device)
+    t[[0, 3, 4]] = -100
+    loss = linear_cross_entropy(x, W, t, label_smoothing=0.1, z_loss=1e-3, backend=backend)
+    loss.backward()
+    assert bool((x.grad[[0, 3, 4]] == 0).all()), "ignored rows must get exactly zero gradient"
+    assert bool(torch.isfinite(x.grad).all()) and bool((x.grad[[1, 2, 5, 6]] != 0).any())
+    x.grad = None
+    W.grad = None
+    t.fill_(-100)
+    loss = linear_cross_entropy(x, W, t, backend=backend)
+    assert torch.isnan(loss)  # 0/0 as PyTorch
+    loss.backward()
+    assert bool((x.grad == 0).all()) and bool((W.grad == 0).all())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_batched_and_unbatched_input_and_lse(backend, device):
+    """(B, T, H) input with (B, T) target (pykernels extension) and (H) input with () target (torch's)."""
+    require_backend(backend, device)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    x = torch.randn(2, 5, 12, device=device, dtype=dtype)
+    W = torch.randn(23, 12, device=device, dtype=dtype) * 0.3
+    t = torch.randint(0, 23, (2, 5), device=device)
+    loss, lse = linear_cross_entropy(x, W, t, reduction="none", softcap=3.0, return_lse=True, backend=backend)
+    z = 3.0 * torch.tanh(F.linear(x.double(), W.double()) / 3.0)
+    assert loss.shape == (2, 5) and lse.shape == (2, 5)
+    assert_error_rule("loss", loss, F.cross_entropy(z.movedim(-1, 1), t, reduction="none"), dtype=torch.float32)
+    assert_error_rule("lse", lse, torch.logsumexp(z, -1), dtype=torch.float32)
+    one = linear_cross_entropy(x[0, 0], W, t[0, 0], softcap=3.0, backend=backend)
+    assert one.shape == () and abs(float(one) - float(loss[0, 0])) <= 1e-5
+
+
+def test_bad_arguments_name_the_argument():
+    x, W, t = torch.randn(4, 6), torch.randn(9, 6), torch.randint(0, 9, (4,))
+    cases = [
+        (dict(input=x, linear_weight=torch.randn(9, 5), target=t), ValueError, "in_features"),
+        (dict(input=x, linear_weight=W.double(), target=t), TypeError, "linear_weight"),
+        (dict(input=x, linear_weight=torch.randn(9), target=t), ValueError, "linear_weight"),
+        (dict(input=x, linear_weight=W, target=t[:3]), ValueError, "target"),
+        (dict(input=x, linear_weight=W, target=t.int()), TypeError, "target"),
+        (dict(input=x, linear_weight=W, target=t, linear_bias=torch.randn(8)), ValueError, "linear_bias"),
+        (dict(input=x, linear_weight=W, target=t, weight=torch.rand(8)), ValueError, "weight"),
+        (dict(input=x, linear_weight=W, target=t, reduction="avg"), ValueError, "reduction"),
+        (dict(input=x, linear_weight=W, target=t, label_smoothing=1.5), ValueError, "label_smoothing"),
+        (dict(input=x, linear_weight=W, target=t, z_loss=-1.0), ValueError, "z_loss"),
+        (dict(input=x, linear_weight=W, target=t, softcap=float("inf")), ValueError, "softcap"),
+        (dict(input=x.long(), linear_weight=W, target=t), TypeError, "input"),
+    ]
+    for kwargs, exc, word in cases:
+        x_, W_, t_ = kwargs.pop("input"), kwargs.pop("linear_weight"), kwargs.pop("target")
+        with pytest.raises(exc, match=word):
+            linear_cross_entropy(x_, W_, t_, **kwargs)
+    bad = t.clone()
+    bad[2] = 9
+    with pytest.raises(IndexError, match="out of bounds"):
+        linear_cross_entropy(x, W, bad, backend="triton" if pykernels.available_backends("cpu")["triton"] is None
+                             else "reference")
+
+
+def test_backend_choice():
+    x, W, t = torch.randn(3, 4), torch.randn(5, 4), torch.randint(0, 5, (3,))
+    linear_cross_entropy(x, W, t)
+    ran, skipped = pykernels.last_dispatch["linear_cross_entropy"]
+    assert ran == "reference" or (ran == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+    if pykernels.available_backends("cpu")["cpu"] is None:
+        with pytest.raises(pykernels.BackendUnavailableError, match="not implemented yet"):
+            linear_cross_entropy(x, W, t, backend="cpu")
+    with pytest.raises(pykernels.BackendUnavailableError):
+        linear_cross_entropy(x, W, t, backend="cuda")
+    if pykernels.available_backends("cpu")["triton"] is None:
+        with pytest.raises(pykernels.BackendUnavailableError, match="probability"):
+            linear_cross_entropy(x, W, torch.softmax(torch.randn(3, 5), 1), backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Operator-level checks.
+
+def _op_args(device, dtype, reduction, bias=True, weighted=True):
+    x = torch.randn(6, 9, device=device, dtype=dtype)
+    W = torch.randn(21, 9, device=device, dtype=dtype) * 0.5
+    b = torch.randn(21, device=device, dtype=dtype) if bias else None
+    t = torch.randint(0, 21, (6,), device=device)
+    t[2] = -100
+    w = (torch.rand(21, device=device) + 0.5).to(lce_ops.acc_dtype(dtype)) if weighted else None
+    return x, W, b, t, w, -100, reduction, 0.1, 1e-3, 2.0
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    require_backend(backend, device)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    # The interpreter cannot run a triton_op's body on fake tensors (AOT tracing): the compiled-GPU tier does.
+    utils = (("test_schema", "test_autograd_registration", "test_faketensor") if (backend, device) ==
+             ("triton", "cpu") else ("test_schema", "test_autograd_registration", "test_faketensor",
+                                     "test_aot_dispatch_dynamic"))
+    for red in (lce_ops.NONE, lce_ops.MEAN, lce_ops.SUM):
+        for bias in (False, True):
+            x, W, b, *rest = _op_args(device, dtype, red, bias, weighted=bias)
+            args = (x.requires_grad_(), W.requires_grad_(), None if b is None else b.requires_grad_(), *rest, backend)
+            torch.library.opcheck(torch.ops.pykernels.linear_cross_entropy.default, args, test_utils=utils)
+    if backend == "triton":
+        fwd, bwd = lce_ops.KERNELS["triton"]
+        x, W, b, t, w, *_ = _op_args(device, dtype, lce_ops.MEAN)
+        u = ("test_schema",) if device == "cpu" else ("test_schema", "test_faketensor")
+        torch.library.opcheck(fwd, (x, W, b, t, w, 0, 2.0, True), test_utils=u)
+        lse = torch.logsumexp(F.linear(x, W, b).float(), 1)
+        c = [torch.rand(6, device=device) for _ in range(3)]
+        torch.library.opcheck(bwd, (x, W, b, t, w, lse, *c, 0, 2.0, True, True, True, True), test_utils=u)
+
+
+def test_gradcheck_float64_reference_kernels():
+    x, W, b, t, w, ii, red, eps, zl, sc = _op_args("cpu", torch.float64, lce_ops.SUM)
+
+    def f(x, W, b):
+        return lce_ops.linear_cross_entropy_op(x, W, b, t, w, ii, red, eps, zl, sc, "reference")[0]
+
+    torch.autograd.gradcheck(f, (x.requires_grad_(), W.requires_grad_(), b.requires_grad_()))
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference"), BACKENDS[2]])
+def test_compile_fullgraph_parity(backend, device):
+    """The autograd-level op under torch.compile(fullgraph=True). Inductor cannot generate CPU code around an
+    interpreted Triton kernel, so the CPU tier compiles the op over the reference kernels; the GPU tier the
+    Triton kernels."""
+    require_backend(backend, device)
+    torch._dynamo.reset()
+    x, W, b, t, w, ii, _, eps, zl, sc = _op_args(device, torch.float32, lce_ops.MEAN)
+
+    def f(x, W, b):
+        return lce_ops.linear_cross_entropy_op(x, W, b, t, w, ii, lce_ops.MEAN, eps, zl, sc, backend)[0]
+
+    compiled = torch.compile(f, fullgraph=True)
+    le, ge = _run(f, [x, W, b], torch.tensor(1.0, device=device))
+    lc, gc = _run(compiled, [x, W, b], torch.tensor(1.0, device=device))
+    assert max_abs_err(le, lc) <= 1e-5
+    for a, c in zip(ge, gc):
+        assert max_abs_err(a, c) <= 1e-5
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS[:2])
+def test_no_n_by_v_allocation(backend, device, monkeypatch):
+    """Forward + backward never allocate a tensor as large as the N x V logits (workspace bounded by chunks)."""
+    require_backend(backend, device)
+    from torch.utils._python_dispatch import TorchDispatchMode
+    N, H, V = 40, 16, 300
+    if backend == "triton":
+        from pykernels.triton import linear_cross_entropy as tk
+        monkeypatch.setattr(tk, "CHUNK_BYTES", N * 4 * 64)
+    monkeypatch.setattr(ref, "_CHUNK", 64)
+    biggest = [0]
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor):
+                    biggest[0] = max(biggest[0], o.numel())
+            return out
+
+    x = torch.randn(N, H, requires_grad=True)
+    W = torch.randn(V, H, requires_grad=True)
+    b = torch.randn(V, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    with Sizes():
+        loss = lce_ops.linear_cross_entropy_op(x, W, b, t, None, -100, lce_ops.MEAN, 0.1, 0.0, 0.0, backend)[0]
+        loss.backward()
+    assert biggest[0] < N * V // 2, f"a tensor of {biggest[0]} elements (N x V = {N * V})"
+    assert biggest[0] >= V * H  # sanity: the mode saw the weight gradient
+
+
+def test_module_is_a_drop_in():
+    torch.manual_seed(0)
+    ours = pykernels.nn.LinearCrossEntropyLoss(12, 17, bias=True, label_smoothing=0.1, ignore_index=3,
+                                               dtype=torch.float64)
+    x, t = torch.randn(5, 12, dtype=torch.float64), torch.randint(0, 17, (5,))
+    z = F.linear(x, ours.linear.weight, ours.linear.bias)
+    torch.testing.assert_close(ours(x, t), F.cross_entropy(z, t, ignore_index=3, label_smoothing=0.1))
+    if hasattr(torch.nn, "LinearCrossEntropyLoss"):
+        theirs = torch.nn.LinearCrossEntropyLoss(12, 17, bias=True, label_smoothing=0.1, ignore_index=3,
+                                                 dtype=torch.float64)
+        assert isinstance(ours, torch.nn.LinearCrossEntropyLoss)
+        assert set(ours.state_dict()) == set(theirs.state_dict())
+        theirs.load_state_dict(ours.state_dict())
+        torch.testing.assert_close(ours(x, t), theirs(x, t))
+    assert "label_smoothing=0.1" in repr(ours)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiled for real GPU targets without a GPU.
+
+_COMPILE = '''
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, {root!r})
+from pykernels.triton import linear_cross_entropy as k
+from pykernels.triton._compile import compile_for, spills
+out = []
+for arch in (80, 90):
+    for dt in ("bf16", "fp32"):
+        common = {{"X": f"*{{dt}}", "W": f"*{{dt}}", "B": f"*{{dt}}", "T": "*i64", "CW": "*fp32"}}
+        strides = {{"N": "i32", "V": "i32", "H": "i32", "vocab_start": "i64", "sxn": "i64", "sxh": "i64",
+                   "swv": "i64", "swh": "i64"}}
+        big = dt == "bf16"
+        cfg = dict(BM=128 if big else 64, BN=128 if big else 64, BK=64 if big else 32)
+        flags = dict(HAS_BIAS=True, HAS_CW=True, SOFTCAP=True, SMOOTH=True, IEEE=not big)
+        sig = dict(common, Mp="*fp32", Sp="*fp32", ZYp="*fp32", ZSp="*fp32", **strides, softcap="fp32")
+        c = compile_for(k._lce_fwd_kernel, sig, dict(flags, **cfg), arch, num_warps=8 if big else 4)
+        out.append(("fwd", arch, dt, "wgmma" in c.asm["ptx"], "mma.sync" in c.asm["ptx"], spills(c)))
+        sig = dict(common, LSE="*fp32", CP="*fp32", CY="*fp32", CWr="*fp32", DL=f"*{{dt}}", N="i32", V="i32",
+                   H="i32", vocab_start="i64", col0="i32", n_cols="i32", sxn="i64", sxh="i64", swv="i64",
+                   swh="i64", sdn="i64", softcap="fp32")
+        c = compile_for(k._lce_dlogits_kernel, sig, dict(flags, GROUP_M=8, **cfg), arch, num_warps=8 if big else 4)
+        out.append(("dlogits", arch, dt, "wgmma" in c.asm["ptx"], "mma.sync" in c.asm["ptx"], spills(c)))
+print(json.dumps(out))
+'''
+
+
+def test_kernels_compile_for_sm80_and_sm90():
+    """bf16 with the GPU tile sizes: wgmma on sm_90, mma.sync on sm_80, no spills; fp32 (IEEE dots) compiles."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", _COMPILE.format(root=root)], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(rows) == 8
+    for name, arch, dt, wgmma, mma, n_spills in rows:
+        if dt == "bf16":
+            assert (wgmma if arch == 90 else mma), f"{name} sm_{arch} bf16: no tensor-core instruction"
+            assert n_spills == 0, f"{name} sm_{arch} bf16: {n_spills} spills"
