@@ -1,0 +1,108 @@
+"""Vocab-parallel linear cross-entropy: 2 processes, gloo on CPU (file store, no network), against the
+single-process result. Each rank holds a contiguous block of the vocabulary's rows (odd V: uneven shards given by
+vocab_start / vocab_size), and must get the same loss and lse, the full d_input and its own rows of d_weight /
+d_bias. The reference kernels in float64 always; the Triton kernels (fp32) when the run is interpreted."""
+from __future__ import annotations
+
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+CASES = [  # bias, weighted, eps, zl, softcap, reduction, uneven
+    (False, False, 0.0, 0.0, 0.0, "mean", False),
+    (True, True, 0.1, 1e-3, 0.0, "none", True),
+    (True, False, 0.2, 0.0, 4.0, "sum", True),
+    (False, True, 0.0, 1e-2, 2.5, "mean", False),
+]
+
+
+def _worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        import pykernels
+        from pykernels.functional import linear_cross_entropy
+        for backend in backends:
+            dtype = torch.float64 if backend == "reference" else torch.float32
+            tol = 1e-10 if dtype == torch.float64 else 2e-5
+            for i, (bias, weighted, eps, zl, sc, red, uneven) in enumerate(CASES):
+                g = torch.Generator().manual_seed(1234 + i)  # the same problem on every rank
+                N, H, V = 11, 20, 37 if uneven else 36
+                x = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype)
+                W = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.4).to(dtype)
+                b = torch.randn(V, generator=g, dtype=torch.float64).to(dtype) if bias else None
+                w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5 if weighted else None
+                t = torch.randint(0, V, (N,), generator=g)
+                t[::4] = -100
+                up = torch.rand(N if red == "none" else (), generator=g, dtype=torch.float64) + 0.5
+                lo, hi = (0, 19) if rank == 0 else (19, V)
+                if not uneven:
+                    lo, hi = rank * V // world, (rank + 1) * V // world
+
+                def run(x, W, b, **kw):
+                    x, W = x.clone().requires_grad_(), W.clone().requires_grad_()
+                    b = None if b is None else b.clone().requires_grad_()
+                    loss, lse = linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=red,
+                                                     label_smoothing=eps, z_loss=zl, softcap=sc, return_lse=True,
+                                                     **kw)
+                    loss.backward(up.to(loss.dtype))
+                    return loss.detach(), lse, x.grad, W.grad, None if b is None else b.grad
+
+                full = run(x, W, b, backend="reference")
+                kw = dict(group=dist.group.WORLD, backend=backend)
+                if uneven:
+                    kw.update(vocab_start=lo, vocab_size=V)
+                part = run(x, W[lo:hi], None if b is None else b[lo:hi], **kw)
+                names = ("loss", "lse", "d_input", "d_weight", "d_bias")
+                for name, p, f in zip(names, part, full):
+                    if f is None:
+                        assert p is None, name
+                        continue
+                    if name in ("d_weight", "d_bias"):
+                        f = f[lo:hi]
+                    err = (p.double() - f.double()).abs().max().item()
+                    assert err <= tol * max(1.0, f.double().abs().max().item()), \
+                        f"{backend} case {i} rank {rank}: {name} error {err:.3e}"
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(err_dir, f"rank{rank}.txt"), "w") as fh:
+            fh.write(traceback.format_exc())
+        raise
+
+
+def test_vocab_parallel_matches_single_process(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    backends = ["reference"]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        import pykernels
+        if pykernels.available_backends("cpu")["triton"] is None:
+            backends.append("triton")
+    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path), backends), nprocs=2,
+                             join=False, start_method="spawn")
+    try:
+        import time
+        deadline = time.monotonic() + 240
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail("vocab-parallel workers did not finish in 240 s")
+    except mp.ProcessException:
+        errs = [p.read_text() for p in sorted(tmp_path.glob("rank*.txt"))]
+        pytest.fail("worker failed:\n" + "\n".join(errs))
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+
+def test_group_without_process_group_raises():
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    from pykernels.functional import linear_cross_entropy
+    with pytest.raises(RuntimeError, match="process group"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.randint(0, 5, (3,)), group=True)
