@@ -76,6 +76,30 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     p = torch.exp(s - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
     p = torch.where(torch.isneginf(lse).unsqueeze(-1), torch.zeros_like(p), p)  # rows that see no key: zeros
     if dropout_mask is not None and dropout_p > 0:
-        p = p * dropout_mask.to(acc) / (1.0 - dropout_p)
+        p = p * dropout_mask.to(acc) * (1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
     out = torch.matmul(p, value.to(acc))
     return out.to(query.dtype), lse
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     dropout_masks=None, dropout_p: float = 0.0, is_causal: bool = False,
+                     scale: Optional[float] = None, alignment: str = "top_left", window: Tuple[int, int] = (-1, -1),
+                     softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """Packed sequences: q (T, H, E), k (Tk, Hk, E), v (Tk, Hk, Ev); sequence i is rows cu_seqlens_q[i] :
+    cu_seqlens_q[i+1] of q and cu_seqlens_k[i] : cu_seqlens_k[i+1] of k/v. Each sequence is attended on its own
+    (dense semantics above, GQA when Hk divides H). ``dropout_masks``: None or one (H, L_i, S_i) keep-mask per
+    sequence. Returns out (T, H, Ev) and lse (H, T)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for i in range(len(cq) - 1):
+        qi = q[cq[i]:cq[i + 1]].transpose(0, 1)
+        ki, vi = k[ck[i]:ck[i + 1]].transpose(0, 1), v[ck[i]:ck[i + 1]].transpose(0, 1)
+        o, lse = scaled_dot_product_attention(qi, ki, vi, dropout_mask=None if dropout_masks is None
+                                              else dropout_masks[i], dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale, enable_gqa=True, alignment=alignment, window=window,
+                                              softcap=softcap)
+        outs.append(o.transpose(0, 1))
+        lses.append(lse)
+    out = torch.cat(outs, 0) if outs else q.new_zeros(0, q.shape[1], v.shape[-1])
+    lse = torch.cat(lses, 1) if lses else q.new_zeros(q.shape[1], 0, dtype=torch.float32)
+    return out, lse

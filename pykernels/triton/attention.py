@@ -1,118 +1,38 @@
-"""Triton flash-attention kernels: forward (online softmax, lse) and backward (dK/dV per key block looping over
-the query heads of its GQA group — deterministic, no atomics — and dQ per query block).
+"""Triton flash-attention kernels (contract: docs/attention.md).
 
-Layout (B, H, L, E) for q/o, (B, H_kv, S, E|Ev) for k/v, any strides. Features in the tile: causal with a
-diagonal offset (0: top-left, S - L: bottom-right), sliding window around that diagonal, logit soft-capping,
-an additive bias with broadcast strides (a bool mask arrives as 0 / -inf), GQA without repeated K/V, any
-sequence length (masked boundary tiles), head dims up to 256 (padded to a power of two with masks). A query
-row that sees no key gives zeros and lse = -inf, as PyTorch. Work in progress: not yet behind the public API
-(dropout, varlen, the bias gradient and autotuned configs are the next steps; see the attention issue).
+Forward: one program per (query block, batch*head); online softmax over the key blocks the block can see
+(causal and window block skipping; the blocks that need no masking run a loop without mask arithmetic), writes
+the output and the per-row log-sum-exp. Backward (FlashAttention-2 style, recomputing the probabilities from the
+lse): dK/dV per key block of one kv head, looping over the query heads of its GQA group and the query blocks
+that can see it; dQ (and the float-mask gradient) per query block. Every gradient element is written once by one
+program: the backward is deterministic (bitwise reproducible), no atomics.
+
+Layout: dense calls see (B, H, L, E) for q/o, (B, H_kv, S, E|Ev) for k/v, any strides; varlen calls see the
+packed (T, H, E) tensors as (1, H, T, E) views plus cu_seqlens (int32, nseq + 1) and the kernel finds each
+sequence's rows from them. In the tile: causal with a diagonal offset (diag = 0 top-left, S - L bottom-right;
+per sequence for varlen), a sliding window around that diagonal, logit soft-capping, an additive float mask or a
+bool mask (True = attend) with broadcast strides, dropout from a counter-based RNG (Philox keyed by a seed read
+on the device, counter = the global (row, column) index of the score, regenerated in the backward), GQA without
+repeated K/V, any sequence length (masked boundary tiles), head dims 1..256 (padded to a power of two >= 16
+with masked loads). A query row that sees no key gives zeros and lse = -inf, as PyTorch.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+MAX_HEAD_DIM = 256
+
 
 @triton.jit
 def _tanh(x):
     # tanh through exp (no libdevice in the interpreter): 1 - 2 / (exp(2x) + 1), exact at +-inf
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _scores(q, k, offs_m, offs_n, L, S, scale, softcap, diag, win_left, win_right, bias_ptr, sbm, sbn,
-            IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-            IEEE: tl.constexpr):
-    """Masked scores of one (BLOCK_M, BLOCK_N) tile, fp32; also returns tanh(s/cap) for the backward."""
-    if IEEE:
-        s = tl.dot(q, k, input_precision="ieee") * scale
-    else:
-        s = tl.dot(q, k) * scale
-    t = s
-    if SOFTCAP:
-        t = _tanh(s / softcap)
-        s = softcap * t
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_m[:, None].to(tl.int64) * sbm + offs_n[None, :].to(tl.int64) * sbn,
-                    mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0.0)
-        s = s + b.to(tl.float32)
-    ok = (offs_n[None, :] < S) & (offs_m[:, None] < L)
-    if IS_CAUSAL:
-        ok = ok & (offs_n[None, :] <= offs_m[:, None] + diag)
-    if HAS_WINDOW:  # a negative bound means unbounded on that side
-        ok = ok & ((offs_n[None, :] >= offs_m[:, None] + diag - win_left) | (win_left < 0))
-        ok = ok & ((offs_n[None, :] <= offs_m[:, None] + diag + win_right) | (win_right < 0))
-    return tl.where(ok, s, float("-inf")), t
-
-
-@triton.jit
-def _key_range(start_m, L, S, diag, win_left, win_right, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[lo, hi) of the key blocks a query block can see: causal and window block skipping."""
-    lo = start_m * 0
-    hi = start_m * 0 + S
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M + diag)
-    if HAS_WINDOW:
-        hi = tl.where(win_right >= 0, tl.minimum(hi, start_m + BLOCK_M + diag + win_right), hi)
-        lo = tl.where(win_left >= 0, tl.maximum(lo, start_m + diag - win_left), lo)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    hi = tl.maximum(hi, 0)
-    return lo, hi
-
-
-@triton.jit
-def _attn_fwd(Q, K, V, Bias, O, LSE, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-              sbb, sbh, sbm, sbn, sob, soh, som, sod, H, GROUP, L, S, HEAD_E, HEAD_EV, scale, softcap, diag,
-              win_left, win_right, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-              HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, E: tl.constexpr, EV: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP  # GQA: the kv head of this query head, no repeated K/V in memory
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, E)
-    offs_e = tl.arange(0, EV)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_E), other=0.0)
-    kb = K + b * skb + hk * skh
-    vb = V + b * svb + hk * svh
-    bias_ptr = Bias + b * sbb + h * sbh
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, EV], tl.float32)
-    lo, hi = _key_range(start_m, L, S, diag, win_left, win_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(kb + offs_n[None, :].to(tl.int64) * skn + offs_d[:, None] * skd,
-                    mask=(offs_n[None, :] < S) & (offs_d[:, None] < HEAD_E), other=0.0)
-        s, _ = _scores(q, k, offs_m, offs_n, L, S, scale, softcap, diag, win_left, win_right, bias_ptr, sbm, sbn,
-                       IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, IEEE)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet: no NaN
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vb + offs_n[:, None].to(tl.int64) * svn + offs_e[None, :] * svd,
-                    mask=(offs_n[:, None] < S) & (offs_e[None, :] < HEAD_EV), other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    seen = l_i > 0.0
-    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
-    tl.store(O + b * sob + h * soh + offs_m[:, None].to(tl.int64) * som + offs_e[None, :] * sod,
-             out.to(O.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_e[None, :] < HEAD_EV))
-    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
-    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
 
 
 @triton.jit
@@ -123,6 +43,180 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _keep(seed, rows, offs_n, S, dropout_p):
+    """Dropout keep-mask of a tile: Philox(seed; counter = row * S + col) > p. ``rows`` are global int64 row
+    indices (batch*head*rows + row), so every score of the call has its own counter."""
+    idx = rows[:, None] * S + offs_n[None, :].to(tl.int64)
+    lo = (idx & 0xFFFFFFFF).to(tl.uint32)
+    hi = (idx >> 32).to(tl.uint32)
+    zero = lo * 0
+    r, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
+    return tl.uint_to_uniform_float(r) > dropout_p
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, Lb, Sb, scale, softcap, diag, win_left, win_right, bias_ptr, sbm, sbn,
+            MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+            HAS_BIAS: tl.constexpr, BOOL_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    """Scores of one (BLOCK_M, BLOCK_N) tile in fp32 with -inf where masked; also tanh(s/cap) for the backward.
+    MASK=False: the caller knows the tile is inside the sequence and fully visible (no bound/causal/window)."""
+    s = _dot(q, k, IEEE) * scale
+    t = s
+    if SOFTCAP:
+        t = _tanh(s / softcap)
+        s = softcap * t
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_m[:, None].to(tl.int64) * sbm + offs_n[None, :].to(tl.int64) * sbn,
+                    mask=(offs_m[:, None] < Lb) & (offs_n[None, :] < Sb), other=0)
+        if BOOL_BIAS:
+            s = tl.where(b != 0, s, float("-inf"))
+        else:
+            s = s + b.to(tl.float32)
+    if MASK:
+        ok = (offs_n[None, :] < Sb) & (offs_m[:, None] < Lb)
+        if IS_CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None] + diag)
+        if HAS_WINDOW:  # a negative bound means unbounded on that side
+            ok = ok & ((offs_n[None, :] >= offs_m[:, None] + diag - win_left) | (win_left < 0))
+            ok = ok & ((offs_n[None, :] <= offs_m[:, None] + diag + win_right) | (win_right < 0))
+        s = tl.where(ok, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _seq(b, CuQ, CuK, L, S, diag, VARLEN: tl.constexpr, BR: tl.constexpr):
+    """Start row, start key, lengths and causal diagonal of batch entry / sequence ``b``."""
+    if VARLEN:
+        q0 = tl.load(CuQ + b).to(tl.int64)
+        k0 = tl.load(CuK + b).to(tl.int64)
+        Lb = (tl.load(CuQ + b + 1) - tl.load(CuQ + b)).to(tl.int32)
+        Sb = (tl.load(CuK + b + 1) - tl.load(CuK + b)).to(tl.int32)
+    else:
+        q0 = b * 0
+        k0 = b * 0
+        Lb = L + 0 * b.to(tl.int32)
+        Sb = S + 0 * b.to(tl.int32)
+    d = diag + 0 * Lb
+    if BR:
+        d = d + Sb - Lb
+    return q0, k0, Lb, Sb, d
+
+
+@triton.jit
+def _key_range(start_m, Lb, Sb, diag, win_left, win_right, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the keys a query block can see (causal / window block skipping) and ``mid``: the blocks in
+    [lo, mid) are fully visible to every row of the block and need no masking."""
+    lo = start_m * 0
+    hi = start_m * 0 + Sb
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + diag)
+    if HAS_WINDOW:
+        hi = tl.where(win_right >= 0, tl.minimum(hi, start_m + BLOCK_M + diag + win_right), hi)
+        lo = tl.where(win_left >= 0, tl.maximum(lo, start_m + diag - win_left), lo)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, 0)
+    hi = tl.where(start_m < Lb, hi, lo)  # query blocks past this sequence's end (varlen): nothing
+    if HAS_WINDOW:
+        mid = lo
+    else:
+        full = Sb
+        if IS_CAUSAL:
+            full = tl.minimum(full, start_m + diag + 1)
+        mid = tl.maximum(tl.minimum((full // BLOCK_N) * BLOCK_N, hi), lo)
+    return lo, mid, hi
+
+
+@triton.jit
+def _query_range(start_n, Lb, Sb, diag, win_left, win_right, IS_CAUSAL: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the queries that can see a key block (the transpose of _key_range, for dK/dV)."""
+    lo = start_n * 0
+    hi = start_n * 0 + Lb
+    if IS_CAUSAL:
+        lo = tl.maximum(lo, start_n - diag)
+    if HAS_WINDOW:
+        lo = tl.where(win_right >= 0, tl.maximum(lo, start_n - diag - win_right), lo)
+        hi = tl.where(win_left >= 0, tl.minimum(hi, start_n + BLOCK_N - diag + win_left), hi)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.where(start_n < Sb, hi, lo)
+    return lo, hi
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, kb, vb, start_n, offs_m, offs_d, offs_e, Lb, Sb, skn, skd, svn, svd, HEAD_E,
+              HEAD_EV, scale, softcap, diag, win_left, win_right, bias_ptr, sbm, sbn, seed, rows, S_all,
+              dropout_p, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BOOL_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+              IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = tl.load(kb + offs_n[None, :].to(tl.int64) * skn + offs_d[:, None] * skd,
+                mask=(offs_n[None, :] < Sb) & (offs_d[:, None] < HEAD_E), other=0.0)
+    s, _ = _scores(q, k, offs_m, offs_n, Lb, Sb, scale, softcap, diag, win_left, win_right, bias_ptr, sbm, sbn,
+                   MASK, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet: no NaN
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(vb + offs_n[:, None].to(tl.int64) * svn + offs_e[None, :] * svd,
+                mask=(offs_n[:, None] < Sb) & (offs_e[None, :] < HEAD_EV), other=0.0)
+    if DROPOUT:  # the normaliser sums the undropped probabilities; the output uses the kept ones, rescaled
+        p = tl.where(_keep(seed, rows, offs_n, S_all, dropout_p), p / (1.0 - dropout_p), 0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Bias, O, LSE, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+              sbb, sbh, sbm, sbn, sob, soh, som, sod, H, GROUP, L, S, HEAD_E, HEAD_EV, scale, softcap, diag,
+              win_left, win_right, dropout_p, IS_CAUSAL: tl.constexpr, BR: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BOOL_BIAS: tl.constexpr,
+              DROPOUT: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr, E: tl.constexpr,
+              EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP  # GQA: the kv head of this query head, no repeated K/V in memory
+    q0, k0, Lb, Sb, d = _seq(b, CuQ, CuK, L, S, diag, VARLEN, BR)
+    if VARLEN:
+        b = b * 0
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, E)
+    offs_e = tl.arange(0, EV)
+    q = tl.load(Q + b * sqb + h * sqh + (q0 + offs_m[:, None]) * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < HEAD_E), other=0.0)
+    kb = K + b * skb + hk * skh + k0 * skn
+    vb = V + b * svb + hk * svh + k0 * svn
+    bias_ptr = Bias + b * sbb + h * sbh
+    rows = (b * H + h) * L + q0 + offs_m  # global score rows (lse index, dropout counter)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, EV], tl.float32)
+    lo, mid, hi = _key_range(start_m, Lb, Sb, d, win_left, win_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, mid, BLOCK_N):  # fully visible blocks: no mask arithmetic
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kb, vb, start_n, offs_m, offs_d, offs_e, Lb, Sb, skn, skd,
+                                  svn, svd, HEAD_E, HEAD_EV, scale, softcap, d, win_left, win_right, bias_ptr, sbm,
+                                  sbn, seed, rows, S, dropout_p, False, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS,
+                                  BOOL_BIAS, DROPOUT, IEEE, BLOCK_N)
+    for start_n in range(mid, hi, BLOCK_N):  # the diagonal / boundary blocks
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kb, vb, start_n, offs_m, offs_d, offs_e, Lb, Sb, skn, skd,
+                                  svn, svd, HEAD_E, HEAD_EV, scale, softcap, d, win_left, win_right, bias_ptr, sbm,
+                                  sbn, seed, rows, S, dropout_p, True, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS,
+                                  BOOL_BIAS, DROPOUT, IEEE, BLOCK_N)
+    seen = l_i > 0.0
+    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
+    tl.store(O + b * sob + h * soh + (q0 + offs_m[:, None]) * som + offs_e[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lb) & (offs_e[None, :] < HEAD_EV))
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(LSE + rows, lse, mask=offs_m < Lb)
+
+
+@triton.jit
 def _probs(s, lse):
     """p = exp(s - lse) of a recomputed tile; rows that saw no key (lse = -inf) give 0, not NaN."""
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
@@ -130,163 +224,300 @@ def _probs(s, lse):
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, DELTA, DK, DV, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
+def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, DELTA, DK, DV, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
                    svb, svh, svn, svd, sbb, sbh, sbm, sbn, sdb, sdh, sdm, sdd, H, GROUP, L, S, HEAD_E, HEAD_EV,
-                   scale, softcap, diag, win_left, win_right, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, E: tl.constexpr,
-                   EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   scale, softcap, diag, win_left, win_right, dropout_p, IS_CAUSAL: tl.constexpr,
+                   BR: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BOOL_BIAS: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
+                   E: tl.constexpr, EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one kv head: loops over the query heads of its GQA group and over the query
-    blocks, so every gradient is written once, deterministically (no atomics)."""
+    blocks that can see the key block, so every gradient is written once, deterministically (no atomics).
+    dK/dV are stored with the strides of K/V (the launcher allocates them like K/V)."""
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     HK = H // GROUP
     b = (bhk // HK).to(tl.int64)
     hk = (bhk % HK).to(tl.int64)
+    q0, k0, Lb, Sb, d = _seq(b, CuQ, CuK, L, S, diag, VARLEN, BR)
+    if VARLEN:
+        b = b * 0
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, E)
     offs_e = tl.arange(0, EV)
-    kmask = (offs_d[:, None] < HEAD_E) & (offs_n[None, :] < S)
-    kT = tl.load(K + b * skb + hk * skh + offs_n[None, :].to(tl.int64) * skn + offs_d[:, None] * skd,
-                 mask=kmask, other=0.0)
-    vT = tl.load(V + b * svb + hk * svh + offs_n[None, :].to(tl.int64) * svn + offs_e[:, None] * svd,
-                 mask=(offs_e[:, None] < HEAD_EV) & (offs_n[None, :] < S), other=0.0)
+    kT = tl.load(K + b * skb + hk * skh + (k0 + offs_n[None, :]) * skn + offs_d[:, None] * skd,
+                 mask=(offs_d[:, None] < HEAD_E) & (offs_n[None, :] < Sb), other=0.0)
+    vT = tl.load(V + b * svb + hk * svh + (k0 + offs_n[None, :]) * svn + offs_e[:, None] * svd,
+                 mask=(offs_e[:, None] < HEAD_EV) & (offs_n[None, :] < Sb), other=0.0)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
     dk = tl.zeros([BLOCK_N, E], tl.float32)
     dv = tl.zeros([BLOCK_N, EV], tl.float32)
-    m_lo = 0
-    if IS_CAUSAL:  # query blocks entirely before this key block see none of it
-        m_lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
+    m_lo, m_hi = _query_range(start_n, Lb, Sb, d, win_left, win_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bias_ptr = Bias + b * sbb + h * sbh
-        for start_m in range(m_lo, L, BLOCK_M):
+        for start_m in range(m_lo, m_hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            qmask = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_E)
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
-                        mask=qmask, other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None].to(tl.int64) * sdm + offs_e[None, :] * sdd,
-                         mask=(offs_m[:, None] < L) & (offs_e[None, :] < HEAD_EV), other=0.0)
-            row = (b * H + h) * L + offs_m
-            lse = tl.load(LSE + row, mask=offs_m < L, other=float("-inf"))
-            delta = tl.load(DELTA + row, mask=offs_m < L, other=0.0)
-            s, t = _scores(q, kT, offs_m, offs_n, L, S, scale, softcap, diag, win_left, win_right, bias_ptr,
-                           sbm, sbn, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, IEEE)
+            q = tl.load(Q + b * sqb + h * sqh + (q0 + offs_m[:, None]) * sqm + offs_d[None, :] * sqd,
+                        mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < HEAD_E), other=0.0)
+            do = tl.load(DO + b * sdb + h * sdh + (q0 + offs_m[:, None]) * sdm + offs_e[None, :] * sdd,
+                         mask=(offs_m[:, None] < Lb) & (offs_e[None, :] < HEAD_EV), other=0.0)
+            rows = (b * H + h) * L + q0 + offs_m
+            lse = tl.load(LSE + rows, mask=offs_m < Lb, other=float("-inf"))
+            delta = tl.load(DELTA + rows, mask=offs_m < Lb, other=0.0)
+            s, t = _scores(q, kT, offs_m, offs_n, Lb, Sb, scale, softcap, d, win_left, win_right, bias_ptr,
+                           sbm, sbn, True, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
             p = _probs(s, lse)
-            dv += _dot(tl.trans(p).to(do.dtype), do, IEEE)
             dp = _dot(do, vT, IEEE)
+            if DROPOUT:
+                keep = _keep(seed, rows, offs_n, S, dropout_p)
+                dv += _dot(tl.trans(tl.where(keep, p / (1.0 - dropout_p), 0.0)).to(do.dtype), do, IEEE)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            else:
+                dv += _dot(tl.trans(p).to(do.dtype), do, IEEE)
             ds = p * (dp - delta[:, None])
             if SOFTCAP:
                 ds = ds * (1.0 - t * t)
             dk += _dot(tl.trans(ds).to(q.dtype), q, IEEE)
     dk = dk * scale
-    tl.store(DK + b * skb + hk * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-             dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_d[None, :] < HEAD_E))
-    tl.store(DV + b * svb + hk * svh + offs_n[:, None].to(tl.int64) * svn + offs_e[None, :] * svd,
-             dv.to(DV.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_e[None, :] < HEAD_EV))
+    tl.store(DK + b * skb + hk * skh + (k0 + offs_n[:, None]) * skn + offs_d[None, :] * skd,
+             dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < Sb) & (offs_d[None, :] < HEAD_E))
+    tl.store(DV + b * svb + hk * svh + (k0 + offs_n[:, None]) * svn + offs_e[None, :] * svd,
+             dv.to(DV.dtype.element_ty), mask=(offs_n[:, None] < Sb) & (offs_e[None, :] < HEAD_EV))
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, DELTA, DQ, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                 sbb, sbh, sbm, sbn, sdb, sdh, sdm, sdd, H, GROUP, L, S, HEAD_E, HEAD_EV, scale, softcap, diag,
-                 win_left, win_right, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, E: tl.constexpr, EV: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, DELTA, DQ, DBias, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
+                 svb, svh, svn, svd, sbb, sbh, sbm, sbn, sdb, sdh, sdm, sdd, H, GROUP, L, S, HEAD_E, HEAD_EV, scale,
+                 softcap, diag, win_left, win_right, dropout_p, IS_CAUSAL: tl.constexpr, BR: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BOOL_BIAS: tl.constexpr,
+                 DROPOUT: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr, DBIAS: tl.constexpr,
+                 E: tl.constexpr, EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one query block (stored with Q's strides); with DBIAS also the gradient of the float mask, the
+    score gradient dS, into a dense fp32 (B, H, L, S) buffer (zero where never visited)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
+    q0, k0, Lb, Sb, d = _seq(b, CuQ, CuK, L, S, diag, VARLEN, BR)
+    if VARLEN:
+        b = b * 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, E)
     offs_e = tl.arange(0, EV)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_E), other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None].to(tl.int64) * sdm + offs_e[None, :] * sdd,
-                 mask=(offs_m[:, None] < L) & (offs_e[None, :] < HEAD_EV), other=0.0)
-    row = bh.to(tl.int64) * L + offs_m
-    lse = tl.load(LSE + row, mask=offs_m < L, other=float("-inf"))
-    delta = tl.load(DELTA + row, mask=offs_m < L, other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + (q0 + offs_m[:, None]) * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < HEAD_E), other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + (q0 + offs_m[:, None]) * sdm + offs_e[None, :] * sdd,
+                 mask=(offs_m[:, None] < Lb) & (offs_e[None, :] < HEAD_EV), other=0.0)
+    rows = (b * H + h) * L + q0 + offs_m
+    lse = tl.load(LSE + rows, mask=offs_m < Lb, other=float("-inf"))
+    delta = tl.load(DELTA + rows, mask=offs_m < Lb, other=0.0)
     bias_ptr = Bias + b * sbb + h * sbh
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
     dq = tl.zeros([BLOCK_M, E], tl.float32)
-    lo, hi = _key_range(start_m, L, S, diag, win_left, win_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    lo, _, hi = _key_range(start_m, Lb, Sb, d, win_left, win_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT = tl.load(K + b * skb + hk * skh + offs_n[None, :].to(tl.int64) * skn + offs_d[:, None] * skd,
-                     mask=(offs_d[:, None] < HEAD_E) & (offs_n[None, :] < S), other=0.0)
-        vT = tl.load(V + b * svb + hk * svh + offs_n[None, :].to(tl.int64) * svn + offs_e[:, None] * svd,
-                     mask=(offs_e[:, None] < HEAD_EV) & (offs_n[None, :] < S), other=0.0)
-        s, t = _scores(q, kT, offs_m, offs_n, L, S, scale, softcap, diag, win_left, win_right, bias_ptr, sbm, sbn,
-                       IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, IEEE)
+        kT = tl.load(K + b * skb + hk * skh + (k0 + offs_n[None, :]) * skn + offs_d[:, None] * skd,
+                     mask=(offs_d[:, None] < HEAD_E) & (offs_n[None, :] < Sb), other=0.0)
+        vT = tl.load(V + b * svb + hk * svh + (k0 + offs_n[None, :]) * svn + offs_e[:, None] * svd,
+                     mask=(offs_e[:, None] < HEAD_EV) & (offs_n[None, :] < Sb), other=0.0)
+        s, t = _scores(q, kT, offs_m, offs_n, Lb, Sb, scale, softcap, d, win_left, win_right, bias_ptr, sbm, sbn,
+                       True, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
         p = _probs(s, lse)
-        ds = p * (_dot(do, vT, IEEE) - delta[:, None])
+        dp = _dot(do, vT, IEEE)
+        if DROPOUT:
+            dp = tl.where(_keep(seed, rows, offs_n, S, dropout_p), dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        if DBIAS:
+            tl.store(DBias + rows[:, None] * S + offs_n[None, :], ds,
+                     mask=(offs_m[:, None] < Lb) & (offs_n[None, :] < Sb))
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += _dot(ds.to(q.dtype), tl.trans(kT), IEEE)
     dq = dq * scale
-    tl.store(DQ + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd,
-             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_E))
+    tl.store(DQ + b * sqb + h * sqh + (q0 + offs_m[:, None]) * sqm + offs_d[None, :] * sqd,
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < HEAD_E))
+
+
+@triton.jit
+def _dropout_mask_kernel(Out, Seed, L, S, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keep-mask the attention kernels use, materialised as (B*H, L, S) bool (tests, debugging)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(2).to(tl.int64) * L + offs_m
+    keep = _keep(tl.load(Seed), rows, offs_n, S, dropout_p)
+    tl.store(Out + rows[:, None] * S + offs_n[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers (their signatures are the operator schemas: docs/attention.md).
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def config(E: int, EV: int, dtype: torch.dtype, kind: str) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; kind is "fwd", "dkdv" or "dq"."""
+    if _interpreted():
+        return 16, 16, 4, 1
+    e = max(E, EV)
+    if dtype == torch.float32:  # fp32 tiles are twice the bytes: halve them
+        return (64, 32, 4, 2) if e <= 64 else (32, 32, 4, 2) if e <= 128 else (16, 32, 4, 1)
+    if kind == "fwd":
+        if e <= 64:
+            return 128, 64, 4, 3
+        if e <= 128:
+            return 128, 64, 8, 3
+        return 64, 32, 4, 2
+    if e <= 64:
+        return (64, 64, 4, 2) if kind == "dq" else (32, 64, 4, 2)
+    if e <= 128:
+        return (64, 64, 8, 2) if kind == "dq" else (32, 64, 4, 2)
+    return (32, 32, 4, 1) if kind == "dq" else (16, 32, 4, 1)
+
+
+def _view4(t: torch.Tensor, varlen: bool) -> torch.Tensor:
+    """(T, H, E) packed -> (1, H, T, E) view; dense tensors pass through."""
+    return t.permute(1, 0, 2).unsqueeze(0) if varlen else t
+
+
+def _nonoverlapping_dense(t: torch.Tensor) -> bool:
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """Same strides as torch.empty_like gives (so a gradient can share the input's strides)."""
+    return t if _nonoverlapping_dense(t) else t.contiguous()
 
 
 def _bias_args(bias: Optional[torch.Tensor], B: int, H: int, L: int, S: int, like: torch.Tensor):
-    """An additive bias broadcast to (B, H, L, S) through strides (0 on broadcast dims): no expansion."""
+    """A mask broadcast to (B, H, L, S) through strides (0 on broadcast dims): no expansion in memory."""
     if bias is None:
         return like, (0, 0, 0, 0)
     b = bias.expand(B, H, L, S)
     return b, b.stride()
 
 
-def _config(E: int, EV: int, dtype: torch.dtype, interpreted: bool):
-    if interpreted:
-        return 16, 16, 4
-    big = max(E, EV) > 128
-    return (64 if big else 128), (32 if big else 64), (8 if big else 4)
+def _common(q4, k4, v4, bias, cu_q, cu_k, max_q, is_causal, bottom_right, window, softcap, dropout_p, kind):
+    varlen = cu_q is not None
+    B = cu_q.numel() - 1 if varlen else q4.shape[0]
+    H, L, E = q4.shape[1], q4.shape[2], q4.shape[3]
+    Hk, S, EV = k4.shape[1], k4.shape[2], v4.shape[3]
+    BM, BN, warps, stages = config(E, EV, q4.dtype, kind)
+    flags = dict(IS_CAUSAL=bool(is_causal), BR=bool(bottom_right), HAS_WINDOW=tuple(window) != (-1, -1),
+                 SOFTCAP=bool(softcap), HAS_BIAS=bias is not None,
+                 BOOL_BIAS=bias is not None and bias.dtype == torch.bool, DROPOUT=dropout_p > 0.0, VARLEN=varlen,
+                 IEEE=q4.dtype == torch.float32, E=max(16, triton.next_power_of_2(E)),
+                 EV=max(16, triton.next_power_of_2(EV)), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
+    if not _interpreted():
+        flags["num_stages"] = stages
+    rows_q = max_q if varlen else L
+    return B, H, L, E, Hk, S, EV, BM, BN, rows_q, flags
 
 
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
-                  is_causal: bool, diag: int, window: Tuple[int, int], softcap: float
+def _scalars(H, Hk, L, S, E, EV, scale, softcap, diag, window, dropout_p):
+    return (H, H // Hk, L, S, E, EV, float(scale), float(softcap or 1.0), int(diag), int(window[0]),
+            int(window[1]), float(dropout_p))
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                  cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
+                  max_seqlen_k: int, scale: float, is_causal: bool, diag: int, bottom_right: bool, win_left: int,
+                  win_right: int, softcap: float, dropout_p: float, seed: Optional[torch.Tensor]
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev); bias additive fp32 broadcastable to (B, H, L, S).
-    Returns o (B, H, L, Ev) and lse (B, H, L) fp32."""
-    import os
-    B, H, L, E = q.shape
-    Hk, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    o = torch.empty(B, H, L, EV, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    """Dense: q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) -> out (B, H, L, Ev), lse (B, H, L) fp32.
+    Varlen (cu_seqlens given): q (T, H, E), k/v (Tk, Hk, E|Ev) -> out (T, H, Ev), lse (H, T) fp32."""
+    varlen = cu_seqlens_q is not None
+    q4, k4, v4 = _view4(q, varlen), _view4(k, varlen), _view4(v, varlen)
+    B, H, L, E, Hk, S, EV, BM, BN, rows_q, flags = _common(q4, k4, v4, bias, cu_seqlens_q, cu_seqlens_k,
+                                                           max_seqlen_q, is_causal, bottom_right,
+                                                           (win_left, win_right), softcap, dropout_p, "fwd")
+    if varlen:
+        o = q.new_empty(q.shape[0], H, EV)
+        lse = torch.empty(H, q.shape[0], device=q.device, dtype=torch.float32)
+    else:
+        o = q.new_empty(B, H, L, EV)
+        lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    o4 = _view4(o, varlen)
     bias_t, sb = _bias_args(bias, B, H, L, S, q)
-    BM, BN, warps = _config(E, EV, q.dtype, os.environ.get("TRITON_INTERPRET") == "1")
-    grid = (triton.cdiv(L, BM), B * H)
-    ep, evp = max(16, triton.next_power_of_2(E)), max(16, triton.next_power_of_2(EV))
-    has_window = window != (-1, -1)
+    cu_q = cu_seqlens_q if varlen else q
+    cu_k = cu_seqlens_k if varlen else q
+    seed_t = seed if seed is not None else q
+    grid = (triton.cdiv(rows_q, BM), B * H)
     torch.library.wrap_triton(_attn_fwd)[grid](
-        q, k, v, bias_t, o, lse, *q.stride(), *k.stride(), *v.stride(), *sb, *o.stride(), H, H // Hk, L, S, E, EV,
-        float(scale), float(softcap or 1.0), diag, window[0], window[1], IS_CAUSAL=is_causal,
-        HAS_WINDOW=has_window, SOFTCAP=bool(softcap), HAS_BIAS=bias is not None, IEEE=q.dtype == torch.float32,
-        E=ep, EV=evp, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
+        q4, k4, v4, bias_t, o4, lse, cu_q, cu_k, seed_t, *q4.stride(), *k4.stride(), *v4.stride(), *sb,
+        *o4.stride(), *_scalars(H, Hk, L, S, E, EV, scale, softcap, diag, (win_left, win_right), dropout_p),
+        **flags)
     return o, lse
 
 
-def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                  lse: torch.Tensor, bias: Optional[torch.Tensor], scale: float, is_causal: bool, diag: int,
-                  window: Tuple[int, int], softcap: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv (contiguous, in the inputs' dtypes); dk/dv summed over each GQA group in-kernel."""
-    import os
-    B, H, L, E = q.shape
-    Hk, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
-    delta = (do.float() * o.float()).sum(-1).contiguous()  # rowsum(dO * O), the softmax backward's shift
+def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, bias: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+                  cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                  is_causal: bool, diag: int, bottom_right: bool, win_left: int, win_right: int, softcap: float,
+                  dropout_p: float, seed: Optional[torch.Tensor], bias_requires_grad: bool
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (dtypes and strides of q, k, v when those are dense; dk/dv summed over each GQA group
+    in-kernel) and dbias: the gradient of a float mask, summed to the mask's shape (empty when
+    bias_requires_grad is False)."""
+    varlen = cu_seqlens_q is not None
+    q, k, v = _dense(q), _dense(k), _dense(v)
+    q4, k4, v4 = _view4(q, varlen), _view4(k, varlen), _view4(v, varlen)
+    do4 = _view4(grad_out, varlen)
+    if do4.stride(-1) != 1:
+        do4 = do4.contiguous()
+    window = (win_left, win_right)
+    B, H, L, E, Hk, S, EV, BM, BN, rows_q, flags = _common(q4, k4, v4, bias, cu_seqlens_q, cu_seqlens_k,
+                                                           max_seqlen_q, is_causal, bottom_right, window, softcap,
+                                                           dropout_p, "dq")
+    # rowsum(dO * O): the softmax backward's shift, in the lse's (B, H, L) layout
+    delta = (do4.float() * _view4(out, varlen).float()).sum(-1).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq4, dk4, dv4 = _view4(dq, varlen), _view4(dk, varlen), _view4(dv, varlen)
     bias_t, sb = _bias_args(bias, B, H, L, S, q)
-    BM, BN, warps = _config(E, EV, q.dtype, os.environ.get("TRITON_INTERPRET") == "1")
-    ep, evp = max(16, triton.next_power_of_2(E)), max(16, triton.next_power_of_2(EV))
-    common = dict(IS_CAUSAL=is_causal, HAS_WINDOW=window != (-1, -1), SOFTCAP=bool(softcap),
-                  HAS_BIAS=bias is not None, IEEE=q.dtype == torch.float32, E=ep, EV=evp, BLOCK_M=BM, BLOCK_N=BN,
-                  num_warps=warps)
-    args = (*q.stride(), *k.stride(), *v.stride(), *sb, *do.stride(), H, H // Hk, L, S, E, EV, float(scale),
-            float(softcap or 1.0), diag, window[0], window[1])
-    torch.library.wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(S, BN), B * Hk)](
-        q, k, v, bias_t, do, lse, delta, dk, dv, *args, **common)
-    torch.library.wrap_triton(_attn_bwd_dq)[(triton.cdiv(L, BM), B * H)](
-        q, k, v, bias_t, do, lse, delta, dq, *args, **common)
-    return dq, dk, dv
+    want_dbias = bool(bias_requires_grad) and bias is not None and bias.dtype != torch.bool
+    dbias_full = (torch.zeros(B, H, L, S, device=q.device, dtype=torch.float32) if want_dbias
+                  else q.new_empty(0, dtype=torch.float32))
+    cu_q = cu_seqlens_q if varlen else q
+    cu_k = cu_seqlens_k if varlen else q
+    seed_t = seed if seed is not None else q
+    scalars = _scalars(H, Hk, L, S, E, EV, scale, softcap, diag, window, dropout_p)
+    strides = (*q4.stride(), *k4.stride(), *v4.stride(), *sb, *do4.stride())
+    torch.library.wrap_triton(_attn_bwd_dq)[(triton.cdiv(rows_q, BM), B * H)](
+        q4, k4, v4, bias_t, do4, lse, delta, dq4, dbias_full, cu_q, cu_k, seed_t, *strides, *scalars,
+        DBIAS=want_dbias, **flags)
+    BM2, BN2, warps2, stages2 = config(E, EV, q4.dtype, "dkdv")
+    flags.update(BLOCK_M=BM2, BLOCK_N=BN2, num_warps=warps2)
+    if "num_stages" in flags:
+        flags["num_stages"] = stages2
+    rows_k = max_seqlen_k if varlen else S
+    torch.library.wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(rows_k, BN2), B * Hk)](
+        q4, k4, v4, bias_t, do4, lse, delta, dk4, dv4, cu_q, cu_k, seed_t, *strides, *scalars, **flags)
+    if want_dbias:
+        dbias = dbias_full.sum_to_size(bias.shape).to(bias.dtype)  # over the broadcast dims of the mask
+    else:
+        dbias = q.new_empty(0)
+    return dq, dk, dv, dbias
+
+
+def dropout_mask(seed: torch.Tensor, B: int, H: int, L: int, S: int, dropout_p: float) -> torch.Tensor:
+    """(B, H, L, S) bool keep-mask of a dense call with this seed (the mask the kernels apply)."""
+    out = torch.empty(B, H, L, S, device=seed.device, dtype=torch.int8)
+    BM, BN = (16, 16) if _interpreted() else (64, 64)
+    _dropout_mask_kernel[(triton.cdiv(L, BM), triton.cdiv(S, BN), B * H)](out, seed, L, S, float(dropout_p),
+                                                                        BLOCK_M=BM, BLOCK_N=BN)
+    return out.bool()
 
 
 def default_scale(E: int, scale: Optional[float]) -> float:

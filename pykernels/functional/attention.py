@@ -1,0 +1,264 @@
+"""pykernels.functional.scaled_dot_product_attention / varlen_attention: fused flash attention behind
+torch.nn.functional.scaled_dot_product_attention's signature and semantics (contract: docs/attention.md)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..ops import attention as _ops
+from ..reference import attention as _ref
+
+__all__ = ["scaled_dot_product_attention", "varlen_attention"]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def _check_common(fn: str, tensors: Sequence[Tuple[str, object]], dropout_p, scale, window, softcap,
+                  causal_alignment) -> Tuple[int, int]:
+    for name, t in tensors:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{fn}: {name} must be floating point, got {t.dtype}")
+    (qn, q), rest = tensors[0], tensors[1:]
+    for name, t in rest:
+        if t.dtype != q.dtype:
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype} but {qn} has {q.dtype} (they must match)")
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but {qn} is on {q.device}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{fn}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
+    if not (softcap >= 0.0 and math.isfinite(softcap)):
+        raise ValueError(f"{fn}: softcap must be finite and >= 0 (0: off), got {softcap}")
+    if causal_alignment not in _ALIGNMENTS:
+        raise ValueError(f"{fn}: causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}")
+    if window is None:
+        return -1, -1
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and w >= -1 for w in window)):
+        raise ValueError(f"{fn}: window must be (left, right) ints >= -1 (-1: unbounded), got {window!r}")
+    return int(window[0]), int(window[1])
+
+
+def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], empty: bool) -> Optional[str]:
+    if b == "reference":
+        return None
+    if b == "cpu":
+        return "attention has no C++ CPU kernel (the reference runs it)"
+    if b not in _ops.KERNELS:
+        if b == "triton":
+            return _ops.triton_import_error or "the Triton attention ops are not registered"
+        return "the CUDA attention kernels are not implemented yet (pykernels::attention_fwd is not registered)"
+    if dtype not in _KERNEL_DTYPES:
+        return f"dtype {dtype} is not supported by the {b} kernels (float16, bfloat16, float32)"
+    if max(head_dims) > MAX_HEAD_DIM:
+        return f"head dim {max(head_dims)} > {MAX_HEAD_DIM}"
+    if empty:
+        return "empty input"
+    return None
+
+
+def _seed(device: torch.device) -> Tensor:
+    # Drawn from torch's generator of the device (torch.manual_seed reproduces it), kept on the device: no sync.
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *, window: Optional[Tuple[int, int]] = None,
+                                 softcap: float = 0.0, causal_alignment: str = "top_left",
+                                 return_lse: bool = False, backend: Optional[str] = None):
+    """``torch.nn.functional.scaled_dot_product_attention`` on fused flash-attention kernels.
+
+    query (..., H, L, E), key (..., H_kv, S, E), value (..., H_kv, S, Ev); a bool ``attn_mask`` is True where
+    attention is allowed, a float one is added to the scores (and gets a gradient when it requires grad); masks
+    broadcast to (..., H, L, S); ``is_causal`` is top-left aligned; ``enable_gqa`` shares each key/value head
+    among H / H_kv query heads; dropout is applied when ``dropout_p > 0`` (as torch, whatever the training
+    mode). A query row that sees no key gives zeros. Unlike torch, ``attn_mask`` and ``is_causal`` may be
+    combined (both apply).
+
+    Extras (keyword-only):
+      window: (left, right) sliding window around the causal diagonal: query i sees keys j with
+        i + d - left <= j <= i + d + right (d = 0, or S - L for bottom-right alignment); -1: unbounded.
+      softcap: logit soft-capping ``softcap * tanh(s / softcap)`` (Gemma 2), applied before the mask.
+      causal_alignment: "top_left" (torch) or "bottom_right" (FlashAttention: the last query sees every key).
+      return_lse: also return the log-sum-exp of each query row's scores, fp32 (..., H, L) (detached).
+      backend: "triton", "cuda", "cpu" or "reference"; see ``pykernels.backends``.
+    """
+    fn = "scaled_dot_product_attention"
+    win = _check_common(fn, [("query", query), ("key", key), ("value", value)], dropout_p, scale, window,
+                        softcap, causal_alignment)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() < 2:
+            raise ValueError(f"{fn}: {name} must have at least 2 dimensions (..., L, E), got {t.dim()}")
+    L, E = query.shape[-2], query.shape[-1]
+    S, Ev = key.shape[-2], value.shape[-1]
+    if key.shape[-1] != E:
+        raise ValueError(f"{fn}: key's last dim {key.shape[-1]} != query's {E} (the head dim must match)")
+    if value.shape[-2] != S:
+        raise ValueError(f"{fn}: value has {value.shape[-2]} positions but key has {S}")
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(f"{fn}: key {tuple(key.shape)} and value {tuple(value.shape)} must agree but for the "
+                         f"last dim")
+    H = query.shape[-3] if query.dim() >= 3 else 1
+    Hk = key.shape[-3] if key.dim() >= 3 else 1
+    gqa = H != Hk and Hk != 1 or (enable_gqa and H != Hk)
+    if gqa:
+        if not enable_gqa:
+            raise ValueError(f"{fn}: query has {H} heads and key/value {Hk}: pass enable_gqa=True (GQA/MQA)")
+        if H % Hk:
+            raise ValueError(f"{fn}: query heads {H} must be a multiple of key/value heads {Hk} for GQA")
+    batch = query.shape[:-3]
+    kv_batch = key.shape[:-3]
+    try:
+        full_batch = torch.broadcast_shapes(batch, kv_batch)
+    except RuntimeError:
+        raise ValueError(f"{fn}: batch dims of query {tuple(batch)} and key/value {tuple(kv_batch)} do not "
+                         f"broadcast") from None
+    if full_batch != batch:
+        raise ValueError(f"{fn}: key/value batch dims {tuple(kv_batch)} are larger than query's {tuple(batch)}")
+    score_shape = query.shape[:-1] + (S,)
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"{fn}: attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise TypeError(f"{fn}: attn_mask must be bool (True = attend) or floating (added), got "
+                            f"{attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {query.device}")
+        try:
+            ok = torch.broadcast_shapes(attn_mask.shape, score_shape) == score_shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' "
+                             f"shape {tuple(score_shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+    dropout_p = float(dropout_p)
+
+    def unsupported(b: str) -> Optional[str]:
+        why = _kernel_reason(b, query.dtype, (E, Ev), query.numel() == 0 or key.numel() == 0
+                             or value.numel() == 0)
+        if why is None and b != "reference" and dropout_p >= 1.0:
+            return "dropout_p == 1 (every probability dropped) runs on the reference"
+        return why
+
+    chosen = backends.choose("scaled_dot_product_attention", query.device, backend, unsupported)
+    alignment = causal_alignment
+    if chosen == "reference":
+        keep = None
+        if dropout_p > 0:
+            keep = torch.rand(score_shape, device=query.device) >= dropout_p
+        k_, v_ = key, value
+        if not gqa and Hk != H:  # broadcast of a single kv head
+            k_ = key.expand(*key.shape[:-3], H, S, E) if key.dim() >= 3 else key
+            v_ = value.expand(*value.shape[:-3], H, S, Ev) if value.dim() >= 3 else value
+        out, lse = _ref.scaled_dot_product_attention(query, k_, v_, attn_mask, keep, dropout_p, is_causal, scale,
+                                                     gqa, alignment, win, softcap)
+        return (out, lse.detach().float()) if return_lse else out
+
+    # Canonical (B, H, L, E) views for the kernels: key/value broadcast over batch (and a single kv head over
+    # the query heads when not GQA) through zero strides, never copied.
+    B = math.prod(batch)
+    Hkv = Hk if gqa else H
+    q4 = query.reshape(B, H, L, E)
+    k4 = key.expand(*batch, Hkv, S, E).reshape(B, Hkv, S, E) if key.dim() >= 3 else \
+        key.expand(*batch, 1, S, E).reshape(B, 1, S, E)
+    v4 = value.expand(*batch, Hkv, S, Ev).reshape(B, Hkv, S, Ev) if value.dim() >= 3 else \
+        value.expand(*batch, 1, S, Ev).reshape(B, 1, S, Ev)
+    bias = None
+    if attn_mask is not None:
+        bias = attn_mask.expand(score_shape).reshape(B, H, L, S) if attn_mask.dim() > 4 or query.dim() != 4 \
+            else attn_mask
+    diag = S - L if (alignment == "bottom_right") else 0
+    seed = _seed(query.device) if dropout_p > 0 else None
+    out, lse = _ops.attention_op(q4, k4, v4, bias, None, None, L, S, float(scale), bool(is_causal), diag, False,
+                                 win[0], win[1], float(softcap), dropout_p, seed, chosen)
+    out = out.reshape(query.shape[:-1] + (Ev,))
+    if return_lse:
+        return out, lse.reshape(query.shape[:-1]).detach()
+    return out
+
+
+def _check_cu(fn: str, name: str, cu: Tensor, total: int, device: torch.device) -> None:
+    if not isinstance(cu, Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.numel() < 1:
+        raise TypeError(f"{fn}: {name} must be a 1-D int32 tensor of nseq + 1 offsets")
+    if cu.device != device:
+        raise ValueError(f"{fn}: {name} is on {cu.device} but the tensors are on {device}")
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{fn}: {name} must start at 0, be non-decreasing and end at {total}, got "
+                             f"{cu.tolist()}")
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, dropout_p: float = 0.0, is_causal: bool = False,
+                     scale: Optional[float] = None, window: Optional[Tuple[int, int]] = None,
+                     softcap: float = 0.0, causal_alignment: str = "top_left", return_lse: bool = False,
+                     backend: Optional[str] = None):
+    """Attention over packed variable-length sequences (FlashAttention's varlen layout).
+
+    q (T, H, E), k (Tk, H_kv, E), v (Tk, H_kv, Ev); sequence i is rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of
+    q and ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of k/v (int32 offsets, nseq + 1 each); ``max_seqlen_q/k`` bound
+    the sequence lengths (they size the launch grid; no host sync). GQA when H_kv divides H. Causal alignment,
+    window and softcap as in ``scaled_dot_product_attention``, per sequence; causal defaults to top-left
+    (torch's convention; FlashAttention's varlen is bottom-right: pass causal_alignment="bottom_right").
+    Returns out (T, H, Ev), and with return_lse the log-sum-exp (H, T) fp32 (FlashAttention's layout).
+    """
+    fn = "varlen_attention"
+    win = _check_common(fn, [("q", q), ("k", k), ("v", v)], dropout_p, scale, window, softcap, causal_alignment)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{fn}: {name} must be (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    T, H, E = q.shape
+    Tk, Hk, Ev = v.shape
+    if k.shape[:2] != (Tk, Hk) or k.shape[2] != E:
+        raise ValueError(f"{fn}: k must be ({Tk}, {Hk}, {E}) to match q and v, got {tuple(k.shape)}")
+    if H % Hk:
+        raise ValueError(f"{fn}: q heads {H} must be a multiple of k/v heads {Hk}")
+    _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, T, q.device)
+    _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, Tk, q.device)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length (nseq + 1)")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(m, int) or m < 0:
+            raise ValueError(f"{fn}: {name} must be an int >= 0, got {m!r}")
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        lq, lk = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]), (cu_seqlens_k[1:] - cu_seqlens_k[:-1])
+        if lq.numel() and (int(lq.max()) > max_seqlen_q or int(lk.max()) > max_seqlen_k):
+            raise ValueError(f"{fn}: a sequence is longer than max_seqlen_q/max_seqlen_k")
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+    dropout_p = float(dropout_p)
+
+    def unsupported(b: str) -> Optional[str]:
+        why = _kernel_reason(b, q.dtype, (E, Ev), T == 0 or Tk == 0 or q.numel() == 0)
+        if why is None and b != "reference" and dropout_p >= 1.0:
+            return "dropout_p == 1 (every probability dropped) runs on the reference"
+        return why
+
+    chosen = backends.choose("varlen_attention", q.device, backend, unsupported)
+    if chosen == "reference":
+        masks = None
+        if dropout_p > 0:
+            cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+            masks = [torch.rand(H, cq[i + 1] - cq[i], ck[i + 1] - ck[i], device=q.device) >= dropout_p
+                     for i in range(len(cq) - 1)]
+        out, lse = _ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, masks, dropout_p, is_causal, scale,
+                                         causal_alignment, win, softcap)
+        return (out, lse.detach().float()) if return_lse else out
+    seed = _seed(q.device) if dropout_p > 0 else None
+    out, lse = _ops.attention_op(q, k, v, None, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
+                                 int(max_seqlen_q), int(max_seqlen_k), float(scale), bool(is_causal), 0,
+                                 causal_alignment == "bottom_right", win[0], win[1], float(softcap), dropout_p,
+                                 seed, chosen)
+    return (out, lse.detach()) if return_lse else out

@@ -1,0 +1,347 @@
+"""Attention: the oracle (pykernels/reference/attention.py) against torch's own scaled_dot_product_attention in
+float64 (it must be right before any kernel is compared with it), then pykernels.functional's
+scaled_dot_product_attention / varlen_attention on every backend against that oracle (FlashAttention's 2x rule
+against torch's own error at the same dtype), dropout, determinism, unwritten outputs, bad input, dispatch."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pykernels
+from pykernels.functional import scaled_dot_product_attention as sdpa, varlen_attention
+from pykernels.reference import attention as ref
+from pykernels.testing import assert_error_rule
+
+from conftest import backend_params, require_backend
+
+
+def _qkv(B=2, H=4, Hk=4, L=7, S=9, E=16, Ev=None, dtype=torch.float64):
+    q = torch.randn(B, H, L, E, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hk, S, E, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hk, S, Ev or E, dtype=dtype, requires_grad=True)
+    return q, k, v
+
+
+def _check(ours, theirs, inputs):
+    xs1 = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    xs2 = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    o1, o2 = ours(*xs1), theirs(*xs2)
+    torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(o1)
+    g1 = torch.autograd.grad(o1, [x for x in xs1 if x.requires_grad], g)
+    g2 = torch.autograd.grad(o2, [x for x in xs2 if x.requires_grad], g)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("L,S", [(1, 1), (7, 9), (9, 7), (17, 17)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_plain_and_causal_top_left(L, S, is_causal):
+    q, k, v = _qkv(L=L, S=S, Ev=24)
+    _check(lambda q, k, v: ref.scaled_dot_product_attention(q, k, v, is_causal=is_causal)[0],
+           lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal), [q, k, v])
+
+
+@pytest.mark.parametrize("mask_shape", [(7, 9), (1, 1, 7, 9), (2, 1, 1, 9), (4, 7, 9)])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_broadcast_masks(mask_shape, kind):
+    q, k, v = _qkv()
+    if kind == "bool":
+        m = torch.rand(mask_shape) < 0.7
+    else:
+        m = torch.randn(mask_shape, dtype=torch.float64, requires_grad=True)
+    inputs = [q, k, v, m]
+    _check(lambda q, k, v, m: ref.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3)[0],
+           lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3), inputs)
+
+
+def test_fully_masked_rows_are_zero():
+    q, k, v = _qkv()
+    m = torch.rand(7, 9) < 0.5
+    m[3] = False
+    out, lse = ref.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    assert bool((out[..., 3, :] == 0).all()) and bool(torch.isneginf(lse[..., 3]).all())
+    _check(lambda q, k, v: ref.scaled_dot_product_attention(q, k, v, attn_mask=m)[0],
+           lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m), [q, k, v])
+
+
+def test_gqa():
+    q, k, v = _qkv(H=8, Hk=2)
+    _check(lambda q, k, v: ref.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=True)[0],
+           lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=True), [q, k, v])
+    with pytest.raises(ValueError, match="enable_gqa"):
+        ref.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("L,S", [(5, 12), (12, 5)])
+def test_bottom_right_causal_and_window_match_explicit_masks(L, S):
+    q, k, v = _qkv(L=L, S=S)
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    br = j <= i + S - L
+    _check(lambda q, k, v: ref.scaled_dot_product_attention(q, k, v, is_causal=True, alignment="bottom_right")[0],
+           lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=br), [q, k, v])
+    win = (j >= i + S - L - 3) & (j <= i + S - L + 1)
+    _check(lambda q, k, v: ref.scaled_dot_product_attention(q, k, v, alignment="bottom_right", window=(3, 1))[0],
+           lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=win), [q, k, v])
+
+
+def test_softcap_and_lse():
+    q, k, v = _qkv()
+    cap = 2.5
+    out, lse = ref.scaled_dot_product_attention(q, k, v, softcap=cap)
+    s = cap * torch.tanh((q @ k.transpose(-2, -1)) / 4.0 / cap)
+    torch.testing.assert_close(out, torch.softmax(s, -1) @ v, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-10, atol=1e-10)
+
+
+def test_dropout_mask_is_applied_with_rescaling():
+    q, k, v = _qkv()
+    keep = torch.rand(2, 4, 7, 9) > 0.25
+    out, _ = ref.scaled_dot_product_attention(q, k, v, dropout_mask=keep, dropout_p=0.25)
+    p = torch.softmax(q @ k.transpose(-2, -1) / 4.0, -1)
+    torch.testing.assert_close(out, (p * keep / 0.75) @ v, rtol=1e-10, atol=1e-10)
+
+
+def test_varlen_reference_is_the_dense_reference_per_sequence():
+    cq, ck = torch.tensor([0, 3, 3, 10]), torch.tensor([0, 4, 9, 11])
+    q, k, v = torch.randn(10, 4, 8, dtype=torch.float64), torch.randn(11, 2, 8, dtype=torch.float64), \
+        torch.randn(11, 2, 5, dtype=torch.float64)
+    out, lse = ref.varlen_attention(q, k, v, cq, ck, is_causal=True, alignment="bottom_right")
+    assert out.shape == (10, 4, 5) and lse.shape == (4, 10)
+    for a, b, c, d in ((0, 3, 0, 4), (3, 10, 9, 11)):
+        o, l_ = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1),
+                                               attn_mask=ref.allowed(b - a, d - c, "cpu", True, "bottom_right"),
+                                               enable_gqa=True), None
+        torch.testing.assert_close(out[a:b], o.transpose(0, 1), rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# pykernels.functional on every backend against the float64 oracle.
+
+BACKENDS = [p for p in backend_params() if p.values[0] != "cpu"]  # no C++ CPU attention kernel
+TOL_FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _dtypes(backend, device):
+    if device == "cuda":
+        return [torch.bfloat16, torch.float16]
+    if backend == "triton":  # the interpreter's bf16 tl.dot is wrong (TOOLCHAIN.md): fp16 and fp32 there
+        return [torch.float16, torch.float32]
+    return [torch.float32]
+
+
+# (q shape, kv heads, S, Ev, kwargs, mask spec, why)
+FN_CASES = [
+    ((1, 1, 1, 16), 1, 1, 16, {}, None, "one query one key"),
+    ((2, 3, 17, 32), 3, 17, 32, dict(is_causal=True), None, "17 causal"),
+    ((1, 2, 129, 16), 2, 129, 16, dict(is_causal=True), None, "129 causal"),
+    ((2, 4, 9, 24), 2, 20, 40, dict(enable_gqa=True), "bool:9,20", "GQA, L<S, odd E, Ev != E, bool mask"),
+    ((1, 4, 21, 16), 1, 8, 16, dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right"), None,
+     "MQA L>S bottom-right"),
+    ((2, 2, 19, 16), 2, 19, 16, dict(is_causal=True, window=(5, 0), softcap=2.0), None, "window + softcap"),
+    ((1, 2, 9, 16), 2, 30, 16, dict(window=(3, 4)), "float:1,2,9,30", "two-sided window + float mask"),
+    ((2, 3, 11, 16), 3, 13, 16, {}, "float:3,1,13", "float mask broadcast over rows"),
+    ((6, 10, 16), 6, 12, 16, dict(scale=0.3), "bool:6,10,12", "3-D input (H, L, E)"),
+    ((2, 2, 2, 7, 16), 2, 7, 16, dict(is_causal=True), None, "5-D input"),
+    ((2, 2, 18, 16), 2, 18, 16, {}, "rows", "fully masked rows give zeros"),
+]
+
+
+def _make_mask(spec, L, S, device, dtype):
+    if spec is None:
+        return None
+    if spec == "rows":
+        m = torch.rand(2, 1, L, S, device=device) < 0.7
+        m[:, :, 3] = False
+        return m
+    kind, shape = spec.split(":")
+    shape = tuple(int(x) for x in shape.split(","))
+    if kind == "bool":
+        return torch.rand(shape, device=device) < 0.75
+    return torch.randn(shape, device=device, dtype=dtype)
+
+
+def _ref_grads(q, k, v, mask, g, kw):
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    m64 = None
+    if mask is not None:
+        m64 = mask if mask.dtype == torch.bool else mask.detach().double().requires_grad_(mask.requires_grad)
+    gqa = kw.get("enable_gqa", False)
+    o, lse = ref.scaled_dot_product_attention(*x64, attn_mask=m64, is_causal=kw.get("is_causal", False),
+                                             scale=kw.get("scale"), enable_gqa=gqa,
+                                             alignment=kw.get("causal_alignment", "top_left"),
+                                             window=kw.get("window") or (-1, -1), softcap=kw.get("softcap", 0.0))
+    inputs = x64 + ([m64] if m64 is not None and m64.requires_grad else [])
+    return o, lse, torch.autograd.grad(o, inputs, g.double())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", FN_CASES, ids=[c[-1] for c in FN_CASES])
+def test_sdpa_against_oracle(backend, device, case):
+    require_backend(backend, device)
+    qshape, Hk, S, Ev, kw, spec, _ = case
+    for dtype in _dtypes(backend, device):
+        L, E = qshape[-2], qshape[-1]
+        kshape = qshape[:-3] + (Hk, S, E) if len(qshape) >= 3 else (S, E)
+        q = torch.randn(qshape, device=device).to(dtype)
+        k = torch.randn(kshape, device=device).to(dtype)
+        v = torch.randn(kshape[:-1] + (Ev,), device=device).to(dtype)
+        v = v.transpose(-2, -3).contiguous().transpose(-2, -3) if v.dim() >= 3 else v  # non-contiguous
+        mask = _make_mask(spec, L, S, device, dtype)
+        if mask is not None and mask.dtype != torch.bool:
+            mask.requires_grad_()
+        x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out, lse = sdpa(*x, attn_mask=mask, return_lse=True, backend=backend, **kw)
+        assert pykernels.last_dispatch["scaled_dot_product_attention"][0] == backend
+        g = torch.randn_like(out)
+        wrt = x + ([mask] if mask is not None and mask.requires_grad else [])
+        grads = torch.autograd.grad(out, wrt, g)
+        ro, rl, rgrads = _ref_grads(q, k, v, mask, g, kw)
+        base, bgrads = None, [None] * len(rgrads)
+        if kw.get("causal_alignment", "top_left") == "top_left" and "window" not in kw and "softcap" not in kw \
+                and dtype != torch.float32:
+            xb = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            mb = None if mask is None else mask.detach().clone().requires_grad_(mask.requires_grad)
+            base = F.scaled_dot_product_attention(*xb, attn_mask=mb, **kw)
+            bgrads = torch.autograd.grad(base, xb + ([mb] if mb is not None and mb.requires_grad else []), g)
+        floor = TOL_FLOOR[dtype]
+        assert_error_rule("out", out, ro, base, floor=floor)
+        fin = torch.isfinite(rl)
+        assert bool((torch.isinf(lse) == ~fin).all()) and lse.dtype == torch.float32
+        assert_error_rule("lse", lse[fin], rl[fin], floor=2e-5, dtype=torch.float32)
+        for name, a, r, b in zip(("dq", "dk", "dv", "dmask"), grads, rgrads, bgrads):
+            assert a.shape == r.shape, name
+            assert_error_rule(name, a, r, b, floor=floor * (4 if name == "dmask" else 1))
+        if spec == "rows":
+            assert bool((out[..., 3, :] == 0).all())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_varlen_against_oracle(backend, device):
+    require_backend(backend, device)
+    cq = torch.tensor([0, 5, 5, 22, 23], dtype=torch.int32, device=device)
+    ck = torch.tensor([0, 3, 12, 29, 29], dtype=torch.int32, device=device)
+    for dtype in _dtypes(backend, device):
+        for kw in (dict(is_causal=True, causal_alignment="bottom_right"), dict(is_causal=True),
+                   dict(window=(2, 3), softcap=3.0)):
+            q = torch.randn(23, 4, 16, device=device).to(dtype)
+            k = torch.randn(29, 2, 16, device=device).to(dtype)
+            v = torch.randn(29, 2, 24, device=device).to(dtype)
+            x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            out, lse = varlen_attention(*x, cq, ck, 17, 17, return_lse=True, backend=backend, **kw)
+            g = torch.randn_like(out)
+            grads = torch.autograd.grad(out, x, g)
+            x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            ro, rl = ref.varlen_attention(*x64, cq.cpu(), ck.cpu(), is_causal=kw.get("is_causal", False),
+                                          alignment=kw.get("causal_alignment", "top_left"),
+                                          window=kw.get("window", (-1, -1)), softcap=kw.get("softcap", 0.0))
+            rgrads = torch.autograd.grad(ro, x64, g.double().cpu() if device == "cpu" else g.double())
+            assert_error_rule("out", out, ro.to(out.device), floor=TOL_FLOOR[dtype])
+            fin = torch.isfinite(rl)
+            assert bool((torch.isinf(lse.cpu()) == ~fin.cpu()).all())
+            assert_error_rule("lse", lse[fin], rl[fin], floor=2e-5, dtype=torch.float32)
+            for name, a, r in zip(("dq", "dk", "dv"), grads, rgrads):
+                assert_error_rule(name, a, r, floor=TOL_FLOOR[dtype] * 2)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_dropout_reproducible_and_rescaled(backend, device):
+    """Same torch seed -> same output and gradients; the kept fraction and the 1/(1-p) rescaling are right
+    (with V = identity-like one-hot rows the output is the dropped probability matrix itself)."""
+    require_backend(backend, device)
+    dtype = _dtypes(backend, device)[-1]
+    L = S = 40
+    q = torch.zeros(1, 2, L, 16, device=device, dtype=dtype)  # uniform attention: p = 1/S everywhere
+    k = torch.randn(1, 2, S, 16, device=device, dtype=dtype)
+    v = torch.eye(S, device=device, dtype=dtype).expand(1, 2, S, S)
+    torch.manual_seed(7)
+    o1 = sdpa(q, k, v, dropout_p=0.3, backend=backend)
+    torch.manual_seed(7)
+    o2 = sdpa(q, k, v, dropout_p=0.3, backend=backend)
+    assert torch.equal(o1, o2)
+    o3 = sdpa(q, k, v, dropout_p=0.3, backend=backend)
+    assert not torch.equal(o1, o3)
+    vals = o1.float().flatten()
+    kept = vals != 0
+    assert 0.6 < float(kept.float().mean()) < 0.8
+    torch.testing.assert_close(vals[kept], torch.full_like(vals[kept], 1 / S / 0.7), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference"])
+def test_backward_is_deterministic_and_outputs_are_fully_written(backend, device):
+    """Uninitialised memory filled with NaN (torch's deterministic mode): an element a kernel forgets to write
+    fails; two backward passes give bitwise-identical gradients (no atomics)."""
+    require_backend(backend, device)
+    dtype = _dtypes(backend, device)[0]
+    q = torch.randn(2, 4, 23, 32, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 2, 37, 32, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 2, 37, 32, device=device, dtype=dtype, requires_grad=True)
+    m = torch.randn(2, 1, 23, 37, device=device, dtype=dtype, requires_grad=True)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            out, lse = sdpa(q, k, v, m, enable_gqa=True, is_causal=True, return_lse=True, backend=backend)
+            runs.append((out, lse) + torch.autograd.grad(out, (q, k, v, m), torch.ones_like(out)))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for a, b in zip(*runs):
+        assert not bool(torch.isnan(a).any())
+        assert torch.equal(a, b)
+
+
+def test_bad_input_names_the_argument():
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    with pytest.raises(TypeError, match="key"):
+        sdpa(q, k.double(), v)
+    with pytest.raises(ValueError, match="head dim"):
+        sdpa(q, torch.randn(2, 4, 6, 9), v)
+    with pytest.raises(ValueError, match="value"):
+        sdpa(q, k, torch.randn(2, 4, 7, 8))
+    with pytest.raises(ValueError, match="enable_gqa"):
+        sdpa(q, torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8))
+    with pytest.raises(ValueError, match="multiple"):
+        sdpa(q, torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8), enable_gqa=True)
+    with pytest.raises(ValueError, match="attn_mask"):
+        sdpa(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attn_mask"):
+        sdpa(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="dropout_p"):
+        sdpa(q, k, v, dropout_p=1.5)
+    with pytest.raises(ValueError, match="window"):
+        sdpa(q, k, v, window=(3,))
+    with pytest.raises(ValueError, match="softcap"):
+        sdpa(q, k, v, softcap=-1.0)
+    with pytest.raises(ValueError, match="causal_alignment"):
+        sdpa(q, k, v, causal_alignment="diagonal")
+    qv, kv = torch.randn(7, 4, 8), torch.randn(9, 2, 8)
+    with pytest.raises(TypeError, match="cu_seqlens_q"):
+        varlen_attention(qv, kv, kv, torch.tensor([0.0, 7.0]), torch.tensor([0, 9]), 7, 9)
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        varlen_attention(qv, kv, kv, torch.tensor([0, 7]), torch.tensor([0, 8]), 7, 9)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        varlen_attention(qv, kv, kv, torch.tensor([0, 7]), torch.tensor([0, 9]), 6, 9)
+    with pytest.raises(ValueError, match="multiple"):
+        varlen_attention(qv, torch.randn(9, 3, 8), torch.randn(9, 3, 8), torch.tensor([0, 7]), torch.tensor([0, 9]),
+                         7, 9)
+
+
+def test_backend_selection_is_visible():
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(pykernels.BackendUnavailableError, match="cuda"):
+        sdpa(q, q, q, backend="cuda")
+    with pytest.raises(pykernels.BackendUnavailableError, match="no C\\+\\+ CPU kernel"):
+        sdpa(q, q, q, backend="cpu")
+    with pykernels.use_backend("cpu"):  # a preference falls back, and says why
+        sdpa(q, q, q)
+    ran, skipped = pykernels.last_dispatch["scaled_dot_product_attention"]
+    assert ran == "reference" and "cpu" in skipped
+    with pytest.raises(pykernels.BackendUnavailableError, match="float64"):
+        sdpa(q.double(), q.double(), q.double(), backend="triton")
+    with pytest.raises(pykernels.BackendUnavailableError, match="head dim 300"):
+        x = torch.randn(1, 1, 2, 300)
+        sdpa(x, x, x, backend="triton")
+    out = sdpa(q.double(), q.double(), q.double())  # float64: the reference runs it, never a wrong answer
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q.double(), q.double(), q.double()))

@@ -1,0 +1,181 @@
+"""Operator-level checks of attention (pykernels::attention and the kernel ops): opcheck, float64 gradcheck,
+torch.compile(fullgraph=True) parity, in-kernel dropout against the oracle given the kernels' own keep-mask,
+the float-mask gradient, the GQA / causal / window block skipping at sizes spanning several blocks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pykernels
+from pykernels.ops import attention as attn_ops
+from pykernels.reference import attention as ref
+from pykernels.testing import assert_error_rule, max_abs_err
+
+from conftest import backend_params, require_backend
+
+KERNEL_BACKENDS = [p for p in backend_params(include_reference=False) if p.values[0] != "cpu"]
+
+
+def _dtype(device):
+    return torch.float16 if device == "cuda" else torch.float32
+
+
+def _args(q, k, v, bias=None, causal=False, diag=0, window=(-1, -1), softcap=0.0, dropout_p=0.0, seed=None,
+          cu=(None, None), maxlen=None, bottom_right=False):
+    L, S = (q.shape[-2], k.shape[-2]) if maxlen is None else maxlen
+    return (q, k, v, bias, cu[0], cu[1], L, S, 1 / math.sqrt(q.shape[-1]), causal, diag, bottom_right, window[0],
+            window[1], softcap, dropout_p, seed)
+
+
+def _samples(device, dtype):
+    q, k, v = (torch.randn(1, 2, 9, 16, device=device, dtype=dtype), torch.randn(1, 1, 11, 16, device=device,
+               dtype=dtype), torch.randn(1, 1, 11, 8, device=device, dtype=dtype))
+    bias = torch.randn(9, 11, device=device, dtype=dtype)
+    seed = torch.tensor([5], device=device, dtype=torch.int64)
+    cq = torch.tensor([0, 4, 9], device=device, dtype=torch.int32)
+    ck = torch.tensor([0, 6, 11], device=device, dtype=torch.int32)
+    qv, kv, vv = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
+    return [_args(q, k, v), _args(q, k, v, causal=True, diag=2), _args(q, k, v, bias=bias, window=(2, 3), softcap=3.0),
+            _args(q, k, v, bias=bias > 0, dropout_p=0.2, seed=seed),
+            _args(qv, kv, vv, cu=(cq, ck), maxlen=(5, 6), causal=True, bottom_right=True)]
+
+
+def _utils(device):
+    # AOT tracing runs wrap_triton kernels on fake tensors, which the CPU interpreter cannot execute; the
+    # compiled-GPU tier runs every util.
+    if device == "cpu":
+        return ("test_schema", "test_autograd_registration", "test_faketensor")
+    return ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_opcheck(backend, device):
+    require_backend(backend, device)
+    for args in _samples(device, _dtype(device)):
+        q = args[0].detach().clone().requires_grad_()
+        bias = args[3]
+        if bias is not None and bias.dtype != torch.bool:
+            bias = bias.detach().clone().requires_grad_()
+        torch.library.opcheck(torch.ops.pykernels.attention.default, (q,) + args[1:3] + (bias,) + args[4:] +
+                              (backend,), test_utils=_utils(device))
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_opcheck_kernel_ops(backend, device):
+    require_backend(backend, device)
+    fwd, bwd = attn_ops.KERNELS[backend]
+    u = ("test_schema",) if device == "cpu" else ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    for args in _samples(device, _dtype(device)):
+        torch.library.opcheck(fwd, args, test_utils=u)
+        o, lse = fwd(*args)
+        bias = args[3]
+        torch.library.opcheck(bwd, (torch.randn_like(o),) + args[:3] + (o, lse) + args[3:] +
+                              (bias is not None and bias.dtype != torch.bool,), test_utils=u)
+
+
+def test_gradcheck_float64_reference():
+    q = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 6, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 6, 3, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v, m):
+        return pykernels.functional.scaled_dot_product_attention(q, k, v, m, enable_gqa=True, is_causal=True,
+                                                                 window=(2, -1), softcap=2.0,
+                                                                 causal_alignment="bottom_right",
+                                                                 backend="reference")
+    assert torch.autograd.gradcheck(f, (q, k, v, m))
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu")] +
+                         [p for p in KERNEL_BACKENDS if p.values[1] == "cuda"])
+def test_compile_fullgraph_parity(backend, device):
+    require_backend(backend, device)
+    torch._dynamo.reset()
+    q = torch.randn(2, 4, 19, 16, device=device)
+    k = torch.randn(2, 2, 23, 16, device=device)
+    v = torch.randn(2, 2, 23, 16, device=device)
+    m = torch.randn(19, 23, device=device)
+
+    def f(q, k, v, m):
+        out, lse = pykernels.functional.scaled_dot_product_attention(q, k, v, m, enable_gqa=True, is_causal=True,
+                                                                     softcap=5.0, return_lse=True, backend=backend)
+        return out, lse
+
+    compiled = torch.compile(f, fullgraph=True)
+    xe = [t.clone().requires_grad_() for t in (q, k, v, m)]
+    xc = [t.clone().requires_grad_() for t in (q, k, v, m)]
+    oe, le = f(*xe)
+    oc, lc = compiled(*xc)
+    assert max_abs_err(oe, oc) <= 1e-5 and max_abs_err(le, lc) <= 1e-5
+    ge = torch.autograd.grad(oe, xe, torch.ones_like(oe))
+    gc = torch.autograd.grad(oc, xc, torch.ones_like(oc))
+    for a, b in zip(ge, gc):
+        assert max_abs_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_matches_oracle_with_the_kernels_mask(backend, device, causal):
+    """The kernels' dropout (forward and the regenerated backward) equals the oracle given the same keep-mask."""
+    require_backend(backend, device)
+    dtype = _dtype(device)
+    B, H, Hk, L, S, E = 2, 4, 2, 21, 26, 16
+    q, k = torch.randn(B, H, L, E, device=device, dtype=dtype), torch.randn(B, Hk, S, E, device=device, dtype=dtype)
+    v = torch.randn(B, Hk, S, E, device=device, dtype=dtype)
+    seed, p = torch.tensor([123456789012], device=device), 0.35
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, lse = attn_ops.attention_op(*_args(*x, causal=causal, dropout_p=p, seed=seed), backend)
+    g = torch.randn_like(o)
+    grads = torch.autograd.grad(o, x, g)
+    keep = attn_ops.dropout_mask(seed, B, H, L, S, p)
+    assert 0.55 < float(keep.float().mean()) < 0.75
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ro, rl = ref.scaled_dot_product_attention(*x64, dropout_mask=keep, dropout_p=p, is_causal=causal,
+                                             enable_gqa=True)
+    rgrads = torch.autograd.grad(ro, x64, g.double())
+    floor = 2e-5 if dtype == torch.float32 else 4e-3
+    assert_error_rule("out", o, ro, floor=floor)
+    assert_error_rule("lse", lse, rl, floor=2e-5, dtype=torch.float32)  # lse ignores dropout
+    for name, a, r in zip(("dq", "dk", "dv"), grads, rgrads):
+        assert_error_rule(name, a, r, floor=floor)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_many_blocks_gqa_window_float_mask_grad(backend, device):
+    """Sizes spanning several tiles in both directions (block skipping of causal + window in dK/dV and dQ), GQA
+    groups of 3, a float mask broadcast over the batch whose gradient is summed over it."""
+    require_backend(backend, device)
+    dtype = _dtype(device)
+    B, H, Hk, L, S, E = 1, 6, 2, 70, 53, 32
+    q, k = torch.randn(B, H, L, E, device=device, dtype=dtype), torch.randn(B, Hk, S, E, device=device, dtype=dtype)
+    v = torch.randn(B, Hk, S, E, device=device, dtype=dtype)
+    m = torch.randn(1, H, L, S, device=device, dtype=dtype)
+    for causal, diag, window in ((True, S - L, (9, -1)), (False, 0, (4, 20)), (True, 0, (-1, -1))):
+        x = [t.clone().requires_grad_() for t in (q, k, v, m)]
+        o, _ = attn_ops.attention_op(*_args(*x[:3], bias=x[3], causal=causal, diag=diag, window=window), backend)
+        g = torch.randn_like(o)
+        grads = torch.autograd.grad(o, x, g)
+        x64 = [t.detach().double().requires_grad_() for t in (q, k, v, m)]
+        ro, _ = ref.scaled_dot_product_attention(*x64[:3], attn_mask=x64[3], is_causal=causal, enable_gqa=True,
+                                                alignment="bottom_right" if diag else "top_left", window=window)
+        rgrads = torch.autograd.grad(ro, x64, g.double())
+        floor = 2e-5 if dtype == torch.float32 else 4e-3
+        assert_error_rule("out", o, ro, floor=floor)
+        for name, a, r in zip(("dq", "dk", "dv", "dmask"), grads, rgrads):
+            assert_error_rule(name, a, r, floor=floor)
+
+
+def test_fake_shapes_of_varlen_and_dense():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        q, k, v = torch.empty(2, 4, 7, 16), torch.empty(2, 2, 9, 16), torch.empty(2, 2, 9, 24)
+        o, lse = torch.ops.pykernels.attention(*_args(q, k, v), "reference")
+        assert o.shape == (2, 4, 7, 24) and lse.shape == (2, 4, 7) and lse.dtype == torch.float32
+        cu = torch.empty(3, dtype=torch.int32)
+        o, lse = torch.ops.pykernels.attention(*_args(torch.empty(13, 4, 16), torch.empty(11, 2, 16),
+                                                      torch.empty(11, 2, 8), cu=(cu, cu), maxlen=(7, 6)), "reference")
+        assert o.shape == (13, 4, 8) and lse.shape == (4, 13)

@@ -1,0 +1,91 @@
+"""The Triton attention kernels compiled for real GPU targets (sm_80, sm_90) without a GPU: the interpreter is
+more lenient than the compiler, so every kernel and feature variant must also compile; tensor cores must be used
+(mma.sync on sm_80; the sm_90 bf16/fp16 forward must use wgmma) and the main configurations must not spill."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+_SCRIPT = textwrap.dedent('''
+    import os, sys, json
+    os.environ.pop("TRITON_INTERPRET", None)   # compile for real targets, not for the interpreter
+    sys.path.insert(0, {root!r})
+    import torch
+    from pykernels.triton import attention as a
+    from pykernels.triton._compile import compile_for, spills
+    STRIDES = ["sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd", "sbb", "sbh",
+               "sbm", "sbn"]
+    SCALARS = {{"H": "i32", "GROUP": "i32", "L": "i32", "S": "i32", "HEAD_E": "i32", "HEAD_EV": "i32",
+               "scale": "fp32", "softcap": "fp32", "diag": "i32", "win_left": "i32", "win_right": "i32",
+               "dropout_p": "fp32"}}
+    DT = {{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}}
+
+    def sig(kern, dt, bias_t):
+        ptrs = {{"fwd": ["Q", "K", "V", "Bias", "O", "LSE", "CuQ", "CuK", "Seed"],
+                "dkdv": ["Q", "K", "V", "Bias", "DO", "LSE", "DELTA", "DK", "DV", "CuQ", "CuK", "Seed"],
+                "dq": ["Q", "K", "V", "Bias", "DO", "LSE", "DELTA", "DQ", "DBias", "CuQ", "CuK", "Seed"]}}[kern]
+        s = {{}}
+        for p in ptrs:
+            s[p] = {{"Bias": bias_t, "LSE": "*fp32", "DELTA": "*fp32", "DBias": "*fp32", "CuQ": "*i32",
+                    "CuK": "*i32", "Seed": "*i64"}}.get(p, "*" + dt)
+        for st in STRIDES + (["sob", "soh", "som", "sod"] if kern == "fwd" else ["sdb", "sdh", "sdm", "sdd"]):
+            s[st] = "i64"
+        s.update(SCALARS)
+        return s
+
+    out = []
+    VARIANTS = [  # (kernel, dtype, head dim, flags, must not spill)
+        ("fwd", "bf16", 128, {{"IS_CAUSAL": True}}, True),
+        ("fwd", "bf16", 64, {{}}, True),
+        ("fwd", "fp16", 256, {{}}, False),
+        ("fwd", "fp16", 128, {{"HAS_WINDOW": True, "SOFTCAP": True, "HAS_BIAS": True, "BOOL_BIAS": True,
+                              "DROPOUT": True, "VARLEN": True, "BR": True, "IS_CAUSAL": True}}, False),
+        ("fwd", "fp32", 64, {{"HAS_BIAS": True}}, False),
+        ("dkdv", "bf16", 128, {{"IS_CAUSAL": True}}, True),
+        ("dkdv", "fp16", 64, {{"HAS_BIAS": True, "DROPOUT": True, "SOFTCAP": True, "HAS_WINDOW": True}}, False),
+        ("dq", "bf16", 128, {{"IS_CAUSAL": True}}, True),
+        ("dq", "fp16", 64, {{"HAS_BIAS": True, "DBIAS": True, "DROPOUT": True, "VARLEN": True}}, False),
+    ]
+    for arch in (80, 90):
+        for kern, dt, e, fl, nospill in VARIANTS:
+            if arch == 80 and not nospill:  # sm_80: the main configurations (CI time); sm_90: every variant
+                continue
+            flags = dict(IS_CAUSAL=False, BR=False, HAS_WINDOW=False, SOFTCAP=False, HAS_BIAS=False,
+                         BOOL_BIAS=False, DROPOUT=False, VARLEN=False, IEEE=dt == "fp32", E=e, EV=e)
+            if kern == "dq":
+                flags["DBIAS"] = False
+            flags.update(fl)
+            bm, bn, warps, _ = a.config(e, e, DT[dt], kern)
+            flags.update(BLOCK_M=bm, BLOCK_N=bn)
+            fn = {{"fwd": a._attn_fwd, "dkdv": a._attn_bwd_dkdv, "dq": a._attn_bwd_dq}}[kern]
+            c = compile_for(fn, sig(kern, dt, "*i1" if flags["BOOL_BIAS"] else "*" + dt), flags, arch,
+                            num_warps=warps)
+            ptx = c.asm["ptx"]
+            out.append((kern, arch, dt, e, sorted(fl), "wgmma" in ptx, "mma.sync" in ptx, spills(c), nospill))
+    print(json.dumps(out))
+''')
+
+
+def test_attention_kernels_compile_for_sm80_and_sm90():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", _SCRIPT.format(root=root)], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(rows) == 13
+    for kern, arch, dt, e, flags, wgmma, mma, n_spills, nospill in rows:
+        what = f"{kern} sm_{arch} {dt} E={e} {flags}"
+        if dt != "fp32":  # fp32 inputs use exact fp32 FMA dots (input_precision="ieee"), by design
+            assert wgmma or mma, f"{what}: no tensor-core instruction"
+        if arch == 90 and kern == "fwd" and dt in ("bf16", "fp16"):
+            assert wgmma, f"{what}: the sm_90 forward must use wgmma"
+        if nospill:
+            assert n_spills == 0, f"{what}: {n_spills} spills"
