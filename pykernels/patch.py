@@ -11,6 +11,7 @@ from . import nn as pnn
 # would silently drop that behaviour.
 _CONVERTERS: Dict[Type[torch.nn.Module], Callable[[torch.nn.Module], torch.nn.Module]] = {
     torch.nn.CrossEntropyLoss: pnn.CrossEntropyLoss.from_torch,
+    torch.nn.MultiheadAttention: pnn.MultiheadAttention.from_torch,
 }
 
 

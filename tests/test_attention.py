@@ -345,3 +345,121 @@ def test_backend_selection_is_visible():
         sdpa(x, x, x, backend="triton")
     out = sdpa(q.double(), q.double(), q.double())  # float64: the reference runs it, never a wrong answer
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q.double(), q.double(), q.double()))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# nn.MultiheadAttention drop-in.
+
+MHA_CASES = [  # (ctor kwargs, forward kwargs/mask spec, why)
+    (dict(), dict(), "default, need_weights"),
+    (dict(batch_first=True), dict(attn="bool", need_weights=False), "batch_first, bool attn_mask"),
+    (dict(kdim=6, vdim=10), dict(kpm="bool", average_attn_weights=False), "kdim/vdim, key padding, per-head"),
+    (dict(add_bias_kv=True, add_zero_attn=True), dict(attn="float", kpm="bool"), "bias_kv, zero_attn, float+bool"),
+    (dict(bias=False, batch_first=True), dict(attn="causal", is_causal=True, need_weights=False), "is_causal hint"),
+    (dict(), dict(attn="bool3", kpm="float"), "per-head 3-D mask, float key padding"),
+    (dict(batch_first=True), dict(unbatched=True, attn="bool"), "unbatched"),
+]
+
+
+def _mha_inputs(ctor, fw, N, L, S, E, H, dtype):
+    kd, vd = ctor.get("kdim") or E, ctor.get("vdim") or E
+    bf = ctor.get("batch_first", False)
+    shape = (lambda n, t, e: (t, e)) if fw.get("unbatched") else ((lambda n, t, e: (n, t, e)) if bf
+                                                                  else (lambda n, t, e: (t, n, e)))
+    q, k, v = (torch.randn(shape(N, L, E), dtype=dtype), torch.randn(shape(N, S, kd), dtype=dtype),
+               torch.randn(shape(N, S, vd), dtype=dtype))
+    if "kdim" not in ctor and fw.get("attn") == "causal":
+        k, v = q, q  # self-attention
+        S = L
+    kw = {k_: v_ for k_, v_ in fw.items() if k_ in ("need_weights", "average_attn_weights", "is_causal")}
+    a = fw.get("attn")
+    if a == "bool":
+        kw["attn_mask"] = torch.rand(L, S) < 0.3
+    elif a == "bool3":
+        kw["attn_mask"] = torch.rand(N * H, L, S) < 0.3
+    elif a == "float":
+        kw["attn_mask"] = torch.randn(L, S, dtype=dtype)
+    elif a == "causal":
+        kw["attn_mask"] = torch.nn.Transformer.generate_square_subsequent_mask(L, dtype=dtype)
+    if fw.get("kpm") == "bool":
+        kpm = torch.rand(N, S) < 0.3
+        kpm[:, 0] = False  # every query sees a key (torch gives NaN rows otherwise)
+        kw["key_padding_mask"] = kpm
+    elif fw.get("kpm") == "float":
+        kw["key_padding_mask"] = torch.randn(N, S, dtype=dtype)
+    if fw.get("unbatched") and "key_padding_mask" in kw:
+        kw["key_padding_mask"] = kw["key_padding_mask"][0]
+    if a == "bool":
+        kw["attn_mask"][:, 0] = False
+    if a == "bool3":
+        kw["attn_mask"][:, :, 0] = False
+    return q, k, v, kw
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[1] == "cpu"])
+@pytest.mark.parametrize("case", MHA_CASES, ids=[c[-1] for c in MHA_CASES])
+def test_multihead_attention_matches_torch(backend, device, case):
+    require_backend(backend, device)
+    ctor, fw, _ = case
+    if backend == "triton" and case not in (MHA_CASES[0], MHA_CASES[3], MHA_CASES[4]):
+        pytest.skip("interpreter time: three MHA configurations cover the kernel path; the rest run on reference")
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    E, H, N, L, S = 16, 2, 2, 5, 7
+    theirs = torch.nn.MultiheadAttention(E, H, dtype=dtype, **ctor)
+    ours = pykernels.nn.MultiheadAttention(E, H, dtype=dtype, backend=backend, **ctor)
+    assert ours.load_state_dict(theirs.state_dict(), strict=True) is not None
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert isinstance(ours, torch.nn.MultiheadAttention)
+    q, k, v, kw = _mha_inputs(ctor, fw, N, L, S, E, H, dtype)
+    xs = [[t.detach().clone().requires_grad_() for t in (q, k, v)] for _ in range(2)]
+    theirs.eval(), ours.eval()
+    (o1, w1), (o2, w2) = theirs(*xs[0], **kw), ours(*xs[1], **kw)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(o2, o1, **tol)
+    assert (w1 is None) == (w2 is None)
+    if w1 is not None:
+        torch.testing.assert_close(w2, w1, **tol)
+    g = torch.randn_like(o1)
+    params1, params2 = list(theirs.parameters()), list(ours.parameters())
+    g1 = torch.autograd.grad(o1, xs[0] + params1, g, allow_unused=True)
+    g2 = torch.autograd.grad(o2, xs[1] + params2, g, allow_unused=True)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, **tol)
+
+
+def test_multihead_attention_state_dict_both_ways_and_patch():
+    for kw in (dict(), dict(kdim=6, vdim=10, add_bias_kv=True), dict(bias=False)):
+        theirs = torch.nn.MultiheadAttention(16, 4, **kw)
+        ours = pykernels.nn.MultiheadAttention(16, 4, **kw)
+        ours.load_state_dict(theirs.state_dict(), strict=True)
+        back = torch.nn.MultiheadAttention(16, 4, **kw)
+        back.load_state_dict(ours.state_dict(), strict=True)
+        for (n1, p1), (n2, p2) in zip(theirs.state_dict().items(), back.state_dict().items()):
+            assert n1 == n2 and torch.equal(p1, p2)
+    layer = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+    x = torch.randn(2, 9, 16)
+    ref_out = layer(x)
+    weight = layer.self_attn.in_proj_weight
+    patched = pykernels.patch(layer)
+    assert type(patched.self_attn) is pykernels.nn.MultiheadAttention
+    assert patched.self_attn.in_proj_weight is weight  # parameters shared: optimizers keep working
+    torch.testing.assert_close(patched(x), ref_out, rtol=1e-5, atol=1e-5)
+
+
+def test_multihead_attention_dropout_and_errors():
+    mha = pykernels.nn.MultiheadAttention(8, 2, dropout=0.5)
+    x = torch.randn(4, 3, 8)
+    mha.train()
+    o, w = mha(x, x, x)  # need_weights + dropout in training: torch's own path (weights are the dropped ones)
+    assert w.shape == (3, 4, 4)
+    o1, _ = mha(x, x, x, need_weights=False)
+    o2, _ = mha(x, x, x, need_weights=False)
+    assert not torch.equal(o1, o2)  # dropout active in training
+    mha.eval()
+    o1, _ = mha(x, x, x, need_weights=False)
+    o2, _ = mha(x, x, x, need_weights=False)
+    assert torch.equal(o1, o2)
+    with pytest.raises(RuntimeError, match="is_causal"):
+        mha(x, x, x, is_causal=True)
