@@ -1,0 +1,179 @@
+"""pykernels.functional.lstm_cell / lstm: torch's LSTM cell and stacked LSTM on fused kernels.
+
+``lstm_cell`` has the semantics of ``torch._VF.lstm_cell`` / ``torch.nn.LSTMCell``: gate order i, f, g, o,
+batched (B, I) or unbatched (I,) input, hx = (h, c). ``lstm`` is the functional ``torch.nn.LSTM`` (the module
+calls it): per layer and direction it runs the fused sequence op when a backend's kernels cover the call, else the
+reference (plain PyTorch) — the reason is recorded in ``pykernels.last_dispatch["lstm"]`` and logged (DEBUG).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..ops import lstm as _ops
+from ..reference import lstm as _ref
+
+__all__ = ["lstm_cell", "lstm"]
+
+_CELL_DTYPES = {
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+    "cuda": (torch.float16, torch.bfloat16, torch.float32),
+    "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+
+
+def _check_tensor(name: str, t, dtype, device) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"lstm_cell: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"lstm_cell: {name} must have the input's dtype {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"lstm_cell: {name} is on {t.device} but input is on {device}")
+
+
+def _check_cell_args(input, h, c, w_ih, w_hh, b_ih, b_hh) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"lstm_cell: input must be a Tensor, got {type(input).__name__}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"lstm_cell: input must be floating point, got {input.dtype}")
+    if input.dim() != 2:
+        raise ValueError(f"lstm_cell: input must be 1-D (I) or 2-D (B, I), got {input.dim()}-D")
+    for name, t in (("hx[0]", h), ("hx[1]", c), ("w_ih", w_ih), ("w_hh", w_hh)):
+        _check_tensor(name, t, input.dtype, input.device)
+    B, I = input.shape
+    if w_ih.dim() != 2 or w_ih.shape[1] != I or w_ih.shape[0] % 4:
+        raise ValueError(f"lstm_cell: w_ih must have shape (4*hidden_size, {I}), got {tuple(w_ih.shape)}")
+    H = w_ih.shape[0] // 4
+    if tuple(w_hh.shape) != (4 * H, H):
+        raise ValueError(f"lstm_cell: w_hh must have shape ({4 * H}, {H}), got {tuple(w_hh.shape)}")
+    for name, t in (("hx[0]", h), ("hx[1]", c)):
+        if tuple(t.shape) != (B, H):
+            raise ValueError(f"lstm_cell: {name} must have shape ({B}, {H}), got {tuple(t.shape)}")
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("lstm_cell: pass both b_ih and b_hh, or neither")
+    for name, t in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if t is not None:
+            _check_tensor(name, t, input.dtype, input.device)
+            if tuple(t.shape) != (4 * H,):
+                raise ValueError(f"lstm_cell: {name} must have shape ({4 * H},), got {tuple(t.shape)}")
+
+
+def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, w_hh: Tensor,
+              b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *, backend: Optional[str] = None
+              ) -> Tuple[Tensor, Tensor]:
+    """One LSTM step, ``torch.nn.LSTMCell``'s math: returns (h', c'). ``hx`` = (h, c), each (B, H) or (H,) for
+    unbatched (I,) input; None means zeros. Keyword-only ``backend``: see ``pykernels.backends``."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"lstm_cell: input must be a Tensor, got {type(input).__name__}")
+    unbatched = input.dim() == 1
+    if input.dim() not in (1, 2):
+        raise ValueError(f"lstm_cell: input must be 1-D (I) or 2-D (B, I), got {input.dim()}-D")
+    x = input.unsqueeze(0) if unbatched else input
+    H = w_hh.shape[-1] if isinstance(w_hh, Tensor) else 0
+    if hx is None:
+        h = c = x.new_zeros(x.shape[0], H)
+    else:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError("lstm_cell: hx must be a tuple (h, c) or None")
+        h, c = hx
+        if unbatched:
+            for name, t in (("hx[0]", h), ("hx[1]", c)):
+                if not isinstance(t, Tensor) or t.dim() != 1:
+                    raise ValueError(f"lstm_cell: {name} must be 1-D for unbatched (1-D) input")
+            h, c = h.unsqueeze(0), c.unsqueeze(0)
+    _check_cell_args(x, h, c, w_ih, w_hh, b_ih, b_hh)
+
+    def unsupported(b: str) -> Optional[str]:
+        if b == "reference":
+            return None
+        if x.dtype not in _CELL_DTYPES[b]:
+            return f"dtype {x.dtype} is not supported by the {b} kernels"
+        if b not in _ops.CELL:
+            return _ops.triton_import_error if b == "triton" else _ops.cpp_error
+        return None
+
+    chosen = backends.choose("lstm_cell", x.device, backend, unsupported)
+    if chosen == "reference":
+        hy, cy = _ref.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    else:
+        hy, cy, _ = _ops.lstm_cell_op(x, h, c, w_ih, w_hh, b_ih, b_hh, chosen)
+    if unbatched:
+        return hy.squeeze(0), cy.squeeze(0)
+    return hy, cy
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stacked LSTM.
+
+_LAYER_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32)}
+
+
+def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool) -> Optional[str]:
+    if b == "reference":
+        return None
+    if b not in _ops.LAYER:
+        if b == "triton" and _ops.triton_import_error:
+            return _ops.triton_import_error
+        return f"no {b} sequence kernel yet (the {b} backend has only the cell)"
+    if x.dtype not in _LAYER_DTYPES[b]:
+        return f"dtype {x.dtype} is not supported by the {b} sequence kernel"
+    if proj_size:
+        return "proj_size > 0 is not covered by the sequence kernel"
+    if packed:
+        return "packed sequences are not covered by the sequence kernel"
+    return None
+
+
+def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Tensor], num_layers: int = 1,
+         bidirectional: bool = False, has_biases: bool = True, proj_size: int = 0, batch_first: bool = False,
+         dropout: float = 0.0, training: bool = False, batch_sizes: Optional[Tensor] = None, *,
+         backend: Optional[str] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """Functional ``torch.nn.LSTM``. ``params`` in torch's ``_flat_weights`` order (per layer, per direction:
+    w_ih, w_hh, [b_ih, b_hh], [w_hr]). ``input``: (T, B, I), (B, T, I) with batch_first, (T, I) unbatched, or
+    the data of a PackedSequence with its ``batch_sizes`` (states then in sorted order). Returns
+    (output, (h_n, c_n)) shaped as torch.nn.LSTM's."""
+    packed = batch_sizes is not None
+
+    def unsupported(b: str) -> Optional[str]:
+        return _layer_unsupported(b, input, proj_size, packed)
+
+    chosen = backends.choose("lstm", input.device, backend, unsupported)
+    if chosen == "reference":
+        return _ref.lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
+                         dropout, training, batch_sizes)
+
+    D = 2 if bidirectional else 1
+    per = 4 if has_biases else 2
+    unbatched = input.dim() == 2
+    x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
+    B = x.shape[1]
+    H = params[1].shape[1]
+    if hx is None:
+        h0 = c0 = x.new_zeros(num_layers * D, B, H)
+    else:
+        h0, c0 = hx
+        if unbatched:
+            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+    hs, cs = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            w = params[k * per:(k + 1) * per]
+            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+            o, h, c, _ = _ops.lstm_layer_op(x, h0[k], c0[k], w[0], w[1], b_ih, b_hh, d == 1, chosen)
+            outs.append(o)
+            hs.append(h)
+            cs.append(c)
+        x = outs[0] if D == 1 else torch.cat(outs, dim=-1)
+        if dropout and training and layer < num_layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, training=True)
+    h_n, c_n = torch.stack(hs), torch.stack(cs)
+    if unbatched:
+        return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+    if batch_first:
+        x = x.transpose(0, 1)
+    return x, (h_n, c_n)

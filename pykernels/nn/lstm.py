@@ -1,0 +1,134 @@
+"""Drop-in ``torch.nn.LSTMCell`` and ``torch.nn.LSTM`` on pykernels' fused kernels.
+
+Both subclass the torch modules and only replace ``forward``: constructor, parameter names, order and shapes,
+``state_dict``, ``flatten_parameters``, pickling and ``isinstance`` checks are torch's own, so a torch state_dict
+loads strictly in both directions and an optimizer built on one module's parameters works on the other.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from ..functional.lstm import lstm as _lstm
+from ..functional.lstm import lstm_cell as _lstm_cell
+
+
+def _adopt_parameters(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
+    """Make ``new`` use ``old``'s Parameter objects (the same tensors: optimizers and tied weights keep
+    working) and its training mode."""
+    for name, p in old._parameters.items():
+        setattr(new, name, p)
+    new.train(old.training)
+    return new
+
+
+class LSTMCell(torch.nn.LSTMCell):
+    """``torch.nn.LSTMCell`` whose step is one fused kernel (``pykernels.functional.lstm_cell``).
+
+    Keyword-only extra: ``backend`` ("triton", "cuda", "cpu", "reference"; None: automatic).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: Optional[str] = None) -> None:
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and hx[0].dim() != input.dim():
+            raise ValueError(f"LSTMCell: Expected hx[0] to be {input.dim()}D, got {hx[0].dim()}D instead")
+        return _lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                          backend=self.backend)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.LSTMCell, **extras) -> "LSTMCell":
+        new = cls(module.input_size, module.hidden_size, module.bias, device="meta",
+                  dtype=module.weight_ih.dtype, **extras)
+        return _adopt_parameters(new, module)
+
+
+class LSTM(torch.nn.LSTM):
+    """``torch.nn.LSTM`` on the fused sequence kernels (``pykernels.functional.lstm``).
+
+    Each layer direction runs as one input-projection GEMM plus one recurrent launch where a backend's sequence
+    kernel covers the call; proj_size > 0, PackedSequence input and float64 run the reference implementation
+    (plain PyTorch) instead — visibly: ``pykernels.last_dispatch["lstm"]`` names the backend that ran and why the
+    others were skipped. Keyword-only extra: ``backend``.
+    """
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, input, hx=None):  # mirrors torch.nn.LSTM.forward, with pykernels' lstm
+        self._update_flat_weights()
+        orig_input = input
+        batch_sizes = None
+        D = 2 if self.bidirectional else 1
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0])
+            if hx is None:
+                hx = (torch.zeros(self.num_layers * D, max_batch_size, real_hidden_size, dtype=input.dtype,
+                                  device=input.device),
+                      torch.zeros(self.num_layers * D, max_batch_size, self.hidden_size, dtype=input.dtype,
+                                  device=input.device))
+            else:
+                hx = self.permute_hidden(hx, sorted_indices)
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+            sorted_indices = unsorted_indices = None
+            if hx is None:
+                hx = (torch.zeros(self.num_layers * D, max_batch_size, real_hidden_size, dtype=input.dtype,
+                                  device=input.device),
+                      torch.zeros(self.num_layers * D, max_batch_size, self.hidden_size, dtype=input.dtype,
+                                  device=input.device))
+                self.check_forward_args(input, hx, batch_sizes)
+            else:
+                if is_batched:
+                    if hx[0].dim() != 3 or hx[1].dim() != 3:
+                        raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but got "
+                                           f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                else:
+                    if hx[0].dim() != 2 or hx[1].dim() != 2:
+                        raise RuntimeError("For unbatched 2-D input, hx and cx should also be 2-D but got "
+                                           f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+                self.check_forward_args(input, hx, batch_sizes)
+                hx = self.permute_hidden(hx, sorted_indices)
+
+        output, hidden = _lstm(input, hx, self._flat_weights, self.num_layers, self.bidirectional, self.bias,
+                               self.proj_size, self.batch_first if batch_sizes is None else False,
+                               float(self.dropout), self.training, batch_sizes, backend=self.backend)
+        if isinstance(orig_input, PackedSequence):
+            return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                    self.permute_hidden(hidden, unsorted_indices))
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.LSTM, **extras) -> "LSTM":
+        new = cls(module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first,
+                  module.dropout, module.bidirectional, module.proj_size, device="meta",
+                  dtype=module.weight_ih_l0.dtype, **extras)
+        return _adopt_parameters(new, module)
+
+
+# pykernels.patch imports pykernels.nn (this package, already holding the modules it needs): import it late.
+_patch = importlib.import_module("pykernels.patch")
+_patch.register(torch.nn.LSTMCell, LSTMCell.from_torch)
+_patch.register(torch.nn.LSTM, LSTM.from_torch)

@@ -1,0 +1,215 @@
+"""LSTM operators (contract: docs/lstm.md): kernel ops of each backend and the autograd-level ops.
+
+Kernel ops, one set per backend, same schemas:
+- ``pykernels::lstm_cell_{fwd,bwd}``: C++ schemas in csrc/lstm.cpp, CPU and CUDA kernels ("cpu" / "cuda"
+  backends); their fakes are registered here.
+- ``pykernels::lstm_cell_{fwd,bwd}_triton`` and ``pykernels::lstm_layer_{fwd,bwd}_triton``: ``triton_op``s over
+  pykernels/triton/lstm.py.
+
+Autograd-level ops:
+- ``pykernels::lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend) -> (h, c, ws)``: one fused step; the
+  backward is the backend's pointwise gate-gradient kernel plus GEMMs for dx, dh, dW_ih, dW_hh, db.
+- ``pykernels::lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, backend) -> (out, h_n, c_n, ws)``: one layer
+  direction over a whole padded sequence: one input-projection GEMM, one recurrent launch; the backward runs the
+  recurrence in reverse time, then one GEMM each for dx, dW_ih, dW_hh.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the workspace (saved gates, cell state) and of the gate gradients."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fakes.
+
+def _cell_fwd_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    B, H = hx.shape
+    return (input.new_empty(B, H), input.new_empty(B, H), input.new_empty(B, 5 * H, dtype=acc_dtype(input.dtype)))
+
+
+def _cell_bwd_fake(grad_h, grad_c, cx, ws):
+    B, H = cx.shape
+    return cx.new_empty(B, 4 * H, dtype=ws.dtype), cx.new_empty(B, H)
+
+
+def _layer_fwd_fake(xproj, w_hh, h0, c0, reverse):
+    T, B, H4 = xproj.shape
+    H = H4 // 4
+    return h0.new_empty(T, B, H), xproj.new_empty(T, B, 5 * H)
+
+
+def _layer_bwd_fake(grad_out, grad_hn, grad_cn, c0, ws, w_hh, reverse):
+    T, B, H5 = ws.shape
+    H = H5 // 5
+    return ws.new_empty(T, B, 4 * H), ws.new_empty(B, H), ws.new_empty(B, H)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel ops per backend: CELL[backend] = (fwd, bwd); LAYER[backend] = (fwd, bwd).
+
+CELL = {}
+LAYER = {}
+
+
+def _cpp_ops_present() -> bool:
+    try:
+        torch.ops.pykernels.lstm_cell_fwd.default  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+cpp_error: Optional[str] = None
+if not _ext.loaded():
+    cpp_error = _ext.load_error
+elif not _cpp_ops_present():
+    cpp_error = "pykernels._C was built without the LSTM kernels (csrc/lstm.cpp); rebuild the extension"
+else:
+    torch.library.register_fake("pykernels::lstm_cell_fwd")(_cell_fwd_fake)
+    torch.library.register_fake("pykernels::lstm_cell_bwd")(_cell_bwd_fake)
+    CELL["cpu"] = CELL["cuda"] = (torch.ops.pykernels.lstm_cell_fwd.default, torch.ops.pykernels.lstm_cell_bwd.default)
+
+triton_import_error: Optional[str] = None
+try:
+    from ..triton import lstm as _tk
+except Exception as e:  # no triton, or a triton too old for the kernels
+    triton_import_error = f"{type(e).__name__}: {e}"
+else:
+    torch.library.triton_op("pykernels::lstm_cell_fwd_triton", mutates_args=())(_tk.lstm_cell_fwd)
+    torch.library.triton_op("pykernels::lstm_cell_bwd_triton", mutates_args=())(_tk.lstm_cell_bwd)
+    torch.library.triton_op("pykernels::lstm_layer_fwd_triton", mutates_args=())(_tk.lstm_layer_fwd)
+    torch.library.triton_op("pykernels::lstm_layer_bwd_triton", mutates_args=())(_tk.lstm_layer_bwd)
+    CELL["triton"] = (torch.ops.pykernels.lstm_cell_fwd_triton.default,
+                      torch.ops.pykernels.lstm_cell_bwd_triton.default)
+    LAYER["triton"] = (torch.ops.pykernels.lstm_layer_fwd_triton.default,
+                       torch.ops.pykernels.lstm_layer_bwd_triton.default)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cell.
+
+@torch.library.custom_op("pykernels::lstm_cell", mutates_args=())
+def lstm_cell_op(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                 b_hh: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """input (B, I), hx/cx (B, H), weights (4H, I)/(4H, H), biases (4H) or None, all of one dtype. Returns
+    (h', c') in that dtype and ws (B, 5H) of acc_dtype: the activated gates i, f, g, o and c' unrounded."""
+    return CELL[backend][0](input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+@lstm_cell_op.register_fake
+def _(input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend):
+    return _cell_fwd_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+def _cell_setup(ctx, inputs, output):
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
+    ctx.backend = backend
+    ctx.has_bias = (b_ih is not None, b_hh is not None)
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, output[2])
+
+
+def _weight_grads(dg: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool):
+    """dx = dg W, dW = dg^T x, in the weights' dtype (dg is the fp32 gate gradient, rows flattened)."""
+    d = dg.to(w.dtype)
+    return (d @ w if need_x else None), (d.t() @ x if need_w else None)
+
+
+def _cell_backward(ctx, gh, gc, gws):
+    input, hx, cx, w_ih, w_hh, ws = ctx.saved_tensors
+    if gh is None and gc is None:
+        return None, None, None, None, None, None, None, None
+    dg, dcx = CELL[ctx.backend][1](gh, gc, cx, ws)
+    n = ctx.needs_input_grad
+    dx, dwih = _weight_grads(dg, input, w_ih, n[0], n[3])
+    dh, dwhh = _weight_grads(dg, hx, w_hh, n[1], n[4])
+    db = dg.sum(0).to(w_ih.dtype) if (n[5] or n[6]) else None
+    return (dx, dh, dcx if n[2] else None, dwih, dwhh, db if ctx.has_bias[0] and n[5] else None,
+            db if ctx.has_bias[1] and n[6] else None, None)
+
+
+torch.library.register_autograd("pykernels::lstm_cell", _cell_backward, setup_context=_cell_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One layer direction over a padded sequence.
+
+def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Tensor:
+    """x (T, B, I) -> (T, B, 4H) in acc_dtype: x W_ih^T + b_ih + b_hh as one GEMM over all T*B rows."""
+    T, B, _ = x.shape
+    acc = acc_dtype(x.dtype)
+    xp = (x.reshape(T * B, -1) @ w_ih.t()).to(acc)
+    if b_ih is not None:
+        xp = xp + (b_ih.to(acc) + b_hh.to(acc))
+    return xp.reshape(T, B, -1)
+
+
+@torch.library.custom_op("pykernels::lstm_layer", mutates_args=())
+def lstm_layer_op(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                  b_hh: Optional[Tensor], reverse: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x (T, B, I), h0/c0 (B, H). Returns out (T, B, H), h_n, c_n (B, H) in x's dtype, and ws (T, B, 5H) of
+    acc_dtype (activated gates and fp32 c of every step). ``reverse`` runs the sequence from t = T-1 down to 0."""
+    T = x.shape[0]
+    xp = input_projection(x, w_ih, b_ih, b_hh)
+    out, ws = LAYER[backend][0](xp, w_hh, h0.contiguous(), c0.contiguous(), reverse)
+    if T == 0:
+        return out, h0.clone(), c0.clone(), ws
+    last = 0 if reverse else T - 1
+    H = h0.shape[1]
+    return out, out[last].clone(), ws[last, :, 4 * H:].to(x.dtype, copy=True), ws
+
+
+@lstm_layer_op.register_fake
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, backend):
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    return (x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, H),
+            x.new_empty(T, B, 5 * H, dtype=acc_dtype(x.dtype)))
+
+
+def _layer_setup(ctx, inputs, output):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, backend = inputs
+    out, _, _, ws = output
+    ctx.mark_non_differentiable(ws)
+    ctx.set_materialize_grads(False)
+    ctx.args = (reverse, backend, b_ih is not None)
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, out, ws)
+
+
+def _layer_backward(ctx, g_out, g_hn, g_cn, g_ws):
+    reverse, backend, has_bias = ctx.args
+    x, h0, c0, w_ih, w_hh, out, ws = ctx.saved_tensors
+    none = (None,) * 9
+    if g_out is None and g_hn is None and g_cn is None:
+        return none
+    T, B, _ = x.shape
+    if T == 0:
+        return (x.new_zeros(x.shape), g_hn, g_cn, torch.zeros_like(w_ih), torch.zeros_like(w_hh),
+                None, None, None, None)
+    cont = (lambda t: None if t is None else t.contiguous())
+    dg, dh0, dc0 = LAYER[backend][1](cont(g_out), cont(g_hn), cont(g_cn), c0.contiguous(), ws, w_hh, reverse)
+    n = ctx.needs_input_grad
+    H4 = dg.shape[-1]
+    dg2 = dg.reshape(T * B, H4)
+    dx, dwih = _weight_grads(dg2, x.reshape(T * B, -1), w_ih, n[0], n[3])
+    dwhh = None
+    if n[4]:
+        # h_{t-1} of every step in the order of dg: forward reads out[t-1] (h0 at t = 0), reverse out[t+1]
+        hprev = torch.cat([h0[None], out[:-1]]) if not reverse else torch.cat([out[1:], h0[None]])
+        dwhh = dg2.to(w_hh.dtype).t() @ hprev.reshape(T * B, -1)
+    db = dg2.sum(0).to(w_ih.dtype) if has_bias and (n[5] or n[6]) else None
+    return (dx.reshape(x.shape) if dx is not None else None, dh0.to(h0.dtype) if n[1] else None,
+            dc0.to(c0.dtype) if n[2] else None, dwih, dwhh, db if n[5] else None, db if n[6] else None, None, None)
+
+
+torch.library.register_autograd("pykernels::lstm_layer", _layer_backward, setup_context=_layer_setup)

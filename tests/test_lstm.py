@@ -1,0 +1,319 @@
+"""pykernels.functional.lstm_cell / lstm and pykernels.nn.LSTMCell / LSTM against torch.nn.LSTMCell / LSTM.
+
+Every backend of the CPU tier (reference, C++ cpu, Triton under the interpreter) and, marked gpu, the GPU tier.
+Outputs and the gradients of the input, the states and every parameter are checked with the error rule against
+torch in float64 (pykernels.testing.assert_error_rule). Shapes are odd and tiny: the interpreter is slow.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import pykernels
+from pykernels.functional import lstm_cell
+from pykernels.testing import assert_error_rule
+
+from conftest import backend_params
+from conftest import require_backend as _require_backend
+
+F64 = torch.float64
+
+
+def require_backend(backend, device):
+    """conftest's rule, plus: the C++ backends must carry the LSTM ops (an extension built before csrc/lstm.cpp
+    existed does not)."""
+    _require_backend(backend, device)
+    from pykernels.ops import lstm as ops
+    if backend in ("cpu", "cuda") and backend not in ops.CELL:
+        if os.environ.get("PYKERNELS_REQUIRE_EXTENSION") == "1":
+            pytest.fail(ops.cpp_error)
+        pytest.skip(ops.cpp_error)
+
+
+def _dtypes(backend, device):
+    if backend == "reference":
+        return [torch.float32]
+    if device == "cuda":
+        return [torch.float32, torch.float16, torch.bfloat16]
+    return [torch.float32, torch.float16]  # the interpreter's bf16 dot is wrong (TOOLCHAIN.md)
+
+
+def _grads(outs, leaves, gouts):
+    return torch.autograd.grad(outs, leaves, gouts, allow_unused=True)
+
+
+def _check_all(name, outs, ref_outs, base_outs, grads, ref_grads, base_grads, dtype, factor=2.0):
+    for k, (o, r, b) in enumerate(zip(outs, ref_outs, base_outs)):
+        assert_error_rule(f"{name} out{k}", o, r, b, dtype=dtype, factor=factor)
+    for k, (g, r, b) in enumerate(zip(grads, ref_grads, base_grads)):
+        assert g is not None, f"{name}: gradient {k} missing"
+        assert_error_rule(f"{name} grad{k}", g, r, b, dtype=dtype, factor=factor)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_against_torch(backend, device, bias):
+    require_backend(backend, device)
+    B, I, H = 5, 7, 11
+    cell = torch.nn.LSTMCell(I, H, bias=bias, dtype=F64, device=device)
+    x = torch.randn(B, I, dtype=F64, device=device)
+    h = torch.randn(B, H, dtype=F64, device=device)
+    c = torch.randn(B, H, dtype=F64, device=device)
+    leaves64 = [x, h, c] + list(cell.parameters())
+    leaves64 = [t.detach().requires_grad_() for t in leaves64]
+    gouts = [torch.randn(B, H, dtype=F64, device=device) for _ in range(2)]
+    ref = torch._VF.lstm_cell(leaves64[0], (leaves64[1], leaves64[2]), *leaves64[3:])
+    ref_g = _grads(ref, leaves64, gouts)
+    for dtype in _dtypes(backend, device):
+        lv = [t.detach().to(dtype).requires_grad_() for t in leaves64]
+        base = torch._VF.lstm_cell(lv[0], (lv[1], lv[2]), *lv[3:])
+        base_g = _grads(base, lv, [g.to(dtype) for g in gouts])
+        lv2 = [t.detach().to(dtype).requires_grad_() for t in leaves64]
+        out = lstm_cell(lv2[0], (lv2[1], lv2[2]), *lv2[3:], backend=backend)
+        assert out[0].dtype == dtype and out[1].dtype == dtype
+        g = _grads(out, lv2, [g.to(dtype) for g in gouts])
+        _check_all(f"{backend} {dtype}", out, ref, base, g, ref_g, base_g, dtype)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_cell_unbatched_default_state_and_one_output_used(backend, device):
+    require_backend(backend, device)
+    cell = torch.nn.LSTMCell(3, 6, dtype=F64, device=device)
+    x = torch.randn(3, dtype=F64, device=device)
+    dt = torch.float32
+    w = [p.detach().to(dt) for p in cell.parameters()]
+    h, c = lstm_cell(x.to(dt), None, *w, backend=backend)
+    rh, rc = cell(x)
+    assert h.shape == (6,) and c.shape == (6,)
+    assert_error_rule("h", h, rh, dtype=dt, floor=1e-5)
+    assert_error_rule("c", c, rc, dtype=dt, floor=1e-5)
+    # only c used downstream (h's gradient is None inside the backward), then only h
+    xs = torch.randn(4, 3, dtype=F64, device=device)
+    hs, cs = torch.randn(4, 6, dtype=F64, device=device), torch.randn(4, 6, dtype=F64, device=device)
+    for pick in (0, 1):
+        lv = [t.to(dt).requires_grad_() for t in (xs, hs, cs)]
+        out = lstm_cell(lv[0], (lv[1], lv[2]), *w, backend=backend)
+        g = torch.autograd.grad(out[pick].sum(), lv)
+        lr = [t.clone().requires_grad_() for t in (xs, hs, cs)]
+        rout = cell(lr[0], (lr[1], lr[2]))
+        rg = torch.autograd.grad(rout[pick].sum(), lr)
+        for a, r in zip(g, rg):
+            assert_error_rule(f"grad via output {pick}", a, r, dtype=dt, floor=1e-5)
+
+
+def test_cell_bad_arguments_name_the_argument():
+    x = torch.randn(2, 3)
+    w_ih, w_hh = torch.randn(8, 3), torch.randn(8, 2)
+    h = c = torch.randn(2, 2)
+    with pytest.raises(ValueError, match="w_ih"):
+        lstm_cell(x, (h, c), torch.randn(8, 4), w_hh)
+    with pytest.raises(ValueError, match="w_hh"):
+        lstm_cell(x, (h, c), w_ih, torch.randn(8, 3))
+    with pytest.raises(ValueError, match=r"hx\[1\]"):
+        lstm_cell(x, (h, torch.randn(3, 2)), w_ih, w_hh)
+    with pytest.raises(TypeError, match="w_hh"):
+        lstm_cell(x, (h, c), w_ih, w_hh.double())
+    with pytest.raises(ValueError, match="b_ih"):
+        lstm_cell(x, (h, c), w_ih, w_hh, torch.randn(8), None)
+    with pytest.raises(ValueError, match="b_hh"):
+        lstm_cell(x, (h, c), w_ih, w_hh, torch.randn(8), torch.randn(7))
+    with pytest.raises(ValueError, match="input"):
+        lstm_cell(torch.randn(2, 2, 3), (h, c), w_ih, w_hh)
+    with pytest.raises(pykernels.BackendUnavailableError, match="triton"):
+        lstm_cell(x.double(), (h.double(), c.double()), w_ih.double(), w_hh.double(), backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The layer.
+
+LAYER_CASES = [
+    # (T, B, I, H, num_layers, bidirectional, batch_first, bias)
+    (1, 3, 4, 5, 1, False, False, True),
+    (5, 3, 4, 5, 2, True, False, True),
+    (4, 2, 3, 6, 1, True, True, False),
+    (3, 17, 5, 9, 2, False, True, True),
+]
+
+
+def _torch_and_ours(backend, device, dtype, *args, **kwargs):
+    ref = torch.nn.LSTM(*args, dtype=F64, device=device, **kwargs)
+    ours = pykernels.nn.LSTM(*args, dtype=dtype, device=device, backend=backend, **kwargs)
+    base = torch.nn.LSTM(*args, dtype=dtype, device=device, **kwargs)
+    sd = ref.state_dict()
+    ours.load_state_dict({k: v.to(dtype) for k, v in sd.items()})
+    base.load_state_dict({k: v.to(dtype) for k, v in sd.items()})
+    return ref, ours, base
+
+
+def _run_module(m, x, hx, gouts):
+    out, (h, c) = m(x, hx)
+    leaves = [x, hx[0], hx[1]] + list(m.parameters())
+    return [out, h, c], _grads([out, h, c], leaves, [g.to(out.dtype) for g in gouts])
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.id != "cpu"])
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: "T{}B{}I{}H{}L{}bi{}bf{}b{}".format(*map(int, c)))
+def test_layer_against_torch(backend, device, case):
+    require_backend(backend, device)
+    T, B, I, H, L, bi, bf, bias = case
+    D = 2 if bi else 1
+    for dtype in _dtypes(backend, device)[:1] if device == "cpu" else _dtypes(backend, device):
+        ref, ours, base = _torch_and_ours(backend, device, dtype, I, H, num_layers=L, bidirectional=bi,
+                                          batch_first=bf, bias=bias)
+        x = torch.randn((B, T, I) if bf else (T, B, I), dtype=F64, device=device)
+        h0 = torch.randn(L * D, B, H, dtype=F64, device=device)
+        c0 = torch.randn(L * D, B, H, dtype=F64, device=device)
+        gouts = [torch.randn((B, T, D * H) if bf else (T, B, D * H), dtype=F64, device=device),
+                 torch.randn(L * D, B, H, dtype=F64, device=device), torch.randn(L * D, B, H, dtype=F64, device=device)]
+        leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
+        r_out, r_g = _run_module(ref, leaves[0], (leaves[1], leaves[2]), gouts)
+        lv = [t.to(dtype).requires_grad_() for t in (x, h0, c0)]
+        b_out, b_g = _run_module(base, lv[0], (lv[1], lv[2]), gouts)
+        lv = [t.to(dtype).requires_grad_() for t in (x, h0, c0)]
+        o_out, o_g = _run_module(ours, lv[0], (lv[1], lv[2]), gouts)
+        assert pykernels.last_dispatch["lstm"][0] == backend
+        _check_all(f"{backend} {dtype}", o_out, r_out, b_out, o_g, r_g, b_g, dtype, factor=3.0)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.id == "triton-interp"])
+def test_layer_streamed_weights_path(backend, device, monkeypatch):
+    """H above the register-resident limit: W_hh streamed per hidden block (several blocks, odd H)."""
+    require_backend(backend, device)
+    from pykernels.triton import lstm as tk
+    monkeypatch.setattr(tk, "RESIDENT_MAX", 4)
+    T, B, I, H = 3, 3, 4, 21
+    ref, ours, base = _torch_and_ours(backend, device, torch.float32, I, H, bidirectional=True)
+    x = torch.randn(T, B, I, dtype=F64)
+    h0, c0 = torch.randn(2, B, H, dtype=F64), torch.randn(2, B, H, dtype=F64)
+    gouts = [torch.randn(T, B, 2 * H, dtype=F64), torch.randn(2, B, H, dtype=F64), torch.randn(2, B, H, dtype=F64)]
+    r_out, r_g = _run_module(ref, *[t.clone().requires_grad_() for t in (x,)], tuple(
+        t.clone().requires_grad_() for t in (h0, c0)), gouts)
+    lv = [t.float().requires_grad_() for t in (x, h0, c0)]
+    b_out, b_g = _run_module(base, lv[0], (lv[1], lv[2]), gouts)
+    lv = [t.float().requires_grad_() for t in (x, h0, c0)]
+    o_out, o_g = _run_module(ours, lv[0], (lv[1], lv[2]), gouts)
+    _check_all("streamed", o_out, r_out, b_out, o_g, r_g, b_g, torch.float32, factor=3.0)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.id != "cpu"])
+def test_layer_unbatched_default_state_and_only_output_used(backend, device):
+    require_backend(backend, device)
+    ref, ours, _ = _torch_and_ours(backend, device, torch.float32, 3, 5, num_layers=2, bidirectional=True)
+    x = torch.randn(4, 3, dtype=F64, device=device)
+    out, (h, c) = ours(x.float().requires_grad_())
+    rout, (rh, rc) = ref(x)
+    assert out.shape == (4, 10) and h.shape == (4, 5) and c.shape == (4, 5)
+    for a, r in ((out, rout), (h, rh), (c, rc)):
+        assert_error_rule("unbatched", a, r, dtype=torch.float32, floor=1e-5)
+    xg = x.float().requires_grad_()
+    g = torch.autograd.grad(ours(xg)[0].sum(), [xg] + list(ours.parameters()))
+    xr = x.clone().requires_grad_()
+    rg = torch.autograd.grad(ref(xr)[0].sum(), [xr] + list(ref.parameters()))
+    for a, r in zip(g, rg):
+        assert_error_rule("grad", a, r, dtype=torch.float32, floor=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.id != "cpu"])
+@pytest.mark.parametrize("proj_size,bidirectional", [(2, True), (0, True), (0, False)])
+def test_packed_and_projected_sequences(backend, device, proj_size, bidirectional):
+    """PackedSequence of mixed (unsorted) lengths and proj_size > 0: correct through the visible reference
+    fallback, recorded in last_dispatch."""
+    require_backend(backend, device)
+    ref, ours, _ = _torch_and_ours(backend, device, torch.float32, 3, 4, num_layers=2, proj_size=proj_size,
+                                   bidirectional=bidirectional)
+    D = 2 if bidirectional else 1
+    lengths = torch.tensor([2, 5, 1, 5, 3])
+    x = torch.randn(5, 5, 3, dtype=F64, device=device)
+    h0 = torch.randn(2 * D, 5, proj_size or 4, dtype=F64, device=device)
+    c0 = torch.randn(2 * D, 5, 4, dtype=F64, device=device)
+    xr = x.clone().requires_grad_()
+    rp, (rh, rc) = ref(pack_padded_sequence(xr, lengths, enforce_sorted=False), (h0, c0))
+    xo = x.float().requires_grad_()
+    packed = pack_padded_sequence(xo, lengths, enforce_sorted=False)
+    if backend != "reference":  # a hard request names what the kernel does not cover
+        with pytest.raises(pykernels.BackendUnavailableError, match="proj_size" if proj_size else "packed"):
+            ours(packed, (h0.float(), c0.float()))
+    ours.backend = None
+    with pykernels.use_backend(backend):  # a preference falls back, visibly
+        op, (oh, oc) = ours(packed, (h0.float(), c0.float()))
+    assert pykernels.last_dispatch["lstm"][0] == "reference"
+    assert backend in pykernels.last_dispatch["lstm"][1] or backend == "reference"
+    assert torch.equal(op.batch_sizes, rp.batch_sizes) and torch.equal(op.unsorted_indices, rp.unsorted_indices)
+    for a, r in ((op.data, rp.data), (oh, rh), (oc, rc)):
+        assert_error_rule("packed", a, r, dtype=torch.float32, floor=1e-5)
+    g = torch.autograd.grad(op.data.sum() + oh.sum(), xo)[0]
+    rg = torch.autograd.grad(rp.data.sum() + rh.sum(), xr)[0]
+    assert_error_rule("packed grad", g, rg, dtype=torch.float32, floor=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.id != "cpu"])
+def test_dropout_between_layers(backend, device):
+    """Dropout on every layer's output but the last, in training only; the same mask stream as the reference."""
+    require_backend(backend, device)
+    m = pykernels.nn.LSTM(3, 4, num_layers=3, dropout=0.5, backend=backend, device=device)
+    x = torch.randn(4, 2, 3, device=device)
+    m.eval()
+    e1 = m(x)[0]
+    torch.testing.assert_close(m(x)[0], e1, rtol=0, atol=0)
+    m.train()
+    torch.manual_seed(123)
+    t1 = m(x)[0]
+    torch.manual_seed(123)
+    ref_out, _ = pykernels.reference.lstm.lstm(x, None, m._flat_weights, 3, False, True, 0, False, 0.5, True)
+    assert not torch.allclose(t1, e1)
+    assert_error_rule("dropout", t1, ref_out, dtype=torch.float32, floor=1e-5)
+
+
+def test_state_dict_optimizer_and_patch_both_ways():
+    kw = dict(num_layers=2, bidirectional=True, proj_size=2, batch_first=True)
+    tm = torch.nn.LSTM(3, 4, **kw)
+    pm = pykernels.nn.LSTM(3, 4, **kw)
+    assert [n for n, _ in tm.named_parameters()] == [n for n, _ in pm.named_parameters()]
+    assert [p.shape for p in tm.parameters()] == [p.shape for p in pm.parameters()]
+    pm.load_state_dict(tm.state_dict(), strict=True)
+    tm2 = torch.nn.LSTM(3, 4, **kw)
+    tm2.load_state_dict(pm.state_dict(), strict=True)
+    for a, b in zip(tm2.parameters(), tm.parameters()):
+        assert torch.equal(a, b)
+    assert isinstance(pm, torch.nn.LSTM)
+    # An optimizer's state moves between the two modules.
+    opt = torch.optim.Adam(tm.parameters(), lr=1e-2)
+    tm(torch.randn(2, 3, 3))[0].sum().backward()
+    opt.step()
+    opt2 = torch.optim.Adam(pm.parameters(), lr=1e-2)
+    pm.load_state_dict(tm.state_dict())
+    opt2.load_state_dict(opt.state_dict())
+    # patch(): the same Parameter objects, so the optimizer built before patching still drives the module
+    model = torch.nn.Sequential(torch.nn.LSTMCell(3, 4), torch.nn.Linear(4, 1))
+    model.add_module("rnn", torch.nn.LSTM(3, 4))
+    params = list(model.parameters())
+    patched = pykernels.patch(model)
+    assert type(patched[0]) is pykernels.nn.LSTMCell and type(patched.rnn) is pykernels.nn.LSTM
+    assert all(a is b for a, b in zip(params, patched.parameters()))
+    assert patched.rnn._flat_weights[0] is patched.rnn.weight_ih_l0
+    cell = torch.nn.LSTMCell(3, 4, bias=False)
+    pc = pykernels.patch(cell)
+    assert type(pc) is pykernels.nn.LSTMCell and pc.bias_ih is None and pc.weight_ih is cell.weight_ih
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(pc(x), cell(x))
+    c1 = copy.deepcopy(pm)
+    assert isinstance(c1, pykernels.nn.LSTM)
+
+
+def test_module_cell_drop_in_and_errors():
+    tc = torch.nn.LSTMCell(3, 5)
+    pc = pykernels.nn.LSTMCell(3, 5)
+    pc.load_state_dict(tc.state_dict(), strict=True)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(pc(x), tc(x))
+    with pytest.raises(ValueError, match="1D or 2D"):
+        pc(torch.randn(1, 2, 3))
+    pm = pykernels.nn.LSTM(3, 5)
+    with pytest.raises(ValueError, match="2D or 3D"):
+        pm(torch.randn(3))
+    with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size"):
+        pm(torch.randn(2, 2, 4))
