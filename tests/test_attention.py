@@ -135,7 +135,7 @@ def _dtypes(backend, device):
 FN_CASES = [
     ((1, 1, 1, 16), 1, 1, 16, {}, None, "one query one key"),
     ((2, 3, 17, 32), 3, 17, 32, dict(is_causal=True), None, "17 causal"),
-    ((1, 2, 129, 16), 2, 129, 16, dict(is_causal=True), None, "129 causal"),
+    ((1, 1, 129, 16), 1, 129, 16, dict(is_causal=True), None, "129 causal"),
     ((2, 4, 9, 24), 2, 20, 40, dict(enable_gqa=True), "bool:9,20", "GQA, L<S, odd E, Ev != E, bool mask"),
     ((1, 4, 21, 16), 1, 8, 16, dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right"), None,
      "MQA L>S bottom-right"),
@@ -222,9 +222,9 @@ def test_varlen_against_oracle(backend, device):
     require_backend(backend, device)
     cq = torch.tensor([0, 5, 5, 22, 23], dtype=torch.int32, device=device)
     ck = torch.tensor([0, 3, 12, 29, 29], dtype=torch.int32, device=device)
-    for dtype in _dtypes(backend, device):
-        for kw in (dict(is_causal=True, causal_alignment="bottom_right"), dict(is_causal=True),
-                   dict(window=(2, 3), softcap=3.0)):
+    for i, kw in enumerate((dict(is_causal=True, causal_alignment="bottom_right"), dict(is_causal=True),
+                            dict(window=(2, 3), softcap=3.0))):
+        for dtype in _dtypes(backend, device)[:1 if i else None]:  # interpreter time: both dtypes once
             q = torch.randn(23, 4, 16, device=device).to(dtype)
             k = torch.randn(29, 2, 16, device=device).to(dtype)
             v = torch.randn(29, 2, 24, device=device).to(dtype)

@@ -147,13 +147,13 @@ def test_dropout_matches_oracle_with_the_kernels_mask(backend, device, causal):
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_many_blocks_gqa_window_float_mask_grad(backend, device):
     """Sizes spanning several tiles in both directions (block skipping of causal + window in dK/dV and dQ), GQA
-    groups of 3, a float mask broadcast over the batch whose gradient is summed over it."""
+    groups of 3, a float mask broadcast over the heads whose gradient is summed over it."""
     require_backend(backend, device)
     dtype = _dtype(device)
-    B, H, Hk, L, S, E = 1, 6, 2, 70, 53, 32
+    B, H, Hk, L, S, E = 1, 3, 1, 70, 53, 32
     q, k = torch.randn(B, H, L, E, device=device, dtype=dtype), torch.randn(B, Hk, S, E, device=device, dtype=dtype)
     v = torch.randn(B, Hk, S, E, device=device, dtype=dtype)
-    m = torch.randn(1, H, L, S, device=device, dtype=dtype)
+    m = torch.randn(B, 1, L, S, device=device, dtype=dtype)
     for causal, diag, window in ((True, S - L, (9, -1)), (False, 0, (4, 20)), (True, 0, (-1, -1))):
         x = [t.clone().requires_grad_() for t in (q, k, v, m)]
         o, _ = attn_ops.attention_op(*_args(*x[:3], bias=x[3], causal=causal, diag=diag, window=window), backend)
