@@ -160,7 +160,7 @@ def test_backward_in_several_vocab_chunks_and_splits(backend, device, monkeypatc
     several vocabulary splits); the result must not depend on it."""
     require_backend(backend, device)
     from pykernels.triton import linear_cross_entropy as tk
-    x, W, b, w, t = _make(11, 24, 150, torch.float32, device, True, True)
+    x, W, b, w, t = _make(150, 16, 150, torch.float32, device, True, True)  # 10 token blocks: 2 groups
     leaves = [a.float() for a in (x, W, b)]
 
     def ours(x, W, b):
@@ -168,7 +168,7 @@ def test_backward_in_several_vocab_chunks_and_splits(backend, device, monkeypatc
 
     g = torch.tensor(1.0, device=device)
     one = _run(ours, leaves, g)
-    monkeypatch.setattr(tk, "CHUNK_BYTES", 11 * 4 * 32)  # 32-column chunks: 5 of them, the last partial
+    monkeypatch.setattr(tk, "CHUNK_BYTES", 150 * 4 * 32)  # 32-column chunks (interpreter): 5, the last partial
     several = _run(ours, leaves, g)
     assert max_abs_err(one[0], several[0]) == 0.0
     for a, c in zip(one[1], several[1]):
@@ -378,40 +378,64 @@ _COMPILE = '''
 import json, os, sys
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, {root!r})
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 from pykernels.triton import linear_cross_entropy as k
-from pykernels.triton._compile import compile_for, spills
+from pykernels.triton._compile import _jit_fn, spills
+
+# The runtime JIT specialises 16-byte aligned pointers and ints divisible by 16 ("tt.divisibility"); mimic it
+# for a contiguous problem with H % 16 == 0, so the check sees the loads the GPU will run (vectorised, pipelined).
+ALIGNED = ("X", "W", "B", "T", "CW", "Mp", "Sp", "ZYp", "ZSp", "LSE", "CP", "CY", "CWr", "DL", "H", "sxn", "swv",
+           "sdn")
+
+
+def compile_aligned(kernel, signature, constexprs, arch, num_warps, num_stages):
+    fn = _jit_fn(kernel)
+    sig = dict(signature)
+    sig.update({{name: "constexpr" for name in constexprs}})
+    attrs = {{(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED if a in signature}}
+    src = ASTSource(fn=fn, signature=sig, constexprs={{(fn.arg_names.index(a),): v for a, v in constexprs.items()}},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={{"num_warps": num_warps, "num_stages": num_stages}})
+
+
 out = []
-for arch in (80, 90):
-    for dt in ("bf16", "fp32"):
-        common = {{"X": f"*{{dt}}", "W": f"*{{dt}}", "B": f"*{{dt}}", "T": "*i64", "CW": "*fp32"}}
-        strides = {{"N": "i32", "V": "i32", "H": "i32", "vocab_start": "i64", "sxn": "i64", "sxh": "i64",
-                   "swv": "i64", "swh": "i64"}}
-        big = dt == "bf16"
-        cfg = dict(BM=128 if big else 64, BN=128 if big else 64, BK=64 if big else 32)
-        flags = dict(HAS_BIAS=True, HAS_CW=True, SOFTCAP=True, SMOOTH=True, IEEE=not big)
-        sig = dict(common, Mp="*fp32", Sp="*fp32", ZYp="*fp32", ZSp="*fp32", **strides, softcap="fp32")
-        c = compile_for(k._lce_fwd_kernel, sig, dict(flags, **cfg), arch, num_warps=8 if big else 4)
-        out.append(("fwd", arch, dt, "wgmma" in c.asm["ptx"], "mma.sync" in c.asm["ptx"], spills(c)))
-        sig = dict(common, LSE="*fp32", CP="*fp32", CY="*fp32", CWr="*fp32", DL=f"*{{dt}}", N="i32", V="i32",
-                   H="i32", vocab_start="i64", col0="i32", n_cols="i32", sxn="i64", sxh="i64", swv="i64",
-                   swh="i64", sdn="i64", softcap="fp32")
-        c = compile_for(k._lce_dlogits_kernel, sig, dict(flags, GROUP_M=8, **cfg), arch, num_warps=8 if big else 4)
-        out.append(("dlogits", arch, dt, "wgmma" in c.asm["ptx"], "mma.sync" in c.asm["ptx"], spills(c)))
+jobs = [(90, "bf16", cfg) for cfg in k.GPU_CONFIGS_16BIT] + [(80, "bf16", k.GPU_CONFIGS_16BIT[0]),
+                                                              (90, "fp32", k.GPU_CONFIGS_FP32[0])]
+for arch, dt, (BM, BN, BK, warps, stages) in jobs:
+    common = {{"X": f"*{{dt}}", "W": f"*{{dt}}", "B": f"*{{dt}}", "T": "*i64", "CW": "*fp32", "N": "i32", "V": "i32",
+              "H": "i32", "vocab_start": "i64", "sxn": "i64", "swv": "i64"}}
+    flags = dict(HAS_BIAS=True, HAS_CW=True, SOFTCAP=True, SMOOTH=True, IEEE=dt == "fp32", BM=BM, BN=BN, BK=BK,
+                 GROUP_M=8)
+    fwd = dict(common, Mp="*fp32", Sp="*fp32", ZYp="*fp32", ZSp="*fp32", softcap="fp32", n_splits="i32")
+    bwd = dict(common, LSE="*fp32", CP="*fp32", CY="*fp32", CWr="*fp32", DL=f"*{{dt}}", col0="i32", n_cols="i32",
+               sdn="i64", softcap="fp32")
+    for name, kern, sig in (("fwd", k._lce_fwd_kernel, fwd), ("dlogits", k._lce_dlogits_kernel, bwd)):
+        c = compile_aligned(kern, sig, flags, arch, warps, stages)
+        ptx = c.asm["ptx"]
+        out.append((name, arch, dt, [BM, BN, BK, warps, stages], "wgmma" in ptx, "mma.sync" in ptx,
+                    "cp.async" in ptx, spills(c)))
 print(json.dumps(out))
 '''
 
 
 def test_kernels_compile_for_sm80_and_sm90():
-    """bf16 with the GPU tile sizes: wgmma on sm_90, mma.sync on sm_80, no spills; fp32 (IEEE dots) compiles."""
+    """Every GPU autotune config (bf16, sm_90) and the first on sm_80 / in fp32: tensor-core instructions (wgmma on
+    sm_90, mma.sync on sm_80), pipelined asynchronous loads, no register spills."""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     p = subprocess.run([sys.executable, "-c", _COMPILE.format(root=root)], capture_output=True, text=True, env=env,
                        timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
+    from pykernels.triton import linear_cross_entropy as tk
     rows = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(rows) == 8
-    for name, arch, dt, wgmma, mma, n_spills in rows:
+    assert len(rows) == 2 * (len(tk.GPU_CONFIGS_16BIT) + 2)
+    for name, arch, dt, cfg, wgmma, mma, pipelined, n_spills in rows:
+        where = f"{name} sm_{arch} {dt} {cfg}"
         if dt == "bf16":
-            assert (wgmma if arch == 90 else mma), f"{name} sm_{arch} bf16: no tensor-core instruction"
-            assert n_spills == 0, f"{name} sm_{arch} bf16: {n_spills} spills"
+            assert (wgmma if arch == 90 else mma), f"{where}: no tensor-core instruction"
+            assert pipelined, f"{where}: loads are not pipelined (cp.async)"
+        assert n_spills == 0, f"{where}: {n_spills} spills"

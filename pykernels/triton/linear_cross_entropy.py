@@ -40,15 +40,16 @@ def _tanh(x):
 
 
 @triton.jit
-def _logit_tile(X, W, B, rows, cols, N, V, H, sxn, sxh, swv, swh, softcap,
+def _logit_tile(X, W, B, rows, cols, N, V, H, sxn, swv, softcap,
                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """z[BM, BN] = softcap(x[rows] @ W[cols]^T + b[cols]) in fp32; rows/cols are int64 index vectors."""
+    """z[BM, BN] = softcap(x[rows] @ W[cols]^T + b[cols]) in fp32; rows/cols are int64 index vectors. The H
+    dimension of x and W is contiguous (vectorised, pipelined loads)."""
     rmask = rows < N
     cmask = cols < V
     ks = tl.arange(0, BK)
-    x_ptrs = X + rows[:, None] * sxn + ks[None, :].to(tl.int64) * sxh
-    w_ptrs = W + cols[None, :] * swv + ks[:, None].to(tl.int64) * swh   # W^T tile (BK, BN)
+    x_ptrs = X + rows[:, None] * sxn + ks[None, :]
+    w_ptrs = W + cols[None, :] * swv + ks[:, None]   # W^T tile (BK, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(0, H, BK):
         kmask = (k + ks) < H
@@ -58,8 +59,8 @@ def _logit_tile(X, W, B, rows, cols, N, V, H, sxn, sxh, swv, swh, softcap,
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
-        x_ptrs += BK * sxh
-        w_ptrs += BK * swh
+        x_ptrs += BK
+        w_ptrs += BK
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
@@ -68,12 +69,20 @@ def _logit_tile(X, W, B, rows, cols, N, V, H, sxn, sxh, swv, swh, softcap,
 
 
 @triton.jit
-def _lce_fwd_kernel(X, W, B, T, CW, Mp, Sp, ZYp, ZSp, N, V, H, vocab_start, sxn, sxh, swv, swh, softcap,
+def _lce_fwd_kernel(X, W, B, T, CW, Mp, Sp, ZYp, ZSp, N, V, H, vocab_start, sxn, swv, softcap, n_splits,
                     HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
-                    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+                    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    GROUP_M: tl.constexpr):
+    # 1-D grid of cdiv(N, BM) * n_splits programs in groups of GROUP_M token blocks x all splits: the programs
+    # in flight share each x block across the splits and each W tile across the group's token blocks, so both
+    # operands come from L2 (as a grouped GEMM), while every program walks its own vocabulary range.
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(N, BM)
+    per_group = GROUP_M * n_splits
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_s = (pid % per_group) // size_m
     n_tiles = tl.cdiv(V, BN)
     per = tl.cdiv(n_tiles, n_splits)
     t0 = pid_s * per
@@ -88,7 +97,7 @@ def _lce_fwd_kernel(X, W, B, T, CW, Mp, Sp, ZYp, ZSp, N, V, H, vocab_start, sxn,
     for t in range(t0, t1):
         cols = tl.arange(0, BN).to(tl.int64) + t * BN   # t * BN < V fits int32
         cmask = cols < V
-        z = _logit_tile(X, W, B, rows, cols, N, V, H, sxn, sxh, swv, swh, softcap,
+        z = _logit_tile(X, W, B, rows, cols, N, V, H, sxn, swv, softcap,
                         HAS_BIAS, SOFTCAP, IEEE, BM, BN, BK)
         zm = tl.where(cmask[None, :], z, -float("inf"))
         m_new = tl.maximum(m, tl.max(zm, 1))
@@ -112,7 +121,7 @@ def _lce_fwd_kernel(X, W, B, T, CW, Mp, Sp, ZYp, ZSp, N, V, H, vocab_start, sxn,
 
 @triton.jit
 def _lce_dlogits_kernel(X, W, B, T, CW, LSE, CP, CY, CWr, DL, N, V, H, vocab_start, col0, n_cols,
-                        sxn, sxh, swv, swh, sdn, softcap,
+                        sxn, swv, sdn, softcap,
                         HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
                         IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         GROUP_M: tl.constexpr):
@@ -132,7 +141,7 @@ def _lce_dlogits_kernel(X, W, B, T, CW, LSE, CP, CY, CWr, DL, N, V, H, vocab_sta
     cols = col0 + lcols                                                # column within the shard
     rmask = rows < N
     cmask = lcols < n_cols
-    z = _logit_tile(X, W, B, rows, cols, N, col0 + n_cols, H, sxn, sxh, swv, swh, softcap,
+    z = _logit_tile(X, W, B, rows, cols, N, col0 + n_cols, H, sxn, swv, softcap,
                     HAS_BIAS, SOFTCAP, IEEE, BM, BN, BK)
     lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     cp = tl.load(CP + rows, mask=rmask, other=0.0)
@@ -155,23 +164,47 @@ def _lce_dlogits_kernel(X, W, B, T, CW, LSE, CP, CY, CWr, DL, N, V, H, vocab_sta
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Launch configuration.
+# Launch configuration: one small fixed config under the interpreter (CI speed); on a GPU, autotuned over
+# tensor-core tile shapes (key: H, V and the dtype) unless PYKERNELS_LCE_AUTOTUNE=0 picks the first config.
 
-def _fwd_config(device: torch.device, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
-    """(BM, BN, BK, num_warps, num_stages)."""
+# (BM, BN, BK, num_warps, num_stages)
+GPU_CONFIGS_16BIT = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+                     (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]
+GPU_CONFIGS_FP32 = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
+INTERPRETER_CONFIG = (16, 16, 16, 4, 1)
+
+
+def _configs(dtype: torch.dtype):
+    return GPU_CONFIGS_FP32 if dtype == torch.float32 else GPU_CONFIGS_16BIT
+
+
+def _autotune() -> bool:
+    return os.environ.get("PYKERNELS_LCE_AUTOTUNE", "1") != "0"
+
+
+_TUNED = {}
+
+
+def _kernel(kind: str, device: torch.device, dtype: torch.dtype):
+    """(kernel, fixed meta-parameters or None when autotuned)."""
+    base = _lce_fwd_kernel if kind == "fwd" else _lce_dlogits_kernel
     if _interpreted() or device.type != "cuda":
-        return 16, 16, 16, 4, 1
-    if dtype == torch.float32:
-        return 64, 64, 32, 4, 3
-    return 128, 128, 64, 8, 3
+        BM, BN, BK, w, st = INTERPRETER_CONFIG
+        return base, dict(BM=BM, BN=BN, BK=BK, num_warps=w, num_stages=st)
+    if not _autotune():
+        BM, BN, BK, w, st = _configs(dtype)[0]
+        return base, dict(BM=BM, BN=BN, BK=BK, num_warps=w, num_stages=st)
+    key = (kind, dtype == torch.float32)
+    if key not in _TUNED:
+        cfgs = [triton.Config(dict(BM=BM, BN=BN, BK=BK), num_warps=w, num_stages=st)
+                for BM, BN, BK, w, st in _configs(dtype)]
+        _TUNED[key] = triton.autotune(configs=cfgs, key=["H", "V"])(base)
+    return _TUNED[key], {}
 
 
-def _bwd_config(device: torch.device, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
-    if _interpreted() or device.type != "cuda":
-        return 16, 16, 16, 4, 1
-    if dtype == torch.float32:
-        return 64, 64, 32, 4, 3
-    return 128, 128, 64, 8, 3
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read H contiguously (unit stride): copy only when that is not already so."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def _num_sms(device: torch.device) -> int:
@@ -184,12 +217,20 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_HAS_OUT_DTYPE = [True]
+
+
 def _mm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with fp32 accumulation and no low-precision rounding of the product."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.device.type == "cuda":
-        acc.copy_(torch.addmm(acc, a, b, out_dtype=acc.dtype))   # cuBLAS: bf16/fp16 in, fp32 out
+    elif acc.device.type == "cuda" and _HAS_OUT_DTYPE[0]:
+        try:
+            acc.copy_(torch.addmm(acc, a, b, out_dtype=acc.dtype))   # cuBLAS: bf16/fp16 in, fp32 out
+            return
+        except (TypeError, RuntimeError):  # a torch without addmm(out_dtype=)
+            _HAS_OUT_DTYPE[0] = False
+        acc.add_(torch.mm(a, b))  # one rounding of each chunk's product to the input dtype
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
@@ -201,25 +242,30 @@ def linear_cross_entropy_fwd(input: torch.Tensor, linear_weight: torch.Tensor, l
                              target: torch.Tensor, weight: Optional[torch.Tensor], vocab_start: int,
                              softcap: float, smooth: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row, over this shard's classes: (lse, z_target, z_sum), fp32 (N,). See the contract."""
+    input, linear_weight = _rows_contiguous(input), _rows_contiguous(linear_weight)
     N, H = input.shape
     V = linear_weight.shape[0]
     dev = input.device
-    BM, BN, BK, warps, stages = _fwd_config(dev, input.dtype)
-    n_m = triton.cdiv(N, BM)
-    n_tiles = triton.cdiv(V, BN)
-    splits = max(1, min(n_tiles, triton.cdiv(2 * _num_sms(dev), max(n_m, 1))))
+    kernel, meta = _kernel("fwd", dev, input.dtype)
+    # Vocabulary splits: at least 8 (x blocks shared by the programs in flight), and enough programs to fill
+    # the GPU ~8 times over at BM = 128 (a small tail wave); bounded by the number of 64-wide tiles.
+    splits = max(1, min(triton.cdiv(V, 64), max(8, triton.cdiv(8 * _num_sms(dev), triton.cdiv(N, 128)))))
+    if _interpreted() or dev.type != "cuda":
+        splits = max(1, min(triton.cdiv(V, INTERPRETER_CONFIG[1]), 3))
     mp = torch.empty(splits, N, device=dev, dtype=torch.float32)
     sp = torch.empty_like(mp)
     zyp = torch.empty_like(mp)
     zsp = torch.empty_like(mp) if smooth else mp.new_empty(0)
     if N:
-        torch.library.wrap_triton(_lce_fwd_kernel)[(n_m, splits)](
+        def grid(META):
+            return (triton.cdiv(N, META["BM"]) * splits,)
+
+        torch.library.wrap_triton(kernel)[grid](
             input, linear_weight, linear_bias if linear_bias is not None else input, target,
             weight if weight is not None else mp, mp, sp, zyp, zsp if smooth else mp,
-            N, V, H, vocab_start, input.stride(0), input.stride(1), linear_weight.stride(0),
-            linear_weight.stride(1), float(softcap or 1.0),
+            N, V, H, vocab_start, input.stride(0), linear_weight.stride(0), float(softcap or 1.0), splits,
             HAS_BIAS=linear_bias is not None, HAS_CW=weight is not None, SOFTCAP=bool(softcap), SMOOTH=smooth,
-            IEEE=input.dtype == torch.float32, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
+            IEEE=input.dtype == torch.float32, GROUP_M=8, **meta)
     m = mp.amax(0)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     lse = m_safe + torch.log((sp * torch.exp(mp - m_safe)).sum(0))
@@ -233,6 +279,7 @@ def linear_cross_entropy_bwd(input: torch.Tensor, linear_weight: torch.Tensor, l
                              softcap: float, smooth: bool, input_grad: bool, weight_grad: bool, bias_grad: bool
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input in the accumulation dtype, grad_weight, grad_bias); an unrequested one is empty."""
+    input, linear_weight = _rows_contiguous(input), _rows_contiguous(linear_weight)
     N, H = input.shape
     V = linear_weight.shape[0]
     dev = input.device
@@ -247,22 +294,27 @@ def linear_cross_entropy_bwd(input: torch.Tensor, linear_weight: torch.Tensor, l
         if bias_grad and has_b:
             gb.zero_()
         return gx, gw, gb
-    BM, BN, BK, warps, stages = _bwd_config(dev, input.dtype)
-    chunk = max(BN, (CHUNK_BYTES // max(N * input.element_size(), 1)) // BN * BN)
-    chunk = min(chunk, triton.cdiv(V, BN) * BN)
+    kernel, meta = _kernel("bwd", dev, input.dtype)
+    # Columns per chunk: a multiple of 256 (every config's BN divides it), within CHUNK_BYTES when possible.
+    chunk = max(256, (CHUNK_BYTES // max(N * input.element_size(), 1)) // 256 * 256)
+    if _interpreted() or dev.type != "cuda":
+        chunk = max(INTERPRETER_CONFIG[1], (CHUNK_BYTES // max(N * input.element_size(), 1)) // 16 * 16)
+    chunk = min(chunk, V)
     buf = torch.empty(N, chunk, device=dev, dtype=input.dtype)
     for c0 in range(0, V, chunk):
         nc = min(chunk, V - c0)
         dl = buf[:, :nc]
-        grid = (triton.cdiv(N, BM) * triton.cdiv(nc, BN),)
-        torch.library.wrap_triton(_lce_dlogits_kernel)[grid](
+
+        def grid(META, nc=nc):
+            return (triton.cdiv(N, META["BM"]) * triton.cdiv(nc, META["BN"]),)
+
+        torch.library.wrap_triton(kernel)[grid](
             input, linear_weight, linear_bias if has_b else input, target, weight if weight is not None else lse,
             lse, coef_p, coef_y, coef_w, dl, N, V, H, vocab_start, c0, nc,
-            input.stride(0), input.stride(1), linear_weight.stride(0), linear_weight.stride(1), dl.stride(0),
+            input.stride(0), linear_weight.stride(0), dl.stride(0),
             float(softcap or 1.0),
             HAS_BIAS=has_b, HAS_CW=weight is not None, SOFTCAP=bool(softcap), SMOOTH=smooth,
-            IEEE=input.dtype == torch.float32, BM=BM, BN=BN, BK=BK, GROUP_M=8, num_warps=warps,
-            num_stages=stages)
+            IEEE=input.dtype == torch.float32, GROUP_M=8, **meta)
         if weight_grad:
             torch.mm(dl.t(), input, out=gw[c0:c0 + nc])
         if bias_grad and has_b:
