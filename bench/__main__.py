@@ -1,68 +1,115 @@
-"""`python -m bench` / `pykernels-bench`: every suite, every provider, side by side in one run."""
+"""`python -m bench` / `pykernels-bench`: every suite, every provider, side by side in one run.
+
+Each provider is checked against a float32 reference on the benchmark inputs before it is timed; the run writes
+JSON (the record), CSV and PNG plots under --out and prints a table with GB/s (TFLOP/s) and % of the ceilings
+measured at start on this device."""
 from __future__ import annotations
 
 import argparse
-import fnmatch
+import datetime
 import json
 import sys
-import time
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 
-from . import cross_entropy, harness
+from . import SUITES, load_suite
+from .environment import environment
+from .harness import Provider, add_speedups, derive, run_suite
+from .report import Progress, print_table, regressions, write_csv, write_json, write_plots
+from .timing import ceilings
 
-SUITES = {"cross_entropy": cross_entropy}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="pykernels-bench", description=__doc__)
-    p.add_argument("--suite", nargs="*", default=list(SUITES), choices=list(SUITES))
+def _names(text: Optional[str]) -> Optional[List[str]]:
+    return None if text is None else [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _shape(text: str) -> dict:
+    return {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+
+
+def select(providers: List[Provider], backends: Optional[List[str]], baselines: Optional[List[str]]):
+    """--backends names pykernels backends (naming one runs it even where it is off by default, e.g.
+    'reference'); --baselines names the others. Unset: every provider that is on by default."""
+    out = []
+    for p in providers:
+        if p.baseline:
+            keep = baselines is None or p.name in baselines
+        else:
+            backend = p.name[len("pykernels-"):] if p.name.startswith("pykernels-") else p.name
+            keep = p.default if backends is None else backend in backends
+        if keep:
+            out.append(p)
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pykernels-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", nargs="+", default=list(SUITES), choices=list(SUITES),
+                   help="default: every registered suite")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--quick", action="store_true", help="one shape per suite, short timing")
-    p.add_argument("--providers", default="*", help="glob over provider names, e.g. 'pykernels-*,torch'")
-    p.add_argument("--out", default="bench/out", help="directory for the JSON file")
-    p.add_argument("--compare", default=None, help="an earlier JSON: print regressions > 5%%")
+    p.add_argument("--quick", action="store_true", help="one shape per suite, short timing (about a minute)")
+    p.add_argument("--backends", default=None, help="pykernels backends, e.g. 'cuda,triton' (default: those "
+                   "that target the device; 'reference' only when named)")
+    p.add_argument("--baselines", default=None, help="e.g. 'torch,torch.compile,liger' (default: all; '' none)")
+    p.add_argument("--modes", default=None, help="e.g. 'fwd+bwd' (default: every mode of the suite)")
+    p.add_argument("--shape", default=None, help="one shape instead of the preset, e.g. 'N=4096,V=50257'")
+    p.add_argument("--out", default="bench/out", help="directory for the JSON, CSV and PNG files")
+    p.add_argument("--compare", default=None, metavar="OLD.json", help="print regressions > 5%% against it")
     p.add_argument("--no-plots", action="store_true")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
     device = torch.device(a.device)
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type != "cuda":
-        print("No GPU: benchmarking the CPU providers only.")
-    env = harness.environment(device)
-    ceil = harness.ceilings(device, quick=a.quick)
-    print(json.dumps({"env": env, "ceilings": ceil}))
-    globs = a.providers.split(",")
-    select = lambda name: any(fnmatch.fnmatch(name, g) for g in globs)  # noqa: E731
+        why = "no CUDA GPU on this machine" if not torch.cuda.is_available() else "--device " + a.device
+        print(f"CPU run ({why}): benchmarking the CPU providers only; GPU numbers come from a GPU machine.")
+    env = environment(device)
+    ceil = ceilings(device, quick=a.quick)
+    print(f"{env['device_name']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
+          f"commit {env['git_commit'][:10]} | {env['date_utc']}")
+    print("measured ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceil.items() if isinstance(v, float)))
+
+    backends, baselines, modes = _names(a.backends), _names(a.baselines), _names(a.modes)
+    plan = []
+    for name in a.suite:
+        suite = load_suite(name)
+        provs = select(suite.providers(device, dtype), backends, baselines)
+        cases = suite.cases(device, dtype, a.quick, shape=_shape(a.shape) if a.shape else None)
+        plan.append((suite, provs, cases, [m for m in suite.MODES if modes is None or m in modes]))
+    bar = Progress(sum(len(p) * len(c) * len(m) for _, p, c, m in plan))
     results = []
-    for s in harness.progress(a.suite, "suites"):
-        results += SUITES[s].run(device, dtype, a.quick, select)
-    results = [harness.finish(r, ceil) for r in results]
-    harness.add_speedups(results)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(a.out) / f"{device.type}-{stamp}.json"
-    harness.write_json(path, env, ceil, results)
-    harness.write_csv(path.with_suffix(".csv"), results)
-    plots = [] if a.no_plots else harness.write_plots(path.parent, results)
-    print(harness.table(results))
-    print(f"written: {path} (+ .csv{', ' + str(len(plots)) + ' plots' if plots else ''})")
+    try:
+        for suite, provs, cases, suite_modes in plan:
+            results += run_suite(suite, device, dtype, a.quick, provs, cases, suite_modes, progress=bar)
+    finally:
+        bar.close()
+    derive(results, ceil)
+    add_speedups(results, sorted({p.name for _, provs, _, _ in plan for p in provs if p.baseline}))
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = Path(a.out) / f"{device.type}-{'+'.join(a.suite)}-{stamp}.json"
+    write_json(path, env, ceil, results)
+    write_csv(path.with_suffix(".csv"), results)
+    plots = [] if a.no_plots else write_plots(path.parent, results)
+    print_table(results, f"{env['device_name']}, {env['date_utc'][:10]}")
+    print(f"written: {path}, {path.with_suffix('.csv').name}" + (f", {len(plots)} plots" if plots else ""))
     if a.compare:
-        for line in regressions(json.loads(Path(a.compare).read_text()), results):
-            print(line)
+        old = json.loads(Path(a.compare).read_text())
+        old_dev = old.get("env", {}).get("device_name", old.get("env", {}).get("gpu", "?"))
+        if old_dev != env["device_name"]:
+            print(f"note: {a.compare} was measured on {old_dev}, this run on {env['device_name']}")
+        lines = regressions(old, results)
+        print("\n".join(lines) if lines else f"no regression > 5% against {a.compare}")
     return 0
-
-
-def regressions(old_run: dict, results, threshold: float = 1.05):
-    """Lines for every (suite, case, provider, mode) more than 5% slower than in an earlier run's JSON."""
-    old = {(r["suite"], r["case"], r["provider"], r["mode"]): r for r in old_run["results"]}
-    out = []
-    for r in results:
-        o = old.get((r.suite, r.case, r.provider, r.mode))
-        if o and o.get("ms_p50") and r.ms_p50 and r.ms_p50 > threshold * o["ms_p50"]:
-            out.append(f"REGRESSION {r.suite} {r.case} {r.provider}: {o['ms_p50']:.3f} -> {r.ms_p50:.3f} ms")
-    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""What a result was measured on: device, driver, library versions, commit, UTC date (no hostname)."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def git_commit() -> str:
+    if os.environ.get("PYKERNELS_GIT_COMMIT"):  # set by bench/gpu_check.sh callers: a device copy has no .git
+        return os.environ["PYKERNELS_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out if len(out) == 40 else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception as e:
+        return f"absent ({type(e).__name__})"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _driver() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        if out:
+            return out.splitlines()[0]
+    except Exception:
+        pass
+    return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "git_commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+           "triton": _version("triton"), "pykernels": _version("pykernels"), "cuda": torch.version.cuda,
+           "device": device.type}
+    try:
+        env["cudnn"] = torch.backends.cudnn.version()
+    except Exception:
+        env["cudnn"] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(device_name=p.name, gpu=p.name, sm_count=p.multi_processor_count,
+                   capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1), driver=_driver())
+    else:
+        env.update(device_name=_cpu_name(), cpu=_cpu_name(), threads=torch.get_num_threads(),
+                   cores=os.cpu_count())
+    return env

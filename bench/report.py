@@ -1,0 +1,178 @@
+"""Outputs of a run: JSON (the record), CSV, PNG plots, the terminal table, a progress bar, --compare.
+
+matplotlib, rich and tqdm are optional: without them there are no plots, a plain table and no bar."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from .harness import Result
+
+COLUMNS = [  # (header, field or speed-up key, format); shared by the plain and the rich table
+    ("suite", "suite", ""), ("case", "case", ""), ("dtype", "dtype", ""), ("mode", "mode", ""),
+    ("provider", "provider", ""), ("status", "status", ""), ("ms p50", "ms_p50", ".3f"),
+    ("p20-p80", None, ""), ("GB/s", "gbps", ".1f"), ("%copy", "pct_of_copy_bw", ".1f"),
+    ("TFLOP/s", "tflops", ".1f"), ("%mm", "pct_of_matmul", ".1f"), ("speed-up", None, ""),
+    ("extra MiB", None, ".0f"),
+]
+
+
+def write_json(path: Path, env: dict, ceilings: dict, results: List[Result]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"env": env, "ceilings": ceilings,
+                                "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+
+
+def write_csv(path: Path, results: List[Result]) -> None:
+    fields = [f.name for f in dataclasses.fields(Result)]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in results:
+            row = dataclasses.asdict(r)
+            row["shape"] = json.dumps(row["shape"])
+            row["speedup_vs"] = json.dumps(row["speedup_vs"])
+            w.writerow(row)
+
+
+def write_plots(directory: Path, results: List[Result]) -> List[Path]:
+    """One PNG per (suite, mode, dtype): GB/s (or TFLOP/s) of each provider against the swept size."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out = []
+    groups: Dict[tuple, List[Result]] = {}
+    for r in results:
+        if r.status == "ok":
+            groups.setdefault((r.suite, r.mode, r.dtype), []).append(r)
+    for (suite, mode, dtype), rs in groups.items():
+        # the swept dimension is the one that varies across cases (the last shape key if none does)
+        keys = list(rs[0].shape)
+        key = next((k for k in keys if len({r.shape.get(k) for r in rs}) > 1), keys[-1])
+        metric = "tflops" if rs[0].tflops is not None else "gbps"
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for prov in sorted({r.provider for r in rs}):
+            pts = sorted((r.shape[key], getattr(r, metric)) for r in rs if r.provider == prov)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+        ax.set_xlabel(key)
+        ax.set_ylabel("TFLOP/s" if metric == "tflops" else "GB/s (minimal bytes / time)")
+        ax.set_title(f"{suite} {mode} {dtype}")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        path = directory / f"{suite}-{mode.replace('+', '_')}-{dtype}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def _cells(r: Result) -> List[str]:
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    cells = []
+    for head, field, spec in COLUMNS:
+        if head == "p20-p80":
+            cells.append("-" if r.ms_p20 is None else f"{r.ms_p20:.3f}-{r.ms_p80:.3f}")
+        elif head == "speed-up":
+            cells.append(" ".join(f"{v:.2f}x {k}" for k, v in r.speedup_vs.items()) or "-")
+        elif head == "extra MiB":
+            cells.append(f(None if r.peak_extra_mem_bytes is None else r.peak_extra_mem_bytes / 2**20, spec))
+        else:
+            v = getattr(r, field)
+            cells.append(str(v) if not spec else f(v, spec))
+    return cells
+
+
+def table(results: List[Result]) -> str:
+    """The plain-text table (also what gets printed when rich is not installed)."""
+    rows = [[c[0] for c in COLUMNS]] + [_cells(r) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines += [f"  {r.provider} [{r.case} {r.mode}] {r.status}: {r.error}" for r in results
+              if r.status != "ok" and r.error]
+    return "\n".join(lines)
+
+
+def print_table(results: List[Result], title: str) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        print(table(results))
+        return
+    t = Table(title=title)
+    for head, _, spec in COLUMNS:
+        t.add_column(head, justify="right" if spec else "left")
+    style = {"ok": None, "wrong": "red", "error": "red", "absent": "dim"}
+    for r in results:
+        t.add_row(*_cells(r), style=style.get(r.status))
+    console = Console()
+    console.print(t)
+    for r in results:
+        if r.status != "ok" and r.error:
+            console.print(f"  {r.provider} [{r.case} {r.mode}] {r.status}: {r.error}", markup=False)
+
+
+class Progress:
+    """rich's or tqdm's bar on stderr, whichever is installed; nothing otherwise."""
+
+    def __init__(self, total: int):
+        self._rich = self._tqdm = None
+        try:
+            from rich.console import Console
+            from rich.progress import Progress as RichProgress
+            self._rich = RichProgress(console=Console(stderr=True), transient=True)
+            self._task = self._rich.add_task("bench", total=total)
+            self._rich.start()
+            return
+        except ImportError:
+            pass
+        try:
+            from tqdm import tqdm
+            self._tqdm = tqdm(total=total, leave=False, file=sys.stderr)
+        except ImportError:
+            pass
+
+    def describe(self, text: str) -> None:
+        if self._rich:
+            self._rich.update(self._task, description=text)
+        elif self._tqdm:
+            self._tqdm.set_description(text)
+
+    def advance(self) -> None:
+        if self._rich:
+            self._rich.advance(self._task)
+        elif self._tqdm:
+            self._tqdm.update()
+
+    def close(self) -> None:
+        if self._rich:
+            self._rich.stop()
+        elif self._tqdm:
+            self._tqdm.close()
+
+
+def regressions(old_run: dict, results: Sequence[Result], threshold: float = 1.05) -> List[str]:
+    """Lines for every (suite, case, dtype, provider, mode) more than 5% slower than in an earlier run's JSON, or
+    no longer ok. Times are only comparable on the same device: the caller prints both runs' devices."""
+    old = {(o["suite"], o["case"], o["dtype"], o["provider"], o["mode"]): o for o in old_run["results"]}
+    out = []
+    for r in results:
+        o = old.get((r.suite, r.case, r.dtype, r.provider, r.mode))
+        if o is None:
+            continue
+        where = f"{r.suite} {r.case} {r.dtype} {r.mode} {r.provider}"
+        if o.get("status") == "ok" and r.status != "ok":
+            out.append(f"REGRESSION {where}: was ok, now {r.status}: {r.error}")
+        elif o.get("ms_p50") and r.ms_p50 and r.ms_p50 > threshold * o["ms_p50"]:
+            out.append(f"REGRESSION {where}: {o['ms_p50']:.3f} -> {r.ms_p50:.3f} ms "
+                       f"(+{100 * (r.ms_p50 / o['ms_p50'] - 1):.1f}%)")
+    return out

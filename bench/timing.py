@@ -1,0 +1,68 @@
+"""Timing, peak memory and the device's measured ceilings.
+
+CUDA: triton.testing.do_bench (CUDA events per call, L2 flushed before each, median with p20/p80; its default
+return mode is the mean, hence the explicit quantiles). CPU: torch.utils.benchmark's blocked_autorange
+(median and IQR; p20/p80 over its blocks).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none: Optional[Sequence[torch.Tensor]] = None,
+            quick: bool = False) -> Tuple[float, float, float, Optional[float]]:
+    """(median, p20, p80, IQR or None) in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+        q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
+                                    grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+        return float(q[0]), float(q[1]), float(q[2]), None
+    import torch.utils.benchmark as tb
+
+    def run():
+        for t in grad_to_none or ():
+            t.grad = None  # as do_bench does: the backward writes a fresh gradient, never accumulates
+        fn()
+    run()  # warm-up (torch.compile, first-touch allocations) outside the measurement
+    m = tb.Timer(stmt="run()", globals={"run": run}).blocked_autorange(min_run_time=0.2 if quick else 1.0)
+    ts = torch.tensor(m.times, dtype=torch.float64) * 1e3
+    q = torch.quantile(ts, torch.tensor([0.2, 0.8], dtype=torch.float64)).tolist()
+    return m.median * 1e3, q[0], q[1], m.iqr * 1e3
+
+
+def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak bytes allocated during one call beyond what was live before it (the inputs): CUDA only."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - base)
+
+
+def ceilings(device: torch.device, quick: bool = False) -> dict:
+    """Measured roofs of this device, so results read as % of what it can actually do (not spec sheets)."""
+    if device.type == "cuda":
+        a = torch.randn(1 << 28, device=device)  # 1 GiB of fp32: far beyond L2, so HBM is what gets measured
+        b = torch.empty_like(a)
+        ms = time_ms(lambda: b.copy_(a), device, quick=quick)[0]
+        out = {"copy_gbps": 2 * a.numel() * a.element_size() / ms / 1e6,  # read + write
+               "copy_buffer_bytes": a.numel() * a.element_size()}
+        del a, b
+        k = 8192
+        x = torch.randn(k, k, device=device, dtype=torch.bfloat16)
+        y = torch.randn(k, k, device=device, dtype=torch.bfloat16)
+        ms = time_ms(lambda: x @ y, device, quick=quick)[0]
+        out["matmul_bf16_tflops"] = 2 * k ** 3 / ms / 1e9
+        out["matmul_shape"] = [k, k, k]
+        del x, y
+        torch.cuda.empty_cache()
+        return out
+    a = torch.randn(1 << 25)  # 128 MiB: beyond any CPU cache
+    b = torch.empty_like(a)
+    ms = time_ms(lambda: b.copy_(a), device, quick=True)[0]
+    return {"copy_gbps": 2 * a.numel() * a.element_size() / ms / 1e6, "copy_buffer_bytes": a.numel() * 4}
