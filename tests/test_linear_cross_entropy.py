@@ -354,6 +354,14 @@ def test_no_n_by_v_allocation(backend, device, monkeypatch):
     assert biggest[0] >= V * H  # sanity: the mode saw the weight gradient
 
 
+def test_cost_model_of_issue_shape():
+    """N=8192, H=4096, V=128256 bf16: 8NHV FLOPs, and the Triton backend's extra memory within the 0.5 GB target."""
+    c = lce_ops.cost_model(8192, 4096, 128256, torch.bfloat16, chunk_bytes=256 << 20)
+    assert c["flops"] == 8 * 8192 * 4096 * 128256 and c["flops_3gemm"] == 6 * 8192 * 4096 * 128256
+    assert c["backward_chunk_columns"] == 16384
+    assert c["workspace_bytes"] < 0.5 * 2**30 < c["logits_bytes"]
+
+
 def test_module_is_a_drop_in():
     torch.manual_seed(0)
     ours = pykernels.nn.LinearCrossEntropyLoss(12, 17, bias=True, label_smoothing=0.1, ignore_index=3,

@@ -187,3 +187,35 @@ def _backward(ctx, g_loss, g_lse, g_denom):
 
 
 torch.library.register_autograd("pykernels::linear_cross_entropy", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cost model (docs/linear_cross_entropy.md), for the benchmark harness: what a run should be compared with.
+
+def cost_model(N: int, H: int, V: int, dtype: torch.dtype = torch.bfloat16, backward: bool = True,
+               chunk_bytes: Optional[int] = None, splits: int = 16) -> dict:
+    """FLOPs, minimal HBM bytes and the Triton backend's workspace for one call at (N, H, V).
+
+    - ``flops``: tensor-core FLOPs of this design: 2NHV forward, + 6NHV backward (recomputed logits, dX, dW).
+    - ``flops_3gemm``: the floor of any exact design that stores no logits across the pass (logits, dX, dW).
+    - ``min_bytes``: read x and W (and write dX, dW with ``backward``); any FLCE must move these.
+    - ``workspace_bytes``: extra memory the Triton backend allocates beyond inputs, outputs and gradients:
+      forward partials (4 x splits x N fp32), saved lse (N fp32), backward dlogits chunk (N x chunk columns in
+      ``dtype``), the fp32 dX accumulator for 16-bit inputs, 3 per-row coefficient vectors. cuBLAS workspace
+      is not counted.
+    - ``logits_bytes``: what materialising the logits would cost (N x V in ``dtype``; the fp32 upcast that
+      eager ``cross_entropy(logits.float())`` adds is ``4NV`` more).
+    """
+    elt = torch.empty((), dtype=dtype).element_size()
+    gemm = 2 * N * H * V
+    flops = gemm * (4 if backward else 1)
+    min_bytes = elt * (N * H + V * H) * (2 if backward else 1)
+    if chunk_bytes is None:
+        from ..triton.linear_cross_entropy import CHUNK_BYTES as chunk_bytes  # noqa: N811
+    chunk = min(V, max(256, (chunk_bytes // max(N * elt, 1)) // 256 * 256))
+    fwd_ws = 4 * splits * N * 4 + 3 * N * 4
+    bwd_ws = (N * chunk * elt + (N * H * 4 if elt < 4 else 0) + 3 * N * 4) if backward else 0
+    return {"flops": flops, "flops_3gemm": gemm * (3 if backward else 1), "min_bytes": min_bytes,
+            "workspace_bytes": fwd_ws + bwd_ws, "forward_workspace_bytes": fwd_ws,
+            "backward_workspace_bytes": bwd_ws, "backward_chunk_columns": chunk,
+            "logits_bytes": N * V * elt, "gradient_bytes": elt * (N * H + V * H) if backward else 0}

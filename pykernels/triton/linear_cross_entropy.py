@@ -226,7 +226,8 @@ def _mm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a, b)
     elif acc.device.type == "cuda" and _HAS_OUT_DTYPE[0]:
         try:
-            acc.copy_(torch.addmm(acc, a, b, out_dtype=acc.dtype))   # cuBLAS: bf16/fp16 in, fp32 out
+            # cuBLAS: bf16/fp16 in, fp32 accumulate and out, in place (beta = 1): no temporary
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
         except (TypeError, RuntimeError):  # a torch without addmm(out_dtype=)
             _HAS_OUT_DTYPE[0] = False
