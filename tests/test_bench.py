@@ -1,46 +1,136 @@
-"""The benchmark harness on CPU: byte formulas, a provider whose output is wrong is reported and not timed,
-an end-to-end --quick run writes a well-formed JSON, the README tables render from committed results."""
+"""The benchmark harness on CPU (CI tier, a few seconds): byte model, fp32 reference, wrong/raising providers
+reported and not timed, an end-to-end --quick run's JSON schema, --compare, provider selection, rendering."""
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-from bench import __main__ as bench_main
-from bench import cross_entropy as ce_suite
-from bench import harness, render
+from bench import __main__ as cli
+from bench import cross_entropy as ce
+from bench import harness, render, report
+
+CPU = torch.device("cpu")
+RESULT_KEYS = {"suite", "case", "shape", "dtype", "provider", "mode", "status", "ms_p50", "ms_p20", "ms_p80",
+               "gbps", "pct_of_copy_bw", "tflops", "pct_of_matmul", "peak_extra_mem_bytes", "speedup_vs", "error",
+               "max_abs_err"}
 
 
 def test_byte_model():
-    assert ce_suite.fwd_bwd_bytes(8192, 128256, 2) == 2.0 * 8192 * 128256 * 2 + 8 * 8192
+    N, V = 8192, 128256
+    assert ce.minimal_bytes(N, V, 2, "fwd+bwd") == 2 * N * V * 2 + 8 * N  # read logits + write grad + targets
+    assert ce.minimal_bytes(N, V, 2, "fwd") == N * V * 2 + 8 * N
+    case = ce.CrossEntropyCase(4096, 32000, torch.float32, CPU)
+    assert case.bytes("fwd+bwd") == 2 * 4096 * 32000 * 4 + 8 * 4096
 
 
-def test_wrong_provider_is_reported_not_timed(monkeypatch):
-    real = ce_suite.providers
-
-    def with_broken(device):
-        p = real(device)
-        p["broken"] = (lambda x, t: torch.nn.functional.cross_entropy(x * 1.5, t), None)
-        return p
-    monkeypatch.setattr(ce_suite, "providers", with_broken)
-    rs = ce_suite.run(torch.device("cpu"), torch.float32, quick=True,
-                      select=lambda n: n in ("broken", "torch"), shapes=[(64, 300)])
-    by = {r.provider: r for r in rs}
-    assert by["broken"].status == "wrong" and by["broken"].ms_p50 is None
-    assert by["torch"].status == "ok" and by["torch"].ms_p50 > 0
+def test_reference_matches_torch():
+    x = torch.randn(37, 101, dtype=torch.float64) * 3
+    t = torch.randint(0, 101, (37,))
+    t[::5] = -100
+    x.requires_grad_()
+    F.cross_entropy(x, t).backward()
+    loss, grad = ce.reference_ce(x.detach(), t, chunk_bytes=4 * 101 * 8)  # several chunks
+    assert torch.allclose(loss.double(), F.cross_entropy(x.detach(), t), rtol=1e-6)
+    assert torch.allclose(grad.double(), x.grad, atol=1e-7)
+    assert grad[::5].abs().max() == 0
 
 
-def test_quick_run_writes_json(tmp_path, monkeypatch):
-    monkeypatch.setitem(ce_suite.PRESETS, ("cpu", True), [(32, 1000)])
-    assert bench_main.main(["--quick", "--device", "cpu", "--providers", "pykernels-*,torch",
-                            "--out", str(tmp_path)]) == 0
-    (path,) = tmp_path.glob("*.json")
+def _scaled_grad_ce(x, t):
+    # the loss value is exact, only the gradient is 1.5x too large: caught only by the gradient check
+    return F.cross_entropy(x + 0.5 * (x - x.detach()), t)
+
+
+def _raises(x, t):
+    raise RuntimeError("kernel launch failed")
+
+
+def test_wrong_and_failing_providers_are_reported_not_timed(monkeypatch):
+    timed = []
+    real = harness.time_ms
+    monkeypatch.setattr(harness, "time_ms", lambda fn, *a, **k: timed.append(fn) or real(fn, *a, **k))
+    provs = [harness.Provider("wrong-loss", lambda x, t: F.cross_entropy(x * 1.5, t)),
+             harness.Provider("wrong-grad", _scaled_grad_ce),
+             harness.Provider("raises", _raises),
+             harness.Provider("absent", None, "not installed"),
+             harness.Provider("torch", F.cross_entropy, baseline=True)]
+    rs = harness.run_suite(ce, CPU, torch.float32, True, provs, ce.cases(CPU, torch.float32, True, {"N": 64, "V": 300}),
+                           ce.MODES)
+    by = {(r.provider, r.mode): r for r in rs}
+    assert by["wrong-loss", "fwd"].status == by["wrong-loss", "fwd+bwd"].status == "wrong"
+    assert by["wrong-grad", "fwd+bwd"].status == "wrong" and by["wrong-grad", "fwd"].status == "ok"
+    assert by["raises", "fwd"].status == "error" and "kernel launch failed" in by["raises", "fwd"].error
+    assert by["absent", "fwd"].status == "absent" and by["absent", "fwd"].error == "not installed"
+    for r in rs:
+        assert (r.ms_p50 is not None) == (r.status == "ok"), r
+    assert by["torch", "fwd+bwd"].max_abs_err < 1e-5
+    assert len(timed) == 3  # torch in both modes, wrong-grad's forward
+
+
+def test_quick_run_json_schema_and_compare(tmp_path, capsys):
+    args = ["--quick", "--device", "cpu", "--shape", "N=32,V=1000", "--baselines", "torch", "--no-plots"]
+    assert cli.main(args + ["--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("CPU run") and "pykernels-cpu" in out
+    (path,) = (tmp_path / "a").glob("*.json")
+    assert path.with_suffix(".csv").exists()
     d = json.loads(path.read_text())
-    assert {"env", "ceilings", "results"} <= set(d) and d["env"]["device"] == "cpu"
-    ok = [r for r in d["results"] if r["status"] == "ok"]
-    assert {r["provider"] for r in ok} >= {"torch"} and all(r["ms_p50"] > 0 and r["gbps"] > 0 for r in ok)
-    res = [harness.Result(**r) for r in d["results"]]
-    assert "cross_entropy" in harness.table(res)
+    assert {"date_utc", "git_commit", "python", "torch", "triton", "cuda", "cudnn", "device_name"} <= set(d["env"])
+    assert d["ceilings"]["copy_gbps"] > 0
+    rs = d["results"]
+    assert {(r["provider"], r["mode"]) for r in rs} == {(p, m) for p in ("pykernels-cpu", "torch")
+                                                       for m in ("fwd+bwd", "fwd")}
+    for r in rs:
+        assert RESULT_KEYS <= set(r) and r["shape"] == {"N": 32, "V": 1000} and r["dtype"] == "float32"
+        assert r["status"] == "ok", r["error"]
+        assert 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"] and r["gbps"] > 0 and r["pct_of_copy_bw"] > 0
+    assert set(next(r for r in rs if r["provider"] == "pykernels-cpu")["speedup_vs"]) == {"torch"}
+
+    # --compare against a doctored earlier run in which everything was twice as fast
+    for r in rs:
+        r["ms_p50"] /= 2
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(d))
+    assert cli.main(args + ["--modes", "fwd", "--out", str(tmp_path / "b"), "--compare", str(old)]) == 0
+    regs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("REGRESSION")]
+    assert len(regs) == 2 and all(" fwd " in line for line in regs)
+
+
+def test_regression_threshold_and_status_change():
+    old = {"results": [{"suite": "s", "case": "c", "dtype": "bf16", "provider": p, "mode": "fwd+bwd",
+                        "status": "ok", "ms_p50": 1.0} for p in ("a", "b", "c")]}
+    new = [harness.Result("s", "c", "a", "fwd+bwd", "bf16", {}, ms_p50=1.06),
+           harness.Result("s", "c", "b", "fwd+bwd", "bf16", {}, ms_p50=1.04),
+           harness.Result("s", "c", "c", "fwd+bwd", "bf16", {}, status="wrong", error="off")]
+    lines = report.regressions(old, new)
+    assert len(lines) == 2 and " a:" in lines[0] and "now wrong" in lines[1]
+
+
+def test_provider_selection():
+    provs = ce.providers(CPU, torch.float32)
+    names = lambda ps: {p.name for p in ps}  # noqa: E731
+    default = names(cli.select(provs, None, None))
+    assert {"pykernels-cpu", "torch", "torch.compile", "liger"} <= default
+    assert not {"pykernels-reference", "pykernels-cuda", "pykernels-triton"} & default
+    assert names(cli.select(provs, ["reference"], [])) == {"pykernels-reference"}
+    assert "liger" in {p.name for p in provs if p.absent}  # listed with its reason on CPU
+
+
+def test_tables_and_outputs(tmp_path):
+    rs = [harness.Result("cross_entropy", f"V={v}", p, "fwd+bwd", "float32", {"N": 8, "V": v}, ms_p50=1.0 + v / 1e4,
+                         ms_p20=1.0, ms_p80=2.0, bytes=1e6) for v in (100, 200) for p in ("a", "b")]
+    harness.derive(rs, {"copy_gbps": 10.0})
+    harness.add_speedups(rs, ["a"])
+    assert rs[1].speedup_vs == {"a": pytest.approx(1.0)} and rs[0].pct_of_copy_bw == pytest.approx(10 / 1.01)  # 1 MB in 1.01 ms of 10 GB/s
+    report.write_csv(tmp_path / "r.csv", rs)
+    assert (tmp_path / "r.csv").read_text().count("\n") == 5
+    assert all(p.exists() for p in report.write_plots(tmp_path, rs))  # none without matplotlib
+    assert "cross_entropy" in report.table(rs)
+    report.write_json(tmp_path / "r.json", {"date_utc": "2026-01-02T00:00:00", "device_name": "Dev X"}, {}, rs)
+    md = render.render(tmp_path)
+    assert "Dev X" in md and "2026-01-02" in md and md.count("| V=") == 4
 
 
 def test_committed_results_render():
@@ -48,21 +138,3 @@ def test_committed_results_render():
     for f in render.RESULTS.glob("*.json"):
         env = json.loads(f.read_text())["env"]
         assert env["date_utc"][:10] in text
-
-
-def test_compare_flags_regressions():
-    old = {"results": [{"suite": "cross_entropy", "case": "c", "provider": "p", "mode": "fwd+bwd", "ms_p50": 1.0}]}
-    slower = harness.Result("cross_entropy", "c", "p", "fwd+bwd", "bf16", {"N": 1}, ms_p50=1.2)
-    same = harness.Result("cross_entropy", "c", "p", "fwd+bwd", "bf16", {"N": 1}, ms_p50=1.01)
-    assert len(bench_main.regressions(old, [slower])) == 1
-    assert bench_main.regressions(old, [same]) == []
-
-
-def test_csv_and_plots(tmp_path):
-    rs = [harness.Result("cross_entropy", f"V={v}", p, "fwd+bwd", "float32", {"N": 8, "V": v}, ms_p50=1.0 + v / 1e4,
-                         bytes=1e6) for v in (100, 200) for p in ("a", "b")]
-    rs = [harness.finish(r, {"copy_gbps": 10.0}) for r in rs]
-    harness.write_csv(tmp_path / "r.csv", rs)
-    assert (tmp_path / "r.csv").read_text().count("\n") == 5
-    plots = harness.write_plots(tmp_path, rs)
-    assert all(p.exists() for p in plots)
