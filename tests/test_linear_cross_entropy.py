@@ -216,6 +216,30 @@ def test_batched_and_unbatched_input_and_lse(backend, device):
     assert one.shape == () and abs(float(one) - float(loss[0, 0])) <= 1e-5
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_contiguous_and_degenerate_shapes(backend, device):
+    """Strided input / weight (a transposed copy, a column slice), N = 1, V = 1, H = 1."""
+    require_backend(backend, device)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    for N, H, V in ((6, 10, 21), (1, 7, 5), (4, 3, 1), (5, 1, 9)):
+        x = torch.randn(H, N, device=device, dtype=dtype).t()            # non-contiguous rows
+        W = torch.randn(V, 2 * H, device=device, dtype=dtype)[:, ::2]    # strided along H
+        b = torch.randn(2 * V, device=device, dtype=dtype)[::2]
+        t = torch.randint(0, V, (N,), device=device)
+        leaves = [x, W, b]
+        g = torch.tensor(1.0, dtype=torch.float64, device=device)
+
+        def ours(x, W, b):
+            return linear_cross_entropy(x, W, t, linear_bias=b, label_smoothing=0.1, backend=backend)
+
+        lr, gr = _run(lambda x, W, b: _oracle(x, W, b, t, None, "mean", None, 0.1, 0.0, 0.0),
+                      [a.double() for a in leaves], g)
+        lo, go = _run(ours, leaves, g)
+        assert_error_rule(f"loss {N}x{H}x{V}", lo, lr, dtype=torch.float32)
+        for name, a, r in zip(("d_input", "d_weight", "d_bias"), go, gr):
+            assert_error_rule(f"{name} {N}x{H}x{V}", a, r, dtype=torch.float32)
+
+
 def test_bad_arguments_name_the_argument():
     x, W, t = torch.randn(4, 6), torch.randn(9, 6), torch.randint(0, 9, (4,))
     cases = [
