@@ -401,6 +401,12 @@ def test_module_is_a_drop_in():
         theirs.load_state_dict(ours.state_dict())
         torch.testing.assert_close(ours(x, t), theirs(x, t))
     assert "label_smoothing=0.1" in repr(ours)
+    if hasattr(torch.nn, "LinearCrossEntropyLoss"):
+        theirs = torch.nn.LinearCrossEntropyLoss(12, 17, bias=True, weight=torch.rand(17, dtype=torch.float64),
+                                                 reduction="sum", dtype=torch.float64)
+        swapped = pykernels.nn.LinearCrossEntropyLoss.from_torch(theirs, z_loss=0.0)
+        assert swapped.linear.weight is theirs.linear.weight and swapped.weight is theirs.weight
+        torch.testing.assert_close(swapped(x, t), theirs(x, t))
 
 
 # ---------------------------------------------------------------------------------------------------------

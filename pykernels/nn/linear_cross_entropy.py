@@ -58,6 +58,21 @@ class LinearCrossEntropyLoss(_Base):
                                      z_loss=self.z_loss, softcap=self.softcap, group=self.group,
                                      backend=self.backend)
 
+    @classmethod
+    def from_torch(cls, module: torch.nn.Module, **extras) -> "LinearCrossEntropyLoss":
+        """The drop-in for a ``torch.nn.LinearCrossEntropyLoss``: the same ``linear`` submodule (its Parameter
+        objects, so optimizer state stays attached), ``weight`` buffer and settings."""
+        lin = module.linear
+        new = cls(lin.in_features, module.num_classes, out_features=tuple(module.out_features),
+                  bias=lin.bias is not None, device="meta", dtype=lin.weight.dtype, reduction=module.reduction,
+                  weight=None, ignore_index=module.ignore_index, label_smoothing=module.label_smoothing,
+                  options=getattr(module, "options", None), **extras)
+        new.linear = lin
+        if module.weight is not None:
+            new.register_buffer("weight", module.weight)
+        new.train(module.training)
+        return new
+
     def extra_repr(self) -> str:
         parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
                  f"out_features={self.out_features}", f"bias={self.linear.bias is not None}",
