@@ -89,3 +89,24 @@ def test_attention_kernels_compile_for_sm80_and_sm90():
             assert wgmma, f"{what}: the sm_90 forward must use wgmma"
         if nospill:
             assert n_spills == 0, f"{what}: {n_spills} spills"
+
+
+def test_autotune_candidates_per_head_dim(monkeypatch):
+    """The opt-in autotuner (PYKERNELS_ATTN_AUTOTUNE=1, GPU only; its launch is not exercised without a GPU):
+    candidates survive pruning at every head dim and big tiles are pruned at head dim 256."""
+    import pykernels  # noqa: F401
+    from pykernels.triton import attention as a
+    for kind in ("fwd", "dq", "dkdv"):
+        configs = a.autotune_configs(kind)
+        for e in (16, 64, 128, 256):
+            kept = a._prune(configs, {}, E=e, EV=e)
+            assert kept and all(c in configs for c in kept)
+            if e == 256:
+                assert all(c.kwargs["BLOCK_M"] * 256 <= 128 * 128 for c in kept)
+        assert len(a._prune(configs, {}, E=64, EV=64)) > len(a._prune(configs, {}, E=256, EV=256))
+    monkeypatch.setenv("PYKERNELS_ATTN_AUTOTUNE", "1")
+    monkeypatch.setattr(a, "_interpreted", lambda: False)
+    assert a.autotune_enabled()
+    for kind in ("fwd", "dq", "dkdv"):  # the Autotuner objects build over the kernels, keyed on known args
+        tuned = a._tuned(kind)
+        assert set(a._TUNE_KEY) <= set(tuned.arg_names)

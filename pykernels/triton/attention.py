@@ -382,6 +382,68 @@ def config(E: int, EV: int, dtype: torch.dtype, kind: str) -> Tuple[int, int, in
     return (32, 32, 4, 1) if kind == "dq" else (16, 32, 4, 1)
 
 
+def autotune_enabled() -> bool:
+    """Opt-in GPU autotuning (PYKERNELS_ATTN_AUTOTUNE=1): each kernel variant is timed over the candidate tiles
+    of its head dim the first time it runs (keyed on head dims, GQA group, dtypes and the feature flags, not on
+    the sequence lengths, so varlen batches do not retune). Off by default: the table of ``config`` is used."""
+    return os.environ.get("PYKERNELS_ATTN_AUTOTUNE") == "1" and not _interpreted()
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop the tiles that cannot fit (or spill badly) at this head dim: the Q/K/V tiles and the fp32
+    accumulators grow with E, shared memory with BLOCK_N * E * stages."""
+    e = max(kwargs.get("E", named_args.get("E", 64)), kwargs.get("EV", named_args.get("EV", 64)))
+    keep = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        smem = (bn * e * 2 * 2) * max(c.num_stages, 1) + bm * e * 2
+        if smem <= 200 * 1024 and bm * e <= 128 * 128 and bn * e <= 128 * 128:
+            keep.append(c)
+    return keep or configs[:1]
+
+
+def autotune_configs(kind: str):
+    """Candidate tiles per kernel kind (the per-head-dim pruning happens in ``_prune``)."""
+    out = []
+    if kind == "fwd":
+        for bm in (64, 128):
+            for bn in (32, 64, 128):
+                for warps in (4, 8):
+                    for stages in (2, 3, 4):
+                        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
+                                                 num_stages=stages))
+    else:
+        for bm in (16, 32, 64):
+            for bn in (32, 64, 128):
+                for warps in (4, 8):
+                    for stages in (1, 2):
+                        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
+                                                 num_stages=stages))
+    return out
+
+
+_KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
+_TUNED = {}
+_TUNE_KEY = ["H", "GROUP", "HEAD_E", "HEAD_EV", "IS_CAUSAL", "HAS_WINDOW", "SOFTCAP", "HAS_BIAS", "DROPOUT",
+             "VARLEN"]
+
+
+def _tuned(kind: str):
+    if kind not in _TUNED:
+        _TUNED[kind] = triton.autotune(autotune_configs(kind), key=_TUNE_KEY,
+                                       prune_configs_by={"early_config_prune": _prune})(_KERNELS[kind])
+    return _TUNED[kind]
+
+
+def _launch(kind: str, grid_fn, flags, *args) -> None:
+    if autotune_enabled():
+        fixed = {k: v for k, v in flags.items() if k not in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+        torch.library.wrap_triton(_tuned(kind))[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](
+            *args, **fixed)
+    else:
+        torch.library.wrap_triton(_KERNELS[kind])[grid_fn(flags["BLOCK_M"], flags["BLOCK_N"])](*args, **flags)
+
+
 def _view4(t: torch.Tensor, varlen: bool) -> torch.Tensor:
     """(T, H, E) packed -> (1, H, T, E) view; dense tensors pass through."""
     return t.permute(1, 0, 2).unsqueeze(0) if varlen else t
@@ -454,11 +516,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optio
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     seed_t = seed if seed is not None else q
-    grid = (triton.cdiv(rows_q, BM), B * H)
-    torch.library.wrap_triton(_attn_fwd)[grid](
-        q4, k4, v4, bias_t, o4, lse, cu_q, cu_k, seed_t, *q4.stride(), *k4.stride(), *v4.stride(), *sb,
-        *o4.stride(), *_scalars(H, Hk, L, S, E, EV, scale, softcap, diag, (win_left, win_right), dropout_p),
-        **flags)
+    _launch("fwd", lambda bm, bn: (triton.cdiv(rows_q, bm), B * H), flags,
+            q4, k4, v4, bias_t, o4, lse, cu_q, cu_k, seed_t, *q4.stride(), *k4.stride(), *v4.stride(), *sb,
+            *o4.stride(), *_scalars(H, Hk, L, S, E, EV, scale, softcap, diag, (win_left, win_right), dropout_p))
     return o, lse
 
 
@@ -494,16 +554,15 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     seed_t = seed if seed is not None else q
     scalars = _scalars(H, Hk, L, S, E, EV, scale, softcap, diag, window, dropout_p)
     strides = (*q4.stride(), *k4.stride(), *v4.stride(), *sb, *do4.stride())
-    torch.library.wrap_triton(_attn_bwd_dq)[(triton.cdiv(rows_q, BM), B * H)](
-        q4, k4, v4, bias_t, do4, lse, delta, dq4, dbias_full, cu_q, cu_k, seed_t, *strides, *scalars,
-        DBIAS=want_dbias, **flags)
+    _launch("dq", lambda bm, bn: (triton.cdiv(rows_q, bm), B * H), dict(flags, DBIAS=want_dbias),
+            q4, k4, v4, bias_t, do4, lse, delta, dq4, dbias_full, cu_q, cu_k, seed_t, *strides, *scalars)
     BM2, BN2, warps2, stages2 = config(E, EV, q4.dtype, "dkdv")
     flags.update(BLOCK_M=BM2, BLOCK_N=BN2, num_warps=warps2)
     if "num_stages" in flags:
         flags["num_stages"] = stages2
     rows_k = max_seqlen_k if varlen else S
-    torch.library.wrap_triton(_attn_bwd_dkdv)[(triton.cdiv(rows_k, BN2), B * Hk)](
-        q4, k4, v4, bias_t, do4, lse, delta, dk4, dv4, cu_q, cu_k, seed_t, *strides, *scalars, **flags)
+    _launch("dkdv", lambda bm, bn: (triton.cdiv(rows_k, bn), B * Hk), flags,
+            q4, k4, v4, bias_t, do4, lse, delta, dk4, dv4, cu_q, cu_k, seed_t, *strides, *scalars)
     if want_dbias:
         dbias = dbias_full.sum_to_size(bias.shape).to(bias.dtype)  # over the broadcast dims of the mask
     else:
