@@ -101,6 +101,15 @@ def _backends(device: torch.device) -> Dict[str, Optional[str]]:
         return pykernels.available_backends()
 
 
+def _allow_recompiles(n: int) -> None:
+    """dynamic=False compiles once per (shape, grad mode): 4 shapes x 2 modes already reach dynamo's default
+    limit of 8 per code object, and fullgraph=True turns hitting it into an error. The knob was renamed."""
+    import torch._dynamo
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), n))
+
+
 def providers(device: torch.device, dtype: torch.dtype) -> List[Provider]:
     """pykernels-<backend> for the backends that target this device (the others, and the pure-PyTorch
     reference, only when asked for by name), then the baselines: torch eager, torch.compile, Liger."""
@@ -113,6 +122,7 @@ def providers(device: torch.device, dtype: torch.dtype) -> List[Provider]:
     except Exception as e:  # the package itself broken: say so instead of benchmarking nothing silently
         out.append(Provider("pykernels", None, f"import failed: {type(e).__name__}: {e}"))
     out.append(Provider("torch", F.cross_entropy, baseline=True))
+    _allow_recompiles(64)
     out.append(Provider("torch.compile", torch.compile(F.cross_entropy, fullgraph=True, dynamic=False),
                         baseline=True))
     try:
