@@ -43,7 +43,6 @@ _SCRIPT = textwrap.dedent('''
     out = []
     VARIANTS = [  # (kernel, dtype, head dim, flags, must not spill)
         ("fwd", "bf16", 128, {{"IS_CAUSAL": True}}, True),
-        ("fwd", "bf16", 64, {{}}, True),
         ("fwd", "fp16", 256, {{}}, False),
         ("fwd", "fp16", 128, {{"HAS_WINDOW": True, "SOFTCAP": True, "HAS_BIAS": True, "BOOL_BIAS": True,
                               "DROPOUT": True, "VARLEN": True, "BR": True, "IS_CAUSAL": True}}, False),
@@ -80,7 +79,7 @@ def test_attention_kernels_compile_for_sm80_and_sm90():
                        timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     rows = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(rows) == 13
+    assert len(rows) == 11
     for kern, arch, dt, e, flags, wgmma, mma, n_spills, nospill in rows:
         what = f"{kern} sm_{arch} {dt} E={e} {flags}"
         if dt != "fp32":  # fp32 inputs use exact fp32 FMA dots (input_precision="ieee"), by design
