@@ -161,6 +161,7 @@ def test_backward_in_several_vocab_chunks_and_splits(backend, device, monkeypatc
     require_backend(backend, device)
     from pykernels.triton import linear_cross_entropy as tk
     x, W, b, w, t = _make(150, 16, 150, torch.float32, device, True, True)  # 10 token blocks: 2 groups
+    t[:40] = -100  # whole token blocks of ignored rows: their gradient tiles are skipped (exactly zero)
     leaves = [a.float() for a in (x, W, b)]
 
     def ours(x, W, b):
@@ -424,8 +425,8 @@ from pykernels.triton._compile import _jit_fn, spills
 
 # The runtime JIT specialises 16-byte aligned pointers and ints divisible by 16 ("tt.divisibility"); mimic it
 # for a contiguous problem with H % 16 == 0, so the check sees the loads the GPU will run (vectorised, pipelined).
-ALIGNED = ("X", "W", "B", "T", "CW", "Mp", "Sp", "ZYp", "ZSp", "LSE", "CP", "CY", "CWr", "DL", "H", "sxn", "swv",
-           "sdn")
+ALIGNED = ("X", "W", "B", "T", "CW", "Mp", "Sp", "ZYp", "ZSp", "LSE", "CP", "CY", "CWr", "DL", "DBp", "H", "sxn",
+           "swv", "sdn", "sdb")
 
 
 def compile_aligned(kernel, signature, constexprs, arch, num_warps, num_stages):
@@ -448,10 +449,10 @@ for arch, dt, (BM, BN, BK, warps, stages) in jobs:
     flags = dict(HAS_BIAS=True, HAS_CW=True, SOFTCAP=True, SMOOTH=True, IEEE=dt == "fp32", BM=BM, BN=BN, BK=BK,
                  GROUP_M=8)
     fwd = dict(common, Mp="*fp32", Sp="*fp32", ZYp="*fp32", ZSp="*fp32", softcap="fp32", n_splits="i32")
-    bwd = dict(common, LSE="*fp32", CP="*fp32", CY="*fp32", CWr="*fp32", DL=f"*{{dt}}", col0="i32", n_cols="i32",
-               sdn="i64", softcap="fp32")
+    bwd = dict(common, LSE="*fp32", CP="*fp32", CY="*fp32", CWr="*fp32", DL=f"*{{dt}}", DBp="*fp32", col0="i32",
+               n_cols="i32", sdn="i64", sdb="i64", softcap="fp32")
     for name, kern, sig in (("fwd", k._lce_fwd_kernel, fwd), ("dlogits", k._lce_dlogits_kernel, bwd)):
-        c = compile_aligned(kern, sig, flags, arch, warps, stages)
+        c = compile_aligned(kern, sig, dict(flags, HAS_DB=True) if name == "dlogits" else flags, arch, warps, stages)
         ptx = c.asm["ptx"]
         out.append((name, arch, dt, [BM, BN, BK, warps, stages], "wgmma" in ptx, "mma.sync" in ptx,
                     "cp.async" in ptx, spills(c)))

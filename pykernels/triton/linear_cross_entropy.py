@@ -120,12 +120,14 @@ def _lce_fwd_kernel(X, W, B, T, CW, Mp, Sp, ZYp, ZSp, N, V, H, vocab_start, sxn,
 
 
 @triton.jit
-def _lce_dlogits_kernel(X, W, B, T, CW, LSE, CP, CY, CWr, DL, N, V, H, vocab_start, col0, n_cols,
-                        sxn, swv, sdn, softcap,
+def _lce_dlogits_kernel(X, W, B, T, CW, LSE, CP, CY, CWr, DL, DBp, N, V, H, vocab_start, col0, n_cols,
+                        sxn, swv, sdn, sdb, softcap,
                         HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
-                        IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        GROUP_M: tl.constexpr):
-    """dlogits for columns [col0, col0 + n_cols) of this shard, into DL (N, n_cols) (row stride sdn)."""
+                        HAS_DB: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """dlogits for columns [col0, col0 + n_cols) of this shard, into DL (N, n_cols) (row stride sdn); with HAS_DB
+    also the tile's column sums into row pid_m of DBp (fp32, row stride sdb): the bias gradient's partials,
+    summed over token blocks by the launcher (deterministic, no atomics)."""
     pid = tl.program_id(0)
     n_m = tl.cdiv(N, BM)
     n_n = tl.cdiv(n_cols, BN)
@@ -141,26 +143,37 @@ def _lce_dlogits_kernel(X, W, B, T, CW, LSE, CP, CY, CWr, DL, N, V, H, vocab_sta
     cols = col0 + lcols                                                # column within the shard
     rmask = rows < N
     cmask = lcols < n_cols
-    z = _logit_tile(X, W, B, rows, cols, N, col0 + n_cols, H, sxn, swv, softcap,
-                    HAS_BIAS, SOFTCAP, IEEE, BM, BN, BK)
-    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     cp = tl.load(CP + rows, mask=rmask, other=0.0)
     cy = tl.load(CY + rows, mask=rmask, other=0.0)
-    y = tl.load(T + rows, mask=rmask, other=-1) - vocab_start
-    # p_c - [c == y] formed in fp32 before the single rounding to the output dtype
-    d = cp[:, None] * tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == y[:, None], cy[:, None], 0.0)
     if SMOOTH:
         cw = tl.load(CWr + rows, mask=rmask, other=0.0)
-        if HAS_CW:
-            w = tl.load(CW + cols, mask=cmask, other=0.0)
-            d -= cw[:, None] * w[None, :]
-        else:
-            d -= cw[:, None]
-    if SOFTCAP:
-        tc = z / softcap
-        d = d * (1.0 - tc * tc)
+    else:
+        cw = tl.zeros((BM,), dtype=tl.float32)
+    # A token block whose rows all have zero coefficients (ignored targets, zero upstream gradients) has an
+    # exactly zero gradient tile: skip its GEMM (exact, so always on).
+    live = tl.max(tl.where((cp != 0.0) | (cy != 0.0) | (cw != 0.0), 1, 0), 0)
+    d = tl.zeros((BM, BN), dtype=tl.float32)
+    if live > 0:
+        z = _logit_tile(X, W, B, rows, cols, N, col0 + n_cols, H, sxn, swv, softcap,
+                        HAS_BIAS, SOFTCAP, IEEE, BM, BN, BK)
+        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+        y = tl.load(T + rows, mask=rmask, other=-1) - vocab_start
+        # p_c - [c == y] formed in fp32 before the single rounding to the output dtype
+        d = cp[:, None] * tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == y[:, None], cy[:, None], 0.0)
+        if SMOOTH:
+            if HAS_CW:
+                w = tl.load(CW + cols, mask=cmask, other=0.0)
+                d -= cw[:, None] * w[None, :]
+            else:
+                d -= cw[:, None]
+        if SOFTCAP:
+            tc = z / softcap
+            d = d * (1.0 - tc * tc)
     ptrs = DL + rows[:, None] * sdn + lcols[None, :]
-    tl.store(ptrs, d.to(DL.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    dl = d.to(DL.dtype.element_ty)
+    tl.store(ptrs, dl, mask=rmask[:, None] & cmask[None, :])
+    if HAS_DB:  # rows past N have zero coefficients, hence zero d; sum what dW and dX see (the rounded dl)
+        tl.store(DBp + pid_m.to(tl.int64) * sdb + lcols, tl.sum(dl.to(tl.float32), 0), mask=cmask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,24 +315,31 @@ def linear_cross_entropy_bwd(input: torch.Tensor, linear_weight: torch.Tensor, l
         chunk = max(INTERPRETER_CONFIG[1], (CHUNK_BYTES // max(N * input.element_size(), 1)) // 16 * 16)
     chunk = min(chunk, V)
     buf = torch.empty(N, chunk, device=dev, dtype=input.dtype)
+    want_db = bias_grad and has_b
+    # bias partials: one row per token block of the smallest BM any config uses
+    min_bm = INTERPRETER_CONFIG[0] if (_interpreted() or dev.type != "cuda") else min(c[0] for c in
+                                                                                       _configs(input.dtype))
+    dbp = torch.empty(triton.cdiv(N, min_bm) if want_db else 0, chunk, device=dev, dtype=torch.float32)
     for c0 in range(0, V, chunk):
         nc = min(chunk, V - c0)
         dl = buf[:, :nc]
+        if want_db:
+            dbp.zero_()  # an autotuned config with a larger BM writes fewer rows
 
         def grid(META, nc=nc):
             return (triton.cdiv(N, META["BM"]) * triton.cdiv(nc, META["BN"]),)
 
         torch.library.wrap_triton(kernel)[grid](
             input, linear_weight, linear_bias if has_b else input, target, weight if weight is not None else lse,
-            lse, coef_p, coef_y, coef_w, dl, N, V, H, vocab_start, c0, nc,
-            input.stride(0), linear_weight.stride(0), dl.stride(0),
+            lse, coef_p, coef_y, coef_w, dl, dbp if want_db else lse, N, V, H, vocab_start, c0, nc,
+            input.stride(0), linear_weight.stride(0), dl.stride(0), dbp.stride(0) if want_db else 0,
             float(softcap or 1.0),
-            HAS_BIAS=has_b, HAS_CW=weight is not None, SOFTCAP=bool(softcap), SMOOTH=smooth,
+            HAS_BIAS=has_b, HAS_CW=weight is not None, SOFTCAP=bool(softcap), SMOOTH=smooth, HAS_DB=want_db,
             IEEE=input.dtype == torch.float32, GROUP_M=8, **meta)
         if weight_grad:
             torch.mm(dl.t(), input, out=gw[c0:c0 + nc])
-        if bias_grad and has_b:
-            gb[c0:c0 + nc] = dl.sum(0, dtype=acc).to(gb.dtype)
+        if want_db:
+            gb[c0:c0 + nc] = dbp[:, :nc].sum(0).to(gb.dtype)
         if input_grad:
             _mm_acc_(gx, dl, linear_weight[c0:c0 + nc])
     return gx, gw, gb
