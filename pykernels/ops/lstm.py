@@ -56,8 +56,53 @@ def _layer_bwd_fake(grad_out, grad_hn, grad_cn, c0, ws, w_hh, reverse):
 # ---------------------------------------------------------------------------------------------------------
 # Kernel ops per backend: CELL[backend] = (fwd, bwd); LAYER[backend] = (fwd, bwd).
 
+def _ref_layer_fwd(xproj, w_hh, h0, c0, reverse):
+    """The sequence kernel contract in plain PyTorch (acc dtype math, h rounded to w_hh's dtype per step)."""
+    T, B, H4 = xproj.shape
+    H = H4 // 4
+    out = h0.new_empty(T, B, H)
+    ws = xproj.new_empty(T, B, 5 * H)
+    h, c = h0, c0.to(xproj.dtype)
+    w = w_hh.to(xproj.dtype)
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        g = xproj[t] + h.to(xproj.dtype) @ w.t()
+        i, f, gg, o = g[:, :H].sigmoid(), g[:, H:2 * H].sigmoid(), g[:, 2 * H:3 * H].tanh(), g[:, 3 * H:].sigmoid()
+        c = f * c + i * gg
+        h = (o * c.tanh()).to(out.dtype)
+        out[t] = h
+        ws[t] = torch.cat([i, f, gg, o, c], 1)
+    return out, ws
+
+
+def _ref_layer_bwd(grad_out, grad_hn, grad_cn, c0, ws, w_hh, reverse):
+    T, B, H5 = ws.shape
+    H = H5 // 5
+    acc = ws.dtype
+    w = w_hh.to(acc)
+    dg = ws.new_empty(T, B, 4 * H)
+    dh = grad_hn.to(acc) if grad_hn is not None else ws.new_zeros(B, H)
+    dc = grad_cn.to(acc) if grad_cn is not None else ws.new_zeros(B, H)
+    order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
+    for s in range(T - 1, -1, -1):
+        t = order[s]
+        if grad_out is not None:
+            dh = dh + grad_out[t].to(acc)
+        i, f, g, o, c = ws[t].split(H, 1)
+        c_prev = c0.to(acc) if s == 0 else ws[order[s - 1], :, 4 * H:]
+        tc = c.tanh()
+        dct = dc + dh * o * (1 - tc * tc)
+        dg[t] = torch.cat([dct * g * i * (1 - i), dct * c_prev * f * (1 - f), dct * i * (1 - g * g),
+                           dh * tc * o * (1 - o)], 1)
+        dc = dct * f
+        dh = dg[t].to(w_hh.dtype).to(acc) @ w
+    return dg, dh, dc
+
+
+# The reference entry of LAYER checks the kernel contract and lets the CPU tier compile the layer op (the
+# interpreted Triton kernels cannot be traced on fake tensors); the public "reference" backend of
+# pykernels.functional.lstm is pykernels/reference/lstm.py itself.
 CELL = {}
-LAYER = {}
+LAYER = {"reference": (_ref_layer_fwd, _ref_layer_bwd)}
 
 
 def _cpp_ops_present() -> bool:

@@ -1,0 +1,170 @@
+// CPU kernels of the LSTM cell ops (docs/lstm.md). Forward: the two gate GEMMs go into one (B, 4H) buffer of the
+// accumulation dtype (BLAS; the second accumulates into the first), then one vectorised pass per row adds both
+// biases, applies the activations, updates the cell and writes h', c' and the workspace. torch's eager CPU cell
+// runs ~10 separate elementwise passes over the gates instead. Backward: one vectorised pass from (dh, dc, cx, ws)
+// to the gate gradients and dc_prev; the GEMMs for dx, dh and the weights run in the autograd formula.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../lstm.h"
+
+namespace pykernels {
+namespace {
+
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> load(const scalar_t* p, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return n == Vec<acc_t>::size() ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, n);
+  } else {
+    alignas(64) acc_t tmp[Vec<acc_t>::size()] = {};
+    for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<acc_t>(p[i]);
+    return Vec<acc_t>::loadu(tmp);
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+inline void store(scalar_t* p, const Vec<acc_t>& v, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (n == Vec<acc_t>::size()) v.store(p); else v.store(p, n);
+  } else {
+    alignas(64) acc_t tmp[Vec<acc_t>::size()];
+    v.store(tmp);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(tmp[i]);
+  }
+}
+
+template <typename acc_t>
+inline Vec<acc_t> sigmoid(const Vec<acc_t>& x) {
+  const Vec<acc_t> one(acc_t(1));
+  return one / (one + x.neg().exp());
+}
+
+int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 5 * H)); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& input, const at::Tensor& hx,
+                                                       const at::Tensor& cx, const at::Tensor& w_ih,
+                                                       const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                                       const c10::optional<at::Tensor>& b_hh) {
+  check_lstm_cell_fwd(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  const int64_t B = input.size(0), H = hx.size(1);
+  const auto acc = lstm_acc_type(input.scalar_type());
+  at::Tensor hy = at::empty({B, H}, input.options()), cy = at::empty({B, H}, input.options());
+  at::Tensor ws = at::empty({B, 5 * H}, input.options().dtype(acc));
+  if (B == 0 || H == 0) return {hy, cy, ws};
+  at::Tensor gates;
+  if (input.scalar_type() == acc) {
+    gates = at::mm(input, w_ih.t());
+    gates.addmm_(hx, w_hh.t());
+  } else {  // fp16 / bf16: fp32 GEMMs (fp32 accumulation and gates, as the contract says)
+    gates = at::mm(input.to(acc), w_ih.to(acc).t());
+    gates.addmm_(hx.to(acc), w_hh.to(acc).t());
+  }
+  at::Tensor c0 = cx.contiguous();
+  at::Tensor bi = b_ih.has_value() ? b_ih->contiguous() : at::Tensor();
+  at::Tensor bh = b_hh.has_value() ? b_hh->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lstm_cell_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using V = Vec<acc_t>;
+    constexpr int64_t W = V::size();
+    const acc_t* g = gates.data_ptr<acc_t>();
+    const scalar_t* cp = c0.data_ptr<scalar_t>();
+    const scalar_t* pbi = bi.defined() ? bi.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pbh = bh.defined() ? bh.data_ptr<scalar_t>() : nullptr;
+    scalar_t* ph = hy.data_ptr<scalar_t>();
+    scalar_t* pc = cy.data_ptr<scalar_t>();
+    acc_t* pw = ws.data_ptr<acc_t>();
+    at::parallel_for(0, B, grain_rows(H), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const acc_t* gr = g + r * 4 * H;
+        acc_t* wr = pw + r * 5 * H;
+        for (int64_t j = 0; j < H; j += W) {
+          const int64_t n = std::min<int64_t>(W, H - j);
+          V gi = load<acc_t>(gr + j, n), gf = load<acc_t>(gr + H + j, n), gg = load<acc_t>(gr + 2 * H + j, n),
+            go = load<acc_t>(gr + 3 * H + j, n);
+          if (pbi) {
+            gi = gi + load<acc_t>(pbi + j, n) + load<acc_t>(pbh + j, n);
+            gf = gf + load<acc_t>(pbi + H + j, n) + load<acc_t>(pbh + H + j, n);
+            gg = gg + load<acc_t>(pbi + 2 * H + j, n) + load<acc_t>(pbh + 2 * H + j, n);
+            go = go + load<acc_t>(pbi + 3 * H + j, n) + load<acc_t>(pbh + 3 * H + j, n);
+          }
+          const V i = sigmoid(gi), f = sigmoid(gf), gt = gg.tanh(), o = sigmoid(go);
+          const V c = f * load<acc_t>(cp + r * H + j, n) + i * gt;
+          const V h = o * c.tanh();
+          store(ph + r * H + j, h, n);
+          store(pc + r * H + j, c, n);
+          store(wr + j, i, n);
+          store(wr + H + j, f, n);
+          store(wr + 2 * H + j, gt, n);
+          store(wr + 3 * H + j, o, n);
+          store(wr + 4 * H + j, c, n);
+        }
+      }
+    });
+  });
+  return {hy, cy, ws};
+}
+
+std::tuple<at::Tensor, at::Tensor> bwd_cpu(const c10::optional<at::Tensor>& grad_h,
+                                           const c10::optional<at::Tensor>& grad_c, const at::Tensor& cx,
+                                           const at::Tensor& ws) {
+  check_lstm_cell_bwd(grad_h, grad_c, cx, ws);
+  const int64_t B = cx.size(0), H = cx.size(1);
+  at::Tensor dg = at::empty({B, 4 * H}, ws.options());
+  at::Tensor dcx = at::empty({B, H}, cx.options());
+  if (B == 0 || H == 0) return {dg, dcx};
+  at::Tensor gh = grad_h.has_value() ? grad_h->contiguous() : at::Tensor();
+  at::Tensor gc = grad_c.has_value() ? grad_c->contiguous() : at::Tensor();
+  at::Tensor c0 = cx.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cx.scalar_type(), "lstm_cell_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using V = Vec<acc_t>;
+    constexpr int64_t W = V::size();
+    const scalar_t* pgh = gh.defined() ? gh.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pgc = gc.defined() ? gc.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* cp = c0.data_ptr<scalar_t>();
+    const acc_t* pw = ws.data_ptr<acc_t>();
+    acc_t* pd = dg.data_ptr<acc_t>();
+    scalar_t* pdc = dcx.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_rows(H), [&](int64_t r0, int64_t r1) {
+      const V one(acc_t(1)), zero(acc_t(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        const acc_t* wr = pw + r * 5 * H;
+        acc_t* dr = pd + r * 4 * H;
+        for (int64_t j = 0; j < H; j += W) {
+          const int64_t n = std::min<int64_t>(W, H - j);
+          const V i = load<acc_t>(wr + j, n), f = load<acc_t>(wr + H + j, n), g = load<acc_t>(wr + 2 * H + j, n),
+                  o = load<acc_t>(wr + 3 * H + j, n), c = load<acc_t>(wr + 4 * H + j, n);
+          const V dh = pgh ? load<acc_t>(pgh + r * H + j, n) : zero;
+          const V dc = pgc ? load<acc_t>(pgc + r * H + j, n) : zero;
+          const V tc = c.tanh();
+          const V dct = dc + dh * o * (one - tc * tc);
+          store(dr + j, dct * g * i * (one - i), n);
+          store(dr + H + j, dct * load<acc_t>(cp + r * H + j, n) * f * (one - f), n);
+          store(dr + 2 * H + j, dct * i * (one - g * g), n);
+          store(dr + 3 * H + j, dh * tc * o * (one - o), n);
+          store(pdc + r * H + j, dct * f, n);
+        }
+      }
+    });
+  });
+  return {dg, dcx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
+  m.impl("lstm_cell_fwd", &fwd_cpu);
+  m.impl("lstm_cell_bwd", &bwd_cpu);
+}
+
+}  // namespace pykernels

@@ -1,0 +1,17 @@
+// Launchers of the CUDA LSTM kernels (csrc/cuda/lstm.cu). No torch headers here.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "../lstm_args.h"
+
+namespace pykernels {
+namespace cuda {
+
+// One launch per step: the gate GEMMs x W_ih^T + h W_hh^T (fp32 accumulation, tiles in shared memory) fused with
+// the bias add, the activations and the state update. fp32 / fp16 / bf16.
+cudaError_t lstm_cell_fwd(const LstmCellArgs& a, cudaStream_t stream);
+// Pointwise gate gradients and dc_prev from (dh, dc, cx, ws).
+cudaError_t lstm_cell_bwd(const LstmCellBwdArgs& a, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace pykernels

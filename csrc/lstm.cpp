@@ -1,0 +1,161 @@
+// LSTM cell operators: schemas, argument checks, and the CUDA implementation's glue. Contract: docs/lstm.md.
+// The CPU kernels are in cpu/lstm.cpp, the CUDA ones in cuda/lstm.cu.
+#include "lstm.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#ifdef PYKERNELS_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/lstm.h"
+#endif
+
+namespace pykernels {
+
+at::ScalarType lstm_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+static void check_same(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "lstm_cell: ", name, " must have the input's dtype ",
+              input.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "lstm_cell: ", name, " must be on ", input.device(), ", got ",
+              t.device());
+}
+
+void check_lstm_cell_fwd(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+                         const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                         const c10::optional<at::Tensor>& b_hh) {
+  const auto t = input.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "lstm_cell: input must be float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK(input.dim() == 2, "lstm_cell: input must be 2-D (B, I), got ", input.dim(), "-D");
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(1) == input.size(1) && w_ih.size(0) % 4 == 0,
+              "lstm_cell: w_ih must have shape (4*H, ", input.size(1), "), got ", w_ih.sizes());
+  const int64_t B = input.size(0), H = w_ih.size(0) / 4;
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) == H, "lstm_cell: w_hh must have shape (",
+              4 * H, ", ", H, "), got ", w_hh.sizes());
+  TORCH_CHECK(hx.dim() == 2 && hx.size(0) == B && hx.size(1) == H, "lstm_cell: hx must have shape (", B, ", ", H,
+              "), got ", hx.sizes());
+  TORCH_CHECK(cx.dim() == 2 && cx.size(0) == B && cx.size(1) == H, "lstm_cell: cx must have shape (", B, ", ", H,
+              "), got ", cx.sizes());
+  check_same(hx, "hx", input);
+  check_same(cx, "cx", input);
+  check_same(w_ih, "w_ih", input);
+  check_same(w_hh, "w_hh", input);
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "lstm_cell: pass both b_ih and b_hh, or neither");
+  if (b_ih.has_value()) {
+    for (const auto* b : {&*b_ih, &*b_hh}) {
+      const char* name = b == &*b_ih ? "b_ih" : "b_hh";
+      check_same(*b, name, input);
+      TORCH_CHECK(b->dim() == 1 && b->size(0) == 4 * H, "lstm_cell: ", name, " must have shape (", 4 * H,
+                  "), got ", b->sizes());
+    }
+  }
+}
+
+void check_lstm_cell_bwd(const c10::optional<at::Tensor>& grad_h, const c10::optional<at::Tensor>& grad_c,
+                         const at::Tensor& cx, const at::Tensor& ws) {
+  TORCH_CHECK(cx.dim() == 2, "lstm_cell_bwd: cx must be 2-D (B, H), got ", cx.dim(), "-D");
+  const int64_t B = cx.size(0), H = cx.size(1);
+  TORCH_CHECK(ws.dim() == 2 && ws.size(0) == B && ws.size(1) == 5 * H && ws.is_contiguous(),
+              "lstm_cell_bwd: ws must be contiguous of shape (", B, ", ", 5 * H, "), got ", ws.sizes());
+  TORCH_CHECK(ws.scalar_type() == lstm_acc_type(cx.scalar_type()), "lstm_cell_bwd: ws must be ",
+              lstm_acc_type(cx.scalar_type()), ", got ", ws.scalar_type());
+  TORCH_CHECK(ws.device() == cx.device(), "lstm_cell_bwd: ws must be on ", cx.device());
+  for (const auto* g : {&grad_h, &grad_c}) {
+    if (!g->has_value()) continue;
+    const char* name = g == &grad_h ? "grad_h" : "grad_c";
+    TORCH_CHECK((*g)->sizes() == cx.sizes(), "lstm_cell_bwd: ", name, " must have shape ", cx.sizes(), ", got ",
+                (*g)->sizes());
+    TORCH_CHECK((*g)->scalar_type() == cx.scalar_type() && (*g)->device() == cx.device(), "lstm_cell_bwd: ", name,
+                " must be ", cx.scalar_type(), " on ", cx.device());
+  }
+}
+
+TORCH_LIBRARY_FRAGMENT(pykernels, m) {
+  m.def("lstm_cell_fwd(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("lstm_cell_bwd(Tensor? grad_h, Tensor? grad_c, Tensor cx, Tensor ws) -> (Tensor, Tensor)");
+}
+
+#ifdef PYKERNELS_WITH_CUDA
+namespace {
+
+DType lstm_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: TORCH_CHECK(false, "lstm_cell (cuda): dtype must be float32, float16 or bfloat16, got ", t);
+  }
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA error: ", cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& input, const at::Tensor& hx,
+                                                        const at::Tensor& cx, const at::Tensor& w_ih,
+                                                        const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                                        const c10::optional<at::Tensor>& b_hh) {
+  check_lstm_cell_fwd(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor x = input.contiguous(), h = hx.contiguous(), c = cx.contiguous(), wi = w_ih.contiguous(),
+             wh = w_hh.contiguous();
+  at::Tensor bi = b_ih.has_value() ? b_ih->contiguous() : at::Tensor(),
+             bh = b_hh.has_value() ? b_hh->contiguous() : at::Tensor();
+  LstmCellArgs a;
+  a.dtype = lstm_dtype(x.scalar_type());
+  a.B = x.size(0);
+  a.I = x.size(1);
+  a.H = h.size(1);
+  at::Tensor hy = at::empty({a.B, a.H}, x.options()), cy = at::empty({a.B, a.H}, x.options());
+  at::Tensor ws = at::empty({a.B, 5 * a.H}, x.options().dtype(at::kFloat));
+  a.x = x.data_ptr();
+  a.hx = h.data_ptr();
+  a.cx = c.data_ptr();
+  a.w_ih = wi.data_ptr();
+  a.w_hh = wh.data_ptr();
+  a.b_ih = bi.defined() ? bi.data_ptr() : nullptr;
+  a.b_hh = bh.defined() ? bh.data_ptr() : nullptr;
+  a.hy = hy.data_ptr();
+  a.cy = cy.data_ptr();
+  a.ws = ws.data_ptr<float>();
+  if (a.B > 0 && a.H > 0) check_cuda(cuda::lstm_cell_fwd(a, c10::cuda::getCurrentCUDAStream()), "lstm_cell_fwd");
+  return {hy, cy, ws};
+}
+
+std::tuple<at::Tensor, at::Tensor> bwd_cuda(const c10::optional<at::Tensor>& grad_h,
+                                            const c10::optional<at::Tensor>& grad_c, const at::Tensor& cx,
+                                            const at::Tensor& ws) {
+  check_lstm_cell_bwd(grad_h, grad_c, cx, ws);
+  c10::cuda::CUDAGuard guard(cx.device());
+  at::Tensor gh = grad_h.has_value() ? grad_h->contiguous() : at::Tensor();
+  at::Tensor gc = grad_c.has_value() ? grad_c->contiguous() : at::Tensor();
+  at::Tensor c = cx.contiguous();
+  LstmCellBwdArgs a;
+  a.dtype = lstm_dtype(c.scalar_type());
+  a.B = c.size(0);
+  a.H = c.size(1);
+  at::Tensor dg = at::empty({a.B, 4 * a.H}, c.options().dtype(at::kFloat));
+  at::Tensor dcx = at::empty({a.B, a.H}, c.options());
+  a.grad_h = gh.defined() ? gh.data_ptr() : nullptr;
+  a.grad_c = gc.defined() ? gc.data_ptr() : nullptr;
+  a.cx = c.data_ptr();
+  a.ws = ws.data_ptr<float>();
+  a.dgates = dg.data_ptr<float>();
+  a.dcx = dcx.data_ptr();
+  if (a.B > 0 && a.H > 0) check_cuda(cuda::lstm_cell_bwd(a, c10::cuda::getCurrentCUDAStream()), "lstm_cell_bwd");
+  return {dg, dcx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+  m.impl("lstm_cell_fwd", &fwd_cuda);
+  m.impl("lstm_cell_bwd", &bwd_cuda);
+}
+#endif
+
+}  // namespace pykernels

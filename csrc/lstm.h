@@ -1,0 +1,20 @@
+// Tensor-level helpers of the LSTM ops shared by the CPU and CUDA implementations: the argument checks are
+// written once, in lstm.cpp.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include "lstm_args.h"
+
+namespace pykernels {
+
+// Checks a call of lstm_cell_fwd (names the offending argument); returns (B, I, H).
+void check_lstm_cell_fwd(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+                         const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                         const c10::optional<at::Tensor>& b_hh);
+void check_lstm_cell_bwd(const c10::optional<at::Tensor>& grad_h, const c10::optional<at::Tensor>& grad_c,
+                         const at::Tensor& cx, const at::Tensor& ws);
+// float64 for float64, else float32: the dtype of the workspace and of the gate gradients.
+at::ScalarType lstm_acc_type(at::ScalarType t);
+
+}  // namespace pykernels

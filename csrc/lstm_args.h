@@ -1,0 +1,40 @@
+// Plain description of one LSTM cell call, shared by the CPU glue and the CUDA kernels (no torch headers, so the
+// .cu file that includes it compiles fast). Filled by make_cell_args() in lstm.cpp. Contract: docs/lstm.md.
+#pragma once
+#include <cstdint>
+
+#include "cross_entropy_args.h"  // DType, PYKERNELS_HD
+
+namespace pykernels {
+
+struct LstmCellArgs {
+  // Forward. All tensors contiguous, one dtype: x (B, I), hx/cx (B, H), w_ih (4H, I), w_hh (4H, H), biases (4H)
+  // or null. Outputs hy/cy (B, H) in that dtype, ws (B, 5H) fp32: activated i, f, g, o and c' unrounded.
+  const void* x = nullptr;
+  const void* hx = nullptr;
+  const void* cx = nullptr;
+  const void* w_ih = nullptr;
+  const void* w_hh = nullptr;
+  const void* b_ih = nullptr;
+  const void* b_hh = nullptr;
+  void* hy = nullptr;
+  void* cy = nullptr;
+  float* ws = nullptr;
+  DType dtype = DType::F32;
+  int64_t B = 0, I = 0, H = 0;
+};
+
+struct LstmCellBwdArgs {
+  // grad_h/grad_c (B, H) in the cx dtype or null (zero); cx (B, H); ws (B, 5H) fp32.
+  // Outputs: dgates (B, 4H) fp32 pre-activation gate gradients, dcx (B, H) in the cx dtype.
+  const void* grad_h = nullptr;
+  const void* grad_c = nullptr;
+  const void* cx = nullptr;
+  const float* ws = nullptr;
+  float* dgates = nullptr;
+  void* dcx = nullptr;
+  DType dtype = DType::F32;
+  int64_t B = 0, H = 0;
+};
+
+}  // namespace pykernels

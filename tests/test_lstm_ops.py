@@ -1,0 +1,311 @@
+"""The LSTM operators directly: the kernel ops of each backend against a float64 oracle, opcheck, gradcheck of the
+autograd-level cell op over the C++ kernels in float64, torch.compile(fullgraph=True) parity, the Triton kernels
+compiled for sm_80/sm_90 without a GPU, and the CUDA kernels present in the built extension."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pykernels
+from pykernels.ops import lstm as ops
+from pykernels.reference import lstm as ref
+from pykernels.testing import assert_error_rule
+
+from conftest import require_backend as _require_backend
+
+F64 = torch.float64
+CPU_KERNELS = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("triton", "cpu", id="triton-interp")]
+GPU_KERNELS = [pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+               pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu)]
+
+
+def require(backend, device):
+    _require_backend(backend, device)
+    if backend in ("cpu", "cuda") and backend not in ops.CELL:
+        if os.environ.get("PYKERNELS_REQUIRE_EXTENSION") == "1":
+            pytest.fail(ops.cpp_error)
+        pytest.skip(ops.cpp_error)
+
+
+def _cell_inputs(B, I, H, dtype, device, bias=True, strided=False):
+    def r(*s):
+        return torch.randn(*s, dtype=F64, device=device)
+    x = r(B, 2 * I)[:, ::2] if strided else r(B, I)  # non-contiguous input
+    t = [x, r(B, H), r(B, H), r(4 * H, I) * 0.5, r(4 * H, H) * 0.5] + ([r(4 * H), r(4 * H)] if bias else [None, None])
+    return [None if v is None else v.to(dtype) for v in t], [None if v is None else v.to(F64) for v in t]
+
+
+@pytest.mark.parametrize("backend,device", CPU_KERNELS + GPU_KERNELS)
+@pytest.mark.parametrize("B,I,H,bias,strided", [(1, 3, 5, True, False), (19, 10, 33, False, True),
+                                                (4, 17, 16, True, True)])
+def test_cell_kernel_ops_against_float64(backend, device, B, I, H, bias, strided):
+    """Forward outputs and workspace, then the backward kernel's gate gradients and dc_prev."""
+    require(backend, device)
+    fwd, bwd = ops.CELL[backend]
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+    if backend == "cpu":
+        dtypes = [F64] + dtypes
+    for dtype in dtypes:
+        args, args64 = _cell_inputs(B, I, H, dtype, device, bias, strided)
+        h, c, ws = fwd(*args)
+        acc = ops.acc_dtype(dtype)
+        assert h.dtype == dtype and c.dtype == dtype and ws.dtype == acc and ws.shape == (B, 5 * H)
+        # oracle on the same (rounded) inputs
+        x, hx, cx, wi, wh, bi, bh = args64
+        gates = x @ wi.t() + hx @ wh.t() + (0 if bi is None else bi + bh)
+        gi, gf, gg, go = gates.chunk(4, 1)
+        i, f, g, o = gi.sigmoid(), gf.sigmoid(), gg.tanh(), go.sigmoid()
+        c64 = f * cx + i * g
+        h64 = o * c64.tanh()
+        # torch's own cell at this dtype is the baseline of the error rule
+        th, tc_ = torch._VF.lstm_cell(args[0], (args[1], args[2]), *args[3:])
+        assert_error_rule("h", h, h64, th, dtype=dtype)
+        assert_error_rule("c", c, c64, tc_, dtype=dtype)
+        floor = {F64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        fl_ws = 1e-12 if dtype == F64 else (4e-6 if dtype == torch.float32 else 4 * floor)
+        assert_error_rule("ws", ws, torch.cat([i, f, g, o, c64], 1), dtype=acc, floor=fl_ws)
+        for has_h, has_c in ((True, True), (True, False), (False, True)):
+            gh = torch.randn(B, H, dtype=F64, device=device) if has_h else None
+            gc = torch.randn(B, H, dtype=F64, device=device) if has_c else None
+            dg, dcx = bwd(None if gh is None else gh.to(dtype), None if gc is None else gc.to(dtype), args[2], ws)
+            assert dg.dtype == acc and dcx.dtype == dtype
+            dh = gh.to(dtype).to(F64) if has_h else 0
+            dc = gc.to(dtype).to(F64) if has_c else 0
+            wsd = ws.to(F64)
+            i, f, g, o, cc = wsd.chunk(5, 1)
+            tc = cc.tanh()
+            dct = dc + dh * o * (1 - tc * tc)
+            ref_dg = torch.cat([dct * g * i * (1 - i), dct * cx * f * (1 - f), dct * i * (1 - g * g),
+                                (dh * tc * o * (1 - o)) * torch.ones_like(i)], 1)
+            assert_error_rule("dgates", dg, ref_dg, dtype=acc, floor=fl_ws)
+            assert_error_rule("dcx", dcx, dct * f, dtype=dtype, floor=floor)
+
+
+@pytest.mark.parametrize("backend,device", CPU_KERNELS)
+def test_opcheck_cell(backend, device):
+    require(backend, device)
+    args, _ = _cell_inputs(3, 4, 5, torch.float32, device)
+    utils = _utils(backend, device)
+    leaves = [a.requires_grad_() for a in args]
+    kw = {"test_utils": utils}
+    torch.library.opcheck(torch.ops.pykernels.lstm_cell.default, (*leaves, backend), **kw)
+    if backend == "triton":  # the kernel triton_ops cannot run on fake tensors under the interpreter
+        return
+    fwd, bwd = ops.CELL[backend]
+    plain = [a.detach() for a in args]
+    torch.library.opcheck(fwd, tuple(plain), **kw)
+    _, _, ws = fwd(*plain)
+    torch.library.opcheck(bwd, (torch.randn(3, 5), None, plain[2], ws), **kw)
+
+
+def _utils(backend, device):
+    # AOT tracing runs wrap_triton kernels on fake tensors, which the CPU interpreter cannot execute; the
+    # compiled-GPU tier runs every util.
+    if backend == "triton" and device == "cpu":
+        return ("test_schema", "test_autograd_registration", "test_faketensor")
+    return ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def test_opcheck_layer_triton():
+    require("triton", "cpu")
+    utils = _utils("triton", "cpu")
+    T, B, I, H = 3, 2, 3, 4
+    x = torch.randn(T, B, I, requires_grad=True)
+    args = [x, torch.randn(B, H, requires_grad=True), torch.randn(B, H, requires_grad=True),
+            torch.randn(4 * H, I, requires_grad=True), torch.randn(4 * H, H, requires_grad=True),
+            torch.randn(4 * H, requires_grad=True), torch.randn(4 * H, requires_grad=True)]
+    for reverse in (False, True):
+        torch.library.opcheck(torch.ops.pykernels.lstm_layer.default, (*args, reverse, "triton"), test_utils=utils)
+
+
+def test_gradcheck_cell_float64_cpu_kernels():
+    require("cpu", "cpu")
+    args, _ = _cell_inputs(2, 3, 3, F64, "cpu")
+    leaves = [a.requires_grad_() for a in args]
+
+    def f(*a):
+        h, c, _ = ops.lstm_cell_op(*a, "cpu")
+        return h, c
+
+    torch.autograd.gradcheck(f, leaves)
+    torch.autograd.gradcheck(lambda *a: f(*a)[1], leaves)  # only c used: h's gradient arrives as None
+
+
+def test_gradcheck_reference_layer_float64():
+    m = torch.nn.LSTM(2, 3, bidirectional=True, dtype=F64)
+    x = torch.randn(3, 2, 2, dtype=F64, requires_grad=True)
+    params = [p.detach().requires_grad_() for p in m._flat_weights]
+
+    def f(x, *p):
+        out, (h, c) = ref.lstm(x, None, p, 1, True)
+        return out, h, c
+
+    torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("backend,device", [CPU_KERNELS[0]] + GPU_KERNELS)
+def test_compile_fullgraph_parity(backend, device):
+    """The cell and layer ops under torch.compile(fullgraph=True), forward and gradients equal to eager. On the
+    CPU tier the interpreted Triton kernels cannot be traced (AOT runs wrap_triton kernels on fake tensors, which
+    the interpreter cannot execute): the cell is compiled over the C++ kernels, the layer op over the contract's
+    reference kernels; the GPU tier compiles both over Triton (and the cell over CUDA)."""
+    require(backend, device)
+    torch._dynamo.reset()
+    args, _ = _cell_inputs(4, 3, 5, torch.float32, device)
+
+    def cell(x, h, c, wi, wh, bi, bh):
+        h2, c2 = pykernels.functional.lstm_cell(x, (h, c), wi, wh, bi, bh, backend=backend)
+        return (h2 * 2 + c2).sum()
+
+    def run(f, a):
+        leaves = [t.detach().requires_grad_() for t in a]
+        y = f(*leaves)
+        return [y] + list(torch.autograd.grad(y, leaves))
+
+    eager = run(cell, args)
+    comp = run(torch.compile(cell, fullgraph=True), args)
+    for a, b in zip(eager, comp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if backend == "cuda":
+        return
+    # the layer op: over the contract's reference kernels on the CPU tier, the Triton kernels on the GPU tier
+    layer_backend = "reference" if device == "cpu" else "triton"
+    torch._dynamo.reset()
+    x = torch.randn(3, 2, 3, device=device)
+    w = [torch.randn(16, 3, device=device), torch.randn(16, 4, device=device), torch.randn(16, device=device),
+         torch.randn(16, device=device)]
+
+    h0, c0 = torch.randn(2, 4, device=device), torch.randn(2, 4, device=device)
+
+    def layer(x, wi, wh, bi, bh):
+        out, h, c, _ = ops.lstm_layer_op(x, h0, c0, wi, wh, bi, bh, True, layer_backend)
+        return out.sum() + h.sum() + 2 * c.sum()
+
+    eager = run(layer, [x] + w)
+    comp = run(torch.compile(layer, fullgraph=True, backend="inductor"), [x] + w)
+    for a, b in zip(eager, comp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cpp_ops_bad_arguments_name_the_argument():
+    require("cpu", "cpu")
+    fwd, bwd = ops.CELL["cpu"]
+    args, _ = _cell_inputs(2, 3, 4, torch.float32, "cpu")
+    bad = list(args)
+    bad[4] = torch.randn(16, 5)
+    with pytest.raises(RuntimeError, match="w_hh"):
+        fwd(*bad)
+    bad = list(args)
+    bad[2] = args[2].double()
+    with pytest.raises(RuntimeError, match="cx"):
+        fwd(*bad)
+    bad = list(args)
+    bad[6] = None
+    with pytest.raises(RuntimeError, match="b_ih and b_hh"):
+        fwd(*bad)
+    _, _, ws = fwd(*args)
+    with pytest.raises(RuntimeError, match="ws"):
+        bwd(None, None, args[2], ws[:, :5])
+    with pytest.raises(RuntimeError, match="grad_h"):
+        bwd(torch.randn(3, 4), None, args[2], ws)
+
+
+def test_cuda_kernels_in_extension():
+    """With a CUDA build, the LSTM kernels are compiled into pykernels._C for every requested arch."""
+    info = pykernels.build_info()
+    if not info.get("loaded") or not info.get("with_cuda"):
+        pytest.skip(f"extension not built with CUDA: {info.get('load_error')}")
+    import pykernels._C as C
+    blob = open(C.__file__, "rb").read()
+    assert b"cell_fwd_kernel" in blob and b"cell_bwd_kernel" in blob
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton kernels compiled for real GPU targets, without a GPU.
+
+_COMPILE = '''
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, {root!r})
+from pykernels.triton import lstm as k
+from pykernels.triton._compile import compile_for, spills
+out = []
+for arch, dt in ((80, "bf16"), (90, "bf16"), (90, "fp32")):  # fp16 is bf16's code path
+    if True:
+        ieee = dt == "fp32"
+        P = f"*{{dt}}"
+        sig = dict(X=P, HX=P, CX=P, WIH=P, WHH=P, BIH=P, BHH=P, HY=P, CY=P, WS="*fp32", B="i32", I="i32", H="i32",
+                   sxb="i64", sxi="i64", shb="i64", shh="i64", scb="i64", sch="i64", swir="i64", swik="i64",
+                   swhr="i64", swhk="i64")
+        c = compile_for(k._cell_fwd_kernel, sig, dict(HAS_BIAS=True, IEEE=ieee, BM=32, BH=32 if ieee else 64,
+                                                      BK=32 if ieee else 64), arch)
+        out.append(("cell_fwd", arch, dt, "mma" in c.asm["ptx"], spills(c)))
+        sig = dict(GH=P, GC=P, CX=P, WS="*fp32", DG="*fp32", DCX=P, B="i32", H="i32", sgb="i64", sgh="i64",
+                   sgcb="i64", sgch="i64", scb="i64", sch="i64")
+        c = compile_for(k._cell_bwd_kernel, sig, dict(HAS_GH=True, HAS_GC=True, BM=32, BH=64), arch)
+        out.append(("cell_bwd", arch, dt, True, spills(c)))
+        for resident in (True, False):
+            sig = dict(XP="*fp32", WHH=P, H0=P, C0=P, OUT=P, WS="*fp32", T="i32", B="i32", H="i32", swr="i64",
+                       swk="i64")
+            bh = 64 if resident else 64
+            bk = 64 if (resident or not ieee) else 32
+            c = compile_for(k._seq_fwd_kernel, sig, dict(REVERSE=False, RESIDENT=resident, IEEE=ieee, BM=16,
+                                                         BH=bh, BK=bk), arch)
+            out.append(("seq_fwd_resident" if resident else "seq_fwd_streamed", arch, dt, "mma" in c.asm["ptx"],
+                        spills(c)))
+        sig = dict(GOUT=P, GHN=P, GCN=P, C0=P, WS="*fp32", WHH=P, DG="*fp32", DH="*fp32", DC="*fp32", T="i32",
+                   B="i32", H="i32", swr="i64", swk="i64")
+        c = compile_for(k._seq_bwd_kernel, sig, dict(HAS_GOUT=True, HAS_GHN=True, HAS_GCN=True, REVERSE=True,
+                                                     IEEE=ieee, BM=16, BH=64, BK=32 if ieee else 64), arch)
+        out.append(("seq_bwd", arch, dt, "mma" in c.asm["ptx"], spills(c)))
+print(json.dumps(out))
+'''
+
+
+def test_triton_kernels_compile_for_sm80_and_sm90():
+    """Every kernel compiles for sm_80 and sm_90 in bf16 and for sm_90 in fp32; the GEMM parts use tensor cores in
+    bf16 (mma.sync on sm_80, wgmma or mma on sm_90); no register spills."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", _COMPILE.format(root=root)], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(rows) == 3 * 5
+    for name, arch, dt, mma, n_spills in rows:
+        if dt != "fp32":
+            assert mma, f"{name} sm_{arch} {dt}: no tensor-core instruction"
+        assert n_spills == 0, f"{name} sm_{arch} {dt}: {n_spills} spills"
+
+
+@pytest.mark.parametrize("backend,device", [CPU_KERNELS[1], GPU_KERNELS[1]])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_layer_kernel_ops_against_contract(backend, device, reverse):
+    """The Triton sequence kernels against the contract's plain-PyTorch kernels in float64 (on the same rounded
+    inputs), forward (out, ws) and backward (dgates, dh0, dc0), with some incoming gradients absent."""
+    require(backend, device)
+    fwd, bwd = ops.LAYER[backend]
+    rfwd, rbwd = ops.LAYER["reference"]
+    T, B, H = 4, 3, 7
+    for dtype in ([torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])):
+        xp = torch.randn(T, B, 4 * H, device=device)
+        w = (torch.randn(4 * H, H, device=device) * 0.4).to(dtype)
+        h0, c0 = torch.randn(B, H, device=device).to(dtype), torch.randn(B, H, device=device).to(dtype)
+        out, ws = fwd(xp, w, h0, c0, reverse)
+        rout, rws = rfwd(xp.double(), w, h0, c0, reverse)
+        floor = 2e-6 if dtype == torch.float32 else (4e-3 if dtype == torch.float16 else 3e-2)
+        assert_error_rule("out", out, rout, dtype=dtype, floor=floor)
+        assert_error_rule("ws", ws, rws, dtype=torch.float32, floor=floor)
+        go = torch.randn(T, B, H, device=device).to(dtype)
+        gh = torch.randn(B, H, device=device).to(dtype)
+        for g_out, g_hn, g_cn in ((go, gh, gh), (go, None, None), (None, None, gh)):
+            dg, dh, dc = bwd(g_out, g_hn, g_cn, c0, ws, w, reverse)
+            rdg, rdh, rdc = rbwd(g_out, g_hn, g_cn, c0, ws.double(), w, reverse)
+            for name, a, r in (("dgates", dg, rdg), ("dh0", dh, rdh), ("dc0", dc, rdc)):
+                assert_error_rule(name, a, r, dtype=torch.float32, floor=floor * 4)
