@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     path = Path(a.out) / f"{device.type}-{'+'.join(a.suite)}-{stamp}.json"
     write_json(path, env, ceil, results)
     write_csv(path.with_suffix(".csv"), results)
-    plots = [] if a.no_plots else write_plots(path.parent, results)
+    plots = [] if a.no_plots else write_plots(path.parent, results, prefix=path.stem + "-")
     print_table(results, f"{env['device_name']}, {env['date_utc'][:10]}")
     print(f"written: {path}, {path.with_suffix('.csv').name}" + (f", {len(plots)} plots" if plots else ""))
     if a.compare:

@@ -39,7 +39,7 @@ def write_csv(path: Path, results: List[Result]) -> None:
             w.writerow(row)
 
 
-def write_plots(directory: Path, results: List[Result]) -> List[Path]:
+def write_plots(directory: Path, results: List[Result], prefix: str = "") -> List[Path]:
     """One PNG per (suite, mode, dtype): GB/s (or TFLOP/s) of each provider against the swept size."""
     try:
         import matplotlib
@@ -61,12 +61,15 @@ def write_plots(directory: Path, results: List[Result]) -> List[Path]:
         for prov in sorted({r.provider for r in rs}):
             pts = sorted((r.shape[key], getattr(r, metric)) for r in rs if r.provider == prov)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+        xs = [r.shape[key] for r in rs]
+        if max(xs) > 4 * min(xs):
+            ax.set_xscale("log", base=2)
         ax.set_xlabel(key)
         ax.set_ylabel("TFLOP/s" if metric == "tflops" else "GB/s (minimal bytes / time)")
         ax.set_title(f"{suite} {mode} {dtype}")
         ax.legend()
         ax.grid(alpha=0.3)
-        path = directory / f"{suite}-{mode.replace('+', '_')}-{dtype}.png"
+        path = directory / f"{prefix}{suite}-{mode.replace('+', '_')}-{dtype}.png"
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         out.append(path)
@@ -89,15 +92,21 @@ def _cells(r: Result) -> List[str]:
     return cells
 
 
+def _grid(results: List[Result]):
+    """Headers and rows, without the columns that are empty in every row (no FLOP model, no CUDA memory)."""
+    rows = [_cells(r) for r in results]
+    keep = [i for i, (head, _, spec) in enumerate(COLUMNS) if not spec or any(row[i] != "-" for row in rows)]
+    return [COLUMNS[i] for i in keep], [[row[i] for i in keep] for row in rows]
+
+
 def table(results: List[Result]) -> str:
     """The plain-text table (also what gets printed when rich is not installed)."""
-    rows = [[c[0] for c in COLUMNS]] + [_cells(r) for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines += [f"  {r.provider} [{r.case} {r.mode}] {r.status}: {r.error}" for r in results
-              if r.status != "ok" and r.error]
-    return "\n".join(lines)
+    cols, rows = _grid(results)
+    rows = [[c[0] for c in cols]] + rows
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join(lines + notes(results))
 
 
 def print_table(results: List[Result], title: str) -> None:
@@ -108,17 +117,28 @@ def print_table(results: List[Result], title: str) -> None:
         print(title)
         print(table(results))
         return
+    cols, rows = _grid(results)
     t = Table(title=title)
-    for head, _, spec in COLUMNS:
-        t.add_column(head, justify="right" if spec else "left")
+    for head, _, spec in cols:
+        t.add_column(head, justify="right" if spec else "left", no_wrap=True)
     style = {"ok": None, "wrong": "red", "error": "red", "absent": "dim"}
-    for r in results:
-        t.add_row(*_cells(r), style=style.get(r.status))
-    console = Console()
+    for r, row in zip(results, rows):
+        t.add_row(*row, style=style.get(r.status))
+    console = Console(width=None if sys.stdout.isatty() else 240)  # a log file would get rich's 80 columns
     console.print(t)
+    for line in notes(results):
+        console.print(line, markup=False)
+
+
+def notes(results: List[Result]) -> List[str]:
+    """Why providers were not timed; an absent provider once, not once per case and mode."""
+    out = []
     for r in results:
-        if r.status != "ok" and r.error:
-            console.print(f"  {r.provider} [{r.case} {r.mode}] {r.status}: {r.error}", markup=False)
+        line = (f"  {r.provider}: absent: {r.error}" if r.status == "absent" else
+                f"  {r.provider} [{r.case} {r.mode}] {r.status}: {r.error}")
+        if r.status != "ok" and r.error and line not in out:
+            out.append(line)
+    return out
 
 
 class Progress:
