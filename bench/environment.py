@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -19,6 +20,16 @@ def git_commit() -> str:
         return out if len(out) == 40 else "unknown"
     except Exception:
         return "unknown"
+
+
+def git_dirty() -> Optional[bool]:
+    """Whether tracked files differ from the commit (then the commit alone does not say what ran)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except Exception:
+        return None
 
 
 def _version(module: str) -> str:
@@ -51,7 +62,7 @@ def _driver() -> str:
 
 def environment(device: torch.device) -> dict:
     env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "git_commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+           "git_commit": git_commit(), "git_dirty": git_dirty(), "python": platform.python_version(), "torch": torch.__version__,
            "triton": _version("triton"), "pykernels": _version("pykernels"), "cuda": torch.version.cuda,
            "device": device.type}
     try:

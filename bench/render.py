@@ -54,7 +54,7 @@ def render_file(path: Path) -> str:
         rs = [r for r in d["results"] if r["suite"] == suite]
         head = (f"**{suite}** on **{_device(env)}**, {env['date_utc'][:10]} — torch {env.get('torch')}, "
                 f"triton {env.get('triton')}, CUDA {env.get('cuda')}, driver {env.get('driver', '–')}, commit "
-                f"`{env.get('git_commit', 'unknown')[:10]}`; "
+                f"`{env.get('git_commit', 'unknown')[:10]}`{' + uncommitted changes' if env.get('git_dirty') else ''}; "
                 f"measured ceilings: copy {_rate(ceil.get('copy_gbps'))} GB/s"
                 + (f", bf16 matmul {_rate(ceil['matmul_bf16_tflops'])} TFLOP/s" if "matmul_bf16_tflops" in ceil else "")
                 + f" (`{name}`)")
