@@ -63,8 +63,8 @@ def _driver() -> str:
 def environment(device: torch.device) -> dict:
     env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "git_commit": git_commit(), "git_dirty": git_dirty(), "python": platform.python_version(),
-           "torch": torch.__version__, "triton": _version("triton"), "pykernels": _version("pykernels"), "cuda": torch.version.cuda,
-           "device": device.type}
+           "torch": torch.__version__, "triton": _version("triton"), "pykernels": _version("pykernels"),
+           "cuda": torch.version.cuda, "device": device.type}
     try:
         env["cudnn"] = torch.backends.cudnn.version()
     except Exception:
