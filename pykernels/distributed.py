@@ -5,9 +5,10 @@ are the classes ``[vocab_start, vocab_start + V_r)`` of a vocabulary of ``vocab_
 holds ``[r * V_r, (r + 1) * V_r)`` and ``vocab_size = world * V_r``). ``input``, ``target`` and the class
 ``weight`` (vocab_size,) are the same on every rank (replicated, as after a tensor-parallel all-gather).
 
-Forward: every rank runs the backend's forward kernel on its shard (per-row lse, target logit, smoothing sum over
-its classes; never the logits), then two all_reduces combine them: MAX of the lse, then one SUM of the stacked
-(sum-exp relative to the global max, target logit, smoothing sum). The loss is identical on every rank.
+Forward: every rank runs the backend's forward kernel on its shard (per-row max and log-sum-exp relative to it,
+target logit, smoothing sum over its classes; never the logits), then two all_reduces combine them: MAX of the row
+max, then one SUM of the stacked (sum-exp relative to the global max, target logit, smoothing sum). The loss is
+identical on every rank.
 Backward: every rank recomputes its shard's logit tiles with the global lse, gets d_weight / d_bias of its own
 rows and its partial d_input, and one SUM all_reduce of d_input (in fp32) makes d_input right on every rank.
 Collectives: 2 in the forward (2N and 3N floats), 1 in the backward (N x H floats).
@@ -34,17 +35,18 @@ class _VocabParallelLCE(torch.autograd.Function):
         acc = _lce.acc_dtype(input.dtype)
         smooth = label_smoothing > 0
         w_local = None if weight is None else weight[vocab_start:vocab_start + linear_weight.shape[0]].contiguous()
-        lse_l, zy, zs = fwd(input, linear_weight, linear_bias, target, w_local, vocab_start, softcap, smooth)
-        m = lse_l.clone()
+        m_l, ls_l, zy, zs = fwd(input, linear_weight, linear_bias, target, w_local, vocab_start, softcap, smooth)
+        m = m_l.clone()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        stats = torch.stack([torch.exp(lse_l - m_safe), zy.to(acc), zs.to(acc)])
+        stats = torch.stack([torch.exp((m_l - m) + ls_l), zy.to(acc), zs.to(acc)])
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-        lse = m_safe + torch.log(stats[0])
+        log_s = torch.log(stats[0])
+        lse = m + log_s
         valid, bad, w_y, wsum = _lce.row_terms(target, weight, ignore_index, vocab_size, acc)
-        rows = _lce.rows_loss(lse, stats[1], stats[2], valid, bad, w_y, wsum, vocab_size, label_smoothing, z_loss)
+        rows = _lce.rows_loss(m, log_s, stats[1], stats[2], valid, bad, w_y, wsum, vocab_size, label_smoothing,
+                              z_loss)
         loss, denom = _lce.reduce_rows(rows, w_y, reduction)
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, w_local, lse, denom)
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, w_local, m, log_s, denom)
         ctx.args = (ignore_index, reduction, label_smoothing, z_loss, softcap, group, vocab_start, vocab_size,
                     backend)
         ctx.mark_non_differentiable(lse)
@@ -52,16 +54,16 @@ class _VocabParallelLCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, g_lse):
-        input, linear_weight, linear_bias, target, weight, w_local, lse, denom = ctx.saved_tensors
+        input, linear_weight, linear_bias, target, weight, w_local, m, log_s, denom = ctx.saved_tensors
         ignore_index, reduction, label_smoothing, z_loss, softcap, group, vocab_start, vocab_size, backend = ctx.args
         _, bwd = _lce.KERNELS[backend]
         acc = _lce.acc_dtype(input.dtype)
         g = _lce.upstream_rows(g_loss, denom, reduction, input.shape[0], acc)
         valid, _, w_y, wsum = _lce.row_terms(target, weight, ignore_index, vocab_size, acc)
-        cp, cy, cw = _lce.row_coefficients(g, lse, valid, w_y, wsum, vocab_size, label_smoothing, z_loss)
+        cp, cy, cw = _lce.row_coefficients(g, m + log_s, valid, w_y, wsum, vocab_size, label_smoothing, z_loss)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = linear_bias is not None and ctx.needs_input_grad[2]
-        gx, gw, gb = bwd(input, linear_weight, linear_bias, target, w_local, lse, cp, cy, cw, vocab_start, softcap,
+        gx, gw, gb = bwd(input, linear_weight, linear_bias, target, w_local, m, log_s, cp, cy, cw, vocab_start, softcap,
                          label_smoothing > 0, need_x, need_w, need_b)
         if need_x:
             gx = gx.contiguous()

@@ -175,8 +175,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     t = target.reshape(-1)
     w = None if weight is None else weight.detach().to(_lce.acc_dtype(input.dtype)).contiguous()
     b = None if linear_bias is None else linear_bias.contiguous()
-    loss, lse, _ = _lce.linear_cross_entropy_op(x, linear_weight, b, t, w, ii, _lce.REDUCTIONS[reduction],
-                                                float(label_smoothing), float(z_loss), softcap, chosen)
+    loss, m, log_s, _ = _lce.linear_cross_entropy_op(x, linear_weight, b, t, w, ii, _lce.REDUCTIONS[reduction],
+                                                     float(label_smoothing), float(z_loss), softcap, chosen)
     if reduction == "none":
         loss = loss.reshape(batch)
-    return (loss, lse.reshape(batch)) if return_lse else loss
+    return (loss, (m + log_s).reshape(batch)) if return_lse else loss

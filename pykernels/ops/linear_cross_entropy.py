@@ -32,10 +32,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _fwd_fake(input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth):
     N = input.shape[0]
     acc = acc_dtype(input.dtype)
-    return (input.new_empty(N, dtype=acc), input.new_empty(N, dtype=acc), input.new_empty(N, dtype=acc))
+    return tuple(input.new_empty(N, dtype=acc) for _ in range(4))
 
 
-def _bwd_fake(input, linear_weight, linear_bias, target, weight, lse, coef_p, coef_y, coef_w, vocab_start, softcap,
+def _bwd_fake(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start, softcap,
               smooth, input_grad, weight_grad, bias_grad):
     acc = acc_dtype(input.dtype)
     gx = input.new_empty(input.shape if input_grad else (0,), dtype=acc)
@@ -81,11 +81,13 @@ def row_terms(target: Tensor, weight: Optional[Tensor], ignore_index: int, C: in
     return valid, bad, w_y, wsum
 
 
-def rows_loss(lse: Tensor, z_target: Tensor, z_sum: Tensor, valid: Tensor, bad: Tensor, w_y: Tensor, wsum: Tensor,
-              C: int, label_smoothing: float, z_loss: float) -> Tensor:
-    """Per-row loss: w_y (1-eps)(lse - z_y) + (eps/C)(W lse - sum_c w_c z_c) + zl lse^2 (last two on valid rows)."""
+def rows_loss(m: Tensor, log_s: Tensor, z_target: Tensor, z_sum: Tensor, valid: Tensor, bad: Tensor, w_y: Tensor,
+              wsum: Tensor, C: int, label_smoothing: float, z_loss: float) -> Tensor:
+    """Per-row loss: w_y (1-eps)(lse - z_y) + (eps/C)(W lse - sum_c w_c z_c) + zl lse^2 (last two on valid rows),
+    lse = m + log_s; lse - z_y is formed as (m - z_y) + log_s (exact near the max, as log_softmax)."""
     eps = label_smoothing
-    loss = w_y * (1.0 - eps) * torch.where(valid, lse - z_target, 0.0)
+    lse = m + log_s
+    loss = w_y * (1.0 - eps) * torch.where(valid, (m - z_target) + log_s, 0.0)
     if eps:
         loss = loss + torch.where(valid, (eps / C) * (wsum * lse - z_sum), 0.0)
     if z_loss:
@@ -131,20 +133,20 @@ def upstream_rows(g_loss: Tensor, denom: Tensor, reduction: int, N: int, acc: to
 @torch.library.custom_op("pykernels::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_op(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
                             weight: Optional[Tensor], ignore_index: int, reduction: int, label_smoothing: float,
-                            z_loss: float, softcap: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                            z_loss: float, softcap: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """input (N, H), linear_weight (V, H) of the same dtype, linear_bias (V,) or None, target int64 (N,),
     weight (V,) of the accumulation dtype or None.
 
-    Returns (loss, lse, denominator): loss in the input's dtype, () or (N,) for reduction none; lse (N,) and the
-    mean's denominator () in the accumulation dtype."""
+    Returns (loss, m, log_s, denominator): loss in the input's dtype, () or (N,) for reduction none; the row max
+    m and log_s with lse = m + log_s, (N,), and the mean's denominator (), in the accumulation dtype."""
     fwd, _ = KERNELS[backend]
     acc = acc_dtype(input.dtype)
     C = linear_weight.shape[0]
-    lse, zy, zs = fwd(input, linear_weight, linear_bias, target, weight, 0, softcap, label_smoothing > 0)
+    m, log_s, zy, zs = fwd(input, linear_weight, linear_bias, target, weight, 0, softcap, label_smoothing > 0)
     valid, bad, w_y, wsum = row_terms(target, weight, ignore_index, C, acc)
-    rows = rows_loss(lse, zy, zs, valid, bad, w_y, wsum, C, label_smoothing, z_loss)
+    rows = rows_loss(m, log_s, zy, zs, valid, bad, w_y, wsum, C, label_smoothing, z_loss)
     loss, denom = reduce_rows(rows, w_y, reduction)
-    return loss.to(input.dtype), lse, denom
+    return loss.to(input.dtype), m, log_s, denom
 
 
 @linear_cross_entropy_op.register_fake
@@ -153,34 +155,34 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction
     N = input.shape[0]
     acc = acc_dtype(input.dtype)
     loss = input.new_empty((N,) if reduction == NONE else ())
-    return loss, input.new_empty(N, dtype=acc), input.new_empty((), dtype=acc)
+    return loss, input.new_empty(N, dtype=acc), input.new_empty(N, dtype=acc), input.new_empty((), dtype=acc)
 
 
 def _setup_context(ctx, inputs, output):
     (input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
      backend) = inputs
-    _, lse, denom = output
-    ctx.mark_non_differentiable(lse, denom)
+    _, m, log_s, denom = output
+    ctx.mark_non_differentiable(m, log_s, denom)
     ctx.set_materialize_grads(False)
     ctx.args = (ignore_index, reduction, label_smoothing, z_loss, softcap, backend)
-    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, denom)
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, m, log_s, denom)
 
 
-def _backward(ctx, g_loss, g_lse, g_denom):
+def _backward(ctx, g_loss, g_m, g_log_s, g_denom):
     ignore_index, reduction, label_smoothing, z_loss, softcap, backend = ctx.args
     none = (None,) * 11
     if g_loss is None:
         return none
-    input, linear_weight, linear_bias, target, weight, lse, denom = ctx.saved_tensors
+    input, linear_weight, linear_bias, target, weight, m, log_s, denom = ctx.saved_tensors
     _, bwd = KERNELS[backend]
     acc = acc_dtype(input.dtype)
     C = linear_weight.shape[0]
     g = upstream_rows(g_loss, denom, reduction, input.shape[0], acc)
     valid, _, w_y, wsum = row_terms(target, weight, ignore_index, C, acc)
-    cp, cy, cw = row_coefficients(g, lse, valid, w_y, wsum, C, label_smoothing, z_loss)
+    cp, cy, cw = row_coefficients(g, m + log_s, valid, w_y, wsum, C, label_smoothing, z_loss)
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = linear_bias is not None and ctx.needs_input_grad[2]
-    gx, gw, gb = bwd(input, linear_weight, linear_bias, target, weight, lse, cp, cy, cw, 0, softcap,
+    gx, gw, gb = bwd(input, linear_weight, linear_bias, target, weight, m, log_s, cp, cy, cw, 0, softcap,
                      label_smoothing > 0, need_x, need_w, need_b)
     return ((gx.to(input.dtype) if need_x else None), (gw if need_w else None), (gb if need_b else None),
             None, None, None, None, None, None, None, None)

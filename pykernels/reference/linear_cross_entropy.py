@@ -61,33 +61,40 @@ def _logits(x: Tensor, W: Tensor, b: Optional[Tensor], softcap: float) -> Tensor
 
 def linear_cross_entropy_fwd(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
                              weight: Optional[Tensor], vocab_start: int, softcap: float, smooth: bool
-                             ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per row over this shard's classes [vocab_start, vocab_start + V): (lse, z_target, z_sum) of the
-    accumulation dtype; z_target is 0 where the target is not a class of the shard; z_sum = sum_c w_c z_c
-    (zeros without smoothing)."""
+                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per row over this shard's classes [vocab_start, vocab_start + V): (m, log_s, z_target, z_sum) of the
+    accumulation dtype: m = max_c z_c (0 when that is not finite), log_s = log sum_c exp(z_c - m) (so
+    lse = m + log_s); z_target is 0 where the target is not a class of the shard; z_sum = sum_c w_c z_c (zeros
+    without smoothing)."""
     acc = _acc(input.dtype)
     N, V = input.shape[0], linear_weight.shape[0]
     x = input.to(acc)
-    lse = torch.full((N,), -float("inf"), dtype=acc, device=input.device)
+    m = torch.full((N,), -float("inf"), dtype=acc, device=input.device)
+    s = torch.zeros(N, dtype=acc, device=input.device)
     zy = torch.zeros(N, dtype=acc, device=input.device)
     zs = torch.zeros(N, dtype=acc, device=input.device)
     for c0 in range(0, V, _CHUNK):
         c1 = min(V, c0 + _CHUNK)
         z = _logits(x, linear_weight[c0:c1], None if linear_bias is None else linear_bias[c0:c1], softcap)
-        lse = torch.logaddexp(lse, torch.logsumexp(z, 1))
+        m_new = torch.maximum(m, z.amax(1))
+        m_safe = torch.where(torch.isfinite(m_new), m_new, 0.0)
+        s = s * torch.exp(m - m_safe) + torch.exp(z - m_safe.unsqueeze(1)).sum(1)
+        m = m_new
         local = target - vocab_start - c0
         hit = (local >= 0) & (local < c1 - c0)
         zy = zy + torch.where(hit, z.gather(1, local.clamp(0, c1 - c0 - 1).unsqueeze(1)).squeeze(1), 0.0)
         if smooth:
             zs = zs + (z if weight is None else z * weight[c0:c1].to(acc)).sum(1)
-    return lse, zy, zs
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    return m, torch.log(s), zy, zs
 
 
 def linear_cross_entropy_bwd(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-                             weight: Optional[Tensor], lse: Tensor, coef_p: Tensor, coef_y: Tensor, coef_w: Tensor,
+                             weight: Optional[Tensor], m: Tensor, log_s: Tensor, coef_p: Tensor, coef_y: Tensor, coef_w: Tensor,
                              vocab_start: int, softcap: float, smooth: bool, input_grad: bool, weight_grad: bool,
                              bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """dlogits[r, c] = (coef_p[r] exp(z_rc - lse_r) - coef_y[r] [c == y_r] - coef_w[r] w_c) * softcap'(z_rc);
+    """dlogits[r, c] = (coef_p[r] exp((z_rc - m_r) - log_s_r) - coef_y[r] [c == y_r] - coef_w[r] w_c) *
+    softcap'(z_rc);
     returns (dlogits @ W in the accumulation dtype, dlogits^T @ input, column sums of dlogits), each empty when
     not requested."""
     acc = _acc(input.dtype)
@@ -100,7 +107,7 @@ def linear_cross_entropy_bwd(input: Tensor, linear_weight: Tensor, linear_bias: 
         c1 = min(V, c0 + _CHUNK)
         Wc = linear_weight[c0:c1]
         z = _logits(x, Wc, None if linear_bias is None else linear_bias[c0:c1], softcap)
-        d = coef_p.to(acc).unsqueeze(1) * torch.exp(z - lse.to(acc).unsqueeze(1))
+        d = coef_p.to(acc).unsqueeze(1) * torch.exp((z - m.to(acc).unsqueeze(1)) - log_s.to(acc).unsqueeze(1))
         local = (target - vocab_start - c0).unsqueeze(1)
         cols = torch.arange(c1 - c0, device=input.device).unsqueeze(0)
         d = d - torch.where(cols == local, coef_y.to(acc).unsqueeze(1), 0.0)

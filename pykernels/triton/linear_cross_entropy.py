@@ -9,7 +9,7 @@ SM busy when there are few token blocks (N = 8192, BM = 128: 64 blocks), and con
 same W tiles (the large operand) so W streams from HBM about once.
 
 Backward (``_lce_dlogits_kernel``): recomputes one logit tile per program and writes
-``dlogits = (cp * exp(z - lse) - cy * [c == y] - cw * w_c) * softcap'(z)`` for a vocabulary chunk of the
+``dlogits = (cp * exp((z - m) - log_s) - cy * [c == y] - cw * w_c) * softcap'(z)`` for a vocabulary chunk of the
 (N, V) matrix into a bounded buffer (``CHUNK_BYTES``); the launcher turns each chunk into
 ``dW[chunk] = dlogits^T x`` (one GEMM over all tokens: fp32 accumulation, one rounding, deterministic),
 ``db[chunk] = column sums`` (fp32) and ``dX_acc += dlogits W[chunk]`` (fp32 accumulator). No N x V tensor, no
@@ -120,7 +120,7 @@ def _lce_fwd_kernel(X, W, B, T, CW, Mp, Sp, ZYp, ZSp, N, V, H, vocab_start, sxn,
 
 
 @triton.jit
-def _lce_dlogits_kernel(X, W, B, T, CW, LSE, CP, CY, CWr, DL, DBp, N, V, H, vocab_start, col0, n_cols,
+def _lce_dlogits_kernel(X, W, B, T, CW, Mx, LS, CP, CY, CWr, DL, DBp, N, V, H, vocab_start, col0, n_cols,
                         sxn, swv, sdn, sdb, softcap,
                         HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
                         HAS_DB: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -156,10 +156,12 @@ def _lce_dlogits_kernel(X, W, B, T, CW, LSE, CP, CY, CWr, DL, DBp, N, V, H, voca
     if live > 0:
         z = _logit_tile(X, W, B, rows, cols, N, col0 + n_cols, H, sxn, swv, softcap,
                         HAS_BIAS, SOFTCAP, IEEE, BM, BN, BK)
-        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+        m = tl.load(Mx + rows, mask=rmask, other=0.0)
+        ls = tl.load(LS + rows, mask=rmask, other=0.0)
         y = tl.load(T + rows, mask=rmask, other=-1) - vocab_start
-        # p_c - [c == y] formed in fp32 before the single rounding to the output dtype
-        d = cp[:, None] * tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == y[:, None], cy[:, None], 0.0)
+        # p_c - [c == y] formed in fp32 before the single rounding to the output dtype; p_c = exp((z - m) - log_s):
+        # z - m is exact near the max, so p_y ~ 1 keeps its small complement (as log_softmax does)
+        d = cp[:, None] * tl.exp((z - m[:, None]) - ls[:, None]) - tl.where(cols[None, :] == y[:, None], cy[:, None], 0.0)
         if SMOOTH:
             if HAS_CW:
                 w = tl.load(CW + cols, mask=cmask, other=0.0)
@@ -254,8 +256,9 @@ def _mm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def linear_cross_entropy_fwd(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
                              target: torch.Tensor, weight: Optional[torch.Tensor], vocab_start: int,
-                             softcap: float, smooth: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row, over this shard's classes: (lse, z_target, z_sum), fp32 (N,). See the contract."""
+                             softcap: float, smooth: bool
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, over this shard's classes: (m, log_s, z_target, z_sum), fp32 (N,). See the contract."""
     input, linear_weight = _rows_contiguous(input), _rows_contiguous(linear_weight)
     N, H = input.shape
     V = linear_weight.shape[0]
@@ -282,13 +285,13 @@ def linear_cross_entropy_fwd(input: torch.Tensor, linear_weight: torch.Tensor, l
             IEEE=input.dtype == torch.float32, GROUP_M=8, **meta)
     m = mp.amax(0)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    lse = m_safe + torch.log((sp * torch.exp(mp - m_safe)).sum(0))
-    z_sum = zsp.sum(0) if smooth else torch.zeros_like(lse)
-    return lse, zyp.sum(0), z_sum
+    log_s = torch.log((sp * torch.exp(mp - m_safe)).sum(0))
+    z_sum = zsp.sum(0) if smooth else torch.zeros_like(log_s)
+    return m_safe, log_s, zyp.sum(0), z_sum
 
 
 def linear_cross_entropy_bwd(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
-                             target: torch.Tensor, weight: Optional[torch.Tensor], lse: torch.Tensor,
+                             target: torch.Tensor, weight: Optional[torch.Tensor], m: torch.Tensor, log_s: torch.Tensor,
                              coef_p: torch.Tensor, coef_y: torch.Tensor, coef_w: torch.Tensor, vocab_start: int,
                              softcap: float, smooth: bool, input_grad: bool, weight_grad: bool, bias_grad: bool
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -330,8 +333,8 @@ def linear_cross_entropy_bwd(input: torch.Tensor, linear_weight: torch.Tensor, l
             return (triton.cdiv(N, META["BM"]) * triton.cdiv(nc, META["BN"]),)
 
         torch.library.wrap_triton(kernel)[grid](
-            input, linear_weight, linear_bias if has_b else input, target, weight if weight is not None else lse,
-            lse, coef_p, coef_y, coef_w, dl, dbp if want_db else lse, N, V, H, vocab_start, c0, nc,
+            input, linear_weight, linear_bias if has_b else input, target, weight if weight is not None else m,
+            m, log_s, coef_p, coef_y, coef_w, dl, dbp if want_db else m, N, V, H, vocab_start, c0, nc,
             input.stride(0), linear_weight.stride(0), dl.stride(0), dbp.stride(0) if want_db else 0,
             float(softcap or 1.0),
             HAS_BIAS=has_b, HAS_CW=weight is not None, SOFTCAP=bool(softcap), SMOOTH=smooth, HAS_DB=want_db,
