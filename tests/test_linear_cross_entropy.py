@@ -444,6 +444,26 @@ def test_no_n_by_v_allocation(backend, device, monkeypatch):
     assert biggest[0] >= V * H  # sanity: the mode saw the weight gradient
 
 
+def test_module_without_torchs_class(monkeypatch):
+    """On a torch without nn.LinearCrossEntropyLoss (< 2.13, e.g. the GPU machines' 2.11) the module keeps the same
+    layout (linear submodule, weight buffer) on torch's _WeightedLoss."""
+    import importlib.util
+    monkeypatch.delattr(torch.nn, "LinearCrossEntropyLoss", raising=False)
+    import pykernels.nn.linear_cross_entropy as mod
+    spec = importlib.util.spec_from_file_location("pykernels.nn._lce_without_torch", mod.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    m = fresh.LinearCrossEntropyLoss(8, 11, bias=True, weight=torch.rand(11) + 0.5, label_smoothing=0.2,
+                                     dtype=torch.float64)
+    assert isinstance(m, torch.nn.modules.loss._WeightedLoss)
+    assert set(m.state_dict()) == {"weight", "linear.weight", "linear.bias"}
+    x, t = torch.randn(4, 8, dtype=torch.float64), torch.randint(0, 11, (4,))
+    z = F.linear(x, m.linear.weight, m.linear.bias)
+    torch.testing.assert_close(m(x, t), F.cross_entropy(z, t, weight=m.weight.double(), label_smoothing=0.2))
+    with pytest.raises(ValueError, match="weight"):
+        fresh.LinearCrossEntropyLoss(8, 11, weight=torch.rand(10))
+
+
 def test_cost_model_of_issue_shape():
     """N=8192, H=4096, V=128256 bf16: 8NHV FLOPs, and the Triton backend's extra memory within the 0.5 GB target."""
     c = lce_ops.cost_model(8192, 4096, 128256, torch.bfloat16, chunk_bytes=256 << 20)
