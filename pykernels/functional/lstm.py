@@ -35,6 +35,21 @@ def _check_tensor(name: str, t, dtype, device) -> None:
 
 
 def _check_cell_args(input, h, c, w_ih, w_hh, b_ih, b_hh) -> None:
+    # Fast path (a step costs microseconds): one expression over the common valid case; the detailed checks
+    # below only run to name the offending argument.
+    try:
+        dt, dev = input.dtype, input.device
+        B, I = input.shape
+        H4, H = w_hh.shape
+        if (dt.is_floating_point and H4 == 4 * H and w_ih.shape == (H4, I) and h.shape == (B, H)
+                and c.shape == (B, H) and h.dtype == dt and c.dtype == dt and w_ih.dtype == dt and w_hh.dtype == dt
+                and h.device == dev and c.device == dev and w_ih.device == dev and w_hh.device == dev
+                and ((b_ih is None and b_hh is None)
+                     or (b_ih is not None and b_hh is not None and b_ih.shape == (H4,) and b_hh.shape == (H4,)
+                         and b_ih.dtype == dt and b_hh.dtype == dt and b_ih.device == dev and b_hh.device == dev))):
+            return
+    except (AttributeError, ValueError, TypeError):
+        pass
     if not isinstance(input, Tensor):
         raise TypeError(f"lstm_cell: input must be a Tensor, got {type(input).__name__}")
     if not input.dtype.is_floating_point:
@@ -98,8 +113,15 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
     chosen = backends.choose("lstm_cell", x.device, backend, unsupported)
     if chosen == "reference":
         hy, cy = _ref.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
-    else:
+    elif torch.compiler.is_compiling():
         hy, cy, _ = _ops.lstm_cell_op(x, h, c, w_ih, w_hh, b_ih, b_hh, chosen)
+    elif torch.is_grad_enabled() and (x.requires_grad or h.requires_grad or c.requires_grad or w_ih.requires_grad
+                                      or w_hh.requires_grad or (b_ih is not None and b_ih.requires_grad)
+                                      or (b_hh is not None and b_hh.requires_grad)):
+        # eager: the op's autograd formula without the custom-op dispatch overhead (a step is microseconds)
+        hy, cy, _ = _ops.LstmCellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh, chosen)
+    else:  # nothing to differentiate: the kernel op alone
+        hy, cy, _ = _ops.CELL[chosen][0](x, h, c, w_ih, w_hh, b_ih, b_hh)
     if unbatched:
         return hy.squeeze(0), cy.squeeze(0)
     return hy, cy

@@ -186,6 +186,21 @@ def _cell_backward(ctx, gh, gc, gws):
 torch.library.register_autograd("pykernels::lstm_cell", _cell_backward, setup_context=_cell_setup)
 
 
+class LstmCellFunction(torch.autograd.Function):
+    """The same forward/backward as ``pykernels::lstm_cell`` without the custom-op dispatch, whose Python overhead
+    is several times the whole step at small sizes. Eager only: under torch.compile the custom op is used."""
+
+    @staticmethod
+    def forward(ctx, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend):
+        out = CELL[backend][0](input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+        _cell_setup(ctx, (input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, gh, gc, gws):
+        return _cell_backward(ctx, gh, gc, gws)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # One layer direction over a padded sequence.
 
