@@ -39,3 +39,69 @@ def spills(compiled) -> int:
     if n is None:  # older metadata: count local stores in the PTX
         n = compiled.asm["ptx"].count("st.local")
     return int(n)
+
+
+_TRITON_DTYPE = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp64",
+                 "torch.int64": "i64", "torch.int32": "i32", "torch.int16": "i16", "torch.int8": "i8",
+                 "torch.uint8": "u8", "torch.bool": "i1"}
+
+
+def inductor_view(kernel, launch: Dict[str, object], arch: int = 90):
+    """How torch.compile sees one launch of ``kernel`` (``launch``: argument -> ("tensor", dtype string) or the
+    scalar passed), checked without a GPU. Returns (tensors the kernel writes according to torch's TTIR mutation
+    analysis, error of building the TTIR the way Inductor types the arguments or None).
+
+    Inductor types Python floats as fp64 scalars and, like Triton < 3.7, specialises an int equal to 1 into a
+    constexpr: a kernel must build under both (``x.to(...)`` on an int argument, or fp64 arithmetic redefining an
+    fp32 variable in a branch, fail there while the eager launch works). A kernel whose TTIR cannot be built is
+    assumed to write every tensor argument, which makes torch.compile fail on leaf inputs."""
+    import torch
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+    import triton.runtime as truntime
+
+    fn = _jit_fn(kernel)
+    if not hasattr(fn, "arg_names"):
+        fn = triton.JITFunction(inspect.unwrap(kernel.fn if hasattr(kernel, "fn") else kernel))
+
+    class _Target:  # torch's analysis asks the active driver for the target
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+    kwargs, sig, consts = {}, {}, {}
+    for name in fn.arg_names:
+        v = launch.get(name)
+        is_constexpr = fn.params[fn.arg_names.index(name)].is_constexpr
+        if isinstance(v, tuple) and v and v[0] == "tensor":
+            kwargs[name] = torch.empty(2, dtype=getattr(torch, v[1].split(".")[-1]))
+            sig[name] = "*" + _TRITON_DTYPE[v[1]]
+            continue
+        kwargs[name] = v
+        if is_constexpr or v is None or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
+            sig[name], consts[name] = "constexpr", v
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+        else:
+            sig[name] = "fp64"
+    old = truntime.driver._active  # no GPU here: no default driver to ask for
+    truntime.driver.set_active(_Target())
+    try:
+        access = tkw.identify_accessed_tensors(fn, kwargs, {}) if hasattr(tkw, "identify_accessed_tensors") else None
+        writes = sorted(d.name for d in access.read_writes.writes if isinstance(kwargs.get(d.name), torch.Tensor)) \
+            if access is not None else sorted(tkw.identify_mutated_tensors(fn, kwargs, {}))
+    finally:
+        truntime.driver._active = old
+    error = None
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        backend = triton.compiler.compiler.make_backend(GPUTarget("cuda", arch, 32))
+        options = backend.parse_options({})
+        context = triton._C.libtriton.ir.context()
+        triton._C.libtriton.ir.load_dialects(context)
+        backend.load_dialects(context)
+        src.make_ir(GPUTarget("cuda", arch, 32), options, backend.get_codegen_implementation(options),
+                    backend.get_module_map(), context)
+    except Exception as e:  # noqa: BLE001 - reported to the caller
+        error = f"{type(e).__name__}: {e}"[:2000]
+    return writes, error

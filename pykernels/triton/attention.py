@@ -84,6 +84,12 @@ def _scores(q, k, offs_m, offs_n, Lb, Sb, scale, softcap, diag, win_left, win_ri
 
 
 @triton.jit
+def _f32(scale, softcap, dropout_p):
+    """The float arguments in fp32: Inductor passes Python floats as fp64 scalars, the eager launch as fp32."""
+    return tl.cast(scale, tl.float32), tl.cast(softcap, tl.float32), tl.cast(dropout_p, tl.float32)
+
+
+@triton.jit
 def _seq(b, CuQ, CuK, L, S, diag, VARLEN: tl.constexpr, BR: tl.constexpr):
     """Start row, start key, lengths and causal diagonal of batch entry / sequence ``b``."""
     if VARLEN:
@@ -174,6 +180,7 @@ def _attn_fwd(Q, K, V, Bias, O, LSE, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, sk
               HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BOOL_BIAS: tl.constexpr,
               DROPOUT: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr, E: tl.constexpr,
               EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    scale, softcap, dropout_p = _f32(scale, softcap, dropout_p)
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -233,6 +240,7 @@ def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, DELTA, DK, DV, CuQ, CuK, Seed, sqb, s
     """dK, dV of one key block of one kv head: loops over the query heads of its GQA group and over the query
     blocks that can see the key block, so every gradient is written once, deterministically (no atomics).
     dK/dV are stored with the strides of K/V (the launcher allocates them like K/V)."""
+    scale, softcap, dropout_p = _f32(scale, softcap, dropout_p)
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     HK = H // GROUP
@@ -296,6 +304,7 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, DELTA, DQ, DBias, CuQ, CuK, Seed, sqb, 
                  E: tl.constexpr, EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block (stored with Q's strides); with DBIAS also the gradient of the float mask, the
     score gradient dS, into a dense fp32 (B, H, L, S) buffer (zero where never visited)."""
+    scale, softcap, dropout_p = _f32(scale, softcap, dropout_p)
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -347,6 +356,7 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, DELTA, DQ, DBias, CuQ, CuK, Seed, sqb, 
 @triton.jit
 def _dropout_mask_kernel(Out, Seed, L, S, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The keep-mask the attention kernels use, materialised as (B*H, L, S) bool (tests, debugging)."""
+    dropout_p = tl.cast(dropout_p, tl.float32)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(2).to(tl.int64) * L + offs_m
@@ -513,8 +523,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optio
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     o4 = _view4(o, varlen)
     bias_t, sb = _bias_args(bias, B, H, L, S, q)
-    cu_q = cu_seqlens_q if varlen else q
-    cu_k = cu_seqlens_k if varlen else q
+    cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if varlen else (None, None)  # see _seq
     seed_t = seed if seed is not None else q
     _launch("fwd", lambda bm, bn: (triton.cdiv(rows_q, bm), B * H), flags,
             q4, k4, v4, bias_t, o4, lse, cu_q, cu_k, seed_t, *q4.stride(), *k4.stride(), *v4.stride(), *sb,
@@ -549,8 +558,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     want_dbias = bool(bias_requires_grad) and bias is not None and bias.dtype != torch.bool
     dbias_full = (torch.zeros(B, H, L, S, device=q.device, dtype=torch.float32) if want_dbias
                   else q.new_empty(0, dtype=torch.float32))
-    cu_q = cu_seqlens_q if varlen else q
-    cu_k = cu_seqlens_k if varlen else q
+    cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if varlen else (None, None)  # see _seq
     seed_t = seed if seed is not None else q
     scalars = _scalars(H, Hk, L, S, E, EV, scale, softcap, diag, window, dropout_p)
     strides = (*q4.stride(), *k4.stride(), *v4.stride(), *sb, *do4.stride())

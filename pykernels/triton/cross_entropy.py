@@ -37,6 +37,9 @@ def _cross_entropy_kernel(X, TI, TP, Wt, Wsum, Scale, Loss, Lse, LseIn, G,
                           M, C, D, sn, sc, sd, tn, tc, td, scale_stride, ignore_index, eps, zl,
                           MODE: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
                           ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    # Inductor passes Python floats as fp64 scalars: compute in fp32 as the eager launch does
+    eps = tl.cast(eps, tl.float32)
+    zl = tl.cast(zl, tl.float32)
     pid = tl.program_id(0).to(tl.int64)  # int64 rows: N * C * D may exceed 2**31
     nprog = tl.num_programs(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)

@@ -76,6 +76,7 @@ def _lce_fwd_kernel(X, W, B, T, CW, Mp, Sp, ZYp, ZSp, N, V, H, vocab_start, sxn,
     # 1-D grid of cdiv(N, BM) * n_splits programs in groups of GROUP_M token blocks x all splits: the programs
     # in flight share each x block across the splits and each W tile across the group's token blocks, so both
     # operands come from L2 (as a grouped GEMM), while every program walks its own vocabulary range.
+    softcap = tl.cast(softcap, tl.float32)  # inductor passes Python floats as fp64
     pid = tl.program_id(0)
     n_m = tl.cdiv(N, BM)
     per_group = GROUP_M * n_splits
@@ -128,6 +129,7 @@ def _lce_dlogits_kernel(X, W, B, T, CW, Mx, LS, CP, CY, CWr, DL, DBp, N, V, H, v
     """dlogits for columns [col0, col0 + n_cols) of this shard, into DL (N, n_cols) (row stride sdn); with HAS_DB
     also the tile's column sums into row pid_m of DBp (fp32, row stride sdb): the bias gradient's partials,
     summed over token blocks by the launcher (deterministic, no atomics)."""
+    softcap = tl.cast(softcap, tl.float32)  # inductor passes Python floats as fp64
     pid = tl.program_id(0)
     n_m = tl.cdiv(N, BM)
     n_n = tl.cdiv(n_cols, BN)

@@ -66,7 +66,7 @@ def _gate_gemm(acc_i, acc_f, acc_g, acc_o, A, W, rows, cols, M, K, H, sam, sak, 
     cmask = cols < H
     a_ptrs = A + rows[:, None] * sam + ks[None, :].to(tl.int64) * sak
     w_ptrs = W + cols[None, :] * swr + ks[:, None].to(tl.int64) * swk  # W^T tile (BK, BH)
-    gate = H.to(tl.int64) * swr
+    gate = tl.cast(H, tl.int64) * swr
     for k in range(0, K, BK):
         kmask = (k + ks) < K
         a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -180,11 +180,11 @@ def _seq_fwd_kernel(XP, WHH, H0, C0, OUT, WS, T, B, H, swr, swk,
     rmask = rows < B
     hcols = tl.arange(0, BH)
     ks = tl.arange(0, BK)
-    stepH = B.to(tl.int64) * H
+    stepH = tl.cast(B, tl.int64) * H
     if RESIDENT:  # whole W_hh^T as four (BK, BH) tiles, loaded once for the sequence (H <= BK == BH)
         wm = (ks < H)[:, None] & (hcols < H)[None, :]
         w_ptrs = WHH + hcols[None, :].to(tl.int64) * swr + ks[:, None].to(tl.int64) * swk
-        gate = H.to(tl.int64) * swr
+        gate = tl.cast(H, tl.int64) * swr
         w_i = tl.load(w_ptrs, mask=wm, other=0.0)
         w_f = tl.load(w_ptrs + gate, mask=wm, other=0.0)
         w_g = tl.load(w_ptrs + 2 * gate, mask=wm, other=0.0)
@@ -255,7 +255,7 @@ def _seq_bwd_kernel(GOUT, GHN, GCN, C0, WS, WHH, DG, DH, DC, T, B, H, swr, swk,
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     rmask = rows < B
     hcols = tl.arange(0, BH)
-    stepH = B.to(tl.int64) * H
+    stepH = tl.cast(B, tl.int64) * H
     # initial dh, dc: the gradients of h_n, c_n
     for j in range(0, H, BH):
         cols = j + hcols
