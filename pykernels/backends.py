@@ -7,7 +7,10 @@ Order of precedence for one call:
    preferred backend cannot run the call, the next one in the device's chain runs it, and the fallback is
    logged on the ``pykernels`` logger (DEBUG) and recorded in ``pykernels.last_dispatch``.
 3. Automatic: the first backend of the device's chain that supports the call (chains are ordered by
-   measured speed, see bench/results/).
+   measured speed, see bench/results/). Where every pykernels backend of an op measured slower on a device than
+   torch's own kernel (``NATIVE_FASTER``), an automatic call that torch can express runs torch's kernel instead:
+   the drop-in must never make a model slower. ``last_dispatch`` then records ("torch", {why}); a ``backend=``
+   request or a preference still runs ours; PYKERNELS_PREFER_NATIVE=0 turns the rule off.
 """
 from __future__ import annotations
 
@@ -103,6 +106,33 @@ def available_backends(device: Optional[torch.device | str] = None) -> Dict[str,
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     return {b: _device_reason(b, device) for b in BACKENDS}
+
+
+# op -> {device type: why torch's own kernel runs automatic calls there}. Measured, never assumed: each entry
+# cites the benchmark that put it here and goes when ours wins.
+NATIVE_FASTER: Dict[str, Dict[str, str]] = {
+    "scaled_dot_product_attention": {
+        "cuda": "torch's SDPA (FlashAttention-2/cuDNN) measured 1.4-5.4x faster than the Triton kernels on H100 "
+                "bf16 (bench/results/h100-attention-lstm-lce-20261122.jsonl)"},
+    "lstm": {
+        "cuda": "cuDNN measured 4-48x faster than the Triton sequence kernel on H100 fp32 "
+                "(bench/results/h100-attention-lstm-lce-20261122.jsonl)"},
+}
+
+
+def prefer_native(op: str, device: torch.device, backend: Optional[str]) -> Optional[str]:
+    """Why this automatic call of ``op`` should run torch's own kernel (None: run ours). Records the decision in
+    ``last_dispatch`` when it says yes. The caller checks first that torch can express the call."""
+    if backend is not None or (_preferred and _preferred[-1] is not None) or os.environ.get("PYKERNELS_BACKEND"):
+        return None
+    if os.environ.get("PYKERNELS_PREFER_NATIVE", "1") == "0":
+        return None
+    why = NATIVE_FASTER.get(op, {}).get(device.type)
+    if why is not None:
+        if not torch.compiler.is_compiling():
+            logger.debug("%s: ran torch's own kernel: %s", op, why)
+        last_dispatch[op] = ("torch", {"triton": why})
+    return why
 
 
 def choose(op: str, device: torch.device, backend: Optional[str],

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import pykernels
 from pykernels.functional import scaled_dot_product_attention as sdpa, varlen_attention
+from pykernels.ops.attention import KERNELS as _attn_kernels
 from pykernels.reference import attention as ref
 from pykernels.testing import assert_error_rule
 
@@ -119,7 +120,8 @@ def test_varlen_reference_is_the_dense_reference_per_sequence():
 # ------------------------------------------------------------------------------------------------------------
 # pykernels.functional on every backend against the float64 oracle.
 
-BACKENDS = [p for p in backend_params() if p.values[0] != "cpu"]  # no C++ CPU attention kernel
+# No C++ CPU attention kernel; the CUDA one (issue 4) is tested once pykernels.ops.attention registers it.
+BACKENDS = [p for p in backend_params() if p.values[0] in ("reference", "triton") or p.values[0] in _attn_kernels]
 TOL_FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 

@@ -247,14 +247,16 @@ def test_confident_target_gradient(backend, device, p_y):
     """softmax(z_y) near 1: the gradient's p_y - 1 is formed in fp32 before rounding (no cancellation)."""
     require_backend(backend, device)
     N, H, V = 8, 16, 40
-    x = torch.zeros(N, H, dtype=torch.float64, device=device)
-    x[:, 0] = 1.0
-    x[:, 1:] = torch.randn(N, H - 1, dtype=torch.float64, device=device) * 0.05
+    rows = torch.arange(N, device=device)
+    x = torch.randn(N, H, dtype=torch.float64, device=device) * 0.05
+    x[:, :N] = 0.0
+    x[rows, rows] = 1.0  # feature n belongs to row n alone
     t = torch.randint(0, V, (N,), device=device)
     W = torch.randn(V, H, dtype=torch.float64, device=device) * 0.05
-    # z_y - z_c ~ log(p_y (V - 1) / (1 - p_y)) through the first feature
-    W[:, 0] = 0.0
-    W[t, 0] = float(torch.log(torch.tensor(p_y * (V - 1) / (1 - p_y))))
+    # z_y - z_c ~ log(p_y (V - 1) / (1 - p_y)) through row n's own feature, so each row has one confident class
+    # (a feature shared by all rows would give every row N equal top logits: p_y ~ 1/N, not confident)
+    W[:, :N] = 0.0
+    W[t, rows] = float(torch.log(torch.tensor(p_y * (V - 1) / (1 - p_y))))
     for dtype in _dtypes(backend, device):
         xs, Ws = x.to(dtype), W.to(dtype)
         g = torch.tensor(1.0, dtype=torch.float64, device=device)
@@ -268,11 +270,14 @@ def test_confident_target_gradient(backend, device, p_y):
 
 
 @pytest.mark.gpu
-def test_cuda_memory_within_model_and_int64_offsets():
+def test_cuda_memory_within_model_and_int64_offsets(monkeypatch):
     """On a GPU: fwd+bwd allocate at most the cost model's workspace (+ cuBLAS slack) beyond inputs and
     gradients; and a weight with more than 2**31 elements (int64 offsets) gives the same loss as torch."""
     require_backend("triton", "cuda")
     from pykernels.triton import linear_cross_entropy as tk
+    # The default chunk (256 MiB) holds this problem's whole dlogits (125 MiB): bound it to a quarter of that so
+    # that "less than the logits" is what is measured.
+    monkeypatch.setattr(tk, "CHUNK_BYTES", 32 << 20)
     N, H, V = 2048, 1024, 32000
     x = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     W = (torch.randn(V, H, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()

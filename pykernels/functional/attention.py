@@ -152,6 +152,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             return "dropout_p == 1 (every probability dropped) runs on the reference"
         return why
 
+    native = (win == (-1, -1) and softcap == 0.0 and causal_alignment == "top_left" and not return_lse
+              and not (is_causal and attn_mask is not None))  # what torch's SDPA expresses
+    if native and backends.prefer_native(fn, query.device, backend):
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                                                scale=scale, enable_gqa=enable_gqa)
     chosen = backends.choose("scaled_dot_product_attention", query.device, backend, unsupported)
     alignment = causal_alignment
     if chosen == "reference":

@@ -162,6 +162,21 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
     def unsupported(b: str) -> Optional[str]:
         return _layer_unsupported(b, input, proj_size, packed)
 
+    if backends.prefer_native("lstm", input.device, backend):
+        if hx is None:
+            D = 2 if bidirectional else 1
+            B = int(batch_sizes[0]) if packed else (input.shape[0] if batch_first else input.shape[1]) \
+                if input.dim() == 3 else None
+            shape = (num_layers * D,) + ((B,) if B is not None else ())
+            H = params[1].shape[1]
+            hx = (input.new_zeros(shape + (proj_size or H,)), input.new_zeros(shape + (H,)))
+        if packed:
+            out, h_n, c_n = torch._VF.lstm(input, batch_sizes, hx, params, has_biases, num_layers, dropout, training,
+                                           bidirectional)
+        else:
+            out, h_n, c_n = torch._VF.lstm(input, hx, params, has_biases, num_layers, dropout, training,
+                                           bidirectional, batch_first)
+        return out, (h_n, c_n)
     chosen = backends.choose("lstm", input.device, backend, unsupported)
     if chosen == "reference":
         return _ref.lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,

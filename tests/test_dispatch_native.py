@@ -1,0 +1,60 @@
+"""Automatic dispatch hands an op to torch's own kernel where ours measured slower (backends.NATIVE_FASTER), only
+for calls torch can express, visibly, and never against an explicit request or preference."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pykernels
+from pykernels import backends
+
+CUDA = torch.device("cuda")
+
+
+def test_rule_applies_only_to_automatic_calls(monkeypatch):
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
+    for op in ("scaled_dot_product_attention", "lstm"):
+        why = backends.prefer_native(op, CUDA, None)
+        assert why and "measured" in why and "bench/results/" in why
+        assert pykernels.last_dispatch[op] == ("torch", {"triton": why})
+        assert backends.prefer_native(op, CUDA, "triton") is None  # a hard request runs ours
+        with pykernels.use_backend("triton"):
+            assert backends.prefer_native(op, CUDA, None) is None  # so does a preference
+        assert backends.prefer_native(op, torch.device("cpu"), None) is None
+    assert backends.prefer_native("cross_entropy", CUDA, None) is None  # ours is faster there
+    monkeypatch.setenv("PYKERNELS_BACKEND", "triton")
+    assert backends.prefer_native("lstm", CUDA, None) is None
+    monkeypatch.delenv("PYKERNELS_BACKEND")
+    monkeypatch.setenv("PYKERNELS_PREFER_NATIVE", "0")
+    assert backends.prefer_native("lstm", CUDA, None) is None
+
+
+def test_every_entry_cites_a_committed_measurement():
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for op, per_device in backends.NATIVE_FASTER.items():
+        for why in per_device.values():
+            path = why[why.index("bench/results/"):].split(")")[0]
+            assert os.path.exists(os.path.join(root, path)), (op, path)
+
+
+@pytest.mark.gpu
+def test_cuda_automatic_calls_run_torch_exactly_and_extensions_run_ours(monkeypatch):
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    q, k, v = (torch.randn(2, 4, 33, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = pykernels.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert pykernels.last_dispatch["scaled_dot_product_attention"][0] == "torch"
+    pykernels.functional.scaled_dot_product_attention(q, k, v, is_causal=True, window=(8, 0))  # torch cannot
+    assert pykernels.last_dispatch["scaled_dot_product_attention"][0] == "triton"
+    ref = torch.nn.LSTM(8, 16, num_layers=2, bidirectional=True).cuda()
+    ours = pykernels.nn.LSTM(8, 16, num_layers=2, bidirectional=True).cuda()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 8, device="cuda")
+    (o1, (h1, c1)), (o2, (h2, c2)) = ours(x), ref(x)
+    assert torch.equal(o1, o2) and torch.equal(h1, h2) and torch.equal(c1, c2)
+    assert pykernels.last_dispatch["lstm"][0] == "torch"
+    o3, _ = ours(x[:, :1])  # batch 1, default state
+    assert torch.equal(o3, ref(x[:, :1])[0])
