@@ -24,6 +24,8 @@ def git_commit() -> str:
 
 def git_dirty() -> Optional[bool]:
     """Whether tracked files differ from the commit (then the commit alone does not say what ran)."""
+    if os.environ.get("PYKERNELS_GIT_COMMIT"):  # a device copy: the caller says (PYKERNELS_GIT_DIRTY=1 if so)
+        return os.environ.get("PYKERNELS_GIT_DIRTY") == "1"
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                              text=True, timeout=10, cwd=Path(__file__).resolve().parent)

@@ -136,10 +136,11 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str]) -> Opti
 
 
 def choose(op: str, device: torch.device, backend: Optional[str],
-           unsupported: Callable[[str], Optional[str]]) -> str:
+           unsupported: Callable[[str], Optional[str]], order: Optional[Sequence[str]] = None) -> str:
     """Pick the backend for one call of ``op``.
 
     ``unsupported(b)`` returns why backend ``b`` cannot run this particular call (dtype, option, ...) or None.
+    ``order`` replaces the device's chain for this call where the op measured a different ranking.
     """
     def reason(b: str) -> Optional[str]:
         return _device_reason(b, device) or unsupported(b)
@@ -152,7 +153,7 @@ def choose(op: str, device: torch.device, backend: Optional[str],
         return backend
 
     preferred = (_preferred[-1] if _preferred else None) or os.environ.get("PYKERNELS_BACKEND") or None
-    candidates = list(_chain(device))
+    candidates = list(order or _chain(device))
     if preferred is not None:
         _check_name(preferred)
         candidates = [preferred] + [b for b in candidates if b != preferred]

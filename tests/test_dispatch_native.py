@@ -58,3 +58,16 @@ def test_cuda_automatic_calls_run_torch_exactly_and_extensions_run_ours(monkeypa
     assert pykernels.last_dispatch["lstm"][0] == "torch"
     o3, _ = ours(x[:, :1])  # batch 1, default state
     assert torch.equal(o3, ref(x[:, :1])[0])
+
+
+@pytest.mark.gpu
+def test_cuda_cross_entropy_order_follows_the_measurement(monkeypatch):
+    """Forward only: Triton (faster there); with a gradient: the CUDA kernel."""
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    x = torch.randn(64, 1000, device="cuda", dtype=torch.bfloat16)
+    t = torch.randint(0, 1000, (64,), device="cuda")
+    with torch.no_grad():
+        pykernels.functional.cross_entropy(x, t)
+    assert pykernels.last_dispatch["cross_entropy"][0] == "triton"
+    pykernels.functional.cross_entropy(x.requires_grad_(), t).backward()
+    assert pykernels.last_dispatch["cross_entropy"][0] == "cuda"
