@@ -43,7 +43,33 @@ def cross_entropy(backends):
     print("cross_entropy: ok", backends)
 
 
-FAMILIES = {"cross_entropy": cross_entropy}
+def lstm_cell(backends):
+    """The C++/CUDA and Triton LSTM cell kernels (forward and backward) on odd sizes, both dtypes of each."""
+    from pykernels.reference import lstm as ref_lstm
+    dev = "cuda"
+    for backend in backends:
+        for dtype in (torch.float32, torch.bfloat16):
+            for B, I, H, bias in ((1, 3, 5, True), (19, 10, 33, False), (7, 130, 67, True)):
+                x = torch.randn(B, I, device=dev, dtype=dtype, requires_grad=True)
+                h = torch.randn(B, H, device=dev, dtype=dtype, requires_grad=True)
+                c = torch.randn(B, H, device=dev, dtype=dtype, requires_grad=True)
+                w_ih = (torch.randn(4 * H, I, device=dev) * 0.2).to(dtype).requires_grad_()
+                w_hh = (torch.randn(4 * H, H, device=dev) * 0.2).to(dtype).requires_grad_()
+                bs = [(torch.randn(4 * H, device=dev) * 0.1).to(dtype).requires_grad_() for _ in range(2)] \
+                    if bias else [None, None]
+                hy, cy = pykernels.functional.lstm_cell(x, (h, c), w_ih, w_hh, *bs, backend=backend)
+                (hy.float().sum() + cy.float().sum()).backward()
+                cpu = [t.detach().double().cpu() if t is not None else None for t in (x, h, c, w_ih, w_hh, *bs)]
+                rh, rc = ref_lstm.lstm_cell(*cpu)
+                torch.cuda.synchronize()
+                err = max((hy.double().cpu() - rh).abs().max().item(), (cy.double().cpu() - rc).abs().max().item())
+                assert err <= (1e-4 if dtype == torch.float32 else 5e-2), (backend, dtype, B, I, H, err)
+                assert all(torch.isfinite(t.grad).all() for t in (x, h, c, w_ih, w_hh))
+    torch.cuda.synchronize()
+    print("lstm_cell: ok", backends)
+
+
+FAMILIES = {"cross_entropy": cross_entropy, "lstm_cell": lstm_cell}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(FAMILIES)
