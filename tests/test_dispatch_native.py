@@ -71,3 +71,26 @@ def test_cuda_cross_entropy_order_follows_the_measurement(monkeypatch):
     assert pykernels.last_dispatch["cross_entropy"][0] == "triton"
     pykernels.functional.cross_entropy(x.requires_grad_(), t).backward()
     assert pykernels.last_dispatch["cross_entropy"][0] == "cuda"
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_native_lstm_call_matches_torch_module(batch_first, bidirectional, proj_size):
+    """The call that automatic CUDA dispatch makes (device-free logic, checked on CPU): unbatched input, default
+    and given states, projections, packed sequences, exactly as torch.nn.LSTM."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from pykernels.functional.lstm import _native_lstm
+    m = torch.nn.LSTM(4, 5, num_layers=2, bidirectional=bidirectional, batch_first=batch_first,
+                      proj_size=proj_size)
+    args = (m._flat_weights, 2, bidirectional, True, proj_size, batch_first, 0.0, False)
+    for x in (torch.randn(6, 3, 4), torch.randn(6, 4)):
+        o1, (h1, c1) = m(x)
+        o2, (h2, c2) = _native_lstm(x, None, *args, None)
+        assert torch.equal(o1, o2) and torch.equal(h1, h2) and torch.equal(c1, c2)
+        hx = (torch.randn(h1.shape), torch.randn(c1.shape))
+        assert torch.equal(m(x, hx)[0], _native_lstm(x, hx, *args, None)[0])
+    if not batch_first:
+        pk = pack_padded_sequence(torch.randn(6, 3, 4), torch.tensor([6, 4, 2]))
+        assert torch.equal(m(pk)[0].data, _native_lstm(pk.data, None, *args, pk.batch_sizes)[0])

@@ -149,6 +149,29 @@ def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool) -> Optio
     return None
 
 
+def _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first, dropout,
+                 training, batch_sizes):
+    """torch's own LSTM (cuDNN on CUDA) with this function's conventions (unbatched input, default state)."""
+    D = 2 if bidirectional else 1
+    H = params[1].shape[0] // 4  # w_hh is (4H, proj_size or H)
+    unbatched = batch_sizes is None and input.dim() == 2
+    x = input.unsqueeze(0 if batch_first else 1) if unbatched else input
+    if hx is None:
+        B = int(batch_sizes[0]) if batch_sizes is not None else x.shape[0 if batch_first else 1]
+        hx = (x.new_zeros(num_layers * D, B, proj_size or H), x.new_zeros(num_layers * D, B, H))
+    elif unbatched:
+        hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+    if batch_sizes is not None:
+        out, h_n, c_n = torch._VF.lstm(x, batch_sizes, hx, list(params), has_biases, num_layers, dropout, training,
+                                       bidirectional)
+    else:
+        out, h_n, c_n = torch._VF.lstm(x, hx, list(params), has_biases, num_layers, dropout, training,
+                                       bidirectional, batch_first)
+    if unbatched:
+        return out.squeeze(0 if batch_first else 1), (h_n.squeeze(1), c_n.squeeze(1))
+    return out, (h_n, c_n)
+
+
 def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Tensor], num_layers: int = 1,
          bidirectional: bool = False, has_biases: bool = True, proj_size: int = 0, batch_first: bool = False,
          dropout: float = 0.0, training: bool = False, batch_sizes: Optional[Tensor] = None, *,
@@ -163,20 +186,8 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
         return _layer_unsupported(b, input, proj_size, packed)
 
     if backends.prefer_native("lstm", input.device, backend):
-        if hx is None:
-            D = 2 if bidirectional else 1
-            B = int(batch_sizes[0]) if packed else (input.shape[0] if batch_first else input.shape[1]) \
-                if input.dim() == 3 else None
-            shape = (num_layers * D,) + ((B,) if B is not None else ())
-            H = params[1].shape[1]
-            hx = (input.new_zeros(shape + (proj_size or H,)), input.new_zeros(shape + (H,)))
-        if packed:
-            out, h_n, c_n = torch._VF.lstm(input, batch_sizes, hx, params, has_biases, num_layers, dropout, training,
-                                           bidirectional)
-        else:
-            out, h_n, c_n = torch._VF.lstm(input, hx, params, has_biases, num_layers, dropout, training,
-                                           bidirectional, batch_first)
-        return out, (h_n, c_n)
+        return _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
+                            dropout, training, batch_sizes)
     chosen = backends.choose("lstm", input.device, backend, unsupported)
     if chosen == "reference":
         return _ref.lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
