@@ -130,7 +130,8 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
 # ---------------------------------------------------------------------------------------------------------
 # The stacked LSTM.
 
-_LAYER_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32)}
+_LAYER_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32),
+                 "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool) -> Optional[str]:
