@@ -3,10 +3,7 @@ autograd-level cell op over the C++ kernels in float64, torch.compile(fullgraph=
 compiled for sm_80/sm_90 without a GPU, and the CUDA kernels present in the built extension."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from pykernels.ops import lstm as ops
 from pykernels.reference import lstm as ref
 from pykernels.testing import assert_error_rule
 
+from conftest import run_script_compiled
 from conftest import require_backend as _require_backend
 
 F64 = torch.float64
@@ -309,12 +307,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     """Every kernel compiles for sm_80 and sm_90 in bf16 and for sm_90 in fp32; the GEMM parts use tensor cores in
     bf16 (mma.sync on sm_80, wgmma or mma on sm_90); no register spills."""
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", _COMPILE.format(root=root)], capture_output=True, text=True, env=env,
-                       timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
-    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    rows = run_script_compiled(_COMPILE)
     assert len(rows) == 3 * 5
     for name, arch, dt, mma, n_spills in rows:
         if dt != "fp32":
