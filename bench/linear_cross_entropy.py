@@ -124,6 +124,17 @@ def torch_chunked_lce(x, W, t, chunk_bytes: int = CHUNK_BYTES):
     return total / (t != -100).sum()
 
 
+def _torch_chunked_op() -> Provider:
+    """torch's own F.linear_cross_entropy on its chunked path (torch >= 2.13; options=None would be eager)."""
+    prov = Provider("torch.linear_cross_entropy", baseline=True)
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        prov.absent = f"torch {torch.__version__} has no chunked F.linear_cross_entropy (2.13+)"
+        return prov
+    options = torch.nn.LinearCrossEntropyOptions()
+    prov.fn = lambda x, W, t: F.linear_cross_entropy(x, W, t, options=options)
+    return prov
+
+
 def _liger():
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     loss = LigerFusedLinearCrossEntropyLoss()
@@ -137,12 +148,13 @@ def _cut_cross_entropy():
 
 def providers(device: torch.device, dtype: torch.dtype) -> List[Provider]:
     """pykernels-<backend>, then torch (logits then cross-entropy), its torch.compile, the chunked torch recipe,
-    Liger's and Apple's cut-cross-entropy fused kernels when importable."""
+    torch's own chunked op, Liger's and Apple's cut-cross-entropy fused kernels when importable."""
     out = pykernels_providers(device, _pykernels, _kernels)
     out.append(Provider("torch", torch_lce, baseline=True))
     allow_recompiles(64)
     out.append(Provider("torch.compile", torch.compile(torch_lce, fullgraph=True, dynamic=False), baseline=True))
     out.append(Provider("torch-chunked", torch_chunked_lce, baseline=True))
+    out.append(_torch_chunked_op())
     out.append(peer("liger", device, _liger))
     out.append(peer("cut-cross-entropy", device, _cut_cross_entropy))
     return out

@@ -126,7 +126,7 @@ def test_default_providers_and_absence_reasons():
         assert "CUDA only" in att[n].absent and att[n].fn is None
     assert att["sdpa-math"].fn is not None
     lce = {p.name for p in linear_cross_entropy.providers(CPU, torch.float32)}
-    assert {"torch.compile", "torch-chunked", "liger", "cut-cross-entropy"} <= lce
+    assert {"torch.compile", "torch-chunked", "torch.linear_cross_entropy", "liger", "cut-cross-entropy"} <= lce
 
 
 def test_peer_absent_unless_importable():
