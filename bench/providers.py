@@ -13,9 +13,10 @@ from .harness import Provider
 TARGETS = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 C_EXTENSION = ("cuda", "cpu")  # backends whose kernels the compiled extension registers (absent when unbuilt)
 
-# Normalised error (max |out - ref| / max |ref|) a correct kernel stays within: half precision is bounded by its
-# rounding of outputs and inputs of the reference (bf16 eps 2^-8, fp16 2^-11) times accumulated steps; fp32 by
-# summation order.
+# Normalised error (max |out - ref| / max |ref|) a correct kernel stays within: half precision is bounded by the
+# rounding of its outputs and intermediates (bf16 eps 2^-8, fp16 2^-11), fp32 by summation order. Measured on CPU
+# (--quick shapes, torch and pykernels-reference/-cpu, every suite): fp32 <= 8e-7, fp16 <= 1.2e-3, bf16 <= 8.4e-3;
+# GPU shapes are larger (longer sums, 256 LSTM steps), hence the margins.
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-4, torch.float64: 1e-10}
 
 
