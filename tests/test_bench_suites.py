@@ -166,6 +166,22 @@ def test_wrong_provider_is_reported_not_timed(monkeypatch, name):
     assert len(timed) == 2  # torch in both modes only
 
 
+@pytest.mark.skipif(not pykernels.backends.triton_interpreted(), reason="Triton runs on CPU only under "
+                    "TRITON_INTERPRET=1 (as CI runs)")
+@pytest.mark.parametrize("name", NEW)
+def test_triton_provider_is_correct_under_the_interpreter(name):
+    # the provider the GPU runs time, called as they call it: any convention mismatch shows here, without a GPU
+    mod = MODULES[name]
+    prov = next(p for p in mod.providers(CPU, torch.float32) if p.name == "pykernels-triton")
+    assert prov.absent is None and not prov.default  # the interpreter is for checking, not benchmarking
+    (case,) = mod.cases(CPU, torch.float32, True, TINY[name])
+    args, diff = case.inputs()
+    ref = case.reference(args)
+    for mode in mod.MODES:
+        _, _, (_, rel) = harness.prepare(case, prov, mode, args, diff, ref)  # raises WrongOutput when off
+        assert rel < 1e-5, mode
+
+
 @pytest.mark.parametrize("name", NEW)
 def test_quick_cli_run(tmp_path, capsys, name):
     # --baselines torch: torch.compile's CPU compile takes tens of seconds, too long for CI
