@@ -6,7 +6,8 @@ reported ``wrong`` and not timed, one that raises is reported ``error``); every 
 the inputs (some kernels, e.g. Liger's, write the gradient into the logits in place); ratios side by side.
 
 A suite is a module with ``NAME``, ``MODES``, ``providers(device, dtype) -> [Provider]`` and
-``cases(device, dtype, quick) -> [Case]``; see bench/cross_entropy.py.
+``cases(device, dtype, quick, shape=None) -> [Case]``; see bench/cross_entropy.py, and bench/providers.py for
+the pieces suites share.
 """
 from __future__ import annotations
 
