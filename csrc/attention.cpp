@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <utility>
+
 #include "attention_args.h"
 #include "cuda/attention.h"
 
@@ -93,6 +95,7 @@ Call make_call(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, c
               a.Hk, ")");
   TORCH_CHECK(c.v.size(hd) == a.Hk, op, ": v must have ", a.Hk, " heads like k, got ", c.v.size(hd));
   TORCH_CHECK(c.k.size(-1) == a.E, op, ": k must have q's head dim ", a.E, ", got ", c.k.size(-1));
+  TORCH_CHECK(a.E >= 1, op, ": q's head dim must be at least 1");
   TORCH_CHECK(a.E <= cuda::kAttentionMaxHeadDim && a.Ev <= cuda::kAttentionMaxHeadDim, op,
               ": head dims up to ", cuda::kAttentionMaxHeadDim, ", got E = ", a.E, ", Ev = ", a.Ev);
   if (c.varlen) {
@@ -163,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   a.o = view_of(out, c.varlen);
   a.lse = lse.data_ptr<float>();
   set_lse(a, lse, c.varlen);
-  if (out.numel() > 0) check_cuda(cuda::attention_fwd(a, c10::cuda::getCurrentCUDAStream()), kFwd);
+  if (lse.numel() > 0) check_cuda(cuda::attention_fwd(a, c10::cuda::getCurrentCUDAStream()), kFwd);
   return {out, lse};
 }
 
@@ -189,24 +192,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
   if (c.varlen) delta = delta.t();
   delta = delta.contiguous();
-  at::Tensor dq = at::empty_like(c.q), dk = at::empty_like(c.k), dv = at::empty_like(c.v);
+  // Gradients with the inputs' strides (the fakes' empty_like); the kernels write rows, so a gradient whose last
+  // dim is not contiguous is computed in a row-contiguous buffer and copied.
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq_w = dq.stride(-1) == 1 ? dq : at::empty_like(c.q);
+  at::Tensor dk_w = dk.stride(-1) == 1 ? dk : at::empty_like(c.k);
+  at::Tensor dv_w = dv.stride(-1) == 1 ? dv : at::empty_like(c.v);
   a.dout = view_of(dout, c.varlen);
-  a.dq = view_of(dq, c.varlen);
-  a.dk = view_of(dk, c.varlen);
-  a.dv = view_of(dv, c.varlen);
+  a.dq = view_of(dq_w, c.varlen);
+  a.dk = view_of(dk_w, c.varlen);
+  a.dv = view_of(dv_w, c.varlen);
   a.vec16 = a.vec16 && aligned16(dout);
   a.lse = const_cast<float*>(lse.data_ptr<float>());
   a.delta = delta.data_ptr<float>();
   set_lse(a, lse, c.varlen);
-  if (dk.numel() > 0 || dq.numel() > 0) {
-    if (q.numel() == 0) {  // no query: no gradient reaches k and v
-      dk.zero_();
-      dv.zero_();
-    } else {
-      check_cuda(cuda::attention_bwd(a, c10::cuda::getCurrentCUDAStream()), kBwd);
-    }
+  if (q.numel() == 0) {  // no query: no gradient reaches k and v
+    dk_w.zero_();
+    dv_w.zero_();
+  } else if (dq.numel() > 0) {
+    check_cuda(cuda::attention_bwd(a, c10::cuda::getCurrentCUDAStream()), kBwd);
   }
-  return {dq, dk, dv, q.new_empty({0}, q.options().dtype(at::kFloat))};
+  for (auto [dst, src] : {std::pair<at::Tensor*, at::Tensor*>{&dq, &dq_w}, {&dk, &dk_w}, {&dv, &dv_w}}) {
+    if (!dst->is_same(*src)) dst->copy_(*src);
+  }
+  return {dq, dk, dv, q.new_empty({0})};  // no mask, no mask gradient (the fake's empty of q's dtype)
 }
 
 }  // namespace
