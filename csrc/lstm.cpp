@@ -129,7 +129,8 @@ TORCH_LIBRARY_FRAGMENT(pykernels, m) {
   m.def("lstm_cell_fwd(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("lstm_cell_bwd(Tensor? grad_h, Tensor? grad_c, Tensor cx, Tensor ws) -> (Tensor, Tensor)");
-  // One layer direction's recurrence (CPU kernels so far: cpu/lstm_layer.cpp). Same contract as the Triton ops.
+  // One layer direction's recurrence: CPU (cpu/lstm_layer.cpp) and CUDA (cuda/lstm_layer.cu, persistent) kernels.
+  // Same contract as the Triton ops.
   m.def("lstm_layer_fwd(Tensor xproj, Tensor w_hh, Tensor h0, Tensor c0, bool reverse) -> (Tensor, Tensor)");
   m.def("lstm_layer_bwd(Tensor? grad_out, Tensor? grad_hn, Tensor? grad_cn, Tensor c0, Tensor ws, Tensor w_hh, "
         "bool reverse) -> (Tensor, Tensor, Tensor)");
@@ -143,7 +144,7 @@ DType lstm_dtype(at::ScalarType t) {
     case at::kFloat: return DType::F32;
     case at::kHalf: return DType::F16;
     case at::kBFloat16: return DType::BF16;
-    default: TORCH_CHECK(false, "lstm_cell (cuda): dtype must be float32, float16 or bfloat16, got ", t);
+    default: TORCH_CHECK(false, "lstm (cuda): dtype must be float32, float16 or bfloat16, got ", t);
   }
 }
 
@@ -206,11 +207,70 @@ std::tuple<at::Tensor, at::Tensor> bwd_cuda(const c10::optional<at::Tensor>& gra
   return {dg, dcx};
 }
 
+LstmLayerArgs layer_args(const at::Tensor& w_hh, int64_t T, int64_t B, int64_t H, bool reverse,
+                         at::Tensor& barrier) {
+  LstmLayerArgs a;
+  a.dtype = lstm_dtype(w_hh.scalar_type());
+  a.T = T;
+  a.B = B;
+  a.H = H;
+  a.reverse = reverse;
+  barrier = at::zeros({1}, w_hh.options().dtype(at::kInt));
+  a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int32_t>());
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_fwd_cuda(const at::Tensor& xproj, const at::Tensor& w_hh,
+                                                  const at::Tensor& h0, const at::Tensor& c0, bool reverse) {
+  check_lstm_layer_fwd(xproj, w_hh, h0, c0);
+  c10::cuda::CUDAGuard guard(h0.device());
+  const int64_t T = xproj.size(0), B = xproj.size(1), H = h0.size(1);
+  at::Tensor xp = xproj.contiguous(), w = w_hh.contiguous(), h = h0.contiguous(), c = c0.contiguous(), barrier;
+  at::Tensor out = at::empty({T, B, H}, h0.options()), ws = at::empty({T, B, 5 * H}, xproj.options());
+  LstmLayerArgs a = layer_args(w, T, B, H, reverse, barrier);
+  a.xproj = xp.data_ptr<float>();
+  a.w_hh = w.data_ptr();
+  a.h0 = h.data_ptr();
+  a.c0 = c.data_ptr();
+  a.out = out.data_ptr();
+  a.ws = ws.data_ptr<float>();
+  check_cuda(cuda::lstm_layer_fwd(a, c10::cuda::getCurrentCUDAStream()), "lstm_layer_fwd");
+  return {out, ws};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_bwd_cuda(const c10::optional<at::Tensor>& grad_out,
+                                                              const c10::optional<at::Tensor>& grad_hn,
+                                                              const c10::optional<at::Tensor>& grad_cn,
+                                                              const at::Tensor& c0, const at::Tensor& ws,
+                                                              const at::Tensor& w_hh, bool reverse) {
+  check_lstm_layer_bwd(grad_out, grad_hn, grad_cn, c0, ws, w_hh);
+  c10::cuda::CUDAGuard guard(c0.device());
+  const int64_t T = ws.size(0), B = ws.size(1), H = ws.size(2) / 5;
+  at::Tensor w = w_hh.contiguous(), c = c0.contiguous(), wsc = ws.contiguous(), barrier;
+  at::Tensor go = grad_out.has_value() ? grad_out->contiguous() : at::Tensor();
+  // dh / dc carry the gradient of the state through the steps and end as dh0 / dc0 (fp32)
+  at::Tensor dh = grad_hn.has_value() ? grad_hn->to(at::kFloat).contiguous().clone() : at::zeros({B, H}, ws.options());
+  at::Tensor dc = grad_cn.has_value() ? grad_cn->to(at::kFloat).contiguous().clone() : at::zeros({B, H}, ws.options());
+  at::Tensor dg = at::empty({T, B, 4 * H}, ws.options());
+  LstmLayerArgs a = layer_args(w, T, B, H, reverse, barrier);
+  a.w_hh = w.data_ptr();
+  a.c0 = c.data_ptr();
+  a.ws = wsc.data_ptr<float>();
+  a.grad_out = go.defined() ? go.data_ptr() : nullptr;
+  a.dgates = dg.data_ptr<float>();
+  a.dh = dh.data_ptr<float>();
+  a.dc = dc.data_ptr<float>();
+  check_cuda(cuda::lstm_layer_bwd(a, c10::cuda::getCurrentCUDAStream()), "lstm_layer_bwd");
+  return {dg, dh, dc};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
   m.impl("lstm_cell_fwd", &fwd_cuda);
   m.impl("lstm_cell_bwd", &bwd_cuda);
+  m.impl("lstm_layer_fwd", &layer_fwd_cuda);
+  m.impl("lstm_layer_bwd", &layer_bwd_cuda);
 }
 #endif
 

@@ -37,4 +37,26 @@ struct LstmCellBwdArgs {
   int64_t B = 0, H = 0;
 };
 
+struct LstmLayerArgs {
+  // One layer direction over T steps (the recurrence of pykernels::lstm_layer; docs/lstm.md). Forward: xproj
+  // (T, B, 4H) fp32 = x W_ih^T + biases; w_hh (4H, H), h0, c0 (B, H) in the dtype; out (T, B, H) in the dtype;
+  // ws (T, B, 5H) fp32 = activated i, f, g, o and c of every step. All contiguous.
+  const float* xproj = nullptr;
+  const void* w_hh = nullptr;
+  const void* h0 = nullptr;
+  const void* c0 = nullptr;
+  void* out = nullptr;
+  float* ws = nullptr;
+  // Backward: grad_out (T, B, H) in the dtype or null; dgates (T, B, 4H) fp32 out; dh, dc (B, H) fp32 hold
+  // grad_hn / grad_cn (or zeros) on entry and dh0 / dc0 on exit.
+  const void* grad_out = nullptr;
+  float* dgates = nullptr;
+  float* dh = nullptr;
+  float* dc = nullptr;
+  unsigned int* barrier = nullptr;  // one zeroed counter: the grid barrier between time steps
+  DType dtype = DType::F32;
+  int64_t T = 0, B = 0, H = 0;
+  bool reverse = false;
+};
+
 }  // namespace pykernels

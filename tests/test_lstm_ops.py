@@ -259,6 +259,8 @@ def test_cuda_kernels_in_extension():
     import pykernels._C as C
     blob = open(C.__file__, "rb").read()
     assert b"cell_fwd_kernel" in blob and b"cell_bwd_kernel" in blob
+    assert b"layer_fwd_kernel" in blob and b"layer_bwd_kernel" in blob  # the persistent sequence kernels
+    assert "cuda" in ops.LAYER and ops.LAYER["cuda"] == ops.LAYER["cpu"]  # one op, a kernel per device
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -315,17 +317,19 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         assert n_spills == 0, f"{name} sm_{arch} {dt}: {n_spills} spills"
 
 
-@pytest.mark.parametrize("backend,device", CPU_KERNELS + [GPU_KERNELS[1]])
+@pytest.mark.parametrize("backend,device", CPU_KERNELS + GPU_KERNELS)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_layer_kernel_ops_against_contract(backend, device, reverse):
-    """The sequence kernels (C++ CPU, Triton) against the contract's plain-PyTorch kernels in float64 (on the same
-    rounded inputs), forward (out, ws) and backward (dgates, dh0, dc0), with some incoming gradients absent."""
+    """The sequence kernels (C++ CPU, Triton, persistent CUDA) against the contract's plain-PyTorch kernels in
+    float64 (on the same rounded inputs), forward (out, ws) and backward (dgates, dh0, dc0), with some incoming
+    gradients absent. On the GPU also a size that spreads the hidden units over ~100 blocks and the batch over two
+    chunks of the persistent kernel."""
     require(backend, device)
     fwd, bwd = ops.LAYER[backend]
     rfwd, rbwd = ops.LAYER["reference"]
-    T, B, H = 4, 3, 7
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" or backend == "cpu" else [])
-    for dtype in dtypes + ([F64] if backend == "cpu" else []):
+    shapes = [(4, 3, 7)] + ([(33, 20, 300)] if device == "cuda" else [])
+    for (T, B, H), dtype in [(s, d) for s in shapes for d in dtypes + ([F64] if backend == "cpu" else [])]:
         xp = torch.randn(T, B, 4 * H, device=device, dtype=ops.acc_dtype(dtype))
         w = (torch.randn(4 * H, H, device=device) * 0.4).to(dtype)
         h0, c0 = torch.randn(B, H, device=device).to(dtype), torch.randn(B, H, device=device).to(dtype)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ["cross_entropy", "lstm_cell", "attention", "linear_cross_entropy"]
+FAMILIES = ["cross_entropy", "lstm_cell", "lstm_layer", "attention", "linear_cross_entropy"]
 
 
 def test_every_family_is_driven():

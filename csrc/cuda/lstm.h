@@ -12,6 +12,10 @@ namespace cuda {
 cudaError_t lstm_cell_fwd(const LstmCellArgs& a, cudaStream_t stream);
 // Pointwise gate gradients and dc_prev from (dh, dc, cx, ws).
 cudaError_t lstm_cell_bwd(const LstmCellBwdArgs& a, cudaStream_t stream);
+// One layer direction over all T steps in one cooperative (persistent) launch (csrc/cuda/lstm_layer.cu): the
+// recurrence forward, and the backward's gate gradients + dh/dc carried through reverse time.
+cudaError_t lstm_layer_fwd(const LstmLayerArgs& a, cudaStream_t stream);
+cudaError_t lstm_layer_bwd(const LstmLayerArgs& a, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace pykernels

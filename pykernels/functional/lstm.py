@@ -131,10 +131,16 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
 # The stacked LSTM.
 
 _LAYER_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32),
-                 "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+                 "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                 "cuda": (torch.float16, torch.bfloat16, torch.float32)}
+# The persistent CUDA kernel stages 16 batch rows of h_{t-1} in shared memory (16 * H * 4 bytes in fp32).
+CUDA_LAYER_MAX_HIDDEN = 2048
+# Automatic order on CUDA (when torch's cuDNN is not preferred): Triton first. Its sequence kernel passed the GPU
+# tier; the persistent CUDA kernel was written without a GPU and is chosen automatically once measured.
+_AUTO_ORDER = ("triton", "cuda", "reference")
 
 
-def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool) -> Optional[str]:
+def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool, hidden: int) -> Optional[str]:
     if b == "reference":
         return None
     if b not in _ops.LAYER:
@@ -147,6 +153,8 @@ def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool) -> Optio
         return "proj_size > 0 is not covered by the sequence kernel"
     if packed:
         return "packed sequences are not covered by the sequence kernel"
+    if b == "cuda" and hidden > CUDA_LAYER_MAX_HIDDEN:
+        return f"hidden size {hidden} > {CUDA_LAYER_MAX_HIDDEN} in the cuda sequence kernel"
     return None
 
 
@@ -184,12 +192,13 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
     packed = batch_sizes is not None
 
     def unsupported(b: str) -> Optional[str]:
-        return _layer_unsupported(b, input, proj_size, packed)
+        return _layer_unsupported(b, input, proj_size, packed, params[1].shape[-1])
 
     if backends.prefer_native("lstm", input.device, backend):
         return _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                             dropout, training, batch_sizes)
-    chosen = backends.choose("lstm", input.device, backend, unsupported)
+    chosen = backends.choose("lstm", input.device, backend, unsupported,
+                             order=_AUTO_ORDER if input.device.type == "cuda" else None)
     if chosen == "reference":
         return _ref.lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                          dropout, training, batch_sizes)

@@ -3,8 +3,8 @@
 Kernel ops, one set per backend, same schemas:
 - ``pykernels::lstm_cell_{fwd,bwd}``: C++ schemas in csrc/lstm.cpp, CPU and CUDA kernels ("cpu" / "cuda"
   backends); their fakes are registered here.
-- ``pykernels::lstm_layer_{fwd,bwd}``: C++ schemas in csrc/lstm.cpp, CPU kernels (csrc/cpu/lstm_layer.cpp; the
-  "cpu" backend's sequence op). No CUDA sequence kernel yet: on CUDA the layer runs on Triton or torch's cuDNN.
+- ``pykernels::lstm_layer_{fwd,bwd}``: C++ schemas in csrc/lstm.cpp, CPU kernels (csrc/cpu/lstm_layer.cpp) and,
+  in CUDA builds, persistent CUDA kernels (csrc/cuda/lstm_layer.cu): the "cpu" / "cuda" backends' sequence op.
 - ``pykernels::lstm_cell_{fwd,bwd}_triton`` and ``pykernels::lstm_layer_{fwd,bwd}_triton``: ``triton_op``s over
   pykernels/triton/lstm.py.
 
@@ -128,6 +128,8 @@ else:
         torch.library.register_fake("pykernels::lstm_layer_fwd")(_layer_fwd_fake)
         torch.library.register_fake("pykernels::lstm_layer_bwd")(_layer_bwd_fake)
         LAYER["cpu"] = (torch.ops.pykernels.lstm_layer_fwd.default, torch.ops.pykernels.lstm_layer_bwd.default)
+        if torch._C._dispatch_has_kernel_for_dispatch_key("pykernels::lstm_layer_fwd", "CUDA"):
+            LAYER["cuda"] = LAYER["cpu"]  # the same ops; the CUDA build adds the persistent kernels
 
 triton_import_error: Optional[str] = None
 try:

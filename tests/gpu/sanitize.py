@@ -83,6 +83,33 @@ def lstm_cell(backends):
     print("lstm_cell: ok", backends)
 
 
+def lstm_layer(backends):
+    """The sequence kernels (Triton; the persistent CUDA one with its grid barrier) forward and backward through
+    nn.LSTM: both directions, two layers, odd sizes, T = 1 and a T that crosses many steps, against the float64
+    reference."""
+    from pykernels.reference import lstm as ref_lstm
+    dev = DEV
+    for backend in [b for b in backends if b in ("triton", "cuda")]:
+        for dtype in (torch.float32, *HALF):
+            shapes = ((1, 1, 3, 5), (37, 19, 10, 33), (9, 3, 70, 130))
+            for T, B, I, H in shapes if DEV != "cpu" else shapes[:1] + ((5, 3, 4, 9),):  # interpreter time
+                m = torch.nn.LSTM(I, H, num_layers=2, bidirectional=True, device=dev, dtype=dtype)
+                x = torch.randn(T, B, I, device=dev, dtype=dtype, requires_grad=True)
+                params = [p.detach().requires_grad_() for p in m._flat_weights]
+                out, (h, c) = pykernels.functional.lstm(x, None, params, 2, True, backend=backend)
+                (out.float().sum() + h.float().sum() + c.float().sum()).backward()
+                cpu = [p.detach().double().cpu() for p in params]
+                ro, (rh, rc) = ref_lstm.lstm(x.detach().double().cpu(), None, cpu, 2, True)
+                _sync()
+                what = (backend, dtype, T, B, I, H)
+                tol = 1e-4 if dtype == torch.float32 else 5e-2
+                for name, a, r in (("out", out, ro), ("h_n", h, rh), ("c_n", c, rc)):
+                    _close(a, r, tol, what + (name,))
+                assert all(torch.isfinite(t.grad).all() for t in [x] + params), what
+    _sync()
+    print("lstm_layer: ok", [b for b in backends if b in ("triton", "cuda")])
+
+
 def _close(got, ref, tol, what):
     got = got.detach().double().cpu()
     err = (got - ref).abs().max().item() if got.numel() else 0.0
@@ -199,7 +226,7 @@ def linear_cross_entropy(backends):
     print("linear_cross_entropy: ok", [b for b in backends if b == "triton"])
 
 
-FAMILIES = {"cross_entropy": cross_entropy, "lstm_cell": lstm_cell, "attention": attention,
+FAMILIES = {"cross_entropy": cross_entropy, "lstm_cell": lstm_cell, "lstm_layer": lstm_layer, "attention": attention,
             "linear_cross_entropy": linear_cross_entropy}
 
 if __name__ == "__main__":
