@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 
 SUITES = {"cross_entropy": "bench.cross_entropy"}
+SUITES["e2e"] = "bench.e2e"
 
 
 def load_suite(name: str):

@@ -6,7 +6,9 @@ reported ``wrong`` and not timed, one that raises is reported ``error``); every 
 the inputs (some kernels, e.g. Liger's, write the gradient into the logits in place); ratios side by side.
 
 A suite is a module with ``NAME``, ``MODES``, ``providers(device, dtype) -> [Provider]`` and
-``cases(device, dtype, quick) -> [Case]``; see bench/cross_entropy.py.
+``cases(device, dtype, quick) -> [Case]``; see bench/cross_entropy.py. A case whose unit of work is not "call
+the provider on the inputs" (bench/e2e.py: a provider transforms a model, the step is a training step, the
+check is the loss curve) overrides ``Case.prepare``.
 """
 from __future__ import annotations
 
@@ -57,8 +59,17 @@ class Case:
     def flops(self, mode: str) -> Optional[float]:
         return None
 
+    def tokens(self, mode: str) -> Optional[float]:
+        """Tokens one timed step processes (training suites): the harness reports tokens/s from it."""
+        return None
+
     def backward(self, out: Any) -> None:
         out.backward()  # the loss suites return a scalar; suites with tensor outputs override this
+
+    def prepare(self, prov: "Provider", mode: str, args0: tuple, diff: Sequence[int], ref: Any):
+        """Check ``prov`` and return (step, leaves, (max_abs_err, rel_err)); raise WrongOutput if it is wrong.
+        ``step`` is what gets timed, ``leaves`` the tensors whose .grad is reset between timed calls."""
+        return prepare(self, prov, mode, args0, diff, ref)
 
 
 @dataclasses.dataclass
@@ -80,6 +91,8 @@ class Result:
     pct_of_copy_bw: Optional[float] = None
     tflops: Optional[float] = None
     pct_of_matmul: Optional[float] = None
+    tokens: Optional[float] = None  # per timed step (training suites)
+    tokens_per_s: Optional[float] = None
     peak_extra_mem_bytes: Optional[int] = None
     max_abs_err: Optional[float] = None
     rel_err: Optional[float] = None
@@ -122,12 +135,12 @@ def prepare(case: Case, prov: Provider, mode: str, args0: tuple, diff: Sequence[
 def measure(case: Case, prov: Provider, mode: str, args0, diff, ref, device: torch.device,
             quick: bool) -> Result:
     r = Result(case.suite, case.name, prov.name, mode, dtype_name(case.dtype), dict(case.shape),
-               bytes=case.bytes(mode), flops=case.flops(mode))
+               bytes=case.bytes(mode), flops=case.flops(mode), tokens=case.tokens(mode))
     if prov.absent or prov.fn is None:
         r.status, r.error = "absent", prov.absent or "no callable"
         return r
     try:
-        step, leaves, (r.max_abs_err, r.rel_err) = prepare(case, prov, mode, args0, diff, ref)
+        step, leaves, (r.max_abs_err, r.rel_err) = case.prepare(prov, mode, args0, diff, ref)
         r.ms_p50, r.ms_p20, r.ms_p80, r.ms_iqr = time_ms(step, device, grad_to_none=leaves or None, quick=quick)
         for t in leaves:
             t.grad = None
@@ -159,10 +172,12 @@ def run_suite(suite, device: torch.device, dtype: torch.dtype, quick: bool, prov
 
 
 def derive(results: List[Result], ceilings: dict) -> None:
-    """GB/s and TFLOP/s from each case's byte/FLOP model, % of the measured ceilings, speed-ups vs baselines."""
+    """GB/s, TFLOP/s and tokens/s from each case's byte/FLOP/token counts, % of the measured ceilings."""
     for r in results:
         if not r.ms_p50:
             continue
+        if r.tokens:
+            r.tokens_per_s = r.tokens / r.ms_p50 * 1e3
         if r.bytes:
             r.gbps = r.bytes / r.ms_p50 / 1e6
             if ceilings.get("copy_gbps"):
