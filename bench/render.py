@@ -172,7 +172,7 @@ def render(results_dir: Path = RESULTS) -> str:
 
 
 SECTIONS: Dict[str, Callable[[Path], str]] = {"tables": render, "summary": summary}
-_SECTION = re.compile(r"(<!-- results:(\w+):begin -->\n).*?(\n<!-- results:\2:end -->)", re.S)
+_SECTION = re.compile(r"(<!-- results:(\w+):begin -->).*?(<!-- results:\2:end -->)", re.S)
 
 
 def update_readme(text: str, results_dir: Path = RESULTS) -> str:
@@ -183,7 +183,7 @@ def update_readme(text: str, results_dir: Path = RESULTS) -> str:
     unknown = sorted(set(names) - set(SECTIONS))
     if unknown:
         raise ValueError(f"unknown results section(s) {unknown}; known: {sorted(SECTIONS)}")
-    return _SECTION.sub(lambda m: m.group(1) + SECTIONS[m.group(2)](results_dir) + m.group(3), text)
+    return _SECTION.sub(lambda m: f"{m.group(1)}\n{SECTIONS[m.group(2)](results_dir)}\n{m.group(3)}", text)
 
 
 def main(argv=None) -> int:
