@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -69,19 +70,22 @@ class TrainingCase(Case):
         dims = {k: v for k, v in dataclasses.asdict(w.cfg).items() if k != "seq"}
         self.shape = {"B": w.batch, "T": w.seq, "steps": w.steps, **dims}
         self.name = f"{w.model} " + " ".join(f"{k}={v}" for k, v in self.shape.items())
-        self.data = models.corpus()
 
     def inputs(self):
-        return (), ()  # the text is built in; each provider builds its own model from the seed
+        """The batches of the checked steps, made once on the device for every provider (no host work or copy
+        inside a timed step); each provider builds its own model from the seed. Nothing gets a gradient."""
+        it = models.batches(models.corpus(), self.w.batch, self.w.seq, SEED, self.device)
+        return (list(itertools.islice(it, self.w.steps)),), ()
 
-    def trainer(self, transform: Callable[[torch.nn.Module], torch.nn.Module]) -> Callable[[], torch.Tensor]:
+    def trainer(self, transform: Callable[[torch.nn.Module], torch.nn.Module], batches: List[tuple]
+                ) -> Callable[[], torch.Tensor]:
         """A fresh seeded model, its Adam optimizer (made before ``transform``, as a user who patches a model
         they already set up) and the step closure: one batch, forward, backward, optimizer step."""
         torch.manual_seed(SEED)
         model = BUILD[self.w.model](self.w.cfg).to(self.device)
         opt = torch.optim.Adam(model.parameters(), lr=LR)
         model = transform(model)
-        data = models.batches(self.data, self.w.batch, self.w.seq, SEED, self.device)
+        data = itertools.cycle(batches)  # the checked steps, then the same batches again while timed
         mixed = self.dtype != torch.float32
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
@@ -100,10 +104,10 @@ class TrainingCase(Case):
         return [float(step()) for _ in range(self.w.steps)]
 
     def reference(self, args):
-        return self.curve(self.trainer(lambda m: m))
+        return self.curve(self.trainer(lambda m: m, *args))
 
     def prepare(self, prov: Provider, mode, args0, diff, ref):
-        step = self.trainer(prov.fn)
+        step = self.trainer(prov.fn, *args0)
         losses = self.curve(step)
         abs_err = max(abs(a - b) for a, b in zip(losses, ref))
         rel = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(losses, ref))
