@@ -15,6 +15,8 @@ _CONVERTERS: Dict[Type[torch.nn.Module], Callable[..., torch.nn.Module]] = {
     torch.nn.LSTM: pnn.LSTM.from_torch,
     torch.nn.LSTMCell: pnn.LSTMCell.from_torch,
 }
+if hasattr(torch.nn, "LinearCrossEntropyLoss"):  # torch >= 2.13
+    _CONVERTERS[torch.nn.LinearCrossEntropyLoss] = pnn.LinearCrossEntropyLoss.from_torch
 
 
 def register(torch_type: Type[torch.nn.Module], converter: Callable[..., torch.nn.Module]) -> None:
@@ -23,8 +25,9 @@ def register(torch_type: Type[torch.nn.Module], converter: Callable[..., torch.n
 
 
 def patch(model: torch.nn.Module, *, backend: Optional[str] = None) -> torch.nn.Module:
-    """Replace every torch.nn.MultiheadAttention, LSTM, LSTMCell and CrossEntropyLoss inside ``model`` (exact
-    types; subclasses are left alone) by the pykernels module, in place; returns ``model``.
+    """Replace every torch.nn.MultiheadAttention, LSTM, LSTMCell, CrossEntropyLoss and LinearCrossEntropyLoss
+    inside ``model`` (exact types; subclasses are left alone) by the pykernels module, in place; returns
+    ``model``.
 
     The replacements share the originals' Parameter and buffer objects, so an optimizer created before the call
     keeps training the model, the state_dict keys are unchanged and tied weights stay tied. A module reachable

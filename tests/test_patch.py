@@ -85,3 +85,20 @@ def test_subclasses_shared_modules_and_extras():
         pykernels.patch("model")
     with pytest.raises(TypeError, match="module must be a torch.nn.modules.rnn.LSTM"):
         pykernels.nn.LSTM.from_torch(torch.nn.GRU(3, 4))
+
+
+@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch < 2.13 has no such module")
+def test_linear_cross_entropy_loss_is_swapped_too():
+    torch.manual_seed(0)
+    head = torch.nn.ModuleDict({"loss": torch.nn.LinearCrossEntropyLoss(8, 11, bias=True, label_smoothing=0.1)})
+    x, t = torch.randn(5, 8), torch.randint(0, 11, (5,))
+    weight = head["loss"].linear.weight
+    before = head["loss"](x, t)
+    before.backward()
+    grad, weight.grad = weight.grad.clone(), None
+    pykernels.patch(head)
+    assert type(head["loss"]) is pykernels.nn.LinearCrossEntropyLoss and head["loss"].linear.weight is weight
+    after = head["loss"](x, t)
+    after.backward()
+    torch.testing.assert_close(after, before)
+    torch.testing.assert_close(weight.grad, grad)

@@ -115,4 +115,3 @@ class LSTM(torch.nn.LSTM):
         """The same LSTM as a pykernels one, sharing its Parameter objects (and cuDNN's flattened weight
         views): optimizers keep working."""
         return adopt(cls, module, backend=backend)
-
