@@ -76,3 +76,15 @@ def test_cli_json(tmp_path, capsys):
     for r in rs:
         assert r["status"] == "ok" and r["mode"] == "train" and r["tokens_per_s"] > 0 and r["shape"]["steps"] == 3
         assert (r["speedup_vs"] == {}) == (r["provider"] == "torch")
+
+
+def test_a_reference_that_cannot_run_is_reported_on_every_provider(monkeypatch):
+    # e.g. torch's own LSTM under CPU fp16 autocast (oneDNN rejects it): the run goes on, the case says why
+    def fails(self, args):
+        raise RuntimeError("could not create a primitive descriptor")
+    lstm, gpt = e2e.cases(CPU, torch.float32, True, TINY)
+    monkeypatch.setattr(type(lstm), "reference", fails)
+    provs = [p for p in e2e.providers(CPU, torch.float32) if p.default]
+    rs = harness.run_suite(e2e, CPU, torch.float32, True, provs, [lstm], e2e.MODES)
+    assert [(r.status, r.ms_p50) for r in rs] == [("error", None)] * 2
+    assert all(r.error == "reference failed: RuntimeError: could not create a primitive descriptor" for r in rs)
