@@ -1,12 +1,13 @@
 """pykernels benchmark harness: `python -m bench` / `pykernels-bench`.
 
-Suites register here by module name and are imported only when run (attention, lstm, linear_cross_entropy
-and end-to-end suites plug in the same way: a module with NAME, MODES, providers() and cases())."""
+Suites register here by module name and are imported only when run: a module with NAME, MODES, providers() and
+cases() (see bench/cross_entropy.py; what they share is in bench/providers.py)."""
 from __future__ import annotations
 
 import importlib
 
-SUITES = {"cross_entropy": "bench.cross_entropy"}
+SUITES = {name: f"bench.{name}" for name in ("cross_entropy", "linear_cross_entropy", "attention", "lstm",
+                                             "lstm_cell")}
 SUITES["e2e"] = "bench.e2e"
 
 

@@ -58,7 +58,9 @@ def parser() -> argparse.ArgumentParser:
                    "that target the device; 'reference' only when named)")
     p.add_argument("--baselines", default=None, help="e.g. 'torch,torch.compile,liger' (default: all; '' none)")
     p.add_argument("--modes", default=None, help="e.g. 'fwd+bwd' (default: every mode of the suite)")
-    p.add_argument("--shape", default=None, help="one shape instead of the preset, e.g. 'N=4096,V=50257'")
+    p.add_argument("--shape", default=None, help="one shape instead of the preset, with exactly one --suite, e.g. "
+                   "'N=4096,V=50257' (cross_entropy), 'B=4,H=16,L=2048,E=128,causal=1' (attention), "
+                   "'B=8,T=256,steps=20' (e2e: sets those fields of both models)")
     p.add_argument("--out", default="bench/out", help="directory for the JSON, CSV and PNG files")
     p.add_argument("--compare", default=None, metavar="OLD.json", help="print regressions > 5%% against it")
     p.add_argument("--no-plots", action="store_true")
@@ -68,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = parser()
     a = p.parse_args(argv)
+    if a.shape is not None and len(a.suite) != 1:
+        p.error(f"--shape names one suite's dimensions: pass exactly one --suite with it (got {len(a.suite)}: "
+                f"{', '.join(a.suite)})")
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .harness import Case, Provider
+from .providers import allow_recompiles, implemented, max_abs_diff, peer, pykernels_providers, tolerance
 
 NAME = "cross_entropy"
 MODES = ("fwd+bwd", "fwd")
@@ -23,7 +24,6 @@ PRESETS = {  # (device type, quick) -> [(N, V)]
     ("cpu", False): [(4096, 32000)],
     ("cpu", True): [(1024, 32000)],
 }
-APPLIES = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}  # pykernels backends that target each device type
 
 
 def minimal_bytes(N: int, V: int, elem_bytes: int, mode: str) -> float:
@@ -53,19 +53,13 @@ def reference_ce(x: torch.Tensor, t: torch.Tensor, ignore_index: int = -100,
     return (total / count).to(torch.float32), grad
 
 
-def _max_abs_diff(a: torch.Tensor, ref: torch.Tensor, chunk_bytes: int = 1 << 28) -> float:
-    """max |a - ref| by row chunks: no full-size fp32 temporaries next to 8192 x 262144 inputs."""
-    step = max(1, chunk_bytes // (4 * ref.shape[1]))
-    return max(float((a[s:s + step].float() - ref[s:s + step]).abs().max()) for s in range(0, ref.shape[0], step))
-
-
 class CrossEntropyCase(Case):
     suite = NAME
 
     def __init__(self, N: int, V: int, dtype: torch.dtype, device: torch.device):
         self.N, self.V, self.dtype, self.device = N, V, dtype, device
         self.name, self.shape = f"N={N} V={V}", {"N": N, "V": V}
-        self.tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+        self.tol = tolerance(dtype)
 
     def inputs(self):
         # generated in fp32 then rounded, so every dtype sees the same distribution (std 2: realistic logits)
@@ -84,7 +78,7 @@ class CrossEntropyCase(Case):
         if mode == "fwd+bwd":
             if grads[0] is None:
                 return float("inf"), float("inf")
-            g_err = _max_abs_diff(grads[0], grad_ref)
+            g_err = max_abs_diff(grads[0], grad_ref)
             # relative to the largest gradient entry (~1/N): an absolute tolerance would accept any gradient
             abs_err, rel = max(abs_err, g_err), max(rel, g_err / float(grad_ref.abs().max()))
         return abs_err, rel
@@ -99,44 +93,30 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool,
     return [CrossEntropyCase(N, V, dtype, device) for N, V in shapes]
 
 
-def _backends(device: torch.device) -> Dict[str, Optional[str]]:
-    import pykernels
-    try:
-        return pykernels.available_backends(device)
-    except TypeError:  # the documented contract takes no argument
-        return pykernels.available_backends()
+def _kernels():
+    from pykernels.ops import cross_entropy as ops
+    return implemented(ops.KERNELS, c_extension=True)
 
 
-def _allow_recompiles(n: int) -> None:
-    """dynamic=False compiles once per (shape, grad mode): 4 shapes x 2 modes already reach dynamo's default
-    limit of 8 per code object, and fullgraph=True turns hitting it into an error. The knob was renamed."""
-    import torch._dynamo
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    setattr(cfg, name, max(getattr(cfg, name), n))
+def _pykernels(backend: str):
+    def fn(x, t):
+        import pykernels
+        return pykernels.functional.cross_entropy(x, t, backend=backend)
+    return fn
+
+
+def _liger():
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+    return LigerCrossEntropyLoss()
 
 
 def providers(device: torch.device, dtype: torch.dtype) -> List[Provider]:
-    """pykernels-<backend> for the backends that target this device (the others, and the pure-PyTorch
+    """pykernels-<backend> (those that target this device by default; the others, and the pure-PyTorch
     reference, only when asked for by name), then the baselines: torch eager, torch.compile, Liger."""
-    out = []
-    try:
-        import pykernels
-        for b, why in _backends(device).items():
-            fn = (lambda x, t, b=b: pykernels.functional.cross_entropy(x, t, backend=b))
-            out.append(Provider(f"pykernels-{b}", fn, why, default=b in APPLIES.get(device.type, ())))
-    except Exception as e:  # the package itself broken: say so instead of benchmarking nothing silently
-        out.append(Provider("pykernels", None, f"import failed: {type(e).__name__}: {e}"))
+    out = pykernels_providers(device, _pykernels, _kernels)
     out.append(Provider("torch", F.cross_entropy, baseline=True))
-    _allow_recompiles(64)
+    allow_recompiles(64)
     out.append(Provider("torch.compile", torch.compile(F.cross_entropy, fullgraph=True, dynamic=False),
                         baseline=True))
-    try:
-        from liger_kernel.transformers import LigerCrossEntropyLoss
-        liger = Provider("liger", LigerCrossEntropyLoss(), baseline=True)
-        if device.type != "cuda":
-            liger.fn, liger.absent = None, "liger-kernel runs on CUDA only"
-    except Exception as e:
-        liger = Provider("liger", None, f"liger-kernel not importable: {type(e).__name__}: {e}", baseline=True)
-    out.append(liger)
+    out.append(peer("liger", device, _liger))
     return out

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see ../shared/TOOLCHAIN.md): build the extension against the machine's torch,
 # run the GPU test tier, compute-sanitizer, and the benchmark. Everything lands under $OUT.
-#   STAGES="build test sanitize bench" SUITES="cross_entropy" FAMILIES="cross_entropy" bash bench/gpu_check.sh
+#   STAGES="build test sanitize bench" SUITES="attention lstm" FAMILIES="cross_entropy" bash bench/gpu_check.sh
+# SUITES default: every suite registered in bench/__init__.py (full presets: several minutes; BENCH_ARGS=--quick)
 set -uo pipefail
 OUT=${OUT:-/tmp/pykernels_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 STAGES=${STAGES:-"build test sanitize bench"}
-SUITES=${SUITES:-cross_entropy}
+SUITES=${SUITES:-$(python3 -c "import bench; print(' '.join(bench.SUITES))")}
 FAMILIES=${FAMILIES:-cross_entropy}
 TESTS=${TESTS:-tests}
 BENCH_ARGS=${BENCH_ARGS:-}
@@ -38,7 +39,7 @@ for stage in $STAGES; do
         [ $rc -ne 0 ] && status=1
       done ;;
     bench)
-      timeout ${BENCH_TIMEOUT:-300} python3 -m bench --suite $SUITES --device cuda --out "$OUT/bench" --no-plots $BENCH_ARGS \
+      timeout ${BENCH_TIMEOUT:-540} python3 -m bench --suite $SUITES --device cuda --out "$OUT/bench" --no-plots $BENCH_ARGS \
         > "$OUT/bench.log" 2>&1 || status=1
       tail -40 "$OUT/bench.log"
       cp "$OUT"/bench/*.json "$OUT"/ 2>/dev/null ;;

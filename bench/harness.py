@@ -6,9 +6,10 @@ reported ``wrong`` and not timed, one that raises is reported ``error``); every 
 the inputs (some kernels, e.g. Liger's, write the gradient into the logits in place); ratios side by side.
 
 A suite is a module with ``NAME``, ``MODES``, ``providers(device, dtype) -> [Provider]`` and
-``cases(device, dtype, quick) -> [Case]``; see bench/cross_entropy.py. A case whose unit of work is not "call
-the provider on the inputs" (bench/e2e.py: a provider transforms a model, the step is a training step, the
-check is the loss curve) overrides ``Case.prepare``.
+``cases(device, dtype, quick, shape=None) -> [Case]``; see bench/cross_entropy.py, and bench/providers.py for
+the pieces suites share. A case whose unit of work is not "call the provider on the inputs" (bench/e2e.py: a
+provider transforms a model, the step is a training step, the check is the loss curve) overrides
+``Case.prepare``.
 """
 from __future__ import annotations
 

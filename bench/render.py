@@ -2,7 +2,7 @@
 
 - ``*.json`` (``python -m bench``): one table per (file, suite), headed by its device, date, versions, commit and
   measured ceilings; columns that are empty in every row of a table (no FLOP model, no CUDA memory) are left out.
-- ``*.jsonl`` (``python -m bench.quick_gpu``: an ``_about`` line, then one line per case): one table per
+- ``*.jsonl`` (the retired ``bench/quick_gpu.py``: an ``_about`` line, then one line per case): one table per
   (file, family), headed by the file's device and date (the date is the one in the file name) and its ``_about``.
 
 The README holds generated sections between ``<!-- results:<name>:begin -->`` and ``<!-- results:<name>:end -->``:
@@ -95,7 +95,7 @@ def render_file(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# JSONL files of bench.quick_gpu
+# JSONL files of the retired bench/quick_gpu.py (in git history)
 
 def _read_jsonl(path: Path) -> Tuple[str, str, str, List[dict]]:
     """(about, device, date, case records) of a quick_gpu file; the date comes from the file name."""

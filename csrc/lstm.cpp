@@ -1,4 +1,4 @@
-// LSTM cell operators: schemas, argument checks, and the CUDA implementation's glue. Contract: docs/lstm.md.
+// LSTM operators (cell and sequence): schemas, argument checks, and the CUDA implementation's glue. Contract: docs/lstm.md.
 // The CPU kernels are in cpu/lstm.cpp, the CUDA ones in cuda/lstm.cu.
 #include "lstm.h"
 
@@ -73,10 +73,66 @@ void check_lstm_cell_bwd(const c10::optional<at::Tensor>& grad_h, const c10::opt
   }
 }
 
+static void check_state(const at::Tensor& t, const char* op, const char* name, const at::Tensor& like,
+                        int64_t B, int64_t H) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == H, op, ": ", name, " must have shape (", B, ", ", H,
+              "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.device() == like.device(), op, ": ", name, " must be ",
+              like.scalar_type(), " on ", like.device(), ", got ", t.scalar_type(), " on ", t.device());
+}
+
+void check_lstm_layer_fwd(const at::Tensor& xproj, const at::Tensor& w_hh, const at::Tensor& h0,
+                          const at::Tensor& c0) {
+  const char* op = "lstm_layer_fwd";
+  const auto t = h0.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+              ": h0 must be float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK(h0.dim() == 2, op, ": h0 must be 2-D (B, H), got ", h0.dim(), "-D");
+  const int64_t B = h0.size(0), H = h0.size(1);
+  TORCH_CHECK(xproj.dim() == 3 && xproj.size(1) == B && xproj.size(2) == 4 * H, op, ": xproj must have shape (T, ",
+              B, ", ", 4 * H, "), got ", xproj.sizes());
+  TORCH_CHECK(xproj.scalar_type() == lstm_acc_type(t) && xproj.device() == h0.device(), op, ": xproj must be ",
+              lstm_acc_type(t), " on ", h0.device(), " (the accumulation dtype of ", t, "), got ", xproj.scalar_type());
+  check_state(c0, op, "c0", h0, B, H);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) == H, op, ": w_hh must have shape (", 4 * H,
+              ", ", H, "), got ", w_hh.sizes());
+  TORCH_CHECK(w_hh.scalar_type() == t && w_hh.device() == h0.device(), op, ": w_hh must be ", t, " on ",
+              h0.device());
+}
+
+void check_lstm_layer_bwd(const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_hn,
+                          const c10::optional<at::Tensor>& grad_cn, const at::Tensor& c0, const at::Tensor& ws,
+                          const at::Tensor& w_hh) {
+  const char* op = "lstm_layer_bwd";
+  TORCH_CHECK(c0.dim() == 2, op, ": c0 must be 2-D (B, H), got ", c0.dim(), "-D");
+  const int64_t B = c0.size(0), H = c0.size(1);
+  TORCH_CHECK(ws.dim() == 3 && ws.size(1) == B && ws.size(2) == 5 * H, op, ": ws must have shape (T, ", B, ", ",
+              5 * H, "), got ", ws.sizes());
+  TORCH_CHECK(ws.scalar_type() == lstm_acc_type(c0.scalar_type()) && ws.device() == c0.device(), op, ": ws must be ",
+              lstm_acc_type(c0.scalar_type()), " on ", c0.device(), ", got ", ws.scalar_type());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) == H, op, ": w_hh must have shape (", 4 * H,
+              ", ", H, "), got ", w_hh.sizes());
+  TORCH_CHECK(w_hh.scalar_type() == c0.scalar_type() && w_hh.device() == c0.device(), op, ": w_hh must be ",
+              c0.scalar_type(), " on ", c0.device());
+  if (grad_out.has_value()) {
+    TORCH_CHECK(grad_out->dim() == 3 && grad_out->size(0) == ws.size(0) && grad_out->size(1) == B &&
+                    grad_out->size(2) == H,
+                op, ": grad_out must have shape (", ws.size(0), ", ", B, ", ", H, "), got ", grad_out->sizes());
+    TORCH_CHECK(grad_out->scalar_type() == c0.scalar_type() && grad_out->device() == c0.device(), op,
+                ": grad_out must be ", c0.scalar_type(), " on ", c0.device());
+  }
+  if (grad_hn.has_value()) check_state(*grad_hn, op, "grad_hn", c0, B, H);
+  if (grad_cn.has_value()) check_state(*grad_cn, op, "grad_cn", c0, B, H);
+}
+
 TORCH_LIBRARY_FRAGMENT(pykernels, m) {
   m.def("lstm_cell_fwd(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("lstm_cell_bwd(Tensor? grad_h, Tensor? grad_c, Tensor cx, Tensor ws) -> (Tensor, Tensor)");
+  // One layer direction's recurrence (CPU kernels so far: cpu/lstm_layer.cpp). Same contract as the Triton ops.
+  m.def("lstm_layer_fwd(Tensor xproj, Tensor w_hh, Tensor h0, Tensor c0, bool reverse) -> (Tensor, Tensor)");
+  m.def("lstm_layer_bwd(Tensor? grad_out, Tensor? grad_hn, Tensor? grad_cn, Tensor c0, Tensor ws, Tensor w_hh, "
+        "bool reverse) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef PYKERNELS_WITH_CUDA

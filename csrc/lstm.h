@@ -14,6 +14,12 @@ void check_lstm_cell_fwd(const at::Tensor& input, const at::Tensor& hx, const at
                          const c10::optional<at::Tensor>& b_hh);
 void check_lstm_cell_bwd(const c10::optional<at::Tensor>& grad_h, const c10::optional<at::Tensor>& grad_c,
                          const at::Tensor& cx, const at::Tensor& ws);
+// Checks a call of lstm_layer_fwd / lstm_layer_bwd (the recurrence of one layer direction; names the argument).
+void check_lstm_layer_fwd(const at::Tensor& xproj, const at::Tensor& w_hh, const at::Tensor& h0,
+                          const at::Tensor& c0);
+void check_lstm_layer_bwd(const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_hn,
+                          const c10::optional<at::Tensor>& grad_cn, const at::Tensor& c0, const at::Tensor& ws,
+                          const at::Tensor& w_hh);
 // float64 for float64, else float32: the dtype of the workspace and of the gate gradients.
 at::ScalarType lstm_acc_type(at::ScalarType t);
 

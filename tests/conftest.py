@@ -48,6 +48,22 @@ def _seed(request):
     yield
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script_compiled(script: str, **fmt):
+    """Run ``script.format(root=ROOT, **fmt)`` in a fresh interpreter without TRITON_INTERPRET (so that Triton
+    compiles for real GPU targets, no GPU needed) and return the JSON printed on its last stdout line."""
+    import json
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", script.format(root=ROOT, **fmt)], capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def require_backend(name: str, device: str) -> None:
     why = pykernels.available_backends(device)[name]
     if why is None:

@@ -72,8 +72,8 @@ def test_wrong_and_failing_providers_are_reported_not_timed(monkeypatch):
 
 
 def test_quick_run_json_schema_and_compare(tmp_path, capsys):
-    args = ["--suite", "cross_entropy", "--quick", "--device", "cpu", "--shape", "N=32,V=1000", "--baselines",
-            "torch", "--no-plots"]
+    args = ["--suite", "cross_entropy", "--quick", "--device", "cpu", "--shape", "N=32,V=1000", "--baselines", "torch",
+            "--no-plots"]
     assert cli.main(args + ["--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("CPU run") and "pykernels-cpu" in out

@@ -89,11 +89,9 @@ def test_cuda_kernels_compiled_for_requested_arches_without_spills():
     res = subprocess.run([tool, "--dump-resource-usage", _so()], capture_output=True, text=True, check=True).stdout
     kernels = [line for line in res.splitlines() if "cross_entropy" in line or "scale_grad" in line]
     assert kernels, res[:2000]
-    usage = res.split("Function ")
-    for block in usage:
-        if "cross_entropy" in block.split(":")[0] or "scale_grad" in block.split(":")[0]:
-            flat = block.replace(" ", "")
-            assert "STACK:0" in flat and "LOCAL:0" in flat, f"local memory used: {block[:400]}"
+    for block in res.split("Function ")[1:]:  # every kernel of ours: cross-entropy, LSTM cell, attention
+        flat = block.replace(" ", "")
+        assert "STACK:0" in flat and "LOCAL:0" in flat, f"local memory used: {block[:400]}"
 
 
 def test_missing_extension_degrades_gracefully():

@@ -4,10 +4,7 @@ no N x V allocation, drop-in module, and the Triton kernels under the interprete
 tl.dot is wrong) and compiled for sm_80/sm_90."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ from pykernels.ops import linear_cross_entropy as lce_ops
 from pykernels.reference import linear_cross_entropy as ref
 from pykernels.testing import assert_error_rule, max_abs_err
 
+from conftest import run_script_compiled
 from conftest import require_backend
 
 BACKENDS = [pytest.param("reference", "cpu", id="reference"), pytest.param("triton", "cpu", id="triton-interp"),
@@ -554,13 +552,8 @@ def test_kernels_compile_for_sm80_and_sm90():
     """Every GPU autotune config (bf16, sm_90) and the first on sm_80 / in fp32: tensor-core instructions (wgmma on
     sm_90, mma.sync on sm_80), pipelined asynchronous loads, no register spills."""
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", _COMPILE.format(root=root)], capture_output=True, text=True, env=env,
-                       timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
+    rows = run_script_compiled(_COMPILE)
     from pykernels.triton import linear_cross_entropy as tk
-    rows = json.loads(p.stdout.strip().splitlines()[-1])
     assert len(rows) == 2 * (len(tk.GPU_CONFIGS_16BIT) + 2)
     for name, arch, dt, cfg, wgmma, mma, pipelined, n_spills in rows:
         where = f"{name} sm_{arch} {dt} {cfg}"

@@ -3,10 +3,7 @@ autograd-level cell op over the C++ kernels in float64, torch.compile(fullgraph=
 compiled for sm_80/sm_90 without a GPU, and the CUDA kernels present in the built extension."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from pykernels.ops import lstm as ops
 from pykernels.reference import lstm as ref
 from pykernels.testing import assert_error_rule
 
+from conftest import run_script_compiled
 from conftest import require_backend as _require_backend
 
 F64 = torch.float64
@@ -111,16 +109,27 @@ def _utils(backend, device):
     return ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-def test_opcheck_layer_triton():
-    require("triton", "cpu")
-    utils = _utils("triton", "cpu")
+@pytest.mark.parametrize("backend,device", CPU_KERNELS)
+def test_opcheck_layer(backend, device):
+    """The autograd-level layer op over each CPU-tier backend's sequence kernels, and the C++ kernel ops alone."""
+    require(backend, device)
+    if backend not in ops.LAYER:
+        pytest.fail(f"no {backend} sequence kernel registered")
+    utils = _utils(backend, device)
     T, B, I, H = 3, 2, 3, 4
     x = torch.randn(T, B, I, requires_grad=True)
     args = [x, torch.randn(B, H, requires_grad=True), torch.randn(B, H, requires_grad=True),
             torch.randn(4 * H, I, requires_grad=True), torch.randn(4 * H, H, requires_grad=True),
             torch.randn(4 * H, requires_grad=True), torch.randn(4 * H, requires_grad=True)]
     for reverse in (False, True):
-        torch.library.opcheck(torch.ops.pykernels.lstm_layer.default, (*args, reverse, "triton"), test_utils=utils)
+        torch.library.opcheck(torch.ops.pykernels.lstm_layer.default, (*args, reverse, backend), test_utils=utils)
+    if backend == "cpu":
+        fwd, bwd = ops.LAYER["cpu"]
+        xp, w, h0, c0 = torch.randn(T, B, 4 * H), torch.randn(4 * H, H), torch.randn(B, H), torch.randn(B, H)
+        torch.library.opcheck(fwd, (xp, w, h0, c0, True), test_utils=utils)
+        _, ws = fwd(xp, w, h0, c0, True)
+        torch.library.opcheck(bwd, (torch.randn(T, B, H), None, torch.randn(B, H), c0, ws, w, True),
+                              test_utils=utils)
 
 
 def test_gradcheck_cell_float64_cpu_kernels():
@@ -134,6 +143,17 @@ def test_gradcheck_cell_float64_cpu_kernels():
 
     torch.autograd.gradcheck(f, leaves)
     torch.autograd.gradcheck(lambda *a: f(*a)[1], leaves)  # only c used: h's gradient arrives as None
+
+
+def test_gradcheck_layer_float64_cpu_kernels():
+    require("cpu", "cpu")
+    T, B, I, H = 3, 2, 2, 3
+    leaves = [torch.randn(*s, dtype=F64, requires_grad=True)
+              for s in ((T, B, I), (B, H), (B, H), (4 * H, I), (4 * H, H), (4 * H,), (4 * H,))]
+    for reverse in (False, True):
+        torch.autograd.gradcheck(lambda *a: ops.lstm_layer_op(*a, reverse, "cpu")[:3], leaves)
+        # only h_n used: out's and c_n's gradients arrive as None
+        torch.autograd.gradcheck(lambda *a: ops.lstm_layer_op(*a, reverse, "cpu")[1], leaves)
 
 
 def test_gradcheck_reference_layer_float64():
@@ -152,8 +172,8 @@ def test_gradcheck_reference_layer_float64():
 def test_compile_fullgraph_parity(backend, device):
     """The cell and layer ops under torch.compile(fullgraph=True), forward and gradients equal to eager. On the
     CPU tier the interpreted Triton kernels cannot be traced (AOT runs wrap_triton kernels on fake tensors, which
-    the interpreter cannot execute): the cell is compiled over the C++ kernels, the layer op over the contract's
-    reference kernels; the GPU tier compiles both over Triton (and the cell over CUDA)."""
+    the interpreter cannot execute): the cell and the layer op are compiled over the C++ kernels; the GPU tier
+    compiles both over Triton (and the cell over CUDA)."""
     require(backend, device)
     torch._dynamo.reset()
     args, _ = _cell_inputs(4, 3, 5, torch.float32, device)
@@ -173,8 +193,8 @@ def test_compile_fullgraph_parity(backend, device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     if backend == "cuda":
         return
-    # the layer op: over the contract's reference kernels on the CPU tier, the Triton kernels on the GPU tier
-    layer_backend = "reference" if device == "cpu" else "triton"
+    # the layer op: over the C++ kernels on the CPU tier, the Triton kernels on the GPU tier
+    layer_backend = "cpu" if device == "cpu" else "triton"
     torch._dynamo.reset()
     x = torch.randn(3, 2, 3, device=device)
     w = [torch.randn(16, 3, device=device), torch.randn(16, 4, device=device), torch.randn(16, device=device),
@@ -213,6 +233,22 @@ def test_cpp_ops_bad_arguments_name_the_argument():
         bwd(None, None, args[2], ws[:, :5])
     with pytest.raises(RuntimeError, match="grad_h"):
         bwd(torch.randn(3, 4), None, args[2], ws)
+    # the sequence ops
+    fwd, bwd = ops.LAYER["cpu"]
+    T, B, H = 3, 2, 4
+    xp, w, h0, c0 = torch.randn(T, B, 4 * H), torch.randn(4 * H, H), torch.randn(B, H), torch.randn(B, H)
+    for bad, name in (((xp.double(), w, h0, c0), "xproj"), ((xp[..., :-1], w, h0, c0), "xproj"),
+                      ((xp, w[:, :3], h0, c0), "w_hh"), ((xp, w.half(), h0, c0), "w_hh"),
+                      ((xp, w, h0, c0[:1]), "c0"), ((xp, w, h0.int(), c0), "h0")):
+        with pytest.raises(RuntimeError, match=name):
+            fwd(*bad, False)
+    _, ws = fwd(xp, w, h0, c0, False)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        bwd(torch.randn(T + 1, B, H), None, None, c0, ws, w, False)
+    with pytest.raises(RuntimeError, match="grad_cn"):
+        bwd(None, None, torch.randn(B, H + 1), c0, ws, w, False)
+    with pytest.raises(RuntimeError, match="ws"):
+        bwd(None, None, None, c0, ws.double(), w, False)
 
 
 def test_cuda_kernels_in_extension():
@@ -271,12 +307,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     """Every kernel compiles for sm_80 and sm_90 in bf16 and for sm_90 in fp32; the GEMM parts use tensor cores in
     bf16 (mma.sync on sm_80, wgmma or mma on sm_90); no register spills."""
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", _COMPILE.format(root=root)], capture_output=True, text=True, env=env,
-                       timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
-    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    rows = run_script_compiled(_COMPILE)
     assert len(rows) == 3 * 5
     for name, arch, dt, mma, n_spills in rows:
         if dt != "fp32":
@@ -284,22 +315,23 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         assert n_spills == 0, f"{name} sm_{arch} {dt}: {n_spills} spills"
 
 
-@pytest.mark.parametrize("backend,device", [CPU_KERNELS[1], GPU_KERNELS[1]])
+@pytest.mark.parametrize("backend,device", CPU_KERNELS + [GPU_KERNELS[1]])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_layer_kernel_ops_against_contract(backend, device, reverse):
-    """The Triton sequence kernels against the contract's plain-PyTorch kernels in float64 (on the same rounded
-    inputs), forward (out, ws) and backward (dgates, dh0, dc0), with some incoming gradients absent."""
+    """The sequence kernels (C++ CPU, Triton) against the contract's plain-PyTorch kernels in float64 (on the same
+    rounded inputs), forward (out, ws) and backward (dgates, dh0, dc0), with some incoming gradients absent."""
     require(backend, device)
     fwd, bwd = ops.LAYER[backend]
     rfwd, rbwd = ops.LAYER["reference"]
     T, B, H = 4, 3, 7
-    for dtype in ([torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])):
-        xp = torch.randn(T, B, 4 * H, device=device)
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" or backend == "cpu" else [])
+    for dtype in dtypes + ([F64] if backend == "cpu" else []):
+        xp = torch.randn(T, B, 4 * H, device=device, dtype=ops.acc_dtype(dtype))
         w = (torch.randn(4 * H, H, device=device) * 0.4).to(dtype)
         h0, c0 = torch.randn(B, H, device=device).to(dtype), torch.randn(B, H, device=device).to(dtype)
         out, ws = fwd(xp, w, h0, c0, reverse)
         rout, rws = rfwd(xp.double(), w, h0, c0, reverse)
-        floor = 2e-6 if dtype == torch.float32 else (4e-3 if dtype == torch.float16 else 3e-2)
+        floor = {F64: 1e-12, torch.float32: 2e-6, torch.float16: 4e-3}.get(dtype, 3e-2)
         assert_error_rule("out", out, rout, dtype=dtype, floor=floor)
         assert_error_rule("ws", ws, rws, dtype=torch.float32, floor=floor)
         go = torch.randn(T, B, H, device=device).to(dtype)

@@ -3,13 +3,11 @@ more lenient than the compiler, so every kernel and feature variant must also co
 (mma.sync on sm_80; the sm_90 bf16/fp16 forward must use wgmma) and the main configurations must not spill."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from conftest import run_script_compiled
 
 pytest.importorskip("triton")
 
@@ -73,12 +71,7 @@ _SCRIPT = textwrap.dedent('''
 
 
 def test_attention_kernels_compile_for_sm80_and_sm90():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", _SCRIPT.format(root=root)], capture_output=True, text=True, env=env,
-                       timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
-    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    rows = run_script_compiled(_SCRIPT)
     assert len(rows) == 11
     for kern, arch, dt, e, flags, wgmma, mma, n_spills, nospill in rows:
         what = f"{kern} sm_{arch} {dt} E={e} {flags}"

@@ -2,12 +2,11 @@
 more lenient than the compiler, so every kernel variant must also compile, without register spills."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from conftest import run_script_compiled
 
 pytest.importorskip("triton")
 
@@ -40,13 +39,7 @@ _SCRIPT = textwrap.dedent('''
 
 
 def _compile_all():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", _SCRIPT.format(root=root)], capture_output=True, text=True,
-                       env=env, timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
-    import json
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_script_compiled(_SCRIPT)
 
 
 def test_cross_entropy_kernels_compile_for_sm80_and_sm90_without_spills():

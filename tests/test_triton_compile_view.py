@@ -9,17 +9,16 @@ TRITON_INTERPRET, the way Inductor will see it."""
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import pickle
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 import pykernels
+
+from conftest import run_script_compiled
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -118,12 +117,7 @@ def test_every_kernel_builds_as_inductor_types_it_and_writes_only_its_outputs(mo
     assert kernels >= set(WRITES) - {"_dropout_mask_kernel"}, f"scenario misses {set(WRITES) - kernels}"
     path = tmp_path / "launches.pkl"
     path.write_bytes(pickle.dumps(launches))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", _CHECK.format(root=root, path=str(path))], capture_output=True,
-                       text=True, env=env, timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
-    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    rows = run_script_compiled(_CHECK, path=str(path))
     problems = [f"{name}: TTIR as Inductor types it fails: {error}" for name, _, error in rows if error]
     problems += [f"{name} writes {sorted(set(w) - WRITES[name])} besides its outputs" for name, w, _ in rows
                  if not set(w) <= WRITES[name]]

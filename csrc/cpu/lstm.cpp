@@ -16,42 +16,12 @@
 #include <type_traits>
 
 #include "../lstm.h"
+#include "lstm_pointwise.h"
 
 namespace pykernels {
 namespace {
 
-template <typename acc_t>
-using Vec = at::vec::Vectorized<acc_t>;
-
-template <typename acc_t, typename scalar_t>
-inline Vec<acc_t> load(const scalar_t* p, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return n == Vec<acc_t>::size() ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, n);
-  } else {
-    alignas(64) acc_t tmp[Vec<acc_t>::size()] = {};
-    for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<acc_t>(p[i]);
-    return Vec<acc_t>::loadu(tmp);
-  }
-}
-
-template <typename acc_t, typename scalar_t>
-inline void store(scalar_t* p, const Vec<acc_t>& v, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (n == Vec<acc_t>::size()) v.store(p); else v.store(p, n);
-  } else {
-    alignas(64) acc_t tmp[Vec<acc_t>::size()];
-    v.store(tmp);
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(tmp[i]);
-  }
-}
-
-template <typename acc_t>
-inline Vec<acc_t> sigmoid(const Vec<acc_t>& x) {
-  const Vec<acc_t> one(acc_t(1));
-  return one / (one + x.neg().exp());
-}
-
-int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 5 * H)); }
+using cpu_lstm::Vec;
 
 // Batches up to this size take the fully fused path: no gate buffer and no BLAS call; each hidden unit's four
 // weight rows (of W_ih and W_hh) are read once and applied to every batch row while they sit in L1.
@@ -195,42 +165,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& input, 
   at::Tensor bh = b_hh.has_value() ? b_hh->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lstm_cell_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using V = Vec<acc_t>;
-    constexpr int64_t W = V::size();
-    const acc_t* g = gates.data_ptr<acc_t>();
-    const scalar_t* cp = c0.data_ptr<scalar_t>();
-    const scalar_t* pbi = bi.defined() ? bi.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pbh = bh.defined() ? bh.data_ptr<scalar_t>() : nullptr;
-    scalar_t* ph = hy.data_ptr<scalar_t>();
-    scalar_t* pc = cy.data_ptr<scalar_t>();
-    acc_t* pw = ws.data_ptr<acc_t>();
-    at::parallel_for(0, B, grain_rows(H), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const acc_t* gr = g + r * 4 * H;
-        acc_t* wr = pw + r * 5 * H;
-        for (int64_t j = 0; j < H; j += W) {
-          const int64_t n = std::min<int64_t>(W, H - j);
-          V gi = load<acc_t>(gr + j, n), gf = load<acc_t>(gr + H + j, n), gg = load<acc_t>(gr + 2 * H + j, n),
-            go = load<acc_t>(gr + 3 * H + j, n);
-          if (pbi) {
-            gi = gi + load<acc_t>(pbi + j, n) + load<acc_t>(pbh + j, n);
-            gf = gf + load<acc_t>(pbi + H + j, n) + load<acc_t>(pbh + H + j, n);
-            gg = gg + load<acc_t>(pbi + 2 * H + j, n) + load<acc_t>(pbh + 2 * H + j, n);
-            go = go + load<acc_t>(pbi + 3 * H + j, n) + load<acc_t>(pbh + 3 * H + j, n);
-          }
-          const V i = sigmoid(gi), f = sigmoid(gf), gt = gg.tanh(), o = sigmoid(go);
-          const V c = f * load<acc_t>(cp + r * H + j, n) + i * gt;
-          const V h = o * c.tanh();
-          store(ph + r * H + j, h, n);
-          store(pc + r * H + j, c, n);
-          store(wr + j, i, n);
-          store(wr + H + j, f, n);
-          store(wr + 2 * H + j, gt, n);
-          store(wr + 3 * H + j, o, n);
-          store(wr + 4 * H + j, c, n);
-        }
-      }
-    });
+    cpu_lstm::gate_update<acc_t>(gates.data_ptr<acc_t>(), bi.defined() ? bi.data_ptr<scalar_t>() : nullptr,
+                                 bh.defined() ? bh.data_ptr<scalar_t>() : nullptr, c0.data_ptr<scalar_t>(), H,
+                                 hy.data_ptr<scalar_t>(), cy.data_ptr<scalar_t>(), ws.data_ptr<acc_t>(), B, H);
   });
   return {hy, cy, ws};
 }
@@ -248,35 +185,9 @@ std::tuple<at::Tensor, at::Tensor> bwd_cpu(const c10::optional<at::Tensor>& grad
   at::Tensor c0 = cx.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cx.scalar_type(), "lstm_cell_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using V = Vec<acc_t>;
-    constexpr int64_t W = V::size();
-    const scalar_t* pgh = gh.defined() ? gh.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pgc = gc.defined() ? gc.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* cp = c0.data_ptr<scalar_t>();
-    const acc_t* pw = ws.data_ptr<acc_t>();
-    acc_t* pd = dg.data_ptr<acc_t>();
-    scalar_t* pdc = dcx.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_rows(H), [&](int64_t r0, int64_t r1) {
-      const V one(acc_t(1)), zero(acc_t(0));
-      for (int64_t r = r0; r < r1; ++r) {
-        const acc_t* wr = pw + r * 5 * H;
-        acc_t* dr = pd + r * 4 * H;
-        for (int64_t j = 0; j < H; j += W) {
-          const int64_t n = std::min<int64_t>(W, H - j);
-          const V i = load<acc_t>(wr + j, n), f = load<acc_t>(wr + H + j, n), g = load<acc_t>(wr + 2 * H + j, n),
-                  o = load<acc_t>(wr + 3 * H + j, n), c = load<acc_t>(wr + 4 * H + j, n);
-          const V dh = pgh ? load<acc_t>(pgh + r * H + j, n) : zero;
-          const V dc = pgc ? load<acc_t>(pgc + r * H + j, n) : zero;
-          const V tc = c.tanh();
-          const V dct = dc + dh * o * (one - tc * tc);
-          store(dr + j, dct * g * i * (one - i), n);
-          store(dr + H + j, dct * load<acc_t>(cp + r * H + j, n) * f * (one - f), n);
-          store(dr + 2 * H + j, dct * i * (one - g * g), n);
-          store(dr + 3 * H + j, dh * tc * o * (one - o), n);
-          store(pdc + r * H + j, dct * f, n);
-        }
-      }
-    });
+    cpu_lstm::gate_grads<acc_t>(gh.defined() ? gh.data_ptr<scalar_t>() : nullptr,
+                                gc.defined() ? gc.data_ptr<scalar_t>() : nullptr, c0.data_ptr<scalar_t>(), H,
+                                ws.data_ptr<acc_t>(), dg.data_ptr<acc_t>(), dcx.data_ptr<scalar_t>(), B, H);
   });
   return {dg, dcx};
 }

@@ -6,27 +6,11 @@
 
 #include <cstdint>
 
+#include "convert.cuh"
+
 namespace pykernels {
 namespace cuda {
 namespace ce {
-
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // e^x through the SFU's ex2.approx (about 2 ulp): one FMUL + one MUFU instead of expf's ~10 instructions,
 // which matters because a row costs two exponentials per element. -inf -> 0, NaN -> NaN.

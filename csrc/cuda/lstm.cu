@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "convert.cuh"
 #include "lstm.h"
 
 namespace pykernels {
@@ -21,18 +22,6 @@ constexpr int BN = 32;   // hidden units per block (x 4 gates)
 constexpr int BK = 32;   // K tile
 constexpr int THREADS = 256;
 constexpr int RPT = BM / (THREADS / BN);  // rows per thread: 2
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + __expf(-x)); }
 
@@ -73,8 +62,9 @@ __device__ __forceinline__ void gate_gemm(float (&acc)[RPT][4], const T* __restr
   }
 }
 
+// Two blocks per SM: without the hint ptxas capped the kernel at 64 registers and spilled 8 bytes.
 template <typename T>
-__global__ void __launch_bounds__(THREADS) cell_fwd_kernel(LstmCellArgs a) {
+__global__ void __launch_bounds__(THREADS, 2) cell_fwd_kernel(LstmCellArgs a) {
   __shared__ float As[BM][BK + 1];
   __shared__ float Ws[4][BN][BK + 1];
   const int64_t row_base = static_cast<int64_t>(blockIdx.x) * BM;

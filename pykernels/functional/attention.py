@@ -66,6 +66,33 @@ def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], empty
     return None
 
 
+# What the CUDA kernels (csrc/cuda/attention.cu) cover; the rest of a "cuda" call's options go to the next
+# backend, with this reason in last_dispatch.
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_MAX_HEAD_DIM = 128
+
+# Automatic order on CUDA: Triton first. Its kernels passed the GPU tier and were measured; the CUDA kernels were
+# written without a GPU (see docs/attention.md) and are chosen automatically once a measurement ranks them.
+_AUTO_ORDER = ("triton", "cuda", "reference")
+
+
+def _cuda_reason(dtype: torch.dtype, head_dims: Tuple[int, int], has_mask: bool, dropout_p: float
+                 ) -> Optional[str]:
+    if dtype not in _CUDA_DTYPES:
+        return f"dtype {dtype} is not supported by the cuda kernels (float16, bfloat16)"
+    if max(head_dims) > CUDA_MAX_HEAD_DIM:
+        return f"head dim {max(head_dims)} > {CUDA_MAX_HEAD_DIM} in the cuda kernels"
+    if has_mask:
+        return "attn_mask is not supported by the cuda kernels"
+    if dropout_p > 0:
+        return "dropout is not supported by the cuda kernels"
+    return None
+
+
+def _order(device: torch.device):
+    return _AUTO_ORDER if device.type == "cuda" else None
+
+
 def _seed(device: torch.device) -> Tensor:
     # Drawn from torch's generator of the device (torch.manual_seed reproduces it), kept on the device: no sync.
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
@@ -150,6 +177,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                              or value.numel() == 0)
         if why is None and b != "reference" and dropout_p >= 1.0:
             return "dropout_p == 1 (every probability dropped) runs on the reference"
+        if why is None and b == "cuda":
+            return _cuda_reason(query.dtype, (E, Ev), attn_mask is not None, dropout_p)
         return why
 
     native = (win == (-1, -1) and softcap == 0.0 and causal_alignment == "top_left" and not return_lse
@@ -157,7 +186,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if native and backends.prefer_native(fn, query.device, backend):
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                                                 scale=scale, enable_gqa=enable_gqa)
-    chosen = backends.choose("scaled_dot_product_attention", query.device, backend, unsupported)
+    chosen = backends.choose("scaled_dot_product_attention", query.device, backend, unsupported,
+                             order=_order(query.device))
     alignment = causal_alignment
     if chosen == "reference":
         keep = None
@@ -249,9 +279,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         why = _kernel_reason(b, q.dtype, (E, Ev), T == 0 or Tk == 0 or q.numel() == 0)
         if why is None and b != "reference" and dropout_p >= 1.0:
             return "dropout_p == 1 (every probability dropped) runs on the reference"
+        if why is None and b == "cuda":
+            return _cuda_reason(q.dtype, (E, Ev), False, dropout_p)
         return why
 
-    chosen = backends.choose("varlen_attention", q.device, backend, unsupported)
+    chosen = backends.choose("varlen_attention", q.device, backend, unsupported, order=_order(q.device))
     if chosen == "reference":
         masks = None
         if dropout_p > 0:

@@ -130,7 +130,8 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
 # ---------------------------------------------------------------------------------------------------------
 # The stacked LSTM.
 
-_LAYER_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32)}
+_LAYER_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32),
+                 "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool) -> Optional[str]:
@@ -205,21 +206,11 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
         h0, c0 = hx
         if unbatched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-    hs, cs = [], []
-    for layer in range(num_layers):
-        outs = []
-        for d in range(D):
-            k = layer * D + d
-            w = params[k * per:(k + 1) * per]
-            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-            o, h, c, _ = _ops.lstm_layer_op(x, h0[k], c0[k], w[0], w[1], b_ih, b_hh, d == 1, chosen)
-            outs.append(o)
-            hs.append(h)
-            cs.append(c)
-        x = outs[0] if D == 1 else torch.cat(outs, dim=-1)
-        if dropout and training and layer < num_layers - 1:
-            x = torch.nn.functional.dropout(x, dropout, training=True)
-    h_n, c_n = torch.stack(hs), torch.stack(cs)
+    def direction(x, h, c, w, reverse):
+        b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+        return _ops.lstm_layer_op(x, h, c, w[0], w[1], b_ih, b_hh, reverse, chosen)[:3]
+
+    x, h_n, c_n = _ref.stack_layers(x, h0, c0, params, num_layers, D, per, dropout, training, direction)
     if unbatched:
         return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
     if batch_first:

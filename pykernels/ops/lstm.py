@@ -3,6 +3,8 @@
 Kernel ops, one set per backend, same schemas:
 - ``pykernels::lstm_cell_{fwd,bwd}``: C++ schemas in csrc/lstm.cpp, CPU and CUDA kernels ("cpu" / "cuda"
   backends); their fakes are registered here.
+- ``pykernels::lstm_layer_{fwd,bwd}``: C++ schemas in csrc/lstm.cpp, CPU kernels (csrc/cpu/lstm_layer.cpp; the
+  "cpu" backend's sequence op). No CUDA sequence kernel yet: on CUDA the layer runs on Triton or torch's cuDNN.
 - ``pykernels::lstm_cell_{fwd,bwd}_triton`` and ``pykernels::lstm_layer_{fwd,bwd}_triton``: ``triton_op``s over
   pykernels/triton/lstm.py.
 
@@ -105,9 +107,9 @@ CELL = {}
 LAYER = {"reference": (_ref_layer_fwd, _ref_layer_bwd)}
 
 
-def _cpp_ops_present() -> bool:
+def _cpp_op_present(name: str) -> bool:
     try:
-        torch.ops.pykernels.lstm_cell_fwd.default  # noqa: B018
+        getattr(torch.ops.pykernels, name).default  # noqa: B018
         return True
     except (AttributeError, RuntimeError):
         return False
@@ -116,12 +118,16 @@ def _cpp_ops_present() -> bool:
 cpp_error: Optional[str] = None
 if not _ext.loaded():
     cpp_error = _ext.load_error
-elif not _cpp_ops_present():
+elif not _cpp_op_present("lstm_cell_fwd"):
     cpp_error = "pykernels._C was built without the LSTM kernels (csrc/lstm.cpp); rebuild the extension"
 else:
     torch.library.register_fake("pykernels::lstm_cell_fwd")(_cell_fwd_fake)
     torch.library.register_fake("pykernels::lstm_cell_bwd")(_cell_bwd_fake)
     CELL["cpu"] = CELL["cuda"] = (torch.ops.pykernels.lstm_cell_fwd.default, torch.ops.pykernels.lstm_cell_bwd.default)
+    if _cpp_op_present("lstm_layer_fwd"):  # an extension built before csrc/cpu/lstm_layer.cpp has the cell only
+        torch.library.register_fake("pykernels::lstm_layer_fwd")(_layer_fwd_fake)
+        torch.library.register_fake("pykernels::lstm_layer_bwd")(_layer_bwd_fake)
+        LAYER["cpu"] = (torch.ops.pykernels.lstm_layer_fwd.default, torch.ops.pykernels.lstm_layer_bwd.default)
 
 triton_import_error: Optional[str] = None
 try:

@@ -8,7 +8,7 @@ shrinks with time; the reverse direction starts each sequence at its own last st
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -75,6 +75,28 @@ def _layer_direction(x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: T
     return torch.cat(outs), h_final, c_final
 
 
+def stack_layers(x: Tensor, h0: Tensor, c0: Tensor, params: Sequence[Tensor], num_layers: int, D: int, per: int,
+                 dropout: float, training: bool, direction: Callable[..., Tuple[Tensor, Tensor, Tensor]]
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The stacking of nn.LSTM, shared by every backend: per layer, each direction ``direction(x, h0[k], c0[k],
+    weights_k, reverse) -> (out, h_n, c_n)`` on the previous layer's output (directions concatenated), dropout on
+    every layer's output but the last (training only, in this order so that a seed reproduces torch's masks).
+    Returns (output of the last layer, h_n, c_n) with h_n/c_n stacked over layer * D + direction."""
+    hs, cs = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            o, h, c = direction(x, h0[k], c0[k], params[k * per:(k + 1) * per], d == 1)
+            outs.append(o)
+            hs.append(h)
+            cs.append(c)
+        x = outs[0] if D == 1 else torch.cat(outs, dim=-1)
+        if dropout and training and layer < num_layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, training=True)
+    return x, torch.stack(hs), torch.stack(cs)
+
+
 def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Tensor], num_layers: int,
          bidirectional: bool, has_biases: bool = True, proj_size: int = 0, batch_first: bool = False,
          dropout: float = 0.0, training: bool = False, batch_sizes: Optional[Tensor] = None
@@ -100,20 +122,9 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
         h0, c0 = hx
         if unbatched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-    hs, cs = [], []
-    for layer in range(num_layers):
-        outs = []
-        for d in range(D):
-            k = layer * D + d
-            w = params[k * per:(k + 1) * per]
-            o, h, c = _layer_direction(x, batch_sizes, h0[k], c0[k], w, has_biases, bool(proj_size), d == 1)
-            outs.append(o)
-            hs.append(h)
-            cs.append(c)
-        x = torch.cat(outs, dim=-1)
-        if dropout and training and layer < num_layers - 1:
-            x = torch.nn.functional.dropout(x, dropout, training=True)
-    h_n, c_n = torch.stack(hs), torch.stack(cs)
+    x, h_n, c_n = stack_layers(
+        x, h0, c0, params, num_layers, D, per, dropout, training,
+        lambda x, h, c, w, reverse: _layer_direction(x, batch_sizes, h, c, w, has_biases, bool(proj_size), reverse))
     if unbatched:
         return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
     if batch_first and batch_sizes is None:

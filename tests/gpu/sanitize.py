@@ -90,9 +90,10 @@ def _close(got, ref, tol, what):
 
 
 def attention(backends):
-    """The Triton attention kernels, forward and backward, on every masking path with lengths that are not
-    multiples of the tiles: causal both alignments, window, softcap, GQA, bool/float masks (the float one with a
-    gradient), dropout, head dims 16..256 and Ev != E, strided inputs, and varlen."""
+    """The Triton and CUDA attention kernels, forward and backward, on every masking path with lengths that are
+    not multiples of the tiles: causal both alignments, window, softcap, GQA, bool/float masks (the float one with
+    a gradient), dropout, head dims 16..256 and Ev != E, strided inputs, and varlen. The CUDA kernels get the cases
+    they cover (no mask, no dropout, head dims <= 128)."""
     from pykernels.reference import attention as ref_attn
     dev = DEV
     cases = [  # (B, H, Hk, L, S, E, Ev, kwargs)
@@ -104,11 +105,13 @@ def attention(backends):
         (2, 2, 2, 31, 45, 32, 32, {"mask": "bool"}),
         (1, 3, 3, 70, 90, 64, 64, {"mask": "float"}),
     ]
-    for backend in [b for b in backends if b == "triton"]:  # no CUDA attention kernel yet (issue 4)
+    for backend in [b for b in backends if b in ("triton", "cuda")]:
         for dtype in HALF:
             for B, H, Hk, L, S, E, Ev, kw in cases:
                 kw = dict(kw)
                 mask_kind = kw.pop("mask", None)
+                if backend == "cuda" and (mask_kind or max(E, Ev) > 128):
+                    continue
                 q = torch.randn(B, L, H, E, device=dev, dtype=dtype).transpose(1, 2)  # strided: (B, H, L, E) view
                 k = torch.randn(B, Hk, S, E, device=dev, dtype=dtype)
                 v = torch.randn(B, Hk, S, Ev, device=dev, dtype=dtype)
@@ -139,11 +142,12 @@ def attention(backends):
                 if mask is not None and mask.requires_grad:
                     _close(mask.grad, cmask.grad, 5e-2, what + ("dmask",))
             # dropout: the backward regenerates the forward's mask from the seeded counter RNG
-            q, k, v = (torch.randn(2, 2, 77, 64, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
-            out = pykernels.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True,
-                                                                    backend=backend)
-            out.sum().backward()
-            assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+            if backend == "triton":
+                q, k, v = (torch.randn(2, 2, 77, 64, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+                out = pykernels.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True,
+                                                                        backend=backend)
+                out.sum().backward()
+                assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
             # varlen: three packed sequences of awkward lengths, causal
             lens = [5, 130, 67]
             cu = torch.tensor([0, 5, 135, 202], device=dev, dtype=torch.int32)
@@ -157,7 +161,7 @@ def attention(backends):
             _close(out, ref, 2e-2, (backend, dtype, "varlen"))
             assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
     _sync()
-    print("attention: ok", [b for b in backends if b == "triton"])
+    print("attention: ok", [b for b in backends if b in ("triton", "cuda")])
 
 
 def linear_cross_entropy(backends):

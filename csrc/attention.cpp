@@ -1,0 +1,230 @@
+// Attention operators of the "cuda" backend: pykernels::attention_fwd / attention_bwd, the schemas of the Triton
+// ops without the suffix (docs/attention.md), and their glue to the kernels in cuda/attention.cu. Only CUDA
+// builds define them; pykernels/ops/attention.py registers their fakes and adds them to KERNELS["cuda"].
+// The kernels take fp16/bf16, head dims up to 128, no float/bool mask and no dropout: the functional layer
+// sends those calls to the next backend, visibly (pykernels/functional/attention.py, _cuda_reason); a direct
+// call of these ops with them raises, naming the argument.
+#ifdef PYKERNELS_WITH_CUDA
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "attention_args.h"
+#include "cuda/attention.h"
+
+namespace pykernels {
+namespace {
+
+constexpr const char* kFwd = "attention_fwd (cuda)";
+constexpr const char* kBwd = "attention_bwd (cuda)";
+
+DType attn_dtype(const at::Tensor& q, const char* op) {
+  switch (q.scalar_type()) {
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: TORCH_CHECK(false, op, ": q must be float16 or bfloat16, got ", q.scalar_type());
+  }
+}
+
+// Last dimension contiguous (the tile loads read rows); anything else is copied once.
+at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+AttnView view_of(const at::Tensor& t, bool varlen) {
+  AttnView v;
+  v.p = t.data_ptr();
+  if (varlen) {  // (T, H, E): rows are dim 0
+    v.sh = t.stride(1);
+    v.sm = t.stride(0);
+  } else {
+    v.sb = t.stride(0);
+    v.sh = t.stride(1);
+    v.sm = t.stride(2);
+  }
+  return v;
+}
+
+// 16-byte tile loads need every row start aligned: the base and all strides but the last in 8-element steps.
+bool aligned16(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) return false;
+  for (int64_t d = 0; d < t.dim() - 1; ++d) {
+    if (t.stride(d) % 8) return false;
+  }
+  return true;
+}
+
+struct Call {
+  AttentionArgs a;
+  bool varlen = false;
+  at::Tensor q, k, v;  // row-contiguous operands the args point into
+};
+
+// Checks shared by the forward and the backward; fills the shapes and the masking fields of the args.
+Call make_call(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& cu_q,
+               const c10::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, bool is_causal,
+               int64_t diag, bool bottom_right, int64_t win_left, int64_t win_right, double softcap,
+               double dropout_p) {
+  Call c;
+  c.a.dtype = attn_dtype(q_in, op);
+  TORCH_CHECK(q_in.is_cuda(), op, ": q must be a CUDA tensor");
+  for (const auto* t : {&k_in, &v_in}) {
+    const char* name = t == &k_in ? "k" : "v";
+    TORCH_CHECK(t->scalar_type() == q_in.scalar_type() && t->device() == q_in.device(), op, ": ", name,
+                " must be ", q_in.scalar_type(), " on ", q_in.device());
+  }
+  TORCH_CHECK(!bias.has_value(), op, ": bias (attn_mask) is not supported by the CUDA kernels");
+  TORCH_CHECK(dropout_p == 0.0, op, ": dropout_p must be 0 for the CUDA kernels, got ", dropout_p);
+  TORCH_CHECK(cu_q.has_value() == cu_k.has_value(), op, ": pass both cu_seqlens_q and cu_seqlens_k, or neither");
+  c.varlen = cu_q.has_value();
+  const int64_t dims = c.varlen ? 3 : 4;
+  TORCH_CHECK(q_in.dim() == dims && k_in.dim() == dims && v_in.dim() == dims, op, ": q, k, v must be ", dims,
+              "-D, got ", q_in.dim(), ", ", k_in.dim(), ", ", v_in.dim());
+  c.q = rows_contiguous(q_in);
+  c.k = rows_contiguous(k_in);
+  c.v = rows_contiguous(v_in);
+  AttentionArgs& a = c.a;
+  const int64_t hd = 1;  // the heads are dim 1 in both layouts: (B, H, L, E) and (T, H, E)
+  a.H = c.q.size(hd);
+  a.Hk = c.k.size(hd);
+  a.E = c.q.size(-1);
+  a.Ev = c.v.size(-1);
+  TORCH_CHECK(a.Hk > 0 && a.H % a.Hk == 0, op, ": the query heads (", a.H, ") must be a multiple of the kv heads (",
+              a.Hk, ")");
+  TORCH_CHECK(c.v.size(hd) == a.Hk, op, ": v must have ", a.Hk, " heads like k, got ", c.v.size(hd));
+  TORCH_CHECK(c.k.size(-1) == a.E, op, ": k must have q's head dim ", a.E, ", got ", c.k.size(-1));
+  TORCH_CHECK(a.E <= cuda::kAttentionMaxHeadDim && a.Ev <= cuda::kAttentionMaxHeadDim, op,
+              ": head dims up to ", cuda::kAttentionMaxHeadDim, ", got E = ", a.E, ", Ev = ", a.Ev);
+  if (c.varlen) {
+    for (const auto* cu : {&*cu_q, &*cu_k}) {
+      const char* name = cu == &*cu_q ? "cu_seqlens_q" : "cu_seqlens_k";
+      TORCH_CHECK(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->numel() >= 1 && cu->is_contiguous() &&
+                      cu->device() == q_in.device(),
+                  op, ": ", name, " must be a contiguous 1-D int32 tensor on ", q_in.device());
+    }
+    TORCH_CHECK(cu_q->numel() == cu_k->numel(), op, ": cu_seqlens_q and cu_seqlens_k must have the same length");
+    TORCH_CHECK(c.k.size(0) == c.v.size(0), op, ": k and v must have the same number of rows");
+    a.B = cu_q->numel() - 1;
+    a.L = max_q;
+    a.S = max_k;
+    a.cu_q = cu_q->data_ptr<int32_t>();
+    a.cu_k = cu_k->data_ptr<int32_t>();
+  } else {
+    a.B = c.q.size(0);
+    a.L = c.q.size(2);
+    a.S = c.k.size(2);
+    TORCH_CHECK(c.k.size(0) == a.B && c.v.size(0) == a.B, op, ": k and v must have q's batch size ", a.B);
+    TORCH_CHECK(c.v.size(2) == a.S, op, ": v must have k's length ", a.S, ", got ", c.v.size(2));
+  }
+  TORCH_CHECK(a.L < (int64_t(1) << 31) && a.S < (int64_t(1) << 31), op, ": sequence lengths must be below 2^31");
+  a.q = view_of(c.q, c.varlen);
+  a.k = view_of(c.k, c.varlen);
+  a.v = view_of(c.v, c.varlen);
+  a.scale = static_cast<float>(scale);
+  a.softcap = static_cast<float>(softcap);
+  a.causal = is_causal;
+  a.bottom_right = bottom_right && c.varlen;  // dense calls carry their alignment in diag already
+  a.diag = diag;
+  a.win_left = win_left;
+  a.win_right = win_right;
+  a.vec16 = a.E % 8 == 0 && a.Ev % 8 == 0 && aligned16(c.q) && aligned16(c.k) && aligned16(c.v);
+  return c;
+}
+
+void set_lse(AttentionArgs& a, const at::Tensor& lse, bool varlen) {
+  // dense (B, H, L); varlen (H, T)
+  a.lse_sb = varlen ? 0 : lse.stride(0);
+  a.lse_sh = varlen ? lse.stride(0) : lse.stride(1);
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA error: ", cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& cu_q, const c10::optional<at::Tensor>& cu_k, c10::SymInt max_q,
+    c10::SymInt max_k, double scale, bool is_causal, c10::SymInt diag, bool bottom_right, c10::SymInt win_left,
+    c10::SymInt win_right, double softcap, double dropout_p, const c10::optional<at::Tensor>& seed) {
+  (void)seed;
+  c10::cuda::CUDAGuard guard(q.device());
+  Call c = make_call(kFwd, q, k, v, bias, cu_q, cu_k, max_q.expect_int(), max_k.expect_int(), scale, is_causal,
+                     diag.expect_int(), bottom_right, win_left.expect_int(), win_right.expect_int(), softcap,
+                     dropout_p);
+  AttentionArgs& a = c.a;
+  at::Tensor out, lse;
+  if (c.varlen) {
+    out = at::empty({c.q.size(0), a.H, a.Ev}, c.q.options());
+    lse = at::empty({a.H, c.q.size(0)}, c.q.options().dtype(at::kFloat));
+  } else {
+    out = at::empty({a.B, a.H, a.L, a.Ev}, c.q.options());
+    lse = at::empty({a.B, a.H, a.L}, c.q.options().dtype(at::kFloat));
+  }
+  a.o = view_of(out, c.varlen);
+  a.lse = lse.data_ptr<float>();
+  set_lse(a, lse, c.varlen);
+  if (out.numel() > 0) check_cuda(cuda::attention_fwd(a, c10::cuda::getCurrentCUDAStream()), kFwd);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& cu_q, const c10::optional<at::Tensor>& cu_k, c10::SymInt max_q,
+    c10::SymInt max_k, double scale, bool is_causal, c10::SymInt diag, bool bottom_right, c10::SymInt win_left,
+    c10::SymInt win_right, double softcap, double dropout_p, const c10::optional<at::Tensor>& seed,
+    bool bias_requires_grad) {
+  (void)seed;
+  (void)bias_requires_grad;  // no bias reaches the CUDA kernels (make_call refuses one)
+  c10::cuda::CUDAGuard guard(q.device());
+  Call c = make_call(kBwd, q, k, v, bias, cu_q, cu_k, max_q.expect_int(), max_k.expect_int(), scale, is_causal,
+                     diag.expect_int(), bottom_right, win_left.expect_int(), win_right.expect_int(), softcap,
+                     dropout_p);
+  AttentionArgs& a = c.a;
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == q.scalar_type(), kBwd,
+              ": grad_out must have out's shape ", out.sizes(), " and q's dtype");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), kBwd, ": lse must be contiguous float32");
+  at::Tensor dout = rows_contiguous(grad_out);
+  // delta = rowsum(dO * O) in fp32, in the layout of lse (as the Triton launcher computes it)
+  at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+  if (c.varlen) delta = delta.t();
+  delta = delta.contiguous();
+  at::Tensor dq = at::empty_like(c.q), dk = at::empty_like(c.k), dv = at::empty_like(c.v);
+  a.dout = view_of(dout, c.varlen);
+  a.dq = view_of(dq, c.varlen);
+  a.dk = view_of(dk, c.varlen);
+  a.dv = view_of(dv, c.varlen);
+  a.vec16 = a.vec16 && aligned16(dout);
+  a.lse = const_cast<float*>(lse.data_ptr<float>());
+  a.delta = delta.data_ptr<float>();
+  set_lse(a, lse, c.varlen);
+  if (dk.numel() > 0 || dq.numel() > 0) {
+    if (q.numel() == 0) {  // no query: no gradient reaches k and v
+      dk.zero_();
+      dv.zero_();
+    } else {
+      check_cuda(cuda::attention_bwd(a, c10::cuda::getCurrentCUDAStream()), kBwd);
+    }
+  }
+  return {dq, dk, dv, q.new_empty({0}, q.options().dtype(at::kFloat))};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pykernels, m) {
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+        "SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, bool is_causal, SymInt diag, bool bottom_right, "
+        "SymInt win_left, SymInt win_right, float softcap, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? bias, "
+        "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
+        "bool is_causal, SymInt diag, bool bottom_right, SymInt win_left, SymInt win_right, float softcap, "
+        "float dropout_p, Tensor? seed, bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+  m.impl("attention_fwd", &attention_fwd_cuda);
+  m.impl("attention_bwd", &attention_bwd_cuda);
+}
+
+}  // namespace pykernels
+#endif  // PYKERNELS_WITH_CUDA

@@ -1,0 +1,38 @@
+// Plain description of one attention call, shared by the C++ glue (attention.cpp) and the CUDA kernels
+// (cuda/attention.cu; no torch headers there, so the .cu file compiles fast). Contract: docs/attention.md.
+#pragma once
+#include <cstdint>
+
+#include "cross_entropy_args.h"  // DType
+
+namespace pykernels {
+
+// A (batch, head, row, column) operand with a contiguous last dimension: element (b, h, m, e) at
+// b * sb + h * sh + m * sm + e. Varlen operands have no batch stride: sequence b starts at row cu[b].
+struct AttnView {
+  void* p = nullptr;
+  int64_t sb = 0, sh = 0, sm = 0;
+};
+
+struct AttentionArgs {
+  AttnView q, k, v;      // inputs: q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev); 16-bit floats
+  AttnView o;            // forward output (B, H, L, Ev)
+  AttnView dout;         // backward: dO, the layout of o
+  AttnView dq, dk, dv;   // backward outputs, the layouts of q, k, v
+  float* lse = nullptr;  // (B, H, L) fp32, or (H, T) for varlen: row m of (b, h) at b * lse_sb + h * lse_sh + m
+  const float* delta = nullptr;  // backward: rowsum(dO * O), the layout of lse
+  int64_t lse_sb = 0, lse_sh = 0;
+  const int32_t* cu_q = nullptr;  // varlen: (B + 1) offsets of the sequences; null for dense calls
+  const int32_t* cu_k = nullptr;
+  DType dtype = DType::F16;
+  int64_t B = 0, H = 0, Hk = 0;  // Hk divides H: query head h reads kv head h / (H / Hk)
+  int64_t L = 0, S = 0;          // dense: the lengths; varlen: the longest sequence (sizes the grid)
+  int64_t E = 0, Ev = 0;
+  float scale = 1.f, softcap = 0.f;  // softcap 0 = off
+  bool causal = false, bottom_right = false;  // bottom_right (varlen): each sequence's diagonal moves by S_b - L_b
+  int64_t diag = 0, win_left = -1, win_right = -1;  // key j visible to query i: j <= i + diag (causal) and
+                                                   // i + diag - win_left <= j <= i + diag + win_right (-1: open)
+  bool vec16 = false;  // every row of q, k, v, dO 16-byte aligned and E, Ev multiples of 8: 16-byte tile loads
+};
+
+}  // namespace pykernels

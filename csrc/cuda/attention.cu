@@ -1,0 +1,568 @@
+// CUDA attention kernels (docs/attention.md): FlashAttention-2 on mma.sync tensor cores (m16n8k16, fp16/bf16 in,
+// fp32 accumulate; sm_80 and later). Raw pointers only, no torch headers.
+//
+// Layout of the tensor-core fragments (PTX ISA, "mma.m16n8k16"), lane = 4 * g + t (g = lane / 4, t = lane % 4):
+//   A 16x16 (row major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   B 16x8 (k x n):      b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
+//   C 16x8 fp32:         c0, c1 = (g, 2t), (g, 2t+1); c2, c3 = (g+8, 2t), (g+8, 2t+1)
+// The accumulator of two adjacent 8-column tiles is, packed to 16 bits, exactly the A fragment of the next
+// product (FlashAttention-2's register reuse): P and dS never go through shared memory.
+//
+// Each block has 4 warps; a warp owns 16 rows of the block's tile. Tiles live in shared memory as raw 16-bit
+// words, rows padded by 8 elements (16 bytes) so that the fragment loads of a warp hit 32 distinct banks.
+// Forward: block = 64 query rows, loop over 64-key tiles of the visible range with the online softmax in
+// registers (exp2 domain). Backward, FlashAttention-2's split without atomics: dK/dV per 64-key block looping
+// over its GQA group's query heads and 32-row query tiles; dQ per 64-row query block looping over key tiles.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "attention.h"
+#include "convert.cuh"
+
+namespace pykernels {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ float exp2_approx(float x) {  // MUFU.EX2; -inf -> 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Fragments from shared-memory tiles (row-major, LD elements per row).
+
+// A fragment of rows r0..r0+15, columns k0..k0+15 of X.
+template <int LD>
+__device__ __forceinline__ void frag_a(uint32_t (&a)[4], const uint16_t* X, int r0, int k0, int g, int t) {
+  const uint16_t* p = X + (r0 + g) * LD + k0 + 2 * t;
+  a[0] = *reinterpret_cast<const uint32_t*>(p);
+  a[1] = *reinterpret_cast<const uint32_t*>(p + 8 * LD);
+  a[2] = *reinterpret_cast<const uint32_t*>(p + 8);
+  a[3] = *reinterpret_cast<const uint32_t*>(p + 8 * LD + 8);
+}
+
+// B fragment with B[k][n] = Y[n0 + n][k0 + k] (Y's rows are the product's columns: K in Q K^T).
+template <int LD>
+__device__ __forceinline__ void frag_b_rows(uint32_t& b0, uint32_t& b1, const uint16_t* Y, int n0, int k0, int g,
+                                            int t) {
+  const uint16_t* p = Y + (n0 + g) * LD + k0 + 2 * t;
+  b0 = *reinterpret_cast<const uint32_t*>(p);
+  b1 = *reinterpret_cast<const uint32_t*>(p + 8);
+}
+
+// B fragment with B[k][n] = Y[k0 + k][n0 + n] (Y's rows are the reduction: V in P V).
+template <int LD>
+__device__ __forceinline__ void frag_b_cols(uint32_t& b0, uint32_t& b1, const uint16_t* Y, int n0, int k0, int g,
+                                            int t) {
+  const uint16_t* p = Y + (k0 + 2 * t) * LD + n0 + g;
+  b0 = uint32_t(p[0]) | (uint32_t(p[LD]) << 16);
+  b1 = uint32_t(p[8 * LD]) | (uint32_t(p[9 * LD]) << 16);
+}
+
+// A fragment of a 16 x 16 chunk from the fp32 accumulators of two adjacent 8-column tiles.
+template <typename T>
+__device__ __forceinline__ void frag_a_from_acc(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = Mma<T>::pack(lo[0], lo[1]);
+  a[1] = Mma<T>::pack(lo[2], lo[3]);
+  a[2] = Mma<T>::pack(hi[0], hi[1]);
+  a[3] = Mma<T>::pack(hi[2], hi[3]);
+}
+
+// acc[nt] += X[r0.., :DP] Y[nt*8.., :DP]^T for NT tiles of 8 columns (X rows are 16 of this warp).
+template <typename T, int LD, int DP, int NT>
+__device__ __forceinline__ void gemm_rows(float (&acc)[NT][4], const uint16_t* X, int r0, const uint16_t* Y, int g,
+                                          int t) {
+#pragma unroll
+  for (int kk = 0; kk < DP / 16; ++kk) {
+    uint32_t a[4];
+    frag_a<LD>(a, X, r0, kk * 16, g, t);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t b0, b1;
+      frag_b_rows<LD>(b0, b1, Y, nt * 8, kk * 16, g, t);
+      Mma<T>::run(acc[nt], a, b0, b1);
+    }
+  }
+}
+
+// acc[dt] += P Y[:KT*16, dt*8..] with P (16 x KT*16) held as accumulators p[2*KT][4].
+template <typename T, int LD, int KT, int DT>
+__device__ __forceinline__ void gemm_acc(float (&acc)[DT][4], const float (&p)[2 * KT][4], const uint16_t* Y, int g,
+                                         int t) {
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+    uint32_t a[4];
+    frag_a_from_acc<T>(a, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      uint32_t b0, b1;
+      frag_b_cols<LD>(b0, b1, Y, dt * 8, kk * 16, g, t);
+      Mma<T>::run(acc[dt], a, b0, b1);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Tiles global -> shared.
+
+// ROWS rows of `cols` valid columns (rows >= nrows zero), padded with zeros to DP columns.
+template <int ROWS, int DP, int LD>
+__device__ __forceinline__ void load_tile(uint16_t* sm, const uint16_t* base, int64_t rs, int nrows, int cols,
+                                          bool vec16) {
+  if (vec16) {
+    constexpr int CH = DP / 8;
+    for (int i = threadIdx.x; i < ROWS * CH; i += kThreads) {
+      const int r = i / CH, c = (i % CH) * 8;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (r < nrows && c < cols) v = *reinterpret_cast<const uint4*>(base + r * rs + c);
+      *reinterpret_cast<uint4*>(sm + r * LD + c) = v;
+    }
+  } else {
+    for (int i = threadIdx.x; i < ROWS * DP; i += kThreads) {
+      const int r = i / DP, c = i % DP;
+      sm[r * LD + c] = (r < nrows && c < cols) ? base[r * rs + c] : uint16_t(0);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Sequences, masks and ranges.
+
+struct Seq {
+  int64_t q0, k0;  // first row of the sequence in q / k (varlen), 0 for dense calls
+  int L, S;        // its lengths
+  int64_t d;       // causal / window diagonal
+};
+
+__device__ __forceinline__ Seq seq_of(const AttentionArgs& a, int64_t b) {
+  Seq s;
+  if (a.cu_q) {
+    s.q0 = a.cu_q[b];
+    s.k0 = a.cu_k[b];
+    s.L = a.cu_q[b + 1] - a.cu_q[b];
+    s.S = a.cu_k[b + 1] - a.cu_k[b];
+  } else {
+    s.q0 = s.k0 = 0;
+    s.L = static_cast<int>(a.L);
+    s.S = static_cast<int>(a.S);
+  }
+  s.d = a.diag + (a.bottom_right ? s.S - s.L : 0);
+  return s;
+}
+
+__device__ __forceinline__ int64_t row_base(const AttnView& v, const AttentionArgs& a, int64_t b, int64_t row0,
+                                            int64_t head) {
+  return (a.cu_q ? row0 * v.sm : b * v.sb) + head * v.sh;
+}
+
+__device__ __forceinline__ bool visible(const AttentionArgs& a, const Seq& s, int64_t i, int64_t j) {
+  bool ok = i < s.L && j < s.S;
+  if (a.causal) ok = ok && j <= i + s.d;
+  if (a.win_left >= 0) ok = ok && j >= i + s.d - a.win_left;
+  if (a.win_right >= 0) ok = ok && j <= i + s.d + a.win_right;
+  return ok;
+}
+
+// Keys [lo, hi) that queries [m0, m0 + rows) may see; lo rounded down to a tile of BN.
+template <int BN>
+__device__ __forceinline__ void key_range(const AttentionArgs& a, const Seq& s, int m0, int rows, int& lo, int& hi) {
+  int64_t h = s.S, l = 0;
+  if (a.causal) h = h < m0 + rows + s.d ? h : m0 + rows + s.d;
+  if (a.win_right >= 0) h = h < m0 + rows + s.d + a.win_right ? h : m0 + rows + s.d + a.win_right;
+  if (a.win_left >= 0) l = m0 + s.d - a.win_left;
+  l = l < 0 ? 0 : l;
+  lo = static_cast<int>(l / BN * BN);
+  hi = static_cast<int>(h < 0 ? 0 : h);
+}
+
+// Queries [lo, hi) that may see keys [n0, n0 + cols); lo rounded down to a tile of BM.
+template <int BM>
+__device__ __forceinline__ void query_range(const AttentionArgs& a, const Seq& s, int n0, int cols, int& lo,
+                                            int& hi) {
+  int64_t l = 0, h = s.L;
+  if (a.causal) l = n0 - s.d > l ? n0 - s.d : l;
+  if (a.win_right >= 0) l = n0 - s.d - a.win_right > l ? n0 - s.d - a.win_right : l;
+  if (a.win_left >= 0) h = h < n0 + cols - s.d + a.win_left ? h : n0 + cols - s.d + a.win_left;
+  lo = static_cast<int>(l / BM * BM);
+  hi = static_cast<int>(h < 0 ? 0 : h);
+}
+
+// Scaled (and soft-capped) score in the exp2 domain; `dcap` gets d(capped)/d(uncapped) = 1 - tanh^2.
+__device__ __forceinline__ float score(const AttentionArgs& a, float acc, float& dcap) {
+  float x = acc * a.scale;
+  dcap = 1.f;
+  if (a.softcap > 0.f) {
+    const float th = tanhf(x / a.softcap);
+    x = a.softcap * th;
+    dcap = 1.f - th * th;
+  }
+  return x * kLog2e;
+}
+
+// lse (natural log, -inf for a row that sees nothing) -> the exp2-domain offset of its probabilities. A row
+// that sees nothing gets +inf, so exp2(s - offset) = 0 for it instead of exp2(-inf + inf) = NaN.
+__device__ __forceinline__ float lse_offset(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// Write the two rows (g, g + 8) of a warp's 16-row accumulator block: columns < cols, rows < nrows.
+template <typename T, int DT>
+__device__ __forceinline__ void store_acc(T* out, int64_t rs, int r0, int nrows, int cols, const float (&acc)[DT][4],
+                                          float mul_lo, float mul_hi, int g, int t) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = r0 + g + 8 * half;
+    if (r >= nrows) continue;
+    const float mul = half ? mul_hi : mul_lo;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = dt * 8 + 2 * t + c;
+        if (col < cols) out[r * rs + col] = from_f<T>(acc[dt][2 * half + c] * mul);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename T, int DP>
+struct FwdCfg {
+  static constexpr int BM = 64, BN = 64, LD = DP + 8;
+  static constexpr int kSmem = (BM + 2 * BN) * LD * 2;
+};
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttentionArgs a) {
+  using C = FwdCfg<T, DP>;
+  constexpr int BM = C::BM, BN = C::BN, LD = C::LD;
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* Qs = smem;
+  uint16_t* Ks = Qs + BM * LD;
+  uint16_t* Vs = Ks + BN * LD;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int64_t b = blockIdx.x / a.H, h = blockIdx.x % a.H, hk = h / (a.H / a.Hk);
+  const Seq s = seq_of(a, b);
+  const int m0 = blockIdx.y * BM;
+  if (m0 >= s.L) return;
+  const uint16_t* q = static_cast<const uint16_t*>(a.q.p) + row_base(a.q, a, b, s.q0, h) + m0 * a.q.sm;
+  const uint16_t* k = static_cast<const uint16_t*>(a.k.p) + row_base(a.k, a, b, s.k0, hk);
+  const uint16_t* v = static_cast<const uint16_t*>(a.v.p) + row_base(a.v, a, b, s.k0, hk);
+  const int E = static_cast<int>(a.E), Ev = static_cast<int>(a.Ev);
+  load_tile<BM, DP, LD>(Qs, q, a.q.sm, s.L - m0, E, a.vec16);
+
+  float o[DP / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  int lo, hi;
+  key_range<BN>(a, s, m0, BM, lo, hi);
+  const int i0 = m0 + warp * 16 + g;  // this thread's rows: i0 and i0 + 8
+  for (int n0 = lo; n0 < hi; n0 += BN) {
+    __syncthreads();  // the previous tiles are consumed (and Q is loaded, on the first pass)
+    load_tile<BN, DP, LD>(Ks, k + n0 * a.k.sm, a.k.sm, s.S - n0, E, a.vec16);
+    load_tile<BN, DP, LD>(Vs, v + n0 * a.v.sm, a.v.sm, s.S - n0, Ev, a.vec16);
+    __syncthreads();
+    float sc[BN / 8][4] = {};
+    gemm_rows<T, LD, DP, BN / 8>(sc, Qs, warp * 16, Ks, g, t);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float dcap;
+          float& x = sc[nt][2 * half + c];
+          x = visible(a, s, i0 + 8 * half, n0 + nt * 8 + 2 * t + c) ? score(a, x, dcap) : -INFINITY;
+          mx = fmaxf(mx, x);
+        }
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[half], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row that has seen nothing yet stays at zero
+      const float alpha = exp2_approx(m[half] - m_use);
+      m[half] = m_new;
+      l[half] *= alpha;
+#pragma unroll
+      for (int dt = 0; dt < DP / 8; ++dt) {
+        o[dt][2 * half] *= alpha;
+        o[dt][2 * half + 1] *= alpha;
+      }
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float p = exp2_approx(sc[nt][2 * half + c] - m_use);
+          sc[nt][2 * half + c] = p;
+          l[half] += p;  // this thread's partial row sum; the 4 lanes of a row are summed at the end
+        }
+      }
+    }
+    gemm_acc<T, LD, BN / 16, DP / 8>(o, sc, Vs, g, t);
+  }
+  float inv[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float sum = l[half];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    inv[half] = sum > 0.f ? 1.f / sum : 0.f;  // a row that sees no key: output 0
+    const int i = i0 + 8 * half;
+    if (t == 0 && i < s.L) {
+      float* lse = a.lse + (a.cu_q ? h * a.lse_sh + s.q0 : b * a.lse_sb + h * a.lse_sh);
+      lse[i] = sum > 0.f ? (m[half] + log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+  T* out = static_cast<T*>(a.o.p) + row_base(a.o, a, b, s.q0, h) + m0 * a.o.sm;
+  store_acc<T, DP / 8>(out, a.o.sm, warp * 16, s.L - m0, Ev, o, inv[0], inv[1], g, t);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward: dK, dV.
+
+template <typename T, int DP>
+struct DkdvCfg {
+  static constexpr int BN = 64, BM = 32, LD = DP + 8;
+  static constexpr int kSmem = (2 * BN + 2 * BM) * LD * 2 + 2 * BM * 4;
+};
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttentionArgs a) {
+  using C = DkdvCfg<T, DP>;
+  constexpr int BN = C::BN, BM = C::BM, LD = C::LD;
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* Ks = smem;
+  uint16_t* Vs = Ks + BN * LD;
+  uint16_t* Qs = Vs + BN * LD;
+  uint16_t* Os = Qs + BM * LD;  // dO
+  float* lse_s = reinterpret_cast<float*>(Os + BM * LD);
+  float* dl_s = lse_s + BM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int64_t b = blockIdx.x / a.Hk, hk = blockIdx.x % a.Hk, group = a.H / a.Hk;
+  const Seq s = seq_of(a, b);
+  const int n0 = blockIdx.y * BN;
+  if (n0 >= s.S) return;
+  const int E = static_cast<int>(a.E), Ev = static_cast<int>(a.Ev);
+  const int64_t kb = row_base(a.k, a, b, s.k0, hk), vb = row_base(a.v, a, b, s.k0, hk);
+  load_tile<BN, DP, LD>(Ks, static_cast<const uint16_t*>(a.k.p) + kb + n0 * a.k.sm, a.k.sm, s.S - n0, E, a.vec16);
+  load_tile<BN, DP, LD>(Vs, static_cast<const uint16_t*>(a.v.p) + vb + n0 * a.v.sm, a.v.sm, s.S - n0, Ev, a.vec16);
+
+  float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
+  int lo, hi;
+  query_range<BM>(a, s, n0, BN, lo, hi);
+  const int j0 = n0 + warp * 16 + g;  // this thread's keys: j0 and j0 + 8
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const uint16_t* q = static_cast<const uint16_t*>(a.q.p) + row_base(a.q, a, b, s.q0, h);
+    const uint16_t* dout = static_cast<const uint16_t*>(a.dout.p) + row_base(a.dout, a, b, s.q0, h);
+    const int64_t lb = a.cu_q ? h * a.lse_sh + s.q0 : b * a.lse_sb + h * a.lse_sh;
+    for (int m0 = lo; m0 < hi; m0 += BM) {
+      __syncthreads();  // the previous query tile is consumed
+      load_tile<BM, DP, LD>(Qs, q + m0 * a.q.sm, a.q.sm, s.L - m0, E, a.vec16);
+      load_tile<BM, DP, LD>(Os, dout + m0 * a.dout.sm, a.dout.sm, s.L - m0, Ev, a.vec16);
+      for (int r = threadIdx.x; r < BM; r += kThreads) {
+        const bool ok = m0 + r < s.L;
+        lse_s[r] = ok ? lse_offset(a.lse[lb + m0 + r]) : INFINITY;
+        dl_s[r] = ok ? a.delta[lb + m0 + r] : 0.f;
+      }
+      __syncthreads();
+      // P^T (this warp's 16 keys x BM queries), recomputed from the lse
+      float pt[BM / 8][4] = {}, dcap[BM / 8][4];
+      gemm_rows<T, LD, DP, BM / 8>(pt, Ks, warp * 16, Qs, g, t);
+#pragma unroll
+      for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = nt * 8 + 2 * t + (e & 1);
+          const float x = score(a, pt[nt][e], dcap[nt][e]);
+          pt[nt][e] = visible(a, s, m0 + col, j0 + 8 * (e >> 1)) ? exp2_approx(x - lse_s[col]) : 0.f;
+        }
+      }
+      gemm_acc<T, LD, BM / 16, DP / 8>(dv, pt, Os, g, t);  // dV += P^T dO
+      float dpt[BM / 8][4] = {};
+      gemm_rows<T, LD, DP, BM / 8>(dpt, Vs, warp * 16, Os, g, t);  // dP^T = V dO^T
+#pragma unroll
+      for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = nt * 8 + 2 * t + (e & 1);
+          dpt[nt][e] = pt[nt][e] * (dpt[nt][e] - dl_s[col]) * dcap[nt][e];  // dS^T
+        }
+      }
+      gemm_acc<T, LD, BM / 16, DP / 8>(dk, dpt, Qs, g, t);  // dK += dS^T Q
+    }
+  }
+  T* dkp = static_cast<T*>(a.dk.p) + row_base(a.dk, a, b, s.k0, hk) + n0 * a.dk.sm;
+  T* dvp = static_cast<T*>(a.dv.p) + row_base(a.dv, a, b, s.k0, hk) + n0 * a.dv.sm;
+  store_acc<T, DP / 8>(dkp, a.dk.sm, warp * 16, s.S - n0, E, dk, a.scale, a.scale, g, t);
+  store_acc<T, DP / 8>(dvp, a.dv.sm, warp * 16, s.S - n0, Ev, dv, 1.f, 1.f, g, t);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward: dQ.
+
+template <typename T, int DP>
+struct DqCfg {
+  static constexpr int BM = 64, BN = 64, LD = DP + 8;
+  static constexpr int kSmem = (2 * BM + 2 * BN) * LD * 2;
+};
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttentionArgs a) {
+  using C = DqCfg<T, DP>;
+  constexpr int BM = C::BM, BN = C::BN, LD = C::LD;
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* Qs = smem;
+  uint16_t* Os = Qs + BM * LD;  // dO
+  uint16_t* Ks = Os + BM * LD;
+  uint16_t* Vs = Ks + BN * LD;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int64_t b = blockIdx.x / a.H, h = blockIdx.x % a.H, hk = h / (a.H / a.Hk);
+  const Seq s = seq_of(a, b);
+  const int m0 = blockIdx.y * BM;
+  if (m0 >= s.L) return;
+  const int E = static_cast<int>(a.E), Ev = static_cast<int>(a.Ev);
+  load_tile<BM, DP, LD>(Qs, static_cast<const uint16_t*>(a.q.p) + row_base(a.q, a, b, s.q0, h) + m0 * a.q.sm,
+                        a.q.sm, s.L - m0, E, a.vec16);
+  load_tile<BM, DP, LD>(Os, static_cast<const uint16_t*>(a.dout.p) + row_base(a.dout, a, b, s.q0, h) +
+                            m0 * a.dout.sm, a.dout.sm, s.L - m0, Ev, a.vec16);
+  const uint16_t* k = static_cast<const uint16_t*>(a.k.p) + row_base(a.k, a, b, s.k0, hk);
+  const uint16_t* v = static_cast<const uint16_t*>(a.v.p) + row_base(a.v, a, b, s.k0, hk);
+  const int64_t lb = a.cu_q ? h * a.lse_sh + s.q0 : b * a.lse_sb + h * a.lse_sh;
+  const int i0 = m0 + warp * 16 + g;
+  float off[2], dl[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = i0 + 8 * half;
+    off[half] = i < s.L ? lse_offset(a.lse[lb + i]) : INFINITY;
+    dl[half] = i < s.L ? a.delta[lb + i] : 0.f;
+  }
+  float dq[DP / 8][4] = {};
+  int lo, hi;
+  key_range<BN>(a, s, m0, BM, lo, hi);
+  for (int n0 = lo; n0 < hi; n0 += BN) {
+    __syncthreads();
+    load_tile<BN, DP, LD>(Ks, k + n0 * a.k.sm, a.k.sm, s.S - n0, E, a.vec16);
+    load_tile<BN, DP, LD>(Vs, v + n0 * a.v.sm, a.v.sm, s.S - n0, Ev, a.vec16);
+    __syncthreads();
+    float p[BN / 8][4] = {}, dcap[BN / 8][4];
+    gemm_rows<T, LD, DP, BN / 8>(p, Qs, warp * 16, Ks, g, t);  // S = Q K^T
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float x = score(a, p[nt][e], dcap[nt][e]);
+        p[nt][e] = visible(a, s, i0 + 8 * (e >> 1), n0 + nt * 8 + 2 * t + (e & 1)) ? exp2_approx(x - off[e >> 1])
+                                                                                      : 0.f;
+      }
+    }
+    float dp[BN / 8][4] = {};
+    gemm_rows<T, LD, DP, BN / 8>(dp, Os, warp * 16, Vs, g, t);  // dP = dO V^T
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[nt][e] = p[nt][e] * (dp[nt][e] - dl[e >> 1]) * dcap[nt][e];  // dS
+    }
+    gemm_acc<T, LD, BN / 16, DP / 8>(dq, dp, Ks, g, t);  // dQ += dS K
+  }
+  T* dqp = static_cast<T*>(a.dq.p) + row_base(a.dq, a, b, s.q0, h) + m0 * a.dq.sm;
+  store_acc<T, DP / 8>(dqp, a.dq.sm, warp * 16, s.L - m0, E, dq, a.scale, a.scale, g, t);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Launchers.
+
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, int smem, int64_t heads, int64_t rows, int tile, const AttentionArgs& a,
+                   cudaStream_t stream) {
+  const int64_t tiles = (rows + tile - 1) / tile;
+  if (tiles == 0 || heads == 0) return cudaSuccess;
+  if (tiles > 65535 || heads > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(static_cast<unsigned>(heads), static_cast<unsigned>(tiles)), kThreads, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, int DP>
+cudaError_t fwd(const AttentionArgs& a, cudaStream_t stream) {
+  using C = FwdCfg<T, DP>;
+  return launch(attn_fwd_kernel<T, DP>, C::kSmem, a.B * a.H, a.L, C::BM, a, stream);
+}
+
+template <typename T, int DP>
+cudaError_t bwd(const AttentionArgs& a, cudaStream_t stream) {
+  using K = DkdvCfg<T, DP>;
+  using Q = DqCfg<T, DP>;
+  cudaError_t err = launch(attn_bwd_dkdv_kernel<T, DP>, K::kSmem, a.B * a.Hk, a.S, K::BN, a, stream);
+  if (err != cudaSuccess) return err;
+  return launch(attn_bwd_dq_kernel<T, DP>, Q::kSmem, a.B * a.H, a.L, Q::BM, a, stream);
+}
+
+// The head dim is padded to 64 or 128 (one instantiation each per dtype): zero columns cost FLOPs, not results.
+template <template <typename, int> class F>
+cudaError_t dispatch(const AttentionArgs& a, cudaStream_t stream) {
+  const int64_t d = a.E > a.Ev ? a.E : a.Ev;
+  if (d > kAttentionMaxHeadDim || d < 1) return cudaErrorInvalidValue;
+  const bool small = d <= 64;
+  switch (a.dtype) {
+    case DType::F16: return small ? F<__half, 64>::run(a, stream) : F<__half, 128>::run(a, stream);
+    case DType::BF16: return small ? F<__nv_bfloat16, 64>::run(a, stream) : F<__nv_bfloat16, 128>::run(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T, int DP>
+struct Fwd {
+  static cudaError_t run(const AttentionArgs& a, cudaStream_t s) { return fwd<T, DP>(a, s); }
+};
+template <typename T, int DP>
+struct Bwd {
+  static cudaError_t run(const AttentionArgs& a, cudaStream_t s) { return bwd<T, DP>(a, s); }
+};
+
+}  // namespace
+
+cudaError_t attention_fwd(const AttentionArgs& a, cudaStream_t stream) { return dispatch<Fwd>(a, stream); }
+cudaError_t attention_bwd(const AttentionArgs& a, cudaStream_t stream) { return dispatch<Bwd>(a, stream); }
+
+}  // namespace cuda
+}  // namespace pykernels
