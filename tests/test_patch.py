@@ -102,3 +102,24 @@ def test_linear_cross_entropy_loss_is_swapped_too():
     after.backward()
     torch.testing.assert_close(after, before)
     torch.testing.assert_close(weight.grad, grad)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_round_trip_on_the_triton_kernels(name):
+    """patch(model, backend="triton"): every swapped module runs the Triton kernels (under the interpreter on
+    CPU), with the same loss and gradients as the torch modules."""
+    why = pykernels.available_backends("cpu").get("triton")
+    if why:
+        pytest.skip(why)
+    model = _model(name)
+    x, t = _batch()
+    loss0, grads0 = _loss_and_grads(model, x, t)
+    pykernels.patch(model, backend="triton")
+    pykernels.last_dispatch.clear()
+    loss1, grads1 = _loss_and_grads(model, x, t)
+    ran = {op: pykernels.last_dispatch[op][0] for op in ("cross_entropy", "lstm", "scaled_dot_product_attention")
+           if op in pykernels.last_dispatch}
+    assert ran["cross_entropy"] == ran["lstm" if name == "lstm" else "scaled_dot_product_attention"] == "triton"
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    for n, g in grads0.items():
+        torch.testing.assert_close(grads1[n], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
