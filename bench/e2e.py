@@ -52,7 +52,7 @@ def _gpt(embed, heads, layers, batch, seq, steps):
 
 
 PRESETS = {  # (device type, quick) -> workloads
-    ("cuda", False): [_lstm(256, 1024, 2, 32, 256, 30), _gpt(768, 12, 12, 8, 1024, 30)],
+    ("cuda", False): [_lstm(256, 1024, 2, 32, 256, 20), _gpt(768, 12, 12, 8, 1024, 20)],  # GPT-2 small minus vocab
     ("cuda", True): [_lstm(256, 512, 2, 32, 128, 10), _gpt(512, 8, 4, 8, 512, 10)],
     ("cpu", False): [_lstm(64, 256, 2, 16, 64, 10), _gpt(128, 4, 2, 8, 128, 10)],
     ("cpu", True): [_lstm(32, 64, 2, 8, 32, 5), _gpt(64, 4, 2, 4, 64, 5)],
