@@ -3,6 +3,8 @@ same outputs and gradients before and after, the very same Parameter objects (an
 call keeps training the model), unchanged state_dict keys, subclasses of the torch modules left alone."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -49,6 +51,7 @@ def test_round_trip(name):
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
     for n, g in grads0.items():
         torch.testing.assert_close(grads1[n], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    torch.testing.assert_close(copy.deepcopy(model)(x, t).detach(), loss1)  # adopted modules copy like torch's
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.step()
