@@ -8,6 +8,7 @@ import importlib
 
 SUITES = {name: f"bench.{name}" for name in ("cross_entropy", "linear_cross_entropy", "attention", "lstm",
                                              "lstm_cell")}
+SUITES["e2e"] = "bench.e2e"
 
 
 def load_suite(name: str):

@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", default=None, help="e.g. 'torch,torch.compile,liger' (default: all; '' none)")
     p.add_argument("--modes", default=None, help="e.g. 'fwd+bwd' (default: every mode of the suite)")
     p.add_argument("--shape", default=None, help="one shape instead of the preset, with exactly one --suite, e.g. "
-                   "'N=4096,V=50257' (cross_entropy), 'B=4,H=16,L=2048,E=128,causal=1' (attention)")
+                   "'N=4096,V=50257' (cross_entropy), 'B=4,H=16,L=2048,E=128,causal=1' (attention), "
+                   "'B=8,T=256,steps=20' (e2e: sets those fields of both models)")
     p.add_argument("--out", default="bench/out", help="directory for the JSON, CSV and PNG files")
     p.add_argument("--compare", default=None, metavar="OLD.json", help="print regressions > 5%% against it")
     p.add_argument("--no-plots", action="store_true")

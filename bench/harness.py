@@ -7,7 +7,9 @@ the inputs (some kernels, e.g. Liger's, write the gradient into the logits in pl
 
 A suite is a module with ``NAME``, ``MODES``, ``providers(device, dtype) -> [Provider]`` and
 ``cases(device, dtype, quick, shape=None) -> [Case]``; see bench/cross_entropy.py, and bench/providers.py for
-the pieces suites share.
+the pieces suites share. A case whose unit of work is not "call the provider on the inputs" (bench/e2e.py: a
+provider transforms a model, the step is a training step, the check is the loss curve) overrides
+``Case.prepare``.
 """
 from __future__ import annotations
 
@@ -58,8 +60,17 @@ class Case:
     def flops(self, mode: str) -> Optional[float]:
         return None
 
+    def tokens(self, mode: str) -> Optional[float]:
+        """Tokens one timed step processes (training suites): the harness reports tokens/s from it."""
+        return None
+
     def backward(self, out: Any) -> None:
         out.backward()  # the loss suites return a scalar; suites with tensor outputs override this
+
+    def prepare(self, prov: "Provider", mode: str, args0: tuple, diff: Sequence[int], ref: Any):
+        """Check ``prov`` and return (step, leaves, (max_abs_err, rel_err)); raise WrongOutput if it is wrong.
+        ``step`` is what gets timed, ``leaves`` the tensors whose .grad is reset between timed calls."""
+        return prepare(self, prov, mode, args0, diff, ref)
 
 
 @dataclasses.dataclass
@@ -81,6 +92,8 @@ class Result:
     pct_of_copy_bw: Optional[float] = None
     tflops: Optional[float] = None
     pct_of_matmul: Optional[float] = None
+    tokens: Optional[float] = None  # per timed step (training suites)
+    tokens_per_s: Optional[float] = None
     peak_extra_mem_bytes: Optional[int] = None
     max_abs_err: Optional[float] = None
     rel_err: Optional[float] = None
@@ -90,6 +103,13 @@ class Result:
 
 class WrongOutput(Exception):
     pass
+
+
+@dataclasses.dataclass
+class ReferenceFailed:
+    """Stands for the reference of a case that could not be computed here (e.g. the e2e suite's torch run of
+    an LSTM under CPU fp16 autocast, which oneDNN rejects): every provider of the case is reported ``error``."""
+    message: str
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -123,12 +143,15 @@ def prepare(case: Case, prov: Provider, mode: str, args0: tuple, diff: Sequence[
 def measure(case: Case, prov: Provider, mode: str, args0, diff, ref, device: torch.device,
             quick: bool) -> Result:
     r = Result(case.suite, case.name, prov.name, mode, dtype_name(case.dtype), dict(case.shape),
-               bytes=case.bytes(mode), flops=case.flops(mode))
+               bytes=case.bytes(mode), flops=case.flops(mode), tokens=case.tokens(mode))
     if prov.absent or prov.fn is None:
         r.status, r.error = "absent", prov.absent or "no callable"
         return r
+    if isinstance(ref, ReferenceFailed):
+        r.status, r.error = "error", ref.message
+        return r
     try:
-        step, leaves, (r.max_abs_err, r.rel_err) = prepare(case, prov, mode, args0, diff, ref)
+        step, leaves, (r.max_abs_err, r.rel_err) = case.prepare(prov, mode, args0, diff, ref)
         r.ms_p50, r.ms_p20, r.ms_p80, r.ms_iqr = time_ms(step, device, grad_to_none=leaves or None, quick=quick)
         for t in leaves:
             t.grad = None
@@ -146,8 +169,11 @@ def run_suite(suite, device: torch.device, dtype: torch.dtype, quick: bool, prov
               cases: List[Case], modes: Sequence[str], progress=None) -> List[Result]:
     results = []
     for case in cases:
-        args0, diff = case.inputs()
-        ref = case.reference(args0)
+        try:
+            args0, diff = case.inputs()
+            ref = case.reference(args0)
+        except Exception as e:  # reported on every provider of the case; the other cases still run
+            args0, diff, ref = (), (), ReferenceFailed(f"reference failed: {type(e).__name__}: {e}"[:500])
         for mode in modes:
             for prov in providers:
                 if progress is not None:
@@ -160,10 +186,12 @@ def run_suite(suite, device: torch.device, dtype: torch.dtype, quick: bool, prov
 
 
 def derive(results: List[Result], ceilings: dict) -> None:
-    """GB/s and TFLOP/s from each case's byte/FLOP model, % of the measured ceilings, speed-ups vs baselines."""
+    """GB/s, TFLOP/s and tokens/s from each case's byte/FLOP/token counts, % of the measured ceilings."""
     for r in results:
         if not r.ms_p50:
             continue
+        if r.tokens:
+            r.tokens_per_s = r.tokens / r.ms_p50 * 1e3
         if r.bytes:
             r.gbps = r.bytes / r.ms_p50 / 1e6
             if ceilings.get("copy_gbps"):

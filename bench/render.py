@@ -1,8 +1,14 @@
-"""Render the measured JSON files of bench/results/ as markdown tables, one per (file, suite), each headed by
-its device, date, versions, commit and measured ceilings.
+"""Render the measured files of bench/results/ as markdown: the README's result sections come from here.
 
-`python -m bench.render` prints them; `--out FILE` writes them to a file; `--readme README.md` rewrites the
-README section between <!-- results:begin --> and <!-- results:end -->. Nothing in that section is typed.
+- ``*.json`` (``python -m bench``): one table per (file, suite), headed by its device, date, versions, commit and
+  measured ceilings; columns that are empty in every row of a table (no FLOP model, no CUDA memory) are left out.
+- ``*.jsonl`` (the retired ``bench/quick_gpu.py``: an ``_about`` line, then one line per case): one table per
+  (file, family), headed by the file's device and date (the date is the one in the file name) and its ``_about``.
+
+The README holds generated sections between ``<!-- results:<name>:begin -->`` and ``<!-- results:<name>:end -->``:
+``tables`` (every table above) and ``summary`` (the ratios of pykernels to the other provider in each JSONL family,
+as ranges over its cases). `python -m bench.render --readme README.md` rewrites them, `--check` exits 1 when the
+README differs from what the committed files give. Nothing in those sections is typed by hand.
 """
 from __future__ import annotations
 
@@ -10,23 +16,24 @@ import argparse
 import json
 import math
 import re
+import sys
 from pathlib import Path
-from typing import List
+from typing import Callable, Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-HEADER = ["case", "dtype", "mode", "provider", "ms (p50)", "p20–p80", "GB/s", "% copy BW", "TFLOP/s",
-          "% matmul", "speed-up", "extra memory MiB"]
+README = REPO / "README.md"
+DASH = "–"
 
 
 def _fmt(v, spec: str) -> str:
-    return "–" if v is None else format(v, spec)
+    return DASH if v is None else format(v, spec)
 
 
 def _rate(v) -> str:
     """Three significant digits without an exponent: 2094, 62.7, 1.31."""
     if v is None:
-        return "–"
+        return DASH
     return format(v, f".{max(0, 2 - int(math.floor(math.log10(abs(v))))) if v else 0}f")
 
 
@@ -34,32 +41,52 @@ def _device(env: dict) -> str:
     return env.get("device_name") or env.get("gpu") or env.get("cpu") or env.get("device", "?")
 
 
-def _row(r: dict) -> str:
-    extra = r.get("peak_extra_mem_bytes")
-    status = "" if r["status"] == "ok" else f" ({r['status']})"
-    spread = "–" if r.get("ms_p20") is None else f"{r['ms_p20']:.3f}–{r['ms_p80']:.3f}"
-    speedup = ", ".join(f"{v:.2f}× {k}" for k, v in r.get("speedup_vs", {}).items()) or "–"
-    cells = [r["case"], r["dtype"], r["mode"], r["provider"] + status, _fmt(r.get("ms_p50"), ".3f"), spread,
-             _rate(r.get("gbps")), _fmt(r.get("pct_of_copy_bw"), ".1f"), _rate(r.get("tflops")),
-             _fmt(r.get("pct_of_matmul"), ".1f"), speedup, _fmt(None if extra is None else extra / 2**20, ".0f")]
-    return "| " + " | ".join(cells) + " |"
+def _name(path: Path):
+    return path.relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
+
+
+def _table(header: List[str], rows: List[List[str]], always: int = 0) -> List[str]:
+    """Markdown lines; a column after the first ``always`` ones is dropped when every row has DASH in it."""
+    keep = [i for i in range(len(header)) if i < always or any(row[i] != DASH for row in rows)]
+    lines = ["| " + " | ".join(header[i] for i in keep) + " |", "|" + "---|" * len(keep)]
+    return lines + ["| " + " | ".join(row[i] for i in keep) + " |" for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSON runs of the harness
+
+COLUMNS: List[Tuple[str, Callable[[dict], str]]] = [
+    ("case", lambda r: r["case"]),
+    ("dtype", lambda r: r["dtype"]),
+    ("mode", lambda r: r["mode"]),
+    ("provider", lambda r: r["provider"] + ("" if r["status"] == "ok" else f" ({r['status']})")),
+    ("ms (p50)", lambda r: _fmt(r.get("ms_p50"), ".3f")),
+    ("p20–p80", lambda r: DASH if r.get("ms_p20") is None else f"{r['ms_p20']:.3f}–{r['ms_p80']:.3f}"),
+    ("GB/s", lambda r: _rate(r.get("gbps"))),
+    ("% copy BW", lambda r: _fmt(r.get("pct_of_copy_bw"), ".1f")),
+    ("TFLOP/s", lambda r: _rate(r.get("tflops"))),
+    ("% matmul", lambda r: _fmt(r.get("pct_of_matmul"), ".1f")),
+    ("tokens/s", lambda r: _rate(r.get("tokens_per_s"))),
+    ("speed-up", lambda r: ", ".join(f"{v:.2f}× {k}" for k, v in r.get("speedup_vs", {}).items()) or DASH),
+    ("extra memory MiB", lambda r: _fmt(None if r.get("peak_extra_mem_bytes") is None
+                                        else r["peak_extra_mem_bytes"] / 2**20, ".0f")),
+]
 
 
 def render_file(path: Path) -> str:
     d = json.loads(path.read_text())
     env, ceil = d["env"], d.get("ceilings", {})
-    name = path.relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
     tables = []
     for suite in dict.fromkeys(r["suite"] for r in d["results"]):  # first-seen order
         rs = [r for r in d["results"] if r["suite"] == suite]
         head = (f"**{suite}** on **{_device(env)}**, {env['date_utc'][:10]} — torch {env.get('torch')}, "
-                f"triton {env.get('triton')}, CUDA {env.get('cuda')}, driver {env.get('driver', '–')}, commit "
+                f"triton {env.get('triton')}, CUDA {env.get('cuda')}, driver {env.get('driver', DASH)}, commit "
                 f"`{env.get('git_commit', 'unknown')[:10]}`{' + uncommitted changes' if env.get('git_dirty') else ''}; "
                 f"measured ceilings: copy {_rate(ceil.get('copy_gbps'))} GB/s"
                 + (f", bf16 matmul {_rate(ceil['matmul_bf16_tflops'])} TFLOP/s" if "matmul_bf16_tflops" in ceil else "")
-                + f" (`{name}`)")
-        lines = [head, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        lines += [_row(r) for r in rs if r["status"] != "absent"]
+                + f" (`{_name(path)}`)")
+        rows = [[cell(r) for _, cell in COLUMNS] for r in rs if r["status"] != "absent"]
+        lines = [head, ""] + _table([h for h, _ in COLUMNS], rows, always=5)
         absent = sorted({f"{r['provider']}: {r['error']}" for r in rs if r["status"] == "absent"})
         if absent:
             lines += ["", "Not measured: " + "; ".join(absent)]
@@ -67,34 +94,128 @@ def render_file(path: Path) -> str:
     return "\n\n".join(tables)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# JSONL files of the retired bench/quick_gpu.py (in git history)
+
+def _read_jsonl(path: Path) -> Tuple[str, str, str, List[dict]]:
+    """(about, device, date, case records) of a quick_gpu file; the date comes from the file name."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    about = next((r["_about"] for r in records if "_about" in r), "")
+    m = re.search(r"(\d{4})(\d{2})(\d{2})", path.stem)
+    if not m:
+        raise ValueError(f"{path.name}: a results file name must carry its date, <device>-<what>-YYYYMMDD.jsonl")
+    # the device: "<command>; <device> (driver ...)" in _about, else the file name's first word
+    dev = re.search(r";\s*([^;(]+?)\s*\(driver", about)
+    device = dev.group(1) if dev else path.stem.split("-")[0]
+    return about, device, "-".join(m.groups()), [r for r in records if "family" in r]
+
+
+def _cell(v) -> str:
+    if isinstance(v, str):
+        return v.replace("torch.", "")
+    return json.dumps(v)  # numbers exactly as the file has them; true/false
+
+
+def render_jsonl(path: Path) -> str:
+    about, device, date, records = _read_jsonl(path)
+    tables = []
+    for family in dict.fromkeys(r["family"] for r in records):
+        rs = [r for r in records if r["family"] == family]
+        cols = [k for k in dict.fromkeys(k for r in rs for k in r) if k not in ("family", "dispatch")]
+        rows = [[_cell(r[k]) if k in r else DASH for k in cols] for r in rs]
+        head = f"**{family}** on **{device}**, {date} — {about} (`{_name(path)}`)"
+        tables.append("\n".join([head, ""] + _table(cols, rows, always=len(cols))))
+    return "\n\n".join(tables)
+
+
+# <provider>_<metric> keys of quick_gpu records that summary() compares, pykernels against each other provider
+METRICS = {"fwdbwd_ms": "forward+backward time", "fwd_ms": "forward time", "peak_extra_mib": "peak extra memory"}
+
+
+def _ratio_ranges(rs: List[dict]) -> List[str]:
+    """'<metric> lo–hi× <other>'s': pykernels' value over the other provider's, the range over the cases."""
+    out = []
+    for metric, label in METRICS.items():
+        suffix = "_" + metric
+        others = dict.fromkeys(k[:-len(suffix)] for r in rs for k in r if k.endswith(suffix))
+        others.pop("pykernels", None)
+        for other in others:
+            ratios = sorted(r[f"pykernels{suffix}"] / r[other + suffix] for r in rs
+                            if isinstance(r.get(f"pykernels{suffix}"), (int, float)) and r.get(other + suffix))
+            if ratios:
+                span = f"{ratios[0]:.2f}" if len(ratios) == 1 else f"{ratios[0]:.2f}–{ratios[-1]:.2f}"
+                out.append(f"{label} {span}× {other}'s")
+    return out
+
+
+def summary(results_dir: Path = RESULTS) -> str:
+    lines = []
+    for path in sorted(results_dir.glob("*.jsonl")):
+        _, device, date, records = _read_jsonl(path)
+        for family in dict.fromkeys(r["family"] for r in records):
+            rs = [r for r in records if r["family"] == family]
+            parts = _ratio_ranges(rs)
+            if parts:
+                lines.append(f"- **{family}** on {device}, {date}, {len(rs)} case{'s' * (len(rs) > 1)} "
+                             f"(`{_name(path)}`): pykernels at " + "; ".join(parts) + ".")
+    return "\n".join(lines) or "No side-by-side results have been measured yet."
+
+
+# ---------------------------------------------------------------------------------------------------------
+
 def render(results_dir: Path = RESULTS) -> str:
-    files: List[Path] = sorted(results_dir.glob("*.json"))
+    files = sorted(list(results_dir.glob("*.json")) + list(results_dir.glob("*.jsonl")))
     if not files:
         return "No results have been measured yet."
-    return "\n\n".join(render_file(f.resolve()) for f in files)
+    return "\n\n".join(render_jsonl(f.resolve()) if f.suffix == ".jsonl" else render_file(f.resolve())
+                       for f in files)
 
 
-def main(argv=None) -> None:
+SECTIONS: Dict[str, Callable[[Path], str]] = {"tables": render, "summary": summary}
+_SECTION = re.compile(r"(<!-- results:(\w+):begin -->).*?(<!-- results:\2:end -->)", re.S)
+
+
+def update_readme(text: str, results_dir: Path = RESULTS) -> str:
+    """``text`` with every results section regenerated; at least one must exist, and only known names."""
+    names = [m.group(2) for m in _SECTION.finditer(text)]
+    if not names:
+        raise ValueError("the README has no <!-- results:<name>:begin --> ... <!-- results:<name>:end --> section")
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown results section(s) {unknown}; known: {sorted(SECTIONS)}")
+    return _SECTION.sub(lambda m: f"{m.group(1)}\n{SECTIONS[m.group(2)](results_dir)}\n{m.group(3)}", text)
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.render", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", default=str(RESULTS), help="directory of JSON files")
+    p.add_argument("--results", default=str(RESULTS), help="directory of .json / .jsonl files")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--out", default=None, help="write the markdown to this file")
-    g.add_argument("--readme", default=None, help="rewrite this file's results:begin/end section")
+    g.add_argument("--out", default=None, help="write the tables to this file")
+    g.add_argument("--readme", default=None, const=str(README), nargs="?",
+                   help="rewrite this file's results sections (default README.md)")
+    g.add_argument("--check", default=None, const=str(README), nargs="?", metavar="README",
+                   help="exit 1 if this file's results sections are stale (default README.md)")
     a = p.parse_args(argv)
-    text = render(Path(a.results))
+    results = Path(a.results)
     if a.out:
-        Path(a.out).write_text(text + "\n")
-    elif a.readme:
-        readme = Path(a.readme)
-        s = readme.read_text()
-        if "<!-- results:begin -->" not in s:
-            raise SystemExit(f"{readme} has no <!-- results:begin --> ... <!-- results:end --> section")
-        readme.write_text(re.sub(r"<!-- results:begin -->.*<!-- results:end -->",
-                                 lambda m: f"<!-- results:begin -->\n{text}\n<!-- results:end -->", s, flags=re.S))
+        Path(a.out).write_text(render(results) + "\n")
+    elif a.readme or a.check:
+        path = Path(a.readme or a.check)
+        old = path.read_text()
+        new = update_readme(old, results)
+        if a.check:
+            if new != old:
+                print(f"{path} is stale: run `python -m bench.render --readme {path}` and commit it",
+                      file=sys.stderr)
+                return 1
+            print(f"{path}: results sections up to date")
+        elif new != old:
+            path.write_text(new)
     else:
-        print(text)
+        print(render(results))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,7 +16,8 @@ COLUMNS = [  # (header, field or speed-up key, format); shared by the plain and 
     ("suite", "suite", ""), ("case", "case", ""), ("dtype", "dtype", ""), ("mode", "mode", ""),
     ("provider", "provider", ""), ("status", "status", ""), ("ms p50", "ms_p50", ".3f"),
     ("p20-p80", None, ""), ("GB/s", "gbps", ".1f"), ("%copy", "pct_of_copy_bw", ".1f"),
-    ("TFLOP/s", "tflops", ".1f"), ("%mm", "pct_of_matmul", ".1f"), ("speed-up", None, ""),
+    ("TFLOP/s", "tflops", ".1f"), ("%mm", "pct_of_matmul", ".1f"), ("tok/s", "tokens_per_s", ".0f"),
+    ("speed-up", None, ""),
     ("extra MiB", None, ".0f"),
 ]
 
@@ -40,7 +41,8 @@ def write_csv(path: Path, results: List[Result]) -> None:
 
 
 def write_plots(directory: Path, results: List[Result], prefix: str = "") -> List[Path]:
-    """One PNG per (suite, mode, dtype): GB/s (or TFLOP/s) of each provider against the swept size."""
+    """One PNG per (suite, mode, dtype, shape keys): GB/s (or TFLOP/s, tokens/s) of each provider against the
+    swept size. Cases with other shape keys (another model of the e2e suite) get their own plot."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -51,12 +53,13 @@ def write_plots(directory: Path, results: List[Result], prefix: str = "") -> Lis
     groups: Dict[tuple, List[Result]] = {}
     for r in results:
         if r.status == "ok":
-            groups.setdefault((r.suite, r.mode, r.dtype), []).append(r)
-    for (suite, mode, dtype), rs in groups.items():
+            groups.setdefault((r.suite, r.mode, r.dtype, tuple(r.shape)), []).append(r)
+    for (suite, mode, dtype, keys), rs in groups.items():
         # the swept dimension is the one that varies across cases (the last shape key if none does)
-        keys = list(rs[0].shape)
         key = next((k for k in keys if len({r.shape.get(k) for r in rs}) > 1), keys[-1])
-        metric = "tflops" if rs[0].tflops is not None else "gbps"
+        metric = next((m for m in ("tflops", "tokens_per_s") if getattr(rs[0], m) is not None), "gbps")
+        model = rs[0].case.split()[0]  # e2e cases start with their model's name; the kernel suites with k=v
+        model = "" if "=" in model else model
         fig, ax = plt.subplots(figsize=(7, 4))
         for prov in sorted({r.provider for r in rs}):
             pts = sorted((r.shape[key], getattr(r, metric)) for r in rs if r.provider == prov)
@@ -65,11 +68,11 @@ def write_plots(directory: Path, results: List[Result], prefix: str = "") -> Lis
         if max(xs) > 4 * min(xs):
             ax.set_xscale("log", base=2)
         ax.set_xlabel(key)
-        ax.set_ylabel("TFLOP/s" if metric == "tflops" else "GB/s (minimal bytes / time)")
-        ax.set_title(f"{suite} {mode} {dtype}")
+        ax.set_ylabel({"tflops": "TFLOP/s", "tokens_per_s": "tokens/s"}.get(metric, "GB/s (minimal bytes / time)"))
+        ax.set_title(f"{suite} {model} {mode} {dtype}".replace("  ", " "))
         ax.legend()
         ax.grid(alpha=0.3)
-        path = directory / f"{prefix}{suite}-{mode.replace('+', '_')}-{dtype}.png"
+        path = directory / f"{prefix}{suite}{'-' + model if model else ''}-{mode.replace('+', '_')}-{dtype}.png"
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         out.append(path)

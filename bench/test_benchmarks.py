@@ -43,7 +43,7 @@ def test_suite(benchmark, request, case, provider, mode):
         pytest.skip(provider.absent)
     args, diff, ref = _case_data(case)
     try:
-        step, leaves, (abs_err, rel_err) = harness.prepare(case, provider, mode, args, diff, ref)
+        step, leaves, (abs_err, rel_err) = case.prepare(provider, mode, args, diff, ref)
     except harness.WrongOutput as e:
         pytest.fail(f"{provider.name} is wrong, not timed: {e}")
 
@@ -53,6 +53,7 @@ def test_suite(benchmark, request, case, provider, mode):
         step()
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
-    benchmark.extra_info.update(bytes=case.bytes(mode), flops=case.flops(mode), max_abs_err=abs_err,
-                                rel_err=rel_err, shape=case.shape, dtype=harness.dtype_name(DTYPE), mode=mode)
+    benchmark.extra_info.update(bytes=case.bytes(mode), flops=case.flops(mode), tokens=case.tokens(mode),
+                                max_abs_err=abs_err, rel_err=rel_err, shape=case.shape,
+                                dtype=harness.dtype_name(DTYPE), mode=mode)
     benchmark.pedantic(timed, rounds=10, warmup_rounds=2)

@@ -1,12 +1,14 @@
 """pykernels.functional.cross_entropy: torch.nn.functional.cross_entropy on fused kernels."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import backends
+from . import _autocast
 from ..ops import cross_entropy as _ce
 from ..reference import cross_entropy as _ce_ref
 
@@ -104,8 +106,19 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         graph (retain_graph=True) raises autograd's "modified by an inplace operation" error; pass fused=False
         for that (the split path reads the saved logits in the backward, as PyTorch).
       backend: "triton", "cuda", "cpu" or "reference"; see ``pykernels.backends``.
+
+    Under ``torch.autocast`` the loss is float32 for half-precision (or float32) logits, as torch's (its float32
+    list); the kernels read the half-precision logits as they are and the gradient keeps their dtype.
     """
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    amp = _autocast.enabled(input)
+    out_dtype = torch.float32 if amp and _autocast.eligible(input) else input.dtype
+    with _autocast.off(input) if amp else contextlib.nullcontext():
+        return _cross_entropy(input, target, weight, _legacy_reduction(size_average, reduce, reduction),
+                              ignore_index, label_smoothing, z_loss, return_lse, fused, backend, out_dtype)
+
+
+def _cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, return_lse, fused,
+                   backend, out_dtype):
     probs = _check_cross_entropy_args(input, target, weight, reduction, label_smoothing, z_loss, ignore_index)
     C = input.shape[0 if input.dim() == 1 else 1]
     needs_grad = torch.is_grad_enabled() and input.requires_grad
@@ -128,7 +141,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     order = ("triton", "cuda", "reference") if input.device.type == "cuda" and not needs_grad else None
     chosen = backends.choose("cross_entropy", input.device, backend, unsupported, order)
     if chosen == "reference":
-        loss, lse = _ce_ref.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+        # under autocast torch computes on a float32 copy of the logits: so does the reference (no-op otherwise)
+        loss, lse = _ce_ref.cross_entropy(input.to(out_dtype), target, weight, ignore_index, reduction,
+                                          label_smoothing, z_loss)
         return (loss, lse.detach()) if return_lse else loss
 
     if not probs:
@@ -140,6 +155,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         fused = reduction != "none"
     loss, lse, _, _ = _ce.cross_entropy_op(x, t, w, ignore_index, _ce.REDUCTIONS[reduction], float(label_smoothing),
                                            float(z_loss), bool(fused and needs_grad), chosen)
+    loss = loss.to(out_dtype)
     batch = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
     if reduction == "none":
         loss = loss.reshape(batch)

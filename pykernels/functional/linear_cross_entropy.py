@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import _autocast
 from ..ops import linear_cross_entropy as _lce
 from ..reference import linear_cross_entropy as _lce_ref
 
@@ -131,13 +132,34 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         (see ``pykernels.distributed``); vocab_start / vocab_size override the shard's first class and the
         vocabulary size (default: rank * rows, world * rows).
       backend: "triton", "cuda", "cpu" or "reference"; see ``pykernels.backends``.
+
+    Under ``torch.autocast``, as torch's linear then cross_entropy: input, linear_weight and linear_bias are cast
+    to the autocast dtype (the projection runs in it) and the loss is float32.
     """
+    if not _autocast.enabled(input):
+        return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                     label_smoothing, z_loss, softcap, return_lse, group, vocab_start, vocab_size,
+                                     backend, None)
+    input, linear_weight, linear_bias = map(_autocast.to_lower_precision, (input, linear_weight, linear_bias))
+    with _autocast.off(input):
+        return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                     label_smoothing, z_loss, softcap, return_lse, group, vocab_start, vocab_size,
+                                     backend, torch.float32 if _autocast.eligible(input) else None)
+
+
+def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                          label_smoothing, z_loss, softcap, return_lse, group, vocab_start, vocab_size, backend,
+                          amp_dtype):
+    """amp_dtype: float32 under autocast (the loss's dtype, and the logits' on the reference path), else None."""
+    out_dtype = amp_dtype or input.dtype
     if group is not None:
         from ..distributed import vocab_parallel_linear_cross_entropy
-        return vocab_parallel_linear_cross_entropy(
+        out = vocab_parallel_linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
             return_lse=return_lse, group=group, vocab_start=vocab_start, vocab_size=vocab_size, backend=backend)
+        # under autocast: float32 as torch's, though this path rounded the loss to the input's dtype first
+        return out if amp_dtype is None else ((out[0].to(amp_dtype), out[1]) if return_lse else out.to(amp_dtype))
     logits_shape, probs, out_features = _check_args(input, linear_weight, target, linear_bias, weight, reduction,
                                                     ignore_index, label_smoothing, z_loss, softcap)
     ii = -100 if ignore_index is None else int(ignore_index)
@@ -166,6 +188,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if not probs:
         _check_target_range(target, C, ii)
     if chosen == "reference":
+        if amp_dtype is not None:  # float32 logits from the autocast-rounded operands (torch: rounded logits)
+            input, linear_weight = input.to(amp_dtype), linear_weight.to(amp_dtype)
+            linear_bias = None if linear_bias is None else linear_bias.to(amp_dtype)
         loss, lse = _lce_ref.linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                                   None if probs else ii, label_smoothing, z_loss, softcap)
         return (loss, lse.detach()) if return_lse else loss
@@ -177,6 +202,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     b = None if linear_bias is None else linear_bias.contiguous()
     loss, m, log_s, _ = _lce.linear_cross_entropy_op(x, linear_weight, b, t, w, ii, _lce.REDUCTIONS[reduction],
                                                      float(label_smoothing), float(z_loss), softcap, chosen)
+    loss = loss.to(out_dtype)
     if reduction == "none":
         loss = loss.reshape(batch)
     return (loss, (m + log_s).reshape(batch)) if return_lse else loss

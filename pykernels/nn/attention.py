@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..functional.attention import scaled_dot_product_attention
+from ._adopt import adopt
 
 __all__ = ["MultiheadAttention"]
 
@@ -42,15 +43,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         self.backend = backend
 
     @classmethod
-    def from_torch(cls, module: torch.nn.MultiheadAttention, **extras) -> "MultiheadAttention":
-        """The same module as a pykernels one, sharing its parameters (optimizers keep working)."""
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)
-        new._parameters = dict(module._parameters)
-        new._buffers = dict(module._buffers)
-        new._modules = dict(module._modules)
-        new.backend = extras.get("backend")
-        return new
+    def from_torch(cls, module: torch.nn.MultiheadAttention, *, backend: Optional[str] = None
+                   ) -> "MultiheadAttention":
+        """The same module as a pykernels one, sharing its Parameter objects (optimizers keep working)."""
+        return adopt(cls, module, backend=backend)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,

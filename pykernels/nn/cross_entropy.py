@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..functional import cross_entropy as _cross_entropy
+from ._adopt import adopt
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -30,11 +31,10 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                                z_loss=self.z_loss, fused=self.fused, backend=self.backend)
 
     @classmethod
-    def from_torch(cls, module: torch.nn.CrossEntropyLoss, **extras) -> "CrossEntropyLoss":
-        new = cls(module.weight, ignore_index=module.ignore_index, reduction=module.reduction,
-                  label_smoothing=module.label_smoothing, **extras)
-        new.train(module.training)
-        return new
+    def from_torch(cls, module: torch.nn.CrossEntropyLoss, *, z_loss: float = 0.0, fused: Optional[bool] = None,
+                   backend: Optional[str] = None) -> "CrossEntropyLoss":
+        """The same loss as a pykernels one, sharing its ``weight`` buffer, settings and hooks."""
+        return adopt(cls, module, z_loss=z_loss, fused=fused, backend=backend)
 
     def extra_repr(self) -> str:
         parts = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..functional.linear_cross_entropy import linear_cross_entropy as _linear_cross_entropy
+from ._adopt import adopt
 
 _TorchLCE = getattr(torch.nn, "LinearCrossEntropyLoss", None)
 _Base = _TorchLCE if _TorchLCE is not None else torch.nn.modules.loss._WeightedLoss
@@ -59,19 +60,11 @@ class LinearCrossEntropyLoss(_Base):
                                      backend=self.backend)
 
     @classmethod
-    def from_torch(cls, module: torch.nn.Module, **extras) -> "LinearCrossEntropyLoss":
+    def from_torch(cls, module: torch.nn.Module, *, z_loss: float = 0.0, softcap: float = 0.0, group=None,
+                   backend: Optional[str] = None) -> "LinearCrossEntropyLoss":
         """The drop-in for a ``torch.nn.LinearCrossEntropyLoss``: the same ``linear`` submodule (its Parameter
-        objects, so optimizer state stays attached), ``weight`` buffer and settings."""
-        lin = module.linear
-        new = cls(lin.in_features, module.num_classes, out_features=tuple(module.out_features),
-                  bias=lin.bias is not None, device="meta", dtype=lin.weight.dtype, reduction=module.reduction,
-                  weight=None, ignore_index=module.ignore_index, label_smoothing=module.label_smoothing,
-                  options=getattr(module, "options", None), **extras)
-        new.linear = lin
-        if module.weight is not None:
-            new.register_buffer("weight", module.weight)
-        new.train(module.training)
-        return new
+        objects, so optimizer state stays attached), ``weight`` buffer, settings and hooks."""
+        return adopt(cls, module, z_loss=z_loss, softcap=softcap, group=group, backend=backend)
 
     def extra_repr(self) -> str:
         parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",

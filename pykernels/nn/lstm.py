@@ -6,7 +6,6 @@ loads strictly in both directions and an optimizer built on one module's paramet
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional, Tuple
 
 import torch
@@ -15,15 +14,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..functional.lstm import lstm as _lstm
 from ..functional.lstm import lstm_cell as _lstm_cell
-
-
-def _adopt_parameters(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
-    """Make ``new`` use ``old``'s Parameter objects (the same tensors: optimizers and tied weights keep
-    working) and its training mode."""
-    for name, p in old._parameters.items():
-        setattr(new, name, p)
-    new.train(old.training)
-    return new
+from ._adopt import adopt
 
 
 class LSTMCell(torch.nn.LSTMCell):
@@ -46,10 +37,9 @@ class LSTMCell(torch.nn.LSTMCell):
                           backend=self.backend)
 
     @classmethod
-    def from_torch(cls, module: torch.nn.LSTMCell, **extras) -> "LSTMCell":
-        new = cls(module.input_size, module.hidden_size, module.bias, device="meta",
-                  dtype=module.weight_ih.dtype, **extras)
-        return _adopt_parameters(new, module)
+    def from_torch(cls, module: torch.nn.LSTMCell, *, backend: Optional[str] = None) -> "LSTMCell":
+        """The same cell as a pykernels one, sharing its Parameter objects (optimizers keep working)."""
+        return adopt(cls, module, backend=backend)
 
 
 class LSTM(torch.nn.LSTM):
@@ -121,14 +111,7 @@ class LSTM(torch.nn.LSTM):
         return output, self.permute_hidden(hidden, unsorted_indices)
 
     @classmethod
-    def from_torch(cls, module: torch.nn.LSTM, **extras) -> "LSTM":
-        new = cls(module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first,
-                  module.dropout, module.bidirectional, module.proj_size, device="meta",
-                  dtype=module.weight_ih_l0.dtype, **extras)
-        return _adopt_parameters(new, module)
-
-
-# pykernels.patch imports pykernels.nn (this package, already holding the modules it needs): import it late.
-_patch = importlib.import_module("pykernels.patch")
-_patch.register(torch.nn.LSTMCell, LSTMCell.from_torch)
-_patch.register(torch.nn.LSTM, LSTM.from_torch)
+    def from_torch(cls, module: torch.nn.LSTM, *, backend: Optional[str] = None) -> "LSTM":
+        """The same LSTM as a pykernels one, sharing its Parameter objects (and cuDNN's flattened weight
+        views): optimizers keep working."""
+        return adopt(cls, module, backend=backend)

@@ -100,7 +100,8 @@ def cross_entropy_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], i
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """logits (N, C, D); target int64 (N*D,) or probabilities (N, C, D); weight (C,) of acc_dtype or None.
 
-    Returns (loss, lse, grad, denominator): loss in the logits' dtype, shape () or (N*D,) for reduction none;
+    Returns (loss, lse, grad, denominator): loss of acc_dtype (the caller casts it: to the logits' dtype, or to
+    float32 under autocast, as torch), shape () or (N*D,) for reduction none;
     lse (N*D,) of acc_dtype; grad the gradient of the reduced loss when write_grad (else empty); denominator ().
     """
     fwd, _, _ = KERNELS[backend]
@@ -113,13 +114,13 @@ def cross_entropy_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], i
         loss = rows.sum()
     else:
         loss = rows.sum() / denom  # 0/0 = NaN when every target is ignored, as PyTorch
-    return loss.to(logits.dtype), lse, grad, denom
+    return loss, lse, grad, denom
 
 
 @cross_entropy_op.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, write_grad, backend):
     N, C, D = logits.shape
-    loss = logits.new_empty((N * D,) if reduction == NONE else ())
+    loss = logits.new_empty((N * D,) if reduction == NONE else (), dtype=acc_dtype(logits.dtype))
     lse = logits.new_empty((N * D,), dtype=acc_dtype(logits.dtype))
     grad = logits.new_empty((N, C, D)) if write_grad else logits.new_empty((0,))
     return loss, lse, grad, logits.new_empty((), dtype=acc_dtype(logits.dtype))

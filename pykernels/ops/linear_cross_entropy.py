@@ -137,8 +137,9 @@ def linear_cross_entropy_op(input: Tensor, linear_weight: Tensor, linear_bias: O
     """input (N, H), linear_weight (V, H) of the same dtype, linear_bias (V,) or None, target int64 (N,),
     weight (V,) of the accumulation dtype or None.
 
-    Returns (loss, m, log_s, denominator): loss in the input's dtype, () or (N,) for reduction none; the row max
-    m and log_s with lse = m + log_s, (N,), and the mean's denominator (), in the accumulation dtype."""
+    Returns (loss, m, log_s, denominator), all in the accumulation dtype (the caller casts the loss: to the
+    input's dtype, or to float32 under autocast, as torch): loss () or (N,) for reduction none; the row max m
+    and log_s with lse = m + log_s, (N,); the mean's denominator ()."""
     fwd, _ = KERNELS[backend]
     acc = acc_dtype(input.dtype)
     C = linear_weight.shape[0]
@@ -146,7 +147,7 @@ def linear_cross_entropy_op(input: Tensor, linear_weight: Tensor, linear_bias: O
     valid, bad, w_y, wsum = row_terms(target, weight, ignore_index, C, acc)
     rows = rows_loss(m, log_s, zy, zs, valid, bad, w_y, wsum, C, label_smoothing, z_loss)
     loss, denom = reduce_rows(rows, w_y, reduction)
-    return loss.to(input.dtype), m, log_s, denom
+    return loss, m, log_s, denom
 
 
 @linear_cross_entropy_op.register_fake
@@ -154,7 +155,7 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction
       backend):
     N = input.shape[0]
     acc = acc_dtype(input.dtype)
-    loss = input.new_empty((N,) if reduction == NONE else ())
+    loss = input.new_empty((N,) if reduction == NONE else (), dtype=acc)
     return loss, input.new_empty(N, dtype=acc), input.new_empty(N, dtype=acc), input.new_empty((), dtype=acc)
 
 

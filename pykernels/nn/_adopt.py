@@ -1,0 +1,28 @@
+"""One way every pykernels module takes over a torch module: ``from_torch`` and ``pykernels.patch`` use it."""
+from __future__ import annotations
+
+import copy
+from typing import Type, TypeVar
+
+import torch
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def adopt(cls: Type[M], module: torch.nn.Module, **extras) -> M:
+    """``module`` as an instance of ``cls`` (a pykernels subclass of its torch class), built without running any
+    constructor: the same Parameter and buffer objects (an optimizer built before the swap keeps updating the
+    model, tied weights stay tied, nothing is copied), the same submodules, attributes, hooks and training mode.
+
+    The containers in the instance dict (``_parameters``, hooks, an RNN's ``_flat_weights``) are copied one
+    level deep, so later registrations on either module do not leak into the other. ``extras`` are the
+    pykernels keyword-only attributes (``backend``, ``z_loss``, ...) set on the new module."""
+    if not isinstance(module, cls.__bases__[0]):
+        raise TypeError(f"{cls.__name__}.from_torch: module must be a {cls.__bases__[0].__module__}."
+                        f"{cls.__bases__[0].__name__}, got {type(module).__name__}")
+    new = cls.__new__(cls)
+    new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, list, set)) else v
+                         for k, v in module.__dict__.items()})
+    for name, value in extras.items():
+        setattr(new, name, value)
+    return new

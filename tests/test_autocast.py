@@ -1,0 +1,86 @@
+"""Under torch.autocast the loss drop-ins return what torch returns (CPU autocast, every CPU backend):
+cross_entropy is on autocast's float32 list (half-precision logits in, float32 loss out, the gradient in the
+logits' dtype); torch's linear_cross_entropy is linear (autocast dtype) then cross_entropy (float32 loss)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pykernels
+
+CE_BACKENDS = ["cpu", "reference", "triton"]  # triton runs on CPU tensors under TRITON_INTERPRET=1
+
+
+def _skip_unavailable(backend):
+    why = pykernels.available_backends("cpu").get(backend)
+    if why:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("backend", CE_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_cross_entropy_under_autocast(backend, reduction, amp):
+    _skip_unavailable(backend)
+    if backend == "triton" and amp == torch.bfloat16:
+        pytest.skip("the Triton interpreter's bf16 arithmetic is not exact on CPU")
+    torch.manual_seed(0)
+    h = torch.randn(37, 16)
+    w = torch.randn(53, 16, requires_grad=True)
+    t = torch.randint(0, 53, (37,))
+    t[::7] = -100
+    outs = {}
+    for name, fn in (("torch", F.cross_entropy),
+                     ("ours", lambda x, y, **k: pykernels.functional.cross_entropy(x, y, backend=backend, **k))):
+        w.grad = None
+        with torch.autocast("cpu", dtype=amp):
+            logits = F.linear(h, w)  # half-precision logits, as in a real autocast model
+            logits.retain_grad()
+            loss = fn(logits, t, reduction=reduction)
+        assert logits.dtype == amp and loss.dtype == torch.float32, (name, loss.dtype)
+        loss.sum().backward()
+        assert logits.grad.dtype == amp
+        outs[name] = loss.detach(), logits.grad, w.grad
+    for ours, theirs in zip(outs["ours"], outs["torch"]):
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=1e-5)
+    with torch.autocast("cpu", dtype=amp):  # float64 is not autocast's: it stays float64
+        x = torch.randn(5, 7, dtype=torch.float64)
+        assert pykernels.functional.cross_entropy(x, t[:5].clamp(0) % 7, backend="reference").dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_linear_cross_entropy_under_autocast(backend):
+    _skip_unavailable(backend)
+    amp = torch.float16 if backend == "triton" else torch.bfloat16  # the interpreter's bf16 dot is not exact
+    torch.manual_seed(0)
+    h = torch.randn(29, 32, requires_grad=True)  # float32 activations and weights: autocast casts them
+    w = torch.randn(300, 32, requires_grad=True)
+    b = torch.randn(300, requires_grad=True)
+    t = torch.randint(0, 300, (29,))
+    outs = {}
+    for name, fn in (("torch", lambda: F.cross_entropy(F.linear(h, w, b), t)),
+                     ("ours", lambda: pykernels.functional.linear_cross_entropy(h, w, t, linear_bias=b,
+                                                                                backend=backend))):
+        h.grad = w.grad = b.grad = None
+        with torch.autocast("cpu", dtype=amp):
+            loss = fn()
+        assert loss.dtype == torch.float32, name
+        loss.backward()
+        assert h.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32  # through autocast's cast
+        outs[name] = loss.detach(), h.grad, w.grad, b.grad
+    for ours, theirs in zip(outs["ours"], outs["torch"]):
+        # torch rounds the logits to the autocast dtype, the kernels keep them in float32: the rounding's size
+        torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-3)
+    with torch.autocast("cpu", dtype=amp):  # mixed dtypes are what autocast produces: no dtype error
+        loss = pykernels.functional.linear_cross_entropy(h.to(amp), w, t, backend=backend)
+    assert loss.dtype == torch.float32
+
+
+def test_module_and_no_autocast_unchanged():
+    x, t = torch.randn(6, 10, dtype=torch.bfloat16), torch.randint(0, 10, (6,))
+    assert pykernels.nn.CrossEntropyLoss()(x, t).dtype == torch.bfloat16  # outside autocast: the input's dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pykernels.nn.CrossEntropyLoss()(x, t).dtype == torch.float32
+        with torch.autocast("cpu", enabled=False):
+            assert pykernels.nn.CrossEntropyLoss()(x, t).dtype == torch.bfloat16

@@ -1,0 +1,90 @@
+"""The end-to-end suite (bench/e2e.py) on CPU with tiny models, a few seconds: both models train the same with
+torch modules and after pykernels.patch, tokens/s is reported, a provider whose training diverges from torch's
+is reported wrong and not timed, the JSON of `python -m bench --suite e2e` carries it all."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import __main__ as cli
+from bench import e2e, harness, models
+
+CPU = torch.device("cpu")
+TINY = {"B": 2, "T": 16, "steps": 3, "embed": 16, "hidden": 16, "heads": 2, "layers": 1}
+
+
+def test_corpus_and_batches_are_deterministic():
+    data = models.corpus()
+    assert data.dtype == torch.uint8 and data.numel() > 10_000  # README.md + docs/*.md
+    a = models.batches(data, 3, 8, seed=1, device=CPU)
+    b = models.batches(data, 3, 8, seed=1, device=CPU)
+    for _ in range(2):
+        (xa, ta), (xb, tb) = next(a), next(b)
+        assert torch.equal(xa, xb) and torch.equal(ta, tb) and torch.equal(xa[:, 1:], ta[:, :-1])
+    with pytest.raises(ValueError, match="shorter than seq"):
+        next(models.batches(data[:5], 1, 8, 0, CPU))
+
+
+def _perturb(model):  # a "kernel" that gets the loss slightly wrong: the curve check must catch it
+    import pykernels
+    pykernels.patch(model)
+    model.loss.z_loss = 1e-3  # adds ~0.03 to a loss of ~5.5
+    return model
+
+
+def test_suite_reports_ok_tokens_and_wrong(monkeypatch):
+    timed = []
+    real = harness.time_ms
+    monkeypatch.setattr(harness, "time_ms", lambda fn, *a, **k: timed.append(fn) or real(fn, *a, **k))
+    provs = e2e.providers(CPU, torch.float32) + [harness.Provider("perturbed", _perturb)]
+    provs = [p for p in provs if p.default]
+    assert [p.name for p in provs] == ["torch", "pykernels-auto", "perturbed"]
+    cases = e2e.cases(CPU, torch.float32, True, TINY)
+    assert [c.name.split()[0] for c in cases] == ["char-lstm", "gpt"]
+    rs = harness.run_suite(e2e, CPU, torch.float32, True, provs, cases, e2e.MODES)
+    harness.derive(rs, {})
+    by = {(r.case.split()[0], r.provider): r for r in rs}
+    for model in ("char-lstm", "gpt"):
+        ours = by[model, "pykernels-auto"]
+        assert ours.status == "ok" and ours.rel_err < 1e-5, ours.error
+        assert ours.tokens == 2 * 16 and ours.tokens_per_s == pytest.approx(32e3 / ours.ms_p50)
+        bad = by[model, "perturbed"]
+        assert bad.status == "wrong" and "loss curve off" in bad.error and bad.ms_p50 is None
+    assert len(timed) == 4  # torch and pykernels-auto for each model, never the wrong one
+
+
+def test_shape_override_and_bad_arguments():
+    lstm, gpt = e2e.cases(CPU, torch.float32, True, {"hidden": 24, "T": 12})
+    assert lstm.w.cfg.hidden == 24 and lstm.w.seq == gpt.w.seq == gpt.w.cfg.seq == 12
+    with pytest.raises(ValueError, match="--shape keys must be among"):
+        e2e.cases(CPU, torch.float32, True, {"width": 3})
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        e2e.cases(CPU, torch.float64, True)
+
+
+def test_cli_json(tmp_path, capsys):
+    shape = ",".join(f"{k}={v}" for k, v in TINY.items())
+    assert cli.main(["--suite", "e2e", "--quick", "--device", "cpu", "--shape", shape, "--no-plots",
+                     "--out", str(tmp_path)]) == 0
+    assert "tok/s" in capsys.readouterr().out
+    (path,) = tmp_path.glob("*.json")
+    rs = json.loads(path.read_text())["results"]
+    assert {(r["case"].split()[0], r["provider"]) for r in rs} == {(m, p) for m in ("char-lstm", "gpt")
+                                                                   for p in ("torch", "pykernels-auto")}
+    for r in rs:
+        assert r["status"] == "ok" and r["mode"] == "train" and r["tokens_per_s"] > 0 and r["shape"]["steps"] == 3
+        assert (r["speedup_vs"] == {}) == (r["provider"] == "torch")
+
+
+def test_a_reference_that_cannot_run_is_reported_on_every_provider(monkeypatch):
+    # e.g. torch's own LSTM under CPU fp16 autocast (oneDNN rejects it): the run goes on, the case says why
+    def fails(self, args):
+        raise RuntimeError("could not create a primitive descriptor")
+    lstm, gpt = e2e.cases(CPU, torch.float32, True, TINY)
+    monkeypatch.setattr(type(lstm), "reference", fails)
+    provs = [p for p in e2e.providers(CPU, torch.float32) if p.default]
+    rs = harness.run_suite(e2e, CPU, torch.float32, True, provs, [lstm], e2e.MODES)
+    assert [(r.status, r.ms_p50) for r in rs] == [("error", None)] * 2
+    assert all(r.error == "reference failed: RuntimeError: could not create a primitive descriptor" for r in rs)

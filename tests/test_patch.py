@@ -1,0 +1,128 @@
+"""pykernels.patch on the two end-to-end models (bench/models.py) and on its own corner cases, on CPU: the
+same outputs and gradients before and after, the very same Parameter objects (an optimizer made before the
+call keeps training the model), unchanged state_dict keys, subclasses of the torch modules left alone."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pykernels
+from bench import models
+
+SWAPPED = (torch.nn.MultiheadAttention, torch.nn.LSTM, torch.nn.LSTMCell, torch.nn.CrossEntropyLoss)
+TINY = {"lstm": (models.CharLSTM, models.CharLSTMConfig(embed=16, hidden=24, layers=2)),
+        "gpt": (models.GPT, models.GPTConfig(seq=16, embed=32, heads=4, layers=2))}
+
+
+def _model(name):
+    torch.manual_seed(0)
+    cls, cfg = TINY[name]
+    return cls(cfg)
+
+
+def _batch(seed=0):
+    return next(models.batches(models.corpus(), 3, 16, seed, torch.device("cpu")))
+
+
+def _loss_and_grads(model, x, t):
+    model.zero_grad(set_to_none=True)
+    loss = model(x, t)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_round_trip(name):
+    model = _model(name)
+    x, t = _batch()
+    params = dict(model.named_parameters())
+    keys = list(model.state_dict())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # made before patch(): must keep training the model
+    loss0, grads0 = _loss_and_grads(model, x, t)
+
+    assert pykernels.patch(model) is model
+    assert not [n for n, m in model.named_modules() if type(m) in SWAPPED]  # every supported module swapped
+    assert sum(type(m).__module__.startswith("pykernels.") for m in model.modules()) >= 2
+    assert list(model.state_dict()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters())
+    loss1, grads1 = _loss_and_grads(model, x, t)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    for n, g in grads0.items():
+        torch.testing.assert_close(grads1[n], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    torch.testing.assert_close(copy.deepcopy(model)(x, t).detach(), loss1)  # adopted modules copy like torch's
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())  # the old optimizer trains it
+    assert model(x, t) < loss1
+
+
+def test_gpt_tied_head_stays_tied_and_patch_is_idempotent():
+    model = pykernels.patch(_model("gpt"))
+    assert model.tok.weight.data_ptr() == dict(model.named_parameters())["tok.weight"].data_ptr()
+    swapped = [m for m in model.modules() if type(m).__module__.startswith("pykernels.")]
+    pykernels.patch(model)
+    assert [m for m in model.modules() if type(m).__module__.startswith("pykernels.")] == swapped
+
+
+def test_subclasses_shared_modules_and_extras():
+    class MyLoss(torch.nn.CrossEntropyLoss):  # a user's subclass may change forward: never swapped
+        def forward(self, x, t):
+            return 2 * super().forward(x, t)
+
+    cell = torch.nn.LSTMCell(4, 5)
+    m = torch.nn.ModuleDict({"a": cell, "b": cell, "mine": MyLoss(), "ce": torch.nn.CrossEntropyLoss()})
+    hook_calls = []
+    m["ce"].register_forward_hook(lambda *a: hook_calls.append(1))
+    pykernels.patch(m, backend="reference")
+    assert type(m["mine"]) is MyLoss
+    assert type(m["a"]) is pykernels.nn.LSTMCell and m["a"] is m["b"] and m["a"].backend == "reference"
+    assert m["a"].weight_ih is cell.weight_ih
+    m["ce"](torch.randn(2, 3), torch.tensor([0, 2]))
+    assert hook_calls == [1] and pykernels.last_dispatch["cross_entropy"][0] == "reference"
+    top = pykernels.patch(torch.nn.LSTM(3, 4))  # the model itself is supported: its replacement is returned
+    assert type(top) is pykernels.nn.LSTM
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        pykernels.patch("model")
+    with pytest.raises(TypeError, match="module must be a torch.nn.modules.rnn.LSTM"):
+        pykernels.nn.LSTM.from_torch(torch.nn.GRU(3, 4))
+
+
+@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch < 2.13 has no such module")
+def test_linear_cross_entropy_loss_is_swapped_too():
+    torch.manual_seed(0)
+    head = torch.nn.ModuleDict({"loss": torch.nn.LinearCrossEntropyLoss(8, 11, bias=True, label_smoothing=0.1)})
+    x, t = torch.randn(5, 8), torch.randint(0, 11, (5,))
+    weight = head["loss"].linear.weight
+    before = head["loss"](x, t)
+    before.backward()
+    grad, weight.grad = weight.grad.clone(), None
+    pykernels.patch(head)
+    assert type(head["loss"]) is pykernels.nn.LinearCrossEntropyLoss and head["loss"].linear.weight is weight
+    after = head["loss"](x, t)
+    after.backward()
+    torch.testing.assert_close(after, before)
+    torch.testing.assert_close(weight.grad, grad)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_round_trip_on_the_triton_kernels(name):
+    """patch(model, backend="triton"): every swapped module runs the Triton kernels (under the interpreter on
+    CPU), with the same loss and gradients as the torch modules."""
+    why = pykernels.available_backends("cpu").get("triton")
+    if why:
+        pytest.skip(why)
+    model = _model(name)
+    x, t = _batch()
+    loss0, grads0 = _loss_and_grads(model, x, t)
+    pykernels.patch(model, backend="triton")
+    pykernels.last_dispatch.clear()
+    loss1, grads1 = _loss_and_grads(model, x, t)
+    ran = {op: pykernels.last_dispatch[op][0] for op in ("cross_entropy", "lstm", "scaled_dot_product_attention")
+           if op in pykernels.last_dispatch}
+    assert ran["cross_entropy"] == ran["lstm" if name == "lstm" else "scaled_dot_product_attention"] == "triton"
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    for n, g in grads0.items():
+        torch.testing.assert_close(grads1[n], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")

@@ -1,0 +1,83 @@
+"""bench/render.py: the README's result sections are exactly what the committed files in bench/results/ give
+(this test is the CI check), every table names its device and date, JSONL tables and the ratio summary."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from bench import harness, render, report
+
+DATE = re.compile(r"\b20\d\d-\d\d-\d\d\b")
+
+
+def test_readme_is_generated_from_the_committed_results(capsys):
+    assert render.main(["--check"]) == 0, "README.md is stale: run `python -m bench.render --readme`"
+    text = render.README.read_text()
+    assert "<!-- results:tables:begin -->" in text and "<!-- results:summary:begin -->" in text
+
+
+def test_every_table_names_device_and_date():
+    tables = [t for t in render.render().split("\n\n**")]
+    assert len(tables) >= len(list(render.RESULTS.glob("*.json*")))
+    for t in tables:
+        head = t.splitlines()[0]
+        assert " on **" in head and DATE.search(head) and "(`bench/results/" in head, head
+    for line in render.summary().splitlines():
+        assert line.startswith("- **") and " on " in line and DATE.search(line), line
+
+
+def _jsonl(tmp_path, name="gpu0-x-20260102.jsonl"):
+    rows = [{"_about": "python -m bench.quick_gpu; Dev Z (driver 1.0), torch 9"},
+            {"family": "attention", "L": 128, "dtype": "torch.bfloat16", "pykernels_fwd_ms": 2.0, "sdpa_fwd_ms": 1.0,
+             "pykernels_peak_extra_mib": 10, "sdpa_peak_extra_mib": 40},
+            {"family": "attention", "L": 256, "dtype": "torch.bfloat16", "pykernels_fwd_ms": 4.5, "sdpa_fwd_ms": 1.5},
+            {"family": "lstm", "T": 8, "pykernels_fwdbwd_ms": 1.0, "cudnn_fwdbwd_ms": 4.0, "dispatch": "{...}"}]
+    (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_jsonl_tables_and_summary(tmp_path):
+    _jsonl(tmp_path)
+    md = render.render(tmp_path)
+    assert md.count("on **Dev Z**, 2026-01-02") == 2  # one table per family
+    assert "| 256 | bfloat16 | 4.5 | 1.5 | – | – |" in md and "dispatch" not in md
+    assert render.summary(tmp_path).splitlines() == [
+        "- **attention** on Dev Z, 2026-01-02, 2 cases (`" + str(tmp_path / "gpu0-x-20260102.jsonl") +
+        "`): pykernels at forward time 2.00–3.00× sdpa's; peak extra memory 0.25× sdpa's.",
+        "- **lstm** on Dev Z, 2026-01-02, 1 case (`" + str(tmp_path / "gpu0-x-20260102.jsonl") +
+        "`): pykernels at forward+backward time 0.25× cudnn's."]
+    (tmp_path / "undated.jsonl").write_text('{"family": "lstm"}\n')
+    with pytest.raises(ValueError, match="must carry its date"):
+        render.render(tmp_path)
+
+
+def test_json_tables_keep_only_measured_columns(tmp_path):
+    rs = [harness.Result("e2e", "gpt B=2 T=8", p, "train", "float32", {"B": 2, "T": 8}, ms_p50=ms, ms_p20=ms,
+                         ms_p80=ms, tokens=16.0) for p, ms in (("torch", 2.0), ("pykernels-auto", 1.0))]
+    harness.derive(rs, {"copy_gbps": 1.0})
+    harness.add_speedups(rs, ["torch"])
+    report.write_json(tmp_path / "cpu-e2e-20260102.json", {"date_utc": "2026-01-02T00:00:00", "device_name": "Dev Y"},
+                      {"copy_gbps": 1.0}, rs)
+    md = render.render(tmp_path)
+    header = next(line for line in md.splitlines() if line.startswith("| case"))
+    assert header == "| case | dtype | mode | provider | ms (p50) | p20–p80 | tokens/s | speed-up |"
+    assert "| pykernels-auto | 1.000 | 1.000–1.000 | 16000 | 2.00× torch |" in md
+
+
+def test_check_and_rewrite(tmp_path, capsys):
+    _jsonl(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:summary:begin -->\nold 9.99× typed by hand\n<!-- results:summary:end -->\n")
+    args = ["--results", str(tmp_path)]
+    assert render.main(args + ["--check", str(readme)]) == 1
+    assert "stale" in capsys.readouterr().err
+    assert render.main(args + ["--readme", str(readme)]) == 0
+    assert "9.99" not in readme.read_text() and "2.00–3.00× sdpa's" in readme.read_text()
+    assert render.main(args + ["--check", str(readme)]) == 0
+    readme.write_text("<!-- results:nope:begin -->\n<!-- results:nope:end -->\n")
+    with pytest.raises(ValueError, match="unknown results section"):
+        render.main(args + ["--check", str(readme)])
+    readme.write_text("no sections\n")
+    with pytest.raises(ValueError, match="has no <!-- results"):
+        render.main(args + ["--readme", str(readme)])
