@@ -35,7 +35,7 @@ def _f64(*ts):
 
 
 def test_suites_registered():
-    assert set(NEW) | {"cross_entropy"} == set(SUITES)
+    assert set(NEW) | {"cross_entropy", "e2e"} == set(SUITES)  # e2e: tests/test_bench_e2e.py
     for name, mod in MODULES.items():
         assert mod.NAME == name and mod.MODES == ("fwd+bwd", "fwd")
 
@@ -114,7 +114,7 @@ def test_default_providers_and_absence_reasons():
     for name, mod in MODULES.items():
         provs = {p.name: p for p in mod.providers(CPU, torch.float32)}
         default = {n for n, p in provs.items() if p.default and not p.baseline}
-        if name == "lstm_cell":  # the C++ cell kernel is the CPU backend
+        if name in ("lstm_cell", "lstm"):  # the C++ cell and sequence kernels are the CPU backend
             assert default == {"pykernels-cpu"}
         else:  # no CPU kernel of these ops: the reference is what an automatic call runs on CPU
             assert default == {"pykernels-reference"}
