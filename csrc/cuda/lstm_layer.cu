@@ -67,7 +67,7 @@ __device__ __forceinline__ Units units_of(int64_t H, int HB) {
 }
 
 template <typename T, bool RESIDENT>
-__global__ void __launch_bounds__(kThreads) layer_fwd_kernel(LstmLayerArgs a, int HB) {
+__global__ void __launch_bounds__(kThreads, 1) layer_fwd_kernel(LstmLayerArgs a, int HB) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t H = a.H, B = a.B, T_ = a.T;
   T* Ws = reinterpret_cast<T*>(smem_raw);     // [4][HB][H]: this block's rows of W_hh (RESIDENT)
@@ -90,7 +90,8 @@ __global__ void __launch_bounds__(kThreads) layer_fwd_kernel(LstmLayerArgs a, in
     for (int64_t b0 = 0; b0 < B; b0 += kBatchChunk) {
       const int nb = static_cast<int>(B - b0 < kBatchChunk ? B - b0 : kBatchChunk);
       __syncthreads();  // the previous chunk is consumed (and, the first time, Ws is written)
-      for (int64_t e = threadIdx.x; e < nb * H; e += kThreads) Hs[e] = hprev[b0 * H + e];
+      // other blocks wrote h_{t-1}: read it from L2 (ld.global.cg), never from a stale L1 line
+      for (int64_t e = threadIdx.x; e < nb * H; e += kThreads) Hs[e] = __ldcg(hprev + b0 * H + e);
       __syncthreads();
       for (int item = warp; item < nb * my.n; item += kWarps) {
         const int bb = item / my.n, uu = item % my.n;
@@ -128,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) layer_fwd_kernel(LstmLayerArgs a, in
 }
 
 template <typename T, bool RESIDENT>
-__global__ void __launch_bounds__(kThreads) layer_bwd_kernel(LstmLayerArgs a, int HB) {
+__global__ void __launch_bounds__(kThreads, 1) layer_bwd_kernel(LstmLayerArgs a, int HB) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t H = a.H, B = a.B, T_ = a.T;
   T* Wt = reinterpret_cast<T*>(smem_raw);  // [HB][4H]: this block's columns of W_hh, transposed (RESIDENT)
@@ -171,7 +172,7 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(LstmLayerArgs a, in
       float acc = 0.f;
       for (int64_t r = lane; r < 4 * H; r += 32) {
         const float wv = RESIDENT ? to_f(Wt[uu * 4 * H + r]) : to_f(W[r * H + my.u0 + uu]);
-        acc += to_f(from_f<T>(dgrow[r])) * wv;
+        acc += to_f(from_f<T>(__ldcg(dgrow + r))) * wv;  // dG_t of other blocks: from L2
       }
       acc = warp_sum(acc);
       if (lane == 0) a.dh[b * H + my.u0 + uu] = acc;
