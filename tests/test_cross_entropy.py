@@ -233,7 +233,9 @@ def test_fused_and_split_paths_agree(backend, device):
             (pykernels.functional.cross_entropy(xx, t, reduction=reduction, fused=fused, backend=backend)
              * 3.0).backward()  # an incoming gradient != 1 exercises the scaling pass of the fused path
             grads.append(xx.grad)
-        assert max_abs_err(grads[0], grads[1]) <= 4 * torch.finfo(dtype).eps * float(grads[1].abs().max())
+        # the fused path scales its stored gradient in a second pass (one more rounding); fresh random data put
+        # the difference exactly at 4 eps of the largest entry once in CI, so the bound leaves 2x room above that
+        assert max_abs_err(grads[0], grads[1]) <= 8 * torch.finfo(dtype).eps * float(grads[1].abs().max())
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference"])
