@@ -22,8 +22,12 @@ def test_rule_applies_only_to_automatic_calls(monkeypatch):
         assert backends.prefer_native(op, CUDA, "triton") is None  # a hard request runs ours
         with pykernels.use_backend("triton"):
             assert backends.prefer_native(op, CUDA, None) is None  # so does a preference
-        assert backends.prefer_native(op, torch.device("cpu"), None) is None
+        cpu_why = backends.prefer_native(op, torch.device("cpu"), None)  # measured slower on CPU too
+        assert cpu_why and "bench/results/cpu-" in cpu_why
+        assert pykernels.last_dispatch[op] == ("torch", {"cpu": cpu_why})
     assert backends.prefer_native("cross_entropy", CUDA, None) is None  # ours is faster there
+    assert backends.prefer_native("cross_entropy", torch.device("cpu"), None) is None
+    assert backends.prefer_native("lstm_cell", torch.device("cpu"), None) is None  # the C++ cell is not slower
     monkeypatch.setenv("PYKERNELS_BACKEND", "triton")
     assert backends.prefer_native("lstm", CUDA, None) is None
     monkeypatch.delenv("PYKERNELS_BACKEND")
