@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .timing import peak_extra_memory, time_ms
+from .timing import peak_extra_memory, time_ms, time_ms_graph
 
 BACKWARD_MODES = ("fwd+bwd",)  # modes whose step runs the backward; "fwd" runs under torch.no_grad()
 
@@ -64,6 +64,9 @@ class Case:
         """Tokens one timed step processes (training suites): the harness reports tokens/s from it."""
         return None
 
+    # launch-bound (a step of microseconds, e.g. one LSTM cell): on CUDA also timed replayed from a CUDA graph
+    launch_bound: bool = False
+
     def backward(self, out: Any) -> None:
         out.backward()  # the loss suites return a scalar; suites with tensor outputs override this
 
@@ -86,6 +89,10 @@ class Result:
     ms_p20: Optional[float] = None
     ms_p80: Optional[float] = None
     ms_iqr: Optional[float] = None  # CPU (torch.utils.benchmark) only
+    graph_ms_p50: Optional[float] = None  # launch-bound cases on CUDA: the step replayed from a CUDA graph
+    graph_ms_p20: Optional[float] = None
+    graph_ms_p80: Optional[float] = None
+    graph_error: Optional[str] = None  # why the step could not be captured
     bytes: Optional[float] = None
     flops: Optional[float] = None
     gbps: Optional[float] = None
@@ -153,6 +160,11 @@ def measure(case: Case, prov: Provider, mode: str, args0, diff, ref, device: tor
     try:
         step, leaves, (r.max_abs_err, r.rel_err) = case.prepare(prov, mode, args0, diff, ref)
         r.ms_p50, r.ms_p20, r.ms_p80, r.ms_iqr = time_ms(step, device, grad_to_none=leaves or None, quick=quick)
+        if case.launch_bound and device.type == "cuda":
+            try:
+                r.graph_ms_p50, r.graph_ms_p20, r.graph_ms_p80 = time_ms_graph(step, device, leaves or None)
+            except Exception as e:  # not capturable: say why, keep the eager timing
+                r.graph_error = f"{type(e).__name__}: {e}"[:300]
         for t in leaves:
             t.grad = None
         r.peak_extra_mem_bytes = peak_extra_memory(step, device)

@@ -15,7 +15,7 @@ from .harness import Result
 COLUMNS = [  # (header, field or speed-up key, format); shared by the plain and the rich table
     ("suite", "suite", ""), ("case", "case", ""), ("dtype", "dtype", ""), ("mode", "mode", ""),
     ("provider", "provider", ""), ("status", "status", ""), ("ms p50", "ms_p50", ".3f"),
-    ("p20-p80", None, ""), ("GB/s", "gbps", ".1f"), ("%copy", "pct_of_copy_bw", ".1f"),
+    ("p20-p80", None, ""), ("graph ms", "graph_ms_p50", ".3f"), ("GB/s", "gbps", ".1f"), ("%copy", "pct_of_copy_bw", ".1f"),
     ("TFLOP/s", "tflops", ".1f"), ("%mm", "pct_of_matmul", ".1f"), ("tok/s", "tokens_per_s", ".0f"),
     ("speed-up", None, ""),
     ("extra MiB", None, ".0f"),
@@ -141,6 +141,8 @@ def notes(results: List[Result]) -> List[str]:
                 f"  {r.provider} [{r.case} {r.mode}] {r.status}: {r.error}")
         if r.status != "ok" and r.error and line not in out:
             out.append(line)
+        if r.graph_error:
+            out.append(f"  {r.provider} [{r.case} {r.mode}] not timed as a CUDA graph: {r.graph_error}")
     return out
 
 

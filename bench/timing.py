@@ -1,7 +1,8 @@
 """Timing, peak memory and the device's measured ceilings.
 
 CUDA: triton.testing.do_bench (CUDA events per call, L2 flushed before each, median with p20/p80; its default
-return mode is the mean, hence the explicit quantiles). CPU: torch.utils.benchmark's blocked_autorange
+return mode is the mean, hence the explicit quantiles); for launch-bound cases also do_bench_cudagraph, the same
+step replayed from a CUDA graph (the host's launch cost removed). CPU: torch.utils.benchmark's blocked_autorange
 (median and IQR; p20/p80 over its blocks).
 """
 from __future__ import annotations
@@ -30,6 +31,18 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none: Option
     ts = torch.tensor(m.times, dtype=torch.float64) * 1e3
     q = torch.quantile(ts, torch.tensor([0.2, 0.8], dtype=torch.float64)).tolist()
     return m.median * 1e3, q[0], q[1], m.iqr * 1e3
+
+
+def time_ms_graph(fn: Callable[[], object], device: torch.device,
+                  grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> Tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds of ``fn`` replayed from a CUDA graph (triton's do_bench_cudagraph):
+    the launch-bound view, without the host's per-launch cost. Raises where ``fn`` cannot be captured (host
+    syncs, CPU work, allocation outside the graph's pool); the caller reports that."""
+    if device.type != "cuda":
+        raise ValueError("CUDA graphs need a CUDA device")
+    import triton.testing
+    q = triton.testing.do_bench_cudagraph(fn, rep=40, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+    return float(q[0]), float(q[1]), float(q[2])
 
 
 def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:

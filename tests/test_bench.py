@@ -144,3 +144,28 @@ def test_committed_results_render():
     for f in render.RESULTS.glob("*.json"):
         env = json.loads(f.read_text())["env"]
         assert env["date_utc"][:10] in text
+
+
+def test_launch_bound_cases_are_also_timed_from_a_cuda_graph(monkeypatch):
+    """The CUDA-graph variant: a launch-bound case gets graph timings next to the eager ones; a step that cannot
+    be captured keeps its eager timing and says why. (The device object only; the timers are stand-ins.)"""
+    from bench import lstm_cell
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(harness, "time_ms", lambda *a, **k: (2.0, 1.9, 2.1, None))
+    monkeypatch.setattr(harness, "peak_extra_memory", lambda *a, **k: 0)
+    case = lstm_cell.LSTMCellCase(3, 5, 4, torch.float32, CPU)
+    assert case.launch_bound and not ce.CrossEntropyCase(4, 10, torch.float32, CPU).launch_bound
+    args, diff = case.inputs()
+    ref = case.reference(args)
+    prov = [p for p in lstm_cell.providers(CPU, torch.float32) if p.name == "torch"][0]
+    monkeypatch.setattr(harness, "time_ms_graph", lambda *a, **k: (0.5, 0.4, 0.6))
+    r = harness.measure(case, prov, "fwd+bwd", args, diff, ref, cuda, quick=True)
+    assert r.status == "ok" and (r.ms_p50, r.graph_ms_p50, r.graph_ms_p20, r.graph_ms_p80) == (2.0, 0.5, 0.4, 0.6)
+    assert "graph ms" in report.table([r])
+
+    def not_capturable(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(harness, "time_ms_graph", not_capturable)
+    r = harness.measure(case, prov, "fwd+bwd", args, diff, ref, cuda, quick=True)
+    assert r.status == "ok" and r.ms_p50 == 2.0 and r.graph_ms_p50 is None and "capturing" in r.graph_error
+    assert "not timed as a CUDA graph" in report.table([r])
