@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see ../shared/TOOLCHAIN.md): build the extension against the machine's torch,
 # run the GPU test tier, compute-sanitizer, and the benchmark. Everything lands under $OUT.
-#   STAGES="build test sanitize bench" SUITES="attention lstm" FAMILIES="cross_entropy" bash bench/gpu_check.sh
+#   STAGES="build test sanitize bench" SUITES="attention lstm" FAMILIES="attention lstm_layer" bash bench/gpu_check.sh
+# (defaults: every suite, every sanitizer family)
 # SUITES default: every suite registered in bench/__init__.py (full presets: several minutes; BENCH_ARGS=--quick)
 set -uo pipefail
 OUT=${OUT:-/tmp/pykernels_out}
@@ -9,7 +10,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 STAGES=${STAGES:-"build test sanitize bench"}
 SUITES=${SUITES:-$(python3 -c "import bench; print(' '.join(bench.SUITES))")}
-FAMILIES=${FAMILIES:-cross_entropy}
+FAMILIES=${FAMILIES:-"cross_entropy lstm_cell lstm_layer attention linear_cross_entropy"}  # tests/gpu/sanitize.py
 TESTS=${TESTS:-tests}
 BENCH_ARGS=${BENCH_ARGS:-}
 t0=$(date +%s)

@@ -40,6 +40,19 @@ def write_csv(path: Path, results: List[Result]) -> None:
             w.writerow(row)
 
 
+# The size each suite's presets sweep (attention trades batch for length at a fixed token count: plot the length).
+SWEEP = {"attention": "L", "cross_entropy": "V", "linear_cross_entropy": "V", "lstm": "T", "lstm_cell": "B"}
+
+
+def sweep_key(suite: str, keys: tuple, rs: List[Result]) -> str:
+    """The x axis of a plot: the suite's swept size when it varies across the cases, else the first key that
+    varies, else the last key."""
+    varies = [k for k in keys if len({r.shape.get(k) for r in rs}) > 1]
+    if SWEEP.get(suite) in varies:
+        return SWEEP[suite]
+    return varies[0] if varies else keys[-1]
+
+
 def write_plots(directory: Path, results: List[Result], prefix: str = "") -> List[Path]:
     """One PNG per (suite, mode, dtype, shape keys): GB/s (or TFLOP/s, tokens/s) of each provider against the
     swept size. Cases with other shape keys (another model of the e2e suite) get their own plot."""
@@ -55,8 +68,7 @@ def write_plots(directory: Path, results: List[Result], prefix: str = "") -> Lis
         if r.status == "ok":
             groups.setdefault((r.suite, r.mode, r.dtype, tuple(r.shape)), []).append(r)
     for (suite, mode, dtype, keys), rs in groups.items():
-        # the swept dimension is the one that varies across cases (the last shape key if none does)
-        key = next((k for k in keys if len({r.shape.get(k) for r in rs}) > 1), keys[-1])
+        key = sweep_key(suite, keys, rs)
         metric = next((m for m in ("tflops", "tokens_per_s") if getattr(rs[0], m) is not None), "gbps")
         model = rs[0].case.split()[0]  # e2e cases start with their model's name; the kernel suites with k=v
         model = "" if "=" in model else model

@@ -169,3 +169,13 @@ def test_launch_bound_cases_are_also_timed_from_a_cuda_graph(monkeypatch):
     r = harness.measure(case, prov, "fwd+bwd", args, diff, ref, cuda, quick=True)
     assert r.status == "ok" and r.ms_p50 == 2.0 and r.graph_ms_p50 is None and "capturing" in r.graph_error
     assert "not timed as a CUDA graph" in report.table([r])
+
+
+def test_plot_axis_is_the_swept_size():
+    def res(**shape):
+        return harness.Result("attention", "c", "p", "fwd", "bfloat16", shape)
+    rs = [res(B=16, H=16, L=1024, E=64), res(B=4, H=16, L=4096, E=64)]  # batch traded for length
+    assert report.sweep_key("attention", ("B", "H", "L", "E"), rs) == "L"
+    assert report.sweep_key("cross_entropy", ("N", "V"), [res(N=8, V=32000), res(N=8, V=50257)]) == "V"
+    assert report.sweep_key("other", ("N", "V"), [res(N=8, V=1), res(N=16, V=1)]) == "N"
+    assert report.sweep_key("other", ("N", "V"), [res(N=8, V=1)]) == "V"

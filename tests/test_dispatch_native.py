@@ -98,3 +98,27 @@ def test_native_lstm_call_matches_torch_module(batch_first, bidirectional, proj_
     if not batch_first:
         pk = pack_padded_sequence(torch.randn(6, 3, 4), torch.tensor([6, 4, 2]))
         assert torch.equal(m(pk)[0].data, _native_lstm(pk.data, None, *args, pk.batch_sizes)[0])
+
+
+def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monkeypatch):
+    """On CPU the measured-slower ops (NATIVE_FASTER["..."]["cpu"]) hand automatic calls to torch, exactly
+    torch's result; backend="cpu" still runs the C++ sequence kernel, and the cell (not slower) stays ours."""
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
+    theirs = torch.nn.LSTM(5, 7, num_layers=2)
+    ours = pykernels.nn.LSTM(5, 7, num_layers=2)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(6, 3, 5)
+    assert torch.equal(ours(x)[0], theirs(x)[0])
+    assert pykernels.last_dispatch["lstm"][0] == "torch"
+    from pykernels.ops import lstm as lstm_ops
+    if "cpu" in lstm_ops.LAYER:
+        torch.testing.assert_close(pykernels.functional.lstm(x, None, list(theirs._flat_weights), 2,
+                                                             backend="cpu")[0], theirs(x)[0])
+        assert pykernels.last_dispatch["lstm"][0] == "cpu"
+    q = torch.randn(2, 3, 9, 8)
+    assert torch.equal(pykernels.functional.scaled_dot_product_attention(q, q, q, is_causal=True),
+                       F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    assert pykernels.last_dispatch["scaled_dot_product_attention"][0] == "torch"
+    h = pykernels.functional.lstm_cell(x[0], None, theirs.weight_ih_l0, theirs.weight_hh_l0)
+    assert h[0].shape == (3, 7) and pykernels.last_dispatch["lstm_cell"][0] != "torch"
