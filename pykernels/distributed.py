@@ -83,7 +83,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     group). Class-index targets only (global class ids); input (..., H), linear_weight (V_r, H) of this rank.
     Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1) and "reference" (the kernel contract in plain
     PyTorch, chunked: also never the logits); the C++ backends are not implemented yet."""
-    from .functional.linear_cross_entropy import _check_target_range, _finite_nonneg
+    from .functional.linear_cross_entropy import _check_options, _check_target_range
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("linear_cross_entropy: group= needs an initialised torch.distributed process group")
     if group is True:
@@ -115,12 +115,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     if weight is not None and tuple(weight.shape) != (vocab_size,):
         raise ValueError(f"linear_cross_entropy: weight must have shape ({vocab_size},) (the whole vocabulary), got "
                          f"{tuple(weight.shape)}")
-    if reduction not in _lce.REDUCTIONS:
-        raise ValueError(f"linear_cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
-    _finite_nonneg("z_loss", z_loss)
-    _finite_nonneg("softcap", softcap)
+    _check_options(reduction, label_smoothing, z_loss, softcap)
     ii = -100 if ignore_index is None else int(ignore_index)
     _check_target_range(target, vocab_size, ii)
 

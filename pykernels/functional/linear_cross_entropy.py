@@ -26,6 +26,16 @@ def _finite_nonneg(name: str, v: float) -> None:
         raise ValueError(f"linear_cross_entropy: {name} must be finite and >= 0, got {v}")
 
 
+def _check_options(reduction: str, label_smoothing: float, z_loss: float, softcap: float) -> None:
+    """The scalar options, shared with the vocab-parallel entry point (pykernels/distributed.py)."""
+    if reduction not in _lce.REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    _finite_nonneg("z_loss", z_loss)
+    _finite_nonneg("softcap", softcap)
+
+
 def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
                 z_loss, softcap):
     """Validates the call; returns (logits_shape, probs, out_features)."""
@@ -72,12 +82,7 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
         if tuple(weight.shape) != (C,):
             raise ValueError(f"linear_cross_entropy: weight must have shape ({C},) (one per class), got "
                              f"{tuple(weight.shape)}")
-    if reduction not in _lce.REDUCTIONS:
-        raise ValueError(f"linear_cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
-    _finite_nonneg("z_loss", z_loss)
-    _finite_nonneg("softcap", softcap)
+    _check_options(reduction, label_smoothing, z_loss, softcap)
     # Class probabilities when the target has the logits' shape (torch's rule).
     # Batched-input extension: input (..., H) with a 2-D weight puts the classes last; torch's cross_entropy
     # wants them in dim 1, which the reference handles.
