@@ -56,13 +56,18 @@ struct RowKernel {
       return;
     }
 
-    // Pass 1: upcast once into buf.
-    if (a.sc == 1) {
+    // Pass 1: upcast once into buf, unless the row can be read in place: the forward without a gradient of a
+    // contiguous row already in the accumulation dtype needs no copy (and no exp written back, see below).
+    const bool in_place = !backward && !g && a.sc == 1 && std::is_same_v<scalar_t, acc_t>;
+    const acc_t* vals = buf;
+    if (in_place) {
+      vals = reinterpret_cast<const acc_t*>(row);
+    } else if (a.sc == 1) {
       for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<acc_t>(row[c]);
     } else {
       for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<acc_t>(row[c * a.sc]);
     }
-    const acc_t x_y = (!tp && !ignored && !invalid) ? buf[y] : acc_t(0);
+    const acc_t x_y = (!tp && !ignored && !invalid) ? vals[y] : acc_t(0);
     // Sums of the smoothing / probability-target terms, taken relative to the row max m so that a large
     // common offset of the logits cancels exactly (loss = sum w t (m - x) + A log s, not A lse - sum w t x).
     auto relative_sums = [&](acc_t m, acc_t& A, acc_t& sum_wd) {
@@ -72,10 +77,10 @@ struct RowKernel {
           const acc_t t = (acc_t(1) - eps) * static_cast<acc_t>(trow[c * a.tc]) + eps / C;
           const acc_t wt = w ? w[c] * t : t;
           A += wt;
-          if (wt != acc_t(0)) sum_wd += wt * (m - buf[c]);  // a zero weight never multiplies a -inf logit
+          if (wt != acc_t(0)) sum_wd += wt * (m - vals[c]);  // a zero weight never multiplies a -inf logit
         }
       } else if (eps > 0) {
-        for (int64_t c = 0; c < C; ++c) sum_wd += (w ? w[c] : acc_t(1)) * (m - buf[c]);
+        for (int64_t c = 0; c < C; ++c) sum_wd += (w ? w[c] : acc_t(1)) * (m - vals[c]);
       }
     };
     acc_t lse;
@@ -90,11 +95,17 @@ struct RowKernel {
       at::vec::map([lse](Vec v) { return (v - Vec(lse)).exp_u20(); }, buf, buf, C);
       inv_sum = 1;
     } else {
-      const acc_t m = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, buf, C);
+      const acc_t m = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vals, C);
       acc_t A = 0, sum_wd = 0;
       relative_sums(m, A, sum_wd);
-      at::vec::map([m](Vec v) { return (v - Vec(m)).exp_u20(); }, buf, buf, C);
-      const acc_t s = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, buf, C);
+      acc_t s;
+      if (g) {  // the probabilities stay in buf for the gradient pass
+        at::vec::map([m](Vec v) { return (v - Vec(m)).exp_u20(); }, buf, buf, C);
+        s = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, buf, C);
+      } else {  // forward only: sum the exponentials without writing them
+        s = at::vec::map_reduce_all<acc_t>([m](Vec v) { return (v - Vec(m)).exp_u20(); },
+                                           [](Vec& p, Vec& q) { return p + q; }, vals, C);
+      }
       const acc_t log_s = std::log(s);
       lse = m + log_s;
       inv_sum = acc_t(1) / s;
