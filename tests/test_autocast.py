@@ -84,3 +84,34 @@ def test_module_and_no_autocast_unchanged():
         assert pykernels.nn.CrossEntropyLoss()(x, t).dtype == torch.float32
         with torch.autocast("cpu", enabled=False):
             assert pykernels.nn.CrossEntropyLoss()(x, t).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_lstm_and_cell_under_autocast(backend):
+    """nn.LSTM runs in the autocast dtype (torch's CPU rnn layer is on the lower-precision list), also when its
+    input already is lower precision (an autocast linear before it: mixed dtypes used to raise); the CPU cell
+    keeps float32 inputs float32 and follows lower-precision ones, as torch's. Gradients reach float32 weights."""
+    _skip_unavailable(backend)
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(8, 16, num_layers=2)
+    ours = pykernels.nn.LSTM(8, 16, num_layers=2, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 3, 8)
+    for inp in (x, x.bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref, (rh, rc) = theirs(inp)
+            out, (h, c) = ours(inp)
+        assert out.dtype == ref.dtype == torch.bfloat16 and h.dtype == rh.dtype and c.dtype == rc.dtype
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=0)
+        out.float().sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())
+        ours.zero_grad()
+    cell = torch.nn.LSTMCell(8, 16)
+    xc, hc = torch.randn(3, 8), (torch.randn(3, 16), torch.randn(3, 16))
+    for inp in (xc, xc.bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rh, _ = cell(inp, hc)
+            h, _ = pykernels.functional.lstm_cell(inp, hc, cell.weight_ih, cell.weight_hh, cell.bias_ih,
+                                                  cell.bias_hh, backend=backend)
+        assert h.dtype == rh.dtype, (inp.dtype, h.dtype, rh.dtype)
+        torch.testing.assert_close(h.float(), rh.float(), atol=2e-2, rtol=0)

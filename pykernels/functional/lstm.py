@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import backends
 from ..ops import lstm as _ops
+from . import _autocast
 from ..reference import lstm as _ref
 
 __all__ = ["lstm_cell", "lstm"]
@@ -76,6 +77,26 @@ def _check_cell_args(input, h, c, w_ih, w_hh, b_ih, b_hh) -> None:
                 raise ValueError(f"lstm_cell: {name} must have shape ({4 * H},), got {tuple(t.shape)}")
 
 
+# torch.autocast's treatment of the LSTM, so that the drop-ins return what torch's do: nn.LSTM runs in the autocast
+# dtype on CPU (oneDNN's rnn layer is on the lower-precision list) and CUDA, and so does the cell on CUDA
+# (lstm_cell is on the list). torch's CPU cell only multiplies in the autocast dtype and returns the dtype of its
+# cell state (the zeros it makes for hx=None take the input's): the cell runs in that dtype here.
+def _cell_autocast_dtype(input: Tensor, hx) -> torch.dtype:
+    if input.device.type != "cpu":
+        return torch.get_autocast_dtype(input.device.type)
+    c = hx[1] if hx is not None and isinstance(hx[1], Tensor) else input
+    return c.dtype if _autocast.eligible(c) else input.dtype
+
+
+def _cast(input: Tensor, hx, weights: Sequence[Optional[Tensor]], dtype: torch.dtype):
+    """Every floating argument (float64 excepted, as autocast) in ``dtype``; the casts are differentiable, so
+    float32 weights get their gradient back."""
+    def to(t):
+        return t.to(dtype) if isinstance(t, Tensor) and _autocast.eligible(t) else t
+    hx = None if hx is None else tuple(to(t) for t in hx)
+    return to(input), hx, [to(w) for w in weights]
+
+
 def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, w_hh: Tensor,
               b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *, backend: Optional[str] = None
               ) -> Tuple[Tensor, Tensor]:
@@ -83,6 +104,10 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
     unbatched (I,) input; None means zeros. Keyword-only ``backend``: see ``pykernels.backends``."""
     if not isinstance(input, Tensor):
         raise TypeError(f"lstm_cell: input must be a Tensor, got {type(input).__name__}")
+    if _autocast.enabled(input):
+        args = _cast(input, hx, (w_ih, w_hh, b_ih, b_hh), _cell_autocast_dtype(input, hx))
+        with _autocast.off(input):
+            return lstm_cell(args[0], args[1], *args[2], backend=backend)
     unbatched = input.dim() == 1
     if input.dim() not in (1, 2):
         raise ValueError(f"lstm_cell: input must be 1-D (I) or 2-D (B, I), got {input.dim()}-D")
@@ -194,9 +219,14 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
     def unsupported(b: str) -> Optional[str]:
         return _layer_unsupported(b, input, proj_size, packed, params[1].shape[-1])
 
-    if backends.prefer_native("lstm", input.device, backend):
+    if backends.prefer_native("lstm", input.device, backend):  # torch applies autocast itself
         return _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                             dropout, training, batch_sizes)
+    if _autocast.enabled(input):
+        x, hx, params = _cast(input, hx, params, torch.get_autocast_dtype(input.device.type))
+        with _autocast.off(input):
+            return lstm(x, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first, dropout,
+                        training, batch_sizes, backend=backend)
     chosen = backends.choose("lstm", input.device, backend, unsupported,
                              order=_AUTO_ORDER if input.device.type == "cuda" else None)
     if chosen == "reference":
