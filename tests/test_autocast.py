@@ -115,3 +115,22 @@ def test_lstm_and_cell_under_autocast(backend):
                                                   cell.bias_hh, backend=backend)
         assert h.dtype == rh.dtype, (inp.dtype, h.dtype, rh.dtype)
         torch.testing.assert_close(h.float(), rh.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_attention_under_autocast(backend):
+    """SDPA is on autocast's lower-precision list: float32 (or mixed) q/k/v and a float mask run in the autocast
+    dtype and return it, on the automatic (torch's) path and on ours; float32 leaves get float32 gradients."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3))
+    m = torch.randn(7, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        out = pykernels.functional.scaled_dot_product_attention(q, k.bfloat16(), v, attn_mask=m, backend=backend)
+        tq, tk, tv = (t.detach()[0].transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v))
+        cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+        vo = pykernels.functional.varlen_attention(tq, tk, tv, cu, cu, 4, 4, backend=backend or "reference")
+    assert out.dtype == ref.dtype == torch.bfloat16 and vo.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=0)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and v.grad.dtype == torch.float32

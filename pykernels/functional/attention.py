@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import _autocast
 from ..ops import attention as _ops
 from ..reference import attention as _ref
 
@@ -93,6 +94,13 @@ def _order(device: torch.device):
     return _AUTO_ORDER if device.type == "cuda" else None
 
 
+def _to_autocast_dtype(t: Tensor):
+    """What autocast does to the floating arguments of an op on its lower-precision list (float64 and bool masks
+    are left alone); differentiable casts."""
+    dtype = torch.get_autocast_dtype(t.device.type)
+    return lambda x: x.to(dtype) if isinstance(x, Tensor) and _autocast.eligible(x) else x
+
+
 def _seed(device: torch.device) -> Tensor:
     # Drawn from torch's generator of the device (torch.manual_seed reproduces it), kept on the device: no sync.
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
@@ -121,6 +129,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
       backend: "triton", "cuda", "cpu" or "reference"; see ``pykernels.backends``.
     """
     fn = "scaled_dot_product_attention"
+    if isinstance(query, Tensor) and _autocast.enabled(query):  # torch's SDPA is on autocast's lower-precision list
+        to = _to_autocast_dtype(query)
+        with _autocast.off(query):
+            return scaled_dot_product_attention(to(query), to(key), to(value), to(attn_mask), dropout_p, is_causal,
+                                                scale, enable_gqa, window=window, softcap=softcap,
+                                                causal_alignment=causal_alignment, return_lse=return_lse,
+                                                backend=backend)
     win = _check_common(fn, [("query", query), ("key", key), ("value", value)], dropout_p, scale, window,
                         softcap, causal_alignment)
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -250,6 +265,13 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     Returns out (T, H, Ev), and with return_lse the log-sum-exp (H, T) fp32 (FlashAttention's layout).
     """
     fn = "varlen_attention"
+    if isinstance(q, Tensor) and _autocast.enabled(q):  # as scaled_dot_product_attention
+        to = _to_autocast_dtype(q)
+        with _autocast.off(q):
+            return varlen_attention(to(q), to(k), to(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    dropout_p=dropout_p, is_causal=is_causal, scale=scale, window=window,
+                                    softcap=softcap, causal_alignment=causal_alignment, return_lse=return_lse,
+                                    backend=backend)
     win = _check_common(fn, [("q", q), ("k", k), ("v", v)], dropout_p, scale, window, softcap, causal_alignment)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
