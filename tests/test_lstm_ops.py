@@ -109,27 +109,28 @@ def _utils(backend, device):
     return ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-@pytest.mark.parametrize("backend,device", CPU_KERNELS)
+@pytest.mark.parametrize("backend,device", CPU_KERNELS + [GPU_KERNELS[0]])
 def test_opcheck_layer(backend, device):
-    """The autograd-level layer op over each CPU-tier backend's sequence kernels, and the C++ kernel ops alone."""
+    """The autograd-level layer op over each backend's sequence kernels, and the C++ kernel ops alone (on the GPU
+    tier: the persistent CUDA kernels, through every util including AOT dispatch)."""
     require(backend, device)
     if backend not in ops.LAYER:
         pytest.fail(f"no {backend} sequence kernel registered")
     utils = _utils(backend, device)
     T, B, I, H = 3, 2, 3, 4
-    x = torch.randn(T, B, I, requires_grad=True)
-    args = [x, torch.randn(B, H, requires_grad=True), torch.randn(B, H, requires_grad=True),
-            torch.randn(4 * H, I, requires_grad=True), torch.randn(4 * H, H, requires_grad=True),
-            torch.randn(4 * H, requires_grad=True), torch.randn(4 * H, requires_grad=True)]
+
+    def r(*shape, grad=False):
+        return torch.randn(*shape, device=device, requires_grad=grad)
+    args = [r(T, B, I, grad=True), r(B, H, grad=True), r(B, H, grad=True), r(4 * H, I, grad=True),
+            r(4 * H, H, grad=True), r(4 * H, grad=True), r(4 * H, grad=True)]
     for reverse in (False, True):
         torch.library.opcheck(torch.ops.pykernels.lstm_layer.default, (*args, reverse, backend), test_utils=utils)
-    if backend == "cpu":
-        fwd, bwd = ops.LAYER["cpu"]
-        xp, w, h0, c0 = torch.randn(T, B, 4 * H), torch.randn(4 * H, H), torch.randn(B, H), torch.randn(B, H)
+    if backend in ("cpu", "cuda"):
+        fwd, bwd = ops.LAYER[backend]
+        xp, w, h0, c0 = r(T, B, 4 * H), r(4 * H, H), r(B, H), r(B, H)
         torch.library.opcheck(fwd, (xp, w, h0, c0, True), test_utils=utils)
         _, ws = fwd(xp, w, h0, c0, True)
-        torch.library.opcheck(bwd, (torch.randn(T, B, H), None, torch.randn(B, H), c0, ws, w, True),
-                              test_utils=utils)
+        torch.library.opcheck(bwd, (r(T, B, H), None, r(B, H), c0, ws, w, True), test_utils=utils)
 
 
 def test_gradcheck_cell_float64_cpu_kernels():
