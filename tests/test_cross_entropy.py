@@ -220,6 +220,29 @@ def test_extreme_logits(backend, device):
     assert torch.isnan(loss[2]) and bool(torch.isfinite(loss[[0, 1, 3, 4, 5]]).all())
 
 
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpu"])
+def test_cpu_forward_streaming_pass(backend, device):
+    """The CPU forward without a gradient streams each row in chunks with a running max: a first chunk of masked
+    (-inf) classes, a max that grows from chunk to chunk, a NaN in a late chunk, a row of one tail chunk."""
+    _setup(backend, device, torch.float32)
+    V = 5000  # three chunks of the streaming pass
+    x = _logits((5, V), torch.float32, device)
+    x[0, :3000] = float("-inf")            # the first chunk entirely masked
+    x[1] += torch.linspace(0, 40, V)       # the max keeps growing: the running sum is rescaled
+    x[2, 4500] = float("nan")
+    t = torch.tensor([4000, 10, 0, 4999, 2500])
+    with torch.no_grad():
+        ours = pykernels.functional.cross_entropy(x, t, reduction="none", backend=backend)
+        ref = torch.nn.functional.cross_entropy(x.double(), t, reduction="none")
+    assert torch.isnan(ours[2]) and not bool(torch.isnan(ours[[0, 1, 3, 4]]).any())
+    keep = [0, 1, 3, 4]
+    torch.testing.assert_close(ours[keep].double(), ref[keep], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # and the label-smoothed loss, whose relative sums use the streamed max
+        ours = pykernels.functional.cross_entropy(x[[1, 3]], t[[1, 3]], label_smoothing=0.1, backend=backend)
+        ref = torch.nn.functional.cross_entropy(x[[1, 3]].double(), t[[1, 3]], label_smoothing=0.1)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_fused_and_split_paths_agree(backend, device):
     dtype = DTYPES.get((backend, device), [torch.float32])[0]

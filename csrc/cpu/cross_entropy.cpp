@@ -7,6 +7,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -32,6 +33,31 @@ struct RowKernel {
     if (!a.scale) return acc_t(1);
     const acc_t* s = static_cast<const acc_t*>(a.scale);
     return a.scale_numel == 1 ? s[0] : s[r];
+  }
+
+  // Row max m and sum of exp(v - m) in one streaming pass: chunks small enough to stay in L1 between their max
+  // and their exponentials, the running sum rescaled when the max grows. Reading a row from memory once overlaps
+  // the loads with the exponentials (a max pass, then an exp pass re-reads the row).
+  static void online_max_sum(const acc_t* v, int64_t C, acc_t& m, acc_t& s) {
+    constexpr int64_t kChunk = 2048;
+    m = -std::numeric_limits<acc_t>::infinity();
+    s = 0;
+    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, C - c0);
+      const acc_t cm = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, v + c0, n);
+      if (std::isnan(cm)) {  // a NaN logit makes the row's lse and loss NaN (at::vec::maximum propagates it)
+        m = s = cm;
+        return;
+      }
+      if (cm == -std::numeric_limits<acc_t>::infinity()) continue;  // masked classes only: they add exp(-inf) = 0
+      if (cm > m) {
+        s = s * std::exp(m - cm);  // s is 0 while m is -inf: no 0 * exp(-inf + inf)
+        m = cm;
+      }
+      const acc_t mm = m;
+      s += at::vec::map_reduce_all<acc_t>([mm](Vec x) { return (x - Vec(mm)).exp_u20(); },
+                                          [](Vec& p, Vec& q) { return p + q; }, v + c0, n);
+    }
   }
 
   // Processes row r with buf (size C) as scratch.
@@ -95,16 +121,15 @@ struct RowKernel {
       at::vec::map([lse](Vec v) { return (v - Vec(lse)).exp_u20(); }, buf, buf, C);
       inv_sum = 1;
     } else {
-      const acc_t m = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vals, C);
-      acc_t A = 0, sum_wd = 0;
-      relative_sums(m, A, sum_wd);
-      acc_t s;
+      acc_t m, s, A = 0, sum_wd = 0;
       if (g) {  // the probabilities stay in buf for the gradient pass
+        m = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vals, C);
+        relative_sums(m, A, sum_wd);
         at::vec::map([m](Vec v) { return (v - Vec(m)).exp_u20(); }, buf, buf, C);
         s = at::vec::reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, buf, C);
-      } else {  // forward only: sum the exponentials without writing them
-        s = at::vec::map_reduce_all<acc_t>([m](Vec v) { return (v - Vec(m)).exp_u20(); },
-                                           [](Vec& p, Vec& q) { return p + q; }, vals, C);
+      } else {  // forward only: one streaming pass, the exponentials summed without being written
+        online_max_sum(vals, C, m, s);
+        relative_sums(m, A, sum_wd);
       }
       const acc_t log_s = std::log(s);
       lse = m + log_s;
