@@ -39,3 +39,24 @@ def test_fuzz_against_reference(backend, dtype, case):
     _check_against_torch(backend, x, t, f"fuzz {case}", weight=w, reduction=case["reduction"],
                          label_smoothing=case["smoothing"], z_loss=case["z_loss"],
                          ignore_index=case["ignore_index"])
+
+
+@settings(max_examples=40, deadline=None, derandomize=False)
+@given(C=st.integers(1, 7000), N=st.integers(1, 4), masked=st.floats(0.0, 1.0), shift=st.floats(-50.0, 50.0),
+       ramp=st.floats(0.0, 60.0), seed=st.integers(0, 2**31 - 1))
+def test_fuzz_cpu_streaming_forward(C, N, masked, shift, ramp, seed):
+    """The CPU forward without a gradient (chunked streaming with a running max) on rows spanning several chunks,
+    with masked (-inf) runs, large offsets and a rising ramp that moves the max between chunks."""
+    require_backend("cpu", "cpu")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, generator=g, dtype=torch.float64) * 3 + shift + torch.linspace(0, ramp, C, dtype=torch.float64)
+    t = torch.randint(0, C, (N,), generator=g)
+    cut = min(int(masked * C), C - 1)  # the last class stays finite: the targets are never masked
+    x[:, :cut] = float("-inf")
+    t = torch.where(t < cut, torch.full_like(t, C - 1), t)  # targets stay finite
+    for dtype in (torch.float32, torch.float64):
+        with torch.no_grad():
+            ours = pykernels.functional.cross_entropy(x.to(dtype), t, reduction="none", backend="cpu")
+        ref = torch.nn.functional.cross_entropy(x.to(dtype).double(), t, reduction="none")
+        tol = 1e-5 if dtype == torch.float32 else 1e-6  # exp_u20 in both dtypes' forward
+        torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol * max(1.0, float(ref.abs().max())))

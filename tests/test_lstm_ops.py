@@ -346,3 +346,38 @@ def test_layer_kernel_ops_against_contract(backend, device, reverse):
             rdg, rdh, rdc = rbwd(g_out, g_hn, g_cn, c0, ws.double(), w, reverse)
             for name, a, r in (("dgates", dg, rdg), ("dh0", dh, rdh), ("dc0", dc, rdc)):
                 assert_error_rule(name, a, r, dtype=torch.float32, floor=floor * 4)
+
+
+def test_fuzz_cpu_layer_kernels_against_contract():
+    """Random sizes (T, B, H from 1), directions, dtypes and absent incoming gradients: the C++ sequence kernels
+    against the contract's plain-PyTorch kernels in float64 on the same rounded inputs."""
+    require("cpu", "cpu")
+    if "cpu" not in ops.LAYER:
+        pytest.fail("no cpu sequence kernel registered")
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+    fwd, bwd = ops.LAYER["cpu"]
+    rfwd, rbwd = ops.LAYER["reference"]
+
+    @hyp.settings(max_examples=30, deadline=None)
+    @hyp.given(T=st.integers(1, 9), B=st.integers(1, 6), H=st.integers(1, 40), reverse=st.booleans(),
+               dtype=st.sampled_from([F64, torch.float32, torch.bfloat16]), grads=st.sampled_from(["all", "out", "c"]),
+               seed=st.integers(0, 2**31 - 1))
+    def check(T, B, H, reverse, dtype, grads, seed):
+        g = torch.Generator().manual_seed(seed)
+        xp = torch.randn(T, B, 4 * H, generator=g, dtype=ops.acc_dtype(dtype))
+        w = (torch.randn(4 * H, H, generator=g) * 0.4).to(dtype)
+        h0, c0 = (torch.randn(B, H, generator=g).to(dtype) for _ in range(2))
+        out, ws = fwd(xp, w, h0, c0, reverse)
+        rout, rws = rfwd(xp.double(), w, h0, c0, reverse)
+        floor = {F64: 1e-12, torch.float32: 2e-6}.get(dtype, 3e-2)
+        assert_error_rule("out", out, rout, dtype=dtype, floor=floor)
+        assert_error_rule("ws", ws, rws, dtype=torch.float32, floor=floor)
+        go = torch.randn(T, B, H, generator=g).to(dtype) if grads in ("all", "out") else None
+        gh = torch.randn(B, H, generator=g).to(dtype) if grads == "all" else None
+        gc = torch.randn(B, H, generator=g).to(dtype) if grads in ("all", "c") else None
+        for name, a, r in zip(("dgates", "dh0", "dc0"), bwd(go, gh, gc, c0, ws, w, reverse),
+                              rbwd(go, gh, gc, c0, ws.double(), w, reverse)):
+            assert_error_rule(name, a, r, dtype=torch.float32, floor=floor * 4)
+
+    check()
