@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "attention_args.h"
+#include "cuda_check.h"
 #include "cuda/attention.h"
 
 namespace pykernels {
@@ -138,10 +139,6 @@ void set_lse(AttentionArgs& a, const at::Tensor& lse, bool varlen) {
   // dense (B, H, L); varlen (H, T)
   a.lse_sb = varlen ? 0 : lse.stride(0);
   a.lse_sh = varlen ? lse.stride(0) : lse.stride(1);
-}
-
-void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA error: ", cudaGetErrorString(err));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(

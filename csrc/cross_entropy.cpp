@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "cuda_check.h"
 #include "cuda/cross_entropy.h"
 #endif
 
@@ -129,10 +130,6 @@ TORCH_LIBRARY_FRAGMENT(pykernels, m) {
 
 #ifdef PYKERNELS_WITH_CUDA
 namespace {
-
-void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA error: ", cudaGetErrorString(err));
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                         const c10::optional<at::Tensor>& weight,

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cuda_check.h"
 #include "cuda/lstm.h"
 #endif
 
@@ -146,10 +147,6 @@ DType lstm_dtype(at::ScalarType t) {
     case at::kBFloat16: return DType::BF16;
     default: TORCH_CHECK(false, "lstm (cuda): dtype must be float32, float16 or bfloat16, got ", t);
   }
-}
-
-void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA error: ", cudaGetErrorString(err));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& input, const at::Tensor& hx,
