@@ -126,6 +126,16 @@ void check_lstm_layer_bwd(const c10::optional<at::Tensor>& grad_out, const c10::
   if (grad_cn.has_value()) check_state(*grad_cn, op, "grad_cn", c0, B, H);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_outputs(const c10::optional<at::Tensor>& grad_hn,
+                                                                      const c10::optional<at::Tensor>& grad_cn,
+                                                                      const at::Tensor& ws) {
+  const int64_t T = ws.size(0), B = ws.size(1), H = ws.size(2) / 5;
+  const auto start = [&](const c10::optional<at::Tensor>& g) {
+    return g.has_value() ? g->to(ws.scalar_type()).contiguous().clone() : at::zeros({B, H}, ws.options());
+  };
+  return {at::empty({T, B, 4 * H}, ws.options()), start(grad_hn), start(grad_cn)};
+}
+
 TORCH_LIBRARY_FRAGMENT(pykernels, m) {
   m.def("lstm_cell_fwd(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh)"
         " -> (Tensor, Tensor, Tensor)");
@@ -245,10 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_bwd_cuda(const c10::optiona
   const int64_t T = ws.size(0), B = ws.size(1), H = ws.size(2) / 5;
   at::Tensor w = w_hh.contiguous(), c = c0.contiguous(), wsc = ws.contiguous(), barrier;
   at::Tensor go = grad_out.has_value() ? grad_out->contiguous() : at::Tensor();
-  // dh / dc carry the gradient of the state through the steps and end as dh0 / dc0 (fp32)
-  at::Tensor dh = grad_hn.has_value() ? grad_hn->to(at::kFloat).contiguous().clone() : at::zeros({B, H}, ws.options());
-  at::Tensor dc = grad_cn.has_value() ? grad_cn->to(at::kFloat).contiguous().clone() : at::zeros({B, H}, ws.options());
-  at::Tensor dg = at::empty({T, B, 4 * H}, ws.options());
+  auto [dg, dh, dc] = lstm_layer_bwd_outputs(grad_hn, grad_cn, ws);
   LstmLayerArgs a = layer_args(w, T, B, H, reverse, barrier);
   a.w_hh = w.data_ptr();
   a.c0 = c.data_ptr();

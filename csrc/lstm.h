@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <tuple>
+
 #include "lstm_args.h"
 
 namespace pykernels {
@@ -20,6 +22,11 @@ void check_lstm_layer_fwd(const at::Tensor& xproj, const at::Tensor& w_hh, const
 void check_lstm_layer_bwd(const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_hn,
                           const c10::optional<at::Tensor>& grad_cn, const at::Tensor& c0, const at::Tensor& ws,
                           const at::Tensor& w_hh);
+// The outputs of lstm_layer_bwd as the recurrence starts: dgates (T, B, 4H) to fill, and dh / dc (B, H) in ws's
+// dtype holding grad_hn / grad_cn (zeros when absent); the kernels carry them through the steps and leave dh0 / dc0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_outputs(const c10::optional<at::Tensor>& grad_hn,
+                                                                      const c10::optional<at::Tensor>& grad_cn,
+                                                                      const at::Tensor& ws);
 // float64 for float64, else float32: the dtype of the workspace and of the gate gradients.
 at::ScalarType lstm_acc_type(at::ScalarType t);
 

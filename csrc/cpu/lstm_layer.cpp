@@ -59,10 +59,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_bwd_cpu(const c10::optional
   check_lstm_layer_bwd(grad_out, grad_hn, grad_cn, c0, ws, w_hh);
   const int64_t T = ws.size(0), B = ws.size(1), H = ws.size(2) / 5;
   const auto acc = ws.scalar_type();
-  at::Tensor dg = at::empty({T, B, 4 * H}, ws.options());
   // dh and dc carry the gradient into the state of the step being processed; they end as dh0, dc0
-  at::Tensor dh = grad_hn.has_value() ? grad_hn->to(acc).contiguous().clone() : at::zeros({B, H}, ws.options());
-  at::Tensor dc = grad_cn.has_value() ? grad_cn->to(acc).contiguous().clone() : at::zeros({B, H}, ws.options());
+  auto [dg, dh, dc] = lstm_layer_bwd_outputs(grad_hn, grad_cn, ws);
   if (T == 0 || B == 0 || H == 0) return {dg, dh, dc};
   const at::Tensor w = w_hh.to(acc).contiguous();
   const at::Tensor go = grad_out.has_value() ? grad_out->contiguous() : at::Tensor();
