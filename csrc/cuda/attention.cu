@@ -197,6 +197,36 @@ __device__ __forceinline__ int64_t row_base(const AttnView& v, const AttentionAr
   return (a.cu_q ? row0 * v.sm : b * v.sb) + head * v.sh;
 }
 
+// First lse/delta entry of (sequence b, head h): dense (B, H, L), varlen (H, T).
+__device__ __forceinline__ int64_t lse_base(const AttentionArgs& a, int64_t b, const Seq& s, int64_t h) {
+  return a.cu_q ? h * a.lse_sh + s.q0 : b * a.lse_sb + h * a.lse_sh;
+}
+
+// Row `row` of head `head` of operand v in sequence (or batch entry) b, whose rows start at row0.
+template <typename T>
+__device__ __forceinline__ T* row_ptr(const AttnView& v, const AttentionArgs& a, int64_t b, int64_t row0,
+                                      int64_t head, int row) {
+  return static_cast<T*>(v.p) + row_base(v, a, b, row0, head) + row * v.sm;
+}
+
+// Rows [row, row + ROWS) of that operand (n rows valid in the sequence), `cols` columns, into a shared tile.
+template <int ROWS, int DP, int LD>
+__device__ __forceinline__ void load_rows(uint16_t* sm, const AttnView& v, const AttentionArgs& a, int64_t b,
+                                          int64_t row0, int64_t head, int row, int n, int64_t cols) {
+  load_tile<ROWS, DP, LD>(sm, row_ptr<const uint16_t>(v, a, b, row0, head, row), v.sm, n - row,
+                          static_cast<int>(cols), a.vec16);
+}
+
+// This thread's place in the fragments: its warp (16 rows of the block's tile), group g and lane-in-group t.
+struct Lane {
+  int warp, g, t;
+};
+
+__device__ __forceinline__ Lane lane_of() {
+  const int lane = threadIdx.x % 32;
+  return {static_cast<int>(threadIdx.x / 32), lane >> 2, lane & 3};
+}
+
 __device__ __forceinline__ bool visible(const AttentionArgs& a, const Seq& s, int64_t i, int64_t j) {
   bool ok = i < s.L && j < s.S;
   if (a.causal) ok = ok && j <= i + s.d;
@@ -247,7 +277,7 @@ __device__ __forceinline__ float lse_offset(float lse) { return lse == -INFINITY
 
 // Write the two rows (g, g + 8) of a warp's 16-row accumulator block: columns < cols, rows < nrows.
 template <typename T, int DT>
-__device__ __forceinline__ void store_acc(T* out, int64_t rs, int r0, int nrows, int cols, const float (&acc)[DT][4],
+__device__ __forceinline__ void store_acc(T* out, int64_t rs, int r0, int nrows, int64_t cols, const float (&acc)[DT][4],
                                           float mul_lo, float mul_hi, int g, int t) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -282,16 +312,12 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttentionArgs a) {
   uint16_t* Qs = smem;
   uint16_t* Ks = Qs + BM * LD;
   uint16_t* Vs = Ks + BN * LD;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const auto [warp, g, t] = lane_of();
   const int64_t b = blockIdx.x / a.H, h = blockIdx.x % a.H, hk = h / (a.H / a.Hk);
   const Seq s = seq_of(a, b);
   const int m0 = blockIdx.y * BM;
   if (m0 >= s.L) return;
-  const uint16_t* q = static_cast<const uint16_t*>(a.q.p) + row_base(a.q, a, b, s.q0, h) + m0 * a.q.sm;
-  const uint16_t* k = static_cast<const uint16_t*>(a.k.p) + row_base(a.k, a, b, s.k0, hk);
-  const uint16_t* v = static_cast<const uint16_t*>(a.v.p) + row_base(a.v, a, b, s.k0, hk);
-  const int E = static_cast<int>(a.E), Ev = static_cast<int>(a.Ev);
-  load_tile<BM, DP, LD>(Qs, q, a.q.sm, s.L - m0, E, a.vec16);
+  load_rows<BM, DP, LD>(Qs, a.q, a, b, s.q0, h, m0, s.L, a.E);
 
   float o[DP / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
@@ -300,8 +326,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttentionArgs a) {
   const int i0 = m0 + warp * 16 + g;  // this thread's rows: i0 and i0 + 8
   for (int n0 = lo; n0 < hi; n0 += BN) {
     __syncthreads();  // the previous tiles are consumed (and Q is loaded, on the first pass)
-    load_tile<BN, DP, LD>(Ks, k + n0 * a.k.sm, a.k.sm, s.S - n0, E, a.vec16);
-    load_tile<BN, DP, LD>(Vs, v + n0 * a.v.sm, a.v.sm, s.S - n0, Ev, a.vec16);
+    load_rows<BN, DP, LD>(Ks, a.k, a, b, s.k0, hk, n0, s.S, a.E);
+    load_rows<BN, DP, LD>(Vs, a.v, a, b, s.k0, hk, n0, s.S, a.Ev);
     __syncthreads();
     float sc[BN / 8][4] = {};
     gemm_rows<T, LD, DP, BN / 8>(sc, Qs, warp * 16, Ks, g, t);
@@ -351,12 +377,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttentionArgs a) {
     inv[half] = sum > 0.f ? 1.f / sum : 0.f;  // a row that sees no key: output 0
     const int i = i0 + 8 * half;
     if (t == 0 && i < s.L) {
-      float* lse = a.lse + (a.cu_q ? h * a.lse_sh + s.q0 : b * a.lse_sb + h * a.lse_sh);
-      lse[i] = sum > 0.f ? (m[half] + log2f(sum)) * kLn2 : -INFINITY;
+      a.lse[lse_base(a, b, s, h) + i] = sum > 0.f ? (m[half] + log2f(sum)) * kLn2 : -INFINITY;
     }
   }
-  T* out = static_cast<T*>(a.o.p) + row_base(a.o, a, b, s.q0, h) + m0 * a.o.sm;
-  store_acc<T, DP / 8>(out, a.o.sm, warp * 16, s.L - m0, Ev, o, inv[0], inv[1], g, t);
+  store_acc<T, DP / 8>(row_ptr<T>(a.o, a, b, s.q0, h, m0), a.o.sm, warp * 16, s.L - m0, a.Ev, o, inv[0], inv[1], g,
+                       t);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -379,28 +404,24 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttentionArgs a
   uint16_t* Os = Qs + BM * LD;  // dO
   float* lse_s = reinterpret_cast<float*>(Os + BM * LD);
   float* dl_s = lse_s + BM;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const auto [warp, g, t] = lane_of();
   const int64_t b = blockIdx.x / a.Hk, hk = blockIdx.x % a.Hk, group = a.H / a.Hk;
   const Seq s = seq_of(a, b);
   const int n0 = blockIdx.y * BN;
   if (n0 >= s.S) return;
-  const int E = static_cast<int>(a.E), Ev = static_cast<int>(a.Ev);
-  const int64_t kb = row_base(a.k, a, b, s.k0, hk), vb = row_base(a.v, a, b, s.k0, hk);
-  load_tile<BN, DP, LD>(Ks, static_cast<const uint16_t*>(a.k.p) + kb + n0 * a.k.sm, a.k.sm, s.S - n0, E, a.vec16);
-  load_tile<BN, DP, LD>(Vs, static_cast<const uint16_t*>(a.v.p) + vb + n0 * a.v.sm, a.v.sm, s.S - n0, Ev, a.vec16);
+  load_rows<BN, DP, LD>(Ks, a.k, a, b, s.k0, hk, n0, s.S, a.E);
+  load_rows<BN, DP, LD>(Vs, a.v, a, b, s.k0, hk, n0, s.S, a.Ev);
 
   float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
   int lo, hi;
   query_range<BM>(a, s, n0, BN, lo, hi);
   const int j0 = n0 + warp * 16 + g;  // this thread's keys: j0 and j0 + 8
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    const uint16_t* q = static_cast<const uint16_t*>(a.q.p) + row_base(a.q, a, b, s.q0, h);
-    const uint16_t* dout = static_cast<const uint16_t*>(a.dout.p) + row_base(a.dout, a, b, s.q0, h);
-    const int64_t lb = a.cu_q ? h * a.lse_sh + s.q0 : b * a.lse_sb + h * a.lse_sh;
+    const int64_t lb = lse_base(a, b, s, h);
     for (int m0 = lo; m0 < hi; m0 += BM) {
       __syncthreads();  // the previous query tile is consumed
-      load_tile<BM, DP, LD>(Qs, q + m0 * a.q.sm, a.q.sm, s.L - m0, E, a.vec16);
-      load_tile<BM, DP, LD>(Os, dout + m0 * a.dout.sm, a.dout.sm, s.L - m0, Ev, a.vec16);
+      load_rows<BM, DP, LD>(Qs, a.q, a, b, s.q0, h, m0, s.L, a.E);
+      load_rows<BM, DP, LD>(Os, a.dout, a, b, s.q0, h, m0, s.L, a.Ev);
       for (int r = threadIdx.x; r < BM; r += kThreads) {
         const bool ok = m0 + r < s.L;
         lse_s[r] = ok ? lse_offset(a.lse[lb + m0 + r]) : INFINITY;
@@ -433,10 +454,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttentionArgs a
       gemm_acc<T, LD, BM / 16, DP / 8>(dk, dpt, Qs, g, t);  // dK += dS^T Q
     }
   }
-  T* dkp = static_cast<T*>(a.dk.p) + row_base(a.dk, a, b, s.k0, hk) + n0 * a.dk.sm;
-  T* dvp = static_cast<T*>(a.dv.p) + row_base(a.dv, a, b, s.k0, hk) + n0 * a.dv.sm;
-  store_acc<T, DP / 8>(dkp, a.dk.sm, warp * 16, s.S - n0, E, dk, a.scale, a.scale, g, t);
-  store_acc<T, DP / 8>(dvp, a.dv.sm, warp * 16, s.S - n0, Ev, dv, 1.f, 1.f, g, t);
+  store_acc<T, DP / 8>(row_ptr<T>(a.dk, a, b, s.k0, hk, n0), a.dk.sm, warp * 16, s.S - n0, a.E, dk, a.scale,
+                       a.scale, g, t);
+  store_acc<T, DP / 8>(row_ptr<T>(a.dv, a, b, s.k0, hk, n0), a.dv.sm, warp * 16, s.S - n0, a.Ev, dv, 1.f, 1.f, g,
+                       t);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -457,19 +478,14 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttentionArgs a) 
   uint16_t* Os = Qs + BM * LD;  // dO
   uint16_t* Ks = Os + BM * LD;
   uint16_t* Vs = Ks + BN * LD;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const auto [warp, g, t] = lane_of();
   const int64_t b = blockIdx.x / a.H, h = blockIdx.x % a.H, hk = h / (a.H / a.Hk);
   const Seq s = seq_of(a, b);
   const int m0 = blockIdx.y * BM;
   if (m0 >= s.L) return;
-  const int E = static_cast<int>(a.E), Ev = static_cast<int>(a.Ev);
-  load_tile<BM, DP, LD>(Qs, static_cast<const uint16_t*>(a.q.p) + row_base(a.q, a, b, s.q0, h) + m0 * a.q.sm,
-                        a.q.sm, s.L - m0, E, a.vec16);
-  load_tile<BM, DP, LD>(Os, static_cast<const uint16_t*>(a.dout.p) + row_base(a.dout, a, b, s.q0, h) +
-                            m0 * a.dout.sm, a.dout.sm, s.L - m0, Ev, a.vec16);
-  const uint16_t* k = static_cast<const uint16_t*>(a.k.p) + row_base(a.k, a, b, s.k0, hk);
-  const uint16_t* v = static_cast<const uint16_t*>(a.v.p) + row_base(a.v, a, b, s.k0, hk);
-  const int64_t lb = a.cu_q ? h * a.lse_sh + s.q0 : b * a.lse_sb + h * a.lse_sh;
+  load_rows<BM, DP, LD>(Qs, a.q, a, b, s.q0, h, m0, s.L, a.E);
+  load_rows<BM, DP, LD>(Os, a.dout, a, b, s.q0, h, m0, s.L, a.Ev);
+  const int64_t lb = lse_base(a, b, s, h);
   const int i0 = m0 + warp * 16 + g;
   float off[2], dl[2];
 #pragma unroll
@@ -483,8 +499,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttentionArgs a) 
   key_range<BN>(a, s, m0, BM, lo, hi);
   for (int n0 = lo; n0 < hi; n0 += BN) {
     __syncthreads();
-    load_tile<BN, DP, LD>(Ks, k + n0 * a.k.sm, a.k.sm, s.S - n0, E, a.vec16);
-    load_tile<BN, DP, LD>(Vs, v + n0 * a.v.sm, a.v.sm, s.S - n0, Ev, a.vec16);
+    load_rows<BN, DP, LD>(Ks, a.k, a, b, s.k0, hk, n0, s.S, a.E);
+    load_rows<BN, DP, LD>(Vs, a.v, a, b, s.k0, hk, n0, s.S, a.Ev);
     __syncthreads();
     float p[BN / 8][4] = {}, dcap[BN / 8][4];
     gemm_rows<T, LD, DP, BN / 8>(p, Qs, warp * 16, Ks, g, t);  // S = Q K^T
@@ -506,8 +522,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttentionArgs a) 
     }
     gemm_acc<T, LD, BN / 16, DP / 8>(dq, dp, Ks, g, t);  // dQ += dS K
   }
-  T* dqp = static_cast<T*>(a.dq.p) + row_base(a.dq, a, b, s.q0, h) + m0 * a.dq.sm;
-  store_acc<T, DP / 8>(dqp, a.dq.sm, warp * 16, s.L - m0, E, dq, a.scale, a.scale, g, t);
+  store_acc<T, DP / 8>(row_ptr<T>(a.dq, a, b, s.q0, h, m0), a.dq.sm, warp * 16, s.L - m0, a.E, dq, a.scale,
+                       a.scale, g, t);
 }
 
 // ---------------------------------------------------------------------------------------------------------
