@@ -225,17 +225,12 @@ cudaError_t launch(const LstmLayerArgs& a, bool forward, cudaStream_t stream) {
   return cudaLaunchCooperativeKernel(kernel, dim3(p.blocks), dim3(kThreads), params, p.smem, stream);
 }
 
-template <typename T>
-cudaError_t run(const LstmLayerArgs& a, bool forward, cudaStream_t stream) {
-  if (a.T == 0 || a.B == 0 || a.H == 0) return cudaSuccess;
-  return launch<T>(a, forward, stream);
-}
-
 cudaError_t dispatch(const LstmLayerArgs& a, bool forward, cudaStream_t stream) {
+  if (a.T == 0 || a.B == 0 || a.H == 0) return cudaSuccess;  // nothing to run (dh/dc already hold the result)
   switch (a.dtype) {
-    case DType::F32: return run<float>(a, forward, stream);
-    case DType::F16: return run<__half>(a, forward, stream);
-    case DType::BF16: return run<__nv_bfloat16>(a, forward, stream);
+    case DType::F32: return launch<float>(a, forward, stream);
+    case DType::F16: return launch<__half>(a, forward, stream);
+    case DType::BF16: return launch<__nv_bfloat16>(a, forward, stream);
     default: return cudaErrorInvalidValue;
   }
 }
