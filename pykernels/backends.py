@@ -92,9 +92,15 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     return f"triton does not run on {device.type}"
 
 
-def _chain(device: torch.device) -> Sequence[str]:
+# Ops whose CUDA kernels were written without a GPU and never measured (csrc/cuda/attention.cu,
+# csrc/cuda/lstm_layer.cu): automatic calls on CUDA try Triton, which passed the GPU tier and was measured, first.
+# An op leaves this set when a committed benchmark ranks its CUDA kernels.
+UNMEASURED_CUDA = frozenset({"scaled_dot_product_attention", "varlen_attention", "lstm"})
+
+
+def _chain(device: torch.device, op: str = "") -> Sequence[str]:
     if device.type == "cuda":
-        return ("cuda", "triton", "reference")
+        return ("triton", "cuda", "reference") if op in UNMEASURED_CUDA else ("cuda", "triton", "reference")
     if device.type == "cpu":
         return ("cpu", "reference")
     return ("reference",)
@@ -157,7 +163,7 @@ def choose(op: str, device: torch.device, backend: Optional[str],
         return backend
 
     preferred = (_preferred[-1] if _preferred else None) or os.environ.get("PYKERNELS_BACKEND") or None
-    candidates = list(order or _chain(device))
+    candidates = list(order or _chain(device, op))
     if preferred is not None:
         _check_name(preferred)
         candidates = [preferred] + [b for b in candidates if b != preferred]

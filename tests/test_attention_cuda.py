@@ -69,8 +69,11 @@ def test_cuda_coverage_rules():
     assert "attn_mask" in fa._cuda_reason(f16, (64, 64), True, 0.0)
     assert "dropout" in fa._cuda_reason(f16, (64, 64), False, 0.1)
     # automatic calls on CUDA try triton (GPU-validated, measured) before the unmeasured cuda kernels
-    assert fa._order(torch.device("cuda")) == ("triton", "cuda", "reference")
-    assert fa._order(torch.device("cpu")) is None
+    from pykernels import backends
+    for op in ("scaled_dot_product_attention", "varlen_attention", "lstm"):
+        assert backends._chain(torch.device("cuda"), op) == ("triton", "cuda", "reference")
+        assert backends._chain(torch.device("cpu"), op) == ("cpu", "reference")
+    assert backends._chain(torch.device("cuda"), "cross_entropy") == ("cuda", "triton", "reference")
 
 
 def test_cuda_backend_on_cpu_tensors_says_why():

@@ -15,13 +15,14 @@ def enabled(t: Tensor) -> bool:
     return torch.is_autocast_enabled(t.device.type)
 
 
-def eligible(t: Optional[Tensor]) -> bool:
-    """The tensors autocast casts: floating point other than float64 (which it leaves alone)."""
-    return t is not None and t.dtype.is_floating_point and t.dtype != torch.float64
+def eligible(t) -> bool:
+    """The tensors autocast casts: floating point other than float64 (which it leaves alone). Anything else
+    (None, a bool mask, a wrong type the caller's checks then name) passes through."""
+    return isinstance(t, Tensor) and t.dtype.is_floating_point and t.dtype != torch.float64
 
 
 def to_lower_precision(t: Optional[Tensor]) -> Optional[Tensor]:
-    """What autocast does to an argument of ``linear``."""
+    """What autocast does to an argument of an op on its lower-precision list (``linear``, SDPA, the LSTM)."""
     return t.to(torch.get_autocast_dtype(t.device.type)) if eligible(t) else t
 
 

@@ -72,11 +72,6 @@ def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], empty
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_MAX_HEAD_DIM = 128
 
-# Automatic order on CUDA: Triton first. Its kernels passed the GPU tier and were measured; the CUDA kernels were
-# written without a GPU (see docs/attention.md) and are chosen automatically once a measurement ranks them.
-_AUTO_ORDER = ("triton", "cuda", "reference")
-
-
 def _cuda_reason(dtype: torch.dtype, head_dims: Tuple[int, int], has_mask: bool, dropout_p: float
                  ) -> Optional[str]:
     if dtype not in _CUDA_DTYPES:
@@ -88,17 +83,6 @@ def _cuda_reason(dtype: torch.dtype, head_dims: Tuple[int, int], has_mask: bool,
     if dropout_p > 0:
         return "dropout is not supported by the cuda kernels"
     return None
-
-
-def _order(device: torch.device):
-    return _AUTO_ORDER if device.type == "cuda" else None
-
-
-def _to_autocast_dtype(t: Tensor):
-    """What autocast does to the floating arguments of an op on its lower-precision list (float64 and bool masks
-    are left alone); differentiable casts."""
-    dtype = torch.get_autocast_dtype(t.device.type)
-    return lambda x: x.to(dtype) if isinstance(x, Tensor) and _autocast.eligible(x) else x
 
 
 def _seed(device: torch.device) -> Tensor:
@@ -130,7 +114,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """
     fn = "scaled_dot_product_attention"
     if isinstance(query, Tensor) and _autocast.enabled(query):  # torch's SDPA is on autocast's lower-precision list
-        to = _to_autocast_dtype(query)
+        to = _autocast.to_lower_precision  # float64 and bool masks are left alone, as autocast does
         with _autocast.off(query):
             return scaled_dot_product_attention(to(query), to(key), to(value), to(attn_mask), dropout_p, is_causal,
                                                 scale, enable_gqa, window=window, softcap=softcap,
@@ -201,8 +185,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if native and backends.prefer_native(fn, query.device, backend):
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                                                 scale=scale, enable_gqa=enable_gqa)
-    chosen = backends.choose("scaled_dot_product_attention", query.device, backend, unsupported,
-                             order=_order(query.device))
+    chosen = backends.choose("scaled_dot_product_attention", query.device, backend, unsupported)
     alignment = causal_alignment
     if chosen == "reference":
         keep = None
@@ -266,7 +249,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     """
     fn = "varlen_attention"
     if isinstance(q, Tensor) and _autocast.enabled(q):  # as scaled_dot_product_attention
-        to = _to_autocast_dtype(q)
+        to = _autocast.to_lower_precision
         with _autocast.off(q):
             return varlen_attention(to(q), to(k), to(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     dropout_p=dropout_p, is_causal=is_causal, scale=scale, window=window,
@@ -305,7 +288,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             return _cuda_reason(q.dtype, (E, Ev), False, dropout_p)
         return why
 
-    chosen = backends.choose("varlen_attention", q.device, backend, unsupported, order=_order(q.device))
+    chosen = backends.choose("varlen_attention", q.device, backend, unsupported)
     if chosen == "reference":
         masks = None
         if dropout_p > 0:

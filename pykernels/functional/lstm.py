@@ -84,7 +84,7 @@ def _check_cell_args(input, h, c, w_ih, w_hh, b_ih, b_hh) -> None:
 def _cell_autocast_dtype(input: Tensor, hx) -> torch.dtype:
     if input.device.type != "cpu":
         return torch.get_autocast_dtype(input.device.type)
-    c = hx[1] if hx is not None and isinstance(hx[1], Tensor) else input
+    c = hx[1] if isinstance(hx, (tuple, list)) and len(hx) == 2 else input  # a malformed hx: named by the checks
     return c.dtype if _autocast.eligible(c) else input.dtype
 
 
@@ -92,8 +92,8 @@ def _cast(input: Tensor, hx, weights: Sequence[Optional[Tensor]], dtype: torch.d
     """Every floating argument (float64 excepted, as autocast) in ``dtype``; the casts are differentiable, so
     float32 weights get their gradient back."""
     def to(t):
-        return t.to(dtype) if isinstance(t, Tensor) and _autocast.eligible(t) else t
-    hx = None if hx is None else tuple(to(t) for t in hx)
+        return t.to(dtype) if _autocast.eligible(t) else t
+    hx = tuple(to(t) for t in hx) if isinstance(hx, (tuple, list)) else hx
     return to(input), hx, [to(w) for w in weights]
 
 
@@ -160,9 +160,6 @@ _LAYER_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32),
                  "cuda": (torch.float16, torch.bfloat16, torch.float32)}
 # The persistent CUDA kernel stages 16 batch rows of h_{t-1} in shared memory (16 * H * 4 bytes in fp32).
 CUDA_LAYER_MAX_HIDDEN = 2048
-# Automatic order on CUDA (when torch's cuDNN is not preferred): Triton first. Its sequence kernel passed the GPU
-# tier; the persistent CUDA kernel was written without a GPU and is chosen automatically once measured.
-_AUTO_ORDER = ("triton", "cuda", "reference")
 
 
 def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool, hidden: int) -> Optional[str]:
@@ -227,8 +224,7 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
         with _autocast.off(input):
             return lstm(x, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first, dropout,
                         training, batch_sizes, backend=backend)
-    chosen = backends.choose("lstm", input.device, backend, unsupported,
-                             order=_AUTO_ORDER if input.device.type == "cuda" else None)
+    chosen = backends.choose("lstm", input.device, backend, unsupported)
     if chosen == "reference":
         return _ref.lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                          dropout, training, batch_sizes)
