@@ -93,9 +93,10 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
 
 
 # Ops whose CUDA kernels were written without a GPU and never measured (csrc/cuda/attention.cu,
-# csrc/cuda/lstm_layer.cu): automatic calls on CUDA try Triton, which passed the GPU tier and was measured, first.
-# An op leaves this set when a committed benchmark ranks its CUDA kernels.
-UNMEASURED_CUDA = frozenset({"scaled_dot_product_attention", "varlen_attention", "lstm"})
+# csrc/cuda/lstm_layer.cu, csrc/cuda/linear_cross_entropy.cu): automatic calls on CUDA try Triton, which passed
+# the GPU tier and was measured, first. An op leaves this set when a committed benchmark ranks its CUDA kernels.
+UNMEASURED_CUDA = frozenset({"scaled_dot_product_attention", "varlen_attention", "lstm", "linear_cross_entropy",
+                             "linear_cross_entropy_vocab_parallel"})
 
 
 def _chain(device: torch.device, op: str = "") -> Sequence[str]:

@@ -81,9 +81,9 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
                                         vocab_size: Optional[int] = None, backend: Optional[str] = None):
     """``pykernels.functional.linear_cross_entropy`` with the vocabulary sharded over ``group`` (None: the default
     group). Class-index targets only (global class ids); input (..., H), linear_weight (V_r, H) of this rank.
-    Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1) and "reference" (the kernel contract in plain
-    PyTorch, chunked: also never the logits); the C++ backends are not implemented yet."""
-    from .functional.linear_cross_entropy import _check_options, _check_target_range
+    Backends: "cuda" (fp16/bf16), "triton" (CUDA, or CPU under TRITON_INTERPRET=1) and "reference" (the kernel
+    contract in plain PyTorch, chunked: also never the logits); the cpu backend is not implemented yet."""
+    from .functional.linear_cross_entropy import _check_options, _check_target_range, kernel_reason
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("linear_cross_entropy: group= needs an initialised torch.distributed process group")
     if group is True:
@@ -120,14 +120,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     _check_target_range(target, vocab_size, ii)
 
     def unsupported(b: str) -> Optional[str]:
-        if b in ("cuda", "cpu"):
-            return f"the {b} kernels of linear cross-entropy are not implemented yet"
-        if b == "triton":
-            if input.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-                return f"dtype {input.dtype} is not supported by the triton kernels"
-            if "triton" not in _lce.KERNELS:
-                return _lce.triton_import_error or "kernel ops are not registered"
-        return None
+        return None if b == "reference" else kernel_reason(b, input.dtype)
 
     chosen = backends.choose("linear_cross_entropy_vocab_parallel", input.device, backend, unsupported)
     batch = input.shape[:-1]

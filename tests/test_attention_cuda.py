@@ -4,9 +4,6 @@ kernels do not cover away from them. Their numerics run in the GPU tier: tests/t
 tests/test_attention_ops.py are parametrised over every registered backend, "cuda" included."""
 from __future__ import annotations
 
-import re
-import subprocess
-
 import pytest
 import torch
 
@@ -14,19 +11,13 @@ import pykernels
 from pykernels.functional import attention as fa
 from pykernels.ops import attention as attn_ops
 
-from test_build import _cuobjdump, _so
+from test_build import kernel_sass, no_local_memory, require_cuda_build
 
 KERNELS = ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel")
 
 
-def _require_cuda_build():
-    _so()
-    if not pykernels.build_info().get("with_cuda"):
-        pytest.skip("pykernels._C was built without CUDA kernels")
-
-
 def test_ops_registered_with_the_triton_schemas():
-    _require_cuda_build()
+    require_cuda_build()
     assert "cuda" in attn_ops.KERNELS
     for kind in ("fwd", "bwd"):
         ours = str(getattr(torch.ops.pykernels, f"attention_{kind}").default._schema)
@@ -38,26 +29,12 @@ def test_ops_registered_with_the_triton_schemas():
 def test_sass_uses_tensor_cores_without_local_memory():
     """Per built arch, every instantiation (fp16/bf16 x head dim 64/128) of the three kernels: HMMA instructions,
     no LDL/STL (local memory: spills or stack arrays)."""
-    _require_cuda_build()
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump to inspect the binary")
-    for arch in pykernels.build_info()["arch_list"]:
-        sm = "sm_" + arch.replace(".", "").replace("+PTX", "")
-        p = subprocess.run([tool, "--dump-sass", "--gpu-architecture", sm, _so()], capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr[-2000:]
-        functions = re.split(r"\n\s*Function : ", p.stdout)
-        found = {}
-        for f in functions:
-            name = f.split("\n", 1)[0]
-            kern = next((k for k in KERNELS if k in name), None)
-            if kern is None:
-                continue
-            found.setdefault(kern, 0)
-            found[kern] += 1
-            assert "HMMA" in f, f"{sm} {name}: no tensor-core instruction"
-            assert not re.search(r"\b(LDL|STL)\b", f), f"{sm} {name}: local memory in the kernel"
-        assert found == {k: 4 for k in KERNELS}, f"{sm}: instantiations found {found}"
+    for sm, found in kernel_sass(KERNELS).items():
+        assert {k: len(v) for k, v in found.items()} == {k: 4 for k in KERNELS}, f"{sm}: instantiations {found.keys()}"
+        for kern, fns in found.items():
+            for f in fns:
+                assert "HMMA" in f, f"{sm} {kern}: no tensor-core instruction"
+                assert no_local_memory(f), f"{sm} {kern}: local memory in the kernel"
 
 
 def test_cuda_coverage_rules():

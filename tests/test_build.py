@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 
@@ -35,6 +36,38 @@ def _cuobjdump():
         pass
     return shutil.which("cuobjdump") or (os.path.exists("/usr/local/cuda/bin/cuobjdump") and
                                          "/usr/local/cuda/bin/cuobjdump") or None
+
+
+def require_cuda_build() -> None:
+    _so()
+    if not pykernels.build_info().get("with_cuda"):
+        pytest.skip("pykernels._C was built without CUDA kernels")
+
+
+def kernel_sass(kernels):
+    """{sm: {kernel: [SASS of each instantiation]}} for every built arch: the functions of the binary whose mangled
+    name contains one of ``kernels`` (skips without cuobjdump)."""
+    require_cuda_build()
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump to inspect the binary")
+    out = {}
+    for arch in pykernels.build_info()["arch_list"]:
+        sm = "sm_" + arch.replace(".", "").replace("+PTX", "")
+        p = subprocess.run([tool, "--dump-sass", "--gpu-architecture", sm, _so()], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-2000:]
+        found = out.setdefault(sm, {})
+        for f in re.split(r"\n\s*Function : ", p.stdout):
+            name = f.split("\n", 1)[0]
+            kern = next((k for k in kernels if k in name), None)
+            if kern is not None:
+                found.setdefault(kern, []).append(f)
+    return out
+
+
+def no_local_memory(sass: str) -> bool:
+    """No LDL/STL: neither spills nor stack arrays."""
+    return not re.search(r"\b(LDL|STL)\b", sass)
 
 
 def _nvcc():

@@ -1,12 +1,7 @@
 // CUDA attention kernels (docs/attention.md): FlashAttention-2 on mma.sync tensor cores (m16n8k16, fp16/bf16 in,
 // fp32 accumulate; sm_80 and later). Raw pointers only, no torch headers.
 //
-// Layout of the tensor-core fragments (PTX ISA, "mma.m16n8k16"), lane = 4 * g + t (g = lane / 4, t = lane % 4):
-//   A 16x16 (row major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
-//   B 16x8 (k x n):      b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
-//   C 16x8 fp32:         c0, c1 = (g, 2t), (g, 2t+1); c2, c3 = (g+8, 2t), (g+8, 2t+1)
-// The accumulator of two adjacent 8-column tiles is, packed to 16 bits, exactly the A fragment of the next
-// product (FlashAttention-2's register reuse): P and dS never go through shared memory.
+// Fragment layouts and the register reuse of P/dS: csrc/cuda/mma.cuh.
 //
 // Each block has 4 warps; a warp owns 16 rows of the block's tile. Tiles live in shared memory as raw 16-bit
 // words, rows padded by 8 elements (16 bytes) so that the fragment loads of a warp hit 32 distinct banks.
@@ -17,11 +12,11 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "attention.h"
 #include "convert.cuh"
+#include "mma.cuh"
 
 namespace pykernels {
 namespace cuda {
@@ -31,84 +26,6 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ float exp2_approx(float x) {  // MUFU.EX2; -inf -> 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// The operands of one m16n8k16 MMA (fp32 accumulators c, A fragment a, B fragment b0/b1), for both input types.
-#define PYKERNELS_MMA_OPERANDS                                          \
-  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                      \
-  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1)
-
-template <typename T>
-struct Mma {
-  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "fp16 or bf16 inputs");
-  // c += a b on the tensor cores
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    if constexpr (std::is_same_v<T, __half>) {
-      asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-          "{%0,%1,%2,%3};\n" PYKERNELS_MMA_OPERANDS);
-    } else {
-      asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-          "{%0,%1,%2,%3};\n" PYKERNELS_MMA_OPERANDS);
-    }
-  }
-  // two fp32 values rounded into one 32-bit register, lo in the low half (the fragments' element order)
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    uint32_t r;
-    if constexpr (std::is_same_v<T, __half>) {
-      const __half2 v = __floats2half2_rn(lo, hi);
-      memcpy(&r, &v, 4);
-    } else {
-      const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-      memcpy(&r, &v, 4);
-    }
-    return r;
-  }
-};
-
-// ---------------------------------------------------------------------------------------------------------
-// Fragments from shared-memory tiles (row-major, LD elements per row).
-
-// A fragment of rows r0..r0+15, columns k0..k0+15 of X.
-template <int LD>
-__device__ __forceinline__ void frag_a(uint32_t (&a)[4], const uint16_t* X, int r0, int k0, int g, int t) {
-  const uint16_t* p = X + (r0 + g) * LD + k0 + 2 * t;
-  a[0] = *reinterpret_cast<const uint32_t*>(p);
-  a[1] = *reinterpret_cast<const uint32_t*>(p + 8 * LD);
-  a[2] = *reinterpret_cast<const uint32_t*>(p + 8);
-  a[3] = *reinterpret_cast<const uint32_t*>(p + 8 * LD + 8);
-}
-
-// B fragment with B[k][n] = Y[n0 + n][k0 + k] (Y's rows are the product's columns: K in Q K^T).
-template <int LD>
-__device__ __forceinline__ void frag_b_rows(uint32_t& b0, uint32_t& b1, const uint16_t* Y, int n0, int k0, int g,
-                                            int t) {
-  const uint16_t* p = Y + (n0 + g) * LD + k0 + 2 * t;
-  b0 = *reinterpret_cast<const uint32_t*>(p);
-  b1 = *reinterpret_cast<const uint32_t*>(p + 8);
-}
-
-// B fragment with B[k][n] = Y[k0 + k][n0 + n] (Y's rows are the reduction: V in P V).
-template <int LD>
-__device__ __forceinline__ void frag_b_cols(uint32_t& b0, uint32_t& b1, const uint16_t* Y, int n0, int k0, int g,
-                                            int t) {
-  const uint16_t* p = Y + (k0 + 2 * t) * LD + n0 + g;
-  b0 = uint32_t(p[0]) | (uint32_t(p[LD]) << 16);
-  b1 = uint32_t(p[8 * LD]) | (uint32_t(p[9 * LD]) << 16);
-}
-
-// A fragment of a 16 x 16 chunk from the fp32 accumulators of two adjacent 8-column tiles.
-template <typename T>
-__device__ __forceinline__ void frag_a_from_acc(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
-  a[0] = Mma<T>::pack(lo[0], lo[1]);
-  a[1] = Mma<T>::pack(lo[2], lo[3]);
-  a[2] = Mma<T>::pack(hi[0], hi[1]);
-  a[3] = Mma<T>::pack(hi[2], hi[3]);
-}
 
 // acc[nt] += X[r0.., :DP] Y[nt*8.., :DP]^T for NT tiles of 8 columns (X rows are 16 of this warp).
 template <typename T, int LD, int DP, int NT>
@@ -215,16 +132,6 @@ __device__ __forceinline__ void load_rows(uint16_t* sm, const AttnView& v, const
                                           int64_t row0, int64_t head, int row, int n, int64_t cols) {
   load_tile<ROWS, DP, LD>(sm, row_ptr<const uint16_t>(v, a, b, row0, head, row), v.sm, n - row,
                           static_cast<int>(cols), a.vec16);
-}
-
-// This thread's place in the fragments: its warp (16 rows of the block's tile), group g and lane-in-group t.
-struct Lane {
-  int warp, g, t;
-};
-
-__device__ __forceinline__ Lane lane_of() {
-  const int lane = threadIdx.x % 32;
-  return {static_cast<int>(threadIdx.x / 32), lane >> 2, lane & 3};
 }
 
 __device__ __forceinline__ bool visible(const AttentionArgs& a, const Seq& s, int64_t i, int64_t j) {

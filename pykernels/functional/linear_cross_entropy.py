@@ -18,7 +18,22 @@ from ..reference import linear_cross_entropy as _lce_ref
 
 __all__ = ["linear_cross_entropy"]
 
-_KERNEL_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32)}
+# fp32 on the tensor cores would be TF32 (not torch's fp32 matmul): the CUDA kernels take 16-bit inputs only.
+_KERNEL_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32), "cuda": (torch.float16, torch.bfloat16)}
+
+
+def kernel_reason(b: str, dtype: torch.dtype) -> Optional[str]:
+    """Why kernel backend ``b`` cannot run a call in ``dtype`` (None: it can); shared with the vocab-parallel
+    entry point (pykernels/distributed.py)."""
+    if b == "cpu":
+        return "the cpu kernels of linear cross-entropy are not implemented yet"
+    if dtype not in _KERNEL_DTYPES[b]:
+        return f"dtype {dtype} is not supported by the {b} kernels"
+    if b in _lce.KERNELS:
+        return None
+    if b == "triton":
+        return _lce.triton_import_error or "kernel ops are not registered"
+    return "pykernels._C was built without the linear cross-entropy kernels (pykernels::linear_cross_entropy_partials)"
 
 
 def _finite_nonneg(name: str, v: float) -> None:
@@ -122,7 +137,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          return_lse: bool = False, group=None, vocab_start: Optional[int] = None,
                          vocab_size: Optional[int] = None, backend: Optional[str] = None):
     """``torch.nn.functional.linear_cross_entropy`` on fused kernels: the N x V logits are never materialised
-    (backend "triton"; the "reference" backend is torch's linear + cross_entropy).
+    (backends "triton" and "cuda"; the "reference" backend is torch's linear + cross_entropy).
 
     input (H), (N, H) or, as an extension, (..., H) with target (...); linear_weight (C, H) or, as torch,
     (C, d1..dK, H) for a K-dimensional loss (reference only). ``options`` (torch's chunking options) is accepted
@@ -175,19 +190,16 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     def unsupported(b: str) -> Optional[str]:
         if b == "reference":
             return None
-        if b in ("cuda", "cpu"):
-            return f"the {b} kernels of linear cross-entropy are not implemented yet"
-        if input.dtype not in _KERNEL_DTYPES[b]:
-            return f"dtype {input.dtype} is not supported by the {b} kernels"
+        why = kernel_reason(b, input.dtype)
+        if why:
+            return why
         if probs:
             return "probability targets (an N x C target tensor) are only implemented by the reference"
         if out_features:
             return "K-dimensional linear_weight is only implemented by the reference"
         if input.numel() == 0 or C == 0:
             return "empty input"
-        if b in _lce.KERNELS:
-            return None
-        return _lce.triton_import_error or "kernel ops are not registered"
+        return None
 
     chosen = backends.choose("linear_cross_entropy", input.device, backend, unsupported)
     if not probs:

@@ -1,8 +1,11 @@
 """Fused linear cross-entropy operators (contract: docs/linear_cross_entropy.md).
 
-Kernel ops, one pair per backend, all with the same schema so that a C++ implementation can be added later as
-``pykernels::linear_cross_entropy_{fwd,bwd}`` (CPU/CUDA dispatch keys of the extension):
-- ``pykernels::linear_cross_entropy_{fwd,bwd}_triton``: ``triton_op``s over pykernels/triton/linear_cross_entropy.py;
+Kernels, one (fwd, bwd) pair per backend in ``KERNELS``, all with the signatures of the Triton launchers:
+- "triton": ``pykernels::linear_cross_entropy_{fwd,bwd}_triton``, ``triton_op``s over
+  pykernels/triton/linear_cross_entropy.py;
+- "cuda": the C++ ops ``pykernels::linear_cross_entropy_partials`` / ``_dlogits`` (csrc/linear_cross_entropy.cpp,
+  kernels in csrc/cuda/linear_cross_entropy.cu) behind the launch logic the two backends share
+  (pykernels/ops/linear_cross_entropy_launch.py); defined by CUDA builds of the extension only;
 - "reference": the contract in plain PyTorch, chunked over the vocabulary (pykernels/reference/linear_cross_entropy.py),
   plain functions (autograd never sees them: they run inside the op below).
 
@@ -20,29 +23,13 @@ import torch
 from torch import Tensor
 
 from ..reference import linear_cross_entropy as _ref
+from . import linear_cross_entropy_launch as _launch
 
 NONE, MEAN, SUM = 0, 1, 2
 REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _fwd_fake(input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth):
-    N = input.shape[0]
-    acc = acc_dtype(input.dtype)
-    return tuple(input.new_empty(N, dtype=acc) for _ in range(4))
-
-
-def _bwd_fake(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start, softcap,
-              smooth, input_grad, weight_grad, bias_grad):
-    acc = acc_dtype(input.dtype)
-    gx = input.new_empty(input.shape if input_grad else (0,), dtype=acc)
-    gw = linear_weight.new_empty(linear_weight.shape if weight_grad else (0,))
-    gb = (linear_bias.new_empty(linear_bias.shape) if (bias_grad and linear_bias is not None)
-          else input.new_empty(0))
-    return gx, gw, gb
+acc_dtype = _launch.acc_dtype
 
 
 KERNELS = {"reference": (_ref.linear_cross_entropy_fwd, _ref.linear_cross_entropy_bwd)}
@@ -59,6 +46,61 @@ else:
         _tk.linear_cross_entropy_bwd)
     KERNELS["triton"] = (torch.ops.pykernels.linear_cross_entropy_fwd_triton.default,
                          torch.ops.pykernels.linear_cross_entropy_bwd_triton.default)
+
+
+# The CUDA kernels' geometry (csrc/cuda/linear_cross_entropy.h): 128 x 128 logit tiles; chunks of 256 columns.
+_CUDA_TILE = 128
+
+
+def _cuda_partials(input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth, splits):
+    return torch.ops.pykernels.linear_cross_entropy_partials(input, linear_weight, linear_bias, target.contiguous(),
+                                                             weight, vocab_start, softcap, smooth, splits)
+
+
+def _cuda_dlogits(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start,
+                  softcap, smooth, col0, dl, db):
+    torch.ops.pykernels.linear_cross_entropy_dlogits(input, linear_weight, linear_bias, target.contiguous(), weight,
+                                                     m, log_s, coef_p, coef_y, coef_w, vocab_start, softcap, smooth,
+                                                     col0, dl, db)
+
+
+_CUDA = _launch.Kernels(_cuda_partials, _cuda_dlogits, tile_cols=_CUDA_TILE, chunk_align=2 * _CUDA_TILE,
+                        db_rows=_CUDA_TILE)
+
+
+def _cuda_fwd(input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth):
+    splits = _launch.num_splits(input.shape[0], linear_weight.shape[0], input.device, _CUDA_TILE)
+    return _launch.forward(_CUDA, input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth,
+                           splits)
+
+
+def _cuda_bwd(*args):
+    return _launch.backward(_CUDA, *args)
+
+
+def _partials_fake(input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth, splits):
+    N = input.shape[0]
+    mk = [input.new_empty(splits, N, dtype=torch.float32) for _ in range(3)]
+    return (*mk, input.new_empty(splits if smooth else 0, N, dtype=torch.float32))
+
+
+def _dlogits_fake(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start,
+                  softcap, smooth, col0, dl, db_part):
+    return None
+
+
+def _register_cpp() -> None:
+    try:
+        torch.ops.pykernels.linear_cross_entropy_partials.default
+        torch.ops.pykernels.linear_cross_entropy_dlogits.default
+    except (AttributeError, RuntimeError):
+        return
+    torch.library.register_fake("pykernels::linear_cross_entropy_partials")(_partials_fake)
+    torch.library.register_fake("pykernels::linear_cross_entropy_dlogits")(_dlogits_fake)
+    KERNELS["cuda"] = (_cuda_fwd, _cuda_bwd)
+
+
+_register_cpp()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,7 +256,7 @@ def cost_model(N: int, H: int, V: int, dtype: torch.dtype = torch.bfloat16, back
     flops = gemm * (4 if backward else 1)
     min_bytes = elt * (N * H + V * H) * (2 if backward else 1)
     if chunk_bytes is None:
-        from ..triton.linear_cross_entropy import CHUNK_BYTES as chunk_bytes  # noqa: N811
+        from .linear_cross_entropy_launch import CHUNK_BYTES as chunk_bytes  # noqa: N811
     chunk = min(V, max(256, (chunk_bytes // max(N * elt, 1)) // 256 * 256))
     fwd_ws = 4 * splits * N * 4 + 3 * N * 4
     bwd_ws = (N * chunk * elt + (N * H * 4 if elt < 4 else 0) + 3 * N * 4) if backward else 0

@@ -4,16 +4,16 @@ Forward (``_lce_fwd_kernel``): program (i, j) owns the token block ``i`` (BM row
 of vocabulary tiles (BN columns each). For each tile it computes the logits ``x[rows] @ W[cols]^T (+ b)`` with
 ``tl.dot`` in fp32 (K loop over H in BK steps), optionally soft-caps them, and folds them into an online
 (max, sum-exp) per row, the target logit and, with label smoothing, ``sum_c w_c z_c``. Only those four fp32
-numbers per (row, split) leave the chip; the launcher combines the splits. Splitting the vocabulary keeps every
+numbers per (row, split) leave the chip. Splitting the vocabulary keeps every
 SM busy when there are few token blocks (N = 8192, BM = 128: 64 blocks), and consecutive programs share the
 same W tiles (the large operand) so W streams from HBM about once.
 
 Backward (``_lce_dlogits_kernel``): recomputes one logit tile per program and writes
 ``dlogits = (cp * exp((z - m) - log_s) - cy * [c == y] - cw * w_c) * softcap'(z)`` for a vocabulary chunk of the
-(N, V) matrix into a bounded buffer (``CHUNK_BYTES``); the launcher turns each chunk into
-``dW[chunk] = dlogits^T x`` (one GEMM over all tokens: fp32 accumulation, one rounding, deterministic),
-``db[chunk] = column sums`` (fp32) and ``dX_acc += dlogits W[chunk]`` (fp32 accumulator). No N x V tensor, no
-atomics, no host syncs; int64 offsets throughout.
+(N, V) matrix into a bounded buffer. int64 offsets throughout.
+
+The launch logic around both kernels (splits and their combination, the backward's chunks, GEMMs and bias sums)
+is shared with the CUDA backend: pykernels/ops/linear_cross_entropy_launch.py.
 """
 from __future__ import annotations
 
@@ -24,10 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Bytes of the dlogits buffer of one backward chunk (the backward's only workspace besides the fp32 dX
-# accumulator). Tests lower it to exercise several chunks.
-CHUNK_BYTES = int(os.environ.get("PYKERNELS_LCE_CHUNK_BYTES", str(256 << 20)))
-
+from ..ops import linear_cross_entropy_launch as _launch
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -219,59 +216,15 @@ def _kernel(kind: str, device: torch.device, dtype: torch.dtype):
     return _TUNED[key], {}
 
 
-def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """The kernels read H contiguously (unit stride): copy only when that is not already so."""
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-_HAS_OUT_DTYPE = [True]
-
-
-def _mm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with fp32 accumulation and no low-precision rounding of the product."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif acc.device.type == "cuda" and _HAS_OUT_DTYPE[0]:
-        try:
-            # cuBLAS: bf16/fp16 in, fp32 accumulate and out, in place (beta = 1): no temporary
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (TypeError, RuntimeError):  # a torch without addmm(out_dtype=)
-            _HAS_OUT_DTYPE[0] = False
-        acc.add_(torch.mm(a, b))  # one rounding of each chunk's product to the input dtype
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Launchers (registered as triton_ops by pykernels/ops/linear_cross_entropy.py).
+# The two kernels behind the shared launch logic (pykernels/ops/linear_cross_entropy_launch.py), and the
+# launchers registered as triton_ops by pykernels/ops/linear_cross_entropy.py.
 
-def linear_cross_entropy_fwd(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
-                             target: torch.Tensor, weight: Optional[torch.Tensor], vocab_start: int,
-                             softcap: float, smooth: bool
-                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row, over this shard's classes: (m, log_s, z_target, z_sum), fp32 (N,). See the contract."""
-    input, linear_weight = _rows_contiguous(input), _rows_contiguous(linear_weight)
+def _partials(input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth, splits):
     N, H = input.shape
     V = linear_weight.shape[0]
-    dev = input.device
-    kernel, meta = _kernel("fwd", dev, input.dtype)
-    # Vocabulary splits: at least 8 (x blocks shared by the programs in flight), and enough programs to fill
-    # the GPU ~8 times over at BM = 128 (a small tail wave); bounded by the number of 64-wide tiles.
-    splits = max(1, min(triton.cdiv(V, 64), max(8, triton.cdiv(8 * _num_sms(dev), triton.cdiv(N, 128)))))
-    if _interpreted() or dev.type != "cuda":
-        splits = max(1, min(triton.cdiv(V, INTERPRETER_CONFIG[1]), 3))
-    mp = torch.empty(splits, N, device=dev, dtype=torch.float32)
+    kernel, meta = _kernel("fwd", input.device, input.dtype)
+    mp = torch.empty(splits, N, device=input.device, dtype=torch.float32)
     sp = torch.empty_like(mp)
     zyp = torch.empty_like(mp)
     zsp = torch.empty_like(mp) if smooth else mp.new_empty(0)
@@ -285,11 +238,50 @@ def linear_cross_entropy_fwd(input: torch.Tensor, linear_weight: torch.Tensor, l
             N, V, H, vocab_start, input.stride(0), linear_weight.stride(0), float(softcap or 1.0), splits,
             HAS_BIAS=linear_bias is not None, HAS_CW=weight is not None, SOFTCAP=bool(softcap), SMOOTH=smooth,
             IEEE=input.dtype == torch.float32, GROUP_M=8, **meta)
-    m = mp.amax(0)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    log_s = torch.log((sp * torch.exp(mp - m_safe)).sum(0))
-    z_sum = zsp.sum(0) if smooth else torch.zeros_like(log_s)
-    return m_safe, log_s, zyp.sum(0), z_sum
+    return mp, sp, zyp, zsp
+
+
+def _dlogits(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start,
+             softcap, smooth, col0, dl, db):
+    N, H = input.shape
+    V = linear_weight.shape[0]
+    nc = dl.shape[1]
+    kernel, meta = _kernel("bwd", input.device, input.dtype)
+
+    def grid(META):
+        return (triton.cdiv(N, META["BM"]) * triton.cdiv(nc, META["BN"]),)
+
+    has_b = linear_bias is not None
+    torch.library.wrap_triton(kernel)[grid](
+        input, linear_weight, linear_bias if has_b else input, target, weight if weight is not None else m,
+        m, log_s, coef_p, coef_y, coef_w, dl, db if db is not None else m, N, V, H, vocab_start, col0, nc,
+        input.stride(0), linear_weight.stride(0), dl.stride(0), db.stride(0) if db is not None else 0,
+        float(softcap or 1.0),
+        HAS_BIAS=has_b, HAS_CW=weight is not None, SOFTCAP=bool(softcap), SMOOTH=smooth, HAS_DB=db is not None,
+        IEEE=input.dtype == torch.float32, GROUP_M=8, **meta)
+
+
+def _geometry(device: torch.device, dtype: torch.dtype) -> _launch.Kernels:
+    """Interpreter / CPU: the one small config (16-wide tiles); GPU: every config's BN divides 256, and the bias
+    partials have a row per block of the smallest BM any config uses."""
+    if _interpreted() or device.type != "cuda":
+        return _launch.Kernels(_partials, _dlogits, INTERPRETER_CONFIG[1], INTERPRETER_CONFIG[1],
+                               INTERPRETER_CONFIG[0])
+    return _launch.Kernels(_partials, _dlogits, 64, 256, min(c[0] for c in _configs(dtype)))
+
+
+def linear_cross_entropy_fwd(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+                             target: torch.Tensor, weight: Optional[torch.Tensor], vocab_start: int,
+                             softcap: float, smooth: bool
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, over this shard's classes: (m, log_s, z_target, z_sum), fp32 (N,). See the contract."""
+    k = _geometry(input.device, input.dtype)
+    N, V = input.shape[0], linear_weight.shape[0]
+    splits = _launch.num_splits(N, V, input.device, k.tile_cols)
+    if _interpreted() or input.device.type != "cuda":
+        splits = max(1, min(triton.cdiv(V, k.tile_cols), 3))
+    return _launch.forward(k, input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth,
+                           splits)
 
 
 def linear_cross_entropy_bwd(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
@@ -298,53 +290,6 @@ def linear_cross_entropy_bwd(input: torch.Tensor, linear_weight: torch.Tensor, l
                              softcap: float, smooth: bool, input_grad: bool, weight_grad: bool, bias_grad: bool
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input in the accumulation dtype, grad_weight, grad_bias); an unrequested one is empty."""
-    input, linear_weight = _rows_contiguous(input), _rows_contiguous(linear_weight)
-    N, H = input.shape
-    V = linear_weight.shape[0]
-    dev = input.device
-    acc = _acc(input.dtype)
-    gx = torch.zeros(N, H, device=dev, dtype=acc) if input_grad else input.new_empty(0, dtype=acc)
-    gw = torch.empty(V, H, device=dev, dtype=linear_weight.dtype) if weight_grad else linear_weight.new_empty(0)
-    has_b = linear_bias is not None
-    gb = torch.empty(V, device=dev, dtype=linear_bias.dtype) if (bias_grad and has_b) else input.new_empty(0)
-    if N == 0 or V == 0:
-        if weight_grad:
-            gw.zero_()
-        if bias_grad and has_b:
-            gb.zero_()
-        return gx, gw, gb
-    kernel, meta = _kernel("bwd", dev, input.dtype)
-    # Columns per chunk: a multiple of 256 (every config's BN divides it), within CHUNK_BYTES when possible.
-    chunk = max(256, (CHUNK_BYTES // max(N * input.element_size(), 1)) // 256 * 256)
-    if _interpreted() or dev.type != "cuda":
-        chunk = max(INTERPRETER_CONFIG[1], (CHUNK_BYTES // max(N * input.element_size(), 1)) // 16 * 16)
-    chunk = min(chunk, V)
-    buf = torch.empty(N, chunk, device=dev, dtype=input.dtype)
-    want_db = bias_grad and has_b
-    # bias partials: one row per token block of the smallest BM any config uses
-    min_bm = INTERPRETER_CONFIG[0] if (_interpreted() or dev.type != "cuda") else min(c[0] for c in
-                                                                                       _configs(input.dtype))
-    dbp = torch.empty(triton.cdiv(N, min_bm) if want_db else 0, chunk, device=dev, dtype=torch.float32)
-    for c0 in range(0, V, chunk):
-        nc = min(chunk, V - c0)
-        dl = buf[:, :nc]
-        if want_db:
-            dbp.zero_()  # an autotuned config with a larger BM writes fewer rows
-
-        def grid(META, nc=nc):
-            return (triton.cdiv(N, META["BM"]) * triton.cdiv(nc, META["BN"]),)
-
-        torch.library.wrap_triton(kernel)[grid](
-            input, linear_weight, linear_bias if has_b else input, target, weight if weight is not None else m,
-            m, log_s, coef_p, coef_y, coef_w, dl, dbp if want_db else m, N, V, H, vocab_start, c0, nc,
-            input.stride(0), linear_weight.stride(0), dl.stride(0), dbp.stride(0) if want_db else 0,
-            float(softcap or 1.0),
-            HAS_BIAS=has_b, HAS_CW=weight is not None, SOFTCAP=bool(softcap), SMOOTH=smooth, HAS_DB=want_db,
-            IEEE=input.dtype == torch.float32, GROUP_M=8, **meta)
-        if weight_grad:
-            torch.mm(dl.t(), input, out=gw[c0:c0 + nc])
-        if want_db:
-            gb[c0:c0 + nc] = dbp[:, :nc].sum(0).to(gb.dtype)
-        if input_grad:
-            _mm_acc_(gx, dl, linear_weight[c0:c0 + nc])
-    return gx, gw, gb
+    return _launch.backward(_geometry(input.device, input.dtype), input, linear_weight, linear_bias, target, weight,
+                            m, log_s, coef_p, coef_y, coef_w, vocab_start, softcap, smooth, input_grad, weight_grad,
+                            bias_grad)

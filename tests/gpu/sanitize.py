@@ -192,8 +192,9 @@ def attention(backends):
 
 
 def linear_cross_entropy(backends):
-    """The Triton linear cross-entropy kernels (fwd, d_input, d_weight, d_bias) on odd N/H/V, ignored rows,
-    bias, class weights, label smoothing, z-loss, softcap, and a strided input."""
+    """The Triton and CUDA linear cross-entropy kernels (fwd, d_input, d_weight, d_bias) on odd N/H/V, ignored rows,
+    bias, class weights, label smoothing, z-loss, softcap; strided input rows in every other case (the CUDA kernels'
+    scalar loads), 16-byte aligned rows in the others (their cp.async path)."""
     from pykernels.reference import linear_cross_entropy as ref_lce
     dev = DEV
     cases = [((1, 16, 3), {}), ((37, 65, 1001), {"linear_bias": True, "label_smoothing": 0.1}),
@@ -201,11 +202,14 @@ def linear_cross_entropy(backends):
              ((33, 40, 257), {"reduction": "none", "ignore_index": 3})]
     if DEV == "cpu":  # the interpreter runs ~1e6 MAC/s: the same paths on shapes it finishes in seconds
         cases[2:4] = [((30, 48, 1503), {"weight": True, "z_loss": 1e-3}), ((9, 32, 4099), {"softcap": 15.0})]
-    for backend in [b for b in backends if b == "triton"]:  # no CUDA linear-CE kernel yet (issue 6)
-        for dtype in HALF + (torch.float32,):
-            for (N, Hd, V), kw in cases:
+    ran = [b for b in backends if b in ("triton", "cuda")]
+    for backend in ran:
+        for dtype in HALF + ((torch.float32,) if backend == "triton" else ()):
+            for i, ((N, Hd, V), kw) in enumerate(cases):
                 kw = dict(kw)
                 x = torch.randn(N, Hd + 5, device=dev, dtype=dtype)[:, 2:Hd + 2]  # strided rows
+                if i % 2:
+                    x = x.contiguous()
                 W = (torch.randn(V, Hd, device=dev) * Hd ** -0.5).to(dtype)
                 b = (torch.randn(V, device=dev) * 0.1).to(dtype) if kw.pop("linear_bias", False) else None
                 w = torch.rand(V, device=dev) + 0.5 if kw.pop("weight", False) else None
@@ -223,7 +227,7 @@ def linear_cross_entropy(backends):
                 _close(loss, ref, 2e-2, (backend, dtype, N, Hd, V, kw))
                 assert all(torch.isfinite(a.grad).all() for a in leaves)
     _sync()
-    print("linear_cross_entropy: ok", [b for b in backends if b == "triton"])
+    print("linear_cross_entropy: ok", ran)
 
 
 FAMILIES = {"cross_entropy": cross_entropy, "lstm_cell": lstm_cell, "lstm_layer": lstm_layer, "attention": attention,

@@ -1,0 +1,147 @@
+"""Launch logic of the fused linear cross-entropy kernels, shared by the Triton and CUDA backends (contract and
+math: docs/linear_cross_entropy.md). A backend supplies two kernels through ``Kernels``; this module does the rest.
+
+Forward: the vocabulary is split into ``splits`` ranges of whole tiles; the ``partials`` kernel gives, per (split,
+row), the running max, the sum of exp(z - max), the target logit and (label smoothing) sum_c w_c z_c, and
+``forward`` combines the splits into (m, log_s, z_target, z_sum). Splitting keeps every SM busy when there are few
+token blocks (N = 8192 at 128 rows: 64 blocks) and lets consecutive blocks share W tiles through L2.
+
+Backward: for each chunk of vocabulary columns (a bounded buffer of ``CHUNK_BYTES``), the ``dlogits`` kernel
+recomputes the logits and writes ``dlogits`` (N, chunk) in the input dtype (plus the bias gradient's per-block
+column sums); ``backward`` turns the chunk into ``dW[chunk] = dlogits^T x`` (one GEMM over all tokens: fp32
+accumulation, one rounding, deterministic), ``db[chunk]`` and ``dX_acc += dlogits W[chunk]`` (fp32 accumulator).
+No N x V tensor, no atomics, no host syncs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+# Bytes of the dlogits buffer of one backward chunk (the backward's only workspace besides the fp32 dX
+# accumulator). Tests lower it to exercise several chunks.
+CHUNK_BYTES = int(os.environ.get("PYKERNELS_LCE_CHUNK_BYTES", str(256 << 20)))
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One backend's kernels and their geometry.
+
+    partials(input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth, splits)
+        -> (m, s, z_target, z_sum), each (splits, N) fp32 (z_sum unwritten without smooth).
+    dlogits(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start,
+            softcap, smooth, col0, dl, db_part) writes dl (N, n_cols), the dlogits of shard columns
+        [col0, col0 + n_cols), and, when db_part is not None, its column sums per block of ``db_rows`` token rows
+        into db_part (rows of n_cols, zeroed by the caller).
+    tile_cols: vocabulary columns per forward tile (a split owns whole tiles).
+    chunk_align: the backward chunk's column count is a multiple of this (every tile width divides it).
+    db_rows: token rows per bias-partial row.
+    """
+    partials: Callable
+    dlogits: Callable
+    tile_cols: int
+    chunk_align: int
+    db_rows: int
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def num_splits(N: int, V: int, device: torch.device, tile_cols: int, block_rows: int = 128) -> int:
+    """At least 8 splits (x blocks shared by the blocks in flight), and enough blocks to fill the GPU ~8 times
+    over (a small tail wave); bounded by the number of tiles."""
+    tiles = -(-V // tile_cols)
+    return max(1, min(tiles, max(8, -(-8 * _num_sms(device) // -(-N // block_rows)))))
+
+
+def rows_contiguous(t: Tensor) -> Tensor:
+    """The kernels read H contiguously (unit stride): copy only when that is not already so."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_HAS_OUT_DTYPE = [True]
+
+
+def mm_acc_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with fp32 accumulation and no low-precision rounding of the product."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda" and _HAS_OUT_DTYPE[0]:
+        try:
+            # cuBLAS: bf16/fp16 in, fp32 accumulate and out, in place (beta = 1): no temporary
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError):  # a torch without addmm(out_dtype=)
+            _HAS_OUT_DTYPE[0] = False
+        acc.add_(torch.mm(a, b))  # one rounding of each chunk's product to the input dtype
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def forward(k: Kernels, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
+            weight: Optional[Tensor], vocab_start: int, softcap: float, smooth: bool, splits: int
+            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per row, over this shard's classes: (m, log_s, z_target, z_sum), fp32 (N,). See the contract."""
+    input, linear_weight = rows_contiguous(input), rows_contiguous(linear_weight)
+    mp, sp, zyp, zsp = k.partials(input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth,
+                                  splits)
+    m = mp.amax(0)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    log_s = torch.log((sp * torch.exp(mp - m_safe)).sum(0))
+    z_sum = zsp.sum(0) if smooth else torch.zeros_like(log_s)
+    return m_safe, log_s, zyp.sum(0), z_sum
+
+
+def chunk_columns(N: int, V: int, elt: int, align: int) -> int:
+    """Columns per backward chunk: a multiple of ``align``, within CHUNK_BYTES when possible, at most V."""
+    return min(V, max(align, (CHUNK_BYTES // max(N * elt, 1)) // align * align))
+
+
+def backward(k: Kernels, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
+             weight: Optional[Tensor], m: Tensor, log_s: Tensor, coef_p: Tensor, coef_y: Tensor, coef_w: Tensor,
+             vocab_start: int, softcap: float, smooth: bool, input_grad: bool, weight_grad: bool, bias_grad: bool
+             ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_input in the accumulation dtype, grad_weight, grad_bias); an unrequested one is empty."""
+    input, linear_weight = rows_contiguous(input), rows_contiguous(linear_weight)
+    N, H = input.shape
+    V = linear_weight.shape[0]
+    dev = input.device
+    acc = acc_dtype(input.dtype)
+    gx = torch.zeros(N, H, device=dev, dtype=acc) if input_grad else input.new_empty(0, dtype=acc)
+    gw = torch.empty(V, H, device=dev, dtype=linear_weight.dtype) if weight_grad else linear_weight.new_empty(0)
+    has_b = linear_bias is not None
+    want_db = bias_grad and has_b
+    gb = torch.empty(V, device=dev, dtype=linear_bias.dtype) if want_db else input.new_empty(0)
+    if N == 0 or V == 0:
+        gw.zero_()
+        gb.zero_()
+        return gx, gw, gb
+    chunk = chunk_columns(N, V, input.element_size(), k.chunk_align)
+    buf = torch.empty(N, chunk, device=dev, dtype=input.dtype)
+    dbp = torch.empty(-(-N // k.db_rows), chunk, device=dev, dtype=torch.float32) if want_db else None
+    for c0 in range(0, V, chunk):
+        nc = min(chunk, V - c0)
+        dl = buf[:, :nc]
+        db = None
+        if want_db:
+            db = dbp[:, :nc]
+            db.zero_()  # a kernel with larger blocks than db_rows writes fewer rows
+        k.dlogits(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start,
+                  softcap, smooth, c0, dl, db)
+        if weight_grad:
+            torch.mm(dl.t(), input, out=gw[c0:c0 + nc])
+        if want_db:
+            gb[c0:c0 + nc] = db.sum(0).to(gb.dtype)
+        if input_grad:
+            mm_acc_(gx, dl, linear_weight[c0:c0 + nc])
+    return gx, gw, gb
