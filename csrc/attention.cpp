@@ -1,7 +1,7 @@
 // Attention operators of the "cuda" backend: pykernels::attention_fwd / attention_bwd, the schemas of the Triton
 // ops without the suffix (docs/attention.md), and their glue to the kernels in cuda/attention.cu. Only CUDA
 // builds define them; pykernels/ops/attention.py registers their fakes and adds them to KERNELS["cuda"].
-// The kernels take fp16/bf16, head dims up to 128, no float/bool mask and no dropout: the functional layer
+// The kernels take fp16/bf16, head dims up to 256, no float/bool mask and no dropout: the functional layer
 // sends those calls to the next backend, visibly (pykernels/functional/attention.py, _cuda_reason); a direct
 // call of these ops with them raises, naming the argument.
 #ifdef PYKERNELS_WITH_CUDA

@@ -148,6 +148,7 @@ FN_CASES = [
     ((6, 10, 16), 6, 12, 16, dict(scale=0.3), "bool:6,10,12", "3-D input (H, L, E)"),
     ((2, 2, 2, 7, 16), 2, 7, 16, dict(is_causal=True), None, "5-D input"),
     ((2, 2, 18, 16), 2, 18, 16, {}, "rows", "fully masked rows give zeros"),
+    ((1, 2, 9, 200), 2, 11, 256, dict(is_causal=True), None, "head dims 200, 256 (cuda: split backward columns)"),
 ]
 
 

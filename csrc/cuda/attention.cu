@@ -294,9 +294,15 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttentionArgs a) {
 // ---------------------------------------------------------------------------------------------------------
 // Backward: dK, dV.
 
+// Gradient columns per block of the backward kernels: the whole head dim up to 128; at 256 the dK/dV (dQ)
+// accumulators of all columns would not fit in registers, so blockIdx.z picks a 128-column half and each half
+// recomputes the tile's P and dP (2x those products, none of the accumulators' registers).
+template <int DP>
+constexpr int kGradCols = DP <= 128 ? DP : 128;
+
 template <typename T, int DP>
-struct DkdvCfg {
-  static constexpr int BN = 64, BM = 32, LD = DP + 8;
+struct DkdvCfg {  // at DP = 256, 16-row query tiles: P^T, dP^T and softcap' take 24 registers fewer (no spill on sm_90)
+  static constexpr int BN = 64, BM = DP <= 128 ? 32 : 16, LD = DP + 8, DC = kGradCols<DP>;
   static constexpr int kSmem = (2 * BN + 2 * BM) * LD * 2 + 2 * BM * 4;
 };
 
@@ -319,7 +325,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttentionArgs a
   load_rows<BN, DP, LD>(Ks, a.k, a, b, s.k0, hk, n0, s.S, a.E);
   load_rows<BN, DP, LD>(Vs, a.v, a, b, s.k0, hk, n0, s.S, a.Ev);
 
-  float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
+  constexpr int DC = C::DC;
+  const int c0 = blockIdx.z * DC;  // this block's gradient columns: [c0, c0 + DC)
+  float dk[DC / 8][4] = {}, dv[DC / 8][4] = {};
   int lo, hi;
   query_range<BM>(a, s, n0, BN, lo, hi);
   const int j0 = n0 + warp * 16 + g;  // this thread's keys: j0 and j0 + 8
@@ -347,7 +355,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttentionArgs a
           pt[nt][e] = visible(a, s, m0 + col, j0 + 8 * (e >> 1)) ? exp2_approx(x - lse_s[col]) : 0.f;
         }
       }
-      gemm_acc<T, LD, BM / 16, DP / 8>(dv, pt, Os, g, t);  // dV += P^T dO
+      gemm_acc<T, LD, BM / 16, DC / 8>(dv, pt, Os + c0, g, t);  // dV += P^T dO
       float dpt[BM / 8][4] = {};
       gemm_rows<T, LD, DP, BM / 8>(dpt, Vs, warp * 16, Os, g, t);  // dP^T = V dO^T
 #pragma unroll
@@ -358,13 +366,13 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttentionArgs a
           dpt[nt][e] = pt[nt][e] * (dpt[nt][e] - dl_s[col]) * dcap[nt][e];  // dS^T
         }
       }
-      gemm_acc<T, LD, BM / 16, DP / 8>(dk, dpt, Qs, g, t);  // dK += dS^T Q
+      gemm_acc<T, LD, BM / 16, DC / 8>(dk, dpt, Qs + c0, g, t);  // dK += dS^T Q
     }
   }
-  store_acc<T, DP / 8>(row_ptr<T>(a.dk, a, b, s.k0, hk, n0), a.dk.sm, warp * 16, s.S - n0, a.E, dk, a.scale,
-                       a.scale, g, t);
-  store_acc<T, DP / 8>(row_ptr<T>(a.dv, a, b, s.k0, hk, n0), a.dv.sm, warp * 16, s.S - n0, a.Ev, dv, 1.f, 1.f, g,
-                       t);
+  store_acc<T, DC / 8>(row_ptr<T>(a.dk, a, b, s.k0, hk, n0) + c0, a.dk.sm, warp * 16, s.S - n0, a.E - c0, dk,
+                       a.scale, a.scale, g, t);
+  store_acc<T, DC / 8>(row_ptr<T>(a.dv, a, b, s.k0, hk, n0) + c0, a.dv.sm, warp * 16, s.S - n0, a.Ev - c0, dv, 1.f,
+                       1.f, g, t);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -372,7 +380,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttentionArgs a
 
 template <typename T, int DP>
 struct DqCfg {
-  static constexpr int BM = 64, BN = 64, LD = DP + 8;
+  static constexpr int BM = 64, BN = 64, LD = DP + 8, DC = kGradCols<DP>;
   static constexpr int kSmem = (2 * BM + 2 * BN) * LD * 2;
 };
 
@@ -401,7 +409,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttentionArgs a) 
     off[half] = i < s.L ? lse_offset(a.lse[lb + i]) : INFINITY;
     dl[half] = i < s.L ? a.delta[lb + i] : 0.f;
   }
-  float dq[DP / 8][4] = {};
+  constexpr int DC = C::DC;
+  const int c0 = blockIdx.z * DC;  // this block's gradient columns: [c0, c0 + DC)
+  float dq[DC / 8][4] = {};
   int lo, hi;
   key_range<BN>(a, s, m0, BM, lo, hi);
   for (int n0 = lo; n0 < hi; n0 += BN) {
@@ -427,24 +437,26 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttentionArgs a) 
 #pragma unroll
       for (int e = 0; e < 4; ++e) dp[nt][e] = p[nt][e] * (dp[nt][e] - dl[e >> 1]) * dcap[nt][e];  // dS
     }
-    gemm_acc<T, LD, BN / 16, DP / 8>(dq, dp, Ks, g, t);  // dQ += dS K
+    gemm_acc<T, LD, BN / 16, DC / 8>(dq, dp, Ks + c0, g, t);  // dQ += dS K
   }
-  store_acc<T, DP / 8>(row_ptr<T>(a.dq, a, b, s.q0, h, m0), a.dq.sm, warp * 16, s.L - m0, a.E, dq, a.scale,
-                       a.scale, g, t);
+  store_acc<T, DC / 8>(row_ptr<T>(a.dq, a, b, s.q0, h, m0) + c0, a.dq.sm, warp * 16, s.L - m0, a.E - c0, dq,
+                       a.scale, a.scale, g, t);
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Launchers.
 
+// Grid: (heads, row tiles, column splits of the gradients).
 template <typename Kernel>
 cudaError_t launch(Kernel kernel, int smem, int64_t heads, int64_t rows, int tile, const AttentionArgs& a,
-                   cudaStream_t stream) {
+                   cudaStream_t stream, int splits = 1) {
   const int64_t tiles = (rows + tile - 1) / tile;
   if (tiles == 0 || heads == 0) return cudaSuccess;
   if (tiles > 65535 || heads > 0x7fffffff) return cudaErrorInvalidConfiguration;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(static_cast<unsigned>(heads), static_cast<unsigned>(tiles)), kThreads, smem, stream>>>(a);
+  const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+  kernel<<<grid, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -458,20 +470,27 @@ template <typename T, int DP>
 cudaError_t bwd(const AttentionArgs& a, cudaStream_t stream) {
   using K = DkdvCfg<T, DP>;
   using Q = DqCfg<T, DP>;
-  cudaError_t err = launch(attn_bwd_dkdv_kernel<T, DP>, K::kSmem, a.B * a.Hk, a.S, K::BN, a, stream);
+  cudaError_t err = launch(attn_bwd_dkdv_kernel<T, DP>, K::kSmem, a.B * a.Hk, a.S, K::BN, a, stream, DP / K::DC);
   if (err != cudaSuccess) return err;
-  return launch(attn_bwd_dq_kernel<T, DP>, Q::kSmem, a.B * a.H, a.L, Q::BM, a, stream);
+  return launch(attn_bwd_dq_kernel<T, DP>, Q::kSmem, a.B * a.H, a.L, Q::BM, a, stream, DP / Q::DC);
 }
 
-// The head dim is padded to 64 or 128 (one instantiation each per dtype): zero columns cost FLOPs, not results.
+// The head dim is padded to 64, 128 or 256 (one instantiation each per dtype): zero columns cost FLOPs, not
+// results.
+template <template <typename, int> class F, typename T>
+cudaError_t padded(int64_t d, const AttentionArgs& a, cudaStream_t stream) {
+  if (d <= 64) return F<T, 64>::run(a, stream);
+  if (d <= 128) return F<T, 128>::run(a, stream);
+  return F<T, 256>::run(a, stream);
+}
+
 template <template <typename, int> class F>
 cudaError_t dispatch(const AttentionArgs& a, cudaStream_t stream) {
   const int64_t d = a.E > a.Ev ? a.E : a.Ev;
   if (d > kAttentionMaxHeadDim || d < 1) return cudaErrorInvalidValue;
-  const bool small = d <= 64;
   switch (a.dtype) {
-    case DType::F16: return small ? F<__half, 64>::run(a, stream) : F<__half, 128>::run(a, stream);
-    case DType::BF16: return small ? F<__nv_bfloat16, 64>::run(a, stream) : F<__nv_bfloat16, 128>::run(a, stream);
+    case DType::F16: return padded<F, __half>(d, a, stream);
+    case DType::BF16: return padded<F, __nv_bfloat16>(d, a, stream);
     default: return cudaErrorInvalidValue;
   }
 }

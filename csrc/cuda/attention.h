@@ -8,7 +8,7 @@ namespace pykernels {
 namespace cuda {
 
 // Largest head dim (E and Ev) the kernels take; larger ones run on another backend.
-constexpr int64_t kAttentionMaxHeadDim = 128;
+constexpr int64_t kAttentionMaxHeadDim = 256;
 
 // FlashAttention-2 forward on mma.sync tensor cores (sm_80+): out and the fp32 lse. fp16 / bf16.
 cudaError_t attention_fwd(const AttentionArgs& a, cudaStream_t stream);

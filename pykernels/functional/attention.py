@@ -70,7 +70,7 @@ def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], empty
 # What the CUDA kernels (csrc/cuda/attention.cu) cover; the rest of a "cuda" call's options go to the next
 # backend, with this reason in last_dispatch.
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
-CUDA_MAX_HEAD_DIM = 128
+CUDA_MAX_HEAD_DIM = 256  # kAttentionMaxHeadDim, csrc/cuda/attention.h
 
 def _cuda_reason(dtype: torch.dtype, head_dims: Tuple[int, int], has_mask: bool, dropout_p: float
                  ) -> Optional[str]:
