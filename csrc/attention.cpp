@@ -1,9 +1,10 @@
 // Attention operators of the "cuda" backend: pykernels::attention_fwd / attention_bwd, the schemas of the Triton
 // ops without the suffix (docs/attention.md), and their glue to the kernels in cuda/attention.cu. Only CUDA
 // builds define them; pykernels/ops/attention.py registers their fakes and adds them to KERNELS["cuda"].
-// The kernels take fp16/bf16, head dims up to 256, no float/bool mask and no dropout: the functional layer
-// sends those calls to the next backend, visibly (pykernels/functional/attention.py, _cuda_reason); a direct
-// call of these ops with them raises, naming the argument.
+// The kernels take fp16/bf16, head dims up to 256, bool or float masks of dense calls (any broadcastable
+// strides), and no dropout: the functional layer sends the other calls to the next backend, visibly
+// (pykernels/functional/attention.py, _cuda_reason); a direct call of these ops with them raises, naming the
+// argument.
 #ifdef PYKERNELS_WITH_CUDA
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -60,7 +61,30 @@ struct Call {
   AttentionArgs a;
   bool varlen = false;
   at::Tensor q, k, v;  // row-contiguous operands the args point into
+  at::Tensor mask;     // the mask expanded to (B, H, L, S) (a view: broadcast dims have stride 0)
 };
+
+// The attn_mask of a dense call: bool (True = attend) or floating, broadcastable to the scores (B, H, L, S).
+void set_mask(const char* op, Call& c, const at::Tensor& bias) {
+  AttentionArgs& a = c.a;
+  TORCH_CHECK(!c.varlen, op, ": bias (attn_mask) is not supported with cu_seqlens (varlen)");
+  TORCH_CHECK(bias.device() == c.q.device(), op, ": bias must be on ", c.q.device(), ", got ", bias.device());
+  switch (bias.scalar_type()) {
+    case at::kBool: a.mask_bool = true; break;
+    case at::kFloat: a.mask_dtype = DType::F32; break;
+    case at::kHalf: a.mask_dtype = DType::F16; break;
+    case at::kBFloat16: a.mask_dtype = DType::BF16; break;
+    case at::kDouble: a.mask_dtype = DType::F64; break;
+    default: TORCH_CHECK(false, op, ": bias must be bool or floating, got ", bias.scalar_type());
+  }
+  TORCH_CHECK(bias.dim() <= 4, op, ": bias must have at most 4 dims (B, H, L, S), got ", bias.dim());
+  c.mask = bias.expand({a.B, a.H, a.L, a.S});  // raises, naming the shapes, when it does not broadcast
+  a.mask = c.mask.data_ptr();
+  a.mask_sb = c.mask.stride(0);
+  a.mask_sh = c.mask.stride(1);
+  a.mask_sm = c.mask.stride(2);
+  a.mask_sn = c.mask.stride(3);
+}
 
 // Checks shared by the forward and the backward; fills the shapes and the masking fields of the args.
 Call make_call(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -76,7 +100,6 @@ Call make_call(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, c
     TORCH_CHECK(t->scalar_type() == q_in.scalar_type() && t->device() == q_in.device(), op, ": ", name,
                 " must be ", q_in.scalar_type(), " on ", q_in.device());
   }
-  TORCH_CHECK(!bias.has_value(), op, ": bias (attn_mask) is not supported by the CUDA kernels");
   TORCH_CHECK(dropout_p == 0.0, op, ": dropout_p must be 0 for the CUDA kernels, got ", dropout_p);
   TORCH_CHECK(cu_q.has_value() == cu_k.has_value(), op, ": pass both cu_seqlens_q and cu_seqlens_k, or neither");
   c.varlen = cu_q.has_value();
@@ -132,6 +155,7 @@ Call make_call(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, c
   a.win_left = win_left;
   a.win_right = win_right;
   a.vec16 = a.E % 8 == 0 && a.Ev % 8 == 0 && aligned16(c.q) && aligned16(c.k) && aligned16(c.v);
+  if (bias.has_value()) set_mask(op, c, *bias);
   return c;
 }
 
@@ -175,7 +199,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     c10::SymInt win_right, double softcap, double dropout_p, const c10::optional<at::Tensor>& seed,
     bool bias_requires_grad) {
   (void)seed;
-  (void)bias_requires_grad;  // no bias reaches the CUDA kernels (make_call refuses one)
   c10::cuda::CUDAGuard guard(q.device());
   Call c = make_call(kBwd, q, k, v, bias, cu_q, cu_k, max_q.expect_int(), max_k.expect_int(), scale, is_causal,
                      diag.expect_int(), bottom_right, win_left.expect_int(), win_right.expect_int(), softcap,
@@ -203,6 +226,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   a.lse = const_cast<float*>(lse.data_ptr<float>());
   a.delta = delta.data_ptr<float>();
   set_lse(a, lse, c.varlen);
+  // the float mask's gradient over the full scores, then summed over its broadcast dims (as the Triton launcher)
+  const bool want_dmask = bias_requires_grad && bias.has_value() && !a.mask_bool;
+  at::Tensor dmask_full;
+  if (want_dmask) {
+    dmask_full = at::zeros({a.B, a.H, a.L, a.S}, q.options().dtype(at::kFloat));
+    a.dmask = dmask_full.data_ptr<float>();
+  }
   if (q.numel() == 0) {  // no query: no gradient reaches k and v
     dk_w.zero_();
     dv_w.zero_();
@@ -212,7 +242,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   for (auto [dst, src] : {std::pair<at::Tensor*, at::Tensor*>{&dq, &dq_w}, {&dk, &dk_w}, {&dv, &dv_w}}) {
     if (!dst->is_same(*src)) dst->copy_(*src);
   }
-  return {dq, dk, dv, q.new_empty({0})};  // no mask, no mask gradient (the fake's empty of q's dtype)
+  if (want_dmask) return {dq, dk, dv, dmask_full.sum_to_size(bias->sizes()).to(bias->scalar_type())};
+  return {dq, dk, dv, q.new_empty({0})};  // no float mask gradient: the fake's empty of q's dtype
 }
 
 }  // namespace

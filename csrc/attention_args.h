@@ -33,6 +33,14 @@ struct AttentionArgs {
   int64_t diag = 0, win_left = -1, win_right = -1;  // key j visible to query i: j <= i + diag (causal) and
                                                    // i + diag - win_left <= j <= i + diag + win_right (-1: open)
   bool vec16 = false;  // every row of q, k, v, dO 16-byte aligned and E, Ev multiples of 8: 16-byte tile loads
+
+  // attn_mask of a dense call, broadcast to (B, H, L, S) through its strides (0 on broadcast dims), or null: bool
+  // (True = attend) or floating (added to the scores after the soft cap) of mask_dtype
+  const void* mask = nullptr;
+  int64_t mask_sb = 0, mask_sh = 0, mask_sm = 0, mask_sn = 0;
+  bool mask_bool = false;
+  DType mask_dtype = DType::F32;
+  float* dmask = nullptr;  // backward: gradient of a float mask, (B, H, L, S) fp32 contiguous, zeroed by the glue
 };
 
 }  // namespace pykernels

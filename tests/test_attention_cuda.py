@@ -39,13 +39,12 @@ def test_sass_uses_tensor_cores_without_local_memory():
 
 def test_cuda_coverage_rules():
     f16 = torch.float16
-    assert fa._cuda_reason(f16, (64, 64), False, 0.0) is None
-    assert fa._cuda_reason(torch.bfloat16, (128, 96), False, 0.0) is None
-    assert "dtype" in fa._cuda_reason(torch.float32, (64, 64), False, 0.0)
-    assert fa._cuda_reason(f16, (256, 200), False, 0.0) is None
-    assert "head dim 320" in fa._cuda_reason(f16, (64, 320), False, 0.0)
-    assert "attn_mask" in fa._cuda_reason(f16, (64, 64), True, 0.0)
-    assert "dropout" in fa._cuda_reason(f16, (64, 64), False, 0.1)
+    assert fa._cuda_reason(f16, (64, 64), 0.0) is None
+    assert fa._cuda_reason(torch.bfloat16, (128, 96), 0.0) is None
+    assert "dtype" in fa._cuda_reason(torch.float32, (64, 64), 0.0)
+    assert fa._cuda_reason(f16, (256, 200), 0.0) is None
+    assert "head dim 320" in fa._cuda_reason(f16, (64, 320), 0.0)
+    assert "dropout" in fa._cuda_reason(f16, (64, 64), 0.1)
     # automatic calls on CUDA try triton (GPU-validated, measured) before the unmeasured cuda kernels
     from pykernels import backends
     for op in ("scaled_dot_product_attention", "varlen_attention", "lstm"):

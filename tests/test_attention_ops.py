@@ -46,9 +46,9 @@ def _samples(device, dtype):
 
 
 def _covered(backend, args):
-    """The cuda kernels take no mask and no dropout: the functional layer sends those calls elsewhere
+    """The cuda kernels take no dropout: the functional layer sends those calls elsewhere
     (pykernels.functional.attention._cuda_reason); the kernel ops refuse them."""
-    return backend != "cuda" or (args[3] is None and args[15] == 0.0)
+    return backend != "cuda" or args[15] == 0.0
 
 
 def _utils(device):
@@ -111,7 +111,6 @@ def test_compile_fullgraph_parity(backend, device):
     k = torch.randn(2, 2, 23, 16, device=device)
     v = torch.randn(2, 2, 23, 16, device=device)
     m = torch.randn(19, 23, device=device)
-    with_mask = backend != "cuda"  # the cuda kernels take no mask
 
     def f(q, k, v, *m):
         out, lse = pykernels.functional.scaled_dot_product_attention(q, k, v, *m, enable_gqa=True, is_causal=True,
@@ -121,8 +120,8 @@ def test_compile_fullgraph_parity(backend, device):
     compiled = torch.compile(f, fullgraph=True)
     if backend == "cuda":
         q, k, v = (t.half() for t in (q, k, v))
-    xe = [t.clone().requires_grad_() for t in (q, k, v) + ((m,) if with_mask else ())]
-    xc = [t.clone().requires_grad_() for t in (q, k, v) + ((m,) if with_mask else ())]
+    xe = [t.clone().requires_grad_() for t in (q, k, v, m)]
+    xc = [t.clone().requires_grad_() for t in (q, k, v, m)]
     oe, le = f(*xe)
     oc, lc = compiled(*xc)
     assert max_abs_err(oe, oc) <= 1e-5 and max_abs_err(le, lc) <= 1e-5
@@ -171,7 +170,7 @@ def test_many_blocks_gqa_window_float_mask_grad(backend, device):
     q, k = torch.randn(B, H, L, E, device=device, dtype=dtype), torch.randn(B, Hk, S, E, device=device, dtype=dtype)
     v = torch.randn(B, Hk, S, E, device=device, dtype=dtype)
     m = torch.randn(B, 1, L, S, device=device, dtype=dtype)
-    leaves = (q, k, v, m) if backend != "cuda" else (q, k, v)  # the cuda kernels take no mask
+    leaves = (q, k, v, m)
     for causal, diag, window in ((True, S - L, (9, -1)), (False, 0, (4, 20)), (True, 0, (-1, -1))):
         x = [t.clone().requires_grad_() for t in leaves]
         bias = x[3] if len(x) > 3 else None

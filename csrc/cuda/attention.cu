@@ -178,6 +178,30 @@ __device__ __forceinline__ float score(const AttentionArgs& a, float acc, float&
   return x * kLog2e;
 }
 
+// Element (b, h, i, j) of the mask in fp32: its value for a float mask, 1 / 0 for a bool one.
+__device__ __forceinline__ float mask_at(const AttentionArgs& a, int64_t b, int64_t h, int64_t i, int64_t j) {
+  const int64_t o = b * a.mask_sb + h * a.mask_sh + i * a.mask_sm + j * a.mask_sn;
+  if (a.mask_bool) return static_cast<const bool*>(a.mask)[o] ? 1.f : 0.f;
+  switch (a.mask_dtype) {
+    case DType::F16: return to_f(static_cast<const __half*>(a.mask)[o]);
+    case DType::BF16: return to_f(static_cast<const __nv_bfloat16*>(a.mask)[o]);
+    case DType::F64: return static_cast<float>(static_cast<const double*>(a.mask)[o]);
+    default: return static_cast<const float*>(a.mask)[o];
+  }
+}
+
+// The exp2-domain score of query i, key j of (batch b, query head h): -inf where it is not visible (bounds,
+// causal, window, a False in a bool mask); a float mask is added after the soft cap, as in the Triton kernels.
+__device__ __forceinline__ float masked_score(const AttentionArgs& a, const Seq& s, int64_t b, int64_t h, int i,
+                                              int j, float acc, float& dcap) {
+  const float x = score(a, acc, dcap);
+  if (!visible(a, s, i, j)) return -INFINITY;
+  if (!a.mask) return x;
+  const float mv = mask_at(a, b, h, i, j);
+  if (a.mask_bool) return mv != 0.f ? x : -INFINITY;
+  return x + mv * kLog2e;
+}
+
 // lse (natural log, -inf for a row that sees nothing) -> the exp2-domain offset of its probabilities. A row
 // that sees nothing gets +inf, so exp2(s - offset) = 0 for it instead of exp2(-inf + inf) = NaN.
 __device__ __forceinline__ float lse_offset(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
@@ -212,7 +236,7 @@ struct FwdCfg {
 };
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttentionArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(AttentionArgs a) {
   using C = FwdCfg<T, DP>;
   constexpr int BM = C::BM, BN = C::BN, LD = C::LD;
   extern __shared__ __align__(16) uint16_t smem[];
@@ -247,7 +271,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(AttentionArgs a) {
         for (int c = 0; c < 2; ++c) {
           float dcap;
           float& x = sc[nt][2 * half + c];
-          x = visible(a, s, i0 + 8 * half, n0 + nt * 8 + 2 * t + c) ? score(a, x, dcap) : -INFINITY;
+          x = masked_score(a, s, b, h, i0 + 8 * half, n0 + nt * 8 + 2 * t + c, x, dcap);
           mx = fmaxf(mx, x);
         }
       }
@@ -307,7 +331,7 @@ struct DkdvCfg {  // at DP = 256, 16-row query tiles: P^T, dP^T and softcap' tak
 };
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttentionArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) attn_bwd_dkdv_kernel(AttentionArgs a) {
   using C = DkdvCfg<T, DP>;
   constexpr int BN = C::BN, BM = C::BM, LD = C::LD;
   extern __shared__ __align__(16) uint16_t smem[];
@@ -351,8 +375,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(AttentionArgs a
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = nt * 8 + 2 * t + (e & 1);
-          const float x = score(a, pt[nt][e], dcap[nt][e]);
-          pt[nt][e] = visible(a, s, m0 + col, j0 + 8 * (e >> 1)) ? exp2_approx(x - lse_s[col]) : 0.f;
+          const float x = masked_score(a, s, b, h, m0 + col, j0 + 8 * (e >> 1), pt[nt][e], dcap[nt][e]);
+          pt[nt][e] = exp2_approx(x - lse_s[col]);  // 0 where masked (lse_s is finite or +inf)
         }
       }
       gemm_acc<T, LD, BM / 16, DC / 8>(dv, pt, Os + c0, g, t);  // dV += P^T dO
@@ -385,7 +409,7 @@ struct DqCfg {
 };
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttentionArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) attn_bwd_dq_kernel(AttentionArgs a) {
   using C = DqCfg<T, DP>;
   constexpr int BM = C::BM, BN = C::BN, LD = C::LD;
   extern __shared__ __align__(16) uint16_t smem[];
@@ -425,17 +449,25 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(AttentionArgs a) 
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float x = score(a, p[nt][e], dcap[nt][e]);
-        p[nt][e] = visible(a, s, i0 + 8 * (e >> 1), n0 + nt * 8 + 2 * t + (e & 1)) ? exp2_approx(x - off[e >> 1])
-                                                                                      : 0.f;
+        const float x = masked_score(a, s, b, h, i0 + 8 * (e >> 1), n0 + nt * 8 + 2 * t + (e & 1), p[nt][e],
+                                     dcap[nt][e]);
+        p[nt][e] = exp2_approx(x - off[e >> 1]);  // 0 where masked (off is finite or +inf)
       }
     }
     float dp[BN / 8][4] = {};
     gemm_rows<T, LD, DP, BN / 8>(dp, Os, warp * 16, Vs, g, t);  // dP = dO V^T
+    // The float mask's gradient is dS before the soft cap's chain factor; written by the first column split only
+    // (every split computes the same dS), once per element: deterministic. Keys outside [lo, hi) stay zero.
+    float* dmask = blockIdx.z == 0 && a.dmask ? a.dmask + (b * a.H + h) * a.L * a.S : nullptr;
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dp[nt][e] = p[nt][e] * (dp[nt][e] - dl[e >> 1]) * dcap[nt][e];  // dS
+      for (int e = 0; e < 4; ++e) {
+        const float ds = p[nt][e] * (dp[nt][e] - dl[e >> 1]);
+        const int i = i0 + 8 * (e >> 1), j = n0 + nt * 8 + 2 * t + (e & 1);
+        if (dmask && i < s.L && j < s.S) dmask[int64_t(i) * a.S + j] = ds;
+        dp[nt][e] = ds * dcap[nt][e];  // dS
+      }
     }
     gemm_acc<T, LD, BN / 16, DC / 8>(dq, dp, Ks + c0, g, t);  // dQ += dS K
   }
