@@ -1,0 +1,473 @@
+"""Triton kernels of the LSTM sequence ops ``lstm_layer_fwd`` / ``lstm_layer_bwd`` (contract: docs/lstm.md).
+
+The input projection of all steps is one GEMM done by the caller (``xproj = x W_ih^T + b_ih + b_hh``); these
+kernels run the recurrence of one layer direction. Two designs, chosen per call by ``plan`` (see there):
+
+Row-block kernels (``_seq_fwd_kernel`` / ``_seq_bwd_kernel``), for H <= RESIDENT_MAX: program m owns batch rows
+``m*BM..`` for the whole sequence and loops over time inside the kernel, over all hidden units per step. No other
+program touches its rows, so a CTA barrier orders the steps and no grid-wide sync is needed; the whole W_hh is one
+register tile (forward) loaded once. At larger H one program per 16 rows would stream all of W_hh every step on
+one SM, which is what the split kernels avoid.
+
+Split kernels (``_split_fwd_kernel`` / ``_split_bwd_kernel``), for H > RESIDENT_MAX: program j owns hidden units
+``j*BH..`` with all four gates, for every batch row (row blocks of BM inside), so the H hidden units are spread
+over cdiv(H, BH) SMs. Its slice of W_hh (forward: the 4*BH rows of its gates; backward: the BH columns of its
+units, all 4H rows) is loaded once before the time loop and held in registers when it fits (RESIDENT, see
+``_split_tiles``), else re-read from L2 every step in K chunks. The contraction is a batched ``tl.dot`` over NC
+K-chunks, (NC, BM, BK) @ (NC, BK, N), summed over the chunks: Triton places the warps on the chunk axis, so each
+warp holds 1/NC of the slice instead of all of it (a 2-D dot keeps the whole K extent in every warp).
+Per forward step: gates = xproj[t] + h_{t-1} @ slice^T, the pointwise update, h_t stored; then every program needs
+every other program's h_t, hence a grid barrier. Per backward step (reverse time): (B) dh_{t+1 in processing
+order} = dG @ W_hh[:, block] from the dgates every program wrote, (A) the block's gate gradients from its own dh,
+dc into dG[t]; then a grid barrier. (A) needs only the block's own dh/dc, so (B) and the next (A) need no barrier
+between them, and the last (B) gives dh0.
+
+PERSISTENT (constexpr) picks where the barrier is: True, one launch runs all steps and synchronises through
+``_grid_barrier`` (needs every program co-resident: at most one program per SM); False, the launcher issues one
+launch per step and the launch boundary is the barrier. The interpreter (TRITON_INTERPRET=1) runs programs one
+after another, so a spin barrier would deadlock there: the CPU tier runs PERSISTENT=False, the compile tests build
+PERSISTENT=True for sm_80/sm_90, and False is also the GPU fallback when cdiv(H, BH) programs would exceed the SMs.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .lstm import _dot, _gate_grads, _interpreted, _sigmoid, _tanh
+
+logger = logging.getLogger("pykernels")
+
+# H up to which the row-block kernels run (W_hh is one register tile of 4 x H x H); above it, the split kernels.
+RESIDENT_MAX = int(os.environ.get("PYKERNELS_LSTM_RESIDENT_MAX", "64"))
+# Largest slice tile (NC x BK x N elements x itemsize) held per program: 64 KB over the 256 threads of 8 warps is
+# 64 registers per thread; a prototype of the batched dot at this size compiled for sm_90 to 128 registers, no
+# spills (ptxas -v), while 128 KB spilled. The compile tests check the real kernels at the budget.
+TILE_BYTES = 64 * 1024
+SPLIT_WARPS = 8
+# Polls of the barrier counter before a program traps: a grid that can never all arrive (not co-resident)
+# fails the launch loudly instead of hanging the device.
+SPIN_LIMIT = 1 << 24
+
+
+@triton.jit
+def _trap():
+    tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _grid_barrier(BAR, target, SPIN: tl.constexpr):
+    """Wait until ``target`` arrivals have been counted at BAR (int32, zeroed by the launcher; the n-th barrier of
+    a launch waits for n * programs, so the counter is never reset and consecutive barriers cannot race)."""
+    tl.debug_barrier()  # every thread's stores of the step are issued before the program arrives
+    tl.atomic_add(BAR, 1, sem="release", scope="gpu")
+    spins = 0
+    while tl.load(BAR, volatile=True) < target:  # plain polls, no read-modify-write traffic on the counter
+        spins += 1
+        if spins > SPIN:
+            _trap()
+    # the acquire read of the counter synchronises with every program's release arrival
+    tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _step_time(s, T, REVERSE: tl.constexpr):
+    """(t, t_prev): the time index of forward step s and of the step before it."""
+    t = s
+    tp = s - 1
+    if REVERSE:
+        t = T - 1 - s
+        tp = t + 1
+    return t, tp
+
+
+@triton.jit
+def _load_chunks(P, rows, rmask, srow, k0, K, NC: tl.constexpr, BK: tl.constexpr):
+    """(NC, BM, BK) tile of P[rows, k0 + c*BK + kk] (K valid columns), read from L2 (.cg): other programs wrote it
+    during this launch, and L1 is not coherent."""
+    k = k0 + tl.arange(0, NC)[:, None, None] * BK + tl.arange(0, BK)[None, None, :]
+    return tl.load(P + rows[None, :, None] * srow + k, mask=rmask[None, :, None] & (k < K), other=0.0,
+                   cache_modifier=".cg")
+
+
+@triton.jit
+def _load_slice(W, noff, nmask, sk, k0, K, NC: tl.constexpr, BK: tl.constexpr):
+    """(NC, BK, N) tile of W: element [c, kk, n] = W[noff[n] + (k0 + c*BK + kk) * sk] (K valid)."""
+    k = k0 + tl.arange(0, NC)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
+    return tl.load(W + noff[None, None, :] + k.to(tl.int64) * sk, mask=nmask[None, None, :] & (k < K), other=0.0)
+
+
+@triton.jit
+def _chunk_dot(acc, A, rows, rmask, srow, K, W, noff, nmask, sk, w,
+               RESIDENT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, N: tl.constexpr,
+               NC: tl.constexpr, BK: tl.constexpr):
+    """acc (BM, N) += A[rows, :K] @ slice, the slice resident (``w``, one chunk covers K) or re-read per chunk."""
+    for k0 in range(0, K, NC * BK):
+        if not RESIDENT:
+            w = _load_slice(W, noff, nmask, sk, k0, K, NC, BK)
+        a = _load_chunks(A, rows, rmask, srow, k0, K, NC, BK).to(w.dtype)
+        acc += tl.sum(_dot(a, w, tl.zeros((NC, BM, N), dtype=tl.float32), IEEE), axis=0)
+    return acc
+
+
+@triton.jit
+def _split_fwd_kernel(XP, WHH, H0, C0, OUT, WS, BAR, T, B, H, swr, swk, STEP,
+                      REVERSE: tl.constexpr, PERSISTENT: tl.constexpr, RESIDENT: tl.constexpr, IEEE: tl.constexpr,
+                      BM: tl.constexpr, BH: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr, SPIN: tl.constexpr):
+    """Program j: hidden units j*BH.. with their four gates, all rows, steps [STEP, STEP+1) or all T (PERSISTENT).
+    The gate columns are unit-major (n = 4*unit + gate) so one dot gives all four and a reshape splits them."""
+    j = tl.program_id(0)
+    n = tl.arange(0, 4 * BH)
+    col = (n % 4) * H + j * BH + n // 4  # column of xproj / row of W_hh of gate column n
+    nmask = (j * BH + n // 4) < H
+    noff = col.to(tl.int64) * swr
+    units = j * BH + tl.arange(0, BH)
+    umask = units < H
+    if RESIDENT:
+        w = _load_slice(WHH, noff, nmask, swk, 0, H, NC, BK)
+    else:
+        w = tl.zeros((NC, BK, 4 * BH), dtype=WHH.dtype.element_ty)  # placeholder, re-read per chunk
+    stepH = tl.cast(B, tl.int64) * H
+    s0 = STEP
+    s1 = STEP + 1
+    if PERSISTENT:
+        s0 = 0
+        s1 = T
+    for s in range(s0, s1):
+        t, tp = _step_time(s, T, REVERSE)
+        if s == 0:
+            hp = H0
+        else:
+            hp = OUT + tp.to(tl.int64) * stepH
+        for r0 in range(0, B, BM):
+            rows = r0 + tl.arange(0, BM).to(tl.int64)
+            rmask = rows < B
+            acc = tl.load(XP + t.to(tl.int64) * (4 * stepH) + rows[:, None] * (4 * H) + col[None, :],
+                          mask=rmask[:, None] & nmask[None, :], other=0.0)
+            acc = _chunk_dot(acc, hp, rows, rmask, H, H, WHH, noff, nmask, swk, w,
+                             RESIDENT, IEEE, BM, 4 * BH, NC, BK)
+            gi_gg, gf_go = tl.split(tl.reshape(acc, (BM, BH, 2, 2)))  # gate q = 2a + b: split b, then a
+            gi, gg = tl.split(gi_gg)
+            gf, go = tl.split(gf_go)
+            m2 = rmask[:, None] & umask[None, :]
+            if s == 0:
+                c_prev = tl.load(C0 + rows[:, None] * H + units[None, :], mask=m2, other=0.0).to(tl.float32)
+            else:
+                c_prev = tl.load(WS + tp.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + 4 * H
+                                 + units[None, :], mask=m2, other=0.0)
+            i = _sigmoid(gi)
+            f = _sigmoid(gf)
+            g = _tanh(gg)
+            o = _sigmoid(go)
+            c = f * c_prev + i * g
+            h = o * _tanh(c)
+            tl.store(OUT + t.to(tl.int64) * stepH + rows[:, None] * H + units[None, :], h.to(OUT.dtype.element_ty),
+                     mask=m2)
+            ws = WS + t.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + units[None, :]
+            tl.store(ws, i, mask=m2)
+            tl.store(ws + H, f, mask=m2)
+            tl.store(ws + 2 * H, g, mask=m2)
+            tl.store(ws + 3 * H, o, mask=m2)
+            tl.store(ws + 4 * H, c, mask=m2)
+        if PERSISTENT:
+            if s + 1 < s1:  # every program's h_t is written before anyone reads it at the next step
+                _grid_barrier(BAR, (s + 1) * tl.num_programs(0), SPIN)
+
+
+@triton.jit
+def _split_bwd_kernel(GOUT, C0, WS, WHH, DG, DH, DC, BAR, T, B, H, swr, swk, STEP,
+                      HAS_GOUT: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
+                      RESIDENT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
+                      NC: tl.constexpr, BK: tl.constexpr, SPIN: tl.constexpr):
+    """Program j: hidden units j*BH.., all rows. Processing index i in [STEP, STEP+1) or [0, T] (PERSISTENT): (B)
+    dh of the step processed at i-1 (i > 0), then (A) the gate gradients of step i (i < T). DH/DC (B, H) fp32 hold
+    dh (recurrent part) and dc on entry (grad_hn/grad_cn or 0) and dh0/dc0 at the end; DG (T, B, 4H) fp32."""
+    j = tl.program_id(0)
+    units = j * BH + tl.arange(0, BH)
+    umask = units < H
+    noff = units.to(tl.int64) * swk
+    H4 = 4 * H
+    if RESIDENT:
+        w = _load_slice(WHH, noff, umask, swr, 0, H4, NC, BK)
+    else:
+        w = tl.zeros((NC, BK, BH), dtype=WHH.dtype.element_ty)  # placeholder, re-read per chunk
+    stepH = tl.cast(B, tl.int64) * H
+    s0 = STEP
+    s1 = STEP + 1
+    if PERSISTENT:
+        s0 = 0
+        s1 = T + 1
+    for i in range(s0, s1):
+        if i > 0:  # (B) dh_{prev} = dG[t] W_hh[:, units] for the step processed at i - 1
+            t, _ = _step_time(T - i, T, REVERSE)
+            for r0 in range(0, B, BM):
+                rows = r0 + tl.arange(0, BM).to(tl.int64)
+                rmask = rows < B
+                acc = _chunk_dot(tl.zeros((BM, BH), dtype=tl.float32), DG + t.to(tl.int64) * (4 * stepH), rows,
+                                 rmask, H4, H4, WHH, noff, umask, swr, w, RESIDENT, IEEE, BM, BH, NC, BK)
+                tl.store(DH + rows[:, None] * H + units[None, :], acc, mask=rmask[:, None] & umask[None, :])
+            tl.debug_barrier()  # (A) reads dh written by other threads of this program
+        if i < T:  # (A) gate gradients of forward step s = T-1-i, units of this program
+            s = T - 1 - i
+            t, tp = _step_time(s, T, REVERSE)
+            for r0 in range(0, B, BM):
+                rows = r0 + tl.arange(0, BM).to(tl.int64)
+                m2 = (rows < B)[:, None] & umask[None, :]
+                off = rows[:, None] * H + units[None, :]
+                dh = tl.load(DH + off, mask=m2, other=0.0)
+                if HAS_GOUT:
+                    dh += tl.load(GOUT + t.to(tl.int64) * stepH + off, mask=m2, other=0.0).to(tl.float32)
+                dc = tl.load(DC + off, mask=m2, other=0.0)
+                if s == 0:
+                    c_prev = tl.load(C0 + off, mask=m2, other=0.0).to(tl.float32)
+                else:
+                    c_prev = tl.load(WS + tp.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + 4 * H
+                                     + units[None, :], mask=m2, other=0.0)
+                ws = t.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + units[None, :]
+                di, df, dg, do, dcp = _gate_grads(dh, dc, c_prev, WS, ws, H, m2)
+                d = DG + t.to(tl.int64) * (4 * stepH) + rows[:, None] * H4 + units[None, :]
+                tl.store(d, di, mask=m2)
+                tl.store(d + H, df, mask=m2)
+                tl.store(d + 2 * H, dg, mask=m2)
+                tl.store(d + 3 * H, do, mask=m2)
+                tl.store(DC + off, dcp, mask=m2)
+            if PERSISTENT:  # every program's dG[t] is written before anyone's (B) reads it
+                _grid_barrier(BAR, (i + 1) * tl.num_programs(0), SPIN)
+
+
+@triton.jit
+def _seq_fwd_kernel(XP, WHH, H0, C0, OUT, WS, T, B, H, swr, swk,
+                    REVERSE: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
+    """Row-block forward, H <= BH: the whole W_hh^T as four (BH, BH) tiles loaded once. XP (T, B, 4H) fp32 input
+    projections incl. both biases; H0/C0 (B, H) contiguous; OUT (T, B, H) in the input dtype, WS (T, B, 5H) fp32.
+    Program m owns rows m*BM.. for every step."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rmask = rows < B
+    cols = tl.arange(0, BH)
+    cmask = cols < H
+    stepH = tl.cast(B, tl.int64) * H
+    wm = cmask[:, None] & cmask[None, :]
+    w_ptrs = WHH + cols[None, :].to(tl.int64) * swr + cols[:, None].to(tl.int64) * swk
+    gate = tl.cast(H, tl.int64) * swr
+    w_i = tl.load(w_ptrs, mask=wm, other=0.0)
+    w_f = tl.load(w_ptrs + gate, mask=wm, other=0.0)
+    w_g = tl.load(w_ptrs + 2 * gate, mask=wm, other=0.0)
+    w_o = tl.load(w_ptrs + 3 * gate, mask=wm, other=0.0)
+    m2 = rmask[:, None] & cmask[None, :]
+    for s in range(0, T):
+        t, tp = _step_time(s, T, REVERSE)
+        xp = XP + t.to(tl.int64) * (4 * stepH) + rows[:, None] * (4 * H) + cols[None, :]
+        acc_i = tl.load(xp, mask=m2, other=0.0)
+        acc_f = tl.load(xp + H, mask=m2, other=0.0)
+        acc_g = tl.load(xp + 2 * H, mask=m2, other=0.0)
+        acc_o = tl.load(xp + 3 * H, mask=m2, other=0.0)
+        if s == 0:
+            hp = H0
+        else:
+            hp = OUT + tp.to(tl.int64) * stepH
+        a = tl.load(hp + rows[:, None] * H + cols[None, :], mask=m2, other=0.0).to(w_i.dtype)
+        acc_i = _dot(a, w_i, acc_i, IEEE)
+        acc_f = _dot(a, w_f, acc_f, IEEE)
+        acc_g = _dot(a, w_g, acc_g, IEEE)
+        acc_o = _dot(a, w_o, acc_o, IEEE)
+        if s == 0:
+            c_prev = tl.load(C0 + rows[:, None] * H + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        else:
+            c_prev = tl.load(WS + tp.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + 4 * H + cols[None, :],
+                             mask=m2, other=0.0)
+        i = _sigmoid(acc_i)
+        f = _sigmoid(acc_f)
+        g = _tanh(acc_g)
+        o = _sigmoid(acc_o)
+        c = f * c_prev + i * g
+        h = o * _tanh(c)
+        tl.store(OUT + t.to(tl.int64) * stepH + rows[:, None] * H + cols[None, :], h.to(OUT.dtype.element_ty),
+                 mask=m2)
+        ws = WS + t.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + cols[None, :]
+        tl.store(ws, i, mask=m2)
+        tl.store(ws + H, f, mask=m2)
+        tl.store(ws + 2 * H, g, mask=m2)
+        tl.store(ws + 3 * H, o, mask=m2)
+        tl.store(ws + 4 * H, c, mask=m2)
+        # h_t must be written before any thread of this program reads it at the next step
+        tl.debug_barrier()
+
+
+@triton.jit
+def _seq_bwd_kernel(GOUT, C0, WS, WHH, DG, DH, DC, T, B, H, swr, swk,
+                    HAS_GOUT: tl.constexpr, REVERSE: tl.constexpr, IEEE: tl.constexpr,
+                    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
+    """Row-block backward (reverse time), H <= RESIDENT_MAX. GOUT (T, B, H) contiguous; DG (T, B, 4H) fp32
+    output: pre-activation gate gradients; DH/DC (B, H) fp32: the running dh (recurrent part) and dc, holding
+    grad_hn/grad_cn (or 0) on entry and dh0/dc0 at the end."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rmask = rows < B
+    hcols = tl.arange(0, BH)
+    stepH = tl.cast(B, tl.int64) * H
+    for s2 in range(0, T):
+        s = T - 1 - s2
+        t, tp = _step_time(s, T, REVERSE)
+        # 1) pointwise: dgates_t for every hidden block; dc <- dc_prev
+        for j in range(0, H, BH):
+            cols = j + hcols
+            m2 = rmask[:, None] & (cols < H)[None, :]
+            off = rows[:, None] * H + cols[None, :]
+            dh = tl.load(DH + off, mask=m2, other=0.0)
+            if HAS_GOUT:
+                dh += tl.load(GOUT + t.to(tl.int64) * stepH + off, mask=m2, other=0.0).to(tl.float32)
+            dc = tl.load(DC + off, mask=m2, other=0.0)
+            if s == 0:
+                c_prev = tl.load(C0 + off, mask=m2, other=0.0).to(tl.float32)
+            else:
+                c_prev = tl.load(WS + tp.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + 4 * H + cols[None, :],
+                                 mask=m2, other=0.0)
+            ws = t.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + cols[None, :]
+            di, df, dg, do, dcp = _gate_grads(dh, dc, c_prev, WS, ws, H, m2)
+            d = DG + t.to(tl.int64) * (4 * stepH) + rows[:, None] * (4 * H) + cols[None, :]
+            tl.store(d, di, mask=m2)
+            tl.store(d + H, df, mask=m2)
+            tl.store(d + 2 * H, dg, mask=m2)
+            tl.store(d + 3 * H, do, mask=m2)
+            tl.store(DC + off, dcp, mask=m2)
+        tl.debug_barrier()
+        # 2) dh_{t-1} = dgates_t @ W_hh  (BM x 4H) @ (4H x H), per hidden block
+        ks = tl.arange(0, BK)
+        for j in range(0, H, BH):
+            cols = j + hcols
+            cmask = cols < H
+            acc = tl.zeros((BM, BH), dtype=tl.float32)
+            a_ptrs = DG + t.to(tl.int64) * (4 * stepH) + rows[:, None] * (4 * H) + ks[None, :]
+            w_ptrs = WHH + ks[:, None].to(tl.int64) * swr + cols[None, :].to(tl.int64) * swk
+            for k in range(0, 4 * H, BK):
+                kmask = (k + ks) < 4 * H
+                a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+                acc = _dot(a.to(w.dtype), w, acc, IEEE)
+                a_ptrs += BK
+                w_ptrs += BK * swr
+            tl.store(DH + rows[:, None] * H + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+        tl.debug_barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch plans and launchers (registered as triton_ops by pykernels/ops/lstm.py).
+
+BH_MIN = 8  # units per split program: backward N = BH, and mma's narrowest tile is 8 columns
+INTERP_SMS = 4  # the SM count the interpreter plans for: a few programs per launch, so several BH get tested
+
+
+class Plan(NamedTuple):
+    split: bool        # split kernels (else the row-block kernels)
+    persistent: bool   # one launch with grid barriers (else one launch per step)
+    resident: bool     # the W_hh slice stays in registers for the whole launch (else re-read per K chunk)
+    BM: int
+    BH: int
+    NC: int            # K chunks of the batched dot (= warps on the GPU)
+    BK: int
+    warps: int
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def _split_tiles(K: int, N: int, itemsize: int, nc: int, budget: int) -> Tuple[int, bool]:
+    """(BK, resident) for a slice of K x N elements held as NC chunks of BK: the chunk covers K (resident) when
+    NC * BK * N * itemsize <= budget, else BK is the largest that fits and the slice is re-read per chunk."""
+    need = max(16, triton.next_power_of_2(triton.cdiv(K, nc)))
+    bk = max(16, min(need, _pow2_floor(budget // (nc * N * itemsize))))
+    return bk, nc * bk >= K
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(H: int, itemsize: int, forward: bool, n_sm: int, interpreted: bool, resident_max: int,
+          budget: int) -> Plan:
+    if H <= resident_max:  # forward: BH covers H (one tile); backward: BH units x BK rows of W_hh per dot
+        bh = max(16, triton.next_power_of_2(H)) if forward else (16 if interpreted else 64)
+        return Plan(False, True, True, 16, bh, 1, 16 if interpreted else (32 if itemsize == 4 else 64), 4)
+    nc = 2 if interpreted else SPLIT_WARPS
+    bh = max(BH_MIN, triton.next_power_of_2(triton.cdiv(H, n_sm)))
+    bh_max = _pow2_floor(budget // (nc * 16 * itemsize * (4 if forward else 1)))  # BK = 16 must fit
+    persistent = not interpreted and bh <= bh_max
+    bh = min(bh, bh_max)
+    bk, resident = _split_tiles(H if forward else 4 * H, 4 * bh if forward else bh, itemsize, nc, budget)
+    p = Plan(True, persistent, resident, 16, bh, nc, bk, SPLIT_WARPS)
+    logger.debug("lstm_layer_%s (triton): H=%d itemsize=%d on %d SMs -> %s programs, %s", "fwd" if forward else "bwd",
+                 H, itemsize, n_sm, triton.cdiv(H, bh), p)
+    return p
+
+
+def plan(H: int, dtype: torch.dtype, device: torch.device, forward: bool) -> Plan:
+    """Which kernel runs one layer direction, and its tiles. H <= RESIDENT_MAX: the row-block kernels (the whole
+    W_hh is one register tile and no grid barrier is needed). Otherwise the split kernels with BH = the smallest
+    power of two >= BH_MIN that spreads the units over at most one program per SM, persistent when that BH leaves
+    a slice chunk of BK >= 16 within TILE_BYTES (else the largest such BH, one launch per step); the slice is
+    register-resident when all of it fits TILE_BYTES as NC chunks (``_split_tiles``), else re-read from L2 per
+    K chunk. The interpreter plans for INTERP_SMS SMs, two chunks, and always launches per step."""
+    interpreted = device.type != "cuda"
+    n_sm = INTERP_SMS if interpreted else torch.cuda.get_device_properties(device).multi_processor_count
+    return _plan(H, torch.empty((), dtype=dtype).element_size(), forward, n_sm, interpreted, RESIDENT_MAX,
+                 TILE_BYTES)
+
+
+def _launch_split(kernel, p: Plan, steps: int, tensors: tuple, sizes: tuple, **meta) -> None:
+    """The split kernel over cdiv(H, BH) programs: once (persistent: grid barriers on a zeroed int32 counter) or
+    once per step (``steps`` launches). ``sizes`` = (T, B, H, w_hh strides)."""
+    bar = torch.zeros(1, dtype=torch.int32, device=tensors[0].device)
+    run = torch.library.wrap_triton(kernel)[(triton.cdiv(sizes[2], p.BH),)]
+    # num_stages=1: the loops hold no prefetchable loads worth shared memory, and the slice needs the registers
+    meta.update(PERSISTENT=p.persistent, RESIDENT=p.resident, BM=p.BM, BH=p.BH, NC=p.NC, BK=p.BK, SPIN=SPIN_LIMIT,
+                num_warps=p.warps, num_stages=1)
+    for step in range(1 if p.persistent else steps):
+        run(*tensors, bar, *sizes, step, **meta)
+
+
+def lstm_layer_fwd(xproj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, reverse: bool
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence of one layer direction. xproj (T, B, 4H) fp32 = x W_ih^T + b_ih + b_hh; h0, c0 (B, H)
+    contiguous in the input dtype (w_hh's). Returns (out (T, B, H) in w_hh's dtype, ws (T, B, 5H) fp32)."""
+    T, B, H4 = xproj.shape
+    H = H4 // 4
+    out = h0.new_empty(T, B, H)
+    ws = xproj.new_empty(T, B, 5 * H)
+    if not (T and B and H):
+        return out, ws
+    p = plan(H, w_hh.dtype, xproj.device, forward=True)
+    sizes = (T, B, H, w_hh.stride(0), w_hh.stride(1))
+    ieee = w_hh.dtype == torch.float32
+    if p.split:
+        _launch_split(_split_fwd_kernel, p, T, (xproj, w_hh, h0, c0, out, ws), sizes, REVERSE=reverse, IEEE=ieee)
+    else:
+        torch.library.wrap_triton(_seq_fwd_kernel)[(triton.cdiv(B, p.BM),)](
+            xproj, w_hh, h0, c0, out, ws, *sizes, REVERSE=reverse, IEEE=ieee, BM=p.BM, BH=p.BH, num_warps=p.warps)
+    return out, ws
+
+
+def lstm_layer_bwd(grad_out: Optional[torch.Tensor], grad_hn: Optional[torch.Tensor],
+                   grad_cn: Optional[torch.Tensor], c0: torch.Tensor, ws: torch.Tensor, w_hh: torch.Tensor,
+                   reverse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dgates (T, B, 4H) fp32, dh0 (B, H) fp32, dc0 (B, H) fp32). grad_* contiguous or None."""
+    T, B, H5 = ws.shape
+    H = H5 // 5
+    dg = ws.new_empty(T, B, 4 * H)
+    # the running dh (recurrent part) and dc start as the gradients of h_n and c_n; the kernels update them in place
+    dh = grad_hn.to(ws.dtype, copy=True) if grad_hn is not None else ws.new_zeros(B, H)
+    dc = grad_cn.to(ws.dtype, copy=True) if grad_cn is not None else ws.new_zeros(B, H)
+    if not (T and B and H):
+        return dg, dh, dc
+    p = plan(H, w_hh.dtype, ws.device, forward=False)
+    sizes = (T, B, H, w_hh.stride(0), w_hh.stride(1))
+    gout = grad_out if grad_out is not None else ws
+    meta = dict(HAS_GOUT=grad_out is not None, REVERSE=reverse, IEEE=w_hh.dtype == torch.float32)
+    if p.split:  # T + 1 processing steps: the last one only turns dG of the first step into dh0
+        _launch_split(_split_bwd_kernel, p, T + 1, (gout, c0, ws, w_hh, dg, dh, dc), sizes, **meta)
+    else:
+        torch.library.wrap_triton(_seq_bwd_kernel)[(triton.cdiv(B, p.BM),)](
+            gout, c0, ws, w_hh, dg, dh, dc, *sizes, **meta, BM=p.BM, BH=p.BH, BK=p.BK, num_warps=p.warps)
+    return dg, dh, dc
