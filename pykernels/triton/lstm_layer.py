@@ -61,18 +61,24 @@ def _trap():
 
 
 @triton.jit
+def _load_acquire(P):
+    # each thread's poll is an acquire at gpu scope: once it sees every arrival, it sees every arriving program's
+    # writes (a relaxed atomic add of 0 as the acquire is folded away by the compiler)
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [P], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
 def _grid_barrier(BAR, target, SPIN: tl.constexpr):
     """Wait until ``target`` arrivals have been counted at BAR (int32, zeroed by the launcher; the n-th barrier of
     a launch waits for n * programs, so the counter is never reset and consecutive barriers cannot race)."""
     tl.debug_barrier()  # every thread's stores of the step are issued before the program arrives
-    tl.atomic_add(BAR, 1, sem="release", scope="gpu")
+    tl.atomic_add(BAR, 1, sem="release", scope="gpu")  # one thread per program; release orders the stores above
     spins = 0
-    while tl.load(BAR, volatile=True) < target:  # plain polls, no read-modify-write traffic on the counter
+    while _load_acquire(BAR) < target:
         spins += 1
         if spins > SPIN:
             _trap()
-    # the acquire read of the counter synchronises with every program's release arrival
-    tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
@@ -104,22 +110,39 @@ def _load_slice(W, noff, nmask, sk, k0, K, NC: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _chunk_dot(acc, A, rows, rmask, srow, K, W, noff, nmask, sk, w,
+def _load_resident(W, noff, nmask, sk, K, RESIDENT: tl.constexpr, NS: tl.constexpr, NC: tl.constexpr,
+                   BK: tl.constexpr):
+    """The program's whole slice as a tuple of NS chunk tiles, loaded once (empty unless RESIDENT)."""
+    w = ()
+    if RESIDENT:
+        for c in tl.static_range(NS):
+            w = w + (_load_slice(W, noff, nmask, sk, c * NC * BK, K, NC, BK),)
+    return w
+
+
+@triton.jit
+def _slice_dot(acc, A, rows, rmask, srow, K, W, noff, nmask, sk, w,
                RESIDENT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, N: tl.constexpr,
-               NC: tl.constexpr, BK: tl.constexpr):
-    """acc (BM, N) += A[rows, :K] @ slice, the slice resident (``w``, one chunk covers K) or re-read per chunk."""
-    for k0 in range(0, K, NC * BK):
-        if not RESIDENT:
-            w = _load_slice(W, noff, nmask, sk, k0, K, NC, BK)
-        a = _load_chunks(A, rows, rmask, srow, k0, K, NC, BK).to(w.dtype)
-        acc += tl.sum(_dot(a, w, tl.zeros((NC, BM, N), dtype=tl.float32), IEEE), axis=0)
-    return acc
+               NS: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr):
+    """acc (BM, N) + A[rows, :K] @ slice: over the resident chunk tiles ``w``, or re-reading the slice per chunk.
+    The chunk products accumulate per warp (NC, BM, N) and are summed across warps once."""
+    acc3 = tl.zeros((NC, BM, N), dtype=tl.float32)
+    if RESIDENT:
+        for c in tl.static_range(NS):
+            a = _load_chunks(A, rows, rmask, srow, c * NC * BK, K, NC, BK)
+            acc3 = _dot(a.to(W.dtype.element_ty), w[c], acc3, IEEE)
+    else:
+        for k0 in range(0, K, NC * BK):
+            a = _load_chunks(A, rows, rmask, srow, k0, K, NC, BK)
+            acc3 = _dot(a.to(W.dtype.element_ty), _load_slice(W, noff, nmask, sk, k0, K, NC, BK), acc3, IEEE)
+    return acc + tl.sum(acc3, axis=0)
 
 
 @triton.jit
 def _split_fwd_kernel(XP, WHH, H0, C0, OUT, WS, BAR, T, B, H, swr, swk, STEP,
                       REVERSE: tl.constexpr, PERSISTENT: tl.constexpr, RESIDENT: tl.constexpr, IEEE: tl.constexpr,
-                      BM: tl.constexpr, BH: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr, SPIN: tl.constexpr):
+                      BM: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr,
+                      SPIN: tl.constexpr):
     """Program j: hidden units j*BH.. with their four gates, all rows, steps [STEP, STEP+1) or all T (PERSISTENT).
     The gate columns are unit-major (n = 4*unit + gate) so one dot gives all four and a reshape splits them."""
     j = tl.program_id(0)
@@ -129,10 +152,7 @@ def _split_fwd_kernel(XP, WHH, H0, C0, OUT, WS, BAR, T, B, H, swr, swk, STEP,
     noff = col.to(tl.int64) * swr
     units = j * BH + tl.arange(0, BH)
     umask = units < H
-    if RESIDENT:
-        w = _load_slice(WHH, noff, nmask, swk, 0, H, NC, BK)
-    else:
-        w = tl.zeros((NC, BK, 4 * BH), dtype=WHH.dtype.element_ty)  # placeholder, re-read per chunk
+    w = _load_resident(WHH, noff, nmask, swk, H, RESIDENT, NS, NC, BK)
     stepH = tl.cast(B, tl.int64) * H
     s0 = STEP
     s1 = STEP + 1
@@ -150,8 +170,8 @@ def _split_fwd_kernel(XP, WHH, H0, C0, OUT, WS, BAR, T, B, H, swr, swk, STEP,
             rmask = rows < B
             acc = tl.load(XP + t.to(tl.int64) * (4 * stepH) + rows[:, None] * (4 * H) + col[None, :],
                           mask=rmask[:, None] & nmask[None, :], other=0.0)
-            acc = _chunk_dot(acc, hp, rows, rmask, H, H, WHH, noff, nmask, swk, w,
-                             RESIDENT, IEEE, BM, 4 * BH, NC, BK)
+            acc = _slice_dot(acc, hp, rows, rmask, H, H, WHH, noff, nmask, swk, w,
+                             RESIDENT, IEEE, BM, 4 * BH, NS, NC, BK)
             gi_gg, gf_go = tl.split(tl.reshape(acc, (BM, BH, 2, 2)))  # gate q = 2a + b: split b, then a
             gi, gg = tl.split(gi_gg)
             gf, go = tl.split(gf_go)
@@ -184,7 +204,7 @@ def _split_fwd_kernel(XP, WHH, H0, C0, OUT, WS, BAR, T, B, H, swr, swk, STEP,
 def _split_bwd_kernel(GOUT, C0, WS, WHH, DG, DH, DC, BAR, T, B, H, swr, swk, STEP,
                       HAS_GOUT: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
                       RESIDENT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
-                      NC: tl.constexpr, BK: tl.constexpr, SPIN: tl.constexpr):
+                      NS: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr, SPIN: tl.constexpr):
     """Program j: hidden units j*BH.., all rows. Processing index i in [STEP, STEP+1) or [0, T] (PERSISTENT): (B)
     dh of the step processed at i-1 (i > 0), then (A) the gate gradients of step i (i < T). DH/DC (B, H) fp32 hold
     dh (recurrent part) and dc on entry (grad_hn/grad_cn or 0) and dh0/dc0 at the end; DG (T, B, 4H) fp32."""
@@ -193,10 +213,7 @@ def _split_bwd_kernel(GOUT, C0, WS, WHH, DG, DH, DC, BAR, T, B, H, swr, swk, STE
     umask = units < H
     noff = units.to(tl.int64) * swk
     H4 = 4 * H
-    if RESIDENT:
-        w = _load_slice(WHH, noff, umask, swr, 0, H4, NC, BK)
-    else:
-        w = tl.zeros((NC, BK, BH), dtype=WHH.dtype.element_ty)  # placeholder, re-read per chunk
+    w = _load_resident(WHH, noff, umask, swr, H4, RESIDENT, NS, NC, BK)
     stepH = tl.cast(B, tl.int64) * H
     s0 = STEP
     s1 = STEP + 1
@@ -209,8 +226,8 @@ def _split_bwd_kernel(GOUT, C0, WS, WHH, DG, DH, DC, BAR, T, B, H, swr, swk, STE
             for r0 in range(0, B, BM):
                 rows = r0 + tl.arange(0, BM).to(tl.int64)
                 rmask = rows < B
-                acc = _chunk_dot(tl.zeros((BM, BH), dtype=tl.float32), DG + t.to(tl.int64) * (4 * stepH), rows,
-                                 rmask, H4, H4, WHH, noff, umask, swr, w, RESIDENT, IEEE, BM, BH, NC, BK)
+                acc = _slice_dot(tl.zeros((BM, BH), dtype=tl.float32), DG + t.to(tl.int64) * (4 * stepH), rows,
+                                 rmask, H4, H4, WHH, noff, umask, swr, w, RESIDENT, IEEE, BM, BH, NS, NC, BK)
                 tl.store(DH + rows[:, None] * H + units[None, :], acc, mask=rmask[:, None] & umask[None, :])
             tl.debug_barrier()  # (A) reads dh written by other threads of this program
         if i < T:  # (A) gate gradients of forward step s = T-1-i, units of this program
@@ -359,6 +376,7 @@ def _seq_bwd_kernel(GOUT, C0, WS, WHH, DG, DH, DC, T, B, H, swr, swk,
 # Launch plans and launchers (registered as triton_ops by pykernels/ops/lstm.py).
 
 BH_MIN = 8  # units per split program: backward N = BH, and mma's narrowest tile is 8 columns
+NS_MAX = 16  # chunk tiles of a resident slice: the per-step chunk loop is unrolled
 INTERP_SMS = 4  # the SM count the interpreter plans for: a few programs per launch, so several BH get tested
 
 
@@ -368,7 +386,8 @@ class Plan(NamedTuple):
     resident: bool     # the W_hh slice stays in registers for the whole launch (else re-read per K chunk)
     BM: int
     BH: int
-    NC: int            # K chunks of the batched dot (= warps on the GPU)
+    NS: int            # resident chunk tiles
+    NC: int            # K chunks of one batched dot (= warps on the GPU)
     BK: int
     warps: int
 
@@ -377,12 +396,13 @@ def _pow2_floor(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
 
 
-def _split_tiles(K: int, N: int, itemsize: int, nc: int, budget: int) -> Tuple[int, bool]:
-    """(BK, resident) for a slice of K x N elements held as NC chunks of BK: the chunk covers K (resident) when
-    NC * BK * N * itemsize <= budget, else BK is the largest that fits and the slice is re-read per chunk."""
-    need = max(16, triton.next_power_of_2(triton.cdiv(K, nc)))
-    bk = max(16, min(need, _pow2_floor(budget // (nc * N * itemsize))))
-    return bk, nc * bk >= K
+def _split_tiles(K: int, N: int, itemsize: int, nc: int, budget: int) -> Tuple[int, int, bool]:
+    """(BK, NS, resident) for a slice of K x N elements in chunk tiles of NC x BK x N (K padded only to a multiple
+    of NC * BK): resident as NS <= NS_MAX tiles when they fit ``budget`` bytes, else the same tile re-read along K
+    every step (a small tile: a larger one only raises register pressure in the loop)."""
+    bk = max(16, triton.next_power_of_2(triton.cdiv(K, nc * NS_MAX)))
+    ns = triton.cdiv(K, nc * bk)
+    return bk, ns, ns * nc * bk * N * itemsize <= budget
 
 
 @functools.lru_cache(maxsize=None)
@@ -390,14 +410,14 @@ def _plan(H: int, itemsize: int, forward: bool, n_sm: int, interpreted: bool, re
           budget: int) -> Plan:
     if H <= resident_max:  # forward: BH covers H (one tile); backward: BH units x BK rows of W_hh per dot
         bh = max(16, triton.next_power_of_2(H)) if forward else (16 if interpreted else 64)
-        return Plan(False, True, True, 16, bh, 1, 16 if interpreted else (32 if itemsize == 4 else 64), 4)
+        return Plan(False, True, True, 16, bh, 1, 1, 16 if interpreted else (32 if itemsize == 4 else 64), 4)
     nc = 2 if interpreted else SPLIT_WARPS
     bh = max(BH_MIN, triton.next_power_of_2(triton.cdiv(H, n_sm)))
     bh_max = _pow2_floor(budget // (nc * 16 * itemsize * (4 if forward else 1)))  # BK = 16 must fit
     persistent = not interpreted and bh <= bh_max
     bh = min(bh, bh_max)
-    bk, resident = _split_tiles(H if forward else 4 * H, 4 * bh if forward else bh, itemsize, nc, budget)
-    p = Plan(True, persistent, resident, 16, bh, nc, bk, SPLIT_WARPS)
+    bk, ns, resident = _split_tiles(H if forward else 4 * H, 4 * bh if forward else bh, itemsize, nc, budget)
+    p = Plan(True, persistent, resident, 16, bh, ns, nc, bk, SPLIT_WARPS)
     logger.debug("lstm_layer_%s (triton): H=%d itemsize=%d on %d SMs -> %s programs, %s", "fwd" if forward else "bwd",
                  H, itemsize, n_sm, triton.cdiv(H, bh), p)
     return p
@@ -422,8 +442,8 @@ def _launch_split(kernel, p: Plan, steps: int, tensors: tuple, sizes: tuple, **m
     bar = torch.zeros(1, dtype=torch.int32, device=tensors[0].device)
     run = torch.library.wrap_triton(kernel)[(triton.cdiv(sizes[2], p.BH),)]
     # num_stages=1: the loops hold no prefetchable loads worth shared memory, and the slice needs the registers
-    meta.update(PERSISTENT=p.persistent, RESIDENT=p.resident, BM=p.BM, BH=p.BH, NC=p.NC, BK=p.BK, SPIN=SPIN_LIMIT,
-                num_warps=p.warps, num_stages=1)
+    meta.update(PERSISTENT=p.persistent, RESIDENT=p.resident, BM=p.BM, BH=p.BH, NS=p.NS, NC=p.NC, BK=p.BK,
+                SPIN=SPIN_LIMIT, num_warps=p.warps, num_stages=1)
     for step in range(1 if p.persistent else steps):
         run(*tensors, bar, *sizes, step, **meta)
 
