@@ -45,10 +45,12 @@ logger = logging.getLogger("pykernels")
 
 # H up to which the row-block kernels run (W_hh is one register tile of 4 x H x H); above it, the split kernels.
 RESIDENT_MAX = int(os.environ.get("PYKERNELS_LSTM_RESIDENT_MAX", "64"))
-# Largest slice tile (NC x BK x N elements x itemsize) held per program: 64 KB over the 256 threads of 8 warps is
-# 64 registers per thread; a prototype of the batched dot at this size compiled for sm_90 to 128 registers, no
-# spills (ptxas -v), while 128 KB spilled. The compile tests check the real kernels at the budget.
+# Bytes of a program's W_hh slice kept on chip for the whole launch. Triton keeps such loop-invariant dot
+# operands in shared memory; the compile tests check the split kernels at this budget against the A100/H100
+# shared memory limits and for (almost) no spills.
 TILE_BYTES = 64 * 1024
+# Bytes of one chunk tile (NC x BK x N) of a slice re-read per step: it is live in registers in the K loop.
+CHUNK_BYTES = 16 * 1024
 SPLIT_WARPS = 8
 # Polls of the barrier counter before a program traps: a grid that can never all arrive (not co-resident)
 # fails the launch loudly instead of hanging the device.
@@ -56,29 +58,33 @@ SPIN_LIMIT = 1 << 24
 
 
 @triton.jit
-def _trap():
-    tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+def _trap(x):
+    # Marked pure so that torch.compile's analysis of the kernel's writes can read the kernel (it gives up on
+    # impure inline asm); the caller stores the result, so it is kept, in the branch taken only on a timeout.
+    return tl.inline_asm_elementwise("trap; mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
-def _load_acquire(P):
-    # each thread's poll is an acquire at gpu scope: once it sees every arrival, it sees every arriving program's
-    # writes (a relaxed atomic add of 0 as the acquire is folded away by the compiler)
-    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [P], dtype=tl.int32,
-                                     is_pure=False, pack=1)
+def _poll(BAR):
+    # an acquire read at gpu scope (the compiler emits ld.acquire for this add of 0): once it sees every arrival,
+    # the arriving programs' writes are visible to this program
+    return tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
 
 
 @triton.jit
 def _grid_barrier(BAR, target, SPIN: tl.constexpr):
-    """Wait until ``target`` arrivals have been counted at BAR (int32, zeroed by the launcher; the n-th barrier of
-    a launch waits for n * programs, so the counter is never reset and consecutive barriers cannot race)."""
+    """Wait until ``target`` arrivals have been counted at BAR[0] (int32, zeroed by the launcher; the n-th barrier
+    of a launch waits for n * programs, so the counter is never reset and consecutive barriers cannot race).
+    After SPIN polls without it (a grid that is not co-resident), trap: a launch error instead of a hang."""
     tl.debug_barrier()  # every thread's stores of the step are issued before the program arrives
     tl.atomic_add(BAR, 1, sem="release", scope="gpu")  # one thread per program; release orders the stores above
+    n = _poll(BAR)
     spins = 0
-    while _load_acquire(BAR) < target:
+    while (n < target) & (spins < SPIN):
         spins += 1
-        if spins > SPIN:
-            _trap()
+        n = _poll(BAR)
+    if n < target:
+        tl.store(BAR + 1, _trap(n))
     tl.debug_barrier()
 
 
@@ -396,50 +402,58 @@ def _pow2_floor(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
 
 
-def _split_tiles(K: int, N: int, itemsize: int, nc: int, budget: int) -> Tuple[int, int, bool]:
+def _split_tiles(K: int, N: int, itemsize: int, nc: int, tile_bytes: int, chunk_bytes: int
+                 ) -> Tuple[int, int, bool]:
     """(BK, NS, resident) for a slice of K x N elements in chunk tiles of NC x BK x N (K padded only to a multiple
-    of NC * BK): resident as NS <= NS_MAX tiles when they fit ``budget`` bytes, else the same tile re-read along K
-    every step (a small tile: a larger one only raises register pressure in the loop)."""
+    of NC * BK): resident as NS <= NS_MAX tiles when they fit ``tile_bytes``, else one tile of at most
+    ``chunk_bytes`` re-read along K every step."""
     bk = max(16, triton.next_power_of_2(triton.cdiv(K, nc * NS_MAX)))
     ns = triton.cdiv(K, nc * bk)
-    return bk, ns, ns * nc * bk * N * itemsize <= budget
+    if ns * nc * bk * N * itemsize <= tile_bytes:
+        return bk, ns, True
+    bk = max(16, min(bk, _pow2_floor(chunk_bytes // (nc * N * itemsize))))
+    return bk, triton.cdiv(K, nc * bk), False
 
 
 @functools.lru_cache(maxsize=None)
 def _plan(H: int, itemsize: int, forward: bool, n_sm: int, interpreted: bool, resident_max: int,
-          budget: int) -> Plan:
+          tile_bytes: int, chunk_bytes: int) -> Plan:
+    """``plan`` with the module's knobs as arguments (a test that changes one gets a fresh plan)."""
     if H <= resident_max:  # forward: BH covers H (one tile); backward: BH units x BK rows of W_hh per dot
         bh = max(16, triton.next_power_of_2(H)) if forward else (16 if interpreted else 64)
         return Plan(False, True, True, 16, bh, 1, 1, 16 if interpreted else (32 if itemsize == 4 else 64), 4)
     nc = 2 if interpreted else SPLIT_WARPS
     bh = max(BH_MIN, triton.next_power_of_2(triton.cdiv(H, n_sm)))
-    bh_max = _pow2_floor(budget // (nc * 16 * itemsize * (4 if forward else 1)))  # BK = 16 must fit
+    bh_max = _pow2_floor(chunk_bytes // (nc * 16 * itemsize * (4 if forward else 1)))  # a BK = 16 chunk fits
     persistent = not interpreted and bh <= bh_max
     bh = min(bh, bh_max)
-    bk, ns, resident = _split_tiles(H if forward else 4 * H, 4 * bh if forward else bh, itemsize, nc, budget)
+    bk, ns, resident = _split_tiles(H if forward else 4 * H, 4 * bh if forward else bh, itemsize, nc, tile_bytes,
+                                    chunk_bytes)
     p = Plan(True, persistent, resident, 16, bh, ns, nc, bk, SPLIT_WARPS)
-    logger.debug("lstm_layer_%s (triton): H=%d itemsize=%d on %d SMs -> %s programs, %s", "fwd" if forward else "bwd",
+    logger.debug("lstm_layer_%s (triton): H=%d itemsize=%d, %d SMs -> %d programs, %s", "fwd" if forward else "bwd",
                  H, itemsize, n_sm, triton.cdiv(H, bh), p)
     return p
 
 
 def plan(H: int, dtype: torch.dtype, device: torch.device, forward: bool) -> Plan:
-    """Which kernel runs one layer direction, and its tiles. H <= RESIDENT_MAX: the row-block kernels (the whole
-    W_hh is one register tile and no grid barrier is needed). Otherwise the split kernels with BH = the smallest
-    power of two >= BH_MIN that spreads the units over at most one program per SM, persistent when that BH leaves
-    a slice chunk of BK >= 16 within TILE_BYTES (else the largest such BH, one launch per step); the slice is
-    register-resident when all of it fits TILE_BYTES as NC chunks (``_split_tiles``), else re-read from L2 per
-    K chunk. The interpreter plans for INTERP_SMS SMs, two chunks, and always launches per step."""
+    """Which kernel runs one layer direction, and its tiles.
+
+    H <= RESIDENT_MAX: the row-block kernels (the whole W_hh is one register tile, no grid barrier). Otherwise the
+    split kernels, BH = the smallest power of two >= BH_MIN that spreads the units over at most one program per SM
+    (so every program is co-resident), persistent unless that BH would make the smallest chunk tile exceed
+    CHUNK_BYTES (then the largest BH within it, one launch per step). The slice stays on chip when all of it fits
+    TILE_BYTES, else it is re-read from L2 in chunk tiles (``_split_tiles``). The interpreter plans for INTERP_SMS
+    SMs and two chunks per dot, and always launches per step (its programs run one after another)."""
     interpreted = device.type != "cuda"
     n_sm = INTERP_SMS if interpreted else torch.cuda.get_device_properties(device).multi_processor_count
     return _plan(H, torch.empty((), dtype=dtype).element_size(), forward, n_sm, interpreted, RESIDENT_MAX,
-                 TILE_BYTES)
+                 TILE_BYTES, CHUNK_BYTES)
 
 
 def _launch_split(kernel, p: Plan, steps: int, tensors: tuple, sizes: tuple, **meta) -> None:
     """The split kernel over cdiv(H, BH) programs: once (persistent: grid barriers on a zeroed int32 counter) or
     once per step (``steps`` launches). ``sizes`` = (T, B, H, w_hh strides)."""
-    bar = torch.zeros(1, dtype=torch.int32, device=tensors[0].device)
+    bar = torch.zeros(2, dtype=torch.int32, device=tensors[0].device)  # arrival counter, and a slot for _trap
     run = torch.library.wrap_triton(kernel)[(triton.cdiv(sizes[2], p.BH),)]
     # num_stages=1: the loops hold no prefetchable loads worth shared memory, and the slice needs the registers
     meta.update(PERSISTENT=p.persistent, RESIDENT=p.resident, BM=p.BM, BH=p.BH, NS=p.NS, NC=p.NC, BK=p.BK,
