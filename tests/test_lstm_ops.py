@@ -378,11 +378,11 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block,
 def test_split_lstm_kernels_compile_for_sm80_and_sm90():
     """The split kernels as planned for the GPU: the persistent variant carries the grid barrier (one release
     atomic per program arrival, acquire polls, the trap of the bounded spin), the per-step variant none; h and dG
-    written by other programs are read with ld.global.cg; at H = 768 bf16 the W_hh slice is loaded before the time
-    loop (NS chunk-tile loads, none re-read inside), else not at all before it; tensor cores in bf16; shared memory
-    within the arch's limit; torch.compile can build both persistent kernels and sees them write only their
-    outputs and the barrier counter. A few bytes of spill are allowed: ptxas parks loop-invariant scalars (addresses set up
-    before the time loop, reloaded once per row block), found in the SASS of these kernels."""
+    written by other programs are read with ld.global.cg; at H = 768 bf16 the NS chunk tiles of the W_hh slice are
+    loaded before the time loop, otherwise nothing is; tensor cores in bf16; shared memory within the arch's
+    limit; torch.compile can build both persistent kernels and sees them write only their outputs and the barrier
+    counter. A few bytes of spill are allowed: ptxas parks loop-invariant scalars (addresses set up before the
+    time loop, reloaded once per row block), as the SASS of these kernels shows."""
     pytest.importorskip("triton")
     res = run_script_compiled(_COMPILE_SPLIT)
     rows = res["rows"]

@@ -10,17 +10,19 @@ register tile (forward) loaded once. At larger H one program per 16 rows would s
 one SM, which is what the split kernels avoid.
 
 Split kernels (``_split_fwd_kernel`` / ``_split_bwd_kernel``), for H > RESIDENT_MAX: program j owns hidden units
-``j*BH..`` with all four gates, for every batch row (row blocks of BM inside), so the H hidden units are spread
-over cdiv(H, BH) SMs. Its slice of W_hh (forward: the 4*BH rows of its gates; backward: the BH columns of its
-units, all 4H rows) is loaded once before the time loop and held in registers when it fits (RESIDENT, see
-``_split_tiles``), else re-read from L2 every step in K chunks. The contraction is a batched ``tl.dot`` over NC
-K-chunks, (NC, BM, BK) @ (NC, BK, N), summed over the chunks: Triton places the warps on the chunk axis, so each
-warp holds 1/NC of the slice instead of all of it (a 2-D dot keeps the whole K extent in every warp).
-Per forward step: gates = xproj[t] + h_{t-1} @ slice^T, the pointwise update, h_t stored; then every program needs
-every other program's h_t, hence a grid barrier. Per backward step (reverse time): (B) dh_{t+1 in processing
-order} = dG @ W_hh[:, block] from the dgates every program wrote, (A) the block's gate gradients from its own dh,
-dc into dG[t]; then a grid barrier. (A) needs only the block's own dh/dc, so (B) and the next (A) need no barrier
-between them, and the last (B) gives dh0.
+``j*BH..`` with all four gates, for every batch row (row blocks of BM inside), so the hidden units are spread over
+cdiv(H, BH) SMs. Its slice of W_hh (forward: the 4*BH rows of its gates; backward: the BH columns of its units,
+all 4H rows) is loaded once before the time loop and stays on chip when it fits TILE_BYTES (RESIDENT), as a tuple
+of NS chunk tiles that Triton keeps in shared memory; otherwise it is re-read from L2 chunk by chunk every step.
+Each chunk product is a batched ``tl.dot`` (NC, BM, BK) @ (NC, BK, N): Triton puts the warps on the batch axis,
+so each warp multiplies its own K range (a 2-D dot would give every warp the whole K extent); the per-warp sums
+are added across warps once per row block.
+Forward step: gates = xproj[t] + h_{t-1} @ slice^T (columns unit-major, n = 4*unit + gate, so one dot gives all
+four gates), the pointwise update, h_t stored; every program then needs every other program's h_t: a grid
+barrier. Backward, processing the steps in reverse: (B) dh for the step processed last, = dG[t'] @ W_hh[:, units]
+from the dgates every program wrote, then (A) the gate gradients of this step from the program's own dh, dc into
+dG[t]; then a grid barrier. (A) reads only the program's own dh/dc, so (B) and (A) need no grid barrier between
+them; one more (B) at the end gives dh0.
 
 PERSISTENT (constexpr) picks where the barrier is: True, one launch runs all steps and synchronises through
 ``_grid_barrier`` (needs every program co-resident: at most one program per SM); False, the launcher issues one
@@ -39,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lstm import _dot, _gate_grads, _interpreted, _sigmoid, _tanh
+from .lstm import _dot, _gate_grads, _sigmoid, _tanh
 
 logger = logging.getLogger("pykernels")
 
@@ -455,7 +457,8 @@ def _launch_split(kernel, p: Plan, steps: int, tensors: tuple, sizes: tuple, **m
     once per step (``steps`` launches). ``sizes`` = (T, B, H, w_hh strides)."""
     bar = torch.zeros(2, dtype=torch.int32, device=tensors[0].device)  # arrival counter, and a slot for _trap
     run = torch.library.wrap_triton(kernel)[(triton.cdiv(sizes[2], p.BH),)]
-    # num_stages=1: the loops hold no prefetchable loads worth shared memory, and the slice needs the registers
+    # num_stages=1: software pipelining stages the K-chunk loads in shared memory; at H = 768 bf16 the backward
+    # then needed 446 KB (more than any GPU has) and spilled, 64 KB with one stage (sm_90 compile)
     meta.update(PERSISTENT=p.persistent, RESIDENT=p.resident, BM=p.BM, BH=p.BH, NS=p.NS, NC=p.NC, BK=p.BK,
                 SPIN=SPIN_LIMIT, num_warps=p.warps, num_stages=1)
     for step in range(1 if p.persistent else steps):
