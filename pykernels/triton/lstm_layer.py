@@ -448,8 +448,7 @@ def plan(H: int, dtype: torch.dtype, device: torch.device, forward: bool) -> Pla
     SMs and two chunks per dot, and always launches per step (its programs run one after another)."""
     interpreted = device.type != "cuda"
     n_sm = INTERP_SMS if interpreted else torch.cuda.get_device_properties(device).multi_processor_count
-    return _plan(H, torch.empty((), dtype=dtype).element_size(), forward, n_sm, interpreted, RESIDENT_MAX,
-                 TILE_BYTES, CHUNK_BYTES)
+    return _plan(H, dtype.itemsize, forward, n_sm, interpreted, RESIDENT_MAX, TILE_BYTES, CHUNK_BYTES)
 
 
 def _launch_split(kernel, p: Plan, steps: int, tensors: tuple, sizes: tuple, **meta) -> None:
