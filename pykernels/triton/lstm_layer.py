@@ -147,6 +147,56 @@ def _slice_dot(acc, A, rows, rmask, srow, K, W, noff, nmask, sk, w,
 
 
 @triton.jit
+def _c_prev(C0, WS, first, tp, rows, cols, stepH, H, m2):
+    """c_{t-1} of a (rows, cols) tile, fp32: c0 at the first step, else the unrounded c in the workspace."""
+    if first:
+        c = tl.load(C0 + rows[:, None] * H + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    else:
+        c = tl.load(WS + tp.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + 4 * H + cols[None, :], mask=m2,
+                    other=0.0)
+    return c
+
+
+@triton.jit
+def _cell_update(gi, gf, gg, go, c_prev, OUT, WS, t, rows, cols, stepH, H, m2):
+    """The pointwise step of a (rows, cols) tile from its pre-activation gates: h_t into OUT (input dtype), the
+    activated gates and c_t into the workspace."""
+    i = _sigmoid(gi)
+    f = _sigmoid(gf)
+    g = _tanh(gg)
+    o = _sigmoid(go)
+    c = f * c_prev + i * g
+    h = o * _tanh(c)
+    tl.store(OUT + t.to(tl.int64) * stepH + rows[:, None] * H + cols[None, :], h.to(OUT.dtype.element_ty), mask=m2)
+    ws = WS + t.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + cols[None, :]
+    tl.store(ws, i, mask=m2)
+    tl.store(ws + H, f, mask=m2)
+    tl.store(ws + 2 * H, g, mask=m2)
+    tl.store(ws + 3 * H, o, mask=m2)
+    tl.store(ws + 4 * H, c, mask=m2)
+
+
+@triton.jit
+def _gate_grad_tile(GOUT, C0, WS, DG, DH, DC, first, t, tp, rows, cols, stepH, H, m2, HAS_GOUT: tl.constexpr):
+    """The backward pointwise step of a (rows, cols) tile: dgates_t into DG from dh (+ grad_out[t]) and dc, and
+    dc <- dc_{t-1} in place."""
+    off = rows[:, None] * H + cols[None, :]
+    dh = tl.load(DH + off, mask=m2, other=0.0)
+    if HAS_GOUT:
+        dh += tl.load(GOUT + t.to(tl.int64) * stepH + off, mask=m2, other=0.0).to(tl.float32)
+    dc = tl.load(DC + off, mask=m2, other=0.0)
+    c_prev = _c_prev(C0, WS, first, tp, rows, cols, stepH, H, m2)
+    ws = t.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + cols[None, :]
+    di, df, dg, do, dcp = _gate_grads(dh, dc, c_prev, WS, ws, H, m2)
+    d = DG + t.to(tl.int64) * (4 * stepH) + rows[:, None] * (4 * H) + cols[None, :]
+    tl.store(d, di, mask=m2)
+    tl.store(d + H, df, mask=m2)
+    tl.store(d + 2 * H, dg, mask=m2)
+    tl.store(d + 3 * H, do, mask=m2)
+    tl.store(DC + off, dcp, mask=m2)
+
+
+@triton.jit
 def _split_fwd_kernel(XP, WHH, H0, C0, OUT, WS, BAR, T, B, H, swr, swk, STEP,
                       REVERSE: tl.constexpr, PERSISTENT: tl.constexpr, RESIDENT: tl.constexpr, IEEE: tl.constexpr,
                       BM: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr, NC: tl.constexpr, BK: tl.constexpr,
@@ -184,25 +234,8 @@ def _split_fwd_kernel(XP, WHH, H0, C0, OUT, WS, BAR, T, B, H, swr, swk, STEP,
             gi, gg = tl.split(gi_gg)
             gf, go = tl.split(gf_go)
             m2 = rmask[:, None] & umask[None, :]
-            if s == 0:
-                c_prev = tl.load(C0 + rows[:, None] * H + units[None, :], mask=m2, other=0.0).to(tl.float32)
-            else:
-                c_prev = tl.load(WS + tp.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + 4 * H
-                                 + units[None, :], mask=m2, other=0.0)
-            i = _sigmoid(gi)
-            f = _sigmoid(gf)
-            g = _tanh(gg)
-            o = _sigmoid(go)
-            c = f * c_prev + i * g
-            h = o * _tanh(c)
-            tl.store(OUT + t.to(tl.int64) * stepH + rows[:, None] * H + units[None, :], h.to(OUT.dtype.element_ty),
-                     mask=m2)
-            ws = WS + t.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + units[None, :]
-            tl.store(ws, i, mask=m2)
-            tl.store(ws + H, f, mask=m2)
-            tl.store(ws + 2 * H, g, mask=m2)
-            tl.store(ws + 3 * H, o, mask=m2)
-            tl.store(ws + 4 * H, c, mask=m2)
+            c_prev = _c_prev(C0, WS, s == 0, tp, rows, units, stepH, H, m2)
+            _cell_update(gi, gf, gg, go, c_prev, OUT, WS, t, rows, units, stepH, H, m2)
         if PERSISTENT:
             if s + 1 < s1:  # every program's h_t is written before anyone reads it at the next step
                 _grid_barrier(BAR, (s + 1) * tl.num_programs(0), SPIN)
@@ -244,24 +277,7 @@ def _split_bwd_kernel(GOUT, C0, WS, WHH, DG, DH, DC, BAR, T, B, H, swr, swk, STE
             for r0 in range(0, B, BM):
                 rows = r0 + tl.arange(0, BM).to(tl.int64)
                 m2 = (rows < B)[:, None] & umask[None, :]
-                off = rows[:, None] * H + units[None, :]
-                dh = tl.load(DH + off, mask=m2, other=0.0)
-                if HAS_GOUT:
-                    dh += tl.load(GOUT + t.to(tl.int64) * stepH + off, mask=m2, other=0.0).to(tl.float32)
-                dc = tl.load(DC + off, mask=m2, other=0.0)
-                if s == 0:
-                    c_prev = tl.load(C0 + off, mask=m2, other=0.0).to(tl.float32)
-                else:
-                    c_prev = tl.load(WS + tp.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + 4 * H
-                                     + units[None, :], mask=m2, other=0.0)
-                ws = t.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + units[None, :]
-                di, df, dg, do, dcp = _gate_grads(dh, dc, c_prev, WS, ws, H, m2)
-                d = DG + t.to(tl.int64) * (4 * stepH) + rows[:, None] * H4 + units[None, :]
-                tl.store(d, di, mask=m2)
-                tl.store(d + H, df, mask=m2)
-                tl.store(d + 2 * H, dg, mask=m2)
-                tl.store(d + 3 * H, do, mask=m2)
-                tl.store(DC + off, dcp, mask=m2)
+                _gate_grad_tile(GOUT, C0, WS, DG, DH, DC, s == 0, t, tp, rows, units, stepH, H, m2, HAS_GOUT)
             if PERSISTENT:  # every program's dG[t] is written before anyone's (B) reads it
                 _grid_barrier(BAR, (i + 1) * tl.num_programs(0), SPIN)
 
@@ -301,25 +317,8 @@ def _seq_fwd_kernel(XP, WHH, H0, C0, OUT, WS, T, B, H, swr, swk,
         acc_f = _dot(a, w_f, acc_f, IEEE)
         acc_g = _dot(a, w_g, acc_g, IEEE)
         acc_o = _dot(a, w_o, acc_o, IEEE)
-        if s == 0:
-            c_prev = tl.load(C0 + rows[:, None] * H + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        else:
-            c_prev = tl.load(WS + tp.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + 4 * H + cols[None, :],
-                             mask=m2, other=0.0)
-        i = _sigmoid(acc_i)
-        f = _sigmoid(acc_f)
-        g = _tanh(acc_g)
-        o = _sigmoid(acc_o)
-        c = f * c_prev + i * g
-        h = o * _tanh(c)
-        tl.store(OUT + t.to(tl.int64) * stepH + rows[:, None] * H + cols[None, :], h.to(OUT.dtype.element_ty),
-                 mask=m2)
-        ws = WS + t.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + cols[None, :]
-        tl.store(ws, i, mask=m2)
-        tl.store(ws + H, f, mask=m2)
-        tl.store(ws + 2 * H, g, mask=m2)
-        tl.store(ws + 3 * H, o, mask=m2)
-        tl.store(ws + 4 * H, c, mask=m2)
+        c_prev = _c_prev(C0, WS, s == 0, tp, rows, cols, stepH, H, m2)
+        _cell_update(acc_i, acc_f, acc_g, acc_o, c_prev, OUT, WS, t, rows, cols, stepH, H, m2)
         # h_t must be written before any thread of this program reads it at the next step
         tl.debug_barrier()
 
@@ -342,24 +341,7 @@ def _seq_bwd_kernel(GOUT, C0, WS, WHH, DG, DH, DC, T, B, H, swr, swk,
         for j in range(0, H, BH):
             cols = j + hcols
             m2 = rmask[:, None] & (cols < H)[None, :]
-            off = rows[:, None] * H + cols[None, :]
-            dh = tl.load(DH + off, mask=m2, other=0.0)
-            if HAS_GOUT:
-                dh += tl.load(GOUT + t.to(tl.int64) * stepH + off, mask=m2, other=0.0).to(tl.float32)
-            dc = tl.load(DC + off, mask=m2, other=0.0)
-            if s == 0:
-                c_prev = tl.load(C0 + off, mask=m2, other=0.0).to(tl.float32)
-            else:
-                c_prev = tl.load(WS + tp.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + 4 * H + cols[None, :],
-                                 mask=m2, other=0.0)
-            ws = t.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + cols[None, :]
-            di, df, dg, do, dcp = _gate_grads(dh, dc, c_prev, WS, ws, H, m2)
-            d = DG + t.to(tl.int64) * (4 * stepH) + rows[:, None] * (4 * H) + cols[None, :]
-            tl.store(d, di, mask=m2)
-            tl.store(d + H, df, mask=m2)
-            tl.store(d + 2 * H, dg, mask=m2)
-            tl.store(d + 3 * H, do, mask=m2)
-            tl.store(DC + off, dcp, mask=m2)
+            _gate_grad_tile(GOUT, C0, WS, DG, DH, DC, s == 0, t, tp, rows, cols, stepH, H, m2, HAS_GOUT)
         tl.debug_barrier()
         # 2) dh_{t-1} = dgates_t @ W_hh  (BM x 4H) @ (4H x H), per hidden block
         ks = tl.arange(0, BK)
