@@ -193,11 +193,13 @@ def test_layer_against_torch(backend, device, case):
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.id == "triton-interp"])
-def test_layer_streamed_weights_path(backend, device, monkeypatch):
-    """H above the register-resident limit: W_hh streamed per hidden block (several blocks, odd H)."""
+def test_layer_split_kernels_path(backend, device, monkeypatch):
+    """H above the row-block kernels' limit: the split-over-programs kernels (several programs, odd H) through
+    nn.LSTM, both directions, every gradient."""
     require_backend(backend, device)
-    from pykernels.triton import lstm as tk
+    from pykernels.triton import lstm_layer as tk
     monkeypatch.setattr(tk, "RESIDENT_MAX", 4)
+    assert tk.plan(21, torch.float32, torch.device(device), True).split
     T, B, I, H = 3, 3, 4, 21
     ref, ours, base = _torch_and_ours(backend, device, torch.float32, I, H, bidirectional=True)
     x = torch.randn(T, B, I, dtype=F64)
@@ -209,7 +211,7 @@ def test_layer_streamed_weights_path(backend, device, monkeypatch):
     b_out, b_g = _run_module(base, lv[0], (lv[1], lv[2]), gouts)
     lv = [t.float().requires_grad_() for t in (x, h0, c0)]
     o_out, o_g = _run_module(ours, lv[0], (lv[1], lv[2]), gouts)
-    _check_all("streamed", o_out, r_out, b_out, o_g, r_g, b_g, torch.float32, factor=3.0)
+    _check_all("split", o_out, r_out, b_out, o_g, r_g, b_g, torch.float32, factor=3.0)
 
 
 @pytest.mark.parametrize("backend,device", LAYER_BACKENDS)

@@ -3,6 +3,7 @@ autograd-level cell op over the C++ kernels in float64, torch.compile(fullgraph=
 compiled for sm_80/sm_90 without a GPU, and the CUDA kernels present in the built extension."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -271,7 +272,7 @@ _COMPILE = '''
 import json, os, sys
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, {root!r})
-from pykernels.triton import lstm as k
+from pykernels.triton import lstm as k, lstm_layer as kl
 from pykernels.triton._compile import compile_for, spills
 out = []
 for arch, dt in ((80, "bf16"), (90, "bf16"), (90, "fp32")):  # fp16 is bf16's code path
@@ -288,19 +289,13 @@ for arch, dt in ((80, "bf16"), (90, "bf16"), (90, "fp32")):  # fp16 is bf16's co
                    sgcb="i64", sgch="i64", scb="i64", sch="i64")
         c = compile_for(k._cell_bwd_kernel, sig, dict(HAS_GH=True, HAS_GC=True, BM=32, BH=64), arch)
         out.append(("cell_bwd", arch, dt, True, spills(c)))
-        for resident in (True, False):
-            sig = dict(XP="*fp32", WHH=P, H0=P, C0=P, OUT=P, WS="*fp32", T="i32", B="i32", H="i32", swr="i64",
-                       swk="i64")
-            bh = 64 if resident else 64
-            bk = 64 if (resident or not ieee) else 32
-            c = compile_for(k._seq_fwd_kernel, sig, dict(REVERSE=False, RESIDENT=resident, IEEE=ieee, BM=16,
-                                                         BH=bh, BK=bk), arch)
-            out.append(("seq_fwd_resident" if resident else "seq_fwd_streamed", arch, dt, "mma" in c.asm["ptx"],
-                        spills(c)))
-        sig = dict(GOUT=P, GHN=P, GCN=P, C0=P, WS="*fp32", WHH=P, DG="*fp32", DH="*fp32", DC="*fp32", T="i32",
-                   B="i32", H="i32", swr="i64", swk="i64")
-        c = compile_for(k._seq_bwd_kernel, sig, dict(HAS_GOUT=True, HAS_GHN=True, HAS_GCN=True, REVERSE=True,
-                                                     IEEE=ieee, BM=16, BH=64, BK=32 if ieee else 64), arch)
+        sig = dict(XP="*fp32", WHH=P, H0=P, C0=P, OUT=P, WS="*fp32", T="i32", B="i32", H="i32", swr="i64", swk="i64")
+        c = compile_for(kl._seq_fwd_kernel, sig, dict(REVERSE=False, IEEE=ieee, BM=16, BH=64), arch)
+        out.append(("seq_fwd", arch, dt, "mma" in c.asm["ptx"], spills(c)))
+        sig = dict(GOUT=P, C0=P, WS="*fp32", WHH=P, DG="*fp32", DH="*fp32", DC="*fp32", T="i32", B="i32", H="i32",
+                   swr="i64", swk="i64")
+        c = compile_for(kl._seq_bwd_kernel, sig, dict(HAS_GOUT=True, REVERSE=True, IEEE=ieee, BM=16, BH=64,
+                                                      BK=32 if ieee else 64), arch)
         out.append(("seq_bwd", arch, dt, "mma" in c.asm["ptx"], spills(c)))
 print(json.dumps(out))
 '''
@@ -311,41 +306,187 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     bf16 (mma.sync on sm_80, wgmma or mma on sm_90); no register spills."""
     pytest.importorskip("triton")
     rows = run_script_compiled(_COMPILE)
-    assert len(rows) == 3 * 5
+    assert len(rows) == 3 * 4
     for name, arch, dt, mma, n_spills in rows:
         if dt != "fp32":
             assert mma, f"{name} sm_{arch} {dt}: no tensor-core instruction"
         assert n_spills == 0, f"{name} sm_{arch} {dt}: {n_spills} spills"
 
 
+# The split sequence kernels as the launcher plans them on an A100 (108 SMs) and an H100 (132 SMs): H = 768 is the
+# issue's target (bf16: W_hh slice resident), fp32 768 and bf16 2048 re-read the slice per K chunk; and the
+# per-step variant (the interpreter's, and the GPU fallback) once.
+_COMPILE_SPLIT = '''
+import json, os, re, subprocess, sys, tempfile
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, {root!r})
+from triton.backends.nvidia.compiler import get_ptxas
+from pykernels.triton import lstm_layer as kl
+from pykernels.triton._compile import compile_for, inductor_view
+
+
+def spill_stores(c, arch):  # ptxas's own count: PTX has no st.local when ptxas spills
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(c.asm["ptx"])
+    p = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{{arch}}a" if arch == 90 else f"-arch=sm_{{arch}}", "-v",
+                        f.name, "-o", os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    return sum(int(n) for n in re.findall(r"(\\d+) bytes spill stores", p.stderr))
+
+
+out = []
+for arch, sms, dt, H, persistent in ((80, 108, "bf16", 768, True), (90, 132, "bf16", 768, True),
+                                      (90, 132, "fp32", 768, True), (90, 132, "bf16", 2048, True),
+                                      (90, 132, "bf16", 768, False)):
+    P = f"*{{dt}}"
+    for fwd in (True, False):
+        p = kl._plan(H, 4 if dt == "fp32" else 2, fwd, sms, False, kl.RESIDENT_MAX, kl.TILE_BYTES,
+                     kl.CHUNK_BYTES)
+        meta = dict(REVERSE=True, PERSISTENT=persistent, RESIDENT=p.resident, IEEE=dt == "fp32", BM=p.BM, BH=p.BH,
+                    NS=p.NS, NC=p.NC, BK=p.BK, SPIN=kl.SPIN_LIMIT)
+        if fwd:
+            kern, sig = kl._split_fwd_kernel, dict(XP="*fp32", WHH=P, H0=P, C0=P, OUT=P, WS="*fp32")
+        else:
+            kern, sig = kl._split_bwd_kernel, dict(GOUT=P, C0=P, WS="*fp32", WHH=P, DG="*fp32", DH="*fp32",
+                                                   DC="*fp32")
+            meta["HAS_GOUT"] = True
+        sig.update(BAR="*i32", T="i32", B="i32", H="i32", swr="i64", swk="i64", STEP="i32")
+        c = compile_for(kern, sig, meta, arch, num_warps=p.warps, num_stages=1)
+        ptx, ttgir = c.asm["ptx"], c.asm["ttgir"]
+        before_loop = ttgir[:ttgir.index("scf.for")]
+        out.append(dict(name=("fwd" if fwd else "bwd"), arch=arch, dt=dt, H=H, persistent=persistent,
+                        split=p.split, resident=p.resident, NS=p.NS, mma="mma" in ptx,
+                        spill=spill_stores(c, arch), smem=c.metadata.shared,
+                        release=len(re.findall(r"atom[.a-z]*\\.gpu[.a-z]*\\.release\\.add", ptx)),
+                        acquire=len(re.findall(r"ld[.a-z]*\\.gpu\\.acquire", ptx)),
+                        trap=ptx.count("trap;"), cg=ptx.count("ld.global.cg"),
+                        loads_before_loop=before_loop.count("tt.load")))
+# the persistent kernels as torch.compile types a launch (T = 1 and a unit stride become constexprs)
+t = ("tensor", "torch.bfloat16")
+f32 = ("tensor", "torch.float32")
+common = dict(BAR=("tensor", "torch.int32"), T=1, B=16, H=768, swr=768, swk=1, STEP=0, REVERSE=False,
+              PERSISTENT=True, RESIDENT=True, IEEE=False, BM=16, BH=8, NS=6, NC=8, BK=16, SPIN=kl.SPIN_LIMIT)
+views = [inductor_view(kl._split_fwd_kernel, dict(common, XP=f32, WHH=t, H0=t, C0=t, OUT=t, WS=f32)),
+         inductor_view(kl._split_bwd_kernel, dict(common, NS=12, BK=32, HAS_GOUT=True, GOUT=t, C0=t, WS=f32, WHH=t,
+                                                  DG=f32, DH=f32, DC=f32))]
+print(json.dumps(dict(rows=out, views=views)))
+'''
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block, A100 / H100
+
+
+def test_split_lstm_kernels_compile_for_sm80_and_sm90():
+    """The split kernels as planned for the GPU: the persistent variant carries the grid barrier (one release
+    atomic per program arrival, acquire polls, the trap of the bounded spin), the per-step variant none; h and dG
+    written by other programs are read with ld.global.cg; at H = 768 bf16 the NS chunk tiles of the W_hh slice are
+    loaded before the time loop, otherwise nothing is; tensor cores in bf16; shared memory within the arch's
+    limit; torch.compile can build both persistent kernels and sees them write only their outputs and the barrier
+    counter. A few bytes of spill are allowed: ptxas parks loop-invariant scalars (addresses set up before the
+    time loop, reloaded once per row block), as the SASS of these kernels shows."""
+    pytest.importorskip("triton")
+    res = run_script_compiled(_COMPILE_SPLIT)
+    rows = res["rows"]
+    assert len(rows) == 5 * 2
+    (fwd_writes, fwd_error), (bwd_writes, bwd_error) = res["views"]  # torch.compile's view of the launches
+    assert fwd_error is None and bwd_error is None, (fwd_error, bwd_error)
+    assert set(fwd_writes) <= {"OUT", "WS", "BAR"} and set(bwd_writes) <= {"DG", "DH", "DC", "BAR"}
+    for r in rows:
+        what = f"{r['name']} sm_{r['arch']} {r['dt']} H={r['H']} persistent={r['persistent']}"
+        assert r["split"], what
+        barrier = (1, 1, 1) if r["persistent"] else (0, 0, 0)
+        assert (r["release"], min(r["acquire"], 1), r["trap"]) == barrier, (what, r)
+        assert r["cg"] > 0, what
+        assert r["loads_before_loop"] == (r["NS"] if r["resident"] else 0), (what, r)
+        assert r["dt"] == "fp32" or r["mma"], f"{what}: no tensor-core instruction"
+        assert r["smem"] <= SMEM_LIMIT[r["arch"]], (what, r["smem"])
+        assert r["spill"] <= 32, (what, r["spill"])
+        # the issue's target keeps the slice on chip on both GPUs; larger slices are re-read per chunk
+        assert r["resident"] == (r["dt"] == "bf16" and r["H"] == 768), (what, r)
+
+
+def _check_layer_kernels(fwd, bwd, T, B, H, dtype, device, reverse, absent_grads=True):
+    """One sequence-kernel pair against the contract's plain-PyTorch kernels in float64 (on the same rounded
+    inputs): forward (out, ws), then backward (dgates, dh0, dc0), also with some incoming gradients absent.
+    Outputs are allocated poisoned (NaN), so an element a kernel forgets to write fails."""
+    rfwd, rbwd = ops.LAYER["reference"]
+    xp = torch.randn(T, B, 4 * H, device=device, dtype=ops.acc_dtype(dtype))
+    w = (torch.randn(4 * H, H, device=device) * 0.4).to(dtype)
+    h0, c0 = torch.randn(B, H, device=device).to(dtype), torch.randn(B, H, device=device).to(dtype)
+    with _poisoned_empty():
+        out, ws = fwd(xp, w, h0, c0, reverse)
+    rout, rws = rfwd(xp.double(), w, h0, c0, reverse)
+    floor = {F64: 1e-12, torch.float32: 2e-6, torch.float16: 4e-3}.get(dtype, 3e-2)
+    what = f"T={T} B={B} H={H} {dtype} reverse={reverse}"
+    assert_error_rule(f"out {what}", out, rout, dtype=dtype, floor=floor)
+    assert_error_rule(f"ws {what}", ws, rws, dtype=torch.float32, floor=floor)
+    go = torch.randn(T, B, H, device=device).to(dtype)
+    gh = torch.randn(B, H, device=device).to(dtype)
+    for g_out, g_hn, g_cn in ((go, gh, gh), (go, None, None), (None, None, gh))[:3 if absent_grads else 1]:
+        with _poisoned_empty():
+            dg, dh, dc = bwd(g_out, g_hn, g_cn, c0, ws, w, reverse)
+        rdg, rdh, rdc = rbwd(g_out, g_hn, g_cn, c0, ws.double(), w, reverse)
+        for name, a, r in (("dgates", dg, rdg), ("dh0", dh, rdh), ("dc0", dc, rdc)):
+            assert_error_rule(f"{name} {what}", a, r, dtype=torch.float32, floor=floor * 4)
+
+
+@contextlib.contextmanager
+def _poisoned_empty():
+    """torch.empty fills floats with NaN while deterministic algorithms are on (fill_uninitialized_memory)."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.utils.deterministic.fill_uninitialized_memory and torch.empty(3).isnan().all()
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
 @pytest.mark.parametrize("backend,device", CPU_KERNELS + GPU_KERNELS)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_layer_kernel_ops_against_contract(backend, device, reverse):
-    """The sequence kernels (C++ CPU, Triton, persistent CUDA) against the contract's plain-PyTorch kernels in
-    float64 (on the same rounded inputs), forward (out, ws) and backward (dgates, dh0, dc0), with some incoming
-    gradients absent. On the GPU also a size that spreads the hidden units over ~100 blocks and the batch over two
-    chunks of the persistent kernel."""
+    """The sequence kernels (C++ CPU, Triton, persistent CUDA) against the contract. On the GPU also a size
+    that spreads the hidden units over ~100 blocks (CUDA) / 38 persistent split programs (Triton) and the batch
+    over two chunks, and the issue's H = 768 with T = 37."""
     require(backend, device)
     fwd, bwd = ops.LAYER[backend]
-    rfwd, rbwd = ops.LAYER["reference"]
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" or backend == "cpu" else [])
-    shapes = [(4, 3, 7)] + ([(33, 20, 300)] if device == "cuda" else [])
+    shapes = [(4, 3, 7)] + ([(33, 20, 300), (37, 16, 768)] if device == "cuda" else [])
     for (T, B, H), dtype in [(s, d) for s in shapes for d in dtypes + ([F64] if backend == "cpu" else [])]:
-        xp = torch.randn(T, B, 4 * H, device=device, dtype=ops.acc_dtype(dtype))
-        w = (torch.randn(4 * H, H, device=device) * 0.4).to(dtype)
-        h0, c0 = torch.randn(B, H, device=device).to(dtype), torch.randn(B, H, device=device).to(dtype)
-        out, ws = fwd(xp, w, h0, c0, reverse)
-        rout, rws = rfwd(xp.double(), w, h0, c0, reverse)
-        floor = {F64: 1e-12, torch.float32: 2e-6, torch.float16: 4e-3}.get(dtype, 3e-2)
-        assert_error_rule("out", out, rout, dtype=dtype, floor=floor)
-        assert_error_rule("ws", ws, rws, dtype=torch.float32, floor=floor)
-        go = torch.randn(T, B, H, device=device).to(dtype)
-        gh = torch.randn(B, H, device=device).to(dtype)
-        for g_out, g_hn, g_cn in ((go, gh, gh), (go, None, None), (None, None, gh)):
-            dg, dh, dc = bwd(g_out, g_hn, g_cn, c0, ws, w, reverse)
-            rdg, rdh, rdc = rbwd(g_out, g_hn, g_cn, c0, ws.double(), w, reverse)
-            for name, a, r in (("dgates", dg, rdg), ("dh0", dh, rdh), ("dc0", dc, rdc)):
-                assert_error_rule(name, a, r, dtype=torch.float32, floor=floor * 4)
+        if backend == "triton" and device == "cuda" and H > 64:  # the GPU tier runs the persistent split kernels
+            from pykernels.triton import lstm_layer as kl
+            assert all(kl.plan(H, dtype, torch.device(device), f).persistent for f in (True, False))
+        _check_layer_kernels(fwd, bwd, T, B, H, dtype, device, reverse)
+
+
+FP32_FP16 = (torch.float32, torch.float16)
+
+
+# T = 1 in both dtypes and directions with absent incoming gradients; T = 37 once per slice mode (the interpreter
+# spends ~0.1 s per launch and the per-step variant launches T + (T + 1) times per check).
+@pytest.mark.parametrize("T,B,H,slice_on_chip,dtypes,reverses", [
+    (1, 3, 21, True, FP32_FP16, (False, True)), (1, 3, 21, False, FP32_FP16, (False, True)),
+    (37, 19, 13, True, (torch.float32,), (False,)), (37, 19, 13, False, (torch.float16,), (True,))],
+    ids=["T1-resident", "T1-streamed", "T37-resident-fp32", "T37-streamed-fp16-reverse"])
+def test_split_layer_kernels_against_contract(T, B, H, slice_on_chip, dtypes, reverses, monkeypatch):
+    """The split-over-programs Triton kernels under the interpreter (one launch per step), forced for small H:
+    T = 1 and a long sequence, B not a multiple of BM = 16, H not a multiple of BH = 8 (several programs), both
+    directions, fp32 and fp16, the W_hh slice loaded once (resident) and re-read per chunk."""
+    require("triton", "cpu")
+    from pykernels.triton import lstm_layer as kl
+    monkeypatch.setattr(kl, "RESIDENT_MAX", 0)
+    if not slice_on_chip:
+        monkeypatch.setattr(kl, "TILE_BYTES", 0)
+    fwd, bwd = ops.LAYER["triton"]
+    for dtype in dtypes:
+        for forward in (True, False):
+            p = kl.plan(H, dtype, torch.device("cpu"), forward)
+            assert p.split and not p.persistent and p.resident == slice_on_chip and triton_cdiv(H, p.BH) > 1, p
+        for reverse in reverses:
+            _check_layer_kernels(fwd, bwd, T, B, H, dtype, "cpu", reverse, absent_grads=T == 1)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 def test_fuzz_cpu_layer_kernels_against_contract():

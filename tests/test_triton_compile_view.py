@@ -33,6 +33,7 @@ WRITES = {
     "_lce_fwd_kernel": {"Mp", "Sp", "ZYp", "ZSp"}, "_lce_dlogits_kernel": {"DL", "DBp"},
     "_cell_fwd_kernel": {"HY", "CY", "WS"}, "_cell_bwd_kernel": {"DG", "DCX"},
     "_seq_fwd_kernel": {"OUT", "WS"}, "_seq_bwd_kernel": {"DG", "DH", "DC"},
+    "_split_fwd_kernel": {"OUT", "WS", "BAR"}, "_split_bwd_kernel": {"DG", "DH", "DC", "BAR"},
 }
 
 

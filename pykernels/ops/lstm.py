@@ -6,7 +6,7 @@ Kernel ops, one set per backend, same schemas:
 - ``pykernels::lstm_layer_{fwd,bwd}``: C++ schemas in csrc/lstm.cpp, CPU kernels (csrc/cpu/lstm_layer.cpp) and,
   in CUDA builds, persistent CUDA kernels (csrc/cuda/lstm_layer.cu): the "cpu" / "cuda" backends' sequence op.
 - ``pykernels::lstm_cell_{fwd,bwd}_triton`` and ``pykernels::lstm_layer_{fwd,bwd}_triton``: ``triton_op``s over
-  pykernels/triton/lstm.py.
+  pykernels/triton/lstm.py (cell) and pykernels/triton/lstm_layer.py (sequence).
 
 Autograd-level ops:
 - ``pykernels::lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend) -> (h, c, ws)``: one fused step; the
@@ -134,13 +134,14 @@ else:
 triton_import_error: Optional[str] = None
 try:
     from ..triton import lstm as _tk
+    from ..triton import lstm_layer as _tkl
 except Exception as e:  # no triton, or a triton too old for the kernels
     triton_import_error = f"{type(e).__name__}: {e}"
 else:
     torch.library.triton_op("pykernels::lstm_cell_fwd_triton", mutates_args=())(_tk.lstm_cell_fwd)
     torch.library.triton_op("pykernels::lstm_cell_bwd_triton", mutates_args=())(_tk.lstm_cell_bwd)
-    torch.library.triton_op("pykernels::lstm_layer_fwd_triton", mutates_args=())(_tk.lstm_layer_fwd)
-    torch.library.triton_op("pykernels::lstm_layer_bwd_triton", mutates_args=())(_tk.lstm_layer_bwd)
+    torch.library.triton_op("pykernels::lstm_layer_fwd_triton", mutates_args=())(_tkl.lstm_layer_fwd)
+    torch.library.triton_op("pykernels::lstm_layer_bwd_triton", mutates_args=())(_tkl.lstm_layer_bwd)
     CELL["triton"] = (torch.ops.pykernels.lstm_cell_fwd_triton.default,
                       torch.ops.pykernels.lstm_cell_bwd_triton.default)
     LAYER["triton"] = (torch.ops.pykernels.lstm_layer_fwd_triton.default,

@@ -9,17 +9,8 @@ gates i, f, g, o and c' (fp32), which the backward needs.
 Cell backward (``lstm_cell_bwd``): one pointwise launch turns (dh, dc, c, ws) into the pre-activation gate
 gradients ``dgates`` (B, 4H, fp32) and dc_prev; the launcher's GEMMs give dx, dh, dW_ih, dW_hh, db.
 
-Sequence (``lstm_layer_fwd``): the input projection of all steps is one GEMM (``x W_ih^T + b_ih + b_hh``), then
-one launch runs the whole recurrence: program m owns batch rows ``m*BM..`` and loops over time inside the kernel,
-over hidden blocks per step (all four gates of a block together), reading h_{t-1} of its own rows back from the
-output it wrote at the previous step (a CTA barrier orders the steps; no other program touches those rows, so no
-grid-wide sync is needed). When the whole W_hh fits one tile (H <= RESIDENT_MAX), it is loaded once before the
-time loop and stays in registers for the whole sequence; otherwise it streams from L2 every step.
-
-Sequence backward (``lstm_layer_bwd``): the same structure in reverse time: per step the pointwise gate gradients
-(all hidden blocks), a barrier, then ``dh_{t-1} = dgates_t W_hh`` for the program's rows; dgates of every step are
-kept (T, B, 4H) so that dW_ih, dW_hh, db and dx are each one large GEMM / reduction over all T*B rows afterwards
-(deterministic: no atomics).
+The sequence kernels (``lstm_layer_fwd`` / ``lstm_layer_bwd``) are in lstm_layer.py and share the helpers
+below (activations, the gate-gradient formula, the dot with fp32 IEEE precision).
 """
 from __future__ import annotations
 
@@ -29,10 +20,6 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-
-# H up to which W_hh is held in registers across the whole sequence (one tile of 4 x H x H); larger H streams it.
-RESIDENT_MAX = int(os.environ.get("PYKERNELS_LSTM_RESIDENT_MAX", "64"))
-
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -170,156 +157,6 @@ def _cell_bwd_kernel(GH, GC, CX, WS, DG, DCX, B, H, sgb, sgh, sgcb, sgch, scb, s
     tl.store(DCX + rows[:, None] * H + cols[None, :], dcp.to(DCX.dtype.element_ty), mask=m2)
 
 
-@triton.jit
-def _seq_fwd_kernel(XP, WHH, H0, C0, OUT, WS, T, B, H, swr, swk,
-                    REVERSE: tl.constexpr, RESIDENT: tl.constexpr, IEEE: tl.constexpr,
-                    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
-    """XP (T, B, 4H) fp32 input projections incl. both biases; H0/C0 (B, H) contiguous; OUT (T, B, H) in the
-    input dtype, WS (T, B, 5H) fp32. Program m owns rows m*BM.. for every step."""
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    rmask = rows < B
-    hcols = tl.arange(0, BH)
-    ks = tl.arange(0, BK)
-    stepH = tl.cast(B, tl.int64) * H
-    if RESIDENT:  # whole W_hh^T as four (BK, BH) tiles, loaded once for the sequence (H <= BK == BH)
-        wm = (ks < H)[:, None] & (hcols < H)[None, :]
-        w_ptrs = WHH + hcols[None, :].to(tl.int64) * swr + ks[:, None].to(tl.int64) * swk
-        gate = tl.cast(H, tl.int64) * swr
-        w_i = tl.load(w_ptrs, mask=wm, other=0.0)
-        w_f = tl.load(w_ptrs + gate, mask=wm, other=0.0)
-        w_g = tl.load(w_ptrs + 2 * gate, mask=wm, other=0.0)
-        w_o = tl.load(w_ptrs + 3 * gate, mask=wm, other=0.0)
-    for s in range(0, T):
-        if REVERSE:
-            t = T - 1 - s
-            tp = t + 1
-        else:
-            t = s
-            tp = t - 1
-        first = s == 0
-        for j in range(0, H, BH):
-            cols = j + hcols
-            cmask = cols < H
-            m2 = rmask[:, None] & cmask[None, :]
-            xp = XP + t.to(tl.int64) * (4 * stepH) + rows[:, None] * (4 * H) + cols[None, :]
-            acc_i = tl.load(xp, mask=m2, other=0.0)
-            acc_f = tl.load(xp + H, mask=m2, other=0.0)
-            acc_g = tl.load(xp + 2 * H, mask=m2, other=0.0)
-            acc_o = tl.load(xp + 3 * H, mask=m2, other=0.0)
-            if first:
-                hp = H0
-            else:
-                hp = OUT + tp.to(tl.int64) * stepH
-            hp_rows = rows * H
-            if RESIDENT:
-                a = tl.load(hp + hp_rows[:, None] + ks[None, :], mask=rmask[:, None] & (ks < H)[None, :],
-                            other=0.0).to(w_i.dtype)
-                acc_i = _dot(a, w_i, acc_i, IEEE)
-                acc_f = _dot(a, w_f, acc_f, IEEE)
-                acc_g = _dot(a, w_g, acc_g, IEEE)
-                acc_o = _dot(a, w_o, acc_o, IEEE)
-            else:
-                acc_i, acc_f, acc_g, acc_o = _gate_gemm(acc_i, acc_f, acc_g, acc_o, hp, WHH, rows, cols, B, H, H,
-                                                        H, 1, swr, swk, IEEE, BK)
-            if first:
-                c_prev = tl.load(C0 + rows[:, None] * H + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            else:
-                c_prev = tl.load(WS + tp.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + 4 * H + cols[None, :],
-                                 mask=m2, other=0.0)
-            i = _sigmoid(acc_i)
-            f = _sigmoid(acc_f)
-            g = _tanh(acc_g)
-            o = _sigmoid(acc_o)
-            c = f * c_prev + i * g
-            h = o * _tanh(c)
-            tl.store(OUT + t.to(tl.int64) * stepH + rows[:, None] * H + cols[None, :],
-                     h.to(OUT.dtype.element_ty), mask=m2)
-            ws = WS + t.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + cols[None, :]
-            tl.store(ws, i, mask=m2)
-            tl.store(ws + H, f, mask=m2)
-            tl.store(ws + 2 * H, g, mask=m2)
-            tl.store(ws + 3 * H, o, mask=m2)
-            tl.store(ws + 4 * H, c, mask=m2)
-        # h_t of all hidden blocks must be written before any thread of this program reads it at t + 1.
-        tl.debug_barrier()
-
-
-@triton.jit
-def _seq_bwd_kernel(GOUT, GHN, GCN, C0, WS, WHH, DG, DH, DC, T, B, H, swr, swk,
-                    HAS_GOUT: tl.constexpr, HAS_GHN: tl.constexpr, HAS_GCN: tl.constexpr,
-                    REVERSE: tl.constexpr, IEEE: tl.constexpr,
-                    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
-    """Reverse-time recurrence of one layer direction. GOUT (T, B, H), GHN/GCN (B, H) contiguous; DG (T, B, 4H)
-    fp32 output: pre-activation gate gradients; DH/DC (B, H) fp32: the running dh (recurrent part) and dc, which
-    hold dh0 and dc0 at the end."""
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    rmask = rows < B
-    hcols = tl.arange(0, BH)
-    stepH = tl.cast(B, tl.int64) * H
-    # initial dh, dc: the gradients of h_n, c_n
-    for j in range(0, H, BH):
-        cols = j + hcols
-        m2 = rmask[:, None] & (cols < H)[None, :]
-        off = rows[:, None] * H + cols[None, :]
-        dh = tl.zeros((BM, BH), dtype=tl.float32)
-        dc = tl.zeros((BM, BH), dtype=tl.float32)
-        if HAS_GHN:
-            dh = tl.load(GHN + off, mask=m2, other=0.0).to(tl.float32)
-        if HAS_GCN:
-            dc = tl.load(GCN + off, mask=m2, other=0.0).to(tl.float32)
-        tl.store(DH + off, dh, mask=m2)
-        tl.store(DC + off, dc, mask=m2)
-    tl.debug_barrier()
-    for s2 in range(0, T):
-        s = T - 1 - s2
-        if REVERSE:
-            t = T - 1 - s
-            tp = t + 1
-        else:
-            t = s
-            tp = t - 1
-        # 1) pointwise: dgates_t for every hidden block; dc <- dc_prev
-        for j in range(0, H, BH):
-            cols = j + hcols
-            m2 = rmask[:, None] & (cols < H)[None, :]
-            off = rows[:, None] * H + cols[None, :]
-            dh = tl.load(DH + off, mask=m2, other=0.0)
-            if HAS_GOUT:
-                dh += tl.load(GOUT + t.to(tl.int64) * stepH + off, mask=m2, other=0.0).to(tl.float32)
-            dc = tl.load(DC + off, mask=m2, other=0.0)
-            if s == 0:
-                c_prev = tl.load(C0 + off, mask=m2, other=0.0).to(tl.float32)
-            else:
-                c_prev = tl.load(WS + tp.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + 4 * H + cols[None, :],
-                                 mask=m2, other=0.0)
-            ws = t.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + cols[None, :]
-            di, df, dg, do, dcp = _gate_grads(dh, dc, c_prev, WS, ws, H, m2)
-            d = DG + t.to(tl.int64) * (4 * stepH) + rows[:, None] * (4 * H) + cols[None, :]
-            tl.store(d, di, mask=m2)
-            tl.store(d + H, df, mask=m2)
-            tl.store(d + 2 * H, dg, mask=m2)
-            tl.store(d + 3 * H, do, mask=m2)
-            tl.store(DC + off, dcp, mask=m2)
-        tl.debug_barrier()
-        # 2) dh_{t-1} = dgates_t @ W_hh  (BM x 4H) @ (4H x H), per hidden block
-        ks = tl.arange(0, BK)
-        for j in range(0, H, BH):
-            cols = j + hcols
-            cmask = cols < H
-            acc = tl.zeros((BM, BH), dtype=tl.float32)
-            a_ptrs = DG + t.to(tl.int64) * (4 * stepH) + rows[:, None] * (4 * H) + ks[None, :]
-            w_ptrs = WHH + ks[:, None].to(tl.int64) * swr + cols[None, :].to(tl.int64) * swk
-            for k in range(0, 4 * H, BK):
-                kmask = (k + ks) < 4 * H
-                a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-                acc = _dot(a.to(w.dtype), w, acc, IEEE)
-                a_ptrs += BK
-                w_ptrs += BK * swr
-            tl.store(DH + rows[:, None] * H + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
-        tl.debug_barrier()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Launchers (registered as triton_ops by pykernels/ops/lstm.py).
 
@@ -372,53 +209,3 @@ def lstm_cell_bwd(grad_h: Optional[torch.Tensor], grad_c: Optional[torch.Tensor]
             cx.stride(0), cx.stride(1),
             HAS_GH=grad_h is not None, HAS_GC=grad_c is not None, BM=BM, BH=BH, num_warps=4)
     return dg, dcx
-
-
-def _seq_config(dtype: torch.dtype, H: int) -> Tuple[int, int, int, bool, int]:
-    """(BM, BH, BK, resident, num_warps)."""
-    if H <= RESIDENT_MAX:
-        HP = max(16, triton.next_power_of_2(H))
-        return 16, HP, HP, True, 4
-    if _interpreted():
-        return 16, 16, 16, False, 4
-    return 16, 64, 64 if dtype != torch.float32 else 32, False, 4
-
-
-def lstm_layer_fwd(xproj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, reverse: bool
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence of one layer direction. xproj (T, B, 4H) fp32 = x W_ih^T + b_ih + b_hh; h0, c0 (B, H)
-    contiguous in the input dtype (w_hh's). Returns (out (T, B, H) in w_hh's dtype, ws (T, B, 5H) fp32)."""
-    T, B, H4 = xproj.shape
-    H = H4 // 4
-    out = h0.new_empty(T, B, H)
-    ws = xproj.new_empty(T, B, 5 * H)
-    if T and B and H:
-        BM, BH, BK, resident, warps = _seq_config(w_hh.dtype, H)
-        torch.library.wrap_triton(_seq_fwd_kernel)[(triton.cdiv(B, BM),)](
-            xproj, w_hh, h0, c0, out, ws, T, B, H, w_hh.stride(0), w_hh.stride(1),
-            REVERSE=reverse, RESIDENT=resident, IEEE=w_hh.dtype == torch.float32, BM=BM, BH=BH, BK=BK,
-            num_warps=warps)
-    return out, ws
-
-
-def lstm_layer_bwd(grad_out: Optional[torch.Tensor], grad_hn: Optional[torch.Tensor],
-                   grad_cn: Optional[torch.Tensor], c0: torch.Tensor, ws: torch.Tensor, w_hh: torch.Tensor,
-                   reverse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dgates (T, B, 4H) fp32, dh0 (B, H) fp32, dc0 (B, H) fp32). grad_* contiguous or None."""
-    T, B, H5 = ws.shape
-    H = H5 // 5
-    dg = ws.new_empty(T, B, 4 * H)
-    dh = ws.new_empty(B, H)
-    dc = ws.new_empty(B, H)
-    if B and H:
-        if _interpreted():
-            BM, BH, BK = 16, 16, 16
-        else:
-            BM, BH, BK = 16, 64, 64 if w_hh.dtype != torch.float32 else 32
-        torch.library.wrap_triton(_seq_bwd_kernel)[(triton.cdiv(B, BM),)](
-            grad_out if grad_out is not None else ws, grad_hn if grad_hn is not None else ws,
-            grad_cn if grad_cn is not None else ws, c0, ws, w_hh, dg, dh, dc, T, B, H,
-            w_hh.stride(0), w_hh.stride(1),
-            HAS_GOUT=grad_out is not None, HAS_GHN=grad_hn is not None, HAS_GCN=grad_cn is not None,
-            REVERSE=reverse, IEEE=w_hh.dtype == torch.float32, BM=BM, BH=BH, BK=BK, num_warps=4)
-    return dg, dh, dc

@@ -84,15 +84,21 @@ def lstm_cell(backends):
 
 
 def lstm_layer(backends):
-    """The sequence kernels (Triton; the persistent CUDA one with its grid barrier) forward and backward through
+    """The sequence kernels (Triton: row-block for H <= 64, split over SMs with a grid barrier above, per-step
+    launches under the interpreter; the persistent CUDA one with its grid barrier) forward and backward through
     nn.LSTM: both directions, two layers, odd sizes, T = 1 and a T that crosses many steps, against the float64
     reference."""
     from pykernels.reference import lstm as ref_lstm
+    from pykernels.triton import lstm_layer as triton_layer
     dev = DEV
     for backend in [b for b in backends if b in ("triton", "cuda")]:
         for dtype in (torch.float32, *HALF):
             shapes = ((1, 1, 3, 5), (37, 19, 10, 33), (9, 3, 70, 130))
-            for T, B, I, H in shapes if DEV != "cpu" else shapes[:1] + ((5, 3, 4, 9),):  # interpreter time
+            if backend == "triton":  # H = 130 (70 on CPU) runs the split kernels, persistent on the GPU
+                H = 130 if DEV != "cpu" else 70
+                p = triton_layer.plan(H, dtype, torch.device(dev), True)
+                assert p.split and p.persistent == (DEV != "cpu"), p
+            for T, B, I, H in shapes if DEV != "cpu" else shapes[:1] + ((3, 3, 4, 70),):  # interpreter time
                 m = torch.nn.LSTM(I, H, num_layers=2, bidirectional=True, device=dev, dtype=dtype)
                 x = torch.randn(T, B, I, device=dev, dtype=dtype, requires_grad=True)
                 params = [p.detach().requires_grad_() for p in m._flat_weights]
