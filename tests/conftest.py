@@ -83,3 +83,12 @@ def backend_params(include_reference: bool = True):
     gpu = [pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
            pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu)]
     return cpu + gpu
+
+
+def assert_spill_budget(what: str, n_spills: int, known: dict, key) -> None:
+    """No ptxas spills (bytes of spill stores, pykernels.triton._compile.spills), except the kernels in ``known``:
+    spills measured when the check learned to see ptxas's own spills (2026-12-03; before, it counted local stores in
+    the PTX, which never shows them). Those are defects on record in the issue notes: they must not grow, and a
+    kernel that stops spilling should leave the table."""
+    budget = known.get(key, 0)
+    assert n_spills <= budget, f"{what}: {n_spills} bytes of spill stores (budget {budget})"

@@ -34,14 +34,31 @@ def compile_for(kernel, signature: Dict[str, str], constexprs: Dict[str, object]
 
 
 def spills(compiled) -> int:
-    """Registers spilled to local memory (0 in a healthy hot loop)."""
-    md = compiled.metadata
-    n = getattr(md, "n_spills", None)
-    if n is None and isinstance(md, dict):
-        n = md.get("n_spills")
-    if n is None:  # older metadata: count local stores in the PTX
-        n = compiled.asm["ptx"].count("st.local")
-    return int(n)
+    """Bytes ptxas spills to local memory (0 in a healthy hot loop), from its own resource report (``ptxas -v``
+    on the kernel's PTX): without a GPU the metadata has no spill count, and the PTX itself never shows the spills
+    ptxas makes while allocating registers. Falls back to the PTX's local stores when ptxas cannot be run."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    ptx = compiled.asm["ptx"]
+    m = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M)
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        arch = int(re.sub(r"\D", "", m.group(1))) if m else 80
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        try:
+            p = subprocess.run([get_ptxas(arch).path, f"-arch={m.group(1) if m else 'sm_80'}", "-v", f.name, "-o",
+                                os.devnull], capture_output=True, text=True, timeout=300)
+        finally:
+            os.unlink(f.name)
+        if p.returncode == 0:
+            return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", p.stderr))
+    except (ImportError, OSError, subprocess.SubprocessError, TypeError):
+        pass
+    return ptx.count("st.local")
 
 
 _TRITON_DTYPE = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp64",
