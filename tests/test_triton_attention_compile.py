@@ -70,12 +70,10 @@ _SCRIPT = textwrap.dedent('''
 ''')
 
 
-# (kernel, arch, dtype, head dim) of the main configurations -> bytes (see conftest.assert_spill_budget): the dQ
-# kernel spills at every tile shape tried (2026-12-03: 64x64/64x32/32x64/128x32, 4 or 8 warps, 1-3 stages), a
-# structural cost of holding q, dO and dQ across the key loop; the forward spills a little at BLOCK_N = 64
-# (none at 32, unmeasured on a GPU which is faster)
-ATTN_KNOWN_SPILLS = {("fwd", 80, "bf16", 128): 60, ("fwd", 90, "bf16", 128): 28, ("dq", 80, "bf16", 128): 516,
-                     ("dq", 90, "bf16", 128): 720}
+# (kernel, arch, dtype, head dim) of the main configurations -> bytes (see conftest.assert_spill_budget): dQ on
+# sm_80 (none on sm_90 since K is loaded in its own layout and the tiles are 64 x 32); the forward at BLOCK_N = 64
+# (none at 32: not switched, which is faster is unmeasured)
+ATTN_KNOWN_SPILLS = {("fwd", 80, "bf16", 128): 60, ("fwd", 90, "bf16", 128): 28, ("dq", 80, "bf16", 128): 284}
 
 
 def test_attention_kernels_compile_for_sm80_and_sm90():
