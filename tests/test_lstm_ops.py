@@ -521,3 +521,17 @@ def test_fuzz_cpu_layer_kernels_against_contract():
             assert_error_rule(name, a, r, dtype=torch.float32, floor=floor * 4)
 
     check()
+
+
+def test_cuda_persistent_forward_uses_tensor_cores():
+    """The persistent CUDA forward in fp16/bf16 with W_hh resident (layer_fwd_kernel<T, true>) runs its per-step
+    gate product on the tensor cores (HMMA, ldmatrix); fp32 keeps SIMT; no instantiation uses local memory."""
+    from test_build import kernel_sass, no_local_memory
+    for sm, found in kernel_sass(("layer_fwd_kernel", "layer_bwd_kernel")).items():
+        fwd = found.get("layer_fwd_kernel", [])
+        assert len(fwd) == 6 and len(found.get("layer_bwd_kernel", [])) == 6, f"{sm}: {[len(v) for v in found.values()]}"
+        names = [f.split("\n", 1)[0] for f in fwd]
+        for name, f in zip(names, fwd):
+            assert no_local_memory(f), f"{sm} {name}: local memory"
+            resident_16bit = "Lb1E" in name and ("half" in name or "bfloat16" in name)
+            assert ("HMMA" in f and "LDSM" in f) == resident_16bit, f"{sm} {name}: tensor cores {'HMMA' in f}"

@@ -12,14 +12,18 @@
 // and the saved gates, into dG[t]; grid barrier; (B) per (batch row, own unit k) dh_{t-1}[k] = sum_r dG_t[r]
 // W_hh[r][k] with the block's columns of W_hh resident. Phase B of a step and phase A of the next touch disjoint
 // data (A reads dh/dc of its own units only), so one barrier per step suffices.
-// SIMT fp32 FMAs for now (tensor cores are the next step; see docs/lstm.md).
+// Forward, 16-bit and resident: the gates of a 16-row batch chunk are one tensor-core product (mma.sync m16n8k16,
+// fp32 accumulate) of h_{t-1} (16 x H) and the block's 4*HB rows of W_hh, split over the 8 warps along H and
+// summed through shared memory; otherwise (fp32, or W_hh streamed) and in the backward, SIMT fp32 FMAs.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "convert.cuh"
 #include "lstm.h"
+#include "mma.cuh"
 
 namespace pykernels {
 namespace cuda {
@@ -66,23 +70,97 @@ __device__ __forceinline__ Units units_of(int64_t H, int HB) {
   return {u0, static_cast<int>(left <= 0 ? 0 : (left < HB ? left : HB))};
 }
 
+// The tensor-core forward (16-bit, resident): H padded to a multiple of 16 (zeros), rows of the shared tiles
+// LD = Hp + 8 elements apart (16-byte aligned, ldmatrix rows in distinct banks), the 4*HB gate rows padded to a
+// multiple of 16 (pairs of 8-column MMA tiles).
+template <typename T>
+constexpr bool kTensorCores = !std::is_same_v<T, float>;
+constexpr int kMaxGateTiles = 8;  // 8-column tiles of gate rows: HB <= 16 units per block
+
+struct TcGeom {
+  int64_t hp, ld;  // padded H, row stride of the shared tiles
+  int rows;        // padded gate rows (a multiple of 16)
+};
+
+__host__ __device__ inline TcGeom tc_geom(int64_t H, int HB) {
+  const int64_t hp = (H + 15) / 16 * 16;
+  return {hp, hp + 8, (4 * HB + 15) / 16 * 16};
+}
+
+// gates[16][rows] (fp32, shared) = Hs[16][:Hp] Ws[rows][:Hp]^T: warp w takes the 16-wide K steps w, w + 8, ...;
+// the 8 partial products go through `red` ([kWarps][16][rows]) and are summed by the caller.
+template <typename T>
+__device__ __forceinline__ void gates_mma(float* red, const uint16_t* Hs, const uint16_t* Ws, const TcGeom& g,
+                                          int warp, int lane) {
+  float acc[kMaxGateTiles][4];
+#pragma unroll
+  for (int nt = 0; nt < kMaxGateTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+  const int pairs = g.rows / 16, i = lane >> 3;
+  for (int64_t k0 = int64_t(warp) * 16; k0 < g.hp; k0 += kWarps * 16) {
+    uint32_t af[4];
+    ldmatrix_x4(af, Hs + ((lane & 7) + ((i & 1) << 3)) * g.ld + k0 + ((i & 2) << 2));
+#pragma unroll
+    for (int np = 0; np < kMaxGateTiles / 2; ++np) {
+      if (np < pairs) {
+        uint32_t bf[4];
+        ldmatrix_x4(bf, Ws + (np * 16 + (lane & 7) + ((i & 2) << 2)) * g.ld + k0 + ((i & 1) << 3));
+        Mma<T>::run(acc[2 * np], af, bf[0], bf[1]);
+        Mma<T>::run(acc[2 * np + 1], af, bf[2], bf[3]);
+      }
+    }
+  }
+  const int gr = lane >> 2, tc = 2 * (lane & 3);
+  float* r = red + int64_t(warp) * 16 * g.rows;
+#pragma unroll
+  for (int nt = 0; nt < kMaxGateTiles; ++nt) {
+    if (nt < 2 * pairs) {
+      r[gr * g.rows + nt * 8 + tc] = acc[nt][0];
+      r[gr * g.rows + nt * 8 + tc + 1] = acc[nt][1];
+      r[(gr + 8) * g.rows + nt * 8 + tc] = acc[nt][2];
+      r[(gr + 8) * g.rows + nt * 8 + tc + 1] = acc[nt][3];
+    }
+  }
+}
+
+// The pointwise update of unit u of batch row b at step t from its four gate pre-activations (without xproj).
+template <typename T>
+__device__ __forceinline__ void cell_update(const LstmLayerArgs& a, int64_t s, int64_t t, int64_t tp, int64_t b,
+                                            int64_t u, const float (&pre)[4]) {
+  const int64_t H = a.H, B = a.B;
+  const float* xp = a.xproj + (t * B + b) * 4 * H + u;
+  const float i = sigmoid_(pre[0] + xp[0]), f = sigmoid_(pre[1] + xp[H]), g = tanhf(pre[2] + xp[2 * H]),
+              o = sigmoid_(pre[3] + xp[3 * H]);
+  const float c_prev = s == 0 ? to_f(static_cast<const T*>(a.c0)[b * H + u]) : a.ws[(tp * B + b) * 5 * H + 4 * H + u];
+  const float c = f * c_prev + i * g;
+  static_cast<T*>(a.out)[(t * B + b) * H + u] = from_f<T>(o * tanhf(c));
+  float* w = a.ws + (t * B + b) * 5 * H + u;
+  w[0] = i;
+  w[H] = f;
+  w[2 * H] = g;
+  w[3 * H] = o;
+  w[4 * H] = c;
+}
+
 template <typename T, bool RESIDENT>
 __global__ void __launch_bounds__(kThreads, 1) layer_fwd_kernel(LstmLayerArgs a, int HB) {
+  constexpr bool TC = kTensorCores<T> && RESIDENT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t H = a.H, B = a.B, T_ = a.T;
-  T* Ws = reinterpret_cast<T*>(smem_raw);     // [4][HB][H]: this block's rows of W_hh (RESIDENT)
-  T* Hs = Ws + (RESIDENT ? 4 * HB * H : 0);  // [kBatchChunk][H]: h_{t-1} of a batch chunk
+  const TcGeom g = tc_geom(H, HB);
+  const int64_t wrows = TC ? g.rows : 4 * HB, ldw = TC ? g.ld : H, ldh = TC ? g.ld : H;
+  T* Ws = reinterpret_cast<T*>(smem_raw);            // [wrows][ldw]: this block's rows of W_hh, q * HB + uu (RESIDENT)
+  T* Hs = Ws + (RESIDENT ? wrows * ldw : 0);         // [kBatchChunk][ldh]: h_{t-1} of a batch chunk
+  float* red = reinterpret_cast<float*>(Hs + kBatchChunk * ldh);  // TC: [kWarps][16][g.rows] partial gates
   const T* W = static_cast<const T*>(a.w_hh);
   const Units my = units_of(H, HB);
-  if (RESIDENT) {
-    for (int64_t e = threadIdx.x; e < 4 * my.n * H; e += kThreads) {
-      const int64_t q = e / (my.n * H), rem = e % (my.n * H), uu = rem / H, k = rem % H;
-      Ws[(q * HB + uu) * H + k] = W[(q * H + my.u0 + uu) * H + k];
+  if (RESIDENT) {  // zeros in the padding: K padding multiplies h's zeros, but garbage could be NaN
+    for (int64_t e = threadIdx.x; e < wrows * ldw; e += kThreads) {
+      const int64_t r = e / ldw, k = e % ldw, q = r / HB, uu = r % HB;
+      Ws[e] = (r < 4 * HB && uu < my.n && k < H) ? W[(q * H + my.u0 + uu) * H + k] : from_f<T>(0.f);
     }
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* h0 = static_cast<const T*>(a.h0);
-  const T* c0 = static_cast<const T*>(a.c0);
   T* out = static_cast<T*>(a.out);
   for (int64_t s = 0; s < T_; ++s) {
     const int64_t t = a.reverse ? T_ - 1 - s : s, tp = a.reverse ? t + 1 : t - 1;  // tp: the previous step
@@ -91,36 +169,42 @@ __global__ void __launch_bounds__(kThreads, 1) layer_fwd_kernel(LstmLayerArgs a,
       const int nb = static_cast<int>(B - b0 < kBatchChunk ? B - b0 : kBatchChunk);
       __syncthreads();  // the previous chunk is consumed (and, the first time, Ws is written)
       // other blocks wrote h_{t-1}: read it from L2 (ld.global.cg), never from a stale L1 line
-      for (int64_t e = threadIdx.x; e < nb * H; e += kThreads) Hs[e] = __ldcg(hprev + b0 * H + e);
+      for (int64_t e = threadIdx.x; e < (TC ? kBatchChunk * ldh : nb * H); e += kThreads) {
+        const int64_t bb = e / ldh, k = e % ldh;
+        Hs[e] = (bb < nb && k < H) ? __ldcg(hprev + (b0 + bb) * H + k) : from_f<T>(0.f);
+      }
       __syncthreads();
-      for (int item = warp; item < nb * my.n; item += kWarps) {
-        const int bb = item / my.n, uu = item % my.n;
-        const T* hrow = Hs + bb * H;
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int64_t k = lane; k < H; k += 32) {
-          const float hv = to_f(hrow[k]);
+      if constexpr (TC) {
+        gates_mma<T>(red, reinterpret_cast<const uint16_t*>(Hs), reinterpret_cast<const uint16_t*>(Ws), g, warp,
+                     lane);
+        __syncthreads();
+        for (int e = threadIdx.x; e < nb * my.n; e += kThreads) {
+          const int bb = e / my.n, uu = e % my.n;
+          float pre[4];
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
-            const T* wrow = RESIDENT ? Ws + (q * HB + uu) * H : W + (q * H + my.u0 + uu) * H;
-            acc[q] += hv * to_f(wrow[k]);
+            float v = 0.f;
+            for (int w = 0; w < kWarps; ++w) v += red[(w * 16 + bb) * g.rows + q * HB + uu];
+            pre[q] = v;
           }
+          cell_update<T>(a, s, t, tp, b0 + bb, my.u0 + uu, pre);
         }
+      } else {
+        for (int item = warp; item < nb * my.n; item += kWarps) {
+          const int bb = item / my.n, uu = item % my.n;
+          const T* hrow = Hs + bb * H;
+          float acc[4] = {0.f, 0.f, 0.f, 0.f};
+          for (int64_t k = lane; k < H; k += 32) {
+            const float hv = to_f(hrow[k]);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc[q] = warp_sum(acc[q]);
-        if (lane == 0) {
-          const int64_t b = b0 + bb, u = my.u0 + uu;
-          const float* xp = a.xproj + (t * B + b) * 4 * H + u;
-          const float i = sigmoid_(acc[0] + xp[0]), f = sigmoid_(acc[1] + xp[H]), g = tanhf(acc[2] + xp[2 * H]),
-                      o = sigmoid_(acc[3] + xp[3 * H]);
-          const float c_prev = s == 0 ? to_f(c0[b * H + u]) : a.ws[(tp * B + b) * 5 * H + 4 * H + u];
-          const float c = f * c_prev + i * g;
-          out[(t * B + b) * H + u] = from_f<T>(o * tanhf(c));
-          float* w = a.ws + (t * B + b) * 5 * H + u;
-          w[0] = i;
-          w[H] = f;
-          w[2 * H] = g;
-          w[3 * H] = o;
-          w[4 * H] = c;
+            for (int q = 0; q < 4; ++q) {
+              const T* wrow = RESIDENT ? Ws + (q * HB + uu) * H : W + (q * H + my.u0 + uu) * H;
+              acc[q] += hv * to_f(wrow[k]);
+            }
+          }
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[q] = warp_sum(acc[q]);
+          if (lane == 0) cell_update<T>(a, s, t, tp, b0 + bb, my.u0 + uu, acc);
         }
       }
     }
@@ -199,11 +283,21 @@ cudaError_t plan_for(const LstmLayerArgs& a, bool forward, Plan& p) {
   const int64_t blocks = H < sms ? H : sms;
   p.hb = static_cast<int>((H + blocks - 1) / blocks);
   p.blocks = static_cast<int>((H + p.hb - 1) / p.hb);
-  const size_t w = 4 * static_cast<size_t>(p.hb) * H * sizeof(T);
   const size_t h = forward ? kBatchChunk * H * sizeof(T) : 0;
   if (h > static_cast<size_t>(smem_max)) return cudaErrorInvalidValue;  // H too large for a batch chunk
-  p.resident = w + h <= static_cast<size_t>(smem_max);
-  p.smem = (p.resident ? w : 0) + h;
+  // the tensor-core forward's tiles (padded rows, and the warps' partial gates) when they fit, else SIMT
+  const TcGeom g = tc_geom(H, p.hb);
+  const size_t tc = kTensorCores<T> && forward && 4 * p.hb <= 8 * kMaxGateTiles
+                        ? (g.rows + kBatchChunk) * g.ld * sizeof(T) + size_t(kWarps) * 16 * g.rows * sizeof(float)
+                        : SIZE_MAX;
+  const size_t w = 4 * static_cast<size_t>(p.hb) * H * sizeof(T);
+  if (tc <= static_cast<size_t>(smem_max)) {
+    p.resident = true;
+    p.smem = tc;
+  } else {
+    p.resident = w + h <= static_cast<size_t>(smem_max) && !(kTensorCores<T> && forward);
+    p.smem = (p.resident ? w : 0) + h;
+  }
   return cudaSuccess;
 }
 
