@@ -2,9 +2,9 @@
 // ops without the suffix (docs/attention.md), and their glue to the kernels in cuda/attention.cu. Only CUDA
 // builds define them; pykernels/ops/attention.py registers their fakes and adds them to KERNELS["cuda"].
 // The kernels take fp16/bf16, head dims up to 256, bool or float masks of dense calls (any broadcastable
-// strides), and no dropout: the functional layer sends the other calls to the next backend, visibly
-// (pykernels/functional/attention.py, _cuda_reason); a direct call of these ops with them raises, naming the
-// argument.
+// strides) and dropout (the Triton kernels' counter-based keep-mask, cuda/philox.h): the functional layer sends
+// fp32 and larger head dims to the next backend, visibly (pykernels/functional/attention.py, _cuda_reason); a
+// direct call of these ops with them raises, naming the argument.
 #ifdef PYKERNELS_WITH_CUDA
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -91,7 +91,7 @@ Call make_call(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, c
                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& cu_q,
                const c10::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, bool is_causal,
                int64_t diag, bool bottom_right, int64_t win_left, int64_t win_right, double softcap,
-               double dropout_p) {
+               double dropout_p, const c10::optional<at::Tensor>& seed) {
   Call c;
   c.a.dtype = attn_dtype(q_in, op);
   TORCH_CHECK(q_in.is_cuda(), op, ": q must be a CUDA tensor");
@@ -100,7 +100,7 @@ Call make_call(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, c
     TORCH_CHECK(t->scalar_type() == q_in.scalar_type() && t->device() == q_in.device(), op, ": ", name,
                 " must be ", q_in.scalar_type(), " on ", q_in.device());
   }
-  TORCH_CHECK(dropout_p == 0.0, op, ": dropout_p must be 0 for the CUDA kernels, got ", dropout_p);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
   TORCH_CHECK(cu_q.has_value() == cu_k.has_value(), op, ": pass both cu_seqlens_q and cu_seqlens_k, or neither");
   c.varlen = cu_q.has_value();
   const int64_t dims = c.varlen ? 3 : 4;
@@ -156,6 +156,15 @@ Call make_call(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, c
   a.win_right = win_right;
   a.vec16 = a.E % 8 == 0 && a.Ev % 8 == 0 && aligned16(c.q) && aligned16(c.k) && aligned16(c.v);
   if (bias.has_value()) set_mask(op, c, *bias);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed.has_value() && seed->scalar_type() == at::kLong && seed->numel() >= 1 &&
+                    seed->device() == q_in.device(),
+                op, ": dropout needs seed, an int64 tensor on ", q_in.device());
+    a.seed = seed->data_ptr<int64_t>();
+    a.dropout_p = static_cast<float>(dropout_p);
+    a.drop_rows = c.varlen ? c.q.size(0) : a.L;  // the Triton kernels' counter geometry (see attention_args.h)
+    a.drop_cols = c.varlen ? c.k.size(0) : a.S;
+  }
   return c;
 }
 
@@ -170,11 +179,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const c10::optional<at::Tensor>& cu_q, const c10::optional<at::Tensor>& cu_k, c10::SymInt max_q,
     c10::SymInt max_k, double scale, bool is_causal, c10::SymInt diag, bool bottom_right, c10::SymInt win_left,
     c10::SymInt win_right, double softcap, double dropout_p, const c10::optional<at::Tensor>& seed) {
-  (void)seed;
   c10::cuda::CUDAGuard guard(q.device());
   Call c = make_call(kFwd, q, k, v, bias, cu_q, cu_k, max_q.expect_int(), max_k.expect_int(), scale, is_causal,
                      diag.expect_int(), bottom_right, win_left.expect_int(), win_right.expect_int(), softcap,
-                     dropout_p);
+                     dropout_p, seed);
   AttentionArgs& a = c.a;
   at::Tensor out, lse;
   if (c.varlen) {
@@ -198,11 +206,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     c10::SymInt max_k, double scale, bool is_causal, c10::SymInt diag, bool bottom_right, c10::SymInt win_left,
     c10::SymInt win_right, double softcap, double dropout_p, const c10::optional<at::Tensor>& seed,
     bool bias_requires_grad) {
-  (void)seed;
   c10::cuda::CUDAGuard guard(q.device());
   Call c = make_call(kBwd, q, k, v, bias, cu_q, cu_k, max_q.expect_int(), max_k.expect_int(), scale, is_causal,
                      diag.expect_int(), bottom_right, win_left.expect_int(), win_right.expect_int(), softcap,
-                     dropout_p);
+                     dropout_p, seed);
   AttentionArgs& a = c.a;
   TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == q.scalar_type(), kBwd,
               ": grad_out must have out's shape ", out.sizes(), " and q's dtype");

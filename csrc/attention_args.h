@@ -41,6 +41,13 @@ struct AttentionArgs {
   bool mask_bool = false;
   DType mask_dtype = DType::F32;
   float* dmask = nullptr;  // backward: gradient of a float mask, (B, H, L, S) fp32 contiguous, zeroed by the glue
+
+  // dropout (dropout_p > 0): score (row, col) is kept as philox.h's dropout_keep(*seed, row * drop_cols + col),
+  // row = (b * H + h) * drop_rows + q0 + i (b = 0 for varlen), col = j within the sequence: the Triton kernels'
+  // counters, so both backends drop the same scores. drop_rows, drop_cols: L, S dense; total q, k rows varlen.
+  const int64_t* seed = nullptr;
+  float dropout_p = 0.f;
+  int64_t drop_rows = 0, drop_cols = 0;
 };
 
 }  // namespace pykernels

@@ -39,12 +39,11 @@ def test_sass_uses_tensor_cores_without_local_memory():
 
 def test_cuda_coverage_rules():
     f16 = torch.float16
-    assert fa._cuda_reason(f16, (64, 64), 0.0) is None
-    assert fa._cuda_reason(torch.bfloat16, (128, 96), 0.0) is None
-    assert "dtype" in fa._cuda_reason(torch.float32, (64, 64), 0.0)
-    assert fa._cuda_reason(f16, (256, 200), 0.0) is None
-    assert "head dim 320" in fa._cuda_reason(f16, (64, 320), 0.0)
-    assert "dropout" in fa._cuda_reason(f16, (64, 64), 0.1)
+    assert fa._cuda_reason(f16, (64, 64)) is None
+    assert fa._cuda_reason(torch.bfloat16, (128, 96)) is None
+    assert "dtype" in fa._cuda_reason(torch.float32, (64, 64))
+    assert fa._cuda_reason(f16, (256, 200)) is None
+    assert "head dim 320" in fa._cuda_reason(f16, (64, 320))
     # automatic calls on CUDA try triton (GPU-validated, measured) before the unmeasured cuda kernels
     from pykernels import backends
     for op in ("scaled_dot_product_attention", "varlen_attention", "lstm"):
@@ -57,3 +56,45 @@ def test_cuda_backend_on_cpu_tensors_says_why():
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(pykernels.BackendUnavailableError, match="cuda backend runs on CUDA tensors"):
         fa.scaled_dot_product_attention(q, q, q, backend="cuda")
+
+
+_PHILOX_MAIN = r'''
+#include <cstdio>
+#include <cstdlib>
+#include "cuda/philox.h"
+int main(int argc, char** argv) {
+  const unsigned long long seed = strtoull(argv[1], nullptr, 10);
+  const long long n = atoll(argv[2]);
+  const float p = static_cast<float>(atof(argv[3]));
+  for (long long i = 0; i < n; ++i) putchar(pykernels::dropout_keep(seed, i, p) ? '1' : '0');
+  return 0;
+}
+'''
+
+
+def test_cuda_dropout_mask_is_the_triton_mask(tmp_path):
+    """csrc/cuda/philox.h (the CUDA kernels' keep-mask), compiled for this CPU, keeps exactly the scores the Triton
+    kernels keep for the same seed: score (row, col) of a dense call is counter row * S + col."""
+    import os
+    import shutil
+    import subprocess
+
+    from pykernels import available_backends
+    if available_backends("cpu")["triton"] is not None:
+        pytest.skip("needs the Triton interpreter for the reference mask")
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    src = tmp_path / "philox_main.cpp"
+    src.write_text(_PHILOX_MAIN)
+    exe = tmp_path / "philox_main"
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    subprocess.run([cxx, "-O2", "-std=c++17", f"-I{root}", str(src), "-o", str(exe)], check=True)
+    B, H, L, S = 1, 2, 19, 23
+    for seed, p in ((123456789012, 0.35), (2**61 + 977, 0.1)):
+        out = subprocess.run([str(exe), str(seed), str(B * H * L * S), repr(p)], capture_output=True, text=True,
+                             check=True).stdout
+        ours = torch.tensor([c == "1" for c in out]).reshape(B, H, L, S)
+        theirs = attn_ops.dropout_mask(torch.tensor([seed]), B, H, L, S, p).bool()
+        assert 0.5 < ours.float().mean() < 1.0
+        assert torch.equal(ours, theirs), f"seed {seed}: {(ours != theirs).sum()} of {ours.numel()} differ"

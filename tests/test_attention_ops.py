@@ -45,12 +45,6 @@ def _samples(device, dtype):
             _args(qv, kv, vv, cu=(cq, ck), maxlen=(5, 6), causal=True, bottom_right=True)]
 
 
-def _covered(backend, args):
-    """The cuda kernels take no dropout: the functional layer sends those calls elsewhere
-    (pykernels.functional.attention._cuda_reason); the kernel ops refuse them."""
-    return backend != "cuda" or args[15] == 0.0
-
-
 def _utils(device):
     # AOT tracing runs wrap_triton kernels on fake tensors, which the CPU interpreter cannot execute; the
     # compiled-GPU tier runs every util.
@@ -62,7 +56,7 @@ def _utils(device):
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_opcheck(backend, device):
     require_backend(backend, device)
-    for args in [a for a in _samples(device, _dtype(device)) if _covered(backend, a)]:
+    for args in _samples(device, _dtype(device)):
         q = args[0].detach().clone().requires_grad_()
         bias = args[3]
         if bias is not None and bias.dtype != torch.bool:
@@ -77,10 +71,6 @@ def test_opcheck_kernel_ops(backend, device):
     fwd, bwd = attn_ops.KERNELS[backend]
     u = ("test_schema",) if device == "cpu" else ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     for args in _samples(device, _dtype(device)):
-        if not _covered(backend, args):
-            with pytest.raises(RuntimeError, match="bias|dropout_p"):
-                fwd(*args)
-            continue
         torch.library.opcheck(fwd, args, test_utils=u)
         o, lse = fwd(*args)
         bias = args[3]
@@ -136,8 +126,6 @@ def test_compile_fullgraph_parity(backend, device):
 def test_dropout_matches_oracle_with_the_kernels_mask(backend, device, causal):
     """The kernels' dropout (forward and the regenerated backward) equals the oracle given the same keep-mask."""
     require_backend(backend, device)
-    if backend == "cuda":
-        pytest.skip("the cuda kernels have no dropout: the functional layer runs dropout calls on triton")
     dtype = _dtype(device)
     B, H, Hk, L, S, E = 1, 4, 2, 21, 26, 16
     q, k = torch.randn(B, H, L, E, device=device, dtype=dtype), torch.randn(B, Hk, S, E, device=device, dtype=dtype)

@@ -17,6 +17,7 @@
 #include "attention.h"
 #include "convert.cuh"
 #include "mma.cuh"
+#include "philox.h"
 
 namespace pykernels {
 namespace cuda {
@@ -202,6 +203,25 @@ __device__ __forceinline__ float masked_score(const AttentionArgs& a, const Seq&
   return x + mv * kLog2e;
 }
 
+// Dropout: whether score (i, j) of (batch b, query head h) is kept; 1 / (1 - p) scales the kept ones.
+struct Dropout {
+  uint64_t seed;
+  float p, inv_keep;
+  int64_t row0;  // counter row of query 0 of this (sequence, head)
+};
+
+__device__ __forceinline__ Dropout dropout_of(const AttentionArgs& a, int64_t b, const Seq& s, int64_t h) {
+  if (a.dropout_p <= 0.f) return {0, 0.f, 1.f, 0};
+  const int64_t row0 = ((a.cu_q ? 0 : b) * a.H + h) * a.drop_rows + s.q0;
+  return {static_cast<uint64_t>(*a.seed), a.dropout_p, 1.f / (1.f - a.dropout_p), row0};
+}
+
+// p (already a probability) after dropout: 0 if dropped, p / (1 - dropout_p) if kept.
+__device__ __forceinline__ float dropped(const AttentionArgs& a, const Dropout& d, int i, int j, float p) {
+  if (d.p <= 0.f) return p;
+  return dropout_keep(d.seed, (d.row0 + i) * a.drop_cols + j, d.p) ? p * d.inv_keep : 0.f;
+}
+
 // lse (natural log, -inf for a row that sees nothing) -> the exp2-domain offset of its probabilities. A row
 // that sees nothing gets +inf, so exp2(s - offset) = 0 for it instead of exp2(-inf + inf) = NaN.
 __device__ __forceinline__ float lse_offset(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
@@ -246,6 +266,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(AttentionArgs a) 
   const auto [warp, g, t] = lane_of();
   const int64_t b = blockIdx.x / a.H, h = blockIdx.x % a.H, hk = h / (a.H / a.Hk);
   const Seq s = seq_of(a, b);
+  const Dropout drop = dropout_of(a, b, s, h);
   const int m0 = blockIdx.y * BM;
   if (m0 >= s.L) return;
   load_rows<BM, DP, LD>(Qs, a.q, a, b, s.q0, h, m0, s.L, a.E);
@@ -292,8 +313,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(AttentionArgs a) 
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const float p = exp2_approx(sc[nt][2 * half + c] - m_use);
-          sc[nt][2 * half + c] = p;
-          l[half] += p;  // this thread's partial row sum; the 4 lanes of a row are summed at the end
+          l[half] += p;  // this thread's partial row sum (before dropout); the 4 lanes are summed at the end
+          sc[nt][2 * half + c] = dropped(a, drop, i0 + 8 * half, n0 + nt * 8 + 2 * t + c, p);
         }
       }
     }
@@ -357,6 +378,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dkdv_kernel(AttentionArg
   const int j0 = n0 + warp * 16 + g;  // this thread's keys: j0 and j0 + 8
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t lb = lse_base(a, b, s, h);
+    const Dropout drop = dropout_of(a, b, s, h);
     for (int m0 = lo; m0 < hi; m0 += BM) {
       __syncthreads();  // the previous query tile is consumed
       load_rows<BM, DP, LD>(Qs, a.q, a, b, s.q0, h, m0, s.L, a.E);
@@ -379,17 +401,19 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dkdv_kernel(AttentionArg
           pt[nt][e] = exp2_approx(x - lse_s[col]);  // 0 where masked (lse_s is finite or +inf)
         }
       }
-      gemm_acc<T, LD, BM / 16, DC / 8>(dv, pt, Os + c0, g, t);  // dV += P^T dO
       float dpt[BM / 8][4] = {};
       gemm_rows<T, LD, DP, BM / 8>(dpt, Vs, warp * 16, Os, g, t);  // dP^T = V dO^T
 #pragma unroll
       for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = nt * 8 + 2 * t + (e & 1);
-          dpt[nt][e] = pt[nt][e] * (dpt[nt][e] - dl_s[col]) * dcap[nt][e];  // dS^T
+          const int col = nt * 8 + 2 * t + (e & 1), i = m0 + col, j = j0 + 8 * (e >> 1);
+          // dS^T = P (dropped(dP) - delta), then P itself dropped for dV (dropout: the same scores as the forward)
+          dpt[nt][e] = pt[nt][e] * (dropped(a, drop, i, j, dpt[nt][e]) - dl_s[col]) * dcap[nt][e];
+          pt[nt][e] = dropped(a, drop, i, j, pt[nt][e]);
         }
       }
+      gemm_acc<T, LD, BM / 16, DC / 8>(dv, pt, Os + c0, g, t);   // dV += dropped(P)^T dO
       gemm_acc<T, LD, BM / 16, DC / 8>(dk, dpt, Qs + c0, g, t);  // dK += dS^T Q
     }
   }
@@ -420,6 +444,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dq_kernel(AttentionArgs 
   const auto [warp, g, t] = lane_of();
   const int64_t b = blockIdx.x / a.H, h = blockIdx.x % a.H, hk = h / (a.H / a.Hk);
   const Seq s = seq_of(a, b);
+  const Dropout drop = dropout_of(a, b, s, h);
   const int m0 = blockIdx.y * BM;
   if (m0 >= s.L) return;
   load_rows<BM, DP, LD>(Qs, a.q, a, b, s.q0, h, m0, s.L, a.E);
@@ -463,8 +488,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dq_kernel(AttentionArgs 
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float ds = p[nt][e] * (dp[nt][e] - dl[e >> 1]);
         const int i = i0 + 8 * (e >> 1), j = n0 + nt * 8 + 2 * t + (e & 1);
+        const float ds = p[nt][e] * (dropped(a, drop, i, j, dp[nt][e]) - dl[e >> 1]);
         if (dmask && i < s.L && j < s.S) dmask[int64_t(i) * a.S + j] = ds;
         dp[nt][e] = ds * dcap[nt][e];  // dS
       }

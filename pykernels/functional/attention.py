@@ -72,13 +72,11 @@ def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], empty
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_MAX_HEAD_DIM = 256  # kAttentionMaxHeadDim, csrc/cuda/attention.h
 
-def _cuda_reason(dtype: torch.dtype, head_dims: Tuple[int, int], dropout_p: float) -> Optional[str]:
+def _cuda_reason(dtype: torch.dtype, head_dims: Tuple[int, int]) -> Optional[str]:
     if dtype not in _CUDA_DTYPES:
         return f"dtype {dtype} is not supported by the cuda kernels (float16, bfloat16)"
     if max(head_dims) > CUDA_MAX_HEAD_DIM:
         return f"head dim {max(head_dims)} > {CUDA_MAX_HEAD_DIM} in the cuda kernels"
-    if dropout_p > 0:
-        return "dropout is not supported by the cuda kernels"
     return None
 
 
@@ -174,7 +172,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         if why is None and b != "reference" and dropout_p >= 1.0:
             return "dropout_p == 1 (every probability dropped) runs on the reference"
         if why is None and b == "cuda":
-            return _cuda_reason(query.dtype, (E, Ev), dropout_p)
+            return _cuda_reason(query.dtype, (E, Ev))
         return why
 
     native = (win == (-1, -1) and softcap == 0.0 and causal_alignment == "top_left" and not return_lse
@@ -282,7 +280,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         if why is None and b != "reference" and dropout_p >= 1.0:
             return "dropout_p == 1 (every probability dropped) runs on the reference"
         if why is None and b == "cuda":
-            return _cuda_reason(q.dtype, (E, Ev), dropout_p)
+            return _cuda_reason(q.dtype, (E, Ev))
         return why
 
     chosen = backends.choose("varlen_attention", q.device, backend, unsupported)
