@@ -523,15 +523,15 @@ def test_fuzz_cpu_layer_kernels_against_contract():
     check()
 
 
-def test_cuda_persistent_forward_uses_tensor_cores():
-    """The persistent CUDA forward in fp16/bf16 with W_hh resident (layer_fwd_kernel<T, true>) runs its per-step
-    gate product on the tensor cores (HMMA, ldmatrix); fp32 keeps SIMT; no instantiation uses local memory."""
+def test_cuda_persistent_kernels_use_tensor_cores():
+    """The persistent CUDA kernels in fp16/bf16 with W_hh resident (layer_{fwd,bwd}_kernel<T, true>) run their
+    per-step products (the gates; dh = dG W_hh) on the tensor cores (HMMA, ldmatrix); fp32 and the streamed
+    variants keep SIMT; no instantiation uses local memory."""
     from test_build import kernel_sass, no_local_memory
     for sm, found in kernel_sass(("layer_fwd_kernel", "layer_bwd_kernel")).items():
-        fwd = found.get("layer_fwd_kernel", [])
-        assert len(fwd) == 6 and len(found.get("layer_bwd_kernel", [])) == 6, f"{sm}: {[len(v) for v in found.values()]}"
-        names = [f.split("\n", 1)[0] for f in fwd]
-        for name, f in zip(names, fwd):
+        assert [len(found.get(k, [])) for k in ("layer_fwd_kernel", "layer_bwd_kernel")] == [6, 6], sm
+        for f in found["layer_fwd_kernel"] + found["layer_bwd_kernel"]:
+            name = f.split("\n", 1)[0]
             assert no_local_memory(f), f"{sm} {name}: local memory"
             resident_16bit = "Lb1E" in name and ("half" in name or "bfloat16" in name)
             assert ("HMMA" in f and "LDSM" in f) == resident_16bit, f"{sm} {name}: tensor cores {'HMMA' in f}"

@@ -12,9 +12,10 @@
 // and the saved gates, into dG[t]; grid barrier; (B) per (batch row, own unit k) dh_{t-1}[k] = sum_r dG_t[r]
 // W_hh[r][k] with the block's columns of W_hh resident. Phase B of a step and phase A of the next touch disjoint
 // data (A reads dh/dc of its own units only), so one barrier per step suffices.
-// Forward, 16-bit and resident: the gates of a 16-row batch chunk are one tensor-core product (mma.sync m16n8k16,
-// fp32 accumulate) of h_{t-1} (16 x H) and the block's 4*HB rows of W_hh, split over the 8 warps along H and
-// summed through shared memory; otherwise (fp32, or W_hh streamed) and in the backward, SIMT fp32 FMAs.
+// 16-bit and resident: the per-step products are tensor-core products (mma.sync m16n8k16, fp32 accumulate) of 16
+// batch rows at a time, split over the 8 warps along K and summed in a fixed order through shared memory: the
+// forward's gates = h_{t-1} (16 x H) times the block's 4*HB rows of W_hh; the backward's dh_{t-1} = dG_t (16 x 4H,
+// rounded to the dtype) times the block's HB columns of W_hh. fp32, or W_hh streamed: SIMT fp32 FMAs.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -87,39 +88,66 @@ __host__ __device__ inline TcGeom tc_geom(int64_t H, int HB) {
   return {hp, hp + 8, (4 * HB + 15) / 16 * 16};
 }
 
-// gates[16][rows] (fp32, shared) = Hs[16][:Hp] Ws[rows][:Hp]^T: warp w takes the 16-wide K steps w, w + 8, ...;
-// the 8 partial products go through `red` ([kWarps][16][rows]) and are summed by the caller.
+// The backward's tiles (16-bit, resident): the 4H columns of dG_t / rows of W_hh padded to a multiple of 16 (KP),
+// read in chunks of at most 1024 (KC); the block's HB unit columns of W_hh, transposed, padded to 16 rows.
+struct TcBwdGeom {
+  int64_t kp, kc, ldw, ldg;  // padded 4H, chunk, row strides of the W_hh^T and dG tiles
+  int rows;                  // padded units
+};
+
+__host__ __device__ inline TcBwdGeom tc_bwd_geom(int64_t H, int HB) {
+  const int64_t kp = (4 * H + 15) / 16 * 16, kc = kp < 1024 ? kp : 1024;
+  return {kp, kc, kp + 8, kc + 8, (HB + 15) / 16 * 16};
+}
+
+// acc[nt] += A[16][0:klen] B[nt*8 .. +8][0:klen]^T for `pairs` pairs of 8-column tiles (A, B row-major shared
+// tiles, lda / ldb elements per row, 16-byte aligned rows); warp w takes the 16-wide K steps w, w + 8, ...
 template <typename T>
-__device__ __forceinline__ void gates_mma(float* red, const uint16_t* Hs, const uint16_t* Ws, const TcGeom& g,
-                                          int warp, int lane) {
-  float acc[kMaxGateTiles][4];
-#pragma unroll
-  for (int nt = 0; nt < kMaxGateTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-  const int pairs = g.rows / 16, i = lane >> 3;
-  for (int64_t k0 = int64_t(warp) * 16; k0 < g.hp; k0 += kWarps * 16) {
+__device__ __forceinline__ void mma_rows_acc(float (&acc)[kMaxGateTiles][4], const uint16_t* A, int64_t lda,
+                                             const uint16_t* Bt, int64_t ldb, int64_t klen, int pairs, int warp,
+                                             int lane) {
+  const int i = lane >> 3;
+  for (int64_t k0 = int64_t(warp) * 16; k0 < klen; k0 += kWarps * 16) {
     uint32_t af[4];
-    ldmatrix_x4(af, Hs + ((lane & 7) + ((i & 1) << 3)) * g.ld + k0 + ((i & 2) << 2));
+    ldmatrix_x4(af, A + ((lane & 7) + ((i & 1) << 3)) * lda + k0 + ((i & 2) << 2));
 #pragma unroll
     for (int np = 0; np < kMaxGateTiles / 2; ++np) {
       if (np < pairs) {
         uint32_t bf[4];
-        ldmatrix_x4(bf, Ws + (np * 16 + (lane & 7) + ((i & 2) << 2)) * g.ld + k0 + ((i & 1) << 3));
+        ldmatrix_x4(bf, Bt + (np * 16 + (lane & 7) + ((i & 2) << 2)) * ldb + k0 + ((i & 1) << 3));
         Mma<T>::run(acc[2 * np], af, bf[0], bf[1]);
         Mma<T>::run(acc[2 * np + 1], af, bf[2], bf[3]);
       }
     }
   }
+}
+
+// The warp's partial products into red[warp][16][cols]; the caller sums the kWarps partials in a fixed order.
+__device__ __forceinline__ void store_partials(float* red, const float (&acc)[kMaxGateTiles][4], int cols, int pairs,
+                                               int warp, int lane) {
   const int gr = lane >> 2, tc = 2 * (lane & 3);
-  float* r = red + int64_t(warp) * 16 * g.rows;
+  float* r = red + int64_t(warp) * 16 * cols;
 #pragma unroll
   for (int nt = 0; nt < kMaxGateTiles; ++nt) {
     if (nt < 2 * pairs) {
-      r[gr * g.rows + nt * 8 + tc] = acc[nt][0];
-      r[gr * g.rows + nt * 8 + tc + 1] = acc[nt][1];
-      r[(gr + 8) * g.rows + nt * 8 + tc] = acc[nt][2];
-      r[(gr + 8) * g.rows + nt * 8 + tc + 1] = acc[nt][3];
+      r[gr * cols + nt * 8 + tc] = acc[nt][0];
+      r[gr * cols + nt * 8 + tc + 1] = acc[nt][1];
+      r[(gr + 8) * cols + nt * 8 + tc] = acc[nt][2];
+      r[(gr + 8) * cols + nt * 8 + tc + 1] = acc[nt][3];
     }
   }
+}
+
+__device__ __forceinline__ void zero(float (&acc)[kMaxGateTiles][4]) {
+#pragma unroll
+  for (int nt = 0; nt < kMaxGateTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+}
+
+// Sum of the kWarps partials of element (row, col) of red[kWarps][16][cols], in warp order.
+__device__ __forceinline__ float partial_sum(const float* red, int cols, int row, int col) {
+  float v = 0.f;
+  for (int w = 0; w < kWarps; ++w) v += red[(w * 16 + row) * cols + col];
+  return v;
 }
 
 // The pointwise update of unit u of batch row b at step t from its four gate pre-activations (without xproj).
@@ -175,18 +203,17 @@ __global__ void __launch_bounds__(kThreads, 1) layer_fwd_kernel(LstmLayerArgs a,
       }
       __syncthreads();
       if constexpr (TC) {
-        gates_mma<T>(red, reinterpret_cast<const uint16_t*>(Hs), reinterpret_cast<const uint16_t*>(Ws), g, warp,
-                     lane);
+        float acc[kMaxGateTiles][4];
+        zero(acc);
+        mma_rows_acc<T>(acc, reinterpret_cast<const uint16_t*>(Hs), g.ld, reinterpret_cast<const uint16_t*>(Ws),
+                        g.ld, g.hp, g.rows / 16, warp, lane);
+        store_partials(red, acc, g.rows, g.rows / 16, warp, lane);
         __syncthreads();
         for (int e = threadIdx.x; e < nb * my.n; e += kThreads) {
           const int bb = e / my.n, uu = e % my.n;
           float pre[4];
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            float v = 0.f;
-            for (int w = 0; w < kWarps; ++w) v += red[(w * 16 + bb) * g.rows + q * HB + uu];
-            pre[q] = v;
-          }
+          for (int q = 0; q < 4; ++q) pre[q] = partial_sum(red, g.rows, bb, q * HB + uu);
           cell_update<T>(a, s, t, tp, b0 + bb, my.u0 + uu, pre);
         }
       } else {
@@ -214,15 +241,20 @@ __global__ void __launch_bounds__(kThreads, 1) layer_fwd_kernel(LstmLayerArgs a,
 
 template <typename T, bool RESIDENT>
 __global__ void __launch_bounds__(kThreads, 1) layer_bwd_kernel(LstmLayerArgs a, int HB) {
+  constexpr bool TC = kTensorCores<T> && RESIDENT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t H = a.H, B = a.B, T_ = a.T;
-  T* Wt = reinterpret_cast<T*>(smem_raw);  // [HB][4H]: this block's columns of W_hh, transposed (RESIDENT)
+  const TcBwdGeom g = tc_bwd_geom(H, HB);
+  const int64_t ldw = TC ? g.ldw : 4 * H;
+  T* Wt = reinterpret_cast<T*>(smem_raw);  // [HB or g.rows][ldw]: this block's columns of W_hh, transposed (RESIDENT)
+  T* Gs = Wt + (TC ? g.rows * g.ldw : 0);  // TC: [16][g.ldg] a K chunk of dG_t for 16 batch rows
+  float* red = reinterpret_cast<float*>(Gs + 16 * g.ldg);  // TC: [kWarps][16][g.rows] partial dh
   const T* W = static_cast<const T*>(a.w_hh);
   const Units my = units_of(H, HB);
-  if (RESIDENT) {
-    for (int64_t e = threadIdx.x; e < 4 * H * my.n; e += kThreads) {
-      const int64_t r = e / my.n, uu = e % my.n;
-      Wt[uu * 4 * H + r] = W[r * H + my.u0 + uu];
+  if (RESIDENT) {  // zeros in the padding (see the forward)
+    for (int64_t e = threadIdx.x; e < (TC ? g.rows * g.ldw : 4 * H * my.n); e += kThreads) {
+      const int64_t uu = TC ? e / g.ldw : e % my.n, r = TC ? e % g.ldw : e / my.n;
+      Wt[uu * ldw + r] = (uu < my.n && r < 4 * H) ? W[r * H + my.u0 + uu] : from_f<T>(0.f);
     }
     __syncthreads();
   }
@@ -249,17 +281,44 @@ __global__ void __launch_bounds__(kThreads, 1) layer_bwd_kernel(LstmLayerArgs a,
     }
     grid_barrier(a.barrier, static_cast<unsigned int>((T_ - s) * gridDim.x));
     // (B) dh_{t-1} of this block's units from every unit's dG_t (rounded to the weights' dtype, as the contract)
-    for (int item = warp; item < B * my.n; item += kWarps) {
-      const int64_t b = item / my.n;
-      const int uu = item % my.n;
-      const float* dgrow = a.dgates + (t * B + b) * 4 * H;
-      float acc = 0.f;
-      for (int64_t r = lane; r < 4 * H; r += 32) {
-        const float wv = RESIDENT ? to_f(Wt[uu * 4 * H + r]) : to_f(W[r * H + my.u0 + uu]);
-        acc += to_f(from_f<T>(__ldcg(dgrow + r))) * wv;  // dG_t of other blocks: from L2
+    if constexpr (TC) {  // per 16 batch rows: dG_t (16 x 4H, in K chunks) times W_hh^T's rows on the tensor cores
+      for (int64_t b0 = 0; b0 < B; b0 += 16) {
+        const int nb = static_cast<int>(B - b0 < 16 ? B - b0 : 16);
+        float acc[kMaxGateTiles][4];
+        zero(acc);
+        for (int64_t k0 = 0; k0 < g.kp; k0 += g.kc) {
+          const int64_t klen = g.kp - k0 < g.kc ? g.kp - k0 : g.kc;
+          __syncthreads();  // the previous chunk (or the previous rows' partials) is consumed
+          for (int64_t e = threadIdx.x; e < 16 * g.ldg; e += kThreads) {
+            const int64_t bb = e / g.ldg, r = k0 + e % g.ldg;
+            Gs[e] = (bb < nb && e % g.ldg < klen && r < 4 * H)
+                        ? from_f<T>(__ldcg(a.dgates + (t * B + b0 + bb) * 4 * H + r))  // other blocks': from L2
+                        : from_f<T>(0.f);
+          }
+          __syncthreads();
+          mma_rows_acc<T>(acc, reinterpret_cast<const uint16_t*>(Gs), g.ldg,
+                          reinterpret_cast<const uint16_t*>(Wt) + k0, g.ldw, klen, g.rows / 16, warp, lane);
+        }
+        store_partials(red, acc, g.rows, g.rows / 16, warp, lane);
+        __syncthreads();
+        for (int e = threadIdx.x; e < nb * my.n; e += kThreads) {
+          const int bb = e / my.n, uu = e % my.n;
+          a.dh[(b0 + bb) * H + my.u0 + uu] = partial_sum(red, g.rows, bb, uu);
+        }
       }
-      acc = warp_sum(acc);
-      if (lane == 0) a.dh[b * H + my.u0 + uu] = acc;
+    } else {
+      for (int item = warp; item < B * my.n; item += kWarps) {
+        const int64_t b = item / my.n;
+        const int uu = item % my.n;
+        const float* dgrow = a.dgates + (t * B + b) * 4 * H;
+        float acc = 0.f;
+        for (int64_t r = lane; r < 4 * H; r += 32) {
+          const float wv = RESIDENT ? to_f(Wt[uu * 4 * H + r]) : to_f(W[r * H + my.u0 + uu]);
+          acc += to_f(from_f<T>(__ldcg(dgrow + r))) * wv;  // dG_t of other blocks: from L2
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) a.dh[b * H + my.u0 + uu] = acc;
+      }
     }
     __syncthreads();  // the next phase A reads this block's dh
   }
@@ -285,17 +344,22 @@ cudaError_t plan_for(const LstmLayerArgs& a, bool forward, Plan& p) {
   p.blocks = static_cast<int>((H + p.hb - 1) / p.hb);
   const size_t h = forward ? kBatchChunk * H * sizeof(T) : 0;
   if (h > static_cast<size_t>(smem_max)) return cudaErrorInvalidValue;  // H too large for a batch chunk
-  // the tensor-core forward's tiles (padded rows, and the warps' partial gates) when they fit, else SIMT
-  const TcGeom g = tc_geom(H, p.hb);
-  const size_t tc = kTensorCores<T> && forward && 4 * p.hb <= 8 * kMaxGateTiles
-                        ? (g.rows + kBatchChunk) * g.ld * sizeof(T) + size_t(kWarps) * 16 * g.rows * sizeof(float)
-                        : SIZE_MAX;
+  // 16-bit: the tensor-core tiles (padded, plus the warps' partial products) when they fit, else W_hh streamed
+  // (a resident 16-bit launch is the tensor-core one); fp32: resident SIMT when W_hh fits
+  size_t tc = SIZE_MAX;
+  if (kTensorCores<T> && forward && 4 * p.hb <= 8 * kMaxGateTiles) {
+    const TcGeom g = tc_geom(H, p.hb);
+    tc = (g.rows + kBatchChunk) * g.ld * sizeof(T) + size_t(kWarps) * 16 * g.rows * sizeof(float);
+  } else if (kTensorCores<T> && !forward && p.hb <= 8 * kMaxGateTiles) {
+    const TcBwdGeom g = tc_bwd_geom(H, p.hb);
+    tc = (g.rows * g.ldw + 16 * g.ldg) * sizeof(T) + size_t(kWarps) * 16 * g.rows * sizeof(float);
+  }
   const size_t w = 4 * static_cast<size_t>(p.hb) * H * sizeof(T);
   if (tc <= static_cast<size_t>(smem_max)) {
     p.resident = true;
     p.smem = tc;
   } else {
-    p.resident = w + h <= static_cast<size_t>(smem_max) && !(kTensorCores<T> && forward);
+    p.resident = w + h <= static_cast<size_t>(smem_max) && !kTensorCores<T>;
     p.smem = (p.resident ? w : 0) + h;
   }
   return cudaSuccess;
