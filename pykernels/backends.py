@@ -124,8 +124,9 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
         "cpu": "torch's SDPA measured 1.8-4.3x faster than the reference (there is no C++ CPU attention kernel) "
                "on 2 cores fp32 (bench/results/cpu-lstm-lstm_cell-attention-20261203.json)"},
     "lstm": {
-        "cuda": "cuDNN measured 4-48x faster than the Triton sequence kernel on H100 fp32 "
-                "(bench/results/h100-attention-lstm-lce-20261122.jsonl)",
+        "cuda": "cuDNN measured 4-48x faster than the Triton row-block sequence kernel on H100 fp32 "
+                "(bench/results/h100-attention-lstm-lce-20261122.jsonl); its split persistent successor (H > 64, "
+                "2026-12-03) and the CUDA persistent kernels are unmeasured",
         "cpu": "torch's oneDNN LSTM measured 1.4-1.7x faster than the C++ sequence kernel on 2 cores fp32 "
                "(bench/results/cpu-lstm-lstm_cell-attention-20261203.json)"},
 }
