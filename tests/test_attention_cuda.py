@@ -98,3 +98,18 @@ def test_cuda_dropout_mask_is_the_triton_mask(tmp_path):
         theirs = attn_ops.dropout_mask(torch.tensor([seed]), B, H, L, S, p).bool()
         assert 0.5 < ours.float().mean() < 1.0
         assert torch.equal(ours, theirs), f"seed {seed}: {(ours != theirs).sum()} of {ours.numel()} differ"
+
+
+def test_hopper_forward_uses_wgmma_only_in_the_sm90a_binary():
+    """attn_fwd_sm90a_kernel: HGMMA (wgmma) in every instantiation (fp16/bf16 x head dim 64/128/256) of the sm_90a
+    binary, without local memory; in the other binaries a stub that traps (the dispatch checks which binary the
+    device loaded: attention_fwd_sm90a_ready)."""
+    arches = pykernels.build_info().get("arch_list", [])
+    if "9.0a" not in arches:
+        pytest.skip(f"built for {arches}: no sm_90a binary")
+    for sm, found in kernel_sass(("attn_fwd_sm90a_kernel",)).items():
+        fns = found.get("attn_fwd_sm90a_kernel", [])
+        assert len(fns) == 6, f"{sm}: {len(fns)} instantiations"
+        for f in fns:
+            assert no_local_memory(f), f"{sm}: local memory"
+            assert ("HGMMA" in f) == (sm == "sm_90a"), f"{sm}: HGMMA {'HGMMA' in f}"

@@ -2,6 +2,7 @@
 architectures (when this torch is a CUDA build and nvcc exists), and those kernels do not spill."""
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -44,6 +45,17 @@ def require_cuda_build() -> None:
         pytest.skip("pykernels._C was built without CUDA kernels")
 
 
+@functools.lru_cache(maxsize=None)
+def _functions(tool: str, so: str, sm: str):
+    """(mangled name, SASS) of every function of the binary's ELF for exactly ``sm`` (cuobjdump's --gpu-architecture
+    sm_90 also dumps the sm_90a ELF); dumped once per session, several tests read it."""
+    p = subprocess.run([tool, "--dump-sass", "--gpu-architecture", sm, so], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    sections = re.split(r"\n\s*code for (sm_\w+)", p.stdout)
+    text = "".join(body for arch, body in zip(sections[1::2], sections[2::2]) if arch == sm)
+    return tuple((f.split("\n", 1)[0], f) for f in re.split(r"\n\s*Function : ", text)[1:])
+
+
 def kernel_sass(kernels):
     """{sm: {kernel: [SASS of each instantiation]}} for every built arch: the functions of the binary whose mangled
     name contains one of ``kernels`` (skips without cuobjdump)."""
@@ -54,11 +66,8 @@ def kernel_sass(kernels):
     out = {}
     for arch in pykernels.build_info()["arch_list"]:
         sm = "sm_" + arch.replace(".", "").replace("+PTX", "")
-        p = subprocess.run([tool, "--dump-sass", "--gpu-architecture", sm, _so()], capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr[-2000:]
         found = out.setdefault(sm, {})
-        for f in re.split(r"\n\s*Function : ", p.stdout):
-            name = f.split("\n", 1)[0]
+        for name, f in _functions(tool, _so(), sm):
             kern = next((k for k in kernels if k in name), None)
             if kern is not None:
                 found.setdefault(kern, []).append(f)

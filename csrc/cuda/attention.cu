@@ -15,18 +15,14 @@
 #include <type_traits>
 
 #include "attention.h"
+#include "attention_tiles.cuh"
 #include "convert.cuh"
 #include "mma.cuh"
-#include "philox.h"
 
 namespace pykernels {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // acc[nt] += X[r0.., :DP] Y[nt*8.., :DP]^T for NT tiles of 8 columns (X rows are 16 of this warp).
 template <typename T, int LD, int DP, int NT>
@@ -58,190 +54,6 @@ __device__ __forceinline__ void gemm_acc(float (&acc)[DT][4], const float (&p)[2
       uint32_t b0, b1;
       frag_b_cols<LD>(b0, b1, Y, dt * 8, kk * 16, g, t);
       Mma<T>::run(acc[dt], a, b0, b1);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Tiles global -> shared.
-
-// ROWS rows of `cols` valid columns (rows >= nrows zero), padded with zeros to DP columns.
-template <int ROWS, int DP, int LD>
-__device__ __forceinline__ void load_tile(uint16_t* sm, const uint16_t* base, int64_t rs, int nrows, int cols,
-                                          bool vec16) {
-  if (vec16) {
-    constexpr int CH = DP / 8;
-    for (int i = threadIdx.x; i < ROWS * CH; i += kThreads) {
-      const int r = i / CH, c = (i % CH) * 8;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (r < nrows && c < cols) v = *reinterpret_cast<const uint4*>(base + r * rs + c);
-      *reinterpret_cast<uint4*>(sm + r * LD + c) = v;
-    }
-  } else {
-    for (int i = threadIdx.x; i < ROWS * DP; i += kThreads) {
-      const int r = i / DP, c = i % DP;
-      sm[r * LD + c] = (r < nrows && c < cols) ? base[r * rs + c] : uint16_t(0);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Sequences, masks and ranges.
-
-struct Seq {
-  int64_t q0, k0;  // first row of the sequence in q / k (varlen), 0 for dense calls
-  int L, S;        // its lengths
-  int64_t d;       // causal / window diagonal
-};
-
-__device__ __forceinline__ Seq seq_of(const AttentionArgs& a, int64_t b) {
-  Seq s;
-  if (a.cu_q) {
-    s.q0 = a.cu_q[b];
-    s.k0 = a.cu_k[b];
-    s.L = a.cu_q[b + 1] - a.cu_q[b];
-    s.S = a.cu_k[b + 1] - a.cu_k[b];
-  } else {
-    s.q0 = s.k0 = 0;
-    s.L = static_cast<int>(a.L);
-    s.S = static_cast<int>(a.S);
-  }
-  s.d = a.diag + (a.bottom_right ? s.S - s.L : 0);
-  return s;
-}
-
-__device__ __forceinline__ int64_t row_base(const AttnView& v, const AttentionArgs& a, int64_t b, int64_t row0,
-                                            int64_t head) {
-  return (a.cu_q ? row0 * v.sm : b * v.sb) + head * v.sh;
-}
-
-// First lse/delta entry of (sequence b, head h): dense (B, H, L), varlen (H, T).
-__device__ __forceinline__ int64_t lse_base(const AttentionArgs& a, int64_t b, const Seq& s, int64_t h) {
-  return a.cu_q ? h * a.lse_sh + s.q0 : b * a.lse_sb + h * a.lse_sh;
-}
-
-// Row `row` of head `head` of operand v in sequence (or batch entry) b, whose rows start at row0.
-template <typename T>
-__device__ __forceinline__ T* row_ptr(const AttnView& v, const AttentionArgs& a, int64_t b, int64_t row0,
-                                      int64_t head, int row) {
-  return static_cast<T*>(v.p) + row_base(v, a, b, row0, head) + row * v.sm;
-}
-
-// Rows [row, row + ROWS) of that operand (n rows valid in the sequence), `cols` columns, into a shared tile.
-template <int ROWS, int DP, int LD>
-__device__ __forceinline__ void load_rows(uint16_t* sm, const AttnView& v, const AttentionArgs& a, int64_t b,
-                                          int64_t row0, int64_t head, int row, int n, int64_t cols) {
-  load_tile<ROWS, DP, LD>(sm, row_ptr<const uint16_t>(v, a, b, row0, head, row), v.sm, n - row,
-                          static_cast<int>(cols), a.vec16);
-}
-
-__device__ __forceinline__ bool visible(const AttentionArgs& a, const Seq& s, int64_t i, int64_t j) {
-  bool ok = i < s.L && j < s.S;
-  if (a.causal) ok = ok && j <= i + s.d;
-  if (a.win_left >= 0) ok = ok && j >= i + s.d - a.win_left;
-  if (a.win_right >= 0) ok = ok && j <= i + s.d + a.win_right;
-  return ok;
-}
-
-// Keys [lo, hi) that queries [m0, m0 + rows) may see; lo rounded down to a tile of BN.
-template <int BN>
-__device__ __forceinline__ void key_range(const AttentionArgs& a, const Seq& s, int m0, int rows, int& lo, int& hi) {
-  int64_t h = s.S, l = 0;
-  if (a.causal) h = h < m0 + rows + s.d ? h : m0 + rows + s.d;
-  if (a.win_right >= 0) h = h < m0 + rows + s.d + a.win_right ? h : m0 + rows + s.d + a.win_right;
-  if (a.win_left >= 0) l = m0 + s.d - a.win_left;
-  l = l < 0 ? 0 : l;
-  lo = static_cast<int>(l / BN * BN);
-  hi = static_cast<int>(h < 0 ? 0 : h);
-}
-
-// Queries [lo, hi) that may see keys [n0, n0 + cols); lo rounded down to a tile of BM.
-template <int BM>
-__device__ __forceinline__ void query_range(const AttentionArgs& a, const Seq& s, int n0, int cols, int& lo,
-                                            int& hi) {
-  int64_t l = 0, h = s.L;
-  if (a.causal) l = n0 - s.d > l ? n0 - s.d : l;
-  if (a.win_right >= 0) l = n0 - s.d - a.win_right > l ? n0 - s.d - a.win_right : l;
-  if (a.win_left >= 0) h = h < n0 + cols - s.d + a.win_left ? h : n0 + cols - s.d + a.win_left;
-  lo = static_cast<int>(l / BM * BM);
-  hi = static_cast<int>(h < 0 ? 0 : h);
-}
-
-// Scaled (and soft-capped) score in the exp2 domain; `dcap` gets d(capped)/d(uncapped) = 1 - tanh^2.
-__device__ __forceinline__ float score(const AttentionArgs& a, float acc, float& dcap) {
-  float x = acc * a.scale;
-  dcap = 1.f;
-  if (a.softcap > 0.f) {
-    const float th = tanhf(x / a.softcap);
-    x = a.softcap * th;
-    dcap = 1.f - th * th;
-  }
-  return x * kLog2e;
-}
-
-// Element (b, h, i, j) of the mask in fp32: its value for a float mask, 1 / 0 for a bool one.
-__device__ __forceinline__ float mask_at(const AttentionArgs& a, int64_t b, int64_t h, int64_t i, int64_t j) {
-  const int64_t o = b * a.mask_sb + h * a.mask_sh + i * a.mask_sm + j * a.mask_sn;
-  if (a.mask_bool) return static_cast<const bool*>(a.mask)[o] ? 1.f : 0.f;
-  switch (a.mask_dtype) {
-    case DType::F16: return to_f(static_cast<const __half*>(a.mask)[o]);
-    case DType::BF16: return to_f(static_cast<const __nv_bfloat16*>(a.mask)[o]);
-    case DType::F64: return static_cast<float>(static_cast<const double*>(a.mask)[o]);
-    default: return static_cast<const float*>(a.mask)[o];
-  }
-}
-
-// The exp2-domain score of query i, key j of (batch b, query head h): -inf where it is not visible (bounds,
-// causal, window, a False in a bool mask); a float mask is added after the soft cap, as in the Triton kernels.
-__device__ __forceinline__ float masked_score(const AttentionArgs& a, const Seq& s, int64_t b, int64_t h, int i,
-                                              int j, float acc, float& dcap) {
-  const float x = score(a, acc, dcap);
-  if (!visible(a, s, i, j)) return -INFINITY;
-  if (!a.mask) return x;
-  const float mv = mask_at(a, b, h, i, j);
-  if (a.mask_bool) return mv != 0.f ? x : -INFINITY;
-  return x + mv * kLog2e;
-}
-
-// Dropout: whether score (i, j) of (batch b, query head h) is kept; 1 / (1 - p) scales the kept ones.
-struct Dropout {
-  uint64_t seed;
-  float p, inv_keep;
-  int64_t row0;  // counter row of query 0 of this (sequence, head)
-};
-
-__device__ __forceinline__ Dropout dropout_of(const AttentionArgs& a, int64_t b, const Seq& s, int64_t h) {
-  if (a.dropout_p <= 0.f) return {0, 0.f, 1.f, 0};
-  const int64_t row0 = ((a.cu_q ? 0 : b) * a.H + h) * a.drop_rows + s.q0;
-  return {static_cast<uint64_t>(*a.seed), a.dropout_p, 1.f / (1.f - a.dropout_p), row0};
-}
-
-// p (already a probability) after dropout: 0 if dropped, p / (1 - dropout_p) if kept.
-__device__ __forceinline__ float dropped(const AttentionArgs& a, const Dropout& d, int i, int j, float p) {
-  if (d.p <= 0.f) return p;
-  return dropout_keep(d.seed, (d.row0 + i) * a.drop_cols + j, d.p) ? p * d.inv_keep : 0.f;
-}
-
-// lse (natural log, -inf for a row that sees nothing) -> the exp2-domain offset of its probabilities. A row
-// that sees nothing gets +inf, so exp2(s - offset) = 0 for it instead of exp2(-inf + inf) = NaN.
-__device__ __forceinline__ float lse_offset(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
-
-// Write the two rows (g, g + 8) of a warp's 16-row accumulator block: columns < cols, rows < nrows.
-template <typename T, int DT>
-__device__ __forceinline__ void store_acc(T* out, int64_t rs, int r0, int nrows, int64_t cols, const float (&acc)[DT][4],
-                                          float mul_lo, float mul_hi, int g, int t) {
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = r0 + g + 8 * half;
-    if (r >= nrows) continue;
-    const float mul = half ? mul_hi : mul_lo;
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = dt * 8 + 2 * t + c;
-        if (col < cols) out[r * rs + col] = from_f<T>(acc[dt][2 * half + c] * mul);
-      }
     }
   }
 }
@@ -283,57 +95,10 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(AttentionArgs a) 
     __syncthreads();
     float sc[BN / 8][4] = {};
     gemm_rows<T, LD, DP, BN / 8>(sc, Qs, warp * 16, Ks, g, t);
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          float dcap;
-          float& x = sc[nt][2 * half + c];
-          x = masked_score(a, s, b, h, i0 + 8 * half, n0 + nt * 8 + 2 * t + c, x, dcap);
-          mx = fmaxf(mx, x);
-        }
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[half], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row that has seen nothing yet stays at zero
-      const float alpha = exp2_approx(m[half] - m_use);
-      m[half] = m_new;
-      l[half] *= alpha;
-#pragma unroll
-      for (int dt = 0; dt < DP / 8; ++dt) {
-        o[dt][2 * half] *= alpha;
-        o[dt][2 * half + 1] *= alpha;
-      }
-#pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float p = exp2_approx(sc[nt][2 * half + c] - m_use);
-          l[half] += p;  // this thread's partial row sum (before dropout); the 4 lanes are summed at the end
-          sc[nt][2 * half + c] = dropped(a, drop, i0 + 8 * half, n0 + nt * 8 + 2 * t + c, p);
-        }
-      }
-    }
+    softmax_tile<BN, DP>(a, s, b, h, drop, i0, n0, t, sc, m, l, o);
     gemm_acc<T, LD, BN / 16, DP / 8>(o, sc, Vs, g, t);
   }
-  float inv[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    float sum = l[half];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    inv[half] = sum > 0.f ? 1.f / sum : 0.f;  // a row that sees no key: output 0
-    const int i = i0 + 8 * half;
-    if (t == 0 && i < s.L) {
-      a.lse[lse_base(a, b, s, h) + i] = sum > 0.f ? (m[half] + log2f(sum)) * kLn2 : -INFINITY;
-    }
-  }
-  store_acc<T, DP / 8>(row_ptr<T>(a.o, a, b, s.q0, h, m0), a.o.sm, warp * 16, s.L - m0, a.Ev, o, inv[0], inv[1], g,
-                       t);
+  finish_forward<T, DP>(a, s, b, h, m0, i0, warp, g, t, m, l, o);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -503,20 +268,6 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dq_kernel(AttentionArgs 
 // ---------------------------------------------------------------------------------------------------------
 // Launchers.
 
-// Grid: (heads, row tiles, column splits of the gradients).
-template <typename Kernel>
-cudaError_t launch(Kernel kernel, int smem, int64_t heads, int64_t rows, int tile, const AttentionArgs& a,
-                   cudaStream_t stream, int splits = 1) {
-  const int64_t tiles = (rows + tile - 1) / tile;
-  if (tiles == 0 || heads == 0) return cudaSuccess;
-  if (tiles > 65535 || heads > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
-  kernel<<<grid, kThreads, smem, stream>>>(a);
-  return cudaGetLastError();
-}
-
 template <typename T, int DP>
 cudaError_t fwd(const AttentionArgs& a, cudaStream_t stream) {
   using C = FwdCfg<T, DP>;
@@ -563,7 +314,10 @@ struct Bwd {
 
 }  // namespace
 
-cudaError_t attention_fwd(const AttentionArgs& a, cudaStream_t stream) { return dispatch<Fwd>(a, stream); }
+cudaError_t attention_fwd(const AttentionArgs& a, cudaStream_t stream) {
+  static const bool hopper = attention_fwd_sm90a_ready();  // the loaded binary does not change within a process
+  return hopper ? attention_fwd_sm90a(a, stream) : dispatch<Fwd>(a, stream);
+}
 cudaError_t attention_bwd(const AttentionArgs& a, cudaStream_t stream) { return dispatch<Bwd>(a, stream); }
 
 }  // namespace cuda
