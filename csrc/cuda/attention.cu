@@ -315,8 +315,7 @@ struct Bwd {
 }  // namespace
 
 cudaError_t attention_fwd(const AttentionArgs& a, cudaStream_t stream) {
-  static const bool hopper = attention_fwd_sm90a_ready();  // the loaded binary does not change within a process
-  return hopper ? attention_fwd_sm90a(a, stream) : dispatch<Fwd>(a, stream);
+  return attention_fwd_sm90a_ready() ? attention_fwd_sm90a(a, stream) : dispatch<Fwd>(a, stream);
 }
 cudaError_t attention_bwd(const AttentionArgs& a, cudaStream_t stream) { return dispatch<Bwd>(a, stream); }
 

@@ -153,12 +153,17 @@ cudaError_t fwd90(const AttentionArgs& a, cudaStream_t stream) {
 }  // namespace
 
 bool attention_fwd_sm90a_ready() {
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, sm90a_probe_kernel) != cudaSuccess) {
-    cudaGetLastError();  // clear it: no sm_90-family binary for this device
-    return false;
+  // per device (a process may mix GPU generations): 0 unknown, 1 no, 2 yes; the loaded binary does not change
+  static int known[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (known[dev] == 0) {
+    cudaFuncAttributes attr;
+    const bool ok = cudaFuncGetAttributes(&attr, sm90a_probe_kernel) == cudaSuccess;
+    if (!ok) cudaGetLastError();  // clear it: no binary of this file for the device
+    known[dev] = ok && attr.sharedSizeBytes >= 64 * sizeof(int) ? 2 : 1;
   }
-  return attr.sharedSizeBytes >= 64 * sizeof(int);
+  return known[dev] == 2;
 }
 
 cudaError_t attention_fwd_sm90a(const AttentionArgs& a, cudaStream_t stream) {
