@@ -76,10 +76,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(AttentionArgs a) 
   uint16_t* Ks = Qs + BM * LD;
   uint16_t* Vs = Ks + BN * LD;
   const auto [warp, g, t] = lane_of();
-  const int64_t b = blockIdx.x / a.H, h = blockIdx.x % a.H, hk = h / (a.H / a.Hk);
-  const Seq s = seq_of(a, b);
-  const Dropout drop = dropout_of(a, b, s, h);
-  const int m0 = blockIdx.y * BM;
+  const auto [b, h, hk, s, drop, m0] = query_tile(a, BM);
   if (m0 >= s.L) return;
   load_rows<BM, DP, LD>(Qs, a.q, a, b, s.q0, h, m0, s.L, a.E);
 
@@ -207,10 +204,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dq_kernel(AttentionArgs 
   uint16_t* Ks = Os + BM * LD;
   uint16_t* Vs = Ks + BN * LD;
   const auto [warp, g, t] = lane_of();
-  const int64_t b = blockIdx.x / a.H, h = blockIdx.x % a.H, hk = h / (a.H / a.Hk);
-  const Seq s = seq_of(a, b);
-  const Dropout drop = dropout_of(a, b, s, h);
-  const int m0 = blockIdx.y * BM;
+  const auto [b, h, hk, s, drop, m0] = query_tile(a, BM);
   if (m0 >= s.L) return;
   load_rows<BM, DP, LD>(Qs, a.q, a, b, s.q0, h, m0, s.L, a.E);
   load_rows<BM, DP, LD>(Os, a.dout, a, b, s.q0, h, m0, s.L, a.Ev);

@@ -23,44 +23,25 @@ namespace {
 
 constexpr int BM = 64, BN = 64;
 
-// ROWS rows of `cols` valid columns (rows >= nrows zero), padded with zeros to DP columns, into a K-major tile.
+// ROWS rows of an operand into a K-major tile of DP columns (a chunk is one 16-byte row of a core matrix).
 template <int ROWS, int DP>
 __device__ __forceinline__ void load_kmajor(uint16_t* sm, const uint16_t* base, int64_t rs, int nrows, int cols,
                                             bool vec16) {
-  constexpr int CH = DP / 8;
-  for (int i = threadIdx.x; i < ROWS * CH; i += kThreads) {
-    const int r = i / CH, c = (i % CH) * 8;
-    uint16_t* dst = sm + kmajor_offset(r, c, DP);  // 8 consecutive columns: one 16-byte row of a core matrix
-    if (vec16) {
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (r < nrows && c < cols) v = *reinterpret_cast<const uint4*>(base + r * rs + c);
-      *reinterpret_cast<uint4*>(dst) = v;
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) dst[e] = (r < nrows && c + e < cols) ? base[r * rs + c + e] : uint16_t(0);
-    }
-  }
+  load_chunks<ROWS, DP>(base, rs, nrows, cols, vec16, [&](int r, int c, const uint4& v) {
+    *reinterpret_cast<uint4*>(sm + kmajor_offset(r, c, DP)) = v;
+  });
 }
 
 // V's BN rows (keys) x DP columns, transposed into a K-major tile of DP rows (the head dim: N of O += P V) x BN.
 template <int DP>
 __device__ __forceinline__ void load_v_transposed(uint16_t* sm, const uint16_t* base, int64_t rs, int nrows,
                                                   int cols, bool vec16) {
-  constexpr int CH = DP / 8;
-  for (int i = threadIdx.x; i < BN * CH; i += kThreads) {
-    const int j = i / CH, c = (i % CH) * 8;
-    uint16_t v[8];
-    if (vec16) {
-      uint4 w = make_uint4(0u, 0u, 0u, 0u);
-      if (j < nrows && c < cols) w = *reinterpret_cast<const uint4*>(base + j * rs + c);
-      memcpy(v, &w, 16);
-    } else {
+  load_chunks<BN, DP>(base, rs, nrows, cols, vec16, [&](int j, int c, const uint4& v) {
+    uint16_t e8[8];
+    memcpy(e8, &v, 16);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] = (j < nrows && c + e < cols) ? base[j * rs + c + e] : uint16_t(0);
-    }
-#pragma unroll
-    for (int e = 0; e < 8; ++e) sm[kmajor_offset(c + e, j, BN)] = v[e];
-  }
+    for (int e = 0; e < 8; ++e) sm[kmajor_offset(c + e, j, BN)] = e8[e];
+  });
 }
 
 template <typename T, int DP>
@@ -82,10 +63,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_sm90a_kernel(AttentionAr
   uint16_t* Ks = Qs + BM * DP;  // [BN x DP] K-major
   uint16_t* Vt = Ks + BN * DP;  // [DP x BN] K-major (V transposed)
   const auto [warp, g, t] = lane_of();
-  const int64_t b = blockIdx.x / a.H, h = blockIdx.x % a.H, hk = h / (a.H / a.Hk);
-  const Seq s = seq_of(a, b);
-  const Dropout drop = dropout_of(a, b, s, h);
-  const int m0 = blockIdx.y * BM;
+  const auto [b, h, hk, s, drop, m0] = query_tile(a, BM);
   if (m0 >= s.L) return;
   load_kmajor<BM, DP>(Qs, row_ptr<const uint16_t>(a.q, a, b, s.q0, h, m0), a.q.sm, s.L - m0,
                       static_cast<int>(a.E), a.vec16);

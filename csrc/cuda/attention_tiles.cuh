@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "../attention_args.h"
 #include "convert.cuh"
@@ -24,24 +25,34 @@ constexpr float kLn2 = 0.6931471805599453f;
 // ---------------------------------------------------------------------------------------------------------
 // Tiles global -> shared.
 
-// ROWS rows of `cols` valid columns (rows >= nrows zero), padded with zeros to DP columns.
+// The 8-column chunks of ROWS rows x DP columns of an operand (rows >= nrows, columns >= cols read as zeros), each
+// handed to put(r, c, chunk) as 16 bytes: one 16-byte load when every row is aligned (vec16), else element loads.
+// The shared-memory layout is put's: padded rows (load_tile), wgmma tiles (attention_sm90a.cu).
+template <int ROWS, int DP, typename Put>
+__device__ __forceinline__ void load_chunks(const uint16_t* base, int64_t rs, int nrows, int cols, bool vec16,
+                                            Put put) {
+  constexpr int CH = DP / 8;
+  for (int i = threadIdx.x; i < ROWS * CH; i += kThreads) {
+    const int r = i / CH, c = (i % CH) * 8;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (vec16) {
+      if (r < nrows && c < cols) v = *reinterpret_cast<const uint4*>(base + r * rs + c);
+    } else {
+      uint16_t e8[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) e8[e] = (r < nrows && c + e < cols) ? base[r * rs + c + e] : uint16_t(0);
+      memcpy(&v, e8, 16);
+    }
+    put(r, c, v);
+  }
+}
+
+// ROWS rows into a row-major tile of LD elements per row (LD a multiple of 8), padded with zeros to DP columns.
 template <int ROWS, int DP, int LD>
 __device__ __forceinline__ void load_tile(uint16_t* sm, const uint16_t* base, int64_t rs, int nrows, int cols,
                                           bool vec16) {
-  if (vec16) {
-    constexpr int CH = DP / 8;
-    for (int i = threadIdx.x; i < ROWS * CH; i += kThreads) {
-      const int r = i / CH, c = (i % CH) * 8;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (r < nrows && c < cols) v = *reinterpret_cast<const uint4*>(base + r * rs + c);
-      *reinterpret_cast<uint4*>(sm + r * LD + c) = v;
-    }
-  } else {
-    for (int i = threadIdx.x; i < ROWS * DP; i += kThreads) {
-      const int r = i / DP, c = i % DP;
-      sm[r * LD + c] = (r < nrows && c < cols) ? base[r * rs + c] : uint16_t(0);
-    }
-  }
+  load_chunks<ROWS, DP>(base, rs, nrows, cols, vec16,
+                        [&](int r, int c, const uint4& v) { *reinterpret_cast<uint4*>(sm + r * LD + c) = v; });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -179,6 +190,21 @@ __device__ __forceinline__ Dropout dropout_of(const AttentionArgs& a, int64_t b,
 __device__ __forceinline__ float dropped(const AttentionArgs& a, const Dropout& d, int i, int j, float p) {
   if (d.p <= 0.f) return p;
   return dropout_keep(d.seed, (d.row0 + i) * a.drop_cols + j, d.p) ? p * d.inv_keep : 0.f;
+}
+
+// The query tile of a forward or dQ block (blockIdx.x = batch entry * H + query head, blockIdx.y = tile of BM
+// rows): batch entry, head, its kv head, sequence, dropout counters and first row.
+struct QueryTile {
+  int64_t b, h, hk;
+  Seq s;
+  Dropout drop;
+  int m0;
+};
+
+__device__ __forceinline__ QueryTile query_tile(const AttentionArgs& a, int BM) {
+  const int64_t b = blockIdx.x / a.H, h = blockIdx.x % a.H;
+  const Seq s = seq_of(a, b);
+  return {b, h, h / (a.H / a.Hk), s, dropout_of(a, b, s, h), static_cast<int>(blockIdx.y) * BM};
 }
 
 // lse (natural log, -inf for a row that sees nothing) -> the exp2-domain offset of its probabilities. A row
