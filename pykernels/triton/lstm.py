@@ -68,6 +68,24 @@ def _gate_gemm(acc_i, acc_f, acc_g, acc_o, A, W, rows, cols, M, K, H, sam, sak, 
 
 
 @triton.jit
+def _pointwise_step(gi, gf, gg, go, c_prev, ws, H, m2):
+    """The LSTM update of a tile from its pre-activation gates (fp32): stores the activated gates i, f, g, o and c_t
+    at ws + 0, H, 2H, 3H, 4H (the workspace layout the backward reads) and returns (c_t, h_t). Shared by the cell
+    and the sequence kernels (lstm_layer.py)."""
+    i = _sigmoid(gi)
+    f = _sigmoid(gf)
+    g = _tanh(gg)
+    o = _sigmoid(go)
+    c = f * c_prev + i * g
+    tl.store(ws, i, mask=m2)
+    tl.store(ws + H, f, mask=m2)
+    tl.store(ws + 2 * H, g, mask=m2)
+    tl.store(ws + 3 * H, o, mask=m2)
+    tl.store(ws + 4 * H, c, mask=m2)
+    return c, o * _tanh(c)
+
+
+@triton.jit
 def _cell_fwd_kernel(X, HX, CX, WIH, WHH, BIH, BHH, HY, CY, WS, B, I, H,
                      sxb, sxi, shb, shh, scb, sch, swir, swik, swhr, swhk,
                      HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
@@ -100,21 +118,10 @@ def _cell_fwd_kernel(X, HX, CX, WIH, WHH, BIH, BHH, HY, CY, WS, B, I, H,
         acc_o += bo[None, :]
     m2 = (rows < B)[:, None] & cmask[None, :]
     c_prev = tl.load(CX + rows[:, None] * scb + cols[None, :] * sch, mask=m2, other=0.0).to(tl.float32)
-    i = _sigmoid(acc_i)
-    f = _sigmoid(acc_f)
-    g = _tanh(acc_g)
-    o = _sigmoid(acc_o)
-    c = f * c_prev + i * g
-    h = o * _tanh(c)
+    c, h = _pointwise_step(acc_i, acc_f, acc_g, acc_o, c_prev, WS + rows[:, None] * (5 * H) + cols[None, :], H, m2)
     out = rows[:, None] * H + cols[None, :]
     tl.store(HY + out, h.to(HY.dtype.element_ty), mask=m2)
     tl.store(CY + out, c.to(CY.dtype.element_ty), mask=m2)
-    ws = rows[:, None] * (5 * H) + cols[None, :]
-    tl.store(WS + ws, i, mask=m2)
-    tl.store(WS + ws + H, f, mask=m2)
-    tl.store(WS + ws + 2 * H, g, mask=m2)
-    tl.store(WS + ws + 3 * H, o, mask=m2)
-    tl.store(WS + ws + 4 * H, c, mask=m2)
 
 
 @triton.jit

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lstm import _dot, _gate_grads, _sigmoid, _tanh
+from .lstm import _dot, _gate_grads, _pointwise_step
 
 logger = logging.getLogger("pykernels")
 
@@ -88,6 +88,17 @@ def _grid_barrier(BAR, target, SPIN: tl.constexpr):
     if n < target:
         tl.store(BAR + 1, _trap(n))
     tl.debug_barrier()
+
+
+@triton.jit
+def _launch_steps(STEP, n, PERSISTENT: tl.constexpr):
+    """The steps [s0, s1) of n that this launch runs: all of them when persistent, else step STEP alone."""
+    s0 = STEP
+    s1 = STEP + 1
+    if PERSISTENT:
+        s0 = 0
+        s1 = n
+    return s0, s1
 
 
 @triton.jit
@@ -161,19 +172,9 @@ def _c_prev(C0, WS, first, tp, rows, cols, stepH, H, m2):
 def _cell_update(gi, gf, gg, go, c_prev, OUT, WS, t, rows, cols, stepH, H, m2):
     """The pointwise step of a (rows, cols) tile from its pre-activation gates: h_t into OUT (input dtype), the
     activated gates and c_t into the workspace."""
-    i = _sigmoid(gi)
-    f = _sigmoid(gf)
-    g = _tanh(gg)
-    o = _sigmoid(go)
-    c = f * c_prev + i * g
-    h = o * _tanh(c)
-    tl.store(OUT + t.to(tl.int64) * stepH + rows[:, None] * H + cols[None, :], h.to(OUT.dtype.element_ty), mask=m2)
     ws = WS + t.to(tl.int64) * (5 * stepH) + rows[:, None] * (5 * H) + cols[None, :]
-    tl.store(ws, i, mask=m2)
-    tl.store(ws + H, f, mask=m2)
-    tl.store(ws + 2 * H, g, mask=m2)
-    tl.store(ws + 3 * H, o, mask=m2)
-    tl.store(ws + 4 * H, c, mask=m2)
+    _, h = _pointwise_step(gi, gf, gg, go, c_prev, ws, H, m2)
+    tl.store(OUT + t.to(tl.int64) * stepH + rows[:, None] * H + cols[None, :], h.to(OUT.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -212,11 +213,7 @@ def _split_fwd_kernel(XP, WHH, H0, C0, OUT, WS, BAR, T, B, H, swr, swk, STEP,
     umask = units < H
     w = _load_resident(WHH, noff, nmask, swk, H, RESIDENT, NS, NC, BK)
     stepH = tl.cast(B, tl.int64) * H
-    s0 = STEP
-    s1 = STEP + 1
-    if PERSISTENT:
-        s0 = 0
-        s1 = T
+    s0, s1 = _launch_steps(STEP, T, PERSISTENT)
     for s in range(s0, s1):
         t, tp = _step_time(s, T, REVERSE)
         if s == 0:
@@ -256,11 +253,7 @@ def _split_bwd_kernel(GOUT, C0, WS, WHH, DG, DH, DC, BAR, T, B, H, swr, swk, STE
     H4 = 4 * H
     w = _load_resident(WHH, noff, umask, swr, H4, RESIDENT, NS, NC, BK)
     stepH = tl.cast(B, tl.int64) * H
-    s0 = STEP
-    s1 = STEP + 1
-    if PERSISTENT:
-        s0 = 0
-        s1 = T + 1
+    s0, s1 = _launch_steps(STEP, T + 1, PERSISTENT)
     for i in range(s0, s1):
         if i > 0:  # (B) dh_{prev} = dG[t] W_hh[:, units] for the step processed at i - 1
             t, _ = _step_time(T - i, T, REVERSE)
