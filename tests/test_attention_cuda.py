@@ -100,16 +100,32 @@ def test_cuda_dropout_mask_is_the_triton_mask(tmp_path):
         assert torch.equal(ours, theirs), f"seed {seed}: {(ours != theirs).sum()} of {ours.numel()} differ"
 
 
-def test_hopper_forward_uses_wgmma_only_in_the_sm90a_binary():
-    """attn_fwd_sm90a_kernel: HGMMA (wgmma) in every instantiation (fp16/bf16 x head dim 64/128/256) of the sm_90a
-    binary, without local memory; in the other binaries a stub that traps (the dispatch checks which binary the
-    device loaded: attention_fwd_sm90a_ready)."""
+HOPPER_KERNELS = {  # kernel: the wgmma shapes (HGMMA.64xNx16) each instantiation must use, by padded head dim
+    "attn_fwd_sm90a_kernel": {64: {64}, 128: {64, 128}, 256: {64, 256}},
+    # S^T, dP^T at N = the query tile (64 at head dim 64, else 32); dK, dV at N = the gradient columns (128 max)
+    "attn_bwd_dkdv_sm90a_kernel": {64: {64}, 128: {32, 128}, 256: {32, 128}},
+    # S, dP at N = 64 keys; dQ at N = the gradient columns
+    "attn_bwd_dq_sm90a_kernel": {64: {64}, 128: {64, 128}, 256: {64, 128}},
+}
+
+
+def test_hopper_kernels_use_wgmma_only_in_the_sm90a_binary():
+    """The Hopper forward and backward kernels: HGMMA (wgmma) of the expected shapes in every instantiation (fp16/bf16
+    x head dim 64/128/256) of the sm_90a binary, without local memory; in the other binaries a stub that traps (the
+    dispatch checks which binary the device loaded: attention_sm90a_ready)."""
+    import re
     arches = pykernels.build_info().get("arch_list", [])
     if "9.0a" not in arches:
         pytest.skip(f"built for {arches}: no sm_90a binary")
-    for sm, found in kernel_sass(("attn_fwd_sm90a_kernel",)).items():
-        fns = found.get("attn_fwd_sm90a_kernel", [])
-        assert len(fns) == 6, f"{sm}: {len(fns)} instantiations"
-        for f in fns:
-            assert no_local_memory(f), f"{sm}: local memory"
-            assert ("HGMMA" in f) == (sm == "sm_90a"), f"{sm}: HGMMA {'HGMMA' in f}"
+    for sm, found in kernel_sass(tuple(HOPPER_KERNELS)).items():
+        for kern, by_dim in HOPPER_KERNELS.items():
+            fns = found.get(kern, [])
+            assert len(fns) == 6, f"{sm} {kern}: {len(fns)} instantiations"
+            shapes = []
+            for f in fns:
+                assert no_local_memory(f), f"{sm} {kern}: local memory"
+                assert ("HGMMA" in f) == (sm == "sm_90a"), f"{sm} {kern}: HGMMA {'HGMMA' in f}"
+                shapes.append({int(n) for n in re.findall(r"HGMMA\.64x(\d+)x16", f)})
+            if sm == "sm_90a":
+                assert sorted(map(sorted, shapes)) == sorted(sorted(v) for v in by_dim.values() for _ in (0, 1)), \
+                    f"{kern}: wgmma shapes {shapes}"

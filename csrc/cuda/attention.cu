@@ -137,7 +137,6 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dkdv_kernel(AttentionArg
   float dk[DC / 8][4] = {}, dv[DC / 8][4] = {};
   int lo, hi;
   query_range<BM>(a, s, n0, BN, lo, hi);
-  const int j0 = n0 + warp * 16 + g;  // this thread's keys: j0 and j0 + 8
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t lb = lse_base(a, b, s, h);
     const Dropout drop = dropout_of(a, b, s, h);
@@ -145,36 +144,17 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dkdv_kernel(AttentionArg
       __syncthreads();  // the previous query tile is consumed
       load_rows<BM, DP, LD>(Qs, a.q, a, b, s.q0, h, m0, s.L, a.E);
       load_rows<BM, DP, LD>(Os, a.dout, a, b, s.q0, h, m0, s.L, a.Ev);
-      for (int r = threadIdx.x; r < BM; r += kThreads) {
-        const bool ok = m0 + r < s.L;
-        lse_s[r] = ok ? lse_offset(a.lse[lb + m0 + r]) : INFINITY;
-        dl_s[r] = ok ? a.delta[lb + m0 + r] : 0.f;
-      }
+      load_row_stats<BM>(a, s, lb, m0, lse_s, dl_s);
       __syncthreads();
+      const auto off = [&](int i, int) { return lse_s[i - m0]; };
+      const auto delta = [&](int i, int) { return dl_s[i - m0]; };
       // P^T (this warp's 16 keys x BM queries), recomputed from the lse
       float pt[BM / 8][4] = {}, dcap[BM / 8][4];
       gemm_rows<T, LD, DP, BM / 8>(pt, Ks, warp * 16, Qs, g, t);
-#pragma unroll
-      for (int nt = 0; nt < BM / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = nt * 8 + 2 * t + (e & 1);
-          const float x = masked_score(a, s, b, h, m0 + col, j0 + 8 * (e >> 1), pt[nt][e], dcap[nt][e]);
-          pt[nt][e] = exp2_approx(x - lse_s[col]);  // 0 where masked (lse_s is finite or +inf)
-        }
-      }
+      bwd_probs<true>(a, s, b, h, n0 + warp * 16 + g, m0, t, off, pt, dcap);
       float dpt[BM / 8][4] = {};
       gemm_rows<T, LD, DP, BM / 8>(dpt, Vs, warp * 16, Os, g, t);  // dP^T = V dO^T
-#pragma unroll
-      for (int nt = 0; nt < BM / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = nt * 8 + 2 * t + (e & 1), i = m0 + col, j = j0 + 8 * (e >> 1);
-          // dS^T = P (dropped(dP) - delta), then P itself dropped for dV (dropout: the same scores as the forward)
-          dpt[nt][e] = pt[nt][e] * (dropped(a, drop, i, j, dpt[nt][e]) - dl_s[col]) * dcap[nt][e];
-          pt[nt][e] = dropped(a, drop, i, j, pt[nt][e]);
-        }
-      }
+      bwd_dscores<true>(a, s, drop, n0 + warp * 16 + g, m0, t, delta, nullptr, pt, dpt, dcap);  // dS^T, dropped P^T
       gemm_acc<T, LD, BM / 16, DC / 8>(dv, pt, Os + c0, g, t);   // dV += dropped(P)^T dO
       gemm_acc<T, LD, BM / 16, DC / 8>(dk, dpt, Qs + c0, g, t);  // dK += dS^T Q
     }
@@ -208,15 +188,10 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dq_kernel(AttentionArgs 
   if (m0 >= s.L) return;
   load_rows<BM, DP, LD>(Qs, a.q, a, b, s.q0, h, m0, s.L, a.E);
   load_rows<BM, DP, LD>(Os, a.dout, a, b, s.q0, h, m0, s.L, a.Ev);
-  const int64_t lb = lse_base(a, b, s, h);
-  const int i0 = m0 + warp * 16 + g;
+  const int i0 = m0 + warp * 16 + g;  // this thread's rows: i0 and i0 + 8
   float off[2], dl[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int i = i0 + 8 * half;
-    off[half] = i < s.L ? lse_offset(a.lse[lb + i]) : INFINITY;
-    dl[half] = i < s.L ? a.delta[lb + i] : 0.f;
-  }
+  row_stats(a, s, lse_base(a, b, s, h), i0, off, dl);
+  float* dmask = dmask_of(a, b, h);
   constexpr int DC = C::DC;
   const int c0 = blockIdx.z * DC;  // this block's gradient columns: [c0, c0 + DC)
   float dq[DC / 8][4] = {};
@@ -229,30 +204,10 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dq_kernel(AttentionArgs 
     __syncthreads();
     float p[BN / 8][4] = {}, dcap[BN / 8][4];
     gemm_rows<T, LD, DP, BN / 8>(p, Qs, warp * 16, Ks, g, t);  // S = Q K^T
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float x = masked_score(a, s, b, h, i0 + 8 * (e >> 1), n0 + nt * 8 + 2 * t + (e & 1), p[nt][e],
-                                     dcap[nt][e]);
-        p[nt][e] = exp2_approx(x - off[e >> 1]);  // 0 where masked (off is finite or +inf)
-      }
-    }
+    bwd_probs<false>(a, s, b, h, i0, n0, t, [&](int, int e) { return off[e >> 1]; }, p, dcap);
     float dp[BN / 8][4] = {};
     gemm_rows<T, LD, DP, BN / 8>(dp, Os, warp * 16, Vs, g, t);  // dP = dO V^T
-    // The float mask's gradient is dS before the soft cap's chain factor; written by the first column split only
-    // (every split computes the same dS), once per element: deterministic. Keys outside [lo, hi) stay zero.
-    float* dmask = blockIdx.z == 0 && a.dmask ? a.dmask + (b * a.H + h) * a.L * a.S : nullptr;
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = i0 + 8 * (e >> 1), j = n0 + nt * 8 + 2 * t + (e & 1);
-        const float ds = p[nt][e] * (dropped(a, drop, i, j, dp[nt][e]) - dl[e >> 1]);
-        if (dmask && i < s.L && j < s.S) dmask[int64_t(i) * a.S + j] = ds;
-        dp[nt][e] = ds * dcap[nt][e];  // dS
-      }
-    }
+    bwd_dscores<false>(a, s, drop, i0, n0, t, [&](int, int e) { return dl[e >> 1]; }, dmask, p, dp, dcap);  // dS
     gemm_acc<T, LD, BN / 16, DC / 8>(dq, dp, Ks + c0, g, t);  // dQ += dS K
   }
   store_acc<T, DC / 8>(row_ptr<T>(a.dq, a, b, s.q0, h, m0) + c0, a.dq.sm, warp * 16, s.L - m0, a.E - c0, dq,
@@ -309,9 +264,11 @@ struct Bwd {
 }  // namespace
 
 cudaError_t attention_fwd(const AttentionArgs& a, cudaStream_t stream) {
-  return attention_fwd_sm90a_ready() ? attention_fwd_sm90a(a, stream) : dispatch<Fwd>(a, stream);
+  return attention_sm90a_ready() ? attention_fwd_sm90a(a, stream) : dispatch<Fwd>(a, stream);
 }
-cudaError_t attention_bwd(const AttentionArgs& a, cudaStream_t stream) { return dispatch<Bwd>(a, stream); }
+cudaError_t attention_bwd(const AttentionArgs& a, cudaStream_t stream) {
+  return attention_sm90a_ready() ? attention_bwd_sm90a(a, stream) : dispatch<Bwd>(a, stream);
+}
 
 }  // namespace cuda
 }  // namespace pykernels

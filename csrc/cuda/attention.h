@@ -16,10 +16,12 @@ cudaError_t attention_fwd(const AttentionArgs& a, cudaStream_t stream);
 // per query block; every gradient element written once, no atomics (deterministic).
 cudaError_t attention_bwd(const AttentionArgs& a, cudaStream_t stream);
 
-// Hopper forward (wgmma; attention_sm90a.cu): true when the binary loaded for the current device has it (sm_90a),
-// in which case attention_fwd runs it instead of the mma.sync forward.
-bool attention_fwd_sm90a_ready();
+// Hopper kernels (wgmma; attention_sm90a.cu, attention_bwd_sm90a.cu): true when the binary loaded for the current
+// device is the sm_90a one (both files are built for the same arches, so one probe answers for both), in which case
+// attention_fwd / attention_bwd run them instead of the mma.sync kernels.
+bool attention_sm90a_ready();
 cudaError_t attention_fwd_sm90a(const AttentionArgs& a, cudaStream_t stream);
+cudaError_t attention_bwd_sm90a(const AttentionArgs& a, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace pykernels

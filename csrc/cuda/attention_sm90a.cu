@@ -6,7 +6,7 @@
 // yet: TMA loads, a producer/consumer warpgroup split, pipelining of the next tile's loads with this tile's math.
 //
 // The build emits this file for sm_80, sm_90 and sm_90a; only the sm_90a code has a body (the others trap), and
-// attention_fwd_sm90a_ready() tells whether the loaded binary of the current device is the sm_90a one.
+// attention_sm90a_ready() tells whether the loaded binary of the current device is the sm_90a one.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_sm90a_kernel(AttentionAr
   }
   finish_forward<T, DP>(a, s, b, h, m0, i0, warp, g, t, m, l, o);
 #else
-  __trap();  // not the sm_90a binary: attention_fwd_sm90a_ready() keeps launches away from it
+  __trap();  // not the sm_90a binary: attention_sm90a_ready() keeps launches away from it
 #endif
 }
 
@@ -130,7 +130,7 @@ cudaError_t fwd90(const AttentionArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-bool attention_fwd_sm90a_ready() {
+bool attention_sm90a_ready() {
   // per device (a process may mix GPU generations): 0 unknown, 1 no, 2 yes; the loaded binary does not change
   static int known[64] = {};
   int dev = 0;

@@ -211,6 +211,85 @@ __device__ __forceinline__ QueryTile query_tile(const AttentionArgs& a, int BM) 
 // that sees nothing gets +inf, so exp2(s - offset) = 0 for it instead of exp2(-inf + inf) = NaN.
 __device__ __forceinline__ float lse_offset(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
+// ---------------------------------------------------------------------------------------------------------
+// The backward's scores, shared by the sm_80 (attention.cu) and sm_90a (attention_bwd_sm90a.cu) kernels. A warp's
+// accumulator block holds, in element e of 8-column tile nt, row r0 + 8 (e >> 1) and column c0 + 8 nt + 2t + (e & 1)
+// of the scores: (query, key) in the dQ kernels, (key, query) in the dK/dV kernels (KEY_ROWS: S^T = K Q^T).
+template <bool KEY_ROWS>
+__device__ __forceinline__ void score_at(int r0, int c0, int t, int nt, int e, int& i, int& j) {
+  const int r = r0 + 8 * (e >> 1), c = c0 + nt * 8 + 2 * t + (e & 1);
+  i = KEY_ROWS ? c : r;
+  j = KEY_ROWS ? r : c;
+}
+
+// Scores -> probabilities from the forward's lse, in place, and the soft cap's chain factor dcap. off(i, e) is the
+// lse_offset of query i (element e: its row half, for stats held in registers): finite or +inf, so masked scores
+// give 0.
+template <bool KEY_ROWS, int NT, typename Off>
+__device__ __forceinline__ void bwd_probs(const AttentionArgs& a, const Seq& s, int64_t b, int64_t h, int r0, int c0,
+                                          int t, Off off, float (&p)[NT][4], float (&dcap)[NT][4]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      int i, j;
+      score_at<KEY_ROWS>(r0, c0, t, nt, e, i, j);
+      const float x = masked_score(a, s, b, h, i, j, p[nt][e], dcap[nt][e]);
+      p[nt][e] = exp2_approx(x - off(i, e));
+    }
+  }
+}
+
+// dP -> dS = P (dropped(dP) - delta(i, e)) dcap in place. The float mask's gradient is dS before the chain factor,
+// written to dmask (when not null) once per element. In the dK/dV kernels (KEY_ROWS) P itself is then dropped in
+// place for dV = dropped(P)^T dO (dropout: the same scores as the forward).
+template <bool KEY_ROWS, int NT, typename Delta>
+__device__ __forceinline__ void bwd_dscores(const AttentionArgs& a, const Seq& s, const Dropout& drop, int r0, int c0,
+                                            int t, Delta delta, float* dmask, float (&p)[NT][4], float (&dp)[NT][4],
+                                            const float (&dcap)[NT][4]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      int i, j;
+      score_at<KEY_ROWS>(r0, c0, t, nt, e, i, j);
+      const float ds = p[nt][e] * (dropped(a, drop, i, j, dp[nt][e]) - delta(i, e));
+      if (dmask && i < s.L && j < s.S) dmask[int64_t(i) * a.S + j] = ds;
+      dp[nt][e] = ds * dcap[nt][e];
+      if (KEY_ROWS) p[nt][e] = dropped(a, drop, i, j, p[nt][e]);
+    }
+  }
+}
+
+// The lse offsets and deltas of BM queries from m0 in shared memory (the dK/dV kernels' query tiles); rows past the
+// sequence see nothing (+inf offset, 0 delta).
+template <int BM>
+__device__ __forceinline__ void load_row_stats(const AttentionArgs& a, const Seq& s, int64_t lb, int m0, float* off_s,
+                                               float* dl_s) {
+  for (int r = threadIdx.x; r < BM; r += kThreads) {
+    const bool ok = m0 + r < s.L;
+    off_s[r] = ok ? lse_offset(a.lse[lb + m0 + r]) : INFINITY;
+    dl_s[r] = ok ? a.delta[lb + m0 + r] : 0.f;
+  }
+}
+
+// The same for this thread's two query rows i0, i0 + 8 in registers (the dQ kernels).
+__device__ __forceinline__ void row_stats(const AttentionArgs& a, const Seq& s, int64_t lb, int i0, float (&off)[2],
+                                          float (&dl)[2]) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = i0 + 8 * half;
+    off[half] = i < s.L ? lse_offset(a.lse[lb + i]) : INFINITY;
+    dl[half] = i < s.L ? a.delta[lb + i] : 0.f;
+  }
+}
+
+// The float mask's gradient rows of (b, h) in a dQ block of column split 0 (every split computes the same dS), or
+// null: each element written once (deterministic); keys outside the visited range stay zero.
+__device__ __forceinline__ float* dmask_of(const AttentionArgs& a, int64_t b, int64_t h) {
+  return blockIdx.z == 0 && a.dmask ? a.dmask + (b * a.H + h) * a.L * a.S : nullptr;
+}
+
 // Write the two rows (g, g + 8) of a warp's 16-row accumulator block: columns < cols, rows < nrows.
 template <typename T, int DT>
 __device__ __forceinline__ void store_acc(T* out, int64_t rs, int r0, int nrows, int64_t cols, const float (&acc)[DT][4],

@@ -51,6 +51,27 @@ __device__ __forceinline__ void fence_operands(float (&d)[N][4]) {
 // The four accumulators of 8-column tile j, as read-write asm operands.
 #define PYKERNELS_D4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
 
+#define PYKERNELS_WGMMA_SS_N32(TY)                                          \
+  asm volatile(                                                             \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                          \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " {"          \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" \
+      "}, %16, %17, p, 1, 1, 0, 0;\n}\n"                                    \
+      : PYKERNELS_D4(0), PYKERNELS_D4(1), PYKERNELS_D4(2), PYKERNELS_D4(3)  \
+      : "l"(da), "l"(db), "r"(scale_d))
+
+// d[4][4] (+)= A B^T: A (64 x 16) and B (32 x 16) K-major in shared memory (descriptors da, db);
+// scale_d 0 overwrites d.
+template <typename T>
+__device__ __forceinline__ void wgmma_ss_n32(float (&d)[4][4], uint64_t da, uint64_t db, int scale_d) {
+  if constexpr (std::is_same_v<T, __half>) {
+    PYKERNELS_WGMMA_SS_N32("f16");
+  } else {
+    PYKERNELS_WGMMA_SS_N32("bf16");
+  }
+}
+#undef PYKERNELS_WGMMA_SS_N32
+
 #define PYKERNELS_WGMMA_SS_N64(TY)                                          \
   asm volatile(                                                             \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                          \
@@ -166,6 +187,29 @@ __device__ __forceinline__ void wgmma_rs_n256(float (&d)[32][4], const uint32_t 
 }
 #undef PYKERNELS_WGMMA_RS_N256
 #undef PYKERNELS_D4
+
+// The products by N (the accumulator columns: d[N / 8][4]).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t da, uint64_t db, int scale_d) {
+  static_assert(N == 32 || N == 64, "wgmma_ss: N 32 or 64");
+  if constexpr (N == 32) {
+    wgmma_ss_n32<T>(d, da, db, scale_d);
+  } else {
+    wgmma_ss_n64<T>(d, da, db, scale_d);
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t db) {
+  static_assert(N == 64 || N == 128 || N == 256, "wgmma_rs: N 64, 128 or 256");
+  if constexpr (N == 64) {
+    wgmma_rs_n64<T>(d, a, db);
+  } else if constexpr (N == 128) {
+    wgmma_rs_n128<T>(d, a, db);
+  } else {
+    wgmma_rs_n256<T>(d, a, db);
+  }
+}
 
 }  // namespace cuda
 }  // namespace pykernels
