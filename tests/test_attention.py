@@ -226,6 +226,19 @@ def test_sdpa_against_oracle(backend, device, case):
             assert bool((out[..., 3, :] == 0).all())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", FN_CASES, ids=[c[-1] for c in FN_CASES])
+def test_cuda_mma_sync_kernels_on_hopper(case, monkeypatch):
+    """On Hopper the cuda backend runs the wgmma kernels (csrc/cuda/attention*_sm90a.cu); PYKERNELS_ATTN_NO_SM90A=1
+    sends it to the mma.sync kernels, which must pass the same checks there (and elsewhere are the default path)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs a Hopper GPU (elsewhere the default cuda path is the mma.sync one)")
+    monkeypatch.setenv("PYKERNELS_ATTN_NO_SM90A", "1")
+    test_sdpa_against_oracle("cuda", "cuda", case)
+    if case is FN_CASES[0]:
+        test_varlen_against_oracle("cuda", "cuda")
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_varlen_against_oracle(backend, device):
     require_backend(backend, device)

@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "attention.h"
@@ -131,6 +132,9 @@ cudaError_t fwd90(const AttentionArgs& a, cudaStream_t stream) {
 }  // namespace
 
 bool attention_sm90a_ready() {
+  // PYKERNELS_ATTN_NO_SM90A=1 (read at each call) keeps Hopper on the mma.sync kernels: a check of one path
+  // against the other, and a way out should the Hopper kernels misbehave on some device or driver.
+  if (const char* off = std::getenv("PYKERNELS_ATTN_NO_SM90A"); off && *off && *off != '0') return false;
   // per device (a process may mix GPU generations): 0 unknown, 1 no, 2 yes; the loaded binary does not change
   static int known[64] = {};
   int dev = 0;
