@@ -27,13 +27,16 @@ def test_ops_registered_with_the_triton_schemas():
 
 
 def test_sass_uses_tensor_cores_without_local_memory():
-    """Per built arch, every instantiation (fp16/bf16 x head dim 64/128/256) of the three kernels: HMMA instructions,
+    """Per built arch, every instantiation (fp16/bf16 x head dim 64/128/256) of the three kernels: HMMA instructions
+    fed by ldmatrix (LDSM, and its transposing form LDSM.MT for the P V-like products), cp.async tile copies (LDGSTS),
     no LDL/STL (local memory: spills or stack arrays)."""
     for sm, found in kernel_sass(KERNELS).items():
         assert {k: len(v) for k, v in found.items()} == {k: 6 for k in KERNELS}, f"{sm}: instantiations {found.keys()}"
         for kern, fns in found.items():
             for f in fns:
                 assert "HMMA" in f, f"{sm} {kern}: no tensor-core instruction"
+                assert "LDSM.16.M88" in f and "LDSM.16.MT88" in f, f"{sm} {kern}: fragments not by ldmatrix"
+                assert "LDGSTS" in f, f"{sm} {kern}: no cp.async tile copies"
                 assert no_local_memory(f), f"{sm} {kern}: local memory in the kernel"
 
 

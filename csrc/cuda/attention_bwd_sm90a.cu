@@ -83,8 +83,8 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_sm90a_kernel(Attent
       bwd_probs<true>(a, s, b, h, r0, m0, t, [&](int i, int) { return off_s[i - m0]; }, pt, dcap);
       bwd_dscores<true>(a, s, drop, r0, m0, t, [&](int i, int) { return dl_s[i - m0]; }, nullptr, pt, dpt, dcap);
       uint32_t pa[BM / 16][4], da[BM / 16][4];
-      pack_rows<T, BM>(pa, pt);
-      pack_rows<T, BM>(da, dpt);
+      pack_a_frags<T, BM>(pa, pt);
+      pack_a_frags<T, BM>(da, dpt);
       fence_operands(dv);
       fence_operands(dk);
       wgmma_fence();
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_sm90a_kernel(Attentio
     bwd_probs<false>(a, s, b, h, i0, n0, t, [&](int, int e) { return off[e >> 1]; }, p, dcap);
     bwd_dscores<false>(a, s, drop, i0, n0, t, [&](int, int e) { return dl[e >> 1]; }, dmask, p, dp, dcap);  // dS
     uint32_t da[BN / 16][4];
-    pack_rows<T, BN>(da, dp);
+    pack_a_frags<T, BN>(da, dp);
     fence_operands(dq);
     wgmma_fence();
     wgmma_acc<T, DC, BN>(dq, da, Kt);  // dQ += dS K

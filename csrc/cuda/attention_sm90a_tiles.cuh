@@ -58,15 +58,8 @@ __device__ __forceinline__ void wgmma_tiles(float (&acc)[N / 8][4], const uint16
   }
 }
 
-// P (64 x KN, this warp's 16 rows as accumulators) packed into the A fragments of K = KN: before the wgmma.fence of
-// the products that read them (registers written between two wgmma of a chain make ptxas serialise them).
-template <typename T, int KN>
-__device__ __forceinline__ void pack_rows(uint32_t (&pa)[KN / 16][4], const float (&p)[KN / 8][4]) {
-#pragma unroll
-  for (int kk = 0; kk < KN / 16; ++kk) frag_a_from_acc<T>(pa[kk], p[2 * kk], p[2 * kk + 1]);
-}
-
-// acc += P Y over K = KN: P packed (pack_rows), Y a K-major tile of N rows (the transposed operand) and K = KN.
+// acc += P Y over K = KN: P packed (pack_a_frags, before the wgmma.fence of the products that read it: registers
+// written between two wgmma of a chain make ptxas serialise them), Y a K-major tile of N rows (the transposed operand) and K = KN.
 template <typename T, int N, int KN>
 __device__ __forceinline__ void wgmma_acc(float (&acc)[N / 8][4], const uint32_t (&pa)[KN / 16][4], const uint16_t* Y) {
 #pragma unroll

@@ -105,6 +105,27 @@ __device__ __forceinline__ void load_rows(uint16_t* sm, const AttnView& v, const
                           static_cast<int>(cols), a.vec16);
 }
 
+// load_rows through cp.async (no register staging; the copy runs while the block computes) when every row is
+// 16-byte aligned (a.vec16): complete after cp_async_commit(), cp_async_wait and a barrier. Otherwise synchronous
+// element loads (the waits are then no-ops). Chunks outside the operand are zero-filled (source size 0, reading
+// nothing; the address given is the operand's first element).
+template <int ROWS, int DP, int LD>
+__device__ __forceinline__ void load_rows_async(uint16_t* sm, const AttnView& v, const AttentionArgs& a, int64_t b,
+                                                int64_t row0, int64_t head, int row, int n, int64_t cols) {
+  if (!a.vec16) {
+    load_rows<ROWS, DP, LD>(sm, v, a, b, row0, head, row, n, cols);
+    return;
+  }
+  const uint16_t* base = row_ptr<const uint16_t>(v, a, b, row0, head, row);
+  constexpr int CH = DP / 8;
+#pragma unroll 1  // issued while the accumulators are live: no unrolled address registers
+  for (int i = threadIdx.x; i < ROWS * CH; i += kThreads) {
+    const int r = i / CH, c = (i % CH) * 8;
+    const bool ok = r < n - row && c < cols;
+    cp_async16(sm + r * LD + c, ok ? base + r * v.sm + c : static_cast<const uint16_t*>(v.p), ok);
+  }
+}
+
 __device__ __forceinline__ bool visible(const AttentionArgs& a, const Seq& s, int64_t i, int64_t j) {
   bool ok = i < s.L && j < s.S;
   if (a.causal) ok = ok && j <= i + s.d;

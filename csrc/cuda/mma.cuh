@@ -1,5 +1,5 @@
 // sm_80 tensor-core primitives shared by the CUDA kernels (attention.cu, linear_cross_entropy.cu): mma.sync
-// m16n8k16 (fp16/bf16 in, fp32 accumulate), its fragments from shared-memory tiles (32-bit loads or ldmatrix),
+// m16n8k16 (fp16/bf16 in, fp32 accumulate), its fragments from shared-memory tiles (ldmatrix, plain or transposing),
 // and cp.async copies global -> shared. No torch headers.
 //
 // Layout of the tensor-core fragments (PTX ISA, "mma.m16n8k16"), lane = 4 * g + t (g = lane / 4, t = lane % 4):
@@ -59,35 +59,7 @@ struct Mma {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// Fragments from shared-memory tiles (row-major, LD elements per row).
-
-// A fragment of rows r0..r0+15, columns k0..k0+15 of X.
-template <int LD>
-__device__ __forceinline__ void frag_a(uint32_t (&a)[4], const uint16_t* X, int r0, int k0, int g, int t) {
-  const uint16_t* p = X + (r0 + g) * LD + k0 + 2 * t;
-  a[0] = *reinterpret_cast<const uint32_t*>(p);
-  a[1] = *reinterpret_cast<const uint32_t*>(p + 8 * LD);
-  a[2] = *reinterpret_cast<const uint32_t*>(p + 8);
-  a[3] = *reinterpret_cast<const uint32_t*>(p + 8 * LD + 8);
-}
-
-// B fragment with B[k][n] = Y[n0 + n][k0 + k] (Y's rows are the product's columns: K in Q K^T).
-template <int LD>
-__device__ __forceinline__ void frag_b_rows(uint32_t& b0, uint32_t& b1, const uint16_t* Y, int n0, int k0, int g,
-                                            int t) {
-  const uint16_t* p = Y + (n0 + g) * LD + k0 + 2 * t;
-  b0 = *reinterpret_cast<const uint32_t*>(p);
-  b1 = *reinterpret_cast<const uint32_t*>(p + 8);
-}
-
-// B fragment with B[k][n] = Y[k0 + k][n0 + n] (Y's rows are the reduction: V in P V).
-template <int LD>
-__device__ __forceinline__ void frag_b_cols(uint32_t& b0, uint32_t& b1, const uint16_t* Y, int n0, int k0, int g,
-                                            int t) {
-  const uint16_t* p = Y + (k0 + 2 * t) * LD + n0 + g;
-  b0 = uint32_t(p[0]) | (uint32_t(p[LD]) << 16);
-  b1 = uint32_t(p[8 * LD]) | (uint32_t(p[9 * LD]) << 16);
-}
+// Fragments from accumulators.
 
 // A fragment of a 16 x 16 chunk from the fp32 accumulators of two adjacent 8-column tiles.
 template <typename T>
@@ -96,6 +68,14 @@ __device__ __forceinline__ void frag_a_from_acc(uint32_t (&a)[4], const float (&
   a[1] = Mma<T>::pack(lo[2], lo[3]);
   a[2] = Mma<T>::pack(hi[0], hi[1]);
   a[3] = Mma<T>::pack(hi[2], hi[3]);
+}
+
+// The accumulators p of a warp's 16 rows x KN columns packed into the A fragments of the K = KN product that
+// reads them (P V, dS K, ...): half the registers of p, so pack as soon as p is final.
+template <typename T, int KN>
+__device__ __forceinline__ void pack_a_frags(uint32_t (&pa)[KN / 16][4], const float (&p)[KN / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < KN / 16; ++kk) frag_a_from_acc<T>(pa[kk], p[2 * kk], p[2 * kk + 1]);
 }
 
 // This thread's place in the fragments: its warp, group g and lane-in-group t.
@@ -135,6 +115,22 @@ template <int LD>
 __device__ __forceinline__ void ldmatrix_b_rows(uint32_t (&b)[4], const uint16_t* Y, int n0, int k0, int lane) {
   const int i = lane >> 3;  // b0: k 0-7, b1: k 8-15 of rows n0..; then the same for rows n0+8..
   ldmatrix_x4(b, Y + (n0 + (lane & 7) + ((i & 2) << 2)) * LD + k0 + ((i & 1) << 3));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row)));
+}
+
+// B fragments of two adjacent 8-column tiles, B[k][n] = Y[k0 + k][n0 + n] (Y's rows are the reduction: V in P V),
+// by the transposing load: matrix i covers rows k0 + 8 (i & 1).., columns n0 + 8 (i >> 1)..; lane l of a
+// transposed 8x8 load receives (rows 2 (l % 4) .. +1, column l / 4) = the b0 / b1 layout. b[0], b[1] for columns
+// n0..n0+7, b[2], b[3] for n0+8..n0+15.
+template <int LD>
+__device__ __forceinline__ void ldmatrix_b_cols(uint32_t (&b)[4], const uint16_t* Y, int n0, int k0, int lane) {
+  const int i = lane >> 3;
+  ldmatrix_x4_trans(b, Y + (k0 + (lane & 7) + ((i & 1) << 3)) * LD + n0 + ((i & 2) << 2));
 }
 
 // ---------------------------------------------------------------------------------------------------------
