@@ -281,42 +281,15 @@ cudaError_t bwd(const AttentionArgs& a, cudaStream_t stream) {
   return launch(attn_bwd_dq_kernel<T, DP>, Q::kSmem, a.B * a.H, a.L, Q::BM, a, stream, DP / Q::DC);
 }
 
-// The head dim is padded to 64, 128 or 256 (one instantiation each per dtype): zero columns cost FLOPs, not
-// results.
-template <template <typename, int> class F, typename T>
-cudaError_t padded(int64_t d, const AttentionArgs& a, cudaStream_t stream) {
-  if (d <= 64) return F<T, 64>::run(a, stream);
-  if (d <= 128) return F<T, 128>::run(a, stream);
-  return F<T, 256>::run(a, stream);
-}
-
-template <template <typename, int> class F>
-cudaError_t dispatch(const AttentionArgs& a, cudaStream_t stream) {
-  const int64_t d = a.E > a.Ev ? a.E : a.Ev;
-  if (d > kAttentionMaxHeadDim || d < 1) return cudaErrorInvalidValue;
-  switch (a.dtype) {
-    case DType::F16: return padded<F, __half>(d, a, stream);
-    case DType::BF16: return padded<F, __nv_bfloat16>(d, a, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-template <typename T, int DP>
-struct Fwd {
-  static cudaError_t run(const AttentionArgs& a, cudaStream_t s) { return fwd<T, DP>(a, s); }
-};
-template <typename T, int DP>
-struct Bwd {
-  static cudaError_t run(const AttentionArgs& a, cudaStream_t s) { return bwd<T, DP>(a, s); }
-};
-
 }  // namespace
 
 cudaError_t attention_fwd(const AttentionArgs& a, cudaStream_t stream) {
-  return attention_sm90a_ready() ? attention_fwd_sm90a(a, stream) : dispatch<Fwd>(a, stream);
+  if (attention_sm90a_ready()) return attention_fwd_sm90a(a, stream);
+  return dispatch_head_dim(a, [&]<typename T, int DP>() { return fwd<T, DP>(a, stream); });
 }
 cudaError_t attention_bwd(const AttentionArgs& a, cudaStream_t stream) {
-  return attention_sm90a_ready() ? attention_bwd_sm90a(a, stream) : dispatch<Bwd>(a, stream);
+  if (attention_sm90a_ready()) return attention_bwd_sm90a(a, stream);
+  return dispatch_head_dim(a, [&]<typename T, int DP>() { return bwd<T, DP>(a, stream); });
 }
 
 }  // namespace cuda

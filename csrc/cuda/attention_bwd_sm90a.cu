@@ -181,13 +181,7 @@ cudaError_t bwd90(const AttentionArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t attention_bwd_sm90a(const AttentionArgs& a, cudaStream_t stream) {
-  const int64_t d = a.E > a.Ev ? a.E : a.Ev;
-  if (d > kAttentionMaxHeadDim || d < 1) return cudaErrorInvalidValue;
-  const bool f16 = a.dtype == DType::F16;
-  if (a.dtype != DType::F16 && a.dtype != DType::BF16) return cudaErrorInvalidValue;
-  if (d <= 64) return f16 ? bwd90<__half, 64>(a, stream) : bwd90<__nv_bfloat16, 64>(a, stream);
-  if (d <= 128) return f16 ? bwd90<__half, 128>(a, stream) : bwd90<__nv_bfloat16, 128>(a, stream);
-  return f16 ? bwd90<__half, 256>(a, stream) : bwd90<__nv_bfloat16, 256>(a, stream);
+  return dispatch_head_dim(a, [&]<typename T, int DP>() { return bwd90<T, DP>(a, stream); });
 }
 
 }  // namespace cuda

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "../attention_args.h"
+#include "attention.h"  // kAttentionMaxHeadDim
 #include "convert.cuh"
 #include "mma.cuh"
 #include "philox.h"
@@ -401,6 +402,24 @@ __device__ __forceinline__ void finish_forward(const AttentionArgs& a, const Seq
 
 // ---------------------------------------------------------------------------------------------------------
 // Launch.
+
+// f.template operator()<T, DP>() for the call's type (fp16 / bf16) and head dim max(E, Ev) padded to DP = 64, 128
+// or 256: one instantiation per type and DP (zero columns cost FLOPs, not results).
+template <typename F>
+inline cudaError_t dispatch_head_dim(const AttentionArgs& a, F f) {
+  const int64_t d = a.E > a.Ev ? a.E : a.Ev;
+  if (d > kAttentionMaxHeadDim || d < 1) return cudaErrorInvalidValue;
+  const auto padded = [&]<typename T>() -> cudaError_t {
+    if (d <= 64) return f.template operator()<T, 64>();
+    if (d <= 128) return f.template operator()<T, 128>();
+    return f.template operator()<T, 256>();
+  };
+  switch (a.dtype) {
+    case DType::F16: return padded.template operator()<__half>();
+    case DType::BF16: return padded.template operator()<__nv_bfloat16>();
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 // Grid: (heads, row tiles, column splits of the gradients).
 template <typename Kernel>
