@@ -132,3 +132,5 @@ def test_hopper_kernels_use_wgmma_only_in_the_sm90a_binary():
             if sm == "sm_90a":
                 assert sorted(map(sorted, shapes)) == sorted(sorted(v) for v in by_dim.values() for _ in (0, 1)), \
                     f"{kern}: wgmma shapes {shapes}"
+                if "bwd" in kern:  # operands whose rows are the reduction read MN-major in place, tiles by cp.async
+                    assert all("tnspB" in f and "LDGSTS" in f for f in fns), kern

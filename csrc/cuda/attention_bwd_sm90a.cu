@@ -30,7 +30,7 @@ constexpr int kCols = DP <= 128 ? DP : 128;
 template <int DP>
 struct DkdvCfg90 {  // 32-query tiles above head dim 64: P^T, dP^T and dcap take 48 registers next to dK, dV's 128
   static constexpr int BN = 64, BM = DP <= 64 ? 64 : 32, DC = kCols<DP>;
-  static constexpr int kSmem = (2 * BN * DP + 2 * BM * DP + 2 * DC * BM) * 2 + 2 * BM * 4;
+  static constexpr int kSmem = (2 * BN * DP + 2 * BM * DP) * 2 + 2 * BM * 4;
 };
 
 template <typename T, int DP>
@@ -41,61 +41,55 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_sm90a_kernel(Attent
   extern __shared__ __align__(128) uint16_t smem[];
   uint16_t* Ks = smem;          // [BN x DP] K-major
   uint16_t* Vs = Ks + BN * DP;  // [BN x DP]
-  uint16_t* Qs = Vs + BN * DP;  // [BM x DP]
-  uint16_t* Os = Qs + BM * DP;  // dO [BM x DP]
-  uint16_t* Qt = Os + BM * DP;  // [DC x BM]: Q's columns [c0, c0 + DC) transposed
-  uint16_t* Ot = Qt + DC * BM;  // [DC x BM]: dO's
-  float* off_s = reinterpret_cast<float*>(Ot + DC * BM);
+  uint16_t* Qs = Vs + BN * DP;  // [BM x DP]: K-major in S^T, MN-major in dK
+  uint16_t* Os = Qs + BM * DP;  // dO [BM x DP]: K-major in dP^T, MN-major in dV
+  float* off_s = reinterpret_cast<float*>(Os + BM * DP);
   float* dl_s = off_s + BM;
   const auto [warp, g, t] = lane_of();
   const int64_t b = blockIdx.x / a.Hk, hk = blockIdx.x % a.Hk, group = a.H / a.Hk;
   const Seq s = seq_of(a, b);
   const int n0 = blockIdx.y * BN;
   if (n0 >= s.S) return;
-  load_operand<BN, DP, false>(Ks, a.k, a, b, s.k0, hk, n0, s.S, a.E);
-  load_operand<BN, DP, false>(Vs, a.v, a, b, s.k0, hk, n0, s.S, a.Ev);
-
   const int c0 = blockIdx.z * DC;  // this block's gradient columns: [c0, c0 + DC)
   float dk[DC / 8][4] = {}, dv[DC / 8][4] = {};
   int lo, hi;
   query_range<BM>(a, s, n0, BN, lo, hi);
+  // The query tiles (h, m0) of the GQA group's heads, copied as in the sm_80 kernel: dO(m0) during S^T = K Q^T,
+  // the next tile's Q and stats during dV += P^T dO.
+  const auto load_query_tile = [&](int64_t hq, int mq) {
+    load_kmajor_async<BM, DP>(Qs, a.q, a, b, s.q0, hq, mq, s.L, a.E);
+    load_row_stats<BM>(a, s, lse_base(a, b, s, hq), mq, off_s, dl_s);
+  };
+  const int64_t h_end = lo < hi ? (hk + 1) * group : hk * group;  // no visible query: no tile
+  load_kmajor_async<BN, DP>(Ks, a.k, a, b, s.k0, hk, n0, s.S, a.E);
+  load_kmajor_async<BN, DP>(Vs, a.v, a, b, s.k0, hk, n0, s.S, a.Ev);
+  if (hk * group < h_end) load_query_tile(hk * group, lo);
+  cp_async_commit();
   const int r0 = n0 + warp * 16 + g;  // this thread's keys: r0 and r0 + 8
-  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    const int64_t lb = lse_base(a, b, s, h);
+  for (int64_t h = hk * group; h < h_end; ++h) {
     const Dropout drop = dropout_of(a, b, s, h);
     for (int m0 = lo; m0 < hi; m0 += BM) {
-      __syncthreads();  // the previous query tile is consumed (and K, V are loaded, on the first pass)
-      load_operand<BM, DP, false>(Qs, a.q, a, b, s.q0, h, m0, s.L, a.E);
-      load_operand<BM, DP, false>(Os, a.dout, a, b, s.q0, h, m0, s.L, a.Ev);
-      load_operand<BM, DC, true>(Qt, a.q, a, b, s.q0, h, m0, s.L, a.E, c0);
-      load_operand<BM, DC, true>(Ot, a.dout, a, b, s.q0, h, m0, s.L, a.Ev, c0);
-      load_row_stats<BM>(a, s, lb, m0, off_s, dl_s);
-      fence_proxy_async_smem();  // ordinary stores, read by wgmma through the async proxy
-      __syncthreads();
+      copies_landed<0>();  // Q(h, m0), its stats (K, V on the first pass); every warp is done with dO
+      load_kmajor_async<BM, DP>(Os, a.dout, a, b, s.q0, h, m0, s.L, a.Ev);
+      cp_async_commit();
       float pt[BM / 8][4] = {}, dpt[BM / 8][4] = {}, dcap[BM / 8][4];
-      wgmma_fence();
-      wgmma_tiles<T, BM, DP>(pt, Ks, Qs);   // S^T = K Q^T
-      wgmma_tiles<T, BM, DP>(dpt, Vs, Os);  // dP^T = V dO^T
-      wgmma_commit();
-      wgmma_wait_all();
-      fence_operands(pt);
-      fence_operands(dpt);
+      wgmma_sync([&] { wgmma_tiles<T, BM, DP>(pt, Ks, Qs); }, pt);  // S^T = K Q^T
+      copies_landed<0>();                                            // dO
+      wgmma_sync([&] { wgmma_tiles<T, BM, DP>(dpt, Vs, Os); }, dpt);  // dP^T = V dO^T
       bwd_probs<true>(a, s, b, h, r0, m0, t, [&](int i, int) { return off_s[i - m0]; }, pt, dcap);
       bwd_dscores<true>(a, s, drop, r0, m0, t, [&](int i, int) { return dl_s[i - m0]; }, nullptr, pt, dpt, dcap);
       uint32_t pa[BM / 16][4], da[BM / 16][4];
       pack_a_frags<T, BM>(pa, pt);
       pack_a_frags<T, BM>(da, dpt);
-      fence_operands(dv);
-      fence_operands(dk);
-      wgmma_fence();
-      wgmma_acc<T, DC, BM>(dv, pa, Ot);  // dV += dropped(P)^T dO
-      wgmma_acc<T, DC, BM>(dk, da, Qt);  // dK += dS^T Q
-      wgmma_commit();
-      wgmma_wait_all();
-      fence_operands(dv);
-      fence_operands(dk);
+      wgmma_sync([&] { wgmma_acc<T, DC, BM, DP>(dk, da, Qs, c0); }, dk);  // dK += dS^T Q
+      const bool last = m0 + BM >= hi;  // the next query tile: (h, m0 + BM) or the next head's first
+      __syncthreads();                  // every warp is done with Q and the stats
+      if (!last || h + 1 < h_end) load_query_tile(last ? h + 1 : h, last ? lo : m0 + BM);
+      cp_async_commit();
+      wgmma_sync([&] { wgmma_acc<T, DC, BM, DP>(dv, pa, Os, c0); }, dv);  // dV += dropped(P)^T dO
     }
   }
+  cp_async_wait<0>();
   store_acc<T, DC / 8>(row_ptr<T>(a.dk, a, b, s.k0, hk, n0) + c0, a.dk.sm, warp * 16, s.S - n0, a.E - c0, dk,
                        a.scale, a.scale, g, t);
   store_acc<T, DC / 8>(row_ptr<T>(a.dv, a, b, s.k0, hk, n0) + c0, a.dv.sm, warp * 16, s.S - n0, a.Ev - c0, dv, 1.f,
@@ -108,7 +102,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_sm90a_kernel(Attent
 template <int DP>
 struct DqCfg90 {
   static constexpr int BM = 64, BN = 64, DC = kCols<DP>;
-  static constexpr int kSmem = (2 * BM * DP + 2 * BN * DP + DC * BN) * 2;
+  static constexpr int kSmem = (2 * BM * DP + 2 * BN * DP) * 2;
 };
 
 template <typename T, int DP>
@@ -119,14 +113,11 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_sm90a_kernel(Attentio
   extern __shared__ __align__(128) uint16_t smem[];
   uint16_t* Qs = smem;          // [BM x DP] K-major
   uint16_t* Os = Qs + BM * DP;  // dO [BM x DP]
-  uint16_t* Ks = Os + BM * DP;  // [BN x DP]
+  uint16_t* Ks = Os + BM * DP;  // [BN x DP]: K-major in S, MN-major in dQ
   uint16_t* Vs = Ks + BN * DP;  // [BN x DP]
-  uint16_t* Kt = Vs + BN * DP;  // [DC x BN]: K's columns [c0, c0 + DC) transposed
   const auto [warp, g, t] = lane_of();
   const auto [b, h, hk, s, drop, m0] = query_tile(a, BM);
   if (m0 >= s.L) return;
-  load_operand<BM, DP, false>(Qs, a.q, a, b, s.q0, h, m0, s.L, a.E);
-  load_operand<BM, DP, false>(Os, a.dout, a, b, s.q0, h, m0, s.L, a.Ev);
   const int i0 = m0 + warp * 16 + g;  // this thread's rows: i0 and i0 + 8
   float off[2], dl[2];
   row_stats(a, s, lse_base(a, b, s, h), i0, off, dl);
@@ -135,32 +126,27 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_sm90a_kernel(Attentio
   float dq[DC / 8][4] = {};
   int lo, hi;
   key_range<BN>(a, s, m0, BM, lo, hi);
+  load_kmajor_async<BM, DP>(Qs, a.q, a, b, s.q0, h, m0, s.L, a.E);
+  load_kmajor_async<BM, DP>(Os, a.dout, a, b, s.q0, h, m0, s.L, a.Ev);
+  cp_async_commit();
   for (int n0 = lo; n0 < hi; n0 += BN) {
-    __syncthreads();  // the previous key tile is consumed (and Q, dO are loaded, on the first pass)
-    load_operand<BN, DP, false>(Ks, a.k, a, b, s.k0, hk, n0, s.S, a.E);
-    load_operand<BN, DP, false>(Vs, a.v, a, b, s.k0, hk, n0, s.S, a.Ev);
-    load_operand<BN, DC, true>(Kt, a.k, a, b, s.k0, hk, n0, s.S, a.E, c0);
-    fence_proxy_async_smem();
-    __syncthreads();
+    __syncthreads();  // every warp is done with the previous K and V
+    load_kmajor_async<BN, DP>(Ks, a.k, a, b, s.k0, hk, n0, s.S, a.E);
+    cp_async_commit();
+    load_kmajor_async<BN, DP>(Vs, a.v, a, b, s.k0, hk, n0, s.S, a.Ev);  // copied while S and P are computed
+    cp_async_commit();
+    copies_landed<1>();  // K (and Q, dO on the first pass)
     float p[BN / 8][4] = {}, dp[BN / 8][4] = {}, dcap[BN / 8][4];
-    wgmma_fence();
-    wgmma_tiles<T, BN, DP>(p, Qs, Ks);   // S = Q K^T
-    wgmma_tiles<T, BN, DP>(dp, Os, Vs);  // dP = dO V^T
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_operands(p);
-    fence_operands(dp);
+    wgmma_sync([&] { wgmma_tiles<T, BN, DP>(p, Qs, Ks); }, p);  // S = Q K^T
     bwd_probs<false>(a, s, b, h, i0, n0, t, [&](int, int e) { return off[e >> 1]; }, p, dcap);
+    copies_landed<0>();                                           // V
+    wgmma_sync([&] { wgmma_tiles<T, BN, DP>(dp, Os, Vs); }, dp);  // dP = dO V^T
     bwd_dscores<false>(a, s, drop, i0, n0, t, [&](int, int e) { return dl[e >> 1]; }, dmask, p, dp, dcap);  // dS
     uint32_t da[BN / 16][4];
     pack_a_frags<T, BN>(da, dp);
-    fence_operands(dq);
-    wgmma_fence();
-    wgmma_acc<T, DC, BN>(dq, da, Kt);  // dQ += dS K
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_operands(dq);
+    wgmma_sync([&] { wgmma_acc<T, DC, BN, DP>(dq, da, Ks, c0); }, dq);  // dQ += dS K
   }
+  cp_async_wait<0>();
   store_acc<T, DC / 8>(row_ptr<T>(a.dq, a, b, s.q0, h, m0) + c0, a.dq.sm, warp * 16, s.L - m0, a.E - c0, dq,
                        a.scale, a.scale, g, t);
 #else

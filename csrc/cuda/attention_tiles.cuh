@@ -106,15 +106,17 @@ __device__ __forceinline__ void load_rows(uint16_t* sm, const AttnView& v, const
                           static_cast<int>(cols), a.vec16);
 }
 
-// load_rows through cp.async (no register staging; the copy runs while the block computes) when every row is
-// 16-byte aligned (a.vec16): complete after cp_async_commit(), cp_async_wait and a barrier. Otherwise synchronous
-// element loads (the waits are then no-ops). Chunks outside the operand are zero-filled (source size 0, reading
-// nothing; the address given is the operand's first element).
-template <int ROWS, int DP, int LD>
-__device__ __forceinline__ void load_rows_async(uint16_t* sm, const AttnView& v, const AttentionArgs& a, int64_t b,
-                                                int64_t row0, int64_t head, int row, int n, int64_t cols) {
+// Rows [row, row + ROWS) of an operand (n rows in the sequence), `cols` columns, as 16-byte chunks into shared
+// memory at sm + dst(r, c) (chunk c / 8 of tile row r): through cp.async (no register staging; the copy runs while
+// the block computes) when every row is 16-byte aligned (a.vec16), complete after cp_async_commit(), cp_async_wait
+// and a barrier; otherwise by element loads (the waits are then no-ops). Chunks outside the operand are zero-filled
+// (source size 0, reading nothing; the address given is the operand's first element).
+template <int ROWS, int DP, typename Dst>
+__device__ __forceinline__ void copy_rows_async(uint16_t* sm, Dst dst, const AttnView& v, const AttentionArgs& a,
+                                                int64_t b, int64_t row0, int64_t head, int row, int n, int64_t cols) {
   if (!a.vec16) {
-    load_rows<ROWS, DP, LD>(sm, v, a, b, row0, head, row, n, cols);
+    load_chunks<ROWS, DP>(row_ptr<const uint16_t>(v, a, b, row0, head, row), v.sm, n - row, static_cast<int>(cols),
+                          a.vec16, [&](int r, int c, const uint4& x) { *reinterpret_cast<uint4*>(sm + dst(r, c)) = x; });
     return;
   }
   const uint16_t* base = row_ptr<const uint16_t>(v, a, b, row0, head, row);
@@ -123,8 +125,15 @@ __device__ __forceinline__ void load_rows_async(uint16_t* sm, const AttnView& v,
   for (int i = threadIdx.x; i < ROWS * CH; i += kThreads) {
     const int r = i / CH, c = (i % CH) * 8;
     const bool ok = r < n - row && c < cols;
-    cp_async16(sm + r * LD + c, ok ? base + r * v.sm + c : static_cast<const uint16_t*>(v.p), ok);
+    cp_async16(sm + dst(r, c), ok ? base + r * v.sm + c : static_cast<const uint16_t*>(v.p), ok);
   }
+}
+
+// ... into a row-major tile of LD elements per row (the sm_80 kernels).
+template <int ROWS, int DP, int LD>
+__device__ __forceinline__ void load_rows_async(uint16_t* sm, const AttnView& v, const AttentionArgs& a, int64_t b,
+                                                int64_t row0, int64_t head, int row, int n, int64_t cols) {
+  copy_rows_async<ROWS, DP>(sm, [](int r, int c) { return r * LD + c; }, v, a, b, row0, head, row, n, cols);
 }
 
 __device__ __forceinline__ bool visible(const AttentionArgs& a, const Seq& s, int64_t i, int64_t j) {

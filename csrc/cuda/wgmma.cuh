@@ -28,6 +28,18 @@ __device__ __forceinline__ uint64_t kmajor_desc(const uint16_t* tile, int K) {
   return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(128 >> 4) << 16) | (uint64_t((K * 16) >> 4) << 32);
 }
 
+// The same tile read MN-major, as the B operand of a product whose reduction runs along its rows (V in O += P V,
+// K in dQ += dS K, Q and dO in dK, dV): B's K = the tile's row r, B's N = its column c. A core matrix is then 8 K
+// rows of 8 N-contiguous elements (the MN-major core matrix), so no transposed copy is needed. MN-major no-swizzle
+// canonical layout (PTX "matrix descriptor"; CUTLASS make_gmma_desc<Major::MN>, INTERLEAVE): the stride byte
+// offset steps between core matrices adjacent along N (here 128 bytes: the next 8 columns), the leading byte
+// offset between those adjacent along K (here C * 16 bytes: the next 8 rows of a C-column tile). The product must
+// set the instruction's transpose-B immediate (wgmma_rs<..., 1>). 16 steps of K are 16 rows: tile + 16 * C.
+__device__ __forceinline__ uint64_t mnmajor_desc(const uint16_t* tile, int C) {
+  const uint32_t addr = smem_addr(tile);
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t((C * 16) >> 4) << 16) | (uint64_t(128 >> 4) << 32);
+}
+
 // Ordinary shared-memory stores made visible to the tensor cores' (async proxy) reads; each writing thread, before
 // the barrier that precedes the wgmma.
 __device__ __forceinline__ void fence_proxy_async_smem() {
@@ -103,14 +115,14 @@ __device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t da, uint
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "                  \
       "%12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "        \
       "%24, %25, %26, %27, %28, %29, %30, %31"                              \
-      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                      \
+      "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                      \
       : PYKERNELS_D4(0), PYKERNELS_D4(1), PYKERNELS_D4(2), PYKERNELS_D4(3), \
         PYKERNELS_D4(4), PYKERNELS_D4(5), PYKERNELS_D4(6), PYKERNELS_D4(7)  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1), "n"(TB))
 
 // d[8][4] += A B^T: A (64 x 16) in registers (this warp's 16 rows as the m16n8k16 A fragment a),
 // B (64 x 16) K-major in shared memory (descriptor db).
-template <typename T>
+template <typename T, int TB = 0>
 __device__ __forceinline__ void wgmma_rs_n64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
   if constexpr (std::is_same_v<T, __half>) {
     PYKERNELS_WGMMA_RS_N64("f16");
@@ -130,16 +142,16 @@ __device__ __forceinline__ void wgmma_rs_n64(float (&d)[8][4], const uint32_t (&
       "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "           \
       "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, "           \
       "%60, %61, %62, %63"                                                     \
-      "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                         \
+      "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                         \
       : PYKERNELS_D4(0), PYKERNELS_D4(1), PYKERNELS_D4(2), PYKERNELS_D4(3),    \
         PYKERNELS_D4(4), PYKERNELS_D4(5), PYKERNELS_D4(6), PYKERNELS_D4(7),    \
         PYKERNELS_D4(8), PYKERNELS_D4(9), PYKERNELS_D4(10), PYKERNELS_D4(11),  \
         PYKERNELS_D4(12), PYKERNELS_D4(13), PYKERNELS_D4(14), PYKERNELS_D4(15) \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1), "n"(TB))
 
 // d[16][4] += A B^T: A (64 x 16) in registers (this warp's 16 rows as the m16n8k16 A fragment a),
 // B (128 x 16) K-major in shared memory (descriptor db).
-template <typename T>
+template <typename T, int TB = 0>
 __device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
   if constexpr (std::is_same_v<T, __half>) {
     PYKERNELS_WGMMA_RS_N128("f16");
@@ -164,7 +176,7 @@ __device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const uint32_t 
       "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, "     \
       "%108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, " \
       "%120, %121, %122, %123, %124, %125, %126, %127"                           \
-      "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"                      \
+      "}, {%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n"                      \
       : PYKERNELS_D4(0), PYKERNELS_D4(1), PYKERNELS_D4(2), PYKERNELS_D4(3),      \
         PYKERNELS_D4(4), PYKERNELS_D4(5), PYKERNELS_D4(6), PYKERNELS_D4(7),      \
         PYKERNELS_D4(8), PYKERNELS_D4(9), PYKERNELS_D4(10), PYKERNELS_D4(11),    \
@@ -173,11 +185,11 @@ __device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const uint32_t 
         PYKERNELS_D4(20), PYKERNELS_D4(21), PYKERNELS_D4(22), PYKERNELS_D4(23),  \
         PYKERNELS_D4(24), PYKERNELS_D4(25), PYKERNELS_D4(26), PYKERNELS_D4(27),  \
         PYKERNELS_D4(28), PYKERNELS_D4(29), PYKERNELS_D4(30), PYKERNELS_D4(31)   \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1), "n"(TB))
 
 // d[32][4] += A B^T: A (64 x 16) in registers (this warp's 16 rows as the m16n8k16 A fragment a),
 // B (256 x 16) K-major in shared memory (descriptor db).
-template <typename T>
+template <typename T, int TB = 0>
 __device__ __forceinline__ void wgmma_rs_n256(float (&d)[32][4], const uint32_t (&a)[4], uint64_t db) {
   if constexpr (std::is_same_v<T, __half>) {
     PYKERNELS_WGMMA_RS_N256("f16");
@@ -199,15 +211,16 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t da, uint
   }
 }
 
-template <typename T, int N>
+// TB = 1: B is read MN-major (mnmajor_desc), the instruction's transpose-B immediate.
+template <typename T, int N, int TB = 0>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t db) {
   static_assert(N == 64 || N == 128 || N == 256, "wgmma_rs: N 64, 128 or 256");
   if constexpr (N == 64) {
-    wgmma_rs_n64<T>(d, a, db);
+    wgmma_rs_n64<T, TB>(d, a, db);
   } else if constexpr (N == 128) {
-    wgmma_rs_n128<T>(d, a, db);
+    wgmma_rs_n128<T, TB>(d, a, db);
   } else {
-    wgmma_rs_n256<T>(d, a, db);
+    wgmma_rs_n256<T, TB>(d, a, db);
   }
 }
 
