@@ -129,15 +129,18 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_sm90a_kernel(AttentionAr
 // ---------------------------------------------------------------------------------------------------------
 // The TMA / warp-specialised forward.
 
-// Tiles of head dim DP: NC consumer warpgroups of 64 query rows (BM rows a block), BN keys a stage, STAGES stages.
+// Tiles of head dim DP: NC consumer warpgroups of 64 query rows (BM rows a block), BN keys a stage (loaded together),
+// consumed SUB keys at a time, STAGES stages.
 // Shared memory (1024-byte aligned; every tile starts on a 1024-byte boundary, the 128-byte swizzle's period):
 // Q [DP/64 boxes][BM rows][64 columns], K and V [STAGES][DP/64 boxes][BN rows][64 columns], then the mbarriers.
-// Registers: the S accumulators are BN / 2 floats a thread, O's DP / 2.
+// Registers: the S accumulators are SUB / 2 floats a thread, O's DP / 2; SUB = 128 spilled at head dim 128 (a
+// consumer has 240 registers), and at 256 one warpgroup has 255 at most.
 template <int DP>
 struct TmaTiles {
   static constexpr int NC = DP == 256 ? 1 : 2;
   static constexpr int BM = 64 * NC;
   static constexpr int BN = DP == 256 ? 64 : 128;
+  static constexpr int SUB = DP == 64 ? BN : 64;  // keys of one S = Q K^T / softmax / P V step (registers)
   static constexpr int STAGES = 2;
   static constexpr int THREADS = 128 * (NC + 1);  // warpgroup 0: producer; 1..NC: consumers
   static constexpr int BOXES = DP / 64;           // 64-column (128-byte) boxes a row
@@ -147,6 +150,8 @@ struct TmaTiles {
   static constexpr int SMEM = 1024 + Q_BYTES + 2 * STAGES * KV_BYTES + BAR_BYTES;  // + alignment slack
   static constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;  // NC == 2: 128 * 24 + 256 * 240 <= 65536
   static_assert(SMEM <= 227 * 1024, "shared memory of one block on sm_90");
+  static_assert(BOXES * 64 == DP && BN % SUB == 0 && SUB % 16 == 0, "tile shapes");
+  static_assert(NC == 1 || 128 * PRODUCER_REGS + 128 * NC * CONSUMER_REGS <= 65536, "setmaxnreg: the register file");
 };
 
 template <typename T, int DP>
@@ -155,7 +160,7 @@ __global__ void __launch_bounds__(TmaTiles<DP>::THREADS, 1)
                               const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = TmaTiles<DP>;
-  constexpr int BM = C::BM, BN = C::BN, NC = C::NC, STAGES = C::STAGES;
+  constexpr int BM = C::BM, BN = C::BN, SUB = C::SUB, NC = C::NC, STAGES = C::STAGES;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t q_s = (smem_addr(smem_raw) + 1023u) & ~1023u;  // shared-window addresses
   const uint32_t k_s = q_s + C::Q_BYTES;
@@ -171,7 +176,8 @@ __global__ void __launch_bounds__(TmaTiles<DP>::THREADS, 1)
   key_range<BN>(a, s, m0, BM, lo, hi);  // one key range for the block: every consumer runs the same tiles
   // Boxes of 64 columns that hold any column of q / k (E) and of v (Ev); the others are never loaded nor read.
   const int qk_boxes = static_cast<int>((a.E + 63) / 64), v_boxes = static_cast<int>((a.Ev + 63) / 64);
-  const int wg = threadIdx.x / 128;
+  // warpgroup index, through a shuffle so that ptxas knows it is warp-uniform (descriptors in uniform registers)
+  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
 
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -181,6 +187,25 @@ __global__ void __launch_bounds__(TmaTiles<DP>::THREADS, 1)
     }
     mbar_init(q_full, 1);
     mbar_fence_init();
+  }
+  // The boxes no TMA load writes (columns at or past E, Ev when the head dims are below DP): zeros, once (no load
+  // ever overwrites them), so S = Q K^T runs every k16 step unconditionally (a runtime-skipped step would make
+  // ptxas serialise the wgmma chain) and the unused O columns stay finite. Boxes are contiguous, so each tile's
+  // unloaded part is one range. Ordinary stores: fenced for the async proxy (wgmma) before the barrier.
+  const auto zero_from = [&](uint32_t tile, int rows, int first_box) {
+    for (uint32_t p = tile + first_box * rows * 128 + threadIdx.x * 16; p < tile + C::BOXES * rows * 128;
+         p += C::THREADS * 16) {
+      st_shared_zero16(p);
+    }
+  };
+  if (qk_boxes < C::BOXES || v_boxes < C::BOXES) {
+    zero_from(q_s, BM, qk_boxes);
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st) {
+      zero_from(k_s + st * C::KV_BYTES, BN, qk_boxes);
+      zero_from(v_s + st * C::KV_BYTES, BN, v_boxes);
+    }
+    fence_proxy_async_smem();
   }
   __syncthreads();
 
@@ -211,11 +236,10 @@ __global__ void __launch_bounds__(TmaTiles<DP>::THREADS, 1)
 
   // Consumer warpgroup w: query rows [mw, mw + 64), warp `warp` of it rows mw + 16 warp + g (+ 8).
   if constexpr (NC > 1) setmaxnreg_inc<C::CONSUMER_REGS>();
-  const int w = wg - 1;
+  const int w = NC > 1 ? wg - 1 : 0;
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int mw = m0 + 64 * w;
   const int i0 = mw + warp * 16 + g;
-  const int qk_steps = 4 * qk_boxes;  // k16 steps of S = Q K^T over the loaded columns
   float o[DP / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const uint64_t dq = sw128_kmajor_desc(q_s + w * 64 * 128);  // this warpgroup's 64 rows of every Q box
@@ -223,52 +247,62 @@ __global__ void __launch_bounds__(TmaTiles<DP>::THREADS, 1)
   // Pingpong (NC == 2): named barrier 1 + w is "warpgroup w may issue its S = Q K^T", 256 threads: its own 128 wait
   // (bar.sync) for the other warpgroup's 128 arrivals (bar.arrive), which come right after that one issued its own
   // product. Warpgroup 1 lets warpgroup 0 go first; the arrivals are matched one for one with the waits (both run
-  // the same tiles; warpgroup 1 skips its arrival after the last tile), so no barrier is left half-arrived.
+  // the same SUB-key steps; warpgroup 1 skips its arrival after the last one), so no barrier is left half-arrived.
   if constexpr (NC > 1) {
-    if (w == 1 && lo < hi) named_bar_arrive(1, 256);
+    if (w == 1 && lo < hi) named_bar_arrive<1>(256);
   }
   int it = 0;
   for (int n0 = lo; n0 < hi; n0 += BN, ++it) {
     const int st = it % STAGES;
     mbar_wait(full(st), (it / STAGES) & 1);  // this stage's K and V have landed
     const uint32_t ks = k_s + st * C::KV_BYTES, vs = v_s + st * C::KV_BYTES;
-    float sc[BN / 8][4] = {};
-    if constexpr (NC > 1) named_bar_sync(1 + w, 256);
-    // Descriptors advance by adding (bytes >> 4) to the start-address field (addresses stay below 256 KiB): k16 step
-    // kk is box kk / 4, bytes 32 (kk % 4) of every 128-byte row.
-    const uint64_t dk = sw128_kmajor_desc(ks);
-    wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < DP / 16; ++kk) {
-      if (DP == 64 || kk < qk_steps) {
-        const uint64_t da = dq + ((kk / 4) * BM * 128 + (kk % 4) * 32) / 16;
-        const uint64_t db = dk + ((kk / 4) * BN * 128 + (kk % 4) * 32) / 16;
-        if constexpr (BN == 128) {
-          wgmma_ss_n128<T>(sc, da, db, kk > 0);
+    for (int sub = 0; sub < BN / SUB; ++sub) {
+      const int j0 = n0 + sub * SUB;  // keys [j0, j0 + SUB): rows sub * SUB.. of the stage's boxes (atom-aligned)
+      if (BN != SUB && j0 >= hi) break;  // the same for every consumer warpgroup: the pingpong stays matched
+      float sc[SUB / 8][4] = {};
+      if constexpr (NC > 1) {  // barrier ids as immediates: ptxas then reserves 3 hardware barriers, not all 16
+        if (w == 0) {
+          named_bar_sync<1>(256);
         } else {
-          wgmma_ss_n64<T>(sc, da, db, kk > 0);
+          named_bar_sync<2>(256);
         }
       }
-    }
-    wgmma_commit();
-    if constexpr (NC > 1) {
-      if (w == 0 || n0 + BN < hi) named_bar_arrive(2 - w, 256);  // the other warpgroup's turn
-    }
-    wgmma_wait_all();
-    fence_operands(sc);
-    softmax_tile<BN, DP>(a, s, b, h, drop, i0, n0, t, sc, m, l, o);
-    fence_operands(o);
-    const uint64_t dv = sw128_mnmajor_desc(vs, BN * 128);  // boxes of 64 head-dim columns BN * 128 bytes apart
-    wgmma_fence();
+      // Descriptors advance by adding (bytes >> 4) to the start-address field (addresses stay below 256 KiB): k16
+      // step kk is box kk / 4, bytes 32 (kk % 4) of every 128-byte row.
+      const uint64_t dk = sw128_kmajor_desc(ks + sub * SUB * 128);
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {  // keys 16 kk .. 16 kk + 15: two 8-key atoms, 2048 bytes a step
-      uint32_t pa[4];
-      frag_a_from_acc<T>(pa, sc[2 * kk], sc[2 * kk + 1]);
-      wgmma_rs_tb<T, DP>(o, pa, dv + kk * 2048 / 16);
+      for (int kk = 0; kk < DP / 16; ++kk) {
+        const uint64_t da = dq + ((kk / 4) * BM * 128 + (kk % 4) * 32) / 16;
+        const uint64_t db = dk + ((kk / 4) * BN * 128 + (kk % 4) * 32) / 16;
+        wgmma_ss<T, SUB>(sc, da, db, kk > 0);
+      }
+      wgmma_commit();
+      if constexpr (NC > 1) {
+        if (w == 0) {
+          named_bar_arrive<2>(256);  // the other warpgroup's turn
+        } else if (j0 + SUB < hi) {  // not after warpgroup 1's last step: warpgroup 0 waits for no more
+          named_bar_arrive<1>(256);
+        }
+      }
+      wgmma_wait_all();
+      fence_operands(sc);
+      softmax_tile<SUB, DP>(a, s, b, h, drop, i0, j0, t, sc, m, l, o);
+      fence_operands(o);
+      // boxes of 64 head-dim columns BN * 128 bytes apart; keys 16 kk.. of the sub-tile: two 8-key atoms, 2048 bytes
+      const uint64_t dv = sw128_mnmajor_desc(vs + sub * SUB * 128, BN * 128);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < SUB / 16; ++kk) {
+        uint32_t pa[4];
+        frag_a_from_acc<T>(pa, sc[2 * kk], sc[2 * kk + 1]);
+        wgmma_rs_tb<T, DP>(o, pa, dv + kk * 2048 / 16);
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+      fence_operands(o);
     }
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_operands(o);
     if (lane == 0) mbar_arrive(empty(st));  // this warp no longer reads the stage
   }
   finish_forward<T, DP>(a, s, b, h, mw, i0, warp, g, t, m, l, o);

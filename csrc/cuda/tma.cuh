@@ -87,11 +87,21 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* map, uint3
 // Named barriers (ids 1..15; 0 is __syncthreads) over `count` threads (a multiple of 32): sync waits until
 // `count` threads have arrived at this barrier, arrive only counts this thread and does not wait.
 
-__device__ __forceinline__ void named_bar_sync(int id, int count) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+// The id is an immediate, so ptxas knows which hardware barriers the kernel uses.
+template <int ID>
+__device__ __forceinline__ void named_bar_sync(int count) {
+  static_assert(ID >= 1 && ID < 16, "named barrier ids 1..15");
+  asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "r"(count) : "memory");
 }
-__device__ __forceinline__ void named_bar_arrive(int id, int count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+template <int ID>
+__device__ __forceinline__ void named_bar_arrive(int count) {
+  static_assert(ID >= 1 && ID < 16, "named barrier ids 1..15");
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(ID), "r"(count) : "memory");
+}
+
+// 16 zero bytes at shared address p (16-byte aligned).
+__device__ __forceinline__ void st_shared_zero16(uint32_t p) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(p), "r"(0) : "memory");
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 // wgmma on 128-byte-swizzled shared-memory tiles (sm_90a), the layout a TMA load with CU_TENSOR_MAP_SWIZZLE_128B
 // writes: matrix descriptors of the K-major and MN-major swizzled canonical layouts, S = A B^T with both operands in
-// shared memory (m64n128k16; m64n64k16 is wgmma.cuh's wgmma_ss_n64), and D += A B with A in registers and B
+// shared memory (m64n{32,64,128}k16, wgmma_ss), and D += A B with A in registers and B
 // MN-major in shared memory (the instruction's transpose bit for B, imm-trans-b = 1: allowed for f16/bf16 only).
 // Accumulators: the m16n8 fragment layout per warp of wgmma.cuh. Only code compiled for sm_90a may call them.
 //
@@ -34,6 +34,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "wgmma.cuh"  // wgmma_ss_n64
+
 namespace pykernels {
 namespace cuda {
 
@@ -53,6 +55,16 @@ __device__ __forceinline__ uint64_t sw128_mnmajor_desc(uint32_t addr, uint32_t b
 
 // The four accumulators of 8-column tile j, as read-write asm operands.
 #define PYKERNELS_D4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+
+#define PYKERNELS_WGMMA_SS_N32(TY)                                              \
+  asm volatile(                                                                 \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                              \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " {"              \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "                      \
+      "%12, %13, %14, %15"                                                      \
+      "}, %16, %17, p, 1, 1, 0, 0;\n}\n"                                        \
+      : PYKERNELS_D4(0), PYKERNELS_D4(1), PYKERNELS_D4(2), PYKERNELS_D4(3)      \
+      : "l"(da), "l"(db), "r"(scale_d))
 
 #define PYKERNELS_WGMMA_SS_N128(TY)                                             \
   asm volatile(                                                                 \
@@ -82,6 +94,24 @@ __device__ __forceinline__ void wgmma_ss_n128(float (&d)[16][4], uint64_t da, ui
   }
 }
 #undef PYKERNELS_WGMMA_SS_N128
+
+// d[N/8][4] (+)= A B^T for N = 32, 64 (wgmma.cuh's wgmma_ss_n64) or 128, both operands K-major in shared memory.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t da, uint64_t db, int scale_d) {
+  static_assert(N == 32 || N == 64 || N == 128, "wgmma_ss: N = 32, 64 or 128");
+  if constexpr (N == 32) {
+    if constexpr (std::is_same_v<T, __half>) {
+      PYKERNELS_WGMMA_SS_N32("f16");
+    } else {
+      PYKERNELS_WGMMA_SS_N32("bf16");
+    }
+  } else if constexpr (N == 64) {
+    wgmma_ss_n64<T>(d, da, db, scale_d);
+  } else {
+    wgmma_ss_n128<T>(d, da, db, scale_d);
+  }
+}
+#undef PYKERNELS_WGMMA_SS_N32
 
 #define PYKERNELS_WGMMA_RS_TB_N64(TY)                                           \
   asm volatile(                                                                 \
