@@ -113,3 +113,28 @@ def test_hopper_forward_uses_wgmma_only_in_the_sm90a_binary():
         for f in fns:
             assert no_local_memory(f), f"{sm}: local memory"
             assert ("HGMMA" in f) == (sm == "sm_90a"), f"{sm}: HGMMA {'HGMMA' in f}"
+
+
+def test_hopper_tma_forward_is_warp_specialised_only_in_the_sm90a_binary():
+    """attn_fwd_sm90a_tma_kernel (the FlashAttention-3-style forward: TMA loads into an mbarrier ring, a producer
+    warpgroup and wgmma consumer warpgroups), every instantiation (fp16/bf16 x head dim 64/128/256) of the sm_90a
+    binary: UTMALDG (cp.async.bulk.tensor), SYNCS (mbarrier init / arrive / try_wait), HGMMA with a transposed
+    (MN-major) B operand (V read as TMA stored it), no local memory; setmaxnreg (USETMAXREG) where there are two
+    consumer warpgroups (head dims 64, 128). In the other binaries a stub that traps."""
+    import re
+    arches = pykernels.build_info().get("arch_list", [])
+    if "9.0a" not in arches:
+        pytest.skip(f"built for {arches}: no sm_90a binary")
+    for sm, found in kernel_sass(("attn_fwd_sm90a_tma_kernel",)).items():
+        fns = found.get("attn_fwd_sm90a_tma_kernel", [])
+        assert len(fns) == 6, f"{sm}: {len(fns)} instantiations"
+        for f in fns:
+            name = f.split("\n", 1)[0]
+            assert no_local_memory(f), f"{sm} {name}: local memory"
+            if sm != "sm_90a":
+                assert "TRAP" in f and not re.search(r"\b(HGMMA|UTMALDG|SYNCS)", f), f"{sm} {name}: not a stub"
+                continue
+            for op in ("UTMALDG", "SYNCS.ARRIVE", "SYNCS.PHASECHK", "HGMMA"):
+                assert op in f, f"{name}: no {op}"
+            assert ".tnspB" in f, f"{name}: P V does not read V MN-major"
+            assert ("USETMAXREG" in f) == ("Li256E" not in name), f"{name}: setmaxnreg"
