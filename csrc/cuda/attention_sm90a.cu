@@ -292,13 +292,14 @@ __global__ void __launch_bounds__(TmaTiles<DP>::THREADS, 1)
       fence_operands(o);
       // boxes of 64 head-dim columns BN * 128 bytes apart; keys 16 kk.. of the sub-tile: two 8-key atoms, 2048 bytes
       const uint64_t dv = sw128_mnmajor_desc(vs + sub * SUB * 128, BN * 128);
+      // P packed to 16 bits for every k16 step before the fence: registers written after wgmma.fence would make
+      // ptxas fence (and serialise) each product of the chain.
+      uint32_t pa[SUB / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < SUB / 16; ++kk) frag_a_from_acc<T>(pa[kk], sc[2 * kk], sc[2 * kk + 1]);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < SUB / 16; ++kk) {
-        uint32_t pa[4];
-        frag_a_from_acc<T>(pa, sc[2 * kk], sc[2 * kk + 1]);
-        wgmma_rs_tb<T, DP>(o, pa, dv + kk * 2048 / 16);
-      }
+      for (int kk = 0; kk < SUB / 16; ++kk) wgmma_rs_tb<T, DP>(o, pa[kk], dv + kk * 2048 / 16);
       wgmma_commit();
       wgmma_wait_all();
       fence_operands(o);
