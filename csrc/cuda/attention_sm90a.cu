@@ -109,13 +109,12 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_sm90a_kernel(AttentionAr
     fence_operands(sc);
     softmax_tile<BN, DP>(a, s, b, h, drop, i0, n0, t, sc, m, l, o);
     fence_operands(o);
+    uint32_t pa[BN / 16][4];  // packed before the fence: the products then issue without waits between them
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) frag_a_from_acc<T>(pa[kk], sc[2 * kk], sc[2 * kk + 1]);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t pa[4];
-      frag_a_from_acc<T>(pa, sc[2 * kk], sc[2 * kk + 1]);
-      wgmma_pv<T, DP>(o, pa, kmajor_desc(Vt + kk * 128, BN));
-    }
+    for (int kk = 0; kk < BN / 16; ++kk) wgmma_pv<T, DP>(o, pa[kk], kmajor_desc(Vt + kk * 128, BN));
     wgmma_commit();
     wgmma_wait_all();
     fence_operands(o);
