@@ -220,15 +220,18 @@ __global__ void __launch_bounds__(TmaTiles<DP>::THREADS, 1)
     const int qb = a.cu_q ? 0 : static_cast<int>(b), kb = qb;
     const int q_row = static_cast<int>(s.q0) + m0, k_row0 = static_cast<int>(s.k0);
     mbar_arrive_expect_tx(q_full, static_cast<uint32_t>(qk_boxes * BM * 128));
-    for (int c = 0; c < qk_boxes; ++c) tma_load_4d(q_s + c * BM * 128, &tq, q_full, 64 * c, q_row, (int)h, qb);
+    for (int c = 0; c < qk_boxes; ++c) {
+      tma_load_4d(q_s + c * BM * 128, &tq, q_full, 64 * c, q_row, static_cast<int>(h), qb);
+    }
     int it = 0;
     for (int n0 = lo; n0 < hi; n0 += BN, ++it) {
       const int st = it % STAGES;
       mbar_wait(empty(st), ((it / STAGES) & 1) ^ 1);  // the consumers released the stage's previous tiles
       mbar_arrive_expect_tx(full(st), static_cast<uint32_t>((qk_boxes + v_boxes) * BN * 128));
       const uint32_t ks = k_s + st * C::KV_BYTES, vs = v_s + st * C::KV_BYTES;
-      for (int c = 0; c < qk_boxes; ++c) tma_load_4d(ks + c * BN * 128, &tk, full(st), 64 * c, k_row0 + n0, (int)hk, kb);
-      for (int c = 0; c < v_boxes; ++c) tma_load_4d(vs + c * BN * 128, &tv, full(st), 64 * c, k_row0 + n0, (int)hk, kb);
+      const int kh = static_cast<int>(hk);
+      for (int c = 0; c < qk_boxes; ++c) tma_load_4d(ks + c * BN * 128, &tk, full(st), 64 * c, k_row0 + n0, kh, kb);
+      for (int c = 0; c < v_boxes; ++c) tma_load_4d(vs + c * BN * 128, &tv, full(st), 64 * c, k_row0 + n0, kh, kb);
     }
     return;
   }
@@ -241,7 +244,6 @@ __global__ void __launch_bounds__(TmaTiles<DP>::THREADS, 1)
   const int i0 = mw + warp * 16 + g;
   float o[DP / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  const uint64_t dq = sw128_kmajor_desc(q_s + w * 64 * 128);  // this warpgroup's 64 rows of every Q box
   mbar_wait(q_full, 0);
   // Pingpong (NC == 2): named barrier 1 + w is "warpgroup w may issue its S = Q K^T", 256 threads: its own 128 wait
   // (bar.sync) for the other warpgroup's 128 arrivals (bar.arrive), which come right after that one issued its own
@@ -267,14 +269,13 @@ __global__ void __launch_bounds__(TmaTiles<DP>::THREADS, 1)
           named_bar_sync<2>(256);
         }
       }
-      // Descriptors advance by adding (bytes >> 4) to the start-address field (addresses stay below 256 KiB): k16
-      // step kk is box kk / 4, bytes 32 (kk % 4) of every 128-byte row.
-      const uint64_t dk = sw128_kmajor_desc(ks + sub * SUB * 128);
+      // S = Q K^T: this warpgroup's 64 rows of Q, the sub-tile's SUB rows of K; k16 step kk is box kk / 4, bytes
+      // 32 (kk % 4) of every 128-byte row (wgmma_sw128.cuh).
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < DP / 16; ++kk) {
-        const uint64_t da = dq + ((kk / 4) * BM * 128 + (kk % 4) * 32) / 16;
-        const uint64_t db = dk + ((kk / 4) * BN * 128 + (kk % 4) * 32) / 16;
+        const uint64_t da = sw128_kmajor_tile_desc(q_s, BM, 64 * w, kk);
+        const uint64_t db = sw128_kmajor_tile_desc(ks, BN, sub * SUB, kk);
         wgmma_ss<T, SUB>(sc, da, db, kk > 0);
       }
       wgmma_commit();
@@ -289,8 +290,7 @@ __global__ void __launch_bounds__(TmaTiles<DP>::THREADS, 1)
       fence_operands(sc);
       softmax_tile<SUB, DP>(a, s, b, h, drop, i0, j0, t, sc, m, l, o);
       fence_operands(o);
-      // boxes of 64 head-dim columns BN * 128 bytes apart; keys 16 kk.. of the sub-tile: two 8-key atoms, 2048 bytes
-      const uint64_t dv = sw128_mnmajor_desc(vs + sub * SUB * 128, BN * 128);
+      // O += P V: V MN-major, keys 16 kk.. of the sub-tile (two 8-key atoms), head-dim boxes BN * 128 bytes apart
       // P packed to 16 bits for every k16 step before the fence: registers written after wgmma.fence would make
       // ptxas fence (and serialise) each product of the chain.
       uint32_t pa[SUB / 16][4];
@@ -298,7 +298,9 @@ __global__ void __launch_bounds__(TmaTiles<DP>::THREADS, 1)
       for (int kk = 0; kk < SUB / 16; ++kk) frag_a_from_acc<T>(pa[kk], sc[2 * kk], sc[2 * kk + 1]);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < SUB / 16; ++kk) wgmma_rs_tb<T, DP>(o, pa[kk], dv + kk * 2048 / 16);
+      for (int kk = 0; kk < SUB / 16; ++kk) {
+        wgmma_rs_tb<T, DP>(o, pa[kk], sw128_mnmajor_tile_desc(vs, BN, sub * SUB, kk));
+      }
       wgmma_commit();
       wgmma_wait_all();
       fence_operands(o);

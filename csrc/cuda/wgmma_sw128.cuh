@@ -39,18 +39,43 @@
 namespace pykernels {
 namespace cuda {
 
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+__host__ __device__ constexpr uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
   return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t((lbo & 0x3FFFF) >> 4) << 16) |
          (uint64_t((sbo & 0x3FFFF) >> 4) << 32) | (uint64_t(1) << 62);
 }
 
 // K-major 128-byte-swizzled operand whose k16 step starts at shared address `addr` (atom base + 32 (kk % 4)).
-__device__ __forceinline__ uint64_t sw128_kmajor_desc(uint32_t addr) { return sw128_desc(addr, 16, 1024); }
+__host__ __device__ constexpr uint64_t sw128_kmajor_desc(uint32_t addr) { return sw128_desc(addr, 16, 1024); }
 
 // MN-major 128-byte-swizzled operand whose k16 step starts at shared address `addr` (an atom base); the boxes of 64
 // MN-elements are `box_bytes` apart.
-__device__ __forceinline__ uint64_t sw128_mnmajor_desc(uint32_t addr, uint32_t box_bytes) {
+__host__ __device__ constexpr uint64_t sw128_mnmajor_desc(uint32_t addr, uint32_t box_bytes) {
   return sw128_desc(addr, box_bytes, 1024);
+}
+
+// Where k16 step kk starts, in bytes from the tile: a K-major tile of `rows` rows stored as boxes of 64 columns
+// (rows * 128 bytes each): box kk / 4, bytes 32 (kk % 4) into every row. Added to a descriptor as bytes >> 4.
+__host__ __device__ constexpr uint32_t sw128_kmajor_step(int rows, int kk) {
+  return static_cast<uint32_t>((kk / 4) * rows * 128 + (kk % 4) * 32);
+}
+// An MN-major tile whose rows are K: step kk is rows 16 kk .. 16 kk + 15, two 8-row atoms of 1024 bytes.
+__host__ __device__ constexpr uint32_t sw128_mnmajor_step(int kk) { return static_cast<uint32_t>(kk * 2048); }
+
+// The descriptors the kernels use: k16 step kk of rows [row0, row0 + M or N) of a K-major tile of `rows` rows (boxes
+// of 64 columns) at shared address `tile`; k16 step kk (K rows 16 kk.., from row0) of an MN-major tile of `rows`
+// K-rows whose boxes of 64 MN-columns are rows * 128 bytes apart. row0 a multiple of 8, tile 1024-byte aligned.
+__host__ __device__ constexpr uint64_t sw128_kmajor_tile_desc(uint32_t tile, int rows, int row0, int kk) {
+  return sw128_kmajor_desc(tile + row0 * 128) + sw128_kmajor_step(rows, kk) / 16;
+}
+__host__ __device__ constexpr uint64_t sw128_mnmajor_tile_desc(uint32_t tile, int rows, int row0, int kk) {
+  return sw128_mnmajor_desc(tile + row0 * 128, rows * 128) + sw128_mnmajor_step(kk) / 16;
+}
+
+// Where a TMA load with CU_TENSOR_MAP_SWIZZLE_128B puts element (r, c) of a tile of `rows` rows loaded as boxes of
+// 64 columns, in bytes from the (1024-byte aligned) tile: chunk (c % 64) / 8 of row r lands at chunk
+// ((c % 64) / 8) ^ (r % 8). For checks (tests/test_attention_cuda.py); the kernels only compute descriptors.
+__host__ __device__ constexpr uint32_t sw128_tma_offset(int rows, int r, int c) {
+  return static_cast<uint32_t>((c / 64) * rows * 128 + r * 128 + ((((c % 64) / 8) ^ (r % 8)) * 16) + (c % 8) * 2);
 }
 
 // The four accumulators of 8-column tile j, as read-write asm operands.
