@@ -144,6 +144,8 @@ Call make_call(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, c
     TORCH_CHECK(c.v.size(2) == a.S, op, ": v must have k's length ", a.S, ", got ", c.v.size(2));
   }
   TORCH_CHECK(a.L < (int64_t(1) << 31) && a.S < (int64_t(1) << 31), op, ": sequence lengths must be below 2^31");
+  a.rows_q = c.varlen ? c.q.size(0) : a.L;
+  a.rows_k = c.varlen ? c.k.size(0) : a.S;
   a.q = view_of(c.q, c.varlen);
   a.k = view_of(c.k, c.varlen);
   a.v = view_of(c.v, c.varlen);

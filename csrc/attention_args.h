@@ -28,6 +28,8 @@ struct AttentionArgs {
   int64_t B = 0, H = 0, Hk = 0;  // Hk divides H: query head h reads kv head h / (H / Hk)
   int64_t L = 0, S = 0;          // dense: the lengths; varlen: the longest sequence (sizes the grid)
   int64_t E = 0, Ev = 0;
+  int64_t rows_q = 0, rows_k = 0;  // rows of q and of k / v along their row dim: L, S dense, all sequences' rows
+                                   // varlen (the TMA maps' bounds; 0 = unknown: no TMA)
   float scale = 1.f, softcap = 0.f;  // softcap 0 = off
   bool causal = false, bottom_right = false;  // bottom_right (varlen): each sequence's diagonal moves by S_b - L_b
   int64_t diag = 0, win_left = -1, win_right = -1;  // key j visible to query i: j <= i + diag (causal) and

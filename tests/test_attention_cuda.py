@@ -132,5 +132,181 @@ def test_hopper_kernels_use_wgmma_only_in_the_sm90a_binary():
             if sm == "sm_90a":
                 assert sorted(map(sorted, shapes)) == sorted(sorted(v) for v in by_dim.values() for _ in (0, 1)), \
                     f"{kern}: wgmma shapes {shapes}"
-                if "bwd" in kern:  # operands whose rows are the reduction read MN-major in place, tiles by cp.async
-                    assert all("tnspB" in f and "LDGSTS" in f for f in fns), kern
+                # operands whose rows are the reduction read MN-major in place; tiles by cp.async
+                assert all("tnspB" in f and "LDGSTS" in f for f in fns), kern
+
+
+def test_hopper_tma_forward_is_warp_specialised_only_in_the_sm90a_binary():
+    """attn_fwd_sm90a_tma_kernel (the FlashAttention-3-style forward: TMA loads into an mbarrier ring, a producer
+    warpgroup and wgmma consumer warpgroups), every instantiation (fp16/bf16 x head dim 64/128/256) of the sm_90a
+    binary: UTMALDG (cp.async.bulk.tensor), SYNCS (mbarrier init / arrive / try_wait), HGMMA with a transposed
+    (MN-major) B operand (V read as TMA stored it), no local memory; setmaxnreg (USETMAXREG) where there are two
+    consumer warpgroups (head dims 64, 128). In the other binaries a stub that traps."""
+    import re
+    arches = pykernels.build_info().get("arch_list", [])
+    if "9.0a" not in arches:
+        pytest.skip(f"built for {arches}: no sm_90a binary")
+    for sm, found in kernel_sass(("attn_fwd_sm90a_tma_kernel",)).items():
+        fns = found.get("attn_fwd_sm90a_tma_kernel", [])
+        assert len(fns) == 6, f"{sm}: {len(fns)} instantiations"
+        for f in fns:
+            name = f.split("\n", 1)[0]
+            assert no_local_memory(f), f"{sm} {name}: local memory"
+            if sm != "sm_90a":
+                assert "TRAP" in f and not re.search(r"\b(HGMMA|UTMALDG|SYNCS)", f), f"{sm} {name}: not a stub"
+                continue
+            for op in ("UTMALDG", "SYNCS.ARRIVE", "SYNCS.PHASECHK", "HGMMA"):
+                assert op in f, f"{name}: no {op}"
+            assert ".tnspB" in f, f"{name}: P V does not read V MN-major"
+            assert ("USETMAXREG" in f) == ("Li256E" not in name), f"{name}: setmaxnreg"
+
+
+_SW128_MAIN = r'''
+// Checks, on the host, that the wgmma descriptors of the Hopper TMA forward (csrc/cuda/wgmma_sw128.cuh, the functions
+// the kernel calls) address exactly the bytes where the TMA loads put each element. The descriptor is decoded and
+// its addresses generated as the PTX ISA's canonical layouts define them (CUTLASS's notation, in 16-byte units,
+// Swizzle<3,4,3> on the byte address):
+//   K-major, 128-byte swizzle:  ((8, m), 2) : ((8, SBO), 1)          element (row r, k) of a k16 step
+//   MN-major, 128-byte swizzle: ((8, n), (8, k)) : ((1, LBO), (8, SBO))  element (k, column n)
+// and the TMA side by sw128_tma_offset (CU_TENSOR_MAP_SWIZZLE_128B: 16-byte chunk c of row r at c ^ (r % 8)).
+#include <cstdio>
+#include "cuda/wgmma_sw128.cuh"
+using namespace pykernels::cuda;
+
+static unsigned swz(unsigned a) { return a ^ (((a >> 7) & 7u) << 4); }
+struct D { unsigned start, lbo, sbo, mode; };
+static D decode(unsigned long long d) {
+  return {unsigned(d & 0x3FFF) << 4, unsigned((d >> 16) & 0x3FFF) << 4, unsigned((d >> 32) & 0x3FFF) << 4,
+          unsigned(d >> 62)};
+}
+static unsigned kmajor_addr(D d, int r, int k) {  // 16-bit elements: k in [0, 16)
+  return swz(d.start + (r / 8) * d.sbo + (r % 8) * 128 + (k / 8) * 16 + (k % 8) * 2);
+}
+static unsigned mnmajor_addr(D d, int k, int n) {
+  return swz(d.start + (n / 64) * d.lbo + (k / 8) * d.sbo + (k % 8) * 128 + ((n % 64) / 8) * 16 + (n % 8) * 2);
+}
+static int bad = 0;
+static void expect(bool ok, const char* what, int a, int b, int c, int d) {
+  if (!ok && bad++ < 10) printf("MISMATCH %s %d %d %d %d\n", what, a, b, c, d);
+}
+
+int main() {
+  const unsigned base = 3 * 1024;  // any 1024-byte aligned tile
+  // configurations of attn_fwd_sm90a_tma_kernel: (DP, BM, BN, SUB)
+  const int cfg[3][4] = {{64, 128, 128, 128}, {128, 128, 128, 64}, {256, 64, 64, 64}};
+  for (const auto& c : cfg) {
+    const int DP = c[0], BM = c[1], BN = c[2], SUB = c[3];
+    for (int w = 0; w < BM / 64; ++w)  // A = Q: this warpgroup's 64 rows, every k16 step of the head dim
+      for (int kk = 0; kk < DP / 16; ++kk) {
+        const D d = decode(sw128_kmajor_tile_desc(base, BM, 64 * w, kk));
+        expect(d.mode == 1 && d.sbo == 1024, "Q fields", DP, w, kk, 0);
+        for (int r = 0; r < 64; ++r)
+          for (int k = 0; k < 16; ++k)
+            expect(kmajor_addr(d, r, k) == base + sw128_tma_offset(BM, 64 * w + r, 16 * kk + k), "Q", DP, r, kk, k);
+      }
+    for (int sub = 0; sub < BN / SUB; ++sub) {
+      for (int kk = 0; kk < DP / 16; ++kk) {  // B = K (N = SUB keys x K = 16 head-dim columns)
+        const D d = decode(sw128_kmajor_tile_desc(base, BN, sub * SUB, kk));
+        for (int n = 0; n < SUB; ++n)
+          for (int k = 0; k < 16; ++k)
+            expect(kmajor_addr(d, n, k) == base + sw128_tma_offset(BN, sub * SUB + n, 16 * kk + k), "K", DP, n, kk, k);
+      }
+      for (int kk = 0; kk < SUB / 16; ++kk) {  // B = V (K = 16 keys x N = DP head-dim columns), MN-major
+        const D d = decode(sw128_mnmajor_tile_desc(base, BN, sub * SUB, kk));
+        expect(d.mode == 1 && d.sbo == 1024 && d.lbo == unsigned(BN * 128), "V fields", DP, sub, kk, 0);
+        for (int k = 0; k < 16; ++k)
+          for (int n = 0; n < DP; ++n)
+            expect(mnmajor_addr(d, k, n) == base + sw128_tma_offset(BN, sub * SUB + 16 * kk + k, n), "V", DP, k, kk, n);
+      }
+    }
+  }
+  printf(bad ? "FAILED %d\n" : "OK\n", bad);
+  return bad != 0;
+}
+'''
+
+
+def test_hopper_tma_descriptors_address_what_tma_wrote(tmp_path):
+    """The swizzle-128B wgmma descriptors of the Hopper TMA forward (the header's functions, compiled for the host by
+    nvcc) address, element for element, the shared-memory bytes where TMA's 128-byte swizzle puts Q, K and V:
+    decoded and expanded as the PTX ISA's canonical K-major / MN-major layouts, for the kernel's three tile
+    configurations, both consumer warpgroups and every k16 step and sub-tile."""
+    _host_check(tmp_path, _SW128_MAIN)
+
+
+_NOSW_MAIN = r"""
+// Checks, on the host, that the no-swizzle wgmma descriptors of the Hopper fallback forward and the Hopper backward
+// (kmajor_desc_at / mnmajor_desc_at of csrc/cuda/wgmma.cuh, at the offsets attention_sm90a_tiles.cuh uses) address
+// exactly the elements the tile loads wrote (element (r, c) of a C-column tile at 2 kmajor_offset(r, c, C) bytes).
+// The descriptor is decoded and expanded as the PTX ISA's canonical no-swizzle layouts (CUTLASS INTERLEAVE, bytes):
+//   K-major,  element (row m, k < 16):  start + (m / 8) SBO + (m % 8) 16 + (k / 8) LBO + (k % 8) 2
+//   MN-major, element (k < 16, col n):  start + (n / 8) SBO + (k / 8) LBO + (k % 8) 16 + (n % 8) 2
+#include <cstdio>
+#include "cuda/wgmma.cuh"
+using namespace pykernels::cuda;
+
+struct D { unsigned start, lbo, sbo, mode; };
+static D decode(unsigned long long d) {
+  return {unsigned(d & 0x3FFF) << 4, unsigned((d >> 16) & 0x3FFF) << 4, unsigned((d >> 32) & 0x3FFF) << 4,
+          unsigned(d >> 62)};
+}
+static int bad = 0;
+static void expect(bool ok, const char* what, int a, int b, int c, int d) {
+  if (!ok && bad++ < 10) printf("MISMATCH %s %d %d %d %d\n", what, a, b, c, d);
+}
+
+int main() {
+  const unsigned base = 4096;
+  for (int C : {64, 128, 256}) {     // K-major reads: a tile of `rows` rows x C columns, k16 step kk at + 128 kk
+    for (int rows : {32, 64}) {
+      for (int kk = 0; kk < C / 16; ++kk) {
+        const D d = decode(kmajor_desc_at(base + 2 * 128 * kk, C));
+        expect(d.mode == 0, "K mode", C, rows, kk, 0);
+        for (int m = 0; m < rows; ++m)
+          for (int k = 0; k < 16; ++k)
+            expect(d.start + (m / 8) * d.sbo + (m % 8) * 16 + (k / 8) * d.lbo + (k % 8) * 2 ==
+                       base + 2 * kmajor_offset(m, 16 * kk + k, C), "K", C, m, kk, k);
+      }
+      // MN-major reads (wgmma_acc): rows are the reduction, columns [c0, c0 + N) the product's N
+      for (int c0 : {0, 128}) {
+        if (c0 >= C) continue;
+        const int N = C - c0 < 128 ? C - c0 : 128;
+        for (int kk = 0; kk < rows / 16; ++kk) {
+          const D d = decode(mnmajor_desc_at(base + 2 * kmajor_offset(16 * kk, c0, C), C));
+          for (int k = 0; k < 16; ++k)
+            for (int n = 0; n < N; ++n)
+              expect(d.start + (n / 8) * d.sbo + (k / 8) * d.lbo + (k % 8) * 16 + (n % 8) * 2 ==
+                         base + 2 * kmajor_offset(16 * kk + k, c0 + n, C), "MN", C, k, kk, n);
+        }
+      }
+    }
+  }
+  printf(bad ? "FAILED %d\n" : "OK\n", bad);
+  return bad != 0;
+}
+"""
+
+
+def test_hopper_noswizzle_descriptors_address_what_the_loads_wrote(tmp_path):
+    """The no-swizzle wgmma descriptors (the Hopper backward and the fallback forward; csrc/cuda/wgmma.cuh, compiled
+    for the host by nvcc), decoded and expanded as the PTX ISA's canonical K-major / MN-major layouts, address
+    element for element where the tile loads put each value (kmajor_offset), for every k16 step, head dim 64/128/256,
+    query tiles of 32 and 64 rows and both 128-column halves: swapped stride/leading offsets or a wrong step fail."""
+    _host_check(tmp_path, _NOSW_MAIN)
+
+
+def _host_check(tmp_path, main):
+    import os
+    import subprocess
+
+    from test_build import _nvcc
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc")
+    src = tmp_path / "check_main.cu"
+    src.write_text(main)
+    exe = tmp_path / "check_main"
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    subprocess.run([nvcc, "-std=c++17", f"-I{root}", str(src), "-o", str(exe)], check=True, capture_output=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout[-2000:]

@@ -21,12 +21,18 @@ __host__ __device__ constexpr int kmajor_offset(int r, int k, int K) {
   return ((r >> 3) * (K >> 3) + (k >> 3)) * 64 + (r & 7) * 8 + (k & 7);
 }
 
-// Descriptor of such a tile starting at `tile` (16-byte aligned): leading (K-direction) byte offset 128 between
-// core matrices, stride (8-row) byte offset K * 16, no swizzle, base offset 0.
-__device__ __forceinline__ uint64_t kmajor_desc(const uint16_t* tile, int K) {
-  const uint32_t addr = smem_addr(tile);
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(128 >> 4) << 16) | (uint64_t((K * 16) >> 4) << 32);
+// No-swizzle matrix descriptor (PTX ISA "matrix descriptor"): [0:13] start address >> 4, [16:29] leading byte
+// offset >> 4, [32:45] stride byte offset >> 4, base offset 0, layout type 0 (no swizzle). Host and device: the
+// CPU tier decodes them (tests/test_attention_cuda.py).
+__host__ __device__ constexpr uint64_t nosw_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t((lbo & 0x3FFFF) >> 4) << 16) |
+         (uint64_t((sbo & 0x3FFFF) >> 4) << 32);
 }
+
+// Such a tile of K columns at shared address `addr` (16-byte aligned), read K-major: core matrices adjacent along K
+// 128 bytes apart (leading byte offset), 8-row groups K * 16 bytes apart (stride byte offset).
+__host__ __device__ constexpr uint64_t kmajor_desc_at(uint32_t addr, int K) { return nosw_desc(addr, 128, K * 16); }
+__device__ __forceinline__ uint64_t kmajor_desc(const uint16_t* tile, int K) { return kmajor_desc_at(smem_addr(tile), K); }
 
 // The same tile read MN-major, as the B operand of a product whose reduction runs along its rows (V in O += P V,
 // K in dQ += dS K, Q and dO in dK, dV): B's K = the tile's row r, B's N = its column c. A core matrix is then 8 K
@@ -35,10 +41,8 @@ __device__ __forceinline__ uint64_t kmajor_desc(const uint16_t* tile, int K) {
 // offset steps between core matrices adjacent along N (here 128 bytes: the next 8 columns), the leading byte
 // offset between those adjacent along K (here C * 16 bytes: the next 8 rows of a C-column tile). The product must
 // set the instruction's transpose-B immediate (wgmma_rs<..., 1>). 16 steps of K are 16 rows: tile + 16 * C.
-__device__ __forceinline__ uint64_t mnmajor_desc(const uint16_t* tile, int C) {
-  const uint32_t addr = smem_addr(tile);
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t((C * 16) >> 4) << 16) | (uint64_t(128 >> 4) << 32);
-}
+__host__ __device__ constexpr uint64_t mnmajor_desc_at(uint32_t addr, int C) { return nosw_desc(addr, C * 16, 128); }
+__device__ __forceinline__ uint64_t mnmajor_desc(const uint16_t* tile, int C) { return mnmajor_desc_at(smem_addr(tile), C); }
 
 // Ordinary shared-memory stores made visible to the tensor cores' (async proxy) reads; each writing thread, before
 // the barrier that precedes the wgmma.
@@ -107,6 +111,35 @@ __device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t da, uint
   }
 }
 #undef PYKERNELS_WGMMA_SS_N64
+
+#define PYKERNELS_WGMMA_SS_N128(TY)                                             \
+  asm volatile(                                                                 \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                              \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {"             \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "                      \
+      "%12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "            \
+      "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "            \
+      "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "            \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, "            \
+      "%60, %61, %62, %63"                                                      \
+      "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                        \
+      : PYKERNELS_D4(0), PYKERNELS_D4(1), PYKERNELS_D4(2), PYKERNELS_D4(3),     \
+        PYKERNELS_D4(4), PYKERNELS_D4(5), PYKERNELS_D4(6), PYKERNELS_D4(7),     \
+        PYKERNELS_D4(8), PYKERNELS_D4(9), PYKERNELS_D4(10), PYKERNELS_D4(11),   \
+        PYKERNELS_D4(12), PYKERNELS_D4(13), PYKERNELS_D4(14), PYKERNELS_D4(15)  \
+      : "l"(da), "l"(db), "r"(scale_d))
+
+// d[16][4] (+)= A B^T: A (64 x 16) and B (128 x 16) K-major in shared memory (descriptors da, db); scale_d 0
+// overwrites d.
+template <typename T>
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[16][4], uint64_t da, uint64_t db, int scale_d) {
+  if constexpr (std::is_same_v<T, __half>) {
+    PYKERNELS_WGMMA_SS_N128("f16");
+  } else {
+    PYKERNELS_WGMMA_SS_N128("bf16");
+  }
+}
+#undef PYKERNELS_WGMMA_SS_N128
 
 #define PYKERNELS_WGMMA_RS_N64(TY)                                          \
   asm volatile(                                                             \
@@ -203,11 +236,13 @@ __device__ __forceinline__ void wgmma_rs_n256(float (&d)[32][4], const uint32_t 
 // The products by N (the accumulator columns: d[N / 8][4]).
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t da, uint64_t db, int scale_d) {
-  static_assert(N == 32 || N == 64, "wgmma_ss: N 32 or 64");
+  static_assert(N == 32 || N == 64 || N == 128, "wgmma_ss: N 32, 64 or 128");
   if constexpr (N == 32) {
     wgmma_ss_n32<T>(d, da, db, scale_d);
-  } else {
+  } else if constexpr (N == 64) {
     wgmma_ss_n64<T>(d, da, db, scale_d);
+  } else {
+    wgmma_ss_n128<T>(d, da, db, scale_d);
   }
 }
 
