@@ -146,3 +146,23 @@ def test_missing_extension_degrades_gracefully():
     p = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "disabled" in p.stdout
+
+
+def test_cuda_sources_are_cpp17_clean():
+    """The GPU machines build the extension with their own torch (2.11), whose cpp_extension compiles .cu files as
+    C++17; this machine's torch uses C++20. Every .cu file must pass nvcc's front end as C++17 with warnings as
+    errors (a C++20-only construct, e.g. a lambda with template parameters, would otherwise only show up on the
+    GPU machine, where build minutes are scarce)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    csrc = os.path.join(root, "csrc")
+    sources = sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
+    assert sources
+    procs = [(src, subprocess.Popen(
+        [nvcc, "-std=c++17", "-Werror", "all-warnings", "-gencode=arch=compute_90a,code=compute_90a", "-cuda",
+         f"-I{csrc}", src, "-o", os.devnull], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        for src in sources]
+    failed = {os.path.basename(src): p.communicate()[0][-1500:] for src, p in procs if p.wait() != 0}
+    assert not failed, failed

@@ -285,11 +285,15 @@ cudaError_t bwd(const AttentionArgs& a, cudaStream_t stream) {
 
 cudaError_t attention_fwd(const AttentionArgs& a, cudaStream_t stream) {
   if (attention_sm90a_ready()) return attention_fwd_sm90a(a, stream);
-  return dispatch_head_dim(a, [&]<typename T, int DP>() { return fwd<T, DP>(a, stream); });
+  return dispatch_head_dim(a, [&](auto ty, auto dp) {
+    return fwd<typename decltype(ty)::type, decltype(dp)::value>(a, stream);
+  });
 }
 cudaError_t attention_bwd(const AttentionArgs& a, cudaStream_t stream) {
   if (attention_sm90a_ready()) return attention_bwd_sm90a(a, stream);
-  return dispatch_head_dim(a, [&]<typename T, int DP>() { return bwd<T, DP>(a, stream); });
+  return dispatch_head_dim(a, [&](auto ty, auto dp) {
+    return bwd<typename decltype(ty)::type, decltype(dp)::value>(a, stream);
+  });
 }
 
 }  // namespace cuda

@@ -167,7 +167,9 @@ cudaError_t bwd90(const AttentionArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t attention_bwd_sm90a(const AttentionArgs& a, cudaStream_t stream) {
-  return dispatch_head_dim(a, [&]<typename T, int DP>() { return bwd90<T, DP>(a, stream); });
+  return dispatch_head_dim(a, [&](auto ty, auto dp) {
+    return bwd90<typename decltype(ty)::type, decltype(dp)::value>(a, stream);
+  });
 }
 
 }  // namespace cuda

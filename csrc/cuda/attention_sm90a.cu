@@ -380,7 +380,9 @@ bool attention_sm90a_ready() {
 }
 
 cudaError_t attention_fwd_sm90a(const AttentionArgs& a, cudaStream_t stream) {
-  return dispatch_head_dim(a, [&]<typename T, int DP>() { return fwd90_tma<T, DP>(a, stream); });
+  return dispatch_head_dim(a, [&](auto ty, auto dp) {
+    return fwd90_tma<typename decltype(ty)::type, decltype(dp)::value>(a, stream);
+  });
 }
 
 }  // namespace cuda

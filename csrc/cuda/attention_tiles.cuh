@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "../attention_args.h"
 #include "attention.h"  // kAttentionMaxHeadDim
@@ -412,20 +413,26 @@ __device__ __forceinline__ void finish_forward(const AttentionArgs& a, const Seq
 // ---------------------------------------------------------------------------------------------------------
 // Launch.
 
-// f.template operator()<T, DP>() for the call's type (fp16 / bf16) and head dim max(E, Ev) padded to DP = 64, 128
-// or 256: one instantiation per type and DP (zero columns cost FLOPs, not results).
+// f(TypeTag<T>{}, std::integral_constant<int, DP>{}) for the call's type (fp16 / bf16) and head dim max(E, Ev)
+// padded to DP = 64, 128 or 256: one instantiation per type and DP (zero columns cost FLOPs, not results). Tags
+// rather than a C++20 template lambda: the GPU machines' torch builds extensions as C++17.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
 template <typename F>
 inline cudaError_t dispatch_head_dim(const AttentionArgs& a, F f) {
   const int64_t d = a.E > a.Ev ? a.E : a.Ev;
   if (d > kAttentionMaxHeadDim || d < 1) return cudaErrorInvalidValue;
-  const auto padded = [&]<typename T>() -> cudaError_t {
-    if (d <= 64) return f.template operator()<T, 64>();
-    if (d <= 128) return f.template operator()<T, 128>();
-    return f.template operator()<T, 256>();
+  const auto padded = [&](auto ty) -> cudaError_t {
+    if (d <= 64) return f(ty, std::integral_constant<int, 64>{});
+    if (d <= 128) return f(ty, std::integral_constant<int, 128>{});
+    return f(ty, std::integral_constant<int, 256>{});
   };
   switch (a.dtype) {
-    case DType::F16: return padded.template operator()<__half>();
-    case DType::BF16: return padded.template operator()<__nv_bfloat16>();
+    case DType::F16: return padded(TypeTag<__half>{});
+    case DType::BF16: return padded(TypeTag<__nv_bfloat16>{});
     default: return cudaErrorInvalidValue;
   }
 }
