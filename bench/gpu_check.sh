@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 STAGES=${STAGES:-"build test sanitize bench"}
 SUITES=${SUITES:-$(python3 -c "import bench; print(' '.join(bench.SUITES))")}
-FAMILIES=${FAMILIES:-"cross_entropy lstm_cell lstm_layer attention linear_cross_entropy"}  # tests/gpu/sanitize.py
+FAMILIES=${FAMILIES:-"cross_entropy lstm_cell lstm_layer attention attention_mma_sync linear_cross_entropy"}  # tests/gpu/sanitize.py
 TESTS=${TESTS:-tests}
 BENCH_ARGS=${BENCH_ARGS:-}
 t0=$(date +%s)

@@ -233,8 +233,21 @@ def linear_cross_entropy(backends):
     print("linear_cross_entropy: ok", ran)
 
 
+def attention_mma_sync(backends):
+    """The attention family again with PYKERNELS_ATTN_NO_SM90A=1: on Hopper the cuda backend then runs the mma.sync
+    kernels (attention.cu) instead of the wgmma / TMA ones, so both paths are checked on one machine."""
+    cuda = [b for b in backends if b == "cuda"]
+    os.environ["PYKERNELS_ATTN_NO_SM90A"] = "1"
+    try:
+        if cuda:
+            attention(cuda)
+    finally:
+        del os.environ["PYKERNELS_ATTN_NO_SM90A"]
+    print("attention_mma_sync: ok", cuda)
+
+
 FAMILIES = {"cross_entropy": cross_entropy, "lstm_cell": lstm_cell, "lstm_layer": lstm_layer, "attention": attention,
-            "linear_cross_entropy": linear_cross_entropy}
+            "attention_mma_sync": attention_mma_sync, "linear_cross_entropy": linear_cross_entropy}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(FAMILIES)
