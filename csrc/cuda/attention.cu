@@ -118,12 +118,6 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(AttentionArgs a) 
 // ---------------------------------------------------------------------------------------------------------
 // Backward: dK, dV.
 
-// Gradient columns per block of the backward kernels: the whole head dim up to 128; at 256 the dK/dV (dQ)
-// accumulators of all columns would not fit in registers, so blockIdx.z picks a 128-column half and each half
-// recomputes the tile's P and dP (2x those products, none of the accumulators' registers).
-template <int DP>
-constexpr int kGradCols = DP <= 128 ? DP : 128;
-
 template <typename T, int DP>
 struct DkdvCfg {  // at DP = 256, 16-row query tiles: P^T, dP^T and softcap' take 24 registers fewer (no spill on sm_90)
   static constexpr int BN = 64, BM = DP <= 128 ? 32 : 16, LD = DP + 8, DC = kGradCols<DP>;

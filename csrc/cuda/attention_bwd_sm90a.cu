@@ -23,13 +23,9 @@ namespace pykernels {
 namespace cuda {
 namespace {
 
-// Gradient columns per block: the whole (padded) head dim up to 128, a half at 256 (accumulator registers).
-template <int DP>
-constexpr int kCols = DP <= 128 ? DP : 128;
-
 template <int DP>
 struct DkdvCfg90 {  // 32-query tiles above head dim 64: P^T, dP^T and dcap take 48 registers next to dK, dV's 128
-  static constexpr int BN = 64, BM = DP <= 64 ? 64 : 32, DC = kCols<DP>;
+  static constexpr int BN = 64, BM = DP <= 64 ? 64 : 32, DC = kGradCols<DP>;
   static constexpr int kSmem = (2 * BN * DP + 2 * BM * DP) * 2 + 2 * BM * 4;
 };
 
@@ -101,7 +97,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_sm90a_kernel(Attent
 
 template <int DP>
 struct DqCfg90 {
-  static constexpr int BM = 64, BN = 64, DC = kCols<DP>;
+  static constexpr int BM = 64, BN = 64, DC = kGradCols<DP>;
   static constexpr int kSmem = (2 * BM * DP + 2 * BN * DP) * 2;
 };
 

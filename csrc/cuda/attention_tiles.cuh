@@ -1,5 +1,5 @@
 // Tile loads, sequence ranges, masking, dropout and stores of the CUDA attention kernels, shared by the sm_80
-// kernels (attention.cu, mma.sync) and the sm_90a forward (attention_sm90a.cu, wgmma): a block of 4 warps, each
+// kernels (attention.cu, mma.sync) and the sm_90a kernels (attention*_sm90a.cu, wgmma): a warpgroup of 4 warps, each
 // owning 16 query (or key) rows, whose accumulators follow the m16n8 fragment layout (mma.cuh) in both.
 // No torch headers.
 #pragma once
@@ -29,7 +29,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // The 8-column chunks of ROWS rows x DP columns of an operand (rows >= nrows, columns >= cols read as zeros), each
 // handed to put(r, c, chunk) as 16 bytes: one 16-byte load when every row is aligned (vec16), else element loads.
-// The shared-memory layout is put's: padded rows (load_tile), wgmma tiles (attention_sm90a.cu).
+// The shared-memory layout is put's (copy_rows_async: padded sm_80 rows or K-major sm_90a tiles).
 template <int ROWS, int DP, typename Put>
 __device__ __forceinline__ void load_chunks(const uint16_t* base, int64_t rs, int nrows, int cols, bool vec16,
                                             Put put) {
@@ -47,14 +47,6 @@ __device__ __forceinline__ void load_chunks(const uint16_t* base, int64_t rs, in
     }
     put(r, c, v);
   }
-}
-
-// ROWS rows into a row-major tile of LD elements per row (LD a multiple of 8), padded with zeros to DP columns.
-template <int ROWS, int DP, int LD>
-__device__ __forceinline__ void load_tile(uint16_t* sm, const uint16_t* base, int64_t rs, int nrows, int cols,
-                                          bool vec16) {
-  load_chunks<ROWS, DP>(base, rs, nrows, cols, vec16,
-                        [&](int r, int c, const uint4& v) { *reinterpret_cast<uint4*>(sm + r * LD + c) = v; });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -99,14 +91,6 @@ __device__ __forceinline__ T* row_ptr(const AttnView& v, const AttentionArgs& a,
   return static_cast<T*>(v.p) + row_base(v, a, b, row0, head) + row * v.sm;
 }
 
-// Rows [row, row + ROWS) of that operand (n rows valid in the sequence), `cols` columns, into a shared tile.
-template <int ROWS, int DP, int LD>
-__device__ __forceinline__ void load_rows(uint16_t* sm, const AttnView& v, const AttentionArgs& a, int64_t b,
-                                          int64_t row0, int64_t head, int row, int n, int64_t cols) {
-  load_tile<ROWS, DP, LD>(sm, row_ptr<const uint16_t>(v, a, b, row0, head, row), v.sm, n - row,
-                          static_cast<int>(cols), a.vec16);
-}
-
 // Rows [row, row + ROWS) of an operand (n rows in the sequence), `cols` columns, as 16-byte chunks into shared
 // memory at sm + dst(r, c) (chunk c / 8 of tile row r): through cp.async (no register staging; the copy runs while
 // the block computes) when every row is 16-byte aligned (a.vec16), complete after cp_async_commit(), cp_async_wait
@@ -115,7 +99,7 @@ __device__ __forceinline__ void load_rows(uint16_t* sm, const AttnView& v, const
 template <int ROWS, int DP, typename Dst>
 __device__ __forceinline__ void copy_rows_async(uint16_t* sm, Dst dst, const AttnView& v, const AttentionArgs& a,
                                                 int64_t b, int64_t row0, int64_t head, int row, int n, int64_t cols) {
-  if (!a.vec16) {
+  if (!a.vec16) {  // a.vec16 (false) rather than the literal: the literal tipped the sm_90 dK/dV kernel into spills
     load_chunks<ROWS, DP>(row_ptr<const uint16_t>(v, a, b, row0, head, row), v.sm, n - row, static_cast<int>(cols),
                           a.vec16, [&](int r, int c, const uint4& x) { *reinterpret_cast<uint4*>(sm + dst(r, c)) = x; });
     return;
@@ -242,6 +226,12 @@ __device__ __forceinline__ QueryTile query_tile(const AttentionArgs& a, int BM) 
 // lse (natural log, -inf for a row that sees nothing) -> the exp2-domain offset of its probabilities. A row
 // that sees nothing gets +inf, so exp2(s - offset) = 0 for it instead of exp2(-inf + inf) = NaN.
 __device__ __forceinline__ float lse_offset(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// Gradient columns per block of the backward kernels (sm_80 and sm_90a): the whole head dim up to 128; at 256 the
+// dK/dV (dQ) accumulators of all columns would not fit in registers, so blockIdx.z picks a 128-column half and each
+// half recomputes the tile's P and dP (2x those products, none of the accumulators' registers).
+template <int DP>
+constexpr int kGradCols = DP <= 128 ? DP : 128;
 
 // ---------------------------------------------------------------------------------------------------------
 // The backward's scores, shared by the sm_80 (attention.cu) and sm_90a (attention_bwd_sm90a.cu) kernels. A warp's
