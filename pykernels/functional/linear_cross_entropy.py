@@ -217,7 +217,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     t = target.reshape(-1)
     w = None if weight is None else weight.detach().to(_lce.acc_dtype(input.dtype)).contiguous()
     b = None if linear_bias is None else linear_bias.contiguous()
-    loss, m, log_s, _ = _lce.linear_cross_entropy_op(x, linear_weight, b, t, w, ii, _lce.REDUCTIONS[reduction],
+    loss, m, log_s, _ = _lce.linear_cross_entropy(x, linear_weight, b, t, w, ii, _lce.REDUCTIONS[reduction],
                                                      float(label_smoothing), float(z_loss), softcap, chosen)
     loss = loss.to(out_dtype)
     if reduction == "none":

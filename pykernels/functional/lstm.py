@@ -138,15 +138,8 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
     chosen = backends.choose("lstm_cell", x.device, backend, unsupported)
     if chosen == "reference":
         hy, cy = _ref.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
-    elif torch.compiler.is_compiling():
-        hy, cy, _ = _ops.lstm_cell_op(x, h, c, w_ih, w_hh, b_ih, b_hh, chosen)
-    elif torch.is_grad_enabled() and (x.requires_grad or h.requires_grad or c.requires_grad or w_ih.requires_grad
-                                      or w_hh.requires_grad or (b_ih is not None and b_ih.requires_grad)
-                                      or (b_hh is not None and b_hh.requires_grad)):
-        # eager: the op's autograd formula without the custom-op dispatch overhead (a step is microseconds)
-        hy, cy, _ = _ops.LstmCellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh, chosen)
-    else:  # nothing to differentiate: the kernel op alone
-        hy, cy, _ = _ops.CELL[chosen][0](x, h, c, w_ih, w_hh, b_ih, b_hh)
+    else:
+        hy, cy, _ = _ops.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, chosen)
     if unbatched:
         return hy.squeeze(0), cy.squeeze(0)
     return hy, cy
@@ -243,7 +236,7 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
     def direction(x, h, c, w, reverse):
         b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-        return _ops.lstm_layer_op(x, h, c, w[0], w[1], b_ih, b_hh, reverse, chosen)[:3]
+        return _ops.lstm_layer(x, h, c, w[0], w[1], b_ih, b_hh, reverse, chosen)[:3]
 
     x, h_n, c_n = _ref.stack_layers(x, h0, c0, params, num_layers, D, per, dropout, training, direction)
     if unbatched:

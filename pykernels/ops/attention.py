@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._eager import EagerOp
+
 # ---------------------------------------------------------------------------------------------------------
 # Fakes, shared by every backend's kernel ops.
 
@@ -69,8 +71,7 @@ _register_cpp()
 # ---------------------------------------------------------------------------------------------------------
 # The autograd-level op.
 
-@torch.library.custom_op("pykernels::attention", mutates_args=())
-def attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                  cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
                  is_causal: bool, diag: int, bottom_right: bool, win_left: int, win_right: int, softcap: float,
                  dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
@@ -79,6 +80,9 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], cu_seq
     Varlen (cu_seqlens_q/k int32 (nseq + 1,)): q (T, H, E), k/v (Tk, Hk, E|Ev) -> (out (T, H, Ev), lse (H, T))."""
     return KERNELS[backend][0](q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                is_causal, diag, bottom_right, win_left, win_right, softcap, dropout_p, seed)
+
+
+attention_op = torch.library.custom_op("pykernels::attention", mutates_args=())(_attention)
 
 
 @attention_op.register_fake
@@ -114,6 +118,7 @@ def _backward(ctx, g_o, g_lse):
 
 
 torch.library.register_autograd("pykernels::attention", _backward, setup_context=_setup_context)
+attention = EagerOp(attention_op, _attention, _setup_context, _backward)
 
 
 def dropout_mask(seed: Tensor, B: int, H: int, L: int, S: int, dropout_p: float) -> Tensor:

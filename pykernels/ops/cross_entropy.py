@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ._eager import EagerOp, tracing
 
 NONE, MEAN, SUM = 0, 1, 2
 REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
@@ -94,8 +95,7 @@ def _denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, C:
     return torch.where(valid, w, 0.0).sum()
 
 
-@torch.library.custom_op("pykernels::cross_entropy", mutates_args=())
-def cross_entropy_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: int,
+def _cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: int,
                      label_smoothing: float, z_loss: float, write_grad: bool, backend: str
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """logits (N, C, D); target int64 (N*D,) or probabilities (N, C, D); weight (C,) of acc_dtype or None.
@@ -117,6 +117,9 @@ def cross_entropy_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], i
     return loss, lse, grad, denom
 
 
+cross_entropy_op = torch.library.custom_op("pykernels::cross_entropy", mutates_args=())(_cross_entropy)
+
+
 @cross_entropy_op.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, write_grad, backend):
     N, C, D = logits.shape
@@ -124,15 +127,6 @@ def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, 
     lse = logits.new_empty((N * D,), dtype=acc_dtype(logits.dtype))
     grad = logits.new_empty((N, C, D)) if write_grad else logits.new_empty((0,))
     return loss, lse, grad, logits.new_empty((), dtype=acc_dtype(logits.dtype))
-
-
-def _tracing(t: Tensor) -> bool:
-    """True while torch.compile / AOTAutograd / make_fx trace (fake or functional tensors, or a compile)."""
-    if torch.compiler.is_compiling():
-        return True
-    if isinstance(t, torch._subclasses.FakeTensor) or torch._is_functional_tensor(t):
-        return True
-    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
 
 
 def _setup_context(ctx, inputs, output):
@@ -156,7 +150,7 @@ def _backward(ctx, g_loss, g_lse, g_grad, g_denom):
     g = g_loss.to(acc_dtype(g_loss.dtype)).reshape(-1).contiguous()  # may arrive expanded (stride 0)
     if write_grad:
         (grad,) = ctx.saved_tensors
-        if _tracing(grad):
+        if tracing(grad):
             # A traced graph may not mutate a saved forward output: scale out of place (one more pass).
             scale = g.reshape(grad.shape[0], 1, grad.shape[2]) if g.numel() > 1 else g
             grad = (grad * scale).to(grad.dtype)
@@ -173,3 +167,4 @@ def _backward(ctx, g_loss, g_lse, g_grad, g_denom):
 
 
 torch.library.register_autograd("pykernels::cross_entropy", _backward, setup_context=_setup_context)
+cross_entropy = EagerOp(cross_entropy_op, _cross_entropy, _setup_context, _backward)

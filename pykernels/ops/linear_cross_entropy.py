@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..reference import linear_cross_entropy as _ref
 from . import linear_cross_entropy_launch as _launch
+from ._eager import EagerOp
 
 NONE, MEAN, SUM = 0, 1, 2
 REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
@@ -172,8 +173,7 @@ def upstream_rows(g_loss: Tensor, denom: Tensor, reduction: int, N: int, acc: to
 # ---------------------------------------------------------------------------------------------------------
 # The autograd-level op.
 
-@torch.library.custom_op("pykernels::linear_cross_entropy", mutates_args=())
-def linear_cross_entropy_op(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
+def _linear_cross_entropy(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
                             weight: Optional[Tensor], ignore_index: int, reduction: int, label_smoothing: float,
                             z_loss: float, softcap: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """input (N, H), linear_weight (V, H) of the same dtype, linear_bias (V,) or None, target int64 (N,),
@@ -190,6 +190,10 @@ def linear_cross_entropy_op(input: Tensor, linear_weight: Tensor, linear_bias: O
     rows = rows_loss(m, log_s, zy, zs, valid, bad, w_y, wsum, C, label_smoothing, z_loss)
     loss, denom = reduce_rows(rows, w_y, reduction)
     return loss, m, log_s, denom
+
+
+linear_cross_entropy_op = torch.library.custom_op("pykernels::linear_cross_entropy",
+                                                  mutates_args=())(_linear_cross_entropy)
 
 
 @linear_cross_entropy_op.register_fake
@@ -232,6 +236,7 @@ def _backward(ctx, g_loss, g_m, g_log_s, g_denom):
 
 
 torch.library.register_autograd("pykernels::linear_cross_entropy", _backward, setup_context=_setup_context)
+linear_cross_entropy = EagerOp(linear_cross_entropy_op, _linear_cross_entropy, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ._eager import EagerOp
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -151,12 +152,14 @@ else:
 # ---------------------------------------------------------------------------------------------------------
 # The cell.
 
-@torch.library.custom_op("pykernels::lstm_cell", mutates_args=())
-def lstm_cell_op(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+def _lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                  b_hh: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """input (B, I), hx/cx (B, H), weights (4H, I)/(4H, H), biases (4H) or None, all of one dtype. Returns
     (h', c') in that dtype and ws (B, 5H) of acc_dtype: the activated gates i, f, g, o and c' unrounded."""
     return CELL[backend][0](input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+lstm_cell_op = torch.library.custom_op("pykernels::lstm_cell", mutates_args=())(_lstm_cell)
 
 
 @lstm_cell_op.register_fake
@@ -193,21 +196,9 @@ def _cell_backward(ctx, gh, gc, gws):
 
 
 torch.library.register_autograd("pykernels::lstm_cell", _cell_backward, setup_context=_cell_setup)
+lstm_cell = EagerOp(lstm_cell_op, _lstm_cell, _cell_setup, _cell_backward)
 
 
-class LstmCellFunction(torch.autograd.Function):
-    """The same forward/backward as ``pykernels::lstm_cell`` without the custom-op dispatch, whose Python overhead
-    is several times the whole step at small sizes. Eager only: under torch.compile the custom op is used."""
-
-    @staticmethod
-    def forward(ctx, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend):
-        out = CELL[backend][0](input, hx, cx, w_ih, w_hh, b_ih, b_hh)
-        _cell_setup(ctx, (input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend), out)
-        return out
-
-    @staticmethod
-    def backward(ctx, gh, gc, gws):
-        return _cell_backward(ctx, gh, gc, gws)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,8 +214,7 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Opti
     return xp.reshape(T, B, -1)
 
 
-@torch.library.custom_op("pykernels::lstm_layer", mutates_args=())
-def lstm_layer_op(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+def _lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                   b_hh: Optional[Tensor], reverse: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """x (T, B, I), h0/c0 (B, H). Returns out (T, B, H), h_n, c_n (B, H) in x's dtype, and ws (T, B, 5H) of
     acc_dtype (activated gates and fp32 c of every step). ``reverse`` runs the sequence from t = T-1 down to 0."""
@@ -236,6 +226,9 @@ def lstm_layer_op(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     last = 0 if reverse else T - 1
     H = h0.shape[1]
     return out, out[last].clone(), ws[last, :, 4 * H:].to(x.dtype, copy=True), ws
+
+
+lstm_layer_op = torch.library.custom_op("pykernels::lstm_layer", mutates_args=())(_lstm_layer)
 
 
 @lstm_layer_op.register_fake
@@ -282,3 +275,4 @@ def _layer_backward(ctx, g_out, g_hn, g_cn, g_ws):
 
 
 torch.library.register_autograd("pykernels::lstm_layer", _layer_backward, setup_context=_layer_setup)
+lstm_layer = EagerOp(lstm_layer_op, _lstm_layer, _layer_setup, _layer_backward)
