@@ -90,14 +90,20 @@ def _extension():
     with_cuda = _with_cuda()
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     # The C++ standard is the one torch asks for (C++20 for torch >= 2.13); torch's vec headers use #pragma unroll.
-    cxx = opt + ["-fvisibility=hidden", "-Wno-unknown-pragmas"]
+    # -fopenmp: torch's OpenMP backend inlines at::parallel_for as `#pragma omp parallel`, which a translation unit
+    # compiled without OpenMP ignores: every CPU kernel ran on one thread until 2026-12-04. The link's
+    # libgomp.so.1 is the copy torch has already loaded (same soname): one OpenMP runtime, torch's thread count.
+    cxx = opt + ["-fvisibility=hidden", "-Wno-unknown-pragmas", "-fopenmp"]
     cxx += _cpu_capability_flags()
+    link = ["-fopenmp"]
     if not with_cuda:
-        return cpp_extension.CppExtension("pykernels._C", _sources(False), extra_compile_args={"cxx": cxx}), with_cuda
+        return cpp_extension.CppExtension("pykernels._C", _sources(False), extra_compile_args={"cxx": cxx},
+                                          extra_link_args=link), with_cuda
     cxx.append("-DPYKERNELS_WITH_CUDA")
     nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "-DPYKERNELS_WITH_CUDA",
                   f"--threads={os.environ.get('NVCC_THREADS', '1')}"] + _gencode(_arch_list())
-    return cpp_extension.CUDAExtension("pykernels._C", _sources(True), extra_compile_args={"cxx": cxx, "nvcc": nvcc}), with_cuda
+    return cpp_extension.CUDAExtension("pykernels._C", _sources(True), extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                                       extra_link_args=link), with_cuda
 
 
 EXTENSION, WITH_CUDA = _extension()

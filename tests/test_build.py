@@ -112,6 +112,19 @@ def test_extension_loads_and_matches_torch():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pykernels::{op}", "CPU")
 
 
+def test_cpu_kernels_run_on_torch_openmp_threads():
+    """The C++ CPU kernels parallelise with at::parallel_for, which torch's OpenMP backend inlines as `#pragma omp
+    parallel`: without -fopenmp it compiles to a serial loop (as it did until 2026-12-04). The library must call
+    into libgomp, and the process must hold one OpenMP runtime (torch's), not a second one of its own."""
+    so = _so()
+    with open(so, "rb") as f:
+        assert b"GOMP_parallel" in f.read(), "the extension was compiled without OpenMP: its kernels run serially"
+    if os.path.exists("/proc/self/maps"):
+        with open("/proc/self/maps") as f:
+            runtimes = {line.split()[-1] for line in f if re.search(r"lib(g|i)omp[^/]*\.so", line)}
+        assert len({os.path.realpath(r) for r in runtimes}) <= 1, runtimes
+
+
 def test_cuda_kernels_compiled_for_requested_arches_without_spills():
     _so()
     if torch.version.cuda is None:
