@@ -132,14 +132,33 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
 }
 
 
-def prefer_native(op: str, device: torch.device, backend: Optional[str]) -> Optional[str]:
+# op -> {device type: (size from which ours runs a call with a gradient, size from which it runs one without,
+# why)}. Below those sizes (the op's own measure: elements of the logits for cross_entropy) torch's kernel runs
+# automatic calls that it can express: there the few small tensor ops around our kernel cost more than torch's
+# whole op. Measured, like NATIVE_FASTER.
+NATIVE_FASTER_BELOW: Dict[str, Dict[str, tuple]] = {
+    "cross_entropy": {
+        "cpu": (1 << 20, 1 << 21,
+                "torch's cross-entropy measured faster than the C++ kernel below 2^20 logits with a gradient "
+                "(0.4-0.8x at 2^16-2^18, 1.3-2.2x at 2^20 and above) and below 2^22 without one, on 2 cores fp32 "
+                "(bench/results/cpu-cross_entropy-20261204.json)")},
+}
+
+
+def prefer_native(op: str, device: torch.device, backend: Optional[str], size: Optional[int] = None,
+                  grad: bool = True) -> Optional[str]:
     """Why this automatic call of ``op`` should run torch's own kernel (None: run ours). Records the decision in
-    ``last_dispatch`` when it says yes. The caller checks first that torch can express the call."""
+    ``last_dispatch`` when it says yes. The caller checks first that torch can express the call; ``size`` and
+    ``grad`` (whether the call records a gradient) select the NATIVE_FASTER_BELOW rule."""
     if backend is not None or (_preferred and _preferred[-1] is not None) or os.environ.get("PYKERNELS_BACKEND"):
         return None
     if os.environ.get("PYKERNELS_PREFER_NATIVE", "1") == "0":
         return None
     why = NATIVE_FASTER.get(op, {}).get(device.type)
+    if why is None and size is not None:
+        rule = NATIVE_FASTER_BELOW.get(op, {}).get(device.type)
+        if rule is not None and size < rule[0 if grad else 1]:
+            why = rule[2]
     if why is not None:
         if not torch.compiler.is_compiling():
             logger.debug("%s: ran torch's own kernel: %s", op, why)

@@ -38,10 +38,11 @@ def test_rule_applies_only_to_automatic_calls(monkeypatch):
 def test_every_entry_cites_a_committed_measurement():
     import os
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for op, per_device in backends.NATIVE_FASTER.items():
-        for why in per_device.values():
-            path = why[why.index("bench/results/"):].split(")")[0]
-            assert os.path.exists(os.path.join(root, path)), (op, path)
+    rules = [(op, why) for op, d in backends.NATIVE_FASTER.items() for why in d.values()]
+    rules += [(op, rule[2]) for op, d in backends.NATIVE_FASTER_BELOW.items() for rule in d.values()]
+    for op, why in rules:
+        path = why[why.index("bench/results/"):].split(")")[0]
+        assert os.path.exists(os.path.join(root, path)), (op, path)
 
 
 @pytest.mark.gpu
@@ -122,3 +123,41 @@ def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monke
     assert pykernels.last_dispatch["scaled_dot_product_attention"][0] == "torch"
     h = pykernels.functional.lstm_cell(x[0], None, theirs.weight_ih_l0, theirs.weight_hh_l0)
     assert h[0].shape == (3, 7) and pykernels.last_dispatch["lstm_cell"][0] != "torch"
+
+
+def test_cpu_small_cross_entropy_runs_torch_large_runs_ours(monkeypatch):
+    """NATIVE_FASTER_BELOW: below the measured size an automatic CPU call that torch can express is torch's,
+    exactly; at and above it, and for calls torch cannot express (z_loss, return_lse, uint8 targets) or explicit
+    requests, ours runs."""
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
+    with_grad, without = backends.NATIVE_FASTER_BELOW["cross_entropy"]["cpu"][:2]
+    ce = pykernels.functional.cross_entropy
+    x = torch.randn(64, 33, requires_grad=True)
+    t = torch.randint(0, 33, (64,))
+    t[3] = -100
+    w = torch.rand(33)
+    for kw in ({}, {"weight": w, "label_smoothing": 0.1}, {"reduction": "none"}):
+        ours = ce(x, t, **kw)
+        assert pykernels.last_dispatch["cross_entropy"][0] == "torch"
+        assert torch.equal(ours, F.cross_entropy(x, t, **kw))
+        assert ours.grad_fn is not None
+    for kw in ({"z_loss": 1e-3}, {"return_lse": True}, {"backend": "cpu"}):
+        ce(x, t, **kw)
+        assert pykernels.last_dispatch["cross_entropy"][0] == "cpu", kw
+    ce(x, t.to(torch.uint8))
+    assert pykernels.last_dispatch["cross_entropy"][0] == "cpu"
+    with pykernels.use_backend("cpu"):
+        ce(x, t)
+        assert pykernels.last_dispatch["cross_entropy"][0] == "cpu"
+    # the sizes: with a gradient, without one (forward only: torch's crossover is higher)
+    assert backends.prefer_native("cross_entropy", torch.device("cpu"), None, with_grad - 1, grad=True)
+    assert backends.prefer_native("cross_entropy", torch.device("cpu"), None, with_grad, grad=True) is None
+    assert backends.prefer_native("cross_entropy", torch.device("cpu"), None, without - 1, grad=False)
+    assert backends.prefer_native("cross_entropy", torch.device("cpu"), None, without, grad=False) is None
+    big = torch.randn(1, with_grad, 1, requires_grad=True)  # (N, C, d1): class dimension 1
+    ce(big, torch.zeros(1, 1, dtype=torch.int64))
+    assert pykernels.last_dispatch["cross_entropy"][0] == "cpu"
+    assert backends.prefer_native("cross_entropy", CUDA, None, 10) is None  # no rule on CUDA
+    with pytest.raises(ValueError, match="target must have shape"):  # our argument checks come first
+        ce(x, t[:5])

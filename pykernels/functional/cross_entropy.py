@@ -110,16 +110,24 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     Under ``torch.autocast`` the loss is float32 for half-precision (or float32) logits, as torch's (its float32
     list); the kernels read the half-precision logits as they are and the gradient keeps their dtype.
     """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    probs = _check_cross_entropy_args(input, target, weight, reduction, label_smoothing, z_loss, ignore_index)
+    if (not z_loss and not return_lse and (probs or target.dtype == torch.int64)
+            and (weight is None or weight.dtype == input.dtype)
+            and backends.prefer_native("cross_entropy", input.device, backend, input.numel(),
+                                       torch.is_grad_enabled() and (input.requires_grad or target.requires_grad))):
+        # small enough that torch's own kernel is faster (backends.NATIVE_FASTER_BELOW); it applies autocast itself
+        return torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,
+                                                 reduction=reduction, label_smoothing=label_smoothing)
     amp = _autocast.enabled(input)
     out_dtype = torch.float32 if amp and _autocast.eligible(input) else input.dtype
     with _autocast.off(input) if amp else contextlib.nullcontext():
-        return _cross_entropy(input, target, weight, _legacy_reduction(size_average, reduce, reduction),
-                              ignore_index, label_smoothing, z_loss, return_lse, fused, backend, out_dtype)
+        return _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_smoothing, z_loss,
+                              return_lse, fused, backend, out_dtype)
 
 
-def _cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, z_loss, return_lse, fused,
-                   backend, out_dtype):
-    probs = _check_cross_entropy_args(input, target, weight, reduction, label_smoothing, z_loss, ignore_index)
+def _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_smoothing, z_loss, return_lse,
+                   fused, backend, out_dtype):
     C = input.shape[0 if input.dim() == 1 else 1]
     needs_grad = torch.is_grad_enabled() and input.requires_grad
 
