@@ -23,7 +23,13 @@ for stage in $STAGES; do
   stamp "$stage"
   case $stage in
     build)
-      # nvcc --threads: a file's arches (sm_80, sm_90, sm_90a) in parallel; the attention files bound the build
+      # Only this GPU's arch (sm_90a on Hopper: every kernel runs from it, and the build is one compile per file
+      # instead of three: about half the wall time on 16 cores); the CPU tier checks the sm_80/sm_90 builds.
+      cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
+      [ "$cap" = "9.0" ] && cap=9.0a
+      export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${cap:-8.0;9.0}}
+      echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+      # nvcc --threads: a file's arches in parallel when several are asked for
       MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-3} python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
         || { tail -40 "$OUT/build.log"; exit 1; }
       python3 -c "import pykernels; print(pykernels.build_info()); print(pykernels.available_backends('cuda'))" ;;
