@@ -121,14 +121,14 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
     "scaled_dot_product_attention": {
         "cuda": "torch's SDPA (FlashAttention-2/cuDNN) measured 1.4-5.4x faster than the Triton kernels on H100 "
                 "bf16 (bench/results/h100-attention-lstm-lce-20261122.jsonl)",
-        "cpu": "torch's SDPA measured 1.8-4.3x faster than the reference (there is no C++ CPU attention kernel) "
-               "on 2 cores fp32 (bench/results/cpu-lstm-lstm_cell-attention-20261203.json)"},
+        "cpu": "torch's SDPA measured 1.9-3.2x faster than the reference (there is no C++ CPU attention kernel) "
+               "on 2 cores fp32 (bench/results/cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261204.json)"},
     "lstm": {
         "cuda": "cuDNN measured 4-48x faster than the Triton row-block sequence kernel on H100 fp32 "
                 "(bench/results/h100-attention-lstm-lce-20261122.jsonl); its split persistent successor (H > 64, "
                 "2026-12-03) and the CUDA persistent kernels are unmeasured",
-        "cpu": "torch's oneDNN LSTM measured 1.4-1.7x faster than the C++ sequence kernel on 2 cores fp32 "
-               "(bench/results/cpu-lstm-lstm_cell-attention-20261203.json)"},
+        "cpu": "torch's oneDNN LSTM measured 1.4x (fwd+bwd) and 1.8x (fwd) faster than the C++ sequence kernel on "
+               "2 cores fp32 (bench/results/cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261204.json)"},
 }
 
 
@@ -139,9 +139,10 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
 NATIVE_FASTER_BELOW: Dict[str, Dict[str, tuple]] = {
     "cross_entropy": {
         "cpu": (1 << 20, 1 << 21,
-                "torch's cross-entropy measured faster than the C++ kernel below 2^20 logits with a gradient "
-                "(0.4-0.8x at 2^16-2^18, 1.3-2.2x at 2^20 and above) and below 2^22 without one, on 2 cores fp32 "
-                "(bench/results/cpu-cross_entropy-20261204.json)")},
+                "torch's cross-entropy measured faster than the C++ kernel on small logits, 2 cores fp32: ours at "
+                "0.5x torch's speed at 2^16 with a gradient, 0.8-2.2x at 2^18 (noisy), 2.0-3.0x from 2^20; "
+                "without a gradient 0.3x at 2^16, 0.6x at 2^18, 1.1x at 2^20, 1.3x at 2^21, 5.3x at 2^27 "
+                "(bench/results/cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261204.json)")},
 }
 
 
