@@ -15,6 +15,7 @@ Order of precedence for one call:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from typing import Callable, Dict, Iterator, Optional, Sequence
@@ -88,8 +89,26 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
         major, _ = torch.cuda.get_device_capability(device)
         return None if major >= 8 else f"triton kernels need compute capability >= 8.0, got {major}.x"
     if device.type == "cpu":
-        return None if triton_interpreted() else "triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        return _interpreter_reason() if triton_interpreted() else "triton runs on CPU tensors only under TRITON_INTERPRET=1"
     return f"triton does not run on {device.type}"
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_reason() -> Optional[str]:
+    """Triton < 3.7's interpreter converts 1-element arrays with int() (e.g. a loop bound taken from a tensor),
+    which numpy >= 2.4 refuses: every kernel then fails with an InterpreterError (seen with triton 3.6)."""
+    import re
+
+    import numpy
+    import triton
+
+    def version(v: str) -> tuple:
+        m = re.match(r"(\d+)\.(\d+)", v)
+        return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} (int() of a "
+                "1-element array): use triton >= 3.7 or numpy < 2.4")
+    return None
 
 
 # Ops whose CUDA kernels were written without a GPU and never measured (csrc/cuda/attention.cu,

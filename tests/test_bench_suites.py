@@ -15,6 +15,8 @@ from bench import SUITES
 from bench import __main__ as cli
 from bench import attention, harness, linear_cross_entropy, lstm, lstm_cell, providers
 
+from conftest import require_backend
+
 CPU = torch.device("cpu")
 NEW = ("attention", "linear_cross_entropy", "lstm", "lstm_cell")
 MODULES = {"attention": attention, "linear_cross_entropy": linear_cross_entropy, "lstm": lstm,
@@ -171,6 +173,7 @@ def test_wrong_provider_is_reported_not_timed(monkeypatch, name):
 @pytest.mark.parametrize("name", NEW)
 def test_triton_provider_is_correct_under_the_interpreter(name):
     # the provider the GPU runs time, called as they call it: any convention mismatch shows here, without a GPU
+    require_backend("triton", "cpu")
     mod = MODULES[name]
     prov = next(p for p in mod.providers(CPU, torch.float32) if p.name == "pykernels-triton")
     assert prov.absent is None and not prov.default  # the interpreter is for checking, not benchmarking

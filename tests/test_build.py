@@ -179,3 +179,21 @@ def test_cuda_sources_are_cpp17_clean():
         for src in sources]
     failed = {os.path.basename(src): p.communicate()[0][-1500:] for src, p in procs if p.wait() != 0}
     assert not failed, failed
+
+
+def test_old_triton_interpreter_with_new_numpy_is_refused_with_the_reason(monkeypatch):
+    """Triton < 3.7's interpreter converts 1-element arrays with int(), which numpy >= 2.4 refuses: the triton
+    backend is then unavailable on CPU with that reason instead of failing inside every kernel."""
+    import numpy
+    import triton
+
+    from pykernels import backends
+    check = backends._interpreter_reason.__wrapped__
+    for tv, nv, broken in (("3.6.0", "2.4.6", True), ("3.6.0", "2.3.1", False), ("3.7.0", "2.4.6", False),
+                           ("3.8.0+git1234", "2.5.0", False), ("3.5.1", "2.4.0rc1", True)):
+        monkeypatch.setattr(triton, "__version__", tv)
+        monkeypatch.setattr(numpy, "__version__", nv)
+        why = check()
+        assert (why is not None) == broken, (tv, nv, why)
+        if broken:
+            assert tv in why and nv in why and "triton >= 3.7" in why

@@ -398,7 +398,7 @@ def test_split_lstm_kernels_compile_for_sm80_and_sm90():
         assert r["loads_before_loop"] == (r["NS"] if r["resident"] else 0), (what, r)
         assert r["dt"] == "fp32" or r["mma"], f"{what}: no tensor-core instruction"
         assert r["smem"] <= SMEM_LIMIT[r["arch"]], (what, r["smem"])
-        assert r["spill"] <= 32, (what, r["spill"])
+        assert_spill_budget(what, r["spill"], {"split kernels": 32}, "split kernels")  # 32 bytes allowed
         # the target keeps the slice on chip on both GPUs; larger slices are re-read per chunk
         assert r["resident"] == (r["dt"] == "bf16" and r["H"] == 768), (what, r)
 

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import wrap
+
 MAX_HEAD_DIM = 256
 
 
@@ -450,10 +452,10 @@ def _tuned(kind: str):
 def _launch(kind: str, grid_fn, flags, *args) -> None:
     if autotune_enabled():
         fixed = {k: v for k, v in flags.items() if k not in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
-        torch.library.wrap_triton(_tuned(kind))[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](
+        wrap(_tuned(kind))[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](
             *args, **fixed)
     else:
-        torch.library.wrap_triton(_KERNELS[kind])[grid_fn(flags["BLOCK_M"], flags["BLOCK_N"])](*args, **flags)
+        wrap(_KERNELS[kind])[grid_fn(flags["BLOCK_M"], flags["BLOCK_N"])](*args, **flags)
 
 
 def _view4(t: torch.Tensor, varlen: bool) -> torch.Tensor:

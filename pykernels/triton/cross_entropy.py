@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import wrap
+
 # kernel modes; constexpr globals so @triton.jit code may read them
 FWD = tl.constexpr(0)
 FWD_GRAD = tl.constexpr(1)
@@ -226,7 +228,7 @@ def _launch(mode: int, logits, target, weight, scale, lse_in, loss, lse, grad, i
     block, warps = _config(C, logits.element_size())
     grid = (_grid(M, C, logits.element_size(), logits.device, mode != FWD.value),)
     tn, tc, td = target.stride() if prob else (0, 0, 0)
-    torch.library.wrap_triton(_cross_entropy_kernel)[grid](
+    wrap(_cross_entropy_kernel)[grid](
         logits, target if not prob else dummy, target if prob else logits,
         weight if weight is not None else dummy, wsum if wsum is not None else dummy,
         scale if scale is not None else dummy, loss, lse, lse_in if lse_in is not None else dummy,
@@ -271,5 +273,5 @@ def cross_entropy_scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     programs = triton.cdiv(total, block)
     if grad.device.type == "cuda":  # persistent: a no-op launch must not cost 10^5 programs
         programs = min(programs, torch.cuda.get_device_properties(grad.device).multi_processor_count * 8)
-    torch.library.wrap_triton(_scale_grad_kernel)[(programs,)](
+    wrap(_scale_grad_kernel)[(programs,)](
         grad, scale, total, C * D, D, PER_ROW=scale.numel() > 1, BLOCK=block, num_warps=8)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..ops import linear_cross_entropy_launch as _launch
+from ._launch import wrap
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -232,7 +233,7 @@ def _partials(input, linear_weight, linear_bias, target, weight, vocab_start, so
         def grid(META):
             return (triton.cdiv(N, META["BM"]) * splits,)
 
-        torch.library.wrap_triton(kernel)[grid](
+        wrap(kernel)[grid](
             input, linear_weight, linear_bias if linear_bias is not None else input, target,
             weight if weight is not None else mp, mp, sp, zyp, zsp if smooth else mp,
             N, V, H, vocab_start, input.stride(0), linear_weight.stride(0), float(softcap or 1.0), splits,
@@ -252,7 +253,7 @@ def _dlogits(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p
         return (triton.cdiv(N, META["BM"]) * triton.cdiv(nc, META["BN"]),)
 
     has_b = linear_bias is not None
-    torch.library.wrap_triton(kernel)[grid](
+    wrap(kernel)[grid](
         input, linear_weight, linear_bias if has_b else input, target, weight if weight is not None else m,
         m, log_s, coef_p, coef_y, coef_w, dl, db if db is not None else m, N, V, H, vocab_start, col0, nc,
         input.stride(0), linear_weight.stride(0), dl.stride(0), db.stride(0) if db is not None else 0,

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import wrap
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -193,7 +195,7 @@ def lstm_cell_fwd(input: torch.Tensor, hx: torch.Tensor, cx: torch.Tensor, w_ih:
     if B and H:
         BM, BH, BK, warps = _cell_config(input.dtype, H)
         has_b = b_ih is not None
-        torch.library.wrap_triton(_cell_fwd_kernel)[(triton.cdiv(B, BM), triton.cdiv(H, BH))](
+        wrap(_cell_fwd_kernel)[(triton.cdiv(B, BM), triton.cdiv(H, BH))](
             input, hx, cx, w_ih, w_hh, b_ih if has_b else ws, b_hh if has_b else ws, hy, cy, ws, B, I, H,
             input.stride(0), input.stride(1), hx.stride(0), hx.stride(1), cx.stride(0), cx.stride(1),
             w_ih.stride(0), w_ih.stride(1), w_hh.stride(0), w_hh.stride(1),
@@ -211,7 +213,7 @@ def lstm_cell_bwd(grad_h: Optional[torch.Tensor], grad_c: Optional[torch.Tensor]
         BM, BH = (16, 16) if _interpreted() else (32, 64)
         gh = grad_h if grad_h is not None else ws
         gc = grad_c if grad_c is not None else ws
-        torch.library.wrap_triton(_cell_bwd_kernel)[(triton.cdiv(B, BM), triton.cdiv(H, BH))](
+        wrap(_cell_bwd_kernel)[(triton.cdiv(B, BM), triton.cdiv(H, BH))](
             gh, gc, cx, ws, dg, dcx, B, H,
             grad_h.stride(0) if grad_h is not None else 0, grad_h.stride(1) if grad_h is not None else 0,
             grad_c.stride(0) if grad_c is not None else 0, grad_c.stride(1) if grad_c is not None else 0,

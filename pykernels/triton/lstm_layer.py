@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .lstm import _dot, _gate_grads, _pointwise_step
+from ._launch import wrap
 
 logger = logging.getLogger("pykernels")
 
@@ -430,7 +431,7 @@ def _launch_split(kernel, p: Plan, steps: int, tensors: tuple, sizes: tuple, **m
     """The split kernel over cdiv(H, BH) programs: once (persistent: grid barriers on a zeroed int32 counter) or
     once per step (``steps`` launches). ``sizes`` = (T, B, H, w_hh strides)."""
     bar = torch.zeros(2, dtype=torch.int32, device=tensors[0].device)  # arrival counter, and a slot for _trap
-    run = torch.library.wrap_triton(kernel)[(triton.cdiv(sizes[2], p.BH),)]
+    run = wrap(kernel)[(triton.cdiv(sizes[2], p.BH),)]
     # num_stages=1: software pipelining stages the K-chunk loads in shared memory; at H = 768 bf16 the backward
     # then needed 446 KB (more than any GPU has) and spilled, 64 KB with one stage (sm_90 compile)
     meta.update(PERSISTENT=p.persistent, RESIDENT=p.resident, BM=p.BM, BH=p.BH, NS=p.NS, NC=p.NC, BK=p.BK,
@@ -455,7 +456,7 @@ def lstm_layer_fwd(xproj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0
     if p.split:
         _launch_split(_split_fwd_kernel, p, T, (xproj, w_hh, h0, c0, out, ws), sizes, REVERSE=reverse, IEEE=ieee)
     else:
-        torch.library.wrap_triton(_seq_fwd_kernel)[(triton.cdiv(B, p.BM),)](
+        wrap(_seq_fwd_kernel)[(triton.cdiv(B, p.BM),)](
             xproj, w_hh, h0, c0, out, ws, *sizes, REVERSE=reverse, IEEE=ieee, BM=p.BM, BH=p.BH, num_warps=p.warps)
     return out, ws
 
@@ -479,6 +480,6 @@ def lstm_layer_bwd(grad_out: Optional[torch.Tensor], grad_hn: Optional[torch.Ten
     if p.split:  # T + 1 processing steps: the last one only turns dG of the first step into dh0
         _launch_split(_split_bwd_kernel, p, T + 1, (gout, c0, ws, w_hh, dg, dh, dc), sizes, **meta)
     else:
-        torch.library.wrap_triton(_seq_bwd_kernel)[(triton.cdiv(B, p.BM),)](
+        wrap(_seq_bwd_kernel)[(triton.cdiv(B, p.BM),)](
             gout, c0, ws, w_hh, dg, dh, dc, *sizes, **meta, BM=p.BM, BH=p.BH, BK=p.BK, num_warps=p.warps)
     return dg, dh, dc
