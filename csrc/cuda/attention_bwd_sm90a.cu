@@ -4,10 +4,12 @@
 // whose m64nN accumulators have the m16n8 layout of the sm_80 kernels, so the scores' masking, dropout and dS
 // code is theirs (bwd_probs / bwd_dscores in attention_tiles.cuh).
 //   dK/dV, 64 keys: S^T = K Q^T and dP^T = V dO^T from K-major shared tiles (N = the query tile), then
-//     dV += dropped(P)^T dO and dK += dS^T Q with P^T / dS^T from registers and dO, Q transposed in shared memory.
-//   dQ, 64 queries: S = Q K^T and dP = dO V^T from K-major tiles, dQ += dS K with K transposed.
-// At head dim 256 each block owns a 128-column half of the gradients (blockIdx.z), as on sm_80. Not yet: TMA
-// loads, pipelining of the next tile's loads with this tile's math, producer/consumer warpgroups.
+//     dV += dropped(P)^T dO and dK += dS^T Q with P^T / dS^T from registers and dO, Q read MN-major in place
+//     (the same K-major tiles, transpose-B immediate: no transposed copies).
+//   dQ, 64 queries: S = Q K^T and dP = dO V^T from K-major tiles, dQ += dS K with K read MN-major in place.
+// At head dim 256 each block owns a 128-column half of the gradients (blockIdx.z), as on sm_80. Tiles come by
+// cp.async, overlapped with the math in FlashAttention-2's order (one buffer each). Not yet: TMA loads, a second
+// buffer, producer/consumer warpgroups.
 //
 // The build emits this file for sm_80, sm_90 and sm_90a; only the sm_90a code has a body (the others trap), and
 // attention_bwd runs these kernels only when attention_sm90a_ready() says the device loaded the sm_90a binary.

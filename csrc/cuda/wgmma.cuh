@@ -154,7 +154,7 @@ __device__ __forceinline__ void wgmma_ss_n128(float (&d)[16][4], uint64_t da, ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1), "n"(TB))
 
 // d[8][4] += A B^T: A (64 x 16) in registers (this warp's 16 rows as the m16n8k16 A fragment a),
-// B (64 x 16) K-major in shared memory (descriptor db).
+// B (64 x 16) in shared memory (descriptor db): K-major, or MN-major with TB = 1.
 template <typename T, int TB = 0>
 __device__ __forceinline__ void wgmma_rs_n64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
   if constexpr (std::is_same_v<T, __half>) {
@@ -183,7 +183,7 @@ __device__ __forceinline__ void wgmma_rs_n64(float (&d)[8][4], const uint32_t (&
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1), "n"(TB))
 
 // d[16][4] += A B^T: A (64 x 16) in registers (this warp's 16 rows as the m16n8k16 A fragment a),
-// B (128 x 16) K-major in shared memory (descriptor db).
+// B (128 x 16) in shared memory (descriptor db): K-major, or MN-major with TB = 1.
 template <typename T, int TB = 0>
 __device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
   if constexpr (std::is_same_v<T, __half>) {
@@ -221,7 +221,7 @@ __device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1), "n"(TB))
 
 // d[32][4] += A B^T: A (64 x 16) in registers (this warp's 16 rows as the m16n8k16 A fragment a),
-// B (256 x 16) K-major in shared memory (descriptor db).
+// B (256 x 16) in shared memory (descriptor db): K-major, or MN-major with TB = 1.
 template <typename T, int TB = 0>
 __device__ __forceinline__ void wgmma_rs_n256(float (&d)[32][4], const uint32_t (&a)[4], uint64_t db) {
   if constexpr (std::is_same_v<T, __half>) {
