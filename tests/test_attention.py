@@ -239,6 +239,54 @@ def test_cuda_mma_sync_kernels_on_hopper(case, monkeypatch):
         test_varlen_against_oracle("cuda", "cuda")
 
 
+# GPU only (the interpreter would take minutes). Lengths at which the Hopper TMA forward's 2-stage ring of 128-key
+# stages wraps (> 256 visible keys: third tile on) with two consumer warpgroups and pingpong (head dims 64 and 128)
+# and with one (256); E = 20 rows are not 16-byte aligned, so Hopper runs the wgmma kernel without TMA there.
+LONG_CASES = [
+    ((1, 2, 700, 64), 2, 700, 64, {}, None, "700 E=64"),
+    ((1, 2, 700, 64), 2, 700, 64, dict(is_causal=True), None, "700 causal E=64"),
+    ((1, 2, 700, 128), 2, 700, 128, {}, None, "700 E=128"),
+    ((1, 2, 700, 128), 2, 700, 128, dict(is_causal=True), None, "700 causal E=128"),
+    ((1, 2, 600, 128), 2, 650, 128, dict(window=(100, 0)), "float:1,2,600,650", "window + float mask E=128"),
+    ((1, 2, 520, 256), 2, 520, 256, dict(is_causal=True), None, "520 causal E=256"),
+    ((1, 2, 300, 20), 2, 310, 20, {}, None, "E=20 unaligned rows"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("case", LONG_CASES, ids=[c[-1] for c in LONG_CASES])
+def test_long_sequences_against_oracle(backend, case):
+    test_sdpa_against_oracle(backend, "cuda", case)
+
+
+@pytest.mark.gpu
+def test_hopper_forward_kernel_that_runs(monkeypatch):
+    """Which CUDA forward kernel a call runs on Hopper (the fallbacks are silent by design): the TMA kernel for
+    16-byte-aligned rows, the wgmma kernel without TMA for E = 20, the mma.sync kernel with PYKERNELS_ATTN_NO_SM90A=1.
+    A build without sm_90a, or a driver that loads the sm_90 binary, shows here as the mma.sync kernel."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    require_backend("cuda", "cuda")
+
+    def kernels(E, **env):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        q = torch.randn(1, 2, 300, E, device="cuda", dtype=torch.bfloat16)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            sdpa(q, q, q, backend="cuda")
+            torch.cuda.synchronize()
+        for k in env:
+            monkeypatch.delenv(k)
+        return [e.name for e in prof.events() if "attn_fwd" in e.name]
+    names = kernels(128)
+    assert names and all("attn_fwd_sm90a_tma_kernel" in n for n in names), names
+    names = kernels(20)
+    assert names and all("attn_fwd_sm90a_kernel" in n for n in names), names
+    names = kernels(128, PYKERNELS_ATTN_NO_SM90A="1")
+    assert names and not any("sm90a" in n for n in names), names
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_varlen_against_oracle(backend, device):
     require_backend(backend, device)
