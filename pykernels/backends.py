@@ -159,7 +159,7 @@ NATIVE_FASTER_BELOW: Dict[str, Dict[str, tuple]] = {
     "cross_entropy": {
         "cpu": (1 << 20, 1 << 21,
                 "torch's cross-entropy measured faster than the C++ kernel on small logits, 2 cores fp32: ours at "
-                "0.5x torch's speed at 2^16 with a gradient, 0.8-2.2x at 2^18 (noisy), 2.0-3.0x from 2^20; "
+                "0.5x torch's speed at 2^16 with a gradient, 0.8-2.2x at 2^18 (noisy), 1.9-3.0x from 2^20; "
                 "without a gradient 0.3x at 2^16, 0.6x at 2^18, 1.1x at 2^20, 1.3x at 2^21, 5.3x at 2^27 "
                 "(bench/results/cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261204.json)")},
 }
