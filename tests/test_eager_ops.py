@@ -4,6 +4,7 @@ anything that traces (a dispatch mode, torch.compile) still sees ``pykernels::<o
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -127,3 +128,13 @@ def test_a_dispatch_mode_sees_the_op(case):
     with _Recorder() as rec:
         eager(*args)
     assert f"pykernels.{op._qualname.split('::')[1]}.default" in rec.ops, rec.ops
+
+
+def test_jit_trace_records_the_op():
+    eager, op, args, leaves = _setup("cross_entropy")
+    x = args[0].detach()
+    with warnings.catch_warnings():  # torch >= 2.13 deprecates torch.jit.trace
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(lambda x: eager(x, *args[1:])[0], (x,), check_trace=False)
+    assert op._qualname in {n.kind() for n in traced.graph.nodes()}
+    assert torch.equal(traced(x), eager(x, *args[1:])[0])
