@@ -9,12 +9,17 @@ The README holds generated sections between ``<!-- results:<name>:begin -->`` an
 ``tables`` (every table above) and ``summary`` (the ratios of pykernels to the other provider in each JSONL family,
 as ranges over its cases). `python -m bench.render --readme README.md` rewrites them, `--check` exits 1 when the
 README differs from what the committed files give. Nothing in those sections is typed by hand.
+
+Plots: `--plots` draws each JSON file's plots (bench/report.py, needs matplotlib) into
+``bench/results/plots/<file name>/``; the tables section links every plot of a suite that exists there, so the
+README and the committed PNGs come from the same records.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -22,6 +27,7 @@ from typing import Callable, Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
+PLOTS = "plots"  # under the results directory: one folder per JSON file
 README = REPO / "README.md"
 DASH = "–"
 
@@ -90,8 +96,39 @@ def render_file(path: Path) -> str:
         absent = sorted({f"{r['provider']}: {r['error']}" for r in rs if r["status"] == "absent"})
         if absent:
             lines += ["", "Not measured: " + "; ".join(absent)]
+        links = _plot_links(path, rs)
+        if links:
+            lines += ["", "Plots: " + " · ".join(links)]
         tables.append("\n".join(lines))
     return "\n\n".join(tables)
+
+
+def _plot_dir(path: Path) -> Path:
+    return path.parent / PLOTS / path.stem
+
+
+def _plot_links(path: Path, records: List[dict]) -> List[str]:
+    """Markdown links to the committed plots of these records (those present in the file's plot folder)."""
+    from .report import plot_groups, results_of
+    folder = _plot_dir(path)
+    return [f"[{title.split(' ', 1)[1]}]({Path(os.path.relpath(folder / name, REPO)).as_posix()})"
+            for name, (title, *_) in plot_groups(results_of(records)).items() if (folder / name).exists()]
+
+
+def write_all_plots(results_dir: Path = RESULTS) -> List[Path]:
+    """Every JSON file's plots into its plot folder (stale PNGs there removed first)."""
+    from .report import results_of, write_plots
+    out = []
+    for f in sorted(results_dir.glob("*.json")):
+        folder = _plot_dir(f.resolve())
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.png"):
+            old.unlink()
+        written = write_plots(folder, results_of(json.loads(f.read_text())["results"]))
+        if not written:
+            raise RuntimeError("drawing plots needs matplotlib (pip install matplotlib)")
+        out += written
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,9 +233,14 @@ def main(argv=None) -> int:
                    help="rewrite this file's results sections (default README.md)")
     g.add_argument("--check", default=None, const=str(README), nargs="?", metavar="README",
                    help="exit 1 if this file's results sections are stale (default README.md)")
+    g.add_argument("--plots", action="store_true",
+                   help="draw every JSON file's plots into <results>/plots/<file>/ (then --readme links them)")
     a = p.parse_args(argv)
     results = Path(a.results)
-    if a.out:
+    if a.plots:
+        for path in write_all_plots(results):
+            print(path)
+    elif a.out:
         Path(a.out).write_text(render(results) + "\n")
     elif a.readme or a.check:
         path = Path(a.readme or a.check)

@@ -42,6 +42,8 @@ def write_csv(path: Path, results: List[Result]) -> None:
 
 # The size each suite's presets sweep (attention trades batch for length at a fixed token count: plot the length).
 SWEEP = {"attention": "L", "cross_entropy": "V", "linear_cross_entropy": "V", "lstm": "T", "lstm_cell": "B"}
+# Suites whose presets may vary several sizes together: plotted against their product when all of them vary.
+SWEEP_PRODUCT = {"cross_entropy": ("N", "V")}
 
 
 def sweep_key(suite: str, keys: tuple, rs: List[Result]) -> str:
@@ -53,9 +55,37 @@ def sweep_key(suite: str, keys: tuple, rs: List[Result]) -> str:
     return varies[0] if varies else keys[-1]
 
 
+def plot_groups(results: List[Result], prefix: str = "") -> Dict[str, tuple]:
+    """File name -> (title, x key, metric, results) of each plot: one per (suite, mode, dtype, shape keys) of the
+    ``ok`` results. Cases with other shape keys (another model of the e2e suite) get their own plot. The names
+    depend on the records only, so the README can link plots without drawing them (bench/render.py)."""
+    groups: Dict[tuple, List[Result]] = {}
+    for r in results:
+        if r.status == "ok":
+            groups.setdefault((r.suite, r.mode, r.dtype, tuple(r.shape)), []).append(r)
+    out = {}
+    for (suite, mode, dtype, keys), rs in groups.items():
+        metric = next((m for m in ("tflops", "tokens_per_s") if getattr(rs[0], m) is not None), "gbps")
+        model = rs[0].case.split()[0]  # e2e cases start with their model's name; the kernel suites with k=v
+        model = "" if "=" in model else model
+        name = f"{prefix}{suite}{'-' + model if model else ''}-{mode.replace('+', '_')}-{dtype}.png"
+        prod = SWEEP_PRODUCT.get(suite, ())
+        key = prod if len(prod) > 1 and all(len({r.shape.get(k) for r in rs}) > 1 for k in prod) \
+            else (sweep_key(suite, keys, rs),)
+        out[name] = (f"{suite} {model} {mode} {dtype}".replace("  ", " "), key, metric, rs)
+    return out
+
+
+def _x(r: Result, key: tuple) -> float:
+    x = 1
+    for k in key:
+        x *= r.shape[k]
+    return x
+
+
 def write_plots(directory: Path, results: List[Result], prefix: str = "") -> List[Path]:
-    """One PNG per (suite, mode, dtype, shape keys): GB/s (or TFLOP/s, tokens/s) of each provider against the
-    swept size. Cases with other shape keys (another model of the e2e suite) get their own plot."""
+    """One PNG per plot_groups() entry: GB/s (or TFLOP/s, tokens/s) of each provider against the swept size.
+    None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -63,32 +93,30 @@ def write_plots(directory: Path, results: List[Result], prefix: str = "") -> Lis
     except ImportError:
         return []
     out = []
-    groups: Dict[tuple, List[Result]] = {}
-    for r in results:
-        if r.status == "ok":
-            groups.setdefault((r.suite, r.mode, r.dtype, tuple(r.shape)), []).append(r)
-    for (suite, mode, dtype, keys), rs in groups.items():
-        key = sweep_key(suite, keys, rs)
-        metric = next((m for m in ("tflops", "tokens_per_s") if getattr(rs[0], m) is not None), "gbps")
-        model = rs[0].case.split()[0]  # e2e cases start with their model's name; the kernel suites with k=v
-        model = "" if "=" in model else model
+    for name, (title, key, metric, rs) in plot_groups(results, prefix).items():
         fig, ax = plt.subplots(figsize=(7, 4))
         for prov in sorted({r.provider for r in rs}):
-            pts = sorted((r.shape[key], getattr(r, metric)) for r in rs if r.provider == prov)
+            pts = sorted((_x(r, key), getattr(r, metric)) for r in rs if r.provider == prov)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
-        xs = [r.shape[key] for r in rs]
+        xs = [_x(r, key) for r in rs]
         if max(xs) > 4 * min(xs):
             ax.set_xscale("log", base=2)
-        ax.set_xlabel(key)
+        ax.set_xlabel("·".join(key))
         ax.set_ylabel({"tflops": "TFLOP/s", "tokens_per_s": "tokens/s"}.get(metric, "GB/s (minimal bytes / time)"))
-        ax.set_title(f"{suite} {model} {mode} {dtype}".replace("  ", " "))
+        ax.set_title(title)
         ax.legend()
         ax.grid(alpha=0.3)
-        path = directory / f"{prefix}{suite}{'-' + model if model else ''}-{mode.replace('+', '_')}-{dtype}.png"
+        path = directory / name
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         out.append(path)
     return out
+
+
+def results_of(records: List[dict]) -> List[Result]:
+    """Result objects from a run's JSON records (fields a newer or older schema has that Result lacks: ignored)."""
+    fields = {f.name for f in dataclasses.fields(Result)}
+    return [Result(**{k: v for k, v in r.items() if k in fields}) for r in records]
 
 
 def _cells(r: Result) -> List[str]:

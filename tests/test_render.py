@@ -81,3 +81,28 @@ def test_check_and_rewrite(tmp_path, capsys):
     readme.write_text("no sections\n")
     with pytest.raises(ValueError, match="has no <!-- results"):
         render.main(args + ["--readme", str(readme)])
+
+
+def test_plots_are_linked_when_drawn(tmp_path):
+    """The tables section links exactly the plots present in <results>/plots/<file>/, named as report.write_plots
+    names them (drawn here when matplotlib is installed, else stand-in files under those names)."""
+    rs = [harness.Result("cross_entropy", f"N={n} V={v}", p, "fwd+bwd", "float32", {"N": n, "V": v}, ms_p50=1.0,
+                         ms_p20=1.0, ms_p80=1.0, bytes=1e6) for n, v in ((8, 100), (16, 300)) for p in ("a", "b")]
+    harness.derive(rs, {"copy_gbps": 10.0})
+    path = tmp_path / "cpu-cross_entropy-20260102.json"
+    report.write_json(path, {"date_utc": "2026-01-02T00:00:00", "device_name": "Dev Z"}, {}, rs)
+    assert "Plots:" not in render.render(tmp_path)
+    names = list(report.plot_groups(rs))
+    assert names == ["cross_entropy-fwd_bwd-float32.png"]
+    _, key, metric, _ = report.plot_groups(rs)[names[0]]
+    assert key == ("N", "V") and metric == "gbps"  # both sizes vary: plotted against N·V
+    folder = tmp_path / "plots" / path.stem
+    try:
+        import matplotlib  # noqa: F401
+        assert [p.name for p in render.write_all_plots(tmp_path)] == names
+    except ImportError:
+        folder.mkdir(parents=True)
+        (folder / names[0]).write_bytes(b"png")
+    md = render.render(tmp_path)
+    link = next(line for line in md.splitlines() if line.startswith("Plots:"))
+    assert link.endswith(f"plots/{path.stem}/{names[0]})") and "[fwd+bwd float32]" in link
