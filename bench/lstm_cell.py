@@ -16,9 +16,9 @@ from .providers import implemented, pykernels_providers, tolerance
 NAME = "lstm_cell"
 MODES = ("fwd+bwd", "fwd")
 PRESETS = {  # (device type, quick) -> [(B, I, H)]
-    ("cuda", False): [(64, 256, 256), (256, 1024, 1024), (1024, 1024, 1024)],
+    ("cuda", False): [(8, 256, 256), (64, 256, 256), (256, 1024, 1024), (1024, 1024, 1024)],
     ("cuda", True): [(256, 1024, 1024)],
-    ("cpu", False): [(64, 256, 256)],
+    ("cpu", False): [(1, 256, 256), (8, 256, 256), (64, 256, 256)],  # the targets: B <= 64
     ("cpu", True): [(32, 128, 128)],
 }
 
