@@ -148,3 +148,106 @@ def test_launch_logic_at_cuda_geometry(N, H, V, splits, chunk_cols, monkeypatch)
     assert_error_rule("loss", loss, ref, dtype=torch.float32)
     for name, a, r in (("d_input", x.grad, xr.grad), ("d_weight", W.grad, Wr.grad), ("d_bias", b.grad, br.grad)):
         assert_error_rule(name, a, r, dtype=torch.float32)
+
+
+# The paths no other CUDA test reaches (found by a desk review of csrc/cuda/linear_cross_entropy.cu): the 4-stage
+# cp.async ring wrapping (KT = 9 > 4), several tiles per block (splits 1, 3) and an empty split (5), the scalar path
+# at the same depth (H = 261), a partial last vocabulary tile, vocab_start != 0 (targets outside the shard), dlogits
+# of a chunk at col0 = 256 with a partial column block, a skipped (all-zero coefficient) token block between live
+# ones, odd and even dl row strides, and the bias partials of 3 token blocks, against float64 torch. On the CPU tier
+# the same checks run on the plain-torch model of the kernels above (which keeps the test itself honest).
+def _deep_inputs(dtype, H, N=300, V=1000, vocab_start=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, generator=g).to(dtype)
+    W = (torch.randn(V, H, generator=g) * 2 * H ** -0.5).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype)
+    cw = torch.rand(V, generator=g) + 0.5
+    t = torch.randint(0, V + 100, (N,), generator=g)  # some past the shard's end
+    t[::7] = -100
+    t[::11] = 10  # global class 10 < vocab_start: in another shard
+    return x, W, b, cw, t, vocab_start
+
+
+def _deep_logits(x, W, b, softcap):
+    z = x.double() @ W.double().t() + b.double()
+    return softcap * torch.tanh(z / softcap)
+
+
+def _deep_partials(PARTIALS, DEV, dtype, H, splits, softcap=20.0):
+    x, W, b, cw, t, vs = _deep_inputs(dtype, H)
+    N, V = x.shape[0], W.shape[0]
+    dev = lambda a: a.to(DEV)  # noqa: E731
+    mp, sp, zyp, zsp = PARTIALS(dev(x), dev(W), dev(b), dev(t), dev(cw), vs, softcap, True, splits)
+    mp, sp, zyp, zsp = (a.double().cpu() for a in (mp, sp, zyp, zsp))
+    z = _deep_logits(x, W, b, softcap)
+    tiles = -(-V // 128)
+    per = -(-tiles // splits)
+    y = t - vs
+    for s in range(splits):
+        c0, c1 = min(V, s * per * 128), min(V, (s + 1) * per * 128)
+        if c0 >= c1:
+            assert bool((mp[s] == float("-inf")).all()) and bool((sp[s] == 0).all()), f"empty split {s}"
+            assert bool((zyp[s] == 0).all()) and bool((zsp[s] == 0).all())
+            continue
+        zs = z[:, c0:c1]
+        lse = torch.logsumexp(zs, 1)
+        err = (mp[s] + sp[s].log() - lse).abs().max().item()
+        assert err < 2e-5 * max(1.0, lse.abs().max().item()), f"split {s} lse err {err}"
+        hit = (y >= c0) & (y < c1)
+        zy = torch.where(hit, z.gather(1, y.clamp(0, V - 1)[:, None])[:, 0], 0.0)
+        assert (zyp[s] - zy).abs().max().item() < 1e-4, f"split {s} z_y"
+        zsr = (zs * cw[c0:c1].double()).sum(1)
+        assert (zsp[s] - zsr).abs().max().item() < 1e-5 * (c1 - c0) * softcap, f"split {s} z_sum"
+
+
+def _deep_dlogits(DLOGITS, DEV, dtype, H, ldl_pad, softcap=20.0):
+    x, W, b, cw, t, vs = _deep_inputs(dtype, H, seed=1)
+    N, V = x.shape[0], W.shape[0]
+    z = _deep_logits(x, W, b, softcap)
+    m = z.amax(1)
+    ls = torch.logsumexp(z - m[:, None], 1)
+    g = torch.Generator().manual_seed(2)
+    cp, cy, cwr = (torch.rand(N, generator=g) for _ in range(3))
+    for c in (cp, cy, cwr):
+        c[128:256] = 0.0  # token block 1: skipped, exact zeros
+    col0, nc = 256, 300
+    buf = torch.full((N, nc + ldl_pad), float("nan"), dtype=dtype, device=DEV)
+    dl = buf[:, :nc]
+    db = torch.full((3, nc), float("nan"), device=DEV)
+    d = lambda a: a.to(DEV)  # noqa: E731
+    DLOGITS(d(x), d(W), d(b), d(t), d(cw), d(m.float()), d(ls.float()), d(cp), d(cy), d(cwr), vs, softcap, True,
+            col0, dl, db)
+    cols = torch.arange(col0, col0 + nc)
+    zc = z[:, col0:col0 + nc]
+    r = cp.double()[:, None] * torch.exp(zc - m[:, None] - ls[:, None])
+    r = r - torch.where(cols[None, :] == (t - vs)[:, None], cy.double()[:, None], 0.0)
+    r = r - cwr.double()[:, None] * cw[col0:col0 + nc].double()[None, :]
+    r = r * (1 - (zc / softcap) ** 2)
+    out = dl.double().cpu()
+    assert not torch.isnan(out).any(), "dl element not written"
+    assert bool((out[128:256] == 0).all()), "skipped block must be exact zeros"
+    tol = 2 * torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
+    err = (out - r).abs().max().item()
+    assert err <= tol, f"dl err {err} > {tol}"
+    dbr = torch.stack([out[i:i + 128].sum(0) for i in range(0, N, 128)])
+    err = (db.double().cpu() - dbr).abs().max().item()
+    assert err < 1e-4, f"db err {err}"
+
+
+
+@pytest.mark.parametrize("ops", ["model", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_kernel_ops_on_deep_ring_multi_tile_and_skip_paths(ops):
+    if ops == "cuda":
+        require_cuda_build()
+        if not torch.cuda.is_available():
+            pytest.skip("needs a GPU")
+        fns, dev = (torch.ops.pykernels.linear_cross_entropy_partials,
+                    torch.ops.pykernels.linear_cross_entropy_dlogits), "cuda"
+    else:
+        fns, dev = (_partials, _dlogits), "cpu"
+    for dtype in (torch.float16, torch.bfloat16):
+        for H in (264, 261):  # 264: cp.async path (16-byte rows); 261: scalar loads; both KT = 9
+            for splits in (1, 3, 5):  # 8 tiles: 8 / 3 per block; 5 splits of 2 tiles leave split 4 empty
+                _deep_partials(fns[0], dev, dtype, H, splits)
+            for pad in (0, 1):  # even / odd dl row stride (32-bit pair stores / scalar stores)
+                _deep_dlogits(fns[1], dev, dtype, H, pad)

@@ -450,6 +450,10 @@ def test_layer_kernel_ops_against_contract(backend, device, reverse):
     fwd, bwd = ops.LAYER[backend]
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" or backend == "cpu" else [])
     shapes = [(4, 3, 7)] + ([(33, 20, 300), (37, 16, 768)] if device == "cuda" else [])
+    if backend == "cuda":  # (the reviewer's plans for 132 SMs) a last block with fewer units, 3 gate-tile pairs,
+        # fp32 resident near the shared-memory limit, 5 backward K chunks; all four streamed kernels with B > 16;
+        # many barriers (T = 300)
+        shapes += [(3, 5, 1100), (3, 17, 1999), (300, 4, 130)]
     for (T, B, H), dtype in [(s, d) for s in shapes for d in dtypes + ([F64] if backend == "cpu" else [])]:
         if backend == "triton" and device == "cuda" and H > 64:  # the GPU tier runs the persistent split kernels
             from pykernels.triton import lstm_layer as kl

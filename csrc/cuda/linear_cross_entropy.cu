@@ -4,7 +4,7 @@
 // and their combination, backward chunks and their GEMMs): pykernels/ops/linear_cross_entropy_launch.py.
 //
 // Block: 8 warps on a 128 x 128 logit tile; warp (wm, wn) owns 32 rows x 64 columns (2 x 8 MMA tiles, 64 fp32
-// accumulators per thread). K loop over H in 32-wide steps through a 3-stage cp.async pipeline (scalar loads
+// accumulators per thread). K loop over H in 32-wide steps through a 4-stage cp.async pipeline (scalar loads
 // when rows are not 16-byte aligned); fragments by ldmatrix from rows padded to 40 elements, so the 8 row
 // addresses of each 8x8 matrix fall in distinct banks. Raw pointers only, no torch headers.
 #include <cuda_bf16.h>
@@ -28,7 +28,7 @@ constexpr int kStages = 4;
 constexpr int kThreads = 256;
 constexpr int kGroupM = 8;                           // token blocks that sweep the same W tiles together (L2)
 constexpr int kStageElems = (BM + BN) * LD;           // one stage: the x tile, then the w tile
-constexpr int kSmemBytes = kStages * kStageElems * 2;  // 61,440: above the 48 KB default, opted in at launch
+constexpr int kSmemBytes = kStages * kStageElems * 2;  // 81,920: above the 48 KB default, opted in at launch
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(BM == 4 * 32 && BN == 2 * 64, "8 warps as 4 x 2 of 32 x 64");
 
@@ -234,7 +234,9 @@ __global__ void __launch_bounds__(kThreads, 1) lce_fwd_kernel(const LinearCrossE
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < 16; ++j) sum += exp2_approx(fmaf(z[j], kLog2e, -off));
-        st.s[i] = st.s[i] * exp2_approx(fmaf(st.m[i], kLog2e, -off)) + sum;
+        // rescale by exp2((m - mn) log2 e): exactly 1 when the max did not move (the fmaf(m, L, -off) form drifts
+        // by half an ulp of the exponent per tile: ~1e-4 in lse over 59 tiles), 0 while m is -inf
+        st.s[i] = st.s[i] * exp2_approx((st.m[i] - mn) * kLog2e) + sum;
         st.m[i] = mn;
       }
     }
@@ -296,7 +298,9 @@ __global__ void __launch_bounds__(kThreads, 1) lce_dlogits_kernel(const LinearCr
   float acc[2][8][4];
   if (live) tile_product<T>(acc, a, smem, m0, n0, a.col0 + a.n_cols, p);
   T* dl = static_cast<T*>(a.dl);
-  const bool pairs = a.ldl % 2 == 0;  // two adjacent columns as one 32-bit store
+  // two adjacent columns as one 32-bit store: even row stride and a 4-byte-aligned base (a direct op call may pass
+  // a view at an odd element offset)
+  const bool pairs = a.ldl % 2 == 0 && reinterpret_cast<uintptr_t>(a.dl) % 4 == 0;
   float colsum[8][2];
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) colsum[nt][0] = colsum[nt][1] = 0.f;

@@ -33,7 +33,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBatchChunk = 16;  // batch rows whose h_{t-1} sit in shared memory at once (forward)
-constexpr long long kSpinLimit = 1ll << 28;  // ~10 s of polling: a barrier that never opens traps instead of hanging
+// Polls before a barrier that never opens traps instead of hanging: each poll is an L2 round trip plus a short
+// nanosleep (150-300 ns), so 2^24 polls are a few seconds (2^28 was 40-130 s of a 15-minute GPU session).
+constexpr long long kSpinLimit = 1ll << 24;
 
 __device__ __forceinline__ float sigmoid_(float x) { return 1.f / (1.f + __expf(-x)); }
 

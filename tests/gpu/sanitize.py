@@ -93,7 +93,7 @@ def lstm_layer(backends):
     dev = DEV
     for backend in [b for b in backends if b in ("triton", "cuda")]:
         for dtype in (torch.float32, *HALF):
-            shapes = ((1, 1, 3, 5), (37, 19, 10, 33), (9, 3, 70, 130))
+            shapes = ((1, 1, 3, 5), (37, 19, 10, 33), (9, 3, 70, 130), (3, 5, 8, 601))  # 601: uneven last block
             if backend == "triton":  # H = 130 (70 on CPU) runs the split kernels, persistent on the GPU
                 H = 130 if DEV != "cpu" else 70
                 p = triton_layer.plan(H, dtype, torch.device(dev), True)
