@@ -227,6 +227,15 @@ LstmLayerArgs layer_args(const at::Tensor& w_hh, int64_t T, int64_t B, int64_t H
   return a;
 }
 
+// The rule: a hidden size whose W_hh slice does not fit on chip falls back to the streamed kernel visibly
+// (a Python UserWarning; Python's default filter shows it once per calling line).
+void warn_if_streamed(bool resident, const char* op, int64_t H, at::ScalarType dtype) {
+  if (!resident) {
+    TORCH_WARN(op, " (cuda): W_hh of hidden size ", H, " (", dtype, ") does not fit in the blocks' shared memory: "
+               "the streamed kernel re-reads it from L2/HBM every step (slower)");
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> layer_fwd_cuda(const at::Tensor& xproj, const at::Tensor& w_hh,
                                                   const at::Tensor& h0, const at::Tensor& c0, bool reverse) {
   check_lstm_layer_fwd(xproj, w_hh, h0, c0);
@@ -248,7 +257,9 @@ std::tuple<at::Tensor, at::Tensor> layer_fwd_cuda(const at::Tensor& xproj, const
   a.c0 = c.data_ptr();
   a.out = out.data_ptr();
   a.ws = ws.data_ptr<float>();
-  check_cuda(cuda::lstm_layer_fwd(a, c10::cuda::getCurrentCUDAStream()), "lstm_layer_fwd");
+  bool resident = true;
+  check_cuda(cuda::lstm_layer_fwd(a, c10::cuda::getCurrentCUDAStream(), &resident), "lstm_layer_fwd");
+  warn_if_streamed(resident, "lstm_layer_fwd", H, h0.scalar_type());
   return {out, ws};
 }
 
@@ -271,7 +282,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_bwd_cuda(const c10::optiona
   a.dgates = dg.data_ptr<float>();
   a.dh = dh.data_ptr<float>();
   a.dc = dc.data_ptr<float>();
-  check_cuda(cuda::lstm_layer_bwd(a, c10::cuda::getCurrentCUDAStream()), "lstm_layer_bwd");
+  bool resident = true;
+  check_cuda(cuda::lstm_layer_bwd(a, c10::cuda::getCurrentCUDAStream(), &resident), "lstm_layer_bwd");
+  warn_if_streamed(resident, "lstm_layer_bwd", H, w_hh.scalar_type());
   return {dg, dh, dc};
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -541,3 +542,24 @@ def test_cuda_persistent_kernels_use_tensor_cores():
             assert no_local_memory(f), f"{sm} {name}: local memory"
             resident_16bit = "Lb1E" in name and ("half" in name or "bfloat16" in name)
             assert ("HMMA" in f and "LDSM" in f) == resident_16bit, f"{sm} {name}: tensor cores {'HMMA' in f}"
+
+
+@pytest.mark.gpu
+def test_cuda_layer_says_when_w_hh_is_streamed():
+    """The issue's rule: a hidden size whose W_hh slice does not fit on chip falls back to the streamed kernel
+    visibly. 16-bit W_hh stays resident up to H ~1500 on 132 SMs (the reviewer's plans); H = 2000 streams."""
+    require("cuda", "cuda")
+    fwd, _ = ops.LAYER["cuda"]
+
+    def run(H):
+        xp = torch.randn(2, 3, 4 * H, device="cuda")
+        w = (torch.randn(4 * H, H, device="cuda") * 0.01).to(torch.float16)
+        h0 = c0 = torch.zeros(3, H, device="cuda", dtype=torch.float16)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            fwd(xp, w, h0, c0, False)
+            torch.cuda.synchronize()
+        return [str(x.message) for x in seen if "streamed" in str(x.message)]
+    assert run(300) == []
+    msgs = run(2000)
+    assert msgs and "hidden size 2000" in msgs[0], msgs

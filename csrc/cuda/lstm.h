@@ -14,8 +14,9 @@ cudaError_t lstm_cell_fwd(const LstmCellArgs& a, cudaStream_t stream);
 cudaError_t lstm_cell_bwd(const LstmCellBwdArgs& a, cudaStream_t stream);
 // One layer direction over all T steps in one cooperative (persistent) launch (csrc/cuda/lstm_layer.cu): the
 // recurrence forward, and the backward's gate gradients + dh/dc carried through reverse time.
-cudaError_t lstm_layer_fwd(const LstmLayerArgs& a, cudaStream_t stream);
-cudaError_t lstm_layer_bwd(const LstmLayerArgs& a, cudaStream_t stream);
+// *resident (when given) says whether W_hh stayed in the blocks' shared memory or was streamed every step.
+cudaError_t lstm_layer_fwd(const LstmLayerArgs& a, cudaStream_t stream, bool* resident = nullptr);
+cudaError_t lstm_layer_bwd(const LstmLayerArgs& a, cudaStream_t stream, bool* resident = nullptr);
 
 }  // namespace cuda
 }  // namespace pykernels

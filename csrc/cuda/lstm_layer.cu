@@ -368,10 +368,11 @@ cudaError_t plan_for(const LstmLayerArgs& a, bool forward, Plan& p) {
 }
 
 template <typename T>
-cudaError_t launch(const LstmLayerArgs& a, bool forward, cudaStream_t stream) {
+cudaError_t launch(const LstmLayerArgs& a, bool forward, cudaStream_t stream, bool* resident) {
   Plan p;
   cudaError_t err = plan_for<T>(a, forward, p);
   if (err != cudaSuccess) return err;
+  if (resident) *resident = p.resident;
   void* kernel = forward ? (p.resident ? reinterpret_cast<void*>(&layer_fwd_kernel<T, true>)
                                        : reinterpret_cast<void*>(&layer_fwd_kernel<T, false>))
                          : (p.resident ? reinterpret_cast<void*>(&layer_bwd_kernel<T, true>)
@@ -385,20 +386,24 @@ cudaError_t launch(const LstmLayerArgs& a, bool forward, cudaStream_t stream) {
   return cudaLaunchCooperativeKernel(kernel, dim3(p.blocks), dim3(kThreads), params, p.smem, stream);
 }
 
-cudaError_t dispatch(const LstmLayerArgs& a, bool forward, cudaStream_t stream) {
+cudaError_t dispatch(const LstmLayerArgs& a, bool forward, cudaStream_t stream, bool* resident) {
   if (a.T == 0 || a.B == 0 || a.H == 0) return cudaSuccess;  // nothing to run (dh/dc already hold the result)
   switch (a.dtype) {
-    case DType::F32: return launch<float>(a, forward, stream);
-    case DType::F16: return launch<__half>(a, forward, stream);
-    case DType::BF16: return launch<__nv_bfloat16>(a, forward, stream);
+    case DType::F32: return launch<float>(a, forward, stream, resident);
+    case DType::F16: return launch<__half>(a, forward, stream, resident);
+    case DType::BF16: return launch<__nv_bfloat16>(a, forward, stream, resident);
     default: return cudaErrorInvalidValue;
   }
 }
 
 }  // namespace
 
-cudaError_t lstm_layer_fwd(const LstmLayerArgs& a, cudaStream_t stream) { return dispatch(a, true, stream); }
-cudaError_t lstm_layer_bwd(const LstmLayerArgs& a, cudaStream_t stream) { return dispatch(a, false, stream); }
+cudaError_t lstm_layer_fwd(const LstmLayerArgs& a, cudaStream_t stream, bool* resident) {
+  return dispatch(a, true, stream, resident);
+}
+cudaError_t lstm_layer_bwd(const LstmLayerArgs& a, cudaStream_t stream, bool* resident) {
+  return dispatch(a, false, stream, resident);
+}
 
 }  // namespace cuda
 }  // namespace pykernels
