@@ -314,9 +314,16 @@ def test_cuda_memory_within_model_and_int64_offsets(monkeypatch):
     W = (torch.randn(Vb, Hb, device="cuda", dtype=torch.bfloat16) * 0.01)
     x = torch.randn(Nb, Hb, device="cuda", dtype=torch.bfloat16)
     t = torch.randint(Vb - 1000, Vb, (Nb,), device="cuda")  # targets in the rows past 2**31 elements
-    ours = linear_cross_entropy(x, W, t, backend="triton", reduction="none")
-    ref_ = F.cross_entropy(F.linear(x.float(), W.float()), t, reduction="none")
-    assert max_abs_err(ours, ref_) <= 0.05
+    xf = x.float().requires_grad_()
+    ref_ = F.cross_entropy(F.linear(xf, W.float()), t, reduction="none")
+    (gref,) = torch.autograd.grad(ref_.sum(), xf)
+    backends = ["triton"] + (["cuda"] if pykernels.available_backends("cuda")["cuda"] is None else [])
+    for backend in backends:  # the CUDA kernels' offsets too (partials and dlogits: the backward)
+        xb = x.detach().clone().requires_grad_()
+        ours = linear_cross_entropy(xb, W, t, backend=backend, reduction="none")
+        assert max_abs_err(ours, ref_) <= 0.05, backend
+        ours.sum().backward()
+        assert max_abs_err(xb.grad, gref) <= 0.05 * float(gref.abs().max()), backend
 
 
 def test_bad_arguments_name_the_argument():
