@@ -241,13 +241,6 @@ std::tuple<at::Tensor, at::Tensor> layer_fwd_cuda(const at::Tensor& xproj, const
   check_lstm_layer_fwd(xproj, w_hh, h0, c0);
   c10::cuda::CUDAGuard guard(h0.device());
   const int64_t T = xproj.size(0), B = xproj.size(1), H = h0.size(1);
-  // the forward keeps a 16-row batch chunk of h_{t-1} in shared memory (csrc/cuda/lstm_layer.cu plan_for)
-  int smem_optin = 0;
-  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, h0.device().index()),
-             "lstm_layer_fwd");
-  const int64_t h_max = smem_optin / (16 * static_cast<int64_t>(h0.element_size()));
-  TORCH_CHECK(H <= h_max, "lstm_layer_fwd: hidden size ", H, " exceeds the CUDA kernel's limit ", h_max,
-              " on this GPU for ", h0.scalar_type(), " (16 rows of h in shared memory)");
   at::Tensor xp = xproj.contiguous(), w = w_hh.contiguous(), h = h0.contiguous(), c = c0.contiguous(), barrier;
   at::Tensor out = at::empty({T, B, H}, h0.options()), ws = at::empty({T, B, 5 * H}, xproj.options());
   LstmLayerArgs a = layer_args(w, T, B, H, reverse, barrier);
@@ -257,9 +250,14 @@ std::tuple<at::Tensor, at::Tensor> layer_fwd_cuda(const at::Tensor& xproj, const
   a.c0 = c.data_ptr();
   a.out = out.data_ptr();
   a.ws = ws.data_ptr<float>();
-  bool resident = true;
-  check_cuda(cuda::lstm_layer_fwd(a, c10::cuda::getCurrentCUDAStream(), &resident), "lstm_layer_fwd");
-  warn_if_streamed(resident, "lstm_layer_fwd", H, h0.scalar_type());
+  cuda::LstmLayerPlanInfo plan;
+  const cudaError_t err = cuda::lstm_layer_fwd(a, c10::cuda::getCurrentCUDAStream(), &plan);
+  // the one size the plan refuses (csrc/cuda/lstm_layer.cu plan_for), named instead of "invalid argument"
+  TORCH_CHECK(plan.max_hidden == 0 || H <= plan.max_hidden, "lstm_layer_fwd: hidden size ", H,
+              " exceeds the CUDA kernel's limit ", plan.max_hidden, " on this GPU for ", h0.scalar_type(),
+              " (a batch chunk of h in shared memory)");
+  check_cuda(err, "lstm_layer_fwd");
+  warn_if_streamed(plan.resident, "lstm_layer_fwd", H, h0.scalar_type());
   return {out, ws};
 }
 
@@ -282,9 +280,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_bwd_cuda(const c10::optiona
   a.dgates = dg.data_ptr<float>();
   a.dh = dh.data_ptr<float>();
   a.dc = dc.data_ptr<float>();
-  bool resident = true;
-  check_cuda(cuda::lstm_layer_bwd(a, c10::cuda::getCurrentCUDAStream(), &resident), "lstm_layer_bwd");
-  warn_if_streamed(resident, "lstm_layer_bwd", H, w_hh.scalar_type());
+  cuda::LstmLayerPlanInfo plan;
+  check_cuda(cuda::lstm_layer_bwd(a, c10::cuda::getCurrentCUDAStream(), &plan), "lstm_layer_bwd");
+  warn_if_streamed(plan.resident, "lstm_layer_bwd", H, w_hh.scalar_type());
   return {dg, dh, dc};
 }
 

@@ -14,9 +14,13 @@ cudaError_t lstm_cell_fwd(const LstmCellArgs& a, cudaStream_t stream);
 cudaError_t lstm_cell_bwd(const LstmCellBwdArgs& a, cudaStream_t stream);
 // One layer direction over all T steps in one cooperative (persistent) launch (csrc/cuda/lstm_layer.cu): the
 // recurrence forward, and the backward's gate gradients + dh/dc carried through reverse time.
-// *resident (when given) says whether W_hh stayed in the blocks' shared memory or was streamed every step.
-cudaError_t lstm_layer_fwd(const LstmLayerArgs& a, cudaStream_t stream, bool* resident = nullptr);
-cudaError_t lstm_layer_bwd(const LstmLayerArgs& a, cudaStream_t stream, bool* resident = nullptr);
+// What a layer launch planned (filled when given; max_hidden also when the launch refuses the size).
+struct LstmLayerPlanInfo {
+  bool resident = true;    // W_hh stayed in the blocks' shared memory (else it was streamed every step)
+  int64_t max_hidden = 0;  // the forward's largest H on this GPU (a batch chunk of h in shared memory); 0: none
+};
+cudaError_t lstm_layer_fwd(const LstmLayerArgs& a, cudaStream_t stream, LstmLayerPlanInfo* info = nullptr);
+cudaError_t lstm_layer_bwd(const LstmLayerArgs& a, cudaStream_t stream, LstmLayerPlanInfo* info = nullptr);
 
 }  // namespace cuda
 }  // namespace pykernels

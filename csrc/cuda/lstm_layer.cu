@@ -331,6 +331,7 @@ struct Plan {
   int blocks = 0, hb = 0;
   size_t smem = 0;
   bool resident = false;
+  int64_t max_hidden = 0;  // forward: the largest H whose batch chunk of h fits in shared memory
 };
 
 template <typename T>
@@ -345,6 +346,7 @@ cudaError_t plan_for(const LstmLayerArgs& a, bool forward, Plan& p) {
   p.hb = static_cast<int>((H + blocks - 1) / blocks);
   p.blocks = static_cast<int>((H + p.hb - 1) / p.hb);
   const size_t h = forward ? kBatchChunk * H * sizeof(T) : 0;
+  if (forward) p.max_hidden = smem_max / static_cast<int64_t>(kBatchChunk * sizeof(T));
   if (h > static_cast<size_t>(smem_max)) return cudaErrorInvalidValue;  // H too large for a batch chunk
   // 16-bit: the tensor-core tiles (padded, plus the warps' partial products) when they fit, else W_hh streamed
   // (a resident 16-bit launch is the tensor-core one); fp32: resident SIMT when W_hh fits
@@ -368,11 +370,11 @@ cudaError_t plan_for(const LstmLayerArgs& a, bool forward, Plan& p) {
 }
 
 template <typename T>
-cudaError_t launch(const LstmLayerArgs& a, bool forward, cudaStream_t stream, bool* resident) {
+cudaError_t launch(const LstmLayerArgs& a, bool forward, cudaStream_t stream, LstmLayerPlanInfo* info) {
   Plan p;
   cudaError_t err = plan_for<T>(a, forward, p);
+  if (info) *info = {p.resident, p.max_hidden};
   if (err != cudaSuccess) return err;
-  if (resident) *resident = p.resident;
   void* kernel = forward ? (p.resident ? reinterpret_cast<void*>(&layer_fwd_kernel<T, true>)
                                        : reinterpret_cast<void*>(&layer_fwd_kernel<T, false>))
                          : (p.resident ? reinterpret_cast<void*>(&layer_bwd_kernel<T, true>)
@@ -386,23 +388,23 @@ cudaError_t launch(const LstmLayerArgs& a, bool forward, cudaStream_t stream, bo
   return cudaLaunchCooperativeKernel(kernel, dim3(p.blocks), dim3(kThreads), params, p.smem, stream);
 }
 
-cudaError_t dispatch(const LstmLayerArgs& a, bool forward, cudaStream_t stream, bool* resident) {
+cudaError_t dispatch(const LstmLayerArgs& a, bool forward, cudaStream_t stream, LstmLayerPlanInfo* info) {
   if (a.T == 0 || a.B == 0 || a.H == 0) return cudaSuccess;  // nothing to run (dh/dc already hold the result)
   switch (a.dtype) {
-    case DType::F32: return launch<float>(a, forward, stream, resident);
-    case DType::F16: return launch<__half>(a, forward, stream, resident);
-    case DType::BF16: return launch<__nv_bfloat16>(a, forward, stream, resident);
+    case DType::F32: return launch<float>(a, forward, stream, info);
+    case DType::F16: return launch<__half>(a, forward, stream, info);
+    case DType::BF16: return launch<__nv_bfloat16>(a, forward, stream, info);
     default: return cudaErrorInvalidValue;
   }
 }
 
 }  // namespace
 
-cudaError_t lstm_layer_fwd(const LstmLayerArgs& a, cudaStream_t stream, bool* resident) {
-  return dispatch(a, true, stream, resident);
+cudaError_t lstm_layer_fwd(const LstmLayerArgs& a, cudaStream_t stream, LstmLayerPlanInfo* info) {
+  return dispatch(a, true, stream, info);
 }
-cudaError_t lstm_layer_bwd(const LstmLayerArgs& a, cudaStream_t stream, bool* resident) {
-  return dispatch(a, false, stream, resident);
+cudaError_t lstm_layer_bwd(const LstmLayerArgs& a, cudaStream_t stream, LstmLayerPlanInfo* info) {
+  return dispatch(a, false, stream, info);
 }
 
 }  // namespace cuda
