@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -77,10 +78,7 @@ def plot_groups(results: List[Result], prefix: str = "") -> Dict[str, tuple]:
 
 
 def _x(r: Result, key: tuple) -> float:
-    x = 1
-    for k in key:
-        x *= r.shape[k]
-    return x
+    return math.prod(r.shape[k] for k in key)
 
 
 def write_plots(directory: Path, results: List[Result], prefix: str = "") -> List[Path]:

@@ -50,8 +50,8 @@ LinearCrossEntropyArgs make_args(const char* op, const at::Tensor& x, const at::
   TORCH_CHECK(x.dim() == 2 && (x.stride(1) == 1 || x.size(1) <= 1), op,
               ": input must be (N, H) with contiguous rows, got shape ",
               x.sizes(), " strides ", x.strides());
-  TORCH_CHECK(w.dim() == 2 && (w.stride(1) == 1 || w.size(1) <= 1) && w.size(1) == x.size(1) && w.scalar_type() == x.scalar_type() &&
-                  w.device() == x.device(),
+  TORCH_CHECK(w.dim() == 2 && (w.stride(1) == 1 || w.size(1) <= 1) && w.size(1) == x.size(1) &&
+                  w.scalar_type() == x.scalar_type() && w.device() == x.device(),
               op, ": linear_weight must be (V, ", x.size(1), ") ", x.scalar_type(), " with contiguous rows on ",
               x.device(), ", got ", w.scalar_type(), " of shape ", w.sizes());
   a.N = x.size(0);

@@ -89,7 +89,9 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
         major, _ = torch.cuda.get_device_capability(device)
         return None if major >= 8 else f"triton kernels need compute capability >= 8.0, got {major}.x"
     if device.type == "cpu":
-        return _interpreter_reason() if triton_interpreted() else "triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        if not triton_interpreted():
+            return "triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        return _interpreter_reason()
     return f"triton does not run on {device.type}"
 
 
@@ -141,13 +143,15 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
         "cuda": "torch's SDPA (FlashAttention-2/cuDNN) measured 1.4-5.4x faster than the Triton kernels on H100 "
                 "bf16 (bench/results/h100-attention-lstm-lce-20261122.jsonl)",
         "cpu": "torch's SDPA measured 1.9-3.2x faster than the reference (there is no C++ CPU attention kernel) "
-               "on 2 cores fp32 (bench/results/cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261204.json)"},
+               "on 2 cores fp32 "
+               "(bench/results/cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261204.json)"},
     "lstm": {
         "cuda": "cuDNN measured 4-48x faster than the Triton row-block sequence kernel on H100 fp32 "
                 "(bench/results/h100-attention-lstm-lce-20261122.jsonl); its split persistent successor (H > 64, "
                 "2026-12-03) and the CUDA persistent kernels are unmeasured",
-        "cpu": "torch's oneDNN LSTM measured 1.4x (fwd+bwd) and 1.8x (fwd) faster than the C++ sequence kernel on "
-               "2 cores fp32 (bench/results/cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261204.json)"},
+        "cpu": "torch's oneDNN LSTM measured 1.4x (fwd+bwd) and 1.8x (fwd) faster than the C++ sequence kernel on 2 "
+               "cores fp32 "
+               "(bench/results/cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261204.json)"},
 }
 
 
