@@ -149,9 +149,9 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
         "cuda": "cuDNN measured 4-48x faster than the Triton row-block sequence kernel on H100 fp32 "
                 "(bench/results/h100-attention-lstm-lce-20261122.jsonl); its split persistent successor (H > 64, "
                 "2026-12-03) and the CUDA persistent kernels are unmeasured",
-        "cpu": "torch's oneDNN LSTM measured 1.4x (fwd+bwd) and 1.8x (fwd) faster than the C++ sequence kernel on 2 "
-               "cores fp32 "
-               "(bench/results/cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261204.json)"},
+        "cpu": "torch's oneDNN LSTM measured 1.3-1.4x faster than the persistent C++ sequence kernel on 2 cores "
+               "fp32 at T=64, B=16-64, H=128-256, forward and forward+backward; ours wins only at B=1 with a "
+               "gradient (1.21x) (bench/results/cpu-lstm-20261204.json)"},
 }
 
 

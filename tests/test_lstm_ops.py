@@ -495,6 +495,29 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
+def _cpu_layer_against_contract(T, B, H, reverse, dtype, grads, seed):
+    """Runs the C++ sequence kernels once against the contract's plain-PyTorch kernels in float64 on the same
+    rounded inputs; returns their outputs."""
+    fwd, bwd = ops.LAYER["cpu"]
+    rfwd, rbwd = ops.LAYER["reference"]
+    g = torch.Generator().manual_seed(seed)
+    xp = torch.randn(T, B, 4 * H, generator=g, dtype=ops.acc_dtype(dtype))
+    w = (torch.randn(4 * H, H, generator=g) * 0.4).to(dtype)
+    h0, c0 = (torch.randn(B, H, generator=g).to(dtype) for _ in range(2))
+    out, ws = fwd(xp, w, h0, c0, reverse)
+    rout, rws = rfwd(xp.double(), w, h0, c0, reverse)
+    floor = {F64: 1e-12, torch.float32: 2e-6}.get(dtype, 3e-2)
+    assert_error_rule("out", out, rout, dtype=dtype, floor=floor)
+    assert_error_rule("ws", ws, rws, dtype=torch.float32, floor=floor)
+    go = torch.randn(T, B, H, generator=g).to(dtype) if grads in ("all", "out") else None
+    gh = torch.randn(B, H, generator=g).to(dtype) if grads == "all" else None
+    gc = torch.randn(B, H, generator=g).to(dtype) if grads in ("all", "c") else None
+    grads_out = bwd(go, gh, gc, c0, ws, w, reverse)
+    for name, a, r in zip(("dgates", "dh0", "dc0"), grads_out, rbwd(go, gh, gc, c0, ws.double(), w, reverse)):
+        assert_error_rule(name, a, r, dtype=torch.float32, floor=floor * 4)
+    return (out, ws) + tuple(grads_out)
+
+
 def test_fuzz_cpu_layer_kernels_against_contract():
     """Random sizes (T, B, H from 1), directions, dtypes and absent incoming gradients: the C++ sequence kernels
     against the contract's plain-PyTorch kernels in float64 on the same rounded inputs."""
@@ -503,31 +526,37 @@ def test_fuzz_cpu_layer_kernels_against_contract():
         pytest.fail("no cpu sequence kernel registered")
     hyp = pytest.importorskip("hypothesis")
     st = hyp.strategies
-    fwd, bwd = ops.LAYER["cpu"]
-    rfwd, rbwd = ops.LAYER["reference"]
 
     @hyp.settings(max_examples=30, deadline=None)
     @hyp.given(T=st.integers(1, 9), B=st.integers(1, 6), H=st.integers(1, 40), reverse=st.booleans(),
                dtype=st.sampled_from([F64, torch.float32, torch.bfloat16]), grads=st.sampled_from(["all", "out", "c"]),
                seed=st.integers(0, 2**31 - 1))
     def check(T, B, H, reverse, dtype, grads, seed):
-        g = torch.Generator().manual_seed(seed)
-        xp = torch.randn(T, B, 4 * H, generator=g, dtype=ops.acc_dtype(dtype))
-        w = (torch.randn(4 * H, H, generator=g) * 0.4).to(dtype)
-        h0, c0 = (torch.randn(B, H, generator=g).to(dtype) for _ in range(2))
-        out, ws = fwd(xp, w, h0, c0, reverse)
-        rout, rws = rfwd(xp.double(), w, h0, c0, reverse)
-        floor = {F64: 1e-12, torch.float32: 2e-6}.get(dtype, 3e-2)
-        assert_error_rule("out", out, rout, dtype=dtype, floor=floor)
-        assert_error_rule("ws", ws, rws, dtype=torch.float32, floor=floor)
-        go = torch.randn(T, B, H, generator=g).to(dtype) if grads in ("all", "out") else None
-        gh = torch.randn(B, H, generator=g).to(dtype) if grads == "all" else None
-        gc = torch.randn(B, H, generator=g).to(dtype) if grads in ("all", "c") else None
-        for name, a, r in zip(("dgates", "dh0", "dc0"), bwd(go, gh, gc, c0, ws, w, reverse),
-                              rbwd(go, gh, gc, c0, ws.double(), w, reverse)):
-            assert_error_rule(name, a, r, dtype=torch.float32, floor=floor * 4)
+        _cpu_layer_against_contract(T, B, H, reverse, dtype, grads, seed)
 
     check()
+
+
+@pytest.mark.parametrize("T,B,H", [(5, 7, 77), (3, 64, 20), (4, 3, 130)])
+def test_cpu_layer_kernels_on_thread_teams(T, B, H):
+    """The persistent C++ recurrence splits the hidden units over an OpenMP team with one barrier per step: teams of
+    1, 2 and 3 threads (more panels than threads, fewer, a last panel with fewer units, B not a multiple of the row
+    tile) agree with the contract and bit for bit with each other, in every dtype and both directions. A missing
+    barrier shows as a mismatch between the teams."""
+    require("cpu", "cpu")
+    prev = torch.get_num_threads()
+    try:
+        for dtype in (F64, torch.float32, torch.float16, torch.bfloat16):
+            for reverse in (False, True):
+                runs = []
+                for threads in (1, 2, 3):
+                    torch.set_num_threads(threads)
+                    runs.append(_cpu_layer_against_contract(T, B, H, reverse, dtype, "all", 7))
+                for other in runs[1:]:
+                    for a, b in zip(runs[0], other):
+                        assert torch.equal(a, b), (dtype, reverse)
+    finally:
+        torch.set_num_threads(prev)
 
 
 def test_cuda_persistent_kernels_use_tensor_cores():

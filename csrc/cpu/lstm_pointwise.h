@@ -44,6 +44,38 @@ inline Vec<acc_t> sigmoid(const Vec<acc_t>& x) {
   return one / (one + x.neg().exp());
 }
 
+// The step of n <= Vec::size() hidden units of one batch row: from the pre-activation gates g (i, f, g, o) and
+// c_prev, writes the activated gates and c unrounded to ws (at 0, H, .., 4H), h to h and c to c_out when not null.
+template <typename acc_t, typename HT, typename CT>
+inline void cell_units(const Vec<acc_t> (&g)[4], const Vec<acc_t>& c_prev, acc_t* ws, int64_t H, HT* h, CT* c_out,
+                       int64_t n) {
+  const Vec<acc_t> i = sigmoid(g[0]), f = sigmoid(g[1]), gt = g[2].tanh(), o = sigmoid(g[3]);
+  const Vec<acc_t> c = f * c_prev + i * gt;
+  store(h, o * c.tanh(), n);
+  if (c_out) store(c_out, c, n);
+  store(ws, i, n);
+  store(ws + H, f, n);
+  store(ws + 2 * H, gt, n);
+  store(ws + 3 * H, o, n);
+  store(ws + 4 * H, c, n);
+}
+
+// The gradient step of n units of one row: from dh, dc into the step's outputs, ws (the forward's i, f, g, o, c at
+// 0, H, .., 4H) and c_prev, writes the pre-activation gate gradients to dg (at 0, H, 2H, 3H); returns dc_prev.
+template <typename acc_t, typename PT>
+inline Vec<acc_t> gate_grad_units(const acc_t* ws, int64_t H, const Vec<acc_t>& dh, const Vec<acc_t>& dc,
+                                  const PT* c_prev, acc_t* dg, int64_t n) {
+  const Vec<acc_t> one(acc_t(1));
+  const Vec<acc_t> i = load<acc_t>(ws, n), f = load<acc_t>(ws + H, n), g = load<acc_t>(ws + 2 * H, n),
+                   o = load<acc_t>(ws + 3 * H, n), tc = load<acc_t>(ws + 4 * H, n).tanh();
+  const Vec<acc_t> dct = dc + dh * o * (one - tc * tc);
+  store(dg, dct * g * i * (one - i), n);
+  store(dg + H, dct * load<acc_t>(c_prev, n) * f * (one - f), n);
+  store(dg + 2 * H, dct * i * (one - g * g), n);
+  store(dg + 3 * H, dh * tc * o * (one - o), n);
+  return dct * f;
+}
+
 inline int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 5 * H)); }
 
 // gates (B, 4H) pre-activation (row stride 4H), plus b_ih + b_hh when given (4H each); c_prev rows at c_stride.
@@ -59,23 +91,13 @@ void gate_update(const acc_t* gates, const BT* b_ih, const BT* b_hh, const PT* c
       acc_t* wr = ws + r * 5 * H;
       for (int64_t j = 0; j < H; j += W) {
         const int64_t n = std::min<int64_t>(W, H - j);
-        V gi = load<acc_t>(gr + j, n), gf = load<acc_t>(gr + H + j, n), gg = load<acc_t>(gr + 2 * H + j, n),
-          go = load<acc_t>(gr + 3 * H + j, n);
-        if (b_ih) {
-          gi = gi + load<acc_t>(b_ih + j, n) + load<acc_t>(b_hh + j, n);
-          gf = gf + load<acc_t>(b_ih + H + j, n) + load<acc_t>(b_hh + H + j, n);
-          gg = gg + load<acc_t>(b_ih + 2 * H + j, n) + load<acc_t>(b_hh + 2 * H + j, n);
-          go = go + load<acc_t>(b_ih + 3 * H + j, n) + load<acc_t>(b_hh + 3 * H + j, n);
+        V g[4];
+        for (int q = 0; q < 4; ++q) {
+          g[q] = load<acc_t>(gr + q * H + j, n);
+          if (b_ih) g[q] = g[q] + load<acc_t>(b_ih + q * H + j, n) + load<acc_t>(b_hh + q * H + j, n);
         }
-        const V i = sigmoid(gi), f = sigmoid(gf), gt = gg.tanh(), o = sigmoid(go);
-        const V c = f * load<acc_t>(c_prev + r * c_stride + j, n) + i * gt;
-        store(h + r * H + j, o * c.tanh(), n);
-        if (c_out) store(c_out + r * H + j, c, n);
-        store(wr + j, i, n);
-        store(wr + H + j, f, n);
-        store(wr + 2 * H + j, gt, n);
-        store(wr + 3 * H + j, o, n);
-        store(wr + 4 * H + j, c, n);
+        cell_units<acc_t>(g, load<acc_t>(c_prev + r * c_stride + j, n), wr + j, H, h + r * H + j,
+                          c_out ? c_out + r * H + j : static_cast<CT*>(nullptr), n);
       }
     }
   });
@@ -89,23 +111,16 @@ void gate_grads(const GT* dh, const GT* dc, const PT* c_prev, int64_t c_stride, 
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
   at::parallel_for(0, B, grain_rows(H), [&](int64_t r0, int64_t r1) {
-    const V one(acc_t(1)), zero(acc_t(0));
+    const V zero(acc_t(0));
     for (int64_t r = r0; r < r1; ++r) {
       const acc_t* wr = ws + r * 5 * H;
       acc_t* dr = dg + r * 4 * H;
       for (int64_t j = 0; j < H; j += W) {
         const int64_t n = std::min<int64_t>(W, H - j);
-        const V i = load<acc_t>(wr + j, n), f = load<acc_t>(wr + H + j, n), g = load<acc_t>(wr + 2 * H + j, n),
-                o = load<acc_t>(wr + 3 * H + j, n), c = load<acc_t>(wr + 4 * H + j, n);
         const V dhv = dh ? load<acc_t>(dh + r * H + j, n) : zero;
         const V dcv = dc ? load<acc_t>(dc + r * H + j, n) : zero;
-        const V tc = c.tanh();
-        const V dct = dcv + dhv * o * (one - tc * tc);
-        store(dr + j, dct * g * i * (one - i), n);
-        store(dr + H + j, dct * load<acc_t>(c_prev + r * c_stride + j, n) * f * (one - f), n);
-        store(dr + 2 * H + j, dct * i * (one - g * g), n);
-        store(dr + 3 * H + j, dhv * tc * o * (one - o), n);
-        store(dc_out + r * H + j, dct * f, n);
+        store(dc_out + r * H + j, gate_grad_units<acc_t>(wr + j, H, dhv, dcv, c_prev + r * c_stride + j, dr + j, n),
+              n);
       }
     }
   });

@@ -208,9 +208,13 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Opti
     """x (T, B, I) -> (T, B, 4H) in acc_dtype: x W_ih^T + b_ih + b_hh as one GEMM over all T*B rows."""
     T, B, _ = x.shape
     acc = acc_dtype(x.dtype)
-    xp = (x.reshape(T * B, -1) @ w_ih.t()).to(acc)
-    if b_ih is not None:
-        xp = xp + (b_ih.to(acc) + b_hh.to(acc))
+    x2 = x.reshape(T * B, -1)
+    if b_ih is None:
+        xp = (x2 @ w_ih.t()).to(acc)
+    elif x.dtype == acc:  # the bias enters the GEMM as its C operand: no second pass over the (T*B, 4H) result
+        xp = torch.addmm(b_ih + b_hh, x2, w_ih.t())
+    else:  # 16-bit: the GEMM's result rounded to its dtype, the biases added in fp32 (as before the fold)
+        xp = (x2 @ w_ih.t()).to(acc) + (b_ih.to(acc) + b_hh.to(acc))
     return xp.reshape(T, B, -1)
 
 
