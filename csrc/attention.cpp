@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <utility>
 
 #include "attention_args.h"
@@ -187,9 +188,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
                      dropout_p, seed);
   AttentionArgs& a = c.a;
   at::Tensor out, lse;
-  if (c.varlen) {
-    out = at::empty({c.q.size(0), a.H, a.Ev}, c.q.options());
-    lse = at::empty({a.H, c.q.size(0)}, c.q.options().dtype(at::kFloat));
+  if (c.varlen) {  // padding rows past cu_seqlens_q[-1] belong to no block: 0 and -inf, as a row without keys
+    out = at::zeros({c.q.size(0), a.H, a.Ev}, c.q.options());
+    lse = at::full({a.H, c.q.size(0)}, -std::numeric_limits<float>::infinity(), c.q.options().dtype(at::kFloat));
   } else {
     out = at::empty({a.B, a.H, a.L, a.Ev}, c.q.options());
     lse = at::empty({a.B, a.H, a.L}, c.q.options().dtype(at::kFloat));
@@ -223,10 +224,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   delta = delta.contiguous();
   // Gradients with the inputs' strides (the fakes' empty_like); the kernels write rows, so a gradient whose last
   // dim is not contiguous is computed in a row-contiguous buffer and copied.
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  at::Tensor dq_w = dq.stride(-1) == 1 ? dq : at::empty_like(c.q);
-  at::Tensor dk_w = dk.stride(-1) == 1 ? dk : at::empty_like(c.k);
-  at::Tensor dv_w = dv.stride(-1) == 1 ? dv : at::empty_like(c.v);
+  // varlen: zeros, for the padding rows past cu_seqlens[-1] that no block writes
+  const auto like = [&](const at::Tensor& t) { return c.varlen ? at::zeros_like(t) : at::empty_like(t); };
+  at::Tensor dq = like(q), dk = like(k), dv = like(v);
+  at::Tensor dq_w = dq.stride(-1) == 1 ? dq : like(c.q);
+  at::Tensor dk_w = dk.stride(-1) == 1 ? dk : like(c.k);
+  at::Tensor dv_w = dv.stride(-1) == 1 ? dv : like(c.v);
   a.dout = view_of(dout, c.varlen);
   a.dq = view_of(dq_w, c.varlen);
   a.dk = view_of(dk_w, c.varlen);

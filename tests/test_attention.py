@@ -316,6 +316,33 @@ def test_varlen_against_oracle(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_varlen_padding_rows(backend, device):
+    """Rows past cu_seqlens_q[-1] / cu_seqlens_k[-1] are padding (a static-shape packed buffer): the sequences
+    are attended exactly as without them, the padding query rows read 0 with lse -inf, and every padding row gets
+    an exactly zero gradient (no kernel program owns them: the outputs must not be left unwritten)."""
+    require_backend(backend, device)
+    cq = torch.tensor([0, 9, 23], dtype=torch.int32, device=device)
+    ck = torch.tensor([0, 12, 29], dtype=torch.int32, device=device)
+    dtype = _dtypes(backend, device)[0]
+    q = torch.randn(26, 4, 16, device=device).to(dtype)  # 3 padding rows of q, 2 of k/v
+    k = torch.randn(31, 2, 16, device=device).to(dtype)
+    v = torch.randn(31, 2, 24, device=device).to(dtype)
+    x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = varlen_attention(*x, cq, ck, 14, 17, is_causal=True, return_lse=True, backend=backend)
+    g = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, x, g)
+    assert bool((out[23:] == 0).all()) and bool(torch.isneginf(lse[:, 23:]).all())
+    for name, d, n in (("dq", dq, 23), ("dk", dk, 29), ("dv", dv, 29)):
+        assert bool((d[n:] == 0).all()), name
+    y = [t.detach()[:n].clone().requires_grad_() for t, n in zip((q, k, v), (23, 29, 29))]
+    ro, rl = varlen_attention(*y, cq, ck, 14, 17, is_causal=True, return_lse=True, backend=backend)
+    rgrads = torch.autograd.grad(ro, y, g[:23])
+    assert torch.equal(out[:23], ro) and torch.equal(lse[:, :23], rl)
+    for name, a, r in zip(("dq", "dk", "dv"), (dq[:23], dk[:29], dv[:29]), rgrads):
+        assert torch.equal(a, r), name
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_dropout_reproducible_and_rescaled(backend, device):
     """Same torch seed -> same output and gradients; the kept fraction and the 1/(1-p) rescaling are right
     (with V = identity-like one-hot rows the output is the dropped probability matrix itself)."""
@@ -391,8 +418,10 @@ def test_bad_input_names_the_argument():
     qv, kv = torch.randn(7, 4, 8), torch.randn(9, 2, 8)
     with pytest.raises(TypeError, match="cu_seqlens_q"):
         varlen_attention(qv, kv, kv, torch.tensor([0.0, 7.0]), torch.tensor([0, 9]), 7, 9)
-    with pytest.raises(ValueError, match="cu_seqlens_k"):
-        varlen_attention(qv, kv, kv, torch.tensor([0, 7]), torch.tensor([0, 8]), 7, 9)
+    with pytest.raises(ValueError, match="cu_seqlens_k"):  # past the end (short of it is padding)
+        varlen_attention(qv, kv, kv, torch.tensor([0, 7]), torch.tensor([0, 10]), 7, 9)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        varlen_attention(qv, kv, kv, torch.tensor([0, 5, 3]), torch.tensor([0, 4, 9]), 7, 9)
     with pytest.raises(ValueError, match="max_seqlen"):
         varlen_attention(qv, kv, kv, torch.tensor([0, 7]), torch.tensor([0, 9]), 6, 9)
     with pytest.raises(ValueError, match="multiple"):

@@ -223,9 +223,9 @@ def _check_cu(fn: str, name: str, cu: Tensor, total: int, device: torch.device) 
     if cu.device != device:
         raise ValueError(f"{fn}: {name} is on {cu.device} but the tensors are on {device}")
     if cu.device.type == "cpu" and not torch.compiler.is_compiling():
-        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"{fn}: {name} must start at 0, be non-decreasing and end at {total}, got "
-                             f"{cu.tolist()}")
+        if int(cu[0]) != 0 or int(cu[-1]) > total or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{fn}: {name} must start at 0, be non-decreasing and end at most at {total} (rows "
+                             f"past its last offset are padding), got {cu.tolist()}")
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,

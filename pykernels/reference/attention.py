@@ -88,7 +88,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     """Packed sequences: q (T, H, E), k (Tk, Hk, E), v (Tk, Hk, Ev); sequence i is rows cu_seqlens_q[i] :
     cu_seqlens_q[i+1] of q and cu_seqlens_k[i] : cu_seqlens_k[i+1] of k/v. Each sequence is attended on its own
     (dense semantics above, GQA when Hk divides H). ``dropout_masks``: None or one (H, L_i, S_i) keep-mask per
-    sequence. Returns out (T, H, Ev) and lse (H, T)."""
+    sequence. Rows past cu_seqlens_q[-1] (cu_seqlens_k[-1]) are padding: no sequence reads them, their output is 0
+    and their lse -inf (a row that sees no key). Returns out (T, H, Ev) and lse (H, T)."""
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [], []
     for i in range(len(cq) - 1):
@@ -100,6 +101,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                               softcap=softcap)
         outs.append(o.transpose(0, 1))
         lses.append(lse)
-    out = torch.cat(outs, 0) if outs else q.new_zeros(0, q.shape[1], v.shape[-1])
-    lse = torch.cat(lses, 1) if lses else q.new_zeros(q.shape[1], 0, dtype=torch.float32)
-    return out, lse
+    pad = q.shape[0] - cq[-1]
+    outs.append(q.new_zeros(pad, q.shape[1], v.shape[-1]))
+    lses.append(torch.full((q.shape[1], pad), float("-inf"), device=q.device,
+                           dtype=lses[0].dtype if lses else torch.float32))
+    return torch.cat(outs, 0), torch.cat(lses, 1)

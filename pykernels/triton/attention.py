@@ -519,9 +519,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optio
     B, H, L, E, Hk, S, EV, BM, BN, rows_q, flags = _common(q4, k4, v4, bias, cu_seqlens_q, cu_seqlens_k,
                                                            max_seqlen_q, is_causal, bottom_right,
                                                            (win_left, win_right), softcap, dropout_p, "fwd")
-    if varlen:
-        o = q.new_empty(q.shape[0], H, EV)
-        lse = torch.empty(H, q.shape[0], device=q.device, dtype=torch.float32)
+    if varlen:  # padding rows past cu_seqlens_q[-1] belong to no program: 0 and -inf, as a row without keys
+        o = q.new_zeros(q.shape[0], H, EV)
+        lse = torch.full((H, q.shape[0]), float("-inf"), device=q.device, dtype=torch.float32)
     else:
         o = q.new_empty(B, H, L, EV)
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
@@ -556,7 +556,8 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                                                            dropout_p, "dq")
     # rowsum(dO * O): the softmax backward's shift, in the lse's (B, H, L) layout
     delta = (do4.float() * _view4(out, varlen).float()).sum(-1).contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    new = torch.zeros_like if varlen else torch.empty_like  # varlen padding rows: no program writes them
+    dq, dk, dv = new(q), new(k), new(v)
     dq4, dk4, dv4 = _view4(dq, varlen), _view4(dk, varlen), _view4(dv, varlen)
     bias_t, sb = _bias_args(bias, B, H, L, S, q)
     want_dbias = bool(bias_requires_grad) and bias is not None and bias.dtype != torch.bool
