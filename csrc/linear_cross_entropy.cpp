@@ -1,30 +1,30 @@
-// Fused linear cross-entropy kernels of the "cuda" backend: pykernels::linear_cross_entropy_partials and
-// pykernels::linear_cross_entropy_dlogits, the two kernels behind the launch logic shared with the Triton backend
-// (pykernels/ops/linear_cross_entropy_launch.py; contract: docs/linear_cross_entropy.md), and their glue to
-// cuda/linear_cross_entropy.cu. Only CUDA builds define them; pykernels/ops/linear_cross_entropy.py registers
-// their fakes and builds KERNELS["cuda"]. fp16/bf16 only: the functional layer sends fp32 calls to the next
-// backend, visibly; a direct call with anything else raises, naming the argument.
-#ifdef PYKERNELS_WITH_CUDA
+// The fused linear cross-entropy kernel ops pykernels::linear_cross_entropy_partials and
+// pykernels::linear_cross_entropy_dlogits, the two kernels behind the launch logic that the Triton, CUDA and CPU
+// backends share (pykernels/ops/linear_cross_entropy_launch.py; contract: docs/linear_cross_entropy.md): their
+// schemas, the argument checks of both implementations, and the glue to cuda/linear_cross_entropy.cu (CUDA builds;
+// the CPU kernels are cpu/linear_cross_entropy.cpp). pykernels/ops/linear_cross_entropy.py registers their fakes
+// and builds KERNELS["cuda"] / KERNELS["cpu"]. The CUDA kernels take fp16/bf16 only (the functional layer sends
+// fp32 calls to the next backend, visibly); a direct call with anything else raises, naming the argument.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
 
+#include "linear_cross_entropy.h"
+#ifdef PYKERNELS_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
 #include "cuda/linear_cross_entropy.h"
 #include "cuda_check.h"
 #include "linear_cross_entropy_args.h"
+#endif
 
 namespace pykernels {
+
+at::ScalarType lce_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 namespace {
-
-constexpr const char* kPartials = "linear_cross_entropy_partials (cuda)";
-constexpr const char* kDlogits = "linear_cross_entropy_dlogits (cuda)";
-
-bool rows_aligned16(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0;
-}
 
 void check_vector(const at::Tensor& t, const char* op, const char* name, int64_t n, at::ScalarType dtype,
                   const at::Tensor& like) {
@@ -32,6 +32,62 @@ void check_vector(const at::Tensor& t, const char* op, const char* name, int64_t
                   t.device() == like.device(),
               op, ": ", name, " must be a contiguous (", n, ",) ", dtype, " tensor on ", like.device(), ", got ",
               t.scalar_type(), " of shape ", t.sizes());
+}
+
+}  // namespace
+
+void check_lce_operands(const char* op, const at::Tensor& x, const at::Tensor& w,
+                        const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                        const c10::optional<at::Tensor>& weight, double softcap) {
+  // (a row of one element is contiguous whatever its stride: torch keeps (N, 1) views' strides)
+  TORCH_CHECK(x.dim() == 2 && (x.stride(1) == 1 || x.size(1) <= 1), op,
+              ": input must be (N, H) with contiguous rows, got shape ", x.sizes(), " strides ", x.strides());
+  TORCH_CHECK(w.dim() == 2 && (w.stride(1) == 1 || w.size(1) <= 1) && w.size(1) == x.size(1) &&
+                  w.scalar_type() == x.scalar_type() && w.device() == x.device(),
+              op, ": linear_weight must be (V, ", x.size(1), ") ", x.scalar_type(), " with contiguous rows on ",
+              x.device(), ", got ", w.scalar_type(), " of shape ", w.sizes());
+  TORCH_CHECK(w.size(0) < std::numeric_limits<int32_t>::max(), op, ": linear_weight has ", w.size(0),
+              " rows; the kernels take fewer than 2^31 classes per shard");
+  check_vector(target, op, "target", x.size(0), at::kLong, x);
+  if (bias.has_value()) check_vector(*bias, op, "linear_bias", w.size(0), x.scalar_type(), x);
+  if (weight.has_value()) check_vector(*weight, op, "weight", w.size(0), lce_acc_type(x.scalar_type()), x);
+  TORCH_CHECK(softcap >= 0.0, op, ": softcap must be >= 0, got ", softcap);
+}
+
+void check_lce_dlogits(const char* op, const at::Tensor& x, int64_t V, const at::Tensor& m, const at::Tensor& log_s,
+                       const at::Tensor& coef_p, const at::Tensor& coef_y, const at::Tensor& coef_w, bool smooth,
+                       int64_t col0, const at::Tensor& dl, const c10::optional<at::Tensor>& db_part,
+                       int64_t db_rows) {
+  const int64_t N = x.size(0);
+  const auto acc = lce_acc_type(x.scalar_type());
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&m, "m"}, {&log_s, "log_s"},
+                                {&coef_p, "coef_p"}, {&coef_y, "coef_y"}}) {
+    check_vector(*t, op, name, N, acc, x);
+  }
+  if (smooth) check_vector(coef_w, op, "coef_w", N, acc, x);
+  TORCH_CHECK(dl.dim() == 2 && dl.size(0) == N && dl.stride(1) == 1 && dl.scalar_type() == x.scalar_type() &&
+                  dl.device() == x.device(),
+              op, ": dl must be (", N, ", n_cols) ", x.scalar_type(), " with contiguous rows, got ", dl.scalar_type(),
+              " of shape ", dl.sizes(), " strides ", dl.strides());
+  TORCH_CHECK(col0 >= 0 && col0 + dl.size(1) <= V, op, ": columns [", col0, ", ", col0 + dl.size(1),
+              ") are outside the ", V, " classes of linear_weight");
+  if (db_part.has_value()) {
+    const int64_t blocks = (N + db_rows - 1) / db_rows;
+    TORCH_CHECK(db_part->dim() == 2 && db_part->size(0) >= blocks && db_part->size(1) == dl.size(1) &&
+                    db_part->stride(1) == 1 && db_part->scalar_type() == acc && db_part->device() == x.device(),
+                op, ": db_part must be ", acc, " (>= ", blocks, ", ", dl.size(1), ") with contiguous rows, got ",
+                db_part->scalar_type(), " of shape ", db_part->sizes());
+  }
+}
+
+#ifdef PYKERNELS_WITH_CUDA
+namespace {
+
+constexpr const char* kPartials = "linear_cross_entropy_partials (cuda)";
+constexpr const char* kDlogits = "linear_cross_entropy_dlogits (cuda)";
+
+bool rows_aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0;
 }
 
 // Checks shared by both kernels; fills the operand fields of the args. `target` is kept alive by the caller.
@@ -46,23 +102,10 @@ LinearCrossEntropyArgs make_args(const char* op, const at::Tensor& x, const at::
     case at::kBFloat16: a.dtype = DType::BF16; break;
     default: TORCH_CHECK(false, op, ": input must be float16 or bfloat16, got ", x.scalar_type());
   }
-  // (a row of one element is contiguous whatever its stride: torch keeps (N, 1) views' strides)
-  TORCH_CHECK(x.dim() == 2 && (x.stride(1) == 1 || x.size(1) <= 1), op,
-              ": input must be (N, H) with contiguous rows, got shape ",
-              x.sizes(), " strides ", x.strides());
-  TORCH_CHECK(w.dim() == 2 && (w.stride(1) == 1 || w.size(1) <= 1) && w.size(1) == x.size(1) &&
-                  w.scalar_type() == x.scalar_type() && w.device() == x.device(),
-              op, ": linear_weight must be (V, ", x.size(1), ") ", x.scalar_type(), " with contiguous rows on ",
-              x.device(), ", got ", w.scalar_type(), " of shape ", w.sizes());
+  check_lce_operands(op, x, w, bias, target, weight, softcap);
   a.N = x.size(0);
   a.H = x.size(1);
   a.V = w.size(0);
-  TORCH_CHECK(a.V < std::numeric_limits<int32_t>::max(), op, ": linear_weight has ", a.V,
-              " rows; the kernels take fewer than 2^31 classes per shard");
-  check_vector(target, op, "target", a.N, at::kLong, x);
-  if (bias.has_value()) check_vector(*bias, op, "linear_bias", a.V, x.scalar_type(), x);
-  if (weight.has_value()) check_vector(*weight, op, "weight", a.V, at::kFloat, x);
-  TORCH_CHECK(softcap >= 0.0, op, ": softcap must be >= 0, got ", softcap);
   a.x = x.data_ptr();
   a.w = w.data_ptr();
   a.bias = bias.has_value() ? bias->data_ptr() : nullptr;
@@ -106,26 +149,11 @@ void dlogits_cuda(const at::Tensor& input, const at::Tensor& linear_weight,
   c10::cuda::CUDAGuard guard(input.device());
   LinearCrossEntropyArgs a =
       make_args(kDlogits, input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth);
-  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&m, "m"}, {&log_s, "log_s"},
-                                {&coef_p, "coef_p"}, {&coef_y, "coef_y"}}) {
-    check_vector(*t, kDlogits, name, a.N, at::kFloat, input);
-  }
-  if (smooth) check_vector(coef_w, kDlogits, "coef_w", a.N, at::kFloat, input);
-  TORCH_CHECK(dl.dim() == 2 && dl.size(0) == a.N && dl.stride(1) == 1 && dl.scalar_type() == input.scalar_type() &&
-                  dl.device() == input.device(),
-              kDlogits, ": dl must be (", a.N, ", n_cols) ", input.scalar_type(), " with contiguous rows, got ",
-              dl.scalar_type(), " of shape ", dl.sizes(), " strides ", dl.strides());
+  check_lce_dlogits(kDlogits, input, a.V, m, log_s, coef_p, coef_y, coef_w, smooth, col0, dl, db_part,
+                    cuda::kLinearCrossEntropyBlockRows);
   a.col0 = col0;
   a.n_cols = dl.size(1);
-  TORCH_CHECK(col0 >= 0 && col0 + a.n_cols <= a.V, kDlogits, ": columns [", col0, ", ", col0 + a.n_cols,
-              ") are outside the ", a.V, " classes of linear_weight");
   if (db_part.has_value()) {
-    const int64_t blocks = (a.N + cuda::kLinearCrossEntropyBlockRows - 1) / cuda::kLinearCrossEntropyBlockRows;
-    TORCH_CHECK(db_part->dim() == 2 && db_part->size(0) >= blocks && db_part->size(1) == a.n_cols &&
-                    db_part->stride(1) == 1 && db_part->scalar_type() == at::kFloat &&
-                    db_part->device() == input.device(),
-                kDlogits, ": db_part must be float32 (>= ", blocks, ", ", a.n_cols, ") with contiguous rows, got ",
-                db_part->scalar_type(), " of shape ", db_part->sizes());
     a.db_part = db_part->data_ptr<float>();
     a.ldb = db_part->stride(0);
   }
@@ -143,6 +171,13 @@ void dlogits_cuda(const at::Tensor& input, const at::Tensor& linear_weight,
 
 }  // namespace
 
+TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+  m.impl("linear_cross_entropy_partials", &partials_cuda);
+  m.impl("linear_cross_entropy_dlogits", &dlogits_cuda);
+}
+
+#endif  // PYKERNELS_WITH_CUDA
+
 TORCH_LIBRARY_FRAGMENT(pykernels, m) {
   m.def("linear_cross_entropy_partials(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
         "Tensor? weight, int vocab_start, float softcap, bool smooth, int splits) -> (Tensor, Tensor, Tensor, "
@@ -152,10 +187,4 @@ TORCH_LIBRARY_FRAGMENT(pykernels, m) {
         "float softcap, bool smooth, int col0, Tensor(a!) dl, Tensor(b!)? db_part) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
-  m.impl("linear_cross_entropy_partials", &partials_cuda);
-  m.impl("linear_cross_entropy_dlogits", &dlogits_cuda);
-}
-
 }  // namespace pykernels
-#endif  // PYKERNELS_WITH_CUDA

@@ -116,9 +116,9 @@ def test_default_providers_and_absence_reasons():
     for name, mod in MODULES.items():
         provs = {p.name: p for p in mod.providers(CPU, torch.float32)}
         default = {n for n, p in provs.items() if p.default and not p.baseline}
-        if name in ("lstm_cell", "lstm"):  # the C++ cell and sequence kernels are the CPU backend
+        if name in ("lstm_cell", "lstm", "linear_cross_entropy"):  # C++ kernels are the CPU backend
             assert default == {"pykernels-cpu"}
-        else:  # no CPU kernel of these ops: the reference is what an automatic call runs on CPU
+        else:  # no CPU kernel of attention: the reference is what an automatic call runs on CPU
             assert default == {"pykernels-reference"}
             assert provs["pykernels-cpu"].absent == ("no cpu kernel of this op" if built else
                                                      pykernels.available_backends("cpu")["cpu"])

@@ -21,12 +21,14 @@ from conftest import require_backend
 
 BACKENDS = [pytest.param("reference", "cpu", id="reference"), pytest.param("triton", "cpu", id="triton-interp"),
             pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
-            pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu)]
+            pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu), pytest.param("cpu", "cpu", id="cpu")]
 
 
 def _dtypes(backend, device):
     if backend == "reference":
         return [torch.float64]
+    if backend == "cpu":
+        return [torch.float64, torch.float32, torch.bfloat16]
     if backend == "cuda":  # 16-bit only (fp32 goes to triton: tests/test_linear_cross_entropy_cuda.py)
         return [torch.float16, torch.bfloat16]
     return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
@@ -34,7 +36,7 @@ def _dtypes(backend, device):
 
 def _one_dtype(backend):
     """The dtype of the single-dtype tests: the most precise one the backend takes."""
-    return {"reference": torch.float64, "triton": torch.float32, "cuda": torch.float16}[backend]
+    return {"reference": torch.float64, "triton": torch.float32, "cuda": torch.float16, "cpu": torch.float32}[backend]
 
 
 def _rule_dtype(dtype):
@@ -357,9 +359,10 @@ def test_backend_choice():
     x, W, t = torch.randn(3, 4), torch.randn(5, 4), torch.randint(0, 5, (3,))
     linear_cross_entropy(x, W, t)
     ran, skipped = pykernels.last_dispatch["linear_cross_entropy"]
-    assert ran == "reference" or (ran == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
-    if pykernels.available_backends("cpu")["cpu"] is None:
-        with pytest.raises(pykernels.BackendUnavailableError, match="not implemented yet"):
+    cpu = pykernels.available_backends("cpu")["cpu"] is None
+    assert ran == ("cpu" if cpu else "reference") or (ran == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+    if not cpu:
+        with pytest.raises(pykernels.BackendUnavailableError, match="rebuild"):
             linear_cross_entropy(x, W, t, backend="cpu")
     with pytest.raises(pykernels.BackendUnavailableError):
         linear_cross_entropy(x, W, t, backend="cuda")
@@ -395,6 +398,16 @@ def test_opcheck(backend, device):
             x, W, b, *rest = _op_args(device, dtype, red, bias, weighted=bias)
             args = (x.requires_grad_(), W.requires_grad_(), None if b is None else b.requires_grad_(), *rest, backend)
             torch.library.opcheck(torch.ops.pykernels.linear_cross_entropy.default, args, test_utils=utils)
+    if backend == "cpu":  # the C++ kernel ops themselves (the CUDA ones: tests/test_linear_cross_entropy_cuda.py)
+        x, W, b, t, w, *_ = _op_args(device, torch.float64, lce_ops.MEAN)
+        pk = torch.ops.pykernels
+        torch.library.opcheck(pk.linear_cross_entropy_partials.default, (x, W, b, t, w, 0, 2.0, True, 3))
+        m, s, *_ = pk.linear_cross_entropy_partials(x, W, b, t, w, 0, 2.0, True, 1)
+        c = [torch.rand(x.shape[0], dtype=torch.float64) for _ in range(3)]
+        dl = torch.empty(x.shape[0], 5, dtype=torch.float64)
+        db = torch.zeros(1, 5, dtype=torch.float64)
+        torch.library.opcheck(pk.linear_cross_entropy_dlogits.default,
+                              (x, W, b, t, w, m[0], s[0].log(), *c, 0, 2.0, True, 3, dl, db))
     if backend == "triton":
         fwd, bwd = lce_ops.KERNELS["triton"]
         x, W, b, t, w, *_ = _op_args(device, dtype, lce_ops.MEAN)
@@ -407,11 +420,13 @@ def test_opcheck(backend, device):
         torch.library.opcheck(bwd, (x, W, b, t, w, m, ls, *c, 0, 2.0, True, True, True, True), test_utils=u)
 
 
-def test_gradcheck_float64_reference_kernels():
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradcheck_float64_kernels(backend):
+    require_backend(backend, "cpu")
     x, W, b, t, w, ii, red, eps, zl, sc = _op_args("cpu", torch.float64, lce_ops.SUM)
 
     def f(x, W, b):
-        return lce_ops.linear_cross_entropy_op(x, W, b, t, w, ii, red, eps, zl, sc, "reference")[0]
+        return lce_ops.linear_cross_entropy_op(x, W, b, t, w, ii, red, eps, zl, sc, backend)[0]
 
     torch.autograd.gradcheck(f, (x.requires_grad_(), W.requires_grad_(), b.requires_grad_()))
 
@@ -442,13 +457,13 @@ def test_compile_fullgraph_parity(backend, device):
         assert max_abs_err(a, c) <= 1e-5
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS[:2])
+@pytest.mark.parametrize("backend,device", BACKENDS[:2] + BACKENDS[-1:])
 def test_no_n_by_v_allocation(backend, device, monkeypatch):
     """Forward + backward never allocate a tensor as large as the N x V logits (workspace bounded by chunks)."""
     require_backend(backend, device)
     from torch.utils._python_dispatch import TorchDispatchMode
     N, H, V = 40, 16, 300
-    if backend == "triton":
+    if backend in ("triton", "cpu"):
         from pykernels.ops import linear_cross_entropy_launch as tk
         monkeypatch.setattr(tk, "CHUNK_BYTES", N * 4 * 64)
     monkeypatch.setattr(ref, "_CHUNK", 64)
@@ -466,7 +481,7 @@ def test_no_n_by_v_allocation(backend, device, monkeypatch):
     W = torch.randn(V, H, requires_grad=True)
     b = torch.randn(V, requires_grad=True)
     t = torch.randint(0, V, (N,))
-    with Sizes():
+    with Sizes():  # (the cpu kernels' own logit block, at most 4096 x 1024 fp32, is allocated in C++)
         loss = lce_ops.linear_cross_entropy_op(x, W, b, t, None, -100, lce_ops.MEAN, 0.1, 0.0, 0.0, backend)[0]
         loss.backward()
     assert biggest[0] < N * V // 2, f"a tensor of {biggest[0]} elements (N x V = {N * V})"

@@ -57,7 +57,7 @@ def test_sass_uses_tensor_cores_ldmatrix_cp_async_without_local_memory():
 def test_dispatch_rules():
     assert flce.kernel_reason("cuda", torch.float16) in (None, flce.kernel_reason("cuda", torch.bfloat16))
     assert "dtype" in flce.kernel_reason("cuda", torch.float32)
-    assert "not implemented" in flce.kernel_reason("cpu", torch.float16)
+    assert flce.kernel_reason("cpu", torch.float16) is None or "rebuild" in flce.kernel_reason("cpu", torch.float16)
     # written without a GPU: automatic CUDA calls try the measured Triton kernels first
     for op in ("linear_cross_entropy", "linear_cross_entropy_vocab_parallel"):
         assert backends._chain(torch.device("cuda"), op) == ("triton", "cuda", "reference")

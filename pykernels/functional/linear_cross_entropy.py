@@ -19,21 +19,21 @@ from ..reference import linear_cross_entropy as _lce_ref
 __all__ = ["linear_cross_entropy"]
 
 # fp32 on the tensor cores would be TF32 (not torch's fp32 matmul): the CUDA kernels take 16-bit inputs only.
-_KERNEL_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32), "cuda": (torch.float16, torch.bfloat16)}
+_KERNEL_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32), "cuda": (torch.float16, torch.bfloat16),
+                  "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
 
 def kernel_reason(b: str, dtype: torch.dtype) -> Optional[str]:
     """Why kernel backend ``b`` cannot run a call in ``dtype`` (None: it can); shared with the vocab-parallel
     entry point (pykernels/distributed.py)."""
-    if b == "cpu":
-        return "the cpu kernels of linear cross-entropy are not implemented yet"
     if dtype not in _KERNEL_DTYPES[b]:
         return f"dtype {dtype} is not supported by the {b} kernels"
     if b in _lce.KERNELS:
         return None
     if b == "triton":
         return _lce.triton_import_error or "kernel ops are not registered"
-    return "pykernels._C was built without the linear cross-entropy kernels (pykernels::linear_cross_entropy_partials)"
+    return (f"pykernels._C was built without the {b} linear cross-entropy kernels "
+            "(pykernels::linear_cross_entropy_partials); rebuild the extension")
 
 
 def _finite_nonneg(name: str, v: float) -> None:

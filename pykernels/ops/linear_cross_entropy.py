@@ -3,9 +3,10 @@
 Kernels, one (fwd, bwd) pair per backend in ``KERNELS``, all with the signatures of the Triton launchers:
 - "triton": ``pykernels::linear_cross_entropy_{fwd,bwd}_triton``, ``triton_op``s over
   pykernels/triton/linear_cross_entropy.py;
-- "cuda": the C++ ops ``pykernels::linear_cross_entropy_partials`` / ``_dlogits`` (csrc/linear_cross_entropy.cpp,
-  kernels in csrc/cuda/linear_cross_entropy.cu) behind the launch logic the two backends share
-  (pykernels/ops/linear_cross_entropy_launch.py); defined by CUDA builds of the extension only;
+- "cuda" and "cpu": the C++ ops ``pykernels::linear_cross_entropy_partials`` / ``_dlogits``
+  (csrc/linear_cross_entropy.cpp; kernels in csrc/cuda/linear_cross_entropy.cu, defined by CUDA builds only, and
+  csrc/cpu/linear_cross_entropy.cpp) behind the launch logic the backends share
+  (pykernels/ops/linear_cross_entropy_launch.py);
 - "reference": the contract in plain PyTorch, chunked over the vocabulary (pykernels/reference/linear_cross_entropy.py),
   plain functions (autograd never sees them: they run inside the op below).
 
@@ -53,19 +54,19 @@ else:
 _CUDA_TILE = 128
 
 
-def _cuda_partials(input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth, splits):
+def _cpp_partials(input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth, splits):
     return torch.ops.pykernels.linear_cross_entropy_partials(input, linear_weight, linear_bias, target.contiguous(),
                                                              weight, vocab_start, softcap, smooth, splits)
 
 
-def _cuda_dlogits(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start,
+def _cpp_dlogits(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start,
                   softcap, smooth, col0, dl, db):
     torch.ops.pykernels.linear_cross_entropy_dlogits(input, linear_weight, linear_bias, target.contiguous(), weight,
                                                      m, log_s, coef_p, coef_y, coef_w, vocab_start, softcap, smooth,
                                                      col0, dl, db)
 
 
-_CUDA = _launch.Kernels(_cuda_partials, _cuda_dlogits, tile_cols=_CUDA_TILE, chunk_align=2 * _CUDA_TILE,
+_CUDA = _launch.Kernels(_cpp_partials, _cpp_dlogits, tile_cols=_CUDA_TILE, chunk_align=2 * _CUDA_TILE,
                         db_rows=_CUDA_TILE)
 
 
@@ -80,14 +81,27 @@ def _cuda_bwd(*args):
 
 
 def _partials_fake(input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth, splits):
-    N = input.shape[0]
-    mk = [input.new_empty(splits, N, dtype=torch.float32) for _ in range(3)]
-    return (*mk, input.new_empty(splits if smooth else 0, N, dtype=torch.float32))
+    N, acc = input.shape[0], acc_dtype(input.dtype)
+    mk = [input.new_empty(splits, N, dtype=acc) for _ in range(3)]
+    return (*mk, input.new_empty(splits if smooth else 0, N, dtype=acc))
 
 
 def _dlogits_fake(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start,
                   softcap, smooth, col0, dl, db_part):
     return None
+
+
+# The CPU kernels (csrc/cpu/linear_cross_entropy.cpp): BLAS logit blocks, reduced or turned into dlogits by one
+# vectorised pass; one split (the kernel loops over the classes itself), bias sums per 64 rows.
+_CPU = _launch.Kernels(_cpp_partials, _cpp_dlogits, tile_cols=1024, chunk_align=64, db_rows=64)
+
+
+def _cpu_fwd(input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth):
+    return _launch.forward(_CPU, input, linear_weight, linear_bias, target, weight, vocab_start, softcap, smooth, 1)
+
+
+def _cpu_bwd(*args):
+    return _launch.backward(_CPU, *args)
 
 
 def _register_cpp() -> None:
@@ -98,7 +112,9 @@ def _register_cpp() -> None:
         return
     torch.library.register_fake("pykernels::linear_cross_entropy_partials")(_partials_fake)
     torch.library.register_fake("pykernels::linear_cross_entropy_dlogits")(_dlogits_fake)
-    KERNELS["cuda"] = (_cuda_fwd, _cuda_bwd)
+    for key, kernels in (("CPU", (_cpu_fwd, _cpu_bwd)), ("CUDA", (_cuda_fwd, _cuda_bwd))):
+        if torch._C._dispatch_has_kernel_for_dispatch_key("pykernels::linear_cross_entropy_partials", key):
+            KERNELS[key.lower()] = kernels
 
 
 _register_cpp()

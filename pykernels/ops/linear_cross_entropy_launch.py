@@ -128,7 +128,7 @@ def backward(k: Kernels, input: Tensor, linear_weight: Tensor, linear_bias: Opti
         return gx, gw, gb
     chunk = chunk_columns(N, V, input.element_size(), k.chunk_align)
     buf = torch.empty(N, chunk, device=dev, dtype=input.dtype)
-    dbp = torch.empty(-(-N // k.db_rows), chunk, device=dev, dtype=torch.float32) if want_db else None
+    dbp = torch.empty(-(-N // k.db_rows), chunk, device=dev, dtype=acc) if want_db else None
     for c0 in range(0, V, chunk):
         nc = min(chunk, V - c0)
         dl = buf[:, :nc]

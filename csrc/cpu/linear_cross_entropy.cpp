@@ -1,0 +1,260 @@
+// CPU kernels of the fused linear cross-entropy ops (the "cpu" backend; contract: docs/linear_cross_entropy.md):
+// pykernels::linear_cross_entropy_partials and _dlogits, behind the launch logic shared with the Triton and CUDA
+// backends (pykernels/ops/linear_cross_entropy_launch.py). The logits of a block of rows x a chunk of classes come
+// from one BLAS GEMM; one vectorised pass per row then reduces them on the spot (running max and sum of exp, the
+// target's logit, the smoothing sum) or turns them into dlogits in place (with the bias gradient's column sums per
+// block of rows). The block bounds the workspace: no N x V tensor. Math in the accumulation dtype (float32; float64
+// for float64), softcap applied in the pass.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <type_traits>
+
+#include "../linear_cross_entropy.h"
+
+namespace pykernels {
+namespace {
+
+constexpr const char* kPartials = "linear_cross_entropy_partials (cpu)";
+constexpr const char* kDlogits = "linear_cross_entropy_dlogits (cpu)";
+constexpr int64_t kChunkCols = 1024;  // classes per forward GEMM
+constexpr int64_t kBlockRows = 4096;  // rows per GEMM: a logit block is at most 16 MiB of fp32
+// Rows per block of the bias gradient's column sums; ops/linear_cross_entropy.py passes it as db_rows.
+constexpr int64_t kDbRows = 64;
+
+// The operands in the accumulation dtype (views for float32 / float64, copies for 16-bit), but W, which is
+// converted a chunk at a time: a float32 copy of a 16-bit head would double its memory.
+struct Operands {
+  at::Tensor x, w, bias, weight;  // bias, weight undefined when absent
+};
+
+Operands operands(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& weight) {
+  const auto acc = lce_acc_type(x.scalar_type());
+  return {x.to(acc), w, bias.has_value() ? bias->to(acc) : at::Tensor(), weight.has_value() ? *weight : at::Tensor()};
+}
+
+// Block [r0, r1) x [c0, c1) of the logits before bias and softcap, into out (r1 - r0, c1 - c0), rows of out
+// contiguous.
+void gemm_block(const Operands& o, int64_t r0, int64_t r1, int64_t c0, int64_t c1, at::Tensor out) {
+  at::mm_out(out, o.x.narrow(0, r0, r1 - r0), o.w.narrow(0, c0, c1 - c0).to(o.x.scalar_type()).t());
+}
+
+template <typename acc_t>
+struct Row {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const acc_t* bias;  // at the row's first column, or null
+  acc_t softcap;
+
+  // z <- softcap(z + bias) over n columns, in place.
+  void finish_logits(acc_t* z, int64_t n) const {
+    if (!bias && softcap == 0) return;
+    const Vec sc(softcap), inv(softcap == 0 ? acc_t(0) : acc_t(1) / softcap);
+    int64_t j = 0;
+    for (; j < n; j += Vec::size()) {
+      const int64_t k = std::min<int64_t>(Vec::size(), n - j);
+      Vec v = Vec::loadu(z + j, k);
+      if (bias) v = v + Vec::loadu(bias + j, k);
+      if (softcap != 0) v = sc * (v * inv).tanh();
+      v.store(z + j, k);
+    }
+  }
+};
+
+template <typename acc_t>
+acc_t row_max(const acc_t* z, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return at::vec::reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, z, n);
+}
+
+// Sum of exp(z - m) (m finite) over n columns.
+template <typename acc_t>
+acc_t exp_sum(const acc_t* z, int64_t n, acc_t m) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec vm(m);
+  Vec s(acc_t(0));
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) s = s + (Vec::loadu(z + j) - vm).exp();
+  if (j < n) s = Vec::set(s, s + (Vec::loadu(z + j, n - j) - vm).exp(), n - j);
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, s);
+}
+
+// Sum of w[c] z[c] (w null: of z) over n columns.
+template <typename acc_t>
+acc_t weighted_sum(const acc_t* z, const acc_t* w, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if (!w) return at::vec::reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, z, n);
+  Vec s(acc_t(0));
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t k = std::min<int64_t>(Vec::size(), n - j);
+    s = s + Vec::loadu(z + j, k) * Vec::loadu(w + j, k);  // the tail's lanes load as 0
+  }
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, s);
+}
+
+template <typename acc_t>
+void partials(const at::Tensor& input, const Operands& o, const at::Tensor& target, int64_t vocab_start,
+              double softcap, bool smooth, int64_t splits, at::Tensor& mp, at::Tensor& sp, at::Tensor& zyp,
+              at::Tensor& zsp) {
+  const int64_t N = input.size(0), V = o.w.size(0);
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  const acc_t* pb = o.bias.defined() ? o.bias.data_ptr<acc_t>() : nullptr;
+  const acc_t* pw = o.weight.defined() ? o.weight.data_ptr<acc_t>() : nullptr;
+  at::Tensor buf = at::empty({std::min(N, kBlockRows), std::min(V, kChunkCols)}, o.x.options());
+  for (int64_t k = 0; k < splits; ++k) {
+    acc_t *m = mp[k].data_ptr<acc_t>(), *s = sp[k].data_ptr<acc_t>(), *zy = zyp[k].data_ptr<acc_t>();
+    acc_t* zs = smooth ? zsp[k].data_ptr<acc_t>() : nullptr;
+    const int64_t lo = V * k / splits, hi = V * (k + 1) / splits;  // this split's classes
+    for (int64_t c0 = lo; c0 < hi; c0 += kChunkCols) {
+      const int64_t c1 = std::min(hi, c0 + kChunkCols), n = c1 - c0;
+      for (int64_t r0 = 0; r0 < N; r0 += kBlockRows) {
+        const int64_t r1 = std::min(N, r0 + kBlockRows);
+        at::Tensor z = buf.narrow(0, 0, r1 - r0).narrow(1, 0, n);
+        gemm_block(o, r0, r1, c0, c1, z);
+        const Row<acc_t> row{pb ? pb + c0 : nullptr, static_cast<acc_t>(softcap)};
+        at::parallel_for(r0, r1, std::max<int64_t>(1, 16384 / n), [&](int64_t a, int64_t b) {
+          for (int64_t r = a; r < b; ++r) {
+            acc_t* zr = z.data_ptr<acc_t>() + (r - r0) * z.stride(0);
+            row.finish_logits(zr, n);
+            const acc_t cm = row_max(zr, n);
+            if (std::isnan(cm) || std::isnan(m[r])) {  // a NaN logit makes the row's statistics NaN
+              m[r] = s[r] = std::numeric_limits<acc_t>::quiet_NaN();
+            } else if (cm != -std::numeric_limits<acc_t>::infinity()) {  // else: classes of logit -inf add 0
+              if (cm > m[r]) {
+                s[r] = s[r] * std::exp(m[r] - cm);  // s is 0 while m is -inf
+                m[r] = cm;
+              }
+              s[r] += exp_sum(zr, n, m[r]);
+            }
+            const int64_t t = tgt[r] - vocab_start - c0;
+            if (t >= 0 && t < n) zy[r] += zr[t];
+            if (smooth) zs[r] += weighted_sum(zr, pw ? pw + c0 : nullptr, n);
+          }
+        });
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> partials_cpu(
+    const at::Tensor& input, const at::Tensor& linear_weight, const c10::optional<at::Tensor>& linear_bias,
+    const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t vocab_start, double softcap,
+    bool smooth, int64_t splits) {
+  check_lce_operands(kPartials, input, linear_weight, linear_bias, target, weight, softcap);
+  TORCH_CHECK(splits >= 1, kPartials, ": splits must be >= 1, got ", splits);
+  const int64_t N = input.size(0);
+  const auto opt = input.options().dtype(lce_acc_type(input.scalar_type()));
+  at::Tensor mp = at::full({splits, N}, -std::numeric_limits<double>::infinity(), opt);
+  at::Tensor sp = at::zeros({splits, N}, opt), zyp = at::zeros({splits, N}, opt);
+  at::Tensor zsp = at::zeros({smooth ? splits : 0, N}, opt);
+  if (N == 0 || linear_weight.size(0) == 0) return {mp, sp, zyp, zsp};
+  const Operands o = operands(input, linear_weight, linear_bias, weight);
+  AT_DISPATCH_FLOATING_TYPES(opt.dtype().toScalarType(), "linear_cross_entropy_partials_cpu", [&] {
+    partials<scalar_t>(input, o, target.contiguous(), vocab_start, softcap, smooth, splits, mp, sp, zyp, zsp);
+  });
+  return {mp, sp, zyp, zsp};
+}
+
+// dlogits of rows [r0, r1) from their logits z (rows at ldz; may be dl itself), stored to dl (rows at ldl) in
+// scalar_t, and the rows' column sums added to db (null: none).
+template <typename acc_t, typename scalar_t>
+void dlogit_rows(acc_t* z, int64_t ldz, scalar_t* dl, int64_t ldl, int64_t r0, int64_t r1, int64_t n,
+                 const Row<acc_t>& row, const acc_t* cw, const int64_t* tgt, int64_t t0, const acc_t* m,
+                 const acc_t* log_s, const acc_t* coef_p, const acc_t* coef_y, const acc_t* coef_w, acc_t* db) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const acc_t sc = row.softcap, inv = sc == 0 ? acc_t(0) : acc_t(1) / sc;
+  const Vec one(acc_t(1)), vinv(inv);
+  for (int64_t r = r0; r < r1; ++r) {
+    acc_t* zr = z + (r - r0) * ldz;
+    row.finish_logits(zr, n);
+    const int64_t t = tgt[r] - t0;  // the target's column in this chunk, if it is one
+    const acc_t zt = t >= 0 && t < n ? zr[t] : acc_t(0);
+    const Vec vm(m[r]), vls(log_s[r]), cp(coef_p[r]), cwr(coef_w ? coef_w[r] : acc_t(0));
+    for (int64_t j = 0; j < n; j += Vec::size()) {
+      const int64_t k = std::min<int64_t>(Vec::size(), n - j);
+      const Vec zc = Vec::loadu(zr + j, k);
+      Vec d = cp * ((zc - vm) - vls).exp();  // (z - m) exact near the max: m + log_s would round at |m|
+      if (coef_w) d = d - cwr * (cw ? Vec::loadu(cw + j, k) : one);
+      if (sc != 0) d = d * (one - (zc * vinv) * (zc * vinv));
+      d.store(zr + j, k);
+    }
+    if (t >= 0 && t < n) zr[t] -= coef_y[r] * (sc != 0 ? acc_t(1) - (zt * inv) * (zt * inv) : acc_t(1));
+    if (db) {
+      for (int64_t j = 0; j < n; j += Vec::size()) {
+        const int64_t k = std::min<int64_t>(Vec::size(), n - j);
+        (Vec::loadu(db + j, k) + Vec::loadu(zr + j, k)).store(db + j, k);
+      }
+    }
+    if (static_cast<void*>(zr) != static_cast<void*>(dl + (r - r0) * ldl)) {
+      for (int64_t j = 0; j < n; ++j) dl[(r - r0) * ldl + j] = static_cast<scalar_t>(zr[j]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void dlogits(const at::Tensor& input, const Operands& o, const at::Tensor& target, const at::Tensor& m,
+             const at::Tensor& log_s, const at::Tensor& coef_p, const at::Tensor& coef_y, const at::Tensor& coef_w,
+             int64_t vocab_start, double softcap, bool smooth, int64_t col0, const at::Tensor& dl,
+             const c10::optional<at::Tensor>& db_part) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool in_place = std::is_same_v<acc_t, scalar_t>;  // the logits are computed in dl itself
+  const int64_t N = input.size(0), n = dl.size(1);
+  const acc_t* pb = o.bias.defined() ? o.bias.data_ptr<acc_t>() + col0 : nullptr;
+  const acc_t* cw = o.weight.defined() ? o.weight.data_ptr<acc_t>() + col0 : nullptr;
+  const Row<acc_t> row{pb, static_cast<acc_t>(softcap)};
+  at::Tensor buf = in_place ? at::Tensor() : at::empty({std::min(N, kBlockRows), n}, o.x.options());
+  for (int64_t r0 = 0; r0 < N; r0 += kBlockRows) {
+    const int64_t r1 = std::min(N, r0 + kBlockRows);
+    at::Tensor z = in_place ? dl.narrow(0, r0, r1 - r0) : buf.narrow(0, 0, r1 - r0);
+    gemm_block(o, r0, r1, col0, col0 + n, z);
+    // one task per kDbRows rows: each owns its row of db_part, so the column sums are deterministic
+    const int64_t b0 = r0 / kDbRows, b1 = (r1 + kDbRows - 1) / kDbRows;
+    at::parallel_for(b0, b1, 1, [&](int64_t a, int64_t b) {
+      for (int64_t blk = a; blk < b; ++blk) {
+        const int64_t q0 = blk * kDbRows, q1 = std::min(r1, q0 + kDbRows);
+        dlogit_rows<acc_t, scalar_t>(z.data_ptr<acc_t>() + (q0 - r0) * z.stride(0), z.stride(0),
+                                     dl.data_ptr<scalar_t>() + q0 * dl.stride(0), dl.stride(0), q0, q1, n, row, cw,
+                                     target.data_ptr<int64_t>(), vocab_start + col0, m.data_ptr<acc_t>(),
+                                     log_s.data_ptr<acc_t>(), coef_p.data_ptr<acc_t>(), coef_y.data_ptr<acc_t>(),
+                                     smooth ? coef_w.data_ptr<acc_t>() : nullptr,
+                                     db_part.has_value() ? db_part->data_ptr<acc_t>() + blk * db_part->stride(0)
+                                                         : nullptr);
+      }
+    });
+  }
+}
+
+void dlogits_cpu(const at::Tensor& input, const at::Tensor& linear_weight,
+                 const c10::optional<at::Tensor>& linear_bias, const at::Tensor& target,
+                 const c10::optional<at::Tensor>& weight, const at::Tensor& m, const at::Tensor& log_s,
+                 const at::Tensor& coef_p, const at::Tensor& coef_y, const at::Tensor& coef_w, int64_t vocab_start,
+                 double softcap, bool smooth, int64_t col0, const at::Tensor& dl,
+                 const c10::optional<at::Tensor>& db_part) {
+  check_lce_operands(kDlogits, input, linear_weight, linear_bias, target, weight, softcap);
+  check_lce_dlogits(kDlogits, input, linear_weight.size(0), m, log_s, coef_p, coef_y, coef_w, smooth, col0, dl,
+                    db_part, kDbRows);
+  if (input.size(0) == 0 || dl.size(1) == 0) return;
+  const Operands o = operands(input, linear_weight, linear_bias, weight);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_cross_entropy_dlogits_cpu",
+                                  [&] {
+                                    dlogits<scalar_t>(input, o, target.contiguous(), m, log_s, coef_p, coef_y,
+                                                      coef_w, vocab_start, softcap, smooth, col0, dl, db_part);
+                                  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
+  m.impl("linear_cross_entropy_partials", &partials_cpu);
+  m.impl("linear_cross_entropy_dlogits", &dlogits_cpu);
+}
+
+}  // namespace pykernels
