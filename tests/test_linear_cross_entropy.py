@@ -431,11 +431,12 @@ def test_gradcheck_float64_kernels(backend):
     torch.autograd.gradcheck(f, (x.requires_grad_(), W.requires_grad_(), b.requires_grad_()))
 
 
-@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference"), BACKENDS[2]])
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference"), BACKENDS[2],
+                                            BACKENDS[-1]])
 def test_compile_fullgraph_parity(backend, device):
     """The autograd-level op under torch.compile(fullgraph=True). Inductor cannot generate CPU code around an
-    interpreted Triton kernel, so the CPU tier compiles the op over the reference kernels; the GPU tier the
-    Triton kernels."""
+    interpreted Triton kernel, so the CPU tier compiles the op over the reference and the C++ CPU kernels; the GPU
+    tier over the Triton kernels."""
     require_backend(backend, device)
     torch._dynamo.reset()
     x, W, b, t, w, ii, _, eps, zl, sc = _op_args(device, torch.float32, lce_ops.MEAN)
