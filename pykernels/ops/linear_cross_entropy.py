@@ -60,7 +60,7 @@ def _cpp_partials(input, linear_weight, linear_bias, target, weight, vocab_start
 
 
 def _cpp_dlogits(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start,
-                  softcap, smooth, col0, dl, db):
+                 softcap, smooth, col0, dl, db):
     torch.ops.pykernels.linear_cross_entropy_dlogits(input, linear_weight, linear_bias, target.contiguous(), weight,
                                                      m, log_s, coef_p, coef_y, coef_w, vocab_start, softcap, smooth,
                                                      col0, dl, db)
