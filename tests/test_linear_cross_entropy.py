@@ -615,3 +615,53 @@ def test_kernels_compile_for_sm80_and_sm90():
             assert (wgmma if arch == 90 else mma), f"{where}: no tensor-core instruction"
             assert pipelined, f"{where}: loads are not pipelined (cp.async)"
         assert_spill_budget(where, n_spills, LCE_KNOWN_SPILLS, (name, arch, dt, tuple(cfg)))
+
+
+def test_fuzz_cpu_kernel_ops_against_reference_kernels(monkeypatch):
+    """Random sizes (N, H, V from 1; V across the kernels' 1024-class blocks), a vocabulary shard (vocab_start),
+    targets outside the shard and ignored, softcap, smoothing, class weights, bias, several backward chunks: the
+    C++ CPU kernels behind the shared launch logic against the reference kernels in float64 on the same inputs,
+    forward statistics and all three gradients. (16-bit rounds the dlogits before the GEMMs, as torch's own 16-bit
+    path does: that is judged against torch's error by the 2x rule in test_kernels_against_float64_oracle.)"""
+    require_backend("cpu", "cpu")
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+    from pykernels.ops import linear_cross_entropy_launch as tk
+    fwd, bwd = lce_ops.KERNELS["cpu"]
+
+    @hyp.settings(max_examples=25, deadline=None)
+    @hyp.given(N=st.integers(1, 70), H=st.integers(1, 40), V=st.integers(1, 2300), start=st.integers(0, 50),
+               dtype=st.sampled_from([torch.float64, torch.float32]), softcap=st.sampled_from([0.0, 3.0]),
+               smooth=st.booleans(), weighted=st.booleans(), bias=st.booleans(),
+               chunk=st.sampled_from([64, 640, 1 << 30]), seed=st.integers(0, 2**31 - 1))
+    def check(N, H, V, start, dtype, softcap, smooth, weighted, bias, chunk, seed):
+        g = torch.Generator().manual_seed(seed)
+        acc = lce_ops.acc_dtype(dtype)
+        x = torch.randn(N, H, generator=g).to(dtype)
+        W = (torch.randn(V, H, generator=g) * 0.3).to(dtype)
+        b = torch.randn(V, generator=g).to(dtype) if bias else None
+        w = (torch.rand(V, generator=g) + 0.5).to(acc) if weighted else None
+        t = torch.randint(-2, V + start + 3, (N,), generator=g)  # some outside the shard [start, start + V)
+        monkeypatch.setattr(tk, "CHUNK_BYTES", N * x.element_size() * chunk)
+        got = fwd(x, W, b, t, w, start, softcap, smooth)
+        x64, W64 = x.double(), W.double()
+        b64 = None if b is None else b.double()
+        want = lce_ops.KERNELS["reference"][0](x64, W64, b64, t, None if w is None else w.double(), start, softcap,
+                                               smooth)
+        for name, a, r in zip(("m", "log_s", "z_target", "z_sum"), got, want):
+            if name == "z_sum" and not smooth:
+                continue
+            assert_error_rule(name, a, r, dtype=torch.float32, floor=1e-12 if dtype == torch.float64 else 2e-5)
+        m, log_s = want[0].to(acc), want[1].to(acc)
+        coef = [torch.rand(N, generator=g, dtype=torch.float64).to(acc) for _ in range(3)]
+        got = bwd(x, W, b, t, w, m, log_s, *coef, start, softcap, smooth, True, True, True)
+        want = lce_ops.KERNELS["reference"][1](x64, W64, b64, t, None if w is None else w.double(), m.double(),
+                                               log_s.double(), *[c.double() for c in coef], start, softcap, smooth,
+                                               True, True, True)
+        floor = {torch.float64: 1e-12}.get(dtype)
+        for name, a, r in zip(("dX", "dW", "db"), got, want):
+            if name == "db" and b is None:
+                continue
+            assert_error_rule(name, a, r, dtype=torch.float32, floor=floor)
+
+    check()
