@@ -665,3 +665,29 @@ def test_fuzz_cpu_kernel_ops_against_reference_kernels(monkeypatch):
             assert_error_rule(name, a, r, dtype=torch.float32, floor=floor)
 
     check()
+
+
+def test_cpu_kernels_16bit_across_class_blocks():
+    """16-bit on the C++ CPU kernels with V over two of their 1024-class blocks: the logits go through the fp32
+    block buffer and W is converted a block at a time, in the forward and within a backward chunk; the 2x rule
+    against torch's own error at that dtype."""
+    require_backend("cpu", "cpu")
+    N, H, V = 21, 24, 2300
+    for dtype in (torch.bfloat16, torch.float16):
+        x, W, b, w, t = _make(N, H, V, dtype, "cpu", True, True)
+        leaves = [x, W, b]
+        g = torch.tensor(1.0, dtype=torch.float64)
+
+        def ours(x, W, b):
+            return linear_cross_entropy(x, W, t, linear_bias=b, weight=w, label_smoothing=0.1, softcap=4.0,
+                                        backend="cpu")
+
+        def torch_at(x, W, b):
+            return _oracle(x, W, b, t, w, "mean", None, 0.1, 0.0, 4.0)
+
+        lr, gr = _run(torch_at, leaves, g)
+        lo, go = _run(ours, [a.to(dtype) for a in leaves], g)
+        lb, gb = _run(torch_at, [a.to(dtype) for a in leaves], g)
+        assert_error_rule(f"loss {dtype}", lo, lr, lb)
+        for name, a, r, c in zip(("d_input", "d_weight", "d_bias"), go, gr, gb):
+            assert_error_rule(f"{name} {dtype}", a, r, c)

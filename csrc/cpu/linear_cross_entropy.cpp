@@ -42,10 +42,15 @@ Operands operands(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   return {x.to(acc), w, bias.has_value() ? bias->to(acc) : at::Tensor(), weight.has_value() ? *weight : at::Tensor()};
 }
 
-// Block [r0, r1) x [c0, c1) of the logits before bias and softcap, into out (r1 - r0, c1 - c0), rows of out
-// contiguous.
-void gemm_block(const Operands& o, int64_t r0, int64_t r1, int64_t c0, int64_t c1, at::Tensor out) {
-  at::mm_out(out, o.x.narrow(0, r0, r1 - r0), o.w.narrow(0, c0, c1 - c0).to(o.x.scalar_type()).t());
+// Classes [c0, c1) of W in the accumulation dtype (a copy for 16-bit W), converted once for all row blocks.
+at::Tensor w_chunk(const Operands& o, int64_t c0, int64_t c1) {
+  return o.w.narrow(0, c0, c1 - c0).to(o.x.scalar_type());
+}
+
+// Rows [r0, r1) of the logits of W chunk wc before bias and softcap, into out (r1 - r0, classes of wc), rows of
+// out contiguous.
+void gemm_block(const Operands& o, int64_t r0, int64_t r1, const at::Tensor& wc, at::Tensor out) {
+  at::mm_out(out, o.x.narrow(0, r0, r1 - r0), wc.t());
 }
 
 template <typename acc_t>
@@ -115,10 +120,11 @@ void partials(const at::Tensor& input, const Operands& o, const at::Tensor& targ
     const int64_t lo = V * k / splits, hi = V * (k + 1) / splits;  // this split's classes
     for (int64_t c0 = lo; c0 < hi; c0 += kChunkCols) {
       const int64_t c1 = std::min(hi, c0 + kChunkCols), n = c1 - c0;
+      const at::Tensor wc = w_chunk(o, c0, c1);
       for (int64_t r0 = 0; r0 < N; r0 += kBlockRows) {
         const int64_t r1 = std::min(N, r0 + kBlockRows);
         at::Tensor z = buf.narrow(0, 0, r1 - r0).narrow(1, 0, n);
-        gemm_block(o, r0, r1, c0, c1, z);
+        gemm_block(o, r0, r1, wc, z);
         const Row<acc_t> row{pb ? pb + c0 : nullptr, static_cast<acc_t>(softcap)};
         at::parallel_for(r0, r1, std::max<int64_t>(1, 16384 / n), [&](int64_t a, int64_t b) {
           for (int64_t r = a; r < b; ++r) {
@@ -209,26 +215,33 @@ void dlogits(const at::Tensor& input, const Operands& o, const at::Tensor& targe
   const int64_t N = input.size(0), n = dl.size(1);
   const acc_t* pb = o.bias.defined() ? o.bias.data_ptr<acc_t>() + col0 : nullptr;
   const acc_t* cw = o.weight.defined() ? o.weight.data_ptr<acc_t>() + col0 : nullptr;
-  const Row<acc_t> row{pb, static_cast<acc_t>(softcap)};
-  at::Tensor buf = in_place ? at::Tensor() : at::empty({std::min(N, kBlockRows), n}, o.x.options());
-  for (int64_t r0 = 0; r0 < N; r0 += kBlockRows) {
-    const int64_t r1 = std::min(N, r0 + kBlockRows);
-    at::Tensor z = in_place ? dl.narrow(0, r0, r1 - r0) : buf.narrow(0, 0, r1 - r0);
-    gemm_block(o, r0, r1, col0, col0 + n, z);
-    // one task per kDbRows rows: each owns its row of db_part, so the column sums are deterministic
-    const int64_t b0 = r0 / kDbRows, b1 = (r1 + kDbRows - 1) / kDbRows;
-    at::parallel_for(b0, b1, 1, [&](int64_t a, int64_t b) {
-      for (int64_t blk = a; blk < b; ++blk) {
-        const int64_t q0 = blk * kDbRows, q1 = std::min(r1, q0 + kDbRows);
-        dlogit_rows<acc_t, scalar_t>(z.data_ptr<acc_t>() + (q0 - r0) * z.stride(0), z.stride(0),
-                                     dl.data_ptr<scalar_t>() + q0 * dl.stride(0), dl.stride(0), q0, q1, n, row, cw,
-                                     target.data_ptr<int64_t>(), vocab_start + col0, m.data_ptr<acc_t>(),
-                                     log_s.data_ptr<acc_t>(), coef_p.data_ptr<acc_t>(), coef_y.data_ptr<acc_t>(),
-                                     smooth ? coef_w.data_ptr<acc_t>() : nullptr,
-                                     db_part.has_value() ? db_part->data_ptr<acc_t>() + blk * db_part->stride(0)
-                                                         : nullptr);
-      }
-    });
+  // 16-bit: the logits of a block go through an fp32 buffer; the chunk's classes go kChunkCols at a time, so the
+  // buffer and the fp32 copy of W stay small whatever the launch logic's chunk is
+  at::Tensor buf = in_place ? at::Tensor()
+                            : at::empty({std::min(N, kBlockRows), std::min(n, kChunkCols)}, o.x.options());
+  for (int64_t s0 = 0; s0 < n; s0 += kChunkCols) {
+    const int64_t ns = std::min(kChunkCols, n - s0);
+    const Row<acc_t> row{pb ? pb + s0 : nullptr, static_cast<acc_t>(softcap)};
+    const at::Tensor wc = w_chunk(o, col0 + s0, col0 + s0 + ns);
+    for (int64_t r0 = 0; r0 < N; r0 += kBlockRows) {
+      const int64_t r1 = std::min(N, r0 + kBlockRows);
+      at::Tensor z = in_place ? dl.narrow(0, r0, r1 - r0).narrow(1, s0, ns)
+                              : buf.narrow(0, 0, r1 - r0).narrow(1, 0, ns);
+      gemm_block(o, r0, r1, wc, z);
+      // one task per kDbRows rows: each owns its row of db_part, so the column sums are deterministic
+      const int64_t b0 = r0 / kDbRows, b1 = (r1 + kDbRows - 1) / kDbRows;
+      at::parallel_for(b0, b1, 1, [&](int64_t a, int64_t b) {
+        for (int64_t blk = a; blk < b; ++blk) {
+          const int64_t q0 = blk * kDbRows, q1 = std::min(r1, q0 + kDbRows);
+          dlogit_rows<acc_t, scalar_t>(
+              z.data_ptr<acc_t>() + (q0 - r0) * z.stride(0), z.stride(0),
+              dl.data_ptr<scalar_t>() + q0 * dl.stride(0) + s0, dl.stride(0), q0, q1, ns, row, cw ? cw + s0 : nullptr,
+              target.data_ptr<int64_t>(), vocab_start + col0 + s0, m.data_ptr<acc_t>(), log_s.data_ptr<acc_t>(),
+              coef_p.data_ptr<acc_t>(), coef_y.data_ptr<acc_t>(), smooth ? coef_w.data_ptr<acc_t>() : nullptr,
+              db_part.has_value() ? db_part->data_ptr<acc_t>() + blk * db_part->stride(0) + s0 : nullptr);
+        }
+      });
+    }
   }
 }
 
