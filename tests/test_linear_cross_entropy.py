@@ -658,7 +658,8 @@ def test_fuzz_cpu_kernel_ops_against_reference_kernels(monkeypatch):
         want = lce_ops.KERNELS["reference"][1](x64, W64, b64, t, None if w is None else w.double(), m.double(),
                                                log_s.double(), *[c.double() for c in coef], start, softcap, smooth,
                                                True, True, True)
-        floor = {torch.float64: 1e-12}.get(dtype)
+        # fp32: dX sums V products (over several chunks): rounding grows like sqrt(V) ulps, as in torch's own GEMM
+        floor = 1e-12 if dtype == torch.float64 else 2e-6 * max(1.0, (V / 100) ** 0.5)
         for name, a, r in zip(("dX", "dW", "db"), got, want):
             if name == "db" and b is None:
                 continue
