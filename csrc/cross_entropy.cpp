@@ -16,8 +16,6 @@
 
 namespace pykernels {
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 static DType to_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return DType::F32;

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include "acc_type.h"
 #include "cross_entropy_args.h"
 
 namespace pykernels {
@@ -11,9 +12,6 @@ namespace pykernels {
 struct CrossEntropyOutputs {
   at::Tensor loss, lse, grad, unused;
 };
-
-// float64 for float64 logits, else float32: the dtype of weight, scales, loss and lse.
-at::ScalarType acc_type(at::ScalarType t);
 
 CrossEntropyArgs make_args(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& scale, int64_t ignore_index, double label_smoothing,

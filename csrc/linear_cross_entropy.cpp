@@ -22,8 +22,6 @@
 
 namespace pykernels {
 
-at::ScalarType lce_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 namespace {
 
 void check_vector(const at::Tensor& t, const char* op, const char* name, int64_t n, at::ScalarType dtype,
@@ -50,7 +48,7 @@ void check_lce_operands(const char* op, const at::Tensor& x, const at::Tensor& w
               " rows; the kernels take fewer than 2^31 classes per shard");
   check_vector(target, op, "target", x.size(0), at::kLong, x);
   if (bias.has_value()) check_vector(*bias, op, "linear_bias", w.size(0), x.scalar_type(), x);
-  if (weight.has_value()) check_vector(*weight, op, "weight", w.size(0), lce_acc_type(x.scalar_type()), x);
+  if (weight.has_value()) check_vector(*weight, op, "weight", w.size(0), acc_type(x.scalar_type()), x);
   TORCH_CHECK(softcap >= 0.0, op, ": softcap must be >= 0, got ", softcap);
 }
 
@@ -59,7 +57,7 @@ void check_lce_dlogits(const char* op, const at::Tensor& x, int64_t V, const at:
                        int64_t col0, const at::Tensor& dl, const c10::optional<at::Tensor>& db_part,
                        int64_t db_rows) {
   const int64_t N = x.size(0);
-  const auto acc = lce_acc_type(x.scalar_type());
+  const auto acc = acc_type(x.scalar_type());
   for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&m, "m"}, {&log_s, "log_s"},
                                 {&coef_p, "coef_p"}, {&coef_y, "coef_y"}}) {
     check_vector(*t, op, name, N, acc, x);

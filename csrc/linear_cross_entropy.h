@@ -5,10 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
-namespace pykernels {
+#include "acc_type.h"
 
-// float64 for float64 inputs, else float32: the dtype of the per-row statistics, the class weights and db_part.
-at::ScalarType lce_acc_type(at::ScalarType t);
+namespace pykernels {
 
 // Checks the operands both kernels take (names the offending argument): input (N, H) and linear_weight (V, H) of
 // one dtype with contiguous rows on one device, target (N,) int64, linear_bias (V,) in input's dtype, weight (V,)

@@ -15,8 +15,6 @@
 
 namespace pykernels {
 
-at::ScalarType lstm_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 static void check_same(const at::Tensor& t, const char* name, const at::Tensor& input) {
   TORCH_CHECK(t.scalar_type() == input.scalar_type(), "lstm_cell: ", name, " must have the input's dtype ",
               input.scalar_type(), ", got ", t.scalar_type());
@@ -61,8 +59,8 @@ void check_lstm_cell_bwd(const c10::optional<at::Tensor>& grad_h, const c10::opt
   const int64_t B = cx.size(0), H = cx.size(1);
   TORCH_CHECK(ws.dim() == 2 && ws.size(0) == B && ws.size(1) == 5 * H && ws.is_contiguous(),
               "lstm_cell_bwd: ws must be contiguous of shape (", B, ", ", 5 * H, "), got ", ws.sizes());
-  TORCH_CHECK(ws.scalar_type() == lstm_acc_type(cx.scalar_type()), "lstm_cell_bwd: ws must be ",
-              lstm_acc_type(cx.scalar_type()), ", got ", ws.scalar_type());
+  TORCH_CHECK(ws.scalar_type() == acc_type(cx.scalar_type()), "lstm_cell_bwd: ws must be ",
+              acc_type(cx.scalar_type()), ", got ", ws.scalar_type());
   TORCH_CHECK(ws.device() == cx.device(), "lstm_cell_bwd: ws must be on ", cx.device());
   for (const auto* g : {&grad_h, &grad_c}) {
     if (!g->has_value()) continue;
@@ -92,8 +90,8 @@ void check_lstm_layer_fwd(const at::Tensor& xproj, const at::Tensor& w_hh, const
   const int64_t B = h0.size(0), H = h0.size(1);
   TORCH_CHECK(xproj.dim() == 3 && xproj.size(1) == B && xproj.size(2) == 4 * H, op, ": xproj must have shape (T, ",
               B, ", ", 4 * H, "), got ", xproj.sizes());
-  TORCH_CHECK(xproj.scalar_type() == lstm_acc_type(t) && xproj.device() == h0.device(), op, ": xproj must be ",
-              lstm_acc_type(t), " on ", h0.device(), " (the accumulation dtype of ", t, "), got ", xproj.scalar_type());
+  TORCH_CHECK(xproj.scalar_type() == acc_type(t) && xproj.device() == h0.device(), op, ": xproj must be ",
+              acc_type(t), " on ", h0.device(), " (the accumulation dtype of ", t, "), got ", xproj.scalar_type());
   check_state(c0, op, "c0", h0, B, H);
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) == H, op, ": w_hh must have shape (", 4 * H,
               ", ", H, "), got ", w_hh.sizes());
@@ -109,8 +107,8 @@ void check_lstm_layer_bwd(const c10::optional<at::Tensor>& grad_out, const c10::
   const int64_t B = c0.size(0), H = c0.size(1);
   TORCH_CHECK(ws.dim() == 3 && ws.size(1) == B && ws.size(2) == 5 * H, op, ": ws must have shape (T, ", B, ", ",
               5 * H, "), got ", ws.sizes());
-  TORCH_CHECK(ws.scalar_type() == lstm_acc_type(c0.scalar_type()) && ws.device() == c0.device(), op, ": ws must be ",
-              lstm_acc_type(c0.scalar_type()), " on ", c0.device(), ", got ", ws.scalar_type());
+  TORCH_CHECK(ws.scalar_type() == acc_type(c0.scalar_type()) && ws.device() == c0.device(), op, ": ws must be ",
+              acc_type(c0.scalar_type()), " on ", c0.device(), ", got ", ws.scalar_type());
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) == H, op, ": w_hh must have shape (", 4 * H,
               ", ", H, "), got ", w_hh.sizes());
   TORCH_CHECK(w_hh.scalar_type() == c0.scalar_type() && w_hh.device() == c0.device(), op, ": w_hh must be ",

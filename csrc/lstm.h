@@ -6,6 +6,7 @@
 
 #include <tuple>
 
+#include "acc_type.h"
 #include "lstm_args.h"
 
 namespace pykernels {
@@ -27,7 +28,5 @@ void check_lstm_layer_bwd(const c10::optional<at::Tensor>& grad_out, const c10::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_outputs(const c10::optional<at::Tensor>& grad_hn,
                                                                       const c10::optional<at::Tensor>& grad_cn,
                                                                       const at::Tensor& ws);
-// float64 for float64, else float32: the dtype of the workspace and of the gate gradients.
-at::ScalarType lstm_acc_type(at::ScalarType t);
 
 }  // namespace pykernels

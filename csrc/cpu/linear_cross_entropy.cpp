@@ -38,7 +38,7 @@ struct Operands {
 
 Operands operands(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                   const c10::optional<at::Tensor>& weight) {
-  const auto acc = lce_acc_type(x.scalar_type());
+  const auto acc = acc_type(x.scalar_type());
   return {x.to(acc), w, bias.has_value() ? bias->to(acc) : at::Tensor(), weight.has_value() ? *weight : at::Tensor()};
 }
 
@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> partials_cpu(
   check_lce_operands(kPartials, input, linear_weight, linear_bias, target, weight, softcap);
   TORCH_CHECK(splits >= 1, kPartials, ": splits must be >= 1, got ", splits);
   const int64_t N = input.size(0);
-  const auto opt = input.options().dtype(lce_acc_type(input.scalar_type()));
+  const auto opt = input.options().dtype(acc_type(input.scalar_type()));
   at::Tensor mp = at::full({splits, N}, -std::numeric_limits<double>::infinity(), opt);
   at::Tensor sp = at::zeros({splits, N}, opt), zyp = at::zeros({splits, N}, opt);
   at::Tensor zsp = at::zeros({smooth ? splits : 0, N}, opt);

@@ -139,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& input, 
                                                        const c10::optional<at::Tensor>& b_hh) {
   check_lstm_cell_fwd(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
   const int64_t B = input.size(0), H = hx.size(1);
-  const auto acc = lstm_acc_type(input.scalar_type());
+  const auto acc = acc_type(input.scalar_type());
   at::Tensor hy = at::empty({B, H}, input.options()), cy = at::empty({B, H}, input.options());
   at::Tensor ws = at::empty({B, 5 * H}, input.options().dtype(acc));
   if (B == 0 || H == 0) return {hy, cy, ws};

@@ -286,11 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_bwd_cpu(const c10::optional
   const at::Tensor w = w_hh.contiguous(), c_init = c0.to(acc).contiguous();
   const at::Tensor go = grad_out.has_value() ? grad_out->to(acc).contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "lstm_layer_bwd_cpu", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      layer_bwd<double, double>(go, c_init, ws, w, reverse, dg, dh, dc);
-    } else {
-      layer_bwd<float, scalar_t>(go, c_init, ws, w, reverse, dg, dh, dc);
-    }
+    layer_bwd<at::opmath_type<scalar_t>, scalar_t>(go, c_init, ws, w, reverse, dg, dh, dc);
   });
   return {dg, dh, dc};
 }
