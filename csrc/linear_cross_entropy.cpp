@@ -34,6 +34,10 @@ void check_vector(const at::Tensor& t, const char* op, const char* name, int64_t
 
 }  // namespace
 
+void check_lce_row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  check_vector(t, op, name, x.size(0), acc_type(x.scalar_type()), x);
+}
+
 void check_lce_operands(const char* op, const at::Tensor& x, const at::Tensor& w,
                         const c10::optional<at::Tensor>& bias, const at::Tensor& target,
                         const c10::optional<at::Tensor>& weight, double softcap) {
@@ -183,6 +187,11 @@ TORCH_LIBRARY_FRAGMENT(pykernels, m) {
   m.def("linear_cross_entropy_dlogits(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
         "Tensor? weight, Tensor m, Tensor log_s, Tensor coef_p, Tensor coef_y, Tensor coef_w, int vocab_start, "
         "float softcap, bool smooth, int col0, Tensor(a!) dl, Tensor(b!)? db_part) -> ()");
+  // CPU only (csrc/cpu/linear_cross_entropy.cpp): the fused path's forward, which also writes the gradients
+  m.def("linear_cross_entropy_fused(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
+        "Tensor? weight, Tensor coef_p0, Tensor coef_lse, Tensor coef_y, Tensor coef_w, float softcap, bool smooth, "
+        "int block_rows, bool input_grad, bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor, Tensor)");
 }
 
 }  // namespace pykernels

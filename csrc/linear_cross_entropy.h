@@ -16,6 +16,9 @@ void check_lce_operands(const char* op, const at::Tensor& x, const at::Tensor& w
                         const c10::optional<at::Tensor>& bias, const at::Tensor& target,
                         const c10::optional<at::Tensor>& weight, double softcap);
 
+// Checks a per-row vector: (N,) contiguous, of the accumulation dtype, on x's device.
+void check_lce_row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x);
+
 // Checks the dlogits kernel's own arguments: the per-row vectors (N,) of the accumulation dtype (coef_w only with
 // smooth), dl (N, n_cols) in input's dtype with contiguous rows inside the V classes from col0, and db_part (at
 // least cdiv(N, db_rows) rows of n_cols, accumulation dtype, contiguous rows) when given.

@@ -11,23 +11,49 @@ import torch
 import torch.nn.functional as F
 
 import pykernels
-from pykernels.functional import linear_cross_entropy
+from pykernels.functional import linear_cross_entropy as _functional_lce
+from pykernels.functional.linear_cross_entropy import _fused_grads
 from pykernels.ops import linear_cross_entropy as lce_ops
 from pykernels.reference import linear_cross_entropy as ref
 from pykernels.testing import assert_error_rule, max_abs_err
 
 from conftest import assert_spill_budget, run_script_compiled
-from conftest import require_backend
+from conftest import require_backend as _require_backend
 
+# "cpu" is the cpu backend as the functional layer runs it: float32/float64 mean/sum calls that need a gradient take
+# the fused path (gradients in the forward); "cpu-split" is the same backend with fused=False (its recomputing
+# backward, the launch logic shared with Triton and CUDA).
 BACKENDS = [pytest.param("reference", "cpu", id="reference"), pytest.param("triton", "cpu", id="triton-interp"),
             pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
-            pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu), pytest.param("cpu", "cpu", id="cpu")]
+            pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+            pytest.param("cpu-split", "cpu", id="cpu-split"), pytest.param("cpu", "cpu", id="cpu")]
+
+
+def _split(backend):
+    """(backend name, the functional's ``fused``) of a test backend."""
+    return ("cpu", False) if backend == "cpu-split" else (backend, None)
+
+
+def linear_cross_entropy(*args, backend=None, **kw):
+    name, fused = _split(backend)
+    return _functional_lce(*args, backend=name, fused=fused, **kw)
+
+
+def require_backend(backend, device):
+    _require_backend(_split(backend)[0], device)
+
+
+def _op(x, W, b, t, w, ii, red, eps, zl, sc, backend):
+    """The autograd-level op as the functional layer calls it (fused_grads from the leaves that require grad)."""
+    name, fused = _split(backend)
+    return lce_ops.linear_cross_entropy_op(x, W, b, t, w, ii, red, eps, zl, sc, name,
+                                           _fused_grads(fused, name, x, W, b, red))
 
 
 def _dtypes(backend, device):
     if backend == "reference":
         return [torch.float64]
-    if backend == "cpu":
+    if backend in ("cpu", "cpu-split"):
         return [torch.float64, torch.float32, torch.bfloat16]
     if backend == "cuda":  # 16-bit only (fp32 goes to triton: tests/test_linear_cross_entropy_cuda.py)
         return [torch.float16, torch.bfloat16]
@@ -36,7 +62,8 @@ def _dtypes(backend, device):
 
 def _one_dtype(backend):
     """The dtype of the single-dtype tests: the most precise one the backend takes."""
-    return {"reference": torch.float64, "triton": torch.float32, "cuda": torch.float16, "cpu": torch.float32}[backend]
+    return {"reference": torch.float64, "triton": torch.float32, "cuda": torch.float16, "cpu": torch.float32,
+            "cpu-split": torch.float32}[backend]
 
 
 def _rule_dtype(dtype):
@@ -393,14 +420,22 @@ def test_opcheck(backend, device):
     utils = (("test_schema", "test_autograd_registration", "test_faketensor") if (backend, device) ==
              ("triton", "cpu") else ("test_schema", "test_autograd_registration", "test_faketensor",
                                      "test_aot_dispatch_dynamic"))
+    name, fused = _split(backend)
     for red in (lce_ops.NONE, lce_ops.MEAN, lce_ops.SUM):
         for bias in (False, True):
             x, W, b, *rest = _op_args(device, dtype, red, bias, weighted=bias)
-            args = (x.requires_grad_(), W.requires_grad_(), None if b is None else b.requires_grad_(), *rest, backend)
-            torch.library.opcheck(torch.ops.pykernels.linear_cross_entropy.default, args, test_utils=utils)
+            x, W, b = x.requires_grad_(), W.requires_grad_(), None if b is None else b.requires_grad_()
+            grads = _fused_grads(fused, name, x, W, b, red)
+            assert bool(grads) == (backend == "cpu" and red != lce_ops.NONE)
+            torch.library.opcheck(torch.ops.pykernels.linear_cross_entropy.default,
+                                  (x, W, b, *rest, name, grads), test_utils=utils)
     if backend == "cpu":  # the C++ kernel ops themselves (the CUDA ones: tests/test_linear_cross_entropy_cuda.py)
         x, W, b, t, w, *_ = _op_args(device, torch.float64, lce_ops.MEAN)
         pk = torch.ops.pykernels
+        c = [torch.rand(x.shape[0], dtype=torch.float64) for _ in range(4)]
+        for block_rows, grads in ((2, (True, True, True)), (6, (False, True, False)), (100, (True, False, True))):
+            torch.library.opcheck(pk.linear_cross_entropy_fused.default,
+                                  (x, W, b, t, w, *c, 2.0, True, block_rows, *grads))
         torch.library.opcheck(pk.linear_cross_entropy_partials.default, (x, W, b, t, w, 0, 2.0, True, 3))
         m, s, *_ = pk.linear_cross_entropy_partials(x, W, b, t, w, 0, 2.0, True, 1)
         c = [torch.rand(x.shape[0], dtype=torch.float64) for _ in range(3)]
@@ -420,19 +455,19 @@ def test_opcheck(backend, device):
         torch.library.opcheck(bwd, (x, W, b, t, w, m, ls, *c, 0, 2.0, True, True, True, True), test_utils=u)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu-split", "cpu"])
 def test_gradcheck_float64_kernels(backend):
     require_backend(backend, "cpu")
     x, W, b, t, w, ii, red, eps, zl, sc = _op_args("cpu", torch.float64, lce_ops.SUM)
 
     def f(x, W, b):
-        return lce_ops.linear_cross_entropy_op(x, W, b, t, w, ii, red, eps, zl, sc, backend)[0]
+        return _op(x, W, b, t, w, ii, red, eps, zl, sc, backend)[0]
 
     torch.autograd.gradcheck(f, (x.requires_grad_(), W.requires_grad_(), b.requires_grad_()))
 
 
 @pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference"), BACKENDS[2],
-                                            BACKENDS[-1]])
+                                            *BACKENDS[-2:]])
 def test_compile_fullgraph_parity(backend, device):
     """The autograd-level op under torch.compile(fullgraph=True). Inductor cannot generate CPU code around an
     interpreted Triton kernel, so the CPU tier compiles the op over the reference and the C++ CPU kernels; the GPU
@@ -442,7 +477,7 @@ def test_compile_fullgraph_parity(backend, device):
     x, W, b, t, w, ii, _, eps, zl, sc = _op_args(device, torch.float32, lce_ops.MEAN)
 
     def f(x, W, b):
-        return lce_ops.linear_cross_entropy_op(x, W, b, t, w, ii, lce_ops.MEAN, eps, zl, sc, backend)[0]
+        return _op(x, W, b, t, w, ii, lce_ops.MEAN, eps, zl, sc, backend)[0]
 
     compiled = torch.compile(f, fullgraph=True)
     le, ge = _run(f, [x, W, b], torch.tensor(1.0, device=device))
@@ -458,13 +493,13 @@ def test_compile_fullgraph_parity(backend, device):
         assert max_abs_err(a, c) <= 1e-5
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS[:2] + BACKENDS[-1:])
+@pytest.mark.parametrize("backend,device", BACKENDS[:2] + BACKENDS[-2:])
 def test_no_n_by_v_allocation(backend, device, monkeypatch):
     """Forward + backward never allocate a tensor as large as the N x V logits (workspace bounded by chunks)."""
     require_backend(backend, device)
     from torch.utils._python_dispatch import TorchDispatchMode
     N, H, V = 40, 16, 300
-    if backend in ("triton", "cpu"):
+    if backend != "reference":
         from pykernels.ops import linear_cross_entropy_launch as tk
         monkeypatch.setattr(tk, "CHUNK_BYTES", N * 4 * 64)
     monkeypatch.setattr(ref, "_CHUNK", 64)
@@ -482,8 +517,10 @@ def test_no_n_by_v_allocation(backend, device, monkeypatch):
     W = torch.randn(V, H, requires_grad=True)
     b = torch.randn(V, requires_grad=True)
     t = torch.randint(0, V, (N,))
-    with Sizes():  # (the cpu kernels' own logit block, at most 4096 x 1024 fp32, is allocated in C++)
-        loss = lce_ops.linear_cross_entropy_op(x, W, b, t, None, -100, lce_ops.MEAN, 0.1, 0.0, 0.0, backend)[0]
+    # (the cpu kernels' own logit block is allocated in C++: at most 4096 x 1024 fp32, and for the fused path
+    # fused_block_rows(N, V) rows, which the test of several blocks covers)
+    with Sizes():
+        loss = _op(x, W, b, t, None, -100, lce_ops.MEAN, 0.1, 0.0, 0.0, backend)[0]
         loss.backward()
     assert biggest[0] < N * V // 2, f"a tensor of {biggest[0]} elements (N x V = {N * V})"
     assert biggest[0] >= V * H  # sanity: the mode saw the weight gradient
@@ -692,3 +729,152 @@ def test_cpu_kernels_16bit_across_class_blocks():
         assert_error_rule(f"loss {dtype}", lo, lr, lb)
         for name, a, r, c in zip(("d_input", "d_weight", "d_bias"), go, gr, gb):
             assert_error_rule(f"{name} {dtype}", a, r, c)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fused path of the cpu backend (gradients in the forward: pykernels::linear_cross_entropy_fused).
+
+def _count_fused(monkeypatch):
+    """The grads flags (input, weight, bias) of each call of the cpu fused kernel."""
+    calls = []
+    kernel, dtypes = lce_ops.FUSED["cpu"]
+
+    def counted(*args):
+        calls.append(tuple(args[12:15]))
+        return kernel(*args)
+
+    monkeypatch.setitem(lce_ops.FUSED, "cpu", (counted, dtypes))
+    return calls
+
+
+def test_fused_path_exactly_when_it_applies(monkeypatch):
+    """float32/float64, reduction mean or sum, a gradient needed, fused not False: then the forward writes the
+    gradients of the leaves that require one, and only those; otherwise the split path runs."""
+    require_backend("cpu", "cpu")
+    calls = _count_fused(monkeypatch)
+    x = torch.randn(9, 7, requires_grad=True)
+    W = torch.randn(11, 7, requires_grad=True)
+    b = torch.randn(11, requires_grad=True)
+    t = torch.randint(0, 11, (9,))
+
+    def flags(x=x, W=W, **kw):
+        n = len(calls)
+        _functional_lce(x, W, t, backend="cpu", **kw)
+        return calls[n] if len(calls) == n + 1 else None
+
+    assert flags() == (True, True, False)
+    assert flags(reduction="sum", linear_bias=b, fused=True) == (True, True, True)
+    assert flags(x=x.detach(), linear_bias=b.detach()) == (False, True, False)
+    assert flags(x=x.double().detach(), W=W.double(), linear_bias=b.double()) == (False, True, True)
+    assert flags(reduction="none") is None
+    assert flags(fused=False) is None
+    assert flags(x=x.bfloat16(), W=W.bfloat16()) is None  # 16-bit: the split path
+    assert flags(x=x.detach(), W=W.detach()) is None
+    with torch.no_grad():
+        assert flags() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_path_in_several_row_blocks(dtype, monkeypatch):
+    """Row blocks of 7 rows (the last one partial): dW accumulated over blocks, the bias gradient's column sums over
+    blocks, every option, ignored rows, an upstream gradient other than 1; against the float64 oracle (2x rule) and
+    the split path."""
+    require_backend("cpu", "cpu")
+    from pykernels.ops import linear_cross_entropy_launch as tk
+    monkeypatch.setattr(tk, "FUSED_MIN_ROWS", 7)
+    monkeypatch.setattr(tk, "FUSED_BLOCK_BYTES", 0)
+    calls = _count_fused(monkeypatch)
+    x, W, b, w, t = _make(40, 13, 57, dtype, "cpu", True, True)
+    leaves = [a.to(dtype) for a in (x, W, b)]
+    for red in ("mean", "sum"):
+        g = torch.tensor(0.75, dtype=torch.float64)
+
+        def ours(backend):
+            return lambda x, W, b: linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=red,
+                                                        label_smoothing=0.1, z_loss=1e-3, softcap=3.0,
+                                                        backend=backend)
+
+        def torch_at(x, W, b):
+            return _oracle(x, W, b, t, w, red, None, 0.1, 1e-3, 3.0)
+
+        n = len(calls)
+        lo, go = _run(ours("cpu"), leaves, g)
+        assert len(calls) == n + 1
+        ls, gs = _run(ours("cpu-split"), leaves, g)
+        lr, gr = _run(torch_at, [x, W, b], g)
+        lb, gb = _run(torch_at, leaves, g) if dtype != torch.float64 else (lr, gr)
+        assert_error_rule(f"loss {red}", lo, lr, lb)
+        assert max_abs_err(lo, ls) <= 8 * torch.finfo(dtype).eps * max(1.0, float(ls.abs()))
+        for name, a, r, c, s in zip(("d_input", "d_weight", "d_bias"), go, gr, gb, gs):
+            assert a.dtype == dtype
+            assert_error_rule(f"{name} {red}", a, r, c)
+            assert max_abs_err(a, s) <= 8 * torch.finfo(dtype).eps * max(1.0, float(s.abs().max())), name
+
+
+def test_fused_gradients_with_a_retained_graph():
+    """The fused backward only scales the saved gradients, out of place: two backward passes through a retained
+    graph give twice the gradient, with upstream gradients of 1 and of 3."""
+    require_backend("cpu", "cpu")
+    x = torch.randn(10, 6, requires_grad=True)
+    W = torch.randn(15, 6, requires_grad=True)
+    t = torch.randint(0, 15, (10,))
+    for scale in (1.0, 3.0):
+        x.grad = W.grad = None
+        loss = linear_cross_entropy(x, W, t, backend="cpu") * scale
+        loss.backward(retain_graph=True)
+        once = (x.grad.clone(), W.grad.clone())
+        loss.backward()
+        for a, c in zip((x.grad, W.grad), once):
+            assert torch.equal(a, 2 * c)
+        ref_x, ref_W = torch.autograd.grad(F.cross_entropy(F.linear(x, W), t) * scale, (x, W))
+        assert max_abs_err(once[0], ref_x) <= 1e-6 and max_abs_err(once[1], ref_W) <= 1e-6
+
+
+def test_fuzz_cpu_fused_kernel_against_reference_kernels():
+    """The fused CPU kernel op on random sizes (N, H, V from 1), row blocks from 1 row, targets ignored and outside
+    [0, V), softcap, smoothing, class weights, bias, random per-row coefficients (some without the lse term) and
+    requested gradients: its statistics against the reference forward kernel in float64, its gradients against the
+    reference backward kernel with coef_p = coef_p0 + coef_lse * lse."""
+    require_backend("cpu", "cpu")
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+    fused, _ = lce_ops.FUSED["cpu"]
+    ref_fwd, ref_bwd = lce_ops.KERNELS["reference"]
+
+    @hyp.settings(max_examples=25, deadline=None)
+    @hyp.given(N=st.integers(1, 70), H=st.integers(1, 40), V=st.integers(1, 2300), rows=st.integers(1, 80),
+               dtype=st.sampled_from([torch.float64, torch.float32]), softcap=st.sampled_from([0.0, 3.0]),
+               smooth=st.booleans(), weighted=st.booleans(), bias=st.booleans(),
+               grads=st.tuples(st.booleans(), st.booleans(), st.booleans()), seed=st.integers(0, 2**31 - 1))
+    def check(N, H, V, rows, dtype, softcap, smooth, weighted, bias, grads, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(N, H, generator=g).to(dtype)
+        W = (torch.randn(V, H, generator=g) * 0.3).to(dtype)
+        b = torch.randn(V, generator=g).to(dtype) if bias else None
+        w = (torch.rand(V, generator=g) + 0.5).to(dtype) if weighted else None
+        t = torch.randint(-2, V + 2, (N,), generator=g)
+        t[torch.rand(N, generator=g) < 0.2] = -100
+        p0, pl, cy, cw = [torch.rand(N, generator=g, dtype=torch.float64).to(dtype) for _ in range(4)]
+        pl[::2] = 0.0
+        ig, wg, bg = grads[0], grads[1], grads[2] and bias
+        got = fused(x, W, b, t, w, p0, pl, cy, cw, softcap, smooth, rows, ig, wg, bg)
+        x64, W64 = x.double(), W.double()
+        b64 = None if b is None else b.double()
+        w64 = None if w is None else w.double()
+        want = ref_fwd(x64, W64, b64, t, w64, 0, softcap, smooth)
+        floor = 1e-12 if dtype == torch.float64 else 2e-5
+        for name, a, r in zip(("m", "log_s", "z_target", "z_sum"), got[:4], want):
+            if name != "z_sum" or smooth:
+                assert_error_rule(name, a, r, dtype=torch.float32, floor=floor)
+        lse = want[0] + want[1]
+        cp = torch.where(pl != 0, p0.double() + pl.double() * lse, p0.double())
+        want = ref_bwd(x64, W64, b64, t, w64, want[0], want[1], cp, cy.double(), cw.double(), 0, softcap, smooth,
+                       ig, wg, bg)
+        floor = 1e-12 if dtype == torch.float64 else 2e-6 * max(1.0, (V / 100) ** 0.5)
+        for name, a, r, on in zip(("dX", "dW", "db"), got[4:], want, (ig, wg, bg)):
+            if on:
+                assert_error_rule(name, a, r, dtype=torch.float32, floor=floor)
+            else:
+                assert a.numel() == 0
+
+    check()

@@ -1,6 +1,7 @@
 // CPU kernels of the fused linear cross-entropy ops (the "cpu" backend; contract: docs/linear_cross_entropy.md):
 // pykernels::linear_cross_entropy_partials and _dlogits, behind the launch logic shared with the Triton and CUDA
-// backends (pykernels/ops/linear_cross_entropy_launch.py). The logits of a block of rows x a chunk of classes come
+// backends (pykernels/ops/linear_cross_entropy_launch.py), and _fused (the forward that also writes the gradients,
+// at the end of this file). The logits of a block of rows x a chunk of classes come
 // from one BLAS GEMM; one vectorised pass per row then reduces them on the spot (running max and sum of exp, the
 // target's logit, the smoothing sum) or turns them into dlogits in place (with the bias gradient's column sums per
 // block of rows). The block bounds the workspace: no N x V tensor. Math in the accumulation dtype (float32; float64
@@ -25,6 +26,7 @@ namespace {
 
 constexpr const char* kPartials = "linear_cross_entropy_partials (cpu)";
 constexpr const char* kDlogits = "linear_cross_entropy_dlogits (cpu)";
+constexpr const char* kFused = "linear_cross_entropy_fused (cpu)";
 constexpr int64_t kChunkCols = 1024;  // classes per forward GEMM
 constexpr int64_t kBlockRows = 4096;  // rows per GEMM: a logit block is at most 16 MiB of fp32
 // Rows per block of the bias gradient's column sums; ops/linear_cross_entropy.py passes it as db_rows.
@@ -169,36 +171,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> partials_cpu(
   return {mp, sp, zyp, zsp};
 }
 
+// One row's dlogits from its finished logits z (bias and softcap applied), in place: coef_w and cw only with
+// smoothing (cw null: unweighted), t the target's column in z (outside [0, n): not in z).
+template <typename acc_t>
+void dlogit_row(acc_t* z, int64_t n, acc_t softcap, const acc_t* cw, int64_t t, acc_t m, acc_t log_s, acc_t coef_p,
+                acc_t coef_y, const acc_t* coef_w) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const acc_t inv = softcap == 0 ? acc_t(0) : acc_t(1) / softcap;
+  const acc_t zt = t >= 0 && t < n ? z[t] : acc_t(0);
+  const Vec one(acc_t(1)), vinv(inv), vm(m), vls(log_s), cp(coef_p), cwr(coef_w ? *coef_w : acc_t(0));
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t k = std::min<int64_t>(Vec::size(), n - j);
+    const Vec zc = Vec::loadu(z + j, k);
+    Vec d = cp * ((zc - vm) - vls).exp();  // (z - m) exact near the max: m + log_s would round at |m|
+    if (coef_w) d = d - cwr * (cw ? Vec::loadu(cw + j, k) : one);
+    if (softcap != 0) d = d * (one - (zc * vinv) * (zc * vinv));
+    d.store(z + j, k);
+  }
+  if (t >= 0 && t < n) z[t] -= coef_y * (softcap != 0 ? acc_t(1) - (zt * inv) * (zt * inv) : acc_t(1));
+}
+
+// db[j] += z[j] over n columns.
+template <typename acc_t>
+void add_row(acc_t* db, const acc_t* z, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t k = std::min<int64_t>(Vec::size(), n - j);
+    (Vec::loadu(db + j, k) + Vec::loadu(z + j, k)).store(db + j, k);
+  }
+}
+
 // dlogits of rows [r0, r1) from their logits z (rows at ldz; may be dl itself), stored to dl (rows at ldl) in
 // scalar_t, and the rows' column sums added to db (null: none).
 template <typename acc_t, typename scalar_t>
 void dlogit_rows(acc_t* z, int64_t ldz, scalar_t* dl, int64_t ldl, int64_t r0, int64_t r1, int64_t n,
                  const Row<acc_t>& row, const acc_t* cw, const int64_t* tgt, int64_t t0, const acc_t* m,
                  const acc_t* log_s, const acc_t* coef_p, const acc_t* coef_y, const acc_t* coef_w, acc_t* db) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const acc_t sc = row.softcap, inv = sc == 0 ? acc_t(0) : acc_t(1) / sc;
-  const Vec one(acc_t(1)), vinv(inv);
   for (int64_t r = r0; r < r1; ++r) {
     acc_t* zr = z + (r - r0) * ldz;
     row.finish_logits(zr, n);
-    const int64_t t = tgt[r] - t0;  // the target's column in this chunk, if it is one
-    const acc_t zt = t >= 0 && t < n ? zr[t] : acc_t(0);
-    const Vec vm(m[r]), vls(log_s[r]), cp(coef_p[r]), cwr(coef_w ? coef_w[r] : acc_t(0));
-    for (int64_t j = 0; j < n; j += Vec::size()) {
-      const int64_t k = std::min<int64_t>(Vec::size(), n - j);
-      const Vec zc = Vec::loadu(zr + j, k);
-      Vec d = cp * ((zc - vm) - vls).exp();  // (z - m) exact near the max: m + log_s would round at |m|
-      if (coef_w) d = d - cwr * (cw ? Vec::loadu(cw + j, k) : one);
-      if (sc != 0) d = d * (one - (zc * vinv) * (zc * vinv));
-      d.store(zr + j, k);
-    }
-    if (t >= 0 && t < n) zr[t] -= coef_y[r] * (sc != 0 ? acc_t(1) - (zt * inv) * (zt * inv) : acc_t(1));
-    if (db) {
-      for (int64_t j = 0; j < n; j += Vec::size()) {
-        const int64_t k = std::min<int64_t>(Vec::size(), n - j);
-        (Vec::loadu(db + j, k) + Vec::loadu(zr + j, k)).store(db + j, k);
-      }
-    }
+    dlogit_row(zr, n, row.softcap, cw, tgt[r] - t0, m[r], log_s[r], coef_p[r], coef_y[r],
+               coef_w ? coef_w + r : nullptr);
+    if (db) add_row(db, zr, n);
     if (static_cast<void*>(zr) != static_cast<void*>(dl + (r - r0) * ldl)) {
       for (int64_t j = 0; j < n; ++j) dl[(r - r0) * ldl + j] = static_cast<scalar_t>(zr[j]);
     }
@@ -263,11 +277,125 @@ void dlogits_cpu(const at::Tensor& input, const at::Tensor& linear_weight,
                                   });
 }
 
+// The fused path (gradients in the forward, for the reductions "mean" and "sum"; ops/linear_cross_entropy.py): per
+// block of rows, the logits of all V classes in one buffer (one GEMM), then one pass per row, while it is in cache,
+// for its statistics, its coefficient coef_p = coef_p0 + coef_lse * lse and its dlogits in place; then
+// dX[rows] = dlogits W and dW += dlogits^T x. Three GEMMs, as torch's materialised logits, where the recomputing
+// backward needs four; the workspace is one block of block_rows rows (the launch logic's choice), not N x V.
+// float32 / float64 only: 16-bit would need float32
+// copies of W and of dW, each twice the head's size.
+constexpr int64_t kFusedDbRows = 16;  // rows per partial column sum of the bias gradient: one task each
+
+template <typename acc_t>
+void fused(const Operands& o, const at::Tensor& target, const at::Tensor& coef_p0, const at::Tensor& coef_lse,
+           const at::Tensor& coef_y, const at::Tensor& coef_w, double softcap, bool smooth, int64_t block_rows,
+           const at::Tensor& m,
+           const at::Tensor& log_s, const at::Tensor& zy, const at::Tensor& zs, at::Tensor& gx, at::Tensor& gw,
+           at::Tensor& gb) {
+  const int64_t N = o.x.size(0), V = o.w.size(0);
+  const int64_t R = std::min(N, block_rows);
+  at::Tensor buf = at::empty({R, V}, o.x.options());
+  const bool want_db = gb.numel() > 0;
+  at::Tensor dbp = want_db ? at::empty({(R + kFusedDbRows - 1) / kFusedDbRows, V}, o.x.options()) : at::Tensor();
+  if (want_db) gb.zero_();
+  const Row<acc_t> row{o.bias.defined() ? o.bias.data_ptr<acc_t>() : nullptr, static_cast<acc_t>(softcap)};
+  const acc_t* pw = o.weight.defined() ? o.weight.data_ptr<acc_t>() : nullptr;
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  const acc_t *p0 = coef_p0.data_ptr<acc_t>(), *pl = coef_lse.data_ptr<acc_t>(), *py = coef_y.data_ptr<acc_t>();
+  const acc_t* pcw = smooth ? coef_w.data_ptr<acc_t>() : nullptr;
+  acc_t *pm = m.data_ptr<acc_t>(), *pls = log_s.data_ptr<acc_t>(), *pzy = zy.data_ptr<acc_t>();
+  acc_t* pzs = smooth ? zs.data_ptr<acc_t>() : nullptr;
+  for (int64_t r0 = 0; r0 < N; r0 += R) {
+    const int64_t nr = std::min(R, N - r0), nb = (nr + kFusedDbRows - 1) / kFusedDbRows;
+    const at::Tensor xr = o.x.narrow(0, r0, nr);
+    at::Tensor z = buf.narrow(0, 0, nr);
+    at::mm_out(z, xr, o.w.t());
+    acc_t* pz = z.data_ptr<acc_t>();
+    at::parallel_for(0, nb, 1, [&](int64_t a, int64_t b) {
+      for (int64_t blk = a; blk < b; ++blk) {
+        acc_t* db = want_db ? dbp.data_ptr<acc_t>() + blk * V : nullptr;
+        if (db) std::fill(db, db + V, acc_t(0));
+        for (int64_t r = r0 + blk * kFusedDbRows; r < std::min(r0 + nr, r0 + (blk + 1) * kFusedDbRows); ++r) {
+          acc_t* zr = pz + (r - r0) * V;
+          row.finish_logits(zr, V);
+          const acc_t cm = row_max(zr, V), inf = std::numeric_limits<acc_t>::infinity();
+          // as the split forward's combination: m = 0 when not finite; log_s -inf for a row of -inf logits, NaN
+          // for a NaN or +inf logit
+          const acc_t mr = std::isfinite(cm) ? cm : acc_t(0);
+          const acc_t ls = std::isfinite(cm) ? std::log(exp_sum(zr, V, cm))
+                                             : (cm == -inf ? -inf : std::numeric_limits<acc_t>::quiet_NaN());
+          const int64_t t = tgt[r];
+          pm[r] = mr;
+          pls[r] = ls;
+          pzy[r] = t >= 0 && t < V ? zr[t] : acc_t(0);
+          if (pzs) pzs[r] = weighted_sum(zr, pw, V);
+          const acc_t cp = pl[r] == 0 ? p0[r] : p0[r] + pl[r] * (mr + ls);  // as row_coefficients
+          dlogit_row(zr, V, row.softcap, pw, t, mr, ls, cp, py[r], pcw ? pcw + r : nullptr);
+          if (db) add_row(db, zr, V);
+        }
+      }
+    });
+    if (gx.numel() > 0) {
+      at::Tensor gxr = gx.narrow(0, r0, nr);
+      at::mm_out(gxr, z, o.w);
+    }
+    if (gw.numel() > 0) {
+      if (r0 == 0) {
+        at::mm_out(gw, z.t(), xr);
+      } else {
+        gw.addmm_(z.t(), xr);
+      }
+    }
+    if (want_db) gb.add_(dbp.narrow(0, 0, nb).sum(0));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu(
+    const at::Tensor& input, const at::Tensor& linear_weight, const c10::optional<at::Tensor>& linear_bias,
+    const at::Tensor& target, const c10::optional<at::Tensor>& weight, const at::Tensor& coef_p0,
+    const at::Tensor& coef_lse, const at::Tensor& coef_y, const at::Tensor& coef_w, double softcap, bool smooth,
+    int64_t block_rows, bool input_grad, bool weight_grad, bool bias_grad) {
+  check_lce_operands(kFused, input, linear_weight, linear_bias, target, weight, softcap);
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, kFused, ": input must be float32 or float64, got ", dtype,
+              " (16-bit inputs take the recomputing backward)");
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&coef_p0, "coef_p0"},
+                                {&coef_lse, "coef_lse"}, {&coef_y, "coef_y"}}) {
+    check_lce_row_vector(kFused, name, *t, input);
+  }
+  if (smooth) check_lce_row_vector(kFused, "coef_w", coef_w, input);
+  TORCH_CHECK(!bias_grad || linear_bias.has_value(), kFused, ": bias_grad needs linear_bias");
+  TORCH_CHECK(block_rows >= 1, kFused, ": block_rows must be >= 1, got ", block_rows);
+  const int64_t N = input.size(0), H = input.size(1), V = linear_weight.size(0);
+  const auto opt = input.options();
+  at::Tensor m = at::empty({N}, opt), log_s = at::empty({N}, opt), zy = at::empty({N}, opt);
+  at::Tensor zs = at::zeros({N}, opt);
+  at::Tensor gx = input_grad ? at::empty({N, H}, opt) : at::empty({0}, opt);
+  at::Tensor gw = weight_grad ? at::empty({V, H}, opt) : at::empty({0}, opt);
+  at::Tensor gb = bias_grad ? at::empty({V}, opt) : at::empty({0}, opt);
+  if (N == 0 || V == 0) {  // no classes: as the split path's forward (m 0, log_s -inf); no rows: dW, db are 0
+    m.zero_();
+    log_s.fill_(-std::numeric_limits<double>::infinity());
+    zy.zero_();
+    gx.zero_();
+    gw.zero_();
+    gb.zero_();
+    return {m, log_s, zy, zs, gx, gw, gb};
+  }
+  const Operands o = operands(input, linear_weight, linear_bias, weight);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "linear_cross_entropy_fused_cpu", [&] {
+    fused<scalar_t>(o, target.contiguous(), coef_p0, coef_lse, coef_y, coef_w, softcap, smooth, block_rows, m, log_s,
+                    zy, zs, gx, gw, gb);
+  });
+  return {m, log_s, zy, zs, gx, gw, gb};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
   m.impl("linear_cross_entropy_partials", &partials_cpu);
   m.impl("linear_cross_entropy_dlogits", &dlogits_cpu);
+  m.impl("linear_cross_entropy_fused", &fused_cpu);
 }
 
 }  // namespace pykernels

@@ -131,11 +131,29 @@ def _check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
         torch._assert_async(ok.all(), "linear_cross_entropy: target out of bounds")
 
 
+def _fused_grads(fused: Optional[bool], backend: str, x: Tensor, linear_weight: Tensor,
+                 linear_bias: Optional[Tensor], reduction: int) -> int:
+    """The op's fused_grads: the gradients this call needs, when it takes the fused path (else 0)."""
+    if fused is False or not torch.is_grad_enabled():
+        return 0
+    grads = ((_lce.GRAD_INPUT if x.requires_grad else 0) | (_lce.GRAD_WEIGHT if linear_weight.requires_grad else 0)
+             | (_lce.GRAD_BIAS if linear_bias is not None and linear_bias.requires_grad else 0))
+    if not grads:
+        return 0
+    why = _lce.fused_reason(backend, x.dtype, reduction)
+    if why:
+        if not torch.compiler.is_compiling():
+            backends.logger.debug("linear_cross_entropy: the backward recomputes the logits: %s", why)
+        return 0
+    return grads
+
+
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
                          weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = None,
                          label_smoothing: float = 0.0, options=None, z_loss: float = 0.0, softcap: float = 0.0,
                          return_lse: bool = False, group=None, vocab_start: Optional[int] = None,
-                         vocab_size: Optional[int] = None, backend: Optional[str] = None):
+                         vocab_size: Optional[int] = None, fused: Optional[bool] = None,
+                         backend: Optional[str] = None):
     """``torch.nn.functional.linear_cross_entropy`` on fused kernels: the N x V logits are never materialised
     (backends "triton" and "cuda"; the "reference" backend is torch's linear + cross_entropy).
 
@@ -151,6 +169,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         hold this rank's contiguous rows of the vocabulary, ``weight`` covers the whole vocabulary
         (see ``pykernels.distributed``); vocab_start / vocab_size override the shard's first class and the
         vocabulary size (default: rank * rows, world * rows).
+      fused: compute the gradients during the forward, for an upstream gradient of 1 (the backward only scales
+        them: one GEMM fewer than recomputing the logits, three in all as torch's own). None or True: where the
+        backend has such a kernel (today the "cpu" backend in float32 / float64), the reduction is "mean" or "sum",
+        a gradient is needed and there is no ``group``; otherwise (logged on the ``pykernels`` logger) the backward
+        recomputes the logits. False: always recompute (a backward that never runs then costs nothing).
       backend: "triton", "cuda", "cpu" or "reference"; see ``pykernels.backends``.
 
     Under ``torch.autocast``, as torch's linear then cross_entropy: input, linear_weight and linear_bias are cast
@@ -159,16 +182,16 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if not _autocast.enabled(input):
         return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                                      label_smoothing, z_loss, softcap, return_lse, group, vocab_start, vocab_size,
-                                     backend, None)
+                                     fused, backend, None)
     input, linear_weight, linear_bias = map(_autocast.to_lower_precision, (input, linear_weight, linear_bias))
     with _autocast.off(input):
         return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                                      label_smoothing, z_loss, softcap, return_lse, group, vocab_start, vocab_size,
-                                     backend, torch.float32 if _autocast.eligible(input) else None)
+                                     fused, backend, torch.float32 if _autocast.eligible(input) else None)
 
 
 def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                          label_smoothing, z_loss, softcap, return_lse, group, vocab_start, vocab_size, backend,
+                          label_smoothing, z_loss, softcap, return_lse, group, vocab_start, vocab_size, fused, backend,
                           amp_dtype):
     """amp_dtype: float32 under autocast (the loss's dtype, and the logits' on the reference path), else None."""
     out_dtype = amp_dtype or input.dtype
@@ -217,8 +240,10 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     t = target.reshape(-1)
     w = None if weight is None else weight.detach().to(_lce.acc_dtype(input.dtype)).contiguous()
     b = None if linear_bias is None else linear_bias.contiguous()
-    loss, m, log_s, _ = _lce.linear_cross_entropy(x, linear_weight, b, t, w, ii, _lce.REDUCTIONS[reduction],
-                                                     float(label_smoothing), float(z_loss), softcap, chosen)
+    red = _lce.REDUCTIONS[reduction]
+    loss, m, log_s, *_ = _lce.linear_cross_entropy(x, linear_weight, b, t, w, ii, red, float(label_smoothing),
+                                                   float(z_loss), softcap, chosen,
+                                                   _fused_grads(fused, chosen, x, linear_weight, b, red))
     loss = loss.to(out_dtype)
     if reduction == "none":
         loss = loss.reshape(batch)

@@ -11,8 +11,12 @@ Kernels, one (fwd, bwd) pair per backend in ``KERNELS``, all with the signatures
   plain functions (autograd never sees them: they run inside the op below).
 
 ``pykernels::linear_cross_entropy`` turns a backend's per-row statistics into the loss (the reduction, the
-weighted-mean denominator, label smoothing, z-loss) and registers the autograd formula: its backward recomputes
-the logits tile by tile through the backend's ``bwd`` kernel; nothing of size N x V is saved or allocated.
+weighted-mean denominator, label smoothing, z-loss) and registers the autograd formula. Two paths:
+- split: the backward recomputes the logits tile by tile through the backend's ``bwd`` kernel; nothing of size
+  N x V is saved or allocated (four GEMMs in all);
+- fused (``FUSED``: the cpu backend, float32/float64, reduction mean or sum): the forward's kernel also writes the
+  gradients for an upstream gradient of 1, a block of rows at a time (three GEMMs, as torch's own), and the
+  backward only scales them.
 The per-row helpers (``row_terms``, ``rows_loss``, ``row_coefficients``) are shared with the vocab-parallel path
 (pykernels/distributed.py).
 """
@@ -25,7 +29,7 @@ from torch import Tensor
 
 from ..reference import linear_cross_entropy as _ref
 from . import linear_cross_entropy_launch as _launch
-from ._eager import EagerOp
+from ._eager import EagerOp, tracing
 
 NONE, MEAN, SUM = 0, 1, 2
 REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
@@ -104,6 +108,20 @@ def _cpu_bwd(*args):
     return _launch.backward(_CPU, *args)
 
 
+# The fused path (gradients in the forward; see ``_linear_cross_entropy``): backend -> (kernel, dtypes). CPU only:
+# pykernels::linear_cross_entropy_fused (csrc/cpu/linear_cross_entropy.cpp), float32 / float64.
+FUSED = {}
+GRAD_INPUT, GRAD_WEIGHT, GRAD_BIAS = 1, 2, 4  # the bits of the op's ``fused_grads``
+
+
+def _fused_fake(input, linear_weight, linear_bias, target, weight, coef_p0, coef_lse, coef_y, coef_w, softcap,
+                smooth, block_rows, input_grad, weight_grad, bias_grad):
+    (N, H), V = input.shape, linear_weight.shape[0]
+    rows = [input.new_empty(N) for _ in range(4)]
+    return (*rows, input.new_empty((N, H) if input_grad else (0,)),
+            input.new_empty((V, H) if weight_grad else (0,)), input.new_empty((V,) if bias_grad else (0,)))
+
+
 def _register_cpp() -> None:
     try:
         torch.ops.pykernels.linear_cross_entropy_partials.default
@@ -115,6 +133,24 @@ def _register_cpp() -> None:
     for key, kernels in (("CPU", (_cpu_fwd, _cpu_bwd)), ("CUDA", (_cuda_fwd, _cuda_bwd))):
         if torch._C._dispatch_has_kernel_for_dispatch_key("pykernels::linear_cross_entropy_partials", key):
             KERNELS[key.lower()] = kernels
+    try:
+        fused = torch.ops.pykernels.linear_cross_entropy_fused.default
+    except (AttributeError, RuntimeError):  # an extension built before the fused kernel
+        return
+    torch.library.register_fake("pykernels::linear_cross_entropy_fused")(_fused_fake)
+    if torch._C._dispatch_has_kernel_for_dispatch_key("pykernels::linear_cross_entropy_fused", "CPU"):
+        FUSED["cpu"] = (fused, (torch.float32, torch.float64))
+
+
+def fused_reason(backend: str, dtype: torch.dtype, reduction: int) -> Optional[str]:
+    """Why a call cannot take the fused path (None: it can)."""
+    if reduction == NONE:
+        return "reduction 'none' (per-row upstream gradients reach dW only through the backward)"
+    if backend not in FUSED:
+        return f"the {backend} backend has no fused kernel"
+    if dtype not in FUSED[backend][1]:
+        return f"the {backend} fused kernel takes {', '.join(map(str, FUSED[backend][1]))}, not {dtype}"
+    return None
 
 
 _register_cpp()
@@ -154,19 +190,26 @@ def rows_loss(m: Tensor, log_s: Tensor, z_target: Tensor, z_sum: Tensor, valid: 
     return torch.where(bad, float("nan"), loss)
 
 
-def row_coefficients(g: Tensor, lse: Tensor, valid: Tensor, w_y: Tensor, wsum: Tensor, C: int,
-                     label_smoothing: float, z_loss: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """(coef_p, coef_y, coef_w) of the kernels' dlogits formula for per-row upstream gradients g (zero on
-    ignored rows, also when g is inf/NaN there, e.g. 1/0 of an all-ignored mean)."""
+def row_coefficient_parts(g: Tensor, valid: Tensor, w_y: Tensor, wsum: Tensor, C: int, label_smoothing: float,
+                          z_loss: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(coef_p0, coef_lse, coef_y, coef_w) for per-row upstream gradients g, all zero on ignored rows (also when g
+    is inf/NaN there, e.g. 1/0 of an all-ignored mean): the kernels' coef_p = coef_p0 + coef_lse * lse (the lse
+    term only where coef_lse != 0), so that the fused kernel can form it once the row's lse is known."""
     eps = label_smoothing
-    cp = w_y * (1.0 - eps) + eps * wsum / C
-    if z_loss:
-        cp = cp + 2.0 * z_loss * lse
     zero = torch.zeros((), dtype=g.dtype, device=g.device)
-    coef_p = torch.where(valid, g * cp, zero).contiguous()
+    coef_p0 = torch.where(valid, g * (w_y * (1.0 - eps) + eps * wsum / C), zero).contiguous()
+    coef_lse = torch.where(valid, g * (2.0 * z_loss), zero).contiguous()
     coef_y = torch.where(valid, g * w_y * (1.0 - eps), zero).contiguous()
     coef_w = torch.where(valid, g * (eps / C), zero).contiguous()
-    return coef_p, coef_y, coef_w
+    return coef_p0, coef_lse, coef_y, coef_w
+
+
+def row_coefficients(g: Tensor, lse: Tensor, valid: Tensor, w_y: Tensor, wsum: Tensor, C: int,
+                     label_smoothing: float, z_loss: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(coef_p, coef_y, coef_w) of the kernels' dlogits formula (see ``row_coefficient_parts``)."""
+    p0, pl, cy, cw = row_coefficient_parts(g, valid, w_y, wsum, C, label_smoothing, z_loss)
+    cp = torch.where(pl != 0, p0 + pl * lse, p0).contiguous() if z_loss else p0
+    return cp, cy, cw
 
 
 def reduce_rows(rows: Tensor, w_y: Tensor, reduction: int) -> Tuple[Tensor, Tensor]:
@@ -190,22 +233,38 @@ def upstream_rows(g_loss: Tensor, denom: Tensor, reduction: int, N: int, acc: to
 # The autograd-level op.
 
 def _linear_cross_entropy(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-                            weight: Optional[Tensor], ignore_index: int, reduction: int, label_smoothing: float,
-                            z_loss: float, softcap: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                          weight: Optional[Tensor], ignore_index: int, reduction: int, label_smoothing: float,
+                          z_loss: float, softcap: float, backend: str, fused_grads: int = 0
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """input (N, H), linear_weight (V, H) of the same dtype, linear_bias (V,) or None, target int64 (N,),
     weight (V,) of the accumulation dtype or None.
 
-    Returns (loss, m, log_s, denominator), all in the accumulation dtype (the caller casts the loss: to the
-    input's dtype, or to float32 under autocast, as torch): loss () or (N,) for reduction none; the row max m
-    and log_s with lse = m + log_s, (N,); the mean's denominator ()."""
-    fwd, _ = KERNELS[backend]
+    fused_grads: 0, or the gradients (GRAD_INPUT | GRAD_WEIGHT | GRAD_BIAS) that the backend's fused kernel writes
+    during the forward, for an upstream gradient of 1 (``fused_reason`` must be None); the backward then only
+    scales them. Else the backward recomputes the logits (nothing of size N x V is saved or allocated).
+
+    Returns (loss, m, log_s, denominator, grad_input, grad_weight, grad_bias), all but the gradients in the
+    accumulation dtype (the caller casts the loss: to the input's dtype, or to float32 under autocast, as torch):
+    loss () or (N,) for reduction none; the row max m and log_s with lse = m + log_s, (N,); the mean's denominator
+    (); the fused gradients (empty when not written)."""
     acc = acc_dtype(input.dtype)
     C = linear_weight.shape[0]
-    m, log_s, zy, zs = fwd(input, linear_weight, linear_bias, target, weight, 0, softcap, label_smoothing > 0)
     valid, bad, w_y, wsum = row_terms(target, weight, ignore_index, C, acc)
+    if fused_grads:
+        denom = w_y.sum()
+        g = (1.0 / denom if reduction == MEAN else torch.ones((), dtype=acc, device=input.device)).expand(target.shape[0])
+        kernel, _ = FUSED[backend]
+        m, log_s, zy, zs, gx, gw, gb = kernel(
+            _launch.rows_contiguous(input), _launch.rows_contiguous(linear_weight), linear_bias, target, weight,
+            *row_coefficient_parts(g, valid, w_y, wsum, C, label_smoothing, z_loss), softcap, label_smoothing > 0,
+            _launch.fused_block_rows(input.shape[0], C, input.element_size()), bool(fused_grads & GRAD_INPUT), bool(fused_grads & GRAD_WEIGHT), bool(fused_grads & GRAD_BIAS))
+    else:
+        fwd, _ = KERNELS[backend]
+        m, log_s, zy, zs = fwd(input, linear_weight, linear_bias, target, weight, 0, softcap, label_smoothing > 0)
+        gx, gw, gb = (input.new_empty(0, dtype=acc) for _ in range(3))  # (outputs may not alias each other)
     rows = rows_loss(m, log_s, zy, zs, valid, bad, w_y, wsum, C, label_smoothing, z_loss)
     loss, denom = reduce_rows(rows, w_y, reduction)
-    return loss, m, log_s, denom
+    return loss, m, log_s, denom, gx, gw, gb
 
 
 linear_cross_entropy_op = torch.library.custom_op("pykernels::linear_cross_entropy",
@@ -214,28 +273,49 @@ linear_cross_entropy_op = torch.library.custom_op("pykernels::linear_cross_entro
 
 @linear_cross_entropy_op.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      backend):
-    N = input.shape[0]
+      backend, fused_grads=0):
+    N, H = input.shape
+    V = linear_weight.shape[0]
     acc = acc_dtype(input.dtype)
     loss = input.new_empty((N,) if reduction == NONE else (), dtype=acc)
-    return loss, input.new_empty(N, dtype=acc), input.new_empty(N, dtype=acc), input.new_empty((), dtype=acc)
+    grads = [input.new_empty(shape if fused_grads & bit else (0,), dtype=acc)
+             for bit, shape in ((GRAD_INPUT, (N, H)), (GRAD_WEIGHT, (V, H)), (GRAD_BIAS, (V,)))]
+    return loss, input.new_empty(N, dtype=acc), input.new_empty(N, dtype=acc), input.new_empty((), dtype=acc), *grads
 
 
 def _setup_context(ctx, inputs, output):
     (input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-     backend) = inputs
-    _, m, log_s, denom = output
-    ctx.mark_non_differentiable(m, log_s, denom)
+     backend, *fused) = inputs
+    _, m, log_s, denom, gx, gw, gb = output
+    ctx.mark_non_differentiable(m, log_s, denom, gx, gw, gb)
     ctx.set_materialize_grads(False)
-    ctx.args = (ignore_index, reduction, label_smoothing, z_loss, softcap, backend)
-    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, m, log_s, denom)
+    ctx.args = (ignore_index, reduction, label_smoothing, z_loss, softcap, backend, fused[0] if fused else 0)
+    if ctx.args[-1]:
+        ctx.save_for_backward(gx, gw, gb)  # the gradients for an upstream 1: nothing else is needed
+    else:
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, m, log_s, denom)
 
 
-def _backward(ctx, g_loss, g_m, g_log_s, g_denom):
-    ignore_index, reduction, label_smoothing, z_loss, softcap, backend = ctx.args
-    none = (None,) * 11
+def _scaled(grad: Tensor, g: Tensor) -> Tensor:
+    """A fused gradient times the upstream scalar g, out of place (the saved one stays valid for a second backward
+    through a retained graph); itself when g is exactly 1 on the CPU (no copy, no pass)."""
+    if not tracing(grad, g) and g.device.type == "cpu" and bool(g == 1):
+        return grad
+    return grad * g
+
+
+def _backward(ctx, g_loss, g_m, g_log_s, g_denom, g_gx, g_gw, g_gb):
+    ignore_index, reduction, label_smoothing, z_loss, softcap, backend, fused_grads = ctx.args
+    none = (None,) * (len(ctx.needs_input_grad) - 3)  # 12 through the op, 11 from an eager call without fused_grads
     if g_loss is None:
-        return none
+        return None, None, None, *none
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if fused_grads:
+        gx, gw, gb = ctx.saved_tensors
+        g = g_loss.to(gx.dtype)
+        return ((_scaled(gx, g) if need_x and fused_grads & GRAD_INPUT else None),
+                (_scaled(gw, g) if need_w and fused_grads & GRAD_WEIGHT else None),
+                (_scaled(gb, g) if ctx.needs_input_grad[2] and fused_grads & GRAD_BIAS else None), *none)
     input, linear_weight, linear_bias, target, weight, m, log_s, denom = ctx.saved_tensors
     _, bwd = KERNELS[backend]
     acc = acc_dtype(input.dtype)
@@ -243,12 +323,10 @@ def _backward(ctx, g_loss, g_m, g_log_s, g_denom):
     g = upstream_rows(g_loss, denom, reduction, input.shape[0], acc)
     valid, _, w_y, wsum = row_terms(target, weight, ignore_index, C, acc)
     cp, cy, cw = row_coefficients(g, m + log_s, valid, w_y, wsum, C, label_smoothing, z_loss)
-    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = linear_bias is not None and ctx.needs_input_grad[2]
     gx, gw, gb = bwd(input, linear_weight, linear_bias, target, weight, m, log_s, cp, cy, cw, 0, softcap,
                      label_smoothing > 0, need_x, need_w, need_b)
-    return ((gx.to(input.dtype) if need_x else None), (gw if need_w else None), (gb if need_b else None),
-            None, None, None, None, None, None, None, None)
+    return (gx.to(input.dtype) if need_x else None), (gw if need_w else None), (gb if need_b else None), *none
 
 
 torch.library.register_autograd("pykernels::linear_cross_entropy", _backward, setup_context=_setup_context)
