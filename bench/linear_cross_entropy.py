@@ -100,11 +100,18 @@ def _kernels():
     return implemented(ops.KERNELS)
 
 
-def _pykernels(backend: str):
+def _pykernels(backend: str, fused: Optional[bool] = None):
     def fn(x, W, t):
         import pykernels
-        return pykernels.functional.linear_cross_entropy(x, W, t, backend=backend)
+        return pykernels.functional.linear_cross_entropy(x, W, t, backend=backend, fused=fused)
     return fn
+
+
+def _cpu_split(out: List[Provider]) -> Provider:
+    """The cpu backend with fused=False (the backward recomputes the logits), beside its default fused path (the
+    gradients in the forward) so that one run compares them; on where pykernels-cpu is."""
+    cpu = next(p for p in out if p.name == "pykernels-cpu")
+    return Provider("pykernels-cpu-split", _pykernels("cpu", fused=False), cpu.absent, default=cpu.default)
 
 
 def torch_lce(x, W, t):
@@ -151,6 +158,8 @@ def providers(device: torch.device, dtype: torch.dtype) -> List[Provider]:
     """pykernels-<backend>, then torch (logits then cross-entropy), its torch.compile, the chunked torch recipe,
     torch's own chunked op, Liger's and Apple's cut-cross-entropy fused kernels when importable."""
     out = pykernels_providers(device, _pykernels, _kernels)
+    if device.type == "cpu" and any(p.name == "pykernels-cpu" for p in out):
+        out.append(_cpu_split(out))
     out.append(Provider("torch", torch_lce, baseline=True))
     allow_recompiles(64)
     out.append(Provider("torch.compile", torch.compile(torch_lce, fullgraph=True, dynamic=False), baseline=True))
