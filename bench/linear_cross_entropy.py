@@ -108,10 +108,10 @@ def _pykernels(backend: str, fused: Optional[bool] = None):
 
 
 def _cpu_split(out: List[Provider]) -> Provider:
-    """The cpu backend with fused=False (the backward recomputes the logits), beside its default fused path (the
-    gradients in the forward) so that one run compares them; on where pykernels-cpu is."""
+    """The cpu backend with fused=False (the backward recomputes the logits), to compare with its fused path (the
+    gradients in the forward) in one run: ``--backends cpu,cpu-split``."""
     cpu = next(p for p in out if p.name == "pykernels-cpu")
-    return Provider("pykernels-cpu-split", _pykernels("cpu", fused=False), cpu.absent, default=cpu.default)
+    return Provider("pykernels-cpu-split", _pykernels("cpu", fused=False), cpu.absent, default=False)
 
 
 def torch_lce(x, W, t):

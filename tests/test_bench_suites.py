@@ -118,6 +118,8 @@ def test_default_providers_and_absence_reasons():
         default = {n for n, p in provs.items() if p.default and not p.baseline}
         if name in ("lstm_cell", "lstm", "linear_cross_entropy"):  # C++ kernels are the CPU backend
             assert default == {"pykernels-cpu"}
+            if name == "linear_cross_entropy":  # its split path, on request
+                assert provs["pykernels-cpu-split"].absent == provs["pykernels-cpu"].absent
         else:  # no CPU kernel of attention: the reference is what an automatic call runs on CPU
             assert default == {"pykernels-reference"}
             assert provs["pykernels-cpu"].absent == ("no cpu kernel of this op" if built else
