@@ -173,7 +173,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         them: one GEMM fewer than recomputing the logits, three in all as torch's own). None or True: where the
         backend has such a kernel (today the "cpu" backend in float32 / float64), the reduction is "mean" or "sum",
         a gradient is needed and there is no ``group``; otherwise (logged on the ``pykernels`` logger) the backward
-        recomputes the logits. False: always recompute (a backward that never runs then costs nothing).
+        recomputes the logits. The forward then computes the gradient of every operand that requires one, whether
+        or not a backward asks for it, and keeps them until the backward. False: always recompute (a forward whose
+        backward never runs, or asks for only some gradients, then costs only its own GEMM).
       backend: "triton", "cuda", "cpu" or "reference"; see ``pykernels.backends``.
 
     Under ``torch.autocast``, as torch's linear then cross_entropy: input, linear_weight and linear_bias are cast
