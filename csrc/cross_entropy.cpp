@@ -2,6 +2,7 @@
 // Contract: docs/cross_entropy.md. The CPU kernels are in cpu/cross_entropy.cpp, the CUDA ones in
 // cuda/cross_entropy.cu; both consume the CrossEntropyArgs built here, once.
 #include "cross_entropy.h"
+#include "huge_pages.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -86,7 +87,7 @@ CrossEntropyArgs make_args(const at::Tensor& logits, const at::Tensor& target, c
 CrossEntropyOutputs alloc_fwd_outputs(const at::Tensor& logits, bool write_grad, CrossEntropyArgs& a) {
   auto acc = logits.options().dtype(acc_type(logits.scalar_type()));
   CrossEntropyOutputs out{at::empty({a.rows()}, acc), at::empty({a.rows()}, acc),
-                          write_grad ? at::empty({a.N, a.C, a.D}, logits.options()) : at::empty({0}, logits.options()),
+                          write_grad ? empty_huge({a.N, a.C, a.D}, logits.options()) : at::empty({0}, logits.options()),
                           at::Tensor()};
   a.loss = out.loss.data_ptr();
   a.lse = out.lse.data_ptr();
@@ -97,7 +98,7 @@ CrossEntropyOutputs alloc_fwd_outputs(const at::Tensor& logits, bool write_grad,
 at::Tensor alloc_bwd(const at::Tensor& logits, const at::Tensor& lse, CrossEntropyArgs& a) {
   check_vector(lse, "lse", a.rows(), logits);
   a.lse_in = lse.data_ptr();
-  at::Tensor grad = at::empty({a.N, a.C, a.D}, logits.options());
+  at::Tensor grad = empty_huge({a.N, a.C, a.D}, logits.options());
   a.grad = grad.data_ptr();
   return grad;
 }

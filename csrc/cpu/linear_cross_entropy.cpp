@@ -19,6 +19,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "../huge_pages.h"
 #include "../linear_cross_entropy.h"
 
 namespace pykernels {
@@ -370,8 +371,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto opt = input.options();
   at::Tensor m = at::empty({N}, opt), log_s = at::empty({N}, opt), zy = at::empty({N}, opt);
   at::Tensor zs = at::zeros({N}, opt);
-  at::Tensor gx = input_grad ? at::empty({N, H}, opt) : at::empty({0}, opt);
-  at::Tensor gw = weight_grad ? at::empty({V, H}, opt) : at::empty({0}, opt);
+  at::Tensor gx = input_grad ? empty_huge({N, H}, opt) : at::empty({0}, opt);
+  at::Tensor gw = weight_grad ? empty_huge({V, H}, opt) : at::empty({0}, opt);
   at::Tensor gb = bias_grad ? at::empty({V}, opt) : at::empty({0}, opt);
   if (N == 0 || V == 0) {  // no classes: as the split path's forward (m 0, log_s -inf); no rows: dW, db are 0
     m.zero_();
