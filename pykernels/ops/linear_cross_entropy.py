@@ -297,8 +297,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _scaled(grad: Tensor, g: Tensor) -> Tensor:
-    """A fused gradient times the upstream scalar g, out of place (the saved one stays valid for a second backward
-    through a retained graph); itself when g is exactly 1 on the CPU (no copy, no pass)."""
+    """A fused gradient times the upstream scalar g; itself when g is exactly 1 on the CPU (no copy, no pass)."""
     if not tracing(grad, g) and g.device.type == "cpu" and bool(g == 1):
         return grad
     return grad * g
@@ -311,11 +310,13 @@ def _backward(ctx, g_loss, g_m, g_log_s, g_denom, g_gx, g_gw, g_gb):
         return None, None, None, *none
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if fused_grads:
-        gx, gw, gb = ctx.saved_tensors
-        g = g_loss.to(gx.dtype)
-        return ((_scaled(gx, g) if need_x and fused_grads & GRAD_INPUT else None),
-                (_scaled(gw, g) if need_w and fused_grads & GRAD_WEIGHT else None),
-                (_scaled(gb, g) if ctx.needs_input_grad[2] and fused_grads & GRAD_BIAS else None), *none)
+        saved = ctx.saved_tensors
+        g = g_loss.to(saved[0].dtype)
+        grads = tuple(_scaled(t, g) if ctx.needs_input_grad[i] and fused_grads & bit else None
+                      for i, (t, bit) in enumerate(zip(saved, (GRAD_INPUT, GRAD_WEIGHT, GRAD_BIAS))))
+        # (A returned gradient may become a leaf's .grad itself, which a later .backward() adds to in place; the
+        # saved tensor's version counter then makes a further pass through a retained graph raise, never read it.)
+        return (*grads, *none)
     input, linear_weight, linear_bias, target, weight, m, log_s, denom = ctx.saved_tensors
     _, bwd = KERNELS[backend]
     acc = acc_dtype(input.dtype)
