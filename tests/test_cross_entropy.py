@@ -380,7 +380,8 @@ def _vm_flags(addr: int) -> str:
     raise AssertionError(f"no mapping holds {addr:#x}")
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="a Linux kernel with transparent huge pages")
 def test_cpu_gradients_are_advised_huge_pages():
     """The C++ CPU kernels allocate their large outputs (the cross-entropy gradient, the fused linear
     cross-entropy's dX and dW) with MADV_HUGEPAGE: the mapping under them carries the "hg" flag. (Measured: 4 KiB
