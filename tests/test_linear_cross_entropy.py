@@ -772,6 +772,11 @@ def test_fused_path_exactly_when_it_applies(monkeypatch):
     assert flags(x=x.detach(), W=W.detach()) is None
     with torch.no_grad():
         assert flags() is None
+    for fused, want in ((None, 1), (False, 0)):  # the module passes its fused setting through
+        mod = pykernels.nn.LinearCrossEntropyLoss(7, 11, fused=fused, backend="cpu")
+        n = len(calls)
+        mod(x, t).backward()
+        assert len(calls) - n == want and ("fused=False" in repr(mod)) == (fused is False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -20,14 +20,15 @@ class LinearCrossEntropyLoss(_Base):
     Same constructor, submodule ``linear`` (a ``torch.nn.Linear`` storing the flattened (C*prod(out_features), H)
     weight), ``weight`` buffer, state_dict keys and forward(input, target); an instance of torch's class where
     torch has it (2.13+), a ``torch.nn.modules.loss._WeightedLoss`` with the same layout where it does not.
-    ``options`` is accepted and ignored. Keyword-only extras: ``z_loss``, ``softcap``, ``group``, ``backend``
+    ``options`` is accepted and ignored. Keyword-only extras: ``z_loss``, ``softcap``, ``group``, ``fused``, ``backend``
     (see ``pykernels.functional.linear_cross_entropy``).
     """
 
     def __init__(self, in_features: int, num_classes: int, *, out_features: Tuple[int, ...] = (), bias: bool = False,
                  device=None, dtype=None, reduction: str = "mean", weight: Optional[Tensor] = None,
                  ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
-                 z_loss: float = 0.0, softcap: float = 0.0, group=None, backend: Optional[str] = None) -> None:
+                 z_loss: float = 0.0, softcap: float = 0.0, group=None, fused: Optional[bool] = None,
+                 backend: Optional[str] = None) -> None:
         if _TorchLCE is not None:
             super().__init__(in_features, num_classes, out_features=tuple(out_features), bias=bias, device=device,
                              dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
@@ -49,6 +50,7 @@ class LinearCrossEntropyLoss(_Base):
         self.z_loss = z_loss
         self.softcap = softcap
         self.group = group
+        self.fused = fused
         self.backend = backend
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -56,15 +58,15 @@ class LinearCrossEntropyLoss(_Base):
         lb = None if self.linear.bias is None else self.linear.bias.reshape((self.num_classes, *self.out_features))
         return _linear_cross_entropy(input, lw, target, linear_bias=lb, weight=self.weight, reduction=self.reduction,
                                      ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-                                     z_loss=self.z_loss, softcap=self.softcap, group=self.group,
+                                     z_loss=self.z_loss, softcap=self.softcap, group=self.group, fused=self.fused,
                                      backend=self.backend)
 
     @classmethod
     def from_torch(cls, module: torch.nn.Module, *, z_loss: float = 0.0, softcap: float = 0.0, group=None,
-                   backend: Optional[str] = None) -> "LinearCrossEntropyLoss":
+                   fused: Optional[bool] = None, backend: Optional[str] = None) -> "LinearCrossEntropyLoss":
         """The drop-in for a ``torch.nn.LinearCrossEntropyLoss``: the same ``linear`` submodule (its Parameter
         objects, so optimizer state stays attached), ``weight`` buffer, settings and hooks."""
-        return adopt(cls, module, z_loss=z_loss, softcap=softcap, group=group, backend=backend)
+        return adopt(cls, module, z_loss=z_loss, softcap=softcap, group=group, fused=fused, backend=backend)
 
     def extra_repr(self) -> str:
         parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
@@ -75,6 +77,8 @@ class LinearCrossEntropyLoss(_Base):
             parts.append(f"z_loss={self.z_loss}")
         if self.softcap:
             parts.append(f"softcap={self.softcap}")
+        if self.fused is not None:
+            parts.append(f"fused={self.fused}")
         if self.backend:
             parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
