@@ -772,6 +772,9 @@ def test_fused_path_exactly_when_it_applies(monkeypatch):
     assert flags(x=x.detach(), W=W.detach()) is None
     with torch.no_grad():
         assert flags() is None
+    with pytest.raises(ValueError, match="reduction 'none'"):  # the op refuses what it cannot scale afterwards
+        lce_ops.linear_cross_entropy_op(x, W, None, t, None, -100, lce_ops.NONE, 0.0, 0.0, 0.0, "cpu",
+                                        lce_ops.GRAD_INPUT)
     for fused, want in ((None, 1), (False, 0)):  # the module passes its fused setting through
         mod = pykernels.nn.LinearCrossEntropyLoss(7, 11, fused=fused, backend="cpu")
         n = len(calls)

@@ -283,16 +283,14 @@ void dlogits_cpu(const at::Tensor& input, const at::Tensor& linear_weight,
 // for its statistics, its coefficient coef_p = coef_p0 + coef_lse * lse and its dlogits in place; then
 // dX[rows] = dlogits W and dW += dlogits^T x. Three GEMMs, as torch's materialised logits, where the recomputing
 // backward needs four; the workspace is one block of block_rows rows (the launch logic's choice), not N x V.
-// float32 / float64 only: 16-bit would need float32
-// copies of W and of dW, each twice the head's size.
+// float32 / float64 only: 16-bit would need float32 copies of W and of dW, each twice the head's size.
 constexpr int64_t kFusedDbRows = 16;  // rows per partial column sum of the bias gradient: one task each
 
 template <typename acc_t>
 void fused(const Operands& o, const at::Tensor& target, const at::Tensor& coef_p0, const at::Tensor& coef_lse,
            const at::Tensor& coef_y, const at::Tensor& coef_w, double softcap, bool smooth, int64_t block_rows,
-           const at::Tensor& m,
-           const at::Tensor& log_s, const at::Tensor& zy, const at::Tensor& zs, at::Tensor& gx, at::Tensor& gw,
-           at::Tensor& gb) {
+           const at::Tensor& m, const at::Tensor& log_s, const at::Tensor& zy, const at::Tensor& zs, at::Tensor& gx,
+           at::Tensor& gw, at::Tensor& gb) {
   const int64_t N = o.x.size(0), V = o.w.size(0);
   const int64_t R = std::min(N, block_rows);
   at::Tensor buf = at::empty({R, V}, o.x.options());

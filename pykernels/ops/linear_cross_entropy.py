@@ -251,6 +251,9 @@ def _linear_cross_entropy(input: Tensor, linear_weight: Tensor, linear_bias: Opt
     C = linear_weight.shape[0]
     valid, bad, w_y, wsum = row_terms(target, weight, ignore_index, C, acc)
     if fused_grads:
+        why = fused_reason(backend, input.dtype, reduction)
+        if why:  # e.g. reduction none: per-row upstream gradients cannot be applied to dW afterwards
+            raise ValueError(f"pykernels::linear_cross_entropy: fused_grads={fused_grads} but {why}")
         denom = w_y.sum()
         g = (1.0 / denom if reduction == MEAN else torch.ones((), dtype=acc, device=input.device)).expand(target.shape[0])
         kernel, _ = FUSED[backend]
