@@ -171,7 +171,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         vocabulary size (default: rank * rows, world * rows).
       fused: compute the gradients during the forward, for an upstream gradient of 1 (the backward only scales
         them: one GEMM fewer than recomputing the logits, three in all as torch's own). None or True: where the
-        backend has such a kernel (today the "cpu" backend in float32 / float64), the reduction is "mean" or "sum",
+        backend has such a kernel (today the "cpu" backend in float32, float64 and bfloat16), the reduction is "mean" or "sum",
         a gradient is needed and there is no ``group``; otherwise (logged on the ``pykernels`` logger) the backward
         recomputes the logits. The forward then computes the gradient of every operand that requires one, whether
         or not a backward asks for it, and keeps them until the backward. Through a retained graph

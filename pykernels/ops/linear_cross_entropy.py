@@ -14,7 +14,7 @@ Kernels, one (fwd, bwd) pair per backend in ``KERNELS``, all with the signatures
 weighted-mean denominator, label smoothing, z-loss) and registers the autograd formula. Two paths:
 - split: the backward recomputes the logits tile by tile through the backend's ``bwd`` kernel; nothing of size
   N x V is saved or allocated (four GEMMs in all);
-- fused (``FUSED``: the cpu backend, float32/float64, reduction mean or sum): the forward's kernel also writes the
+- fused (``FUSED``: the cpu backend, float32/float64/bfloat16, reduction mean or sum): the forward's kernel also writes the
   gradients for an upstream gradient of 1, a block of rows at a time (three GEMMs, as torch's own), and the
   backward only scales them.
 The per-row helpers (``row_terms``, ``rows_loss``, ``row_coefficients``) are shared with the vocab-parallel path
@@ -109,7 +109,8 @@ def _cpu_bwd(*args):
 
 
 # The fused path (gradients in the forward; see ``_linear_cross_entropy``): backend -> (kernel, dtypes). CPU only:
-# pykernels::linear_cross_entropy_fused (csrc/cpu/linear_cross_entropy.cpp), float32 / float64.
+# pykernels::linear_cross_entropy_fused (csrc/cpu/linear_cross_entropy.cpp), float32 / float64 / bfloat16 (float16
+# GEMMs are slow on CPUs: the split path converts it to float32).
 FUSED = {}
 GRAD_INPUT, GRAD_WEIGHT, GRAD_BIAS = 1, 2, 4  # the bits of the op's ``fused_grads``
 
@@ -117,7 +118,7 @@ GRAD_INPUT, GRAD_WEIGHT, GRAD_BIAS = 1, 2, 4  # the bits of the op's ``fused_gra
 def _fused_fake(input, linear_weight, linear_bias, target, weight, coef_p0, coef_lse, coef_y, coef_w, softcap,
                 smooth, block_rows, input_grad, weight_grad, bias_grad):
     (N, H), V = input.shape, linear_weight.shape[0]
-    rows = [input.new_empty(N) for _ in range(4)]
+    rows = [input.new_empty(N, dtype=acc_dtype(input.dtype)) for _ in range(4)]
     return (*rows, input.new_empty((N, H) if input_grad else (0,)),
             input.new_empty((V, H) if weight_grad else (0,)), input.new_empty((V,) if bias_grad else (0,)))
 
@@ -139,7 +140,7 @@ def _register_cpp() -> None:
         return
     torch.library.register_fake("pykernels::linear_cross_entropy_fused")(_fused_fake)
     if torch._C._dispatch_has_kernel_for_dispatch_key("pykernels::linear_cross_entropy_fused", "CPU"):
-        FUSED["cpu"] = (fused, (torch.float32, torch.float64))
+        FUSED["cpu"] = (fused, (torch.float32, torch.float64, torch.bfloat16))
 
 
 def fused_reason(backend: str, dtype: torch.dtype, reduction: int) -> Optional[str]:
@@ -246,7 +247,7 @@ def _linear_cross_entropy(input: Tensor, linear_weight: Tensor, linear_bias: Opt
     Returns (loss, m, log_s, denominator, grad_input, grad_weight, grad_bias), all but the gradients in the
     accumulation dtype (the caller casts the loss: to the input's dtype, or to float32 under autocast, as torch):
     loss () or (N,) for reduction none; the row max m and log_s with lse = m + log_s, (N,); the mean's denominator
-    (); the fused gradients (empty when not written)."""
+    (); the fused gradients in their operands' dtype (empty, of the accumulation dtype, when not written)."""
     acc = acc_dtype(input.dtype)
     C = linear_weight.shape[0]
     valid, bad, w_y, wsum = row_terms(target, weight, ignore_index, C, acc)
@@ -281,7 +282,7 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction
     V = linear_weight.shape[0]
     acc = acc_dtype(input.dtype)
     loss = input.new_empty((N,) if reduction == NONE else (), dtype=acc)
-    grads = [input.new_empty(shape if fused_grads & bit else (0,), dtype=acc)
+    grads = [input.new_empty(shape if fused_grads & bit else (0,), dtype=input.dtype if fused_grads else acc)
              for bit, shape in ((GRAD_INPUT, (N, H)), (GRAD_WEIGHT, (V, H)), (GRAD_BIAS, (V,)))]
     return loss, input.new_empty(N, dtype=acc), input.new_empty(N, dtype=acc), input.new_empty((), dtype=acc), *grads
 
@@ -314,7 +315,7 @@ def _backward(ctx, g_loss, g_m, g_log_s, g_denom, g_gx, g_gw, g_gb):
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if fused_grads:
         saved = ctx.saved_tensors
-        g = g_loss.to(saved[0].dtype)
+        g = g_loss.to(acc_dtype(saved[0].dtype))
         grads = tuple(_scaled(t, g) if ctx.needs_input_grad[i] and fused_grads & bit else None
                       for i, (t, bit) in enumerate(zip(saved, (GRAD_INPUT, GRAD_WEIGHT, GRAD_BIAS))))
         # (A returned gradient may become a leaf's .grad itself, which a later .backward() adds to in place; the
