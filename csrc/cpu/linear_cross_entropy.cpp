@@ -34,27 +34,37 @@ constexpr int64_t kBlockRows = 4096;  // rows per GEMM: a logit block is at most
 // Rows per block of the bias gradient's column sums; ops/linear_cross_entropy.py passes it as db_rows.
 constexpr int64_t kDbRows = 64;
 
-// The operands in the accumulation dtype (views for float32 / float64, copies for 16-bit), but W, which is
-// converted a chunk at a time: a float32 copy of a 16-bit head would double its memory.
+// The GEMM operands and the bias / class weights. x and W are used in their own dtype for float32, float64 and
+// bfloat16 (bf16 GEMMs accumulate in fp32 and round the logits to bf16, as torch's own bf16 linear; 2.2-2.8x the
+// fp32 rate on this AVX512-BF16 CPU); float16 (whose CPU GEMMs measured 5-100x slower than fp32) goes through fp32:
+// x copied, W converted a chunk at a time (a float32 copy of a 16-bit head would double its memory). The bias in the
+// accumulation dtype.
 struct Operands {
   at::Tensor x, w, bias, weight;  // bias, weight undefined when absent
 };
 
+at::ScalarType gemm_type(at::ScalarType t) { return t == at::kHalf ? at::kFloat : t; }
+
 Operands operands(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                   const c10::optional<at::Tensor>& weight) {
   const auto acc = acc_type(x.scalar_type());
-  return {x.to(acc), w, bias.has_value() ? bias->to(acc) : at::Tensor(), weight.has_value() ? *weight : at::Tensor()};
+  return {x.to(gemm_type(x.scalar_type())), w, bias.has_value() ? bias->to(acc) : at::Tensor(),
+          weight.has_value() ? *weight : at::Tensor()};
 }
 
-// Classes [c0, c1) of W in the accumulation dtype (a copy for 16-bit W), converted once for all row blocks.
+// Classes [c0, c1) of W in the GEMM dtype (a copy for float16 W), converted once for all row blocks.
 at::Tensor w_chunk(const Operands& o, int64_t c0, int64_t c1) {
   return o.w.narrow(0, c0, c1 - c0).to(o.x.scalar_type());
 }
 
-// Rows [r0, r1) of the logits of W chunk wc before bias and softcap, into out (r1 - r0, classes of wc), rows of
-// out contiguous.
+// Rows [r0, r1) of the logits of W chunk wc before bias and softcap, into out (r1 - r0, classes of wc; the
+// accumulation dtype), rows of out contiguous. bf16: the GEMM's bf16 result, converted.
 void gemm_block(const Operands& o, int64_t r0, int64_t r1, const at::Tensor& wc, at::Tensor out) {
-  at::mm_out(out, o.x.narrow(0, r0, r1 - r0), wc.t());
+  if (o.x.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, o.x.narrow(0, r0, r1 - r0), wc.t());
+  } else {
+    out.copy_(at::mm(o.x.narrow(0, r0, r1 - r0), wc.t()));
+  }
 }
 
 template <typename acc_t>
@@ -117,7 +127,8 @@ void partials(const at::Tensor& input, const Operands& o, const at::Tensor& targ
   const int64_t* tgt = target.data_ptr<int64_t>();
   const acc_t* pb = o.bias.defined() ? o.bias.data_ptr<acc_t>() : nullptr;
   const acc_t* pw = o.weight.defined() ? o.weight.data_ptr<acc_t>() : nullptr;
-  at::Tensor buf = at::empty({std::min(N, kBlockRows), std::min(V, kChunkCols)}, o.x.options());
+  at::Tensor buf = at::empty({std::min(N, kBlockRows), std::min(V, kChunkCols)},
+                             o.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   for (int64_t k = 0; k < splits; ++k) {
     acc_t *m = mp[k].data_ptr<acc_t>(), *s = sp[k].data_ptr<acc_t>(), *zy = zyp[k].data_ptr<acc_t>();
     acc_t* zs = smooth ? zsp[k].data_ptr<acc_t>() : nullptr;
@@ -234,7 +245,8 @@ void dlogits(const at::Tensor& input, const Operands& o, const at::Tensor& targe
   // 16-bit: the logits of a block go through an fp32 buffer; the chunk's classes go kChunkCols at a time, so the
   // buffer and the fp32 copy of W stay small whatever the launch logic's chunk is
   at::Tensor buf = in_place ? at::Tensor()
-                            : at::empty({std::min(N, kBlockRows), std::min(n, kChunkCols)}, o.x.options());
+                            : at::empty({std::min(N, kBlockRows), std::min(n, kChunkCols)},
+                                        o.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   for (int64_t s0 = 0; s0 < n; s0 += kChunkCols) {
     const int64_t ns = std::min(kChunkCols, n - s0);
     const Row<acc_t> row{pb ? pb + s0 : nullptr, static_cast<acc_t>(softcap)};
