@@ -40,6 +40,8 @@ def test_every_entry_cites_a_committed_measurement():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rules = [(op, why) for op, d in backends.NATIVE_FASTER.items() for why in d.values()]
     rules += [(op, rule[2]) for op, d in backends.NATIVE_FASTER_BELOW.items() for rule in d.values()]
+    rules += [(op, why) for op, d in backends.NATIVE_FASTER_DTYPE.items() for per in d.values()
+              for why in per.values()]
     for op, why in rules:
         path = why[why.index("bench/results/"):].split(")")[0]
         assert os.path.exists(os.path.join(root, path)), (op, path)
@@ -123,6 +125,18 @@ def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monke
     assert pykernels.last_dispatch["scaled_dot_product_attention"][0] == "torch"
     h = pykernels.functional.lstm_cell(x[0], None, theirs.weight_ih_l0, theirs.weight_hh_l0)
     assert h[0].shape == (3, 7) and pykernels.last_dispatch["lstm_cell"][0] != "torch"
+    # bf16 cell (NATIVE_FASTER_DTYPE): automatic calls are torch's, exactly, unbatched too; explicit ones ours
+    cell = torch.nn.LSTMCell(5, 7).bfloat16()
+    xb, hb, cb = torch.randn(3, 5).bfloat16(), torch.randn(3, 7).bfloat16(), torch.randn(3, 7).bfloat16()
+    w = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    for args, want in (((xb, (hb, cb)), cell(xb, (hb, cb))), ((xb[0], (hb[0], cb[0])), cell(xb[0], (hb[0], cb[0])))):
+        got = pykernels.functional.lstm_cell(*args, *w)
+        assert pykernels.last_dispatch["lstm_cell"][0] == "torch"
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    from pykernels.ops import lstm as lstm_ops
+    if "cpu" in lstm_ops.CELL:
+        pykernels.functional.lstm_cell(xb, (hb, cb), *w, backend="cpu")
+        assert pykernels.last_dispatch["lstm_cell"][0] == "cpu"
 
 
 def test_cpu_small_cross_entropy_runs_torch_large_runs_ours(monkeypatch):
