@@ -106,6 +106,21 @@ acc_t exp_sum(const acc_t* z, int64_t n, acc_t m) {
   return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, s);
 }
 
+// z <- exp(z - m) (m finite) over n columns, in place; returns their sum.
+template <typename acc_t>
+acc_t exp_store_sum(acc_t* z, int64_t n, acc_t m) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec vm(m);
+  Vec s(acc_t(0));
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t k = std::min<int64_t>(Vec::size(), n - j);
+    const Vec e = (Vec::loadu(z + j, k) - vm).exp();
+    e.store(z + j, k);
+    s = s + (k == Vec::size() ? e : Vec::set(Vec(acc_t(0)), e, k));  // the tail's unloaded lanes are not 0 after exp
+  }
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, s);
+}
+
 // Sum of w[c] z[c] (w null: of z) over n columns.
 template <typename acc_t>
 acc_t weighted_sum(const acc_t* z, const acc_t* w, int64_t n) {
@@ -202,6 +217,22 @@ void dlogit_row(acc_t* z, int64_t n, acc_t softcap, const acc_t* cw, int64_t t, 
     d.store(z + j, k);
   }
   if (t >= 0 && t < n) z[t] -= coef_y * (softcap != 0 ? acc_t(1) - (zt * inv) * (zt * inv) : acc_t(1));
+}
+
+// One row's dlogits without softcap from e = exp(z - m) (exp_store_sum), in place: p = e * inv_s with inv_s = 1 / sum
+// e, so the row needs one exponential per logit instead of two; coef_w / cw as dlogit_row.
+template <typename acc_t>
+void dlogit_row_from_exp(acc_t* e, int64_t n, const acc_t* cw, int64_t t, acc_t inv_s, acc_t coef_p, acc_t coef_y,
+                         const acc_t* coef_w) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec scale(coef_p * inv_s), one(acc_t(1)), cwr(coef_w ? *coef_w : acc_t(0));
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t k = std::min<int64_t>(Vec::size(), n - j);
+    Vec d = scale * Vec::loadu(e + j, k);
+    if (coef_w) d = d - cwr * (cw ? Vec::loadu(cw + j, k) : one);
+    d.store(e + j, k);
+  }
+  if (t >= 0 && t < n) e[t] -= coef_y;
 }
 
 // db[j] += z[j] over n columns.
@@ -347,18 +378,26 @@ void fused(const at::Tensor& x, const Operands& o, const at::Tensor& target, con
           }
           row.finish_logits(zr, V);
           const acc_t cm = row_max(zr, V), inf = std::numeric_limits<acc_t>::infinity();
+          const int64_t t = tgt[r];
+          pzy[r] = t >= 0 && t < V ? zr[t] : acc_t(0);
+          if (pzs) pzs[r] = weighted_sum(zr, pw, V);
           // as the split forward's combination: m = 0 when not finite; log_s -inf for a row of -inf logits, NaN
           // for a NaN or +inf logit
           const acc_t mr = std::isfinite(cm) ? cm : acc_t(0);
-          const acc_t ls = std::isfinite(cm) ? std::log(exp_sum(zr, V, cm))
-                                             : (cm == -inf ? -inf : std::numeric_limits<acc_t>::quiet_NaN());
-          const int64_t t = tgt[r];
+          const bool from_exp = std::isfinite(cm) && row.softcap == 0;  // softcap' needs z itself: two passes
+          acc_t s = 0;
+          if (from_exp) s = exp_store_sum(zr, V, cm);
+          const acc_t ls = from_exp           ? std::log(s)
+                           : std::isfinite(cm) ? std::log(exp_sum(zr, V, cm))
+                                               : (cm == -inf ? -inf : std::numeric_limits<acc_t>::quiet_NaN());
           pm[r] = mr;
           pls[r] = ls;
-          pzy[r] = t >= 0 && t < V ? zr[t] : acc_t(0);
-          if (pzs) pzs[r] = weighted_sum(zr, pw, V);
           const acc_t cp = pl[r] == 0 ? p0[r] : p0[r] + pl[r] * (mr + ls);  // as row_coefficients
-          dlogit_row(zr, V, row.softcap, pw, t, mr, ls, cp, py[r], pcw ? pcw + r : nullptr);
+          if (from_exp) {
+            dlogit_row_from_exp(zr, V, pw, t, acc_t(1) / s, cp, py[r], pcw ? pcw + r : nullptr);
+          } else {
+            dlogit_row(zr, V, row.softcap, pw, t, mr, ls, cp, py[r], pcw ? pcw + r : nullptr);
+          }
           if (db) add_row(db, zr, V);
           if constexpr (low) at::vec::convert(zr, zrow, V);  // the dlogits rounded once, for the GEMMs
         }
