@@ -155,6 +155,16 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
 }
 
 
+# op -> {device type: {input dtype: why}}: exceptions to NATIVE_FASTER, dtypes in which ours measured faster.
+OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, str]]] = {
+    "lstm": {"cpu": {
+        torch.float16: "torch's CPU LSTM runs fp16 GEMMs (5-100x slower than fp32 ones on this CPU), ours fp32 "
+                       "ones on converted operands: the C++ sequence kernel measured 3.2-6.0x torch's speed "
+                       "forward and 5.2-5.8x forward+backward at T=64, B=1-64, H=128-256, 2 cores "
+                       "(bench/results/cpu-lstm-float16-20261204.json)"}},
+}
+
+
 # op -> {device type: {input dtype: why}}: as NATIVE_FASTER, for calls in one dtype.
 NATIVE_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, str]]] = {
     "lstm_cell": {"cpu": {
@@ -184,10 +194,12 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     """Why this automatic call of ``op`` should run torch's own kernel (None: run ours). Records the decision in
     ``last_dispatch`` when it says yes. The caller checks first that torch can express the call; ``size`` and
     ``grad`` (whether the call records a gradient) select the NATIVE_FASTER_BELOW rule, ``dtype`` (the input's)
-    the NATIVE_FASTER_DTYPE one."""
+    the NATIVE_FASTER_DTYPE one and the OURS_FASTER_DTYPE exceptions."""
     if backend is not None or (_preferred and _preferred[-1] is not None) or os.environ.get("PYKERNELS_BACKEND"):
         return None
     if os.environ.get("PYKERNELS_PREFER_NATIVE", "1") == "0":
+        return None
+    if dtype is not None and dtype in OURS_FASTER_DTYPE.get(op, {}).get(device.type, {}):
         return None
     why = NATIVE_FASTER.get(op, {}).get(device.type)
     if why is None and dtype is not None:

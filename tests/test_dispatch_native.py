@@ -40,8 +40,8 @@ def test_every_entry_cites_a_committed_measurement():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rules = [(op, why) for op, d in backends.NATIVE_FASTER.items() for why in d.values()]
     rules += [(op, rule[2]) for op, d in backends.NATIVE_FASTER_BELOW.items() for rule in d.values()]
-    rules += [(op, why) for op, d in backends.NATIVE_FASTER_DTYPE.items() for per in d.values()
-              for why in per.values()]
+    rules += [(op, why) for table in (backends.NATIVE_FASTER_DTYPE, backends.OURS_FASTER_DTYPE)
+              for op, d in table.items() for per in d.values() for why in per.values()]
     for op, why in rules:
         path = why[why.index("bench/results/"):].split(")")[0]
         assert os.path.exists(os.path.join(root, path)), (op, path)
@@ -125,6 +125,11 @@ def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monke
     assert pykernels.last_dispatch["scaled_dot_product_attention"][0] == "torch"
     h = pykernels.functional.lstm_cell(x[0], None, theirs.weight_ih_l0, theirs.weight_hh_l0)
     assert h[0].shape == (3, 7) and pykernels.last_dispatch["lstm_cell"][0] != "torch"
+    # fp16 sequence (OURS_FASTER_DTYPE): automatic calls run ours
+    if "cpu" in lstm_ops.LAYER:
+        half = pykernels.nn.LSTM(5, 7, num_layers=2).half()
+        half(x.half())
+        assert pykernels.last_dispatch["lstm"][0] == "cpu"
     # bf16 cell (NATIVE_FASTER_DTYPE): automatic calls are torch's, exactly, unbatched too; explicit ones ours
     cell = torch.nn.LSTMCell(5, 7).bfloat16()
     xb, hb, cb = torch.randn(3, 5).bfloat16(), torch.randn(3, 7).bfloat16(), torch.randn(3, 7).bfloat16()

@@ -212,7 +212,7 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
     def unsupported(b: str) -> Optional[str]:
         return _layer_unsupported(b, input, proj_size, packed, params[1].shape[-1])
 
-    if backends.prefer_native("lstm", input.device, backend):  # torch applies autocast itself
+    if backends.prefer_native("lstm", input.device, backend, dtype=input.dtype):  # torch applies autocast itself
         return _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                             dropout, training, batch_sizes)
     if _autocast.enabled(input):
