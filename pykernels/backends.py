@@ -159,8 +159,8 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
 OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, str]]] = {
     "lstm": {"cpu": {
         torch.float16: "torch's CPU LSTM runs fp16 GEMMs (5-100x slower than fp32 ones on this CPU), ours fp32 "
-                       "ones on converted operands: the C++ sequence kernel measured 3.2-6.0x torch's speed "
-                       "forward and 5.2-5.8x forward+backward at T=64, B=1-64, H=128-256, 2 cores "
+                       "ones on converted operands: the C++ sequence kernel measured 3.9-4.7x torch's speed "
+                       "forward and 4.7-5.4x forward+backward at T=64, B=1-64, H=128-256, 2 cores "
                        "(bench/results/cpu-lstm-float16-20261204.json)"}},
 }
 
