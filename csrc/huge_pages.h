@@ -3,9 +3,9 @@
 // A fresh multi-MB CPU allocation is mmap'd by the allocator, and each 4 KiB page faults in (zeroed by the kernel)
 // at its first write. Measured on the 2-core VM (2026-12-04): cross-entropy forward+backward at N=4096 V=32000 fp32
 // took 323-340 ms, about two thirds of it faulting in its 524 MB gradient, and 125-138 ms with 2 MiB pages (torch's
-// own THP_MEM_ALLOC_ENABLE=1 does the same for torch: 878 -> 309 ms). torch advises huge pages only under that variable;
-// these kernels advise them for their own large outputs. PYKERNELS_CPU_HUGE_PAGES=0 turns it off (read once). Only
-// advice: where the kernel's THP setting is "never", or madvise fails, nothing changes.
+// own THP_MEM_ALLOC_ENABLE=1 does the same for torch: 878 -> 309 ms). torch advises huge pages only under that
+// variable; these kernels advise them for their own large outputs. PYKERNELS_CPU_HUGE_PAGES=0 turns it off (read
+// once). Only advice: where the kernel's THP setting is "never", or madvise fails, nothing changes.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -382,14 +382,11 @@ void fused(const at::Tensor& x, const Operands& o, const at::Tensor& target, con
           pzy[r] = t >= 0 && t < V ? zr[t] : acc_t(0);
           if (pzs) pzs[r] = weighted_sum(zr, pw, V);
           // as the split forward's combination: m = 0 when not finite; log_s -inf for a row of -inf logits, NaN
-          // for a NaN or +inf logit
-          const acc_t mr = std::isfinite(cm) ? cm : acc_t(0);
-          const bool from_exp = std::isfinite(cm) && row.softcap == 0;  // softcap' needs z itself: two passes
-          acc_t s = 0;
-          if (from_exp) s = exp_store_sum(zr, V, cm);
-          const acc_t ls = from_exp           ? std::log(s)
-                           : std::isfinite(cm) ? std::log(exp_sum(zr, V, cm))
-                                               : (cm == -inf ? -inf : std::numeric_limits<acc_t>::quiet_NaN());
+          // for a NaN or +inf logit. Without softcap (whose derivative needs z) z becomes exp(z - m) here.
+          const bool finite = std::isfinite(cm), from_exp = finite && row.softcap == 0;
+          const acc_t mr = finite ? cm : acc_t(0);
+          const acc_t s = from_exp ? exp_store_sum(zr, V, cm) : finite ? exp_sum(zr, V, cm) : acc_t(0);
+          const acc_t ls = finite ? std::log(s) : cm == -inf ? -inf : std::numeric_limits<acc_t>::quiet_NaN();
           pm[r] = mr;
           pls[r] = ls;
           const acc_t cp = pl[r] == 0 ? p0[r] : p0[r] + pl[r] * (mr + ls);  // as row_coefficients

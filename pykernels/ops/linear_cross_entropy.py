@@ -14,9 +14,9 @@ Kernels, one (fwd, bwd) pair per backend in ``KERNELS``, all with the signatures
 weighted-mean denominator, label smoothing, z-loss) and registers the autograd formula. Two paths:
 - split: the backward recomputes the logits tile by tile through the backend's ``bwd`` kernel; nothing of size
   N x V is saved or allocated (four GEMMs in all);
-- fused (``FUSED``: the cpu backend, float32/float64/bfloat16, reduction mean or sum): the forward's kernel also writes the
-  gradients for an upstream gradient of 1, a block of rows at a time (three GEMMs, as torch's own), and the
-  backward only scales them.
+- fused (``FUSED``: the cpu backend, float32/float64/bfloat16, reduction mean or sum): the forward's kernel also
+  writes the gradients for an upstream gradient of 1, a block of rows at a time (three GEMMs, as torch's own),
+  and the backward only scales them.
 The per-row helpers (``row_terms``, ``rows_loss``, ``row_coefficients``) are shared with the vocab-parallel path
 (pykernels/distributed.py).
 """
@@ -255,13 +255,15 @@ def _linear_cross_entropy(input: Tensor, linear_weight: Tensor, linear_bias: Opt
         why = fused_reason(backend, input.dtype, reduction)
         if why:  # e.g. reduction none: per-row upstream gradients cannot be applied to dW afterwards
             raise ValueError(f"pykernels::linear_cross_entropy: fused_grads={fused_grads} but {why}")
-        denom = w_y.sum()
-        g = (1.0 / denom if reduction == MEAN else torch.ones((), dtype=acc, device=input.device)).expand(target.shape[0])
+        N = input.shape[0]
+        # the per-row upstream gradients of a loss whose own upstream gradient is 1 (the backward scales)
+        g = upstream_rows(torch.ones((), dtype=acc, device=input.device), w_y.sum(), reduction, N, acc)
         kernel, _ = FUSED[backend]
         m, log_s, zy, zs, gx, gw, gb = kernel(
             _launch.rows_contiguous(input), _launch.rows_contiguous(linear_weight), linear_bias, target, weight,
             *row_coefficient_parts(g, valid, w_y, wsum, C, label_smoothing, z_loss), softcap, label_smoothing > 0,
-            _launch.fused_block_rows(input.shape[0], C, input.element_size()), bool(fused_grads & GRAD_INPUT), bool(fused_grads & GRAD_WEIGHT), bool(fused_grads & GRAD_BIAS))
+            _launch.fused_block_rows(N, C, input.element_size()),
+            *(bool(fused_grads & bit) for bit in (GRAD_INPUT, GRAD_WEIGHT, GRAD_BIAS)))
     else:
         fwd, _ = KERNELS[backend]
         m, log_s, zy, zs = fwd(input, linear_weight, linear_bias, target, weight, 0, softcap, label_smoothing > 0)
