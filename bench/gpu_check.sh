@@ -35,10 +35,14 @@ for stage in $STAGES; do
       python3 -c "import pykernels; print(pykernels.build_info()); print(pykernels.available_backends('cuda'))" ;;
     test)
       xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n ${XDIST:-8}"
-      timeout ${TEST_TIMEOUT:-360} python3 -m pytest -m gpu $TESTS -q -p no:cacheprovider --durations=10 $xdist \
-        > "$OUT/gpu_tests.log" 2>&1 || status=1
-      grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
-      grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -30 ;;
+      # -v streams one line per finished test, so a run cut short by the timeout still names its failures;
+      # pytest-timeout (where installed) stops one hung test instead of the whole stage
+      ptimeout=""; python3 -c "import pytest_timeout" 2>/dev/null && ptimeout="--timeout=${PER_TEST_TIMEOUT:-120}"
+      timeout ${TEST_TIMEOUT:-360} python3 -m pytest -m gpu $TESTS -v -rfE -p no:cacheprovider --durations=15 $xdist \
+        $ptimeout > "$OUT/gpu_tests.log" 2>&1 || status=1
+      grep -cE " PASSED " "$OUT/gpu_tests.log" | sed 's/^/passed lines: /'
+      grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -2
+      grep -E "(FAILED|ERROR) tests" "$OUT/gpu_tests.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | head -40 ;;
     sanitize)
       for tool in ${SAN_TOOLS:-memcheck racecheck}; do
         timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 \
