@@ -118,8 +118,10 @@ def _pykernels(backend: str):
 def torch_lstm(x, h0, c0, *weights):
     """torch's LSTM (cuDNN on CUDA). The weights are separate tensors, not views of one flat buffer as in a
     flatten_parameters()'d nn.LSTM, so cuDNN copies them (4H * (I + H) elements) at each call: small next to T
-    steps of (B, I + H) x (I + H, 4H) GEMMs."""
-    out, h_n, c_n = torch._VF.lstm(x, (h0, c0), list(weights), True, 1, 0.0, False, False, False)
+    steps of (B, I + H) x (I + H, 4H) GEMMs. train=True when recording a gradient: cuDNN's backward refuses
+    an inference-mode forward (dropout is 0 either way); fwd mode runs its inference kernel, as nn.LSTM.eval()."""
+    train = torch.is_grad_enabled()
+    out, h_n, c_n = torch._VF.lstm(x, (h0, c0), list(weights), True, 1, 0.0, train, False, False)
     return out, (h_n, c_n)
 
 

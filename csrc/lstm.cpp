@@ -225,13 +225,13 @@ LstmLayerArgs layer_args(const at::Tensor& w_hh, int64_t T, int64_t B, int64_t H
   return a;
 }
 
-// The rule: a hidden size whose W_hh slice does not fit on chip falls back to the streamed kernel visibly
-// (a Python UserWarning; Python's default filter shows it once per calling line).
-void warn_if_streamed(bool resident, const char* op, int64_t H, at::ScalarType dtype) {
-  if (!resident) {
-    TORCH_WARN(op, " (cuda): W_hh of hidden size ", H, " (", dtype, ") does not fit in the blocks' shared memory: "
-               "the streamed kernel re-reads it from L2/HBM every step (slower)");
-  }
+// A hidden size whose W_hh slice does not fit in the blocks' shared memory needs the streamed kernel, which the
+// launcher refuses (csrc/cuda/lstm_layer.cu launch): a RuntimeError that says so, before any other error.
+void check_resident(cudaError_t err, const cuda::LstmLayerPlanInfo& plan, const char* op, int64_t H,
+                    at::ScalarType dtype) {
+  TORCH_CHECK(err != cudaErrorNotSupported || plan.resident, op, " (cuda): W_hh of hidden size ", H, " (", dtype, ") does not fit in the blocks' "
+              "shared memory, and the streamed kernel is disabled (it crashed on its one GPU run); use the triton "
+              "backend, or torch's nn.LSTM");
 }
 
 std::tuple<at::Tensor, at::Tensor> layer_fwd_cuda(const at::Tensor& xproj, const at::Tensor& w_hh,
@@ -254,8 +254,8 @@ std::tuple<at::Tensor, at::Tensor> layer_fwd_cuda(const at::Tensor& xproj, const
   TORCH_CHECK(plan.max_hidden == 0 || H <= plan.max_hidden, "lstm_layer_fwd: hidden size ", H,
               " exceeds the CUDA kernel's limit ", plan.max_hidden, " on this GPU for ", h0.scalar_type(),
               " (a batch chunk of h in shared memory)");
+  check_resident(err, plan, "lstm_layer_fwd", H, h0.scalar_type());
   check_cuda(err, "lstm_layer_fwd");
-  warn_if_streamed(plan.resident, "lstm_layer_fwd", H, h0.scalar_type());
   return {out, ws};
 }
 
@@ -279,8 +279,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_bwd_cuda(const c10::optiona
   a.dh = dh.data_ptr<float>();
   a.dc = dc.data_ptr<float>();
   cuda::LstmLayerPlanInfo plan;
-  check_cuda(cuda::lstm_layer_bwd(a, c10::cuda::getCurrentCUDAStream(), &plan), "lstm_layer_bwd");
-  warn_if_streamed(plan.resident, "lstm_layer_bwd", H, w_hh.scalar_type());
+  const cudaError_t err = cuda::lstm_layer_bwd(a, c10::cuda::getCurrentCUDAStream(), &plan);
+  check_resident(err, plan, "lstm_layer_bwd", H, w_hh.scalar_type());
+  check_cuda(err, "lstm_layer_bwd");
   return {dg, dh, dc};
 }
 

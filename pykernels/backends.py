@@ -113,16 +113,26 @@ def _interpreter_reason() -> Optional[str]:
     return None
 
 
-# Ops whose CUDA kernels were written without a GPU and never measured (csrc/cuda/attention.cu,
-# csrc/cuda/lstm_layer.cu, csrc/cuda/linear_cross_entropy.cu): automatic calls on CUDA try Triton, which passed
-# the GPU tier and was measured, first. An op leaves this set when a committed benchmark ranks its CUDA kernels.
-UNMEASURED_CUDA = frozenset({"scaled_dot_product_attention", "varlen_attention", "lstm", "linear_cross_entropy",
-                             "linear_cross_entropy_vocab_parallel"})
+# Ops whose automatic CUDA calls try Triton before our CUDA kernels, and why. The CUDA kernels of these ops passed
+# the GPU tier on an H200 (2026-12-04) but measured 2-10x slower than the Triton ones; an op leaves this table when
+# a committed benchmark ranks its CUDA kernels first.
+TRITON_FIRST_CUDA: Dict[str, str] = {
+    "scaled_dot_product_attention":
+        "the CUDA kernels measured 0.33x the Triton ones' speed forward+backward (0.09x forward) on H200 bf16, "
+        "B=4 H=16 L=2048 E=128 causal (bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json)",
+    "varlen_attention": "the kernels of scaled_dot_product_attention, with offsets: as measured there",
+    "lstm": "the CUDA persistent kernels measured 0.25x the Triton ones' speed forward+backward (0.41x forward) on "
+            "H200 bf16, T=256 B=32 I=H=512 (bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json)",
+    "linear_cross_entropy":
+        "the CUDA kernels measured 0.49x the Triton ones' speed forward+backward (0.40x forward) on H200 bf16, "
+        "N=8192 H=2048 V=128256 (bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json)",
+    "linear_cross_entropy_vocab_parallel": "the kernels of linear_cross_entropy: as measured there",
+}
 
 
 def _chain(device: torch.device, op: str = "") -> Sequence[str]:
     if device.type == "cuda":
-        return ("triton", "cuda", "reference") if op in UNMEASURED_CUDA else ("cuda", "triton", "reference")
+        return ("triton", "cuda", "reference") if op in TRITON_FIRST_CUDA else ("cuda", "triton", "reference")
     if device.type == "cpu":
         return ("cpu", "reference")
     return ("reference",)
@@ -141,14 +151,18 @@ def available_backends(device: Optional[torch.device | str] = None) -> Dict[str,
 NATIVE_FASTER: Dict[str, Dict[str, str]] = {
     "scaled_dot_product_attention": {
         "cuda": "torch's SDPA (FlashAttention-2/cuDNN) measured 1.4-5.4x faster than the Triton kernels on H100 "
-                "bf16 (bench/results/h100-attention-lstm-lce-20261122.jsonl)",
+                "bf16 (bench/results/h100-attention-lstm-lce-20261122.jsonl), and cuDNN's 3.3x forward+backward "
+                "(1.6x forward) on H200 bf16 at B=4 H=16 L=2048 E=128 causal "
+                "(bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json)",
         "cpu": "torch's SDPA measured 1.9-3.2x faster than the reference (there is no C++ CPU attention kernel) "
                "on 2 cores fp32 "
                "(bench/results/cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261204.json)"},
     "lstm": {
         "cuda": "cuDNN measured 4-48x faster than the Triton row-block sequence kernel on H100 fp32 "
-                "(bench/results/h100-attention-lstm-lce-20261122.jsonl); its split persistent successor (H > 64, "
-                "2026-12-03) and the CUDA persistent kernels are unmeasured",
+                "(bench/results/h100-attention-lstm-lce-20261122.jsonl); its split persistent successor (H > 64) "
+                "measured 1.15-1.89x cuDNN's speed forward on H200 bf16 at T=256 B=32 I=H=512 (two runs; "
+                "bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json), one shape and no "
+                "forward+backward comparison (that run's cuDNN baseline failed), too little to route models to it",
         "cpu": "torch's oneDNN LSTM measured 1.3-1.4x faster than the persistent C++ sequence kernel on 2 cores "
                "fp32 at T=64, B=16-64, H=128-256, forward and forward+backward; ours wins only at B=1 with a "
                "gradient (1.21x) (bench/results/cpu-lstm-20261204.json)"},

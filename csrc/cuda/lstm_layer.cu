@@ -375,6 +375,9 @@ cudaError_t launch(const LstmLayerArgs& a, bool forward, cudaStream_t stream, Ls
   cudaError_t err = plan_for<T>(a, forward, p);
   if (info) *info = {p.resident, p.max_hidden};
   if (err != cudaSuccess) return err;
+  // W_hh streamed from L2 (RESIDENT = false): the one GPU run of this path (H200, 2026-12-04, fp16 H = 2000) took
+  // the process down with a segfault, cause not found, and no test has passed through it; refused until one does
+  if (!p.resident) return cudaErrorNotSupported;
   void* kernel = forward ? (p.resident ? reinterpret_cast<void*>(&layer_fwd_kernel<T, true>)
                                        : reinterpret_cast<void*>(&layer_fwd_kernel<T, false>))
                          : (p.resident ? reinterpret_cast<void*>(&layer_bwd_kernel<T, true>)
