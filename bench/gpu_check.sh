@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see ../shared/TOOLCHAIN.md): build the extension against the machine's torch,
 # run the GPU test tier, compute-sanitizer, and the benchmark. Everything lands under $OUT.
-#   STAGES="build test sanitize bench" SUITES="attention lstm" FAMILIES="attention lstm_layer" bash bench/gpu_check.sh
+#   STAGES="build test sanitize bench profile" SUITES="attention lstm" FAMILIES="attention lstm_layer" bash bench/gpu_check.sh
 # (defaults: every suite, every sanitizer family)
 # SUITES default: every suite registered in bench/__init__.py (full presets: several minutes; BENCH_ARGS=--quick)
 set -uo pipefail
@@ -54,7 +54,25 @@ for stage in $STAGES; do
       timeout ${BENCH_TIMEOUT:-540} python3 -m bench --suite $SUITES --device cuda --out "$OUT/bench" --no-plots $BENCH_ARGS \
         > "$OUT/bench.log" 2>&1 || status=1
       tail -40 "$OUT/bench.log"
-      cp "$OUT"/bench/*.json "$OUT"/ 2>/dev/null ;;
+      # the device tool returns only names of letters, digits, '.', '_' and '-': the suites' '+' becomes '_'
+      for f in "$OUT"/bench/*.json; do [ -e "$f" ] && cp "$f" "$OUT/$(basename "$f" | tr + _)"; done
+      rm -rf "$OUT/bench" ;;
+    profile)
+      # where the time goes in the kernels that missed their model (docs: attention's CUDA forward at 3.5% of the
+      # matmul rate, linear CE's CUDA kernels at half the Triton ones): the kernel table of each provider, then
+      # Nsight Compute on one step of each CUDA provider (PROFILE="suite:providers:modes ...")
+      for item in ${PROFILE:-"attention:pykernels-cuda,pykernels-triton,torch:fwd linear_cross_entropy:pykernels-cuda,pykernels-triton:fwd"}; do
+        IFS=: read -r suite provs modes <<< "$item"
+        timeout ${PROFILE_TIMEOUT:-120} python3 -m bench.profile --suite "$suite" --providers "$provs" --modes "$modes" \
+          > "$OUT/profile_$suite.log" 2>&1 || status=1
+        grep -E "^===|Self CUDA time" "$OUT/profile_$suite.log"
+        timeout ${NCU_TIMEOUT:-180} ncu --profile-from-start off --clock-control none --launch-count ${NCU_KERNELS:-4} \
+          --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+          --section SchedulerStats --section MemoryWorkloadAnalysis \
+          python3 -m bench.profile --suite "$suite" --providers pykernels-cuda --modes "$modes" --ncu \
+          > "$OUT/ncu_$suite.log" 2>&1 || status=1
+        grep -E "^  [a-z_].*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Block Limit|Waves Per SM|Stall" "$OUT/ncu_$suite.log" | head -40
+      done ;;
   esac
 done
 stamp done

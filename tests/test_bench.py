@@ -180,3 +180,16 @@ def test_plot_axis_is_the_swept_size():
     assert report.sweep_key("cross_entropy", ("N", "V"), [res(N=8, V=32000), res(N=8, V=50257)]) == "V"
     assert report.sweep_key("other", ("N", "V"), [res(N=8, V=1), res(N=16, V=1)]) == "N"
     assert report.sweep_key("other", ("N", "V"), [res(N=8, V=1)]) == "V"
+
+
+def test_profile_prints_each_providers_kernels(capsys):
+    """bench.profile (the kernel-level view the GPU script runs) on CPU ops: each provider's step is checked and
+    profiled, an unknown provider name is refused."""
+    from bench import profile
+    profile.main(["--suite", "cross_entropy", "--device", "cpu", "--providers", "torch,pykernels-cpu",
+                  "--modes", "fwd+bwd", "--shape", "N=16,V=300", "--dtype", "fp32", "--rows", "30"])
+    out = capsys.readouterr().out
+    assert "fwd+bwd torch: normalised error" in out and "fwd+bwd pykernels-cpu: normalised error" in out, out
+    assert "pykernels::cross_entropy_fwd" in out.split("pykernels-cpu: normalised error")[1], out
+    with pytest.raises(SystemExit, match="unknown providers"):
+        profile.main(["--suite", "cross_entropy", "--device", "cpu", "--providers", "nope"])
