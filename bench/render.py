@@ -185,8 +185,47 @@ def _ratio_ranges(rs: List[dict]) -> List[str]:
     return out
 
 
+MODE_NAMES = {"fwd+bwd": "forward+backward", "fwd": "forward", "train": "training step"}
+
+
+def _span(ratios: List[float]) -> str:
+    lo, hi = f"{min(ratios):.2f}", f"{max(ratios):.2f}"
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _json_summary(path: Path) -> List[str]:
+    """One line per suite of a harness JSON file: each pykernels provider's time over torch's (the ``torch``
+    baseline every suite has), per mode, the range over the cases, and its peak extra memory over torch's."""
+    d = json.loads(path.read_text())
+    lines = []
+    for suite in dict.fromkeys(r["suite"] for r in d["results"]):
+        rs = [r for r in d["results"] if r["suite"] == suite and r["status"] == "ok"]
+        torch_of = {(r["case"], r["mode"]): r for r in rs if r["provider"] == "torch"}
+        parts = []
+        for prov in dict.fromkeys(r["provider"] for r in rs if r["provider"].startswith("pykernels")):
+            times, mems = [], []
+            for mode in dict.fromkeys(r["mode"] for r in rs):
+                pairs = [(r, torch_of[(r["case"], mode)]) for r in rs
+                         if r["provider"] == prov and r["mode"] == mode and (r["case"], mode) in torch_of]
+                ratios = [r["ms_p50"] / t["ms_p50"] for r, t in pairs if r.get("ms_p50") and t.get("ms_p50")]
+                if ratios:
+                    times.append(f"{MODE_NAMES.get(mode, mode)} time {_span(ratios)}×")
+                mems += [r["peak_extra_mem_bytes"] / t["peak_extra_mem_bytes"] for r, t in pairs
+                         if mode == "fwd+bwd" and r.get("peak_extra_mem_bytes") and t.get("peak_extra_mem_bytes")]
+            if times:
+                mem = f", peak extra memory {_span(mems)}× (forward+backward)" if mems else ""
+                parts.append(f"{prov} at " + ", ".join(times) + mem)
+        if parts:
+            n = len(dict.fromkeys(r["case"] for r in rs))
+            lines.append(f"- **{suite}** on {_device(d['env'])}, {d['env']['date_utc'][:10]}, {n} case"
+                         f"{'s' * (n > 1)} (`{_name(path)}`), time over torch's (below 1: faster): " + "; ".join(parts) + ".")
+    return lines
+
+
 def summary(results_dir: Path = RESULTS) -> str:
     lines = []
+    for path in sorted(results_dir.glob("*.json")):
+        lines += _json_summary(path)
     for path in sorted(results_dir.glob("*.jsonl")):
         _, device, date, records = _read_jsonl(path)
         for family in dict.fromkeys(r["family"] for r in records):

@@ -106,3 +106,18 @@ def test_plots_are_linked_when_drawn(tmp_path):
     md = render.render(tmp_path)
     link = next(line for line in md.splitlines() if line.startswith("Plots:"))
     assert link.endswith(f"plots/{path.stem}/{names[0]})") and "[fwd+bwd float32]" in link
+
+
+def test_json_summary_is_each_providers_time_over_torchs(tmp_path):
+    rs = [harness.Result("lstm", f"T={t}", p, mode, "bfloat16", {"T": t}, ms_p50=ms, ms_p20=ms, ms_p80=ms,
+                         peak_extra_mem_bytes=mem)
+          for t, p, mode, ms, mem in ((1, "torch", "fwd+bwd", 4.0, 100), (1, "pykernels-cuda", "fwd+bwd", 2.0, 25),
+                                      (2, "torch", "fwd+bwd", 3.0, 100), (2, "pykernels-cuda", "fwd+bwd", 6.0, 25),
+                                      (1, "torch", "fwd", 1.0, None), (1, "pykernels-cuda", "fwd", 3.0, None),
+                                      (2, "pykernels-triton", "fwd", 1.0, None))]
+    report.write_json(tmp_path / "gpu-lstm-20260103.json", {"date_utc": "2026-01-03T00:00:00", "device_name": "Dev W"},
+                      {"copy_gbps": 1.0}, rs)
+    assert render.summary(tmp_path).splitlines() == [
+        "- **lstm** on Dev W, 2026-01-03, 2 cases (`" + str(tmp_path / "gpu-lstm-20260103.json") + "`), time over "
+        "torch's (below 1: faster): pykernels-cuda at forward+backward time 0.50–2.00×, forward time 3.00×, peak "
+        "extra memory 0.25× (forward+backward)."]  # pykernels-triton: no torch time of its case to compare
