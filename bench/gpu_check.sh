@@ -38,8 +38,9 @@ for stage in $STAGES; do
       # -v streams one line per finished test, so a run cut short by the timeout still names its failures;
       # pytest-timeout (where installed) stops one hung test instead of the whole stage
       ptimeout=""; python3 -c "import pytest_timeout" 2>/dev/null && ptimeout="--timeout=${PER_TEST_TIMEOUT:-120}"
+      # TEST_ARGS: more pytest arguments, e.g. TEST_ARGS="-k lstm" to rerun one family within a short lease
       timeout ${TEST_TIMEOUT:-360} python3 -m pytest -m gpu $TESTS -v -rfE -p no:cacheprovider --durations=15 $xdist \
-        $ptimeout > "$OUT/gpu_tests.log" 2>&1 || status=1
+        $ptimeout ${TEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1 || status=1
       grep -cE " PASSED " "$OUT/gpu_tests.log" | sed 's/^/passed lines: /'
       grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -2
       grep -E "(FAILED|ERROR) tests" "$OUT/gpu_tests.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | head -40 ;;
