@@ -285,7 +285,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_bwd_cuda(const c10::optiona
   return {dg, dh, dc};
 }
 
+// Host only, no GPU needed: lets the Python dispatcher send a hidden size the kernel would refuse to the next backend
+// (pykernels/functional/lstm.py), for this GPU's geometry or any other.
+bool layer_resident(int64_t H, at::ScalarType dtype, bool forward, int64_t sms, int64_t smem_max) {
+  return cuda::lstm_layer_resident(lstm_dtype(dtype), H, forward, static_cast<int>(sms), static_cast<int>(smem_max));
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pykernels, m) {
+  m.def("lstm_layer_resident(int H, ScalarType dtype, bool forward, int sms, int smem_max) -> bool", &layer_resident);
+}
 
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
   m.impl("lstm_cell_fwd", &fwd_cuda);

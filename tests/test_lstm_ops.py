@@ -4,6 +4,7 @@ compiled for sm_80/sm_90 without a GPU, and the CUDA kernels present in the buil
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import warnings
 
@@ -609,3 +610,35 @@ def test_cuda_layer_refuses_a_streamed_w_hh(dtype):
         bwd(torch.ones(2, 3, 2000, device="cuda", dtype=dtype), None, None, torch.zeros(3, 2000, device="cuda",
             dtype=dtype), ws, w, False)
     torch.cuda.synchronize()  # nothing was launched: the context is intact
+    # the dispatcher knows it first: a preference for cuda runs triton and says why; a hard request raises
+    x = torch.randn(2, 3, 8, device="cuda", dtype=dtype)
+    params = [torch.randn(8000, 8, device="cuda", dtype=dtype), w * 2000 ** -0.5,
+              torch.zeros(8000, device="cuda", dtype=dtype), torch.zeros(8000, device="cuda", dtype=dtype)]
+    with pykernels.use_backend("cuda"):
+        pykernels.functional.lstm(x, None, params, 1, False)
+    chosen, skipped = pykernels.last_dispatch["lstm"]
+    assert chosen == "triton" and "hidden size 2000" in skipped["cuda"], (chosen, skipped)
+    with pytest.raises(pykernels.BackendUnavailableError, match="hidden size 2000"):
+        pykernels.functional.lstm(x, None, params, 1, False, backend="cuda")
+
+
+def test_cuda_layer_resident_plan_without_a_gpu(monkeypatch):
+    """The launcher's plan, asked on the host (no GPU): on an H100/H200 (132 SMs, 227 KiB of shared memory per
+    block) W_hh stays on chip up to H = 1492 in 16-bit and 1117 in fp32, on an A100 (108 SMs, 163 KiB) to 980
+    and 864; every smaller size too. The dispatcher turns a refused size into a reason to skip the cuda backend."""
+    if not hasattr(torch.ops.pykernels, "lstm_layer_resident"):
+        pytest.skip("an extension built without the CUDA kernels")
+    F = importlib.import_module("pykernels.functional.lstm")  # the module (pykernels.functional.lstm is the function)
+    for (sms, smem), limits in {(132, 232448): (1492, 1117), (108, 166912): (980, 864)}.items():
+        for dtype, limit in zip((torch.float16, torch.bfloat16, torch.float32), limits[:1] + limits):
+            assert F.cuda_layer_resident(limit, dtype, sms, smem), (sms, dtype, limit)
+            assert not F.cuda_layer_resident(limit + 1, dtype, sms, smem), (sms, dtype, limit)
+            assert all(F.cuda_layer_resident(H, dtype, sms, smem) for H in (1, 7, 64, 131, 300, limit // 2))
+    if "cuda" not in ops.LAYER:
+        return
+    props = type("Props", (), {"multi_processor_count": 132, "shared_memory_per_block_optin": 232448})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    x = type("FakeCudaInput", (), {"device": torch.device("cuda", 0), "dtype": torch.float16, "is_cuda": True})
+    assert F._layer_unsupported("cuda", x, 0, False, 1492) is None
+    why = F._layer_unsupported("cuda", x, 0, False, 1493)
+    assert "hidden size 1493" in why and "streamed variant is disabled" in why, why

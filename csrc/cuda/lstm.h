@@ -21,6 +21,9 @@ struct LstmLayerPlanInfo {
 };
 cudaError_t lstm_layer_fwd(const LstmLayerArgs& a, cudaStream_t stream, LstmLayerPlanInfo* info = nullptr);
 cudaError_t lstm_layer_bwd(const LstmLayerArgs& a, cudaStream_t stream, LstmLayerPlanInfo* info = nullptr);
+// Whether a launch of that direction would keep W_hh on chip on a GPU of `sms` multiprocessors and `smem_max` bytes
+// of opt-in shared memory per block (host only, no GPU needed); false also when the size is refused outright.
+bool lstm_layer_resident(DType dtype, int64_t H, bool forward, int sms, int smem_max);
 
 }  // namespace cuda
 }  // namespace pykernels

@@ -334,14 +334,11 @@ struct Plan {
   int64_t max_hidden = 0;  // forward: the largest H whose batch chunk of h fits in shared memory
 };
 
+// The plan of a GPU with `sms` multiprocessors and `smem_max` bytes of opt-in shared memory per block (host only:
+// also what lstm_layer_resident answers without a GPU).
 template <typename T>
-cudaError_t plan_for(const LstmLayerArgs& a, bool forward, Plan& p) {
-  int dev = 0, sms = 0, smem_max = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err != cudaSuccess) return err;
-  const int64_t H = a.H;
+cudaError_t plan_with(int64_t H, bool forward, int sms, int smem_max, Plan& p) {
+  if (H < 1 || sms < 1 || smem_max < 1) return cudaErrorInvalidValue;
   const int64_t blocks = H < sms ? H : sms;
   p.hb = static_cast<int>((H + blocks - 1) / blocks);
   p.blocks = static_cast<int>((H + p.hb - 1) / p.hb);
@@ -367,6 +364,16 @@ cudaError_t plan_for(const LstmLayerArgs& a, bool forward, Plan& p) {
     p.smem = (p.resident ? w : 0) + h;
   }
   return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t plan_for(const LstmLayerArgs& a, bool forward, Plan& p) {
+  int dev = 0, sms = 0, smem_max = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  return plan_with<T>(a.H, forward, sms, smem_max, p);
 }
 
 template <typename T>
@@ -402,6 +409,18 @@ cudaError_t dispatch(const LstmLayerArgs& a, bool forward, cudaStream_t stream, 
 }
 
 }  // namespace
+
+bool lstm_layer_resident(DType dtype, int64_t H, bool forward, int sms, int smem_max) {
+  Plan p;
+  cudaError_t err = cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::F32: err = plan_with<float>(H, forward, sms, smem_max, p); break;
+    case DType::F16: err = plan_with<__half>(H, forward, sms, smem_max, p); break;
+    case DType::BF16: err = plan_with<__nv_bfloat16>(H, forward, sms, smem_max, p); break;
+    default: break;
+  }
+  return err == cudaSuccess && p.resident;
+}
 
 cudaError_t lstm_layer_fwd(const LstmLayerArgs& a, cudaStream_t stream, LstmLayerPlanInfo* info) {
   return dispatch(a, true, stream, info);

@@ -7,6 +7,8 @@ reference (plain PyTorch) — the reason is recorded in ``pykernels.last_dispatc
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -154,8 +156,26 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
 _LAYER_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32),
                  "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
                  "cuda": (torch.float16, torch.bfloat16, torch.float32)}
-# The persistent CUDA kernel stages 16 batch rows of h_{t-1} in shared memory (16 * H * 4 bytes in fp32).
-CUDA_LAYER_MAX_HIDDEN = 2048
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_layer_resident(hidden: int, dtype: torch.dtype, sms: int, smem_max: int) -> bool:
+    """Whether the persistent CUDA kernels keep W_hh of this hidden size on chip, forward and backward, on a GPU
+    of `sms` multiprocessors and `smem_max` bytes of opt-in shared memory per block: the launcher's own plan
+    (csrc/cuda/lstm_layer.cu plan_with), asked without a GPU. The launcher refuses the streamed variant."""
+    op = torch.ops.pykernels.lstm_layer_resident
+    return all(op(hidden, dtype, forward, sms, smem_max) for forward in (True, False))
+
+
+def _cuda_layer_reason(x: Tensor, hidden: int) -> Optional[str]:
+    # eager calls only: under torch.compile the kernel's own error says the same (the plan is a host query)
+    if torch.compiler.is_compiling() or not hasattr(torch.ops.pykernels, "lstm_layer_resident"):
+        return None
+    props = torch.cuda.get_device_properties(x.device)
+    if cuda_layer_resident(hidden, x.dtype, props.multi_processor_count, props.shared_memory_per_block_optin):
+        return None
+    return (f"hidden size {hidden} ({x.dtype}): W_hh does not fit in the cuda sequence kernel's shared memory on "
+            f"this GPU, and its streamed variant is disabled (it crashed on its one GPU run)")
 
 
 def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool, hidden: int) -> Optional[str]:
@@ -171,8 +191,8 @@ def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool, hidden: 
         return "proj_size > 0 is not covered by the sequence kernel"
     if packed:
         return "packed sequences are not covered by the sequence kernel"
-    if b == "cuda" and hidden > CUDA_LAYER_MAX_HIDDEN:
-        return f"hidden size {hidden} > {CUDA_LAYER_MAX_HIDDEN} in the cuda sequence kernel"
+    if b == "cuda" and x.is_cuda:
+        return _cuda_layer_reason(x, hidden)
     return None
 
 
