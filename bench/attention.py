@@ -8,6 +8,7 @@ matmuls: recomputed QK^T, dV, dP, dQ, dK, as FlashAttention-2 counts it). No byt
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, List, Optional
 
 import torch
@@ -149,10 +150,31 @@ def _flash_attn():
     return fn
 
 
+def _cuda_mma_sync(out: List[Provider]) -> Provider:
+    """The cuda backend with its Hopper kernels off (PYKERNELS_ATTN_NO_SM90A=1, read at each call): the sm_80
+    mma.sync kernels, to time them beside the wgmma/TMA ones in one run: ``--backends cuda,cuda-mma-sync``."""
+    cuda = next(p for p in out if p.name == "pykernels-cuda")
+    run = _pykernels("cuda")
+
+    def fn(q, k, v, causal):
+        prev = os.environ.get("PYKERNELS_ATTN_NO_SM90A")
+        os.environ["PYKERNELS_ATTN_NO_SM90A"] = "1"
+        try:
+            return run(q, k, v, causal)
+        finally:
+            if prev is None:
+                del os.environ["PYKERNELS_ATTN_NO_SM90A"]
+            else:
+                os.environ["PYKERNELS_ATTN_NO_SM90A"] = prev
+    return Provider("pykernels-cuda-mma-sync", fn, cuda.absent, default=False)
+
+
 def providers(device: torch.device, dtype: torch.dtype) -> List[Provider]:
-    """pykernels-<backend>, then torch's SDPA as dispatched by torch ("torch") and pinned to each of its backends,
-    FlexAttention (CUDA) and flash-attn when importable."""
+    """pykernels-<backend> (and, on request, the cuda backend on its mma.sync kernels), then torch's SDPA as
+    dispatched by torch ("torch") and pinned to each of its backends, FlexAttention (CUDA) and flash-attn when
+    importable."""
     out = pykernels_providers(device, _pykernels, _kernels)
+    out.append(_cuda_mma_sync(out))
     out.append(Provider("torch", _torch, baseline=True))
     out += [_sdpa(name, device) for name in SDPA_BACKENDS]
     out.append(peer("flex_attention", device, _flex))

@@ -126,6 +126,9 @@ def test_default_providers_and_absence_reasons():
                                                      pykernels.available_backends("cpu")["cpu"])
         assert provs["pykernels-cuda"].absent and provs["torch"].baseline and not provs["torch"].absent
     att = {p.name: p for p in attention.providers(CPU, torch.float32)}
+    # the cuda backend on its mma.sync kernels: on request only, absent wherever the cuda backend is
+    assert not att["pykernels-cuda-mma-sync"].default
+    assert att["pykernels-cuda-mma-sync"].absent == att["pykernels-cuda"].absent
     for n in ("sdpa-efficient", "sdpa-cudnn", "flex_attention", "flash-attn"):
         assert "CUDA only" in att[n].absent and att[n].fn is None
     assert att["sdpa-math"].fn is not None
@@ -212,3 +215,18 @@ def test_shape_needs_exactly_one_suite(capsys):
     assert "pass exactly one --suite" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the default is every suite
         cli.main(["--shape", "N=4,V=8", "--device", "cpu"])
+
+
+def test_cuda_mma_sync_provider_switches_the_hopper_kernels_off_for_its_call_only(monkeypatch):
+    import os
+    seen = []
+    monkeypatch.setattr(attention, "_pykernels",
+                        lambda b: (lambda *a: seen.append((b, os.environ.get("PYKERNELS_ATTN_NO_SM90A")))))
+    for before in (None, "0"):
+        if before is None:
+            monkeypatch.delenv("PYKERNELS_ATTN_NO_SM90A", raising=False)
+        else:
+            monkeypatch.setenv("PYKERNELS_ATTN_NO_SM90A", before)
+        prov = attention._cuda_mma_sync([harness.Provider("pykernels-cuda", None, None)])
+        prov.fn(1, 2, 3, True)
+        assert seen[-1] == ("cuda", "1") and os.environ.get("PYKERNELS_ATTN_NO_SM90A") == before
