@@ -218,7 +218,8 @@ def _json_summary(path: Path) -> List[str]:
         if parts:
             n = len(dict.fromkeys(r["case"] for r in rs))
             lines.append(f"- **{suite}** on {_device(d['env'])}, {d['env']['date_utc'][:10]}, {n} case"
-                         f"{'s' * (n > 1)} (`{_name(path)}`), time over torch's (below 1: faster): " + "; ".join(parts) + ".")
+                         f"{'s' * (n > 1)} (`{_name(path)}`), time over torch's (below 1: faster): "
+                         + "; ".join(parts) + ".")
     return lines
 
 

@@ -229,9 +229,9 @@ LstmLayerArgs layer_args(const at::Tensor& w_hh, int64_t T, int64_t B, int64_t H
 // launcher refuses (csrc/cuda/lstm_layer.cu launch): a RuntimeError that says so, before any other error.
 void check_resident(cudaError_t err, const cuda::LstmLayerPlanInfo& plan, const char* op, int64_t H,
                     at::ScalarType dtype) {
-  TORCH_CHECK(err != cudaErrorNotSupported || plan.resident, op, " (cuda): W_hh of hidden size ", H, " (", dtype, ") does not fit in the blocks' "
-              "shared memory, and the streamed kernel is disabled (it crashed on its one GPU run); use the triton "
-              "backend, or torch's nn.LSTM");
+  TORCH_CHECK(err != cudaErrorNotSupported || plan.resident, op, " (cuda): W_hh of hidden size ", H, " (", dtype,
+              ") does not fit in the blocks' shared memory, and the streamed kernel is disabled (it crashed on its "
+              "one GPU run); use the triton backend, or torch's nn.LSTM");
 }
 
 std::tuple<at::Tensor, at::Tensor> layer_fwd_cuda(const at::Tensor& xproj, const at::Tensor& w_hh,

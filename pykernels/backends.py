@@ -122,7 +122,8 @@ TRITON_FIRST_CUDA: Dict[str, str] = {
         "B=4 H=16 L=2048 E=128 causal (bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json)",
     "varlen_attention": "the kernels of scaled_dot_product_attention, with offsets: as measured there",
     "lstm": "the CUDA persistent kernels measured 0.25x the Triton ones' speed forward+backward (0.41x forward) on "
-            "H200 bf16, T=256 B=32 I=H=512 (bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json)",
+            "H200 bf16, T=256 B=32 I=H=512 "
+            "(bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json)",
     "linear_cross_entropy":
         "the CUDA kernels measured 0.49x the Triton ones' speed forward+backward (0.40x forward) on H200 bf16, "
         "N=8192 H=2048 V=128256 (bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json)",

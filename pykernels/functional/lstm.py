@@ -8,7 +8,6 @@ reference (plain PyTorch) — the reason is recorded in ``pykernels.last_dispatc
 from __future__ import annotations
 
 import functools
-
 from typing import Optional, Sequence, Tuple
 
 import torch
