@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 CASES = [  # bias, weighted, eps, zl, softcap, reduction, uneven
     (False, False, 0.0, 0.0, 0.0, "mean", False),
@@ -67,12 +68,15 @@ def _worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
                     err = (p.double() - f.double()).abs().max().item()
                     assert err <= tol * max(1.0, f.double().abs().max().item()), \
                         f"{backend} case {i} rank {rank}: {name} error {err:.3e}"
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # both ranks are done communicating: no destroy_process_group, see below
     except BaseException:
         with open(os.path.join(err_dir, f"rank{rank}.txt"), "w") as fh:
             fh.write(traceback.format_exc())
         raise
+    open(os.path.join(err_dir, f"done{rank}"), "w").close()
+    # Skip gloo's and the interpreter's teardown: once in CI (2026-12-04) a worker aborted after its checks with
+    # "terminate called without an active exception" (a native thread still joinable when it was destroyed)
+    os._exit(0)
 
 
 def test_vocab_parallel_matches_single_process(tmp_path):
@@ -91,13 +95,15 @@ def test_vocab_parallel_matches_single_process(tmp_path):
         while not ctx.join(timeout=5):
             if time.monotonic() > deadline:
                 pytest.fail("vocab-parallel workers did not finish in 240 s")
-    except mp.ProcessException:
+    except ProcessException as e:  # a worker raised (its traceback is in rank<i>.txt) or died
         errs = [p.read_text() for p in sorted(tmp_path.glob("rank*.txt"))]
-        pytest.fail("worker failed:\n" + "\n".join(errs))
+        done = sorted(p.name for p in tmp_path.glob("done*"))
+        pytest.fail(f"worker failed ({e}; finished: {done}):\n" + "\n".join(errs))
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.terminate()
+    assert sorted(p.name for p in tmp_path.glob("done*")) == ["done0", "done1"]
 
 
 def test_group_without_process_group_raises():
