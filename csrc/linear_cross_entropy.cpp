@@ -64,9 +64,9 @@ void check_lce_dlogits(const char* op, const at::Tensor& x, int64_t V, const at:
   const auto acc = acc_type(x.scalar_type());
   for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&m, "m"}, {&log_s, "log_s"},
                                 {&coef_p, "coef_p"}, {&coef_y, "coef_y"}}) {
-    check_vector(*t, op, name, N, acc, x);
+    check_lce_row_vector(op, name, *t, x);
   }
-  if (smooth) check_vector(coef_w, op, "coef_w", N, acc, x);
+  if (smooth) check_lce_row_vector(op, "coef_w", coef_w, x);
   TORCH_CHECK(dl.dim() == 2 && dl.size(0) == N && dl.stride(1) == 1 && dl.scalar_type() == x.scalar_type() &&
                   dl.device() == x.device(),
               op, ": dl must be (", N, ", n_cols) ", x.scalar_type(), " with contiguous rows, got ", dl.scalar_type(),

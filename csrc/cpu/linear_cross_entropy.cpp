@@ -334,12 +334,13 @@ void dlogits_cpu(const at::Tensor& input, const at::Tensor& linear_weight,
 constexpr int64_t kFusedDbRows = 16;  // rows per partial column sum of the bias gradient: one task each
 
 template <typename scalar_t>
-void fused(const at::Tensor& x, const Operands& o, const at::Tensor& target, const at::Tensor& coef_p0,
+void fused(const Operands& o, const at::Tensor& target, const at::Tensor& coef_p0,
            const at::Tensor& coef_lse, const at::Tensor& coef_y, const at::Tensor& coef_w, double softcap,
            bool smooth, int64_t block_rows, const at::Tensor& m, const at::Tensor& log_s, const at::Tensor& zy,
            const at::Tensor& zs, at::Tensor& gx, at::Tensor& gw, at::Tensor& gb) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool low = !std::is_same_v<acc_t, scalar_t>;  // bf16: the rows go through an fp32 copy
+  const at::Tensor& x = o.x;
   const int64_t N = x.size(0), V = o.w.size(0);
   const int64_t R = std::min(N, block_rows);
   const auto acc_opt = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -452,13 +453,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     gb.zero_();
     return {m, log_s, zy, zs, gx, gw, gb};
   }
-  // (Operands: the bias and class weights in the accumulation dtype; x stays in its dtype for the GEMMs)
-  const Operands o{at::Tensor(), linear_weight,
-                   linear_bias.has_value() ? linear_bias->to(acc_type(dtype)) : at::Tensor(),
-                   weight.has_value() ? *weight : at::Tensor()};
+  const Operands o = operands(input, linear_weight, linear_bias, weight);  // x itself: float16 was refused above
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "linear_cross_entropy_fused_cpu", [&] {
-    fused<scalar_t>(input, o, target.contiguous(), coef_p0, coef_lse, coef_y, coef_w, softcap, smooth, block_rows, m,
-                    log_s, zy, zs, gx, gw, gb);
+    fused<scalar_t>(o, target.contiguous(), coef_p0, coef_lse, coef_y, coef_w, softcap, smooth, block_rows, m, log_s,
+                    zy, zs, gx, gw, gb);
   });
   return {m, log_s, zy, zs, gx, gw, gb};
 }

@@ -176,15 +176,18 @@ def _cell_setup(ctx, inputs, output):
     ctx.save_for_backward(input, hx, cx, w_ih, w_hh, output[2])
 
 
+def gemm_dtype(t: Tensor) -> torch.dtype:
+    """The dtype in which GEMMs on operands like t run: float32 for float16 on the CPU (whose fp16 GEMMs measured
+    5-100x slower than fp32 ones: fp32 on converted operands, rounded once), else t's own."""
+    return torch.float32 if t.dtype == torch.float16 and t.device.type == "cpu" else t.dtype
+
+
 def _weight_grads(dg: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool):
-    """dx = dg W, dW = dg^T x, in the weights' dtype (dg is the fp32 gate gradient, rows flattened). float16 on the
-    CPU: fp32 GEMMs on converted operands, rounded once (CPU fp16 GEMMs measured 5-100x slower than fp32 ones)."""
-    if w.dtype == torch.float16 and w.device.type == "cpu":
-        dx = dg @ w.float() if need_x else None
-        dw = dg.t() @ x.float() if need_w else None
-        return (None if dx is None else dx.to(w.dtype)), (None if dw is None else dw.to(w.dtype))
-    d = dg.to(w.dtype)
-    return (d @ w if need_x else None), (d.t() @ x if need_w else None)
+    """dx = dg W, dW = dg^T x, in the weights' dtype (dg is the fp32 gate gradient, rows flattened), the GEMMs in
+    gemm_dtype(w)."""
+    g = gemm_dtype(w)
+    d = dg.to(g)
+    return ((d @ w.to(g)).to(w.dtype) if need_x else None), ((d.t() @ x.to(g)).to(w.dtype) if need_w else None)
 
 
 def _cell_backward(ctx, gh, gc, gws):
@@ -214,7 +217,7 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Opti
     T, B, _ = x.shape
     acc = acc_dtype(x.dtype)
     x2 = x.reshape(T * B, -1)
-    if x.dtype == torch.float16 and x.device.type == "cpu":  # CPU fp16 GEMMs are 5-100x slower: fp32 on copies
+    if gemm_dtype(x) != x.dtype:  # CPU float16: fp32 GEMM on copies
         x2, w_ih = x2.to(acc), w_ih.to(acc)
         b_ih, b_hh = (None, None) if b_ih is None else (b_ih.to(acc), b_hh.to(acc))
     if b_ih is None:
