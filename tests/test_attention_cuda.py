@@ -310,3 +310,93 @@ def _host_check(tmp_path, main):
     subprocess.run([nvcc, "-std=c++17", f"-I{root}", str(src), "-o", str(exe)], check=True, capture_output=True)
     out = subprocess.run([str(exe)], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout[-2000:]
+
+
+# Scores a thread holds in one tile of each kernel (its accumulator elements: tile columns / 2 for a warp's 16 rows),
+# by padded head dim: the count of exp2 (MUFU.EX2) a plain tile runs.
+TILE_SCORES = {
+    "attn_fwd_kernel": {64: 32, 128: 32, 256: 32},                 # 64 keys
+    "attn_fwd_sm90a_kernel": {64: 32, 128: 32, 256: 32},           # 64 keys
+    "attn_fwd_sm90a_tma_kernel": {64: 64, 128: 32, 256: 32},       # sub-tiles of 128 / 64 / 64 keys
+    "attn_bwd_dq_kernel": {64: 32, 128: 32, 256: 32},              # 64 keys
+    "attn_bwd_dq_sm90a_kernel": {64: 32, 128: 32, 256: 32},
+    "attn_bwd_dkdv_kernel": {64: 16, 128: 16, 256: 8},             # 32 / 32 / 16 queries
+    "attn_bwd_dkdv_sm90a_kernel": {64: 32, 128: 16, 256: 16},      # 64 / 32 / 32 queries
+}
+
+
+def test_plain_tiles_run_branch_free_score_code():
+    """Each attention kernel picks its score code once per warp and tile (csrc/cuda/attention_tiles.cuh, tile_mode):
+    a tile without soft cap, mask or dropout whose scores are all visible runs one straight stretch of SASS holding
+    every exp2 of the tile, with no branch. The code that carries every option, inlined per score, branched around
+    them score by score: 0 or 1 exp2 between branches in every kernel but the sm_80 forward (17), and a Hopper
+    forward whose softmax of 64 keys was ~6,000 instructions long."""
+    import re
+    for sm, found in kernel_sass(tuple(TILE_SCORES)).items():
+        for kern, by_dim in TILE_SCORES.items():
+            for f in found.get(kern, []):
+                name = f.split("\n", 1)[0]
+                if "TRAP" in f and "MUFU" not in f:  # the sm_90a kernels' stubs in the other binaries
+                    continue
+                dp = int(re.search(r"Li(\d+)E", name).group(1))
+                run = best = 0
+                for ins in re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", f):
+                    if re.search(r"\bBRA\b", ins):
+                        best, run = max(best, run), 0
+                    elif "MUFU.EX2" in ins:
+                        run += 1
+                best = max(best, run)
+                assert best >= by_dim[dp], f"{sm} {kern} (head dim {dp}): {best} exp2 between branches"
+
+
+_VISIBLE_MAIN = r'''
+// all_visible (the test that lets a tile skip the per-score checks) against visible itself, score by score, over
+// lengths, causal alignments, windows and tile positions (including tiles past the ends): exact both ways.
+#include <cstdio>
+#include "cuda/attention_tiles.cuh"
+using namespace pykernels;
+using namespace pykernels::cuda;
+
+int main() {
+  int bad = 0, tiles = 0, all = 0;
+  const int lens[] = {1, 7, 16, 33, 80};
+  const long long wins[] = {-1, 0, 5, 40};
+  for (int L : lens)
+    for (int S : lens)
+      for (int causal = 0; causal < 2; ++causal)
+        for (long long diag : {0ll, -3ll, 9ll})
+          for (long long wl : wins)
+            for (long long wr : wins) {
+              AttentionArgs a;
+              a.causal = causal;
+              a.win_left = wl;
+              a.win_right = wr;
+              Seq s{0, 0, L, S, diag + (causal ? S - L : 0)};
+              for (int rows : {8, 16})
+                for (int cols : {8, 16, 64})
+                  for (int ilo = 0; ilo < L + 8; ilo += 3)
+                    for (int jlo = 0; jlo < S + 8; jlo += 5) {
+                      bool every = true;
+                      for (int i = ilo; i < ilo + rows; ++i)
+                        for (int j = jlo; j < jlo + cols; ++j) every = every && visible(a, s, i, j);
+                      const bool got = all_visible(a, s, ilo, ilo + rows, jlo, jlo + cols);
+                      ++tiles;
+                      all += every;
+                      if (got != every && bad++ < 10)
+                        printf("MISMATCH L=%d S=%d causal=%d d=%lld wl=%lld wr=%lld tile %d+%d x %d+%d: %d vs %d\n", L,
+                               S, causal, (long long)s.d, wl, wr, ilo, rows, jlo, cols, got, every);
+                    }
+            }
+  printf("%d tiles, %d all visible\n", tiles, all);
+  if (all == 0 || all == tiles) ++bad;  // both outcomes must occur
+  printf(bad ? "FAILED %d\n" : "OK\n", bad);
+  return bad != 0;
+}
+'''
+
+
+def test_tile_visibility_is_exact(tmp_path):
+    """all_visible (csrc/cuda/attention_tiles.cuh, compiled for the host by nvcc) says a tile is fully visible exactly
+    when visible() holds for every score in it: a false yes would skip masking (wrong results), a false no would
+    send a full tile down the slower checked path."""
+    _host_check(tmp_path, _VISIBLE_MAIN)

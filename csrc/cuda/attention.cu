@@ -168,16 +168,14 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dkdv_kernel(AttentionArg
       __syncthreads();  // Q(h, m0) and its stats (K, V on the first pass) landed; every warp is done with dO
       load_rows_async<BM, DP, LD>(Os, a.dout, a, b, s.q0, h, m0, s.L, a.Ev);
       cp_async_commit();
-      // P^T (this warp's 16 keys x BM queries), recomputed from the lse
-      float pt[BM / 8][4] = {}, dcap[BM / 8][4];
+      // S^T (this warp's 16 keys x BM queries), then P^T recomputed from the lse
+      float pt[BM / 8][4] = {}, dpt[BM / 8][4] = {};
       gemm_rows<T, LD, DP, BM / 8>(pt, Ks, warp * 16, Qs, lane);
       cp_async_wait<0>();
-      __syncthreads();  // dO landed
-      bwd_probs<true>(a, s, b, h, n0 + warp * 16 + g, m0, t, [&](int i, int) { return lse_s[i - m0]; }, pt, dcap);
-      float dpt[BM / 8][4] = {};
+      __syncthreads();                                             // dO landed
       gemm_rows<T, LD, DP, BM / 8>(dpt, Vs, warp * 16, Os, lane);  // dP^T = V dO^T
-      bwd_dscores<true>(a, s, drop, n0 + warp * 16 + g, m0, t, [&](int i, int) { return dl_s[i - m0]; }, nullptr,
-                        pt, dpt, dcap);  // dS^T, dropped P^T
+      bwd_scores<true>(a, s, b, h, drop, n0 + warp * 16 + g, m0, t, [&](int i, int) { return lse_s[i - m0]; },
+                       [&](int i, int) { return dl_s[i - m0]; }, nullptr, pt, dpt);  // dropped P^T, dS^T
       uint32_t pa[BM / 16][4], da[BM / 16][4];
       pack_a_frags<T, BM>(pa, pt);
       pack_a_frags<T, BM>(da, dpt);
@@ -240,14 +238,13 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dq_kernel(AttentionArgs 
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();  // K (and Q, dO on the first pass) landed
-    float p[BN / 8][4] = {}, dcap[BN / 8][4];
+    float p[BN / 8][4] = {}, dp[BN / 8][4] = {};
     gemm_rows<T, LD, DP, BN / 8>(p, Qs, warp * 16, Ks, lane);  // S = Q K^T
-    bwd_probs<false>(a, s, b, h, i0, n0, t, [&](int, int e) { return off[e >> 1]; }, p, dcap);
     cp_async_wait<0>();
-    __syncthreads();  // V landed
-    float dp[BN / 8][4] = {};
+    __syncthreads();                                            // V landed
     gemm_rows<T, LD, DP, BN / 8>(dp, Os, warp * 16, Vs, lane);  // dP = dO V^T
-    bwd_dscores<false>(a, s, drop, i0, n0, t, [&](int, int e) { return dl[e >> 1]; }, dmask, p, dp, dcap);  // dS
+    bwd_scores<false>(a, s, b, h, drop, i0, n0, t, [&](int, int e) { return off[e >> 1]; },
+                      [&](int, int e) { return dl[e >> 1]; }, dmask, p, dp);  // dS
     uint32_t da[BN / 16][4];
     pack_a_frags<T, BN>(da, dp);
     gemm_acc<T, LD, BN / 16, DC / 8>(dq, da, Ks + c0, lane);  // dQ += dS K

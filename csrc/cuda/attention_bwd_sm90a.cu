@@ -2,7 +2,7 @@
 // key block over its GQA group's query tiles, then dQ per query block; every gradient element written once, no
 // atomics) with every product on wgmma (sm_90a only, csrc/cuda/wgmma.cuh). A block is one warpgroup of 4 warps
 // whose m64nN accumulators have the m16n8 layout of the sm_80 kernels, so the scores' masking, dropout and dS
-// code is theirs (bwd_probs / bwd_dscores in attention_tiles.cuh).
+// code is theirs (bwd_scores in attention_tiles.cuh).
 //   dK/dV, 64 keys: S^T = K Q^T and dP^T = V dO^T from K-major shared tiles (N = the query tile), then
 //     dV += dropped(P)^T dO and dK += dS^T Q with P^T / dS^T from registers and dO, Q read MN-major in place
 //     (the same K-major tiles, transpose-B immediate: no transposed copies).
@@ -70,12 +70,12 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_sm90a_kernel(Attent
       copies_landed<0>();  // Q(h, m0), its stats (K, V on the first pass); every warp is done with dO
       load_kmajor_async<BM, DP>(Os, a.dout, a, b, s.q0, h, m0, s.L, a.Ev);
       cp_async_commit();
-      float pt[BM / 8][4] = {}, dpt[BM / 8][4] = {}, dcap[BM / 8][4];
+      float pt[BM / 8][4] = {}, dpt[BM / 8][4] = {};
       wgmma_sync([&] { wgmma_tiles<T, BM, DP>(pt, Ks, Qs); }, pt);  // S^T = K Q^T
       copies_landed<0>();                                            // dO
       wgmma_sync([&] { wgmma_tiles<T, BM, DP>(dpt, Vs, Os); }, dpt);  // dP^T = V dO^T
-      bwd_probs<true>(a, s, b, h, r0, m0, t, [&](int i, int) { return off_s[i - m0]; }, pt, dcap);
-      bwd_dscores<true>(a, s, drop, r0, m0, t, [&](int i, int) { return dl_s[i - m0]; }, nullptr, pt, dpt, dcap);
+      bwd_scores<true>(a, s, b, h, drop, r0, m0, t, [&](int i, int) { return off_s[i - m0]; },
+                       [&](int i, int) { return dl_s[i - m0]; }, nullptr, pt, dpt);  // dropped P^T, dS^T
       uint32_t pa[BM / 16][4], da[BM / 16][4];
       pack_a_frags<T, BM>(pa, pt);
       pack_a_frags<T, BM>(da, dpt);
@@ -134,12 +134,12 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_sm90a_kernel(Attentio
     load_kmajor_async<BN, DP>(Vs, a.v, a, b, s.k0, hk, n0, s.S, a.Ev);  // copied while S and P are computed
     cp_async_commit();
     copies_landed<1>();  // K (and Q, dO on the first pass)
-    float p[BN / 8][4] = {}, dp[BN / 8][4] = {}, dcap[BN / 8][4];
-    wgmma_sync([&] { wgmma_tiles<T, BN, DP>(p, Qs, Ks); }, p);  // S = Q K^T
-    bwd_probs<false>(a, s, b, h, i0, n0, t, [&](int, int e) { return off[e >> 1]; }, p, dcap);
+    float p[BN / 8][4] = {}, dp[BN / 8][4] = {};
+    wgmma_sync([&] { wgmma_tiles<T, BN, DP>(p, Qs, Ks); }, p);    // S = Q K^T
     copies_landed<0>();                                           // V
     wgmma_sync([&] { wgmma_tiles<T, BN, DP>(dp, Os, Vs); }, dp);  // dP = dO V^T
-    bwd_dscores<false>(a, s, drop, i0, n0, t, [&](int, int e) { return dl[e >> 1]; }, dmask, p, dp, dcap);  // dS
+    bwd_scores<false>(a, s, b, h, drop, i0, n0, t, [&](int, int e) { return off[e >> 1]; },
+                      [&](int, int e) { return dl[e >> 1]; }, dmask, p, dp);  // dS
     uint32_t da[BN / 16][4];
     pack_a_frags<T, BN>(da, dp);
     wgmma_sync([&] { wgmma_acc<T, DC, BN, DP>(dq, da, Ks, c0); }, dq);  // dQ += dS K

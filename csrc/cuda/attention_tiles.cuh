@@ -121,7 +121,7 @@ __device__ __forceinline__ void load_rows_async(uint16_t* sm, const AttnView& v,
   copy_rows_async<ROWS, DP>(sm, [](int r, int c) { return r * LD + c; }, v, a, b, row0, head, row, n, cols);
 }
 
-__device__ __forceinline__ bool visible(const AttentionArgs& a, const Seq& s, int64_t i, int64_t j) {
+__host__ __device__ __forceinline__ bool visible(const AttentionArgs& a, const Seq& s, int64_t i, int64_t j) {
   bool ok = i < s.L && j < s.S;
   if (a.causal) ok = ok && j <= i + s.d;
   if (a.win_left >= 0) ok = ok && j >= i + s.d - a.win_left;
@@ -208,6 +208,79 @@ __device__ __forceinline__ float dropped(const AttentionArgs& a, const Dropout& 
   return dropout_keep(d.seed, (d.row0 + i) * a.drop_cols + j, d.p) ? p * d.inv_keep : 0.f;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Score code specialised per tile. masked_score and dropped inlined for every element of an unrolled tile carry
+// every option (soft cap with its division and tanh, a bool or float mask of four dtypes with its loads, Philox
+// dropout): the SASS of the TMA forward had about 6,000 instructions (96 KB) between its S = Q K^T and its P V,
+// 190 a score, the common path branching around the rest element by element. Each warp therefore picks, once per
+// tile, the smallest code that is exact for it (the suspected cause of that forward's 3.5% of the matmul rate on
+// the H200 is instruction fetch; unmeasured): kVisible (no option on, every score of the tile visible: the scaling
+// only), kBounds (no option on, the bounds / causal / window checks per score), kGeneral (masked_score, dropped).
+// The three give the same bits where they overlap.
+enum class ScoreMode { kVisible, kBounds, kGeneral };
+
+// No soft cap, no mask, no dropout: a score is its scaled product, or -inf where not visible.
+__device__ __forceinline__ bool plain_scores(const AttentionArgs& a, const Dropout& d) {
+  return !(a.softcap > 0.f) && a.mask == nullptr && d.p <= 0.f;
+}
+
+// Every (query i in [ilo, ihi), key j in [jlo, jhi)) visible: in bounds, and inside the causal and window limits.
+__host__ __device__ __forceinline__ bool all_visible(const AttentionArgs& a, const Seq& s, int ilo, int ihi, int jlo,
+                                                     int jhi) {
+  if (ihi > s.L || jhi > s.S) return false;
+  const int64_t dlo = ilo + s.d;  // the smallest i + d: the tightest causal / right-window limit
+  if (a.causal && jhi - 1 > dlo) return false;
+  if (a.win_right >= 0 && jhi - 1 > dlo + a.win_right) return false;
+  if (a.win_left >= 0 && jlo < ihi - 1 + s.d - a.win_left) return false;
+  return true;
+}
+
+// The mode of a warp's tile in the accumulator layout of score_at: rows rb .. rb + 16 (rb: lane 0's r0, its g = 0),
+// columns c0 .. c0 + 8 NT; (query, key) or, KEY_ROWS, (key, query). The same in every lane of the warp.
+template <bool KEY_ROWS, int NT>
+__device__ __forceinline__ ScoreMode tile_mode(const AttentionArgs& a, const Seq& s, const Dropout& d, int r0,
+                                               int c0) {
+  if (!plain_scores(a, d)) return ScoreMode::kGeneral;
+  const int rb = __shfl_sync(0xffffffffu, r0, 0);
+  const bool all = KEY_ROWS ? all_visible(a, s, c0, c0 + 8 * NT, rb, rb + 16)
+                            : all_visible(a, s, rb, rb + 16, c0, c0 + 8 * NT);
+  return all ? ScoreMode::kVisible : ScoreMode::kBounds;
+}
+
+// f(mode) with the mode as a compile-time constant (std::integral_constant): one copy of f's code per mode.
+template <typename F>
+__device__ __forceinline__ void with_mode(ScoreMode mode, F f) {
+  if (mode == ScoreMode::kVisible) {
+    f(std::integral_constant<ScoreMode, ScoreMode::kVisible>{});
+  } else if (mode == ScoreMode::kBounds) {
+    f(std::integral_constant<ScoreMode, ScoreMode::kBounds>{});
+  } else {
+    f(std::integral_constant<ScoreMode, ScoreMode::kGeneral>{});
+  }
+}
+
+// masked_score and dropped in mode M (the plain modes: no soft cap, so dcap = 1, no mask, no dropout).
+template <ScoreMode M>
+__device__ __forceinline__ float mode_score(const AttentionArgs& a, const Seq& s, int64_t b, int64_t h, int i, int j,
+                                            float acc, float& dcap) {
+  if constexpr (M == ScoreMode::kGeneral) {
+    return masked_score(a, s, b, h, i, j, acc, dcap);
+  } else {
+    dcap = 1.f;
+    const float x = acc * a.scale * kLog2e;  // score()'s arithmetic without a cap: the same bits
+    return M == ScoreMode::kVisible || visible(a, s, i, j) ? x : -INFINITY;
+  }
+}
+
+template <ScoreMode M>
+__device__ __forceinline__ float mode_dropped(const AttentionArgs& a, const Dropout& d, int i, int j, float p) {
+  if constexpr (M == ScoreMode::kGeneral) {
+    return dropped(a, d, i, j, p);
+  } else {
+    return p;
+  }
+}
+
 // The query tile of a forward or dQ block (blockIdx.x = batch entry * H + query head, blockIdx.y = tile of BM
 // rows): batch entry, head, its kv head, sequence, dropout counters and first row.
 struct QueryTile {
@@ -244,43 +317,46 @@ __device__ __forceinline__ void score_at(int r0, int c0, int t, int nt, int e, i
   j = KEY_ROWS ? r : c;
 }
 
-// Scores -> probabilities from the forward's lse, in place, and the soft cap's chain factor dcap. off(i, e) is the
-// lse_offset of query i (element e: its row half, for stats held in registers): finite or +inf, so masked scores
-// give 0.
-template <bool KEY_ROWS, int NT, typename Off>
-__device__ __forceinline__ void bwd_probs(const AttentionArgs& a, const Seq& s, int64_t b, int64_t h, int r0, int c0,
-                                          int t, Off off, float (&p)[NT][4], float (&dcap)[NT][4]) {
+// Raw scores S (in p, from the product) and dP (in dp) -> dS = P (dropped(dP) - delta(i, e)) dcap in dp, with P
+// recomputed from the forward's lse: off(i, e) is the lse_offset of query i (element e: its row half, for stats
+// held in registers), finite or +inf, so masked scores give 0; dcap is the soft cap's chain factor. The float
+// mask's gradient is dS before the chain factor, written to dmask (when not null) once per element. In the dK/dV
+// kernels (KEY_ROWS) p ends as dropped(P) for dV = dropped(P)^T dO (dropout: the same scores as the forward), in
+// the dQ kernels as P. Both products come first, so the cap's factors never live across one. The tile's score
+// code is chosen once (tile_mode); the plain modes do it in one pass, kGeneral in two (P and dcap, then dS: in one
+// pass its per-score code spilled the sm_80 dQ kernel).
+template <bool KEY_ROWS, int NT, typename Off, typename Delta>
+__device__ __forceinline__ void bwd_scores(const AttentionArgs& a, const Seq& s, int64_t b, int64_t h,
+                                           const Dropout& drop, int r0, int c0, int t, Off off, Delta delta,
+                                           float* dmask, float (&p)[NT][4], float (&dp)[NT][4]) {
+  with_mode(tile_mode<KEY_ROWS, NT>(a, s, drop, r0, c0), [&](auto mode) {
+    constexpr ScoreMode M = decltype(mode)::value;
+    float dcap[NT][4];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      int i, j;
-      score_at<KEY_ROWS>(r0, c0, t, nt, e, i, j);
-      const float x = masked_score(a, s, b, h, i, j, p[nt][e], dcap[nt][e]);
-      p[nt][e] = exp2_approx(x - off(i, e));
+      for (int e = 0; e < 4; ++e) {
+        int i, j;
+        score_at<KEY_ROWS>(r0, c0, t, nt, e, i, j);
+        p[nt][e] = exp2_approx(mode_score<M>(a, s, b, h, i, j, p[nt][e], dcap[nt][e]) - off(i, e));
+        if constexpr (M != ScoreMode::kGeneral) dp[nt][e] = p[nt][e] * (dp[nt][e] - delta(i, e));  // dS
+      }
     }
-  }
-}
-
-// dP -> dS = P (dropped(dP) - delta(i, e)) dcap in place. The float mask's gradient is dS before the chain factor,
-// written to dmask (when not null) once per element. In the dK/dV kernels (KEY_ROWS) P itself is then dropped in
-// place for dV = dropped(P)^T dO (dropout: the same scores as the forward).
-template <bool KEY_ROWS, int NT, typename Delta>
-__device__ __forceinline__ void bwd_dscores(const AttentionArgs& a, const Seq& s, const Dropout& drop, int r0, int c0,
-                                            int t, Delta delta, float* dmask, float (&p)[NT][4], float (&dp)[NT][4],
-                                            const float (&dcap)[NT][4]) {
+    if constexpr (M == ScoreMode::kGeneral) {
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
+      for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      int i, j;
-      score_at<KEY_ROWS>(r0, c0, t, nt, e, i, j);
-      const float ds = p[nt][e] * (dropped(a, drop, i, j, dp[nt][e]) - delta(i, e));
-      if (dmask && i < s.L && j < s.S) dmask[int64_t(i) * a.S + j] = ds;
-      dp[nt][e] = ds * dcap[nt][e];
-      if (KEY_ROWS) p[nt][e] = dropped(a, drop, i, j, p[nt][e]);
+        for (int e = 0; e < 4; ++e) {
+          int i, j;
+          score_at<KEY_ROWS>(r0, c0, t, nt, e, i, j);
+          const float ds = p[nt][e] * (dropped(a, drop, i, j, dp[nt][e]) - delta(i, e));
+          if (dmask && i < s.L && j < s.S) dmask[int64_t(i) * a.S + j] = ds;
+          dp[nt][e] = ds * dcap[nt][e];
+          if (KEY_ROWS) p[nt][e] = dropped(a, drop, i, j, p[nt][e]);
+        }
+      }
     }
-  }
+  });
 }
 
 // The lse offsets and deltas of BM queries from m0 in shared memory (the dK/dV kernels' query tiles); rows past the
@@ -337,46 +413,49 @@ __device__ __forceinline__ void store_acc(T* out, int64_t rs, int r0, int nrows,
 
 // One BN-key tile of scores sc (this thread's rows i0, i0 + 8 of query tile, columns n0 + 8 nt + 2t + c): masks
 // them, updates the running max m and sum l (exp2 domain; l before dropout), rescales the output accumulators
-// o, and leaves in sc the probabilities for P V (after dropout).
+// o, and leaves in sc the probabilities for P V (after dropout). The tile's score code is chosen once (tile_mode).
 template <int BN, int DP>
 __device__ __forceinline__ void softmax_tile(const AttentionArgs& a, const Seq& s, int64_t b, int64_t h,
                                              const Dropout& drop, int i0, int n0, int t, float (&sc)[BN / 8][4],
                                              float (&m)[2], float (&l)[2], float (&o)[DP / 8][4]) {
+  with_mode(tile_mode<false, BN / 8>(a, s, drop, i0, n0), [&](auto mode) {
+    constexpr ScoreMode M = decltype(mode)::value;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    float mx = -INFINITY;
+    for (int half = 0; half < 2; ++half) {
+      float mx = -INFINITY;
 #pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
+      for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        float dcap;
-        float& x = sc[nt][2 * half + c];
-        x = masked_score(a, s, b, h, i0 + 8 * half, n0 + nt * 8 + 2 * t + c, x, dcap);
-        mx = fmaxf(mx, x);
+        for (int c = 0; c < 2; ++c) {
+          float dcap;
+          float& x = sc[nt][2 * half + c];
+          x = mode_score<M>(a, s, b, h, i0 + 8 * half, n0 + nt * 8 + 2 * t + c, x, dcap);
+          mx = fmaxf(mx, x);
+        }
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[half], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row that has seen nothing yet stays at zero
+      const float alpha = exp2_approx(m[half] - m_use);
+      m[half] = m_new;
+      l[half] *= alpha;
+#pragma unroll
+      for (int dt = 0; dt < DP / 8; ++dt) {
+        o[dt][2 * half] *= alpha;
+        o[dt][2 * half + 1] *= alpha;
+      }
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float p = exp2_approx(sc[nt][2 * half + c] - m_use);
+          l[half] += p;  // this thread's partial row sum (before dropout); the 4 lanes are summed at the end
+          sc[nt][2 * half + c] = mode_dropped<M>(a, drop, i0 + 8 * half, n0 + nt * 8 + 2 * t + c, p);
+        }
       }
     }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m[half], mx);
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row that has seen nothing yet stays at zero
-    const float alpha = exp2_approx(m[half] - m_use);
-    m[half] = m_new;
-    l[half] *= alpha;
-#pragma unroll
-    for (int dt = 0; dt < DP / 8; ++dt) {
-      o[dt][2 * half] *= alpha;
-      o[dt][2 * half + 1] *= alpha;
-    }
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const float p = exp2_approx(sc[nt][2 * half + c] - m_use);
-        l[half] += p;  // this thread's partial row sum (before dropout); the 4 lanes are summed at the end
-        sc[nt][2 * half + c] = dropped(a, drop, i0 + 8 * half, n0 + nt * 8 + 2 * t + c, p);
-      }
-    }
-  }
+  });
 }
 
 // Normalises the output rows, writes them and their lse (natural log; -inf for a row that sees no key).
