@@ -11,7 +11,7 @@ import pykernels
 from pykernels.functional import attention as fa
 from pykernels.ops import attention as attn_ops
 
-from test_build import kernel_sass, no_local_memory, require_cuda_build
+from test_build import exp2_between_branches, kernel_sass, no_local_memory, require_cuda_build
 
 KERNELS = ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel")
 
@@ -339,13 +339,7 @@ def test_plain_tiles_run_branch_free_score_code():
                 if "TRAP" in f and "MUFU" not in f:  # the sm_90a kernels' stubs in the other binaries
                     continue
                 dp = int(re.search(r"Li(\d+)E", name).group(1))
-                run = best = 0
-                for ins in re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", f):
-                    if re.search(r"\bBRA\b", ins):
-                        best, run = max(best, run), 0
-                    elif "MUFU.EX2" in ins:
-                        run += 1
-                best = max(best, run)
+                best = exp2_between_branches(f)
                 assert best >= by_dim[dp], f"{sm} {kern} (head dim {dp}): {best} exp2 between branches"
 
 

@@ -17,7 +17,7 @@ from pykernels.ops import linear_cross_entropy as lce_ops
 from pykernels.ops import linear_cross_entropy_launch as launch
 from pykernels.testing import assert_error_rule
 
-from test_build import kernel_sass, no_local_memory, require_cuda_build
+from test_build import exp2_between_branches, kernel_sass, no_local_memory, require_cuda_build
 
 flce = importlib.import_module("pykernels.functional.linear_cross_entropy")  # the package re-exports the function
 
@@ -52,6 +52,19 @@ def test_sass_uses_tensor_cores_ldmatrix_cp_async_without_local_memory():
                 for op in ("HMMA", "LDSM", "LDGSTS"):
                     assert op in f, f"{sm} {kern}: no {op}"
                 assert no_local_memory(f), f"{sm} {kern}: local memory in the kernel"
+
+
+def test_plain_tiles_run_branch_free_loss_code():
+    """A logit tile without bias, soft cap or smoothing, inside the shard (and, backward, inside the chunk and the
+    rows), runs code without those options, chosen once per tile (csrc/cuda/specialize.cuh): the SASS has a
+    straight stretch with the exp2 of a whole row half of the tile (16 logits, forward: each ends at the check for
+    a row with nothing finite yet) or of the whole tile (64 logits a thread, backward). Tested per logit, the
+    options had left 2 exp2 between branches in the backward."""
+    for sm, found in kernel_sass(KERNELS).items():
+        for kern, need in (("lce_fwd_kernel", 16), ("lce_dlogits_kernel", 64)):
+            for f in found[kern]:
+                run = exp2_between_branches(f)
+                assert run >= need, f"{sm} {kern}: {run} exp2 between branches"
 
 
 def test_dispatch_rules():

@@ -15,6 +15,7 @@
 #include "convert.cuh"
 #include "mma.cuh"
 #include "philox.h"
+#include "specialize.cuh"
 
 namespace pykernels {
 namespace cuda {
@@ -250,13 +251,7 @@ __device__ __forceinline__ ScoreMode tile_mode(const AttentionArgs& a, const Seq
 // f(mode) with the mode as a compile-time constant (std::integral_constant): one copy of f's code per mode.
 template <typename F>
 __device__ __forceinline__ void with_mode(ScoreMode mode, F f) {
-  if (mode == ScoreMode::kVisible) {
-    f(std::integral_constant<ScoreMode, ScoreMode::kVisible>{});
-  } else if (mode == ScoreMode::kBounds) {
-    f(std::integral_constant<ScoreMode, ScoreMode::kBounds>{});
-  } else {
-    f(std::integral_constant<ScoreMode, ScoreMode::kGeneral>{});
-  }
+  specialize<ScoreMode, ScoreMode::kVisible, ScoreMode::kBounds, ScoreMode::kGeneral>(mode, f);
 }
 
 // masked_score and dropped in mode M (the plain modes: no soft cap, so dcap = 1, no mask, no dropout).

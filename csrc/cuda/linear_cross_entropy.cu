@@ -15,6 +15,7 @@
 #include "convert.cuh"
 #include "linear_cross_entropy.h"
 #include "mma.cuh"
+#include "specialize.cuh"
 
 namespace pykernels {
 namespace cuda {
@@ -205,41 +206,48 @@ __global__ void __launch_bounds__(kThreads, 1) lce_fwd_kernel(const LinearCrossE
     const int64_t n0 = tile * BN;
     float acc[2][8][4];
     tile_product<T>(acc, a, smem, m0, n0, a.V, p);
+    // A plain tile (every column inside the shard; no bias, soft cap or smoothing) runs code without those
+    // options: chosen once per tile, not tested per logit (specialize.cuh).
     const bool full = n0 + BN <= a.V;
+    const bool plain = full && !a.bias && !(a.softcap > 0.f) && !a.smooth;
+    specialize<bool, true, false>(plain, [&](auto tag) {
+      constexpr bool kPlain = decltype(tag)::value;
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
+      for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int i = 2 * mt + half;
-        float z[16];
-        float tmax = -INFINITY;
+        for (int half = 0; half < 2; ++half) {
+          const int i = 2 * mt + half;
+          float z[16];
+          float tmax = -INFINITY;
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
+          for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int64_t col = n0 + acc_col(p, nt, c);
-            const bool ok = full || col < a.V;
-            float v = ok ? logit<T>(a, acc[mt][nt][2 * half + c], col) : -INFINITY;
-            z[2 * nt + c] = v;
-            tmax = fmaxf(tmax, v);
-            if (ok) {
-              if (col == y[i]) st.zy[i] += v;
-              if (a.smooth) st.zs[i] += a.class_weight ? v * a.class_weight[col] : v;
+            for (int c = 0; c < 2; ++c) {
+              const int64_t col = n0 + acc_col(p, nt, c);
+              const bool ok = kPlain || full || col < a.V;
+              const float v = kPlain ? acc[mt][nt][2 * half + c]
+                                     : ok ? logit<T>(a, acc[mt][nt][2 * half + c], col) : -INFINITY;
+              z[2 * nt + c] = v;
+              tmax = fmaxf(tmax, v);
+              if (ok) {
+                if (col == y[i]) st.zy[i] += v;
+                if (!kPlain && a.smooth) st.zs[i] += a.class_weight ? v * a.class_weight[col] : v;
+              }
             }
           }
-        }
-        const float mn = fmaxf(st.m[i], tmax);
-        if (mn == -INFINITY) continue;  // nothing finite yet: s stays 0
-        const float off = mn * kLog2e;
-        float sum = 0.f;
+          const float mn = fmaxf(st.m[i], tmax);
+          if (mn == -INFINITY) continue;  // nothing finite yet: s stays 0
+          const float off = mn * kLog2e;
+          float sum = 0.f;
 #pragma unroll
-        for (int j = 0; j < 16; ++j) sum += exp2_approx(fmaf(z[j], kLog2e, -off));
-        // rescale by exp2((m - mn) log2 e): exactly 1 when the max did not move (the fmaf(m, L, -off) form drifts
-        // by half an ulp of the exponent per tile: ~1e-4 in lse over 59 tiles), 0 while m is -inf
-        st.s[i] = st.s[i] * exp2_approx((st.m[i] - mn) * kLog2e) + sum;
-        st.m[i] = mn;
+          for (int j = 0; j < 16; ++j) sum += exp2_approx(fmaf(z[j], kLog2e, -off));
+          // rescale by exp2((m - mn) log2 e): exactly 1 when the max did not move (the fmaf(m, L, -off) form
+          // drifts by half an ulp of the exponent per tile: ~1e-4 in lse over 59 tiles), 0 while m is -inf
+          st.s[i] = st.s[i] * exp2_approx((st.m[i] - mn) * kLog2e) + sum;
+          st.m[i] = mn;
+        }
       }
-    }
+    });
   }
   // the 4 lanes t of a group hold the same rows: fold them, then the two column halves (warps wn = 0, 1)
   merge_lanes(st, 1);
@@ -304,47 +312,53 @@ __global__ void __launch_bounds__(kThreads, 1) lce_dlogits_kernel(const LinearCr
   float colsum[8][2];
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) colsum[nt][0] = colsum[nt][1] = 0.f;
+  // A plain tile (a live product, every row and column inside; no bias, soft cap or smoothing) runs code without
+  // those options: chosen once per tile, not tested per logit (specialize.cuh).
+  const bool plain = live && m0 + BM <= a.N && l0 + BN <= a.n_cols && !a.bias && !(a.softcap > 0.f) && !a.smooth;
+  specialize<bool, true, false>(plain, [&](auto tag) {
+    constexpr bool kPlain = decltype(tag)::value;
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
+    for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t row = m0 + acc_row(p, mt, 2 * half);
-      const bool in = row < a.N;  // the row's coefficients, read after the product (registers)
-      const float cp = in ? a.coef_p[row] : 0.f, cy = in ? a.coef_y[row] : 0.f;
-      const float cw = in && a.smooth ? a.coef_w[row] : 0.f;
-      const float m = in ? a.m[row] : 0.f, ls = in ? a.log_s[row] : 0.f;  // p_c = exp((z - m) - log_s): z - m
-      const int64_t y = in ? a.target[row] - a.vocab_start : -1;          // is exact near the max
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = m0 + acc_row(p, mt, 2 * half);
+        const bool in = kPlain || row < a.N;  // the row's coefficients, read after the product (registers)
+        const float cp = in ? a.coef_p[row] : 0.f, cy = in ? a.coef_y[row] : 0.f;
+        const float cw = !kPlain && in && a.smooth ? a.coef_w[row] : 0.f;
+        const float m = in ? a.m[row] : 0.f, ls = in ? a.log_s[row] : 0.f;  // p_c = exp((z - m) - log_s): z - m
+        const int64_t y = in ? a.target[row] - a.vocab_start : -1;          // is exact near the max
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        float d[2];
-        const int64_t lc = l0 + acc_col(p, nt, 0);
+        for (int nt = 0; nt < 8; ++nt) {
+          float d[2];
+          const int64_t lc = l0 + acc_col(p, nt, 0);
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          d[c] = 0.f;
-          const int64_t col = n0 + acc_col(p, nt, c);
-          if (live && in && lc + c < a.n_cols) {
-            const float z = logit<T>(a, acc[mt][nt][2 * half + c], col);
-            float v = cp * exp2_approx(((z - m) - ls) * kLog2e) - (col == y ? cy : 0.f);
-            if (a.smooth) v -= cw * (a.class_weight ? a.class_weight[col] : 1.f);
-            if (a.softcap > 0.f) {
-              const float tc = z / a.softcap;
-              v *= 1.f - tc * tc;
+          for (int c = 0; c < 2; ++c) {
+            d[c] = 0.f;
+            const int64_t col = n0 + acc_col(p, nt, c);
+            if (kPlain || (live && in && lc + c < a.n_cols)) {
+              const float z = kPlain ? acc[mt][nt][2 * half + c] : logit<T>(a, acc[mt][nt][2 * half + c], col);
+              float v = cp * exp2_approx(((z - m) - ls) * kLog2e) - (col == y ? cy : 0.f);
+              if (!kPlain && a.smooth) v -= cw * (a.class_weight ? a.class_weight[col] : 1.f);
+              if (!kPlain && a.softcap > 0.f) {
+                const float tc = z / a.softcap;
+                v *= 1.f - tc * tc;
+              }
+              d[c] = to_f(from_f<T>(v));  // what dW and dX see: the rounded value
             }
-            d[c] = to_f(from_f<T>(v));  // what dW and dX see: the rounded value
+            colsum[nt][c] += d[c];
           }
-          colsum[nt][c] += d[c];
-        }
-        if (!in || lc >= a.n_cols) continue;
-        T* o = dl + row * a.ldl + lc;
-        if (pairs && lc + 1 < a.n_cols) {
-          *reinterpret_cast<uint32_t*>(o) = Mma<T>::pack(d[0], d[1]);
-        } else {
-          o[0] = from_f<T>(d[0]);
-          if (lc + 1 < a.n_cols) o[1] = from_f<T>(d[1]);
+          if (!kPlain && (!in || lc >= a.n_cols)) continue;
+          T* o = dl + row * a.ldl + lc;
+          if (pairs && (kPlain || lc + 1 < a.n_cols)) {
+            *reinterpret_cast<uint32_t*>(o) = Mma<T>::pack(d[0], d[1]);
+          } else {
+            o[0] = from_f<T>(d[0]);
+            if (kPlain || lc + 1 < a.n_cols) o[1] = from_f<T>(d[1]);
+          }
         }
       }
     }
-  }
+  });
   if (!a.db_part) return;
   // Bias partials: column sums over the block's rows, in a fixed order (deterministic, no atomics): over the 8
   // groups g of the warp by shuffles, then over the 4 row warps wm through shared memory.
