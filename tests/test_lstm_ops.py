@@ -593,6 +593,28 @@ def test_cuda_persistent_kernels_use_tensor_cores():
             assert ("HMMA" in f and "LDSM" in f) == resident_16bit, f"{sm} {name}: tensor cores {'HMMA' in f}"
 
 
+def test_cuda_persistent_kernels_stage_step_tiles_with_loads_in_flight():
+    """The tiles other blocks wrote during the step (h_{t-1} forward, dG_t in the 16-bit resident backward) are staged
+    from L2 (ld.global.cg: SASS STRONG.GPU) by 16-byte loads, 4 in flight before any of their shared-memory stores
+    (stage_rows in csrc/cuda/lstm_layer.cu). One element at a time, each load waited its own L2 round trip before
+    its store: dozens a step, the likely reason for the ~28 us steps of the first GPU run."""
+    import re
+    from test_build import kernel_sass
+    for sm, found in kernel_sass(("layer_fwd_kernel", "layer_bwd_kernel")).items():
+        for f in found["layer_fwd_kernel"] + found["layer_bwd_kernel"]:
+            name = f.split("\n", 1)[0]
+            if "layer_bwd_kernel" in name and not ("Lb1E" in name and ("half" in name or "bfloat16" in name)):
+                continue  # fp32 / streamed backward: per-warp dot products over dG_t, no staged tile
+            run = best = 0
+            for ins in re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", f):
+                if "LDG.E.128.STRONG.GPU" in ins:
+                    run += 1
+                    best = max(best, run)
+                elif re.match(r"(@!?P\d+ )?STS", ins):
+                    run = 0
+            assert best >= 4, f"{sm} {name}: {best} 16-byte L2 loads in flight"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_cuda_layer_refuses_a_streamed_w_hh(dtype):

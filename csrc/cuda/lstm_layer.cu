@@ -20,11 +20,13 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "convert.cuh"
 #include "lstm.h"
 #include "mma.cuh"
+#include "specialize.cuh"
 
 namespace pykernels {
 namespace cuda {
@@ -60,6 +62,44 @@ __device__ void grid_barrier(unsigned int* counter, unsigned int target) {
     __threadfence();  // and the other blocks' writes are visible to this one after it leaves
   }
   __syncthreads();
+}
+
+// A shared tile of `rows` rows x `ld` columns (row stride ld) from rows of src (row stride lds): element (r, k) is
+// src[r * lds + k], converted to D, for r < nr and k < nk, else zero. Other blocks wrote src during this launch, so
+// it is read from L2 (ld.global.cg), never from a possibly stale L1 line. 16-byte loads when every row start is
+// 16-byte aligned and nk whole vectors, else element loads; either way 4 loads in flight per thread before their
+// stores: a load followed by its store waits a whole L2 round trip, and one element at a time that made each step
+// of the first GPU run (H200, T = 256, B = 32, H = 512: ~28 us a step forward) dozens of round trips long.
+template <typename D, typename S>
+__device__ __forceinline__ void stage_rows(D* dst, int ld, int rows, const S* src, int64_t lds, int nr, int nk) {
+  constexpr int V = 16 / sizeof(S), U = 4;
+  const bool vec = ld % V == 0 && lds % V == 0 && nk % V == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  specialize<bool, true, false>(vec, [&](auto tag) {
+    constexpr int W = decltype(tag)::value ? V : 1;  // elements a load
+    const int per_row = ld / W, n = rows * per_row;
+    for (int base = threadIdx.x; base < n; base += U * kThreads) {
+      S v[U][W];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int e = base + u * kThreads, r = e / per_row, k = e % per_row * W;
+        const bool ok = e < n && r < nr && k < nk;
+        if constexpr (W == 1) {
+          v[u][0] = ok ? __ldcg(src + r * lds + k) : from_f<S>(0.f);
+        } else {
+          const uint4 x = ok ? __ldcg(reinterpret_cast<const uint4*>(src + r * lds + k)) : make_uint4(0, 0, 0, 0);
+          memcpy(v[u], &x, 16);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int e = base + u * kThreads, r = e / per_row, k = e % per_row * W;
+        if (e < n) {
+#pragma unroll
+          for (int w = 0; w < W; ++w) dst[r * ld + k + w] = from_f<D>(to_f(v[u][w]));
+        }
+      }
+    }
+  });
 }
 
 struct Units {
@@ -198,11 +238,8 @@ __global__ void __launch_bounds__(kThreads, 1) layer_fwd_kernel(LstmLayerArgs a,
     for (int64_t b0 = 0; b0 < B; b0 += kBatchChunk) {
       const int nb = static_cast<int>(B - b0 < kBatchChunk ? B - b0 : kBatchChunk);
       __syncthreads();  // the previous chunk is consumed (and, the first time, Ws is written)
-      // other blocks wrote h_{t-1}: read it from L2 (ld.global.cg), never from a stale L1 line
-      for (int64_t e = threadIdx.x; e < (TC ? kBatchChunk * ldh : nb * H); e += kThreads) {
-        const int64_t bb = e / ldh, k = e % ldh;
-        Hs[e] = (bb < nb && k < H) ? __ldcg(hprev + (b0 + bb) * H + k) : from_f<T>(0.f);
-      }
+      // h_{t-1} of the chunk (other blocks wrote it), zeros in the padding
+      stage_rows<T, T>(Hs, static_cast<int>(ldh), TC ? kBatchChunk : nb, hprev + b0 * H, H, nb, static_cast<int>(H));
       __syncthreads();
       if constexpr (TC) {
         float acc[kMaxGateTiles][4];
@@ -291,12 +328,9 @@ __global__ void __launch_bounds__(kThreads, 1) layer_bwd_kernel(LstmLayerArgs a,
         for (int64_t k0 = 0; k0 < g.kp; k0 += g.kc) {
           const int64_t klen = g.kp - k0 < g.kc ? g.kp - k0 : g.kc;
           __syncthreads();  // the previous chunk (or the previous rows' partials) is consumed
-          for (int64_t e = threadIdx.x; e < 16 * g.ldg; e += kThreads) {
-            const int64_t bb = e / g.ldg, r = k0 + e % g.ldg;
-            Gs[e] = (bb < nb && e % g.ldg < klen && r < 4 * H)
-                        ? from_f<T>(__ldcg(a.dgates + (t * B + b0 + bb) * 4 * H + r))  // other blocks': from L2
-                        : from_f<T>(0.f);
-          }
+          // dG_t's chunk for the 16 rows (other blocks wrote it), rounded to the dtype, zeros in the padding
+          stage_rows<T, float>(Gs, static_cast<int>(g.ldg), 16, a.dgates + (t * B + b0) * 4 * H + k0, 4 * H, nb,
+                               static_cast<int>(klen < 4 * H - k0 ? klen : 4 * H - k0));
           __syncthreads();
           mma_rows_acc<T>(acc, reinterpret_cast<const uint16_t*>(Gs), g.ldg,
                           reinterpret_cast<const uint16_t*>(Wt) + k0, g.ldw, klen, g.rows / 16, warp, lane);
