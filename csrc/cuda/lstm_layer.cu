@@ -192,16 +192,33 @@ __device__ __forceinline__ float partial_sum(const float* red, int cols, int row
   return v;
 }
 
-// The pointwise update of unit u of batch row b at step t from its four gate pre-activations (without xproj).
+// What the pointwise update of unit u of batch row b at step t reads besides its gates: the input projection of the
+// four gates and c_{t-1}. Loaded apart from the update so that the tensor-core forward can issue these loads before
+// the step's h staging and product, off the step's serial chain.
+struct CellInputs {
+  float xp[4], c_prev;
+};
+
 template <typename T>
-__device__ __forceinline__ void cell_update(const LstmLayerArgs& a, int64_t s, int64_t t, int64_t tp, int64_t b,
-                                            int64_t u, const float (&pre)[4]) {
+__device__ __forceinline__ CellInputs cell_inputs(const LstmLayerArgs& a, int64_t s, int64_t t, int64_t tp, int64_t b,
+                                                  int64_t u) {
   const int64_t H = a.H, B = a.B;
   const float* xp = a.xproj + (t * B + b) * 4 * H + u;
-  const float i = sigmoid_(pre[0] + xp[0]), f = sigmoid_(pre[1] + xp[H]), g = tanhf(pre[2] + xp[2 * H]),
-              o = sigmoid_(pre[3] + xp[3 * H]);
-  const float c_prev = s == 0 ? to_f(static_cast<const T*>(a.c0)[b * H + u]) : a.ws[(tp * B + b) * 5 * H + 4 * H + u];
-  const float c = f * c_prev + i * g;
+  CellInputs in;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) in.xp[q] = xp[q * H];
+  in.c_prev = s == 0 ? to_f(static_cast<const T*>(a.c0)[b * H + u]) : a.ws[(tp * B + b) * 5 * H + 4 * H + u];
+  return in;
+}
+
+// The pointwise update of unit u of batch row b at step t from its four gate pre-activations (without xproj).
+template <typename T>
+__device__ __forceinline__ void cell_update(const LstmLayerArgs& a, int64_t t, int64_t b, int64_t u,
+                                            const float (&pre)[4], const CellInputs& in) {
+  const int64_t H = a.H, B = a.B;
+  const float i = sigmoid_(pre[0] + in.xp[0]), f = sigmoid_(pre[1] + in.xp[1]), g = tanhf(pre[2] + in.xp[2]),
+              o = sigmoid_(pre[3] + in.xp[3]);
+  const float c = f * in.c_prev + i * g;
   static_cast<T*>(a.out)[(t * B + b) * H + u] = from_f<T>(o * tanhf(c));
   float* w = a.ws + (t * B + b) * 5 * H + u;
   w[0] = i;
@@ -238,6 +255,13 @@ __global__ void __launch_bounds__(kThreads, 1) layer_fwd_kernel(LstmLayerArgs a,
     for (int64_t b0 = 0; b0 < B; b0 += kBatchChunk) {
       const int nb = static_cast<int>(B - b0 < kBatchChunk ? B - b0 : kBatchChunk);
       __syncthreads();  // the previous chunk is consumed (and, the first time, Ws is written)
+      // tensor cores: a chunk has nb * my.n <= 16 * 16 (batch row, unit) updates, at most one a thread, whose
+      // inputs are requested now and used after the product (tail blocks own no unit: un avoids a division by 0)
+      static_assert(kBatchChunk * (8 * kMaxGateTiles / 4) <= kThreads, "one update a thread");
+      const int un = my.n > 0 ? my.n : 1, ibb = threadIdx.x / un, iuu = threadIdx.x % un;
+      const bool updates = TC && threadIdx.x < nb * my.n;
+      CellInputs pending{};
+      if (updates) pending = cell_inputs<T>(a, s, t, tp, b0 + ibb, my.u0 + iuu);
       // h_{t-1} of the chunk (other blocks wrote it), zeros in the padding
       stage_rows<T, T>(Hs, static_cast<int>(ldh), TC ? kBatchChunk : nb, hprev + b0 * H, H, nb, static_cast<int>(H));
       __syncthreads();
@@ -248,12 +272,11 @@ __global__ void __launch_bounds__(kThreads, 1) layer_fwd_kernel(LstmLayerArgs a,
                         g.ld, g.hp, g.rows / 16, warp, lane);
         store_partials(red, acc, g.rows, g.rows / 16, warp, lane);
         __syncthreads();
-        for (int e = threadIdx.x; e < nb * my.n; e += kThreads) {
-          const int bb = e / my.n, uu = e % my.n;
+        if (updates) {
           float pre[4];
 #pragma unroll
-          for (int q = 0; q < 4; ++q) pre[q] = partial_sum(red, g.rows, bb, q * HB + uu);
-          cell_update<T>(a, s, t, tp, b0 + bb, my.u0 + uu, pre);
+          for (int q = 0; q < 4; ++q) pre[q] = partial_sum(red, g.rows, ibb, q * HB + iuu);
+          cell_update<T>(a, t, b0 + ibb, my.u0 + iuu, pre, pending);
         }
       } else {
         for (int item = warp; item < nb * my.n; item += kWarps) {
@@ -270,7 +293,9 @@ __global__ void __launch_bounds__(kThreads, 1) layer_fwd_kernel(LstmLayerArgs a,
           }
 #pragma unroll
           for (int q = 0; q < 4; ++q) acc[q] = warp_sum(acc[q]);
-          if (lane == 0) cell_update<T>(a, s, t, tp, b0 + bb, my.u0 + uu, acc);
+          if (lane == 0) {
+            cell_update<T>(a, t, b0 + bb, my.u0 + uu, acc, cell_inputs<T>(a, s, t, tp, b0 + bb, my.u0 + uu));
+          }
         }
       }
     }
