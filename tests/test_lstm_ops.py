@@ -615,6 +615,19 @@ def test_cuda_persistent_kernels_stage_step_tiles_with_loads_in_flight():
             assert best >= 4, f"{sm} {name}: {best} 16-byte L2 loads in flight"
 
 
+def test_cuda_grid_barrier_is_release_acquire():
+    """The persistent kernels' grid barrier orders memory as CUDA's own grid sync does on sm_70+ (an arrival with
+    release semantics, polls with acquire semantics: SASS RED(G).E.ADD.STRONG.GPU, no sequentially consistent fence
+    MEMBAR.SC.GPU, which the two __threadfence() it replaces cost every step)."""
+    import re
+    from test_build import kernel_sass
+    for sm, found in kernel_sass(("layer_fwd_kernel", "layer_bwd_kernel")).items():
+        for f in found["layer_fwd_kernel"] + found["layer_bwd_kernel"]:
+            name = f.split("\n", 1)[0]
+            assert "MEMBAR.SC" not in f, f"{sm} {name}: sequentially consistent fence"
+            assert re.search(r"\bREDG?\.E\.ADD\.STRONG\.GPU\b", f), f"{sm} {name}: no release arrival"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_cuda_layer_refuses_a_streamed_w_hh(dtype):

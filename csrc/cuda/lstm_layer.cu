@@ -48,18 +48,23 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Grid-wide barrier of a cooperative launch: a monotonic counter; the n-th barrier opens when all blocks have
-// arrived n times (no reset, so consecutive barriers cannot race).
+// arrived n times (no reset, so consecutive barriers cannot race). Memory order as CUDA's own grid sync
+// (cooperative_groups/details/sync.h, sm_70+): the block barrier, then one thread's arrival with release semantics
+// (this block's writes of the step, ordered before it by the block barrier, are visible to whoever acquires the
+// count) and polls with acquire semantics (the other blocks' writes are visible after), then the block barrier.
+// It replaces a __threadfence() on each side (SASS MEMBAR.SC.GPU, a sequentially consistent fence, twice a step).
 __device__ void grid_barrier(unsigned int* counter, unsigned int target) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();  // this block's writes of the step are visible device-wide before it arrives
-    atomicAdd(counter, 1u);
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(counter) : "memory");
     long long spins = 0;
-    while (*reinterpret_cast<volatile unsigned int*>(counter) < target) {
+    unsigned int seen;
+    while (true) {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+      if (seen >= target) break;
       if (++spins > kSpinLimit) __trap();
       __nanosleep(20);
     }
-    __threadfence();  // and the other blocks' writes are visible to this one after it leaves
   }
   __syncthreads();
 }
