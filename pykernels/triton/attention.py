@@ -138,7 +138,8 @@ def _key_range(start_m, Lb, Sb, diag, win_left, win_right, IS_CAUSAL: tl.constex
 @triton.jit
 def _query_range(start_n, Lb, Sb, diag, win_left, win_right, IS_CAUSAL: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[lo, hi) of the queries that can see a key block (the transpose of _key_range, for dK/dV)."""
+    """[lo, hi) of the queries that can see a key block (the transpose of _key_range, for dK/dV) and ``mid``: the
+    query blocks in [mid, hi) (starts lo + k BLOCK_M) see every key of the block and need no masking."""
     lo = start_n * 0
     hi = start_n * 0 + Lb
     if IS_CAUSAL:
@@ -148,7 +149,17 @@ def _query_range(start_n, Lb, Sb, diag, win_left, win_right, IS_CAUSAL: tl.const
         hi = tl.where(win_left >= 0, tl.minimum(hi, start_n + BLOCK_N - diag + win_left), hi)
     lo = (lo // BLOCK_M) * BLOCK_M
     hi = tl.where(start_n < Sb, hi, lo)
-    return lo, hi
+    if HAS_WINDOW:
+        mid = hi
+    else:
+        first = lo  # the first query that sees the whole block: past the causal diagonal of its last key
+        if IS_CAUSAL:
+            first = tl.maximum(first, start_n + BLOCK_N - 1 - diag)
+        mid = lo + tl.cdiv(first - lo, BLOCK_M) * BLOCK_M  # on the lo + k BLOCK_M lattice
+        # keys past the end (k = 0 rows) need no mask either: dK, dV are column-wise in the keys (each key's p, dS
+        # column meets only its own rows of K, V, dK, dV) and their rows are never stored
+        mid = tl.maximum(tl.minimum(mid, hi), lo)
+    return lo, mid, hi
 
 
 @triton.jit
@@ -233,6 +244,39 @@ def _probs(s, lse):
 
 
 @triton.jit
+def _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, DELTA, b, h, q0, Lb, Sb, L, S, H, sqb,
+               sqh, sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV, scale, softcap, d, win_left, win_right, bias_ptr,
+               sbm, sbn, seed, dropout_p, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BOOL_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+               IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One query block's contribution to a key block's dK, dV. MASK=False: every key of the block is visible to
+    every query of the sequence in the query block (queries past its end see nothing through their lse)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = tl.load(Q + b * sqb + h * sqh + (q0 + offs_m[:, None]) * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < HEAD_E), other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + (q0 + offs_m[:, None]) * sdm + offs_e[None, :] * sdd,
+                 mask=(offs_m[:, None] < Lb) & (offs_e[None, :] < HEAD_EV), other=0.0)
+    rows = (b * H + h) * L + q0 + offs_m
+    lse = tl.load(LSE + rows, mask=offs_m < Lb, other=float("-inf"))
+    delta = tl.load(DELTA + rows, mask=offs_m < Lb, other=0.0)
+    s, t = _scores(q, kT, offs_m, offs_n, Lb, Sb, scale, softcap, d, win_left, win_right, bias_ptr,
+                   sbm, sbn, MASK, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
+    p = _probs(s, lse)
+    dp = _dot(do, vT, IEEE)
+    if DROPOUT:
+        keep = _keep(seed, rows, offs_n, S, dropout_p)
+        dv += _dot(tl.trans(tl.where(keep, p / (1.0 - dropout_p), 0.0)).to(do.dtype), do, IEEE)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        dv += _dot(tl.trans(p).to(do.dtype), do, IEEE)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    dk += _dot(tl.trans(ds).to(q.dtype), q, IEEE)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, DELTA, DK, DV, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
                    svb, svh, svn, svd, sbb, sbh, sbm, sbn, sdb, sdh, sdm, sdd, H, GROUP, L, S, HEAD_E, HEAD_EV,
                    scale, softcap, diag, win_left, win_right, dropout_p, IS_CAUSAL: tl.constexpr,
@@ -241,6 +285,7 @@ def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, DELTA, DK, DV, CuQ, CuK, Seed, sqb, s
                    E: tl.constexpr, EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one kv head: loops over the query heads of its GQA group and over the query
     blocks that can see the key block, so every gradient is written once, deterministically (no atomics).
+    The query blocks that see every key of the block run without mask arithmetic, as the forward's key blocks.
     dK/dV are stored with the strides of K/V (the launcher allocates them like K/V)."""
     scale, softcap, dropout_p = _f32(scale, softcap, dropout_p)
     start_n = tl.program_id(0) * BLOCK_N
@@ -263,33 +308,21 @@ def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, DELTA, DK, DV, CuQ, CuK, Seed, sqb, s
         seed = tl.load(Seed)
     dk = tl.zeros([BLOCK_N, E], tl.float32)
     dv = tl.zeros([BLOCK_N, EV], tl.float32)
-    m_lo, m_hi = _query_range(start_n, Lb, Sb, d, win_left, win_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    m_lo, m_mid, m_hi = _query_range(start_n, Lb, Sb, d, win_left, win_right, IS_CAUSAL, HAS_WINDOW, BLOCK_M,
+                                     BLOCK_N)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bias_ptr = Bias + b * sbb + h * sbh
-        for start_m in range(m_lo, m_hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = tl.load(Q + b * sqb + h * sqh + (q0 + offs_m[:, None]) * sqm + offs_d[None, :] * sqd,
-                        mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < HEAD_E), other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + (q0 + offs_m[:, None]) * sdm + offs_e[None, :] * sdd,
-                         mask=(offs_m[:, None] < Lb) & (offs_e[None, :] < HEAD_EV), other=0.0)
-            rows = (b * H + h) * L + q0 + offs_m
-            lse = tl.load(LSE + rows, mask=offs_m < Lb, other=float("-inf"))
-            delta = tl.load(DELTA + rows, mask=offs_m < Lb, other=0.0)
-            s, t = _scores(q, kT, offs_m, offs_n, Lb, Sb, scale, softcap, d, win_left, win_right, bias_ptr,
-                           sbm, sbn, True, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
-            p = _probs(s, lse)
-            dp = _dot(do, vT, IEEE)
-            if DROPOUT:
-                keep = _keep(seed, rows, offs_n, S, dropout_p)
-                dv += _dot(tl.trans(tl.where(keep, p / (1.0 - dropout_p), 0.0)).to(do.dtype), do, IEEE)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            else:
-                dv += _dot(tl.trans(p).to(do.dtype), do, IEEE)
-            ds = p * (dp - delta[:, None])
-            if SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dk += _dot(tl.trans(ds).to(q.dtype), q, IEEE)
+        for start_m in range(m_lo, m_mid, BLOCK_M):  # the diagonal / boundary query blocks
+            dk, dv = _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, DELTA, b, h, q0, Lb,
+                                Sb, L, S, H, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV, scale,
+                                softcap, d, win_left, win_right, bias_ptr, sbm, sbn, seed, dropout_p, True,
+                                IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, DROPOUT, IEEE, BLOCK_M)
+        for start_m in range(m_mid, m_hi, BLOCK_M):  # blocks that see every key: no mask arithmetic
+            dk, dv = _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, DELTA, b, h, q0, Lb,
+                                Sb, L, S, H, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV, scale,
+                                softcap, d, win_left, win_right, bias_ptr, sbm, sbn, seed, dropout_p, False,
+                                IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, DROPOUT, IEEE, BLOCK_M)
     dk = dk * scale
     tl.store(DK + b * skb + hk * skh + (k0 + offs_n[:, None]) * skn + offs_d[None, :] * skd,
              dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < Sb) & (offs_d[None, :] < HEAD_E))
@@ -338,8 +371,8 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, DELTA, DQ, DBias, CuQ, CuK, Seed, sqb, 
                     mask=(offs_n[:, None] < Sb) & (offs_d[None, :] < HEAD_E), other=0.0)
         vT = tl.load(V + b * svb + hk * svh + (k0 + offs_n[None, :]) * svn + offs_e[:, None] * svd,
                      mask=(offs_e[:, None] < HEAD_EV) & (offs_n[None, :] < Sb), other=0.0)
-        s, t = _scores(q, tl.trans(k), offs_m, offs_n, Lb, Sb, scale, softcap, d, win_left, win_right, bias_ptr, sbm, sbn,
-                       True, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
+        s, t = _scores(q, tl.trans(k), offs_m, offs_n, Lb, Sb, scale, softcap, d, win_left, win_right, bias_ptr,
+                       sbm, sbn, True, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
         p = _probs(s, lse)
         dp = _dot(do, vT, IEEE)
         if DROPOUT:
