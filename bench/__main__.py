@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default=None, help="one shape instead of the preset, with exactly one --suite, e.g. "
                    "'N=4096,V=50257' (cross_entropy), 'B=4,H=16,L=2048,E=128,causal=1' (attention), "
                    "'B=8,T=256,steps=20' (e2e: sets those fields of both models)")
+    p.add_argument("--preset", default=None, help="a suite's named shape grid instead of its default shapes, with "
+                   "exactly one --suite, e.g. 'fa2' (attention: FlashAttention-2's grid) or 'tutorial' (Triton's)")
     p.add_argument("--out", default="bench/out", help="directory for the JSON, CSV and PNG files")
     p.add_argument("--compare", default=None, metavar="OLD.json", help="print regressions > 5%% against it")
     p.add_argument("--no-plots", action="store_true")
@@ -70,9 +72,17 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = parser()
     a = p.parse_args(argv)
-    if a.shape is not None and len(a.suite) != 1:
-        p.error(f"--shape names one suite's dimensions: pass exactly one --suite with it (got {len(a.suite)}: "
-                f"{', '.join(a.suite)})")
+    for flag, value in (("--shape", a.shape), ("--preset", a.preset)):
+        if value is not None and len(a.suite) != 1:
+            p.error(f"{flag} names one suite's shapes: pass exactly one --suite with it (got {len(a.suite)}: "
+                    f"{', '.join(a.suite)})")
+    if a.shape is not None and a.preset is not None:
+        p.error("--shape and --preset both choose the shapes: pass one")
+    if a.preset is not None:
+        named = getattr(load_suite(a.suite[0]), "NAMED_PRESETS", {})
+        if a.preset not in named:
+            p.error(f"--preset: suite {a.suite[0]} has " + (f"the presets {', '.join(named)}" if named else
+                                                             "no named presets") + f", not {a.preset!r}")
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
@@ -91,7 +101,10 @@ def main(argv=None) -> int:
     for name in a.suite:
         suite = load_suite(name)
         provs = select(suite.providers(device, dtype), backends, baselines)
-        cases = suite.cases(device, dtype, a.quick, shape=_shape(a.shape) if a.shape else None)
+        if a.preset is not None:  # a named grid: each of its shapes as if passed by --shape
+            cases = [c for shape in suite.NAMED_PRESETS[a.preset] for c in suite.cases(device, dtype, a.quick, shape)]
+        else:
+            cases = suite.cases(device, dtype, a.quick, shape=_shape(a.shape) if a.shape else None)
         plan.append((suite, provs, cases, [m for m in suite.MODES if modes is None or m in modes]))
     bar = Progress(sum(len(p) * len(c) * len(m) for _, p, c, m in plan))
     results = []

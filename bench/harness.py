@@ -21,7 +21,10 @@ import torch
 
 from .timing import peak_extra_memory, time_ms, time_ms_graph
 
-BACKWARD_MODES = ("fwd+bwd",)  # modes whose step runs the backward; "fwd" runs under torch.no_grad()
+# modes whose step runs the backward; "fwd" runs under torch.no_grad(); "bwd" times the backward alone: the
+# forward runs once, untimed, and each timed step goes back through its retained graph (as FlashAttention's and
+# Triton's attention benchmarks time it)
+BACKWARD_MODES = ("fwd+bwd", "bwd")
 
 
 @dataclasses.dataclass
@@ -67,8 +70,8 @@ class Case:
     # launch-bound (a step of microseconds, e.g. one LSTM cell): on CUDA also timed replayed from a CUDA graph
     launch_bound: bool = False
 
-    def backward(self, out: Any) -> None:
-        out.backward()  # the loss suites return a scalar; suites with tensor outputs override this
+    def backward(self, out: Any, retain_graph: bool = False) -> None:
+        out.backward(retain_graph=retain_graph)  # the loss suites return a scalar; tensor outputs override this
 
     def prepare(self, prov: "Provider", mode: str, args0: tuple, diff: Sequence[int], ref: Any):
         """Check ``prov`` and return (step, leaves, (max_abs_err, rel_err)); raise WrongOutput if it is wrong.
@@ -127,17 +130,26 @@ def prepare(case: Case, prov: Provider, mode: str, args0: tuple, diff: Sequence[
     """Check one provider on its own copy of the inputs; return (step, leaves, (max_abs_err, rel_err)).
 
     Raises WrongOutput when the output misses the reference by more than case.tol; any exception the provider
-    raises propagates. ``step`` is what gets timed: one forward (+ backward) call."""
+    raises propagates. ``step`` is what gets timed: one forward (+ backward) call, or in mode "bwd" one backward
+    through the graph of a forward run here, once."""
     bwd = mode in BACKWARD_MODES
     args = tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args0)
     leaves = [args[i].requires_grad_() for i in diff] if bwd else []
 
-    def step():
-        with contextlib.nullcontext() if bwd else torch.no_grad():
-            out = prov.fn(*args)
-            if bwd:
-                case.backward(out)
-        return out
+    if mode == "bwd":
+        with torch.enable_grad():
+            fwd_out = prov.fn(*args)
+
+        def step():
+            case.backward(fwd_out, retain_graph=True)
+            return fwd_out
+    else:
+        def step():
+            with contextlib.nullcontext() if bwd else torch.no_grad():
+                out = prov.fn(*args)
+                if bwd:
+                    case.backward(out)
+            return out
 
     out = step()
     errs = case.errors(ref, out, [t.grad for t in leaves], mode)

@@ -86,8 +86,8 @@ class LSTMCase(Case):
     def reference(self, args):
         return reference_lstm(*args, self.grad_out)
 
-    def backward(self, out):
-        out[0].backward(self.grad_out)
+    def backward(self, out, retain_graph=False):
+        out[0].backward(self.grad_out, retain_graph=retain_graph)
 
     def errors(self, ref, out, grads, mode):
         seq, (h_n, c_n) = out

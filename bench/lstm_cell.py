@@ -44,8 +44,8 @@ class LSTMCellCase(Case):
         # (h', c', dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh): the sequence's length-1 axis dropped
         return (ref[0][0], ref[2][0]) + tuple(g[0] for g in ref[3:6]) + ref[6:]
 
-    def backward(self, out):
-        torch.autograd.backward(out, (self.grad_h, self.grad_c))
+    def backward(self, out, retain_graph=False):
+        torch.autograd.backward(out, (self.grad_h, self.grad_c), retain_graph=retain_graph)
 
     def errors(self, ref, out, grads, mode):
         return lstm.lstm_errors(out, ref, grads, mode)

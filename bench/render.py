@@ -185,7 +185,7 @@ def _ratio_ranges(rs: List[dict]) -> List[str]:
     return out
 
 
-MODE_NAMES = {"fwd+bwd": "forward+backward", "fwd": "forward", "train": "training step"}
+MODE_NAMES = {"fwd+bwd": "forward+backward", "fwd": "forward", "bwd": "backward", "train": "training step"}
 
 
 def _span(ratios: List[float]) -> str:

@@ -193,3 +193,97 @@ def test_profile_prints_each_providers_kernels(capsys):
     assert "pykernels::cross_entropy_fwd" in out.split("pykernels-cpu: normalised error")[1], out
     with pytest.raises(SystemExit, match="unknown providers"):
         profile.main(["--suite", "cross_entropy", "--device", "cpu", "--providers", "nope"])
+
+
+def test_attention_flop_model_and_varlen_batches():
+    from bench import attention as at
+    f = at.flops(2, 8, 512, 64, False, "fwd")
+    assert f == 4 * 2 * 8 * 512 * 512 * 64
+    assert at.flops(2, 8, 512, 64, True, "fwd") == f / 2
+    assert at.flops(2, 8, 512, 64, False, "bwd") == 2.5 * f and at.flops(2, 8, 512, 64, False, "fwd+bwd") == 3.5 * f
+    b = at.varlen_bounds(1000, 7)
+    assert b == at.varlen_bounds(1000, 7) and b[0] == 0 and b[-1] == 1000 and len(b) == 8
+    assert all(e > s for s, e in zip(b, b[1:]))  # no empty sequence
+    case = at.make_case({"T": 1000, "H": 2, "E": 16, "causal": 1, "nseq": 7}, torch.float32, CPU)
+    assert case.flops("fwd") == sum(2 * 2 * n * n * 16 for n in case.lengths)  # per sequence, causal halved
+    gqa = at.make_case({"B": 1, "H": 8, "Hkv": 2, "L": 64, "E": 16}, torch.float32, CPU)
+    assert gqa.name == "B=1 H=8 Hkv=2 L=64 E=16" and gqa.shape["Hkv"] == 2
+    assert at.make_case({"B": 1, "H": 8, "L": 64, "E": 16}, torch.float32, CPU).name == "B=1 H=8 L=64 E=16"
+    with pytest.raises(ValueError, match="lacks 'E'"):
+        at.make_case({"B": 1, "H": 8, "L": 64}, torch.float32, CPU)
+
+
+def test_attention_references_gqa_and_varlen():
+    """The suite's fp32 references against torch's SDPA in float64 (GQA: every kv head's gradient sums its query
+    heads'; varlen: each sequence on its own)."""
+    from bench import attention as at
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 33, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 33, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    go = torch.randn(2, 6, 33, 8, generator=g, dtype=torch.float64)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    expect = (out,) + torch.autograd.grad(out, (q, k, v), go)
+    got = at.reference_attention(q.detach(), k.detach(), v.detach(), go, True, chunk_bytes=3 * 4 * 33 * 33 * 5)
+    for a, b in zip(got, expect):
+        assert a.shape == b.shape and torch.allclose(a.double(), b, atol=1e-5)
+    bounds = [0, 5, 6, 20]
+    qv, kv, vv, gv = (torch.randn(20, 3, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    got = at.reference_varlen(qv, kv, vv, gv, False, bounds)
+    for s, e in zip(bounds, bounds[1:]):
+        seq = [t[s:e].transpose(0, 1).requires_grad_() for t in (qv, kv, vv)]
+        out = F.scaled_dot_product_attention(*seq)
+        expect = (out,) + torch.autograd.grad(out, seq, gv[s:e].transpose(0, 1))
+        for a, b in zip(got, expect):
+            assert torch.allclose(a[s:e].double(), b.detach().transpose(0, 1), atol=1e-5)
+
+
+def _attn_scaled_grad(q, k, v, causal, *varlen):
+    from bench import attention as at
+    out = at._torch(q, k, v, causal, *varlen)
+    return out + 0.5 * (out - out.detach())  # right output, 1.5x the gradient
+
+
+def test_attention_backward_mode_times_the_backward_alone():
+    """Mode "bwd": one forward per provider, untimed; each timed step is a backward through its retained graph,
+    with the gradients checked; a provider whose gradient alone is wrong is caught there and not timed."""
+    from bench import attention as at
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return at._torch(*args)
+    provs = [harness.Provider("torch", counted, baseline=True), harness.Provider("wrong-grad", _attn_scaled_grad)]
+    for shape in ({"B": 1, "H": 4, "Hkv": 2, "L": 40, "E": 16, "causal": 1}, {"T": 90, "H": 2, "E": 16, "nseq": 3}):
+        rs = harness.run_suite(at, CPU, torch.float32, True, provs, at.cases(CPU, torch.float32, True, shape),
+                               at.MODES)
+        by = {(r.provider, r.mode): r for r in rs}
+        assert len(calls) > 3 and by["torch", "bwd"].status == "ok" and by["torch", "bwd"].max_abs_err < 1e-5
+        assert by["torch", "bwd"].flops == 2.5 * by["torch", "fwd"].flops
+        assert by["wrong-grad", "fwd"].status == "ok"
+        assert by["wrong-grad", "bwd"].status == by["wrong-grad", "fwd+bwd"].status == "wrong"
+        calls.clear()
+        rs = harness.run_suite(at, CPU, torch.float32, True, provs[:1], at.cases(CPU, torch.float32, True, shape),
+                               ("bwd",))
+        assert calls == [1] and rs[0].ms_p50 > 0  # timed many times, forward run once
+        calls.clear()
+
+
+def test_named_presets(tmp_path, monkeypatch, capsys):
+    from bench import attention as at
+    fa2 = at.NAMED_PRESETS["fa2"]
+    assert len(fa2) == 36 and all(s["B"] * s["L"] == 16384 and s["H"] * s["E"] == 2048 for s in fa2)
+    assert {s["L"] for s in fa2} == {512, 1024, 2048, 4096, 8192, 16384} and {s["causal"] for s in fa2} == {0, 1}
+    monkeypatch.setitem(at.NAMED_PRESETS, "tiny", [{"B": 1, "H": 2, "L": 24, "E": 8},
+                                                   {"T": 50, "H": 2, "E": 8, "causal": 1, "nseq": 2}])
+    args = ["--suite", "attention", "--device", "cpu", "--quick", "--baselines", "torch", "--backends", "",
+            "--modes", "bwd", "--no-plots", "--out", str(tmp_path)]
+    assert cli.main(args + ["--preset", "tiny"]) == 0
+    (path,) = tmp_path.glob("*.json")
+    rs = json.loads(path.read_text())["results"]
+    assert [(r["case"], r["mode"], r["status"]) for r in rs] == [("B=1 H=2 L=24 E=8", "bwd", "ok"),
+                                                                 ("varlen T=50 nseq=2 H=2 E=8 causal", "bwd", "ok")]
+    for bad, msg in ((["--preset", "nope"], "has the presets fa2, tutorial, tiny"),
+                     (["--preset", "tiny", "--shape", "B=1,H=2,L=8,E=8"], "pass one")):
+        with pytest.raises(SystemExit):
+            cli.main(args + bad)
+        assert msg in capsys.readouterr().err
