@@ -118,8 +118,9 @@ class AttentionCase(Case):
             raise ValueError(f"H={H} must be a multiple of Hkv={Hkv}")
         self.B, self.H, self.Hkv, self.L, self.E, self.causal = B, H, Hkv, L, E, bool(causal)
         self.dtype, self.device = dtype, device
-        self.name = (f"B={B} H={H}" + (f" Hkv={Hkv}" if Hkv != H else "") + f" L={L} E={E}"
-                     + (" causal" if causal else ""))
+        # a leading word names a family of cases (its own plot: bench/report.py plot_groups)
+        self.name = (f"gqa B={B} H={H} Hkv={Hkv}" if Hkv != H else f"B={B} H={H}") + f" L={L} E={E}" + (
+            " causal" if causal else "")
         self.shape = _dense(B, H, L, E, int(causal), Hkv if Hkv != H else None)
         self.tol = tolerance(dtype)
 

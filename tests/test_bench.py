@@ -207,7 +207,11 @@ def test_attention_flop_model_and_varlen_batches():
     case = at.make_case({"T": 1000, "H": 2, "E": 16, "causal": 1, "nseq": 7}, torch.float32, CPU)
     assert case.flops("fwd") == sum(2 * 2 * n * n * 16 for n in case.lengths)  # per sequence, causal halved
     gqa = at.make_case({"B": 1, "H": 8, "Hkv": 2, "L": 64, "E": 16}, torch.float32, CPU)
-    assert gqa.name == "B=1 H=8 Hkv=2 L=64 E=16" and gqa.shape["Hkv"] == 2
+    assert gqa.name == "gqa B=1 H=8 Hkv=2 L=64 E=16" and gqa.shape["Hkv"] == 2
+    rs = [harness.Result("attention", c.name, "p", "fwd", "bfloat16", c.shape, tflops=1.0)
+          for c in (gqa, case, at.make_case({"B": 1, "H": 8, "L": 64, "E": 16}, torch.float32, CPU))]
+    assert sorted(report.plot_groups(rs)) == ["attention-fwd-bfloat16.png", "attention-gqa-fwd-bfloat16.png",
+                                              "attention-varlen-fwd-bfloat16.png"]  # one plot per family
     assert at.make_case({"B": 1, "H": 8, "L": 64, "E": 16}, torch.float32, CPU).name == "B=1 H=8 L=64 E=16"
     with pytest.raises(ValueError, match="lacks 'E'"):
         at.make_case({"B": 1, "H": 8, "L": 64}, torch.float32, CPU)
