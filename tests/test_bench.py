@@ -277,6 +277,9 @@ def test_named_presets(tmp_path, monkeypatch, capsys):
     fa2 = at.NAMED_PRESETS["fa2"]
     assert len(fa2) == 36 and all(s["B"] * s["L"] == 16384 and s["H"] * s["E"] == 2048 for s in fa2)
     assert {s["L"] for s in fa2} == {512, 1024, 2048, 4096, 8192, 16384} and {s["causal"] for s in fa2} == {0, 1}
+    from bench import linear_cross_entropy as lce
+    grid = lce.NAMED_PRESETS["grid"]
+    assert len(grid) == 12 and {s["H"] for s in grid} == {4096} and max(s["V"] for s in grid) == 262144
     monkeypatch.setitem(at.NAMED_PRESETS, "tiny", [{"B": 1, "H": 2, "L": 24, "E": 8},
                                                    {"T": 50, "H": 2, "E": 8, "causal": 1, "nseq": 2}])
     args = ["--suite", "attention", "--device", "cpu", "--quick", "--baselines", "torch", "--backends", "",
@@ -291,3 +294,32 @@ def test_named_presets(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit):
             cli.main(args + bad)
         assert msg in capsys.readouterr().err
+
+
+def test_linear_cross_entropy_options_case():
+    """The options line (class weights, label smoothing, z-loss, soft cap): its fp32 reference and torch recipes
+    against pykernels' float64 reference backend; a provider that drops one option is reported wrong; the peers
+    that cannot express them report why."""
+    from bench import linear_cross_entropy as lce
+    (case,) = lce.cases(CPU, torch.float32, False, {"N": 70, "H": 16, "V": 50, "options": 1})
+    assert case.name == "options N=70 H=16 V=50" and case.shape["options"] == 1
+    args, diff = case.inputs()
+    x, W, t, opts = args
+    ref = lce.reference_options(x, W, t, opts, chunk_bytes=16 * 50 * 9)  # 9-row chunks
+    xd, Wd = (a.double().requires_grad_() for a in (x, W))
+    want = pykernels.functional.linear_cross_entropy(xd, Wd, t, backend="reference", **opts)
+    want_grads = torch.autograd.grad(want, (xd, Wd))
+    for got, exp in zip(ref, (want,) + want_grads):
+        assert torch.allclose(got.double(), exp, rtol=1e-5, atol=1e-6)
+    for fn in (lce.torch_lce, lambda *a: lce.torch_chunked_lce(*a, chunk_bytes=4 * 50 * 8)):
+        assert torch.allclose(fn(x, W, t, opts).double(), want, rtol=1e-5)
+
+    def drops_z_loss(x, W, t, opts):
+        return lce.torch_lce(x, W, t, dict(opts, z_loss=0.0))
+    provs = [harness.Provider("torch", lce.torch_lce, baseline=True), harness.Provider("drops-z", drops_z_loss),
+             lce._torch_chunked_op()]
+    rs = harness.run_suite(lce, CPU, torch.float32, True, provs, [case], ("fwd",))
+    by = {r.provider: r for r in rs}
+    assert by["torch"].status == "ok" and by["drops-z"].status == "wrong"
+    r = by["torch.linear_cross_entropy"]
+    assert r.status == "absent" or (r.status == "error" and "options case" in r.error)

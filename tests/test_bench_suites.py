@@ -26,7 +26,7 @@ TINY = {"attention": {"B": 1, "H": 2, "L": 48, "E": 16, "causal": 1},
         "linear_cross_entropy": {"N": 40, "H": 24, "V": 300},
         "lstm": {"T": 5, "B": 3, "I": 7, "H": 6},
         "lstm_cell": {"B": 3, "I": 7, "H": 6}}
-WRONG = {"attention": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=not causal),
+WRONG = {"attention": lambda q, k, v, causal, *varlen: F.scaled_dot_product_attention(q, k, v, is_causal=not causal),
          "linear_cross_entropy": lambda x, W, t: linear_cross_entropy.torch_lce(x, W, t) * 1.01,
          "lstm": lambda x, h0, c0, *w: lstm.torch_lstm(x, c0, h0, *w),
          "lstm_cell": lambda x, h, c, *w: lstm_cell.torch_lstm_cell(x, c, h, *w)}
@@ -39,7 +39,8 @@ def _f64(*ts):
 def test_suites_registered():
     assert set(NEW) | {"cross_entropy", "e2e"} == set(SUITES)  # e2e: tests/test_bench_e2e.py
     for name, mod in MODULES.items():
-        assert mod.NAME == name and mod.MODES == ("fwd+bwd", "fwd")
+        assert mod.NAME == name and mod.MODES[:2] == ("fwd+bwd", "fwd")
+    assert attention.MODES == ("fwd+bwd", "fwd", "bwd")  # the backward alone: tests/test_bench.py
 
 
 def test_attention_reference_matches_float64_sdpa():
@@ -170,7 +171,7 @@ def test_wrong_provider_is_reported_not_timed(monkeypatch, name):
         assert by["wrong", mode].status == "wrong" and by["wrong", mode].ms_p50 is None
         assert by["torch", mode].status == "ok", by["torch", mode].error
         assert by["torch", mode].rel_err < 1e-5
-    assert len(timed) == 2  # torch in both modes only
+    assert len(timed) == len(mod.MODES)  # torch in every mode only
 
 
 @pytest.mark.skipif(not pykernels.backends.triton_interpreted(), reason="Triton runs on CPU only under "
