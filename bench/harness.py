@@ -63,6 +63,11 @@ class Case:
     def flops(self, mode: str) -> Optional[float]:
         return None
 
+    def model_extra_mem(self, provider: str, mode: str) -> Optional[int]:
+        """Extra bytes (beyond the inputs) a provider's design says one step allocates at its peak, reported beside
+        the measured peak; None where the suite has no model of that provider."""
+        return None
+
     def tokens(self, mode: str) -> Optional[float]:
         """Tokens one timed step processes (training suites): the harness reports tokens/s from it."""
         return None
@@ -105,6 +110,7 @@ class Result:
     tokens: Optional[float] = None  # per timed step (training suites)
     tokens_per_s: Optional[float] = None
     peak_extra_mem_bytes: Optional[int] = None
+    model_extra_mem_bytes: Optional[int] = None  # what the suite's memory model predicts for it (where one exists)
     max_abs_err: Optional[float] = None
     rel_err: Optional[float] = None
     error: Optional[str] = None
@@ -162,7 +168,8 @@ def prepare(case: Case, prov: Provider, mode: str, args0: tuple, diff: Sequence[
 def measure(case: Case, prov: Provider, mode: str, args0, diff, ref, device: torch.device,
             quick: bool) -> Result:
     r = Result(case.suite, case.name, prov.name, mode, dtype_name(case.dtype), dict(case.shape),
-               bytes=case.bytes(mode), flops=case.flops(mode), tokens=case.tokens(mode))
+               bytes=case.bytes(mode), flops=case.flops(mode), tokens=case.tokens(mode),
+               model_extra_mem_bytes=case.model_extra_mem(prov.name, mode))
     if prov.absent or prov.fn is None:
         r.status, r.error = "absent", prov.absent or "no callable"
         return r

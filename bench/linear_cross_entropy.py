@@ -133,6 +133,15 @@ class LinearCrossEntropyCase(Case):
     def flops(self, mode):
         return flops(self.N, self.H, self.V, mode)
 
+    def model_extra_mem(self, provider, mode):
+        """The Triton backend's workspace plus the gradients it returns (cost_model), to read beside its measured
+        peak: issue 6 bounds the workspace at 0.5 GB."""
+        if provider != "pykernels-triton":
+            return None
+        from pykernels.ops.linear_cross_entropy import cost_model
+        c = cost_model(self.N, self.H, self.V, self.dtype, backward=mode == "fwd+bwd")
+        return int(c["workspace_bytes"] + c["gradient_bytes"])
+
 
 def cases(device: torch.device, dtype: torch.dtype, quick: bool,
           shape: Optional[Dict[str, int]] = None) -> List[Case]:

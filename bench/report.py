@@ -125,8 +125,11 @@ def _cells(r: Result) -> List[str]:
             cells.append("-" if r.ms_p20 is None else f"{r.ms_p20:.3f}-{r.ms_p80:.3f}")
         elif head == "speed-up":
             cells.append(" ".join(f"{v:.2f}x {k}" for k, v in r.speedup_vs.items()) or "-")
-        elif head == "extra MiB":
-            cells.append(f(None if r.peak_extra_mem_bytes is None else r.peak_extra_mem_bytes / 2**20, spec))
+        elif head == "extra MiB":  # measured peak, and the suite's model of it where it has one
+            cell = f(None if r.peak_extra_mem_bytes is None else r.peak_extra_mem_bytes / 2**20, spec)
+            if r.model_extra_mem_bytes is not None and r.peak_extra_mem_bytes is not None:
+                cell += f" (model {r.model_extra_mem_bytes / 2**20:{spec}})"
+            cells.append(cell)
         else:
             v = getattr(r, field)
             cells.append(str(v) if not spec else f(v, spec))

@@ -280,6 +280,10 @@ def test_named_presets(tmp_path, monkeypatch, capsys):
     from bench import linear_cross_entropy as lce
     grid = lce.NAMED_PRESETS["grid"]
     assert len(grid) == 12 and {s["H"] for s in grid} == {4096} and max(s["V"] for s in grid) == 262144
+    (target,) = lce.cases(CPU, torch.bfloat16, False, {"N": 8192, "H": 4096, "V": 128256})
+    # docs/linear_cross_entropy.md "Cost model": 386 MiB of workspace and 1066 MiB of gradients at issue 6's shape
+    assert round(target.model_extra_mem("pykernels-triton", "fwd+bwd") / 2**20) == 386 + 1066
+    assert target.model_extra_mem("torch", "fwd+bwd") is None
     monkeypatch.setitem(at.NAMED_PRESETS, "tiny", [{"B": 1, "H": 2, "L": 24, "E": 8},
                                                    {"T": 50, "H": 2, "E": 8, "causal": 1, "nseq": 2}])
     args = ["--suite", "attention", "--device", "cpu", "--quick", "--baselines", "torch", "--backends", "",
