@@ -244,21 +244,6 @@ def _probs(s, lse):
 
 
 @triton.jit
-def _query_block(Q, DO, LSE, DELTA, b, h, q0, offs_m, offs_d, offs_e, Lb, L, H, sqb, sqh, sqm, sqd, sdb, sdh, sdm,
-                 sdd, HEAD_E, HEAD_EV):
-    """What the backward reads of a query block: q, dO, its global score rows, their lse and delta (rows past the
-    sequence's end: zeros and lse = -inf, so they see no key)."""
-    q = tl.load(Q + b * sqb + h * sqh + (q0 + offs_m[:, None]) * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < HEAD_E), other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + (q0 + offs_m[:, None]) * sdm + offs_e[None, :] * sdd,
-                 mask=(offs_m[:, None] < Lb) & (offs_e[None, :] < HEAD_EV), other=0.0)
-    rows = (b * H + h) * L + q0 + offs_m
-    lse = tl.load(LSE + rows, mask=offs_m < Lb, other=float("-inf"))
-    delta = tl.load(DELTA + rows, mask=offs_m < Lb, other=0.0)
-    return q, do, rows, lse, delta
-
-
-@triton.jit
 def _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, DELTA, b, h, q0, Lb, Sb, L, S, H, sqb,
                sqh, sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV, scale, softcap, d, win_left, win_right, bias_ptr,
                sbm, sbn, seed, dropout_p, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -267,8 +252,13 @@ def _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, DELT
     """One query block's contribution to a key block's dK, dV. MASK=False: every key of the block is visible to
     every query of the sequence in the query block (queries past its end see nothing through their lse)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q, do, rows, lse, delta = _query_block(Q, DO, LSE, DELTA, b, h, q0, offs_m, offs_d, offs_e, Lb, L, H, sqb, sqh,
-                                           sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV)
+    q = tl.load(Q + b * sqb + h * sqh + (q0 + offs_m[:, None]) * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < HEAD_E), other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + (q0 + offs_m[:, None]) * sdm + offs_e[None, :] * sdd,
+                 mask=(offs_m[:, None] < Lb) & (offs_e[None, :] < HEAD_EV), other=0.0)
+    rows = (b * H + h) * L + q0 + offs_m
+    lse = tl.load(LSE + rows, mask=offs_m < Lb, other=float("-inf"))
+    delta = tl.load(DELTA + rows, mask=offs_m < Lb, other=0.0)
     s, t = _scores(q, kT, offs_m, offs_n, Lb, Sb, scale, softcap, d, win_left, win_right, bias_ptr,
                    sbm, sbn, MASK, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
     p = _probs(s, lse)
@@ -361,8 +351,13 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, DELTA, DQ, DBias, CuQ, CuK, Seed, sqb, 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, E)
     offs_e = tl.arange(0, EV)
-    q, do, rows, lse, delta = _query_block(Q, DO, LSE, DELTA, b, h, q0, offs_m, offs_d, offs_e, Lb, L, H, sqb, sqh,
-                                           sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV)
+    q = tl.load(Q + b * sqb + h * sqh + (q0 + offs_m[:, None]) * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < HEAD_E), other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + (q0 + offs_m[:, None]) * sdm + offs_e[None, :] * sdd,
+                 mask=(offs_m[:, None] < Lb) & (offs_e[None, :] < HEAD_EV), other=0.0)
+    rows = (b * H + h) * L + q0 + offs_m
+    lse = tl.load(LSE + rows, mask=offs_m < Lb, other=float("-inf"))
+    delta = tl.load(DELTA + rows, mask=offs_m < Lb, other=0.0)
     bias_ptr = Bias + b * sbb + h * sbh
     seed = 0
     if DROPOUT:
