@@ -4,7 +4,8 @@ sequences included), every backend against the float64 reference under the 2x-Py
 gradient, through the fixed-case tests' own checks. The block-skipping logic (which key blocks a query block
 visits, which of them need masks, and the transpose for dK/dV) is where a wrong boundary hides: the interpreter
 runs 16 x 16 tiles, so these lengths cross several blocks. Fixed example budgets keep CI time bounded; the GPU
-tier runs more and longer examples; PYKERNELS_FUZZ_SCALE=k runs k times as many (a bug hunt)."""
+tier runs longer examples (each new combination of options is a Triton compile there, so its budget is small
+too); PYKERNELS_FUZZ_SCALE=k runs k times as many (a bug hunt)."""
 from __future__ import annotations
 
 import os
@@ -100,7 +101,7 @@ def test_fuzz_varlen(backend, device, case, seed):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend,device", GPU_BACKENDS)
-@settings(max_examples=60 * SCALE, deadline=None, derandomize=False)
+@settings(max_examples=30 * SCALE, deadline=None, derandomize=False)
 @given(case=dense_cases(max_len=300), seed=SEEDS)
 def test_fuzz_sdpa_gpu(backend, device, case, seed):
     torch.manual_seed(seed)
@@ -110,7 +111,7 @@ def test_fuzz_sdpa_gpu(backend, device, case, seed):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend,device", GPU_BACKENDS)
-@settings(max_examples=40 * SCALE, deadline=None, derandomize=False)
+@settings(max_examples=20 * SCALE, deadline=None, derandomize=False)
 @given(case=varlen_cases(max_len=300), seed=SEEDS)
 def test_fuzz_varlen_gpu(backend, device, case, seed):
     torch.manual_seed(seed)
