@@ -63,15 +63,36 @@ def parser() -> argparse.ArgumentParser:
                    "'B=8,T=256,steps=20' (e2e: sets those fields of both models)")
     p.add_argument("--preset", default=None, help="a suite's named shape grid instead of its default shapes, with "
                    "exactly one --suite, e.g. 'fa2' (attention: FlashAttention-2's grid) or 'tutorial' (Triton's)")
+    p.add_argument("--list", action="store_true", help="print each --suite's modes, shapes per device (default and "
+                   "--quick) and named presets, then exit")
     p.add_argument("--out", default="bench/out", help="directory for the JSON, CSV and PNG files")
     p.add_argument("--compare", default=None, metavar="OLD.json", help="print regressions > 5%% against it")
     p.add_argument("--no-plots", action="store_true")
     return p
 
 
+def list_suites(names: List[str]) -> str:
+    """What each suite would run: its modes, the case names per device type (default and --quick presets) and the
+    sizes of its named presets."""
+    lines = []
+    for name in names:
+        suite = load_suite(name)
+        lines.append(f"{name}: modes {', '.join(suite.MODES)}")
+        for dev, dtype in (("cuda", torch.bfloat16), ("cpu", torch.float32)):
+            for quick in (False, True):
+                cases = suite.cases(torch.device(dev), dtype, quick)
+                lines.append(f"  {dev}{' --quick' if quick else ''}: " + "; ".join(c.name for c in cases))
+        for preset, shapes in getattr(suite, "NAMED_PRESETS", {}).items():
+            lines.append(f"  --preset {preset}: {len(shapes)} shapes, e.g. {shapes[0]}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = parser()
     a = p.parse_args(argv)
+    if a.list:
+        print(list_suites(a.suite))
+        return 0
     for flag, value in (("--shape", a.shape), ("--preset", a.preset)):
         if value is not None and len(a.suite) != 1:
             p.error(f"{flag} names one suite's shapes: pass exactly one --suite with it (got {len(a.suite)}: "

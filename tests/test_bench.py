@@ -327,3 +327,11 @@ def test_linear_cross_entropy_options_case():
     assert by["torch"].status == "ok" and by["drops-z"].status == "wrong"
     r = by["torch.linear_cross_entropy"]
     assert r.status == "absent" or (r.status == "error" and "options case" in r.error)
+
+
+def test_list_suites(capsys):
+    assert cli.main(["--list", "--suite", "attention", "linear_cross_entropy"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("attention: modes fwd+bwd, fwd, bwd") and "gqa B=2 H=32 Hkv=8 L=4096 E=128 causal" in out
+    assert "varlen T=16384 nseq=8 H=16 E=128 causal" in out and "--preset fa2: 36 shapes" in out
+    assert "linear_cross_entropy: modes" in out and "--preset grid: 12 shapes" in out
