@@ -25,18 +25,25 @@ WINDOW_SIDE = st.sampled_from([-1, 0, 1, 3, 17])  # -1: unbounded on that side
 
 
 @st.composite
-def dense_cases(draw, max_len):
-    """A case of test_attention.FN_CASES' form: (q shape, kv heads, S, Ev, kwargs, mask spec, id)."""
-    B, Hk, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3]))
-    H, L, S = Hk * group, draw(st.integers(1, max_len)), draw(st.integers(1, max_len))
-    E, Ev = draw(st.sampled_from([16, 24, 40])), draw(st.sampled_from([16, 32]))
-    kw = {"enable_gqa": True} if group > 1 else {}
+def visibility(draw):
+    """Causal (either alignment) and sliding-window keyword arguments, or none."""
+    kw = {}
     causal = draw(st.sampled_from([None, "top_left", "bottom_right"]))
     if causal:  # top-left is torch's is_causal: the oracle test then also runs torch's SDPA as the baseline
         kw.update(is_causal=True, **({"causal_alignment": causal} if causal == "bottom_right" else {}))
     left, right = draw(WINDOW_SIDE), draw(WINDOW_SIDE)
     if (left, right) != (-1, -1):
         kw["window"] = (left, right)
+    return kw
+
+
+@st.composite
+def dense_cases(draw, max_len):
+    """A case of test_attention.FN_CASES' form: (q shape, kv heads, S, Ev, kwargs, mask spec, id)."""
+    B, Hk, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3]))
+    H, L, S = Hk * group, draw(st.integers(1, max_len)), draw(st.integers(1, max_len))
+    E, Ev = draw(st.sampled_from([16, 24, 40])), draw(st.sampled_from([16, 32]))
+    kw = dict(draw(visibility()), **({"enable_gqa": True} if group > 1 else {}))
     if draw(st.booleans()):
         kw["softcap"] = draw(st.sampled_from([1.5, 20.0]))
     if draw(st.booleans()):  # around the default 1/sqrt(E): far sharper softmaxes, see docs/attention.md "Not done"
@@ -56,13 +63,7 @@ def varlen_cases(draw, max_len):
     lq = draw(st.lists(st.integers(0, max_len), min_size=n, max_size=n).filter(any))
     lk = draw(st.lists(st.integers(0, max_len), min_size=n, max_size=n).filter(any))
     Hk, group = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2]))
-    kw = {}
-    causal = draw(st.sampled_from([None, "top_left", "bottom_right"]))
-    if causal:  # top-left is torch's is_causal: the oracle test then also runs torch's SDPA as the baseline
-        kw.update(is_causal=True, **({"causal_alignment": causal} if causal == "bottom_right" else {}))
-    left, right = draw(WINDOW_SIDE), draw(WINDOW_SIDE)
-    if (left, right) != (-1, -1):
-        kw["window"] = (left, right)
+    kw = draw(visibility())
     if draw(st.booleans()):
         kw["softcap"] = 3.0
     return lq, lk, Hk * group, Hk, draw(st.sampled_from([16, 24])), draw(st.sampled_from([16, 32])), kw

@@ -351,6 +351,8 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, DELTA, DQ, DBias, CuQ, CuK, Seed, sqb, 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, E)
     offs_e = tl.arange(0, EV)
+    # loaded here, not through a helper shared with _dkdv_step: a helper called with Q, DO, LSE, DELTA at this
+    # level makes torch's Triton mutation analysis count them as written (tests/test_triton_compile_view.py)
     q = tl.load(Q + b * sqb + h * sqh + (q0 + offs_m[:, None]) * sqm + offs_d[None, :] * sqd,
                 mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < HEAD_E), other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + (q0 + offs_m[:, None]) * sdm + offs_e[None, :] * sdd,
