@@ -79,11 +79,16 @@ def no_local_memory(sass: str) -> bool:
     return not re.search(r"\b(LDL|STL)\b", sass)
 
 
+def sass_instructions(sass: str) -> list:
+    """The instructions of one function's SASS in program order (predicate and operands, without the address)."""
+    return re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass)
+
+
 def exp2_between_branches(sass: str) -> int:
     """The most exp2 (MUFU.EX2) instructions of one function's SASS that run with no branch (BRA) between them: a
     tile's whole softmax or loss code in one straight stretch, or the per-element branching it replaces."""
     best = run = 0
-    for ins in re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass):
+    for ins in sass_instructions(sass):
         if re.search(r"\bBRA\b", ins):
             best, run = max(best, run), 0
         elif "MUFU.EX2" in ins:

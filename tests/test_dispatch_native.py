@@ -44,14 +44,17 @@ def test_every_entry_cites_a_committed_measurement():
     rules += [(op, rule[2]) for op, d in backends.NATIVE_FASTER_BELOW.items() for rule in d.values()]
     rules += [(op, why) for table in (backends.NATIVE_FASTER_DTYPE, backends.OURS_FASTER_DTYPE)
               for op, d in table.items() for per in d.values() for why in per.values()]
+    def cited(why):  # the measurement files a rule's text names
+        return re.findall(r"bench/results/[^ ;)]+", why)
+
     for op, why in rules:
-        paths = re.findall(r"bench/results/[^ ;)]+", why)
+        paths = cited(why)
         assert paths, (op, why)
         for path in paths:  # every file cited, where an entry cites several runs
             assert os.path.exists(os.path.join(root, path)), (op, path)
     # the CUDA chain's exceptions: a measurement, or the entry of the op whose kernels they share
     for op, why in backends.TRITON_FIRST_CUDA.items():
-        paths = re.findall(r"bench/results/[^ ;)]+", why)
+        paths = cited(why)
         assert all(os.path.exists(os.path.join(root, p)) for p in paths), (op, paths)
         assert paths or any(f"kernels of {other}" in why for other in backends.TRITON_FIRST_CUDA), (op, why)
         assert backends._chain(torch.device("cuda"), op)[0] == "triton", op

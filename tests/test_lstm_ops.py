@@ -599,14 +599,14 @@ def test_cuda_persistent_kernels_stage_step_tiles_with_loads_in_flight():
     (stage_rows in csrc/cuda/lstm_layer.cu). One element at a time, each load waited its own L2 round trip before
     its store: dozens a step, the likely reason for the ~28 us steps of the first GPU run."""
     import re
-    from test_build import kernel_sass
+    from test_build import kernel_sass, sass_instructions
     for sm, found in kernel_sass(("layer_fwd_kernel", "layer_bwd_kernel")).items():
         for f in found["layer_fwd_kernel"] + found["layer_bwd_kernel"]:
             name = f.split("\n", 1)[0]
             if "layer_bwd_kernel" in name and not ("Lb1E" in name and ("half" in name or "bfloat16" in name)):
                 continue  # fp32 / streamed backward: per-warp dot products over dG_t, no staged tile
             run = best = 0
-            for ins in re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", f):
+            for ins in sass_instructions(f):
                 if "LDG.E.128.STRONG.GPU" in ins:
                     run += 1
                     best = max(best, run)

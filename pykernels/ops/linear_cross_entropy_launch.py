@@ -26,11 +26,11 @@ from torch import Tensor
 CHUNK_BYTES = int(os.environ.get("PYKERNELS_LCE_CHUNK_BYTES", str(256 << 20)))
 
 # The fused path's row block (the CPU kernel pykernels::linear_cross_entropy_fused): FUSED_BLOCK_BYTES of logits in
-# the input's dtype (the kernel's logit buffer), at least FUSED_MIN_ROWS rows. Measured (2 cores, fp32, 2026-12-04): at N=1024 H=256
-# V=8192 the logits and their row pass took 62 ms in 512-row blocks (16 MiB) against 75 ms in one 32 MiB block
-# (glibc serves 32 MiB by mmap: fresh pages to fault in on every call; 16 MiB comes from the heap after the first
-# call); at N=256 H=512 V=32000, forward+gradients took 332 ms in 128-row blocks (16 MiB) against 281 ms in one of
-# 256 rows (GEMMs with K = 128, and dW read and written twice). Tests lower it to exercise several blocks.
+# the input's dtype (the kernel's logit buffer), at least FUSED_MIN_ROWS rows. Measured (2 cores, fp32, 2026-12-04):
+# at N=1024 H=256 V=8192 the logits and their row pass took 62 ms in 512-row blocks (16 MiB) against 75 ms in one
+# 32 MiB block (glibc serves 32 MiB by mmap: fresh pages to fault in on every call; 16 MiB comes from the heap after
+# the first call); at N=256 H=512 V=32000, forward+gradients took 332 ms in 128-row blocks (16 MiB) against 281 ms in
+# one of 256 rows (GEMMs with K = 128, and dW read and written twice). Tests lower it to exercise several blocks.
 FUSED_BLOCK_BYTES = 16 << 20
 FUSED_MIN_ROWS = 256
 
