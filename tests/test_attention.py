@@ -470,6 +470,9 @@ MHA_CASES = [  # (ctor kwargs, forward kwargs/mask spec, why)
     (dict(bias=False, batch_first=True), dict(attn="causal", is_causal=True, need_weights=False), "is_causal hint"),
     (dict(), dict(attn="bool3", kpm="float"), "per-head 3-D mask, float key padding"),
     (dict(batch_first=True), dict(unbatched=True, attn="bool"), "unbatched"),
+    # found by tests/test_dropin_fuzz.py: with the weights asked for, torch applies the mask (padded for the extra
+    # keys, which stay visible), not the causal hint, which would hide them
+    (dict(add_bias_kv=True, add_zero_attn=True), dict(attn="causal", is_causal=True), "is_causal hint, weights"),
 ]
 
 

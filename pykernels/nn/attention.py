@@ -111,7 +111,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 attn_mask = F.pad(attn_mask, (0, 1))
             if key_padding_mask is not None:
                 key_padding_mask = F.pad(key_padding_mask, (0, 1))
-        use_causal = is_causal and key_padding_mask is None  # torch: then the mask is the causal one, dropped
+        # torch's rule: the hint replaces the mask only without key padding and without weights (the weights are
+        # computed from the mask, padded for bias_k / add_zero_attn, whose extra keys a causal call would hide)
+        use_causal = is_causal and key_padding_mask is None and not need_weights
         mask = None
         if attn_mask is not None and not use_causal:
             am = attn_mask.reshape(1, 1, L, S) if attn_mask.shape[0] == 1 else attn_mask.reshape(N, Hn, L, S)

@@ -1,0 +1,291 @@
+"""Property-based fuzzing of the drop-in modules (hypothesis): pykernels.nn.LSTM, LSTMCell and MultiheadAttention
+against the torch modules they replace, over random combinations of every constructor option and forward argument,
+with the same state_dict. The fixed-case tests cover each option; combinations (packed + projected + bidirectional +
+given states, key padding + bias_kv + zero_attn + 3-D float mask, ...) are where a drop-in silently disagrees.
+
+Each module runs on a CPU-tier backend as a *preference* (``pykernels.use_backend``), as ``pykernels.patch`` users
+get it: what the backend's kernel does not cover falls back visibly, and ``last_dispatch`` must then name the
+backend that ran. Outputs and the gradients of the inputs, the states and every parameter are judged against torch
+in float64 with the 2x-PyTorch-error rule (torch at the tested dtype is the baseline). Fixed example budgets keep
+CI time bounded; PYKERNELS_FUZZ_SCALE=k runs k times as many."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+import pykernels  # noqa: E402
+from pykernels.testing import assert_error_rule  # noqa: E402
+
+from conftest import require_backend  # noqa: E402
+
+SCALE = int(os.environ.get("PYKERNELS_FUZZ_SCALE", "1"))
+SEEDS = st.integers(0, 2**31 - 1)
+F64 = torch.float64
+
+
+def _three_modules(torch_cls, ours_cls, dtype, *args, **kwargs):
+    """torch's module in float64 (the oracle), ours and torch's at ``dtype``, all with the oracle's weights."""
+    ref = torch_cls(*args, dtype=F64, **kwargs)
+    ours = ours_cls(*args, dtype=dtype, backend=None, **kwargs)
+    base = torch_cls(*args, dtype=dtype, **kwargs)
+    sd = {k: v.to(dtype) for k, v in ref.state_dict().items()}
+    ours.load_state_dict(sd, strict=True)
+    base.load_state_dict(sd, strict=True)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    return ref, ours, base
+
+
+def _leaves(tensors, dtype):
+    return [None if t is None else t.detach().to(dtype).requires_grad_(t.is_floating_point()) for t in tensors]
+
+
+def _grads(outs, leaves, gouts):
+    outs, gouts = zip(*[(o, g.to(o.dtype)) for o, g in zip(outs, gouts) if o is not None])
+    want = [t for t in leaves if t is not None and t.requires_grad]
+    return torch.autograd.grad(outs, want, gouts, allow_unused=True)
+
+
+def _judge(what, got, ref, base, dtype):
+    """Outputs or gradients, element by element, under the 2x rule (float64 runs: a 1e-9 floor)."""
+    assert len(got) == len(ref) == len(base), what
+    for k, (o, r, b) in enumerate(zip(got, ref, base)):
+        assert (o is None) == (r is None), f"{what} [{k}]: {o is None=} but {r is None=}"
+        if o is None:
+            continue
+        assert o.dtype == b.dtype, f"{what} [{k}]: dtype {o.dtype} != torch's {b.dtype}"
+        if dtype == F64:
+            assert_error_rule(f"{what} [{k}]", o, r, dtype=torch.float32, floor=1e-9)
+        else:
+            assert_error_rule(f"{what} [{k}]", o, r, b, dtype=dtype, factor=3.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nn.LSTM
+
+@st.composite
+def lstm_cases(draw):
+    H = draw(st.integers(1, 9))
+    return dict(
+        I=draw(st.integers(1, 7)), H=H, layers=draw(st.integers(1, 3)), bias=draw(st.booleans()),
+        batch_first=draw(st.booleans()), bidirectional=draw(st.booleans()),
+        proj=draw(st.sampled_from([0] + list(range(1, H)))) if H > 1 else 0,
+        T=draw(st.integers(1, 9)), B=draw(st.integers(1, 5)),
+        input=draw(st.sampled_from(["padded", "unbatched", "packed", "packed_sorted"])),
+        states=draw(st.booleans()), seed=draw(SEEDS))
+
+
+def _lstm_input(case, g):
+    """(module input, the leaves it is built from, lengths or None) for one case, in float64."""
+    T, B, I = case["T"], case["B"], case["I"]
+    if case["input"] == "unbatched":
+        x = torch.randn(T, I, generator=g, dtype=F64)
+        return x, None
+    x = torch.randn((B, T, I) if case["batch_first"] else (T, B, I), generator=g, dtype=F64)
+    if case["input"] == "padded":
+        return x, None
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[int(torch.randint(0, B, (1,), generator=g))] = T  # pack_padded_sequence needs one full row
+    if case["input"] == "packed_sorted":
+        lengths = lengths.sort(descending=True).values
+    return x, lengths
+
+
+def _run_lstm(m, x, lengths, h0c0, case, gouts):
+    """Forward (packing inside, so gradients reach the padded leaf) and the gradients of x, h0, c0 and every
+    parameter; the outputs as dense tensors (a packed output's data)."""
+    inp = x
+    if lengths is not None:
+        inp = pack_padded_sequence(x, lengths, batch_first=case["batch_first"],
+                                   enforce_sorted=case["input"] == "packed_sorted")
+    out, (h, c) = m(inp) if h0c0 is None else m(inp, h0c0)
+    if lengths is not None:
+        assert isinstance(out, PackedSequence)
+        out = out.data
+    outs = [out, h, c]
+    leaves = [x] + (list(h0c0) if h0c0 is not None else []) + list(m.parameters())
+    return outs, _grads(outs, leaves, gouts)
+
+
+LSTM_BACKENDS = [pytest.param("cpu", torch.float32, 12, id="cpu-fp32"),
+                 pytest.param("cpu", F64, 8, id="cpu-fp64"),
+                 pytest.param("reference", torch.float32, 6, id="reference-fp32"),
+                 pytest.param("triton", torch.float32, 4, id="triton-interp-fp32")]
+
+
+@pytest.mark.parametrize("backend,dtype,budget", LSTM_BACKENDS)
+def test_fuzz_lstm_module_against_torch(backend, dtype, budget):
+    require_backend(backend, "cpu")
+
+    @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
+    @given(case=lstm_cases())
+    def check(case):
+        g = torch.Generator().manual_seed(case["seed"])
+        D = 2 if case["bidirectional"] else 1
+        kw = dict(num_layers=case["layers"], bias=case["bias"], batch_first=case["batch_first"],
+                  bidirectional=case["bidirectional"], proj_size=case["proj"])
+        ref, ours, base = _three_modules(torch.nn.LSTM, pykernels.nn.LSTM, dtype, case["I"], case["H"],
+                                         **kw)
+        # torch's default init is U(-1/sqrt(H), 1/sqrt(H)): stable for any depth, as a trained model's would be
+        x, lengths = _lstm_input(case, g)
+        unbatched = case["input"] == "unbatched"
+        B = 1 if unbatched else case["B"]
+        real = case["proj"] or case["H"]
+        states = None
+        if case["states"]:
+            shape = lambda n: (case["layers"] * D, n) if unbatched else (case["layers"] * D, B, n)  # noqa: E731
+            states = (torch.randn(shape(real), generator=g, dtype=F64),
+                      torch.randn(shape(case["H"]), generator=g, dtype=F64))
+        n_out = int(lengths.sum()) if lengths is not None else None
+        T = case["T"]
+        out_shape = ((n_out, D * real) if lengths is not None else (T, D * real) if unbatched else
+                     (B, T, D * real) if case["batch_first"] else (T, B, D * real))
+        hshape = (case["layers"] * D, real) if unbatched else (case["layers"] * D, B, real)
+        cshape = (case["layers"] * D, case["H"]) if unbatched else (case["layers"] * D, B, case["H"])
+        gouts = [torch.randn(s, generator=g, dtype=F64) for s in (out_shape, hshape, cshape)]
+        runs = []
+        for m, dt in ((ref, F64), (base, dtype), (ours, dtype)):
+            lv = _leaves([x] + (list(states) if states else []), dt)
+            with pykernels.use_backend(backend):
+                runs.append(_run_lstm(m, lv[0], lengths, tuple(lv[1:]) if states else None, case, gouts))
+        ran, why = pykernels.last_dispatch["lstm"]
+        kernel_covers = not case["proj"] and lengths is None and not (dtype == F64 and backend != "cpu")
+        if backend == "reference" or kernel_covers:
+            assert ran == backend, f"{case}: ran {ran} ({why})"
+        else:  # packed / projected (and float64 off the C++ kernels): the visible fallback
+            assert ran == "reference" and backend in str(why), f"{case}: ran {ran} ({why})"
+        (r_out, r_g), (b_out, b_g), (o_out, o_g) = runs
+        _judge(f"lstm {backend} {case} outputs", o_out, r_out, b_out, dtype)
+        _judge(f"lstm {backend} {case} gradients", o_g, r_g, b_g, dtype)
+
+    check()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nn.LSTMCell
+
+@pytest.mark.parametrize("backend,dtype,budget", [pytest.param("cpu", torch.float32, 15, id="cpu-fp32"),
+                                                  pytest.param("cpu", F64, 10, id="cpu-fp64"),
+                                                  pytest.param("triton", torch.float32, 6, id="triton-interp")])
+def test_fuzz_lstm_cell_module_against_torch(backend, dtype, budget):
+    require_backend(backend, "cpu")
+
+    @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
+    @given(I=st.integers(1, 40), H=st.integers(1, 40), B=st.sampled_from([None, 1, 2, 5, 9]), bias=st.booleans(),
+           states=st.booleans(), strided=st.booleans(), seed=SEEDS)
+    def check(I, H, B, bias, states, strided, seed):
+        g = torch.Generator().manual_seed(seed)
+        ref, ours, base = _three_modules(torch.nn.LSTMCell, pykernels.nn.LSTMCell, dtype, I, H, bias=bias)
+        shape = (lambda n: (n,)) if B is None else (lambda n: (B, n))
+        x = torch.randn(shape(2 * I if strided else I), generator=g, dtype=F64)  # strided: the input is x[..., ::2]
+        hc = [torch.randn(shape(H), generator=g, dtype=F64) for _ in range(2)] if states else []
+        gouts = [torch.randn(shape(H), generator=g, dtype=F64) for _ in range(2)]
+        runs = []
+        for m, dt in ((ref, F64), (base, dtype), (ours, dtype)):
+            lv = _leaves([x] + hc, dt)
+            with pykernels.use_backend(backend):  # every other column: a non-contiguous input
+                h, c = m(lv[0][..., ::2] if strided else lv[0], tuple(lv[1:]) if states else None)
+            runs.append(([h, c], _grads([h, c], lv + list(m.parameters()), gouts)))
+        (r_out, r_g), (b_out, b_g), (o_out, o_g) = runs
+        what = f"lstm_cell {backend} {I=} {H=} {B=} {bias=} {states=} {strided=}"
+        _judge(f"{what} outputs", o_out, r_out, b_out, dtype)
+        _judge(f"{what} gradients", o_g, r_g, b_g, dtype)
+
+    check()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nn.MultiheadAttention
+
+@st.composite
+def mha_cases(draw):
+    heads = draw(st.sampled_from([1, 2, 4]))
+    E = heads * draw(st.sampled_from([2, 4, 8]))
+    cross = draw(st.sampled_from(["self", "same_dims", "kdim_vdim"]))
+    return dict(
+        E=E, heads=heads, cross=cross, bias=draw(st.booleans()), bias_kv=draw(st.booleans()),
+        zero_attn=draw(st.booleans()), batch_first=draw(st.booleans()), unbatched=draw(st.booleans()),
+        N=draw(st.integers(1, 3)), L=draw(st.integers(1, 9)), S=draw(st.integers(1, 9)),
+        kdim=draw(st.integers(1, 7)), vdim=draw(st.integers(1, 7)),
+        attn=draw(st.sampled_from([None, "bool", "float", "bool3", "float3", "causal"])),
+        kpm=draw(st.sampled_from([None, "bool", "float"])), need_weights=draw(st.booleans()),
+        average=draw(st.booleans()), seed=draw(SEEDS))
+
+
+def _mha_call(case, g):
+    """(query, key, value, forward kwargs) in float64 for one case. Every query row keeps one visible key (torch
+    gives NaN rows otherwise, in some of its paths and not others)."""
+    E, N, L, S, Hn = case["E"], case["N"], case["L"], case["S"], case["heads"]
+    if case["cross"] == "self" or case["attn"] == "causal":
+        S = L
+    kd, vd = (case["kdim"], case["vdim"]) if case["cross"] == "kdim_vdim" else (E, E)
+    shape = (lambda t, e: (t, e)) if case["unbatched"] else (
+        (lambda t, e: (N, t, e)) if case["batch_first"] else (lambda t, e: (t, N, e)))
+    q = torch.randn(shape(L, E), generator=g, dtype=F64)
+    if case["cross"] == "self":
+        k = v = q
+    else:
+        k, v = torch.randn(shape(S, kd), generator=g, dtype=F64), torch.randn(shape(S, vd), generator=g, dtype=F64)
+    kw = dict(need_weights=case["need_weights"], average_attn_weights=case["average"])
+    a, n = case["attn"], (1 if case["unbatched"] else N)
+    if a in ("bool", "bool3"):
+        m = torch.rand((L, S) if a == "bool" else (n * Hn, L, S), generator=g) < 0.4
+        m[..., 0] = False
+        kw["attn_mask"] = m
+    elif a in ("float", "float3"):
+        kw["attn_mask"] = torch.randn((L, S) if a == "float" else (n * Hn, L, S), generator=g, dtype=F64)
+    elif a == "causal":
+        kw["attn_mask"] = torch.nn.Transformer.generate_square_subsequent_mask(L, dtype=F64)
+        kw["is_causal"] = True  # the hint, with its mask (as torch requires)
+    if case["kpm"] is not None:
+        p = torch.rand(S, generator=g) < 0.4 if case["unbatched"] else torch.rand(N, S, generator=g) < 0.4
+        p[..., 0] = False
+        kw["key_padding_mask"] = p if case["kpm"] == "bool" else torch.randn(p.shape, generator=g, dtype=F64)
+    return q, k, v, kw
+
+
+@pytest.mark.parametrize("backend,dtype,budget", [pytest.param("reference", F64, 25, id="reference-fp64"),
+                                                  pytest.param("triton", torch.float32, 6, id="triton-interp")])
+def test_fuzz_multihead_attention_against_torch(backend, dtype, budget):
+    require_backend(backend, "cpu")
+
+    @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
+    @given(case=mha_cases())
+    def check(case):
+        g = torch.Generator().manual_seed(case["seed"])
+        ctor = dict(bias=case["bias"], add_bias_kv=case["bias_kv"], add_zero_attn=case["zero_attn"],
+                    batch_first=case["batch_first"])
+        if case["cross"] == "kdim_vdim":
+            ctor.update(kdim=case["kdim"], vdim=case["vdim"])
+        ref, ours, base = _three_modules(torch.nn.MultiheadAttention, pykernels.nn.MultiheadAttention,
+                                         dtype, case["E"], case["heads"], **ctor)
+        for m in (ref, ours, base):
+            m.eval()  # dropout 0 either way; eval as a deployed model (torch's fast path needs no grad: not taken)
+        q, k, v, kw = _mha_call(case, g)
+        runs = []
+        for m, dt in ((ref, F64), (base, dtype), (ours, dtype)):
+            if case["cross"] == "self":  # one tensor for all three: torch's self-attention path
+                qv = _leaves([q], dt)[0]
+                leaves, call = [qv], (qv, qv, qv)
+            else:
+                leaves = _leaves([q, k, v], dt)
+                call = tuple(leaves)
+            mkw = {n: (t.to(dt) if torch.is_tensor(t) and t.is_floating_point() else t) for n, t in kw.items()}
+            with pykernels.use_backend(backend):
+                out, w = m(*call, **mkw)
+            if m is ours:
+                ran, why = pykernels.last_dispatch["scaled_dot_product_attention"]
+                assert ran == backend, f"{case}: ran {ran} ({why})"
+            gouts = [torch.randn(out.shape, generator=torch.Generator().manual_seed(case["seed"]), dtype=F64)]
+            runs.append(([out, w], _grads([out], leaves + list(m.parameters()), gouts)))
+        (r_out, r_g), (b_out, b_g), (o_out, o_g) = runs
+        what = f"mha {backend} {case}"
+        _judge(f"{what} outputs", o_out, r_out, b_out, dtype)
+        _judge(f"{what} gradients", o_g, r_g, b_g, dtype)
+
+    check()
