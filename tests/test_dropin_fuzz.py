@@ -29,11 +29,18 @@ SEEDS = st.integers(0, 2**31 - 1)
 F64 = torch.float64
 
 
-def _three_modules(torch_cls, ours_cls, dtype, *args, **kwargs):
+def _params(cpu, gpu):
+    """(backend, device, dtype, example budget) parameters: ``cpu`` for the CPU tier, ``gpu`` marked gpu."""
+    return [pytest.param(b, "cpu", dt, n, id=f"{b}-{str(dt)[6:]}" + ("-interp" if b == "triton" else ""))
+            for b, dt, n in cpu] + \
+        [pytest.param(b, "cuda", dt, n, id=f"{b}-cuda-{str(dt)[6:]}", marks=pytest.mark.gpu) for b, dt, n in gpu]
+
+
+def _three_modules(torch_cls, ours_cls, dtype, device, *args, **kwargs):
     """torch's module in float64 (the oracle), ours and torch's at ``dtype``, all with the oracle's weights."""
-    ref = torch_cls(*args, dtype=F64, **kwargs)
-    ours = ours_cls(*args, dtype=dtype, backend=None, **kwargs)
-    base = torch_cls(*args, dtype=dtype, **kwargs)
+    ref = torch_cls(*args, dtype=F64, **kwargs).to(device)
+    ours = ours_cls(*args, dtype=dtype, backend=None, **kwargs).to(device)
+    base = torch_cls(*args, dtype=dtype, **kwargs).to(device)
     sd = {k: v.to(dtype) for k, v in ref.state_dict().items()}
     ours.load_state_dict(sd, strict=True)
     base.load_state_dict(sd, strict=True)
@@ -41,12 +48,14 @@ def _three_modules(torch_cls, ours_cls, dtype, *args, **kwargs):
     return ref, ours, base
 
 
-def _leaves(tensors, dtype):
-    return [None if t is None else t.detach().to(dtype).requires_grad_(t.is_floating_point()) for t in tensors]
+def _leaves(tensors, dtype, device):
+    """Fresh leaves on ``device`` at ``dtype`` (the inputs are drawn on the CPU, from the case's generator)."""
+    return [None if t is None else t.detach().to(device, dtype).requires_grad_(t.is_floating_point())
+            for t in tensors]
 
 
 def _grads(outs, leaves, gouts):
-    outs, gouts = zip(*[(o, g.to(o.dtype)) for o, g in zip(outs, gouts) if o is not None])
+    outs, gouts = zip(*[(o, g.to(o)) for o, g in zip(outs, gouts) if o is not None])
     want = [t for t in leaves if t is not None and t.requires_grad]
     return torch.autograd.grad(outs, want, gouts, allow_unused=True)
 
@@ -112,15 +121,12 @@ def _run_lstm(m, x, lengths, h0c0, case, gouts):
     return outs, _grads(outs, leaves, gouts)
 
 
-LSTM_BACKENDS = [pytest.param("cpu", torch.float32, 12, id="cpu-fp32"),
-                 pytest.param("cpu", F64, 8, id="cpu-fp64"),
-                 pytest.param("reference", torch.float32, 6, id="reference-fp32"),
-                 pytest.param("triton", torch.float32, 4, id="triton-interp-fp32")]
-
-
-@pytest.mark.parametrize("backend,dtype,budget", LSTM_BACKENDS)
-def test_fuzz_lstm_module_against_torch(backend, dtype, budget):
-    require_backend(backend, "cpu")
+@pytest.mark.parametrize("backend,device,dtype,budget", _params(
+    [("cpu", torch.float32, 12), ("cpu", F64, 8), ("reference", torch.float32, 6), ("triton", torch.float32, 4)],
+    [("triton", torch.float32, 10), ("triton", torch.bfloat16, 10), ("cuda", torch.float32, 10),
+     ("cuda", torch.float16, 10)]))
+def test_fuzz_lstm_module_against_torch(backend, device, dtype, budget):
+    require_backend(backend, device)
 
     @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
     @given(case=lstm_cases())
@@ -129,7 +135,7 @@ def test_fuzz_lstm_module_against_torch(backend, dtype, budget):
         D = 2 if case["bidirectional"] else 1
         kw = dict(num_layers=case["layers"], bias=case["bias"], batch_first=case["batch_first"],
                   bidirectional=case["bidirectional"], proj_size=case["proj"])
-        ref, ours, base = _three_modules(torch.nn.LSTM, pykernels.nn.LSTM, dtype, case["I"], case["H"],
+        ref, ours, base = _three_modules(torch.nn.LSTM, pykernels.nn.LSTM, dtype, device, case["I"], case["H"],
                                          **kw)
         # torch's default init is U(-1/sqrt(H), 1/sqrt(H)): stable for any depth, as a trained model's would be
         x, lengths = _lstm_input(case, g)
@@ -150,7 +156,7 @@ def test_fuzz_lstm_module_against_torch(backend, dtype, budget):
         gouts = [torch.randn(s, generator=g, dtype=F64) for s in (out_shape, hshape, cshape)]
         runs = []
         for m, dt in ((ref, F64), (base, dtype), (ours, dtype)):
-            lv = _leaves([x] + (list(states) if states else []), dt)
+            lv = _leaves([x] + (list(states) if states else []), dt, device)
             with pykernels.use_backend(backend):
                 runs.append(_run_lstm(m, lv[0], lengths, tuple(lv[1:]) if states else None, case, gouts))
         ran, why = pykernels.last_dispatch["lstm"]
@@ -169,25 +175,25 @@ def test_fuzz_lstm_module_against_torch(backend, dtype, budget):
 # ---------------------------------------------------------------------------------------------------------
 # nn.LSTMCell
 
-@pytest.mark.parametrize("backend,dtype,budget", [pytest.param("cpu", torch.float32, 15, id="cpu-fp32"),
-                                                  pytest.param("cpu", F64, 10, id="cpu-fp64"),
-                                                  pytest.param("triton", torch.float32, 6, id="triton-interp")])
-def test_fuzz_lstm_cell_module_against_torch(backend, dtype, budget):
-    require_backend(backend, "cpu")
+@pytest.mark.parametrize("backend,device,dtype,budget", _params(
+    [("cpu", torch.float32, 15), ("cpu", F64, 10), ("triton", torch.float32, 6)],
+    [("triton", torch.float32, 10), ("cuda", torch.float32, 10), ("cuda", torch.bfloat16, 10)]))
+def test_fuzz_lstm_cell_module_against_torch(backend, device, dtype, budget):
+    require_backend(backend, device)
 
     @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
     @given(I=st.integers(1, 40), H=st.integers(1, 40), B=st.sampled_from([None, 1, 2, 5, 9]), bias=st.booleans(),
            states=st.booleans(), strided=st.booleans(), seed=SEEDS)
     def check(I, H, B, bias, states, strided, seed):
         g = torch.Generator().manual_seed(seed)
-        ref, ours, base = _three_modules(torch.nn.LSTMCell, pykernels.nn.LSTMCell, dtype, I, H, bias=bias)
+        ref, ours, base = _three_modules(torch.nn.LSTMCell, pykernels.nn.LSTMCell, dtype, device, I, H, bias=bias)
         shape = (lambda n: (n,)) if B is None else (lambda n: (B, n))
         x = torch.randn(shape(2 * I if strided else I), generator=g, dtype=F64)  # strided: the input is x[..., ::2]
         hc = [torch.randn(shape(H), generator=g, dtype=F64) for _ in range(2)] if states else []
         gouts = [torch.randn(shape(H), generator=g, dtype=F64) for _ in range(2)]
         runs = []
         for m, dt in ((ref, F64), (base, dtype), (ours, dtype)):
-            lv = _leaves([x] + hc, dt)
+            lv = _leaves([x] + hc, dt, device)
             with pykernels.use_backend(backend):  # every other column: a non-contiguous input
                 h, c = m(lv[0][..., ::2] if strided else lv[0], tuple(lv[1:]) if states else None)
             runs.append(([h, c], _grads([h, c], lv + list(m.parameters()), gouts)))
@@ -249,10 +255,12 @@ def _mha_call(case, g):
     return q, k, v, kw
 
 
-@pytest.mark.parametrize("backend,dtype,budget", [pytest.param("reference", F64, 25, id="reference-fp64"),
-                                                  pytest.param("triton", torch.float32, 6, id="triton-interp")])
-def test_fuzz_multihead_attention_against_torch(backend, dtype, budget):
-    require_backend(backend, "cpu")
+@pytest.mark.parametrize("backend,device,dtype,budget", _params(
+    [("reference", F64, 25), ("triton", torch.float32, 6)],
+    [("triton", torch.float16, 10), ("triton", torch.bfloat16, 10), ("cuda", torch.float16, 10),
+     ("cuda", torch.bfloat16, 10)]))
+def test_fuzz_multihead_attention_against_torch(backend, device, dtype, budget):
+    require_backend(backend, device)
 
     @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
     @given(case=mha_cases())
@@ -263,19 +271,20 @@ def test_fuzz_multihead_attention_against_torch(backend, dtype, budget):
         if case["cross"] == "kdim_vdim":
             ctor.update(kdim=case["kdim"], vdim=case["vdim"])
         ref, ours, base = _three_modules(torch.nn.MultiheadAttention, pykernels.nn.MultiheadAttention,
-                                         dtype, case["E"], case["heads"], **ctor)
+                                         dtype, device, case["E"], case["heads"], **ctor)
         for m in (ref, ours, base):
             m.eval()  # dropout 0 either way; eval as a deployed model (torch's fast path needs no grad: not taken)
         q, k, v, kw = _mha_call(case, g)
         runs = []
         for m, dt in ((ref, F64), (base, dtype), (ours, dtype)):
             if case["cross"] == "self":  # one tensor for all three: torch's self-attention path
-                qv = _leaves([q], dt)[0]
+                qv = _leaves([q], dt, device)[0]
                 leaves, call = [qv], (qv, qv, qv)
             else:
-                leaves = _leaves([q, k, v], dt)
+                leaves = _leaves([q, k, v], dt, device)
                 call = tuple(leaves)
-            mkw = {n: (t.to(dt) if torch.is_tensor(t) and t.is_floating_point() else t) for n, t in kw.items()}
+            mkw = {n: (t.to(device, dt if t.is_floating_point() else t.dtype) if torch.is_tensor(t) else t)
+                   for n, t in kw.items()}
             with pykernels.use_backend(backend):
                 out, w = m(*call, **mkw)
             if m is ours:
@@ -286,6 +295,128 @@ def test_fuzz_multihead_attention_against_torch(backend, dtype, budget):
         (r_out, r_g), (b_out, b_g), (o_out, o_g) = runs
         what = f"mha {backend} {case}"
         _judge(f"{what} outputs", o_out, r_out, b_out, dtype)
+        _judge(f"{what} gradients", o_g, r_g, b_g, dtype)
+
+    check()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nn.LinearCrossEntropyLoss and nn.CrossEntropyLoss (torch's modules; torch < 2.13 has no linear one: then
+# linear + cross_entropy is the oracle)
+
+_TorchLCE = getattr(torch.nn, "LinearCrossEntropyLoss", None)
+
+
+class _LinearThenCE(torch.nn.Module):
+    """torch < 2.13: the module torch's LinearCrossEntropyLoss is (same ``linear`` and ``weight`` layout)."""
+
+    def __init__(self, in_features, num_classes, *, bias, dtype, reduction, weight, ignore_index, label_smoothing):
+        super().__init__()
+        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, dtype=dtype)
+        self.register_buffer("weight", weight)
+        self.kw = dict(reduction=reduction, label_smoothing=label_smoothing,
+                       ignore_index=-100 if ignore_index is None else ignore_index)
+
+    def forward(self, x, t):
+        return torch.nn.functional.cross_entropy(self.linear(x), t, weight=self.weight, **self.kw)
+
+
+@st.composite
+def loss_cases(draw):
+    V = draw(st.integers(1, 40))
+    return dict(N=draw(st.sampled_from([None, 1, 2, 7, 19])), H=draw(st.integers(1, 24)), V=V,
+                bias=draw(st.booleans()), weighted=draw(st.booleans()),
+                reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+                ignore_index=draw(st.sampled_from([None, -100, 0, V - 1])), ignored=draw(st.floats(0.0, 1.0)),
+                label_smoothing=draw(st.sampled_from([0.0, 0.1, 0.7])), seed=draw(SEEDS))
+
+
+def _loss_inputs(case, g):
+    N, H, V = case["N"], case["H"], case["V"]
+    x = torch.randn((H,) if N is None else (N, H), generator=g, dtype=F64)
+    t = torch.randint(0, V, () if N is None else (N,), generator=g)
+    ii = case["ignore_index"]
+    if ii is not None and N is not None:
+        t = torch.where(torch.rand(N, generator=g) < case["ignored"], torch.full_like(t, ii), t)
+    w = torch.rand(V, generator=g, dtype=F64) + 0.2 if case["weighted"] else None
+    return x, t, w
+
+
+@pytest.mark.parametrize("backend,device,dtype,budget", _params(
+    [("cpu", torch.float32, 15), ("cpu", F64, 10), ("cpu", torch.bfloat16, 8), ("triton", torch.float32, 6)],
+    [("triton", torch.float32, 10), ("triton", torch.bfloat16, 10), ("cuda", torch.bfloat16, 10)]))
+def test_fuzz_linear_cross_entropy_module_against_torch(backend, device, dtype, budget):
+    require_backend(backend, device)
+
+    @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
+    @given(case=loss_cases())
+    def check(case):
+        g = torch.Generator().manual_seed(case["seed"])
+        x, t, w = _loss_inputs(case, g)
+        kw = dict(bias=case["bias"], reduction=case["reduction"], ignore_index=case["ignore_index"],
+                  label_smoothing=case["label_smoothing"])
+        mods = []
+        for cls, dt in ((_TorchLCE or _LinearThenCE, F64), (_TorchLCE or _LinearThenCE, dtype),
+                        (pykernels.nn.LinearCrossEntropyLoss, dtype)):
+            # class weights in the accumulation dtype: torch's module keeps its buffer's dtype as given
+            m = cls(case["H"], case["V"], dtype=dt, weight=None if w is None else w.to(dt), **kw)
+            mods.append(m.to(device))
+        ref, base, ours = mods
+        with torch.no_grad():
+            ref.linear.weight.mul_(3.0)  # sharper softmaxes than the default init gives
+        sd = {k: v.to(dtype) for k, v in ref.state_dict().items()}
+        base.load_state_dict(sd, strict=True)
+        ours.load_state_dict(sd, strict=True)
+        gout = torch.rand(() if case["reduction"] != "none" or case["N"] is None else (case["N"],), generator=g,
+                          dtype=F64) + 0.5
+        runs = []
+        for m, dt in ((ref, F64), (base, dtype), (ours, dtype)):
+            xl = x.to(device, dt).requires_grad_()
+            with pykernels.use_backend(backend):
+                loss = m(xl, t.to(device))
+            runs.append(([loss], _grads([loss], [xl] + list(m.linear.parameters()), [gout])))
+        ran, why = pykernels.last_dispatch["linear_cross_entropy"]
+        assert ran == backend, f"{case}: ran {ran} ({why})"
+        (r_out, r_g), (b_out, b_g), (o_out, o_g) = runs
+        what = f"linear_cross_entropy {backend} {dtype} {case}"
+        _judge(f"{what} loss", o_out, r_out, b_out, dtype)
+        _judge(f"{what} gradients", o_g, r_g, b_g, dtype)
+
+    check()
+
+
+@pytest.mark.parametrize("backend,device,dtype,budget", _params(
+    [("cpu", torch.float32, 15), ("cpu", torch.bfloat16, 8), ("triton", torch.float32, 6)],
+    [("triton", torch.bfloat16, 10), ("cuda", torch.bfloat16, 10), ("cuda", torch.float32, 10)]))
+def test_fuzz_cross_entropy_module_against_torch(backend, device, dtype, budget):
+    """nn.CrossEntropyLoss on logits from a linear layer (the usual head), every option of the module, the
+    backend asked for as a preference (which, unlike an automatic call, runs ours below torch's size threshold)."""
+    require_backend(backend, device)
+
+    @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
+    @given(case=loss_cases())
+    def check(case):
+        g = torch.Generator().manual_seed(case["seed"])
+        x, t, w = _loss_inputs(case, g)
+        z = x @ (torch.randn(case["V"], case["H"], generator=g, dtype=F64) * 3 / case["H"] ** 0.5).T
+        kw = dict(reduction=case["reduction"], label_smoothing=case["label_smoothing"])
+        if case["ignore_index"] is not None:
+            kw["ignore_index"] = case["ignore_index"]
+        gout = torch.rand(() if case["reduction"] != "none" or case["N"] is None else (case["N"],), generator=g,
+                          dtype=F64) + 0.5
+        runs = []
+        for cls, dt in ((torch.nn.CrossEntropyLoss, F64), (torch.nn.CrossEntropyLoss, dtype),
+                        (pykernels.nn.CrossEntropyLoss, dtype)):
+            m = cls(weight=None if w is None else w.to(device, dt), **kw)
+            zl = z.to(device, dt).requires_grad_()
+            with pykernels.use_backend(backend):
+                loss = m(zl, t.to(device))
+            runs.append(([loss], _grads([loss], [zl], [gout])))
+        ran, why = pykernels.last_dispatch["cross_entropy"]
+        assert ran == backend, f"{case}: ran {ran} ({why})"
+        (r_out, r_g), (b_out, b_g), (o_out, o_g) = runs
+        what = f"cross_entropy {backend} {dtype} {case}"
+        _judge(f"{what} loss", o_out, r_out, b_out, dtype)
         _judge(f"{what} gradients", o_g, r_g, b_g, dtype)
 
     check()
