@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..reference import attention as _ref
+from . import _higher_order
 from ._eager import EagerOp
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,6 +112,21 @@ def _backward(ctx, g_o, g_lse):
         return (None,) * _N_INPUTS
     q, k, v, bias, cu_q, cu_k, o, lse, seed = ctx.saved_tensors
     max_q, max_k, scale, is_causal, diag, bottom_right, win_left, win_right, softcap, dropout_p, backend = ctx.args
+    if _higher_order.create_graph(g_o):
+        if dropout_p > 0:
+            _higher_order.refuse("pykernels.attention", "its dropout mask is the kernel's own random stream",
+                                 "Use dropout_p=0 or backend='reference' for higher-order gradients.")
+        alignment = "bottom_right" if (bottom_right or diag != 0) else "top_left"
+
+        def forward(q, k, v, bias, cu_q, cu_k):
+            if cu_q is not None:
+                return (_ref.varlen_attention(q, k, v, cu_q, cu_k, None, 0.0, is_causal, scale, alignment,
+                                              (win_left, win_right), softcap)[0],)
+            return (_ref.scaled_dot_product_attention(q, k, v, bias, None, 0.0, is_causal, scale,
+                                                      k.shape[1] != q.shape[1], alignment, (win_left, win_right),
+                                                      softcap)[0],)
+        return _higher_order.reference_grads("pykernels.attention", forward, (q, k, v, bias, cu_q, cu_k),
+                                             ctx.needs_input_grad, (g_o,))
     want_dbias = bool(ctx.needs_input_grad[3])
     dq, dk, dv, dbias = KERNELS[backend][1](g_o, q, k, v, o, lse, bias, cu_q, cu_k, max_q, max_k, scale,
                                             is_causal, diag, bottom_right, win_left, win_right, softcap, dropout_p,

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ..reference import cross_entropy as _ref
+from . import _higher_order
 from ._eager import EagerOp, tracing
 
 NONE, MEAN, SUM = 0, 1, 2
@@ -142,11 +144,30 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(logits, target, weight, lse, denom)
 
 
+def _reference_loss(ignore_index: int, reduction: int, label_smoothing: float, z_loss: float):
+    """The op's loss in plain PyTorch, for a double backward (see _higher_order)."""
+    name = {v: k for k, v in REDUCTIONS.items()}[reduction]
+
+    def forward(logits, target, weight):
+        N, _, D = logits.shape
+        t = target if target.is_floating_point() else target.reshape(N, D)
+        loss, _ = _ref.cross_entropy(logits.to(acc_dtype(logits.dtype)), t, weight, ignore_index, name,
+                                     label_smoothing, z_loss)
+        return (loss.reshape(-1) if reduction == NONE else loss,)
+    return forward
+
+
 def _backward(ctx, g_loss, g_lse, g_grad, g_denom):
     ignore_index, reduction, label_smoothing, z_loss, write_grad, backend = ctx.args
     _, bwd, scale_grad_ = KERNELS[backend]
     if g_loss is None:  # only lse/denominator were used downstream: they carry no gradient
         return None, None, None, None, None, None, None, None, None
+    if _higher_order.create_graph(g_loss):
+        if write_grad:
+            _higher_order.refuse("pykernels.cross_entropy", "the fused forward saved the gradient, not the logits",
+                                 "Pass fused=False (or backend='reference') to the call or module.")
+        return _higher_order.reference_grads("pykernels.cross_entropy", _reference_loss(*ctx.args[:4]),
+                                             ctx.saved_tensors[:3], ctx.needs_input_grad, (g_loss,))
     g = g_loss.to(acc_dtype(g_loss.dtype)).reshape(-1).contiguous()  # may arrive expanded (stride 0)
     if write_grad:
         (grad,) = ctx.saved_tensors

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..reference import linear_cross_entropy as _ref
+from . import _higher_order
 from . import linear_cross_entropy_launch as _launch
 from ._eager import EagerOp, tracing
 
@@ -309,12 +310,30 @@ def _scaled(grad: Tensor, g: Tensor) -> Tensor:
     return grad * g
 
 
+def _reference_loss(ignore_index: int, reduction: int, label_smoothing: float, z_loss: float, softcap: float):
+    """The op's loss in plain PyTorch (the logits materialised), for a double backward (see _higher_order)."""
+    name = {v: k for k, v in REDUCTIONS.items()}[reduction]
+
+    def forward(input, linear_weight, linear_bias, target, weight):
+        loss, _ = _ref.linear_cross_entropy(input, linear_weight, target, linear_bias, weight, name, ignore_index,
+                                            label_smoothing, z_loss, softcap)
+        return (loss,)
+    return forward
+
+
 def _backward(ctx, g_loss, g_m, g_log_s, g_denom, g_gx, g_gw, g_gb):
     ignore_index, reduction, label_smoothing, z_loss, softcap, backend, fused_grads = ctx.args
     none = (None,) * (len(ctx.needs_input_grad) - 3)  # 12 through the op, 11 from an eager call without fused_grads
     if g_loss is None:
         return None, None, None, *none
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if _higher_order.create_graph(g_loss):
+        if fused_grads:
+            _higher_order.refuse("pykernels.linear_cross_entropy", "the fused forward saved the gradients, not "
+                                 "its inputs", "Pass fused=False (or backend='reference') to the call or module.")
+        return _higher_order.reference_grads("pykernels.linear_cross_entropy",
+                                             _reference_loss(*ctx.args[:5]), ctx.saved_tensors[:5],
+                                             ctx.needs_input_grad, (g_loss,))
     if fused_grads:
         saved = ctx.saved_tensors
         g = g_loss.to(acc_dtype(saved[0].dtype))

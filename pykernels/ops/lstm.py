@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ..reference import lstm as _ref
+from . import _higher_order
 from ._eager import EagerOp
 
 
@@ -173,7 +175,7 @@ def _cell_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.backend = backend
     ctx.has_bias = (b_ih is not None, b_hh is not None)
-    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, output[2])
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, output[2], b_ih, b_hh)
 
 
 def gemm_dtype(t: Tensor) -> torch.dtype:
@@ -191,9 +193,12 @@ def _weight_grads(dg: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool):
 
 
 def _cell_backward(ctx, gh, gc, gws):
-    input, hx, cx, w_ih, w_hh, ws = ctx.saved_tensors
+    input, hx, cx, w_ih, w_hh, ws, b_ih, b_hh = ctx.saved_tensors
     if gh is None and gc is None:
         return None, None, None, None, None, None, None, None
+    if _higher_order.create_graph(gh, gc):
+        return _higher_order.reference_grads("pykernels.lstm_cell", _ref.lstm_cell,
+                                             (input, hx, cx, w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad, (gh, gc))
     dg, dcx = CELL[ctx.backend][1](gh, gc, cx, ws)
     n = ctx.needs_input_grad
     dx, dwih = _weight_grads(dg, input, w_ih, n[0], n[3])
@@ -260,12 +265,12 @@ def _layer_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(ws)
     ctx.set_materialize_grads(False)
     ctx.args = (reverse, backend, b_ih is not None)
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, out, ws)
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, out, ws, b_ih, b_hh)
 
 
 def _layer_backward(ctx, g_out, g_hn, g_cn, g_ws):
     reverse, backend, has_bias = ctx.args
-    x, h0, c0, w_ih, w_hh, out, ws = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, out, ws, b_ih, b_hh = ctx.saved_tensors
     none = (None,) * 9
     if g_out is None and g_hn is None and g_cn is None:
         return none
@@ -273,6 +278,11 @@ def _layer_backward(ctx, g_out, g_hn, g_cn, g_ws):
     if T == 0:
         return (x.new_zeros(x.shape), g_hn, g_cn, torch.zeros_like(w_ih), torch.zeros_like(w_hh),
                 None, None, None, None)
+    if _higher_order.create_graph(g_out, g_hn, g_cn):
+        def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+            return _ref.layer_direction(x, None, h0, c0, (w_ih, w_hh, b_ih, b_hh), has_bias, False, reverse)
+        return _higher_order.reference_grads("pykernels.lstm_layer", forward, (x, h0, c0, w_ih, w_hh, b_ih, b_hh),
+                                             ctx.needs_input_grad, (g_out, g_hn, g_cn))
     cont = (lambda t: None if t is None else t.contiguous())
     dg, dh0, dc0 = LAYER[backend][1](cont(g_out), cont(g_hn), cont(g_cn), c0.contiguous(), ws, w_hh, reverse)
     n = ctx.needs_input_grad

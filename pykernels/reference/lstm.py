@@ -27,7 +27,7 @@ def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor,
     return h, c
 
 
-def _layer_direction(x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor, w: Sequence[Tensor],
+def layer_direction(x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor, w: Sequence[Tensor],
                      has_biases: bool, proj: bool, reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """x: (T, B, I) padded, or the packed data (sum(batch_sizes), I). Returns (out, h_n, c_n)."""
     w_ih, w_hh = w[0], w[1]
@@ -124,7 +124,7 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
     x, h_n, c_n = stack_layers(
         x, h0, c0, params, num_layers, D, per, dropout, training,
-        lambda x, h, c, w, reverse: _layer_direction(x, batch_sizes, h, c, w, has_biases, bool(proj_size), reverse))
+        lambda x, h, c, w, reverse: layer_direction(x, batch_sizes, h, c, w, has_biases, bool(proj_size), reverse))
     if unbatched:
         return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
     if batch_first and batch_sizes is None:

@@ -1,0 +1,209 @@
+"""Gradients of gradients (create_graph=True) through every autograd-level op: Hessian-vector products, gradient
+penalties, curvature estimates. The kernels' backward is not differentiable; the ops then differentiate their
+reference forward (pykernels/ops/_higher_order.py). Checked with torch.autograd.gradgradcheck on the float64 C++
+kernels, against torch's own second derivatives elsewhere, through the op as the eager path and the custom-op
+path call it; the ops that cannot recompute their forward must raise, never return a gradient without a graph (which
+a penalty term would silently drop)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pykernels
+from pykernels.testing import assert_error_rule
+
+from conftest import require_backend
+
+F64 = torch.float64
+CPU_KERNELS = [pytest.param("cpu", "cpu", F64, id="cpu-float64"),
+               pytest.param("triton", "cpu", torch.float32, id="triton-interp"),
+               pytest.param("cuda", "cuda", torch.float32, id="cuda", marks=pytest.mark.gpu),
+               pytest.param("triton", "cuda", torch.float32, id="triton-cuda", marks=pytest.mark.gpu)]
+
+
+def _math_attention(q, k, v, mask=None, causal=False):
+    """softmax(q k^T / sqrt(E) + mask) v in plain ops: torch's fused SDPA backends have no second derivative."""
+    s = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
+    if mask is not None:
+        s = s + mask
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+
+def _second_order(f, leaves):
+    """d/dx [ f(x) + sum_i |df/dx_i|^2 ] for every leaf: a gradient penalty's gradient (first and second order)."""
+    xs = [t.detach().clone().requires_grad_() for t in leaves]
+    out = f(*xs)
+    grads = torch.autograd.grad(out, xs, create_graph=True)
+    assert all(g.grad_fn is not None for g in grads), "a gradient without a graph: its penalty would be dropped"
+    (out + sum((g * g).sum() for g in grads)).backward()
+    return [x.grad for x in xs]
+
+
+def _compare(name, ours, theirs, leaves, dtype):
+    """ours vs theirs (torch) at dtype, both against theirs in float64 (the 2x rule; float64: a 1e-9 floor)."""
+    got = _second_order(ours, leaves)
+    ref = _second_order(theirs, [t.double() for t in leaves])
+    base = _second_order(theirs, leaves) if dtype != F64 else ref
+    for k, (a, r, b) in enumerate(zip(got, ref, base)):
+        if dtype == F64:
+            assert_error_rule(f"{name} [{k}]", a, r, dtype=torch.float32, floor=1e-9)
+        else:
+            assert_error_rule(f"{name} [{k}]", a, r, b, dtype=dtype, factor=4.0)
+
+
+@pytest.mark.parametrize("backend,device,dtype", CPU_KERNELS)
+def test_cross_entropy_second_order(backend, device, dtype):
+    require_backend(backend, device)
+    x = torch.randn(7, 11, dtype=dtype, device=device) * 2
+    t = torch.randint(0, 11, (7,), device=device)
+    t[2] = -100
+    w = torch.rand(11, dtype=dtype, device=device) + 0.5
+    for reduction in ("mean", "sum"):
+        kw = dict(weight=w, reduction=reduction, label_smoothing=0.1)
+        _compare(f"cross_entropy {backend} {reduction}",
+                 lambda x: pykernels.functional.cross_entropy(x, t, fused=False, z_loss=0.0, backend=backend, **kw),
+                 lambda x: F.cross_entropy(x, t, **{**kw, "weight": w.to(x.dtype)}), [x], dtype)
+
+
+@pytest.mark.parametrize("backend,device,dtype", CPU_KERNELS)
+def test_linear_cross_entropy_second_order(backend, device, dtype):
+    require_backend(backend, device)
+    if backend == "cuda":
+        dtype = torch.bfloat16  # the CUDA kernels take 16-bit only
+    x = torch.randn(9, 6, dtype=dtype, device=device)
+    W = torch.randn(13, 6, dtype=dtype, device=device) * 0.5
+    b = torch.randn(13, dtype=dtype, device=device)
+    t = torch.randint(0, 13, (9,), device=device)
+    _compare(f"linear_cross_entropy {backend}",
+             lambda x, W, b: pykernels.functional.linear_cross_entropy(x, W, t, linear_bias=b, label_smoothing=0.2,
+                                                                       fused=False, backend=backend),
+             lambda x, W, b: F.cross_entropy(F.linear(x, W, b).float() if x.dtype != F64 else F.linear(x, W, b), t,
+                                             label_smoothing=0.2),
+             [x, W, b], dtype)
+
+
+@pytest.mark.parametrize("backend,device,dtype", CPU_KERNELS)
+def test_attention_second_order(backend, device, dtype):
+    require_backend(backend, device)
+    if backend == "cpu":
+        pytest.skip("attention has no C++ CPU kernel")
+    if device == "cuda":
+        dtype = torch.float16
+    q, k, v = (torch.randn(2, 2, 9, 16, dtype=dtype, device=device) for _ in range(3))
+    bias = torch.randn(9, 9, dtype=dtype, device=device)
+    window = torch.ones(9, 9, dtype=torch.bool, device=device).tril(-3)  # keys more than 2 behind: hidden
+    _compare(f"attention {backend}",
+             lambda q, k, v, b: pykernels.functional.scaled_dot_product_attention(
+                 q, k, v, b, window=(2, -1), softcap=0.0, backend=backend).square().sum(),
+             lambda q, k, v, b: _math_attention(q, k, v, b.masked_fill(window, float("-inf"))).float().square().sum(),
+             [q, k, v, bias], dtype)
+    # varlen: two sequences, causal
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    qv, kv, vv = (torch.randn(9, 2, 16, dtype=dtype, device=device) for _ in range(3))
+
+    def theirs(q, k, v):
+        outs = [_math_attention(q[a:e].transpose(0, 1), k[a:e].transpose(0, 1), v[a:e].transpose(0, 1),
+                                causal=True).transpose(0, 1) for a, e in ((0, 4), (4, 9))]
+        return torch.cat(outs).float().square().sum()
+
+    _compare(f"varlen attention {backend}",
+             lambda q, k, v: pykernels.functional.varlen_attention(q, k, v, cu, cu, 5, 5, is_causal=True,
+                                                                   backend=backend).square().sum(),
+             theirs, [qv, kv, vv], dtype)
+
+
+@pytest.mark.parametrize("backend,device,dtype", CPU_KERNELS)
+def test_lstm_cell_and_layer_second_order(backend, device, dtype):
+    require_backend(backend, device)
+    B, I, H, T = 3, 4, 5, 6
+    cell_args = [torch.randn(B, I), torch.randn(B, H), torch.randn(B, H), torch.randn(4 * H, I) * 0.5,
+                 torch.randn(4 * H, H) * 0.5, torch.randn(4 * H), torch.randn(4 * H)]
+    cell_args = [a.to(device, dtype) for a in cell_args]
+    _compare(f"lstm_cell {backend}",
+             lambda x, h, c, wi, wh, bi, bh: sum(o.square().sum() for o in pykernels.functional.lstm_cell(
+                 x, (h, c), wi, wh, bi, bh, backend=backend)),
+             lambda x, h, c, wi, wh, bi, bh: sum(o.square().sum() for o in torch.lstm_cell(
+                 x, (h, c), wi, wh, bi, bh)),
+             cell_args, dtype)
+    if dtype == F64 and backend != "cpu":
+        return
+    ref = torch.nn.LSTM(I, H, bidirectional=True, dtype=dtype, device=device)
+    x = torch.randn(T, B, I, dtype=dtype, device=device)
+    params = [p.detach() for p in ref._flat_weights]
+
+    def ours(x, *p):
+        out, (h, c) = pykernels.functional.lstm(x, None, p, 1, True, backend=backend)
+        assert pykernels.last_dispatch["lstm"][0] == backend
+        return out.square().sum() + h.sum() + c.sum()
+
+    def theirs(x, *p):
+        out, h, c = torch._VF.lstm(x, (x.new_zeros(2, B, H), x.new_zeros(2, B, H)), p, True, 1, 0.0, False,
+                                   True, False)
+        return out.square().sum() + h.sum() + c.sum()
+
+    _compare(f"lstm {backend}", ours, theirs, [x, *params], dtype)
+
+
+def test_gradgradcheck_float64_cpu_kernels():
+    """torch's own finite-difference check of the second derivatives, on the C++ kernels in float64."""
+    require_backend("cpu", "cpu")
+    x = torch.randn(4, 6, dtype=F64, requires_grad=True)
+    t = torch.tensor([1, 5, -100, 0])
+    torch.autograd.gradgradcheck(lambda x: pykernels.functional.cross_entropy(
+        x, t, label_smoothing=0.1, z_loss=1e-2, fused=False, backend="cpu"), (x,))
+    W = torch.randn(7, 6, dtype=F64, requires_grad=True)
+    b = torch.randn(7, dtype=F64, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda x, W, b: pykernels.functional.linear_cross_entropy(
+        x, W, torch.tensor([1, 6, 0, 3]), linear_bias=b, z_loss=1e-2, softcap=3.0, reduction="none", fused=False,
+        backend="cpu"), (x, W, b))
+    cell = [torch.randn(*s, dtype=F64, requires_grad=True) for s in ((2, 3), (2, 4), (2, 4), (16, 3), (16, 4),
+                                                                       (16,), (16,))]
+    torch.autograd.gradgradcheck(lambda x, h, c, *w: pykernels.functional.lstm_cell(
+        x, (h, c), *w, backend="cpu"), cell)
+    from pykernels.ops import lstm as ops
+    layer = [torch.randn(*s, dtype=F64, requires_grad=True) for s in ((3, 2, 2), (2, 3), (2, 3), (12, 2), (12, 3),
+                                                                        (12,), (12,))]
+    for reverse in (False, True):
+        torch.autograd.gradgradcheck(lambda *a: ops.lstm_layer_op(*a, reverse, "cpu")[:3], layer)
+
+
+def test_custom_op_path_records_the_graph_too():
+    """The registered custom op (what torch.compile and tensor subclasses see; eager calls take EagerOp's
+    autograd.Function) differentiates twice the same way."""
+    require_backend("cpu", "cpu")
+    from pykernels.ops import cross_entropy as ce
+    x = torch.randn(5, 8, dtype=F64, requires_grad=True)
+    t = torch.randint(0, 8, (5,))
+    loss = ce.cross_entropy_op(x.reshape(5, 8, 1), t, None, -100, ce.MEAN, 0.0, 0.0, False, "cpu")[0]
+    g, = torch.autograd.grad(loss, x, create_graph=True)
+    h, = torch.autograd.grad(g.square().sum(), x)
+    x2 = x.detach().requires_grad_()
+    g2, = torch.autograd.grad(F.cross_entropy(x2, t), x2, create_graph=True)
+    h2, = torch.autograd.grad(g2.square().sum(), x2)
+    torch.testing.assert_close(h, h2, rtol=1e-10, atol=1e-12)
+
+
+def test_what_cannot_be_differentiated_twice_raises():
+    """A fused forward saved gradients, not inputs; a kernel's dropout mask is its own random stream: both raise
+    with the way out instead of returning a gradient that carries no graph."""
+    require_backend("cpu", "cpu")
+    x = torch.randn(4, 6, requires_grad=True)
+    t = torch.randint(0, 6, (4,))
+    loss = pykernels.functional.cross_entropy(x, t, fused=True, backend="cpu")
+    with pytest.raises(RuntimeError, match="fused=False"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    W = torch.randn(5, 6, requires_grad=True)
+    loss = pykernels.functional.linear_cross_entropy(x, W, torch.randint(0, 5, (4,)), fused=True, backend="cpu")
+    with pytest.raises(RuntimeError, match="fused=False"):
+        torch.autograd.grad(loss, (x, W), create_graph=True)
+    require_backend("triton", "cpu")
+    q = torch.randn(1, 2, 5, 16, requires_grad=True)
+    out = pykernels.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.3, backend="triton")
+    with pytest.raises(RuntimeError, match="dropout"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    # the first-order backward of the same calls is untouched
+    out = pykernels.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.3, backend="triton")
+    assert torch.autograd.grad(out.sum(), q)[0].grad_fn is None
