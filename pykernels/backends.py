@@ -230,15 +230,35 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     return why
 
 
+def forward_ad_reason(tensors: Sequence[object]) -> Optional[str]:
+    """Why no kernel can run a call under forward-mode AD (None: not under it). The kernel ops have no forward
+    derivative: a tangent on an input (a dual tensor of ``torch.autograd.forward_ad``, or ``torch.func.jvp`` /
+    ``jacfwd``) would be dropped, giving a zero tangent, where plain PyTorch (the reference) propagates it."""
+    if torch.compiler.is_compiling():
+        return None
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    if any(i.key() == torch._C._functorch.TransformType.Jvp for i in stack):
+        return "forward-mode AD (torch.func.jvp / jacfwd): the kernels have no forward derivative"
+    if torch.autograd.forward_ad._current_level >= 0 and any(
+            isinstance(t, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+            for t in tensors):
+        return "forward-mode AD (an input is a dual tensor): the kernels have no forward derivative"
+    return None
+
+
 def choose(op: str, device: torch.device, backend: Optional[str],
-           unsupported: Callable[[str], Optional[str]], order: Optional[Sequence[str]] = None) -> str:
+           unsupported: Callable[[str], Optional[str]], order: Optional[Sequence[str]] = None,
+           tensors: Sequence[object] = ()) -> str:
     """Pick the backend for one call of ``op``.
 
     ``unsupported(b)`` returns why backend ``b`` cannot run this particular call (dtype, option, ...) or None.
-    ``order`` replaces the device's chain for this call where the op measured a different ranking.
+    ``order`` replaces the device's chain for this call where the op measured a different ranking. ``tensors``:
+    the call's differentiable inputs (forward-mode tangents on them run on the reference, see forward_ad_reason).
     """
+    forward_ad = forward_ad_reason(tensors)
+
     def reason(b: str) -> Optional[str]:
-        return _device_reason(b, device) or unsupported(b)
+        return _device_reason(b, device) or (forward_ad if b != "reference" else None) or unsupported(b)
 
     if backend is not None:
         why = reason(_check_name(backend))

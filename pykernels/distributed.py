@@ -122,7 +122,8 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     def unsupported(b: str) -> Optional[str]:
         return None if b == "reference" else kernel_reason(b, input.dtype)
 
-    chosen = backends.choose("linear_cross_entropy_vocab_parallel", input.device, backend, unsupported)
+    chosen = backends.choose("linear_cross_entropy_vocab_parallel", input.device, backend, unsupported,
+                             tensors=(input, linear_weight, linear_bias))
     batch = input.shape[:-1]
     w = None if weight is None else weight.detach().to(_lce.acc_dtype(input.dtype)).contiguous()
     loss, lse = _VocabParallelLCE.apply(input.reshape(-1, H), linear_weight,

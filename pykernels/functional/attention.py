@@ -180,7 +180,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if native and backends.prefer_native(fn, query.device, backend):
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                                                 scale=scale, enable_gqa=enable_gqa)
-    chosen = backends.choose("scaled_dot_product_attention", query.device, backend, unsupported)
+    chosen = backends.choose("scaled_dot_product_attention", query.device, backend, unsupported,
+                             tensors=(query, key, value, attn_mask))
     alignment = causal_alignment
     if chosen == "reference":
         keep = None
@@ -283,7 +284,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             return _cuda_reason(q.dtype, (E, Ev))
         return why
 
-    chosen = backends.choose("varlen_attention", q.device, backend, unsupported)
+    chosen = backends.choose("varlen_attention", q.device, backend, unsupported, tensors=(q, k, v))
     if chosen == "reference":
         masks = None
         if dropout_p > 0:

@@ -147,7 +147,7 @@ def _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_
     # Without a gradient the Triton kernel is the faster one on the H100 (0.75 vs 1.04 ms forward at N=8192
     # V=128256 bf16, bench/results/h100-cross_entropy-quick-20261122.json); with one, the CUDA kernel.
     order = ("triton", "cuda", "reference") if input.device.type == "cuda" and not needs_grad else None
-    chosen = backends.choose("cross_entropy", input.device, backend, unsupported, order)
+    chosen = backends.choose("cross_entropy", input.device, backend, unsupported, order, tensors=(input, target))
     if chosen == "reference":
         # under autocast torch computes on a float32 copy of the logits: so does the reference (no-op otherwise)
         loss, lse = _ce_ref.cross_entropy(input.to(out_dtype), target, weight, ignore_index, reduction,

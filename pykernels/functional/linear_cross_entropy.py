@@ -229,7 +229,8 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
             return "empty input"
         return None
 
-    chosen = backends.choose("linear_cross_entropy", input.device, backend, unsupported)
+    chosen = backends.choose("linear_cross_entropy", input.device, backend, unsupported,
+                             tensors=(input, linear_weight, linear_bias, target))
     if not probs:
         _check_target_range(target, C, ii)
     if chosen == "reference":

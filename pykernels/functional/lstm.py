@@ -139,7 +139,7 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
             return _ops.triton_import_error if b == "triton" else _ops.cpp_error
         return None
 
-    chosen = backends.choose("lstm_cell", x.device, backend, unsupported)
+    chosen = backends.choose("lstm_cell", x.device, backend, unsupported, tensors=(x, h, c, w_ih, w_hh, b_ih, b_hh))
     if chosen == "reference":
         hy, cy = _ref.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
     else:
@@ -239,7 +239,8 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
         with _autocast.off(input):
             return lstm(x, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first, dropout,
                         training, batch_sizes, backend=backend)
-    chosen = backends.choose("lstm", input.device, backend, unsupported)
+    chosen = backends.choose("lstm", input.device, backend, unsupported,
+                             tensors=(input, *(hx or ()), *params))
     if chosen == "reference":
         return _ref.lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                          dropout, training, batch_sizes)

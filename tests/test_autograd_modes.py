@@ -1,9 +1,14 @@
-"""Gradients of gradients (create_graph=True) through every autograd-level op: Hessian-vector products, gradient
-penalties, curvature estimates. The kernels' backward is not differentiable; the ops then differentiate their
-reference forward (pykernels/ops/_higher_order.py). Checked with torch.autograd.gradgradcheck on the float64 C++
-kernels, against torch's own second derivatives elsewhere, through the op as the eager path and the custom-op
-path call it; the ops that cannot recompute their forward must raise, never return a gradient without a graph (which
-a penalty term would silently drop)."""
+"""Autograd beyond one reverse pass, through every op.
+
+Gradients of gradients (create_graph=True: Hessian-vector products, gradient penalties, curvature estimates): the
+kernels' backward is not differentiable; the ops then differentiate their reference forward
+(pykernels/ops/_higher_order.py). Checked with torch.autograd.gradgradcheck on the float64 C++ kernels, against
+torch's own second derivatives elsewhere, through the op as the eager path and the custom-op path call it; the ops
+that cannot recompute their forward must raise, never return a gradient without a graph (which a penalty term would
+silently drop).
+
+Forward-mode AD (dual tensors, torch.func.jvp / jacfwd): the kernels have no forward derivative, so such calls run
+on the reference, visibly (last_dispatch), and an explicit kernel backend raises: a kernel would drop the tangent."""
 from __future__ import annotations
 
 import pytest
@@ -207,3 +212,81 @@ def test_what_cannot_be_differentiated_twice_raises():
     # the first-order backward of the same calls is untouched
     out = pykernels.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.3, backend="triton")
     assert torch.autograd.grad(out.sum(), q)[0].grad_fn is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward-mode AD
+
+def _forward_mode_calls(device):
+    """(name, ours(backend), torch's, primals): every functional, on a kernel backend's preference."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32).to(device)  # noqa: E731
+    t = torch.randint(0, 7, (5,), generator=g).to(device)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
+    P = pykernels.functional
+
+    def varlen_theirs(q, k, v):
+        return torch.cat([_math_attention(q[a:e].transpose(0, 1), k[a:e].transpose(0, 1), v[a:e].transpose(0, 1),
+                                          causal=True).transpose(0, 1) for a, e in ((0, 2), (2, 5))])
+
+    lstm = torch.nn.LSTM(3, 4, dtype=torch.float32).to(device)
+    return [
+        ("cross_entropy", lambda b: lambda x: P.cross_entropy(x, t, label_smoothing=0.1, backend=b),
+         lambda x: F.cross_entropy(x, t, label_smoothing=0.1), (r(5, 7),)),
+        ("linear_cross_entropy", lambda b: lambda x, W: P.linear_cross_entropy(x, W, t, backend=b),
+         lambda x, W: F.cross_entropy(x @ W.t(), t), (r(5, 6), r(7, 6))),
+        ("scaled_dot_product_attention",
+         lambda b: lambda q, k, v: P.scaled_dot_product_attention(q, k, v, window=(1, 1), backend=b),
+         lambda q, k, v: _math_attention(q, k, v, torch.zeros(5, 5, device=device).masked_fill(
+             torch.ones(5, 5, dtype=torch.bool, device=device).tril(-2) | torch.ones(
+                 5, 5, dtype=torch.bool, device=device).triu(2), float("-inf"))),
+         (r(1, 2, 5, 16), r(1, 2, 5, 16), r(1, 2, 5, 16))),
+        ("varlen_attention",
+         lambda b: lambda q, k, v: P.varlen_attention(q, k, v, cu, cu, 3, 3, is_causal=True, backend=b),
+         varlen_theirs, (r(5, 2, 16), r(5, 2, 16), r(5, 2, 16))),
+        ("lstm_cell", lambda b: lambda x, h, c: P.lstm_cell(x, (h, c), *[p.detach() for p in lstm._flat_weights],
+                                                             backend=b)[0],
+         lambda x, h, c: torch.lstm_cell(x, (h, c), *[p.detach() for p in lstm._flat_weights])[0],
+         (r(2, 3), r(2, 4), r(2, 4))),
+        ("lstm", lambda b: lambda x: P.lstm(x, None, [p.detach() for p in lstm._flat_weights], backend=b)[0],
+         lambda x: _lstm_loop(x, [p.detach() for p in lstm._flat_weights]),
+         (r(4, 2, 3),)),
+    ]
+
+
+def _lstm_loop(x, w):
+    """torch's LSTM as a loop of torch.lstm_cell (torch's fused CPU LSTM, oneDNN, has no forward derivative)."""
+    h = c = x.new_zeros(x.shape[1], w[1].shape[1])
+    outs = []
+    for xt in x:
+        h, c = torch.lstm_cell(xt, (h, c), *w)
+        outs.append(h)
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("cpu", "cpu", id="cpu"),
+                                            pytest.param("triton", "cpu", id="triton-interp"),
+                                            pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+                                            pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu)])
+def test_forward_mode_runs_on_the_reference(backend, device):
+    require_backend(backend, device)
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jvp
+    for name, ours, theirs, primals in _forward_mode_calls(device):
+        tangents = tuple(torch.randn_like(p) for p in primals)
+        want = jvp(theirs, primals, tangents)
+        with pykernels.use_backend(backend):
+            got = jvp(ours(None), primals, tangents)
+            ran, why = pykernels.last_dispatch[name]
+            assert ran == "reference" and "forward-mode" in why[backend], f"{name}: {ran} {why}"
+            with fwAD.dual_level():
+                out = ours(None)(*[fwAD.make_dual(p, t) for p, t in zip(primals, tangents)])
+                dual = fwAD.unpack_dual(out)
+        for a, b in ((got[0], want[0]), (got[1], want[1]), (dual.primal, want[0]), (dual.tangent, want[1])):
+            torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-5, msg=name)
+        with pytest.raises(pykernels.BackendUnavailableError, match="forward-mode"):
+            jvp(ours(backend), primals, tangents)
+        # without a tangent the kernels run again
+        with pykernels.use_backend(backend):
+            ours(None)(*primals)
+        assert "forward-mode" not in str(pykernels.last_dispatch[name]), name
