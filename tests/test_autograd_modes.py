@@ -290,3 +290,35 @@ def test_forward_mode_runs_on_the_reference(backend, device):
         with pykernels.use_backend(backend):
             ours(None)(*primals)
         assert "forward-mode" not in str(pykernels.last_dispatch[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activation checkpointing
+
+@pytest.mark.parametrize("backend,device", [pytest.param("triton", "cpu", id="triton-interp"),
+                                            pytest.param("cpu", "cpu", id="cpu"),
+                                            pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+                                            pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu)])
+def test_checkpoint_recomputes_the_same_dropout(backend, device):
+    """torch.utils.checkpoint re-runs the forward in the backward with the RNG state restored: the recomputed
+    attention dropout (its seed drawn from torch's generator) and LSTM inter-layer dropout must be the same masks,
+    or the gradients belong to another forward."""
+    require_backend(backend, device)
+    from torch.utils.checkpoint import checkpoint
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    q = torch.randn(1, 2, 20, 16, device=device, dtype=dtype, requires_grad=True)
+    lstm = pykernels.nn.LSTM(16, 8, num_layers=2, dropout=0.5, device=device, backend=None)
+    calls = []
+    if backend != "cpu":  # attention has no C++ CPU kernel
+        calls.append(lambda q: pykernels.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.3,
+                                                                                 backend=backend))
+    calls.append(lambda q: lstm(q[0].transpose(0, 1).float())[0])
+    for f in calls:
+        with pykernels.use_backend(backend):
+            torch.manual_seed(5)
+            plain = f(q)
+            g_plain, = torch.autograd.grad(plain.float().square().sum(), q)
+            torch.manual_seed(5)
+            ckpt = checkpoint(f, q, use_reentrant=False)
+            g_ckpt, = torch.autograd.grad(ckpt.float().square().sum(), q)
+        assert torch.equal(plain, ckpt) and torch.equal(g_plain, g_ckpt)
