@@ -285,6 +285,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         return why
 
     chosen = backends.choose("varlen_attention", q.device, backend, unsupported, tensors=(q, k, v))
+    if q.device.type == "meta":  # shapes only (the sequence boundaries are data a meta tensor does not hold)
+        out = q.new_empty(q.shape[0], H, Ev)
+        return (out, q.new_empty(H, q.shape[0], dtype=torch.float32)) if return_lse else out
     if chosen == "reference":
         masks = None
         if dropout_p > 0:
