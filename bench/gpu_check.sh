@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see ../shared/TOOLCHAIN.md): build the extension against the machine's torch,
 # run the GPU test tier, compute-sanitizer, and the benchmark. Everything lands under $OUT.
-#   STAGES="build test sanitize bench profile" SUITES="attention lstm" FAMILIES="attention lstm_layer" bash bench/gpu_check.sh
+#   STAGES="build test sanitize bench tune profile" SUITES="attention lstm" FAMILIES="attention lstm_layer" bash bench/gpu_check.sh
 # (defaults: every suite, every sanitizer family)
 # SUITES default: every suite registered in bench/__init__.py (full presets: several minutes; BENCH_ARGS=--quick)
 set -uo pipefail
@@ -58,6 +58,13 @@ for stage in $STAGES; do
       # the device tool returns only names of letters, digits, '.', '_' and '-': the suites' '+' becomes '_'
       for f in "$OUT"/bench/*.json; do [ -e "$f" ] && cp "$f" "$OUT/$(basename "$f" | tr + _)"; done
       rm -rf "$OUT/bench" ;;
+    tune)
+      # the Triton attention tiles on this GPU: winners into pykernels/triton/attention_tiles.json (returned under
+      # $OUT for committing) and every candidate's time (bench/tune_attention.py)
+      timeout ${TUNE_TIMEOUT:-300} python3 -m bench.tune_attention --out "$OUT" --write ${TUNE_ARGS:-} \
+        > "$OUT/tune.log" 2>&1 || status=1
+      grep -vE "^\s*$" "$OUT/tune.log" | tail -16
+      cp pykernels/triton/attention_tiles.json "$OUT/" 2>/dev/null ;;
     profile)
       # where the time goes in the kernels that missed their model (docs: attention's CUDA forward at 3.5% of the
       # matmul rate, linear CE's CUDA kernels at half the Triton ones): the kernel table of each provider, then

@@ -3,6 +3,7 @@ more lenient than the compiler, so every kernel and feature variant must also co
 (mma.sync on sm_80; the sm_90 bf16/fp16 forward must use wgmma) and the main configurations must not spill."""
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
@@ -108,3 +109,46 @@ def test_autotune_candidates_per_head_dim(monkeypatch):
     for kind in ("fwd", "dq", "dkdv"):  # the Autotuner objects build over the kernels, keyed on known args
         tuned = a._tuned(kind)
         assert set(a._TUNE_KEY) <= set(tuned.arg_names)
+
+
+def test_measured_tiles_are_used_where_measured(monkeypatch, tmp_path):
+    """bench/tune_attention.py's winners (attention_tiles.json, per architecture) replace the table for 16-bit calls
+    on that architecture only; the tune script's candidates fit their head dim and its merge keeps what it did not
+    measure. (The tuning itself needs a GPU.)"""
+    import torch
+    import pykernels  # noqa: F401
+    from pykernels.triton import attention as a
+    from bench import tune_attention as tune
+    monkeypatch.setattr(a, "_interpreted", lambda: False)
+    table = a.config(128, 128, torch.bfloat16, "dq")
+    for kind in ("fwd", "dq", "dkdv"):
+        for e in (64, 128, 256):
+            cands = tune.candidates(kind, e, a.config(e, e, torch.bfloat16, kind))
+            assert cands[0] == a.config(e, e, torch.bfloat16, kind) and len(set(cands)) == len(cands)
+            assert all(tune.fits(t, e) for t in cands[1:])
+    assert len(tune.candidates("fwd", 256, (64, 32, 4, 2))) < len(tune.candidates("fwd", 64, (128, 64, 4, 3)))
+    stamp = {"date": "2026-12-05", "torch": "x", "triton": "y", "commit": None}
+    old = {"sm_80": {"entries": {"fwd/64/full": {"tile": [64, 64, 4, 2]}}},
+           "sm_90": {"entries": {"dkdv/64/full": {"tile": [32, 64, 4, 2]}}}}
+    merged = tune.merge(old, "sm_90", "NVIDIA H200", stamp, {"dq/128/causal": {"tile": [128, 32, 8, 2]}})
+    assert merged["sm_80"] == old["sm_80"] and merged["sm_90"]["device"] == "NVIDIA H200"
+    assert set(merged["sm_90"]["entries"]) == {"dkdv/64/full", "dq/128/causal"}
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps(merged))
+    monkeypatch.setattr(a, "MEASURED_TILES", a.load_tiles(str(path)))
+    monkeypatch.setattr(a, "_arch", lambda device: "sm_90" if device is not None else None)
+    dev = torch.device("cpu")  # (the architecture lookup is patched: no GPU here)
+    assert a.config(128, 128, torch.bfloat16, "dq", dev, True) == (128, 32, 8, 2)
+    assert a.config(100, 128, torch.float16, "dq", dev, True) == (128, 32, 8, 2)  # the 128 bucket
+    assert a.config(128, 128, torch.bfloat16, "dq", dev, False) == table  # not measured: the table
+    assert a.config(128, 128, torch.float32, "dq", dev, True) != (128, 32, 8, 2)  # fp32: the table
+    assert a.config(128, 128, torch.bfloat16, "dq", None, True) == table  # no device: the table
+    monkeypatch.setattr(a, "_arch", lambda device: "sm_80")
+    assert a.config(64, 64, torch.bfloat16, "fwd", dev) == (64, 64, 4, 2)
+    committed = a.load_tiles()
+    for arch, slot in committed.items():  # whatever is committed is well formed
+        assert arch.startswith("sm_") and slot["device"] and slot["date"]
+        for key, entry in slot["entries"].items():
+            kind, bucket, mode = key.split("/")
+            assert kind in ("fwd", "dq", "dkdv") and int(bucket) in (64, 128, 256) and mode in ("full", "causal")
+            assert len(entry["tile"]) == 4 and tune.fits(tuple(entry["tile"]), int(bucket))

@@ -18,6 +18,7 @@ with masked loads). A query row that sees no key gives zeros and lse = -inf, as 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Optional, Tuple
@@ -410,10 +411,49 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def config(E: int, EV: int, dtype: torch.dtype, kind: str) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; kind is "fwd", "dkdv" or "dq"."""
+# Tiles measured per GPU architecture by bench/tune_attention.py (16-bit inputs): {"sm_90": {"entries": {key: {"tile":
+# [BLOCK_M, BLOCK_N, num_warps, num_stages], ...}}, "device": ..., "date": ...}} with key "<kind>/<head-dim bucket>/
+# <causal|full>". A call it has no entry for takes the table in config(). TILE_OVERRIDE (kind -> tile) is the tune
+# script's way to launch a candidate.
+TILES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_tiles.json")
+TILE_OVERRIDE: dict = {}
+
+
+def load_tiles(path: str = TILES_FILE) -> dict:
+    """The measured tiles (read once at import, not while a launch is traced; the tune script reloads them)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+MEASURED_TILES = load_tiles()
+
+
+def tile_key(kind: str, E: int, EV: int, causal: bool) -> str:
+    return f"{kind}/{max(64, triton.next_power_of_2(max(E, EV)))}/{'causal' if causal else 'full'}"
+
+
+def _arch(device: Optional[torch.device]) -> Optional[str]:
+    if device is None or device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def config(E: int, EV: int, dtype: torch.dtype, kind: str, device: Optional[torch.device] = None,
+           causal: bool = False) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; kind is "fwd", "dkdv" or "dq". On a GPU whose
+    architecture bench/tune_attention.py measured (attention_tiles.json), 16-bit calls take its winner."""
     if _interpreted():
         return 16, 16, 4, 1
+    if kind in TILE_OVERRIDE:
+        return tuple(TILE_OVERRIDE[kind])
+    if dtype in (torch.float16, torch.bfloat16):
+        entry = MEASURED_TILES.get(_arch(device) or "", {}).get("entries", {}).get(tile_key(kind, E, EV, causal))
+        if entry:
+            return tuple(entry["tile"])
     e = max(E, EV)
     if dtype == torch.float32:  # fp32 tiles are twice the bytes: halve them
         return (64, 32, 4, 2) if e <= 64 else (32, 32, 4, 2) if e <= 128 else (16, 32, 4, 1)
@@ -525,7 +565,7 @@ def _common(q4, k4, v4, bias, cu_q, cu_k, max_q, is_causal, bottom_right, window
     B = cu_q.numel() - 1 if varlen else q4.shape[0]
     H, L, E = q4.shape[1], q4.shape[2], q4.shape[3]
     Hk, S, EV = k4.shape[1], k4.shape[2], v4.shape[3]
-    BM, BN, warps, stages = config(E, EV, q4.dtype, kind)
+    BM, BN, warps, stages = config(E, EV, q4.dtype, kind, q4.device, bool(is_causal))
     flags = dict(IS_CAUSAL=bool(is_causal), BR=bool(bottom_right), HAS_WINDOW=tuple(window) != (-1, -1),
                  SOFTCAP=bool(softcap), HAS_BIAS=bias is not None,
                  BOOL_BIAS=bias is not None and bias.dtype == torch.bool, DROPOUT=dropout_p > 0.0, VARLEN=varlen,
@@ -604,7 +644,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     strides = (*q4.stride(), *k4.stride(), *v4.stride(), *sb, *do4.stride())
     _launch("dq", lambda bm, bn: (triton.cdiv(rows_q, bm), B * H), dict(flags, DBIAS=want_dbias),
             q4, k4, v4, bias_t, do4, lse, delta, dq4, dbias_full, cu_q, cu_k, seed_t, *strides, *scalars)
-    BM2, BN2, warps2, stages2 = config(E, EV, q4.dtype, "dkdv")
+    BM2, BN2, warps2, stages2 = config(E, EV, q4.dtype, "dkdv", q4.device, bool(is_causal))
     flags.update(BLOCK_M=BM2, BLOCK_N=BN2, num_warps=warps2)
     if "num_stages" in flags:
         flags["num_stages"] = stages2
