@@ -60,6 +60,13 @@ def _grads(outs, leaves, gouts):
     return torch.autograd.grad(outs, want, gouts, allow_unused=True)
 
 
+def _judge_runs(what, runs, dtype):
+    """runs: (outputs, gradients) of torch in float64, torch at dtype and ours at dtype, in that order."""
+    (r_out, r_g), (b_out, b_g), (o_out, o_g) = runs
+    _judge(f"{what} outputs", o_out, r_out, b_out, dtype)
+    _judge(f"{what} gradients", o_g, r_g, b_g, dtype)
+
+
 def _judge(what, got, ref, base, dtype):
     """Outputs or gradients, element by element, under the 2x rule (float64 runs: a 1e-9 floor)."""
     assert len(got) == len(ref) == len(base), what
@@ -165,9 +172,7 @@ def test_fuzz_lstm_module_against_torch(backend, device, dtype, budget):
             assert ran == backend, f"{case}: ran {ran} ({why})"
         else:  # packed / projected (and float64 off the C++ kernels): the visible fallback
             assert ran == "reference" and backend in str(why), f"{case}: ran {ran} ({why})"
-        (r_out, r_g), (b_out, b_g), (o_out, o_g) = runs
-        _judge(f"lstm {backend} {case} outputs", o_out, r_out, b_out, dtype)
-        _judge(f"lstm {backend} {case} gradients", o_g, r_g, b_g, dtype)
+        _judge_runs(f"lstm {backend} {case}", runs, dtype)
 
     check()
 
@@ -197,10 +202,7 @@ def test_fuzz_lstm_cell_module_against_torch(backend, device, dtype, budget):
             with pykernels.use_backend(backend):  # every other column: a non-contiguous input
                 h, c = m(lv[0][..., ::2] if strided else lv[0], tuple(lv[1:]) if states else None)
             runs.append(([h, c], _grads([h, c], lv + list(m.parameters()), gouts)))
-        (r_out, r_g), (b_out, b_g), (o_out, o_g) = runs
-        what = f"lstm_cell {backend} {I=} {H=} {B=} {bias=} {states=} {strided=}"
-        _judge(f"{what} outputs", o_out, r_out, b_out, dtype)
-        _judge(f"{what} gradients", o_g, r_g, b_g, dtype)
+        _judge_runs(f"lstm_cell {backend} {I=} {H=} {B=} {bias=} {states=} {strided=}", runs, dtype)
 
     check()
 
@@ -292,10 +294,7 @@ def test_fuzz_multihead_attention_against_torch(backend, device, dtype, budget):
                 assert ran == backend, f"{case}: ran {ran} ({why})"
             gouts = [torch.randn(out.shape, generator=torch.Generator().manual_seed(case["seed"]), dtype=F64)]
             runs.append(([out, w], _grads([out], leaves + list(m.parameters()), gouts)))
-        (r_out, r_g), (b_out, b_g), (o_out, o_g) = runs
-        what = f"mha {backend} {case}"
-        _judge(f"{what} outputs", o_out, r_out, b_out, dtype)
-        _judge(f"{what} gradients", o_g, r_g, b_g, dtype)
+        _judge_runs(f"mha {backend} {case}", runs, dtype)
 
     check()
 
@@ -377,10 +376,7 @@ def test_fuzz_linear_cross_entropy_module_against_torch(backend, device, dtype, 
             runs.append(([loss], _grads([loss], [xl] + list(m.linear.parameters()), [gout])))
         ran, why = pykernels.last_dispatch["linear_cross_entropy"]
         assert ran == backend, f"{case}: ran {ran} ({why})"
-        (r_out, r_g), (b_out, b_g), (o_out, o_g) = runs
-        what = f"linear_cross_entropy {backend} {dtype} {case}"
-        _judge(f"{what} loss", o_out, r_out, b_out, dtype)
-        _judge(f"{what} gradients", o_g, r_g, b_g, dtype)
+        _judge_runs(f"linear_cross_entropy {backend} {dtype} {case}", runs, dtype)
 
     check()
 
@@ -414,9 +410,6 @@ def test_fuzz_cross_entropy_module_against_torch(backend, device, dtype, budget)
             runs.append(([loss], _grads([loss], [zl], [gout])))
         ran, why = pykernels.last_dispatch["cross_entropy"]
         assert ran == backend, f"{case}: ran {ran} ({why})"
-        (r_out, r_g), (b_out, b_g), (o_out, o_g) = runs
-        what = f"cross_entropy {backend} {dtype} {case}"
-        _judge(f"{what} loss", o_out, r_out, b_out, dtype)
-        _judge(f"{what} gradients", o_g, r_g, b_g, dtype)
+        _judge_runs(f"cross_entropy {backend} {dtype} {case}", runs, dtype)
 
     check()
