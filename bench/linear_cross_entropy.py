@@ -136,11 +136,12 @@ class LinearCrossEntropyCase(Case):
     def model_extra_mem(self, provider, mode):
         """The Triton backend's workspace plus the gradients it returns (cost_model), to read beside its measured
         peak: issue 6 bounds the workspace at 0.5 GB."""
-        if provider != "pykernels-triton":
+        if provider not in ("pykernels-triton", "pykernels-triton-fused"):
             return None
         from pykernels.ops.linear_cross_entropy import cost_model
         c = cost_model(self.N, self.H, self.V, self.dtype, backward=mode == "fwd+bwd")
-        return int(c["workspace_bytes"] + c["gradient_bytes"])
+        fused = provider.endswith("fused") and mode == "fwd+bwd"  # (a forward alone takes the split path)
+        return int(c["fused_workspace_bytes" if fused else "workspace_bytes"] + c["gradient_bytes"])
 
 
 def cases(device: torch.device, dtype: torch.dtype, quick: bool,
@@ -172,11 +173,13 @@ def _pykernels(backend: str, fused: Optional[bool] = None):
     return fn
 
 
-def _cpu_split(out: List[Provider]) -> Provider:
-    """The cpu backend with fused=False (the backward recomputes the logits), to compare with its fused path (the
-    gradients in the forward) in one run: ``--backends cpu,cpu-split``."""
-    cpu = next(p for p in out if p.name == "pykernels-cpu")
-    return Provider("pykernels-cpu-split", _pykernels("cpu", fused=False), cpu.absent, default=False)
+def _variant(out: List[Provider], backend: str, fused: bool, default: bool) -> Provider:
+    """A backend's other path, side by side with its automatic one: pykernels-cpu-split (fused=False: the backward
+    recomputes the logits; ``--backends cpu,cpu-split``) and pykernels-triton-fused (fused=True: the gradients in
+    the forward, three GEMMs; on by default on CUDA until it has been measured against the split path)."""
+    base = next(p for p in out if p.name == f"pykernels-{backend}")
+    return Provider(f"pykernels-{backend}-{'fused' if fused else 'split'}", _pykernels(backend, fused=fused),
+                    base.absent, default=default)
 
 
 def torch_lce(x, W, t, opts=None):
@@ -222,7 +225,9 @@ def providers(device: torch.device, dtype: torch.dtype) -> List[Provider]:
     torch's own chunked op, Liger's and Apple's cut-cross-entropy fused kernels when importable."""
     out = pykernels_providers(device, _pykernels, _kernels)
     if device.type == "cpu" and any(p.name == "pykernels-cpu" for p in out):
-        out.append(_cpu_split(out))
+        out.append(_variant(out, "cpu", False, default=False))
+    if device.type == "cuda" and any(p.name == "pykernels-triton" for p in out):
+        out.append(_variant(out, "triton", True, default=True))
     out.append(Provider("torch", torch_lce, baseline=True))
     allow_recompiles(64)
     out.append(Provider("torch.compile", torch.compile(torch_lce, fullgraph=True, dynamic=False), baseline=True))

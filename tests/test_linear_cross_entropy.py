@@ -27,11 +27,15 @@ BACKENDS = [pytest.param("reference", "cpu", id="reference"), pytest.param("trit
             pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
             pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
             pytest.param("cpu-split", "cpu", id="cpu-split"), pytest.param("cpu", "cpu", id="cpu")]
+# "triton-fused": the triton backend with fused=True (gradients in the forward: cuBLAS GEMMs around a Triton row
+# kernel; automatic calls do not take it until it is measured faster)
+FUSED_BACKENDS = [pytest.param("triton-fused", "cpu", id="triton-fused-interp"),
+                  pytest.param("triton-fused", "cuda", id="triton-fused-cuda", marks=pytest.mark.gpu)]
 
 
 def _split(backend):
     """(backend name, the functional's ``fused``) of a test backend."""
-    return ("cpu", False) if backend == "cpu-split" else (backend, None)
+    return {"cpu-split": ("cpu", False), "triton-fused": ("triton", True)}.get(backend, (backend, None))
 
 
 def linear_cross_entropy(*args, backend=None, **kw):
@@ -63,7 +67,7 @@ def _dtypes(backend, device):
 def _one_dtype(backend):
     """The dtype of the single-dtype tests: the most precise one the backend takes."""
     return {"reference": torch.float64, "triton": torch.float32, "cuda": torch.float16, "cpu": torch.float32,
-            "cpu-split": torch.float32}[backend]
+            "cpu-split": torch.float32, "triton-fused": torch.float32}[backend]
 
 
 def _rule_dtype(dtype):
@@ -166,7 +170,7 @@ CASES = [  # N, H, V, bias, weighted, eps, zl, softcap, reduction
 ]
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS + FUSED_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[8]}")
 def test_kernels_against_float64_oracle(backend, device, case):
     require_backend(backend, device)
@@ -224,7 +228,7 @@ def test_backward_in_several_vocab_chunks_and_splits(backend, device, monkeypatc
         assert_error_rule("chunked", a, r, c)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS + FUSED_BACKENDS)
 def test_ignored_rows_and_all_ignored_mean(backend, device):
     require_backend(backend, device)
     dtype = _one_dtype(backend)
@@ -262,7 +266,7 @@ def test_batched_and_unbatched_input_and_lse(backend, device):
     assert one.shape == () and abs(float(one) - float(loss[0, 0])) <= (1e-5 if dtype.itemsize > 2 else 1e-2)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS + FUSED_BACKENDS)
 def test_non_contiguous_and_degenerate_shapes(backend, device):
     """Strided input / weight (a transposed copy, a column slice), N = 1, V = 1, H = 1."""
     require_backend(backend, device)
@@ -286,7 +290,7 @@ def test_non_contiguous_and_degenerate_shapes(backend, device):
             assert_error_rule(f"{name} {N}x{H}x{V}", a, r, dtype=_rule_dtype(dtype))
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS[1:])
+@pytest.mark.parametrize("backend,device", BACKENDS[1:] + FUSED_BACKENDS)
 @pytest.mark.parametrize("p_y", [0.9, 0.99, 0.999])
 def test_confident_target_gradient(backend, device, p_y):
     """softmax(z_y) near 1: the gradient's p_y - 1 is formed in fp32 before rounding (no cancellation)."""
@@ -411,13 +415,13 @@ def _op_args(device, dtype, reduction, bias=True, weighted=True):
     return x, W, b, t, w, -100, reduction, 0.1, 1e-3, 2.0
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS + FUSED_BACKENDS)
 def test_opcheck(backend, device):
     require_backend(backend, device)
     # the cuda kernel ops take fp16/bf16 only (fp32 calls go to Triton in the functional layer, not in the op)
     dtype = {"reference": torch.float64, "cuda": torch.float16}.get(backend, torch.float32)
     # The interpreter cannot run a triton_op's body on fake tensors (AOT tracing): the compiled-GPU tier does.
-    utils = (("test_schema", "test_autograd_registration", "test_faketensor") if (backend, device) ==
+    utils = (("test_schema", "test_autograd_registration", "test_faketensor") if (_split(backend)[0], device) ==
              ("triton", "cpu") else ("test_schema", "test_autograd_registration", "test_faketensor",
                                      "test_aot_dispatch_dynamic"))
     name, fused = _split(backend)
@@ -426,7 +430,7 @@ def test_opcheck(backend, device):
             x, W, b, *rest = _op_args(device, dtype, red, bias, weighted=bias)
             x, W, b = x.requires_grad_(), W.requires_grad_(), None if b is None else b.requires_grad_()
             grads = _fused_grads(fused, name, x, W, b, red)
-            assert bool(grads) == (backend == "cpu" and red != lce_ops.NONE)
+            assert bool(grads) == (backend in ("cpu", "triton-fused") and red != lce_ops.NONE)
             torch.library.opcheck(torch.ops.pykernels.linear_cross_entropy.default,
                                   (x, W, b, *rest, name, grads), test_utils=utils)
     if backend == "cpu":  # the C++ kernel ops themselves (the CUDA ones: tests/test_linear_cross_entropy_cuda.py)
@@ -443,6 +447,13 @@ def test_opcheck(backend, device):
         db = torch.zeros(1, 5, dtype=torch.float64)
         torch.library.opcheck(pk.linear_cross_entropy_dlogits.default,
                               (x, W, b, t, w, m[0], s[0].log(), *c, 0, 2.0, True, 3, dl, db))
+    if backend == "triton-fused":  # the Triton fused op itself (its body cannot run on fake tensors interpreted)
+        x, W, b, t, w, *_ = _op_args(device, dtype, lce_ops.MEAN)
+        c = [torch.rand(x.shape[0], device=device) for _ in range(4)]
+        u = ("test_schema",) if device == "cpu" else ("test_schema", "test_faketensor")
+        for block_rows, grads in ((2, (True, True, True)), (100, (False, True, False))):
+            torch.library.opcheck(lce_ops.FUSED["triton"][0], (x, W, b, t, w, *c, 2.0, True, block_rows, *grads),
+                                  test_utils=u)
     if backend == "triton":
         fwd, bwd = lce_ops.KERNELS["triton"]
         x, W, b, t, w, *_ = _op_args(device, dtype, lce_ops.MEAN)
@@ -654,6 +665,31 @@ def test_kernels_compile_for_sm80_and_sm90():
         assert_spill_budget(where, n_spills, LCE_KNOWN_SPILLS, (name, arch, dt, tuple(cfg)))
 
 
+_COMPILE_FUSED = '''
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, {root!r})
+from pykernels.triton import linear_cross_entropy_fused as k
+from pykernels.triton._compile import compile_for, spills
+out = []
+for arch in (80, 90):
+    for dt in ("bf16", "fp32"):
+        sig = {{"Z": "*" + dt, "T": "*i64", "CW": "*fp32", "P0": "*fp32", "PL": "*fp32", "CY": "*fp32", "CWr": "*fp32",
+               "M": "*fp32", "LS": "*fp32", "ZY": "*fp32", "ZS": "*fp32", "V": "i32", "szn": "i64", "softcap": "fp32"}}
+        c = compile_for(k._lce_fused_rows_kernel, sig, dict(HAS_CW=True, SOFTCAP=True, SMOOTH=True, BLOCK=4096), arch,
+                        num_warps=8)
+        out.append((arch, dt, spills(c)))
+print(json.dumps(out))
+'''
+
+
+def test_fused_row_kernel_compiles_for_sm80_and_sm90():
+    """The Triton fused path's row kernel (every option on) compiles for real targets without spilling."""
+    pytest.importorskip("triton")
+    for arch, dt, n_spills in run_script_compiled(_COMPILE_FUSED):
+        assert_spill_budget(f"fused rows sm_{arch} {dt}", n_spills, {}, None)
+
+
 def test_fuzz_cpu_kernel_ops_against_reference_kernels(monkeypatch):
     """Random sizes (N, H, V from 1; V across the kernels' 1024-class blocks), a vocabulary shard (vocab_start),
     targets outside the shard and ignored, softcap, smoothing, class weights, bias, several backward chunks: the
@@ -734,16 +770,16 @@ def test_cpu_kernels_16bit_across_class_blocks():
 # ---------------------------------------------------------------------------------------------------------
 # The fused path of the cpu backend (gradients in the forward: pykernels::linear_cross_entropy_fused).
 
-def _count_fused(monkeypatch):
-    """The grads flags (input, weight, bias) of each call of the cpu fused kernel."""
+def _count_fused(monkeypatch, backend="cpu"):
+    """The grads flags (input, weight, bias) of each call of the backend's fused kernel."""
     calls = []
-    kernel, dtypes = lce_ops.FUSED["cpu"]
+    kernel, dtypes = lce_ops.FUSED[backend]
 
     def counted(*args):
         calls.append(tuple(args[12:15]))
         return kernel(*args)
 
-    monkeypatch.setitem(lce_ops.FUSED, "cpu", (counted, dtypes))
+    monkeypatch.setitem(lce_ops.FUSED, backend, (counted, dtypes))
     return calls
 
 
@@ -783,20 +819,45 @@ def test_fused_path_exactly_when_it_applies(monkeypatch):
         assert len(calls) - n == want and ("fused=False" in repr(mod)) == (fused is False)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_fused_path_in_several_row_blocks(dtype, monkeypatch):
-    """Row blocks of 7 rows (the last one partial): dW accumulated over blocks (bf16: in an fp32 buffer), the bias
+def test_triton_fused_path_only_when_asked(monkeypatch):
+    """The Triton fused path is not measured faster yet: automatic calls (fused=None) recompute the logits in the
+    backward, fused=True takes it (and says so in the debug log otherwise)."""
+    require_backend("triton", "cpu")
+    calls = _count_fused(monkeypatch, "triton")
+    x = torch.randn(9, 7, requires_grad=True)
+    W = torch.randn(11, 7, requires_grad=True)
+    t = torch.randint(0, 11, (9,))
+    _functional_lce(x, W, t, backend="triton").backward()
+    assert calls == []
+    _functional_lce(x, W, t, backend="triton", fused=True).backward()
+    assert calls == [(True, True, False)]
+    assert "not measured" in lce_ops.fused_reason("triton", torch.float32, lce_ops.MEAN, asked=False)
+    assert lce_ops.fused_reason("triton", torch.float32, lce_ops.MEAN) is None
+    assert lce_ops.fused_reason("cpu", torch.float32, lce_ops.MEAN, asked=False) is None
+
+
+@pytest.mark.parametrize("backend,device,dtype", [
+    *[pytest.param("cpu", "cpu", d, id=f"cpu-{str(d)[6:]}") for d in (torch.float64, torch.float32, torch.bfloat16)],
+    *[pytest.param("triton-fused", "cpu", d, id=f"triton-fused-interp-{str(d)[6:]}")
+      for d in (torch.float32, torch.float16, torch.bfloat16)],
+    *[pytest.param("triton-fused", "cuda", d, id=f"triton-fused-cuda-{str(d)[6:]}", marks=pytest.mark.gpu)
+      for d in (torch.float32, torch.bfloat16)]])
+def test_fused_path_in_several_row_blocks(backend, device, dtype, monkeypatch):
+    """Row blocks of 7 rows (the last one partial): dW accumulated over blocks (16-bit: in an fp32 buffer), the bias
     gradient's column sums over blocks, every option, ignored rows, an upstream gradient other than 1; against the
-    float64 oracle (2x rule) and, in fp32/fp64, the split path (bf16's split path computes fp32 logits)."""
-    require_backend("cpu", "cpu")
+    float64 oracle (2x rule) and, in fp32/fp64, the split path (16-bit split paths compute fp32 logits)."""
+    require_backend(backend, device)
     from pykernels.ops import linear_cross_entropy_launch as tk
     monkeypatch.setattr(tk, "FUSED_MIN_ROWS", 7)
     monkeypatch.setattr(tk, "FUSED_BLOCK_BYTES", 0)
-    calls = _count_fused(monkeypatch)
-    x, W, b, w, t = _make(40, 13, 57, dtype, "cpu", True, True)
+    monkeypatch.setattr(tk, "CHUNK_BYTES", 0)
+    name = _split(backend)[0]
+    split = {"cpu": "cpu-split", "triton-fused": "triton"}[backend]
+    calls = _count_fused(monkeypatch, name)
+    x, W, b, w, t = _make(40, 13, 57, dtype, device, True, True)
     leaves = [a.to(dtype) for a in (x, W, b)]
     for red in ("mean", "sum"):
-        g = torch.tensor(0.75, dtype=torch.float64)
+        g = torch.tensor(0.75, dtype=torch.float64, device=device)
 
         def ours(backend):
             return lambda x, W, b: linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=red,
@@ -807,13 +868,14 @@ def test_fused_path_in_several_row_blocks(dtype, monkeypatch):
             return _oracle(x, W, b, t, w, red, None, 0.1, 1e-3, 3.0)
 
         n = len(calls)
-        lo, go = _run(ours("cpu"), leaves, g)
+        lo, go = _run(ours(backend), leaves, g)
         assert len(calls) == n + 1
-        ls, gs = _run(ours("cpu-split"), leaves, g)
+        ls, gs = _run(ours(split), leaves, g)
+        assert len(calls) == n + 1
         lr, gr = _run(torch_at, [x, W, b], g)
         lb, gb = _run(torch_at, leaves, g) if dtype != torch.float64 else (lr, gr)
         assert_error_rule(f"loss {red}", lo, lr, lb)
-        exact = dtype != torch.bfloat16
+        exact = dtype not in (torch.bfloat16, torch.float16)
         assert not exact or max_abs_err(lo, ls) <= 8 * torch.finfo(dtype).eps * max(1.0, float(ls.abs()))
         for name, a, r, c, s in zip(("d_input", "d_weight", "d_bias"), go, gr, gb, gs):
             assert a.dtype == dtype

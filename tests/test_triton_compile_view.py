@@ -31,6 +31,7 @@ WRITES = {
     "_attn_bwd_dkdv": {"DK", "DV", "CuQ", "CuK"}, "_dropout_mask_kernel": {"Out"},
     "_cross_entropy_kernel": {"Loss", "Lse", "G"}, "_scale_grad_kernel": {"G"},
     "_lce_fwd_kernel": {"Mp", "Sp", "ZYp", "ZSp"}, "_lce_dlogits_kernel": {"DL", "DBp"},
+    "_lce_fused_rows_kernel": {"Z", "M", "LS", "ZY", "ZS"},
     "_cell_fwd_kernel": {"HY", "CY", "WS"}, "_cell_bwd_kernel": {"DG", "DCX"},
     "_seq_fwd_kernel": {"OUT", "WS"}, "_seq_bwd_kernel": {"DG", "DH", "DC"},
     "_split_fwd_kernel": {"OUT", "WS", "BAR"}, "_split_bwd_kernel": {"DG", "DH", "DC", "BAR"},
@@ -59,8 +60,9 @@ def _scenario():
         x = torch.randn(9, 16, requires_grad=True)
         W = torch.randn(37, 16, requires_grad=True)
         b = torch.randn(37, requires_grad=True)
-        linear_cross_entropy(x, W, torch.randint(0, 37, (9,)), linear_bias=b, label_smoothing=ls, z_loss=zl,
-                             softcap=3.0, backend="triton").backward()
+        for fused in (None, True):
+            linear_cross_entropy(x, W, torch.randint(0, 37, (9,)), linear_bias=b, label_smoothing=ls, z_loss=zl,
+                                 softcap=3.0, fused=fused, backend="triton").backward()
     cross_entropy(torch.randn(4, 10, requires_grad=True), torch.softmax(torch.randn(4, 10), 1),
                   backend="triton").backward()
     with pykernels.use_backend("triton"):

@@ -140,7 +140,7 @@ def _fused_grads(fused: Optional[bool], backend: str, x: Tensor, linear_weight: 
              | (_lce.GRAD_BIAS if linear_bias is not None and linear_bias.requires_grad else 0))
     if not grads:
         return 0
-    why = _lce.fused_reason(backend, x.dtype, reduction)
+    why = _lce.fused_reason(backend, x.dtype, reduction, asked=fused is True)
     if why:
         if not torch.compiler.is_compiling():
             backends.logger.debug("linear_cross_entropy: the backward recomputes the logits: %s", why)

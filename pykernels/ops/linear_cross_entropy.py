@@ -53,6 +53,9 @@ else:
         _tk.linear_cross_entropy_bwd)
     KERNELS["triton"] = (torch.ops.pykernels.linear_cross_entropy_fwd_triton.default,
                          torch.ops.pykernels.linear_cross_entropy_bwd_triton.default)
+    from ..triton import linear_cross_entropy_fused as _tkf
+    torch.library.triton_op("pykernels::linear_cross_entropy_fused_triton", mutates_args=())(
+        _tkf.linear_cross_entropy_fused)
 
 
 # The CUDA kernels' geometry (csrc/cuda/linear_cross_entropy.h): 128 x 128 logit tiles; chunks of 256 columns.
@@ -109,10 +112,16 @@ def _cpu_bwd(*args):
     return _launch.backward(_CPU, *args)
 
 
-# The fused path (gradients in the forward; see ``_linear_cross_entropy``): backend -> (kernel, dtypes). CPU only:
+# The fused path (gradients in the forward; see ``_linear_cross_entropy``): backend -> (kernel, dtypes). CPU:
 # pykernels::linear_cross_entropy_fused (csrc/cpu/linear_cross_entropy.cpp), float32 / float64 / bfloat16 (float16
-# GEMMs are slow on CPUs: the split path converts it to float32).
+# GEMMs are slow on CPUs: the split path converts it to float32). Triton: the same contract with cuBLAS GEMMs around
+# a Triton row kernel (pykernels/triton/linear_cross_entropy_fused.py). FUSED_AUTO: the backends whose fused path
+# automatic calls (fused=None) take, because it measured faster; the others only on fused=True.
 FUSED = {}
+FUSED_AUTO = {"cpu"}
+if triton_import_error is None:
+    FUSED["triton"] = (torch.ops.pykernels.linear_cross_entropy_fused_triton.default,
+                       (torch.float32, torch.float16, torch.bfloat16))
 GRAD_INPUT, GRAD_WEIGHT, GRAD_BIAS = 1, 2, 4  # the bits of the op's ``fused_grads``
 
 
@@ -144,12 +153,14 @@ def _register_cpp() -> None:
         FUSED["cpu"] = (fused, (torch.float32, torch.float64, torch.bfloat16))
 
 
-def fused_reason(backend: str, dtype: torch.dtype, reduction: int) -> Optional[str]:
-    """Why a call cannot take the fused path (None: it can)."""
+def fused_reason(backend: str, dtype: torch.dtype, reduction: int, asked: bool = True) -> Optional[str]:
+    """Why a call cannot take the fused path (None: it can); ``asked``: fused=True (else automatic)."""
     if reduction == NONE:
         return "reduction 'none' (per-row upstream gradients reach dW only through the backward)"
     if backend not in FUSED:
         return f"the {backend} backend has no fused kernel"
+    if not asked and backend not in FUSED_AUTO:
+        return f"the {backend} fused path is not measured faster yet (fused=True takes it)"
     if dtype not in FUSED[backend][1]:
         return f"the {backend} fused kernel takes {', '.join(map(str, FUSED[backend][1]))}, not {dtype}"
     return None
@@ -263,7 +274,7 @@ def _linear_cross_entropy(input: Tensor, linear_weight: Tensor, linear_bias: Opt
         m, log_s, zy, zs, gx, gw, gb = kernel(
             _launch.rows_contiguous(input), _launch.rows_contiguous(linear_weight), linear_bias, target, weight,
             *row_coefficient_parts(g, valid, w_y, wsum, C, label_smoothing, z_loss), softcap, label_smoothing > 0,
-            _launch.fused_block_rows(N, C, input.element_size()),
+            _launch.fused_block_rows(N, C, input.element_size(), input.device),
             *(bool(fused_grads & bit) for bit in (GRAD_INPUT, GRAD_WEIGHT, GRAD_BIAS)))
     else:
         fwd, _ = KERNELS[backend]
@@ -369,6 +380,8 @@ def cost_model(N: int, H: int, V: int, dtype: torch.dtype = torch.bfloat16, back
     - ``flops``: tensor-core FLOPs of this design: 2NHV forward, + 6NHV backward (recomputed logits, dX, dW).
     - ``flops_3gemm``: the floor of any exact design that stores no logits across the pass (logits, dX, dW).
     - ``min_bytes``: read x and W (and write dX, dW with ``backward``); any FLCE must move these.
+    - ``fused_workspace_bytes`` / ``fused_flops``: the same for the Triton fused path (fused=True: three GEMMs,
+      6NHV, gradients in the forward; a logit block of CHUNK_BYTES and, for 16-bit inputs, the fp32 dW accumulator).
     - ``workspace_bytes``: extra memory the Triton backend allocates beyond inputs, outputs and gradients:
       forward partials (4 x splits x N fp32), saved lse (N fp32), backward dlogits chunk (N x chunk columns in
       ``dtype``), the fp32 dX accumulator for 16-bit inputs, 3 per-row coefficient vectors. cuBLAS workspace
@@ -385,7 +398,12 @@ def cost_model(N: int, H: int, V: int, dtype: torch.dtype = torch.bfloat16, back
     chunk = min(V, max(256, (chunk_bytes // max(N * elt, 1)) // 256 * 256))
     fwd_ws = 4 * splits * N * 4 + 3 * N * 4
     bwd_ws = (N * chunk * elt + (N * H * 4 if elt < 4 else 0) + 3 * N * 4) if backward else 0
+    # the Triton fused path (fused=True on CUDA): one block of logits, the fp32 dW accumulator (16-bit), the row
+    # statistics and coefficients
+    rows = _launch.fused_block_rows(N, V, elt, torch.device("cuda"))
+    fused_ws = rows * V * elt + (V * H * 4 if elt < 4 else 0) + 8 * N * 4
     return {"flops": flops, "flops_3gemm": gemm * (3 if backward else 1), "min_bytes": min_bytes,
-            "workspace_bytes": fwd_ws + bwd_ws, "forward_workspace_bytes": fwd_ws,
+            "workspace_bytes": fwd_ws + bwd_ws, "fused_workspace_bytes": fused_ws, "fused_flops": gemm * 3,
+            "forward_workspace_bytes": fwd_ws,
             "backward_workspace_bytes": bwd_ws, "backward_chunk_columns": chunk,
             "logits_bytes": N * V * elt, "gradient_bytes": elt * (N * H + V * H) if backward else 0}

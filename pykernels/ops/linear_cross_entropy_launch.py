@@ -35,8 +35,11 @@ FUSED_BLOCK_BYTES = 16 << 20
 FUSED_MIN_ROWS = 256
 
 
-def fused_block_rows(N: int, V: int, elt: int) -> int:
-    return max(1, min(N, max(FUSED_MIN_ROWS, FUSED_BLOCK_BYTES // max(V * elt, 1))))
+def fused_block_rows(N: int, V: int, elt: int, device: Optional[torch.device] = None) -> int:
+    """Rows per block of the fused path: FUSED_BLOCK_BYTES of logits on the CPU, CHUNK_BYTES (the split backward's
+    dlogits budget) on a GPU, whose GEMMs want large blocks."""
+    budget = CHUNK_BYTES if device is not None and device.type == "cuda" else FUSED_BLOCK_BYTES
+    return max(1, min(N, max(FUSED_MIN_ROWS, budget // max(V * elt, 1))))
 
 
 @dataclass(frozen=True)
