@@ -413,3 +413,70 @@ def test_fuzz_cross_entropy_module_against_torch(backend, device, dtype, budget)
         _judge_runs(f"cross_entropy {backend} {dtype} {case}", runs, dtype)
 
     check()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pykernels.patch on torch's own Transformer layers: MultiheadAttention as torch.nn.Transformer* calls it (the
+# is_causal hint with its mask, key padding, need_weights=False, norm_first, cross-attention in the decoder)
+
+@st.composite
+def transformer_cases(draw):
+    heads = draw(st.sampled_from([1, 2, 4]))
+    return dict(kind=draw(st.sampled_from(["encoder", "decoder"])), heads=heads,
+                E=heads * draw(st.sampled_from([4, 8])), ff=draw(st.sampled_from([8, 24])),
+                norm_first=draw(st.booleans()), batch_first=draw(st.booleans()), bias=draw(st.booleans()),
+                activation=draw(st.sampled_from(["relu", "gelu"])), N=draw(st.integers(1, 3)),
+                L=draw(st.integers(1, 9)), S=draw(st.integers(1, 9)), causal=draw(st.booleans()),
+                kpm=draw(st.booleans()), seed=draw(SEEDS))
+
+
+@pytest.mark.parametrize("backend,device,dtype,budget", _params(
+    [("reference", F64, 15), ("triton", torch.float32, 4)],
+    [("triton", torch.bfloat16, 6), ("cuda", torch.bfloat16, 6)]))
+def test_fuzz_patched_transformer_layers_against_torch(backend, device, dtype, budget):
+    require_backend(backend, device)
+
+    @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
+    @given(case=transformer_cases())
+    def check(case):
+        g = torch.Generator().manual_seed(case["seed"])
+        cls = torch.nn.TransformerEncoderLayer if case["kind"] == "encoder" else torch.nn.TransformerDecoderLayer
+        kw = dict(dim_feedforward=case["ff"], dropout=0.0, activation=case["activation"],
+                  batch_first=case["batch_first"], norm_first=case["norm_first"], bias=case["bias"])
+        ref = cls(case["E"], case["heads"], dtype=F64, **kw).to(device)
+        mods = [ref]
+        for _ in range(2):
+            m = cls(case["E"], case["heads"], dtype=dtype, **kw).to(device)
+            m.load_state_dict({k: v.to(dtype) for k, v in ref.state_dict().items()})
+            mods.append(m)
+        ours = pykernels.patch(mods[2])
+        assert type(ours.self_attn) is pykernels.nn.MultiheadAttention
+        N, L, S, E = case["N"], case["L"], case["S"], case["E"]
+        shape = (lambda t: (N, t, E)) if case["batch_first"] else (lambda t: (t, N, E))
+        x = torch.randn(shape(L), generator=g, dtype=F64)
+        mem = torch.randn(shape(S), generator=g, dtype=F64)
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(L, dtype=F64) if case["causal"] else None
+        kpm = None
+        if case["kpm"]:
+            kpm = torch.rand(N, L, generator=g) < 0.3
+            kpm[:, 0] = False  # every query keeps a visible key
+        gout = torch.randn(shape(L), generator=g, dtype=F64)
+        runs = []
+        for m, dt in ((ref, F64), (mods[1], dtype), (ours, dtype)):
+            m.train()  # (torch's eval fast path would bypass MultiheadAttention.forward)
+            xs = _leaves([x, mem], dt, device)
+            am = None if mask is None else mask.to(device, dt)
+            kp = None if kpm is None else kpm.to(device)
+            with pykernels.use_backend(backend):
+                if case["kind"] == "encoder":
+                    out = m(xs[0], src_mask=am, src_key_padding_mask=kp, is_causal=case["causal"])
+                    leaves = xs[:1]
+                else:
+                    out = m(xs[0], xs[1], tgt_mask=am, tgt_key_padding_mask=kp, tgt_is_causal=case["causal"])
+                    leaves = xs
+            if m is ours:
+                assert pykernels.last_dispatch["scaled_dot_product_attention"][0] == backend
+            runs.append(([out], _grads([out], leaves + list(m.parameters()), [gout])))
+        _judge_runs(f"transformer {backend} {case}", runs, dtype)
+
+    check()
