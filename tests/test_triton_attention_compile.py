@@ -152,3 +152,22 @@ def test_measured_tiles_are_used_where_measured(monkeypatch, tmp_path):
             kind, bucket, mode = key.split("/")
             assert kind in ("fwd", "dq", "dkdv") and int(bucket) in (64, 128, 256) and mode in ("full", "causal")
             assert len(entry["tile"]) == 4 and tune.fits(tuple(entry["tile"]), int(bucket))
+
+
+@pytest.mark.gpu
+def test_tune_script_runs_on_the_gpu(monkeypatch, tmp_path):
+    """bench/tune_attention.py end to end on a small problem (two candidates per kernel, compiled in this process),
+    before the gpu_check tune stage spends minutes on the real grid; its winners then drive config()."""
+    import torch
+    from bench import tune_attention as tune
+    from pykernels.triton import attention as a
+    monkeypatch.setattr(tune, "CANDIDATES", {k: v[:2] for k, v in tune.CANDIDATES.items()})
+    winners, rows = tune.tune([64], 512, ["fwd", "dq", "dkdv"], workers=1)
+    assert set(winners) == {f"{k}/64/{m}" for k in ("fwd", "dq", "dkdv") for m in ("full", "causal")}
+    assert all(w["ms"] > 0 and len(w["tile"]) == 4 for w in winners.values()) and len(rows) == 6
+    dev = torch.device("cuda")
+    merged = tune.merge({}, a._arch(dev), torch.cuda.get_device_name(dev), tune._stamp(), winners)
+    monkeypatch.setattr(a, "MEASURED_TILES", merged)
+    for key, w in winners.items():
+        kind, _, mode = key.split("/")
+        assert a.config(64, 64, torch.bfloat16, kind, dev, mode == "causal") == tuple(w["tile"])
