@@ -913,20 +913,24 @@ def test_fused_gradients_and_a_retained_graph():
         assert max_abs_err(x.grad, 3 * ref_x) <= 1e-5 and max_abs_err(W.grad, 3 * ref_W) <= 1e-5
 
 
-def test_fuzz_cpu_fused_kernel_against_reference_kernels():
-    """The fused CPU kernel op on random sizes (N, H, V from 1), row blocks from 1 row, targets ignored and outside
-    [0, V), softcap, smoothing, class weights, bias, random per-row coefficients (some without the lse term) and
-    requested gradients: its statistics against the reference forward kernel in float64, its gradients against the
-    reference backward kernel with coef_p = coef_p0 + coef_lse * lse."""
-    require_backend("cpu", "cpu")
+@pytest.mark.parametrize("backend,device,dtypes,max_v,budget", [
+    pytest.param("cpu", "cpu", (torch.float64, torch.float32), 2300, 25, id="cpu"),
+    pytest.param("triton", "cpu", (torch.float32,), 300, 8, id="triton-interp"),
+    pytest.param("triton", "cuda", (torch.float32,), 9000, 25, id="triton-cuda", marks=pytest.mark.gpu)])
+def test_fuzz_fused_kernel_against_reference_kernels(backend, device, dtypes, max_v, budget):
+    """A backend's fused kernel op on random sizes (N, H, V from 1), row blocks from 1 row, targets ignored and
+    outside [0, V), softcap, smoothing, class weights, bias, random per-row coefficients (some without the lse term)
+    and requested gradients: its statistics against the reference forward kernel in float64, its gradients against
+    the reference backward kernel with coef_p = coef_p0 + coef_lse * lse."""
+    require_backend(backend, device)
     hyp = pytest.importorskip("hypothesis")
     st = hyp.strategies
-    fused, _ = lce_ops.FUSED["cpu"]
+    fused, _ = lce_ops.FUSED[backend]
     ref_fwd, ref_bwd = lce_ops.KERNELS["reference"]
 
-    @hyp.settings(max_examples=25, deadline=None)
-    @hyp.given(N=st.integers(1, 70), H=st.integers(1, 40), V=st.integers(1, 2300), rows=st.integers(1, 80),
-               dtype=st.sampled_from([torch.float64, torch.float32]), softcap=st.sampled_from([0.0, 3.0]),
+    @hyp.settings(max_examples=budget, deadline=None)
+    @hyp.given(N=st.integers(1, 70), H=st.integers(1, 40), V=st.integers(1, max_v), rows=st.integers(1, 80),
+               dtype=st.sampled_from(dtypes), softcap=st.sampled_from([0.0, 3.0]),
                smooth=st.booleans(), weighted=st.booleans(), bias=st.booleans(),
                grads=st.tuples(st.booleans(), st.booleans(), st.booleans()), seed=st.integers(0, 2**31 - 1))
     def check(N, H, V, rows, dtype, softcap, smooth, weighted, bias, grads, seed):
@@ -940,7 +944,9 @@ def test_fuzz_cpu_fused_kernel_against_reference_kernels():
         p0, pl, cy, cw = [torch.rand(N, generator=g, dtype=torch.float64).to(dtype) for _ in range(4)]
         pl[::2] = 0.0
         ig, wg, bg = grads[0], grads[1], grads[2] and bias
-        got = fused(x, W, b, t, w, p0, pl, cy, cw, softcap, smooth, rows, ig, wg, bg)
+        on = (lambda *ts: [None if u is None else u.to(device) for u in ts])  # noqa: E731
+        got = fused(*on(x, W, b, t, w, p0, pl, cy, cw), softcap, smooth, rows, ig, wg, bg)
+        got = [u.cpu() for u in got]
         x64, W64 = x.double(), W.double()
         b64 = None if b is None else b.double()
         w64 = None if w is None else w.double()

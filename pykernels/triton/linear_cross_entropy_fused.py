@@ -58,10 +58,10 @@ def _lce_fused_rows_kernel(Z, T, CW, P0, PL, CY, CWr, M, LS, ZY, ZS, V, szn, sof
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), 0)
         m = m_new
-        zy += tl.sum(tl.where(cols == y, z, 0.0), 0)
+        zy += tl.sum(tl.where((cols == y) & ok, z, 0.0), 0)  # (a target past V must not meet a masked column)
         if SMOOTH:
             w = tl.load(CW + cols, mask=ok, other=0.0).to(tl.float32) if HAS_CW else 1.0
-            zs += tl.sum(tl.where(ok, z * w, 0.0), 0)
+            zs += tl.sum(tl.where(ok, z, 0.0) * w, 0)
     m = tl.where((m == float("-inf")) | (m == float("inf")), 0.0, m)
     log_s = tl.log(s)
     pl = tl.load(PL + row)
