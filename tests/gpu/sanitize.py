@@ -197,9 +197,9 @@ def attention(backends):
 
 
 def linear_cross_entropy(backends):
-    """The Triton and CUDA linear cross-entropy kernels (fwd, d_input, d_weight, d_bias) on odd N/H/V, ignored rows,
-    bias, class weights, label smoothing, z-loss, softcap; strided input rows in every other case (the CUDA kernels'
-    scalar loads), 16-byte aligned rows in the others (their cp.async path)."""
+    """The Triton and CUDA linear cross-entropy kernels and the Triton fused path (fwd, d_input, d_weight, d_bias)
+    on odd N/H/V, ignored rows, bias, class weights, label smoothing, z-loss, softcap; strided input rows in every
+    other case (the CUDA kernels' scalar loads), 16-byte aligned rows in the others (their cp.async path)."""
     from pykernels.reference import linear_cross_entropy as ref_lce
     dev = DEV
     cases = [((1, 16, 3), {}), ((37, 65, 1001), {"linear_bias": True, "label_smoothing": 0.1}),
@@ -208,8 +208,9 @@ def linear_cross_entropy(backends):
     if DEV == "cpu":  # the interpreter runs ~1e6 MAC/s: the same paths on shapes it finishes in seconds
         cases[2:4] = [((30, 48, 1503), {"weight": True, "z_loss": 1e-3}), ((9, 32, 4099), {"softcap": 15.0})]
     ran = [b for b in backends if b in ("triton", "cuda")]
-    for backend in ran:
-        for dtype in HALF + ((torch.float32,) if backend == "triton" else ()):
+    for backend, fused in [(b, None) for b in ran] + ([("triton", True)] if "triton" in ran else []):
+        dtypes = HALF + ((torch.float32,) if backend == "triton" else ())
+        for dtype in dtypes[-1:] if fused and DEV == "cpu" else dtypes:  # (CPU: the interpreter's time)
             for i, ((N, Hd, V), kw) in enumerate(cases):
                 kw = dict(kw)
                 x = torch.randn(N, Hd + 5, device=dev, dtype=dtype)[:, 2:Hd + 2]  # strided rows
@@ -223,7 +224,7 @@ def linear_cross_entropy(backends):
                 leaves = [a.detach().clone().requires_grad_() for a in (x, W) + ((b,) if b is not None else ())]
                 loss = pykernels.functional.linear_cross_entropy(
                     leaves[0], leaves[1], t, linear_bias=leaves[2] if b is not None else None, weight=w,
-                    backend=backend, **kw)
+                    backend=backend, fused=fused, **kw)  # fused=True: the three-GEMM path (not for reduction none)
                 loss.float().sum().backward()
                 cpu = [a.detach().double().cpu() for a in (x, W)]
                 ref, _ = ref_lce.linear_cross_entropy(*cpu, t.cpu(), None if b is None else b.double().cpu(),
