@@ -87,15 +87,26 @@ def _lce_fused_rows_kernel(Z, T, CW, P0, PL, CY, CWr, M, LS, ZY, ZS, V, szn, sof
     tl.store(ZS + row, zs)
 
 
+_OUT_DTYPE_GEMM = {"ok": hasattr(torch.ops.aten.addmm, "dtype_out")}
+
+
 def _accumulate_dw(gw: torch.Tensor, dl: torch.Tensor, x: torch.Tensor) -> None:
     """gw (fp32) += dl^T x: on CUDA one GEMM with an fp32 output for 16-bit operands (torch's ``out_dtype``
     overloads), so the sum over row blocks rounds once, at the end."""
     if dl.dtype == gw.dtype:
         gw.addmm_(dl.t(), x)
-    elif dl.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
-        torch.ops.aten.addmm.dtype_out(gw, dl.t(), x, torch.float32, out=gw)
-    else:  # the interpreter's CPU runs (and a torch without the overload): an fp32 GEMM on converted operands
-        gw.addmm_(dl.t().float(), x.float())
+        return
+    if dl.is_cuda and _OUT_DTYPE_GEMM["ok"]:
+        try:
+            torch.ops.aten.addmm.dtype_out(gw, dl.t(), x, torch.float32, out=gw)
+            return
+        except RuntimeError as e:  # a torch or GPU without it: say so once, then the slow exact way
+            _OUT_DTYPE_GEMM["ok"] = False
+            import logging
+            logging.getLogger("pykernels").warning("linear_cross_entropy fused: no fp32-output GEMM for %s "
+                                                   "operands (%s): dW accumulates through fp32 copies", dl.dtype, e)
+    # the interpreter's CPU runs, and the fallback above: an fp32 GEMM on converted operands
+    gw.addmm_(dl.t().float(), x.float())
 
 
 def linear_cross_entropy_fused(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
