@@ -7,6 +7,8 @@ num_warps, num_stages) that fits the head dim (the autotuner's pruning) is launc
 shape (bf16, batch * seqlen = 16k, heads * head dim = 2048) through the launcher's TILE_OVERRIDE, timed with
 triton.testing.do_bench (median), and the fastest kept; the table's current choice is timed too, so the file says
 what the change buys. A candidate that does not compile or launch (shared memory, registers) is recorded as such.
+Commit the measurements under bench/results/tuning/ (bench/results/*.json are the harness's files, which the
+README renderer reads).
 The backward kernels are timed through the whole backward with the other kernel at its current tile: the two run
 one after the other, so the difference is this kernel's. Outputs: the full measurements as JSON under --out, and
 with --write the winners into pykernels/triton/attention_tiles.json under this GPU's architecture (sm_XY), which
@@ -17,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -181,7 +184,8 @@ def main(argv=None):
     stamp = _stamp()
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        path = os.path.join(a.out, f"{name.split()[-1].lower()}-attention-tiles-{stamp['date'].replace('-', '')}.json")
+        slug = "-".join(w for w in re.split(r"[^a-z0-9]+", name.lower()) if w and w != "nvidia")
+        path = os.path.join(a.out, f"tiles-{slug}-attention-{stamp['date'].replace('-', '')}.json")
         with open(path, "w") as f:
             json.dump({"device": name, "arch": arch, **stamp, "winners": winners, "measurements": rows}, f, indent=1)
         print("wrote", path)
