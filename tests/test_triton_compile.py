@@ -53,3 +53,60 @@ def test_cross_entropy_kernels_compile_for_sm80_and_sm90_without_spills():
         assert has_loads, (name, arch, dt, mode, prob)
         assert_spill_budget(f"{name} sm_{arch} {dt} mode={mode} prob={prob} weighted={weighted}", n_spills,
                             CE_KNOWN_SPILLS, (name, arch, dt, mode, prob, weighted))
+
+
+def test_launches_run_on_their_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: every pykernels launch switches to its first CUDA tensor's
+    device when that is another one (model parallelism in one process), and does nothing otherwise. Checked with
+    fake CUDA tensors (no GPU here); the launch itself is a stub."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from pykernels.triton import _launch
+
+    with FakeTensorMode():
+        on1, on0 = torch.empty(2, device="cuda:1"), torch.empty(2, device="cuda:0")
+    cpu = torch.empty(2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    entered = []
+
+    class Device:  # records torch.cuda.device(index) instead of touching a GPU
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    launched = []
+    launcher = _launch._OnTensorsDevice({(1,): lambda *a, **k: launched.append(len(entered))})
+    assert _launch.launch_device((cpu, 3, on1), {}) == 1
+    assert _launch.launch_device((cpu, on0, on1), {}) is None  # the first CUDA tensor decides
+    assert _launch.launch_device((cpu,), {"X": on1}) == 1
+    assert _launch.launch_device((cpu, 2.0), {}) is None
+    launcher[(1,)](cpu, on1)
+    launcher[(1,)](on0)
+    assert entered == [1] and launched == [1, 1]
+
+
+@pytest.mark.gpu
+def test_triton_kernels_on_a_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: the Triton kernels run there and get torch's results."""
+    import torch
+    import torch.nn.functional as F
+    import pykernels
+    if torch.cuda.device_count() < 2:
+        pytest.skip("one GPU")
+    x = torch.randn(9, 50, device="cuda:1", requires_grad=True)
+    t = torch.randint(0, 50, (9,), device="cuda:1")
+    with torch.cuda.device(0):
+        loss = pykernels.functional.cross_entropy(x, t, backend="triton")
+        loss.backward()
+        q = torch.randn(1, 2, 33, 64, device="cuda:1", dtype=torch.float16)
+        out = pykernels.functional.scaled_dot_product_attention(q, q, q, window=(4, 4), backend="triton")
+    torch.testing.assert_close(loss, F.cross_entropy(x, t))
+    ref = F.scaled_dot_product_attention(q.float(), q.float(), q.float(), attn_mask=(
+        torch.arange(33, device="cuda:1")[:, None] - torch.arange(33, device="cuda:1")[None, :]).abs() <= 4)
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
