@@ -662,8 +662,8 @@ def dropout_mask(seed: torch.Tensor, B: int, H: int, L: int, S: int, dropout_p: 
     """(B, H, L, S) bool keep-mask of a dense call with this seed (the mask the kernels apply)."""
     out = torch.empty(B, H, L, S, device=seed.device, dtype=torch.int8)
     BM, BN = (16, 16) if _interpreted() else (64, 64)
-    _dropout_mask_kernel[(triton.cdiv(L, BM), triton.cdiv(S, BN), B * H)](out, seed, L, S, float(dropout_p),
-                                                                        BLOCK_M=BM, BLOCK_N=BN)
+    grid = (triton.cdiv(L, BM), triton.cdiv(S, BN), B * H)
+    wrap(_dropout_mask_kernel)[grid](out, seed, L, S, float(dropout_p), BLOCK_M=BM, BLOCK_N=BN)
     return out.bool()
 
 
