@@ -21,7 +21,7 @@ from pykernels.testing import assert_error_rule
 from conftest import require_backend
 
 F64 = torch.float64
-CPU_KERNELS = [pytest.param("cpu", "cpu", F64, id="cpu-float64"),
+KERNEL_BACKENDS = [pytest.param("cpu", "cpu", F64, id="cpu-float64"),
                pytest.param("triton", "cpu", torch.float32, id="triton-interp"),
                pytest.param("cuda", "cuda", torch.float32, id="cuda", marks=pytest.mark.gpu),
                pytest.param("triton", "cuda", torch.float32, id="triton-cuda", marks=pytest.mark.gpu)]
@@ -59,7 +59,7 @@ def _compare(name, ours, theirs, leaves, dtype):
             assert_error_rule(f"{name} [{k}]", a, r, b, dtype=dtype, factor=4.0)
 
 
-@pytest.mark.parametrize("backend,device,dtype", CPU_KERNELS)
+@pytest.mark.parametrize("backend,device,dtype", KERNEL_BACKENDS)
 def test_cross_entropy_second_order(backend, device, dtype):
     require_backend(backend, device)
     x = torch.randn(7, 11, dtype=dtype, device=device) * 2
@@ -73,7 +73,7 @@ def test_cross_entropy_second_order(backend, device, dtype):
                  lambda x: F.cross_entropy(x, t, **{**kw, "weight": w.to(x.dtype)}), [x], dtype)
 
 
-@pytest.mark.parametrize("backend,device,dtype", CPU_KERNELS)
+@pytest.mark.parametrize("backend,device,dtype", KERNEL_BACKENDS)
 def test_linear_cross_entropy_second_order(backend, device, dtype):
     require_backend(backend, device)
     if backend == "cuda":
@@ -90,7 +90,7 @@ def test_linear_cross_entropy_second_order(backend, device, dtype):
              [x, W, b], dtype)
 
 
-@pytest.mark.parametrize("backend,device,dtype", CPU_KERNELS)
+@pytest.mark.parametrize("backend,device,dtype", KERNEL_BACKENDS)
 def test_attention_second_order(backend, device, dtype):
     require_backend(backend, device)
     if backend == "cpu":
@@ -120,7 +120,7 @@ def test_attention_second_order(backend, device, dtype):
              theirs, [qv, kv, vv], dtype)
 
 
-@pytest.mark.parametrize("backend,device,dtype", CPU_KERNELS)
+@pytest.mark.parametrize("backend,device,dtype", KERNEL_BACKENDS)
 def test_lstm_cell_and_layer_second_order(backend, device, dtype):
     require_backend(backend, device)
     B, I, H, T = 3, 4, 5, 6
