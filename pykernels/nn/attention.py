@@ -58,6 +58,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if is_causal and attn_mask is None:
             raise RuntimeError("MultiheadAttention: need attn_mask if specifying the is_causal hint (as torch); "
                                "pass the causal mask, e.g. nn.Transformer.generate_square_subsequent_mask")
+        # which inputs are one tensor, before the layout changes below make them distinct views (torch's rule)
+        same_kv = key is value
+        same_qkv = same_kv and query is key
         batched = query.dim() == 3
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise ValueError(f"MultiheadAttention: query, key, value must all be 2-D (unbatched) or 3-D, got "
@@ -76,16 +79,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if key.shape[:2] != value.shape[:2] or key.shape[1] != N:
             raise ValueError(f"MultiheadAttention: key {tuple(key.shape)} and value {tuple(value.shape)} must "
                              f"match each other and the query's batch {N}")
-        if self._qkv_same_embed_dim:
-            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        else:
-            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        b_q = b_k = b_v = None
-        if self.in_proj_bias is not None:
-            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = F.linear(query, w_q, b_q)
-        k = F.linear(key, w_k, b_k)
-        v = F.linear(value, w_v, b_v)
+        q, k, v = self._in_projection(query, key, value, same_qkv, same_kv)
         if attn_mask is not None:
             if attn_mask.dim() == 2:
                 attn_mask = attn_mask.unsqueeze(0)
@@ -153,6 +147,26 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _in_projection(self, query: Tensor, key: Tensor, value: Tensor, same_qkv: bool, same_kv: bool):
+        """q, k, v = the input projections, as torch packs them: self-attention (one tensor for all three) runs one
+        GEMM over in_proj_weight, encoder-decoder attention (key is value) one for q and one for k and v together;
+        q, k, v are then views of the packed result (the attention kernels take strided inputs)."""
+        E = self.embed_dim
+        if self._qkv_same_embed_dim:
+            w, b = self.in_proj_weight, self.in_proj_bias
+            if same_qkv:
+                return F.linear(query, w, b).unflatten(-1, (3, E)).unbind(-2)
+            if same_kv:
+                kv = F.linear(key, w[E:], None if b is None else b[E:]).unflatten(-1, (2, E)).unbind(-2)
+                return (F.linear(query, w[:E], None if b is None else b[:E]), *kv)
+            w_q, w_k, w_v = w.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}" if self.backend else ""
