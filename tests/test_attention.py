@@ -578,3 +578,24 @@ def test_multihead_attention_dropout_and_errors():
     assert torch.equal(o1, o2)
     with pytest.raises(RuntimeError, match="is_causal"):
         mha(x, x, x, is_causal=True)
+
+
+def test_multihead_attention_packs_the_input_projections(monkeypatch):
+    """As torch: self-attention (query is key is value) projects with one GEMM over in_proj_weight, key is value
+    with two (q, then k and v together), distinct inputs with three; batch_first and unbatched inputs too (their
+    transposes must not hide that the inputs are one tensor)."""
+    import pykernels.nn.attention as mod
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(mod.F, "linear", lambda x, w, b=None: calls.append(tuple(w.shape)) or linear(x, w, b))
+    for kw, shape in ((dict(), (5, 2, 8)), (dict(batch_first=True), (2, 5, 8)), (dict(), (5, 8))):
+        ours = pykernels.nn.MultiheadAttention(8, 2, **kw)
+        theirs = torch.nn.MultiheadAttention(8, 2, **kw)
+        theirs.load_state_dict(ours.state_dict())
+        x, y = torch.randn(shape), torch.randn(shape)
+        for args, gemms in (((x, x, x), [(24, 8)]), ((x, y, y), [(8, 8), (16, 8)]),
+                            ((x, y, x), [(8, 8)] * 3)):
+            calls.clear()
+            out, _ = ours(*args, need_weights=False)
+            assert sorted(calls[:-1]) == sorted(gemms), (kw, shape, calls)  # (the last: out_proj)
+            torch.testing.assert_close(out, theirs(*args, need_weights=False)[0], rtol=1e-5, atol=1e-5)
