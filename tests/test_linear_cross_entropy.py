@@ -478,7 +478,7 @@ def test_gradcheck_float64_kernels(backend):
 
 
 @pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference"), BACKENDS[2],
-                                            *BACKENDS[-2:]])
+                                            *BACKENDS[-2:], FUSED_BACKENDS[1]])
 def test_compile_fullgraph_parity(backend, device):
     """The autograd-level op under torch.compile(fullgraph=True). Inductor cannot generate CPU code around an
     interpreted Triton kernel, so the CPU tier compiles the op over the reference and the C++ CPU kernels; the GPU
