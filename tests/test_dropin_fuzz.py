@@ -60,11 +60,15 @@ def _grads(outs, leaves, gouts):
     return torch.autograd.grad(outs, want, gouts, allow_unused=True)
 
 
-def _judge_runs(what, runs, dtype):
-    """runs: (outputs, gradients) of torch in float64, torch at dtype and ours at dtype, in that order."""
+def _judge_runs(what, runs, dtype, no_grad=None):
+    """runs: (outputs, gradients) of torch in float64, torch at dtype and ours at dtype, in that order. no_grad: ours
+    again without autograd (inference calls take other paths: no saved state, no fused gradients), same outputs."""
     (r_out, r_g), (b_out, b_g), (o_out, o_g) = runs
     _judge(f"{what} outputs", o_out, r_out, b_out, dtype)
     _judge(f"{what} gradients", o_g, r_g, b_g, dtype)
+    if no_grad is not None:
+        with torch.no_grad():
+            _judge(f"{what} outputs without autograd", list(no_grad()), r_out, b_out, dtype)
 
 
 def _judge(what, got, ref, base, dtype):
@@ -112,9 +116,8 @@ def _lstm_input(case, g):
     return x, lengths
 
 
-def _run_lstm(m, x, lengths, h0c0, case, gouts):
-    """Forward (packing inside, so gradients reach the padded leaf) and the gradients of x, h0, c0 and every
-    parameter; the outputs as dense tensors (a packed output's data)."""
+def _lstm_forward(m, x, lengths, h0c0, case):
+    """[output, h_n, c_n] (packing inside, so gradients reach the padded leaf; a packed output as its data)."""
     inp = x
     if lengths is not None:
         inp = pack_padded_sequence(x, lengths, batch_first=case["batch_first"],
@@ -123,7 +126,12 @@ def _run_lstm(m, x, lengths, h0c0, case, gouts):
     if lengths is not None:
         assert isinstance(out, PackedSequence)
         out = out.data
-    outs = [out, h, c]
+    return [out, h, c]
+
+
+def _run_lstm(m, x, lengths, h0c0, case, gouts):
+    """Forward and the gradients of x, h0, c0 and every parameter."""
+    outs = _lstm_forward(m, x, lengths, h0c0, case)
     leaves = [x] + (list(h0c0) if h0c0 is not None else []) + list(m.parameters())
     return outs, _grads(outs, leaves, gouts)
 
@@ -172,7 +180,10 @@ def test_fuzz_lstm_module_against_torch(backend, device, dtype, budget):
             assert ran == backend, f"{case}: ran {ran} ({why})"
         else:  # packed / projected (and float64 off the C++ kernels): the visible fallback
             assert ran == "reference" and backend in str(why), f"{case}: ran {ran} ({why})"
-        _judge_runs(f"lstm {backend} {case}", runs, dtype)
+        lv = _leaves([x] + (list(states) if states else []), dtype, device)
+        with pykernels.use_backend(backend):
+            _judge_runs(f"lstm {backend} {case}", runs, dtype, lambda: _lstm_forward(
+                ours, lv[0], lengths, tuple(lv[1:]) if states else None, case))
 
     check()
 
@@ -294,7 +305,8 @@ def test_fuzz_multihead_attention_against_torch(backend, device, dtype, budget):
                 assert ran == backend, f"{case}: ran {ran} ({why})"
             gouts = [torch.randn(out.shape, generator=torch.Generator().manual_seed(case["seed"]), dtype=F64)]
             runs.append(([out, w], _grads([out], leaves + list(m.parameters()), gouts)))
-        _judge_runs(f"mha {backend} {case}", runs, dtype)
+        with pykernels.use_backend(backend):
+            _judge_runs(f"mha {backend} {case}", runs, dtype, lambda: ours(*call, **mkw))
 
     check()
 
@@ -376,7 +388,9 @@ def test_fuzz_linear_cross_entropy_module_against_torch(backend, device, dtype, 
             runs.append(([loss], _grads([loss], [xl] + list(m.linear.parameters()), [gout])))
         ran, why = pykernels.last_dispatch["linear_cross_entropy"]
         assert ran == backend, f"{case}: ran {ran} ({why})"
-        _judge_runs(f"linear_cross_entropy {backend} {dtype} {case}", runs, dtype)
+        with pykernels.use_backend(backend):
+            _judge_runs(f"linear_cross_entropy {backend} {dtype} {case}", runs, dtype,
+                        lambda: [ours(x.to(device, dtype), t.to(device))])
 
     check()
 
@@ -410,7 +424,9 @@ def test_fuzz_cross_entropy_module_against_torch(backend, device, dtype, budget)
             runs.append(([loss], _grads([loss], [zl], [gout])))
         ran, why = pykernels.last_dispatch["cross_entropy"]
         assert ran == backend, f"{case}: ran {ran} ({why})"
-        _judge_runs(f"cross_entropy {backend} {dtype} {case}", runs, dtype)
+        with pykernels.use_backend(backend):
+            _judge_runs(f"cross_entropy {backend} {dtype} {case}", runs, dtype,
+                        lambda: [m(z.to(device, dtype), t.to(device))])
 
     check()
 
