@@ -29,6 +29,11 @@ SEEDS = st.integers(0, 2**31 - 1)
 F64 = torch.float64
 
 
+def _fuzz(budget, **strategies):
+    """hypothesis with this test's example budget (times PYKERNELS_FUZZ_SCALE), fresh examples every run."""
+    return lambda f: settings(max_examples=budget * SCALE, deadline=None, derandomize=False)(given(**strategies)(f))
+
+
 def _params(cpu, gpu):
     """(backend, device, dtype, example budget) parameters: ``cpu`` for the CPU tier, ``gpu`` marked gpu."""
     return [pytest.param(b, "cpu", dt, n, id=f"{b}-{str(dt)[6:]}" + ("-interp" if b == "triton" else ""))
@@ -143,8 +148,7 @@ def _run_lstm(m, x, lengths, h0c0, case, gouts):
 def test_fuzz_lstm_module_against_torch(backend, device, dtype, budget):
     require_backend(backend, device)
 
-    @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
-    @given(case=lstm_cases())
+    @_fuzz(budget, case=lstm_cases())
     def check(case):
         g = torch.Generator().manual_seed(case["seed"])
         D = 2 if case["bidirectional"] else 1
@@ -197,9 +201,8 @@ def test_fuzz_lstm_module_against_torch(backend, device, dtype, budget):
 def test_fuzz_lstm_cell_module_against_torch(backend, device, dtype, budget):
     require_backend(backend, device)
 
-    @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
-    @given(I=st.integers(1, 40), H=st.integers(1, 40), B=st.sampled_from([None, 1, 2, 5, 9]), bias=st.booleans(),
-           states=st.booleans(), strided=st.booleans(), seed=SEEDS)
+    @_fuzz(budget, I=st.integers(1, 40), H=st.integers(1, 40), B=st.sampled_from([None, 1, 2, 5, 9]),
+           bias=st.booleans(), states=st.booleans(), strided=st.booleans(), seed=SEEDS)
     def check(I, H, B, bias, states, strided, seed):
         g = torch.Generator().manual_seed(seed)
         ref, ours, base = _three_modules(torch.nn.LSTMCell, pykernels.nn.LSTMCell, dtype, device, I, H, bias=bias)
@@ -275,8 +278,7 @@ def _mha_call(case, g):
 def test_fuzz_multihead_attention_against_torch(backend, device, dtype, budget):
     require_backend(backend, device)
 
-    @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
-    @given(case=mha_cases())
+    @_fuzz(budget, case=mha_cases())
     def check(case):
         g = torch.Generator().manual_seed(case["seed"])
         ctor = dict(bias=case["bias"], add_bias_kv=case["bias_kv"], add_zero_attn=case["zero_attn"],
@@ -359,8 +361,7 @@ def _loss_inputs(case, g):
 def test_fuzz_linear_cross_entropy_module_against_torch(backend, device, dtype, budget):
     require_backend(backend, device)
 
-    @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
-    @given(case=loss_cases())
+    @_fuzz(budget, case=loss_cases())
     def check(case):
         g = torch.Generator().manual_seed(case["seed"])
         x, t, w = _loss_inputs(case, g)
@@ -403,8 +404,7 @@ def test_fuzz_cross_entropy_module_against_torch(backend, device, dtype, budget)
     backend asked for as a preference (which, unlike an automatic call, runs ours below torch's size threshold)."""
     require_backend(backend, device)
 
-    @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
-    @given(case=loss_cases())
+    @_fuzz(budget, case=loss_cases())
     def check(case):
         g = torch.Generator().manual_seed(case["seed"])
         x, t, w = _loss_inputs(case, g)
@@ -452,8 +452,7 @@ def transformer_cases(draw):
 def test_fuzz_patched_transformer_layers_against_torch(backend, device, dtype, budget):
     require_backend(backend, device)
 
-    @settings(max_examples=budget * SCALE, deadline=None, derandomize=False)
-    @given(case=transformer_cases())
+    @_fuzz(budget, case=transformer_cases())
     def check(case):
         g = torch.Generator().manual_seed(case["seed"])
         cls = torch.nn.TransformerEncoderLayer if case["kind"] == "encoder" else torch.nn.TransformerDecoderLayer

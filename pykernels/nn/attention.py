@@ -114,8 +114,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             mask = am
         if key_padding_mask is not None:
             if key_padding_mask.shape != (N, S):
-                raise ValueError(f"MultiheadAttention: key_padding_mask must be ({N}, {S - (1 if self.bias_k is not None else 0) - (1 if self.add_zero_attn else 0)}), "
-                                 f"got {tuple(key_padding_mask.shape)}")
+                extra = (self.bias_k is not None) + bool(self.add_zero_attn)  # columns padded on above
+                given = (*key_padding_mask.shape[:-1], key_padding_mask.shape[-1] - extra)
+                raise ValueError(f"MultiheadAttention: key_padding_mask must be ({N}, {S - extra}), got {given}")
             kpm = key_padding_mask.reshape(N, 1, 1, S)
             if mask is None:
                 mask = kpm
