@@ -131,18 +131,21 @@ def tune(head_dims: Sequence[int], seqlen: int, kinds: Sequence[str], workers: i
          ) -> Tuple[Dict[str, dict], List[dict]]:
     from pykernels.triton import attention as ta
     dev = torch.device("cuda")
-    jobs = [(E, seqlen, causal, kind, tile) for E in head_dims for causal in (False, True) for kind in kinds
-            for tile in candidates(kind, E, ta.config(E, E, torch.bfloat16, kind, dev, causal))]
-    precompile(jobs, workers)
+    # (E, causal, kind) -> the tiles to time, the table's first
+    plan = {(E, causal, kind): candidates(kind, E, ta.config(E, E, torch.bfloat16, kind, dev, causal))
+            for E in head_dims for causal in (False, True) for kind in kinds}
+    precompile([(E, seqlen, causal, kind, tile) for (E, causal, kind), tiles in plan.items() for tile in tiles],
+               workers)
     winners, rows = {}, []
     for E in head_dims:
         for causal in (False, True):
             (B, H, _, _), steps = _problem(E, seqlen, causal)
             for kind in kinds:
-                current = ta.config(E, E, torch.bfloat16, kind, dev, causal)
+                tiles = plan[(E, causal, kind)]
+                current = tiles[0]
                 step = steps[kind]
                 times: Dict[Tile, Optional[float]] = {}
-                for tile in candidates(kind, E, current):
+                for tile in tiles:
                     ta.TILE_OVERRIDE[kind] = tile
                     try:
                         times[tile] = _time(step)
@@ -153,15 +156,16 @@ def tune(head_dims: Sequence[int], seqlen: int, kinds: Sequence[str], workers: i
                         ta.TILE_OVERRIDE.pop(kind, None)
                 ok = {t: ms for t, ms in times.items() if ms is not None}
                 best = min(ok, key=ok.get)
+                table_ms = times[current]
                 key = ta.tile_key(kind, E, E, causal)
                 winners[key] = {"tile": list(best), "ms": round(ok[best], 4),
-                                "table_ms": None if times[tuple(current)] is None else round(times[tuple(current)], 4),
+                                "table_ms": None if table_ms is None else round(table_ms, 4),
                                 "shape": [B, H, seqlen, E]}
                 rows.append({"key": key, "shape": [B, H, seqlen, E], "current": list(current),
                              "times": [[list(t), ms] for t, ms in times.items()]})
-                gain = times[tuple(current)] / ok[best] if times[tuple(current)] else float("nan")
-                print(f"{key:22} best {best} {ok[best]:.3f} ms, table {tuple(current)} "
-                      f"{times[tuple(current)] or float('nan'):.3f} ms ({gain:.2f}x)", flush=True)
+                gain = table_ms / ok[best] if table_ms else float("nan")
+                print(f"{key:22} best {best} {ok[best]:.3f} ms, table {current} "
+                      f"{table_ms or float('nan'):.3f} ms ({gain:.2f}x)", flush=True)
     return winners, rows
 
 

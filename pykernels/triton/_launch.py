@@ -33,8 +33,9 @@ def launch_device(args, kwargs) -> "int | None":
         return None
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor) and a.device.type == "cuda":
-            index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-            return None if index == torch.cuda.current_device() else index
+            current = torch.cuda.current_device()
+            index = current if a.device.index is None else a.device.index
+            return None if index == current else index
     return None
 
 

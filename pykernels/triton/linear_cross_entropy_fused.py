@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import backends
 from ._launch import wrap
 from .linear_cross_entropy import _interpreted, _tanh
 
@@ -102,9 +103,8 @@ def _accumulate_dw(gw: torch.Tensor, dl: torch.Tensor, x: torch.Tensor) -> None:
             return
         except RuntimeError as e:  # a torch or GPU without it: say so once, then the slow exact way
             _OUT_DTYPE_GEMM["ok"] = False
-            import logging
-            logging.getLogger("pykernels").warning("linear_cross_entropy fused: no fp32-output GEMM for %s "
-                                                   "operands (%s): dW accumulates through fp32 copies", dl.dtype, e)
+            backends.logger.warning("linear_cross_entropy fused: no fp32-output GEMM for %s operands (%s): dW "
+                                    "accumulates through fp32 copies", dl.dtype, e)
     # the interpreter's CPU runs, and the fallback above: an fp32 GEMM on converted operands
     gw.addmm_(dl.t().float(), x.float())
 
