@@ -6,16 +6,17 @@ Drop-in use::
     loss = pykernels.functional.cross_entropy(logits, target)      # as torch.nn.functional.cross_entropy
     criterion = pykernels.nn.CrossEntropyLoss()                     # as torch.nn.CrossEntropyLoss
     model = pykernels.patch(model)                                  # swaps supported torch.nn modules in place
+    pykernels.patch_functional()                                    # routes torch.nn.functional's calls to ours
 """
 from . import _ext
 from . import ops  # noqa: F401  (registers the operators)
 from . import functional, nn
 from .backends import BackendUnavailableError, available_backends, last_dispatch, use_backend
-from .patch import patch
+from .patch import patch, patch_functional
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "nn", "patch", "use_backend", "available_backends", "last_dispatch",
+__all__ = ["functional", "nn", "patch", "patch_functional", "use_backend", "available_backends", "last_dispatch",
            "BackendUnavailableError", "build_info", "__version__"]
 
 

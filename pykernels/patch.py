@@ -1,10 +1,16 @@
-"""``pykernels.patch(model)``: swap torch.nn modules for their pykernels drop-ins, in place, weights kept."""
+"""``pykernels.patch(model)``: swap torch.nn modules for their pykernels drop-ins, in place, weights kept.
+``pykernels.patch_functional()``: route torch.nn.functional's calls to pykernels' functions, for code that calls
+them rather than holding the modules (Hugging Face models call F.scaled_dot_product_attention and F.cross_entropy)."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Type
+import functools
+from typing import Callable, Dict, Iterable, Optional, Type
 
 import torch
+import torch.nn.functional as F
 
+from . import _native, backends
+from . import functional as pf
 from . import nn as pnn
 
 # torch module type -> converter. Exact types only: a user's subclass may override forward, and swapping it
@@ -50,3 +56,96 @@ def patch(model: torch.nn.Module, *, backend: Optional[str] = None) -> torch.nn.
         return done[id(m)]
 
     return convert(model)
+
+
+# torch.nn.functional name -> pykernels function; the torch function each replaces is _native's (captured at import)
+FUNCTIONALS: Dict[str, Callable] = {"cross_entropy": pf.cross_entropy,
+                                    "scaled_dot_product_attention": pf.scaled_dot_product_attention}
+if _native.linear_cross_entropy is not None:  # torch >= 2.13
+    FUNCTIONALS["linear_cross_entropy"] = pf.linear_cross_entropy
+
+
+def _plain(tensors: Iterable) -> bool:
+    """Every tensor argument a dense strided torch.Tensor or Parameter. Nested (jagged) tensors, sparse layouts and
+    tensor subclasses (DTensor, __torch_function__ wrappers) stay with torch's function, which knows them."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and (type(t) not in (torch.Tensor, torch.nn.Parameter) or t.is_nested
+                                            or t.layout != torch.strided):
+            return False
+    return True
+
+
+def _route(name: str, ours: Callable, theirs: Callable, backend: Optional[str]) -> Callable:
+    def call(*args, **kwargs):
+        if not (_plain(args) and _plain(kwargs.values())):
+            return theirs(*args, **kwargs)
+        if backend is None:
+            return ours(*args, **kwargs)
+        backends._preferred.append(backend)  # use_backend's preference, without a context manager to trace
+        try:
+            return ours(*args, **kwargs)
+        finally:
+            backends._preferred.pop()
+
+    functools.update_wrapper(call, theirs)  # torch's name, docstring and signature (inspect follows __wrapped__)
+    call.__pykernels__ = name
+    return call
+
+
+class FunctionalPatch:
+    """The names ``patch_functional`` rebound in torch.nn.functional. ``undo()``, or leaving its ``with`` block,
+    binds back what was there before (undo nested patches in reverse order)."""
+
+    def __init__(self, previous: Dict[str, Callable]):
+        self._previous = previous
+
+    @property
+    def names(self) -> tuple:
+        return tuple(self._previous)
+
+    def undo(self) -> None:
+        for name, fn in self._previous.items():
+            setattr(F, name, fn)
+        if self._previous:
+            backends.logger.info("patch_functional undone: %s", ", ".join(self._previous))
+        self._previous = {}
+
+    def __enter__(self) -> "FunctionalPatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+    def __repr__(self) -> str:
+        return f"FunctionalPatch({', '.join(self._previous) or 'undone'})"
+
+
+def patch_functional(names: Optional[Iterable[str]] = None, *, backend: Optional[str] = None) -> FunctionalPatch:
+    """Rebind ``torch.nn.functional.<name>`` to pykernels' function of that name, for every name in ``names``
+    (default: every one in ``FUNCTIONALS``: cross_entropy, scaled_dot_product_attention and, on torch >= 2.13,
+    linear_cross_entropy). Returns a ``FunctionalPatch``: call ``undo()`` or use it as a context manager::
+
+        pykernels.patch_functional()                 # for the whole process
+        with pykernels.patch_functional(["cross_entropy"]):
+            loss = model(x, labels=y).loss           # transformers' loss goes through pykernels
+
+    Everything that looks the name up at call time follows: torch's own CrossEntropyLoss and MultiheadAttention,
+    and libraries that call ``torch.nn.functional.scaled_dot_product_attention``; code that imported the function
+    itself (``from torch.nn.functional import cross_entropy``) before the call keeps torch's. Calls whose tensors
+    are nested, sparse or subclasses (DTensor) still go to torch's function. ``backend`` is preferred for every
+    routed call, as in ``pykernels.use_backend``: a call it cannot run falls back to the next backend, visibly in
+    ``pykernels.last_dispatch``. None: automatic, which hands a call to torch's own kernel where that measured
+    faster (``last_dispatch`` then says "torch" and why)."""
+    chosen = list(FUNCTIONALS) if names is None else [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in chosen if n not in FUNCTIONALS]
+    if unknown:
+        raise ValueError(f"patch_functional: names {unknown} are not among {sorted(FUNCTIONALS)}")
+    if backend is not None:
+        backends._check_name(backend)
+    previous = {}
+    for name in dict.fromkeys(chosen):
+        previous[name] = getattr(F, name)
+        setattr(F, name, _route(name, FUNCTIONALS[name], getattr(_native, name), backend))
+    backends.logger.info("patch_functional: torch.nn.functional.%s now run pykernels (backend %s)",
+                         ", ".join(previous), backend or "automatic")
+    return FunctionalPatch(previous)

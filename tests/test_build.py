@@ -27,16 +27,31 @@ def _so() -> str:
     return files[0]
 
 
+def _release(tool) -> tuple:
+    """(major, minor) of a CUDA tool's --version ("release 13.0"), (0, 0) if unknown."""
+    out = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+@functools.lru_cache(maxsize=None)
 def _cuobjdump():
+    """The newest cuobjdump found (CUDA_HOME's, PATH's, Triton's bundled one), None if it is older than the nvcc
+    that builds the binary: an older one misnames its ELF files (Triton 3.6's 12.8 lists nvcc 13's sm_90a cubins
+    as sm_90)."""
+    cands = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+             "/usr/local/cuda/bin/cuobjdump", shutil.which("cuobjdump")]
     try:
         import triton
-        cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        if os.path.exists(cand):
-            return cand
+        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
     except ImportError:
         pass
-    return shutil.which("cuobjdump") or (os.path.exists("/usr/local/cuda/bin/cuobjdump") and
-                                         "/usr/local/cuda/bin/cuobjdump") or None
+    found = [c for c in dict.fromkeys(cands) if c and os.path.exists(c)]
+    if not found:
+        return None
+    tool = max(found, key=_release)
+    nvcc = _nvcc()
+    return tool if nvcc is None or _release(tool) >= _release(nvcc) else None
 
 
 def require_cuda_build() -> None:

@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _native, backends
 from . import _autocast
 from ..ops import attention as _ops
 from ..reference import attention as _ref
@@ -139,8 +139,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             raise ValueError(f"{fn}: query heads {H} must be a multiple of key/value heads {Hk} for GQA")
     batch = query.shape[:-3]
     kv_batch = key.shape[:-3]
-    try:
-        full_batch = torch.broadcast_shapes(batch, kv_batch)
+    try:  # (torch.broadcast_shapes costs microseconds: not for the common equal shapes)
+        full_batch = batch if kv_batch == batch else torch.broadcast_shapes(batch, kv_batch)
     except RuntimeError:
         raise ValueError(f"{fn}: batch dims of query {tuple(batch)} and key/value {tuple(kv_batch)} do not "
                          f"broadcast") from None
@@ -156,12 +156,17 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         if attn_mask.device != query.device:
             raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {query.device}")
         try:
-            ok = torch.broadcast_shapes(attn_mask.shape, score_shape) == score_shape
+            ok = attn_mask.shape == score_shape or torch.broadcast_shapes(attn_mask.shape, score_shape) == score_shape
         except RuntimeError:
             ok = False
         if not ok:
             raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' "
                              f"shape {tuple(score_shape)}")
+    if (win == (-1, -1) and softcap == 0.0 and causal_alignment == "top_left" and not return_lse
+            and not (is_causal and attn_mask is not None)  # what torch's SDPA expresses
+            and backends.prefer_native(fn, query.device, backend)):
+        return _native.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                                    enable_gqa=enable_gqa)
     if scale is None:
         scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
     dropout_p = float(dropout_p)
@@ -175,11 +180,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             return _cuda_reason(query.dtype, (E, Ev))
         return why
 
-    native = (win == (-1, -1) and softcap == 0.0 and causal_alignment == "top_left" and not return_lse
-              and not (is_causal and attn_mask is not None))  # what torch's SDPA expresses
-    if native and backends.prefer_native(fn, query.device, backend):
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
-                                                                scale=scale, enable_gqa=enable_gqa)
     chosen = backends.choose("scaled_dot_product_attention", query.device, backend, unsupported,
                              tensors=(query, key, value, attn_mask))
     alignment = causal_alignment

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _native, backends
 from . import _autocast
 from ..ops import cross_entropy as _ce
 from ..reference import cross_entropy as _ce_ref
@@ -117,8 +117,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             and backends.prefer_native("cross_entropy", input.device, backend, input.numel(),
                                        torch.is_grad_enabled() and (input.requires_grad or target.requires_grad))):
         # small enough that torch's own kernel is faster (backends.NATIVE_FASTER_BELOW); it applies autocast itself
-        return torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,
-                                                 reduction=reduction, label_smoothing=label_smoothing)
+        return _native.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                                     label_smoothing=label_smoothing)
     amp = _autocast.enabled(input)
     out_dtype = torch.float32 if amp and _autocast.eligible(input) else input.dtype
     with _autocast.off(input) if amp else contextlib.nullcontext():
