@@ -1,8 +1,9 @@
-"""End-to-end suite: whole training runs of the two models of bench/models.py (character-level LSTM, small
-GPT-style decoder), torch modules against the same model after ``pykernels.patch``.
+"""End-to-end suite: whole training runs of the models of bench/models.py (character-level LSTM, small
+GPT-style decoder, and Hugging Face's GPT-2 when Transformers is installed), torch modules against the same model
+after ``pykernels.patch`` and with ``pykernels.patch_functional`` on while it runs.
 
-A provider is a model transform: ``torch`` leaves the model as built, ``pykernels-<backend>`` patches it
-(``auto``: the dispatch a user gets). Every provider trains a freshly seeded model on the same batches of the
+A provider is a model transform: ``torch`` leaves the model as built, ``pykernels-<backend>`` patches it and routes
+torch.nn.functional's calls of its forward to pykernels (``auto``: the dispatch a user gets). Every provider trains a freshly seeded model on the same batches of the
 built-in text for ``steps`` steps; its loss curve must stay within the dtype's tolerance of the torch curve
 (else ``wrong``, not timed). Then one training step (forward, backward, Adam) is timed on the same model as it
 keeps training: the step time (median), tokens/s = batch * seq / step time, and on CUDA the peak memory of a
@@ -36,7 +37,7 @@ TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 2.5e-3}
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    model: str  # "char-lstm" | "gpt"
+    model: str  # "char-lstm" | "gpt" | "hf-gpt2"
     cfg: object
     batch: int
     seq: int
@@ -51,13 +52,32 @@ def _gpt(embed, heads, layers, batch, seq, steps):
     return Workload("gpt", models.GPTConfig(seq, embed, heads, layers), batch, seq, steps)
 
 
+def _hf(embed, heads, layers, batch, seq, steps):
+    return Workload("hf-gpt2", models.HFGPT2Config(seq, embed, heads, layers), batch, seq, steps)
+
+
 PRESETS = {  # (device type, quick) -> workloads
-    ("cuda", False): [_lstm(256, 1024, 2, 32, 256, 20), _gpt(768, 12, 12, 8, 1024, 20)],  # GPT-2 small minus vocab
-    ("cuda", True): [_lstm(256, 512, 2, 32, 128, 10), _gpt(512, 8, 4, 8, 512, 10)],
-    ("cpu", False): [_lstm(64, 256, 2, 16, 64, 10), _gpt(128, 4, 2, 8, 128, 10)],
-    ("cpu", True): [_lstm(32, 64, 2, 8, 32, 5), _gpt(64, 4, 2, 4, 64, 5)],
+    ("cuda", False): [_lstm(256, 1024, 2, 32, 256, 20), _gpt(768, 12, 12, 8, 1024, 20),  # GPT-2 small minus vocab
+                      _hf(768, 12, 12, 8, 1024, 20)],  # GPT-2 small
+    ("cuda", True): [_lstm(256, 512, 2, 32, 128, 10), _gpt(512, 8, 4, 8, 512, 10), _hf(512, 8, 4, 8, 512, 10)],
+    ("cpu", False): [_lstm(64, 256, 2, 16, 64, 10), _gpt(128, 4, 2, 8, 128, 10), _hf(128, 4, 2, 4, 128, 10)],
+    ("cpu", True): [_lstm(32, 64, 2, 8, 32, 5), _gpt(64, 4, 2, 4, 64, 5), _hf(64, 4, 2, 2, 64, 5)],
 }
-BUILD = {"char-lstm": models.CharLSTM, "gpt": models.GPT}
+BUILD = {"char-lstm": models.CharLSTM, "gpt": models.GPT, "hf-gpt2": models.HFGPT2}
+
+
+class PatchedCalls(torch.nn.Module):
+    """``model`` with ``pykernels.patch_functional`` on while its forward runs (the backward looks no name up):
+    the process-wide patch stays inside this provider's steps, never in the baseline's."""
+
+    def __init__(self, model: torch.nn.Module, backend: Optional[str] = None):
+        super().__init__()
+        self.model, self.backend = model, backend
+
+    def forward(self, *args):
+        import pykernels
+        with pykernels.patch_functional(backend=self.backend):
+            return self.model(*args)
 
 
 class TrainingCase(Case):
@@ -144,15 +164,16 @@ def _override(w: Workload, shape: Dict[str, int]) -> Workload:
 
 
 def providers(device: torch.device, dtype: torch.dtype) -> List[Provider]:
-    """torch (the baseline), pykernels-auto (patch with automatic dispatch) and, on CUDA, pykernels-triton
-    (every swapped module forced onto the Triton kernels, where automatic dispatch may pick SDPA/cuDNN)."""
+    """torch (the baseline), pykernels-auto (patch and patch_functional with automatic dispatch) and, on CUDA,
+    pykernels-triton (every swapped module and routed call preferring the Triton kernels, where automatic dispatch
+    may pick SDPA/cuDNN)."""
     out = [Provider("torch", lambda m: m, baseline=True)]
     try:
         import pykernels
     except Exception as e:
         return out + [Provider("pykernels-auto", None, f"import failed: {type(e).__name__}: {e}")]
-    out.append(Provider("pykernels-auto", pykernels.patch))
-    triton = Provider("pykernels-triton", lambda m: pykernels.patch(m, backend="triton"),
+    out.append(Provider("pykernels-auto", lambda m: PatchedCalls(pykernels.patch(m))))
+    triton = Provider("pykernels-triton", lambda m: PatchedCalls(pykernels.patch(m, backend="triton"), "triton"),
                       default=device.type == "cuda")
     if device.type != "cuda":
         triton.fn, triton.absent = None, "the Triton kernels run on CUDA (on CPU only under the interpreter)"

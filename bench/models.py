@@ -107,3 +107,27 @@ class GPT(nn.Module):
             x = block(x, causal)
         logits = F.linear(self.ln(x), self.tok.weight)  # tied output head
         return self.loss(logits.flatten(0, 1), target.flatten())
+
+
+@dataclasses.dataclass(frozen=True)
+class HFGPT2Config(GPTConfig):
+    vocab: int = 50257  # GPT-2's: the head and its cross-entropy at a real language model's vocabulary
+
+
+class HFGPT2(nn.Module):
+    """Hugging Face Transformers' GPT2LMHeadModel, built from a config (no download), with its SDPA attention, tied
+    head and causal-LM loss: code that calls torch.nn.functional.scaled_dot_product_attention and cross_entropy
+    itself, the workload of ``pykernels.patch_functional`` (``patch`` finds no torch module to swap in it). Dropout
+    off, so that every provider trains the same curve. The labels are the inputs (the model shifts them): position
+    i predicts byte i + 1 and the last position nothing, so ``target`` is not used."""
+
+    def __init__(self, cfg: HFGPT2Config):
+        import transformers  # optional: without it the workload's reference fails and the suite says why
+        super().__init__()
+        self.lm = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=cfg.vocab, n_positions=cfg.seq, n_embd=cfg.embed, n_layer=cfg.layers, n_head=cfg.heads,
+            n_inner=cfg.mlp_ratio * cfg.embed, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        self.lm.config._attn_implementation = "sdpa"
+
+    def forward(self, idx: Tensor, target: Tensor) -> Tensor:
+        return self.lm(input_ids=idx, labels=idx).loss

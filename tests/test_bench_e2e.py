@@ -1,5 +1,6 @@
-"""The end-to-end suite (bench/e2e.py) on CPU with tiny models, a few seconds: both models train the same with
-torch modules and after pykernels.patch, tokens/s is reported, a provider whose training diverges from torch's
+"""The end-to-end suite (bench/e2e.py) on CPU with tiny models, a few seconds: the models train the same with
+torch modules and after pykernels.patch / patch_functional (Hugging Face's GPT-2 when Transformers is installed),
+tokens/s is reported, a provider whose training diverges from torch's
 is reported wrong and not timed, the JSON of `python -m bench --suite e2e` carries it all."""
 from __future__ import annotations
 
@@ -27,11 +28,27 @@ def test_corpus_and_batches_are_deterministic():
         next(models.batches(data[:5], 1, 8, 0, CPU))
 
 
-def _perturb(model):  # a "kernel" that gets the loss slightly wrong: the curve check must catch it
+class _Perturbed(torch.nn.Module):  # a "kernel" that gets the loss slightly wrong: the curve check must catch it
+    def __init__(self, model):
+        super().__init__()
+        self.model = e2e.PatchedCalls(model)
+
+    def forward(self, *args):
+        return self.model(*args) * (1 + 5e-3)  # ~0.03 on a loss of ~5.5
+
+
+def _perturb(model):
     import pykernels
-    pykernels.patch(model)
-    model.loss.z_loss = 1e-3  # adds ~0.03 to a loss of ~5.5
-    return model
+    return _Perturbed(pykernels.patch(model))
+
+
+def _models():
+    """The workloads the suite runs here: Hugging Face's GPT-2 only where Transformers is installed."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return ("char-lstm", "gpt")
+    return ("char-lstm", "gpt", "hf-gpt2")
 
 
 def test_suite_reports_ok_tokens_and_wrong(monkeypatch):
@@ -41,23 +58,31 @@ def test_suite_reports_ok_tokens_and_wrong(monkeypatch):
     provs = e2e.providers(CPU, torch.float32) + [harness.Provider("perturbed", _perturb)]
     provs = [p for p in provs if p.default]
     assert [p.name for p in provs] == ["torch", "pykernels-auto", "perturbed"]
-    cases = e2e.cases(CPU, torch.float32, True, TINY)
-    assert [c.name.split()[0] for c in cases] == ["char-lstm", "gpt"]
+    cases = [c for c in e2e.cases(CPU, torch.float32, True, TINY) if c.w.model in _models()]
+    assert [c.name.split()[0] for c in cases] == list(_models())
     rs = harness.run_suite(e2e, CPU, torch.float32, True, provs, cases, e2e.MODES)
     harness.derive(rs, {})
     by = {(r.case.split()[0], r.provider): r for r in rs}
-    for model in ("char-lstm", "gpt"):
+    for model in _models():
         ours = by[model, "pykernels-auto"]
         assert ours.status == "ok" and ours.rel_err < 1e-5, ours.error
         assert ours.tokens == 2 * 16 and ours.tokens_per_s == pytest.approx(32e3 / ours.ms_p50)
         bad = by[model, "perturbed"]
         assert bad.status == "wrong" and "loss curve off" in bad.error and bad.ms_p50 is None
-    assert len(timed) == 4  # torch and pykernels-auto for each model, never the wrong one
+    assert len(timed) == 2 * len(_models())  # torch and pykernels-auto for each model, never the wrong one
+    if "hf-gpt2" in _models():  # patch_functional routed the model's own calls to pykernels
+        import pykernels
+        hf = next(c for c in cases if c.w.model == "hf-gpt2")
+        step = hf.trainer(e2e.providers(CPU, torch.float32)[1].fn, *hf.inputs()[0])
+        pykernels.last_dispatch.clear()
+        step()
+        assert {"cross_entropy", "scaled_dot_product_attention"} <= set(pykernels.last_dispatch)
 
 
 def test_shape_override_and_bad_arguments():
-    lstm, gpt = e2e.cases(CPU, torch.float32, True, {"hidden": 24, "T": 12})
-    assert lstm.w.cfg.hidden == 24 and lstm.w.seq == gpt.w.seq == gpt.w.cfg.seq == 12
+    lstm, gpt, hf = e2e.cases(CPU, torch.float32, True, {"hidden": 24, "T": 12, "vocab": 300})
+    assert lstm.w.cfg.hidden == 24 and lstm.w.seq == gpt.w.seq == gpt.w.cfg.seq == hf.w.cfg.seq == 12
+    assert hf.w.cfg.vocab == 300 and not hasattr(gpt.w.cfg, "vocab")
     with pytest.raises(ValueError, match="--shape keys must be among"):
         e2e.cases(CPU, torch.float32, True, {"width": 3})
     with pytest.raises(ValueError, match="dtype must be one of"):
@@ -71,9 +96,12 @@ def test_cli_json(tmp_path, capsys):
     assert "tok/s" in capsys.readouterr().out
     (path,) = tmp_path.glob("*.json")
     rs = json.loads(path.read_text())["results"]
-    assert {(r["case"].split()[0], r["provider"]) for r in rs} == {(m, p) for m in ("char-lstm", "gpt")
+    assert {(r["case"].split()[0], r["provider"]) for r in rs} == {(m, p) for m in ("char-lstm", "gpt", "hf-gpt2")
                                                                    for p in ("torch", "pykernels-auto")}
     for r in rs:
+        if r["case"].startswith("hf-gpt2") and "hf-gpt2" not in _models():
+            assert r["status"] == "error" and "transformers" in r["error"]  # the JSON says why
+            continue
         assert r["status"] == "ok" and r["mode"] == "train" and r["tokens_per_s"] > 0 and r["shape"]["steps"] == 3
         assert (r["speedup_vs"] == {}) == (r["provider"] == "torch")
 
@@ -82,7 +110,7 @@ def test_a_reference_that_cannot_run_is_reported_on_every_provider(monkeypatch):
     # e.g. torch's own LSTM under CPU fp16 autocast (oneDNN rejects it): the run goes on, the case says why
     def fails(self, args):
         raise RuntimeError("could not create a primitive descriptor")
-    lstm, gpt = e2e.cases(CPU, torch.float32, True, TINY)
+    lstm = e2e.cases(CPU, torch.float32, True, TINY)[0]
     monkeypatch.setattr(type(lstm), "reference", fails)
     provs = [p for p in e2e.providers(CPU, torch.float32) if p.default]
     rs = harness.run_suite(e2e, CPU, torch.float32, True, provs, [lstm], e2e.MODES)
