@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .timing import peak_extra_memory, time_ms, time_ms_graph
+from .timing import peak_extra_memory, time_interleaved, time_ms, time_ms_graph
 
 # modes whose step runs the backward; "fwd" runs under torch.no_grad(); "bwd" times the backward alone: the
 # forward runs once, untimed, and each timed step goes back through its retained graph (as FlashAttention's and
@@ -165,19 +165,33 @@ def prepare(case: Case, prov: Provider, mode: str, args0: tuple, diff: Sequence[
     return step, leaves, errs
 
 
-def measure(case: Case, prov: Provider, mode: str, args0, diff, ref, device: torch.device,
-            quick: bool) -> Result:
+def _checked(case: Case, prov: Provider, mode: str, args0, diff, ref) -> Tuple["Result", Any, list]:
+    """The provider's result with its status and errors, and (step, leaves) to time where it is ok."""
     r = Result(case.suite, case.name, prov.name, mode, dtype_name(case.dtype), dict(case.shape),
                bytes=case.bytes(mode), flops=case.flops(mode), tokens=case.tokens(mode),
                model_extra_mem_bytes=case.model_extra_mem(prov.name, mode))
     if prov.absent or prov.fn is None:
         r.status, r.error = "absent", prov.absent or "no callable"
-        return r
+        return r, None, []
     if isinstance(ref, ReferenceFailed):
         r.status, r.error = "error", ref.message
-        return r
+        return r, None, []
     try:
         step, leaves, (r.max_abs_err, r.rel_err) = case.prepare(prov, mode, args0, diff, ref)
+        return r, step, leaves
+    except WrongOutput as e:
+        r.status, r.error = "wrong", str(e)
+    except Exception as e:  # a provider that cannot run this case is reported, not fatal
+        r.status, r.error = "error", f"{type(e).__name__}: {e}"[:500]
+    return r, None, []
+
+
+def measure(case: Case, prov: Provider, mode: str, args0, diff, ref, device: torch.device,
+            quick: bool) -> Result:
+    r, step, leaves = _checked(case, prov, mode, args0, diff, ref)
+    if step is None:
+        return r
+    try:
         r.ms_p50, r.ms_p20, r.ms_p80, r.ms_iqr = time_ms(step, device, grad_to_none=leaves or None, quick=quick)
         if case.launch_bound and device.type == "cuda":
             try:
@@ -187,17 +201,40 @@ def measure(case: Case, prov: Provider, mode: str, args0, diff, ref, device: tor
         for t in leaves:
             t.grad = None
         r.peak_extra_mem_bytes = peak_extra_memory(step, device)
-    except WrongOutput as e:
-        r.status, r.error = "wrong", str(e)
-    except Exception as e:  # a provider that cannot run this case is reported, not fatal
+    except Exception as e:
         r.status, r.error = "error", f"{type(e).__name__}: {e}"[:500]
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return r
 
 
+def measure_interleaved(case: Case, providers: List[Provider], mode: str, args0, diff, ref,
+                        quick: bool) -> List[Result]:
+    """CPU: every provider checked first, then the ok ones timed interleaved (timing.time_interleaved)."""
+    staged = [_checked(case, prov, mode, args0, diff, ref) for prov in providers]
+    live = [(r, step, leaves) for r, step, leaves in staged if step is not None]
+    if live:
+        try:
+            stats = time_interleaved([s for _, s, _ in live], [leaves for _, _, leaves in live], quick=quick)
+        except Exception:  # one failing provider fails the round: time them one by one instead
+            stats = []
+            for r, step, leaves in live:
+                try:
+                    stats.append(time_ms(step, torch.device("cpu"), grad_to_none=leaves or None, quick=quick))
+                except Exception as e:
+                    r.status, r.error = "error", f"{type(e).__name__}: {e}"[:500]
+                    stats.append((None, None, None, None))
+        for (r, _, leaves), st in zip(live, stats):
+            r.ms_p50, r.ms_p20, r.ms_p80, r.ms_iqr = st
+            for t in leaves:
+                t.grad = None
+    return [r for r, _, _ in staged]
+
+
 def run_suite(suite, device: torch.device, dtype: torch.dtype, quick: bool, providers: List[Provider],
               cases: List[Case], modes: Sequence[str], progress=None) -> List[Result]:
+    """Every case, mode and provider. On CUDA each provider is checked and timed in turn (and its memory freed
+    before the next); on CPU each mode's providers are checked, then timed interleaved."""
     results = []
     for case in cases:
         try:
@@ -206,6 +243,13 @@ def run_suite(suite, device: torch.device, dtype: torch.dtype, quick: bool, prov
         except Exception as e:  # reported on every provider of the case; the other cases still run
             args0, diff, ref = (), (), ReferenceFailed(f"reference failed: {type(e).__name__}: {e}"[:500])
         for mode in modes:
+            if device.type == "cpu":
+                if progress is not None:
+                    progress.describe(f"{suite.NAME} {case.name} {mode}")
+                results.extend(measure_interleaved(case, providers, mode, args0, diff, ref, quick))
+                if progress is not None:
+                    progress.advance(len(providers))
+                continue
             for prov in providers:
                 if progress is not None:
                     progress.describe(f"{suite.NAME} {case.name} {mode} {prov.name}")

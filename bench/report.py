@@ -213,11 +213,11 @@ class Progress:
         elif self._tqdm:
             self._tqdm.set_description(text)
 
-    def advance(self) -> None:
+    def advance(self, n: int = 1) -> None:
         if self._rich:
-            self._rich.advance(self._task)
+            self._rich.advance(self._task, n)
         elif self._tqdm:
-            self._tqdm.update()
+            self._tqdm.update(n)
 
     def close(self) -> None:
         if self._rich:

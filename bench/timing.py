@@ -3,7 +3,9 @@
 CUDA: triton.testing.do_bench (CUDA events per call, L2 flushed before each, median with p20/p80; its default
 return mode is the mean, hence the explicit quantiles); for launch-bound cases also do_bench_cudagraph, the same
 step replayed from a CUDA graph (the host's launch cost removed). CPU: torch.utils.benchmark's blocked_autorange
-(median and IQR; p20/p80 over its blocks).
+(median and IQR; p20/p80 over its blocks); the providers of a case are timed interleaved (time_interleaved), as a
+CPU's speed drifts between runs: the 2-core build VM switched between two speeds 19% apart at random moments, so
+whichever provider ran in the slow stretch looked slower.
 """
 from __future__ import annotations
 
@@ -31,6 +33,38 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none: Option
     ts = torch.tensor(m.times, dtype=torch.float64) * 1e3
     q = torch.quantile(ts, torch.tensor([0.2, 0.8], dtype=torch.float64)).tolist()
     return m.median * 1e3, q[0], q[1], m.iqr * 1e3
+
+
+def _cpu_stats(times_s: Sequence[float]) -> Tuple[float, float, float, float]:
+    ts = torch.tensor(list(times_s), dtype=torch.float64) * 1e3
+    q = torch.quantile(ts, torch.tensor([0.5, 0.2, 0.8, 0.25, 0.75], dtype=torch.float64)).tolist()
+    return q[0], q[1], q[2], q[4] - q[3]
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]], grads_to_none: Sequence[Optional[Sequence[torch.Tensor]]],
+                     quick: bool = False, rounds: int = 5) -> list:
+    """CPU: (median, p20, p80, IQR) in milliseconds of each of ``fns``, timed in ``rounds`` rounds that each give
+    every function 1/rounds of time_ms's budget (a rotated order per round, so none always goes first), the
+    samples of all rounds pooled: a drift of the machine's speed during the run reaches every function alike."""
+    import torch.utils.benchmark as tb
+
+    def runner(fn, leaves):
+        def run():
+            for t in leaves or ():
+                t.grad = None
+            fn()
+        return run
+
+    runs = [runner(fn, leaves) for fn, leaves in zip(fns, grads_to_none)]
+    for run in runs:
+        run()  # warm-up (torch.compile, first-touch allocations) outside the measurement
+    budget = (0.2 if quick else 1.0) / rounds
+    samples: list = [[] for _ in runs]
+    for k in range(rounds):
+        for j in (list(range(len(runs)))[k % len(runs):] + list(range(len(runs)))[:k % len(runs)]):
+            m = tb.Timer(stmt="run()", globals={"run": runs[j]}).blocked_autorange(min_run_time=budget)
+            samples[j].extend(m.times)
+    return [_cpu_stats(s) for s in samples]
 
 
 def time_ms_graph(fn: Callable[[], object], device: torch.device,
