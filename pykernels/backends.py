@@ -164,9 +164,10 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
                 "measured 1.15-1.89x cuDNN's speed forward on H200 bf16 at T=256 B=32 I=H=512 (two runs; "
                 "bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json), one shape and no "
                 "forward+backward comparison (that run's cuDNN baseline failed), too little to route models to it",
-        "cpu": "torch's oneDNN LSTM measured 1.3-1.4x faster than the persistent C++ sequence kernel on 2 cores "
-               "fp32 at T=64, B=16-64, H=128-256, forward and forward+backward; ours wins only at B=1 with a "
-               "gradient (1.21x) (bench/results/cpu-lstm-20261204.json)"},
+        "cpu": "torch's oneDNN LSTM measured faster than the persistent C++ sequence kernel on 2 cores fp32 at "
+               "T=64, B=16-64, H=128-256: ours at 0.72-0.74x its speed forward, 0.76-0.96x forward+backward; "
+               "ours wins only at B=1 with a gradient (1.54x) (providers timed interleaved, "
+               "bench/results/cpu-lstm-20261205-034236.json)"},
 }
 
 
