@@ -22,17 +22,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none: Option
         q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
                                     grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
         return float(q[0]), float(q[1]), float(q[2]), None
-    import torch.utils.benchmark as tb
-
-    def run():
-        for t in grad_to_none or ():
-            t.grad = None  # as do_bench does: the backward writes a fresh gradient, never accumulates
-        fn()
-    run()  # warm-up (torch.compile, first-touch allocations) outside the measurement
-    m = tb.Timer(stmt="run()", globals={"run": run}).blocked_autorange(min_run_time=0.2 if quick else 1.0)
-    ts = torch.tensor(m.times, dtype=torch.float64) * 1e3
-    q = torch.quantile(ts, torch.tensor([0.2, 0.8], dtype=torch.float64)).tolist()
-    return m.median * 1e3, q[0], q[1], m.iqr * 1e3
+    return time_interleaved([fn], [grad_to_none], quick=quick)[0]
 
 
 def _cpu_stats(times_s: Sequence[float]) -> Tuple[float, float, float, float]:
@@ -60,8 +50,9 @@ def time_interleaved(fns: Sequence[Callable[[], object]], grads_to_none: Sequenc
         run()  # warm-up (torch.compile, first-touch allocations) outside the measurement
     budget = (0.2 if quick else 1.0) / rounds
     samples: list = [[] for _ in runs]
+    order = list(range(len(runs)))
     for k in range(rounds):
-        for j in (list(range(len(runs)))[k % len(runs):] + list(range(len(runs)))[:k % len(runs)]):
+        for j in order[k % len(runs):] + order[:k % len(runs)]:
             m = tb.Timer(stmt="run()", globals={"run": runs[j]}).blocked_autorange(min_run_time=budget)
             samples[j].extend(m.times)
     return [_cpu_stats(s) for s in samples]

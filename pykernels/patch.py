@@ -58,7 +58,7 @@ def patch(model: torch.nn.Module, *, backend: Optional[str] = None) -> torch.nn.
     return convert(model)
 
 
-# torch.nn.functional name -> pykernels function; the torch function each replaces is _native's (captured at import)
+# torch.nn.functional name -> pykernels function (pykernels' own hand-offs to torch call _native's, captured at import)
 FUNCTIONALS: Dict[str, Callable] = {"cross_entropy": pf.cross_entropy,
                                     "scaled_dot_product_attention": pf.scaled_dot_product_attention}
 if _native.linear_cross_entropy is not None:  # torch >= 2.13
@@ -75,7 +75,9 @@ def _plain(tensors: Iterable) -> bool:
     return True
 
 
-def _route(name: str, ours: Callable, theirs: Callable, backend: Optional[str]) -> Callable:
+def _route(ours: Callable, theirs: Callable, backend: Optional[str]) -> Callable:
+    """``theirs`` is what the name was bound to (torch's function, or another library's patch of it), for the
+    tensors pykernels leaves alone."""
     def call(*args, **kwargs):
         if not (_plain(args) and _plain(kwargs.values())):
             return theirs(*args, **kwargs)
@@ -88,7 +90,6 @@ def _route(name: str, ours: Callable, theirs: Callable, backend: Optional[str]) 
             backends._preferred.pop()
 
     functools.update_wrapper(call, theirs)  # torch's name, docstring and signature (inspect follows __wrapped__)
-    call.__pykernels__ = name
     return call
 
 
@@ -145,7 +146,7 @@ def patch_functional(names: Optional[Iterable[str]] = None, *, backend: Optional
     previous = {}
     for name in dict.fromkeys(chosen):
         previous[name] = getattr(F, name)
-        setattr(F, name, _route(name, FUNCTIONALS[name], getattr(_native, name), backend))
+        setattr(F, name, _route(FUNCTIONALS[name], previous[name], backend))
     backends.logger.info("patch_functional: torch.nn.functional.%s now run pykernels (backend %s)",
                          ", ".join(previous), backend or "automatic")
     return FunctionalPatch(previous)
