@@ -256,3 +256,35 @@ def test_hugging_face_models(arch, backend, device, dtype):
     names = ["loss"] + [n for n, _ in model.named_parameters()]
     for name, o, r, b in zip(names, ours, ref, base):
         assert_error_rule(f"{arch} {name}", o, r, b)
+
+
+def test_hugging_face_model_under_torch_compile():
+    """The common pairing: a Transformers model under torch.compile with the patch on. The patched names trace
+    (ours as custom ops), and the loss and gradients equal the eager unpatched model's."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).double()
+    model.config._attn_implementation = "sdpa"
+    ids = torch.randint(0, 61, (2, 12))
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn(ids)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    def f(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    want = loss_and_grads(f)
+    torch._dynamo.reset()
+    with pykernels.patch_functional(backend="cpu"):
+        pykernels.last_dispatch.clear()
+        got = loss_and_grads(torch.compile(f, backend="aot_eager"))
+        assert pykernels.last_dispatch["cross_entropy"][0] == "cpu"
+        assert pykernels.last_dispatch["scaled_dot_product_attention"][0] == "reference"  # no C++ attention
+    torch._dynamo.reset()
+    for a, b in zip(got, want):  # the model's loss upcasts the logits to float32: fp32 summation order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
