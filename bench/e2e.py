@@ -3,9 +3,9 @@ GPT-style decoder, and Hugging Face's GPT-2 when Transformers is installed), tor
 after ``pykernels.patch`` and with ``pykernels.patch_functional`` on while it runs.
 
 A provider is a model transform: ``torch`` leaves the model as built, ``pykernels-<backend>`` patches it and routes
-torch.nn.functional's calls of its forward to pykernels (``auto``: the dispatch a user gets). Every provider trains a freshly seeded model on the same batches of the
-built-in text for ``steps`` steps; its loss curve must stay within the dtype's tolerance of the torch curve
-(else ``wrong``, not timed). Then one training step (forward, backward, Adam) is timed on the same model as it
+torch.nn.functional's calls of its forward to pykernels (``auto``: the dispatch a user gets). Every provider trains
+a freshly seeded model on the same batches of the built-in text for ``steps`` steps; its loss curve must stay
+within the dtype's tolerance of the torch curve (else ``wrong``, not timed). Then one training step (forward, backward, Adam) is timed on the same model as it
 keeps training: the step time (median), tokens/s = batch * seq / step time, and on CUDA the peak memory of a
 step beyond the weights and optimizer state.
 

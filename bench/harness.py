@@ -165,6 +165,10 @@ def prepare(case: Case, prov: Provider, mode: str, args0: tuple, diff: Sequence[
     return step, leaves, errs
 
 
+def _failed(r: "Result", e: Exception) -> None:
+    r.status, r.error = "error", f"{type(e).__name__}: {e}"[:500]
+
+
 def _checked(case: Case, prov: Provider, mode: str, args0, diff, ref) -> Tuple["Result", Any, list]:
     """The provider's result with its status and errors, and (step, leaves) to time where it is ok."""
     r = Result(case.suite, case.name, prov.name, mode, dtype_name(case.dtype), dict(case.shape),
@@ -182,7 +186,7 @@ def _checked(case: Case, prov: Provider, mode: str, args0, diff, ref) -> Tuple["
     except WrongOutput as e:
         r.status, r.error = "wrong", str(e)
     except Exception as e:  # a provider that cannot run this case is reported, not fatal
-        r.status, r.error = "error", f"{type(e).__name__}: {e}"[:500]
+        _failed(r, e)
     return r, None, []
 
 
@@ -202,7 +206,7 @@ def measure(case: Case, prov: Provider, mode: str, args0, diff, ref, device: tor
             t.grad = None
         r.peak_extra_mem_bytes = peak_extra_memory(step, device)
     except Exception as e:
-        r.status, r.error = "error", f"{type(e).__name__}: {e}"[:500]
+        _failed(r, e)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return r
@@ -222,7 +226,7 @@ def measure_interleaved(case: Case, providers: List[Provider], mode: str, args0,
                 try:
                     stats.append(time_ms(step, torch.device("cpu"), grad_to_none=leaves or None, quick=quick))
                 except Exception as e:
-                    r.status, r.error = "error", f"{type(e).__name__}: {e}"[:500]
+                    _failed(r, e)
                     stats.append((None, None, None, None))
         for (r, _, leaves), st in zip(live, stats):
             r.ms_p50, r.ms_p20, r.ms_p80, r.ms_iqr = st

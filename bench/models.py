@@ -126,7 +126,8 @@ class HFGPT2(nn.Module):
         super().__init__()
         self.lm = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=cfg.vocab, n_positions=cfg.seq, n_embd=cfg.embed, n_layer=cfg.layers, n_head=cfg.heads,
-            n_inner=cfg.mlp_ratio * cfg.embed, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+            n_inner=cfg.mlp_ratio * cfg.embed, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            bos_token_id=cfg.vocab - 1, eos_token_id=cfg.vocab - 1))  # GPT-2's 50256, valid at any vocab
         self.lm.config._attn_implementation = "sdpa"
 
     def forward(self, idx: Tensor, target: Tensor) -> Tensor:

@@ -67,7 +67,7 @@ if _native.linear_cross_entropy is not None:  # torch >= 2.13
 
 def _plain(tensors: Iterable) -> bool:
     """Every tensor argument a dense strided torch.Tensor or Parameter. Nested (jagged) tensors, sparse layouts and
-    tensor subclasses (DTensor, __torch_function__ wrappers) stay with torch's function, which knows them."""
+    tensor subclasses (DTensor, __torch_function__ wrappers) stay with the function the name was bound to."""
     for t in tensors:
         if isinstance(t, torch.Tensor) and (type(t) not in (torch.Tensor, torch.nn.Parameter) or t.is_nested
                                             or t.layout != torch.strided):
@@ -133,7 +133,8 @@ def patch_functional(names: Optional[Iterable[str]] = None, *, backend: Optional
     Everything that looks the name up at call time follows: torch's own CrossEntropyLoss and MultiheadAttention,
     and libraries that call ``torch.nn.functional.scaled_dot_product_attention``; code that imported the function
     itself (``from torch.nn.functional import cross_entropy``) before the call keeps torch's. Calls whose tensors
-    are nested, sparse or subclasses (DTensor) still go to torch's function. ``backend`` is preferred for every
+    are nested, sparse or subclasses (DTensor) still go to what the name was bound to (torch's function, or another
+    library's patch of it). ``backend`` is preferred for every
     routed call, as in ``pykernels.use_backend``: a call it cannot run falls back to the next backend, visibly in
     ``pykernels.last_dispatch``. None: automatic, which hands a call to torch's own kernel where that measured
     faster (``last_dispatch`` then says "torch" and why)."""

@@ -186,7 +186,8 @@ def test_subclasses_and_nested_tensors_stay_with_torch():
                                                                                         t))
         seqs = [torch.randn(n, 2, 8) for n in (3, 5)]  # (length, heads, E) each
         nt = torch.nested.nested_tensor(seqs, layout=torch.jagged).transpose(1, 2)  # (B, H, j, E)
-        assert not importlib.import_module("pykernels.patch")._plain([nt])  # goes to torch's function (which may call the name per sequence)
+        # to torch's function (which may call the name again per sequence, with plain tensors)
+        assert not importlib.import_module("pykernels.patch")._plain([nt])
         try:
             out = F.scaled_dot_product_attention(nt, nt, nt)
         except RuntimeError:  # torch's own refusal on this build
@@ -212,6 +213,12 @@ def test_compiles_whole():
     torch.testing.assert_close(got, want)
 
 
+def _gpt2(embed: int) -> torch.nn.Module:
+    """A small Transformers GPT2LMHeadModel (SDPA attention, no dropout): the e2e suite's, at a 61-token vocabulary."""
+    from bench import models
+    return models.HFGPT2(models.HFGPT2Config(seq=32, embed=embed, heads=4, layers=2, vocab=61)).lm
+
+
 @pytest.mark.parametrize("backend,device,dtype", [
     pytest.param("reference", "cpu", torch.float32, id="reference"),
     pytest.param("triton", "cpu", torch.float32, id="triton-interp"),
@@ -227,14 +234,12 @@ def test_hugging_face_models(arch, backend, device, dtype):
         require_backend(backend, device)
     torch.manual_seed(0)
     if arch == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=61, n_positions=32, n_embd=64, n_layer=2, n_head=4,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        model = transformers.GPT2LMHeadModel(cfg)
+        model = _gpt2(64)
     else:
         cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
         model = transformers.LlamaForCausalLM(cfg)
-    model.config._attn_implementation = "sdpa"
+        model.config._attn_implementation = "sdpa"
     model = model.to(device).train()
     ids = torch.randint(0, 61, (2, 12), device=device)
     mask = torch.ones(2, 12, dtype=torch.long, device=device)
@@ -261,12 +266,9 @@ def test_hugging_face_models(arch, backend, device, dtype):
 def test_hugging_face_model_under_torch_compile():
     """The common pairing: a Transformers model under torch.compile with the patch on. The patched names trace
     (ours as custom ops), and the loss and gradients equal the eager unpatched model's."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(cfg).double()
-    model.config._attn_implementation = "sdpa"
+    model = _gpt2(32).double()
     ids = torch.randint(0, 61, (2, 12))
 
     def loss_and_grads(fn):
