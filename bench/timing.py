@@ -3,7 +3,7 @@
 CUDA: triton.testing.do_bench (CUDA events per call, L2 flushed before each, median with p20/p80; its default
 return mode is the mean, hence the explicit quantiles); for launch-bound cases also do_bench_cudagraph, the same
 step replayed from a CUDA graph (the host's launch cost removed). CPU: torch.utils.benchmark's blocked_autorange
-(median and IQR; p20/p80 over its blocks); the providers of a case are timed interleaved (time_interleaved), as a
+with the process's thread count, the one the JSON records (median and IQR; p20/p80 over its blocks); the providers of a case are timed interleaved (time_interleaved), as a
 CPU's speed drifts between runs: the 2-core build VM switched between two speeds 19% apart at random moments, so
 whichever provider ran in the slow stretch looked slower.
 """
@@ -45,6 +45,9 @@ def time_interleaved(fns: Sequence[Callable[[], object]], grads_to_none: Sequenc
             fn()
         return run
 
+    # torch.utils.benchmark.Timer runs its statement on ONE thread unless told otherwise: every CPU file before
+    # 2026-12-05 05:30 UTC measured single-threaded kernels while recording the process's thread count.
+    threads = torch.get_num_threads()
     runs = [runner(fn, leaves) for fn, leaves in zip(fns, grads_to_none)]
     for run in runs:
         run()  # warm-up (torch.compile, first-touch allocations) outside the measurement
@@ -53,7 +56,8 @@ def time_interleaved(fns: Sequence[Callable[[], object]], grads_to_none: Sequenc
     order = list(range(len(runs)))
     for k in range(rounds):
         for j in order[k % len(runs):] + order[:k % len(runs)]:
-            m = tb.Timer(stmt="run()", globals={"run": runs[j]}).blocked_autorange(min_run_time=budget)
+            m = tb.Timer(stmt="run()", globals={"run": runs[j]}, num_threads=threads).blocked_autorange(
+                min_run_time=budget)
             samples[j].extend(m.times)
     return [_cpu_stats(s) for s in samples]
 

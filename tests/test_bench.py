@@ -355,3 +355,19 @@ def test_cpu_timing_interleaves_providers_against_drift():
     assert 0.85 < ma / mb < 1.18, (ma, mb)
     (m1, *_), (m2, *_) = timing.time_interleaved([work(1e-3, False), work(2e-3, False)], [None] * 2, quick=True)
     assert 1.6 < m2 / m1 < 2.5, (m1, m2)
+
+
+def test_cpu_timing_runs_with_the_process_thread_count():
+    """torch.utils.benchmark.Timer defaults to one thread; the harness records torch.get_num_threads() in the JSON,
+    so the timed calls must run with exactly that many (they ran single-threaded until 2026-12-05)."""
+    from bench import timing
+    seen = set()
+    before = torch.get_num_threads()
+    for n in sorted({1, 2, before}):
+        torch.set_num_threads(n)
+        try:
+            seen.clear()
+            timing.time_interleaved([lambda: seen.add(torch.get_num_threads())], [None], quick=True, rounds=1)
+            assert seen == {n}, (n, seen)
+        finally:
+            torch.set_num_threads(before)
