@@ -138,6 +138,11 @@ TORCH_LIBRARY_FRAGMENT(pykernels, m) {
   m.def("lstm_cell_fwd(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("lstm_cell_bwd(Tensor? grad_h, Tensor? grad_c, Tensor cx, Tensor ws) -> (Tensor, Tensor)");
+  // The cell's whole backward (CPU only): the gate gradients and dcx of lstm_cell_bwd, then dx = dg W_ih, dhx = dg W_hh,
+  // dw_ih = dg^T input, dw_hh = dg^T hx, db = column sums of dg, in the input's dtype; unrequested ones are empty.
+  m.def("lstm_cell_grads(Tensor? grad_h, Tensor? grad_c, Tensor cx, Tensor ws, Tensor input, Tensor hx, Tensor w_ih, "
+        "Tensor w_hh, bool input_grad, bool hx_grad, bool w_ih_grad, bool w_hh_grad, bool bias_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // One layer direction's recurrence: CPU (cpu/lstm_layer.cpp) and CUDA (cuda/lstm_layer.cu, persistent) kernels.
   // Same contract as the Triton ops.
   m.def("lstm_layer_fwd(Tensor xproj, Tensor w_hh, Tensor h0, Tensor c0, bool reverse) -> (Tensor, Tensor)");

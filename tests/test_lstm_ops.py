@@ -75,16 +75,62 @@ def test_cell_kernel_ops_against_float64(backend, device, B, I, H, bias, strided
             gc = torch.randn(B, H, dtype=F64, device=device) if has_c else None
             dg, dcx = bwd(None if gh is None else gh.to(dtype), None if gc is None else gc.to(dtype), args[2], ws)
             assert dg.dtype == acc and dcx.dtype == dtype
-            dh = gh.to(dtype).to(F64) if has_h else 0
-            dc = gc.to(dtype).to(F64) if has_c else 0
-            wsd = ws.to(F64)
-            i, f, g, o, cc = wsd.chunk(5, 1)
-            tc = cc.tanh()
-            dct = dc + dh * o * (1 - tc * tc)
-            ref_dg = torch.cat([dct * g * i * (1 - i), dct * cx * f * (1 - f), dct * i * (1 - g * g),
-                                (dh * tc * o * (1 - o)) * torch.ones_like(i)], 1)
+            ref_dg, ref_dcx = _gate_grads64(ws, cx, gh, gc, dtype)
             assert_error_rule("dgates", dg, ref_dg, dtype=acc, floor=fl_ws)
-            assert_error_rule("dcx", dcx, dct * f, dtype=dtype, floor=floor)
+            assert_error_rule("dcx", dcx, ref_dcx, dtype=dtype, floor=floor)
+
+
+def _gate_grads64(ws, cx64, gh, gc, dtype):
+    """The float64 oracle of the gate gradients and dc_prev from the kernel's own workspace; gh / gc (float64 or
+    None) rounded to ``dtype`` first, as the kernel receives them."""
+    dh = gh.to(dtype).to(F64) if gh is not None else 0
+    dc = gc.to(dtype).to(F64) if gc is not None else 0
+    i, f, g, o, cc = ws.to(F64).chunk(5, 1)
+    tc = cc.tanh()
+    dct = dc + dh * o * (1 - tc * tc)
+    dg = torch.cat([dct * g * i * (1 - i), dct * cx64 * f * (1 - f), dct * i * (1 - g * g),
+                    (dh * tc * o * (1 - o)) * torch.ones_like(i)], 1)
+    return dg, dct * f
+
+
+@pytest.mark.parametrize("B", [1, 3, 8, 9, 17])  # <= 8: the fused small-batch pass; above: BLAS
+@pytest.mark.parametrize("I,H,strided", [(13, 7, True), (32, 24, False)])
+def test_cell_grads_op_cpu_against_float64(B, I, H, strided):
+    """pykernels::lstm_cell_grads (the CPU backend's whole cell backward) against the float64 products of the gate
+    gradients, every dtype, every subset of requested outputs (unrequested ones empty), with torch's GEMMs at that
+    dtype (the other backends' formula, ops._weight_grads) as the error rule's baseline. NaN-poisoned memory
+    underneath: a fresh allocation reusing it must be fully written."""
+    require("cpu", "cpu")
+    op = ops.CELL_GRADS["cpu"]
+    fwd, _ = ops.CELL["cpu"]
+    for dtype in (F64, torch.float32, torch.float16, torch.bfloat16):
+        args, args64 = _cell_inputs(B, I, H, dtype, "cpu", strided=strided)
+        x, hx, cx, wi, wh = args[:5]
+        _, _, ws = fwd(*args)
+        gh, gc = torch.randn(B, H, dtype=F64), torch.randn(B, H, dtype=F64)
+        for need in [(True,) * 5, (True, False, True, False, True), (False, True, False, True, False),
+                     (False, False, True, True, False), (True, True, False, False, False)]:
+            for g_h, g_c in ((gh, gc), (gh, None), (None, gc)):
+                torch.empty(1 << 16, dtype=dtype).fill_(float("nan"))  # poison the allocator's free memory
+                out = op(None if g_h is None else g_h.to(dtype), None if g_c is None else g_c.to(dtype), cx, ws,
+                         x, hx, wi, wh, *need)
+                dg64, dcx64 = _gate_grads64(ws, args64[2], g_h, g_c, dtype)
+                d = dg64.to(ops.acc_dtype(dtype)).to(ops.gemm_dtype(wi))  # what torch's GEMMs would be given
+                base_x, base_wi = ops._weight_grads(d, x, wi, True, True)
+                base_h, base_wh = ops._weight_grads(d, hx, wh, True, True)
+                refs = [(dg64 @ wi.to(F64), base_x), (dg64 @ wh.to(F64), base_h), (None, None),
+                        (dg64.t() @ x.to(F64), base_wi), (dg64.t() @ hx.to(F64), base_wh),
+                        (dg64.sum(0), dg64.sum(0).to(dtype))]
+                names = ("dx", "dhx", "dcx", "dw_ih", "dw_hh", "db")
+                flags = (need[0], need[1], True, need[2], need[3], need[4])
+                for name, o, (r, base), on in zip(names, out, refs, flags):
+                    assert o.dtype == dtype, (name, o.dtype)
+                    if not on:
+                        assert o.numel() == 0, f"{name} was not requested but has shape {tuple(o.shape)}"
+                    elif name == "dcx":
+                        assert_error_rule(name, o, dcx64, dtype=dtype)
+                    else:
+                        assert_error_rule(f"{name} {dtype} B={B} need={need}", o, r, base, dtype=dtype)
 
 
 @pytest.mark.parametrize("backend,device", CPU_KERNELS)
@@ -102,6 +148,10 @@ def test_opcheck_cell(backend, device):
     torch.library.opcheck(fwd, tuple(plain), **kw)
     _, _, ws = fwd(*plain)
     torch.library.opcheck(bwd, (torch.randn(3, 5), None, plain[2], ws), **kw)
+    if backend in ops.CELL_GRADS:
+        for need in ((True,) * 5, (False, True, True, False, False)):
+            torch.library.opcheck(ops.CELL_GRADS[backend], (torch.randn(3, 5), torch.randn(3, 5), plain[2], ws,
+                                                            *plain[:2], *plain[3:5], *need), **kw)
 
 
 def _utils(backend, device):

@@ -2,7 +2,7 @@
 
 Kernel ops, one set per backend, same schemas:
 - ``pykernels::lstm_cell_{fwd,bwd}``: C++ schemas in csrc/lstm.cpp, CPU and CUDA kernels ("cpu" / "cuda"
-  backends); their fakes are registered here.
+  backends); their fakes are registered here. ``pykernels::lstm_cell_grads``: the cell's whole backward, CPU only.
 - ``pykernels::lstm_layer_{fwd,bwd}``: C++ schemas in csrc/lstm.cpp, CPU kernels (csrc/cpu/lstm_layer.cpp) and,
   in CUDA builds, persistent CUDA kernels (csrc/cuda/lstm_layer.cu): the "cpu" / "cuda" backends' sequence op.
 - ``pykernels::lstm_cell_{fwd,bwd}_triton`` and ``pykernels::lstm_layer_{fwd,bwd}_triton``: ``triton_op``s over
@@ -10,7 +10,8 @@ Kernel ops, one set per backend, same schemas:
 
 Autograd-level ops:
 - ``pykernels::lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend) -> (h, c, ws)``: one fused step; the
-  backward is the backend's pointwise gate-gradient kernel plus GEMMs for dx, dh, dW_ih, dW_hh, db.
+  backward is the backend's pointwise gate-gradient kernel plus GEMMs for dx, dh, dW_ih, dW_hh, db (on the CPU one
+  op for all of it, ``pykernels::lstm_cell_grads``).
 - ``pykernels::lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, backend) -> (out, h_n, c_n, ws)``: one layer
   direction over a whole padded sequence: one input-projection GEMM, one recurrent launch; the backward runs the
   recurrence in reverse time, then one GEMM each for dx, dW_ih, dW_hh.
@@ -44,6 +45,15 @@ def _cell_fwd_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
 def _cell_bwd_fake(grad_h, grad_c, cx, ws):
     B, H = cx.shape
     return cx.new_empty(B, 4 * H, dtype=ws.dtype), cx.new_empty(B, H)
+
+
+def _cell_grads_fake(grad_h, grad_c, cx, ws, input, hx, w_ih, w_hh, input_grad, hx_grad, w_ih_grad, w_hh_grad,
+                     bias_grad):
+    def out(need, *shape):
+        return input.new_empty(shape if need else (0,))
+    B, H = cx.shape
+    return (out(input_grad, B, input.shape[1]), out(hx_grad, B, H), cx.new_empty(B, H), out(w_ih_grad, *w_ih.shape),
+            out(w_hh_grad, *w_hh.shape), out(bias_grad, 4 * H))
 
 
 def _layer_fwd_fake(xproj, w_hh, h0, c0, reverse):
@@ -107,6 +117,9 @@ def _ref_layer_bwd(grad_out, grad_hn, grad_cn, c0, ws, w_hh, reverse):
 # interpreted Triton kernels cannot be traced on fake tensors); the public "reference" backend of
 # pykernels.functional.lstm is pykernels/reference/lstm.py itself.
 CELL = {}
+# backend -> its op computing the cell's whole backward in one call (the CPU's: at small batches the Python glue of
+# the GEMMs below cost as much as the kernels); other backends use their CELL backward plus _weight_grads.
+CELL_GRADS = {}
 LAYER = {"reference": (_ref_layer_fwd, _ref_layer_bwd)}
 
 
@@ -127,6 +140,9 @@ else:
     torch.library.register_fake("pykernels::lstm_cell_fwd")(_cell_fwd_fake)
     torch.library.register_fake("pykernels::lstm_cell_bwd")(_cell_bwd_fake)
     CELL["cpu"] = CELL["cuda"] = (torch.ops.pykernels.lstm_cell_fwd.default, torch.ops.pykernels.lstm_cell_bwd.default)
+    if _cpp_op_present("lstm_cell_grads"):
+        torch.library.register_fake("pykernels::lstm_cell_grads")(_cell_grads_fake)
+        CELL_GRADS["cpu"] = torch.ops.pykernels.lstm_cell_grads.default
     if _cpp_op_present("lstm_layer_fwd"):  # an extension built before csrc/cpu/lstm_layer.cpp has the cell only
         torch.library.register_fake("pykernels::lstm_layer_fwd")(_layer_fwd_fake)
         torch.library.register_fake("pykernels::lstm_layer_bwd")(_layer_bwd_fake)
@@ -199,8 +215,15 @@ def _cell_backward(ctx, gh, gc, gws):
     if _higher_order.create_graph(gh, gc):
         return _higher_order.reference_grads("pykernels.lstm_cell", _ref.lstm_cell,
                                              (input, hx, cx, w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad, (gh, gc))
-    dg, dcx = CELL[ctx.backend][1](gh, gc, cx, ws)
     n = ctx.needs_input_grad
+    whole = CELL_GRADS.get(ctx.backend)
+    if whole is not None:
+        dx, dh, dcx, dwih, dwhh, db = whole(gh, gc, cx, ws, input, hx, w_ih, w_hh, n[0], n[1], n[3], n[4],
+                                            n[5] or n[6])
+        return (dx if n[0] else None, dh if n[1] else None, dcx if n[2] else None, dwih if n[3] else None,
+                dwhh if n[4] else None, db if ctx.has_bias[0] and n[5] else None,
+                db if ctx.has_bias[1] and n[6] else None, None)
+    dg, dcx = CELL[ctx.backend][1](gh, gc, cx, ws)
     dx, dwih = _weight_grads(dg, input, w_ih, n[0], n[3])
     dh, dwhh = _weight_grads(dg, hx, w_hh, n[1], n[4])
     db = dg.sum(0).to(w_ih.dtype) if (n[5] or n[6]) else None
