@@ -155,9 +155,10 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
                 "bf16 (bench/results/h100-attention-lstm-lce-20261122.jsonl), and cuDNN's 3.3x forward+backward "
                 "(1.6x forward) on H200 bf16 at B=4 H=16 L=2048 E=128 causal "
                 "(bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json)",
-        "cpu": "torch's SDPA measured 1.9-3.2x faster than the reference (there is no C++ CPU attention kernel) "
-               "on 2 cores fp32 "
-               "(bench/results/cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261204.json)"},
+        "cpu": "torch's SDPA measured 1.7-2.1x faster than the reference forward+backward (2.1-5.6x forward; there "
+               "is no C++ CPU attention kernel) on 2 cores fp32 "
+               "(bench/results/"
+               "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-052819.json)"},
     "lstm": {
         "cuda": "cuDNN measured 4-48x faster than the Triton row-block sequence kernel on H100 fp32 "
                 "(bench/results/h100-attention-lstm-lce-20261122.jsonl); its split persistent successor (H > 64) "
@@ -165,9 +166,10 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
                 "bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json), one shape and no "
                 "forward+backward comparison (that run's cuDNN baseline failed), too little to route models to it",
         "cpu": "torch's oneDNN LSTM measured faster than the persistent C++ sequence kernel on 2 cores fp32 at "
-               "T=64, B=16-64, H=128-256: ours at 0.72-0.74x its speed forward, 0.76-0.96x forward+backward; "
-               "ours wins only at B=1 with a gradient (1.54x) (providers timed interleaved, "
-               "bench/results/cpu-lstm-20261205-034236.json)"},
+               "T=64, B=16-64, H=128-256: ours at 0.69-0.79x its speed forward, 0.86-0.96x forward+backward; "
+               "ours wins only at B=1 (1.56x with a gradient, 1.22x forward) "
+               "(bench/results/"
+               "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-052819.json)"},
 }
 
 
@@ -175,9 +177,9 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
 OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, str]]] = {
     "lstm": {"cpu": {
         torch.float16: "torch's CPU LSTM runs fp16 GEMMs (5-100x slower than fp32 ones on this CPU), ours fp32 "
-                       "ones on converted operands: the C++ sequence kernel measured 3.9-4.7x torch's speed "
-                       "forward and 4.7-5.4x forward+backward at T=64, B=1-64, H=128-256, 2 cores "
-                       "(bench/results/cpu-lstm-float16-20261204.json)"}},
+                       "ones on converted operands: the C++ sequence kernel measured 3.5-6.7x torch's speed "
+                       "forward and 5.3-6.6x forward+backward at T=64, B=1-64, H=128-256, 2 cores "
+                       "(bench/results/cpu-lstm-float16-20261205-052917.json)"}},
 }
 
 
@@ -185,9 +187,9 @@ OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, str]]] = {
 NATIVE_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, str]]] = {
     "lstm_cell": {"cpu": {
         torch.bfloat16: "torch's LSTMCell runs bf16 GEMMs with bf16 gates, the C++ cell fp32 GEMMs on converted "
-                        "operands (fp32 gates, its contract): in bf16 ours measured 0.53-0.75x torch's speed forward "
-                        "and 0.63-0.87x forward+backward at B=8-64, 1.1x only at B=1 with a gradient, 2 cores "
-                        "(bench/results/cpu-lstm_cell-bfloat16-20261204.json)"}},
+                        "operands (fp32 gates, its contract): in bf16 ours measured 0.27-0.48x torch's speed forward "
+                        "and 0.54-0.81x forward+backward at B=1-64, I=H=256, 2 cores "
+                        "(bench/results/cpu-lstm_cell-bfloat16-20261205-052942.json)"}},
 }
 
 
@@ -197,11 +199,12 @@ NATIVE_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, str]]] = {
 # whole op. Measured, like NATIVE_FASTER.
 NATIVE_FASTER_BELOW: Dict[str, Dict[str, tuple]] = {
     "cross_entropy": {
-        "cpu": (1 << 20, 1 << 21,
+        "cpu": (1 << 20, 1 << 20,
                 "torch's cross-entropy measured faster than the C++ kernel on small logits, 2 cores fp32: ours at "
-                "0.5x torch's speed at 2^16 with a gradient, 0.8-2.2x at 2^18 (noisy), 1.9-3.0x from 2^20; "
-                "without a gradient 0.3x at 2^16, 0.6x at 2^18, 1.1x at 2^20, 1.3x at 2^21, 5.3x at 2^27 "
-                "(bench/results/cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261204.json)")},
+                "0.40x torch's speed at 2^16 with a gradient, 1.0x at 2^18, 3.1-3.6x at 2^20-2^21, 8.1x at 2^27; "
+                "without a gradient 0.40x at 2^16, 0.86x at 2^18, 1.14x at 2^20, 1.28x at 2^21, 5.9x at 2^27 "
+                "(bench/results/"
+                "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-052819.json)")},
 }
 
 
