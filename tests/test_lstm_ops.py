@@ -50,7 +50,7 @@ def test_cell_kernel_ops_against_float64(backend, device, B, I, H, bias, strided
     fwd, bwd = ops.CELL[backend]
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
     if backend == "cpu":
-        dtypes = [F64] + dtypes
+        dtypes = [F64, torch.bfloat16] + dtypes
     for dtype in dtypes:
         args, args64 = _cell_inputs(B, I, H, dtype, device, bias, strided)
         h, c, ws = fwd(*args)

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <tuple>
 #include <type_traits>
 
 #include "../lstm.h"
@@ -23,75 +24,101 @@ namespace {
 
 using cpu_lstm::Vec;
 
+// Loops over compile-time bounds (rows, gates, vectors) whose bodies hold vector registers: fully unrolled, so that
+// the arrays of accumulators stay in registers (GCC at -O3 left some in memory: the backward ran 2-3x slower).
+#if defined(__clang__)
+#define PYKERNELS_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define PYKERNELS_UNROLL _Pragma("GCC unroll 16")
+#else
+#define PYKERNELS_UNROLL
+#endif
+
 // Batches up to this size take the fully fused paths: no gate buffer and no BLAS call; each hidden unit's four
 // weight rows (of W_ih and W_hh) are read once and applied to every batch row while they sit in L1. Measured on 2
 // cores (I = H = 256, fp32, 2026-12-05): the forward at B = 8 in 124 us against 181 us through BLAS; at B = 16
 // BLAS wins (225 us against torch's 197).
 constexpr int64_t kSmallBatch = 8;
 
-// acc[q] += dot(a, w + q*gate_stride) for the four gates, four independent vector chains.
-template <typename T>
-inline void dot4(const T* a, const T* w, int64_t gate_stride, int64_t K, T (&acc)[4]) {
-  using V = Vec<T>;
-  constexpr int64_t W = V::size();
-  V s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0));
-  int64_t k = 0;
-  for (; k + W <= K; k += W) {
-    const V av = V::loadu(a + k);
-    s0 = at::vec::fmadd(av, V::loadu(w + k), s0);
-    s1 = at::vec::fmadd(av, V::loadu(w + gate_stride + k), s1);
-    s2 = at::vec::fmadd(av, V::loadu(w + 2 * gate_stride + k), s2);
-    s3 = at::vec::fmadd(av, V::loadu(w + 3 * gate_stride + k), s3);
-  }
-  T r[4] = {at::vec::vec_reduce_all<T>(std::plus<V>(), s0), at::vec::vec_reduce_all<T>(std::plus<V>(), s1),
-            at::vec::vec_reduce_all<T>(std::plus<V>(), s2), at::vec::vec_reduce_all<T>(std::plus<V>(), s3)};
-  for (; k < K; ++k) {
-    r[0] += a[k] * w[k];
-    r[1] += a[k] * w[gate_stride + k];
-    r[2] += a[k] * w[2 * gate_stride + k];
-    r[3] += a[k] * w[3 * gate_stride + k];
-  }
-  for (int q = 0; q < 4; ++q) acc[q] += r[q];
-}
-
-// Two batch rows at once: each weight vector load feeds two FMAs (8 independent chains).
-template <typename T>
-inline void dot4x2(const T* a0, const T* a1, const T* w, int64_t gate_stride, int64_t K, T (&acc0)[4],
-                   T (&acc1)[4]) {
-  using V = Vec<T>;
-  constexpr int64_t W = V::size();
-  V s[8] = {V(T(0)), V(T(0)), V(T(0)), V(T(0)), V(T(0)), V(T(0)), V(T(0)), V(T(0))};
-  int64_t k = 0;
-  for (; k + W <= K; k += W) {
-    const V x0 = V::loadu(a0 + k), x1 = V::loadu(a1 + k);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const V wv = V::loadu(w + q * gate_stride + k);
-      s[q] = at::vec::fmadd(x0, wv, s[q]);
-      s[4 + q] = at::vec::fmadd(x1, wv, s[4 + q]);
+// Two vectors of the accumulation type T from 2 * Vec<T>::size() elements of the storage type S: S = T, or a 16-bit S
+// into float (one vector of bf16 / fp16 converts to exactly two float vectors).
+template <typename T, typename S>
+inline void load2(const S* p, Vec<T>& a, Vec<T>& b) {
+  if constexpr (std::is_same_v<S, T>) {
+    a = Vec<T>::loadu(p);
+    b = Vec<T>::loadu(p + Vec<T>::size());
+  } else {
+    static_assert(std::is_same_v<T, float> && at::vec::Vectorized<S>::size() == 2 * Vec<T>::size());
+    if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      std::tie(a, b) = at::vec::convert_bfloat16_float(at::vec::Vectorized<S>::loadu(p));
+    } else {
+      std::tie(a, b) = at::vec::convert_half_float(at::vec::Vectorized<S>::loadu(p));
     }
-  }
-  T r[8];
-  for (int q = 0; q < 8; ++q) r[q] = at::vec::vec_reduce_all<T>(std::plus<V>(), s[q]);
-  for (; k < K; ++k) {
-    for (int q = 0; q < 4; ++q) {
-      r[q] += a0[k] * w[q * gate_stride + k];
-      r[4 + q] += a1[k] * w[q * gate_stride + k];
-    }
-  }
-  for (int q = 0; q < 4; ++q) {
-    acc0[q] += r[q];
-    acc1[q] += r[4 + q];
   }
 }
 
-template <typename T>
-inline void cell_update(const T (&g)[4], T c_prev, T* oh, T* oc, T* w, int64_t H) {
+template <typename T, typename S>
+inline void store2(S* p, const Vec<T>& a, const Vec<T>& b) {
+  if constexpr (std::is_same_v<S, T>) {
+    a.store(p);
+    b.store(p + Vec<T>::size());
+  } else if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    at::vec::convert_float_bfloat16(a, b).store(p);
+  } else {
+    at::vec::convert_float_half(a, b).store(p);
+  }
+}
+
+// acc[r][q] += dot(a[r], w + q*gate_stride) over K, for R = 1 or 2 batch rows and the four gates: each weight load
+// feeds R rows. One row keeps a second set of accumulators so that no accumulator is a chain of two FMAs a step.
+template <int R, typename T, typename S>
+inline void dot4(const S* const (&a)[R], const S* w, int64_t gate_stride, int64_t K, T (&acc)[R][4]) {
+  using V = Vec<T>;
+  constexpr int64_t W = 2 * V::size();
+  constexpr int NS = R == 1 ? 2 : 1;
+  V s[NS][R][4];
+  PYKERNELS_UNROLL
+  for (int u = 0; u < NS; ++u)
+    PYKERNELS_UNROLL
+    for (int r = 0; r < R; ++r)
+      PYKERNELS_UNROLL
+      for (int q = 0; q < 4; ++q) s[u][r][q] = V(T(0));
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    V x0[R], x1[R];
+    PYKERNELS_UNROLL
+    for (int r = 0; r < R; ++r) load2<T>(a[r] + k, x0[r], x1[r]);
+    PYKERNELS_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      V w0, w1;
+      load2<T>(w + q * gate_stride + k, w0, w1);
+      PYKERNELS_UNROLL
+      for (int r = 0; r < R; ++r) {
+        s[0][r][q] = at::vec::fmadd(x0[r], w0, s[0][r][q]);
+        s[NS - 1][r][q] = at::vec::fmadd(x1[r], w1, s[NS - 1][r][q]);
+      }
+    }
+  }
+  PYKERNELS_UNROLL
+  for (int r = 0; r < R; ++r) {
+    PYKERNELS_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      V t = s[0][r][q];
+      if constexpr (NS == 2) t = t + s[1][r][q];
+      T v = at::vec::vec_reduce_all<T>(std::plus<V>(), t);
+      for (int64_t j = k; j < K; ++j) v += T(a[r][j]) * T(w[q * gate_stride + j]);
+      acc[r][q] += v;
+    }
+  }
+}
+
+template <typename T, typename S>
+inline void cell_update(const T (&g)[4], T c_prev, S* oh, S* oc, T* w, int64_t H) {
   const T i = T(1) / (T(1) + std::exp(-g[0])), f = T(1) / (T(1) + std::exp(-g[1])), gt = std::tanh(g[2]),
           o = T(1) / (T(1) + std::exp(-g[3]));
   const T c = f * c_prev + i * gt;
-  *oh = o * std::tanh(c);
-  *oc = c;
+  *oh = S(o * std::tanh(c));
+  *oc = S(c);
   w[0] = i;
   w[H] = f;
   w[2 * H] = gt;
@@ -99,38 +126,51 @@ inline void cell_update(const T (&g)[4], T c_prev, T* oh, T* oc, T* w, int64_t H
   w[4 * H] = c;
 }
 
-template <typename T>
+// The forward for B <= kSmallBatch: per hidden unit, its four rows of W_ih and W_hh are read once (in their storage
+// type S: a 16-bit weight is converted in registers, not copied to fp32 first) and applied to the batch rows in
+// pairs; the gates (T = the accumulation type) go straight into the cell update.
+template <typename T, typename S>
 void small_batch_fwd(const at::Tensor& x, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                      const at::Tensor& w_hh, const at::Tensor& bi, const at::Tensor& bh, at::Tensor& hy,
                      at::Tensor& cy, at::Tensor& ws) {
   const int64_t B = x.size(0), I = x.size(1), H = hx.size(1);
-  const T *px = x.data_ptr<T>(), *ph = hx.data_ptr<T>(), *pc = cx.data_ptr<T>(), *wi = w_ih.data_ptr<T>(),
-          *wh = w_hh.data_ptr<T>();
-  const T* pbi = bi.defined() ? bi.data_ptr<T>() : nullptr;
-  const T* pbh = bh.defined() ? bh.data_ptr<T>() : nullptr;
-  T *oh = hy.data_ptr<T>(), *oc = cy.data_ptr<T>(), *ow = ws.data_ptr<T>();
+  const S *px = x.data_ptr<S>(), *ph = hx.data_ptr<S>(), *pc = cx.data_ptr<S>(), *wi = w_ih.data_ptr<S>(),
+          *wh = w_hh.data_ptr<S>();
+  const S* pbi = bi.defined() ? bi.data_ptr<S>() : nullptr;
+  const S* pbh = bh.defined() ? bh.data_ptr<S>() : nullptr;
+  S *oh = hy.data_ptr<S>(), *oc = cy.data_ptr<S>();
+  T* ow = ws.data_ptr<T>();
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 4 * (I + H) * B));
   at::parallel_for(0, H, grain, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       T bias[4] = {T(0), T(0), T(0), T(0)};
       if (pbi) {
-        for (int q = 0; q < 4; ++q) bias[q] = pbi[q * H + j] + pbh[q * H + j];
+        PYKERNELS_UNROLL
+        for (int q = 0; q < 4; ++q) bias[q] = T(pbi[q * H + j]) + T(pbh[q * H + j]);
       }
+      auto rows = [&](auto tag, int64_t r) {  // rows r .. r + R - 1
+        constexpr int R = decltype(tag)::value;
+        T g[R][4];
+        const S* xr[R];
+        const S* hr[R];
+        PYKERNELS_UNROLL
+        for (int u = 0; u < R; ++u) {
+          PYKERNELS_UNROLL
+          for (int q = 0; q < 4; ++q) g[u][q] = bias[q];
+          xr[u] = px + (r + u) * I;
+          hr[u] = ph + (r + u) * H;
+        }
+        dot4<R, T>(xr, wi + j * I, H * I, I, g);
+        dot4<R, T>(hr, wh + j * H, H * H, H, g);
+        PYKERNELS_UNROLL
+        for (int u = 0; u < R; ++u) {
+          const int64_t o = (r + u) * H + j;
+          cell_update<T>(g[u], T(pc[o]), oh + o, oc + o, ow + (r + u) * 5 * H + j, H);
+        }
+      };
       int64_t r = 0;
-      for (; r + 2 <= B; r += 2) {
-        T g0[4] = {bias[0], bias[1], bias[2], bias[3]}, g1[4] = {bias[0], bias[1], bias[2], bias[3]};
-        dot4x2<T>(px + r * I, px + (r + 1) * I, wi + j * I, H * I, I, g0, g1);
-        dot4x2<T>(ph + r * H, ph + (r + 1) * H, wh + j * H, H * H, H, g0, g1);
-        cell_update<T>(g0, pc[r * H + j], oh + r * H + j, oc + r * H + j, ow + r * 5 * H + j, H);
-        cell_update<T>(g1, pc[(r + 1) * H + j], oh + (r + 1) * H + j, oc + (r + 1) * H + j,
-                       ow + (r + 1) * 5 * H + j, H);
-      }
-      if (r < B) {
-        T g[4] = {bias[0], bias[1], bias[2], bias[3]};
-        dot4<T>(px + r * I, wi + j * I, H * I, I, g);
-        dot4<T>(ph + r * H, wh + j * H, H * H, H, g);
-        cell_update<T>(g, pc[r * H + j], oh + r * H + j, oc + r * H + j, ow + r * 5 * H + j, H);
-      }
+      for (; r + 2 <= B; r += 2) rows(std::integral_constant<int, 2>(), r);
+      if (r < B) rows(std::integral_constant<int, 1>(), r);
     }
   });
 }
@@ -145,12 +185,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& input, 
   at::Tensor hy = at::empty({B, H}, input.options()), cy = at::empty({B, H}, input.options());
   at::Tensor ws = at::empty({B, 5 * H}, input.options().dtype(acc));
   if (B == 0 || H == 0) return {hy, cy, ws};
-  if (B <= kSmallBatch && input.scalar_type() == acc) {
+  if (B <= kSmallBatch) {
     at::Tensor bi = b_ih.has_value() ? b_ih->contiguous() : at::Tensor();
     at::Tensor bh = b_hh.has_value() ? b_hh->contiguous() : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_cell_fwd_cpu_small", [&] {
-      small_batch_fwd<scalar_t>(input.contiguous(), hx.contiguous(), cx.contiguous(), w_ih.contiguous(),
-                                w_hh.contiguous(), bi, bh, hy, cy, ws);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lstm_cell_fwd_cpu_small", [&] {
+      small_batch_fwd<at::opmath_type<scalar_t>, scalar_t>(input.contiguous(), hx.contiguous(), cx.contiguous(),
+                                                           w_ih.contiguous(), w_hh.contiguous(), bi, bh, hy, cy, ws);
     });
     return {hy, cy, ws};
   }
@@ -194,87 +234,120 @@ std::tuple<at::Tensor, at::Tensor> bwd_cpu(const c10::optional<at::Tensor>& grad
   return {dg, dcx};
 }
 
-// Four weight rows r..r+3 of the small-batch backward: da (B, K; this thread's partial sums) += dg[:, r..r+3]
-// w[r..r+3, :] and dw[r..r+3, :] = dg[:, r..r+3]^T a (a: the B rows of x or h), each row read once. Four rows at a
-// time so that each partial-sum vector is loaded and stored once per four FMAs. dg columns r.. at row stride ldg.
-template <typename T, bool DA, bool DW>
-inline void grads_rows4(const T* dg, int64_t ldg, const T* a, const T* w, int64_t B, int64_t K, T* da, T* dw) {
+// NR weight rows r.. of the small-batch backward: da (B, K; this thread's partial sums, type T) += dg[:, r..]
+// w[r.., :] and dw[r.., :] = dg[:, r..]^T a (a: the B rows of x or h), each row read once, in its storage type S.
+// Several rows at a time so that each partial-sum vector is loaded and stored once per NR FMAs; NV vectors per step
+// (2 when S is 16-bit: one load converts to two float vectors), NR * NV = 4 so that AVX2's 16 registers suffice.
+template <typename T, typename S, int NR, bool DA, bool DW>
+inline void grads_rows(const T* dg, int64_t ldg, const S* a, const S* w, int64_t B, int64_t K, T* da, S* dw) {
   using V = Vec<T>;
-  constexpr int64_t W = V::size();
-  for (int64_t k = 0; k < K; k += W) {
-    const int64_t n = std::min<int64_t>(W, K - k);
-    V wv[4], acc[4];
-    for (int q = 0; q < 4; ++q) {
-      wv[q] = cpu_lstm::load<T>(w + q * K + k, n);
-      acc[q] = V(T(0));
+  constexpr int NV = 4 / NR;
+  constexpr int64_t W = NV * V::size();
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    V wv[NR * NV], acc[NR * NV];  // 1-D: GCC keeps 2-D arrays of vectors on the stack
+    PYKERNELS_UNROLL
+    for (int q = 0; q < NR; ++q) {
+      if constexpr (NV == 1) wv[q] = V::loadu(w + q * K + k); else load2<T>(w + q * K + k, wv[2 * q], wv[2 * q + 1]);
+      PYKERNELS_UNROLL
+      for (int v = 0; v < NV; ++v) acc[q * NV + v] = V(T(0));
     }
     for (int64_t b = 0; b < B; ++b) {
-      const T* d = dg + b * ldg;
-      const V d0(d[0]), d1(d[1]), d2(d[2]), d3(d[3]);
+      V d[NR];
+      PYKERNELS_UNROLL
+      for (int q = 0; q < NR; ++q) d[q] = V(dg[b * ldg + q]);
       if constexpr (DA) {
         T* p = da + b * K + k;
-        V s = cpu_lstm::load<T>(p, n);
-        s = at::vec::fmadd(d0, wv[0], s);
-        s = at::vec::fmadd(d1, wv[1], s);
-        s = at::vec::fmadd(d2, wv[2], s);
-        s = at::vec::fmadd(d3, wv[3], s);
-        cpu_lstm::store<T>(p, s, n);
+        PYKERNELS_UNROLL
+        for (int v = 0; v < NV; ++v) {
+          V t = V::loadu(p + v * V::size());
+          PYKERNELS_UNROLL
+          for (int q = 0; q < NR; ++q) t = at::vec::fmadd(d[q], wv[q * NV + v], t);
+          t.store(p + v * V::size());
+        }
       }
       if constexpr (DW) {
-        const V av = cpu_lstm::load<T>(a + b * K + k, n);
-        acc[0] = at::vec::fmadd(d0, av, acc[0]);
-        acc[1] = at::vec::fmadd(d1, av, acc[1]);
-        acc[2] = at::vec::fmadd(d2, av, acc[2]);
-        acc[3] = at::vec::fmadd(d3, av, acc[3]);
+        V av[NV];
+        if constexpr (NV == 1) av[0] = V::loadu(a + b * K + k); else load2<T>(a + b * K + k, av[0], av[1]);
+        PYKERNELS_UNROLL
+        for (int q = 0; q < NR; ++q)
+          PYKERNELS_UNROLL
+          for (int v = 0; v < NV; ++v) acc[q * NV + v] = at::vec::fmadd(d[q], av[v], acc[q * NV + v]);
       }
     }
     if constexpr (DW) {
-      for (int q = 0; q < 4; ++q) cpu_lstm::store<T>(dw + q * K + k, acc[q], n);
+      PYKERNELS_UNROLL
+      for (int q = 0; q < NR; ++q) {
+        if constexpr (NV == 1) acc[q].store(dw + q * K + k); else store2<T>(dw + q * K + k, acc[2 * q], acc[2 * q + 1]);
+      }
+    }
+  }
+  for (; k < K; ++k) {  // the tail, scalar
+    T acc[NR] = {};
+    for (int64_t b = 0; b < B; ++b) {
+      const T* d = dg + b * ldg;
+      if constexpr (DA) {
+        T t = da[b * K + k];
+        PYKERNELS_UNROLL
+        for (int q = 0; q < NR; ++q) t += d[q] * T(w[q * K + k]);
+        da[b * K + k] = t;
+      }
+      if constexpr (DW) {
+        PYKERNELS_UNROLL
+        for (int q = 0; q < NR; ++q) acc[q] += d[q] * T(a[b * K + k]);
+      }
+    }
+    if constexpr (DW) {
+      PYKERNELS_UNROLL
+      for (int q = 0; q < NR; ++q) dw[q * K + k] = S(acc[q]);
     }
   }
 }
 
-template <typename T>
-inline void grads_rows4(bool da_on, bool dw_on, const T* dg, int64_t ldg, const T* a, const T* w, int64_t B,
-                        int64_t K, T* da, T* dw) {
-  if (da_on && dw_on) grads_rows4<T, true, true>(dg, ldg, a, w, B, K, da, dw);
-  else if (da_on) grads_rows4<T, true, false>(dg, ldg, a, w, B, K, da, dw);
-  else if (dw_on) grads_rows4<T, false, true>(dg, ldg, a, w, B, K, da, dw);
+template <typename T, typename S>
+inline void grads_rows(bool da_on, bool dw_on, const T* dg, int64_t ldg, const S* a, const S* w, int64_t B, int64_t K,
+                       T* da, S* dw) {
+  constexpr int NR = std::is_same_v<S, T> ? 4 : 2;
+  if (da_on && dw_on) grads_rows<T, S, NR, true, true>(dg, ldg, a, w, B, K, da, dw);
+  else if (da_on) grads_rows<T, S, NR, true, false>(dg, ldg, a, w, B, K, da, dw);
+  else if (dw_on) grads_rows<T, S, NR, false, true>(dg, ldg, a, w, B, K, da, dw);
 }
 
 // The products of the backward for B <= kSmallBatch in one pass over the weights: the 4H rows of W_ih and W_hh are
-// split over the threads; each row is read once for its share of dx / dh (per-thread partial sums, added in thread
-// order afterwards: deterministic for a given thread count) and its row of dW_ih / dW_hh is written once. BLAS
-// would read the weights for dx and dh and write dW in separate calls, each a thin GEMM it runs poorly.
-template <typename T>
+// split over the threads; each row is read once for its share of dx / dh (per-thread partial sums in T, added in
+// thread order afterwards: deterministic for a given thread count) and its row of dW_ih / dW_hh is written once.
+// BLAS would read the weights for dx and dh and write dW in separate calls, each a thin GEMM it runs poorly (and,
+// in 16-bit, on converted copies of the weights).
+template <typename T, typename S>
 void small_batch_grads(const at::Tensor& dg, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
                        const at::Tensor& w_hh, bool need[5], at::Tensor& dx, at::Tensor& dh, at::Tensor& dw_ih,
                        at::Tensor& dw_hh, at::Tensor& db) {
+  constexpr int64_t NR = std::is_same_v<S, T> ? 4 : 2;  // rows per grads_rows call; divides 4H
   const int64_t B = x.size(0), I = x.size(1), H = h.size(1), R = 4 * H;
   const int nt = at::get_num_threads();
   at::Tensor part = at::zeros({nt, B * (I + H)}, dg.options());  // per thread: dx (B, I), then dh (B, H)
-  const T *pdg = dg.data_ptr<T>(), *px = x.data_ptr<T>(), *ph = h.data_ptr<T>(), *wi = w_ih.data_ptr<T>(),
-          *wh = w_hh.data_ptr<T>();
+  const T* pdg = dg.data_ptr<T>();
+  const S *px = x.data_ptr<S>(), *ph = h.data_ptr<S>(), *wi = w_ih.data_ptr<S>(), *wh = w_hh.data_ptr<S>();
   T* pp = part.data_ptr<T>();
-  T* pwi = need[2] ? dw_ih.data_ptr<T>() : nullptr;
-  T* pwh = need[3] ? dw_hh.data_ptr<T>() : nullptr;
-  T* pdb = need[4] ? db.data_ptr<T>() : nullptr;
+  S* pwi = need[2] ? dw_ih.data_ptr<S>() : nullptr;
+  S* pwh = need[3] ? dw_hh.data_ptr<S>() : nullptr;
+  S* pdb = need[4] ? db.data_ptr<S>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, (I + H) * (B + 1)));
-  at::parallel_for(0, H, grain, [&](int64_t g0, int64_t g1) {  // groups of four rows (R = 4H)
+  at::parallel_for(0, R / NR, grain, [&](int64_t g0, int64_t g1) {  // groups of NR rows
     T* mine = pp + std::min<int64_t>(at::get_thread_num(), nt - 1) * B * (I + H);
-    for (int64_t r = 4 * g0; r < 4 * g1; r += 4) {
-      grads_rows4<T>(need[0], need[2], pdg + r, R, px, wi + r * I, B, I, mine, pwi ? pwi + r * I : nullptr);
-      grads_rows4<T>(need[1], need[3], pdg + r, R, ph, wh + r * H, B, H, mine + B * I, pwh ? pwh + r * H : nullptr);
-      for (int64_t q = 0; pdb && q < 4; ++q) {
+    for (int64_t r = NR * g0; r < NR * g1; r += NR) {
+      grads_rows<T, S>(need[0], need[2], pdg + r, R, px, wi + r * I, B, I, mine, pwi ? pwi + r * I : nullptr);
+      grads_rows<T, S>(need[1], need[3], pdg + r, R, ph, wh + r * H, B, H, mine + B * I, pwh ? pwh + r * H : nullptr);
+      for (int64_t q = 0; pdb && q < NR; ++q) {
         T s = T(0);
         for (int64_t b = 0; b < B; ++b) s += pdg[b * R + r + q];
-        pdb[r + q] = s;
+        pdb[r + q] = S(s);
       }
     }
   });
-  // Separate sums: outputs must not alias each other.
-  if (need[0]) dx = part.narrow(1, 0, B * I).sum(0).view({B, I});
-  if (need[1]) dh = part.narrow(1, B * I, B * H).sum(0).view({B, H});
+  // Separate sums: outputs must not alias each other. Rounded to S once.
+  if (need[0]) dx = part.narrow(1, 0, B * I).sum(0).view({B, I}).to(x.scalar_type());
+  if (need[1]) dh = part.narrow(1, B * I, B * H).sum(0).view({B, H}).to(x.scalar_type());
 }
 
 // lstm_cell_grads: the cell's whole backward in one call (the Python glue of five GEMM calls cost as much as the
@@ -291,16 +364,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   bool need[5] = {input_grad, hx_grad, w_ih_grad, w_hh_grad, bias_grad};
   at::Tensor dx = at::empty({0}, opt), dh = at::empty({0}, opt), dw_ih = at::empty({0}, opt),
              dw_hh = at::empty({0}, opt), db = at::empty({0}, opt);
-  if (B <= kSmallBatch && dt == acc_type(dt)) {
+  if (B <= kSmallBatch) {
     if (w_ih_grad) dw_ih = at::empty({4 * H, I}, opt);
     if (w_hh_grad) dw_hh = at::empty({4 * H, H}, opt);
     if (bias_grad) db = at::empty({4 * H}, opt);
     if (input_grad) dx = at::zeros({B, I}, opt);  // (replaced by the sums; zeros when H == 0)
     if (hx_grad) dh = at::zeros({B, H}, opt);
     if (B > 0 && H > 0) {
-      AT_DISPATCH_FLOATING_TYPES(dt, "lstm_cell_grads_cpu_small", [&] {
-        small_batch_grads<scalar_t>(dg, input.contiguous(), hx.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
-                                    need, dx, dh, dw_ih, dw_hh, db);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lstm_cell_grads_cpu_small", [&] {
+        small_batch_grads<at::opmath_type<scalar_t>, scalar_t>(dg, input.contiguous(), hx.contiguous(),
+                                                               w_ih.contiguous(), w_hh.contiguous(), need, dx, dh,
+                                                               dw_ih, dw_hh, db);
       });
     }
     return {dx, dh, dcx, dw_ih, dw_hh, db};
