@@ -183,13 +183,18 @@ OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, str]]] = {
 }
 
 
-# op -> {device type: {input dtype: why}}: as NATIVE_FASTER, for calls in one dtype.
-NATIVE_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, str]]] = {
+# op -> {device type: {input dtype: why, or (size, why)}}: as NATIVE_FASTER, for calls in one dtype; with a size,
+# only for calls of at least that size (the op's own measure: batch rows for lstm_cell).
+NATIVE_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
     "lstm_cell": {"cpu": {
-        torch.bfloat16: "torch's LSTMCell runs bf16 GEMMs with bf16 gates, the C++ cell fp32 GEMMs on converted "
-                        "operands (fp32 gates, its contract): in bf16 ours measured 0.27-0.48x torch's speed forward "
-                        "and 0.54-0.81x forward+backward at B=1-64, I=H=256, 2 cores "
-                        "(bench/results/cpu-lstm_cell-bfloat16-20261205-052942.json)"}},
+        torch.bfloat16: (5, "torch's LSTMCell runs bf16 GEMMs with bf16 gates (oneDNN, AVX512-BF16 here), the C++ "
+                            "cell fp32 GEMMs on converted operands above B=8 (fp32 gates, its contract) and its fused "
+                            "pass on the bf16 weights up to B=8: ours measured 0.48x torch's speed forward and 0.58x "
+                            "forward+backward at B=64, 0.96x / 0.82x at B=8, but 1.19x / 1.34x at B=4, 1.72x / 1.62x "
+                            "at B=2 and 2.38x / 1.92x at B=1, I=H=256, 2 cores "
+                            "(bench/results/cpu-lstm_cell-bfloat16-20261205-055546.json, "
+                            "bench/results/cpu-lstm_cell-bfloat16-B2-20261205-055644.json, "
+                            "bench/results/cpu-lstm_cell-bfloat16-B4-20261205-055656.json)")}},
 }
 
 
@@ -212,8 +217,9 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
                   grad: bool = True, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """Why this automatic call of ``op`` should run torch's own kernel (None: run ours). Records the decision in
     ``last_dispatch`` when it says yes. The caller checks first that torch can express the call; ``size`` and
-    ``grad`` (whether the call records a gradient) select the NATIVE_FASTER_BELOW rule, ``dtype`` (the input's)
-    the NATIVE_FASTER_DTYPE one and the OURS_FASTER_DTYPE exceptions."""
+    ``grad`` (whether the call records a gradient) select the NATIVE_FASTER_BELOW rule (and a sized
+    NATIVE_FASTER_DTYPE one), ``dtype`` (the input's) the NATIVE_FASTER_DTYPE one and the OURS_FASTER_DTYPE
+    exceptions."""
     if backend is not None or (_preferred and _preferred[-1] is not None) or os.environ.get("PYKERNELS_BACKEND"):
         return None
     if os.environ.get("PYKERNELS_PREFER_NATIVE", "1") == "0":
@@ -223,6 +229,8 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     why = NATIVE_FASTER.get(op, {}).get(device.type)
     if why is None and dtype is not None:
         why = NATIVE_FASTER_DTYPE.get(op, {}).get(device.type, {}).get(dtype)
+        if isinstance(why, tuple):
+            why = why[1] if size is not None and size >= why[0] else None
     if why is None and size is not None:
         rule = NATIVE_FASTER_BELOW.get(op, {}).get(device.type)
         if rule is not None and size < rule[0 if grad else 1]:

@@ -43,7 +43,8 @@ def test_every_entry_cites_a_committed_measurement():
     rules = [(op, why) for op, d in backends.NATIVE_FASTER.items() for why in d.values()]
     rules += [(op, rule[2]) for op, d in backends.NATIVE_FASTER_BELOW.items() for rule in d.values()]
     rules += [(op, why) for table in (backends.NATIVE_FASTER_DTYPE, backends.OURS_FASTER_DTYPE)
-              for op, d in table.items() for per in d.values() for why in per.values()]
+              for op, d in table.items() for per in d.values()
+              for why in (v[1] if isinstance(v, tuple) else v for v in per.values())]
     def cited(why):  # the measurement files a rule's text names
         return re.findall(r"bench/results/[^ ;)]+", why)
 
@@ -143,17 +144,23 @@ def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monke
         half = pykernels.nn.LSTM(5, 7, num_layers=2).half()
         half(x.half())
         assert pykernels.last_dispatch["lstm"][0] == "cpu"
-    # bf16 cell (NATIVE_FASTER_DTYPE): automatic calls are torch's, exactly, unbatched too; explicit ones ours
+    # bf16 cell (NATIVE_FASTER_DTYPE, sized): automatic calls from the rule's batch up are torch's, exactly; smaller
+    # ones (unbatched too) and explicit ones ours
+    first, _ = backends.NATIVE_FASTER_DTYPE["lstm_cell"]["cpu"][torch.bfloat16]
     cell = torch.nn.LSTMCell(5, 7).bfloat16()
-    xb, hb, cb = torch.randn(3, 5).bfloat16(), torch.randn(3, 7).bfloat16(), torch.randn(3, 7).bfloat16()
     w = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
-    for args, want in (((xb, (hb, cb)), cell(xb, (hb, cb))), ((xb[0], (hb[0], cb[0])), cell(xb[0], (hb[0], cb[0])))):
-        got = pykernels.functional.lstm_cell(*args, *w)
+    for B in (first, first + 3):
+        xb, hb, cb = torch.randn(B, 5).bfloat16(), torch.randn(B, 7).bfloat16(), torch.randn(B, 7).bfloat16()
+        got = pykernels.functional.lstm_cell(xb, (hb, cb), *w)
         assert pykernels.last_dispatch["lstm_cell"][0] == "torch"
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert all(torch.equal(a, b) for a, b in zip(got, cell(xb, (hb, cb))))
     from pykernels.ops import lstm as lstm_ops
     if "cpu" in lstm_ops.CELL:
-        pykernels.functional.lstm_cell(xb, (hb, cb), *w, backend="cpu")
+        for B in (None, 1, first - 1):
+            xb = torch.randn(5).bfloat16() if B is None else torch.randn(B, 5).bfloat16()
+            pykernels.functional.lstm_cell(xb, None, *w)
+            assert pykernels.last_dispatch["lstm_cell"][0] == "cpu", B
+        pykernels.functional.lstm_cell(xb, None, *w, backend="cpu")
         assert pykernels.last_dispatch["lstm_cell"][0] == "cpu"
 
 

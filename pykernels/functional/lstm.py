@@ -126,7 +126,7 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
                     raise ValueError(f"lstm_cell: {name} must be 1-D for unbatched (1-D) input")
             h, c = h.unsqueeze(0), c.unsqueeze(0)
     _check_cell_args(x, h, c, w_ih, w_hh, b_ih, b_hh)
-    if backends.prefer_native("lstm_cell", x.device, backend, dtype=x.dtype):  # measured slower there
+    if backends.prefer_native("lstm_cell", x.device, backend, size=x.shape[0], dtype=x.dtype):  # measured slower
         hy, cy = torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
         return (hy.squeeze(0), cy.squeeze(0)) if unbatched else (hy, cy)
 
