@@ -46,7 +46,7 @@ def test_every_entry_cites_a_committed_measurement():
               for op, d in table.items() for per in d.values()
               for why in (v[1] if isinstance(v, tuple) else v for v in per.values())]
     def cited(why):  # the measurement files a rule's text names
-        return re.findall(r"bench/results/[^ ;)]+", why)
+        return re.findall(r"bench/results/[^ ;),]+", why)
 
     for op, why in rules:
         paths = cited(why)
