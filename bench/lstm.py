@@ -25,6 +25,11 @@ PRESETS = {  # (device type, quick) -> [(T, B, I, H)]
     ("cpu", True): [(16, 8, 64, 64)],
 }
 
+# --preset small-batch: where the C++ CPU sequence kernel and oneDNN cross over (backends.OURS_FASTER_DTYPE)
+NAMED_PRESETS = {
+    "small-batch": [{"T": 64, "B": b, "I": h, "H": h} for h in (128, 256, 512) for b in (1, 2, 4, 8)],
+}
+
 
 def flops(T: int, B: int, I: int, H: int, mode: str) -> float:  # noqa: E741 - torch's name for the input size
     return float((3 if mode == "fwd+bwd" else 1) * T * 8 * B * H * (I + H))
