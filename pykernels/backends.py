@@ -173,9 +173,16 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
 }
 
 
-# op -> {device type: {input dtype: why}}: exceptions to NATIVE_FASTER, dtypes in which ours measured faster.
-OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, str]]] = {
+# op -> {device type: {input dtype: why, or (size with a gradient, size without, why)}}: exceptions to
+# NATIVE_FASTER, dtypes in which ours measured faster; sized, only for calls of at most that size (the op's own
+# measure: batch rows for lstm and lstm_cell; 0: none).
+OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
     "lstm": {"cpu": {
+        torch.float32: (1, 0, "the persistent C++ sequence kernel measured faster than oneDNN's for one sequence "
+                              "with a gradient, 2 cores, T=64: forward+backward 1.21x, 1.51x, 1.72x at H=128, 256, "
+                              "512 (B=1); at B=2 0.80-1.39x, from B=4 0.73-1.12x; the forward alone 0.93-1.17x at "
+                              "B=1, so calls without a gradient stay torch's "
+                              "(bench/results/cpu-lstm-small-batch-20261205-061725.json)"),
         torch.float16: "torch's CPU LSTM runs fp16 GEMMs (5-100x slower than fp32 ones on this CPU), ours fp32 "
                        "ones on converted operands: the C++ sequence kernel measured 3.5-6.7x torch's speed "
                        "forward and 5.3-6.6x forward+backward at T=64, B=1-64, H=128-256, 2 cores "
@@ -183,11 +190,11 @@ OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, str]]] = {
 }
 
 
-# op -> {device type: {input dtype: why, or (size, why)}}: as NATIVE_FASTER, for calls in one dtype; with a size,
-# only for calls of at least that size (the op's own measure: batch rows for lstm_cell).
+# op -> {device type: {input dtype: why, or (size with a gradient, size without, why)}}: as NATIVE_FASTER, for
+# calls in one dtype; sized, only for calls of at least that size (the op's own measure: batch rows for lstm_cell).
 NATIVE_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
     "lstm_cell": {"cpu": {
-        torch.bfloat16: (5, "torch's LSTMCell runs bf16 GEMMs with bf16 gates (oneDNN, AVX512-BF16 here), the C++ "
+        torch.bfloat16: (5, 5, "torch's LSTMCell runs bf16 GEMMs with bf16 gates (oneDNN, AVX512-BF16 here), the C++ "
                             "cell fp32 GEMMs on converted operands above B=8 (fp32 gates, its contract) and its fused "
                             "pass on the bf16 weights up to B=8: ours measured 0.48x torch's speed forward and 0.58x "
                             "forward+backward at B=64, 0.96x / 0.82x at B=8, but 1.19x / 1.34x at B=4, 1.72x / 1.62x "
@@ -213,24 +220,34 @@ NATIVE_FASTER_BELOW: Dict[str, Dict[str, tuple]] = {
 }
 
 
+def _sized(rule, size: Optional[int], grad: bool, native: bool) -> Optional[str]:
+    """The reason of a *_DTYPE rule if it applies to a call of ``size`` (None: unknown): a plain reason always; a
+    sized one (with a gradient, without, why) from that size up in the NATIVE tables, up to it in OURS_FASTER_DTYPE
+    (an unknown size takes torch's kernel either way)."""
+    if rule is None or isinstance(rule, str):
+        return rule
+    bound = rule[0 if grad else 1]
+    if size is None:
+        return rule[2] if native else None
+    return rule[2] if (size >= bound if native else size <= bound) else None
+
+
 def prefer_native(op: str, device: torch.device, backend: Optional[str], size: Optional[int] = None,
                   grad: bool = True, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """Why this automatic call of ``op`` should run torch's own kernel (None: run ours). Records the decision in
     ``last_dispatch`` when it says yes. The caller checks first that torch can express the call; ``size`` and
-    ``grad`` (whether the call records a gradient) select the NATIVE_FASTER_BELOW rule (and a sized
-    NATIVE_FASTER_DTYPE one), ``dtype`` (the input's) the NATIVE_FASTER_DTYPE one and the OURS_FASTER_DTYPE
-    exceptions."""
+    ``grad`` (whether the call records a gradient) select the NATIVE_FASTER_BELOW rule and the sized *_DTYPE
+    ones, ``dtype`` (the input's) the NATIVE_FASTER_DTYPE one and the OURS_FASTER_DTYPE exceptions."""
     if backend is not None or (_preferred and _preferred[-1] is not None) or os.environ.get("PYKERNELS_BACKEND"):
         return None
     if os.environ.get("PYKERNELS_PREFER_NATIVE", "1") == "0":
         return None
-    if dtype is not None and dtype in OURS_FASTER_DTYPE.get(op, {}).get(device.type, {}):
+    if dtype is not None and _sized(OURS_FASTER_DTYPE.get(op, {}).get(device.type, {}).get(dtype), size, grad,
+                                    native=False):
         return None
     why = NATIVE_FASTER.get(op, {}).get(device.type)
     if why is None and dtype is not None:
-        why = NATIVE_FASTER_DTYPE.get(op, {}).get(device.type, {}).get(dtype)
-        if isinstance(why, tuple):
-            why = why[1] if size is not None and size >= why[0] else None
+        why = _sized(NATIVE_FASTER_DTYPE.get(op, {}).get(device.type, {}).get(dtype), size, grad, native=True)
     if why is None and size is not None:
         rule = NATIVE_FASTER_BELOW.get(op, {}).get(device.type)
         if rule is not None and size < rule[0 if grad else 1]:

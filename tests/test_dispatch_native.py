@@ -44,7 +44,7 @@ def test_every_entry_cites_a_committed_measurement():
     rules += [(op, rule[2]) for op, d in backends.NATIVE_FASTER_BELOW.items() for rule in d.values()]
     rules += [(op, why) for table in (backends.NATIVE_FASTER_DTYPE, backends.OURS_FASTER_DTYPE)
               for op, d in table.items() for per in d.values()
-              for why in (v[1] if isinstance(v, tuple) else v for v in per.values())]
+              for why in (v[-1] if isinstance(v, tuple) else v for v in per.values())]
     def cited(why):  # the measurement files a rule's text names
         return re.findall(r"bench/results/[^ ;),]+", why)
 
@@ -139,6 +139,24 @@ def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monke
     assert pykernels.last_dispatch["scaled_dot_product_attention"][0] == "torch"
     h = pykernels.functional.lstm_cell(x[0], None, theirs.weight_ih_l0, theirs.weight_hh_l0)
     assert h[0].shape == (3, 7) and pykernels.last_dispatch["lstm_cell"][0] != "torch"
+    # fp32 sequence at small batches with a gradient (OURS_FASTER_DTYPE, sized): ours; without a gradient, or
+    # larger, or packed: torch's
+    if "cpu" in lstm_ops.LAYER:
+        most, _, _ = backends.OURS_FASTER_DTYPE["lstm"]["cpu"][torch.float32]
+        small = torch.randn(6, most, 5)
+        out = ours(small)[0]
+        assert pykernels.last_dispatch["lstm"][0] == "cpu"
+        torch.testing.assert_close(out, theirs(small)[0])
+        ours(small[:, 0])  # unbatched: one row
+        assert pykernels.last_dispatch["lstm"][0] == "cpu"
+        with torch.no_grad():
+            ours(small)
+        assert pykernels.last_dispatch["lstm"][0] == "torch"
+        ours(torch.randn(6, most + 1, 5))
+        assert pykernels.last_dispatch["lstm"][0] == "torch"
+        packed = torch.nn.utils.rnn.pack_padded_sequence(small, [6, 4][:most] if most > 1 else [6])
+        ours(packed)
+        assert pykernels.last_dispatch["lstm"][0] == "torch"
     # fp16 sequence (OURS_FASTER_DTYPE): automatic calls run ours
     if "cpu" in lstm_ops.LAYER:
         half = pykernels.nn.LSTM(5, 7, num_layers=2).half()
@@ -146,7 +164,7 @@ def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monke
         assert pykernels.last_dispatch["lstm"][0] == "cpu"
     # bf16 cell (NATIVE_FASTER_DTYPE, sized): automatic calls from the rule's batch up are torch's, exactly; smaller
     # ones (unbatched too) and explicit ones ours
-    first, _ = backends.NATIVE_FASTER_DTYPE["lstm_cell"]["cpu"][torch.bfloat16]
+    first, _, _ = backends.NATIVE_FASTER_DTYPE["lstm_cell"]["cpu"][torch.bfloat16]
     cell = torch.nn.LSTMCell(5, 7).bfloat16()
     w = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
     for B in (first, first + 3):

@@ -231,7 +231,12 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
     def unsupported(b: str) -> Optional[str]:
         return _layer_unsupported(b, input, proj_size, packed, params[1].shape[-1])
 
-    if backends.prefer_native("lstm", input.device, backend, dtype=input.dtype):  # torch applies autocast itself
+    # the rules are sized by batch rows (a packed batch: unknown, torch's) and by whether a gradient is recorded
+    batch = None if packed else (1 if input.dim() == 2 else input.shape[0 if batch_first else 1])
+    grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                           for t in (input, *(hx or ()), *params))
+    if backends.prefer_native("lstm", input.device, backend, size=batch, grad=grad,
+                              dtype=input.dtype):  # torch applies autocast itself
         return _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                             dropout, training, batch_sizes)
     if _autocast.enabled(input):
