@@ -175,7 +175,7 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
 
 # op -> {device type: {input dtype: why, or (size with a gradient, size without, why)}}: exceptions to
 # NATIVE_FASTER, dtypes in which ours measured faster; sized, only for calls of at most that size (the op's own
-# measure: batch rows for lstm and lstm_cell; 0: none).
+# measure: batch rows for lstm and lstm_cell; 0: no non-empty batch).
 OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
     "lstm": {"cpu": {
         torch.float32: (1, 0, "the persistent C++ sequence kernel measured faster than oneDNN's for one sequence "

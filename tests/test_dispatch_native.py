@@ -218,3 +218,17 @@ def test_cpu_small_cross_entropy_runs_torch_large_runs_ours(monkeypatch):
     assert backends.prefer_native("cross_entropy", CUDA, None, 10) is None  # no rule on CUDA
     with pytest.raises(ValueError, match="target must have shape"):  # our argument checks come first
         ce(x, t[:5])
+
+
+def test_sized_rules_bound_by_size_and_gradient():
+    """A sized *_DTYPE rule (with a gradient, without, why): NATIVE tables from that size up, OURS_FASTER_DTYPE up
+    to it (a bound of 0: no non-empty batch); an unknown size (None) takes torch's kernel under either; plain reasons
+    always apply."""
+    rule = (3, 0, "why")
+    native = [backends._sized(rule, s, g, native=True) for s in (0, 2, 3, 9) for g in (True, False)]
+    assert native == [None, "why", None, "why", "why", "why", "why", "why"]
+    ours = [backends._sized(rule, s, g, native=False) for s in (0, 2, 3, 9) for g in (True, False)]
+    assert ours == ["why", "why", "why", None, "why", None, None, None]
+    assert backends._sized(rule, None, True, native=True) == "why"
+    assert backends._sized(rule, None, True, native=False) is None
+    assert backends._sized("plain", None, False, native=False) == "plain" and backends._sized(None, 5, True, True) is None
