@@ -3,9 +3,10 @@
 CUDA: triton.testing.do_bench (CUDA events per call, L2 flushed before each, median with p20/p80; its default
 return mode is the mean, hence the explicit quantiles); for launch-bound cases also do_bench_cudagraph, the same
 step replayed from a CUDA graph (the host's launch cost removed). CPU: torch.utils.benchmark's blocked_autorange
-with the process's thread count, the one the JSON records (median and IQR; p20/p80 over its blocks); the providers of a case are timed interleaved (time_interleaved), as a
-CPU's speed drifts between runs: the 2-core build VM switched between two speeds 19% apart at random moments, so
-whichever provider ran in the slow stretch looked slower.
+with the process's thread count, the one the JSON records (median and IQR; p20/p80 over its blocks); the providers
+of a case are timed interleaved (time_interleaved), as a CPU's speed drifts between runs: the 2-core build VM
+switched between two speeds 19% apart at random moments, so whichever provider ran in the slow stretch looked
+slower.
 """
 from __future__ import annotations
 

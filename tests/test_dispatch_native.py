@@ -231,4 +231,5 @@ def test_sized_rules_bound_by_size_and_gradient():
     assert ours == ["why", "why", "why", None, "why", None, None, None]
     assert backends._sized(rule, None, True, native=True) == "why"
     assert backends._sized(rule, None, True, native=False) is None
-    assert backends._sized("plain", None, False, native=False) == "plain" and backends._sized(None, 5, True, True) is None
+    assert backends._sized("plain", None, False, native=False) == "plain"
+    assert backends._sized(None, 5, True, native=True) is None
