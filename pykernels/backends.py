@@ -183,6 +183,13 @@ OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
                               "512 (B=1); at B=2 0.80-1.39x, from B=4 0.73-1.12x; the forward alone 0.93-1.17x at "
                               "B=1, so calls without a gradient stay torch's "
                               "(bench/results/cpu-lstm-small-batch-20261205-061725.json)"),
+        torch.bfloat16: (4, 0, "with a gradient the C++ sequence kernel (fp32 gates and GEMMs on converted operands) "
+                               "measured faster than oneDNN's bf16 LSTM up to B=4, 2 cores, T=64: forward+backward "
+                               "1.39-2.51x at B=1, 1.29-2.10x at B=2, 1.10-1.58x at B=4, 0.82-0.96x at B=8 "
+                               "(H=128-512); "
+                               "the forward alone 0.55-0.95x, so calls without a gradient stay torch's "
+                               "(bench/results/cpu-lstm-bfloat16-small-batch-20261205-065344.json; at B=16-64 "
+                               "0.47-0.74x, bench/results/cpu-lstm-bfloat16-20261205-065220.json)"),
         torch.float16: "torch's CPU LSTM runs fp16 GEMMs (5-100x slower than fp32 ones on this CPU), ours fp32 "
                        "ones on converted operands: the C++ sequence kernel measured 3.5-6.7x torch's speed "
                        "forward and 5.3-6.6x forward+backward at T=64, B=1-64, H=128-256, 2 cores "

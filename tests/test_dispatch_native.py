@@ -139,24 +139,29 @@ def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monke
     assert pykernels.last_dispatch["scaled_dot_product_attention"][0] == "torch"
     h = pykernels.functional.lstm_cell(x[0], None, theirs.weight_ih_l0, theirs.weight_hh_l0)
     assert h[0].shape == (3, 7) and pykernels.last_dispatch["lstm_cell"][0] != "torch"
-    # fp32 sequence at small batches with a gradient (OURS_FASTER_DTYPE, sized): ours; without a gradient, or
-    # larger, or packed: torch's
-    if "cpu" in lstm_ops.LAYER:
-        most, _, _ = backends.OURS_FASTER_DTYPE["lstm"]["cpu"][torch.float32]
-        small = torch.randn(6, most, 5)
+    # fp32 / bf16 sequences at small batches with a gradient (OURS_FASTER_DTYPE, sized): ours; without a gradient,
+    # or larger, or packed: torch's
+    for dtype in (torch.float32, torch.bfloat16):
+        if "cpu" not in lstm_ops.LAYER:
+            break
+        most, _, _ = backends.OURS_FASTER_DTYPE["lstm"]["cpu"][dtype]
+        ours.to(dtype), theirs.to(dtype)
+        small = torch.randn(6, most, 5, dtype=dtype)
         out = ours(small)[0]
-        assert pykernels.last_dispatch["lstm"][0] == "cpu"
-        torch.testing.assert_close(out, theirs(small)[0])
+        assert pykernels.last_dispatch["lstm"][0] == "cpu", dtype
+        torch.testing.assert_close(out, theirs(small)[0], **({} if dtype == torch.float32 else
+                                                              {"atol": 2e-2, "rtol": 2e-2}))
         ours(small[:, 0])  # unbatched: one row
         assert pykernels.last_dispatch["lstm"][0] == "cpu"
         with torch.no_grad():
             ours(small)
         assert pykernels.last_dispatch["lstm"][0] == "torch"
-        ours(torch.randn(6, most + 1, 5))
+        ours(torch.randn(6, most + 1, 5, dtype=dtype))
         assert pykernels.last_dispatch["lstm"][0] == "torch"
-        packed = torch.nn.utils.rnn.pack_padded_sequence(small, [6, 4][:most] if most > 1 else [6])
+        packed = torch.nn.utils.rnn.pack_padded_sequence(small, [6] + [4] * (most - 1))
         ours(packed)
         assert pykernels.last_dispatch["lstm"][0] == "torch"
+    ours.float(), theirs.float()
     # fp16 sequence (OURS_FASTER_DTYPE): automatic calls run ours
     if "cpu" in lstm_ops.LAYER:
         half = pykernels.nn.LSTM(5, 7, num_layers=2).half()
