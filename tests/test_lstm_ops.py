@@ -93,7 +93,7 @@ def _gate_grads64(ws, cx64, gh, gc, dtype):
     return dg, dct * f
 
 
-@pytest.mark.parametrize("B", [1, 3, 8, 9, 17])  # <= 8: the fused small-batch pass; above: BLAS
+@pytest.mark.parametrize("B", [0, 1, 3, 8, 9, 17])  # <= 8: the fused small-batch pass; above: BLAS; 0: zeros
 @pytest.mark.parametrize("I,H,strided", [(13, 7, True), (32, 24, False)])
 def test_cell_grads_op_cpu_against_float64(B, I, H, strided):
     """pykernels::lstm_cell_grads (the CPU backend's whole cell backward) against the float64 products of the gate

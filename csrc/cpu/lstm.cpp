@@ -364,19 +364,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   bool need[5] = {input_grad, hx_grad, w_ih_grad, w_hh_grad, bias_grad};
   at::Tensor dx = at::empty({0}, opt), dh = at::empty({0}, opt), dw_ih = at::empty({0}, opt),
              dw_hh = at::empty({0}, opt), db = at::empty({0}, opt);
-  if (B <= kSmallBatch) {
+  if (B == 0 || H == 0) {  // sums over no rows, or no units: zeros (the kernels below would leave dW unwritten)
+    if (input_grad) dx = at::zeros({B, I}, opt);
+    if (hx_grad) dh = at::zeros({B, H}, opt);
+    if (w_ih_grad) dw_ih = at::zeros({4 * H, I}, opt);
+    if (w_hh_grad) dw_hh = at::zeros({4 * H, H}, opt);
+    if (bias_grad) db = at::zeros({4 * H}, opt);
+    return {dx, dh, dcx, dw_ih, dw_hh, db};
+  }
+  if (B <= kSmallBatch) {  // every row of dW and db is written; dx and dh are the per-thread partial sums' total
     if (w_ih_grad) dw_ih = at::empty({4 * H, I}, opt);
     if (w_hh_grad) dw_hh = at::empty({4 * H, H}, opt);
     if (bias_grad) db = at::empty({4 * H}, opt);
-    if (input_grad) dx = at::zeros({B, I}, opt);  // (replaced by the sums; zeros when H == 0)
-    if (hx_grad) dh = at::zeros({B, H}, opt);
-    if (B > 0 && H > 0) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lstm_cell_grads_cpu_small", [&] {
-        small_batch_grads<at::opmath_type<scalar_t>, scalar_t>(dg, input.contiguous(), hx.contiguous(),
-                                                               w_ih.contiguous(), w_hh.contiguous(), need, dx, dh,
-                                                               dw_ih, dw_hh, db);
-      });
-    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lstm_cell_grads_cpu_small", [&] {
+      small_batch_grads<at::opmath_type<scalar_t>, scalar_t>(dg, input.contiguous(), hx.contiguous(),
+                                                             w_ih.contiguous(), w_hh.contiguous(), need, dx, dh,
+                                                             dw_ih, dw_hh, db);
+    });
     return {dx, dh, dcx, dw_ih, dw_hh, db};
   }
   // BLAS, in the GEMM dtype of ops/lstm.py's gemm_dtype: fp32 for fp16 (the CPU's fp16 GEMMs are slow), else the
