@@ -112,23 +112,10 @@ inline void dot4(const S* const (&a)[R], const S* w, int64_t gate_stride, int64_
   }
 }
 
-template <typename T, typename S>
-inline void cell_update(const T (&g)[4], T c_prev, S* oh, S* oc, T* w, int64_t H) {
-  const T i = T(1) / (T(1) + std::exp(-g[0])), f = T(1) / (T(1) + std::exp(-g[1])), gt = std::tanh(g[2]),
-          o = T(1) / (T(1) + std::exp(-g[3]));
-  const T c = f * c_prev + i * gt;
-  *oh = S(o * std::tanh(c));
-  *oc = S(c);
-  w[0] = i;
-  w[H] = f;
-  w[2 * H] = gt;
-  w[3 * H] = o;
-  w[4 * H] = c;
-}
-
 // The forward for B <= kSmallBatch: per hidden unit, its four rows of W_ih and W_hh are read once (in their storage
 // type S: a 16-bit weight is converted in registers, not copied to fp32 first) and applied to the batch rows in
-// pairs; the gates (T = the accumulation type) go straight into the cell update.
+// pairs; the gates (T = the accumulation type) of a vector of units go to the same vectorised cell update as larger
+// batches (cpu_lstm::cell_units).
 template <typename T, typename S>
 void small_batch_fwd(const at::Tensor& x, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                      const at::Tensor& w_hh, const at::Tensor& bi, const at::Tensor& bh, at::Tensor& hy,
@@ -142,35 +129,47 @@ void small_batch_fwd(const at::Tensor& x, const at::Tensor& hx, const at::Tensor
   T* ow = ws.data_ptr<T>();
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 4 * (I + H) * B));
   at::parallel_for(0, H, grain, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      T bias[4] = {T(0), T(0), T(0), T(0)};
-      if (pbi) {
-        PYKERNELS_UNROLL
-        for (int q = 0; q < 4; ++q) bias[q] = T(pbi[q * H + j]) + T(pbh[q * H + j]);
-      }
-      auto rows = [&](auto tag, int64_t r) {  // rows r .. r + R - 1
-        constexpr int R = decltype(tag)::value;
-        T g[R][4];
-        const S* xr[R];
-        const S* hr[R];
-        PYKERNELS_UNROLL
-        for (int u = 0; u < R; ++u) {
+    // the gates of W units at a time, then their cell update as vectors (as for larger batches)
+    constexpr int64_t W = cpu_lstm::Vec<T>::size();
+    alignas(64) T gb[kSmallBatch][4][W] = {};
+    for (int64_t jb = j0; jb < j1; jb += W) {
+      const int64_t n = std::min(W, j1 - jb);
+      for (int64_t j = jb; j < jb + n; ++j) {
+        T bias[4] = {T(0), T(0), T(0), T(0)};
+        if (pbi) {
           PYKERNELS_UNROLL
-          for (int q = 0; q < 4; ++q) g[u][q] = bias[q];
-          xr[u] = px + (r + u) * I;
-          hr[u] = ph + (r + u) * H;
+          for (int q = 0; q < 4; ++q) bias[q] = T(pbi[q * H + j]) + T(pbh[q * H + j]);
         }
-        dot4<R, T>(xr, wi + j * I, H * I, I, g);
-        dot4<R, T>(hr, wh + j * H, H * H, H, g);
-        PYKERNELS_UNROLL
-        for (int u = 0; u < R; ++u) {
-          const int64_t o = (r + u) * H + j;
-          cell_update<T>(g[u], T(pc[o]), oh + o, oc + o, ow + (r + u) * 5 * H + j, H);
-        }
-      };
-      int64_t r = 0;
-      for (; r + 2 <= B; r += 2) rows(std::integral_constant<int, 2>(), r);
-      if (r < B) rows(std::integral_constant<int, 1>(), r);
+        auto rows = [&](auto tag, int64_t r) {  // rows r .. r + R - 1
+          constexpr int R = decltype(tag)::value;
+          T g[R][4];
+          const S* xr[R];
+          const S* hr[R];
+          PYKERNELS_UNROLL
+          for (int u = 0; u < R; ++u) {
+            PYKERNELS_UNROLL
+            for (int q = 0; q < 4; ++q) g[u][q] = bias[q];
+            xr[u] = px + (r + u) * I;
+            hr[u] = ph + (r + u) * H;
+          }
+          dot4<R, T>(xr, wi + j * I, H * I, I, g);
+          dot4<R, T>(hr, wh + j * H, H * H, H, g);
+          PYKERNELS_UNROLL
+          for (int u = 0; u < R; ++u) {
+            PYKERNELS_UNROLL
+            for (int q = 0; q < 4; ++q) gb[r + u][q][j - jb] = g[u][q];
+          }
+        };
+        int64_t r = 0;
+        for (; r + 2 <= B; r += 2) rows(std::integral_constant<int, 2>(), r);
+        if (r < B) rows(std::integral_constant<int, 1>(), r);
+      }
+      for (int64_t r = 0; r < B; ++r) {
+        cpu_lstm::Vec<T> g[4];
+        for (int q = 0; q < 4; ++q) g[q] = cpu_lstm::Vec<T>::loadu(gb[r][q]);
+        const int64_t o = r * H + jb;
+        cpu_lstm::cell_units<T>(g, cpu_lstm::load<T>(pc + o, n), ow + r * 5 * H + jb, H, oh + o, oc + o, n);
+      }
     }
   });
 }

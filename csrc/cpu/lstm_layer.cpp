@@ -90,22 +90,28 @@ void pack_fwd(const w_t* w, int64_t H, acc_t* panels) {
 }
 
 // R rows x one panel: the gates of units [j, j + n) for rows h[0..R) (row stride H), starting from xp's rows.
+// Kept out of line with its own 1-D accumulators: inlined beside the activations, GCC re-loaded each weight vector
+// for every row (a memory operand per FMA: 15 loads per 12 FMAs) and the loop turned load-bound; accumulating
+// into the caller's array instead stores it every iteration (it may alias the panel).
 template <typename acc_t, int R>
-inline void fwd_tile(const acc_t* panel, const acc_t* h, const acc_t* xp, int64_t H, int64_t j, int64_t n,
-                     Vec<acc_t> (&g)[R][4]) {
+__attribute__((noinline)) void fwd_tile(const acc_t* panel, const acc_t* h, const acc_t* xp, int64_t H, int64_t j,
+                                        int64_t n, Vec<acc_t> (&g)[R][4]) {
   using V = Vec<acc_t>;
   constexpr int64_t U = V::size();
+  V acc[R * 4];
   for (int r = 0; r < R; ++r)
-    for (int q = 0; q < 4; ++q) g[r][q] = cpu_lstm::load<acc_t>(xp + r * 4 * H + q * H + j, n);
+    for (int q = 0; q < 4; ++q) acc[r * 4 + q] = cpu_lstm::load<acc_t>(xp + r * 4 * H + q * H + j, n);
   for (int64_t k = 0; k < H; ++k) {
     const acc_t* pk = panel + k * 4 * U;
     V b[R];
     for (int r = 0; r < R; ++r) b[r] = V(h[r * H + k]);
     for (int q = 0; q < 4; ++q) {
       const V w = V::loadu(pk + q * U);
-      for (int r = 0; r < R; ++r) g[r][q] = at::vec::fmadd(b[r], w, g[r][q]);
+      for (int r = 0; r < R; ++r) acc[r * 4 + q] = at::vec::fmadd(b[r], w, acc[r * 4 + q]);
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4; ++q) g[r][q] = acc[r * 4 + q];
 }
 
 // Rows [r, r + R) of step t for panel p: gates, cell update, ws, out (input dtype) and hnext (h as rounded).
@@ -193,9 +199,10 @@ void pack_bwd(const w_t* w, int64_t H, int64_t width, acc_t* panels) {
   });
 }
 
-// dh[r + i, j .. j + width) = dg rows (stride 4H) x panel, for R rows.
+// dh[r + i, j .. j + width) = dg rows (stride 4H) x panel, for R rows. Out of line like fwd_tile (inlined, each
+// weight vector was re-loaded for every row).
 template <typename acc_t, int R>
-inline void bwd_rows(const acc_t* panel, const acc_t* dg, acc_t* dh, int64_t r, int64_t H, int64_t j) {
+__attribute__((noinline)) void bwd_rows(const acc_t* panel, const acc_t* dg, acc_t* dh, int64_t r, int64_t H, int64_t j) {
   using V = Vec<acc_t>;
   constexpr int64_t U = V::size();
   V acc[R][kBwdVecs];

@@ -38,10 +38,55 @@ inline void store(scalar_t* p, const Vec<acc_t>& v, int64_t n) {
   }
 }
 
+// The activations. For float they are computed here, not by at::vec's Sleef calls: Sleef's 1-ulp tanhf works in
+// double-float arithmetic and costs about three of its expf, and the activations were a quarter of the sequence
+// kernel's time (perf, 2026-12-05). These stay within 2 ulp of the correctly rounded value over the whole float
+// range (tests/test_lstm_activations.py checks a dense sample of it) and propagate NaN; double keeps Sleef.
+
+// e^x for x >= ln(FLT_MIN) (below it returns about FLT_MIN, not a subnormal: both callers add the result to 1),
+// +inf above ln(FLT_MAX). x = n ln2 + r with ln2 in two parts (n ln2_hi exact), |r| <= ln2 / 2; e^r by its
+// degree-7 Taylor polynomial (truncation < 0.1 ulp); 2^n as two factors so that n = 128 overflows to inf.
+inline Vec<float> exp_float(const Vec<float>& x) {
+  using V = Vec<float>;
+  const V xc = at::vec::clamp(x, V(-87.3365478515625f), V(88.72283935546875f));
+  const V n = (xc * V(1.44269504088896341f)).round();
+  V r = at::vec::fmadd(n, V(-0.693359375f), xc);
+  r = at::vec::fmadd(n, V(2.12194440e-4f), r);
+  V p(1.f / 5040.f);
+  for (float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = at::vec::fmadd(p, r, V(c));
+  const auto ni = at::vec::convert_to_int_of_same_size(n);
+  const auto n1 = ni >> at::vec::Vectorized<int32_t>(1), n2 = ni - n1;
+  const at::vec::Vectorized<int32_t> bias(127), shift(23);
+  return p * at::vec::cast<float>((n1 + bias) << shift) * at::vec::cast<float>((n2 + bias) << shift);
+}
+
 template <typename acc_t>
 inline Vec<acc_t> sigmoid(const Vec<acc_t>& x) {
   const Vec<acc_t> one(acc_t(1));
-  return one / (one + x.neg().exp());
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return one / (one + exp_float(x.neg()));
+  } else {
+    return one / (one + x.neg().exp());
+  }
+}
+
+// tanh: below |x| = 0.55, x + x^3 q(x^2) with q a degree-4 fit of (tanh x - x) / x^3 (relative error 0.07 ulp
+// with float coefficients); above, 1 - 2 / (e^{2|x|} + 1) with x's sign (the result is >= 0.5 there, so the
+// subtraction loses nothing).
+template <typename acc_t>
+inline Vec<acc_t> tanh(const Vec<acc_t>& x) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using V = Vec<float>;
+    const V one(1.f), sign(-0.f), a = x.abs(), s = x * x;
+    V q(-0.006274239160120487f);
+    for (float c : {0.021071678027510643f, -0.05385230854153633f, 0.13332585990428925f, -0.33333316445350647f})
+      q = at::vec::fmadd(q, s, V(c));
+    const V small = at::vec::fmadd(x * s, q, x);
+    const V large = (one - V(2.f) / (exp_float(a + a) + one)) | (x & sign);
+    return V::blendv(large, small, a < V(0.55f));
+  } else {
+    return x.tanh();
+  }
 }
 
 // The step of n <= Vec::size() hidden units of one batch row: from the pre-activation gates g (i, f, g, o) and
@@ -49,9 +94,9 @@ inline Vec<acc_t> sigmoid(const Vec<acc_t>& x) {
 template <typename acc_t, typename HT, typename CT>
 inline void cell_units(const Vec<acc_t> (&g)[4], const Vec<acc_t>& c_prev, acc_t* ws, int64_t H, HT* h, CT* c_out,
                        int64_t n) {
-  const Vec<acc_t> i = sigmoid(g[0]), f = sigmoid(g[1]), gt = g[2].tanh(), o = sigmoid(g[3]);
+  const Vec<acc_t> i = sigmoid(g[0]), f = sigmoid(g[1]), gt = tanh(g[2]), o = sigmoid(g[3]);
   const Vec<acc_t> c = f * c_prev + i * gt;
-  store(h, o * c.tanh(), n);
+  store(h, o * tanh(c), n);
   if (c_out) store(c_out, c, n);
   store(ws, i, n);
   store(ws + H, f, n);
@@ -67,7 +112,7 @@ inline Vec<acc_t> gate_grad_units(const acc_t* ws, int64_t H, const Vec<acc_t>& 
                                   const PT* c_prev, acc_t* dg, int64_t n) {
   const Vec<acc_t> one(acc_t(1));
   const Vec<acc_t> i = load<acc_t>(ws, n), f = load<acc_t>(ws + H, n), g = load<acc_t>(ws + 2 * H, n),
-                   o = load<acc_t>(ws + 3 * H, n), tc = load<acc_t>(ws + 4 * H, n).tanh();
+                   o = load<acc_t>(ws + 3 * H, n), tc = tanh(load<acc_t>(ws + 4 * H, n));
   const Vec<acc_t> dct = dc + dh * o * (one - tc * tc);
   store(dg, dct * g * i * (one - i), n);
   store(dg + H, dct * load<acc_t>(c_prev, n) * f * (one - f), n);
