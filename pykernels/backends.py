@@ -155,10 +155,10 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
                 "bf16 (bench/results/h100-attention-lstm-lce-20261122.jsonl), and cuDNN's 3.3x forward+backward "
                 "(1.6x forward) on H200 bf16 at B=4 H=16 L=2048 E=128 causal "
                 "(bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json)",
-        "cpu": "torch's SDPA measured 1.7-2.1x faster than the reference forward+backward (2.1-5.6x forward; there "
+        "cpu": "torch's SDPA measured 1.9-2.1x faster than the reference forward+backward (2.9-3.5x forward; there "
                "is no C++ CPU attention kernel) on 2 cores fp32 "
                "(bench/results/"
-               "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-052819.json)"},
+               "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-080559.json)"},
     "lstm": {
         "cuda": "cuDNN measured 4-48x faster than the Triton row-block sequence kernel on H100 fp32 "
                 "(bench/results/h100-attention-lstm-lce-20261122.jsonl); its split persistent successor (H > 64) "
@@ -166,10 +166,10 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
                 "bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json), one shape and no "
                 "forward+backward comparison (that run's cuDNN baseline failed), too little to route models to it",
         "cpu": "torch's oneDNN LSTM measured faster than the persistent C++ sequence kernel on 2 cores fp32 at "
-               "T=64, B=16-64, H=128-256: ours at 0.69-0.79x its speed forward, 0.86-0.96x forward+backward; "
-               "ours wins only at B=1 (1.56x with a gradient, 1.22x forward) "
+               "T=64, B=16-64, H=128-256: ours at 0.78-0.88x its speed forward, 0.84-0.93x forward+backward; "
+               "ours wins only at B=1 (1.07x with a gradient, 0.98x forward) "
                "(bench/results/"
-               "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-052819.json)"},
+               "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-080559.json)"},
 }
 
 
@@ -179,21 +179,24 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
 OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
     "lstm": {"cpu": {
         torch.float32: (1, 0, "the persistent C++ sequence kernel measured faster than oneDNN's for one sequence "
-                              "with a gradient, 2 cores, T=64: forward+backward 1.21x, 1.51x, 1.72x at H=128, 256, "
-                              "512 (B=1); at B=2 0.80-1.39x, from B=4 0.73-1.12x; the forward alone 0.93-1.17x at "
+                              "with a gradient, 2 cores, T=64: forward+backward 1.65x, 1.58x, 1.44x at H=128, 256, "
+                              "512 (B=1); at B=2 0.90-1.37x, from B=4 0.86-1.22x; the forward alone 0.91-1.52x at "
                               "B=1, so calls without a gradient stay torch's "
-                              "(bench/results/cpu-lstm-small-batch-20261205-061725.json)"),
+                              "(bench/results/cpu-lstm-small-batch-20261205-075821.json; 1.07x and 0.98x at B=1 "
+                              "H=256 in bench/results/"
+                              "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-080559.json,"
+                              " where oneDNN's own time was 2.4x lower than in the other run)"),
         torch.bfloat16: (4, 0, "with a gradient the C++ sequence kernel (fp32 gates and GEMMs on converted operands) "
                                "measured faster than oneDNN's bf16 LSTM up to B=4, 2 cores, T=64: forward+backward "
-                               "1.39-2.51x at B=1, 1.29-2.10x at B=2, 1.10-1.58x at B=4, 0.82-0.96x at B=8 "
+                               "1.43-2.87x at B=1, 1.30-1.86x at B=2, 1.07-1.52x at B=4, 0.91-0.96x at B=8 "
                                "(H=128-512); "
-                               "the forward alone 0.55-0.95x, so calls without a gradient stay torch's "
-                               "(bench/results/cpu-lstm-bfloat16-small-batch-20261205-065344.json; at B=16-64 "
-                               "0.47-0.74x, bench/results/cpu-lstm-bfloat16-20261205-065220.json)"),
+                               "the forward alone 0.53-0.96x, so calls without a gradient stay torch's "
+                               "(bench/results/cpu-lstm-bfloat16-small-batch-20261205-080747.json; at B=16-64 "
+                               "0.49-0.81x, bench/results/cpu-lstm-bfloat16-20261205-080626.json)"),
         torch.float16: "torch's CPU LSTM runs fp16 GEMMs (5-100x slower than fp32 ones on this CPU), ours fp32 "
-                       "ones on converted operands: the C++ sequence kernel measured 3.5-6.7x torch's speed "
-                       "forward and 5.3-6.6x forward+backward at T=64, B=1-64, H=128-256, 2 cores "
-                       "(bench/results/cpu-lstm-float16-20261205-052917.json)"}},
+                       "ones on converted operands: the C++ sequence kernel measured 3.5-7.7x torch's speed "
+                       "forward and 5.4-6.2x forward+backward at T=64, B=1-64, H=128-256, 2 cores "
+                       "(bench/results/cpu-lstm-float16-20261205-080843.json)"}},
 }
 
 
@@ -201,14 +204,15 @@ OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
 # calls in one dtype; sized, only for calls of at least that size (the op's own measure: batch rows for lstm_cell).
 NATIVE_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
     "lstm_cell": {"cpu": {
-        torch.bfloat16: (5, 5, "torch's LSTMCell runs bf16 GEMMs with bf16 gates (oneDNN, AVX512-BF16 here), the C++ "
+        torch.bfloat16: (9, 9, "torch's LSTMCell runs bf16 GEMMs with bf16 gates (oneDNN, AVX512-BF16 here), the C++ "
                             "cell fp32 GEMMs on converted operands above B=8 (fp32 gates, its contract) and its fused "
-                            "pass on the bf16 weights up to B=8: ours measured 0.48x torch's speed forward and 0.58x "
-                            "forward+backward at B=64, 0.96x / 0.82x at B=8, but 1.19x / 1.34x at B=4, 1.72x / 1.62x "
-                            "at B=2 and 2.38x / 1.92x at B=1, I=H=256, 2 cores "
-                            "(bench/results/cpu-lstm_cell-bfloat16-20261205-055546.json, "
-                            "bench/results/cpu-lstm_cell-bfloat16-B2-20261205-055644.json, "
-                            "bench/results/cpu-lstm_cell-bfloat16-B4-20261205-055656.json)")}},
+                            "pass on the bf16 weights up to B=8: ours measured 0.32x torch's speed forward and 0.81x "
+                            "forward+backward at B=64, but 1.09x / 1.02x at B=8, 1.56x / 1.26x at B=5, 1.97x / 1.34x "
+                            "at B=4, 2.68x / 1.80x at B=2 and 2.26x / 1.85x at B=1, I=H=256, 2 cores "
+                            "(bench/results/cpu-lstm_cell-bfloat16-20261205-075849.json, "
+                            "bench/results/cpu-lstm_cell-bfloat16-B5-20261205-075913.json, "
+                            "bench/results/cpu-lstm_cell-bfloat16-B4-20261205-075901.json, "
+                            "bench/results/cpu-lstm_cell-bfloat16-B2-20261205-080916.json)")}},
 }
 
 
@@ -220,9 +224,11 @@ NATIVE_FASTER_BELOW: Dict[str, Dict[str, tuple]] = {
     "cross_entropy": {
         "cpu": (1 << 20, 1 << 20,
                 "torch's cross-entropy measured faster than the C++ kernel on small logits, 2 cores fp32: ours at "
-                "0.40x torch's speed at 2^16 with a gradient, 1.0x at 2^18, 3.1-3.6x at 2^20-2^21, 8.1x at 2^27; "
-                "without a gradient 0.40x at 2^16, 0.86x at 2^18, 1.14x at 2^20, 1.28x at 2^21, 5.9x at 2^27 "
+                "0.42x torch's speed at 2^16 with a gradient, 0.69x at 2^18, 1.56-1.80x at 2^20-2^21, 6.9x at 2^27; "
+                "without a gradient 0.28x at 2^16, 0.56x at 2^18, 0.98x at 2^20, 1.13x at 2^21, 5.9x at 2^27 "
                 "(bench/results/"
+                "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-080559.json; an "
+                "earlier run of the same kernel, 1.14x at 2^20 without a gradient: bench/results/history/"
                 "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-052819.json)")},
 }
 
