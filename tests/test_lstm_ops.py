@@ -608,11 +608,11 @@ def test_fuzz_cpu_layer_kernels_against_contract():
     check()
 
 
-@pytest.mark.parametrize("T,B,H", [(5, 7, 77), (3, 64, 20), (4, 3, 130)])
+@pytest.mark.parametrize("T,B,H", [(5, 7, 77), (3, 64, 20), (4, 3, 130), (6, 2, 40), (3, 8, 33)])
 def test_cpu_layer_kernels_on_thread_teams(T, B, H):
     """The persistent C++ recurrence splits the hidden units over an OpenMP team with one barrier per step: teams of
     1, 2 and 3 threads (more panels than threads, fewer, a last panel with fewer units, B not a multiple of the row
-    tile) agree with the contract and bit for bit with each other, in every dtype and both directions. A missing
+    tile: a last tile of 1 or of 2 rows) agree with the contract and bit for bit with each other, in every dtype and both directions. A missing
     barrier shows as a mismatch between the teams."""
     require("cpu", "cpu")
     prev = torch.get_num_threads()

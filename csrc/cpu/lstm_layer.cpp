@@ -41,6 +41,16 @@ constexpr int kRows = 3;
 // Vectors of hidden units per backward tile (its R x kBwdVecs accumulators share each broadcast of dgates).
 constexpr int kBwdVecs = 4;
 
+// tile(std::integral_constant<int, R>(), r) over the batch: tiles of kRows rows, then one tile of the 1 or 2 rows
+// left, so that each tile streams the panel once (B = 2 as two 1-row tiles read it twice).
+template <typename F>
+inline void for_row_tiles(int64_t B, const F& tile) {
+  int64_t r = 0;
+  for (; r + kRows <= B; r += kRows) tile(std::integral_constant<int, kRows>(), r);
+  if (B - r == 2) tile(std::integral_constant<int, 2>(), r);
+  if (B - r == 1) tile(std::integral_constant<int, 1>(), r);
+}
+
 // Runs body(thread, threads) on a team sized for `work` multiply-adds per step: one thread below ~32k (a barrier
 // would cost more than it saves), never more than `parts` threads, none nested inside another parallel region.
 template <typename F>
@@ -156,10 +166,9 @@ void layer_fwd(const at::Tensor& xp, const at::Tensor& w_hh, const at::Tensor& h
       for (int64_t p = p0; p < p1; ++p) {
         const acc_t* panel = pp + p * H * 4 * U;
         const int64_t j = p * U, n = std::min<int64_t>(U, H - j);
-        int64_t r = 0;
-        for (; r + kRows <= B; r += kRows)
-          fwd_rows<acc_t, kRows>(panel, hprev, xp_t, cprev, c_stride, ws_t, out_t, hnext, r, H, j, n);
-        for (; r < B; ++r) fwd_rows<acc_t, 1>(panel, hprev, xp_t, cprev, c_stride, ws_t, out_t, hnext, r, H, j, n);
+        for_row_tiles(B, [&](auto R, int64_t r) {
+          fwd_rows<acc_t, decltype(R)::value>(panel, hprev, xp_t, cprev, c_stride, ws_t, out_t, hnext, r, H, j, n);
+        });
       }
       team_barrier();  // h_t complete before any thread reads it; h_{t-1}'s buffer free to overwrite
     }
@@ -202,7 +211,8 @@ void pack_bwd(const w_t* w, int64_t H, int64_t width, acc_t* panels) {
 // dh[r + i, j .. j + width) = dg rows (stride 4H) x panel, for R rows. Out of line like fwd_tile (inlined, each
 // weight vector was re-loaded for every row).
 template <typename acc_t, int R>
-__attribute__((noinline)) void bwd_rows(const acc_t* panel, const acc_t* dg, acc_t* dh, int64_t r, int64_t H, int64_t j) {
+__attribute__((noinline)) void bwd_rows(const acc_t* panel, const acc_t* dg, acc_t* dh, int64_t r, int64_t H,
+                                        int64_t j) {
   using V = Vec<acc_t>;
   constexpr int64_t U = V::size();
   V acc[R][kBwdVecs];
@@ -269,9 +279,9 @@ void layer_bwd(const at::Tensor& go, const at::Tensor& c0, const at::Tensor& ws,
       // 2. own units: dh_{t-1} = dg_t W_hh
       for (int64_t p = p0; p < p1; ++p) {
         const acc_t* panel = pp + p * 4 * H * width;
-        int64_t r = 0;
-        for (; r + kRows <= B; r += kRows) bwd_rows<acc_t, kRows>(panel, dgr_t, pdh, r, H, p * width);
-        for (; r < B; ++r) bwd_rows<acc_t, 1>(panel, dgr_t, pdh, r, H, p * width);
+        for_row_tiles(B, [&](auto R, int64_t r) {
+          bwd_rows<acc_t, decltype(R)::value>(panel, dgr_t, pdh, r, H, p * width);
+        });
       }
       // no barrier: step s-1's first phase reads only this thread's units of dh and dc, and writes another dg_t
       // (or the other half of dgr) than the one the slower threads may still read
