@@ -178,20 +178,20 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
 # measure: batch rows for lstm and lstm_cell; 0: no non-empty batch).
 OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
     "lstm": {"cpu": {
-        torch.float32: (1, 0, "the persistent C++ sequence kernel measured faster than oneDNN's for one sequence "
-                              "with a gradient, 2 cores, T=64: forward+backward 1.65x, 1.58x, 1.44x at H=128, 256, "
-                              "512 (B=1); at B=2 0.90-1.37x, from B=4 0.86-1.22x; the forward alone 0.91-1.52x at "
-                              "B=1, so calls without a gradient stay torch's "
-                              "(bench/results/cpu-lstm-small-batch-20261205-075821.json; 1.07x and 0.98x at B=1 "
-                              "H=256 in bench/results/"
+        torch.float32: (2, 0, "the persistent C++ sequence kernel measured faster than oneDNN's for one or two "
+                              "sequences with a gradient, 2 cores, T=64: forward+backward 1.23x, 1.50x, 1.09x at "
+                              "H=128, 256, 512 (B=1), 1.22x, 1.28x, 1.15x (B=2); from B=4 0.91-1.08x; the forward "
+                              "alone 0.96-1.23x at B=1 and 0.98-1.27x at B=2, so calls without a gradient stay "
+                              "torch's (bench/results/cpu-lstm-small-batch-20261205-083703.json; at B=1 H=256 1.07x "
+                              "and 0.98x in bench/results/"
                               "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-080559.json,"
-                              " where oneDNN's own time was 2.4x lower than in the other run)"),
+                              " where oneDNN's own time was 2.4x lower than in another run the same hour)"),
         torch.bfloat16: (4, 0, "with a gradient the C++ sequence kernel (fp32 gates and GEMMs on converted operands) "
                                "measured faster than oneDNN's bf16 LSTM up to B=4, 2 cores, T=64: forward+backward "
-                               "1.43-2.87x at B=1, 1.30-1.86x at B=2, 1.07-1.52x at B=4, 0.91-0.96x at B=8 "
+                               "1.79-3.15x at B=1, 1.67-2.41x at B=2, 1.10-1.42x at B=4, 0.78-1.07x at B=8 "
                                "(H=128-512); "
-                               "the forward alone 0.53-0.96x, so calls without a gradient stay torch's "
-                               "(bench/results/cpu-lstm-bfloat16-small-batch-20261205-080747.json; at B=16-64 "
+                               "the forward alone 0.58-1.22x, so calls without a gradient stay torch's "
+                               "(bench/results/cpu-lstm-bfloat16-small-batch-20261205-083823.json; at B=16-64 "
                                "0.49-0.81x, bench/results/cpu-lstm-bfloat16-20261205-080626.json)"),
         torch.float16: "torch's CPU LSTM runs fp16 GEMMs (5-100x slower than fp32 ones on this CPU), ours fp32 "
                        "ones on converted operands: the C++ sequence kernel measured 3.5-7.7x torch's speed "
