@@ -43,7 +43,7 @@ def _cell_inputs(B, I, H, dtype, device, bias=True, strided=False):
 
 @pytest.mark.parametrize("backend,device", CPU_KERNELS + GPU_KERNELS)
 @pytest.mark.parametrize("B,I,H,bias,strided", [(1, 3, 5, True, False), (19, 10, 33, False, True),
-                                                (3, 17, 16, True, True)])
+                                                (3, 17, 16, True, True), (16, 9, 41, True, False)])
 def test_cell_kernel_ops_against_float64(backend, device, B, I, H, bias, strided):
     """Forward outputs and workspace, then the backward kernel's gate gradients and dc_prev."""
     require(backend, device)
@@ -93,7 +93,7 @@ def _gate_grads64(ws, cx64, gh, gc, dtype):
     return dg, dct * f
 
 
-@pytest.mark.parametrize("B", [0, 1, 3, 8, 9, 17])  # <= 8: the fused small-batch pass; above: BLAS; 0: zeros
+@pytest.mark.parametrize("B", [0, 1, 3, 8, 9, 16, 17])  # backward <= 8, forward <= 16 fused; above: BLAS; 0: 0s
 @pytest.mark.parametrize("I,H,strided", [(13, 7, True), (32, 24, False)])
 def test_cell_grads_op_cpu_against_float64(B, I, H, strided):
     """pykernels::lstm_cell_grads (the CPU backend's whole cell backward) against the float64 products of the gate

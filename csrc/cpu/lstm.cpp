@@ -34,11 +34,14 @@ using cpu_lstm::Vec;
 #define PYKERNELS_UNROLL
 #endif
 
-// Batches up to this size take the fully fused paths: no gate buffer and no BLAS call; each hidden unit's four
+// Batches up to these sizes take the fully fused paths: no gate buffer and no BLAS call; each hidden unit's four
 // weight rows (of W_ih and W_hh) are read once and applied to every batch row while they sit in L1. Measured on 2
-// cores (I = H = 256, fp32, 2026-12-05): the forward at B = 8 in 124 us against 181 us through BLAS; at B = 16
-// BLAS wins (225 us against torch's 197).
-constexpr int64_t kSmallBatch = 8;
+// cores, I = H = 256, A/B against BLAS in alternating processes (2026-12-05, after the vectorised cell update):
+// the forward at B = 9 / 12 / 16 in 84 / 104 / 140 us against 173 / 177 / 179 us (fp32) and 112 / 138 / 186 us
+// against 300-890 us (bf16: BLAS on converted weights); the backward pass loses from B = 9 to 12 and clearly at
+// B = 16 (fp32: 440-610 us against 270-340), so it stops at 8 (at B = 8: 173 us against 246 us at B = 9 by BLAS).
+constexpr int64_t kSmallBatchFwd = 16;
+constexpr int64_t kSmallBatchBwd = 8;
 
 // Two vectors of the accumulation type T from 2 * Vec<T>::size() elements of the storage type S: S = T, or a 16-bit S
 // into float (one vector of bf16 / fp16 converts to exactly two float vectors).
@@ -112,7 +115,7 @@ inline void dot4(const S* const (&a)[R], const S* w, int64_t gate_stride, int64_
   }
 }
 
-// The forward for B <= kSmallBatch: per hidden unit, its four rows of W_ih and W_hh are read once (in their storage
+// The forward for B <= kSmallBatchFwd: per hidden unit, its four rows of W_ih and W_hh are read once (in their storage
 // type S: a 16-bit weight is converted in registers, not copied to fp32 first) and applied to the batch rows in
 // pairs; the gates (T = the accumulation type) of a vector of units go to the same vectorised cell update as larger
 // batches (cpu_lstm::cell_units).
@@ -131,7 +134,7 @@ void small_batch_fwd(const at::Tensor& x, const at::Tensor& hx, const at::Tensor
   at::parallel_for(0, H, grain, [&](int64_t j0, int64_t j1) {
     // the gates of W units at a time, then their cell update as vectors (as for larger batches)
     constexpr int64_t W = cpu_lstm::Vec<T>::size();
-    alignas(64) T gb[kSmallBatch][4][W] = {};
+    alignas(64) T gb[kSmallBatchFwd][4][W] = {};
     for (int64_t jb = j0; jb < j1; jb += W) {
       const int64_t n = std::min(W, j1 - jb);
       for (int64_t j = jb; j < jb + n; ++j) {
@@ -184,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& input, 
   at::Tensor hy = at::empty({B, H}, input.options()), cy = at::empty({B, H}, input.options());
   at::Tensor ws = at::empty({B, 5 * H}, input.options().dtype(acc));
   if (B == 0 || H == 0) return {hy, cy, ws};
-  if (B <= kSmallBatch) {
+  if (B <= kSmallBatchFwd) {
     at::Tensor bi = b_ih.has_value() ? b_ih->contiguous() : at::Tensor();
     at::Tensor bh = b_hh.has_value() ? b_hh->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lstm_cell_fwd_cpu_small", [&] {
@@ -312,7 +315,7 @@ inline void grads_rows(bool da_on, bool dw_on, const T* dg, int64_t ldg, const S
   else if (dw_on) grads_rows<T, S, NR, false, true>(dg, ldg, a, w, B, K, da, dw);
 }
 
-// The products of the backward for B <= kSmallBatch in one pass over the weights: the 4H rows of W_ih and W_hh are
+// The products of the backward for B <= kSmallBatchBwd in one pass over the weights: the 4H rows of W_ih and W_hh are
 // split over the threads; each row is read once for its share of dx / dh (per-thread partial sums in T, added in
 // thread order afterwards: deterministic for a given thread count) and its row of dW_ih / dW_hh is written once.
 // BLAS would read the weights for dx and dh and write dW in separate calls, each a thin GEMM it runs poorly (and,
@@ -371,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (bias_grad) db = at::zeros({4 * H}, opt);
     return {dx, dh, dcx, dw_ih, dw_hh, db};
   }
-  if (B <= kSmallBatch) {  // every row of dW and db is written; dx and dh are the per-thread partial sums' total
+  if (B <= kSmallBatchBwd) {  // every row of dW and db is written; dx and dh are the per-thread partial sums' total
     if (w_ih_grad) dw_ih = at::empty({4 * H, I}, opt);
     if (w_hh_grad) dw_hh = at::empty({4 * H, H}, opt);
     if (bias_grad) db = at::empty({4 * H}, opt);
