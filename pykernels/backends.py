@@ -22,7 +22,7 @@ from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 
-from . import _ext
+from . import _ext, _native
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 
@@ -200,6 +200,17 @@ OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
 }
 
 
+# op -> {16-bit dtype: why}: on a CPU whose oneDNN lacks that dtype (``_native.ONEDNN_DTYPES``: no AVX512-BF16 / AMX)
+# torch runs its GEMMs on generic loops (and its LSTM under autocast raises), ours on fp32 GEMMs of converted operands
+# (``_native.gemm_dtype``): there ours runs every automatic CPU call of the op in that dtype, ahead of the other
+# rules, which were measured where oneDNN had it. Read at each call.
+OURS_WITHOUT_ONEDNN: Dict[str, Dict[torch.dtype, str]] = {
+    "lstm": {torch.bfloat16: "without oneDNN bf16 (AVX2-only AMD EPYC, 2 cores, T=64) the C++ sequence kernel "
+                             "measured PENDING"},
+    "lstm_cell": {torch.bfloat16: "without oneDNN bf16 (AVX2-only AMD EPYC, 2 cores) the C++ cell measured PENDING"},
+}
+
+
 # op -> {device type: {input dtype: why, or (size with a gradient, size without, why)}}: as NATIVE_FASTER, for
 # calls in one dtype; sized, only for calls of at least that size (the op's own measure: batch rows for lstm_cell).
 NATIVE_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
@@ -237,14 +248,16 @@ NATIVE_FASTER_BELOW: Dict[str, Dict[str, tuple]] = {
 
 
 def _sized(rule, size: Optional[int], grad: bool, native: bool) -> Optional[str]:
-    """The reason of a *_DTYPE rule if it applies to a call of ``size`` (None: unknown): a plain reason always; a
+    """The reason of a *_DTYPE rule if it applies to a call of ``size`` (None: unknown): a plain reason at any known size; a
     sized one (with a gradient, without, why) from that size up in the NATIVE tables, up to it in OURS_FASTER_DTYPE
     (an unknown size takes torch's kernel either way)."""
-    if rule is None or isinstance(rule, str):
+    if rule is None:
+        return None
+    if size is None:
+        return (rule if isinstance(rule, str) else rule[2]) if native else None
+    if isinstance(rule, str):
         return rule
     bound = rule[0 if grad else 1]
-    if size is None:
-        return rule[2] if native else None
     return rule[2] if (size >= bound if native else size <= bound) else None
 
 
@@ -257,6 +270,9 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     if backend is not None or (_preferred and _preferred[-1] is not None) or os.environ.get("PYKERNELS_BACKEND"):
         return None
     if os.environ.get("PYKERNELS_PREFER_NATIVE", "1") == "0":
+        return None
+    if (size is not None and device.type == "cpu" and dtype in OURS_WITHOUT_ONEDNN.get(op, {})
+            and dtype not in _native.ONEDNN_DTYPES):  # an unknown size takes torch's kernel, as in _sized
         return None
     if dtype is not None and _sized(OURS_FASTER_DTYPE.get(op, {}).get(device.type, {}).get(dtype), size, grad,
                                     native=False):

@@ -3,6 +3,8 @@ cross_entropy is on autocast's float32 list (half-precision logits in, float32 l
 logits' dtype); torch's linear_cross_entropy is linear (autocast dtype) then cross_entropy (float32 loss)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,20 +88,46 @@ def test_module_and_no_autocast_unchanged():
             assert pykernels.nn.CrossEntropyLoss()(x, t).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def _torch_lstm_under_autocast(theirs, inp, dtype):
+    """torch's LSTM under CPU autocast; where this CPU's oneDNN lacks ``dtype`` that call raises (torch's autocast
+    path asks oneDNN for the 16-bit RNN regardless), and the same math runs outside autocast on a cast copy."""
+    if dtype in pykernels._native.ONEDNN_DTYPES:
+        with torch.autocast("cpu", dtype=dtype):
+            return theirs(inp)
+    return copy.deepcopy(theirs).to(dtype)(inp.to(dtype))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_lstm_under_autocast_avoids_a_failing_torch_lstm(monkeypatch, grad):
+    """Where this CPU's oneDNN lacks the autocast dtype (simulated here on any CPU), torch's LSTM under autocast
+    raises: automatic calls then run ours, whatever the speed rules say for that dtype and size."""
+    monkeypatch.setattr(pykernels._native, "ONEDNN_DTYPES", frozenset())
+    torch.manual_seed(0)
+    ours = pykernels.nn.LSTM(8, 16)
+    x = torch.randn(5, 3, 8, requires_grad=grad)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype):
+            out, _ = ours(x)
+        assert out.dtype == dtype
+        assert pykernels.last_dispatch["lstm"][0] != "torch", pykernels.last_dispatch["lstm"]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", None])
 def test_lstm_and_cell_under_autocast(backend):
     """nn.LSTM runs in the autocast dtype (torch's CPU rnn layer is on the lower-precision list), also when its
     input already is lower precision (an autocast linear before it: mixed dtypes used to raise); the CPU cell
-    keeps float32 inputs float32 and follows lower-precision ones, as torch's. Gradients reach float32 weights."""
-    _skip_unavailable(backend)
+    keeps float32 inputs float32 and follows lower-precision ones, as torch's. Gradients reach float32 weights.
+    backend None: automatic dispatch, which must not hand the call to a torch LSTM that raises on this CPU."""
+    if backend is not None:
+        _skip_unavailable(backend)
     torch.manual_seed(0)
     theirs = torch.nn.LSTM(8, 16, num_layers=2)
     ours = pykernels.nn.LSTM(8, 16, num_layers=2, backend=backend)
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(5, 3, 8)
     for inp in (x, x.bfloat16()):
+        ref, (rh, rc) = _torch_lstm_under_autocast(theirs, inp, torch.bfloat16)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            ref, (rh, rc) = theirs(inp)
             out, (h, c) = ours(inp)
         assert out.dtype == ref.dtype == torch.bfloat16 and h.dtype == rh.dtype and c.dtype == rc.dtype
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=0)

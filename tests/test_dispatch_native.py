@@ -119,9 +119,11 @@ def test_native_lstm_call_matches_torch_module(batch_first, bidirectional, proj_
 
 def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monkeypatch):
     """On CPU the measured-slower ops (NATIVE_FASTER["..."]["cpu"]) hand automatic calls to torch, exactly
-    torch's result; backend="cpu" still runs the C++ sequence kernel, and the cell (not slower) stays ours."""
+    torch's result; backend="cpu" still runs the C++ sequence kernel, and the cell (not slower) stays ours. The bf16
+    rules are those of a CPU whose oneDNN has bf16 (simulated where it has not; see the next test)."""
     monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
     monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
+    monkeypatch.setattr(pykernels._native, "ONEDNN_DTYPES", frozenset({torch.bfloat16}))
     theirs = torch.nn.LSTM(5, 7, num_layers=2)
     ours = pykernels.nn.LSTM(5, 7, num_layers=2)
     ours.load_state_dict(theirs.state_dict())
@@ -187,6 +189,30 @@ def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monke
         assert pykernels.last_dispatch["lstm_cell"][0] == "cpu"
 
 
+def test_cpu_without_onednn_bf16_runs_ours_for_bf16_lstm(monkeypatch):
+    """Where this CPU's oneDNN has no bf16 (simulated on any CPU), torch's bf16 LSTM and cell run generic GEMM loops:
+    every automatic bf16 call of them that our kernels cover runs ours (OURS_WITHOUT_ONEDNN), whatever its size or
+    gradient; a packed batch, which they do not cover, torch's."""
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
+    monkeypatch.setattr(pykernels._native, "ONEDNN_DTYPES", frozenset())
+    from pykernels.ops import lstm as lstm_ops
+    if "cpu" not in lstm_ops.LAYER or "cpu" not in lstm_ops.CELL:
+        pytest.skip("the C++ LSTM kernels are not built")
+    lstm = pykernels.nn.LSTM(5, 7).bfloat16()
+    x = torch.randn(6, 40, 5, dtype=torch.bfloat16)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            lstm(x)
+            assert pykernels.last_dispatch["lstm"][0] == "cpu", grad
+            lstm(torch.nn.utils.rnn.pack_padded_sequence(x, [6] * 20 + [3] * 20))  # no kernel covers packing
+            assert pykernels.last_dispatch["lstm"][0] == "torch", grad
+            pykernels.functional.lstm_cell(x[0], None, *lstm._flat_weights)
+            assert pykernels.last_dispatch["lstm_cell"][0] == "cpu", grad
+    lstm.float()(x.float())  # fp32 keeps its measured rules
+    assert pykernels.last_dispatch["lstm"][0] == "torch"
+
+
 def test_cpu_small_cross_entropy_runs_torch_large_runs_ours(monkeypatch):
     """NATIVE_FASTER_BELOW: below the measured size an automatic CPU call that torch can express is torch's,
     exactly; at and above it, and for calls torch cannot express (z_loss, return_lse, uint8 targets) or explicit
@@ -228,7 +254,7 @@ def test_cpu_small_cross_entropy_runs_torch_large_runs_ours(monkeypatch):
 def test_sized_rules_bound_by_size_and_gradient():
     """A sized *_DTYPE rule (with a gradient, without, why): NATIVE tables from that size up, OURS_FASTER_DTYPE up
     to it (a bound of 0: no non-empty batch); an unknown size (None) takes torch's kernel under either; plain reasons
-    always apply."""
+    apply at every known size (an unknown one, e.g. a packed LSTM batch that no kernel covers, stays torch's)."""
     rule = (3, 0, "why")
     native = [backends._sized(rule, s, g, native=True) for s in (0, 2, 3, 9) for g in (True, False)]
     assert native == [None, "why", None, "why", "why", "why", "why", "why"]
@@ -236,5 +262,7 @@ def test_sized_rules_bound_by_size_and_gradient():
     assert ours == ["why", "why", "why", None, "why", None, None, None]
     assert backends._sized(rule, None, True, native=True) == "why"
     assert backends._sized(rule, None, True, native=False) is None
-    assert backends._sized("plain", None, False, native=False) == "plain"
+    assert backends._sized("plain", 7, False, native=False) == "plain"
+    assert backends._sized("plain", None, False, native=False) is None
+    assert backends._sized("plain", None, False, native=True) == "plain"
     assert backends._sized(None, 5, True, native=True) is None

@@ -770,10 +770,12 @@ def test_cpu_kernels_16bit_across_class_blocks():
 # ---------------------------------------------------------------------------------------------------------
 # The fused path of the cpu backend (gradients in the forward: pykernels::linear_cross_entropy_fused).
 
-def _count_fused(monkeypatch, backend="cpu"):
-    """The grads flags (input, weight, bias) of each call of the backend's fused kernel."""
+def _count_fused(monkeypatch, backend="cpu", force=()):
+    """The grads flags (input, weight, bias) of each call of the backend's fused kernel; ``force``: dtypes it then
+    takes even where automatic calls would not (the CPU kernel's bf16 where oneDNN has no bf16 GEMMs: correct, slow)."""
     calls = []
     kernel, dtypes = lce_ops.FUSED[backend]
+    dtypes = tuple(dtypes) + tuple(d for d in force if d not in dtypes)
 
     def counted(*args):
         calls.append(tuple(args[12:15]))
@@ -804,8 +806,10 @@ def test_fused_path_exactly_when_it_applies(monkeypatch):
     assert flags(x=x.double().detach(), W=W.double(), linear_bias=b.double()) == (False, True, True)
     assert flags(reduction="none") is None
     assert flags(fused=False) is None
-    assert flags(x=x.bfloat16(), W=W.bfloat16()) == (True, True, False)
-    assert flags(x=x.half(), W=W.half()) is None  # float16: the split path (CPU fp16 GEMMs are slow)
+    # bfloat16 where this CPU's oneDNN has bf16 GEMMs, else (as float16: slow CPU GEMMs) the split path in fp32
+    fast_bf16 = torch.bfloat16 in pykernels._native.ONEDNN_DTYPES
+    assert flags(x=x.bfloat16(), W=W.bfloat16()) == ((True, True, False) if fast_bf16 else None)
+    assert flags(x=x.half(), W=W.half()) is None
     assert flags(x=x.detach(), W=W.detach()) is None
     with torch.no_grad():
         assert flags() is None
@@ -853,7 +857,7 @@ def test_fused_path_in_several_row_blocks(backend, device, dtype, monkeypatch):
     monkeypatch.setattr(tk, "CHUNK_BYTES", 0)
     name = _split(backend)[0]
     split = {"cpu": "cpu-split", "triton-fused": "triton"}[backend]
-    calls = _count_fused(monkeypatch, name)
+    calls = _count_fused(monkeypatch, name, force=(dtype,))
     x, W, b, w, t = _make(40, 13, 57, dtype, device, True, True)
     leaves = [a.to(dtype) for a in (x, W, b)]
     for red in ("mean", "sum"):

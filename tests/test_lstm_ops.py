@@ -19,6 +19,7 @@ from pykernels.testing import assert_error_rule
 from conftest import assert_spill_budget, run_script_compiled
 from conftest import require_backend as _require_backend
 
+F32 = torch.float32
 F64 = torch.float64
 CPU_KERNELS = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("triton", "cpu", id="triton-interp")]
 GPU_KERNELS = [pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
@@ -91,6 +92,34 @@ def _gate_grads64(ws, cx64, gh, gc, dtype):
     dg = torch.cat([dct * g * i * (1 - i), dct * cx64 * f * (1 - f), dct * i * (1 - g * g),
                     (dh * tc * o * (1 - o)) * torch.ones_like(i)], 1)
     return dg, dct * f
+
+
+@pytest.mark.parametrize("onednn", [frozenset(), frozenset({torch.bfloat16, torch.float16})])
+def test_gemm_dtype_policy(monkeypatch, onednn):
+    """CPU GEMMs on float16 operands run in float32 whatever oneDNN has; on bfloat16 in bfloat16 only where oneDNN
+    has bf16 GEMMs (AVX512-BF16 / AMX), else in float32; other dtypes and other devices in their own."""
+    monkeypatch.setattr(pykernels._native, "ONEDNN_DTYPES", onednn)
+    want = {torch.float16: F32, torch.bfloat16: torch.bfloat16 if onednn else F32, F32: F32, F64: F64}
+    for dtype, g in want.items():
+        assert ops.gemm_dtype(torch.empty(1, dtype=dtype)) == g
+        assert ops.gemm_dtype(torch.empty(1, dtype=dtype, device="meta")) == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cell_grads_op_gemms_match_the_python_formula(dtype):
+    """Above the fused batch sizes the C++ cell backward issues the GEMMs of ops._weight_grads itself: in the same
+    dtype (csrc/cpu/gemm_dtype.h decides in C++ what _native.gemm_dtype decides in Python), so bit for bit the
+    same results."""
+    require("cpu", "cpu")
+    args, _ = _cell_inputs(17, 13, 24, dtype, "cpu")
+    x, hx, cx, wi, wh = args[:5]
+    _, _, ws = ops.CELL["cpu"][0](*args)
+    gh, gc = torch.randn(17, 24).to(dtype), torch.randn(17, 24).to(dtype)
+    dx, dh, _, dwi, dwh, _ = ops.CELL_GRADS["cpu"](gh, gc, cx, ws, x, hx, wi, wh, True, True, True, True, True)
+    dg, _ = ops.CELL["cpu"][1](gh, gc, cx, ws)
+    for got, want in zip((dx, dwi, dh, dwh), (*ops._weight_grads(dg, x, wi, True, True),
+                                              *ops._weight_grads(dg, hx, wh, True, True))):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("B", [0, 1, 3, 8, 9, 16, 17])  # backward <= 8, forward <= 16 fused; above: BLAS; 0: 0s

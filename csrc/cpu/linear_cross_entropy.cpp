@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../huge_pages.h"
+#include "gemm_dtype.h"
 #include "../linear_cross_entropy.h"
 
 namespace pykernels {
@@ -34,22 +35,21 @@ constexpr int64_t kBlockRows = 4096;  // rows per GEMM: a logit block is at most
 // Rows per block of the bias gradient's column sums; ops/linear_cross_entropy.py passes it as db_rows.
 constexpr int64_t kDbRows = 64;
 
-// The GEMM operands and the bias / class weights. x and W are used in their own dtype for float32, float64 and
-// bfloat16 (bf16 GEMMs accumulate in fp32 and round the logits to bf16, as torch's own bf16 linear; 2.2-2.8x the
-// fp32 rate on this AVX512-BF16 CPU); float16 (whose CPU GEMMs measured 5-100x slower than fp32) goes through fp32:
-// x copied, W converted a chunk at a time (a float32 copy of a 16-bit head would double its memory). The bias in the
-// accumulation dtype.
+// The GEMM operands and the bias / class weights. x and W are used in their own dtype for float32, float64 and, where
+// oneDNN has bf16 GEMMs, bfloat16 (bf16 GEMMs accumulate in fp32 and round the logits to bf16, as torch's own bf16
+// linear; 2.2-2.8x the fp32 rate on an AVX512-BF16 CPU); float16, and bfloat16 elsewhere, go through fp32
+// (cpu_gemm_dtype): x copied, W converted a chunk at a time (a float32 copy of a 16-bit head would double its
+// memory). The bias in the accumulation dtype.
 struct Operands {
   at::Tensor x, w, bias, weight;  // bias, weight undefined when absent
 };
 
-at::ScalarType gemm_type(at::ScalarType t) { return t == at::kHalf ? at::kFloat : t; }
-
+// x in the GEMM dtype gemm (a copy when it differs), W as it is (w_chunk converts it), the bias in the accumulation
+// dtype.
 Operands operands(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                  const c10::optional<at::Tensor>& weight) {
+                  const c10::optional<at::Tensor>& weight, at::ScalarType gemm) {
   const auto acc = acc_type(x.scalar_type());
-  return {x.to(gemm_type(x.scalar_type())), w, bias.has_value() ? bias->to(acc) : at::Tensor(),
-          weight.has_value() ? *weight : at::Tensor()};
+  return {x.to(gemm), w, bias.has_value() ? bias->to(acc) : at::Tensor(), weight.has_value() ? *weight : at::Tensor()};
 }
 
 // Classes [c0, c1) of W in the GEMM dtype (a copy for float16 W), converted once for all row blocks.
@@ -192,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> partials_cpu(
   at::Tensor sp = at::zeros({splits, N}, opt), zyp = at::zeros({splits, N}, opt);
   at::Tensor zsp = at::zeros({smooth ? splits : 0, N}, opt);
   if (N == 0 || linear_weight.size(0) == 0) return {mp, sp, zyp, zsp};
-  const Operands o = operands(input, linear_weight, linear_bias, weight);
+  const Operands o = operands(input, linear_weight, linear_bias, weight, cpu_gemm_dtype(input.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES(opt.dtype().toScalarType(), "linear_cross_entropy_partials_cpu", [&] {
     partials<scalar_t>(input, o, target.contiguous(), vocab_start, softcap, smooth, splits, mp, sp, zyp, zsp);
   });
@@ -314,7 +314,7 @@ void dlogits_cpu(const at::Tensor& input, const at::Tensor& linear_weight,
   check_lce_dlogits(kDlogits, input, linear_weight.size(0), m, log_s, coef_p, coef_y, coef_w, smooth, col0, dl,
                     db_part, kDbRows);
   if (input.size(0) == 0 || dl.size(1) == 0) return;
-  const Operands o = operands(input, linear_weight, linear_bias, weight);
+  const Operands o = operands(input, linear_weight, linear_bias, weight, cpu_gemm_dtype(input.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_cross_entropy_dlogits_cpu",
                                   [&] {
                                     dlogits<scalar_t>(input, o, target.contiguous(), m, log_s, coef_p, coef_y,
@@ -328,9 +328,9 @@ void dlogits_cpu(const at::Tensor& input, const at::Tensor& linear_weight,
 // dX[rows] = dlogits W and dW += dlogits^T x. Three GEMMs, as torch's materialised logits, where the recomputing
 // backward needs four; the workspace is one block of block_rows rows (the launch logic's choice), not N x V.
 // float32 / float64, and bfloat16 as torch computes it: bf16 GEMMs (fp32 accumulation inside; 2.2-2.8x the fp32
-// GEMM rate on this AVX512-BF16 CPU) with bf16 logits and dlogits, the row math in fp32, dW over several row
-// blocks summed in an fp32 buffer (V x H) before its one rounding. (float16 GEMMs on the CPU measured 5-100x slower
-// than float32: fp16 stays on the split path, which converts to fp32.)
+// GEMM rate on an AVX512-BF16 CPU) with bf16 logits and dlogits, the row math in fp32, dW over several row blocks
+// summed in an fp32 buffer (V x H) before its one rounding. float16, and bfloat16 on a CPU whose oneDNN has no bf16
+// GEMMs (cpu_gemm_dtype; ops/linear_cross_entropy.py FUSED), take the split path, which converts to fp32.
 constexpr int64_t kFusedDbRows = 16;  // rows per partial column sum of the bias gradient: one task each
 
 template <typename scalar_t>
@@ -453,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     gb.zero_();
     return {m, log_s, zy, zs, gx, gw, gb};
   }
-  const Operands o = operands(input, linear_weight, linear_bias, weight);  // x itself: float16 was refused above
+  const Operands o = operands(input, linear_weight, linear_bias, weight, dtype);  // GEMMs in the input's dtype
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "linear_cross_entropy_fused_cpu", [&] {
     fused<scalar_t>(o, target.contiguous(), coef_p0, coef_lse, coef_y, coef_w, softcap, smooth, block_rows, m, log_s,
                     zy, zs, gx, gw, gb);

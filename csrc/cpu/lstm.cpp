@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "../lstm.h"
+#include "gemm_dtype.h"
 #include "lstm_pointwise.h"
 
 namespace pykernels {
@@ -385,9 +386,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
     return {dx, dh, dcx, dw_ih, dw_hh, db};
   }
-  // BLAS, in the GEMM dtype of ops/lstm.py's gemm_dtype: fp32 for fp16 (the CPU's fp16 GEMMs are slow), else the
-  // input's; dg (fp32/fp64) rounded to it once.
-  const auto g = dt == at::kHalf ? at::kFloat : dt;
+  // BLAS in cpu_gemm_dtype (the GEMM dtype of ops/lstm.py's gemm_dtype); dg (fp32/fp64) rounded to it once.
+  const auto g = cpu_gemm_dtype(dt);
   const at::Tensor d = dg.to(g);
   if (input_grad) dx = d.mm(w_ih.to(g)).to(dt);
   if (hx_grad) dh = d.mm(w_hh.to(g)).to(dt);

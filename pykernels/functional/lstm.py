@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _native, backends
 from ..ops import lstm as _ops
 from . import _autocast
 from ..reference import lstm as _ref
@@ -231,15 +231,22 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
     def unsupported(b: str) -> Optional[str]:
         return _layer_unsupported(b, input, proj_size, packed, params[1].shape[-1])
 
-    # the rules are sized by batch rows (a packed batch: unknown, torch's) and by whether a gradient is recorded
-    batch = None if packed else (1 if input.dim() == 2 else input.shape[0 if batch_first else 1])
+    # the rules are sized by batch rows and by whether a gradient is recorded; a packed batch or projections, which
+    # no sequence kernel covers, count as unknown size: torch's (where it can run them)
+    batch = None if packed or proj_size else (1 if input.dim() == 2 else input.shape[0 if batch_first else 1])
     grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                            for t in (input, *(hx or ()), *params))
-    if backends.prefer_native("lstm", input.device, backend, size=batch, grad=grad,
-                              dtype=input.dtype):  # torch applies autocast itself
+    amp = _autocast.enabled(input)
+    # under autocast torch's LSTM computes in the autocast dtype: its rules are that dtype's; on a CPU whose oneDNN
+    # lacks that dtype torch's autocast LSTM raises (_native.ONEDNN_DTYPES), so ours runs the call
+    run_dtype = torch.get_autocast_dtype(input.device.type) if amp and _autocast.eligible(input) else input.dtype
+    torch_fails = (amp and input.device.type == "cpu" and run_dtype in (torch.float16, torch.bfloat16)
+                   and run_dtype not in _native.ONEDNN_DTYPES)
+    if not torch_fails and backends.prefer_native("lstm", input.device, backend, size=batch, grad=grad,
+                                                  dtype=run_dtype):  # torch applies autocast itself
         return _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                             dropout, training, batch_sizes)
-    if _autocast.enabled(input):
+    if amp:
         x, hx, params = _cast(input, hx, params, torch.get_autocast_dtype(input.device.type))
         with _autocast.off(input):
             return lstm(x, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first, dropout,

@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _native
 from ..reference import linear_cross_entropy as _ref
 from . import _higher_order
 from . import linear_cross_entropy_launch as _launch
@@ -113,8 +114,9 @@ def _cpu_bwd(*args):
 
 
 # The fused path (gradients in the forward; see ``_linear_cross_entropy``): backend -> (kernel, dtypes). CPU:
-# pykernels::linear_cross_entropy_fused (csrc/cpu/linear_cross_entropy.cpp), float32 / float64 / bfloat16 (float16
-# GEMMs are slow on CPUs: the split path converts it to float32). Triton: the same contract with cuBLAS GEMMs around
+# pykernels::linear_cross_entropy_fused (csrc/cpu/linear_cross_entropy.cpp), float32 / float64, and bfloat16 where
+# oneDNN has bf16 GEMMs (float16 GEMMs, and bf16 ones elsewhere, are slow on CPUs: the split path converts those to
+# float32; csrc/cpu/gemm_dtype.h). Triton: the same contract with cuBLAS GEMMs around
 # a Triton row kernel (pykernels/triton/linear_cross_entropy_fused.py). FUSED_AUTO: the backends whose fused path
 # automatic calls (fused=None) take, because it measured faster; the others only on fused=True.
 FUSED = {}
@@ -150,7 +152,8 @@ def _register_cpp() -> None:
         return
     torch.library.register_fake("pykernels::linear_cross_entropy_fused")(_fused_fake)
     if torch._C._dispatch_has_kernel_for_dispatch_key("pykernels::linear_cross_entropy_fused", "CPU"):
-        FUSED["cpu"] = (fused, (torch.float32, torch.float64, torch.bfloat16))
+        bf16 = (torch.bfloat16,) if torch.bfloat16 in _native.ONEDNN_DTYPES else ()
+        FUSED["cpu"] = (fused, (torch.float32, torch.float64, *bf16))
 
 
 def fused_reason(backend: str, dtype: torch.dtype, reduction: int, asked: bool = True) -> Optional[str]:
@@ -162,7 +165,9 @@ def fused_reason(backend: str, dtype: torch.dtype, reduction: int, asked: bool =
     if not asked and backend not in FUSED_AUTO:
         return f"the {backend} fused path is not measured faster yet (fused=True takes it)"
     if dtype not in FUSED[backend][1]:
-        return f"the {backend} fused kernel takes {', '.join(map(str, FUSED[backend][1]))}, not {dtype}"
+        why = (" (this CPU's oneDNN has no bf16 GEMMs: the split path runs fp32 ones)"
+               if backend == "cpu" and dtype == torch.bfloat16 else "")
+        return f"the {backend} fused kernel takes {', '.join(map(str, FUSED[backend][1]))}, not {dtype}{why}"
     return None
 
 

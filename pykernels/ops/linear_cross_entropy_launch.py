@@ -21,6 +21,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _native
+
 # Bytes of the dlogits buffer of one backward chunk (the backward's only workspace besides the fp32 dX
 # accumulator). Tests lower it to exercise several chunks.
 CHUNK_BYTES = int(os.environ.get("PYKERNELS_LCE_CHUNK_BYTES", str(256 << 20)))
@@ -142,6 +144,8 @@ def backward(k: Kernels, input: Tensor, linear_weight: Tensor, linear_bias: Opti
         gw.zero_()
         gb.zero_()
         return gx, gw, gb
+    g = _native.gemm_dtype(input)  # CPU 16-bit without fast GEMMs in it: dW from fp32 GEMMs on converted operands
+    xg = input.to(g)
     chunk = chunk_columns(N, V, input.element_size(), k.chunk_align)
     buf = torch.empty(N, chunk, device=dev, dtype=input.dtype)
     dbp = torch.empty(-(-N // k.db_rows), chunk, device=dev, dtype=acc) if want_db else None
@@ -154,8 +158,10 @@ def backward(k: Kernels, input: Tensor, linear_weight: Tensor, linear_bias: Opti
             db.zero_()  # a kernel with larger blocks than db_rows writes fewer rows
         k.dlogits(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start,
                   softcap, smooth, c0, dl, db)
-        if weight_grad:
+        if weight_grad and g == input.dtype:
             torch.mm(dl.t(), input, out=gw[c0:c0 + nc])
+        elif weight_grad:
+            gw[c0:c0 + nc] = dl.t().to(g) @ xg
         if want_db:
             gb[c0:c0 + nc] = db.sum(0).to(gb.dtype)
         if input_grad:

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _ext
+from .. import _ext, _native
 from ..reference import lstm as _ref
 from . import _higher_order
 from ._eager import EagerOp
@@ -194,10 +194,7 @@ def _cell_setup(ctx, inputs, output):
     ctx.save_for_backward(input, hx, cx, w_ih, w_hh, output[2], b_ih, b_hh)
 
 
-def gemm_dtype(t: Tensor) -> torch.dtype:
-    """The dtype in which GEMMs on operands like t run: float32 for float16 on the CPU (whose fp16 GEMMs measured
-    5-100x slower than fp32 ones: fp32 on converted operands, rounded once), else t's own."""
-    return torch.float32 if t.dtype == torch.float16 and t.device.type == "cpu" else t.dtype
+gemm_dtype = _native.gemm_dtype  # the GEMM dtype of 16-bit operands on the CPU, shared with the other ops
 
 
 def _weight_grads(dg: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool):
@@ -245,7 +242,7 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Opti
     T, B, _ = x.shape
     acc = acc_dtype(x.dtype)
     x2 = x.reshape(T * B, -1)
-    if gemm_dtype(x) != x.dtype:  # CPU float16: fp32 GEMM on copies
+    if gemm_dtype(x) != x.dtype:  # CPU 16-bit without fast GEMMs in it: fp32 GEMM on copies
         x2, w_ih = x2.to(acc), w_ih.to(acc)
         b_ih, b_hh = (None, None) if b_ih is None else (b_ih.to(acc), b_hh.to(acc))
     if b_ih is None:
@@ -316,7 +313,8 @@ def _layer_backward(ctx, g_out, g_hn, g_cn, g_ws):
     if n[4]:
         # h_{t-1} of every step in the order of dg: forward reads out[t-1] (h0 at t = 0), reverse out[t+1]
         hprev = torch.cat([h0[None], out[:-1]]) if not reverse else torch.cat([out[1:], h0[None]])
-        dwhh = dg2.to(w_hh.dtype).t() @ hprev.reshape(T * B, -1)
+        g = gemm_dtype(w_hh)
+        dwhh = (dg2.to(g).t() @ hprev.reshape(T * B, -1).to(g)).to(w_hh.dtype)
     db = dg2.sum(0).to(w_ih.dtype) if has_bias and (n[5] or n[6]) else None
     return (dx.reshape(x.shape) if dx is not None else None, dh0.to(h0.dtype) if n[1] else None,
             dc0.to(c0.dtype) if n[2] else None, dwih, dwhh, db if n[5] else None, db if n[6] else None, None, None)
