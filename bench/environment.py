@@ -76,6 +76,11 @@ def environment(device: torch.device) -> dict:
         env.update(device_name=p.name, gpu=p.name, sm_count=p.multi_processor_count,
                    capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1), driver=_driver())
     else:
-        env.update(device_name=_cpu_name(), cpu=_cpu_name(), threads=torch.get_num_threads(),
-                   cores=os.cpu_count())
+        # the same CPU name can hide different vector units (VMs sold as "AMD EPYC" with and without AVX-512), and
+        # torch's 16-bit CPU paths depend on them: record torch's capability and oneDNN's native 16-bit dtypes
+        from pykernels import _native
+        cap = torch.backends.cpu.get_cpu_capability()
+        env.update(device_name=f"{_cpu_name()} ({cap})", cpu=_cpu_name(), threads=torch.get_num_threads(),
+                   cores=os.cpu_count(), cpu_capability=cap,
+                   onednn_dtypes=sorted(str(d).replace("torch.", "") for d in _native.ONEDNN_DTYPES))
     return env
