@@ -34,3 +34,9 @@ def gemm_dtype(t: torch.Tensor) -> torch.dtype:
                                    (t.dtype == torch.bfloat16 and torch.bfloat16 not in ONEDNN_DTYPES)):
         return torch.float32
     return t.dtype
+
+
+# torch's CPU capability ("AVX512", "AVX2", "DEFAULT", or an ARM / POWER / Z one): our CPU extension is built for
+# AVX2 while oneDNN JITs for what the CPU has, so on x86 CPUs without AVX-512 oneDNN loses its 2x wider vectors and
+# some of the measured rules differ (backends.OURS_FASTER_DTYPE_AVX2).
+CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()

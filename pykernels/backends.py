@@ -165,8 +165,8 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
                 "measured 1.15-1.89x cuDNN's speed forward on H200 bf16 at T=256 B=32 I=H=512 (two runs; "
                 "bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json), one shape and no "
                 "forward+backward comparison (that run's cuDNN baseline failed), too little to route models to it",
-        "cpu": "torch's oneDNN LSTM measured faster than the persistent C++ sequence kernel on 2 cores fp32 at "
-               "T=64, B=16-64, H=128-256: ours at 0.78-0.88x its speed forward, 0.84-0.93x forward+backward; "
+        "cpu": "torch's oneDNN LSTM measured faster than the persistent C++ sequence kernel on 2 AVX-512 cores fp32 "
+               "at T=64, B=16-64, H=128-256: ours at 0.78-0.88x its speed forward, 0.84-0.93x forward+backward; "
                "ours wins only at B=1 (1.07x with a gradient, 0.98x forward) "
                "(bench/results/"
                "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-080559.json)"},
@@ -205,9 +205,30 @@ OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
 # (``_native.gemm_dtype``): there ours runs every automatic CPU call of the op in that dtype, ahead of the other
 # rules, which were measured where oneDNN had it. Read at each call.
 OURS_WITHOUT_ONEDNN: Dict[str, Dict[torch.dtype, str]] = {
-    "lstm": {torch.bfloat16: "without oneDNN bf16 (AVX2-only AMD EPYC, 2 cores, T=64) the C++ sequence kernel "
-                             "measured PENDING"},
-    "lstm_cell": {torch.bfloat16: "without oneDNN bf16 (AVX2-only AMD EPYC, 2 cores) the C++ cell measured PENDING"},
+    "lstm": {torch.bfloat16: "without oneDNN bf16 torch's CPU LSTM runs bf16 GEMM loops: on an AVX2-only AMD EPYC, "
+                             "2 cores, T=64, H=128-512, B=1-64, the C++ sequence kernel (fp32 GEMMs on converted "
+                             "operands) measured 3.7-9.9x its speed forward and 13.6-60x forward+backward (torch's "
+                             "own bf16 gradients at H=256, B=2-8 missed the harness's tolerance, untimed) "
+                             "(bench/results/cpu-lstm-bfloat16-avx2-20261205-095910.json, "
+                             "bench/results/cpu-lstm-bfloat16-small-batch-avx2-20261205-100215.json)"},
+    "lstm_cell": {torch.bfloat16: "without oneDNN bf16 torch's CPU cell runs bf16 GEMM loops: on an AVX2-only AMD "
+                                  "EPYC, 2 cores, I=H=256, the C++ cell measured 1.56-3.24x its speed forward and "
+                                  "4.2-28.7x forward+backward at B=1-64 "
+                                  "(bench/results/cpu-lstm_cell-bfloat16-avx2-20261205-095938.json)"},
+}
+
+
+# As OURS_FASTER_DTYPE, on x86 CPUs without AVX-512 (``_native.CPU_CAPABILITY == "AVX2"``), where oneDNN's kernels
+# lose their 512-bit vectors and ours (built for AVX2) do not: an entry here replaces that dtype's entry there.
+OURS_FASTER_DTYPE_AVX2: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
+    "lstm": {"cpu": {
+        torch.float32: (1 << 62, 0, "on an x86 CPU without AVX-512 (a 2-core AVX2 AMD EPYC) the persistent C++ "
+                                    "sequence kernel measured 0.98-1.39x oneDNN's speed forward+backward at T=64, "
+                                    "B=1-64, H=128-512 (below 1.0 only 0.98x and 0.99x at H=512, B=1 and 8), so "
+                                    "calls with a gradient run ours at every batch size; the forward alone "
+                                    "0.86-1.72x (0.86-0.94x at H=512), so calls without one stay torch's "
+                                    "(bench/results/cpu-lstm-avx2-20261205-101416.json, "
+                                    "bench/results/cpu-lstm-small-batch-avx2-20261205-101549.json)")}},
 }
 
 
@@ -248,9 +269,9 @@ NATIVE_FASTER_BELOW: Dict[str, Dict[str, tuple]] = {
 
 
 def _sized(rule, size: Optional[int], grad: bool, native: bool) -> Optional[str]:
-    """The reason of a *_DTYPE rule if it applies to a call of ``size`` (None: unknown): a plain reason at any known size; a
-    sized one (with a gradient, without, why) from that size up in the NATIVE tables, up to it in OURS_FASTER_DTYPE
-    (an unknown size takes torch's kernel either way)."""
+    """The reason of a *_DTYPE rule if it applies to a call of ``size`` (None: unknown): a plain reason at any known
+    size; a sized one (with a gradient, without, why) from that size up in the NATIVE tables, up to it in the OURS
+    ones (an unknown size takes torch's kernel either way)."""
     if rule is None:
         return None
     if size is None:
@@ -274,8 +295,10 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     if (size is not None and device.type == "cpu" and dtype in OURS_WITHOUT_ONEDNN.get(op, {})
             and dtype not in _native.ONEDNN_DTYPES):  # an unknown size takes torch's kernel, as in _sized
         return None
-    if dtype is not None and _sized(OURS_FASTER_DTYPE.get(op, {}).get(device.type, {}).get(dtype), size, grad,
-                                    native=False):
+    ours = OURS_FASTER_DTYPE.get(op, {}).get(device.type, {}).get(dtype)
+    if device.type == "cpu" and _native.CPU_CAPABILITY == "AVX2":
+        ours = OURS_FASTER_DTYPE_AVX2.get(op, {}).get("cpu", {}).get(dtype, ours)
+    if dtype is not None and _sized(ours, size, grad, native=False):
         return None
     why = NATIVE_FASTER.get(op, {}).get(device.type)
     if why is None and dtype is not None:

@@ -120,10 +120,12 @@ def test_native_lstm_call_matches_torch_module(batch_first, bidirectional, proj_
 def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monkeypatch):
     """On CPU the measured-slower ops (NATIVE_FASTER["..."]["cpu"]) hand automatic calls to torch, exactly
     torch's result; backend="cpu" still runs the C++ sequence kernel, and the cell (not slower) stays ours. The bf16
-    rules are those of a CPU whose oneDNN has bf16 (simulated where it has not; see the next test)."""
+    rules are those of a CPU whose oneDNN has bf16 and the fp32 ones of an AVX-512 CPU (simulated where it is not;
+    see the next tests)."""
     monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
     monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
     monkeypatch.setattr(pykernels._native, "ONEDNN_DTYPES", frozenset({torch.bfloat16}))
+    monkeypatch.setattr(pykernels._native, "CPU_CAPABILITY", "AVX512")  # the fp32 rules of an AVX-512 CPU
     theirs = torch.nn.LSTM(5, 7, num_layers=2)
     ours = pykernels.nn.LSTM(5, 7, num_layers=2)
     ours.load_state_dict(theirs.state_dict())
@@ -209,8 +211,29 @@ def test_cpu_without_onednn_bf16_runs_ours_for_bf16_lstm(monkeypatch):
             assert pykernels.last_dispatch["lstm"][0] == "torch", grad
             pykernels.functional.lstm_cell(x[0], None, *lstm._flat_weights)
             assert pykernels.last_dispatch["lstm_cell"][0] == "cpu", grad
-    lstm.float()(x.float())  # fp32 keeps its measured rules
+    with torch.no_grad():
+        lstm.float()(x.float())  # fp32 keeps its measured rules (without a gradient: torch's on every CPU)
     assert pykernels.last_dispatch["lstm"][0] == "torch"
+
+
+def test_cpu_without_avx512_fp32_lstm_with_a_gradient_runs_ours(monkeypatch):
+    """On an x86 CPU without AVX-512 (simulated on any CPU) OURS_FASTER_DTYPE_AVX2 replaces the fp32 sequence rule:
+    automatic calls with a gradient run ours at any batch size, calls without one torch's; other capabilities keep
+    OURS_FASTER_DTYPE."""
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
+    from pykernels.ops import lstm as lstm_ops
+    if "cpu" not in lstm_ops.LAYER:
+        pytest.skip("the C++ LSTM kernels are not built")
+    lstm = pykernels.nn.LSTM(5, 7)
+    x = torch.randn(6, 40, 5)
+    for cap, with_grad in (("AVX2", "cpu"), ("AVX512", "torch"), ("DEFAULT", "torch")):
+        monkeypatch.setattr(pykernels._native, "CPU_CAPABILITY", cap)
+        lstm(x)
+        assert pykernels.last_dispatch["lstm"][0] == with_grad, cap
+        with torch.no_grad():
+            lstm(x)
+        assert pykernels.last_dispatch["lstm"][0] == "torch", cap
 
 
 def test_cpu_small_cross_entropy_runs_torch_large_runs_ours(monkeypatch):
