@@ -264,7 +264,10 @@ NATIVE_FASTER_BELOW: Dict[str, Dict[str, tuple]] = {
                 "(bench/results/"
                 "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-080559.json; an "
                 "earlier run of the same kernel, 1.14x at 2^20 without a gradient: bench/results/history/"
-                "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-052819.json)")},
+                "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-052819.json); on an "
+                "AVX2-only CPU the same crossover: 0.52x at 2^16, 0.92x at 2^18, 2.50x at 2^20, 14.3x at 2^27 with a "
+                "gradient, 0.26x, 0.69x, 1.34x, 6.7x without "
+                "(bench/results/cpu-cross_entropy-avx2-20261205-104540.json)")},
 }
 
 
