@@ -79,8 +79,8 @@ def environment(device: torch.device) -> dict:
         # the same CPU name can hide different vector units (VMs sold as "AMD EPYC" with and without AVX-512), and
         # torch's 16-bit CPU paths depend on them: record torch's capability and oneDNN's native 16-bit dtypes
         from pykernels import _native
-        cap = torch.backends.cpu.get_cpu_capability()
-        env.update(device_name=f"{_cpu_name()} ({cap})", cpu=_cpu_name(), threads=torch.get_num_threads(),
+        cap, name = torch.backends.cpu.get_cpu_capability(), _cpu_name()
+        env.update(device_name=f"{name} ({cap})", cpu=name, threads=torch.get_num_threads(),
                    cores=os.cpu_count(), cpu_capability=cap,
                    onednn_dtypes=sorted(str(d).replace("torch.", "") for d in _native.ONEDNN_DTYPES))
     return env

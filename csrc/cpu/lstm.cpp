@@ -386,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
     return {dx, dh, dcx, dw_ih, dw_hh, db};
   }
-  // BLAS in cpu_gemm_dtype (the GEMM dtype of ops/lstm.py's gemm_dtype); dg (fp32/fp64) rounded to it once.
+  // BLAS in cpu_gemm_dtype (Python's _native.gemm_dtype, as ops/lstm.py's _weight_grads); dg rounded to it once.
   const auto g = cpu_gemm_dtype(dt);
   const at::Tensor d = dg.to(g);
   if (input_grad) dx = d.mm(w_ih.to(g)).to(dt);

@@ -145,7 +145,7 @@ def backward(k: Kernels, input: Tensor, linear_weight: Tensor, linear_bias: Opti
         gb.zero_()
         return gx, gw, gb
     g = _native.gemm_dtype(input)  # CPU 16-bit without fast GEMMs in it: dW from fp32 GEMMs on converted operands
-    xg = input.to(g)
+    xg = input.to(g) if weight_grad else None
     chunk = chunk_columns(N, V, input.element_size(), k.chunk_align)
     buf = torch.empty(N, chunk, device=dev, dtype=input.dtype)
     dbp = torch.empty(-(-N // k.db_rows), chunk, device=dev, dtype=acc) if want_db else None

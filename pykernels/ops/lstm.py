@@ -313,8 +313,7 @@ def _layer_backward(ctx, g_out, g_hn, g_cn, g_ws):
     if n[4]:
         # h_{t-1} of every step in the order of dg: forward reads out[t-1] (h0 at t = 0), reverse out[t+1]
         hprev = torch.cat([h0[None], out[:-1]]) if not reverse else torch.cat([out[1:], h0[None]])
-        g = gemm_dtype(w_hh)
-        dwhh = (dg2.to(g).t() @ hprev.reshape(T * B, -1).to(g)).to(w_hh.dtype)
+        _, dwhh = _weight_grads(dg2, hprev.reshape(T * B, -1), w_hh, False, True)
     db = dg2.sum(0).to(w_ih.dtype) if has_bias and (n[5] or n[6]) else None
     return (dx.reshape(x.shape) if dx is not None else None, dh0.to(h0.dtype) if n[1] else None,
             dc0.to(c0.dtype) if n[2] else None, dwih, dwhh, db if n[5] else None, db if n[6] else None, None, None)
