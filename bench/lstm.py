@@ -28,6 +28,8 @@ PRESETS = {  # (device type, quick) -> [(T, B, I, H)]
 # --preset small-batch: where the C++ CPU sequence kernel and oneDNN cross over (backends.OURS_FASTER_DTYPE)
 NAMED_PRESETS = {
     "small-batch": [{"T": 64, "B": b, "I": h, "H": h} for h in (128, 256, 512) for b in (1, 2, 4, 8)],
+    # --preset large-hidden: whether those rules, measured up to H=512, hold where W_hh (4H x H) outgrows the caches
+    "large-hidden": [{"T": 64, "B": b, "I": h, "H": h} for h in (768, 1024) for b in (1, 8, 64)],
 }
 
 
