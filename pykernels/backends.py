@@ -208,9 +208,12 @@ OURS_WITHOUT_ONEDNN: Dict[str, Dict[torch.dtype, str]] = {
     "lstm": {torch.bfloat16: "without oneDNN bf16 torch's CPU LSTM runs bf16 GEMM loops: on an AVX2-only AMD EPYC, "
                              "2 cores, T=64, H=128-512, B=1-64, the C++ sequence kernel (fp32 GEMMs on converted "
                              "operands) measured 3.7-9.9x its speed forward and 13.6-60x forward+backward (torch's "
-                             "own bf16 gradients at H=256, B=2-8 missed the harness's tolerance, untimed) "
+                             "own bf16 gradients at H=256, B=2-8 missed the harness's tolerance, untimed); at "
+                             "H=768-1024, B=1-64 2.9-7.2x forward, 34x and 86x forward+backward where torch's "
+                             "gradients passed (B=1 H=768, B=64 H=1024: 1.0 and 129 s a call) "
                              "(bench/results/cpu-lstm-bfloat16-avx2-20261205-095910.json, "
-                             "bench/results/cpu-lstm-bfloat16-small-batch-avx2-20261205-100215.json)"},
+                             "bench/results/cpu-lstm-bfloat16-small-batch-avx2-20261205-100215.json, "
+                             "bench/results/cpu-lstm-bfloat16-large-hidden-avx2-20261205-130103.json)"},
     "lstm_cell": {torch.bfloat16: "without oneDNN bf16 torch's CPU cell runs bf16 GEMM loops: on an AVX2-only AMD "
                                   "EPYC, 2 cores, I=H=256, the C++ cell measured 1.56-3.24x its speed forward and "
                                   "4.2-28.7x forward+backward at B=1-64 "
@@ -225,10 +228,12 @@ OURS_FASTER_DTYPE_AVX2: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
         torch.float32: (1 << 62, 0, "on an x86 CPU without AVX-512 (a 2-core AVX2 AMD EPYC) the persistent C++ "
                                     "sequence kernel measured 0.98-1.39x oneDNN's speed forward+backward at T=64, "
                                     "B=1-64, H=128-512 (below 1.0 only 0.98x and 0.99x at H=512, B=1 and 8), so "
-                                    "calls with a gradient run ours at every batch size; the forward alone "
-                                    "0.86-1.72x (0.86-0.94x at H=512), so calls without one stay torch's "
+                                    "calls with a gradient run ours at every batch size; at H=768 and 1024 "
+                                    "0.98-1.68x (B=1, 8, 64); the forward alone 0.86-1.72x (0.78-1.24x at "
+                                    "H=512-1024), so calls without one stay torch's "
                                     "(bench/results/cpu-lstm-avx2-20261205-101416.json, "
-                                    "bench/results/cpu-lstm-small-batch-avx2-20261205-101549.json)")}},
+                                    "bench/results/cpu-lstm-small-batch-avx2-20261205-101549.json, "
+                                    "bench/results/cpu-lstm-large-hidden-avx2-20261205-121415.json)")}},
 }
 
 
