@@ -67,10 +67,39 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Device nodes of a GPU driver (NVIDIA, AMD ROCm, WSL2's): looked for instead of asking torch.cuda.is_available(),
+# which initialises CUDA (cuInit) and so would make every importing process unsafe to fork.
+_GPU_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
+def triton_kernel_modules(*names: str) -> tuple:
+    """(the modules pykernels.triton.<name>, None), or (None, why the Triton ops of an ops module are not
+    registered). Where no GPU can exist and the interpreter is off, the Triton backend cannot run a single call,
+    and registering its ops would cost every ``import pykernels`` over a second (torch.library.triton_op imports
+    torch._inductor): they are skipped there, and available_backends() says why."""
+    import importlib
+    import sys
+    if not triton_interpreted():
+        where = None
+        if torch.version.cuda is None and torch.version.hip is None:
+            where = "torch is a CPU-only build"
+        elif sys.platform.startswith("linux") and not any(os.path.exists(p) for p in _GPU_NODES):
+            where = "this machine has no GPU (none of " + ", ".join(_GPU_NODES) + ")"
+        if where:
+            return None, (f"the Triton ops are not registered: {where} and TRITON_INTERPRET was not 1 at import "
+                          "(registering them imports torch._inductor, over a second)")
+    try:
+        return [importlib.import_module(f"pykernels.triton.{n}") for n in names], None
+    except Exception as e:  # no triton, or a triton too old for the kernels
+        return None, f"{type(e).__name__}: {e}"
+
+
 def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` at all (None: it can)."""
     if backend == "reference":
         return None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device here (torch.cuda.is_available() is False)"
     if backend == "cpu":
         if device.type != "cpu":
             return f"the cpu backend runs on CPU tensors, got {device.type}"

@@ -56,11 +56,14 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ void grid_barrier(unsigned int* counter, unsigned int target) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(counter) : "memory");
+    // .global instructions take a global-space address: converted from the generic pointer (the same bits in
+    // practice, but the ISA leaves a generic one undefined there). Generic forms would cost an ATOM for the RED.
+    const size_t gcounter = __cvta_generic_to_global(counter);
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(gcounter) : "memory");
     long long spins = 0;
     unsigned int seen;
     while (true) {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(gcounter) : "memory");
       if (seen >= target) break;
       if (++spins > kSpinLimit) __trap();
       __nanosleep(20);

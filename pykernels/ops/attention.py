@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import backends
 from ..reference import attention as _ref
 from . import _higher_order
 from ._eager import EagerOp
@@ -44,12 +45,9 @@ def _bwd_fake(grad_out, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, max
 
 KERNELS = {}  # backend -> (fwd, bwd) op overloads
 
-triton_import_error: Optional[str] = None
-try:
-    from ..triton import attention as _ta
-except Exception as e:  # no triton, or a triton too old for the kernels
-    triton_import_error = f"{type(e).__name__}: {e}"
-else:
+_mods, triton_import_error = backends.triton_kernel_modules("attention")
+if _mods:
+    _ta, = _mods
     torch.library.triton_op("pykernels::attention_fwd_triton", mutates_args=())(_ta.attention_fwd)
     torch.library.triton_op("pykernels::attention_bwd_triton", mutates_args=())(_ta.attention_bwd)
     KERNELS["triton"] = (torch.ops.pykernels.attention_fwd_triton.default,
@@ -140,4 +138,6 @@ attention = EagerOp(attention_op, _attention, _setup_context, _backward)
 
 def dropout_mask(seed: Tensor, B: int, H: int, L: int, S: int, dropout_p: float) -> Tensor:
     """The (B, H, L, S) keep-mask the Triton kernels apply for a dense call with this seed."""
-    return _ta.dropout_mask(seed, B, H, L, S, dropout_p)
+    if not _mods:
+        raise backends.BackendUnavailableError(f"dropout_mask runs the Triton kernel: {triton_import_error}")
+    return _mods[0].dropout_mask(seed, B, H, L, S, dropout_p)

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _ext
+from .. import _ext, backends
 from ..reference import cross_entropy as _ref
 from . import _higher_order
 from ._eager import EagerOp, tracing
@@ -67,12 +67,9 @@ if _ext.loaded():
             torch.ops.pykernels.cross_entropy_scale_grad_.default)
     KERNELS["cpu"] = KERNELS["cuda"] = _cpp
 
-triton_import_error: Optional[str] = None
-try:
-    from ..triton import cross_entropy as _tk
-except Exception as e:  # no triton, or a triton too old for the kernels
-    triton_import_error = f"{type(e).__name__}: {e}"
-else:
+_mods, triton_import_error = backends.triton_kernel_modules("cross_entropy")
+if _mods:
+    _tk, = _mods
     _tfwd = torch.library.triton_op("pykernels::cross_entropy_fwd_triton", mutates_args=())(_tk.cross_entropy_fwd)
     _tbwd = torch.library.triton_op("pykernels::cross_entropy_bwd_triton", mutates_args=())(_tk.cross_entropy_bwd)
     _tscale = torch.library.triton_op("pykernels::cross_entropy_scale_grad__triton",

@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _native
+from .. import _native, backends
 from ..reference import linear_cross_entropy as _ref
 from . import _higher_order
 from . import linear_cross_entropy_launch as _launch
@@ -42,19 +42,15 @@ acc_dtype = _launch.acc_dtype
 
 KERNELS = {"reference": (_ref.linear_cross_entropy_fwd, _ref.linear_cross_entropy_bwd)}
 
-triton_import_error: Optional[str] = None
-try:
-    from ..triton import linear_cross_entropy as _tk
-except Exception as e:  # no triton, or a triton too old for the kernels
-    triton_import_error = f"{type(e).__name__}: {e}"
-else:
+_mods, triton_import_error = backends.triton_kernel_modules("linear_cross_entropy", "linear_cross_entropy_fused")
+if _mods:
+    _tk, _tkf = _mods
     torch.library.triton_op("pykernels::linear_cross_entropy_fwd_triton", mutates_args=())(
         _tk.linear_cross_entropy_fwd)
     torch.library.triton_op("pykernels::linear_cross_entropy_bwd_triton", mutates_args=())(
         _tk.linear_cross_entropy_bwd)
     KERNELS["triton"] = (torch.ops.pykernels.linear_cross_entropy_fwd_triton.default,
                          torch.ops.pykernels.linear_cross_entropy_bwd_triton.default)
-    from ..triton import linear_cross_entropy_fused as _tkf
     torch.library.triton_op("pykernels::linear_cross_entropy_fused_triton", mutates_args=())(
         _tkf.linear_cross_entropy_fused)
 

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _ext, _native
+from .. import _ext, _native, backends
 from ..reference import lstm as _ref
 from . import _higher_order
 from ._eager import EagerOp
@@ -150,13 +150,9 @@ else:
         if torch._C._dispatch_has_kernel_for_dispatch_key("pykernels::lstm_layer_fwd", "CUDA"):
             LAYER["cuda"] = LAYER["cpu"]  # the same ops; the CUDA build adds the persistent kernels
 
-triton_import_error: Optional[str] = None
-try:
-    from ..triton import lstm as _tk
-    from ..triton import lstm_layer as _tkl
-except Exception as e:  # no triton, or a triton too old for the kernels
-    triton_import_error = f"{type(e).__name__}: {e}"
-else:
+_mods, triton_import_error = backends.triton_kernel_modules("lstm", "lstm_layer")
+if _mods:
+    _tk, _tkl = _mods
     torch.library.triton_op("pykernels::lstm_cell_fwd_triton", mutates_args=())(_tk.lstm_cell_fwd)
     torch.library.triton_op("pykernels::lstm_cell_bwd_triton", mutates_args=())(_tk.lstm_cell_bwd)
     torch.library.triton_op("pykernels::lstm_layer_fwd_triton", mutates_args=())(_tkl.lstm_layer_fwd)

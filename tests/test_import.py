@@ -1,0 +1,86 @@
+"""What ``import pykernels`` does and costs. Registering the Triton ops (torch.library.triton_op) imports
+torch._inductor, over a second of every import; where no GPU can exist and the interpreter is off, the Triton backend
+cannot run a single call, so the ops are not registered there and available_backends() says why."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from pykernels import backends
+
+_OPS = ("attention", "cross_entropy", "linear_cross_entropy", "lstm")
+
+_SCRIPT = f"""
+import json, sys
+sys.path.insert(0, {ROOT!r})
+import pykernels, pykernels.ops as ops
+print(json.dumps({{"inductor": "torch._inductor" in sys.modules,
+                  "errors": {{m: getattr(ops, m).triton_import_error for m in {_OPS!r}}},
+                  "cpu": pykernels.available_backends("cpu"), "cuda": pykernels.available_backends("cuda")}}))
+"""
+
+
+def _import_without_interpreter() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine without a GPU")
+def test_import_without_a_gpu_skips_the_triton_ops():
+    pytest.importorskip("triton")
+    out = _import_without_interpreter()
+    if any(os.path.exists(p) for p in backends._GPU_NODES) and torch.version.cuda is not None:
+        pytest.skip("a GPU driver's device node exists here: the ops are registered (the GPU machine's case)")
+    assert not out["inductor"], "import pykernels imported torch._inductor"
+    for m, why in out["errors"].items():
+        assert why and "Triton ops are not registered" in why and "TRITON_INTERPRET" in why, (m, why)
+    assert out["cpu"]["triton"] == "triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    assert out["cpu"]["cpu"] is None and out["cpu"]["reference"] is None
+    assert out["cuda"]["triton"] == out["cuda"]["cuda"] == "no CUDA device here (torch.cuda.is_available() is False)"
+    assert out["cuda"]["reference"] is None
+
+
+@pytest.mark.gpu
+def test_import_with_a_gpu_registers_the_triton_ops():
+    pytest.importorskip("triton")
+    out = _import_without_interpreter()
+    assert out["errors"] == {m: None for m in _OPS}
+    assert out["cuda"]["triton"] is None
+
+
+def test_triton_kernel_modules_registers_wherever_a_call_could_run(monkeypatch, tmp_path):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(backends, "_GPU_NODES", (str(tmp_path / "absent"),))
+    mods, why = backends.triton_kernel_modules("cross_entropy")
+    if sys.platform.startswith("linux"):
+        assert mods is None and "this machine has no GPU" in why and str(tmp_path / "absent") in why
+    monkeypatch.setattr(backends, "_GPU_NODES", (str(tmp_path),))  # a driver's node exists: register
+    mods, why = backends.triton_kernel_modules("cross_entropy", "lstm")
+    assert why is None and [m.__name__ for m in mods] == ["pykernels.triton.cross_entropy", "pykernels.triton.lstm"]
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    mods, why = backends.triton_kernel_modules("cross_entropy")
+    assert mods is None and "torch is a CPU-only build" in why
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs them on CPU tensors: register
+    mods, why = backends.triton_kernel_modules("cross_entropy")
+    assert why is None and mods[0].__name__ == "pykernels.triton.cross_entropy"
+    mods, why = backends.triton_kernel_modules("no_such_kernels")
+    assert mods is None and why.startswith("ModuleNotFoundError")
+
+
+def test_dropout_mask_names_why_without_the_triton_ops(monkeypatch):
+    from pykernels.ops import attention as ops
+    monkeypatch.setattr(ops, "_mods", None)
+    monkeypatch.setattr(ops, "triton_import_error", "the Triton ops are not registered: a reason")
+    with pytest.raises(backends.BackendUnavailableError, match="dropout_mask runs the Triton kernel: the Triton ops"):
+        ops.dropout_mask(torch.tensor([1]), 1, 1, 2, 2, 0.5)
