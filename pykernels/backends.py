@@ -67,9 +67,10 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Device nodes of a GPU driver (NVIDIA, AMD ROCm, WSL2's): looked for instead of asking torch.cuda.is_available(),
-# which initialises CUDA (cuInit) and so would make every importing process unsafe to fork.
-_GPU_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+# Files of a GPU driver (NVIDIA's device nodes or proc entry, AMD ROCm's, WSL2's), glob patterns: looked for instead
+# of asking torch.cuda.is_available(), which initialises CUDA (cuInit) and so would make every importing process
+# unsafe to fork. PYKERNELS_REGISTER_TRITON=1 registers the Triton ops regardless.
+_GPU_NODES = ("/dev/nvidia*", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
 
 
 def triton_kernel_modules(*names: str) -> tuple:
@@ -79,15 +80,17 @@ def triton_kernel_modules(*names: str) -> tuple:
     torch._inductor): they are skipped there, and available_backends() says why."""
     import importlib
     import sys
-    if not triton_interpreted():
+    if not triton_interpreted() and os.environ.get("PYKERNELS_REGISTER_TRITON") != "1":
+        import glob
         where = None
         if torch.version.cuda is None and torch.version.hip is None:
             where = "torch is a CPU-only build"
-        elif sys.platform.startswith("linux") and not any(os.path.exists(p) for p in _GPU_NODES):
+        elif sys.platform.startswith("linux") and not any(glob.glob(p) for p in _GPU_NODES):
             where = "this machine has no GPU (none of " + ", ".join(_GPU_NODES) + ")"
         if where:
             return None, (f"the Triton ops are not registered: {where} and TRITON_INTERPRET was not 1 at import "
-                          "(registering them imports torch._inductor, over a second)")
+                          "(registering them imports torch._inductor, over a second; PYKERNELS_REGISTER_TRITON=1 "
+                          "registers them anyway)")
     try:
         return [importlib.import_module(f"pykernels.triton.{n}") for n in names], None
     except Exception as e:  # no triton, or a triton too old for the kernels

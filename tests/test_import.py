@@ -3,6 +3,7 @@ torch._inductor, over a second of every import; where no GPU can exist and the i
 cannot run a single call, so the ops are not registered there and available_backends() says why."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -26,8 +27,9 @@ print(json.dumps({{"inductor": "torch._inductor" in sys.modules,
 """
 
 
-def _import_without_interpreter() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _import_without_interpreter(**extra_env: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYKERNELS_REGISTER_TRITON")}
+    env.update(extra_env)
     p = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -37,7 +39,7 @@ def _import_without_interpreter() -> dict:
 def test_import_without_a_gpu_skips_the_triton_ops():
     pytest.importorskip("triton")
     out = _import_without_interpreter()
-    if any(os.path.exists(p) for p in backends._GPU_NODES) and torch.version.cuda is not None:
+    if any(glob.glob(p) for p in backends._GPU_NODES) and torch.version.cuda is not None:
         pytest.skip("a GPU driver's device node exists here: the ops are registered (the GPU machine's case)")
     assert not out["inductor"], "import pykernels imported torch._inductor"
     for m, why in out["errors"].items():
@@ -46,6 +48,8 @@ def test_import_without_a_gpu_skips_the_triton_ops():
     assert out["cpu"]["cpu"] is None and out["cpu"]["reference"] is None
     assert out["cuda"]["triton"] == out["cuda"]["cuda"] == "no CUDA device here (torch.cuda.is_available() is False)"
     assert out["cuda"]["reference"] is None
+    out = _import_without_interpreter(PYKERNELS_REGISTER_TRITON="1")  # the override registers them all the same
+    assert out["errors"] == {m: None for m in _OPS} and out["inductor"]
 
 
 @pytest.mark.gpu
@@ -67,10 +71,16 @@ def test_triton_kernel_modules_registers_wherever_a_call_could_run(monkeypatch, 
     monkeypatch.setattr(backends, "_GPU_NODES", (str(tmp_path),))  # a driver's node exists: register
     mods, why = backends.triton_kernel_modules("cross_entropy", "lstm")
     assert why is None and [m.__name__ for m in mods] == ["pykernels.triton.cross_entropy", "pykernels.triton.lstm"]
+    monkeypatch.setattr(backends, "_GPU_NODES", (str(tmp_path / "nvidia*"),))  # patterns: /dev/nvidia0 alone
+    (tmp_path / "nvidia0").touch()
+    assert backends.triton_kernel_modules("cross_entropy")[1] is None
     monkeypatch.setattr(torch.version, "cuda", None)
     monkeypatch.setattr(torch.version, "hip", None)
     mods, why = backends.triton_kernel_modules("cross_entropy")
-    assert mods is None and "torch is a CPU-only build" in why
+    assert mods is None and "torch is a CPU-only build" in why and "PYKERNELS_REGISTER_TRITON=1" in why
+    monkeypatch.setenv("PYKERNELS_REGISTER_TRITON", "1")  # the user's override
+    assert backends.triton_kernel_modules("cross_entropy")[1] is None
+    monkeypatch.delenv("PYKERNELS_REGISTER_TRITON")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs them on CPU tensors: register
     mods, why = backends.triton_kernel_modules("cross_entropy")
     assert why is None and mods[0].__name__ == "pykernels.triton.cross_entropy"
