@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
+import importlib
 import logging
 import os
+import sys
 from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
@@ -78,10 +81,7 @@ def triton_kernel_modules(*names: str) -> tuple:
     registered). Where no GPU can exist and the interpreter is off, the Triton backend cannot run a single call,
     and registering its ops would cost every ``import pykernels`` over a second (torch.library.triton_op imports
     torch._inductor): they are skipped there, and available_backends() says why."""
-    import importlib
-    import sys
     if not triton_interpreted() and os.environ.get("PYKERNELS_REGISTER_TRITON") != "1":
-        import glob
         where = None
         if torch.version.cuda is None and torch.version.hip is None:
             where = "torch is a CPU-only build"
@@ -101,8 +101,6 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` at all (None: it can)."""
     if backend == "reference":
         return None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device here (torch.cuda.is_available() is False)"
     if backend == "cpu":
         if device.type != "cpu":
             return f"the cpu backend runs on CPU tensors, got {device.type}"
@@ -176,6 +174,9 @@ def available_backends(device: Optional[torch.device | str] = None) -> Dict[str,
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():  # asked here, not per call: a CUDA tensor proves it
+        return {b: None if b == "reference" else "no CUDA device here (torch.cuda.is_available() is False)"
+                for b in BACKENDS}
     return {b: _device_reason(b, device) for b in BACKENDS}
 
 
