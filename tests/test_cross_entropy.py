@@ -15,6 +15,7 @@ from pykernels.testing import assert_error_rule, max_abs_err
 from conftest import backend_params, require_backend
 
 BACKENDS = backend_params()
+CPU_KERNELS = pykernels.available_backends("cpu")["cpu"] is None
 DTYPES = {  # dtypes each backend is tested in; bf16 is not tested under the interpreter (TOOLCHAIN.md)
     ("reference", "cpu"): [torch.float32, torch.float64],
     ("cpu", "cpu"): [torch.float32, torch.float64, torch.bfloat16],
@@ -222,6 +223,29 @@ def test_extreme_logits(backend, device):
     assert torch.isnan(loss[2]) and bool(torch.isfinite(loss[[0, 1, 3, 4, 5]]).all())
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_non_finite_logits_as_torch(backend, device, fused, smoothing):
+    """Rows with +inf, NaN, a -inf target logit or only -inf: loss and gradient as torch's (NaN where it is NaN,
+    inf where it is inf), next to an ordinary row that must stay untouched."""
+    _setup(backend, device, torch.float32)
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[0.0, inf, 1.0, 2.0], [inf, 0.0, 1.0, 2.0], [-inf, 0.0, 1.0, 2.0], [-inf, -inf, -inf, -inf],
+                      [0.0, nan, 1.0, 2.0], [0.5, -1.0, 1.0, 2.0]], device=device)
+    t = torch.tensor([0, 0, 0, 1, 0, 3], device=device)
+    xx = x.clone().requires_grad_()
+    loss = pykernels.functional.cross_entropy(xx, t, reduction="none", label_smoothing=smoothing, fused=fused,
+                                              backend=backend)
+    g = torch.arange(1.0, 7.0, device=device)
+    loss.backward(g)
+    xt = x.clone().requires_grad_()
+    base = F.cross_entropy(xt, t, reduction="none", label_smoothing=smoothing)
+    base.backward(g)
+    torch.testing.assert_close(loss, base, equal_nan=True)
+    torch.testing.assert_close(xx.grad, xt.grad, equal_nan=True)
+
+
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpu"])
 def test_cpu_forward_streaming_pass(backend, device):
     """The CPU forward without a gradient streams each row in chunks with a running max: a first chunk of masked
@@ -303,10 +327,39 @@ def test_legacy_reduction_arguments():
         torch.testing.assert_close(got, expected)
 
 
+def test_weight_that_requires_grad_gets_its_gradient():
+    """The kernels treat the class weight as a constant: a weight that requires grad goes to the reference (which
+    torch's autograd differentiates), visibly; with probability targets torch has that gradient too."""
+    x = torch.randn(6, 5, requires_grad=True)
+    p = torch.softmax(torch.randn(6, 5), 1)
+    w = (torch.rand(5) + 0.5).requires_grad_()
+    with pykernels.use_backend("cpu"):
+        loss = pykernels.functional.cross_entropy(x, p, weight=w, label_smoothing=0.1)
+    ran, skipped = pykernels.last_dispatch["cross_entropy"]
+    assert ran == "reference" and "weight" in skipped["cpu"]
+    loss.backward()
+    xt, wt = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    F.cross_entropy(xt, p, weight=wt, label_smoothing=0.1).backward()
+    torch.testing.assert_close(w.grad, wt.grad)
+    torch.testing.assert_close(x.grad, xt.grad)
+    with pytest.raises(pykernels.BackendUnavailableError, match="weight"):
+        pykernels.functional.cross_entropy(x, p, weight=w, backend="cpu")
+    with torch.no_grad():  # no gradient asked: the kernels run
+        pykernels.functional.cross_entropy(x, p, weight=w, backend="reference" if not CPU_KERNELS else "cpu")
+
+
 def test_uint8_targets_and_empty_batch():
     x = torch.randn(5, 4)
     t = torch.randint(0, 4, (5,), dtype=torch.uint8)
     torch.testing.assert_close(pykernels.functional.cross_entropy(x, t), F.cross_entropy(x, t))
+    # compared as int64, not in uint8 (where 255 == -1): an out-of-range 255 raises, a valid 255 is not ignored
+    for backend in ("cpu", "reference"):
+        t[1] = 255
+        with pytest.raises(IndexError, match="out of bounds"):
+            pykernels.functional.cross_entropy(x, t, ignore_index=-1, backend=backend)
+        xl = torch.randn(5, 300)
+        torch.testing.assert_close(pykernels.functional.cross_entropy(xl, t, ignore_index=-1, backend=backend),
+                                   F.cross_entropy(xl, t.long(), ignore_index=-1))
     e = torch.randn(0, 4)
     assert torch.isnan(pykernels.functional.cross_entropy(e, torch.zeros(0, dtype=torch.long)))
     assert pykernels.functional.cross_entropy(e, torch.zeros(0, dtype=torch.long), reduction="none").shape == (0,)

@@ -386,6 +386,38 @@ def test_bad_arguments_name_the_argument():
                              else "reference")
 
 
+def test_weight_that_requires_grad_gets_its_gradient():
+    """The kernels treat the class weight as a constant: a weight that requires grad goes to the reference,
+    visibly, and gets the gradient of the weighted mean."""
+    x, W, t = torch.randn(7, 4, dtype=torch.float64, requires_grad=True), torch.randn(5, 4, dtype=torch.float64), \
+        torch.randint(0, 5, (7,))
+    w = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_()
+    with pykernels.use_backend("cpu"):
+        loss = linear_cross_entropy(x, W, t, weight=w)
+    ran, skipped = pykernels.last_dispatch["linear_cross_entropy"]
+    assert ran == "reference" and "weight" in skipped["cpu"]
+    loss.backward()
+    wt = w.detach().clone().requires_grad_()
+    nll = -torch.log_softmax(x.detach() @ W.T, 1).gather(1, t[:, None])[:, 0]
+    (torch.sum(wt[t] * nll) / torch.sum(wt[t])).backward()  # torch's weighted mean, written out
+    torch.testing.assert_close(w.grad, wt.grad)
+    with pytest.raises(pykernels.BackendUnavailableError, match="weight"):
+        linear_cross_entropy(x, W, t, weight=w, backend="cpu")
+
+
+def test_uint8_targets_and_non_tensor_arguments():
+    x, W = torch.randn(5, 4), torch.randn(300, 4)
+    t = torch.randint(0, 255, (5,), dtype=torch.uint8)
+    t[1] = 255  # a valid class of 300, not ignore_index -1 (uint8's 255 == -1)
+    torch.testing.assert_close(linear_cross_entropy(x, W, t, ignore_index=-1),
+                               F.cross_entropy(x @ W.T, t.long(), ignore_index=-1))
+    with pytest.raises(IndexError, match="out of bounds"):
+        linear_cross_entropy(x, W[:200], t, ignore_index=-1)
+    for args, name in (([[1.0]], W, t), "input"), ((x, [[1.0]], t), "linear_weight"), ((x, W, [1]), "target"):
+        with pytest.raises(TypeError, match=name):
+            linear_cross_entropy(*args)
+
+
 def test_backend_choice():
     x, W, t = torch.randn(3, 4), torch.randn(5, 4), torch.randint(0, 5, (3,))
     linear_cross_entropy(x, W, t)

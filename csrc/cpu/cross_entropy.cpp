@@ -139,7 +139,7 @@ struct RowKernel {
         relative_sums(lse, A_row, unused);
       }
       at::vec::map([lse](Vec v) { return (v - Vec(lse)).exp_u20(); }, buf, vals, C);
-      inv_sum = 1;
+      inv_sum = std::isfinite(lse) ? acc_t(1) : nan;  // see below: exp_u20 does not carry a NaN through
     } else {
       acc_t m, s, A = 0, sum_wd = 0;
       if (g) {  // the probabilities stay in buf for the gradient pass
@@ -150,6 +150,9 @@ struct RowKernel {
         online_max_sum(vals, C, m, s);
         relative_sums(m, A, sum_wd);
       }
+      // A NaN or +inf logit, or a row of -inf only: torch's log_softmax is NaN across the row, so are the loss and
+      // the gradient here. Through s, because exp_u20 maps NaN (e.g. inf - inf) to a number, not to NaN.
+      if (!std::isfinite(m)) s = nan;
       const acc_t log_s = std::log(s);
       lse = m + log_s;
       inv_sum = acc_t(1) / s;

@@ -153,10 +153,13 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CrossE
 
     // Pass 1 (forward): lse and the weighted sums. Backward: only the target sums, lse is saved.
     RowSums v{{-INFINITY, 0.f}, 0.f, 0.f, 0.f};
-    float pivot = 0.f;
+    float pivot = 0.f, x_off = 0.f;  // x_off: a non-finite target logit, subtracted from lse as it is
     if (MODE != kBwd) {
       pivot = PROB ? to_f(row[0]) : (ignored || invalid ? 0.f : to_f(row[y * a.sc]));
-      if (!isfinite(pivot)) pivot = 0.f;
+      if (!isfinite(pivot)) {
+        if (!PROB) x_off = pivot;
+        pivot = 0.f;
+      }
       for_each_class(row, C, a.sc, [&](int64_t c0, const auto& xs, int n) {
         v.ms.add_vec(xs, n);
         if (PROB || eps > 0.f) {
@@ -195,7 +198,7 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CrossE
         loss = nan;
       } else {
         const float wy = w ? w[y] : 1.f;
-        loss = wy * (1.f - eps) * rel;
+        loss = wy * (1.f - eps) * (rel - x_off);
         if (eps > 0.f) loss += eps / C * (W * rel - s.wx);
       }
       if (zl > 0.f && !ignored && !invalid) loss += zl * lse * lse;

@@ -80,6 +80,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) cross_entropy_cluster_kernel(c
   const int64_t y = a.target_index[r];
   const bool ignored = y == a.ignore_index, invalid = !ignored && (y < 0 || y >= C), skip = ignored || invalid;
   float pivot = skip ? 0.f : to_f(row[y]);
+  const float x_off = isfinite(pivot) ? 0.f : pivot;  // a non-finite target logit, subtracted from lse as it is
   if (!isfinite(pivot)) pivot = 0.f;
 
   // This CTA's chunk [c0, c1). Chunks start on 16-byte boundaries relative to the row; the row itself may be
@@ -184,7 +185,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) cross_entropy_cluster_kernel(c
     } else if (invalid) {
       loss = __int_as_float(0x7fffffff);
     } else {
-      loss = (w ? w[y] : 1.f) * (1.f - eps) * rel;
+      loss = (w ? w[y] : 1.f) * (1.f - eps) * (rel - x_off);
       if (eps > 0.f) loss += eps / C * (W * rel - s.wx);
       if (zl > 0.f) loss += zl * lse * lse;
     }

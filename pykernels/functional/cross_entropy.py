@@ -130,6 +130,9 @@ def _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_
                    fused, backend, out_dtype):
     C = input.shape[0 if input.dim() == 1 else 1]
     needs_grad = torch.is_grad_enabled() and input.requires_grad
+    if not probs:  # int64 before any comparison: a uint8 255 must not equal ignore_index -1
+        target = target.to(torch.int64)
+        _check_target_range(target, C, ignore_index)
 
     def unsupported(b: str) -> Optional[str]:
         if b == "reference":
@@ -140,6 +143,8 @@ def _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_
             return "empty input"
         if probs and target.requires_grad:
             return "gradient with respect to probability targets is only implemented by the reference"
+        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+            return "gradient with respect to weight is only implemented by the reference"
         if b in _ce.KERNELS:
             return None
         return _ce.triton_import_error if b == "triton" else "kernel ops are not registered"
@@ -154,10 +159,8 @@ def _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_
                                           label_smoothing, z_loss)
         return (loss, lse.detach()) if return_lse else loss
 
-    if not probs:
-        _check_target_range(target, C, ignore_index)
     x = _canonical(input)
-    t = _canonical(target.to(input.dtype)) if probs else target.reshape(-1).to(torch.int64)
+    t = _canonical(target.to(input.dtype)) if probs else target.reshape(-1)
     w = None if weight is None else weight.detach().to(_ce.acc_dtype(input.dtype)).contiguous()
     if fused is None:
         fused = reduction != "none"

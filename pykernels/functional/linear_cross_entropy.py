@@ -51,12 +51,16 @@ def _check_options(reduction: str, label_smoothing: float, z_loss: float, softca
     _finite_nonneg("softcap", softcap)
 
 
-def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
-                z_loss, softcap):
-    """Validates the call; returns (logits_shape, probs, out_features)."""
+def _check_tensors(input, linear_weight, target) -> None:
     for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(f"linear_cross_entropy: {name} must be a Tensor, got {type(t).__name__}")
+
+
+def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+                z_loss, softcap):
+    """Validates the call; returns (logits_shape, probs, out_features)."""
+    _check_tensors(input, linear_weight, target)
     if not input.dtype.is_floating_point:
         raise TypeError(f"linear_cross_entropy: input must be floating point, got {input.dtype}")
     if input.dim() < 1:
@@ -110,8 +114,9 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
     if target.dtype.is_floating_point:
         raise ValueError(f"linear_cross_entropy: a floating target must have the logits' shape {logits_shape} "
                          f"(class probabilities), got {tuple(target.shape)}")
-    if target.dtype != torch.int64:
-        raise TypeError(f"linear_cross_entropy: class-index target must be int64 (torch.long), got {target.dtype}")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise TypeError(f"linear_cross_entropy: class-index target must be int64 (torch.long) or uint8, got "
+                        f"{target.dtype}")
     expected = (*batch, *out_features)
     if tuple(target.shape) != expected:
         raise ValueError(f"linear_cross_entropy: target must have shape {expected} for input of shape "
@@ -184,6 +189,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     Under ``torch.autocast``, as torch's linear then cross_entropy: input, linear_weight and linear_bias are cast
     to the autocast dtype (the projection runs in it) and the loss is float32.
     """
+    _check_tensors(input, linear_weight, target)  # before autocast reads input.device
     if not _autocast.enabled(input):
         return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                                      label_smoothing, z_loss, softcap, return_lse, group, vocab_start, vocab_size,
@@ -227,11 +233,14 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
             return "K-dimensional linear_weight is only implemented by the reference"
         if input.numel() == 0 or C == 0:
             return "empty input"
+        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+            return "gradient with respect to weight is only implemented by the reference"
         return None
 
     chosen = backends.choose("linear_cross_entropy", input.device, backend, unsupported,
                              tensors=(input, linear_weight, linear_bias, target))
-    if not probs:
+    if not probs:  # int64 before any comparison: a uint8 255 must not equal ignore_index -1
+        target = target.to(torch.int64)
         _check_target_range(target, C, ii)
     if chosen == "reference":
         if amp_dtype is not None:  # float32 logits from the autocast-rounded operands (torch: rounded logits)

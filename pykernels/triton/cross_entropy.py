@@ -60,6 +60,7 @@ def _cross_entropy_kernel(X, TI, TP, Wt, Wsum, Scale, Loss, Lse, LseIn, G,
         skip = False   # ignored or out of range: no loss terms, a constant gradient row
         fill = 0.0
         pivot = 0.0
+        x_off = 0.0  # a non-finite target logit: lse - x_y is formed from it (the pivot must be finite)
         if not PROB:
             y = tl.load(TI + r)
             ignored = y == ignore_index
@@ -68,6 +69,7 @@ def _cross_entropy_kernel(X, TI, TP, Wt, Wsum, Scale, Loss, Lse, LseIn, G,
             fill = tl.where(ignored, 0.0, float("nan"))
             y_safe = tl.where(skip, 0, y)
             pivot = tl.where(skip, 0.0, tl.load(X + x_base + y_safe.to(tl.int64) * sc).to(tl.float32))
+            x_off = tl.where(tl.abs(pivot) < float("inf"), 0.0, pivot)
         else:
             pivot = tl.load(X + x_base).to(tl.float32)
         pivot = tl.where(tl.abs(pivot) < float("inf"), pivot, 0.0)
@@ -107,7 +109,7 @@ def _cross_entropy_kernel(X, TI, TP, Wt, Wsum, Scale, Loss, Lse, LseIn, G,
                 w_y = 1.0
                 if HAS_W:
                     w_y = tl.load(Wt + tl.where(skip, 0, y)).to(tl.float32)
-                loss = w_y * (1.0 - eps) * rel
+                loss = w_y * (1.0 - eps) * (rel - x_off)
                 if SMOOTH:
                     loss += eps / C * (W * rel - wx)
                 loss = tl.where(skip, fill, loss)
