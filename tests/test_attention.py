@@ -66,6 +66,10 @@ def test_fully_masked_rows_are_zero():
     assert bool((out[..., 3, :] == 0).all()) and bool(torch.isneginf(lse[..., 3]).all())
     _check(lambda q, k, v: ref.scaled_dot_product_attention(q, k, v, attn_mask=m)[0],
            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m), [q, k, v])
+    # the same through a float mask, whose -inf reaches logsumexp unmasked: zero gradients there, not NaN
+    mf = torch.zeros(7, 9, dtype=torch.float64).masked_fill(~m, float("-inf")).requires_grad_()
+    _check(lambda q, k, v, m: ref.scaled_dot_product_attention(q, k, v, attn_mask=m)[0],
+           lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), [q, k, v, mf])
 
 
 def test_gqa():
@@ -148,6 +152,7 @@ FN_CASES = [
     ((6, 10, 16), 6, 12, 16, dict(scale=0.3), "bool:6,10,12", "3-D input (H, L, E)"),
     ((2, 2, 2, 7, 16), 2, 7, 16, dict(is_causal=True), None, "5-D input"),
     ((2, 2, 18, 16), 2, 18, 16, {}, "rows", "fully masked rows give zeros"),
+    ((2, 2, 18, 16), 2, 18, 16, {}, "float-rows", "fully masked rows of a float mask (-inf)"),
     ((1, 2, 9, 200), 2, 11, 256, dict(is_causal=True), None, "head dims 200, 256 (cuda: split backward columns)"),
 ]
 
@@ -155,9 +160,11 @@ FN_CASES = [
 def _make_mask(spec, L, S, device, dtype):
     if spec is None:
         return None
-    if spec == "rows":
+    if spec in ("rows", "float-rows"):
         m = torch.rand(2, 1, L, S, device=device) < 0.7
         m[:, :, 3] = False
+        if spec == "float-rows":
+            return torch.randn(m.shape, device=device, dtype=dtype).masked_fill(~m, float("-inf"))
         return m
     kind, shape = spec.split(":")
     shape = tuple(int(x) for x in shape.split(","))
@@ -223,7 +230,7 @@ def test_sdpa_against_oracle(backend, device, case):
         for name, a, r, b in zip(("dq", "dk", "dv", "dmask"), grads, rgrads, bgrads):
             assert a.shape == r.shape, name
             assert_error_rule(name, a, r, b, floor=floor * (4 if name == "dmask" else 1))
-        if spec == "rows":
+        if spec in ("rows", "float-rows"):
             assert bool((out[..., 3, :] == 0).all())
 
 
