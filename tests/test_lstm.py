@@ -232,6 +232,32 @@ def test_layer_unbatched_default_state_and_only_output_used(backend, device):
         assert_error_rule("grad", a, r, dtype=torch.float32, floor=1e-5)
 
 
+def test_layer_empty_batch_and_bad_arguments():
+    """B = 0 runs (the kernels refuse it visibly, torch's shapes come back); the functional API checks hx and params
+    as nn.LSTM does, naming the argument, where the reference would have broadcast a batch-1 state."""
+    m = torch.nn.LSTM(5, 4, num_layers=2, bidirectional=True)
+    params = list(m._flat_weights)
+    x = torch.randn(6, 0, 5, requires_grad=True)
+    out, (h, c) = pykernels.functional.lstm(x, None, params, num_layers=2, bidirectional=True)
+    rout, (rh, rc) = m(x)
+    assert out.shape == rout.shape and h.shape == rh.shape and c.shape == rc.shape
+    ran, skipped = pykernels.last_dispatch["lstm"]
+    assert ran == "torch" or (ran == "reference" and "empty batch" in skipped.values())
+    x = torch.randn(6, 3, 5)
+    z = torch.zeros
+    cases = [
+        ((x, (z(4, 1, 4), z(4, 3, 4)), params), r"hx\[0\] must have shape \(4, 3, 4\)"),
+        ((x, (z(4, 3, 4), z(4, 3, 5)), params), r"hx\[1\] must have shape"),
+        ((x[None], None, params), "input must be 2-D"),
+        ((x, None, params[:5]), "params must hold 16 tensors"),
+        ((x[..., :4], None, params), "input has 4 features"),
+    ]
+    for args, msg in cases:
+        for backend in ("reference", None):
+            with pytest.raises(ValueError, match=msg):
+                pykernels.functional.lstm(*args, num_layers=2, bidirectional=True, backend=backend)
+
+
 @pytest.mark.parametrize("backend,device", LAYER_BACKENDS)
 @pytest.mark.parametrize("proj_size,bidirectional", [(2, True), (0, True), (0, False)])
 def test_packed_and_projected_sequences(backend, device, proj_size, bidirectional):

@@ -218,6 +218,50 @@ def _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_
     return out, (h_n, c_n)
 
 
+def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
+                     batch_sizes) -> None:
+    """torch.nn.LSTM's checks (its module makes them before the functional call; this API is called directly too),
+    each naming the argument: once per call, not per step."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"lstm: input must be a Tensor, got {type(input).__name__}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"lstm: input must be floating point, got {input.dtype}")
+    packed = batch_sizes is not None
+    if input.dim() not in ((2,) if packed else (2, 3)):
+        raise ValueError(f"lstm: input must be 2-D (T, I) or 3-D ({'B, T' if batch_first else 'T, B'}, I), or "
+                         f"the 2-D data of a packed sequence; got {input.dim()}-D")
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"lstm: num_layers must be a positive int, got {num_layers!r}")
+    D = 2 if bidirectional else 1
+    per = (4 if has_biases else 2) + (1 if proj_size else 0)
+    params = list(params)
+    if len(params) != num_layers * D * per or not all(isinstance(p, Tensor) for p in params):
+        raise ValueError(f"lstm: params must hold {num_layers * D * per} tensors (num_layers={num_layers}, "
+                         f"bidirectional={bidirectional}, has_biases={has_biases}, proj_size={proj_size}), got "
+                         f"{len(params)}")
+    w_hh = params[1]
+    if w_hh.dim() != 2 or w_hh.shape[0] % 4:
+        raise ValueError(f"lstm: params[1] (weight_hh_l0) must have shape (4*hidden_size, ...), got "
+                         f"{tuple(w_hh.shape)}")
+    H = w_hh.shape[0] // 4
+    H_out = proj_size or H
+    if params[0].dim() != 2 or params[0].shape[1] != input.shape[-1]:
+        raise ValueError(f"lstm: input has {input.shape[-1]} features but params[0] (weight_ih_l0) has shape "
+                         f"{tuple(params[0].shape)}")
+    if hx is None:
+        return
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, Tensor) for t in hx):
+        raise TypeError("lstm: hx must be a tuple (h_0, c_0) of tensors or None")
+    unbatched = not packed and input.dim() == 2
+    B = int(batch_sizes[0]) if packed else (None if unbatched else input.shape[0 if batch_first else 1])
+    for name, t, size in (("hx[0]", hx[0], H_out), ("hx[1]", hx[1], H)):
+        want = (num_layers * D, size) if unbatched else (num_layers * D, B, size)
+        if tuple(t.shape) != want:
+            raise ValueError(f"lstm: {name} must have shape {want}, got {tuple(t.shape)}")
+        if t.device != input.device:
+            raise ValueError(f"lstm: {name} is on {t.device} but input is on {input.device}")
+
+
 def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Tensor], num_layers: int = 1,
          bidirectional: bool = False, has_biases: bool = True, proj_size: int = 0, batch_first: bool = False,
          dropout: float = 0.0, training: bool = False, batch_sizes: Optional[Tensor] = None, *,
@@ -226,14 +270,17 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
     w_ih, w_hh, [b_ih, b_hh], [w_hr]). ``input``: (T, B, I), (B, T, I) with batch_first, (T, I) unbatched, or
     the data of a PackedSequence with its ``batch_sizes`` (states then in sorted order). Returns
     (output, (h_n, c_n)) shaped as torch.nn.LSTM's."""
+    _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first, batch_sizes)
     packed = batch_sizes is not None
-
-    def unsupported(b: str) -> Optional[str]:
-        return _layer_unsupported(b, input, proj_size, packed, params[1].shape[-1])
 
     # the rules are sized by batch rows and by whether a gradient is recorded; a packed batch or projections, which
     # no sequence kernel covers, count as unknown size: torch's (where it can run them)
     batch = None if packed or proj_size else (1 if input.dim() == 2 else input.shape[0 if batch_first else 1])
+
+    def unsupported(b: str) -> Optional[str]:
+        if batch == 0 and b != "reference":
+            return "empty batch"
+        return _layer_unsupported(b, input, proj_size, packed, params[1].shape[-1])
     grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                            for t in (input, *(hx or ()), *params))
     amp = _autocast.enabled(input)
