@@ -234,6 +234,27 @@ def test_sdpa_against_oracle(backend, device, case):
             assert bool((out[..., 3, :] == 0).all())
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_leading_dims_broadcast_as_torch(backend, device):
+    """torch broadcasts query's leading dims against key/value's (with GQA all but the heads): a query batch of 1
+    against 5 key/value batches, a query without a head dim, one query head against three; dq sums back."""
+    require_backend(backend, device)
+    dtype = _dtypes(backend, device)[-1]
+    for qs, ks, kw in (((1, 2, 5, 16), (3, 2, 7, 16), {}), ((5, 16), (2, 7, 16), {}),
+                       ((2, 1, 5, 16), (2, 3, 7, 16), {}), ((1, 4, 5, 16), (3, 2, 7, 16), dict(enable_gqa=True))):
+        x = [torch.randn(s, device=device, dtype=dtype, requires_grad=True) for s in (qs, ks, ks)]
+        out = sdpa(*x, is_causal=True, backend=backend, **kw)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, x, g)
+        x64 = [t.detach().double().requires_grad_() for t in x]
+        ref_out = F.scaled_dot_product_attention(*x64, is_causal=True, **kw)
+        ref_grads = torch.autograd.grad(ref_out, x64, g.double())
+        assert out.shape == ref_out.shape, (qs, ks)
+        for name, a, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
+            assert a.shape == r.shape, name
+            torch.testing.assert_close(a.double(), r, atol=10 * TOL_FLOOR[dtype], rtol=0, msg=f"{name} {qs} {ks}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", FN_CASES, ids=[c[-1] for c in FN_CASES])
 def test_cuda_mma_sync_kernels_on_hopper(case, monkeypatch):

@@ -129,6 +129,20 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if key.shape[:-1] != value.shape[:-1]:
         raise ValueError(f"{fn}: key {tuple(key.shape)} and value {tuple(value.shape)} must agree but for the "
                          f"last dim")
+    qlead, klead = query.shape[:-2], key.shape[:-2]
+    if qlead != klead:  # torch broadcasts the leading dims of query and key/value (with GQA: all but the heads)
+        try:
+            if not enable_gqa:
+                lead = torch.broadcast_shapes(qlead, klead)
+            elif query.dim() >= 3 and key.dim() >= 3:
+                lead = torch.broadcast_shapes(qlead[:-1], klead[:-1]) + qlead[-1:]
+            else:
+                lead = qlead
+        except RuntimeError:
+            raise ValueError(f"{fn}: leading dims of query {tuple(qlead)} and key/value {tuple(klead)} do not "
+                             f"broadcast") from None
+        if lead != qlead:  # a zero-stride view: the kernels read it in place, autograd sums dq back
+            query = query.expand(*lead, L, E)
     H = query.shape[-3] if query.dim() >= 3 else 1
     Hk = key.shape[-3] if key.dim() >= 3 else 1
     gqa = H != Hk and Hk != 1 or (enable_gqa and H != Hk)
