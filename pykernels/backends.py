@@ -70,6 +70,14 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def interpreted_dot_reason(backend: str, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """Why ``backend``'s kernels with a tl.dot cannot run a call (None: they can): Triton's interpreter multiplies
+    bfloat16 operands' raw bit patterns (triton-lang/triton#11584; TOOLCHAIN.md), so bf16 CPU tensors go elsewhere."""
+    if backend == "triton" and dtype == torch.bfloat16 and device.type == "cpu" and triton_interpreted():
+        return "the Triton interpreter computes bfloat16 tl.dot wrongly (triton-lang/triton#11584)"
+    return None
+
+
 # Files of a GPU driver (NVIDIA's device nodes or proc entry, AMD ROCm's, WSL2's), glob patterns: looked for instead
 # of asking torch.cuda.is_available(), which initialises CUDA (cuInit) and so would make every importing process
 # unsafe to fork. PYKERNELS_REGISTER_TRITON=1 registers the Triton ops regardless.
@@ -333,6 +341,12 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
         return None
     if os.environ.get("PYKERNELS_PREFER_NATIVE", "1") == "0":
         return None
+    if torch.jit.is_tracing():
+        # torch.jit.trace's check re-traces under no_grad, where the sized rules may pick the other kernel ("graphs
+        # differed"); torch's op traces the same in every mode and the traced graph loads without pykernels
+        why = "torch.jit.trace: torch's own op (the same graph in every grad mode)"
+        last_dispatch[op] = ("torch", {"triton" if device.type == "cuda" else "cpu": why})
+        return why
     if (size is not None and device.type == "cpu" and dtype in OURS_WITHOUT_ONEDNN.get(op, {})
             and dtype not in _native.ONEDNN_DTYPES):  # an unknown size takes torch's kernel, as in _sized
         return None

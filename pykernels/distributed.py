@@ -115,12 +115,17 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     if weight is not None and tuple(weight.shape) != (vocab_size,):
         raise ValueError(f"linear_cross_entropy: weight must have shape ({vocab_size},) (the whole vocabulary), got "
                          f"{tuple(weight.shape)}")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("linear_cross_entropy: the vocab-parallel path treats the class weight as a constant; pass "
+                         "weight.detach() (a weight that requires grad would get no gradient)")
     _check_options(reduction, label_smoothing, z_loss, softcap)
     ii = -100 if ignore_index is None else int(ignore_index)
     _check_target_range(target, vocab_size, ii)
 
     def unsupported(b: str) -> Optional[str]:
-        return None if b == "reference" else kernel_reason(b, input.dtype)
+        if b == "reference":
+            return None
+        return kernel_reason(b, input.dtype) or backends.interpreted_dot_reason(b, input.dtype, input.device)
 
     chosen = backends.choose("linear_cross_entropy_vocab_parallel", input.device, backend, unsupported,
                              tensors=(input, linear_weight, linear_bias))

@@ -30,6 +30,14 @@ def register(torch_type: Type[torch.nn.Module], converter: Callable[..., torch.n
     _CONVERTERS[torch_type] = converter
 
 
+def _share_hooks(new: torch.nn.Module, old: torch.nn.Module) -> None:
+    """The replacement takes the original's hook dicts themselves (from_torch copies them, since both modules may
+    live on): a RemovableHandle from before the swap holds a reference to its dict and must still remove the hook."""
+    for name, value in old.__dict__.items():
+        if "hooks" in name and isinstance(value, dict):
+            new.__dict__[name] = value
+
+
 def patch(model: torch.nn.Module, *, backend: Optional[str] = None) -> torch.nn.Module:
     """Replace every torch.nn.MultiheadAttention, LSTM, LSTMCell, CrossEntropyLoss and LinearCrossEntropyLoss
     inside ``model`` (exact types; subclasses are left alone) by the pykernels module, in place; returns
@@ -48,6 +56,8 @@ def patch(model: torch.nn.Module, *, backend: Optional[str] = None) -> torch.nn.
         if id(m) not in done:
             conv = _CONVERTERS.get(type(m))
             done[id(m)] = conv(m, backend=backend) if conv is not None else m
+            if conv is not None:
+                _share_hooks(done[id(m)], m)
             if conv is None:
                 for name, child in list(m._modules.items()):  # named_children() would skip a repeated child
                     new = None if child is None else convert(child)

@@ -72,6 +72,18 @@ def test_fully_masked_rows_are_zero():
            lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), [q, k, v, mf])
 
 
+def test_no_keys_gives_zeros():
+    """S = 0: every row sees no key (zeros, as torch), through the oracle and the automatic choice."""
+    q = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    k, v = torch.randn(1, 2, 0, 4, dtype=torch.float64), torch.randn(1, 2, 0, 5, dtype=torch.float64)
+    for backend in ("reference", None):
+        out = sdpa(q, k, v, backend=backend)
+        assert out.shape == (1, 2, 3, 5) and bool((out == 0).all())
+        (g,) = torch.autograd.grad(out.sum(), q)
+        assert bool((g == 0).all())
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
 def test_gqa():
     q, k, v = _qkv(H=8, Hk=2)
     _check(lambda q, k, v: ref.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=True)[0],
@@ -606,6 +618,11 @@ def test_multihead_attention_dropout_and_errors():
     assert torch.equal(o1, o2)
     with pytest.raises(RuntimeError, match="is_causal"):
         mha(x, x, x, is_causal=True)
+    # masks of the wrong shape raise as torch's, even one that would reshape into place (S, L) for (L, S)
+    k = torch.randn(6, 3, 8)
+    for bad in (torch.zeros(6, 4, dtype=torch.bool), torch.zeros(6, 6, 4), torch.zeros(4, 7), torch.zeros(5, 4, 6)):
+        with pytest.raises(RuntimeError, match="attn_mask must have shape"):
+            mha(x, k, k, attn_mask=bad)
 
 
 def test_multihead_attention_packs_the_input_projections(monkeypatch):

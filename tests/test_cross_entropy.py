@@ -176,11 +176,13 @@ def test_non_contiguous_input(backend, device):
     base = _logits((40, 30), dtype, device)
     for x in (base[::3, ::2], base.t()[:, :17].t().contiguous().t().t(), base.t()):  # strided rows/classes
         C = x.shape[1]
-        t = _targets((x.shape[0],), C, device)
+        t = _targets((x.shape[0], 2), C, device)[:, 1]  # a strided target too
         assert not x.is_contiguous() or x is not base
         _check_against_torch(backend, x, t, f"strides {x.stride()}")
     x4 = _logits((3, 4, 5, 6), dtype, device).permute(0, 3, 1, 2)  # (N, C=6, 4, 5), inner dims not mergeable
     _check_against_torch(backend, x4, _targets((3, 4, 5), 6, device), "permuted 4-d")
+    x = _logits((9, 30), dtype, device)
+    _check_against_torch(backend, x, torch.tensor(4, device=device).expand(9), "expanded target")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -346,6 +348,19 @@ def test_weight_that_requires_grad_gets_its_gradient():
         pykernels.functional.cross_entropy(x, p, weight=w, backend="cpu")
     with torch.no_grad():  # no gradient asked: the kernels run
         pykernels.functional.cross_entropy(x, p, weight=w, backend="reference" if not CPU_KERNELS else "cpu")
+
+
+def test_probability_targets_promote_as_torch():
+    """torch's -sum(t * log_softmax(x)) promotes: the loss takes the wider of the two dtypes, the gradient x's."""
+    for xd, td in ((torch.float32, torch.float64), (torch.float16, torch.float32), (torch.float64, torch.float32)):
+        x = torch.randn(4, 5).to(xd).requires_grad_()
+        p = torch.softmax(torch.randn(4, 5, dtype=torch.float64), 1).to(td)
+        for backend in ("cpu", "reference", None):
+            if backend == "cpu" and not CPU_KERNELS:
+                continue
+            loss = pykernels.functional.cross_entropy(x, p, backend=backend)
+            assert loss.dtype == F.cross_entropy(x.detach(), p).dtype, (xd, td, backend)
+            assert torch.autograd.grad(loss, x)[0].dtype == xd
 
 
 def test_uint8_targets_and_empty_batch():

@@ -138,3 +138,19 @@ def test_jit_trace_records_the_op():
         traced = torch.jit.trace(lambda x: eager(x, *args[1:])[0], (x,), check_trace=False)
     assert op._qualname in {n.kind() for n in traced.graph.nodes()}
     assert torch.equal(traced(x), eager(x, *args[1:])[0])
+
+
+def test_jit_trace_of_the_modules_passes_its_check():
+    """torch.jit.trace re-traces under no_grad to check the graph: the sized rules (which pick by grad mode) hand
+    traced calls to torch's op, so both traces agree and the traced graph needs no pykernels to load."""
+    x = torch.randn(5, 2, 3)
+    with warnings.catch_warnings():  # torch >= 2.13 deprecates torch.jit.trace
+        warnings.simplefilter("ignore")
+        lstm = pykernels.nn.LSTM(3, 4).eval()
+        traced = torch.jit.trace(lstm, (x,))  # check_trace on: raised "Graphs differed across invocations"
+        torch.testing.assert_close(traced(x)[0], lstm(x)[0])
+        assert pykernels.last_dispatch["lstm"][0] != "torch"  # outside tracing the rules apply again
+        loss = pykernels.nn.CrossEntropyLoss()
+        logits, t = torch.randn(64, 2 ** 14), torch.randint(0, 2 ** 14, (64,))  # 2^20 logits: ours, untraced
+        traced = torch.jit.trace(loss, (logits, t))
+        torch.testing.assert_close(traced(logits, t), loss(logits, t))

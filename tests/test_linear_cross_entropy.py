@@ -275,7 +275,7 @@ def test_non_contiguous_and_degenerate_shapes(backend, device):
         x = torch.randn(H, N, device=device, dtype=dtype).t()            # non-contiguous rows
         W = torch.randn(V, 2 * H, device=device, dtype=dtype)[:, ::2]    # strided along H
         b = torch.randn(2 * V, device=device, dtype=dtype)[::2]
-        t = torch.randint(0, V, (N,), device=device)
+        t = torch.randint(0, V, (N, 2), device=device)[:, 1]             # a strided target
         leaves = [x, W, b]
         g = torch.tensor(1.0, dtype=torch.float64, device=device)
 

@@ -256,6 +256,8 @@ def test_layer_empty_batch_and_bad_arguments():
         for backend in ("reference", None):
             with pytest.raises(ValueError, match=msg):
                 pykernels.functional.lstm(*args, num_layers=2, bidirectional=True, backend=backend)
+    with pytest.raises(RuntimeError, match="sequence length 0"):  # torch's exception type
+        pykernels.nn.LSTM(5, 4)(torch.randn(0, 3, 5))
 
 
 @pytest.mark.parametrize("backend,device", LAYER_BACKENDS)

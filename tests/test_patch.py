@@ -76,12 +76,16 @@ def test_subclasses_shared_modules_and_extras():
     m = torch.nn.ModuleDict({"a": cell, "b": cell, "mine": MyLoss(), "ce": torch.nn.CrossEntropyLoss()})
     hook_calls = []
     m["ce"].register_forward_hook(lambda *a: hook_calls.append(1))
+    handle = m["ce"].register_forward_pre_hook(lambda *a: hook_calls.append(0))
     pykernels.patch(m, backend="reference")
     assert type(m["mine"]) is MyLoss
     assert type(m["a"]) is pykernels.nn.LSTMCell and m["a"] is m["b"] and m["a"].backend == "reference"
     assert m["a"].weight_ih is cell.weight_ih
     m["ce"](torch.randn(2, 3), torch.tensor([0, 2]))
-    assert hook_calls == [1] and pykernels.last_dispatch["cross_entropy"][0] == "reference"
+    assert hook_calls == [0, 1] and pykernels.last_dispatch["cross_entropy"][0] == "reference"
+    handle.remove()  # a handle from before the swap still removes its hook
+    m["ce"](torch.randn(2, 3), torch.tensor([0, 2]))
+    assert hook_calls == [0, 1, 1]
     top = pykernels.patch(torch.nn.LSTM(3, 4))  # the model itself is supported: its replacement is returned
     assert type(top) is pykernels.nn.LSTM
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):

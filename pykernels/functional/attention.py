@@ -49,7 +49,8 @@ def _check_common(fn: str, tensors: Sequence[Tuple[str, object]], dropout_p, sca
     return int(window[0]), int(window[1])
 
 
-def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], empty: bool) -> Optional[str]:
+def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], empty: bool,
+                   device: torch.device) -> Optional[str]:
     if b == "reference":
         return None
     if b == "cpu":
@@ -60,6 +61,8 @@ def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], empty
         return "the CUDA attention kernels are not implemented yet (pykernels::attention_fwd is not registered)"
     if dtype not in _KERNEL_DTYPES:
         return f"dtype {dtype} is not supported by the {b} kernels (float16, bfloat16, float32)"
+    if backends.interpreted_dot_reason(b, dtype, device):
+        return backends.interpreted_dot_reason(b, dtype, device)
     if max(head_dims) > MAX_HEAD_DIM:
         return f"head dim {max(head_dims)} > {MAX_HEAD_DIM}"
     if empty:
@@ -187,7 +190,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     def unsupported(b: str) -> Optional[str]:
         why = _kernel_reason(b, query.dtype, (E, Ev), query.numel() == 0 or key.numel() == 0
-                             or value.numel() == 0)
+                             or value.numel() == 0, query.device)
         if why is None and b != "reference" and dropout_p >= 1.0:
             return "dropout_p == 1 (every probability dropped) runs on the reference"
         if why is None and b == "cuda":
@@ -291,7 +294,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     dropout_p = float(dropout_p)
 
     def unsupported(b: str) -> Optional[str]:
-        why = _kernel_reason(b, q.dtype, (E, Ev), T == 0 or Tk == 0 or q.numel() == 0)
+        why = _kernel_reason(b, q.dtype, (E, Ev), T == 0 or Tk == 0 or q.numel() == 0, q.device)
         if why is None and b != "reference" and dropout_p >= 1.0:
             return "dropout_p == 1 (every probability dropped) runs on the reference"
         if why is None and b == "cuda":

@@ -121,6 +121,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                                      label_smoothing=label_smoothing)
     amp = _autocast.enabled(input)
     out_dtype = torch.float32 if amp and _autocast.eligible(input) else input.dtype
+    if probs and not amp:  # torch's -sum(t * log_softmax(x)) promotes: float64 probabilities give a float64 loss
+        out_dtype = torch.promote_types(out_dtype, target.dtype)
     with _autocast.off(input) if amp else contextlib.nullcontext():
         return _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_smoothing, z_loss,
                               return_lse, fused, backend, out_dtype)
@@ -160,7 +162,7 @@ def _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_
         return (loss, lse.detach()) if return_lse else loss
 
     x = _canonical(input)
-    t = _canonical(target.to(input.dtype)) if probs else target.reshape(-1)
+    t = _canonical(target.to(input.dtype)) if probs else target.reshape(-1).contiguous()  # (the kernels: stride 1)
     w = None if weight is None else weight.detach().to(_ce.acc_dtype(input.dtype)).contiguous()
     if fused is None:
         fused = reduction != "none"

@@ -235,6 +235,9 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
             return "empty input"
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             return "gradient with respect to weight is only implemented by the reference"
+        if backends.interpreted_dot_reason(b, input.dtype, input.device) and not _fused_grads(
+                fused, b, input, linear_weight, linear_bias, _lce.REDUCTIONS[reduction]):
+            return backends.interpreted_dot_reason(b, input.dtype, input.device) + " (fused=True runs the fused path: no tl.dot there)"
         return None
 
     chosen = backends.choose("linear_cross_entropy", input.device, backend, unsupported,
@@ -252,7 +255,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
 
     batch = input.shape[:-1]
     x = input.reshape(-1, H)
-    t = target.reshape(-1)
+    t = target.reshape(-1).contiguous()  # (a strided or expanded target: the kernels read stride 1)
     w = None if weight is None else weight.detach().to(_lce.acc_dtype(input.dtype)).contiguous()
     b = None if linear_bias is None else linear_bias.contiguous()
     red = _lce.REDUCTIONS[reduction]

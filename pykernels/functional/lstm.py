@@ -135,6 +135,8 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
             return None
         if x.dtype not in _CELL_DTYPES[b]:
             return f"dtype {x.dtype} is not supported by the {b} kernels"
+        if backends.interpreted_dot_reason(b, x.dtype, x.device):
+            return backends.interpreted_dot_reason(b, x.dtype, x.device)
         if b not in _ops.CELL:
             return _ops.triton_import_error if b == "triton" else _ops.cpp_error
         return None
@@ -186,6 +188,8 @@ def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool, hidden: 
         return f"no {b} sequence kernel yet (the {b} backend has only the cell)"
     if x.dtype not in _LAYER_DTYPES[b]:
         return f"dtype {x.dtype} is not supported by the {b} sequence kernel"
+    if backends.interpreted_dot_reason(b, x.dtype, x.device):
+        return backends.interpreted_dot_reason(b, x.dtype, x.device)
     if proj_size:
         return "proj_size > 0 is not covered by the sequence kernel"
     if packed:
@@ -230,6 +234,8 @@ def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, p
     if input.dim() not in ((2,) if packed else (2, 3)):
         raise ValueError(f"lstm: input must be 2-D (T, I) or 3-D ({'B, T' if batch_first else 'T, B'}, I), or "
                          f"the 2-D data of a packed sequence; got {input.dim()}-D")
+    if not packed and input.shape[1 if batch_first and input.dim() == 3 else 0] == 0:
+        raise RuntimeError("lstm: input has sequence length 0; torch.nn.LSTM expects it larger than 0")
     if not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"lstm: num_layers must be a positive int, got {num_layers!r}")
     D = 2 if bidirectional else 1

@@ -81,10 +81,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                              f"match each other and the query's batch {N}")
         q, k, v = self._in_projection(query, key, value, same_qkv, same_kv)
         if attn_mask is not None:
+            # torch's shapes and exception type: a transposed (S, L) mask must not be reshaped into place
+            want = (L, key.shape[0]) if attn_mask.dim() == 2 else (N * Hn, L, key.shape[0])
+            if attn_mask.dim() not in (2, 3):
+                raise ValueError(f"MultiheadAttention: attn_mask must be 2-D or 3-D, got {attn_mask.dim()}-D")
+            if tuple(attn_mask.shape) != want:
+                raise RuntimeError(f"MultiheadAttention: the {attn_mask.dim()}-D attn_mask must have shape {want}, got "
+                                   f"{tuple(attn_mask.shape)}")
             if attn_mask.dim() == 2:
                 attn_mask = attn_mask.unsqueeze(0)
-            elif attn_mask.dim() != 3:
-                raise ValueError(f"MultiheadAttention: attn_mask must be 2-D or 3-D, got {attn_mask.dim()}-D")
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(1, N, E)])
             v = torch.cat([v, self.bias_v.expand(1, N, E)])

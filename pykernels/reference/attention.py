@@ -74,7 +74,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         s = s.masked_fill(~ok, float("-inf"))
     # Rows that see no key: logsumexp's backward there is exp(-inf - -inf) = NaN even for a zero incoming gradient
     # (a float mask's -inf reaches it unmasked), so those rows take it of zeros and their lse is set to -inf after.
-    dead = torch.isneginf(s.amax(dim=-1))
+    dead = (s == float("-inf")).all(dim=-1)  # (True for S = 0; a NaN row is not dead)
     lse = torch.logsumexp(s.masked_fill(dead.unsqueeze(-1), 0.0), dim=-1).masked_fill(dead, float("-inf"))
     p = torch.exp(s - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
     p = torch.where(torch.isneginf(lse).unsqueeze(-1), torch.zeros_like(p), p)  # rows that see no key: zeros
