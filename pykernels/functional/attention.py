@@ -141,9 +141,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                 lead = torch.broadcast_shapes(qlead[:-1], klead[:-1]) + qlead[-1:]
             else:
                 lead = qlead
-        except RuntimeError:
-            raise ValueError(f"{fn}: leading dims of query {tuple(qlead)} and key/value {tuple(klead)} do not "
-                             f"broadcast") from None
+        except RuntimeError:  # the head and batch checks below name what does not fit
+            lead = qlead
         if lead != qlead:  # a zero-stride view: the kernels read it in place, autograd sums dq back
             query = query.expand(*lead, L, E)
     H = query.shape[-3] if query.dim() >= 3 else 1
