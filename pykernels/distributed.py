@@ -101,9 +101,11 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     if linear_weight.dtype != input.dtype:
         raise TypeError(f"linear_cross_entropy: linear_weight has dtype {linear_weight.dtype} but input has "
                         f"{input.dtype}; they must match")
-    if not isinstance(target, Tensor) or target.dtype != torch.int64 or tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"linear_cross_entropy: vocab-parallel target must be int64 class indices of shape "
-                         f"{tuple(input.shape[:-1])}")
+    if (not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.uint8)
+            or tuple(target.shape) != tuple(input.shape[:-1])):
+        raise ValueError(f"linear_cross_entropy: vocab-parallel target must be int64 (or uint8) class indices of "
+                         f"shape {tuple(input.shape[:-1])}")
+    target = target.to(torch.int64)  # before any comparison: a uint8 255 must not equal ignore_index -1
     vocab_start = rank * Vr if vocab_start is None else int(vocab_start)
     vocab_size = world * Vr if vocab_size is None else int(vocab_size)
     if not 0 <= vocab_start <= vocab_size - Vr:
@@ -133,7 +135,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     w = None if weight is None else weight.detach().to(_lce.acc_dtype(input.dtype)).contiguous()
     loss, lse = _VocabParallelLCE.apply(input.reshape(-1, H), linear_weight,
                                         None if linear_bias is None else linear_bias.contiguous(),
-                                        target.reshape(-1), w, ii, _lce.REDUCTIONS[reduction],
+                                        target.reshape(-1).contiguous(), w, ii, _lce.REDUCTIONS[reduction],
                                         float(label_smoothing), float(z_loss), float(softcap or 0.0), group,
                                         vocab_start, vocab_size, chosen)
     if reduction == "none":

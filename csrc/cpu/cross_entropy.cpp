@@ -151,11 +151,12 @@ struct RowKernel {
         relative_sums(m, A, sum_wd);
       }
       // A NaN or +inf logit, or a row of -inf only: torch's log_softmax is NaN across the row, so are the loss and
-      // the gradient here. Through s, because exp_u20 maps NaN (e.g. inf - inf) to a number, not to NaN.
-      if (!std::isfinite(m)) s = nan;
-      const acc_t log_s = std::log(s);
-      lse = m + log_s;
-      inv_sum = acc_t(1) / s;
+      // the gradient here (through log_s and inv_sum: exp_u20 maps NaN, e.g. inf - inf, to a number), while lse
+      // is the row's log-sum-exp as logsumexp gives it: m itself (NaN, +inf or -inf).
+      const bool finite = std::isfinite(m);
+      const acc_t log_s = finite ? std::log(s) : nan;
+      lse = finite ? m + log_s : m;
+      inv_sum = finite ? acc_t(1) / s : nan;
       A_row = A;
       static_cast<acc_t*>(a.lse)[r] = lse;
       acc_t loss;

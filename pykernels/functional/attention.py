@@ -88,6 +88,14 @@ def _seed(device: torch.device) -> Tensor:
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
 
 
+def _query_broadcasts(qlead: torch.Size, klead: torch.Size, gqa: bool) -> bool:
+    """Whether key/value have a leading dim that query lacks or holds at 1 (a few int compares: GQA and MQA calls
+    differ in the heads on every call, and torch.broadcast_shapes costs tens of microseconds)."""
+    if gqa:
+        qlead, klead = qlead[:-1], klead[:-1]
+    return len(klead) > len(qlead) or any(q == 1 and k != 1 for q, k in zip(reversed(qlead), reversed(klead)))
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False, *, window: Optional[Tuple[int, int]] = None,
@@ -133,7 +141,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         raise ValueError(f"{fn}: key {tuple(key.shape)} and value {tuple(value.shape)} must agree but for the "
                          f"last dim")
     qlead, klead = query.shape[:-2], key.shape[:-2]
-    if qlead != klead:  # torch broadcasts the leading dims of query and key/value (with GQA: all but the heads)
+    if qlead != klead and _query_broadcasts(qlead, klead, enable_gqa):
+        # torch broadcasts the leading dims of query and key/value (with GQA: all but the heads)
         try:
             if not enable_gqa:
                 lead = torch.broadcast_shapes(qlead, klead)

@@ -121,11 +121,14 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                                      label_smoothing=label_smoothing)
     amp = _autocast.enabled(input)
     out_dtype = torch.float32 if amp and _autocast.eligible(input) else input.dtype
-    if probs and not amp:  # torch's -sum(t * log_softmax(x)) promotes: float64 probabilities give a float64 loss
-        out_dtype = torch.promote_types(out_dtype, target.dtype)
     with _autocast.off(input) if amp else contextlib.nullcontext():
-        return _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_smoothing, z_loss,
-                              return_lse, fused, backend, out_dtype)
+        out = _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_smoothing, z_loss,
+                             return_lse, fused, backend, out_dtype)
+    if probs and torch.promote_types(out_dtype, target.dtype) != out_dtype:
+        # torch's -sum(t * log_softmax(x)) promotes: float64 probabilities give a float64 loss (lse stays fp32)
+        wide = torch.promote_types(out_dtype, target.dtype)
+        out = (out[0].to(wide), out[1]) if return_lse else out.to(wide)
+    return out
 
 
 def _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_smoothing, z_loss, return_lse,

@@ -72,10 +72,14 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             s = s + attn_mask.to(acc)
     if ok is not None:
         s = s.masked_fill(~ok, float("-inf"))
-    # Rows that see no key: logsumexp's backward there is exp(-inf - -inf) = NaN even for a zero incoming gradient
-    # (a float mask's -inf reaches it unmasked), so those rows take it of zeros and their lse is set to -inf after.
-    dead = (s == float("-inf")).all(dim=-1)  # (True for S = 0; a NaN row is not dead)
-    lse = torch.logsumexp(s.masked_fill(dead.unsqueeze(-1), 0.0), dim=-1).masked_fill(dead, float("-inf"))
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        # Rows that see no key: logsumexp's backward there is exp(-inf - -inf) = NaN even for a zero incoming
+        # gradient, which a float mask's -inf reaches unmasked (masked_fill's backward zeroes it for the bool masks):
+        # those rows take it of zeros and their lse is set to -inf after.
+        dead = (s == float("-inf")).all(dim=-1)  # (True for S = 0; a NaN row is not dead)
+        lse = torch.logsumexp(s.masked_fill(dead.unsqueeze(-1), 0.0), dim=-1).masked_fill(dead, float("-inf"))
+    else:
+        lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
     p = torch.where(torch.isneginf(lse).unsqueeze(-1), torch.zeros_like(p), p)  # rows that see no key: zeros
     if dropout_mask is not None and dropout_p > 0:
