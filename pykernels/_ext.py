@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 from typing import Optional
 
@@ -36,15 +37,26 @@ def _load() -> None:
     if os.environ.get("PYKERNELS_DISABLE_EXTENSION") == "1":
         load_error = "disabled by PYKERNELS_DISABLE_EXTENSION=1"
         return
+    rebuild = "rebuild with `pip install --no-build-isolation -e .`"
     if _BUILD_INFO_PATH.exists():
         try:
-            build_info = json.loads(_BUILD_INFO_PATH.read_text())
+            info = json.loads(_BUILD_INFO_PATH.read_text())
         except (OSError, ValueError) as e:  # a damaged file must not break the import
-            load_error = f"unreadable {_BUILD_INFO_PATH.name}: {e}"
+            load_error = f"unreadable {_BUILD_INFO_PATH.name}: {e}; {rebuild}"
             return
+        if not isinstance(info, dict):
+            load_error = f"damaged {_BUILD_INFO_PATH.name} (not a JSON object); {rebuild}"
+            return
+        build_info = info
+    elif list(_BUILD_INFO_PATH.parent.glob("_C*.so")) + list(_BUILD_INFO_PATH.parent.glob("_C*.pyd")):
+        load_error = f"pykernels._C has no {_BUILD_INFO_PATH.name} (its build record: torch version, arches); {rebuild}"
+        return
     else:
-        load_error = ("pykernels._C is not built (no _build_info.json); "
-                      "run `pip install --no-build-isolation -e .`")
+        load_error = "pykernels._C is not built (no _build_info.json); run `pip install --no-build-isolation -e .`"
+        return
+    built_py, running_py = str(build_info.get("python", "")), platform.python_version()
+    if built_py and built_py.split(".")[:2] != running_py.split(".")[:2]:
+        load_error = f"pykernels._C was built for Python {built_py} but Python {running_py} is running; {rebuild}"
         return
     built_for = build_info.get("torch_version", "?")
     if _torch_base(built_for) != _torch_base(torch.__version__):
@@ -58,7 +70,7 @@ def _load() -> None:
     try:
         from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
     except ImportError as e:
-        load_error = f"pykernels._C failed to load: {e}"
+        load_error = f"pykernels._C failed to load: {e}; {rebuild}"
         return
     _loaded = True
 

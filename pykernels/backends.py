@@ -42,9 +42,15 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this call; the message says why."""
 
 
-def _check_name(name: str) -> str:
+def backend_name(name: Optional[str]) -> Optional[str]:
+    """``name`` checked (None: automatic): the modules' and patch()'s ``backend=``, so a typo fails where it is
+    written, not at the first forward."""
+    return None if name is None else _check_name(name)
+
+
+def _check_name(name: str, where: str = "backend") -> str:
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"{where} must be one of {BACKENDS}, got {name!r}")
     return name
 
 
@@ -82,6 +88,7 @@ def interpreted_dot_reason(backend: str, dtype: torch.dtype, device: torch.devic
 # of asking torch.cuda.is_available(), which initialises CUDA (cuInit) and so would make every importing process
 # unsafe to fork. PYKERNELS_REGISTER_TRITON=1 registers the Triton ops regardless.
 _GPU_NODES = ("/dev/nvidia*", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+_triton_unregistered: Optional[str] = None  # why triton_kernel_modules skipped the ops at import (None: it did not)
 
 
 def triton_kernel_modules(*names: str) -> tuple:
@@ -89,6 +96,7 @@ def triton_kernel_modules(*names: str) -> tuple:
     registered). Where no GPU can exist and the interpreter is off, the Triton backend cannot run a single call,
     and registering its ops would cost every ``import pykernels`` over a second (torch.library.triton_op imports
     torch._inductor): they are skipped there, and available_backends() says why."""
+    global _triton_unregistered
     if not triton_interpreted() and os.environ.get("PYKERNELS_REGISTER_TRITON") != "1":
         where = None
         if torch.version.cuda is None and torch.version.hip is None:
@@ -96,9 +104,10 @@ def triton_kernel_modules(*names: str) -> tuple:
         elif sys.platform.startswith("linux") and not any(glob.glob(p) for p in _GPU_NODES):
             where = "this machine has no GPU (none of " + ", ".join(_GPU_NODES) + ")"
         if where:
-            return None, (f"the Triton ops are not registered: {where} and TRITON_INTERPRET was not 1 at import "
-                          "(registering them imports torch._inductor, over a second; PYKERNELS_REGISTER_TRITON=1 "
-                          "registers them anyway)")
+            _triton_unregistered = (f"the Triton ops are not registered: {where} and TRITON_INTERPRET was not 1 at "
+                                    "import (registering them imports torch._inductor, over a second; "
+                                    "PYKERNELS_REGISTER_TRITON=1 registers them anyway)")
+            return None, _triton_unregistered
     try:
         return [importlib.import_module(f"pykernels.triton.{n}") for n in names], None
     except Exception as e:  # no triton, or a triton too old for the kernels
@@ -124,12 +133,14 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     if reason:
         return reason
     if device.type == "cuda":
+        if _triton_unregistered:
+            return _triton_unregistered
         major, _ = torch.cuda.get_device_capability(device)
         return None if major >= 8 else f"triton kernels need compute capability >= 8.0, got {major}.x"
     if device.type == "cpu":
         if not triton_interpreted():
             return "triton runs on CPU tensors only under TRITON_INTERPRET=1"
-        return _interpreter_reason()
+        return _triton_unregistered or _interpreter_reason()  # (TRITON_INTERPRET=1 set after the import)
     return f"triton does not run on {device.type}"
 
 
@@ -331,6 +342,20 @@ def _sized(rule, size: Optional[int], grad: bool, native: bool) -> Optional[str]
     return rule[2] if (size >= bound if native else size <= bound) else None
 
 
+@functools.lru_cache(maxsize=None)
+def _no_automatic_kernel(device_type: str, index: Optional[int]) -> Optional[str]:
+    """Why no kernel backend of the device's automatic chain can run (None: one can). Then every automatic call
+    torch can express runs torch's own op rather than the reference, which is slower (plain PyTorch, several ops);
+    said once on the pykernels logger at WARNING. Fixed for the process: the extension loads at import or never."""
+    device = torch.device(device_type, index)
+    reasons = {b: _device_reason(b, device) for b in _chain(device) if b != "reference"}
+    if not reasons or any(r is None for r in reasons.values()):
+        return None
+    why = f"no pykernels kernel runs on {device_type} tensors here ({'; '.join(f'{b}: {r}' for b, r in reasons.items())})"
+    logger.warning("%s: automatic calls run torch's own ops where torch can express them, else the reference", why)
+    return why
+
+
 def prefer_native(op: str, device: torch.device, backend: Optional[str], size: Optional[int] = None,
                   grad: bool = True, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """Why this automatic call of ``op`` should run torch's own kernel (None: run ours). Records the decision in
@@ -341,6 +366,10 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
         return None
     if os.environ.get("PYKERNELS_PREFER_NATIVE", "1") == "0":
         return None
+    if _no_automatic_kernel(device.type, device.index):
+        why = _no_automatic_kernel(device.type, device.index)
+        last_dispatch[op] = ("torch", {device.type: why})
+        return why
     if torch.jit.is_tracing():
         # torch.jit.trace's check re-traces under no_grad, where the sized rules may pick the other kernel ("graphs
         # differed"); torch's op traces the same in every mode and the traced graph loads without pykernels
@@ -406,10 +435,13 @@ def choose(op: str, device: torch.device, backend: Optional[str],
         last_dispatch[op] = (backend, {})
         return backend
 
-    preferred = (_preferred[-1] if _preferred else None) or os.environ.get("PYKERNELS_BACKEND") or None
+    preferred = (_preferred[-1] if _preferred else None) or None
+    where = "backend"
+    if preferred is None and os.environ.get("PYKERNELS_BACKEND"):
+        preferred, where = os.environ["PYKERNELS_BACKEND"], "the environment variable PYKERNELS_BACKEND"
     candidates = list(order or _chain(device, op))
     if preferred is not None:
-        _check_name(preferred)
+        _check_name(preferred, where)
         candidates = [preferred] + [b for b in candidates if b != preferred]
     skipped: Dict[str, str] = {}
     for b in candidates:

@@ -50,6 +50,7 @@ def patch(model: torch.nn.Module, *, backend: Optional[str] = None) -> torch.nn.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
+    backends.backend_name(backend)
     done: Dict[int, torch.nn.Module] = {}
 
     def convert(m: torch.nn.Module) -> torch.nn.Module:

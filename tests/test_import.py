@@ -94,3 +94,76 @@ def test_dropout_mask_names_why_without_the_triton_ops(monkeypatch):
     monkeypatch.setattr(ops, "triton_import_error", "the Triton ops are not registered: a reason")
     with pytest.raises(backends.BackendUnavailableError, match="dropout_mask runs the Triton kernel: the Triton ops"):
         ops.dropout_mask(torch.tensor([1]), 1, 1, 2, 2, 0.5)
+
+
+def _load_error_of_a_copy(tmp_path, info, so: bool) -> str:
+    """available_backends('cpu')['cpu'] of a copy of the package's Python files with the given build record."""
+    import shutil
+    pkg = tmp_path / "pykernels"
+    shutil.copytree(os.path.join(ROOT, "pykernels"), pkg, ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.json",
+                                                                                        "__pycache__"))
+    if info is not None:
+        (pkg / "_build_info.json").write_text(info)
+    if so:
+        (pkg / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    script = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import pykernels; "
+              "assert pykernels.__file__.startswith(sys.path[0]); print(pykernels.available_backends('cpu')['cpu'])")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]  # never a failed import
+    return p.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("info,so,says", [
+    (None, False, "not built"),
+    (None, True, "has no _build_info.json"),
+    ("[1]", True, "not a JSON object"),
+    ("{", True, "unreadable"),
+    (json.dumps({"torch_version": torch.__version__, "python": "2.7.18"}), True, "built for Python 2.7.18"),
+    (json.dumps({"torch_version": "1.0.0", "python": sys.version.split()[0]}), True, "built for torch 1.0.0"),
+])
+def test_a_missing_or_mismatched_extension_is_named(tmp_path, info, so, says):
+    why = _load_error_of_a_copy(tmp_path, info, so)
+    assert says in why and ("rebuild" in why or "pip install" in why), why
+
+
+def test_without_any_kernel_automatic_calls_run_torchs_ops():
+    """No kernel backend on the device (here the extension disabled): an automatic call torch can express runs
+    torch's op, which beats the reference; said once at WARNING; one torch cannot express runs the reference."""
+    script = f"""
+import sys, logging
+sys.path.insert(0, {ROOT!r})
+import torch, pykernels
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(message)s")
+x, t = torch.randn(1024, 1024, requires_grad=True), torch.randint(0, 1024, (1024,))
+for call in (lambda: pykernels.functional.cross_entropy(x, t),
+             lambda: pykernels.nn.LSTM(8, 16)(torch.randn(4, 2, 8)),
+             lambda: pykernels.functional.cross_entropy(x, t, z_loss=1e-3)):
+    call()
+ran = [pykernels.last_dispatch[op][0] for op in ("cross_entropy", "lstm")]
+print("RAN", ran)
+"""
+    env = dict(os.environ, PYKERNELS_DISABLE_EXTENSION="1")
+    env.pop("PYKERNELS_BACKEND", None)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "RAN ['reference', 'torch']" in p.stdout  # the z_loss call last: torch cannot express it
+    warnings = [line for line in p.stdout.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "PYKERNELS_DISABLE_EXTENSION" in warnings[0], p.stdout
+
+
+def test_interpreter_switched_on_after_import_is_named():
+    """TRITON_INTERPRET=1 set after an import that skipped the Triton ops: available_backends() says they are not
+    registered (it said usable, while a call raised)."""
+    script = f"""
+import os, sys
+sys.path.insert(0, {ROOT!r})
+import pykernels
+os.environ["TRITON_INTERPRET"] = "1"
+print(pykernels.available_backends("cpu")["triton"])
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYKERNELS_REGISTER_TRITON")}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    if any(glob.glob(g) for g in backends._GPU_NODES) and torch.version.cuda is not None:
+        pytest.skip("a GPU driver's device node exists here: the ops are registered")
+    assert "Triton ops are not registered" in p.stdout.strip().splitlines()[-1], p.stdout

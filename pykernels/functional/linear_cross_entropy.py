@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _native, backends
 from . import _autocast
 from ..ops import linear_cross_entropy as _lce
 from ..reference import linear_cross_entropy as _lce_ref
@@ -235,11 +235,16 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
             return "empty input"
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             return "gradient with respect to weight is only implemented by the reference"
-        if backends.interpreted_dot_reason(b, input.dtype, input.device) and not _fused_grads(
-                fused, b, input, linear_weight, linear_bias, _lce.REDUCTIONS[reduction]):
-            return backends.interpreted_dot_reason(b, input.dtype, input.device) + " (fused=True runs the fused path: no tl.dot there)"
+        why = backends.interpreted_dot_reason(b, input.dtype, input.device)
+        if why and not _fused_grads(fused, b, input, linear_weight, linear_bias, _lce.REDUCTIONS[reduction]):
+            return why + " (fused=True runs the fused path: no tl.dot there)"
         return None
 
+    if (_native.linear_cross_entropy is not None and amp_dtype is None and not (z_loss or softcap or return_lse)
+            and backends.prefer_native("linear_cross_entropy", input.device, backend)):
+        # no kernel here (or torch.jit.trace): torch's own chunked function rather than the reference's logits
+        return _native.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                            reduction=reduction, ignore_index=ii, label_smoothing=label_smoothing)
     chosen = backends.choose("linear_cross_entropy", input.device, backend, unsupported,
                              tensors=(input, linear_weight, linear_bias, target))
     if not probs:  # int64 before any comparison: a uint8 255 must not equal ignore_index -1

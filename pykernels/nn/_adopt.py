@@ -6,6 +6,8 @@ from typing import Type, TypeVar
 
 import torch
 
+from .. import backends
+
 M = TypeVar("M", bound=torch.nn.Module)
 
 
@@ -20,6 +22,7 @@ def adopt(cls: Type[M], module: torch.nn.Module, **extras) -> M:
     if not isinstance(module, cls.__bases__[0]):
         raise TypeError(f"{cls.__name__}.from_torch: module must be a {cls.__bases__[0].__module__}."
                         f"{cls.__bases__[0].__name__}, got {type(module).__name__}")
+    backends.backend_name(extras.get("backend"))
     new = cls.__new__(cls)
     new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, list, set)) else v
                          for k, v in module.__dict__.items()})

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..functional.attention import scaled_dot_product_attention
+from .. import backends
 from ._adopt import adopt
 
 __all__ = ["MultiheadAttention"]
@@ -40,7 +41,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                  backend: Optional[str] = None) -> None:
         super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
                          device, dtype)
-        self.backend = backend
+        self.backend = backends.backend_name(backend)
 
     @classmethod
     def from_torch(cls, module: torch.nn.MultiheadAttention, *, backend: Optional[str] = None

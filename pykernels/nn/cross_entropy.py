@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..functional import cross_entropy as _cross_entropy
+from .. import backends
 from ._adopt import adopt
 
 
@@ -23,7 +24,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
         self.fused = fused
-        self.backend = backend
+        self.backend = backends.backend_name(backend)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return _cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..functional.linear_cross_entropy import linear_cross_entropy as _linear_cross_entropy
+from .. import backends
 from ._adopt import adopt
 
 _TorchLCE = getattr(torch.nn, "LinearCrossEntropyLoss", None)
@@ -51,7 +52,7 @@ class LinearCrossEntropyLoss(_Base):
         self.softcap = softcap
         self.group = group
         self.fused = fused
-        self.backend = backend
+        self.backend = backends.backend_name(backend)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         lw = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))

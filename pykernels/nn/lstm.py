@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..functional.lstm import lstm as _lstm
 from ..functional.lstm import lstm_cell as _lstm_cell
+from .. import backends
 from ._adopt import adopt
 
 
@@ -26,7 +27,7 @@ class LSTMCell(torch.nn.LSTMCell):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
                  backend: Optional[str] = None) -> None:
         super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
-        self.backend = backend
+        self.backend = backends.backend_name(backend)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if input.dim() not in (1, 2):
@@ -53,7 +54,7 @@ class LSTM(torch.nn.LSTM):
 
     def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.backend = backend
+        self.backend = backends.backend_name(backend)
 
     def forward(self, input, hx=None):  # mirrors torch.nn.LSTM.forward, with pykernels' lstm
         self._update_flat_weights()
