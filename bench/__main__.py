@@ -28,7 +28,54 @@ def _names(text: Optional[str]) -> Optional[List[str]]:
 
 
 def _shape(text: str) -> dict:
-    return {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+    out = {}
+    for item in text.split(","):
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise ValueError(f"{item!r} is not KEY=VALUE")
+        try:
+            out[k.strip()] = int(v)
+        except ValueError:
+            raise ValueError(f"{k.strip()}={v.strip()!r}: the value must be an integer") from None
+    return out
+
+
+def _check_shape(suite, name: str, shape: dict) -> None:
+    """Against the suite's SHAPE_KEYS (required, optional), where it declares them (attention and e2e check their
+    own, more varied keys when they build the cases)."""
+    keys = getattr(suite, "SHAPE_KEYS", None)
+    if keys is None:
+        return
+    required, optional = keys
+    missing = [k for k in required if k not in shape]
+    unknown = sorted(set(shape) - set(required) - set(optional))
+    if missing or unknown:
+        raise ValueError(f"suite {name} takes {','.join(required)}" + (f"[,{','.join(optional)}]" if optional else "")
+                         + (f"; missing {','.join(missing)}" if missing else "")
+                         + (f"; unknown {','.join(unknown)}" if unknown else ""))
+    bad = [f"{k}={shape[k]}" for k in required if shape[k] <= 0]
+    if bad:
+        raise ValueError(f"sizes must be positive, got {', '.join(bad)}")
+
+
+def _device(p: argparse.ArgumentParser, text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        p.error(f"--device {text!r}: expected 'cpu' or 'cuda[:N]'")
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        p.error(f"--device {text!r}: expected 'cpu' or 'cuda[:N]'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        p.error(f"--device {text!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _check_names(p: argparse.ArgumentParser, flag: str, names: Optional[List[str]], known: set) -> None:
+    unknown = sorted(set(names or ()) - known)
+    if unknown:
+        p.error(f"{flag}: unknown {', '.join(unknown)}; these suites have {', '.join(sorted(known)) or 'none'}")
 
 
 def select(providers: List[Provider], backends: Optional[List[str]], baselines: Optional[List[str]]):
@@ -51,7 +98,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", nargs="+", default=list(SUITES), choices=list(SUITES),
                    help="default: every registered suite")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="'cpu' or 'cuda[:N]' (default: cuda when torch sees a GPU)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--quick", action="store_true", help="one shape per suite, short timing (about a minute)")
     p.add_argument("--backends", default=None, help="pykernels backends, e.g. 'cuda,triton' (default: those "
@@ -104,29 +152,54 @@ def main(argv=None) -> int:
         if a.preset not in named:
             p.error(f"--preset: suite {a.suite[0]} has " + (f"the presets {', '.join(named)}" if named else
                                                              "no named presets") + f", not {a.preset!r}")
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible to torch")
+    device = _device(p, a.device)
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # everything checked before the first timing: a typo must not cost a run, nor a bad path its results
+    backends, baselines, modes = _names(a.backends), _names(a.baselines), _names(a.modes)
+    shape = None
+    plan = []
+    try:
+        shape = _shape(a.shape) if a.shape else None
+        for name in a.suite:
+            suite = load_suite(name)
+            if shape is not None:
+                _check_shape(suite, name, shape)
+            if a.preset is not None:  # a named grid: each of its shapes as if passed by --shape
+                cases = [c for s in suite.NAMED_PRESETS[a.preset] for c in suite.cases(device, dtype, a.quick, s)]
+            else:
+                cases = suite.cases(device, dtype, a.quick, shape=shape)
+            plan.append((suite, suite.providers(device, dtype), cases, list(suite.MODES)))
+    except ValueError as e:
+        p.error(f"--shape {a.shape}: {e}" if a.shape else str(e))
+    provider_names = [q.name for _, provs, _, _ in plan for q in provs]
+    _check_names(p, "--backends", backends, {n[len("pykernels-"):] for n in provider_names
+                                             if n.startswith("pykernels-")})
+    _check_names(p, "--baselines", baselines, {q.name for _, provs, _, _ in plan for q in provs if q.baseline})
+    _check_names(p, "--modes", modes, {m for _, _, _, ms in plan for m in ms})
+    old = None
+    if a.compare:
+        try:
+            old = json.loads(Path(a.compare).read_text())
+            if not isinstance(old, dict) or not isinstance(old.get("results"), list):
+                raise ValueError("not a benchmark JSON (no 'results' list)")
+        except (OSError, ValueError) as e:
+            p.error(f"--compare {a.compare}: {e}")
+    try:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {a.out}: {e}")
     if device.type != "cuda":
         why = "no CUDA GPU on this machine" if not torch.cuda.is_available() else "--device " + a.device
         print(f"CPU run ({why}): benchmarking the CPU providers only; GPU numbers come from a GPU machine.")
     env = environment(device)
     ceil = ceilings(device, quick=a.quick)
-    print(f"{env['device_name']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
+    threads = f" | {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
+    print(f"{env['device_name']}{threads} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
           f"commit {env['git_commit'][:10]} | {env['date_utc']}")
     print("measured ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceil.items() if isinstance(v, float)))
 
-    backends, baselines, modes = _names(a.backends), _names(a.baselines), _names(a.modes)
-    plan = []
-    for name in a.suite:
-        suite = load_suite(name)
-        provs = select(suite.providers(device, dtype), backends, baselines)
-        if a.preset is not None:  # a named grid: each of its shapes as if passed by --shape
-            cases = [c for shape in suite.NAMED_PRESETS[a.preset] for c in suite.cases(device, dtype, a.quick, shape)]
-        else:
-            cases = suite.cases(device, dtype, a.quick, shape=_shape(a.shape) if a.shape else None)
-        plan.append((suite, provs, cases, [m for m in suite.MODES if modes is None or m in modes]))
+    plan = [(suite, select(provs, backends, baselines), cases, [m for m in ms if modes is None or m in modes])
+            for suite, provs, cases, ms in plan]
     bar = Progress(sum(len(p) * len(c) * len(m) for _, p, c, m in plan))
     results = []
     try:
@@ -144,13 +217,16 @@ def main(argv=None) -> int:
     plots = [] if a.no_plots else write_plots(path.parent, results, prefix=path.stem + "-")
     print_table(results, f"{env['device_name']}, {env['date_utc'][:10]}")
     print(f"written: {path}, {path.with_suffix('.csv').name}" + (f", {len(plots)} plots" if plots else ""))
-    if a.compare:
-        old = json.loads(Path(a.compare).read_text())
+    if old is not None:
         old_dev = old.get("env", {}).get("device_name", old.get("env", {}).get("gpu", "?"))
         if old_dev != env["device_name"]:
             print(f"note: {a.compare} was measured on {old_dev}, this run on {env['device_name']}")
         lines = regressions(old, results)
-        print("\n".join(lines) if lines else f"no regression > 5% against {a.compare}")
+        common = len({(o.get("suite"), o.get("case"), o.get("dtype"), o.get("provider"), o.get("mode"))
+                      for o in old["results"]} & {(r.suite, r.case, r.dtype, r.provider, r.mode) for r in results})
+        print("\n".join(lines) if lines else
+              f"no regression > 5% against {a.compare} ({common} results in common)" if common else
+              f"nothing to compare: {a.compare} has no result of this run's cases, providers and modes")
     return 0
 
 

@@ -177,6 +177,10 @@ class VarlenCase(AttentionCase):
 
 def make_case(shape: Dict[str, int], dtype: torch.dtype, device: torch.device) -> Case:
     """A case from a shape dict (a preset's or --shape's): varlen when it names T, else dense."""
+    keys = ({"T", "H", "E", "causal", "nseq"} if "T" in shape else {"B", "H", "L", "E", "causal", "Hkv"})
+    if set(shape) - keys:
+        raise ValueError(f"attention shape {shape}: unknown {','.join(sorted(set(shape) - keys))}; dense "
+                         f"B,H,L,E[,causal,Hkv] or varlen T,H,E[,causal,nseq]")
     try:
         if "T" in shape:
             return VarlenCase(shape["T"], shape["H"], shape["E"], shape.get("causal", 0),

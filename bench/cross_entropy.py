@@ -87,6 +87,9 @@ class CrossEntropyCase(Case):
         return minimal_bytes(self.N, self.V, torch.empty((), dtype=self.dtype).element_size(), mode)
 
 
+SHAPE_KEYS = (("N", "V"), ())  # --shape: (required, optional)
+
+
 def cases(device: torch.device, dtype: torch.dtype, quick: bool,
           shape: Optional[Dict[str, int]] = None) -> List[Case]:
     shapes = [(shape["N"], shape["V"])] if shape else PRESETS[(device.type, quick)]

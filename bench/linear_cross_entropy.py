@@ -144,6 +144,9 @@ class LinearCrossEntropyCase(Case):
         return int(c["fused_workspace_bytes" if fused else "workspace_bytes"] + c["gradient_bytes"])
 
 
+SHAPE_KEYS = (("N", "H", "V"), ("options",))  # --shape: (required, optional)
+
+
 def cases(device: torch.device, dtype: torch.dtype, quick: bool,
           shape: Optional[Dict[str, int]] = None) -> List[Case]:
     shapes: List[Tuple[int, ...]] = ([(shape["N"], shape["H"], shape["V"], shape.get("options", 0))] if shape

@@ -104,6 +104,9 @@ class LSTMCase(Case):
         return flops(self.T, self.B, self.I, self.H, mode)
 
 
+SHAPE_KEYS = (("T", "B", "I", "H"), ())  # --shape: (required, optional)
+
+
 def cases(device: torch.device, dtype: torch.dtype, quick: bool,
           shape: Optional[Dict[str, int]] = None) -> List[Case]:
     shapes = [(shape["T"], shape["B"], shape["I"], shape["H"])] if shape else PRESETS[(device.type, quick)]

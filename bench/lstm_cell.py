@@ -54,6 +54,9 @@ class LSTMCellCase(Case):
         return lstm.flops(1, self.B, self.I, self.H, mode)
 
 
+SHAPE_KEYS = (("B", "I", "H"), ())  # --shape: (required, optional)
+
+
 def cases(device: torch.device, dtype: torch.dtype, quick: bool,
           shape: Optional[Dict[str, int]] = None) -> List[Case]:
     shapes = [(shape["B"], shape["I"], shape["H"])] if shape else PRESETS[(device.type, quick)]

@@ -284,6 +284,8 @@ def main(argv=None) -> int:
         Path(a.out).write_text(render(results) + "\n")
     elif a.readme or a.check:
         path = Path(a.readme or a.check)
+        if not path.is_file():
+            p.error(f"{'--check' if a.check else '--readme'} {path}: no such file")
         old = path.read_text()
         new = update_readme(old, results)
         if a.check:

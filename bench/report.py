@@ -175,8 +175,11 @@ def print_table(results: List[Result], title: str) -> None:
 
 
 def notes(results: List[Result]) -> List[str]:
-    """Why providers were not timed; an absent provider once, not once per case and mode."""
+    """What the speed-up column means; why providers were not timed (an absent provider once, not once per case
+    and mode)."""
     out = []
+    if any(r.speedup_vs for r in results):
+        out.append("  speed-up: the named baseline's median time over this provider's (above 1: this one is faster)")
     for r in results:
         line = (f"  {r.provider}: absent: {r.error}" if r.status == "absent" else
                 f"  {r.provider} [{r.case} {r.mode}] {r.status}: {r.error}")

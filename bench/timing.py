@@ -15,6 +15,21 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 
 
+def _torch_benchmark():
+    """torch.utils.benchmark, imported without torch.utils.cpp_extension's "No CUDA runtime is found, using
+    CUDA_HOME=..." warning, which a CUDA build of torch prints on a machine without a GPU: it concerns building CUDA
+    extensions, not this CPU run, and read as if the benchmark lacked something."""
+    import logging
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.benchmark as tb
+    finally:
+        log.setLevel(level)
+    return tb
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none: Optional[Sequence[torch.Tensor]] = None,
             quick: bool = False) -> Tuple[float, float, float, Optional[float]]:
     """(median, p20, p80, IQR or None) in milliseconds."""
@@ -37,7 +52,7 @@ def time_interleaved(fns: Sequence[Callable[[], object]], grads_to_none: Sequenc
     """CPU: (median, p20, p80, IQR) in milliseconds of each of ``fns``, timed in ``rounds`` rounds that each give
     every function 1/rounds of time_ms's budget (a rotated order per round, so none always goes first), the
     samples of all rounds pooled: a drift of the machine's speed during the run reaches every function alike."""
-    import torch.utils.benchmark as tb
+    tb = _torch_benchmark()
 
     def runner(fn, leaves):
         def run():

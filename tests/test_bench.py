@@ -372,3 +372,36 @@ def test_cpu_timing_runs_with_the_process_thread_count():
             assert seen == {n}, (n, seen)
         finally:
             torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--device", "tpu"], "expected 'cpu' or 'cuda[:N]'"),
+    (["--device", "cpu:1"], "expected 'cpu' or 'cuda[:N]'"),
+    (["--suite", "cross_entropy", "--shape", "N=32"], "takes N,V; missing V"),
+    (["--suite", "cross_entropy", "--shape", "N=32,V"], "is not KEY=VALUE"),
+    (["--suite", "cross_entropy", "--shape", "N=abc,V=3"], "must be an integer"),
+    (["--suite", "lstm", "--shape", "T=4,B=0,I=8,H=8"], "sizes must be positive"),
+    (["--suite", "lstm_cell", "--shape", "B=2,I=8,H=8,Q=1"], "unknown Q"),
+    (["--suite", "attention", "--shape", "B=1,H=2,L=8"], "lacks 'E'"),
+    (["--suite", "cross_entropy", "--backends", "cpu,nonsense"], "--backends: unknown nonsense"),
+    (["--suite", "cross_entropy", "--baselines", "torhc"], "--baselines: unknown torhc"),
+    (["--suite", "cross_entropy", "--modes", "fwd,back"], "--modes: unknown back"),
+    (["--suite", "cross_entropy", "--compare", "/nonexistent/old.json"], "--compare"),
+])
+def test_bad_arguments_fail_before_any_timing(args, says, capsys, tmp_path, monkeypatch):
+    """A typo is an argparse error up front, not a traceback or a silently empty run after the timing."""
+    monkeypatch.setattr(cli, "run_suite", lambda *a, **k: pytest.fail("timed before checking the arguments"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--quick", "--no-plots", "--out", str(tmp_path)] + args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err, err
+
+
+def test_compare_says_when_nothing_is_in_common(tmp_path, capsys):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"env": {}, "results": [{"suite": "x", "case": "y", "dtype": "z", "provider": "p",
+                                                       "mode": "fwd", "status": "ok", "ms_p50": 1.0}]}))
+    assert cli.main(["--suite", "cross_entropy", "--quick", "--device", "cpu", "--shape", "N=8,V=16", "--baselines",
+                     "", "--modes", "fwd", "--no-plots", "--out", str(tmp_path), "--compare", str(old)]) == 0
+    assert "nothing to compare" in capsys.readouterr().out
