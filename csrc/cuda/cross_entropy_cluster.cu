@@ -80,7 +80,6 @@ __global__ void __launch_bounds__(kMaxThreads, 3) cross_entropy_cluster_kernel(c
   const int64_t y = a.target_index[r];
   const bool ignored = y == a.ignore_index, invalid = !ignored && (y < 0 || y >= C), skip = ignored || invalid;
   float pivot = skip ? 0.f : to_f(row[y]);
-  const float x_off = isfinite(pivot) ? 0.f : pivot;  // a non-finite target logit, subtracted from lse as it is
   if (!isfinite(pivot)) pivot = 0.f;
 
   // This CTA's chunk [c0, c1). Chunks start on 16-byte boundaries relative to the row; the row itself may be
@@ -185,7 +184,10 @@ __global__ void __launch_bounds__(kMaxThreads, 3) cross_entropy_cluster_kernel(c
     } else if (invalid) {
       loss = __int_as_float(0x7fffffff);
     } else {
-      loss = (w ? w[y] : 1.f) * (1.f - eps) * (rel - x_off);
+      // a non-finite target logit (pivot 0 above) is subtracted from lse as it is; re-read here by one thread
+      // rather than kept in a register through pass 1, where the kernel is at its 40-register bound
+      const float xy = to_f(row[y]);
+      loss = (w ? w[y] : 1.f) * (1.f - eps) * (rel - (isfinite(xy) ? 0.f : xy));
       if (eps > 0.f) loss += eps / C * (W * rel - s.wx);
       if (zl > 0.f) loss += zl * lse * lse;
     }
