@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -194,6 +195,10 @@ def main(argv=None) -> int:
     env = environment(device)
     ceil = ceilings(device, quick=a.quick)
     threads = f" | {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device.type == "cpu" and load > 0.75 * (os.cpu_count() or 1):
+        print(f"note: this machine is busy (load average {load:.1f} on {os.cpu_count()} cores): CPU times will be "
+              "noisy, and a provider sharing a core with another process can read many times slower")
     print(f"{env['device_name']}{threads} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
           f"commit {env['git_commit'][:10]} | {env['date_utc']}")
     print("measured ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceil.items() if isinstance(v, float)))

@@ -21,7 +21,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Callable, Dict, Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -342,17 +342,28 @@ def _sized(rule, size: Optional[int], grad: bool, native: bool) -> Optional[str]
     return rule[2] if (size >= bound if native else size <= bound) else None
 
 
-@functools.lru_cache(maxsize=None)
+_NO_KERNEL: Dict[Tuple[str, Optional[int]], Optional[str]] = {}
+
+
 def _no_automatic_kernel(device_type: str, index: Optional[int]) -> Optional[str]:
     """Why no kernel backend of the device's automatic chain can run (None: one can). Then every automatic call
     torch can express runs torch's own op rather than the reference, which is slower (plain PyTorch, several ops);
-    said once on the pykernels logger at WARNING. Fixed for the process: the extension loads at import or never."""
+    said once on the pykernels logger at WARNING. Kept per device: the extension loads at import or never."""
+    key = (device_type, index)
+    if key in _NO_KERNEL:
+        return _NO_KERNEL[key]
     device = torch.device(device_type, index)
-    reasons = {b: _device_reason(b, device) for b in _chain(device) if b != "reference"}
-    if not reasons or any(r is None for r in reasons.values()):
+    try:
+        reasons = {b: _device_reason(b, device) for b in _chain(device) if b != "reference"}
+    except RuntimeError:  # a device this process cannot reach (no driver): no verdict, and none kept
         return None
-    why = f"no pykernels kernel runs on {device_type} tensors here ({'; '.join(f'{b}: {r}' for b, r in reasons.items())})"
-    logger.warning("%s: automatic calls run torch's own ops where torch can express them, else the reference", why)
+    why = None
+    if reasons and all(r is not None for r in reasons.values()):
+        detail = "; ".join(f"{b}: {r}" for b, r in reasons.items())
+        why = f"no pykernels kernel runs on {device_type} tensors here ({detail})"
+        logger.warning("%s: automatic calls run torch's own ops where torch can express them, else the reference",
+                       why)
+    _NO_KERNEL[key] = why
     return why
 
 
@@ -364,7 +375,7 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     ones, ``dtype`` (the input's) the NATIVE_FASTER_DTYPE one and the OURS_FASTER_DTYPE exceptions."""
     if backend is not None or (_preferred and _preferred[-1] is not None) or os.environ.get("PYKERNELS_BACKEND"):
         return None
-    if os.environ.get("PYKERNELS_PREFER_NATIVE", "1") == "0":
+    if os.environ.get("PYKERNELS_PREFER_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     if _no_automatic_kernel(device.type, device.index):
         why = _no_automatic_kernel(device.type, device.index)

@@ -33,8 +33,9 @@ def test_rule_applies_only_to_automatic_calls(monkeypatch):
     monkeypatch.setenv("PYKERNELS_BACKEND", "triton")
     assert backends.prefer_native("lstm", CUDA, None) is None
     monkeypatch.delenv("PYKERNELS_BACKEND")
-    monkeypatch.setenv("PYKERNELS_PREFER_NATIVE", "0")
-    assert backends.prefer_native("lstm", CUDA, None) is None
+    for off in ("0", "false", "No", "off"):
+        monkeypatch.setenv("PYKERNELS_PREFER_NATIVE", off)
+        assert backends.prefer_native("lstm", CUDA, None) is None
 
 
 def test_every_entry_cites_a_committed_measurement():
