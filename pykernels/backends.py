@@ -89,6 +89,7 @@ def interpreted_dot_reason(backend: str, dtype: torch.dtype, device: torch.devic
 # unsafe to fork. PYKERNELS_REGISTER_TRITON=1 registers the Triton ops regardless.
 _GPU_NODES = ("/dev/nvidia*", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
 _triton_unregistered: Optional[str] = None  # why triton_kernel_modules skipped the ops at import (None: it did not)
+_registration_seen = False
 
 
 def triton_kernel_modules(*names: str) -> tuple:
@@ -96,7 +97,8 @@ def triton_kernel_modules(*names: str) -> tuple:
     registered). Where no GPU can exist and the interpreter is off, the Triton backend cannot run a single call,
     and registering its ops would cost every ``import pykernels`` over a second (torch.library.triton_op imports
     torch._inductor): they are skipped there, and available_backends() says why."""
-    global _triton_unregistered
+    global _triton_unregistered, _registration_seen
+    first, _registration_seen = not _registration_seen, True
     if not triton_interpreted() and os.environ.get("PYKERNELS_REGISTER_TRITON") != "1":
         where = None
         if torch.version.cuda is None and torch.version.hip is None:
@@ -104,10 +106,12 @@ def triton_kernel_modules(*names: str) -> tuple:
         elif sys.platform.startswith("linux") and not any(glob.glob(p) for p in _GPU_NODES):
             where = "this machine has no GPU (none of " + ", ".join(_GPU_NODES) + ")"
         if where:
-            _triton_unregistered = (f"the Triton ops are not registered: {where} and TRITON_INTERPRET was not 1 at "
-                                    "import (registering them imports torch._inductor, over a second; "
-                                    "PYKERNELS_REGISTER_TRITON=1 registers them anyway)")
-            return None, _triton_unregistered
+            why = (f"the Triton ops are not registered: {where} and TRITON_INTERPRET was not 1 at import "
+                   "(registering them imports torch._inductor, over a second; PYKERNELS_REGISTER_TRITON=1 "
+                   "registers them anyway)")
+            if first:  # the ops modules' calls at `import pykernels` (the same environment for all), not later ones
+                _triton_unregistered = why
+            return None, why
     try:
         return [importlib.import_module(f"pykernels.triton.{n}") for n in names], None
     except Exception as e:  # no triton, or a triton too old for the kernels
