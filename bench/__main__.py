@@ -73,10 +73,23 @@ def _device(p: argparse.ArgumentParser, text: str) -> torch.device:
     return device
 
 
-def _check_names(p: argparse.ArgumentParser, flag: str, names: Optional[List[str]], known: set) -> None:
-    unknown = sorted(set(names or ()) - known)
-    if unknown:
-        p.error(f"{flag}: unknown {', '.join(unknown)}; these suites have {', '.join(sorted(known)) or 'none'}")
+def _check_names(p: argparse.ArgumentParser, flag: str, names: Optional[List[str]], here: set,
+                 anywhere: set, device: torch.device) -> None:
+    """A name no suite has on this device is a typo: an error. One that only other suites have (a list shared by
+    several runs, e.g. gpu_check.sh's BENCH_ARGS) is noted and skipped."""
+    names = set(names or ())
+    if names - anywhere:
+        p.error(f"{flag}: unknown {', '.join(sorted(names - anywhere))}; on {device.type} the suites have "
+                f"{', '.join(sorted(anywhere)) or 'none'}")
+    if names - here:
+        print(f"note: {flag} {', '.join(sorted(names - here))}: not in the suites run here, skipped")
+
+
+def _provider_names(device: torch.device, dtype: torch.dtype, suites) -> tuple:
+    """(pykernels backends, baselines) of the providers of these suites on this device."""
+    provs = [q for s in suites for q in s.providers(device, dtype)]
+    return ({q.name[len("pykernels-"):] for q in provs if q.name.startswith("pykernels-")},
+            {q.name for q in provs if q.baseline})
 
 
 def select(providers: List[Provider], backends: Optional[List[str]], baselines: Optional[List[str]]):
@@ -172,11 +185,13 @@ def main(argv=None) -> int:
             plan.append((suite, suite.providers(device, dtype), cases, list(suite.MODES)))
     except ValueError as e:
         p.error(f"--shape {a.shape}: {e}" if a.shape else str(e))
-    provider_names = [q.name for _, provs, _, _ in plan for q in provs]
-    _check_names(p, "--backends", backends, {n[len("pykernels-"):] for n in provider_names
-                                             if n.startswith("pykernels-")})
-    _check_names(p, "--baselines", baselines, {q.name for _, provs, _, _ in plan for q in provs if q.baseline})
-    _check_names(p, "--modes", modes, {m for _, _, _, ms in plan for m in ms})
+    here = _provider_names(device, dtype, [s for s, _, _, _ in plan])
+    anywhere = _provider_names(device, dtype, [load_suite(n) for n in SUITES]) if backends or baselines else here
+    _check_names(p, "--backends", backends, here[0], anywhere[0], device)
+    _check_names(p, "--baselines", baselines, here[1], anywhere[1], device)
+    modes_here = {m for _, _, _, ms in plan for m in ms}
+    _check_names(p, "--modes", modes, modes_here, {m for n in SUITES for m in load_suite(n).MODES} if modes
+                 else modes_here, device)
     old = None
     if a.compare:
         try:

@@ -21,7 +21,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 
@@ -346,29 +346,7 @@ def _sized(rule, size: Optional[int], grad: bool, native: bool) -> Optional[str]
     return rule[2] if (size >= bound if native else size <= bound) else None
 
 
-_NO_KERNEL: Dict[Tuple[str, Optional[int]], Optional[str]] = {}
-
-
-def _no_automatic_kernel(device_type: str, index: Optional[int]) -> Optional[str]:
-    """Why no kernel backend of the device's automatic chain can run (None: one can). Then every automatic call
-    torch can express runs torch's own op rather than the reference, which is slower (plain PyTorch, several ops);
-    said once on the pykernels logger at WARNING. Kept per device: the extension loads at import or never."""
-    key = (device_type, index)
-    if key in _NO_KERNEL:
-        return _NO_KERNEL[key]
-    device = torch.device(device_type, index)
-    try:
-        reasons = {b: _device_reason(b, device) for b in _chain(device) if b != "reference"}
-    except RuntimeError:  # a device this process cannot reach (no driver): no verdict, and none kept
-        return None
-    why = None
-    if reasons and all(r is not None for r in reasons.values()):
-        detail = "; ".join(f"{b}: {r}" for b, r in reasons.items())
-        why = f"no pykernels kernel runs on {device_type} tensors here ({detail})"
-        logger.warning("%s: automatic calls run torch's own ops where torch can express them, else the reference",
-                       why)
-    _NO_KERNEL[key] = why
-    return why
+_no_kernel_warned = False
 
 
 def prefer_native(op: str, device: torch.device, backend: Optional[str], size: Optional[int] = None,
@@ -377,13 +355,21 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     ``last_dispatch`` when it says yes. The caller checks first that torch can express the call; ``size`` and
     ``grad`` (whether the call records a gradient) select the NATIVE_FASTER_BELOW rule and the sized *_DTYPE
     ones, ``dtype`` (the input's) the NATIVE_FASTER_DTYPE one and the OURS_FASTER_DTYPE exceptions."""
+    global _no_kernel_warned
     if backend is not None or (_preferred and _preferred[-1] is not None) or os.environ.get("PYKERNELS_BACKEND"):
         return None
-    if os.environ.get("PYKERNELS_PREFER_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    off = os.environ.get("PYKERNELS_PREFER_NATIVE")
+    if off is not None and off.strip().lower() in ("0", "false", "no", "off"):
         return None
-    if _no_automatic_kernel(device.type, device.index):
-        why = _no_automatic_kernel(device.type, device.index)
-        last_dispatch[op] = ("torch", {device.type: why})
+    if device.type == "cpu" and not _ext.loaded():
+        # no kernel of the CPU's chain (the C++ one) can run: torch's op beats the reference (plain PyTorch, several
+        # ops). CUDA tensors keep their chain (a GPU machine without the extension still has Triton).
+        why = f"no pykernels kernel runs on CPU tensors here (cpu: {_ext.load_error})"
+        if not _no_kernel_warned and not torch.compiler.is_compiling():  # (a logger call would break a fullgraph)
+            _no_kernel_warned = True
+            logger.warning("%s: automatic calls run torch's own ops where torch can express them, else the "
+                           "reference", why)
+        last_dispatch[op] = ("torch", {"cpu": why})
         return why
     if torch.jit.is_tracing():
         # torch.jit.trace's check re-traces under no_grad, where the sized rules may pick the other kernel ("graphs

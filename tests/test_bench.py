@@ -405,3 +405,13 @@ def test_compare_says_when_nothing_is_in_common(tmp_path, capsys):
     assert cli.main(["--suite", "cross_entropy", "--quick", "--device", "cpu", "--shape", "N=8,V=16", "--baselines",
                      "", "--modes", "fwd", "--no-plots", "--out", str(tmp_path), "--compare", str(old)]) == 0
     assert "nothing to compare" in capsys.readouterr().out
+
+
+def test_names_of_other_suites_are_skipped_with_a_note(capsys, tmp_path, monkeypatch):
+    """A backend or mode that only another suite has (a list shared by several runs) is noted, not an error."""
+    monkeypatch.setattr(cli, "run_suite", lambda *a, **k: [])
+    monkeypatch.setattr(cli, "write_plots", lambda *a, **k: [])
+    assert cli.main(["--suite", "cross_entropy", "--quick", "--device", "cpu", "--shape", "N=8,V=16", "--backends",
+                     "cpu,auto", "--modes", "fwd,train", "--no-plots", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "--backends auto: not in the suites run here" in out and "--modes train: not in the suites" in out

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _native, backends
+from .. import backends
 from . import _autocast
 from ..ops import linear_cross_entropy as _lce
 from ..reference import linear_cross_entropy as _lce_ref
@@ -240,11 +240,6 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
             return why + " (fused=True runs the fused path: no tl.dot there)"
         return None
 
-    if (_native.linear_cross_entropy is not None and amp_dtype is None and not (z_loss or softcap or return_lse)
-            and backends.prefer_native("linear_cross_entropy", input.device, backend)):
-        # no kernel here (or torch.jit.trace): torch's own chunked function rather than the reference's logits
-        return _native.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
-                                            reduction=reduction, ignore_index=ii, label_smoothing=label_smoothing)
     chosen = backends.choose("linear_cross_entropy", input.device, backend, unsupported,
                              tensors=(input, linear_weight, linear_bias, target))
     if not probs:  # int64 before any comparison: a uint8 255 must not equal ignore_index -1
