@@ -61,8 +61,8 @@ def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], empty
         return "the CUDA attention kernels are not implemented yet (pykernels::attention_fwd is not registered)"
     if dtype not in _KERNEL_DTYPES:
         return f"dtype {dtype} is not supported by the {b} kernels (float16, bfloat16, float32)"
-    if backends.interpreted_dot_reason(b, dtype, device):
-        return backends.interpreted_dot_reason(b, dtype, device)
+    if why := backends.interpreted_dot_reason(b, dtype, device):
+        return why
     if max(head_dims) > MAX_HEAD_DIM:
         return f"head dim {max(head_dims)} > {MAX_HEAD_DIM}"
     if empty:

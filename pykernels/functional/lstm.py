@@ -135,8 +135,8 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
             return None
         if x.dtype not in _CELL_DTYPES[b]:
             return f"dtype {x.dtype} is not supported by the {b} kernels"
-        if backends.interpreted_dot_reason(b, x.dtype, x.device):
-            return backends.interpreted_dot_reason(b, x.dtype, x.device)
+        if why := backends.interpreted_dot_reason(b, x.dtype, x.device):
+            return why
         if b not in _ops.CELL:
             return _ops.triton_import_error if b == "triton" else _ops.cpp_error
         return None
@@ -188,8 +188,8 @@ def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool, hidden: 
         return f"no {b} sequence kernel yet (the {b} backend has only the cell)"
     if x.dtype not in _LAYER_DTYPES[b]:
         return f"dtype {x.dtype} is not supported by the {b} sequence kernel"
-    if backends.interpreted_dot_reason(b, x.dtype, x.device):
-        return backends.interpreted_dot_reason(b, x.dtype, x.device)
+    if why := backends.interpreted_dot_reason(b, x.dtype, x.device):
+        return why
     if proj_size:
         return "proj_size > 0 is not covered by the sequence kernel"
     if packed:
