@@ -122,7 +122,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
                          "weight.detach() (a weight that requires grad would get no gradient)")
     _check_options(reduction, label_smoothing, z_loss, softcap)
     ii = -100 if ignore_index is None else int(ignore_index)
-    _check_target_range(target, vocab_size, ii)
+    _check_target_range(target, vocab_size, ii, "linear_cross_entropy")
 
     def unsupported(b: str) -> Optional[str]:
         if b == "reference":

@@ -70,15 +70,17 @@ def _check_cross_entropy_args(input, target, weight, reduction, label_smoothing,
     return False
 
 
-def _check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
+def _check_target_range(target: Tensor, C: int, ignore_index: int, op: str = "cross_entropy") -> None:
+    """Class indices in [0, C) or ignore_index (target already int64: a uint8 255 must not equal -1). CPU: an
+    IndexError naming the first bad target, as torch; elsewhere, and inside compiled graphs, a device-side assert
+    (as PyTorch's CUDA kernels): no host sync, traceable by torch.compile."""
     ok = ((target >= 0) & (target < C)) | (target == ignore_index)
     if target.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(ok.all()):
             bad = target[~ok][0].item()
-            raise IndexError(f"cross_entropy: target {bad} is out of bounds for {C} classes "
-                             f"(ignore_index={ignore_index})")
-    else:  # a device-side assert (as PyTorch's CUDA kernels), no host sync; traceable by torch.compile
-        torch._assert_async(ok.all(), "cross_entropy: target out of bounds")
+            raise IndexError(f"{op}: target {bad} is out of bounds for {C} classes (ignore_index={ignore_index})")
+    else:
+        torch._assert_async(ok.all(), f"{op}: target out of bounds")
 
 
 def _canonical(x: Tensor) -> Tensor:

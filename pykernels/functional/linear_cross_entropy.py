@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import backends
 from . import _autocast
+from .cross_entropy import _check_target_range
 from ..ops import linear_cross_entropy as _lce
 from ..reference import linear_cross_entropy as _lce_ref
 
@@ -125,17 +126,6 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
     return logits_shape, False, out_features
 
 
-def _check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
-    ok = ((target >= 0) & (target < C)) | (target == ignore_index)
-    if target.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(ok.all()):
-            bad = target[~ok][0].item()
-            raise IndexError(f"linear_cross_entropy: target {bad} is out of bounds for {C} classes "
-                             f"(ignore_index={ignore_index})")
-    else:  # a device-side assert, no host sync; traceable by torch.compile
-        torch._assert_async(ok.all(), "linear_cross_entropy: target out of bounds")
-
-
 def _fused_grads(fused: Optional[bool], backend: str, x: Tensor, linear_weight: Tensor,
                  linear_bias: Optional[Tensor], reduction: int) -> int:
     """The op's fused_grads: the gradients this call needs, when it takes the fused path (else 0)."""
@@ -244,7 +234,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
                              tensors=(input, linear_weight, linear_bias, target))
     if not probs:  # int64 before any comparison: a uint8 255 must not equal ignore_index -1
         target = target.to(torch.int64)
-        _check_target_range(target, C, ii)
+        _check_target_range(target, C, ii, "linear_cross_entropy")
     if chosen == "reference":
         if amp_dtype is not None:  # float32 logits from the autocast-rounded operands (torch: rounded logits)
             input, linear_weight = input.to(amp_dtype), linear_weight.to(amp_dtype)
