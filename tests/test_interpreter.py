@@ -44,3 +44,35 @@ def test_bf16_dot_kernels_refuse_under_the_interpreter():
             call(backend="triton")
     # the fused linear cross-entropy path has no tl.dot (its GEMMs are torch's): it runs
     linear_cross_entropy(x.clone().requires_grad_(), W, t, fused=True, backend="triton").backward()
+
+
+try:
+    import triton
+    import triton.language as tl
+    from pykernels.triton._math import tanh as _kernel_tanh
+
+    @triton.jit
+    def _tanh_kernel(X, Y, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        m = offs < n
+        tl.store(Y + offs, _kernel_tanh(tl.load(X + offs, mask=m)), mask=m)
+except ImportError:  # the test below is skipped without Triton
+    pass
+
+
+@pytest.mark.skipif(not backends.triton_interpreted() or pykernels.available_backends("cpu")["triton"] is not None,
+                    reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
+def test_triton_tanh_keeps_fp32_relative_accuracy_at_every_magnitude():
+    """The kernels' tanh (LSTM gates and cell, attention and linear cross-entropy softcap): the exp form
+    1 - 2 / (e^{2x} + 1) has an absolute error of ulp(1), a relative error of 1e-2 at |x| = 1e-5."""
+    mag = torch.logspace(-30, 2, 300, dtype=torch.float64)
+    x64 = torch.cat([mag, -mag, torch.tensor([0.0, 0.5499, 0.55, 0.5501, float("inf"), -float("inf")],
+                                            dtype=torch.float64)])
+    x = x64.float()
+    y = torch.empty_like(x)
+    _tanh_kernel[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    ref = torch.tanh(x.double())
+    rel = ((y.double() - ref).abs() / ref.abs().clamp_min(1e-300)).nan_to_num(0.0)
+    torch_rel = ((torch.tanh(x).double() - ref).abs() / ref.abs().clamp_min(1e-300)).nan_to_num(0.0)
+    assert rel.max() <= max(2 * torch_rel.max().item(), 2 ** -22), (rel.max(), x[rel.argmax()])
+    assert torch.equal(y[x == 0], torch.zeros_like(y[x == 0]))

@@ -90,6 +90,29 @@ def test_cell_against_torch(backend, device, bias):
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
+def test_small_activations_keep_relative_accuracy(backend, device):
+    """Gates and cell state near 0 (inputs ~1e-5, no bias): the errors must scale with the values, as torch's.
+    A tanh through 1 - 2 / (e^{2x} + 1) has an absolute error of ulp(1): a relative error of 1e-2 here."""
+    require_backend(backend, device)
+    cell = torch.nn.LSTMCell(4, 8, bias=False, dtype=F64, device=device)
+    x = 1e-5 * torch.randn(3, 4, dtype=F64, device=device)
+    w = [p.detach().float() for p in cell.parameters()]
+    ref = cell(x)
+    base = torch._VF.lstm_cell(x.float(), (torch.zeros(3, 8, device=device),) * 2, *w)
+    out = lstm_cell(x.float(), None, *w, backend=backend)
+    for name, o, r, b in zip("hc", out, ref, base):
+        assert_error_rule(name, o, r, b, floor=2 ** -22 * r.abs().max().item())
+    layer = torch.nn.LSTM(4, 8, bias=False, dtype=F64, device=device)
+    xs = 1e-5 * torch.randn(5, 2, 4, dtype=F64, device=device)
+    ref = layer(xs)[0]
+    base = copy.deepcopy(layer).float()(xs.float())[0]
+    if backend in [p.values[0] for p in LAYER_BACKENDS]:
+        out = pykernels.functional.lstm(xs.float(), None, [p.detach().float() for p in layer._flat_weights],
+                                        has_biases=False, backend=backend)[0]
+        assert_error_rule("output", out, ref, base, floor=2 ** -22 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
 def test_cell_unbatched_default_state_and_one_output_used(backend, device):
     require_backend(backend, device)
     cell = torch.nn.LSTMCell(3, 6, dtype=F64, device=device)

@@ -386,9 +386,10 @@ print(json.dumps(out))
 
 
 # (kernel, arch, dtype) -> bytes (see conftest.assert_spill_budget); the row-block sequence kernels run only for
-# H <= RESIDENT_MAX (64) since the split kernels took over larger H
-LSTM_KNOWN_SPILLS = {("cell_fwd_bh32", 90, "bf16"): 108, ("cell_fwd", 90, "fp32"): 12, ("seq_bwd", 80, "bf16"): 112,
-                     ("seq_bwd", 90, "bf16"): 324, ("seq_fwd", 90, "fp32"): 796, ("seq_bwd", 90, "fp32"): 172}
+# H <= RESIDENT_MAX (64) since the split kernels took over larger H. The sequence backward's grew by 12-36 bytes
+# when tanh became accurate near 0 (pykernels/triton/_math.py; its relative error there was 1e-2).
+LSTM_KNOWN_SPILLS = {("cell_fwd_bh32", 90, "bf16"): 100, ("cell_fwd", 90, "fp32"): 12, ("seq_bwd", 80, "bf16"): 124,
+                     ("seq_bwd", 90, "bf16"): 360, ("seq_fwd", 90, "fp32"): 724, ("seq_bwd", 90, "fp32"): 192}
 
 
 def test_triton_kernels_compile_for_sm80_and_sm90():

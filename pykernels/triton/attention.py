@@ -28,14 +28,9 @@ import triton
 import triton.language as tl
 
 from ._launch import wrap
+from ._math import tanh as _tanh
 
 MAX_HEAD_DIM = 256
-
-
-@triton.jit
-def _tanh(x):
-    # tanh through exp (no libdevice in the interpreter): 1 - 2 / (exp(2x) + 1), exact at +-inf
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit

@@ -26,15 +26,10 @@ import triton.language as tl
 
 from ..ops import linear_cross_entropy_launch as _launch
 from ._launch import wrap
+from ._math import tanh_fast as _tanh
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _tanh(x):
-    # tanh through exp (no libdevice in the interpreter): 1 - 2 / (exp(2x) + 1), exact at +-inf
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._launch import wrap
+from ._math import tanh as _tanh
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -30,12 +31,6 @@ def _interpreted() -> bool:
 @triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    # tanh through exp (no libdevice in the interpreter): 1 - 2 / (exp(2x) + 1), exact at +-inf
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
