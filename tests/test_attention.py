@@ -253,8 +253,12 @@ def test_leading_dims_broadcast_as_torch(backend, device):
     require_backend(backend, device)
     dtype = _dtypes(backend, device)[-1]
     for qs, ks, kw in (((1, 2, 5, 16), (3, 2, 7, 16), {}), ((5, 16), (2, 7, 16), {}),
-                       ((2, 1, 5, 16), (2, 3, 7, 16), {}), ((1, 4, 5, 16), (3, 2, 7, 16), dict(enable_gqa=True))):
-        x = [torch.randn(s, device=device, dtype=dtype, requires_grad=True) for s in (qs, ks, ks)]
+                       ((2, 1, 5, 16), (2, 3, 7, 16), {}), ((1, 4, 5, 16), (3, 2, 7, 16), dict(enable_gqa=True)),
+                       ((2, 3, 5, 16), (7, 16), {}), ((3, 5, 16), (7, 16), {}),  # one 2-D key/value for all
+                       ((2, 3, 5, 16), ((2, 1, 7, 16), (2, 3, 7, 16)), {}),  # key and value broadcast each other
+                       ((2, 3, 5, 16), ((2, 3, 7, 16), (1, 3, 7, 16)), {})):
+        ks, vs = ks if isinstance(ks[0], tuple) else (ks, ks)
+        x = [torch.randn(s, device=device, dtype=dtype, requires_grad=True) for s in (qs, ks, vs)]
         out = sdpa(*x, is_causal=True, backend=backend, **kw)
         g = torch.randn_like(out)
         grads = torch.autograd.grad(out, x, g)
@@ -618,11 +622,36 @@ def test_multihead_attention_dropout_and_errors():
     assert torch.equal(o1, o2)
     with pytest.raises(RuntimeError, match="is_causal"):
         mha(x, x, x, is_causal=True)
+    # an integer mask is refused as torch's (AssertionError), never added to the scores (+1 instead of -inf)
+    for kw in (dict(key_padding_mask=torch.zeros(3, 4, dtype=torch.uint8), attn_mask=torch.zeros(4, 4)),
+               dict(key_padding_mask=torch.zeros(3, 4), attn_mask=torch.zeros(4, 4, dtype=torch.int64))):
+        with pytest.raises(AssertionError, match="only bool and floating"):
+            mha(x, x, x, **kw)
     # masks of the wrong shape raise as torch's, even one that would reshape into place (S, L) for (L, S)
     k = torch.randn(6, 3, 8)
     for bad in (torch.zeros(6, 4, dtype=torch.bool), torch.zeros(6, 6, 4), torch.zeros(4, 7), torch.zeros(5, 4, 6)):
         with pytest.raises(RuntimeError, match="attn_mask must have shape"):
             mha(x, k, k, attn_mask=bad)
+
+
+def test_multihead_attention_weights_under_autocast_and_scalar_arguments():
+    """Under autocast the weights take the scores' dtype with a float mask too (torch's baddbmm(mask, q, k));
+    SDPA's float arguments take any real scalar, as torch's parser (numpy scalars, 0-dim tensors)."""
+    import numpy as np
+    torch.manual_seed(0)
+    t = torch.nn.MultiheadAttention(8, 2)
+    ours = pykernels.nn.MultiheadAttention.from_torch(torch.nn.MultiheadAttention(8, 2))
+    ours.load_state_dict(t.state_dict())
+    x = torch.randn(4, 3, 8)
+    for kw in (dict(attn_mask=torch.randn(4, 4)), dict(key_padding_mask=torch.randn(3, 4))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (o, w), (ro, rw) = ours(x, x, x, **kw), t(x, x, x, **kw)
+        assert (o.dtype, w.dtype) == (ro.dtype, rw.dtype) == (torch.bfloat16, torch.bfloat16), kw
+    q = torch.randn(1, 2, 5, 8)
+    want = F.scaled_dot_product_attention(q, q, q, scale=0.5)
+    for scale in (np.float32(0.5), torch.tensor(0.5)):
+        torch.testing.assert_close(sdpa(q, q, q, scale=scale), want)
+    torch.testing.assert_close(sdpa(q, q, q, dropout_p=np.float32(0.0), scale=0.5), want)
 
 
 def test_multihead_attention_packs_the_input_projections(monkeypatch):

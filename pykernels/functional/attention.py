@@ -3,6 +3,7 @@ torch.nn.functional.scaled_dot_product_attention's signature and semantics (cont
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -18,6 +19,15 @@ __all__ = ["scaled_dot_product_attention", "varlen_attention"]
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def _real(x):
+    """torch's argument parser takes any real scalar for a float argument (numpy scalars, 0-dim tensors): a Python
+    float for those; anything else is left for the checks to name."""
+    if isinstance(x, (int, float)) or not (isinstance(x, numbers.Real)
+                                           or isinstance(x, Tensor) and x.dim() == 0 and x.dtype.is_floating_point):
+        return x
+    return float(x)
 
 
 def _check_common(fn: str, tensors: Sequence[Tuple[str, object]], dropout_p, scale, window, softcap,
@@ -126,6 +136,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                                 scale, enable_gqa, window=window, softcap=softcap,
                                                 causal_alignment=causal_alignment, return_lse=return_lse,
                                                 backend=backend)
+    dropout_p, scale = _real(dropout_p), _real(scale)
     win = _check_common(fn, [("query", query), ("key", key), ("value", value)], dropout_p, scale, window,
                         softcap, causal_alignment)
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -137,9 +148,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         raise ValueError(f"{fn}: key's last dim {key.shape[-1]} != query's {E} (the head dim must match)")
     if value.shape[-2] != S:
         raise ValueError(f"{fn}: value has {value.shape[-2]} positions but key has {S}")
-    if key.shape[:-1] != value.shape[:-1]:
-        raise ValueError(f"{fn}: key {tuple(key.shape)} and value {tuple(value.shape)} must agree but for the "
-                         f"last dim")
+    if key.shape[:-2] != value.shape[:-2]:  # torch's two matmuls broadcast them independently
+        try:
+            kv_lead = torch.broadcast_shapes(key.shape[:-2], value.shape[:-2])
+        except RuntimeError:
+            raise ValueError(f"{fn}: the leading dims of key {tuple(key.shape)} and value {tuple(value.shape)} do "
+                             f"not broadcast") from None
+        key, value = key.expand(*kv_lead, S, E), value.expand(*kv_lead, S, Ev)
     qlead, klead = query.shape[:-2], key.shape[:-2]
     if qlead != klead and _query_broadcasts(qlead, klead, enable_gqa):
         # torch broadcasts the leading dims of query and key/value (with GQA: all but the heads)
@@ -214,8 +229,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             keep = torch.rand(score_shape, device=query.device) >= dropout_p
         k_, v_ = key, value
         if not gqa and Hk != H:  # broadcast of a single kv head
-            k_ = key.expand(*key.shape[:-3], H, S, E) if key.dim() >= 3 else key
-            v_ = value.expand(*value.shape[:-3], H, S, Ev) if value.dim() >= 3 else value
+            k_ = key.expand(*key.shape[:-3], H, S, E) if key.dim() >= 3 else key.expand(*query.shape[:-2], S, E)
+            v_ = (value.expand(*value.shape[:-3], H, S, Ev) if value.dim() >= 3
+                  else value.expand(*query.shape[:-2], S, Ev))
         out, lse = _ref.scaled_dot_product_attention(query, k_, v_, attn_mask, keep, dropout_p, is_causal, scale,
                                                      gqa, alignment, win, softcap)
         return (out, lse.detach().float()) if return_lse else out
@@ -276,6 +292,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                     dropout_p=dropout_p, is_causal=is_causal, scale=scale, window=window,
                                     softcap=softcap, causal_alignment=causal_alignment, return_lse=return_lse,
                                     backend=backend)
+    dropout_p, scale = _real(dropout_p), _real(scale)
     win = _check_common(fn, [("q", q), ("k", k), ("v", v)], dropout_p, scale, window, softcap, causal_alignment)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:

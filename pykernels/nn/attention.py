@@ -59,6 +59,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if is_causal and attn_mask is None:
             raise RuntimeError("MultiheadAttention: need attn_mask if specifying the is_causal hint (as torch); "
                                "pass the causal mask, e.g. nn.Transformer.generate_square_subsequent_mask")
+        for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if m is not None and m.dtype != torch.bool and not m.dtype.is_floating_point:
+                # torch's check and exception (F._canonical_mask): an integer mask would be added to the scores
+                raise AssertionError(f"MultiheadAttention: only bool and floating types of {name} are supported, "
+                                     f"got {m.dtype}")
         # which inputs are one tensor, before the layout changes below make them distinct views (torch's rule)
         same_kv = key is value
         same_qkv = same_kv and query is key
@@ -143,7 +148,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if use_causal:
                 s = s.masked_fill(torch.ones(L, S, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
             if sdpa_mask is not None:
-                s = s.masked_fill(~sdpa_mask, float("-inf")) if sdpa_mask.dtype == torch.bool else s + sdpa_mask
+                s = (s.masked_fill(~sdpa_mask, float("-inf")) if sdpa_mask.dtype == torch.bool
+                     else s + sdpa_mask.to(s.dtype))  # torch's baddbmm(mask, ...): weights in the scores' dtype
             weights = torch.softmax(s, dim=-1)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
