@@ -366,6 +366,32 @@ def test_probability_targets_promote_as_torch():
             loss = pykernels.functional.cross_entropy(x, p, backend=backend)
             assert loss.dtype == F.cross_entropy(x.detach(), p).dtype, (xd, td, backend)
             assert torch.autograd.grad(loss, x)[0].dtype == xd
+    # and the value is the wider dtype's, not the logits' rounded and cast up (bf16: 6.5 for 6.508)
+    x = (3 * torch.randn(256, 1000)).bfloat16()
+    p = torch.softmax(3 * torch.randn(256, 1000, dtype=torch.float64), 1)
+    for backend in ("cpu", "reference", None):
+        if backend == "cpu" and not CPU_KERNELS:
+            continue
+        for red in ("mean", "sum"):
+            got = pykernels.functional.cross_entropy(x, p.float(), reduction=red, backend=backend)
+            assert_error_rule(f"{backend} {red}", got, F.cross_entropy(x.double(), p, reduction=red),
+                              F.cross_entropy(x, p.float(), reduction=red), floor=0.0)
+
+
+def test_zero_total_class_weight_mean_is_nan_with_nan_gradient():
+    """Counted targets whose class weights are all 0: torch divides by 0 (NaN loss and gradient); only when every
+    target is ignored is the gradient zero."""
+    x = torch.randn(3, 4, requires_grad=True)
+    t, w = torch.tensor([0, 1, 1]), torch.tensor([0.0, 0.0, 1.0, 1.0])
+    want = torch.autograd.grad(F.cross_entropy(x, t, w), x)[0]
+    for backend in ("cpu", "reference"):
+        if backend == "cpu" and not CPU_KERNELS:
+            continue
+        loss = pykernels.functional.cross_entropy(x, t, w, backend=backend)
+        assert want.isnan().all() and torch.isnan(loss) and bool(torch.isnan(torch.autograd.grad(loss, x)[0]).all())
+        lce = pykernels.functional.linear_cross_entropy(x, torch.eye(4, requires_grad=True), t, weight=w,
+                                                        backend=backend)
+        assert torch.isnan(lce) and bool(torch.isnan(torch.autograd.grad(lce, x)[0]).all())
 
 
 def test_uint8_targets_and_empty_batch():

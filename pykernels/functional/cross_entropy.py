@@ -123,14 +123,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                                      label_smoothing=label_smoothing)
     amp = _autocast.enabled(input)
     out_dtype = torch.float32 if amp and _autocast.eligible(input) else input.dtype
+    if probs:  # torch's -sum(t * log_softmax(x)) promotes: float32 probabilities give bf16 logits a float32 loss,
+        out_dtype = torch.promote_types(out_dtype, target.dtype)  # cast once from the kernels' accumulator
     with _autocast.off(input) if amp else contextlib.nullcontext():
-        out = _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_smoothing, z_loss,
-                             return_lse, fused, backend, out_dtype)
-    if probs and torch.promote_types(out_dtype, target.dtype) != out_dtype:
-        # torch's -sum(t * log_softmax(x)) promotes: float64 probabilities give a float64 loss (lse stays fp32)
-        wide = torch.promote_types(out_dtype, target.dtype)
-        out = (out[0].to(wide), out[1]) if return_lse else out.to(wide)
-    return out
+        return _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_smoothing, z_loss,
+                              return_lse, fused, backend, out_dtype)
 
 
 def _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_smoothing, z_loss, return_lse,
@@ -164,7 +161,7 @@ def _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_
         # under autocast torch computes on a float32 copy of the logits: so does the reference (no-op otherwise)
         loss, lse = _ce_ref.cross_entropy(input.to(out_dtype), target, weight, ignore_index, reduction,
                                           label_smoothing, z_loss)
-        return (loss, lse.detach()) if return_lse else loss
+        return (loss, lse.detach().to(_ce.acc_dtype(input.dtype))) if return_lse else loss
 
     x = _canonical(input)
     t = _canonical(target.to(input.dtype)) if probs else target.reshape(-1).contiguous()  # (the kernels: stride 1)

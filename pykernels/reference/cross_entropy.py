@@ -60,8 +60,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     elif reduction == "sum":
         loss = rows.sum()
     elif reduction == "mean":
-        # NaN when every target is ignored, as PyTorch, with a zero (not NaN) gradient, as PyTorch.
-        empty = denom == 0
+        # NaN when every target is ignored, as PyTorch, with a zero (not NaN) gradient, as PyTorch; counted targets
+        # whose class weights sum to 0 divide by 0 there (NaN loss and gradient)
+        empty = counted.sum() == 0
         loss = torch.where(empty, float("nan"), rows.sum() / torch.where(empty, 1.0, denom))
     else:
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
