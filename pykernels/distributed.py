@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import backends
+from .errors import ArgumentTypeError, ArgumentValueError
 from .ops import linear_cross_entropy as _lce
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
@@ -30,7 +31,7 @@ __all__ = ["vocab_parallel_linear_cross_entropy"]
 class _VocabParallelLCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
-                z_loss, softcap, group, vocab_start, vocab_size, backend):
+                z_loss, softcap, group, vocab_start, vocab_size, backend, loss_dtype):
         fwd, _ = _lce.KERNELS[backend]
         acc = _lce.acc_dtype(input.dtype)
         smooth = label_smoothing > 0
@@ -50,7 +51,7 @@ class _VocabParallelLCE(torch.autograd.Function):
         ctx.args = (ignore_index, reduction, label_smoothing, z_loss, softcap, group, vocab_start, vocab_size,
                     backend)
         ctx.mark_non_differentiable(lse)
-        return loss.to(input.dtype), lse
+        return loss.to(loss_dtype), lse  # one rounding, from the accumulator
 
     @staticmethod
     def backward(ctx, g_loss, g_lse):
@@ -70,7 +71,7 @@ class _VocabParallelLCE(torch.autograd.Function):
             dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=group)  # fp32: the sum over shards, then one rounding
             gx = gx.to(input.dtype)
         return ((gx if need_x else None), (gw if need_w else None), (gb if need_b else None),
-                None, None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
@@ -78,12 +79,15 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
                                         reduction: str = "mean", ignore_index: Optional[int] = None,
                                         label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0,
                                         return_lse: bool = False, group=None, vocab_start: Optional[int] = None,
-                                        vocab_size: Optional[int] = None, backend: Optional[str] = None):
+                                        vocab_size: Optional[int] = None, backend: Optional[str] = None,
+                                        _loss_dtype: Optional[torch.dtype] = None):
     """``pykernels.functional.linear_cross_entropy`` with the vocabulary sharded over ``group`` (None: the default
     group). Class-index targets only (global class ids); input (..., H), linear_weight (V_r, H) of this rank.
-    Backends: "cuda" (fp16/bf16), "triton" (CUDA, or CPU under TRITON_INTERPRET=1) and "reference" (the kernel
-    contract in plain PyTorch, chunked: also never the logits); the cpu backend is not implemented yet."""
-    from .functional.linear_cross_entropy import _check_options, _check_target_range, kernel_reason
+    Backends: "cuda" (fp16/bf16), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" (the C++ kernels) and
+    "reference" (the kernel contract in plain PyTorch, chunked: also never the logits). ``_loss_dtype``: the loss's
+    dtype (None: input's; float32 under autocast), cast once from the float32 accumulator."""
+    from .functional.cross_entropy import _check_target_range, _index
+    from .functional.linear_cross_entropy import _check_options, kernel_reason
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("linear_cross_entropy: group= needs an initialised torch.distributed process group")
     if group is True:
@@ -91,37 +95,40 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
-        raise ValueError("linear_cross_entropy: vocab-parallel linear_weight must be this rank's (V_r, H) rows")
+        raise ArgumentValueError("linear_cross_entropy: vocab-parallel linear_weight must be this rank's (V_r, H) rows")
     if not isinstance(input, Tensor) or not input.dtype.is_floating_point or input.dim() < 1:
-        raise TypeError("linear_cross_entropy: input must be a floating-point Tensor (..., H)")
+        raise ArgumentTypeError("linear_cross_entropy: input must be a floating-point Tensor (..., H)")
     Vr, H = linear_weight.shape
     if input.shape[-1] != H:
-        raise ValueError(f"linear_cross_entropy: linear_weight's last dimension ({H}) must equal input's last "
-                         f"dimension, in_features ({input.shape[-1]})")
+        raise ArgumentValueError(f"linear_cross_entropy: linear_weight's last dimension ({H}) must equal input's last "
+                                 f"dimension, in_features ({input.shape[-1]})")
     if linear_weight.dtype != input.dtype:
-        raise TypeError(f"linear_cross_entropy: linear_weight has dtype {linear_weight.dtype} but input has "
-                        f"{input.dtype}; they must match")
+        raise ArgumentTypeError(f"linear_cross_entropy: linear_weight has dtype {linear_weight.dtype} but input has "
+                                f"{input.dtype}; they must match")
     if (not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.uint8)
             or tuple(target.shape) != tuple(input.shape[:-1])):
-        raise ValueError(f"linear_cross_entropy: vocab-parallel target must be int64 (or uint8) class indices of "
-                         f"shape {tuple(input.shape[:-1])}")
+        raise ArgumentValueError(f"linear_cross_entropy: vocab-parallel target must be int64 (or uint8) class indices "
+                                 f"of shape {tuple(input.shape[:-1])}")
     target = target.to(torch.int64)  # before any comparison: a uint8 255 must not equal ignore_index -1
     vocab_start = rank * Vr if vocab_start is None else int(vocab_start)
     vocab_size = world * Vr if vocab_size is None else int(vocab_size)
     if not 0 <= vocab_start <= vocab_size - Vr:
-        raise ValueError(f"linear_cross_entropy: shard [{vocab_start}, {vocab_start + Vr}) is outside the "
+        raise ArgumentValueError(f"linear_cross_entropy: shard [{vocab_start}, {vocab_start + Vr}) is outside the "
                          f"vocabulary of {vocab_size} classes")
     if linear_bias is not None and tuple(linear_bias.shape) != (Vr,):
-        raise ValueError(f"linear_cross_entropy: linear_bias must have shape ({Vr},) (this rank's classes), got "
-                         f"{tuple(linear_bias.shape)}")
+        raise ArgumentValueError(f"linear_cross_entropy: linear_bias must have shape ({Vr},) (this rank's classes), "
+                                 f"got {tuple(linear_bias.shape)}")
     if weight is not None and tuple(weight.shape) != (vocab_size,):
-        raise ValueError(f"linear_cross_entropy: weight must have shape ({vocab_size},) (the whole vocabulary), got "
-                         f"{tuple(weight.shape)}")
+        raise ArgumentValueError(f"linear_cross_entropy: weight must have shape ({vocab_size},) (the whole "
+                                 f"vocabulary), got "
+                                 f"{tuple(weight.shape)}")
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("linear_cross_entropy: the vocab-parallel path treats the class weight as a constant; pass "
-                         "weight.detach() (a weight that requires grad would get no gradient)")
+        raise ArgumentValueError("linear_cross_entropy: the vocab-parallel path treats the class weight as a "
+                                 "constant; pass "
+                                 "weight.detach() (a weight that requires grad would get no gradient)")
     _check_options(reduction, label_smoothing, z_loss, softcap)
-    ii = -100 if ignore_index is None else int(ignore_index)
+    label_smoothing = label_smoothing if label_smoothing > 0 else 0.0  # torch: < 0 and NaN smooth nothing
+    ii = -100 if ignore_index is None else _index("linear_cross_entropy", "ignore_index", ignore_index)
     _check_target_range(target, vocab_size, ii, "linear_cross_entropy")
 
     def unsupported(b: str) -> Optional[str]:
@@ -137,7 +144,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
                                         None if linear_bias is None else linear_bias.contiguous(),
                                         target.reshape(-1).contiguous(), w, ii, _lce.REDUCTIONS[reduction],
                                         float(label_smoothing), float(z_loss), float(softcap or 0.0), group,
-                                        vocab_start, vocab_size, chosen)
+                                        vocab_start, vocab_size, chosen, _loss_dtype or input.dtype)
     if reduction == "none":
         loss = loss.reshape(batch)
     return (loss, lse.reshape(batch)) if return_lse else loss

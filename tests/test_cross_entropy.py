@@ -319,10 +319,40 @@ def test_bad_arguments_name_the_argument():
         (lambda: ce(x, torch.rand(4, 6), ignore_index=0), ValueError, "ignore_index"),
         (lambda: ce(torch.tensor(1.0), t), ValueError, "at least 1 dimension"),
         (lambda: ce(x, t, backend="tpu"), ValueError, "backend must be one of"),
+        (lambda: ce(x, t, ignore_index=1.0), TypeError, "ignore_index must be an int"),
     ]
     for fn, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             fn()
+    # where torch raises RuntimeError (shapes, dtypes, sizes), ours is a RuntimeError too (pykernels.errors)
+    for fn, exc, msg in cases[1:8]:
+        with pytest.raises(RuntimeError, match=msg):
+            fn()
+
+
+def test_arguments_parse_as_torch():
+    """label_smoothing < 0 or NaN smooths nothing (torch's only bound is <= 1); numpy integer ignore_index; a (1,)
+    target for one (C,) row; linear_cross_entropy the same."""
+    import numpy as np
+    x, t = torch.randn(4, 6), torch.randint(0, 6, (4,))
+    ce, lce = pykernels.functional.cross_entropy, pykernels.functional.linear_cross_entropy
+    W = torch.randn(6, 6)
+    backends = ["reference", None] + (["cpu"] if CPU_KERNELS else [])
+    for backend in backends:
+        for ls in (-0.5, float("nan")):
+            assert torch.equal(ce(x, t, label_smoothing=ls, backend=backend), ce(x, t, backend=backend))
+            assert torch.equal(lce(x, W, t, label_smoothing=ls, backend=backend), lce(x, W, t, backend=backend))
+        torch.testing.assert_close(ce(x, t, ignore_index=np.int64(2), backend=backend),
+                                   F.cross_entropy(x, t, ignore_index=2))
+        for red in ("mean", "none"):
+            want = F.cross_entropy(x[0], t[:1], reduction=red)
+            got = ce(x[0], t[:1], reduction=red, backend=backend)
+            assert got.shape == want.shape == ()
+            torch.testing.assert_close(got, want)
+            torch.testing.assert_close(lce(x[0], W, t[:1], reduction=red, backend=backend), want.new_tensor(
+                F.cross_entropy(x[0] @ W.T, t[:1], reduction=red).item()))
+        with pytest.raises(TypeError, match="ignore_index must be an int"):
+            lce(x, W, t, ignore_index=1.0, backend=backend)
 
 
 def test_legacy_reduction_arguments():

@@ -142,16 +142,26 @@ def test_cell_bad_arguments_name_the_argument():
     x = torch.randn(2, 3)
     w_ih, w_hh = torch.randn(8, 3), torch.randn(8, 2)
     h = c = torch.randn(2, 2)
-    with pytest.raises(ValueError, match="w_ih"):
+    with pytest.raises(ValueError, match="input has inconsistent input_size"):
         lstm_cell(x, (h, c), torch.randn(8, 4), w_hh)
+    with pytest.raises(ValueError, match="w_ih"):
+        lstm_cell(x, (h, c), torch.randn(7, 3), w_hh)
     with pytest.raises(ValueError, match="w_hh"):
         lstm_cell(x, (h, c), w_ih, torch.randn(8, 3))
     with pytest.raises(ValueError, match=r"hx\[1\]"):
         lstm_cell(x, (h, torch.randn(3, 2)), w_ih, w_hh)
     with pytest.raises(TypeError, match="w_hh"):
         lstm_cell(x, (h, c), w_ih, w_hh.double())
-    with pytest.raises(ValueError, match="b_ih"):
-        lstm_cell(x, (h, c), w_ih, w_hh, torch.randn(8), None)
+    # torch's cell takes one bias alone (the other is 0), and raises RuntimeError for these: ours are both
+    for b in ((torch.randn(8, requires_grad=True), None), (None, torch.randn(8, requires_grad=True))):
+        got, want = lstm_cell(x, (h, c), w_ih, w_hh, *b), torch.lstm_cell(x, (h, c), w_ih, w_hh, *b)
+        torch.testing.assert_close(got, want)
+        gb = torch.autograd.grad(got[0].sum(), [t for t in b if t is not None])
+        torch.testing.assert_close(gb, torch.autograd.grad(want[0].sum(), [t for t in b if t is not None]))
+    for bad in ((x, (h, torch.randn(3, 2)), w_ih, w_hh), (x, (h, c), w_ih, w_hh.double()),
+                (x, (h, c, c), w_ih, w_hh), (x, (h[0], c), w_ih, w_hh)):
+        with pytest.raises(RuntimeError):
+            lstm_cell(*bad)
     with pytest.raises(ValueError, match="b_hh"):
         lstm_cell(x, (h, c), w_ih, w_hh, torch.randn(8), torch.randn(7))
     with pytest.raises(ValueError, match="input"):

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _native, backends
+from ..errors import ArgumentTypeError, ArgumentValueError
 from . import _autocast
 from ..ops import attention as _ops
 from ..reference import attention as _ref
@@ -34,28 +35,29 @@ def _check_common(fn: str, tensors: Sequence[Tuple[str, object]], dropout_p, sca
                   causal_alignment) -> Tuple[int, int]:
     for name, t in tensors:
         if not isinstance(t, Tensor):
-            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+            raise ArgumentTypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
         if not t.dtype.is_floating_point:
-            raise TypeError(f"{fn}: {name} must be floating point, got {t.dtype}")
+            raise ArgumentTypeError(f"{fn}: {name} must be floating point, got {t.dtype}")
     (qn, q), rest = tensors[0], tensors[1:]
     for name, t in rest:
         if t.dtype != q.dtype:
-            raise TypeError(f"{fn}: {name} has dtype {t.dtype} but {qn} has {q.dtype} (they must match)")
+            raise ArgumentTypeError(f"{fn}: {name} has dtype {t.dtype} but {qn} has {q.dtype} (they must match)")
         if t.device != q.device:
-            raise ValueError(f"{fn}: {name} is on {t.device} but {qn} is on {q.device}")
+            raise ArgumentValueError(f"{fn}: {name} is on {t.device} but {qn} is on {q.device}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"{fn}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
+        raise ArgumentValueError(f"{fn}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
     if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
+        raise ArgumentTypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
     if not (softcap >= 0.0 and math.isfinite(softcap)):
-        raise ValueError(f"{fn}: softcap must be finite and >= 0 (0: off), got {softcap}")
+        raise ArgumentValueError(f"{fn}: softcap must be finite and >= 0 (0: off), got {softcap}")
     if causal_alignment not in _ALIGNMENTS:
-        raise ValueError(f"{fn}: causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}")
+        raise ArgumentValueError(f"{fn}: causal_alignment must be 'top_left' or 'bottom_right', got "
+                                 f"{causal_alignment!r}")
     if window is None:
         return -1, -1
     if (not isinstance(window, (tuple, list)) or len(window) != 2
             or not all(isinstance(w, int) and w >= -1 for w in window)):
-        raise ValueError(f"{fn}: window must be (left, right) ints >= -1 (-1: unbounded), got {window!r}")
+        raise ArgumentValueError(f"{fn}: window must be (left, right) ints >= -1 (-1: unbounded), got {window!r}")
     return int(window[0]), int(window[1])
 
 
@@ -141,19 +143,20 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                         softcap, causal_alignment)
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() < 2:
-            raise ValueError(f"{fn}: {name} must have at least 2 dimensions (..., L, E), got {t.dim()}")
+            raise ArgumentValueError(f"{fn}: {name} must have at least 2 dimensions (..., L, E), got {t.dim()}")
     L, E = query.shape[-2], query.shape[-1]
     S, Ev = key.shape[-2], value.shape[-1]
     if key.shape[-1] != E:
-        raise ValueError(f"{fn}: key's last dim {key.shape[-1]} != query's {E} (the head dim must match)")
+        raise ArgumentValueError(f"{fn}: key's last dim {key.shape[-1]} != query's {E} (the head dim must match)")
     if value.shape[-2] != S:
-        raise ValueError(f"{fn}: value has {value.shape[-2]} positions but key has {S}")
+        raise ArgumentValueError(f"{fn}: value has {value.shape[-2]} positions but key has {S}")
     if key.shape[:-2] != value.shape[:-2]:  # torch's two matmuls broadcast them independently
         try:
             kv_lead = torch.broadcast_shapes(key.shape[:-2], value.shape[:-2])
         except RuntimeError:
-            raise ValueError(f"{fn}: the leading dims of key {tuple(key.shape)} and value {tuple(value.shape)} do "
-                             f"not broadcast") from None
+            raise ArgumentValueError(f"{fn}: the leading dims of key {tuple(key.shape)} and value "
+                                     f"{tuple(value.shape)} do "
+                                     f"not broadcast") from None
         key, value = key.expand(*kv_lead, S, E), value.expand(*kv_lead, S, Ev)
     qlead, klead = query.shape[:-2], key.shape[:-2]
     if qlead != klead and _query_broadcasts(qlead, klead, enable_gqa):
@@ -174,34 +177,34 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     gqa = H != Hk and Hk != 1 or (enable_gqa and H != Hk)
     if gqa:
         if not enable_gqa:
-            raise ValueError(f"{fn}: query has {H} heads and key/value {Hk}: pass enable_gqa=True (GQA/MQA)")
+            raise ArgumentValueError(f"{fn}: query has {H} heads and key/value {Hk}: pass enable_gqa=True (GQA/MQA)")
         if H % Hk:
-            raise ValueError(f"{fn}: query heads {H} must be a multiple of key/value heads {Hk} for GQA")
+            raise ArgumentValueError(f"{fn}: query heads {H} must be a multiple of key/value heads {Hk} for GQA")
     batch = query.shape[:-3]
     kv_batch = key.shape[:-3]
     try:  # (torch.broadcast_shapes costs microseconds: not for the common equal shapes)
         full_batch = batch if kv_batch == batch else torch.broadcast_shapes(batch, kv_batch)
     except RuntimeError:
-        raise ValueError(f"{fn}: batch dims of query {tuple(batch)} and key/value {tuple(kv_batch)} do not "
-                         f"broadcast") from None
+        raise ArgumentValueError(f"{fn}: batch dims of query {tuple(batch)} and key/value {tuple(kv_batch)} do not "
+                                 f"broadcast") from None
     if full_batch != batch:
-        raise ValueError(f"{fn}: key/value batch dims {tuple(kv_batch)} are larger than query's {tuple(batch)}")
+        raise ArgumentValueError(f"{fn}: key/value batch dims {tuple(kv_batch)} are larger than query's {tuple(batch)}")
     score_shape = query.shape[:-1] + (S,)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"{fn}: attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+            raise ArgumentTypeError(f"{fn}: attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-            raise TypeError(f"{fn}: attn_mask must be bool (True = attend) or floating (added), got "
-                            f"{attn_mask.dtype}")
+            raise ArgumentTypeError(f"{fn}: attn_mask must be bool (True = attend) or floating (added), got "
+                                    f"{attn_mask.dtype}")
         if attn_mask.device != query.device:
-            raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {query.device}")
+            raise ArgumentValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {query.device}")
         try:
             ok = attn_mask.shape == score_shape or torch.broadcast_shapes(attn_mask.shape, score_shape) == score_shape
         except RuntimeError:
             ok = False
         if not ok:
-            raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' "
-                             f"shape {tuple(score_shape)}")
+            raise ArgumentValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the "
+                                     f"scores' shape {tuple(score_shape)}")
     if (win == (-1, -1) and softcap == 0.0 and causal_alignment == "top_left" and not return_lse
             and not (is_causal and attn_mask is not None)  # what torch's SDPA expresses
             and backends.prefer_native(fn, query.device, backend)):
@@ -261,13 +264,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
 def _check_cu(fn: str, name: str, cu: Tensor, total: int, device: torch.device) -> None:
     if not isinstance(cu, Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.numel() < 1:
-        raise TypeError(f"{fn}: {name} must be a 1-D int32 tensor of nseq + 1 offsets")
+        raise ArgumentTypeError(f"{fn}: {name} must be a 1-D int32 tensor of nseq + 1 offsets")
     if cu.device != device:
-        raise ValueError(f"{fn}: {name} is on {cu.device} but the tensors are on {device}")
+        raise ArgumentValueError(f"{fn}: {name} is on {cu.device} but the tensors are on {device}")
     if cu.device.type == "cpu" and not torch.compiler.is_compiling():
         if int(cu[0]) != 0 or int(cu[-1]) > total or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"{fn}: {name} must start at 0, be non-decreasing and end at most at {total} (rows "
-                             f"past its last offset are padding), got {cu.tolist()}")
+            raise ArgumentValueError(f"{fn}: {name} must start at 0, be non-decreasing and end at most at {total} "
+                                     f"(rows past its last offset are padding), got {cu.tolist()}")
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -296,24 +299,25 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     win = _check_common(fn, [("q", q), ("k", k), ("v", v)], dropout_p, scale, window, softcap, causal_alignment)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
-            raise ValueError(f"{fn}: {name} must be (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
+            raise ArgumentValueError(f"{fn}: {name} must be (total_tokens, heads, head_dim), got shape "
+                                     f"{tuple(t.shape)}")
     T, H, E = q.shape
     Tk, Hk, Ev = v.shape
     if k.shape[:2] != (Tk, Hk) or k.shape[2] != E:
-        raise ValueError(f"{fn}: k must be ({Tk}, {Hk}, {E}) to match q and v, got {tuple(k.shape)}")
+        raise ArgumentValueError(f"{fn}: k must be ({Tk}, {Hk}, {E}) to match q and v, got {tuple(k.shape)}")
     if H % Hk:
-        raise ValueError(f"{fn}: q heads {H} must be a multiple of k/v heads {Hk}")
+        raise ArgumentValueError(f"{fn}: q heads {H} must be a multiple of k/v heads {Hk}")
     _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, T, q.device)
     _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, Tk, q.device)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length (nseq + 1)")
+        raise ArgumentValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length (nseq + 1)")
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(m, int) or m < 0:
-            raise ValueError(f"{fn}: {name} must be an int >= 0, got {m!r}")
+            raise ArgumentValueError(f"{fn}: {name} must be an int >= 0, got {m!r}")
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         lq, lk = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]), (cu_seqlens_k[1:] - cu_seqlens_k[:-1])
         if lq.numel() and (int(lq.max()) > max_seqlen_q or int(lk.max()) > max_seqlen_k):
-            raise ValueError(f"{fn}: a sequence is longer than max_seqlen_q/max_seqlen_k")
+            raise ArgumentValueError(f"{fn}: a sequence is longer than max_seqlen_q/max_seqlen_k")
     if scale is None:
         scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
     dropout_p = float(dropout_p)

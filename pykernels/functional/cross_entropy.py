@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _native, backends
+from ..errors import ArgumentTypeError, ArgumentValueError
 from . import _autocast
 from ..ops import cross_entropy as _ce
 from ..reference import cross_entropy as _ce_ref
@@ -28,45 +30,55 @@ def _legacy_reduction(size_average, reduce, reduction: str) -> str:
     return torch.nn._reduction.legacy_get_string(size_average, reduce)
 
 
+def _index(fn: str, name: str, v) -> int:
+    """An integer argument as torch's parser takes it (int, numpy integers: anything with __index__; not a float)."""
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise ArgumentTypeError(f"{fn}: {name} must be an int, got {type(v).__name__}") from None
+
+
 def _check_cross_entropy_args(input, target, weight, reduction, label_smoothing, z_loss, ignore_index) -> bool:
     """Validates the call; returns True for probability targets."""
     if not isinstance(input, Tensor):
-        raise TypeError(f"cross_entropy: input must be a Tensor, got {type(input).__name__}")
+        raise ArgumentTypeError(f"cross_entropy: input must be a Tensor, got {type(input).__name__}")
     if not isinstance(target, Tensor):
-        raise TypeError(f"cross_entropy: target must be a Tensor, got {type(target).__name__}")
+        raise ArgumentTypeError(f"cross_entropy: target must be a Tensor, got {type(target).__name__}")
     if not input.dtype.is_floating_point:
-        raise TypeError(f"cross_entropy: input must be floating point, got {input.dtype}")
+        raise ArgumentTypeError(f"cross_entropy: input must be floating point, got {input.dtype}")
     if input.dim() < 1:
-        raise ValueError("cross_entropy: input must have at least 1 dimension (C) or (N, C, ...), got a scalar")
+        raise ArgumentValueError("cross_entropy: input must have at least 1 dimension (C) or (N, C, ...), got a scalar")
     if target.device != input.device:
-        raise ValueError(f"cross_entropy: target is on {target.device} but input is on {input.device}")
+        raise ArgumentValueError(f"cross_entropy: target is on {target.device} but input is on {input.device}")
     if reduction not in _ce.REDUCTIONS:
-        raise ValueError(f"cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+        raise ArgumentValueError(f"cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if label_smoothing > 1.0:  # torch's only bound: <= 0 and NaN mean none (the caller passes 0 for those)
+        raise ArgumentValueError(f"cross_entropy: label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     if not (z_loss >= 0.0 and z_loss != float("inf")):
-        raise ValueError(f"cross_entropy: z_loss must be finite and >= 0, got {z_loss}")
+        raise ArgumentValueError(f"cross_entropy: z_loss must be finite and >= 0, got {z_loss}")
     C = input.shape[0 if input.dim() == 1 else 1]
     if weight is not None:
         if not isinstance(weight, Tensor) or not weight.dtype.is_floating_point:
-            raise TypeError("cross_entropy: weight must be a floating-point Tensor")
+            raise ArgumentTypeError("cross_entropy: weight must be a floating-point Tensor")
         if weight.shape != (C,):
-            raise ValueError(f"cross_entropy: weight must have shape ({C},) (one per class), got {tuple(weight.shape)}")
+            raise ArgumentValueError(f"cross_entropy: weight must have shape ({C},) (one per class), got "
+                                     f"{tuple(weight.shape)}")
         if weight.device != input.device:
-            raise ValueError(f"cross_entropy: weight is on {weight.device} but input is on {input.device}")
+            raise ArgumentValueError(f"cross_entropy: weight is on {weight.device} but input is on {input.device}")
     if target.shape == input.shape and input.dim() > 0 and target.dtype.is_floating_point:
         if ignore_index >= 0:
-            raise ValueError("cross_entropy: ignore_index is not supported for probability (floating) targets")
+            raise ArgumentValueError("cross_entropy: ignore_index is not supported for probability (floating) targets")
         return True
     if target.dtype.is_floating_point:
-        raise ValueError(f"cross_entropy: floating target must have the input's shape {tuple(input.shape)} "
-                         f"(class probabilities), got {tuple(target.shape)}")
+        raise ArgumentValueError(f"cross_entropy: floating target must have the input's shape {tuple(input.shape)} "
+                                 f"(class probabilities), got {tuple(target.shape)}")
     if target.dtype not in (torch.int64, torch.uint8):
-        raise TypeError(f"cross_entropy: class-index target must be int64 (torch.long) or uint8, got {target.dtype}")
+        raise ArgumentTypeError(f"cross_entropy: class-index target must be int64 (torch.long) or uint8, got "
+                                f"{target.dtype}")
     expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
-    if target.shape != expected:
-        raise ValueError(f"cross_entropy: target must have shape {tuple(expected)} for input of shape "
-                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    if target.shape != expected and not (input.dim() == 1 and target.shape == (1,)):  # torch takes (1,) for (C,)
+        raise ArgumentValueError(f"cross_entropy: target must have shape {tuple(expected)} for input of shape "
+                                 f"{tuple(input.shape)}, got {tuple(target.shape)}")
     return False
 
 
@@ -113,7 +125,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     list); the kernels read the half-precision logits as they are and the gradient keeps their dtype.
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
+    ignore_index = _index("cross_entropy", "ignore_index", ignore_index)
     probs = _check_cross_entropy_args(input, target, weight, reduction, label_smoothing, z_loss, ignore_index)
+    label_smoothing = label_smoothing if label_smoothing > 0 else 0.0  # torch: < 0 and NaN smooth nothing
+    if input.dim() == 1 and not probs and target.dim() == 1:
+        target = target.reshape(())
     if (not z_loss and not return_lse and (probs or target.dtype == torch.int64)
             and (weight is None or weight.dtype == input.dtype)
             and backends.prefer_native("cross_entropy", input.device, backend, input.numel(),

@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..errors import ArgumentTypeError, ArgumentValueError
 from . import _autocast
-from .cross_entropy import _check_target_range
+from .cross_entropy import _check_target_range, _index
 from ..ops import linear_cross_entropy as _lce
 from ..reference import linear_cross_entropy as _lce_ref
 
@@ -39,15 +40,16 @@ def kernel_reason(b: str, dtype: torch.dtype) -> Optional[str]:
 
 def _finite_nonneg(name: str, v: float) -> None:
     if not (v >= 0.0 and v != float("inf")):
-        raise ValueError(f"linear_cross_entropy: {name} must be finite and >= 0, got {v}")
+        raise ArgumentValueError(f"linear_cross_entropy: {name} must be finite and >= 0, got {v}")
 
 
 def _check_options(reduction: str, label_smoothing: float, z_loss: float, softcap: float) -> None:
     """The scalar options, shared with the vocab-parallel entry point (pykernels/distributed.py)."""
     if reduction not in _lce.REDUCTIONS:
-        raise ValueError(f"linear_cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+        raise ArgumentValueError(f"linear_cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if label_smoothing > 1.0:  # torch's only bound: <= 0 and NaN mean none (callers pass 0 for those)
+        raise ArgumentValueError(f"linear_cross_entropy: label_smoothing must be between 0.0 and 1.0, got "
+                                 f"{label_smoothing}")
     _finite_nonneg("z_loss", z_loss)
     _finite_nonneg("softcap", softcap)
 
@@ -55,7 +57,7 @@ def _check_options(reduction: str, label_smoothing: float, z_loss: float, softca
 def _check_tensors(input, linear_weight, target) -> None:
     for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"linear_cross_entropy: {name} must be a Tensor, got {type(t).__name__}")
+            raise ArgumentTypeError(f"linear_cross_entropy: {name} must be a Tensor, got {type(t).__name__}")
 
 
 def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
@@ -63,45 +65,46 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
     """Validates the call; returns (logits_shape, probs, out_features)."""
     _check_tensors(input, linear_weight, target)
     if not input.dtype.is_floating_point:
-        raise TypeError(f"linear_cross_entropy: input must be floating point, got {input.dtype}")
+        raise ArgumentTypeError(f"linear_cross_entropy: input must be floating point, got {input.dtype}")
     if input.dim() < 1:
-        raise ValueError("linear_cross_entropy: input must have at least 1 dimension (in_features), got a scalar")
+        raise ArgumentValueError("linear_cross_entropy: input must have at least 1 dimension (in_features), got a "
+                                 "scalar")
     if linear_weight.dim() < 2:
-        raise ValueError(f"linear_cross_entropy: linear_weight must have at least 2 dimensions (num_classes, ..., "
-                         f"in_features), got shape {tuple(linear_weight.shape)}")
+        raise ArgumentValueError(f"linear_cross_entropy: linear_weight must have at least 2 dimensions (num_classes, "
+                                 f"..., in_features), got shape {tuple(linear_weight.shape)}")
     if linear_weight.dtype != input.dtype:
-        raise TypeError(f"linear_cross_entropy: linear_weight has dtype {linear_weight.dtype} but input has "
-                        f"{input.dtype}; they must match")
+        raise ArgumentTypeError(f"linear_cross_entropy: linear_weight has dtype {linear_weight.dtype} but input has "
+                                f"{input.dtype}; they must match")
     H = input.shape[-1]
     if linear_weight.shape[-1] != H:
-        raise ValueError(f"linear_cross_entropy: linear_weight's last dimension ({linear_weight.shape[-1]}) must "
-                         f"equal input's last dimension, in_features ({H})")
+        raise ArgumentValueError(f"linear_cross_entropy: linear_weight's last dimension ({linear_weight.shape[-1]}) "
+                                 f"must equal input's last dimension, in_features ({H})")
     for name, t in (("linear_weight", linear_weight), ("target", target), ("linear_bias", linear_bias),
                     ("weight", weight)):
         if t is not None and isinstance(t, Tensor) and t.device != input.device:
-            raise ValueError(f"linear_cross_entropy: {name} is on {t.device} but input is on {input.device}")
+            raise ArgumentValueError(f"linear_cross_entropy: {name} is on {t.device} but input is on {input.device}")
     C = linear_weight.shape[0]
     out_features = tuple(linear_weight.shape[1:-1])
     if out_features and input.dim() != 2:
-        raise ValueError(f"linear_cross_entropy: a K-dimensional linear_weight {tuple(linear_weight.shape)} needs "
-                         f"batched input (N, {H}), got input of shape {tuple(input.shape)}")
+        raise ArgumentValueError(f"linear_cross_entropy: a K-dimensional linear_weight {tuple(linear_weight.shape)} "
+                                 f"needs batched input (N, {H}), got input of shape {tuple(input.shape)}")
     batch = tuple(input.shape[:-1])
     logits_shape = (*batch, C, *out_features)
     if linear_bias is not None:
         if not isinstance(linear_bias, Tensor):
-            raise TypeError("linear_cross_entropy: linear_bias must be a Tensor or None")
+            raise ArgumentTypeError("linear_cross_entropy: linear_bias must be a Tensor or None")
         if tuple(linear_bias.shape) != (C, *out_features):
-            raise ValueError(f"linear_cross_entropy: linear_bias must have shape {(C, *out_features)}, got "
-                             f"{tuple(linear_bias.shape)}")
+            raise ArgumentValueError(f"linear_cross_entropy: linear_bias must have shape {(C, *out_features)}, got "
+                                     f"{tuple(linear_bias.shape)}")
         if linear_bias.dtype != input.dtype:
-            raise TypeError(f"linear_cross_entropy: linear_bias has dtype {linear_bias.dtype} but input has "
-                            f"{input.dtype}")
+            raise ArgumentTypeError(f"linear_cross_entropy: linear_bias has dtype {linear_bias.dtype} but input has "
+                                    f"{input.dtype}")
     if weight is not None:
         if not isinstance(weight, Tensor) or not weight.dtype.is_floating_point:
-            raise TypeError("linear_cross_entropy: weight must be a floating-point Tensor")
+            raise ArgumentTypeError("linear_cross_entropy: weight must be a floating-point Tensor")
         if tuple(weight.shape) != (C,):
-            raise ValueError(f"linear_cross_entropy: weight must have shape ({C},) (one per class), got "
-                             f"{tuple(weight.shape)}")
+            raise ArgumentValueError(f"linear_cross_entropy: weight must have shape ({C},) (one per class), got "
+                                     f"{tuple(weight.shape)}")
     _check_options(reduction, label_smoothing, z_loss, softcap)
     # Class probabilities when the target has the logits' shape (torch's rule).
     # Batched-input extension: input (..., H) with a 2-D weight puts the classes last; torch's cross_entropy
@@ -109,20 +112,20 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
     probs = tuple(target.shape) == logits_shape and target.dtype.is_floating_point
     if probs:
         if ignore_index is not None:
-            raise ValueError("linear_cross_entropy: ignore_index cannot be specified when target contains "
-                             "probabilities")
+            raise ArgumentValueError("linear_cross_entropy: ignore_index cannot be specified when target contains "
+                                     "probabilities")
         return logits_shape, True, out_features
     if target.dtype.is_floating_point:
-        raise ValueError(f"linear_cross_entropy: a floating target must have the logits' shape {logits_shape} "
-                         f"(class probabilities), got {tuple(target.shape)}")
+        raise ArgumentValueError(f"linear_cross_entropy: a floating target must have the logits' shape {logits_shape} "
+                                 f"(class probabilities), got {tuple(target.shape)}")
     if target.dtype not in (torch.int64, torch.uint8):
-        raise TypeError(f"linear_cross_entropy: class-index target must be int64 (torch.long) or uint8, got "
-                        f"{target.dtype}")
+        raise ArgumentTypeError(f"linear_cross_entropy: class-index target must be int64 (torch.long) or uint8, got "
+                                f"{target.dtype}")
     expected = (*batch, *out_features)
-    if tuple(target.shape) != expected:
-        raise ValueError(f"linear_cross_entropy: target must have shape {expected} for input of shape "
-                         f"{tuple(input.shape)} and linear_weight of shape {tuple(linear_weight.shape)}, got "
-                         f"{tuple(target.shape)}")
+    if tuple(target.shape) != expected and not (expected == () and tuple(target.shape) == (1,)):  # as torch's (C,)
+        raise ArgumentValueError(f"linear_cross_entropy: target must have shape {expected} for input of shape "
+                                 f"{tuple(input.shape)} and linear_weight of shape {tuple(linear_weight.shape)}, got "
+                                 f"{tuple(target.shape)}")
     return logits_shape, False, out_features
 
 
@@ -195,18 +198,23 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
                           label_smoothing, z_loss, softcap, return_lse, group, vocab_start, vocab_size, fused, backend,
                           amp_dtype):
     """amp_dtype: float32 under autocast (the loss's dtype, and the logits' on the reference path), else None."""
+    if ignore_index is not None:
+        ignore_index = _index("linear_cross_entropy", "ignore_index", ignore_index)
+    label_smoothing = label_smoothing if label_smoothing > 0 else 0.0  # torch: < 0 and NaN smooth nothing
     out_dtype = amp_dtype or input.dtype
     if group is not None:
         from ..distributed import vocab_parallel_linear_cross_entropy
         out = vocab_parallel_linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-            return_lse=return_lse, group=group, vocab_start=vocab_start, vocab_size=vocab_size, backend=backend)
-        # under autocast: float32 as torch's, though this path rounded the loss to the input's dtype first
-        return out if amp_dtype is None else ((out[0].to(amp_dtype), out[1]) if return_lse else out.to(amp_dtype))
+            return_lse=return_lse, group=group, vocab_start=vocab_start, vocab_size=vocab_size, backend=backend,
+            _loss_dtype=amp_dtype)  # under autocast: float32 as torch's, cast once from the accumulator
+        return out
     logits_shape, probs, out_features = _check_args(input, linear_weight, target, linear_bias, weight, reduction,
                                                     ignore_index, label_smoothing, z_loss, softcap)
-    ii = -100 if ignore_index is None else int(ignore_index)
+    ii = -100 if ignore_index is None else ignore_index
+    if input.dim() == 1 and not probs and target.dim() == 1:  # (1,) for one (H,) row, as torch
+        target = target.reshape(())
     C = linear_weight.shape[0]
     H = input.shape[-1]
     softcap = float(softcap or 0.0)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _native, backends
+from ..errors import ArgumentTypeError, ArgumentValueError
 from ..ops import lstm as _ops
 from . import _autocast
 from ..reference import lstm as _ref
@@ -29,11 +30,11 @@ _CELL_DTYPES = {
 
 def _check_tensor(name: str, t, dtype, device) -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"lstm_cell: {name} must be a Tensor, got {type(t).__name__}")
+        raise ArgumentTypeError(f"lstm_cell: {name} must be a Tensor, got {type(t).__name__}")
     if t.dtype != dtype:
-        raise TypeError(f"lstm_cell: {name} must have the input's dtype {dtype}, got {t.dtype}")
+        raise ArgumentTypeError(f"lstm_cell: {name} must have the input's dtype {dtype}, got {t.dtype}")
     if t.device != device:
-        raise ValueError(f"lstm_cell: {name} is on {t.device} but input is on {device}")
+        raise ArgumentValueError(f"lstm_cell: {name} is on {t.device} but input is on {device}")
 
 
 def _check_cell_args(input, h, c, w_ih, w_hh, b_ih, b_hh) -> None:
@@ -53,29 +54,30 @@ def _check_cell_args(input, h, c, w_ih, w_hh, b_ih, b_hh) -> None:
     except (AttributeError, ValueError, TypeError):
         pass
     if not isinstance(input, Tensor):
-        raise TypeError(f"lstm_cell: input must be a Tensor, got {type(input).__name__}")
+        raise ArgumentTypeError(f"lstm_cell: input must be a Tensor, got {type(input).__name__}")
     if not input.dtype.is_floating_point:
-        raise TypeError(f"lstm_cell: input must be floating point, got {input.dtype}")
+        raise ArgumentTypeError(f"lstm_cell: input must be floating point, got {input.dtype}")
     if input.dim() != 2:
-        raise ValueError(f"lstm_cell: input must be 1-D (I) or 2-D (B, I), got {input.dim()}-D")
+        raise ArgumentValueError(f"lstm_cell: input must be 1-D (I) or 2-D (B, I), got {input.dim()}-D")
     for name, t in (("hx[0]", h), ("hx[1]", c), ("w_ih", w_ih), ("w_hh", w_hh)):
         _check_tensor(name, t, input.dtype, input.device)
     B, I = input.shape
+    if w_ih.dim() == 2 and w_ih.shape[0] % 4 == 0 and w_ih.shape[1] != I:
+        raise ArgumentValueError(f"lstm_cell: input has inconsistent input_size: got {I}, w_ih expects "
+                                 f"{w_ih.shape[1]}")
     if w_ih.dim() != 2 or w_ih.shape[1] != I or w_ih.shape[0] % 4:
-        raise ValueError(f"lstm_cell: w_ih must have shape (4*hidden_size, {I}), got {tuple(w_ih.shape)}")
+        raise ArgumentValueError(f"lstm_cell: w_ih must have shape (4*hidden_size, {I}), got {tuple(w_ih.shape)}")
     H = w_ih.shape[0] // 4
     if tuple(w_hh.shape) != (4 * H, H):
-        raise ValueError(f"lstm_cell: w_hh must have shape ({4 * H}, {H}), got {tuple(w_hh.shape)}")
+        raise ArgumentValueError(f"lstm_cell: w_hh must have shape ({4 * H}, {H}), got {tuple(w_hh.shape)}")
     for name, t in (("hx[0]", h), ("hx[1]", c)):
         if tuple(t.shape) != (B, H):
-            raise ValueError(f"lstm_cell: {name} must have shape ({B}, {H}), got {tuple(t.shape)}")
-    if (b_ih is None) != (b_hh is None):
-        raise ValueError("lstm_cell: pass both b_ih and b_hh, or neither")
+            raise ArgumentValueError(f"lstm_cell: {name} must have shape ({B}, {H}), got {tuple(t.shape)}")
     for name, t in (("b_ih", b_ih), ("b_hh", b_hh)):
         if t is not None:
             _check_tensor(name, t, input.dtype, input.device)
             if tuple(t.shape) != (4 * H,):
-                raise ValueError(f"lstm_cell: {name} must have shape ({4 * H},), got {tuple(t.shape)}")
+                raise ArgumentValueError(f"lstm_cell: {name} must have shape ({4 * H},), got {tuple(t.shape)}")
 
 
 # torch.autocast's treatment of the LSTM, so that the drop-ins return what torch's do: nn.LSTM runs in the autocast
@@ -104,28 +106,30 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
     """One LSTM step, ``torch.nn.LSTMCell``'s math: returns (h', c'). ``hx`` = (h, c), each (B, H) or (H,) for
     unbatched (I,) input; None means zeros. Keyword-only ``backend``: see ``pykernels.backends``."""
     if not isinstance(input, Tensor):
-        raise TypeError(f"lstm_cell: input must be a Tensor, got {type(input).__name__}")
+        raise ArgumentTypeError(f"lstm_cell: input must be a Tensor, got {type(input).__name__}")
     if _autocast.enabled(input):
         args = _cast(input, hx, (w_ih, w_hh, b_ih, b_hh), _cell_autocast_dtype(input, hx))
         with _autocast.off(input):
             return lstm_cell(args[0], args[1], *args[2], backend=backend)
     unbatched = input.dim() == 1
     if input.dim() not in (1, 2):
-        raise ValueError(f"lstm_cell: input must be 1-D (I) or 2-D (B, I), got {input.dim()}-D")
+        raise ArgumentValueError(f"lstm_cell: input must be 1-D (I) or 2-D (B, I), got {input.dim()}-D")
     x = input.unsqueeze(0) if unbatched else input
     H = w_hh.shape[-1] if isinstance(w_hh, Tensor) else 0
     if hx is None:
         h = c = x.new_zeros(x.shape[0], H)
     else:
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise TypeError("lstm_cell: hx must be a tuple (h, c) or None")
+            raise ArgumentTypeError("lstm_cell: hx must be a tuple (h, c) or None")
         h, c = hx
         if unbatched:
             for name, t in (("hx[0]", h), ("hx[1]", c)):
                 if not isinstance(t, Tensor) or t.dim() != 1:
-                    raise ValueError(f"lstm_cell: {name} must be 1-D for unbatched (1-D) input")
+                    raise ArgumentValueError(f"lstm_cell: {name} must be 1-D for unbatched (1-D) input")
             h, c = h.unsqueeze(0), c.unsqueeze(0)
     _check_cell_args(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if (b_ih is None) != (b_hh is None):  # torch takes one bias alone; the kernels take the pair
+        b_ih, b_hh = (b_ih, torch.zeros_like(b_ih)) if b_hh is None else (torch.zeros_like(b_hh), b_hh)
     if backends.prefer_native("lstm_cell", x.device, backend, size=x.shape[0], dtype=x.dtype):  # measured slower
         hy, cy = torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
         return (hy.squeeze(0), cy.squeeze(0)) if unbatched else (hy, cy)
@@ -227,45 +231,45 @@ def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, p
     """torch.nn.LSTM's checks (its module makes them before the functional call; this API is called directly too),
     each naming the argument: once per call, not per step."""
     if not isinstance(input, Tensor):
-        raise TypeError(f"lstm: input must be a Tensor, got {type(input).__name__}")
+        raise ArgumentTypeError(f"lstm: input must be a Tensor, got {type(input).__name__}")
     if not input.dtype.is_floating_point:
-        raise TypeError(f"lstm: input must be floating point, got {input.dtype}")
+        raise ArgumentTypeError(f"lstm: input must be floating point, got {input.dtype}")
     packed = batch_sizes is not None
     if input.dim() not in ((2,) if packed else (2, 3)):
-        raise ValueError(f"lstm: input must be 2-D (T, I) or 3-D ({'B, T' if batch_first else 'T, B'}, I), or "
-                         f"the 2-D data of a packed sequence; got {input.dim()}-D")
+        raise ArgumentValueError(f"lstm: input must be 2-D (T, I) or 3-D ({'B, T' if batch_first else 'T, B'}, I), or "
+                                 f"the 2-D data of a packed sequence; got {input.dim()}-D")
     if not packed and input.shape[1 if batch_first and input.dim() == 3 else 0] == 0:
         raise RuntimeError("lstm: input has sequence length 0; torch.nn.LSTM expects it larger than 0")
     if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"lstm: num_layers must be a positive int, got {num_layers!r}")
+        raise ArgumentValueError(f"lstm: num_layers must be a positive int, got {num_layers!r}")
     D = 2 if bidirectional else 1
     per = (4 if has_biases else 2) + (1 if proj_size else 0)
     params = list(params)
     if len(params) != num_layers * D * per or not all(isinstance(p, Tensor) for p in params):
-        raise ValueError(f"lstm: params must hold {num_layers * D * per} tensors (num_layers={num_layers}, "
-                         f"bidirectional={bidirectional}, has_biases={has_biases}, proj_size={proj_size}), got "
-                         f"{len(params)}")
+        raise ArgumentValueError(f"lstm: params must hold {num_layers * D * per} tensors (num_layers={num_layers}, "
+                                 f"bidirectional={bidirectional}, has_biases={has_biases}, proj_size={proj_size}), got "
+                                 f"{len(params)}")
     w_hh = params[1]
     if w_hh.dim() != 2 or w_hh.shape[0] % 4:
-        raise ValueError(f"lstm: params[1] (weight_hh_l0) must have shape (4*hidden_size, ...), got "
-                         f"{tuple(w_hh.shape)}")
+        raise ArgumentValueError(f"lstm: params[1] (weight_hh_l0) must have shape (4*hidden_size, ...), got "
+                                 f"{tuple(w_hh.shape)}")
     H = w_hh.shape[0] // 4
     H_out = proj_size or H
     if params[0].dim() != 2 or params[0].shape[1] != input.shape[-1]:
-        raise ValueError(f"lstm: input has {input.shape[-1]} features but params[0] (weight_ih_l0) has shape "
-                         f"{tuple(params[0].shape)}")
+        raise ArgumentValueError(f"lstm: input has {input.shape[-1]} features but params[0] (weight_ih_l0) has shape "
+                                 f"{tuple(params[0].shape)}")
     if hx is None:
         return
     if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, Tensor) for t in hx):
-        raise TypeError("lstm: hx must be a tuple (h_0, c_0) of tensors or None")
+        raise ArgumentTypeError("lstm: hx must be a tuple (h_0, c_0) of tensors or None")
     unbatched = not packed and input.dim() == 2
     B = int(batch_sizes[0]) if packed else (None if unbatched else input.shape[0 if batch_first else 1])
     for name, t, size in (("hx[0]", hx[0], H_out), ("hx[1]", hx[1], H)):
         want = (num_layers * D, size) if unbatched else (num_layers * D, B, size)
         if tuple(t.shape) != want:
-            raise ValueError(f"lstm: {name} must have shape {want}, got {tuple(t.shape)}")
+            raise ArgumentValueError(f"lstm: {name} must have shape {want}, got {tuple(t.shape)}")
         if t.device != input.device:
-            raise ValueError(f"lstm: {name} is on {t.device} but input is on {input.device}")
+            raise ArgumentValueError(f"lstm: {name} is on {t.device} but input is on {input.device}")
 
 
 def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Tensor], num_layers: int = 1,

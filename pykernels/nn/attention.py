@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..functional.attention import scaled_dot_product_attention
 from .. import backends
+from ..errors import ArgumentValueError
 from ._adopt import adopt
 
 __all__ = ["MultiheadAttention"]
@@ -69,8 +70,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         same_qkv = same_kv and query is key
         batched = query.dim() == 3
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(f"MultiheadAttention: query, key, value must all be 2-D (unbatched) or 3-D, got "
-                             f"{query.dim()}, {key.dim()}, {value.dim()}")
+            raise ArgumentValueError(f"MultiheadAttention: query, key, value must all be 2-D (unbatched) or 3-D, got "
+                                     f"{query.dim()}, {key.dim()}, {value.dim()}")
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
@@ -81,16 +82,16 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         L, N, E = query.shape
         Hn, hd = self.num_heads, self.head_dim
         if E != self.embed_dim:
-            raise ValueError(f"MultiheadAttention: query's embedding dim {E} != embed_dim {self.embed_dim}")
+            raise ArgumentValueError(f"MultiheadAttention: query's embedding dim {E} != embed_dim {self.embed_dim}")
         if key.shape[:2] != value.shape[:2] or key.shape[1] != N:
-            raise ValueError(f"MultiheadAttention: key {tuple(key.shape)} and value {tuple(value.shape)} must "
-                             f"match each other and the query's batch {N}")
+            raise ArgumentValueError(f"MultiheadAttention: key {tuple(key.shape)} and value {tuple(value.shape)} must "
+                                     f"match each other and the query's batch {N}")
         q, k, v = self._in_projection(query, key, value, same_qkv, same_kv)
         if attn_mask is not None:
             # torch's shapes and exception type: a transposed (S, L) mask must not be reshaped into place
             want = (L, key.shape[0]) if attn_mask.dim() == 2 else (N * Hn, L, key.shape[0])
             if attn_mask.dim() not in (2, 3):
-                raise ValueError(f"MultiheadAttention: attn_mask must be 2-D or 3-D, got {attn_mask.dim()}-D")
+                raise ArgumentValueError(f"MultiheadAttention: attn_mask must be 2-D or 3-D, got {attn_mask.dim()}-D")
             if tuple(attn_mask.shape) != want:
                 raise RuntimeError(f"MultiheadAttention: the {attn_mask.dim()}-D attn_mask must have shape {want}, got "
                                    f"{tuple(attn_mask.shape)}")
@@ -127,7 +128,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if key_padding_mask.shape != (N, S):
                 extra = (self.bias_k is not None) + bool(self.add_zero_attn)  # columns padded on above
                 given = (*key_padding_mask.shape[:-1], key_padding_mask.shape[-1] - extra)
-                raise ValueError(f"MultiheadAttention: key_padding_mask must be ({N}, {S - extra}), got {given}")
+                raise ArgumentValueError(f"MultiheadAttention: key_padding_mask must be ({N}, {S - extra}), got "
+                                         f"{given}")
             kpm = key_padding_mask.reshape(N, 1, 1, S)
             if mask is None:
                 mask = kpm

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..functional.linear_cross_entropy import linear_cross_entropy as _linear_cross_entropy
 from .. import backends
+from ..errors import ArgumentValueError
 from ._adopt import adopt
 
 _TorchLCE = getattr(torch.nn, "LinearCrossEntropyLoss", None)
@@ -36,10 +37,11 @@ class LinearCrossEntropyLoss(_Base):
                              label_smoothing=label_smoothing, options=options)
         else:
             if weight is not None and tuple(weight.shape) != (num_classes,):
-                raise ValueError(f"LinearCrossEntropyLoss: weight must have shape ({num_classes},), got "
-                                 f"{tuple(weight.shape)}")
+                raise ArgumentValueError(f"LinearCrossEntropyLoss: weight must have shape ({num_classes},), got "
+                                         f"{tuple(weight.shape)}")
             if not 0.0 <= label_smoothing <= 1.0:
-                raise ValueError(f"LinearCrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
+                raise ArgumentValueError(f"LinearCrossEntropyLoss: label_smoothing must be in [0, 1], got "
+                                         f"{label_smoothing}")
             super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
             self.num_classes = num_classes
             self.out_features = tuple(out_features)

@@ -15,6 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ..functional.lstm import lstm as _lstm
 from ..functional.lstm import lstm_cell as _lstm_cell
 from .. import backends
+from ..errors import ArgumentValueError
 from ._adopt import adopt
 
 
@@ -31,9 +32,9 @@ class LSTMCell(torch.nn.LSTMCell):
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if input.dim() not in (1, 2):
-            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+            raise ArgumentValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None and hx[0].dim() != input.dim():
-            raise ValueError(f"LSTMCell: Expected hx[0] to be {input.dim()}D, got {hx[0].dim()}D instead")
+            raise ArgumentValueError(f"LSTMCell: Expected hx[0] to be {input.dim()}D, got {hx[0].dim()}D instead")
         return _lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
                           backend=self.backend)
 
@@ -74,7 +75,7 @@ class LSTM(torch.nn.LSTM):
                 hx = self.permute_hidden(hx, sorted_indices)
         else:
             if input.dim() not in (2, 3):
-                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+                raise ArgumentValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
             is_batched = input.dim() == 3
             batch_dim = 0 if self.batch_first else 1
             if not is_batched:

@@ -1,0 +1,13 @@
+"""Argument errors. torch raises RuntimeError for most invalid arguments of the calls pykernels replaces (shapes,
+sizes, dtypes, devices), so a caller's ``except RuntimeError`` must keep working after a drop-in swap; Python's
+convention (and pykernels' messages, which name the argument) call them ValueError / TypeError. These are both."""
+
+__all__ = ["ArgumentValueError", "ArgumentTypeError"]
+
+
+class ArgumentValueError(ValueError, RuntimeError):
+    """An argument of the right type with a wrong value, shape, size or device."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type or dtype."""
