@@ -654,6 +654,52 @@ def test_multihead_attention_weights_under_autocast_and_scalar_arguments():
     torch.testing.assert_close(sdpa(q, q, q, dropout_p=np.float32(0.0), scale=0.5), want)
 
 
+def test_rows_masked_by_a_large_finite_value_as_torch():
+    """Hugging Face pads with finfo.min: a row whose every score is that large gets torch's uniform average (the
+    reference normalised through lse = m + log(S), which rounds back to m: S times too large)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16) for n in (4, 6, 6))
+    for fill in (torch.finfo(torch.float32).min, -1e9):
+        mask = torch.zeros(1, 1, 4, 6)
+        mask[..., 1, :] = fill
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = sdpa(*x, attn_mask=mask, backend="reference")
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(out, want)
+        # gradients as torch's math path at float32, where the mask absorbs q.k in that row (its CPU flash kernel's
+        # backward recomputes P through the rounded lse too: S times too large there)
+        g = torch.randn_like(out)
+        x32 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        want = ((x32[0] @ x32[1].transpose(-2, -1)) * 16 ** -0.5 + mask).softmax(-1) @ x32[2]
+        rg = torch.autograd.grad(want, x32, g)
+        for a, r in zip(torch.autograd.grad(out, x, g), rg):
+            torch.testing.assert_close(a, r)
+
+
+def test_multihead_attention_fp16_weights_and_nested_inputs():
+    """fp16 weights: q is scaled before q.k, as torch (an unscaled dot product over 65504 made them NaN); nested
+    inputs take torch's inference fast path, as torch's module."""
+    torch.manual_seed(0)
+    t = torch.nn.MultiheadAttention(64, 1, dtype=torch.float16)
+    ours = pykernels.nn.MultiheadAttention(64, 1, dtype=torch.float16)
+    ours.load_state_dict(t.state_dict())
+    with torch.no_grad():
+        for m in (t, ours):
+            m.in_proj_weight.copy_(torch.eye(64).repeat(3, 1))
+            m.in_proj_bias.zero_()
+    x = torch.randn(3, 1, 64, dtype=torch.float16) * 40
+    w, rw = ours(x, x, x)[1], t(x, x, x)[1]
+    assert rw.isfinite().all() and w.isfinite().all()
+    torch.testing.assert_close(w, rw, atol=2e-3, rtol=0)
+    t32 = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    ours32 = pykernels.nn.MultiheadAttention.from_torch(t32)
+    nt = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)])
+    with torch.inference_mode():
+        got, want = ours32(nt, nt, nt, need_weights=False)[0], t32(nt, nt, nt, need_weights=False)[0]
+    for a, b in zip(got.unbind(), want.unbind()):
+        torch.testing.assert_close(a, b)
+
+
 def test_multihead_attention_packs_the_input_projections(monkeypatch):
     """As torch: self-attention (query is key is value) projects with one GEMM over in_proj_weight, key is value
     with two (q, then k and v together), distinct inputs with three; batch_first and unbatched inputs too (their

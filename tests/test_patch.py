@@ -130,3 +130,17 @@ def test_round_trip_on_the_triton_kernels(name):
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
     for n, g in grads0.items():
         torch.testing.assert_close(grads1[n], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def test_module_compiled_in_place_runs_the_replacement():
+    """Module.compile() stores a compiled callable over the old module's forward: the replacement must not keep
+    running torch's (it is compiled again, with a warning that the options were not carried over)."""
+    torch._dynamo.reset()
+    mha = torch.nn.MultiheadAttention(8, 2)
+    mha.compile(backend="eager")
+    with pytest.warns(UserWarning, match="compiled in place"):
+        ours = pykernels.nn.MultiheadAttention.from_torch(mha, backend="reference")
+    x = torch.randn(3, 2, 8)
+    pykernels.last_dispatch.clear()
+    ours(x, x, x, need_weights=False)
+    assert "scaled_dot_product_attention" in pykernels.last_dispatch

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Type, TypeVar
 
 import torch
@@ -28,4 +29,12 @@ def adopt(cls: Type[M], module: torch.nn.Module, **extras) -> M:
                          for k, v in module.__dict__.items()})
     for name, value in extras.items():
         setattr(new, name, value)
+    if new.__dict__.get("_compiled_call_impl") is not None:
+        # Module.compile() in place: that compiled callable closes over the old module's forward, which would keep
+        # running. The options it was compiled with are not recorded: the replacement is compiled with defaults.
+        warnings.warn(f"{cls.__name__}.from_torch: the {type(module).__name__} was compiled in place "
+                      f"(Module.compile); its replacement is compiled again with default options: call .compile(...) "
+                      f"on it to pass yours", stacklevel=3)
+        new._compiled_call_impl = None
+        new.compile()
     return new

@@ -53,7 +53,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-        if need_weights and self.training and self.dropout > 0.0:
+        if (need_weights and self.training and self.dropout > 0.0
+                or query.is_nested or key.is_nested or value.is_nested):
+            # torch's own path: the dropped weights it returns; nested tensors (its inference fast path)
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
@@ -146,7 +148,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         weights = None
         if need_weights:
-            s = torch.matmul(q, k.transpose(-2, -1)) * (hd ** -0.5)
+            s = torch.matmul(q * (hd ** -0.5), k.transpose(-2, -1))  # scaled first, as torch: fp16 q.k can overflow
             if use_causal:
                 s = s.masked_fill(torch.ones(L, S, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
             if sdpa_mask is not None:

@@ -72,16 +72,17 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             s = s + attn_mask.to(acc)
     if ok is not None:
         s = s.masked_fill(~ok, float("-inf"))
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        # Rows that see no key: logsumexp's backward there is exp(-inf - -inf) = NaN even for a zero incoming
-        # gradient, which a float mask's -inf reaches unmasked (masked_fill's backward zeroes it for the bool masks):
-        # those rows take it of zeros and their lse is set to -inf after.
-        dead = (s == float("-inf")).all(dim=-1)  # (True for S = 0; a NaN row is not dead)
-        lse = torch.logsumexp(s.masked_fill(dead.unsqueeze(-1), 0.0), dim=-1).masked_fill(dead, float("-inf"))
-    else:
-        lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
-    p = torch.where(torch.isneginf(lse).unsqueeze(-1), torch.zeros_like(p), p)  # rows that see no key: zeros
+    # Softmax normalised by the row's sum, never through the rounded lse: with every score near a large finite mask
+    # value (Hugging Face's finfo.min padding, -1e9) lse = m + log(l) rounds back to m and exp(s - lse) would give 1
+    # per key instead of 1 / S. The shift m is a constant of the softmax: detached, so the gradient is exact.
+    m = s.detach().amax(dim=-1, keepdim=True) if S else s.new_zeros(s.shape[:-1] + (1,))
+    e = torch.exp(s - m.masked_fill(torch.isinf(m), 0.0))
+    l = e.sum(dim=-1, keepdim=True)
+    dead = l == 0  # rows that see no key (every score -inf; S = 0): zero output, lse -inf, no NaN gradient
+    l = l.masked_fill(dead, 1.0)
+    p = e / l
+    lse = (m.masked_fill(torch.isinf(m), 0.0) + torch.log(l)).squeeze(-1).masked_fill(dead.squeeze(-1),
+                                                                                       float("-inf"))
     if dropout_mask is not None and dropout_p > 0:
         p = p * dropout_mask.to(acc) * (1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
     out = torch.matmul(p, value.to(acc))
