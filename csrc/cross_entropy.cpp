@@ -88,16 +88,22 @@ CrossEntropyOutputs alloc_fwd_outputs(const at::Tensor& logits, bool write_grad,
   auto acc = logits.options().dtype(acc_type(logits.scalar_type()));
   CrossEntropyOutputs out{at::empty({a.rows()}, acc), at::empty({a.rows()}, acc),
                           write_grad ? empty_huge({a.N, a.C, a.D}, logits.options()) : at::empty({0}, logits.options()),
-                          at::Tensor()};
+                          at::empty({a.rows()}, acc)};
   a.loss = out.loss.data_ptr();
   a.lse = out.lse.data_ptr();
+  a.lse_err = out.lse_err.data_ptr();
   a.grad = write_grad ? out.grad.data_ptr() : nullptr;
   return out;
 }
 
-at::Tensor alloc_bwd(const at::Tensor& logits, const at::Tensor& lse, CrossEntropyArgs& a) {
+at::Tensor alloc_bwd(const at::Tensor& logits, const at::Tensor& lse, const c10::optional<at::Tensor>& lse_err,
+                     CrossEntropyArgs& a) {
   check_vector(lse, "lse", a.rows(), logits);
   a.lse_in = lse.data_ptr();
+  if (lse_err.has_value()) {
+    check_vector(*lse_err, "lse_err", a.rows(), logits);
+    a.lse_err_in = lse_err->data_ptr();
+  }
   at::Tensor grad = empty_huge({a.N, a.C, a.D}, logits.options());
   a.grad = grad.data_ptr();
   return grad;
@@ -121,37 +127,37 @@ c10::optional<at::Tensor> weight_sum(const c10::optional<at::Tensor>& weight, do
 
 TORCH_LIBRARY_FRAGMENT(pykernels, m) {
   m.def("cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? grad_scale, int ignore_index, "
-        "float label_smoothing, float z_loss, bool write_grad) -> (Tensor, Tensor, Tensor)");
+        "float label_smoothing, float z_loss, bool write_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cross_entropy_bwd(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
-        "int ignore_index, float label_smoothing, float z_loss) -> Tensor");
+        "Tensor? lse_err, int ignore_index, float label_smoothing, float z_loss) -> Tensor");
   m.def("cross_entropy_scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
 }
 
 #ifdef PYKERNELS_WITH_CUDA
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                        const c10::optional<at::Tensor>& weight,
-                                                        const c10::optional<at::Tensor>& grad_scale,
-                                                        int64_t ignore_index, double label_smoothing, double z_loss,
-                                                        bool write_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index, double label_smoothing, double z_loss,
+    bool write_grad) {
   TORCH_CHECK(logits.scalar_type() != at::kDouble, "cross_entropy (cuda): float64 logits are not supported");
   c10::cuda::CUDAGuard guard(logits.device());
   auto a = make_args(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss);
   auto wsum = weight_sum(weight, label_smoothing, a);
   auto out = alloc_fwd_outputs(logits, write_grad, a);
   if (a.rows() > 0) check_cuda(cuda::cross_entropy_fwd(a, c10::cuda::getCurrentCUDAStream()), "cross_entropy_fwd");
-  return {out.loss, out.lse, out.grad};
+  return {out.loss, out.lse, out.grad, out.lse_err};
 }
 
 at::Tensor bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
-                    const c10::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
-                    double label_smoothing, double z_loss) {
+                    const c10::optional<at::Tensor>& weight, const at::Tensor& lse,
+                    const c10::optional<at::Tensor>& lse_err, int64_t ignore_index, double label_smoothing,
+                    double z_loss) {
   TORCH_CHECK(logits.scalar_type() != at::kDouble, "cross_entropy (cuda): float64 logits are not supported");
   c10::cuda::CUDAGuard guard(logits.device());
   auto a = make_args(logits, target, weight, grad_rows, ignore_index, label_smoothing, z_loss);
   auto wsum = weight_sum(weight, label_smoothing, a);
-  at::Tensor grad = alloc_bwd(logits, lse, a);
+  at::Tensor grad = alloc_bwd(logits, lse, lse_err, a);
   if (a.rows() > 0) check_cuda(cuda::cross_entropy_bwd(a, c10::cuda::getCurrentCUDAStream()), "cross_entropy_bwd");
   return grad;
 }

@@ -10,14 +10,15 @@
 namespace pykernels {
 
 struct CrossEntropyOutputs {
-  at::Tensor loss, lse, grad, unused;
+  at::Tensor loss, lse, grad, lse_err;
 };
 
 CrossEntropyArgs make_args(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& scale, int64_t ignore_index, double label_smoothing,
                            double z_loss);
 CrossEntropyOutputs alloc_fwd_outputs(const at::Tensor& logits, bool write_grad, CrossEntropyArgs& a);
-at::Tensor alloc_bwd(const at::Tensor& logits, const at::Tensor& lse, CrossEntropyArgs& a);
+at::Tensor alloc_bwd(const at::Tensor& logits, const at::Tensor& lse, const c10::optional<at::Tensor>& lse_err,
+                     CrossEntropyArgs& a);
 c10::optional<at::Tensor> weight_sum(const c10::optional<at::Tensor>& weight, double label_smoothing,
                                      CrossEntropyArgs& a);
 void check_scale_grad(const at::Tensor& grad, const at::Tensor& scale);

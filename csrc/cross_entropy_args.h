@@ -29,8 +29,10 @@ struct CrossEntropyArgs {
   const void* scale = nullptr;       // grad scale: numel 1 (scale_numel == 1) or one per row; null = 1
   int64_t scale_numel = 0;
   const void* lse_in = nullptr;      // backward: saved lse (M)
+  const void* lse_err_in = nullptr;  // backward: saved rounding residual of lse (M), or null (taken as 0)
   void* loss = nullptr;              // forward outputs (M)
   void* lse = nullptr;
+  void* lse_err = nullptr;           // (m - lse) + log s: lse + lse_err = m + log s to twice the precision
   void* grad = nullptr;              // contiguous (N, C, D), or null
   int64_t ignore_index = -100;
   double label_smoothing = 0.0;

@@ -147,7 +147,8 @@ def config_tensors(cfg, x):
 # Numerics
 
 def check_against_oracle(x, kind, configs=CONFIGS, layout=""):
-    """fwd with and without the gradient, and bwd from the saved lse, against the oracle for each config."""
+    """fwd with and without the gradient, and bwd from the saved lse and lse_err, against the oracle for each
+    config."""
     dtype = x.dtype
     gtol = GRAD_TOL[dtype]
     ltol = LOSS_TOL.get(dtype, LOSS_TOL_LOW)
@@ -158,8 +159,11 @@ def check_against_oracle(x, kind, configs=CONFIGS, layout=""):
         where = f"{shape} {layout} {kind} {cfg}"
         rloss, rlse, rgrad = oracle(x, t, w, ii, eps, zl, scale)
 
-        loss, lse, grad = ops.cross_entropy_fwd(x, t, w, scale, ii, eps, zl, True)
-        assert loss.dtype == lse.dtype == acc_of(dtype) and loss.shape == lse.shape == (x.shape[0] * x.shape[2],)
+        loss, lse, grad, lse_err = ops.cross_entropy_fwd(x, t, w, scale, ii, eps, zl, True)
+        assert loss.dtype == lse.dtype == lse_err.dtype == acc_of(dtype)
+        assert loss.shape == lse.shape == lse_err.shape == (x.shape[0] * x.shape[2],)
+        # lse's rounding residual: at most half an ulp of lse (eps |lse| bounds a whole one)
+        assert (lse_err.abs() <= torch.finfo(lse.dtype).eps * lse.abs()).all(), where
         assert grad.dtype == dtype and grad.shape == x.shape and grad.is_contiguous()
         assert_close(f"loss {where}", loss, rloss, *ltol)
         assert_close(f"lse {where}", lse, rlse, *ltol)
@@ -172,19 +176,22 @@ def check_against_oracle(x, kind, configs=CONFIGS, layout=""):
         # Without the gradient: the same loss and lse (bitwise on the CPU for rows of up to 2048 classes, one chunk
         # of its streaming forward, longer rows may differ in the last bits; on CUDA another kernel may sum in
         # another order), and an empty (0,) gradient of the logits' dtype.
-        loss2, lse2, g2 = ops.cross_entropy_fwd(x, t, w, scale, ii, eps, zl, False)
+        loss2, lse2, g2, lse_err2 = ops.cross_entropy_fwd(x, t, w, scale, ii, eps, zl, False)
         assert g2.shape == (0,) and g2.dtype == dtype
         if x.device.type == "cpu":
-            assert torch.equal(loss2, loss) and torch.equal(lse2, lse)
+            assert torch.equal(loss2, loss) and torch.equal(lse2, lse) and torch.equal(lse_err2, lse_err)
         assert_close(f"loss without grad {where}", loss2, rloss, *ltol)
         assert_close(f"lse without grad {where}", lse2, rlse, *ltol)
 
-        # The backward from the saved lse: the same gradient, scaled by grad_rows.
+        # The backward from the saved lse and lse_err: the same gradient, scaled by grad_rows; lse_err None
+        # (taken as 0: an lse from elsewhere) too, at these moderate logits.
         grad_rows = scale if scale is not None else torch.ones(1, dtype=acc_of(dtype), device=x.device)
-        gb = ops.cross_entropy_bwd(grad_rows, x, t, w, lse, ii, eps, zl)
+        gb = ops.cross_entropy_bwd(grad_rows, x, t, w, lse, lse_err, ii, eps, zl)
         assert gb.shape == x.shape and gb.is_contiguous() and gb.dtype == dtype
         assert_close(f"bwd grad {where}", gb, rgrad, *gtol)
         assert_close(f"bwd vs fused grad {where}", gb, grad, *gtol)
+        gn = ops.cross_entropy_bwd(grad_rows, x, t, w, lse, None, ii, eps, zl)
+        assert_close(f"bwd grad without lse_err {where}", gn, rgrad, *gtol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -230,7 +237,7 @@ def test_scale_grad_(device, dtype):
     N, C, D = 5, 37, 3
     x = make_logits("contiguous", N, C, D, dtype, device)
     t = torch.randint(0, C, (N * D,), device=device)
-    _, _, grad = ops.cross_entropy_fwd(x, t, None, None, -100, 0.0, 0.0, True)
+    _, _, grad, _ = ops.cross_entropy_fwd(x, t, None, None, -100, 0.0, 0.0, True)
     before = grad.clone()
     ops.cross_entropy_scale_grad_(grad, torch.ones(1, dtype=acc, device=device))  # the no-op fast path
     assert torch.equal(grad, before)
@@ -251,12 +258,12 @@ def test_out_of_range_targets_give_nan_rows(device):
     t = torch.randint(0, C, (N,), device=device)
     t[1], t[3], t[4] = C, -5, -100  # too large, negative, ignored
     rloss, rlse, rgrad = oracle(x, t)
-    loss, lse, grad = ops.cross_entropy_fwd(x, t, None, None, -100, 0.1, 1e-3, True)
+    loss, lse, grad, lse_err = ops.cross_entropy_fwd(x, t, None, None, -100, 0.1, 1e-3, True)
     assert torch.isnan(loss[[1, 3]]).all() and torch.isnan(grad[[1, 3]]).all()
     assert loss[4] == 0 and (grad[4] == 0).all() and torch.isfinite(lse).all()
     good = [0, 2, 5]
     assert torch.isfinite(loss[good]).all() and torch.isfinite(grad[good]).all()
-    gb = ops.cross_entropy_bwd(torch.ones(N, device=device), x, t, None, lse, -100, 0.0, 0.0)
+    gb = ops.cross_entropy_bwd(torch.ones(N, device=device), x, t, None, lse, lse_err, -100, 0.0, 0.0)
     assert_close("bwd", gb, rgrad, *GRAD_TOL[torch.float32], equal_nan=True)
     assert torch.isnan(gb[[1, 3]]).all() and (gb[4] == 0).all()
 
@@ -269,7 +276,7 @@ def test_minus_inf_logits_without_smoothing(device, dtype):
     x = make_logits("contiguous", 4, 40, 1, dtype, device)
     t = torch.randint(0, 20, (4,), device=device)
     x[:, 25:] = float("-inf")
-    loss, lse, grad = ops.cross_entropy_fwd(x, t, None, None, -100, 0.0, 0.0, True)
+    loss, lse, grad, _ = ops.cross_entropy_fwd(x, t, None, None, -100, 0.0, 0.0, True)
     rloss, rlse, rgrad = oracle(x, t)
     assert_close("loss", loss, rloss, *LOSS_TOL.get(dtype, LOSS_TOL_LOW))
     assert (grad[:, 25:] == 0).all()
@@ -282,9 +289,14 @@ def test_large_common_offset_keeps_loss_exact(device):
     skip_unsupported(device)
     x = make_logits("contiguous", 8, 500, 1, torch.float32, device) + 1e4
     t = torch.randint(0, 500, (8,), device=device)
-    loss, _, _ = ops.cross_entropy_fwd(x, t, None, None, -100, 0.1, 0.0, False)
-    rloss, _, _ = oracle(x, t, eps=0.1)
+    loss, lse, _, lse_err = ops.cross_entropy_fwd(x, t, None, None, -100, 0.1, 0.0, False)
+    rloss, rlse, rgrad = oracle(x, t, eps=0.1)
     assert_close("loss", loss, rloss, 1e-5, 1e-5)
+    # lse + lse_err is m + log s to twice fp32's precision: the backward's probabilities do not inherit lse's
+    # rounding either (exp(x - lse) alone: errors of ulp(1e4) / 2 = 5e-4 relative in every p).
+    assert ((lse.double() + lse_err.double()) - rlse).abs().max() < 2e-5  # lse alone: up to 4.9e-4
+    gb = ops.cross_entropy_bwd(torch.ones(1, device=device), x, t, None, lse, lse_err, -100, 0.1, 0.0)
+    assert_close("bwd grad", gb, rgrad, 1e-5, 1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -292,9 +304,10 @@ def test_empty_batch(device):
     skip_unsupported(device)
     x = torch.randn(0, 7, 1, device=device)
     t = torch.zeros(0, dtype=torch.long, device=device)
-    loss, lse, grad = ops.cross_entropy_fwd(x, t, None, None, -100, 0.0, 0.0, True)
-    assert loss.shape == lse.shape == (0,) and grad.shape == (0, 7, 1)
-    assert ops.cross_entropy_bwd(torch.ones(1, device=device), x, t, None, lse, -100, 0.0, 0.0).shape == (0, 7, 1)
+    loss, lse, grad, lse_err = ops.cross_entropy_fwd(x, t, None, None, -100, 0.0, 0.0, True)
+    assert loss.shape == lse.shape == lse_err.shape == (0,) and grad.shape == (0, 7, 1)
+    assert ops.cross_entropy_bwd(torch.ones(1, device=device), x, t, None, lse, lse_err, -100, 0.0,
+                                 0.0).shape == (0, 7, 1)
     ops.cross_entropy_scale_grad_(grad, torch.full((1,), 2.0, device=device))
 
 
@@ -318,8 +331,12 @@ def test_bad_inputs_raise_naming_the_argument():
         (lambda: fwd(x, t, torch.ones(5).double(), None, -100, 0.0, 0.0, True), "weight must be Float"),
         (lambda: fwd(x, t, torch.ones(10)[::2], None, -100, 0.0, 0.0, True), "weight must be contiguous"),
         (lambda: fwd(x, t, None, torch.ones(3), -100, 0.0, 0.0, True), "grad_scale must have 4 elements"),
-        (lambda: ops.cross_entropy_bwd(one, x, t, None, torch.zeros(3), -100, 0.0, 0.0), "lse must have 4"),
-        (lambda: ops.cross_entropy_bwd(torch.ones(2), x, t, None, torch.zeros(4), -100, 0.0, 0.0),
+        (lambda: ops.cross_entropy_bwd(one, x, t, None, torch.zeros(3), None, -100, 0.0, 0.0), "lse must have 4"),
+        (lambda: ops.cross_entropy_bwd(one, x, t, None, torch.zeros(4), torch.zeros(3), -100, 0.0, 0.0),
+         "lse_err must have 4"),
+        (lambda: ops.cross_entropy_bwd(one, x, t, None, torch.zeros(4), torch.zeros(4).double(), -100, 0.0, 0.0),
+         "lse_err must be Float"),
+        (lambda: ops.cross_entropy_bwd(torch.ones(2), x, t, None, torch.zeros(4), None, -100, 0.0, 0.0),
          "grad_scale must have 4"),
         (lambda: ops.cross_entropy_scale_grad_(torch.randn(5, 4, 1).transpose(0, 1), one),
          "grad must be contiguous"),
@@ -365,8 +382,9 @@ def _opcheck_samples(device):
         yield "fwd", (xt, t, w, rand(M), -100, 0.1, 1e-3, True)
         yield "fwd", (x, p, w, rand(1), -100, 0.2, 0.0, False)
         lse = torch.logsumexp(x.to(acc), 1).reshape(-1)  # row r = n*D + d
-        yield "bwd", (rand(M), x, t, w, lse, -100, 0.1, 1e-3)
-        yield "bwd", (rand(1), xt, p, None, lse, -100, 0.0, 0.0)
+        lse_err = (torch.rand(M, dtype=acc, device=device) - 0.5) * torch.finfo(acc).eps
+        yield "bwd", (rand(M), x, t, w, lse, lse_err, -100, 0.1, 1e-3)
+        yield "bwd", (rand(1), xt, p, None, lse, None, -100, 0.0, 0.0)
         yield "scale", (make_logits("contiguous", N, C, D, dtype, device), rand(M))
         yield "scale", (make_logits("contiguous", N, C, D, dtype, device), torch.ones(1, dtype=acc, device=device))
 

@@ -65,7 +65,10 @@ def test_opcheck_kernel_ops(backend, device):
         M = x.shape[0] * x.shape[2]
         acc = ce_ops.acc_dtype(dtype)
         lse = torch.logsumexp(x.to(acc), 1).reshape(-1)  # row r = n*D + d
-        torch.library.opcheck(bwd, (torch.rand(M, device=device, dtype=acc), x, t, w, lse, ii, eps, zl), test_utils=u)
+        lse_err = (torch.rand(M, device=device, dtype=acc) - 0.5) * torch.finfo(acc).eps
+        for err in (lse_err, None):
+            torch.library.opcheck(bwd, (torch.rand(M, device=device, dtype=acc), x, t, w, lse, err, ii, eps, zl),
+                                  test_utils=u)
         torch.library.opcheck(scale, (torch.randn(x.shape[0], x.shape[1], x.shape[2], device=device, dtype=dtype),
                                       torch.rand(M, device=device, dtype=acc)), test_utils=u)
 

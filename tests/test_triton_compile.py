@@ -20,7 +20,8 @@ _SCRIPT = textwrap.dedent('''
     for arch in (80, 90):
         for dt in ("bf16", "fp16", "fp32"):
             sig = {{"X": f"*{{dt}}", "TI": "*i64", "TP": f"*{{dt}}", "Wt": "*fp32", "Wsum": "*fp32",
-                   "Scale": "*fp32", "Loss": "*fp32", "Lse": "*fp32", "LseIn": "*fp32", "G": f"*{{dt}}",
+                   "Scale": "*fp32", "Loss": "*fp32", "Lse": "*fp32", "LseErr": "*fp32", "LseIn": "*fp32",
+                   "LseErrIn": "*fp32", "G": f"*{{dt}}",
                    "M": "i32", "C": "i32", "D": "i32", "sn": "i64", "sc": "i64", "sd": "i64", "tn": "i64",
                    "tc": "i64", "td": "i64", "scale_stride": "i32", "ignore_index": "i64", "eps": "fp32",
                    "zl": "fp32"}}
@@ -29,7 +30,8 @@ _SCRIPT = textwrap.dedent('''
                     for flags in ((False, False, False, False), (True, True, True, True)):
                         c = compile_for(k._cross_entropy_kernel, sig,
                                         dict(MODE=mode, PROB=prob, HAS_W=flags[0], SMOOTH=flags[1],
-                                             ZLOSS=flags[2], HAS_SCALE=flags[3], BLOCK=8192), arch, num_warps=16)
+                                             ZLOSS=flags[2], HAS_SCALE=flags[3], HAS_LSE_ERR=mode == 2,
+                                             BLOCK=8192), arch, num_warps=16)
                         out.append(("ce", arch, dt, mode, prob, flags[0], spills(c), "ld.global" in c.asm["ptx"]))
             c = compile_for(k._scale_grad_kernel, {{"G": f"*{{dt}}", "Scale": "*fp32", "total": "i64", "CD": "i64",
                             "D": "i64"}}, dict(PER_ROW=False, BLOCK=4096), arch, num_warps=8)

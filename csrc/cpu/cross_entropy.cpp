@@ -18,6 +18,16 @@
 namespace pykernels {
 namespace {
 
+// The rounding error of lse = fl(m + log_s), exactly (TwoSum: any magnitudes, no branch; no products, so no
+// contraction): lse + residual = m + log s. 0 where lse is not finite, so that the backward's
+// exp((x - lse) - residual) gives such rows what exp(x - lse) gave them (the NaN / inf behaviour of torch).
+template <typename acc_t>
+acc_t lse_residual(acc_t m, acc_t log_s, acc_t lse) {
+  if (!std::isfinite(lse)) return acc_t(0);
+  const acc_t b = lse - m, a = lse - b;
+  return (m - a) + (log_s - b);
+}
+
 template <typename scalar_t, typename acc_t>
 struct RowKernel {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -134,11 +144,15 @@ struct RowKernel {
     acc_t A_row = 0;  // sum_c w_c t'_c (probability targets)
     if (backward) {
       lse = static_cast<const acc_t*>(a.lse_in)[r];
+      // p = exp((x - lse) - lse_err), as the forward's exp((x - m) - log s): x - lse is exact near the row max
+      // (Sterbenz) and lse_err puts back what rounding m + log s to lse lost, which exp(x - lse) alone would
+      // carry into every probability (ulp(lse) / 2: 5e-4 at logits of 1e4 in fp32).
+      const acc_t lse_err = a.lse_err_in ? static_cast<const acc_t*>(a.lse_err_in)[r] : acc_t(0);
       if (tp) {
         acc_t unused = 0;
         relative_sums(lse, A_row, unused);
       }
-      at::vec::map([lse](Vec v) { return (v - Vec(lse)).exp_u20(); }, buf, vals, C);
+      at::vec::map([lse, lse_err](Vec v) { return ((v - Vec(lse)) - Vec(lse_err)).exp_u20(); }, buf, vals, C);
       inv_sum = std::isfinite(lse) ? acc_t(1) : nan;  // see below: exp_u20 does not carry a NaN through
     } else {
       acc_t m, s, A = 0, sum_wd = 0;
@@ -159,6 +173,7 @@ struct RowKernel {
       inv_sum = finite ? acc_t(1) / s : nan;
       A_row = A;
       static_cast<acc_t*>(a.lse)[r] = lse;
+      static_cast<acc_t*>(a.lse_err)[r] = lse_residual(m, log_s, lse);
       acc_t loss;
       if (tp) {
         loss = A * log_s + sum_wd;
@@ -238,22 +253,22 @@ void dispatch(const CrossEntropyArgs& a, at::ScalarType t, bool backward) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                       const c10::optional<at::Tensor>& weight,
-                                                       const c10::optional<at::Tensor>& grad_scale,
-                                                       int64_t ignore_index, double label_smoothing, double z_loss,
-                                                       bool write_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index, double label_smoothing, double z_loss,
+    bool write_grad) {
   auto a = make_args(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss);
   auto out = alloc_fwd_outputs(logits, write_grad, a);
   dispatch(a, logits.scalar_type(), /*backward=*/false);
-  return {out.loss, out.lse, out.grad};
+  return {out.loss, out.lse, out.grad, out.lse_err};
 }
 
 at::Tensor bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
-                   const c10::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
-                   double label_smoothing, double z_loss) {
+                   const c10::optional<at::Tensor>& weight, const at::Tensor& lse,
+                   const c10::optional<at::Tensor>& lse_err, int64_t ignore_index, double label_smoothing,
+                   double z_loss) {
   auto a = make_args(logits, target, weight, grad_rows, ignore_index, label_smoothing, z_loss);
-  at::Tensor grad = alloc_bwd(logits, lse, a);
+  at::Tensor grad = alloc_bwd(logits, lse, lse_err, a);
   dispatch(a, logits.scalar_type(), /*backward=*/true);
   return grad;
 }

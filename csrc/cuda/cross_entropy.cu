@@ -204,6 +204,7 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CrossE
       if (zl > 0.f && !ignored && !invalid) loss += zl * lse * lse;
       static_cast<float*>(a.loss)[r] = loss;
       static_cast<float*>(a.lse)[r] = lse;
+      static_cast<float*>(a.lse_err)[r] = lse_residual(s.ms.m, log_s, lse);
     }
     if (MODE == kFwd) continue;
     if (ignored || invalid) {
@@ -213,9 +214,11 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CrossE
 
     // Pass 2: the gradient, s * (p_c K - [c == y] w_y (1 - eps) - eps/C w_c)  or  s * (p_c K - w_c t'_c).
     const float sr = scale ? scale[a.scale_numel == 1 ? 0 : r] : 1.f;
-    // p_c = exp(x_c - lse); in the forward from (x - m) - log s, exact under a large common offset.
+    // p_c = exp(x_c - lse): in the forward from (x - m) - log s, in the backward from (x - lse) - lse_err (the
+    // residual of lse's rounding, saved by the forward); both exact under a large common offset.
+    const float* lse_err_in = static_cast<const float*>(a.lse_err_in);
     const float shift = MODE == kBwd ? lse : s.ms.m;
-    const float shift_lo = MODE == kBwd ? 0.f : log_s;
+    const float shift_lo = MODE == kBwd ? (lse_err_in ? lse_err_in[r] : 0.f) : log_s;
     const float z2 = zl > 0.f ? 2.f * zl * lse : 0.f;
     if (PROB) {
       const float k = sr * (s.wt + z2);

@@ -193,6 +193,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) cross_entropy_cluster_kernel(c
     }
     static_cast<float*>(a.loss)[r] = loss;
     static_cast<float*>(a.lse)[r] = lse;
+    static_cast<float*>(a.lse_err)[r] = lse_residual(m, log_s, lse);
   }
 
   // Pass 2 from shared memory: s * (p_c K - [c == y] w_y (1 - eps) - eps/C w_c), p_c from (x - m) - log s.

@@ -184,7 +184,7 @@ def _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_
     w = None if weight is None else weight.detach().to(_ce.acc_dtype(input.dtype)).contiguous()
     if fused is None:
         fused = reduction != "none"
-    loss, lse, _, _ = _ce.cross_entropy(x, t, w, ignore_index, _ce.REDUCTIONS[reduction], float(label_smoothing),
+    loss, lse, *_ = _ce.cross_entropy(x, t, w, ignore_index, _ce.REDUCTIONS[reduction], float(label_smoothing),
                                            float(z_loss), bool(fused and needs_grad), chosen)
     loss = loss.to(out_dtype)
     batch = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])

@@ -10,8 +10,9 @@ has two paths:
 - fused: the forward kernel also writes the gradient (scaled by 1/denominator for "mean") and the backward
   multiplies it in place by the incoming gradient; the kernel skips that pass on the device when the incoming
   gradient is exactly 1, so forward+backward read the logits once and write the gradient once;
-- split: the forward saves the logits and the per-row lse; the backward kernel reads them once and writes the
-  gradient once. Used when the forward does not require grad or the caller asks for it (fused=False).
+- split: the forward saves the logits, the per-row lse and its rounding residual lse_err; the backward kernel
+  reads them once and writes the gradient once. Used when the forward does not require grad or the caller asks
+  for it (fused=False).
 """
 from __future__ import annotations
 
@@ -42,11 +43,12 @@ def _fwd_fake(logits, target, weight, grad_scale, ignore_index, label_smoothing,
     M = N * D
     loss = logits.new_empty((M,), dtype=acc_dtype(logits.dtype))
     lse = logits.new_empty((M,), dtype=acc_dtype(logits.dtype))
+    lse_err = logits.new_empty((M,), dtype=acc_dtype(logits.dtype))
     grad = logits.new_empty((N, C, D)) if write_grad else logits.new_empty((0,))
-    return loss, lse, grad
+    return loss, lse, grad, lse_err
 
 
-def _bwd_fake(grad_rows, logits, target, weight, lse, ignore_index, label_smoothing, z_loss):
+def _bwd_fake(grad_rows, logits, target, weight, lse, lse_err, ignore_index, label_smoothing, z_loss):
     return logits.new_empty(logits.shape)
 
 
@@ -96,24 +98,26 @@ def _denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, C:
 
 def _cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: int,
                      label_smoothing: float, z_loss: float, write_grad: bool, backend: str
-                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """logits (N, C, D); target int64 (N*D,) or probabilities (N, C, D); weight (C,) of acc_dtype or None.
 
-    Returns (loss, lse, grad, denominator): loss of acc_dtype (the caller casts it: to the logits' dtype, or to
-    float32 under autocast, as torch), shape () or (N*D,) for reduction none;
-    lse (N*D,) of acc_dtype; grad the gradient of the reduced loss when write_grad (else empty); denominator ().
+    Returns (loss, lse, grad, denominator, lse_err): loss of acc_dtype (the caller casts it: to the logits' dtype,
+    or to float32 under autocast, as torch), shape () or (N*D,) for reduction none;
+    lse (N*D,) of acc_dtype; grad the gradient of the reduced loss when write_grad (else empty); denominator ();
+    lse_err (N*D,) of acc_dtype, the rounding residual of lse that the split backward needs (internal).
     """
     fwd, _, _ = KERNELS[backend]
     denom = _denominator(target, weight, ignore_index, logits.shape[1], acc_dtype(logits.dtype))
     grad_scale = (1.0 / denom).reshape(1) if reduction == MEAN else None
-    rows, lse, grad = fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, write_grad)
+    rows, lse, grad, lse_err = fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+                                   write_grad)
     if reduction == NONE:
         loss = rows
     elif reduction == SUM:
         loss = rows.sum()
     else:
         loss = rows.sum() / denom  # 0/0 = NaN when every target is ignored, as PyTorch
-    return loss, lse, grad, denom
+    return loss, lse, grad, denom, lse_err
 
 
 cross_entropy_op = torch.library.custom_op("pykernels::cross_entropy", mutates_args=())(_cross_entropy)
@@ -125,20 +129,21 @@ def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, 
     loss = logits.new_empty((N * D,) if reduction == NONE else (), dtype=acc_dtype(logits.dtype))
     lse = logits.new_empty((N * D,), dtype=acc_dtype(logits.dtype))
     grad = logits.new_empty((N, C, D)) if write_grad else logits.new_empty((0,))
-    return loss, lse, grad, logits.new_empty((), dtype=acc_dtype(logits.dtype))
+    lse_err = logits.new_empty((N * D,), dtype=acc_dtype(logits.dtype))
+    return loss, lse, grad, logits.new_empty((), dtype=acc_dtype(logits.dtype)), lse_err
 
 
 def _setup_context(ctx, inputs, output):
     logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, write_grad, backend = inputs
-    _, lse, grad, denom = output
-    ctx.mark_non_differentiable(lse, grad, denom)
+    _, lse, grad, denom, lse_err = output
+    ctx.mark_non_differentiable(lse, grad, denom, lse_err)
     # Never materialise zero gradients for the unused outputs: one for `grad` would be an N x C fill.
     ctx.set_materialize_grads(False)
     ctx.args = (ignore_index, reduction, label_smoothing, z_loss, write_grad, backend)
     if write_grad:
         ctx.save_for_backward(grad)
     else:
-        ctx.save_for_backward(logits, target, weight, lse, denom)
+        ctx.save_for_backward(logits, target, weight, lse, lse_err, denom)
 
 
 def _reference_loss(ignore_index: int, reduction: int, label_smoothing: float, z_loss: float):
@@ -154,7 +159,7 @@ def _reference_loss(ignore_index: int, reduction: int, label_smoothing: float, z
     return forward
 
 
-def _backward(ctx, g_loss, g_lse, g_grad, g_denom):
+def _backward(ctx, g_loss, g_lse, g_grad, g_denom, g_lse_err):
     ignore_index, reduction, label_smoothing, z_loss, write_grad, backend = ctx.args
     _, bwd, scale_grad_ = KERNELS[backend]
     if g_loss is None:  # only lse/denominator were used downstream: they carry no gradient
@@ -178,9 +183,9 @@ def _backward(ctx, g_loss, g_lse, g_grad, g_denom):
             # fails loudly instead of rescaling an already scaled gradient.
             torch.autograd.graph.increment_version(grad)
         return grad, None, None, None, None, None, None, None, None
-    logits, target, weight, lse, denom = ctx.saved_tensors
+    logits, target, weight, lse, lse_err, denom = ctx.saved_tensors
     grad_rows = g / denom if reduction == MEAN else g
-    grad = bwd(grad_rows, logits, target, weight, lse, ignore_index, label_smoothing, z_loss)
+    grad = bwd(grad_rows, logits, target, weight, lse, lse_err, ignore_index, label_smoothing, z_loss)
     return grad, None, None, None, None, None, None, None, None
 
 

@@ -35,10 +35,11 @@ def _target_sums(TP, t_base, tc, Wt, cols, mask, eps, C, HAS_W: tl.constexpr):
 
 
 @triton.jit
-def _cross_entropy_kernel(X, TI, TP, Wt, Wsum, Scale, Loss, Lse, LseIn, G,
+def _cross_entropy_kernel(X, TI, TP, Wt, Wsum, Scale, Loss, Lse, LseErr, LseIn, LseErrIn, G,
                           M, C, D, sn, sc, sd, tn, tc, td, scale_stride, ignore_index, eps, zl,
                           MODE: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
-                          ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+                          ZLOSS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LSE_ERR: tl.constexpr,
+                          BLOCK: tl.constexpr):
     # Inductor passes Python floats as fp64 scalars: compute in fp32 as the eager launch does
     eps = tl.cast(eps, tl.float32)
     zl = tl.cast(zl, tl.float32)
@@ -120,12 +121,20 @@ def _cross_entropy_kernel(X, TI, TP, Wt, Wsum, Scale, Loss, Lse, LseIn, G,
                     loss += tl.where(skip, 0.0, zl * lse * lse)
             tl.store(Loss + r, loss)
             tl.store(Lse + r, lse)
+            # lse's rounding error, exactly (TwoSum): lse + lse_err = m + log s. The backward forms
+            # p = exp((x - lse) - lse_err), where exp(x - lse) put ulp(lse) / 2 into every probability. 0 where
+            # lse is not finite: such rows keep what exp(x - lse) gives them.
+            b = lse - m
+            lse_err = (m - (lse - b)) + (log_s - b)
+            tl.store(LseErr + r, tl.where(tl.abs(lse) < float("inf"), lse_err, 0.0))
             shift = m
             shift_lo = log_s
         else:
             lse = tl.load(LseIn + r).to(tl.float32)
-            shift = lse
+            shift = lse  # p = exp((x - lse) - lse_err): x - lse is exact near the row max (Sterbenz)
             shift_lo = 0.0
+            if HAS_LSE_ERR:
+                shift_lo = tl.load(LseErrIn + r).to(tl.float32)
             if PROB:
                 for start in range(0, C, BLOCK):
                     cols = start + offs
@@ -219,8 +228,8 @@ def _grid(M: int, C: int, elem_bytes: int, device: torch.device, write_grad: boo
     return max(1, min(M, fit, props.multi_processor_count * 4))
 
 
-def _launch(mode: int, logits, target, weight, scale, lse_in, loss, lse, grad, ignore_index, label_smoothing,
-            z_loss):
+def _launch(mode: int, logits, target, weight, scale, lse_in, lse_err_in, loss, lse, lse_err, grad, ignore_index,
+            label_smoothing, z_loss):
     N, C, D = logits.shape
     M = N * D
     prob = target.dtype.is_floating_point
@@ -233,36 +242,37 @@ def _launch(mode: int, logits, target, weight, scale, lse_in, loss, lse, grad, i
     wrap(_cross_entropy_kernel)[grid](
         logits, target if not prob else dummy, target if prob else logits,
         weight if weight is not None else dummy, wsum if wsum is not None else dummy,
-        scale if scale is not None else dummy, loss, lse, lse_in if lse_in is not None else dummy,
-        grad if grad.numel() else logits,
+        scale if scale is not None else dummy, loss, lse, lse_err, lse_in if lse_in is not None else dummy,
+        lse_err_in if lse_err_in is not None else dummy, grad if grad.numel() else logits,
         M, C, D, logits.stride(0), logits.stride(1), logits.stride(2), tn, tc, td,
         0 if scale is None or scale.numel() == 1 else 1, ignore_index, float(label_smoothing), float(z_loss),
         MODE=mode, PROB=prob, HAS_W=weight is not None, SMOOTH=smooth, ZLOSS=z_loss > 0,
-        HAS_SCALE=scale is not None, BLOCK=block, num_warps=warps)
+        HAS_SCALE=scale is not None, HAS_LSE_ERR=lse_err_in is not None, BLOCK=block, num_warps=warps)
 
 
 def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                       grad_scale: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
-                      write_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      write_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     N, C, D = logits.shape
     loss = torch.empty(N * D, device=logits.device, dtype=torch.float32)
     lse = torch.empty(N * D, device=logits.device, dtype=torch.float32)
+    lse_err = torch.empty(N * D, device=logits.device, dtype=torch.float32)
     grad = torch.empty((N, C, D) if write_grad else (0,), device=logits.device, dtype=logits.dtype)
     if N * D:
-        _launch(FWD_GRAD.value if write_grad else FWD.value, logits, target, weight, grad_scale, None, loss, lse, grad,
-                ignore_index, label_smoothing, z_loss)
-    return loss, lse, grad
+        _launch(FWD_GRAD.value if write_grad else FWD.value, logits, target, weight, grad_scale, None, None, loss, lse,
+                lse_err, grad, ignore_index, label_smoothing, z_loss)
+    return loss, lse, grad, lse_err
 
 
 def cross_entropy_bwd(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
-                      weight: Optional[torch.Tensor], lse: torch.Tensor, ignore_index: int, label_smoothing: float,
-                      z_loss: float) -> torch.Tensor:
+                      weight: Optional[torch.Tensor], lse: torch.Tensor, lse_err: Optional[torch.Tensor],
+                      ignore_index: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
     N, C, D = logits.shape
     grad = torch.empty((N, C, D), device=logits.device, dtype=logits.dtype)
     if N * D:
         empty = torch.empty(0, device=logits.device, dtype=torch.float32)
-        _launch(BWD.value, logits, target, weight, grad_rows, lse, empty, empty, grad, ignore_index, label_smoothing,
-                z_loss)
+        _launch(BWD.value, logits, target, weight, grad_rows, lse, lse_err, empty, empty, empty, grad, ignore_index,
+                label_smoothing, z_loss)
     return grad
 
 
