@@ -225,6 +225,54 @@ def test_layer_against_torch(backend, device, case):
         _check_all(f"{backend} {dtype}", o_out, r_out, b_out, o_g, r_g, b_g, dtype, factor=3.0)
 
 
+def _fp32_errors_vs_torch(backend, device, T, B, I, H, seed, h0=True):
+    """(ours, torch's fp32, float64 reference) of out, h_n, c_n and the gradients of x, h0, c0, W_ih, W_hh, b_ih,
+    b_hh for a 1-layer fp32 LSTM."""
+    torch.manual_seed(seed)
+    ref, ours, base = _torch_and_ours(backend, device, torch.float32, I, H)
+    x = torch.randn(T, B, I, dtype=F64, device=device)
+    hx = [torch.randn(1, B, H, dtype=F64, device=device) for _ in range(2)]
+    gouts = [torch.randn(T, B, H, dtype=F64, device=device), torch.randn(1, B, H, dtype=F64, device=device),
+             torch.randn(1, B, H, dtype=F64, device=device)]
+    runs = []
+    for m, dt in ((ours, torch.float32), (base, torch.float32), (ref, F64)):
+        lv = [t.to(dt).requires_grad_() for t in (x, *hx)]
+        runs.append(_run_module(m, lv[0], (lv[1], lv[2]), gouts))
+    assert pykernels.last_dispatch["lstm"][0] == backend
+    return runs
+
+
+# the kernel backends (the reference backend is autograd through plain torch ops: its fp32 GEMMs are torch's)
+KERNEL_LAYER_BACKENDS = [p for p in LAYER_BACKENDS if p.values[0] != "reference"]
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_LAYER_BACKENDS)
+def test_layer_fp32_weight_grads_of_long_narrow_gemms(backend, device):
+    """dW = dG^T x over K = T*B = 6400 rows with I = H = 4: one fp32 GEMM with so narrow an output accumulates K
+    sequentially in the BLAS (8x torch's error before ops/lstm.py _mm_acc K-blocked it). No floor: 2x torch's own
+    error (its oneDNN backward accumulates per step)."""
+    require_backend(backend, device)
+    if backend == "triton" and device == "cpu":
+        pytest.skip("100 steps of the interpreted kernels: slow; the GEMMs are the shared _weight_grads")
+    (o_out, o_g), (b_out, b_g), (r_out, r_g) = _fp32_errors_vs_torch(backend, device, 100, 64, 4, 4, seed=0)
+    for k, name in ((3, "W_ih"), (4, "W_hh"), (0, "x")):
+        assert_error_rule(f"{backend} grad {name}", o_g[k], r_g[k], b_g[k], floor=0.0)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_LAYER_BACKENDS)
+def test_layer_fp32_large_hidden_recurrent_grad(backend, device):
+    """dh_{t-1} = dG_t W_hh is a K = 4H sum per unit: one fp32 FMA chain over 4096 terms had 7-10x torch's error in
+    dh0 at H = 1024 (csrc/cpu/lstm_layer.cpp bwd_rows, now blocked and pairwise summed; the forward's K = H chain
+    likewise, 2-3x). Also dx = dG W_ih with few rows (K = 4H). No floor: 2x torch's own error."""
+    require_backend(backend, device)
+    if backend == "triton" and device == "cpu":
+        pytest.skip("H = 1024 under the interpreter: slow")
+    (o_out, o_g), (b_out, b_g), (r_out, r_g) = _fp32_errors_vs_torch(backend, device, 2, 2, 8, 1024, seed=0)
+    for k, name in ((1, "h0"), (0, "x")):
+        assert_error_rule(f"{backend} grad {name}", o_g[k], r_g[k], b_g[k], floor=0.0)
+    assert_error_rule(f"{backend} out", o_out[0], r_out[0], b_out[0], floor=0.0)
+
+
 @pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.id == "triton-interp"])
 def test_layer_split_kernels_path(backend, device, monkeypatch):
     """H above the row-block kernels' limit: the split-over-programs kernels (several programs, odd H) through

@@ -23,6 +23,7 @@
 #endif
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "../lstm.h"
@@ -40,6 +41,50 @@ inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T 
 constexpr int kRows = 3;
 // Vectors of hidden units per backward tile (its R x kBwdVecs accumulators share each broadcast of dgates).
 constexpr int kBwdVecs = 4;
+// Terms of the K loops (fwd_tile: K = H, bwd_rows: K = 4H) that the register accumulators take before their partial
+// sums go to a PairwiseSum. The 12 accumulators of a tile fill the registers, so there is no room for several
+// interleaved ones; one fp32 FMA chain over all of K = 4H had 7-10x the error of torch's LSTM backward at
+// H = 1024-1500 (dh0), K = H 2-2.6x in the forward. Blocks with a pairwise sum of the blocks: the error of
+// ~kKBlock + log2(K / kKBlock) sequential additions (128: dh0 and the forward 0.6-1.2x torch's error at
+// H = 600-1500; 64: 0.6-0.8x). Each block costs its partials' adds and stores and the loop's exit: at 128 the op
+// runs ~5-12% slower at B >= 8, H >= 256 (1 thread; within noise at B = 1-2, where the panel's loads bound it).
+#ifndef PYKERNELS_LSTM_KBLOCK
+#define PYKERNELS_LSTM_KBLOCK 128
+#endif
+constexpr int64_t kKBlock = PYKERNELS_LSTM_KBLOCK;
+
+// Pairwise sum of N vectors' block partials by a binary counter: level l holds the sum of 2^l blocks, and a new
+// block merges with the equal-sized levels below it (as the carries of count + 1), so no two sums of unequal size
+// meet until add_to(). The levels are raw scalars (Vectorized's default constructor zeroes). 32 levels: K up to
+// 2^32 * kKBlock.
+template <typename V, int N>
+struct PairwiseSum {
+  using T = typename V::value_type;
+  static constexpr int64_t U = V::size();
+  alignas(32) T level[32][N][U];
+  uint64_t count = 0;
+  // adds block partials p[0..N) (p is clobbered)
+  inline void push(V* p) {
+    int l = 0;
+    for (uint64_t c = count; c & 1; c >>= 1, ++l)
+      for (int i = 0; i < N; ++i) p[i] = V::loadu(level[l][i]) + p[i];
+    for (int i = 0; i < N; ++i) p[i].store(level[l][i]);
+    ++count;
+  }
+  // out[i] += the sum of all blocks pushed, the pending levels added smallest first
+  inline void add_to(V* out) const {
+    int l = 0;
+    uint64_t c = count;
+    for (; c && !(c & 1); c >>= 1) ++l;  // the smallest level
+    if (!c) return;
+    V t[N];
+    for (int i = 0; i < N; ++i) t[i] = V::loadu(level[l][i]);
+    for (c >>= 1, ++l; c; c >>= 1, ++l)
+      if (c & 1)
+        for (int i = 0; i < N; ++i) t[i] = t[i] + V::loadu(level[l][i]);
+    for (int i = 0; i < N; ++i) out[i] = out[i] + t[i];
+  }
+};
 
 // tile(std::integral_constant<int, R>(), r) over the batch: tiles of kRows rows, then one tile of the 1 or 2 rows
 // left, so that each tile streams the panel once (B = 2 as two 1-row tiles read it twice).
@@ -99,19 +144,13 @@ void pack_fwd(const w_t* w, int64_t H, acc_t* panels) {
   });
 }
 
-// R rows x one panel: the gates of units [j, j + n) for rows h[0..R) (row stride H), starting from xp's rows.
-// Kept out of line with its own 1-D accumulators: inlined beside the activations, GCC re-loaded each weight vector
-// for every row (a memory operand per FMA: 15 loads per 12 FMAs) and the loop turned load-bound; accumulating
-// into the caller's array instead stores it every iteration (it may alias the panel).
+// The K loop of fwd_tile over [k0, k1), accumulating into acc.
 template <typename acc_t, int R>
-__attribute__((noinline)) void fwd_tile(const acc_t* panel, const acc_t* h, const acc_t* xp, int64_t H, int64_t j,
-                                        int64_t n, Vec<acc_t> (&g)[R][4]) {
+__attribute__((always_inline)) inline void fwd_chain(const acc_t* panel, const acc_t* h, int64_t H, int64_t k0,
+                                                     int64_t k1, Vec<acc_t> (&acc)[R * 4]) {
   using V = Vec<acc_t>;
   constexpr int64_t U = V::size();
-  V acc[R * 4];
-  for (int r = 0; r < R; ++r)
-    for (int q = 0; q < 4; ++q) acc[r * 4 + q] = cpu_lstm::load<acc_t>(xp + r * 4 * H + q * H + j, n);
-  for (int64_t k = 0; k < H; ++k) {
+  for (int64_t k = k0; k < k1; ++k) {
     const acc_t* pk = panel + k * 4 * U;
     V b[R];
     for (int r = 0; r < R; ++r) b[r] = V(h[r * H + k]);
@@ -120,6 +159,41 @@ __attribute__((noinline)) void fwd_tile(const acc_t* panel, const acc_t* h, cons
       for (int r = 0; r < R; ++r) acc[r * 4 + q] = at::vec::fmadd(b[r], w, acc[r * 4 + q]);
     }
   }
+}
+
+// R rows x one panel: the gates of units [j, j + n) for rows h[0..R) (row stride H), xp's rows plus one K loop
+// (H <= kKBlock; else fwd_tile_blocked). Kept out of line with its own 1-D accumulators: inlined
+// beside the activations, GCC re-loaded each weight vector for every row (a memory operand per FMA: 15 loads per 12
+// FMAs) and the loop turned load-bound; accumulating into the caller's array instead stores it every iteration (it
+// may alias the panel).
+template <typename acc_t, int R>
+__attribute__((noinline)) void fwd_tile(const acc_t* panel, const acc_t* h, const acc_t* xp, int64_t H, int64_t j,
+                                        int64_t n, Vec<acc_t> (&g)[R][4]) {
+  using V = Vec<acc_t>;
+  V acc[R * 4];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4; ++q) acc[r * 4 + q] = cpu_lstm::load<acc_t>(xp + r * 4 * H + q * H + j, n);
+  fwd_chain<acc_t, R>(panel, h, H, 0, H, acc);
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4; ++q) g[r][q] = acc[r * 4 + q];
+}
+
+// fwd_tile for H > kKBlock: the K loop in blocks of kKBlock pairwise summed, then xp added. A function of its own:
+// in fwd_tile, the levels' frame and the accumulators' spills around the blocks slowed the one-chain path by ~15%.
+template <typename acc_t, int R>
+__attribute__((noinline)) void fwd_tile_blocked(const acc_t* panel, const acc_t* h, const acc_t* xp, int64_t H,
+                                                int64_t j, int64_t n, Vec<acc_t> (&g)[R][4]) {
+  using V = Vec<acc_t>;
+  V acc[R * 4];
+  PairwiseSum<V, R * 4> sum;
+  for (int64_t k0 = 0; k0 < H; k0 += kKBlock) {
+    for (int i = 0; i < R * 4; ++i) acc[i] = V(acc_t(0));
+    fwd_chain<acc_t, R>(panel, h, H, k0, std::min(H, k0 + kKBlock), acc);
+    sum.push(acc);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4; ++q) acc[r * 4 + q] = cpu_lstm::load<acc_t>(xp + r * 4 * H + q * H + j, n);
+  sum.add_to(acc);
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < 4; ++q) g[r][q] = acc[r * 4 + q];
 }
@@ -129,7 +203,10 @@ template <typename acc_t, int R, typename scalar_t>
 inline void fwd_rows(const acc_t* panel, const acc_t* hprev, const acc_t* xp_t, const acc_t* cprev, int64_t c_stride,
                      acc_t* ws_t, scalar_t* out_t, acc_t* hnext, int64_t r, int64_t H, int64_t j, int64_t n) {
   Vec<acc_t> g[R][4];
-  fwd_tile<acc_t, R>(panel, hprev + r * H, xp_t + r * 4 * H, H, j, n, g);
+  if (H <= kKBlock)
+    fwd_tile<acc_t, R>(panel, hprev + r * H, xp_t + r * 4 * H, H, j, n, g);
+  else
+    fwd_tile_blocked<acc_t, R>(panel, hprev + r * H, xp_t + r * 4 * H, H, j, n, g);
   for (int i = 0; i < R; ++i) {
     const int64_t row = r + i;
     cpu_lstm::cell_units<acc_t>(g[i], cpu_lstm::load<acc_t>(cprev + row * c_stride + j, n), ws_t + row * 5 * H + j,
@@ -208,30 +285,50 @@ void pack_bwd(const w_t* w, int64_t H, int64_t width, acc_t* panels) {
   });
 }
 
-// dh[r + i, j .. j + width) = dg rows (stride 4H) x panel, for R rows. Out of line like fwd_tile (inlined, each
-// weight vector was re-loaded for every row).
+// The K loop of bwd_rows over [m0, m1), accumulating into acc.
 template <typename acc_t, int R>
-__attribute__((noinline)) void bwd_rows(const acc_t* panel, const acc_t* dg, acc_t* dh, int64_t r, int64_t H,
-                                        int64_t j) {
+__attribute__((always_inline)) inline void bwd_chain(const acc_t* panel, const acc_t* d, int64_t H, int64_t m0,
+                                                     int64_t m1, Vec<acc_t> (&acc)[R * kBwdVecs]) {
   using V = Vec<acc_t>;
   constexpr int64_t U = V::size();
-  V acc[R][kBwdVecs];
-  for (int i = 0; i < R; ++i)
-    for (int v = 0; v < kBwdVecs; ++v) acc[i][v] = V(acc_t(0));
-  const acc_t* d = dg + r * 4 * H;
-  for (int64_t m = 0; m < 4 * H; ++m) {
+  for (int64_t m = m0; m < m1; ++m) {
     const acc_t* pm = panel + m * kBwdVecs * U;
     V b[R];
     for (int i = 0; i < R; ++i) b[i] = V(d[i * 4 * H + m]);
     for (int v = 0; v < kBwdVecs; ++v) {
       const V w = V::loadu(pm + v * U);
-      for (int i = 0; i < R; ++i) acc[i][v] = at::vec::fmadd(b[i], w, acc[i][v]);
+      for (int i = 0; i < R; ++i) acc[i * kBwdVecs + v] = at::vec::fmadd(b[i], w, acc[i * kBwdVecs + v]);
     }
+  }
+}
+
+// dh[r + i, j .. j + width) = dg rows (stride 4H) x panel, for R rows: one K loop where 4H <= kKBlock, else blocks of
+// kKBlock pairwise summed. Out of line like fwd_tile (inlined, each weight vector was re-loaded for every row); the
+// two paths are separate functions as fwd_tile's.
+template <typename acc_t, int R, bool kBlocked>
+__attribute__((noinline)) void bwd_rows(const acc_t* panel, const acc_t* dg, acc_t* dh, int64_t r, int64_t H,
+                                        int64_t j) {
+  using V = Vec<acc_t>;
+  constexpr int64_t U = V::size(), N = R * kBwdVecs;
+  const acc_t* d = dg + r * 4 * H;
+  V acc[N];
+  if constexpr (!kBlocked) {
+    for (int i = 0; i < N; ++i) acc[i] = V(acc_t(0));
+    bwd_chain<acc_t, R>(panel, d, H, 0, 4 * H, acc);
+  } else {
+    PairwiseSum<V, N> sum;
+    for (int64_t m0 = 0; m0 < 4 * H; m0 += kKBlock) {
+      for (int i = 0; i < N; ++i) acc[i] = V(acc_t(0));
+      bwd_chain<acc_t, R>(panel, d, H, m0, std::min(4 * H, m0 + kKBlock), acc);
+      sum.push(acc);
+    }
+    for (int i = 0; i < N; ++i) acc[i] = V(acc_t(0));
+    sum.add_to(acc);
   }
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < kBwdVecs; ++v) {
       const int64_t jj = j + v * U;
-      if (jj < H) cpu_lstm::store(dh + (r + i) * H + jj, acc[i][v], std::min<int64_t>(U, H - jj));
+      if (jj < H) cpu_lstm::store(dh + (r + i) * H + jj, acc[i * kBwdVecs + v], std::min<int64_t>(U, H - jj));
     }
 }
 
@@ -280,7 +377,10 @@ void layer_bwd(const at::Tensor& go, const at::Tensor& c0, const at::Tensor& ws,
       for (int64_t p = p0; p < p1; ++p) {
         const acc_t* panel = pp + p * 4 * H * width;
         for_row_tiles(B, [&](auto R, int64_t r) {
-          bwd_rows<acc_t, decltype(R)::value>(panel, dgr_t, pdh, r, H, p * width);
+          if (4 * H <= kKBlock)
+            bwd_rows<acc_t, decltype(R)::value, false>(panel, dgr_t, pdh, r, H, p * width);
+          else
+            bwd_rows<acc_t, decltype(R)::value, true>(panel, dgr_t, pdh, r, H, p * width);
         });
       }
       // no barrier: step s-1's first phase reads only this thread's units of dh and dc, and writes another dg_t
