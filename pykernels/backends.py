@@ -26,6 +26,7 @@ from typing import Callable, Dict, Iterator, Optional, Sequence
 import torch
 
 from . import _ext, _native
+from .errors import ArgumentValueError
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 
@@ -50,7 +51,7 @@ def backend_name(name: Optional[str]) -> Optional[str]:
 
 def _check_name(name: str, where: str = "backend") -> str:
     if name not in BACKENDS:
-        raise ValueError(f"{where} must be one of {BACKENDS}, got {name!r}")
+        raise ArgumentValueError(f"{where} must be one of {BACKENDS}, got {name!r}")
     return name
 
 

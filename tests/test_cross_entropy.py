@@ -375,8 +375,11 @@ def test_arguments_parse_as_torch():
             torch.testing.assert_close(got, want)
             torch.testing.assert_close(lce(x[0], W, t[:1], reduction=red, backend=backend), want.new_tensor(
                 F.cross_entropy(x[0] @ W.T, t[:1], reduction=red).item()))
-        with pytest.raises(TypeError, match="ignore_index must be an int"):
-            lce(x, W, t, ignore_index=1.0, backend=backend)
+        for bad in (1.0, True):  # torch's parser takes neither (operator.index takes a bool)
+            with pytest.raises(TypeError, match="ignore_index must be an int"):
+                lce(x, W, t, ignore_index=bad, backend=backend)
+            with pytest.raises(TypeError, match="ignore_index must be an int"):
+                ce(x, t, ignore_index=bad, backend=backend)
 
 
 def test_legacy_reduction_arguments():

@@ -33,6 +33,8 @@ def _legacy_reduction(size_average, reduce, reduction: str) -> str:
 def _index(fn: str, name: str, v) -> int:
     """An integer argument as torch's parser takes it (int, numpy integers: anything with __index__; not a float)."""
     try:
+        if isinstance(v, bool):  # an int to operator.index, not to torch's parser
+            raise TypeError
         return operator.index(v)
     except TypeError:
         raise ArgumentTypeError(f"{fn}: {name} must be an int, got {type(v).__name__}") from None

@@ -201,6 +201,9 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     if ignore_index is not None:
         ignore_index = _index("linear_cross_entropy", "ignore_index", ignore_index)
     label_smoothing = label_smoothing if label_smoothing > 0 else 0.0  # torch: < 0 and NaN smooth nothing
+    if (input.dim() == 1 and isinstance(target, Tensor) and not target.dtype.is_floating_point
+            and tuple(target.shape) == (1,)):  # (1,) class index for one (H,) row, as torch
+        target = target.reshape(())
     out_dtype = amp_dtype or input.dtype
     if group is not None:
         from ..distributed import vocab_parallel_linear_cross_entropy
@@ -213,8 +216,6 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     logits_shape, probs, out_features = _check_args(input, linear_weight, target, linear_bias, weight, reduction,
                                                     ignore_index, label_smoothing, z_loss, softcap)
     ii = -100 if ignore_index is None else ignore_index
-    if input.dim() == 1 and not probs and target.dim() == 1:  # (1,) for one (H,) row, as torch
-        target = target.reshape(())
     C = linear_weight.shape[0]
     H = input.shape[-1]
     softcap = float(softcap or 0.0)

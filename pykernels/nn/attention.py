@@ -56,7 +56,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if (need_weights and self.training and self.dropout > 0.0
                 or query.is_nested or key.is_nested or value.is_nested):
             # torch's own path: the dropped weights it returns; nested tensors (its inference fast path)
-            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True,
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
         if is_causal and attn_mask is None:
