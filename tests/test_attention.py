@@ -469,6 +469,13 @@ def test_bad_input_names_the_argument():
         sdpa(q, k, v, softcap=-1.0)
     with pytest.raises(ValueError, match="causal_alignment"):
         sdpa(q, k, v, causal_alignment="diagonal")
+    # flags are bools, as torch's parser wants ("no" was truthy: causal), softcap a number, window ints not bools
+    for kw in (dict(is_causal="no"), dict(is_causal=1), dict(enable_gqa=None), dict(return_lse="no"),
+               dict(softcap=None), dict(softcap="1")):
+        with pytest.raises(TypeError, match=next(iter(kw))):
+            sdpa(q, k, v, **kw)
+    with pytest.raises(ValueError, match="window"):
+        sdpa(q, k, v, window=(True, False))
     qv, kv = torch.randn(7, 4, 8), torch.randn(9, 2, 8)
     with pytest.raises(TypeError, match="cu_seqlens_q"):
         varlen_attention(qv, kv, kv, torch.tensor([0.0, 7.0]), torch.tensor([0, 9]), 7, 9)
@@ -481,6 +488,19 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="multiple"):
         varlen_attention(qv, torch.randn(9, 3, 8), torch.randn(9, 3, 8), torch.tensor([0, 7]), torch.tensor([0, 9]),
                          7, 9)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_window_sides_past_the_sequences_are_unbounded(backend, device):
+    """INT_MAX (or int64 max) for "no limit": the kernels formed i + d + side in int32 (wrapped negative) and the
+    reference in int64 (overflowed); any side of L + S or more excludes nothing."""
+    require_backend(backend, device)
+    q, k, v = (torch.randn(1, 2, n, 16, device=device) for n in (5, 7, 7))
+    want = sdpa(q, k, v, backend=backend)
+    for win in ((2 ** 31 - 1, 2 ** 31 - 1), (2 ** 63 - 1, 2 ** 63 - 1), (12, 12)):
+        torch.testing.assert_close(sdpa(q, k, v, window=win, backend=backend), want)
+    torch.testing.assert_close(sdpa(q, k, v, window=(0, 2 ** 31 - 5), backend=backend),
+                               sdpa(q, k, v, window=(0, -1), backend=backend))
 
 
 def test_backend_selection_is_visible():

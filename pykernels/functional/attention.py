@@ -32,7 +32,7 @@ def _real(x):
 
 
 def _check_common(fn: str, tensors: Sequence[Tuple[str, object]], dropout_p, scale, window, softcap,
-                  causal_alignment) -> Tuple[int, int]:
+                  causal_alignment, flags: Sequence[Tuple[str, object]] = ()) -> Tuple[int, int]:
     for name, t in tensors:
         if not isinstance(t, Tensor):
             raise ArgumentTypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
@@ -48,6 +48,11 @@ def _check_common(fn: str, tensors: Sequence[Tuple[str, object]], dropout_p, sca
         raise ArgumentValueError(f"{fn}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise ArgumentTypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
+    for name, flag in flags:  # torch's parser: a bool, not anything truthy ("no" would be causal)
+        if not isinstance(flag, (bool, torch.SymBool)):
+            raise ArgumentTypeError(f"{fn}: {name} must be a bool, got {type(flag).__name__}")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise ArgumentTypeError(f"{fn}: softcap must be a float (0: off), got {type(softcap).__name__}")
     if not (softcap >= 0.0 and math.isfinite(softcap)):
         raise ArgumentValueError(f"{fn}: softcap must be finite and >= 0 (0: off), got {softcap}")
     if causal_alignment not in _ALIGNMENTS:
@@ -56,9 +61,15 @@ def _check_common(fn: str, tensors: Sequence[Tuple[str, object]], dropout_p, sca
     if window is None:
         return -1, -1
     if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and w >= -1 for w in window)):
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
         raise ArgumentValueError(f"{fn}: window must be (left, right) ints >= -1 (-1: unbounded), got {window!r}")
     return int(window[0]), int(window[1])
+
+
+def _clip_window(win: Tuple[int, int], n: int) -> Tuple[int, int]:
+    """A side of n (the query plus key lengths) or more excludes no key: -1, before any kernel forms i + d + side
+    in int32 (INT_MAX as "unbounded" wrapped to negative there)."""
+    return tuple(-1 if w >= n else w for w in win)
 
 
 def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], empty: bool,
@@ -140,12 +151,14 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                                 backend=backend)
     dropout_p, scale = _real(dropout_p), _real(scale)
     win = _check_common(fn, [("query", query), ("key", key), ("value", value)], dropout_p, scale, window,
-                        softcap, causal_alignment)
+                        softcap, causal_alignment,
+                        (("is_causal", is_causal), ("enable_gqa", enable_gqa), ("return_lse", return_lse)))
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() < 2:
             raise ArgumentValueError(f"{fn}: {name} must have at least 2 dimensions (..., L, E), got {t.dim()}")
     L, E = query.shape[-2], query.shape[-1]
     S, Ev = key.shape[-2], value.shape[-1]
+    win = _clip_window(win, L + S)
     if key.shape[-1] != E:
         raise ArgumentValueError(f"{fn}: key's last dim {key.shape[-1]} != query's {E} (the head dim must match)")
     if value.shape[-2] != S:
@@ -296,13 +309,15 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                     softcap=softcap, causal_alignment=causal_alignment, return_lse=return_lse,
                                     backend=backend)
     dropout_p, scale = _real(dropout_p), _real(scale)
-    win = _check_common(fn, [("q", q), ("k", k), ("v", v)], dropout_p, scale, window, softcap, causal_alignment)
+    win = _check_common(fn, [("q", q), ("k", k), ("v", v)], dropout_p, scale, window, softcap, causal_alignment,
+                        (("is_causal", is_causal), ("return_lse", return_lse)))
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ArgumentValueError(f"{fn}: {name} must be (total_tokens, heads, head_dim), got shape "
                                      f"{tuple(t.shape)}")
     T, H, E = q.shape
     Tk, Hk, Ev = v.shape
+    win = _clip_window(win, T + Tk)
     if k.shape[:2] != (Tk, Hk) or k.shape[2] != E:
         raise ArgumentValueError(f"{fn}: k must be ({Tk}, {Hk}, {E}) to match q and v, got {tuple(k.shape)}")
     if H % Hk:
