@@ -388,6 +388,21 @@ def test_legacy_reduction_arguments():
         expected = F.cross_entropy(x, t, size_average=sa, reduce=rd)
         got = pykernels.functional.cross_entropy(x, t, size_average=sa, reduce=rd)
         torch.testing.assert_close(got, expected)
+    # the old spelling of "mean", which torch still takes with a deprecation warning (so must a drop-in)
+    W = torch.randn(4, 4)
+    for call in (lambda: pykernels.functional.cross_entropy(x, t, reduction="elementwise_mean"),
+                 lambda: pykernels.functional.linear_cross_entropy(x, W, t, reduction="elementwise_mean")):
+        with pytest.warns(UserWarning, match="elementwise_mean"):
+            loss = call()
+        assert loss.shape == ()
+    # linear_cross_entropy's probability targets promote as cross_entropy's (its reference rounded to bf16 first)
+    xb, Wb = torch.randn(6, 8).bfloat16(), torch.randn(5, 8).bfloat16()
+    p = torch.softmax(torch.randn(6, 5), 1)
+    got = pykernels.functional.linear_cross_entropy(xb, Wb, p)
+    assert got.dtype == F.cross_entropy(F.linear(xb, Wb), p).dtype == torch.float32
+    want = F.cross_entropy(F.linear(xb, Wb).double(), p.double())  # the same bf16 logits, the loss in float64
+    assert abs(got.item() - want.item()) < 1e-5 * abs(want.item())
+    assert "options=None" in repr(pykernels.nn.LinearCrossEntropyLoss(8, 5))  # torch's repr prints it too
 
 
 def test_weight_that_requires_grad_gets_its_gradient():

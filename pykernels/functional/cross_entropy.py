@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import warnings
 from typing import Optional
 
 import torch
@@ -25,6 +26,9 @@ _KERNEL_DTYPES = {
 
 def _legacy_reduction(size_average, reduce, reduction: str) -> str:
     if size_average is None and reduce is None:
+        if reduction == "elementwise_mean":  # torch still takes it, with this warning
+            warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.")
+            return "mean"
         return reduction
     # PyTorch's own rule and deprecation warning for the legacy arguments.
     return torch.nn._reduction.legacy_get_string(size_average, reduce)

@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import backends
 from ..errors import ArgumentTypeError, ArgumentValueError
 from . import _autocast
-from .cross_entropy import _check_target_range, _index
+from .cross_entropy import _check_target_range, _index, _legacy_reduction
 from ..ops import linear_cross_entropy as _lce
 from ..reference import linear_cross_entropy as _lce_ref
 
@@ -198,6 +198,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
                           label_smoothing, z_loss, softcap, return_lse, group, vocab_start, vocab_size, fused, backend,
                           amp_dtype):
     """amp_dtype: float32 under autocast (the loss's dtype, and the logits' on the reference path), else None."""
+    reduction = _legacy_reduction(None, None, reduction)
     if ignore_index is not None:
         ignore_index = _index("linear_cross_entropy", "ignore_index", ignore_index)
     label_smoothing = label_smoothing if label_smoothing > 0 else 0.0  # torch: < 0 and NaN smooth nothing

@@ -75,7 +75,7 @@ class LinearCrossEntropyLoss(_Base):
         parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
                  f"out_features={self.out_features}", f"bias={self.linear.bias is not None}",
                  f"reduction={self.reduction}", f"ignore_index={self.ignore_index}",
-                 f"label_smoothing={self.label_smoothing}"]
+                 f"label_smoothing={self.label_smoothing}", f"options={getattr(self, 'options', None)}"]
         if self.z_loss:
             parts.append(f"z_loss={self.z_loss}")
         if self.softcap:

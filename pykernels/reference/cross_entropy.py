@@ -66,7 +66,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         loss = torch.where(empty, float("nan"), rows.sum() / torch.where(empty, 1.0, denom))
     else:
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    return loss.to(input.dtype), lse
+    # probabilities promote as torch's -sum(t * log_softmax(x)): float32 ones give bf16 logits a float32 loss
+    wide = torch.promote_types(input.dtype, target.dtype) if target.dtype.is_floating_point else input.dtype
+    return loss.to(wide), lse
 
 
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
