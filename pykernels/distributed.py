@@ -86,7 +86,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     Backends: "cuda" (fp16/bf16), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" (the C++ kernels) and
     "reference" (the kernel contract in plain PyTorch, chunked: also never the logits). ``_loss_dtype``: the loss's
     dtype (None: input's; float32 under autocast), cast once from the float32 accumulator."""
-    from .functional.cross_entropy import _check_target_range, _index
+    from .functional.cross_entropy import _check_target_range, _index, _smoothing
     from .functional.linear_cross_entropy import _check_options, kernel_reason
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("linear_cross_entropy: group= needs an initialised torch.distributed process group")
@@ -120,14 +120,13 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
                                  f"got {tuple(linear_bias.shape)}")
     if weight is not None and tuple(weight.shape) != (vocab_size,):
         raise ArgumentValueError(f"linear_cross_entropy: weight must have shape ({vocab_size},) (the whole "
-                                 f"vocabulary), got "
-                                 f"{tuple(weight.shape)}")
+                                 f"vocabulary), got {tuple(weight.shape)}")
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise ArgumentValueError("linear_cross_entropy: the vocab-parallel path treats the class weight as a "
-                                 "constant; pass "
-                                 "weight.detach() (a weight that requires grad would get no gradient)")
+                                 "constant; pass weight.detach() (a weight that requires grad would get no "
+                                 "gradient)")
     _check_options(reduction, label_smoothing, z_loss, softcap)
-    label_smoothing = label_smoothing if label_smoothing > 0 else 0.0  # torch: < 0 and NaN smooth nothing
+    label_smoothing = _smoothing(label_smoothing)
     ii = -100 if ignore_index is None else _index("linear_cross_entropy", "ignore_index", ignore_index)
     _check_target_range(target, vocab_size, ii, "linear_cross_entropy")
 

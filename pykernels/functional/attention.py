@@ -168,8 +168,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             kv_lead = torch.broadcast_shapes(key.shape[:-2], value.shape[:-2])
         except RuntimeError:
             raise ArgumentValueError(f"{fn}: the leading dims of key {tuple(key.shape)} and value "
-                                     f"{tuple(value.shape)} do "
-                                     f"not broadcast") from None
+                                     f"{tuple(value.shape)} do not broadcast") from None
         key, value = key.expand(*kv_lead, S, E), value.expand(*kv_lead, S, Ev)
     qlead, klead = query.shape[:-2], key.shape[:-2]
     if qlead != klead and _query_broadcasts(qlead, klead, enable_gqa):

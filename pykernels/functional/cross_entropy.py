@@ -44,6 +44,11 @@ def _index(fn: str, name: str, v) -> int:
         raise ArgumentTypeError(f"{fn}: {name} must be an int, got {type(v).__name__}") from None
 
 
+def _smoothing(label_smoothing) -> float:
+    """torch's rule: label_smoothing < 0 or NaN smooths nothing (its only bound, <= 1, is checked by the callers)."""
+    return label_smoothing if label_smoothing > 0 else 0.0
+
+
 def _check_cross_entropy_args(input, target, weight, reduction, label_smoothing, z_loss, ignore_index) -> bool:
     """Validates the call; returns True for probability targets."""
     if not isinstance(input, Tensor):
@@ -133,7 +138,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     reduction = _legacy_reduction(size_average, reduce, reduction)
     ignore_index = _index("cross_entropy", "ignore_index", ignore_index)
     probs = _check_cross_entropy_args(input, target, weight, reduction, label_smoothing, z_loss, ignore_index)
-    label_smoothing = label_smoothing if label_smoothing > 0 else 0.0  # torch: < 0 and NaN smooth nothing
+    label_smoothing = _smoothing(label_smoothing)
     if input.dim() == 1 and not probs and target.dim() == 1:
         target = target.reshape(())
     if (not z_loss and not return_lse and (probs or target.dtype == torch.int64)

@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import backends
 from ..errors import ArgumentTypeError, ArgumentValueError
 from . import _autocast
-from .cross_entropy import _check_target_range, _index, _legacy_reduction
+from .cross_entropy import _check_target_range, _index, _legacy_reduction, _smoothing
 from ..ops import linear_cross_entropy as _lce
 from ..reference import linear_cross_entropy as _lce_ref
 
@@ -122,7 +122,7 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
         raise ArgumentTypeError(f"linear_cross_entropy: class-index target must be int64 (torch.long) or uint8, got "
                                 f"{target.dtype}")
     expected = (*batch, *out_features)
-    if tuple(target.shape) != expected and not (expected == () and tuple(target.shape) == (1,)):  # as torch's (C,)
+    if tuple(target.shape) != expected:
         raise ArgumentValueError(f"linear_cross_entropy: target must have shape {expected} for input of shape "
                                  f"{tuple(input.shape)} and linear_weight of shape {tuple(linear_weight.shape)}, got "
                                  f"{tuple(target.shape)}")
@@ -201,7 +201,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     reduction = _legacy_reduction(None, None, reduction)
     if ignore_index is not None:
         ignore_index = _index("linear_cross_entropy", "ignore_index", ignore_index)
-    label_smoothing = label_smoothing if label_smoothing > 0 else 0.0  # torch: < 0 and NaN smooth nothing
+    label_smoothing = _smoothing(label_smoothing)
     if (input.dim() == 1 and isinstance(target, Tensor) and not target.dtype.is_floating_point
             and tuple(target.shape) == (1,)):  # (1,) class index for one (H,) row, as torch
         target = target.reshape(())

@@ -76,13 +76,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     # value (Hugging Face's finfo.min padding, -1e9) lse = m + log(l) rounds back to m and exp(s - lse) would give 1
     # per key instead of 1 / S. The shift m is a constant of the softmax: detached, so the gradient is exact.
     m = s.detach().amax(dim=-1, keepdim=True) if S else s.new_zeros(s.shape[:-1] + (1,))
-    e = torch.exp(s - m.masked_fill(torch.isinf(m), 0.0))
+    m = m.masked_fill(torch.isinf(m), 0.0)
+    e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)
     dead = l == 0  # rows that see no key (every score -inf; S = 0): zero output, lse -inf, no NaN gradient
     l = l.masked_fill(dead, 1.0)
     p = e / l
-    lse = (m.masked_fill(torch.isinf(m), 0.0) + torch.log(l)).squeeze(-1).masked_fill(dead.squeeze(-1),
-                                                                                       float("-inf"))
+    lse = (m + torch.log(l)).squeeze(-1).masked_fill(dead.squeeze(-1), float("-inf"))
     if dropout_mask is not None and dropout_p > 0:
         p = p * dropout_mask.to(acc) * (1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
     out = torch.matmul(p, value.to(acc))
