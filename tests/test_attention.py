@@ -394,6 +394,11 @@ def test_varlen_padding_rows(backend, device):
     assert torch.equal(out[:23], ro) and torch.equal(lse[:, :23], rl)
     for name, a, r in zip(("dq", "dk", "dv"), (dq[:23], dk[:29], dv[:29]), rgrads):
         assert torch.equal(a, r), name
+    # no sequence at all: every row is padding, and the zeros stay attached to the graph (the reference's were not)
+    none = torch.tensor([0], dtype=torch.int32, device=device)
+    out = varlen_attention(*x, none, none, 0, 0, backend=backend)
+    assert out.requires_grad and bool((out == 0).all())
+    assert all(bool((d == 0).all()) for d in torch.autograd.grad(out.sum(), x))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

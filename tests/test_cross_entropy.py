@@ -52,7 +52,8 @@ def _check_against_torch(backend, x, t, name="", **kw):
         base = F.cross_entropy(xb, t.to(x.dtype) if t.dtype.is_floating_point else t,
                                weight=None if w is None else w.to(x.dtype), **kw)
     base.backward(g.to(base.dtype))
-    assert loss.dtype == x.dtype
+    probs_weighted = w is not None and t.dtype.is_floating_point  # torch's -sum(w * t * logp) promotes with w
+    assert loss.dtype == (torch.promote_types(x.dtype, w.dtype) if probs_weighted else x.dtype)
     assert_error_rule(f"{name} loss", loss, ref.detach(), base.detach())
     assert_error_rule(f"{name} grad", grad, x64.grad, xb.grad)
 
@@ -454,6 +455,38 @@ def test_probability_targets_promote_as_torch():
                               floor=2 ** -12 * abs(want.item()) / max(1.0, abs(want.item())))
             bf16_rounded = want.to(torch.bfloat16).double()
             assert (bf16_rounded - want).abs() > 2 ** -12 * abs(want.item())  # the old result fails at this seed
+
+
+def test_probability_targets_with_wider_class_weights_promote_as_torch():
+    """-sum(w * t * log_softmax(x)): float32 class weights give half-precision logits and targets a float32 loss,
+    on every path, and so for linear cross-entropy's reference path."""
+    for dt in (torch.float16, torch.bfloat16):
+        x = torch.randn(4, 5).to(dt).requires_grad_()
+        p, w = torch.softmax(torch.randn(4, 5), 1).to(dt), torch.rand(5) + 0.1
+        for red in ("mean", "none"):
+            want = F.cross_entropy(x.detach(), p, weight=w, reduction=red)
+            for backend in ("cpu", "reference", None):
+                if backend == "cpu" and not CPU_KERNELS:
+                    continue
+                got = pykernels.functional.cross_entropy(x, p, weight=w, reduction=red, backend=backend)
+                assert got.dtype == want.dtype == torch.float32, (dt, red, backend)
+        head = torch.randn(5, 3).to(dt)
+        got = pykernels.functional.linear_cross_entropy(torch.randn(4, 3).to(dt), head, p, weight=w)
+        assert got.dtype == torch.float32
+
+
+def test_reference_ignored_rows_add_nothing_even_when_not_finite():
+    """0 * NaN: an ignored row of NaN (or all -inf) logits made the reference's loss NaN; torch's adds 0."""
+    x = torch.randn(3, 4, dtype=torch.float64)
+    x[1] = float("nan")
+    x[2] = float("-inf")
+    t = torch.tensor([2, -100, -100])
+    for red in ("mean", "sum", "none"):
+        want = F.cross_entropy(x, t, reduction=red)
+        got, _ = ref_ce.cross_entropy(x, t, reduction=red)
+        torch.testing.assert_close(got, want, equal_nan=True)
+        got, _ = ref_ce.cross_entropy(x, t, reduction=red, z_loss=1e-3)
+        assert bool(torch.isfinite(got[0] if red == "none" else got)), red
 
 
 def test_zero_total_class_weight_mean_is_nan_with_nan_gradient():

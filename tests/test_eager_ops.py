@@ -154,3 +154,22 @@ def test_jit_trace_of_the_modules_passes_its_check():
         logits, t = torch.randn(64, 2 ** 14), torch.randint(0, 2 ** 14, (64,))  # 2^20 logits: ours, untraced
         traced = torch.jit.trace(loss, (logits, t))
         torch.testing.assert_close(traced(logits, t), loss(logits, t))
+
+
+def test_jit_trace_of_losses_does_not_depend_on_grad_mode():
+    """The fused-gradient flag depends on requires_grad and grad mode: traced as a constant, the check's no_grad
+    re-trace differed, and a graph traced from an input without grad gave a later input none. Linear
+    cross-entropy records torch's own op where torch has one, as the other ops."""
+    x, t = torch.randn(4, 5), torch.randint(0, 6, (4,))
+    with warnings.catch_warnings():  # torch >= 2.13 deprecates torch.jit.trace
+        warnings.simplefilter("ignore")
+        lce = pykernels.nn.LinearCrossEntropyLoss(5, 6)
+        torch.jit.trace(lce, (x.requires_grad_(), t))  # raised "Graphs differed across invocations"
+        traced = torch.jit.trace(lce, (x.detach(), t), check_trace=False)
+        xg = x.detach().requires_grad_()
+        traced(xg, t).backward()
+        assert xg.grad is not None and xg.grad.abs().sum() > 0
+        for kw in ({"z_loss": 1e-2}, {"backend": "cpu" if pykernels.available_backends("cpu")["cpu"] is None else "reference"}):
+            ce = pykernels.nn.CrossEntropyLoss(**kw)
+            logits = torch.randn(4, 6, requires_grad=True)
+            torch.jit.trace(ce, (logits, t))

@@ -79,6 +79,14 @@ def _worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
                                         backend="reference")
         assert part.dtype == one.dtype == torch.float32
         assert abs(part.item() - one.item()) <= 1e-5 * abs(one.item()), (part.item(), one.item())
+        # an empty batch: torch's NaN mean and 0 sum on every backend (the Triton launcher divided by 0 rows)
+        x = torch.randn(0, 24, requires_grad=True)
+        for backend in backends:
+            for red, want in (("mean", float("nan")), ("sum", 0.0)):
+                loss = linear_cross_entropy(x, W[rank * 20:(rank + 1) * 20], t[:0], reduction=red,
+                                            group=dist.group.WORLD, backend=backend)
+                loss.backward()
+                assert (loss.isnan().item() if red == "mean" else loss.item() == 0.0), (backend, red, loss)
         dist.barrier()  # both ranks are done communicating: no destroy_process_group, see below
     except BaseException:
         with open(os.path.join(err_dir, f"rank{rank}.txt"), "w") as fh:

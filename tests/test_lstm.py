@@ -332,10 +332,21 @@ def test_layer_empty_batch_and_bad_arguments():
         ((x[None], None, params), "input must be 2-D"),
         ((x, None, params[:5]), "params must hold 16 tensors"),
         ((x[..., :4], None, params), "input has 4 features"),
+        # a later layer's weight: the kernels take H from weight_hh_l0 and read the smaller one out of bounds
+        ((x, None, params[:5] + [params[5][:, :3]] + params[6:]), r"params\[5\] \(weight_hh_l0_reverse\) must have "
+                                                                 r"shape \(16, 4\)"),
+        ((x, None, params[:10] + [params[10][:7]] + params[11:]), r"params\[10\] \(bias_ih_l1\) must have shape \(16,\)"),
     ]
     for args, msg in cases:
         for backend in ("reference", None):
             with pytest.raises(ValueError, match=msg):
+                pykernels.functional.lstm(*args, num_layers=2, bidirectional=True, backend=backend)
+    # dtypes as torch's: a half-precision state or weight used to run (the recurrence rounded h to fp16 each step)
+    cases = [((x, (z(4, 3, 4).half(), z(4, 3, 4)), params), r"hx\[0\] has dtype torch.float16"),
+             ((x, None, params[:1] + [params[1].double()] + params[2:]), r"params\[1\] \(weight_hh_l0\) has dtype")]
+    for args, msg in cases:
+        for backend in ("reference", None):
+            with pytest.raises(TypeError, match=msg):
                 pykernels.functional.lstm(*args, num_layers=2, bidirectional=True, backend=backend)
     with pytest.raises(RuntimeError, match="sequence length 0"):  # torch's exception type
         pykernels.nn.LSTM(5, 4)(torch.randn(0, 3, 5))
@@ -436,6 +447,8 @@ def test_module_cell_drop_in_and_errors():
     torch.testing.assert_close(pc(x), tc(x))
     with pytest.raises(ValueError, match="1D or 2D"):
         pc(torch.randn(1, 2, 3))
+    with pytest.raises(TypeError, match="hx must be a tuple"):  # torch's TypeError, not a misleading "hx[0] 1D"
+        pc(x, torch.zeros(4, 5))
     pm = pykernels.nn.LSTM(3, 5)
     with pytest.raises(ValueError, match="2D or 3D"):
         pm(torch.randn(3))

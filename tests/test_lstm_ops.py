@@ -39,7 +39,11 @@ def _cell_inputs(B, I, H, dtype, device, bias=True, strided=False):
         return torch.randn(*s, dtype=F64, device=device)
     x = r(B, 2 * I)[:, ::2] if strided else r(B, I)  # non-contiguous input
     t = [x, r(B, H), r(B, H), r(4 * H, I) * 0.5, r(4 * H, H) * 0.5] + ([r(4 * H), r(4 * H)] if bias else [None, None])
-    return [None if v is None else v.to(dtype) for v in t], [None if v is None else v.to(F64) for v in t]
+    lo = [None if v is None else v.to(dtype) for v in t]
+    if strided and bias:  # the biases as the two columns of one (4H, 2) tensor: stride 2 (.to made them dense)
+        both = torch.stack(lo[5:], 1)
+        lo[5:] = [both[:, 0], both[:, 1]]
+    return lo, [None if v is None else v.to(F64) for v in t]
 
 
 @pytest.mark.parametrize("backend,device", CPU_KERNELS + GPU_KERNELS)

@@ -90,8 +90,22 @@ def test_subclasses_shared_modules_and_extras():
     assert type(top) is pykernels.nn.LSTM
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         pykernels.patch("model")
-    with pytest.raises(TypeError, match="module must be a torch.nn.modules.rnn.LSTM"):
+    with pytest.raises(TypeError, match="module must be exactly a torch.nn.modules.rnn.LSTM"):
         pykernels.nn.LSTM.from_torch(torch.nn.GRU(3, 4))
+
+
+def test_from_torch_refuses_subclasses_and_parametrized_modules():
+    """As patch: a subclass may override forward, and a parametrized module's weights are properties of a generated
+    subclass; rebuilt as the pykernels class, the override was dropped and the LSTM ran on a stale weight."""
+    class MyCE(torch.nn.CrossEntropyLoss):
+        def forward(self, x, t):
+            return 10 * super().forward(x, t)
+    lstm = torch.nn.utils.parametrizations.weight_norm(torch.nn.LSTM(3, 4), "weight_hh_l0")
+    for cls, module in ((pykernels.nn.CrossEntropyLoss, MyCE()), (pykernels.nn.LSTM, lstm)):
+        with pytest.raises(TypeError, match="subclasses and parametrized modules are not converted"):
+            cls.from_torch(module)
+    ours = pykernels.nn.LSTM(3, 4)
+    assert type(pykernels.nn.LSTM.from_torch(ours)) is pykernels.nn.LSTM  # (a pykernels module: still fine)
 
 
 @pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch < 2.13 has no such module")

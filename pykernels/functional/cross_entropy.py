@@ -152,6 +152,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     out_dtype = torch.float32 if amp and _autocast.eligible(input) else input.dtype
     if probs:  # torch's -sum(t * log_softmax(x)) promotes: float32 probabilities give bf16 logits a float32 loss,
         out_dtype = torch.promote_types(out_dtype, target.dtype)  # cast once from the kernels' accumulator
+        if weight is not None:  # (and the class weights multiply in: float32 weights, float32 loss)
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
     with _autocast.off(input) if amp else contextlib.nullcontext():
         return _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_smoothing, z_loss,
                               return_lse, fused, backend, out_dtype)
@@ -196,7 +198,8 @@ def _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_
     if fused is None:
         fused = reduction != "none"
     loss, lse, *_ = _ce.cross_entropy(x, t, w, ignore_index, _ce.REDUCTIONS[reduction], float(label_smoothing),
-                                           float(z_loss), bool(fused and needs_grad), chosen)
+                                           float(z_loss), bool(fused and needs_grad and not torch.jit.is_tracing()),
+                                           chosen)  # (a traced graph must not depend on grad mode: its check)
     loss = loss.to(out_dtype)
     batch = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
     if reduction == "none":

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _native, backends
 from ..errors import ArgumentTypeError, ArgumentValueError
 from . import _autocast
 from .cross_entropy import _check_target_range, _index, _legacy_reduction, _smoothing
@@ -132,8 +132,8 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
 def _fused_grads(fused: Optional[bool], backend: str, x: Tensor, linear_weight: Tensor,
                  linear_bias: Optional[Tensor], reduction: int) -> int:
     """The op's fused_grads: the gradients this call needs, when it takes the fused path (else 0)."""
-    if fused is False or not torch.is_grad_enabled():
-        return 0
+    if fused is False or not torch.is_grad_enabled() or torch.jit.is_tracing():
+        return 0  # (torch.jit.trace's check re-traces under no_grad: the traced graph must not depend on grad mode)
     grads = ((_lce.GRAD_INPUT if x.requires_grad else 0) | (_lce.GRAD_WEIGHT if linear_weight.requires_grad else 0)
              | (_lce.GRAD_BIAS if linear_bias is not None and linear_bias.requires_grad else 0))
     if not grads:
@@ -216,6 +216,13 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
         return out
     logits_shape, probs, out_features = _check_args(input, linear_weight, target, linear_bias, weight, reduction,
                                                     ignore_index, label_smoothing, z_loss, softcap)
+    if (torch.jit.is_tracing() and _native.linear_cross_entropy is not None and amp_dtype is None and not z_loss
+            and not softcap and not return_lse and input.dim() <= 2
+            and backends.prefer_native("linear_cross_entropy", input.device, backend)):
+        # as the other ops: a traced graph records torch's own op where torch can express the call
+        return _native.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                            reduction=reduction, ignore_index=ignore_index,
+                                            label_smoothing=label_smoothing)
     ii = -100 if ignore_index is None else ignore_index
     C = linear_weight.shape[0]
     H = input.shape[-1]

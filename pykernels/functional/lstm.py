@@ -258,6 +258,23 @@ def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, p
     if params[0].dim() != 2 or params[0].shape[1] != input.shape[-1]:
         raise ArgumentValueError(f"lstm: input has {input.shape[-1]} features but params[0] (weight_ih_l0) has shape "
                                  f"{tuple(params[0].shape)}")
+    # every layer's tensors, as torch's flat-weights checks: a kernel trusts H from weight_hh_l0 and would read a
+    # smaller later weight out of bounds
+    amp = _autocast.enabled(input)  # (autocast casts every operand to one dtype before any kernel runs)
+    names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if has_biases else []) + (
+        ["weight_hr"] if proj_size else [])
+    for k, t in enumerate(params):
+        layer, name = divmod(k // per, D), names[k % per]
+        shape = {"weight_ih": (4 * H, input.shape[-1] if layer[0] == 0 else H_out * D), "weight_hh": (4 * H, H_out),
+                 "bias_ih": (4 * H,), "bias_hh": (4 * H,), "weight_hr": (proj_size, H)}[name]
+        pname = f"params[{k}] ({name}_l{layer[0]}{'_reverse' if layer[1] else ''})"
+        if tuple(t.shape) != shape:
+            raise ArgumentValueError(f"lstm: {pname} must have shape {shape}, got {tuple(t.shape)}")
+        if t.device != input.device:
+            raise ArgumentValueError(f"lstm: {pname} is on {t.device} but input is on {input.device}")
+        if t.dtype != input.dtype and not amp:
+            raise ArgumentTypeError(f"lstm: {pname} has dtype {t.dtype} but input has {input.dtype} (torch: input and "
+                                    f"parameter tensors must have the same dtype)")
     if hx is None:
         return
     if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, Tensor) for t in hx):
@@ -270,6 +287,9 @@ def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, p
             raise ArgumentValueError(f"lstm: {name} must have shape {want}, got {tuple(t.shape)}")
         if t.device != input.device:
             raise ArgumentValueError(f"lstm: {name} is on {t.device} but input is on {input.device}")
+        if t.dtype != input.dtype and not amp:
+            raise ArgumentTypeError(f"lstm: {name} has dtype {t.dtype} but input has {input.dtype} (torch: input and "
+                                    f"hidden tensors must have the same dtype)")
 
 
 def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Tensor], num_layers: int = 1,

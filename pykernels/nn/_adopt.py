@@ -20,9 +20,12 @@ def adopt(cls: Type[M], module: torch.nn.Module, **extras) -> M:
     The containers in the instance dict (``_parameters``, hooks, an RNN's ``_flat_weights``) are copied one
     level deep, so later registrations on either module do not leak into the other. ``extras`` are the
     pykernels keyword-only attributes (``backend``, ``z_loss``, ...) set on the new module."""
-    if not isinstance(module, cls.__bases__[0]):
-        raise TypeError(f"{cls.__name__}.from_torch: module must be a {cls.__bases__[0].__module__}."
-                        f"{cls.__bases__[0].__name__}, got {type(module).__name__}")
+    # Exact types only, as patch(): a subclass may override forward, and a parametrized module (weight_norm) is a
+    # generated subclass whose weights are properties; rebuilding either as ``cls`` would drop what it adds.
+    if type(module) not in (cls.__bases__[0], cls):
+        raise TypeError(f"{cls.__name__}.from_torch: module must be exactly a {cls.__bases__[0].__module__}."
+                        f"{cls.__bases__[0].__name__} (subclasses and parametrized modules are not converted), "
+                        f"got {type(module).__name__}")
     backends.backend_name(extras.get("backend"))
     new = cls.__new__(cls)
     new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, list, set)) else v

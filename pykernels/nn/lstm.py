@@ -33,7 +33,8 @@ class LSTMCell(torch.nn.LSTMCell):
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if input.dim() not in (1, 2):
             raise ArgumentValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        if hx is not None and hx[0].dim() != input.dim():
+        if isinstance(hx, (tuple, list)) and len(hx) == 2 and isinstance(hx[0], Tensor) and hx[0].dim() != input.dim():
+            # (any other malformed hx is named by the functional's checks, as torch's TypeError)
             raise ArgumentValueError(f"LSTMCell: Expected hx[0] to be {input.dim()}D, got {hx[0].dim()}D instead")
         return _lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
                           backend=self.backend)

@@ -75,7 +75,7 @@ def num_splits(N: int, V: int, device: torch.device, tile_cols: int, block_rows:
     """At least 8 splits (x blocks shared by the blocks in flight), and enough blocks to fill the GPU ~8 times
     over (a small tail wave); bounded by the number of tiles."""
     tiles = -(-V // tile_cols)
-    return max(1, min(tiles, max(8, -(-8 * _num_sms(device) // -(-N // block_rows)))))
+    return max(1, min(tiles, max(8, -(-8 * _num_sms(device) // max(1, -(-N // block_rows))))))
 
 
 def rows_contiguous(t: Tensor) -> Tensor:

@@ -110,7 +110,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         outs.append(o.transpose(0, 1))
         lses.append(lse)
     pad = q.shape[0] - cq[-1]
-    outs.append(q.new_zeros(pad, q.shape[1], v.shape[-1]))
+    # zeros still attached to q, k and v (a zero gradient, as the kernels'), also when no sequence ran: padding
+    # rows as q's rows widened from 0 columns to Ev by F.pad, and no rows of k and v
+    H, Ev = q.shape[1], v.shape[-1]
+    outs.append(torch.nn.functional.pad(q[cq[-1]:, :, :0], (0, Ev)))
+    outs += [torch.nn.functional.pad(t[:0, :1, :0], (0, Ev)).expand(0, H, Ev) for t in (k, v)]
     lses.append(torch.full((q.shape[1], pad), float("-inf"), device=q.device,
                            dtype=lses[0].dtype if lses else torch.float32))
     return torch.cat(outs, 0), torch.cat(lses, 1)

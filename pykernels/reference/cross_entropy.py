@@ -47,14 +47,14 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         nll = -torch.gather(logp, cd, y.unsqueeze(cd)).squeeze(cd)
         wy = torch.ones_like(nll) if weight is None else weight.to(acc)[y]
         wy = torch.where(valid, wy, torch.zeros_like(wy))
-        rows = wy * nll
+        rows = torch.where(valid, wy * nll, 0.0)  # an ignored row adds 0 even when its logits are NaN or all -inf
         if eps > 0:
             smooth = -(logp if w is None else logp * w).sum(cd)
             rows = (1 - eps) * rows + (eps / C) * torch.where(valid, smooth, torch.zeros_like(smooth))
         counted = valid.to(acc)
         denom = wy.sum()
     if z_loss:
-        rows = rows + z_loss * lse.square() * counted
+        rows = rows + torch.where(counted > 0, z_loss * lse.square(), 0.0)
     if reduction == "none":
         loss = rows
     elif reduction == "sum":
@@ -66,8 +66,13 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         loss = torch.where(empty, float("nan"), rows.sum() / torch.where(empty, 1.0, denom))
     else:
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    # probabilities promote as torch's -sum(t * log_softmax(x)): float32 ones give bf16 logits a float32 loss
-    wide = torch.promote_types(input.dtype, target.dtype) if target.dtype.is_floating_point else input.dtype
+    # probabilities promote as torch's -sum(w * t * log_softmax(x)): float32 ones (or float32 class weights) give
+    # bf16 logits a float32 loss
+    wide = input.dtype
+    if target.dtype.is_floating_point:
+        wide = torch.promote_types(wide, target.dtype)
+        if weight is not None:
+            wide = torch.promote_types(wide, weight.dtype)
     return loss.to(wide), lse
 
 

@@ -190,6 +190,8 @@ def lstm_cell_fwd(input: torch.Tensor, hx: torch.Tensor, cx: torch.Tensor, w_ih:
     if B and H:
         BM, BH, BK, warps = _cell_config(input.dtype, H)
         has_b = b_ih is not None
+        if has_b:  # the kernel reads the biases at stride 1 (4H elements: a copy only for a strided view)
+            b_ih, b_hh = b_ih.contiguous(), b_hh.contiguous()
         wrap(_cell_fwd_kernel)[(triton.cdiv(B, BM), triton.cdiv(H, BH))](
             input, hx, cx, w_ih, w_hh, b_ih if has_b else ws, b_hh if has_b else ws, hy, cy, ws, B, I, H,
             input.stride(0), input.stride(1), hx.stride(0), hx.stride(1), cx.stride(0), cx.stride(1),
