@@ -449,6 +449,10 @@ def test_module_cell_drop_in_and_errors():
         pc(torch.randn(1, 2, 3))
     with pytest.raises(TypeError, match="hx must be a tuple"):  # torch's TypeError, not a misleading "hx[0] 1D"
         pc(x, torch.zeros(4, 5))
+    assert repr(pc) == repr(tc)  # the backend shows when one is asked for, as the other modules'
+    assert repr(pykernels.nn.LSTMCell(3, 5, backend="reference")) == "LSTMCell(3, 5, backend='reference')"
+    assert repr(pykernels.nn.LSTM(3, 5, batch_first=True, backend="reference")) == \
+        "LSTM(3, 5, batch_first=True, backend='reference')"
     pm = pykernels.nn.LSTM(3, 5)
     with pytest.raises(ValueError, match="2D or 3D"):
         pm(torch.randn(3))

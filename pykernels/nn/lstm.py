@@ -39,6 +39,9 @@ class LSTMCell(torch.nn.LSTMCell):
         return _lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
                           backend=self.backend)
 
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", backend={self.backend!r}" if self.backend else "")
+
     @classmethod
     def from_torch(cls, module: torch.nn.LSTMCell, *, backend: Optional[str] = None) -> "LSTMCell":
         """The same cell as a pykernels one, sharing its Parameter objects (optimizers keep working)."""
@@ -112,6 +115,9 @@ class LSTM(torch.nn.LSTM):
             output = output.squeeze(batch_dim)
             hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
         return output, self.permute_hidden(hidden, unsorted_indices)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", backend={self.backend!r}" if self.backend else "")
 
     @classmethod
     def from_torch(cls, module: torch.nn.LSTM, *, backend: Optional[str] = None) -> "LSTM":
