@@ -17,7 +17,7 @@ import torch
 
 from . import SUITES, load_suite
 from .environment import environment
-from .harness import Provider, add_speedups, derive, run_suite
+from .harness import Provider, add_speedups, check_shape_values, derive, run_suite
 from .report import Progress, print_table, regressions, write_csv, write_json, write_plots
 from .timing import ceilings
 
@@ -54,9 +54,14 @@ def _check_shape(suite, name: str, shape: dict) -> None:
         raise ValueError(f"suite {name} takes {','.join(required)}" + (f"[,{','.join(optional)}]" if optional else "")
                          + (f"; missing {','.join(missing)}" if missing else "")
                          + (f"; unknown {','.join(unknown)}" if unknown else ""))
-    bad = [f"{k}={shape[k]}" for k in required if shape[k] <= 0]
-    if bad:
-        raise ValueError(f"sizes must be positive, got {', '.join(bad)}")
+    check_shape_values(shape, sizes=required)
+
+
+def suite_cases(suite, name: str, device: torch.device, dtype: torch.dtype, quick: bool, shape: Optional[dict]):
+    """The suite's cases for --shape (checked) or its preset; ValueError naming what is wrong with the shape."""
+    if shape is not None:
+        _check_shape(suite, name, shape)
+    return suite.cases(device, dtype, quick, shape=shape)
 
 
 def _device(p: argparse.ArgumentParser, text: str) -> torch.device:
@@ -176,12 +181,10 @@ def main(argv=None) -> int:
         shape = _shape(a.shape) if a.shape else None
         for name in a.suite:
             suite = load_suite(name)
-            if shape is not None:
-                _check_shape(suite, name, shape)
             if a.preset is not None:  # a named grid: each of its shapes as if passed by --shape
                 cases = [c for s in suite.NAMED_PRESETS[a.preset] for c in suite.cases(device, dtype, a.quick, s)]
             else:
-                cases = suite.cases(device, dtype, a.quick, shape=shape)
+                cases = suite_cases(suite, name, device, dtype, a.quick, shape)
             plan.append((suite, suite.providers(device, dtype), cases, list(suite.MODES)))
     except ValueError as e:
         p.error(f"--shape {a.shape}: {e}" if a.shape else str(e))
@@ -192,6 +195,18 @@ def main(argv=None) -> int:
     modes_here = {m for _, _, _, ms in plan for m in ms}
     _check_names(p, "--modes", modes, modes_here, {m for n in SUITES for m in load_suite(n).MODES} if modes
                  else modes_here, device)
+    plan = [(suite, select(provs, backends, baselines), cases, [m for m in ms if modes is None or m in modes])
+            for suite, provs, cases, ms in plan]
+    if not any(provs and cases and ms for _, provs, cases, ms in plan):  # the filters left nothing: no empty run
+        names = ", ".join(s.NAME for s, _, _, _ in plan)
+        if not any(ms for _, _, _, ms in plan):
+            p.error(f"--modes {a.modes}: nothing to run, {names} "
+                    f"{'has' if len(plan) == 1 else 'have'} only {', '.join(sorted(modes_here))}")
+        if not any(provs for _, provs, _, _ in plan):
+            given = " ".join(f"{f} {v!r}" for f, v in (("--backends", a.backends), ("--baselines", a.baselines))
+                             if v is not None)
+            p.error(f"{given}: nothing to run, no provider of {names} selected")
+        p.error(f"nothing to run: no suite of {names} has both a selected provider and a selected mode")
     old = None
     if a.compare:
         try:
@@ -208,7 +223,7 @@ def main(argv=None) -> int:
         why = "no CUDA GPU on this machine" if not torch.cuda.is_available() else "--device " + a.device
         print(f"CPU run ({why}): benchmarking the CPU providers only; GPU numbers come from a GPU machine.")
     env = environment(device)
-    ceil = ceilings(device, quick=a.quick)
+    ceil = ceilings(device, (dtype,), quick=a.quick)
     threads = f" | {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if device.type == "cpu" and load > 0.75 * (os.cpu_count() or 1):
@@ -218,8 +233,6 @@ def main(argv=None) -> int:
           f"commit {env['git_commit'][:10]} | {env['date_utc']}")
     print("measured ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceil.items() if isinstance(v, float)))
 
-    plan = [(suite, select(provs, backends, baselines), cases, [m for m in ms if modes is None or m in modes])
-            for suite, provs, cases, ms in plan]
     bar = Progress(sum(len(p) * len(c) * len(m) for _, p, c, m in plan))
     results = []
     try:

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .harness import BACKWARD_MODES, Case, Provider
+from .harness import BACKWARD_MODES, Case, Provider, check_shape_values
 from .providers import allow_recompiles, implemented, normalised_errors, peer, pykernels_providers, tolerance
 
 NAME = "attention"
@@ -181,6 +181,7 @@ def make_case(shape: Dict[str, int], dtype: torch.dtype, device: torch.device) -
     if set(shape) - keys:
         raise ValueError(f"attention shape {shape}: unknown {','.join(sorted(set(shape) - keys))}; dense "
                          f"B,H,L,E[,causal,Hkv] or varlen T,H,E[,causal,nseq]")
+    check_shape_values(shape, sizes=sorted(keys - {"causal"}), flags=("causal",))  # not 2 read as causal
     try:
         if "T" in shape:
             return VarlenCase(shape["T"], shape["H"], shape["E"], shape.get("causal", 0),

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import models
-from .harness import Case, Provider, WrongOutput
+from .harness import Case, Provider, WrongOutput, check_shape_values
 
 NAME = "e2e"
 MODES = ("train",)
@@ -150,6 +150,7 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool,
         known = {"B", "T", "steps"} | {f.name for w in workloads for f in dataclasses.fields(w.cfg)} - {"seq"}
         if set(shape) - known:
             raise ValueError(f"e2e: --shape keys must be among {sorted(known)}, got {sorted(set(shape) - known)}")
+        check_shape_values(shape, sizes=sorted(known))  # every key is a size (steps=0 left an empty loss curve)
         workloads = [_override(w, shape) for w in workloads]
     return [TrainingCase(w, dtype, device) for w in workloads]
 

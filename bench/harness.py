@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .timing import peak_extra_memory, time_interleaved, time_ms, time_ms_graph
+from .timing import MATMUL_KEYS, peak_extra_memory, time_interleaved, time_ms, time_ms_graph
 
 # modes whose step runs the backward; "fwd" runs under torch.no_grad(); "bwd" times the backward alone: the
 # forward runs once, untimed, and each timed step goes back through its retained graph (as FlashAttention's and
@@ -126,6 +126,17 @@ class ReferenceFailed:
     """Stands for the reference of a case that could not be computed here (e.g. the e2e suite's torch run of
     an LSTM under CPU fp16 autocast, which oneDNN rejects): every provider of the case is reported ``error``."""
     message: str
+
+
+def check_shape_values(shape: Dict[str, int], sizes: Sequence[str] = (), flags: Sequence[str] = ()) -> None:
+    """ValueError unless those of ``sizes`` in ``shape`` are positive and those of ``flags`` 0 or 1: the value
+    check of --shape, for bench/__main__'s SHAPE_KEYS and the suites that check their own keys (attention, e2e)."""
+    bad = [f"{k}={shape[k]}" for k in sizes if k in shape and shape[k] <= 0]
+    if bad:
+        raise ValueError(f"sizes must be positive, got {', '.join(bad)}")
+    bad = [f"{k}={shape[k]}" for k in flags if k in shape and shape[k] not in (0, 1)]
+    if bad:
+        raise ValueError(f"flags must be 0 or 1, got {', '.join(bad)}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -265,7 +276,8 @@ def run_suite(suite, device: torch.device, dtype: torch.dtype, quick: bool, prov
 
 
 def derive(results: List[Result], ceilings: dict) -> None:
-    """GB/s, TFLOP/s and tokens/s from each case's byte/FLOP/token counts, % of the measured ceilings."""
+    """GB/s, TFLOP/s and tokens/s from each case's byte/FLOP/token counts, % of the measured ceilings (the matmul
+    rate in the result's dtype; none where that dtype's was not measured)."""
     for r in results:
         if not r.ms_p50:
             continue
@@ -277,8 +289,9 @@ def derive(results: List[Result], ceilings: dict) -> None:
                 r.pct_of_copy_bw = 100 * r.gbps / ceilings["copy_gbps"]
         if r.flops:
             r.tflops = r.flops / r.ms_p50 / 1e9
-            if ceilings.get("matmul_bf16_tflops"):
-                r.pct_of_matmul = 100 * r.tflops / ceilings["matmul_bf16_tflops"]
+            ceiling = ceilings.get(MATMUL_KEYS.get(r.dtype, ""))  # the matmul rate in the result's own dtype
+            if ceiling:
+                r.pct_of_matmul = 100 * r.tflops / ceiling
 
 
 def add_speedups(results: List[Result], baselines: Sequence[str]) -> None:

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from . import SUITES, load_suite
-from .__main__ import _shape
+from .__main__ import DTYPES, _check_names, _device, _names, _shape, suite_cases
 from .harness import ReferenceFailed
 from .timing import peak_extra_memory
 
@@ -27,24 +27,32 @@ def main(argv=None):
     p.add_argument("--shape", help="one shape instead of the quick preset, as for python -m bench")
     p.add_argument("--providers", required=True, help="provider names as the benchmark prints them")
     p.add_argument("--modes", default=None, help="default: every mode of the suite")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--ncu", action="store_true", help="one more step inside cudaProfilerStart/Stop")
     p.add_argument("--rows", type=int, default=12)
     p.add_argument("--device", default="cuda", help="cpu: the same view of CPU ops (a smoke test of this script)")
     a = p.parse_args(argv)
-    device = torch.device(a.device)
+    # python -m bench's checks (an argparse error, not a traceback from deep in the run or a step of a mode the
+    # suite does not have)
+    device = _device(p, a.device)
     cuda = device.type == "cuda"
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
+    dtype = DTYPES[a.dtype]
     suite = load_suite(a.suite)
+    modes = _names(a.modes)
+    _check_names(p, "--modes", modes, set(suite.MODES), set(suite.MODES), device)
+    try:
+        cases = suite_cases(suite, a.suite, device, dtype, True, _shape(a.shape) if a.shape else None)
+    except ValueError as e:
+        p.error(f"--shape {a.shape}: {e}")
     wanted = a.providers.split(",")
     provs = {pr.name: pr for pr in suite.providers(device, dtype) if pr.name in wanted}
     missing = [n for n in wanted if n not in provs]
     if missing:
         raise SystemExit(f"unknown providers for {a.suite}: {missing}")
-    modes = a.modes.split(",") if a.modes else list(suite.MODES)
-    for case in suite.cases(device, dtype, True, shape=_shape(a.shape) if a.shape else None):
+    modes = modes or list(suite.MODES)
+    for case in cases:
         args0, diff = case.inputs()
         ref = case.reference(args0)
         if isinstance(ref, ReferenceFailed):

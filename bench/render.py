@@ -89,7 +89,8 @@ def render_file(path: Path) -> str:
                 f"triton {env.get('triton')}, CUDA {env.get('cuda')}, driver {env.get('driver', DASH)}, commit "
                 f"`{env.get('git_commit', 'unknown')[:10]}`{' + uncommitted changes' if env.get('git_dirty') else ''}; "
                 f"measured ceilings: copy {_rate(ceil.get('copy_gbps'))} GB/s"
-                + (f", bf16 matmul {_rate(ceil['matmul_bf16_tflops'])} TFLOP/s" if "matmul_bf16_tflops" in ceil else "")
+                + "".join(f", {m.group(1)} matmul {_rate(v)} TFLOP/s" for k, v in ceil.items()
+                          for m in [re.fullmatch(r"matmul_(\w+)_tflops", k)] if m)  # per dtype; old files bf16 only
                 + f" (`{_name(path)}`)")
         rows = [[cell(r) for _, cell in COLUMNS] for r in rs if r["status"] != "absent"]
         lines = [head, ""] + _table([h for h, _ in COLUMNS], rows, always=5)

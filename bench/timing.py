@@ -1,15 +1,16 @@
 """Timing, peak memory and the device's measured ceilings.
 
-CUDA: triton.testing.do_bench (CUDA events per call, L2 flushed before each, median with p20/p80; its default
-return mode is the mean, hence the explicit quantiles); for launch-bound cases also do_bench_cudagraph, the same
-step replayed from a CUDA graph (the host's launch cost removed). CPU: torch.utils.benchmark's blocked_autorange
-with the process's thread count, the one the JSON records (median and IQR; p20/p80 over its blocks); the providers
-of a case are timed interleaved (time_interleaved), as a CPU's speed drifts between runs: the 2-core build VM
-switched between two speeds 19% apart at random moments, so whichever provider ran in the slow stretch looked
-slower.
+CUDA: triton.testing.do_bench (CUDA events per call, L2 flushed before each), its raw samples (return_mode="all")
+pooled until there are at least MIN_CUDA_SAMPLES, then median with p20/p80 of them; for launch-bound cases also
+do_bench_cudagraph, the same step replayed from a CUDA graph (the host's launch cost removed). CPU:
+torch.utils.benchmark's blocked_autorange with the process's thread count, the one the JSON records (median and IQR;
+p20/p80 over its blocks); the providers of a case are timed interleaved (time_interleaved), as a CPU's speed drifts
+between runs: the 2-core build VM switched between two speeds 19% apart at random moments, so whichever provider ran
+in the slow stretch looked slower.
 """
 from __future__ import annotations
 
+import statistics
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -34,17 +35,47 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none: Option
             quick: bool = False) -> Tuple[float, float, float, Optional[float]]:
     """(median, p20, p80, IQR or None) in milliseconds."""
     if device.type == "cuda":
-        import triton.testing
-        q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
-                                    grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
-        return float(q[0]), float(q[1]), float(q[2]), None
+        q = _quantiles_ms(cuda_samples_ms(fn, grad_to_none, quick))
+        return q[0], q[1], q[2], None
     return time_interleaved([fn], [grad_to_none], quick=quick)[0]
 
 
-def _cpu_stats(times_s: Sequence[float]) -> Tuple[float, float, float, float]:
-    ts = torch.tensor(list(times_s), dtype=torch.float64) * 1e3
+# do_bench's warmup and rep are time budgets in ms (it times n_repeat = max(1, int(rep / estimate)) calls): with
+# rep alone, a 31 ms step got ONE timed call in --quick and three in a full run (p20 = p50 = p80 in the H200 file
+# of 2026-12-04). So at least this many timed calls, more where the budget fits more.
+MIN_CUDA_SAMPLES = {True: 10, False: 25}  # keyed by quick
+
+
+def cuda_samples_ms(fn: Callable[[], object], grad_to_none: Optional[Sequence[torch.Tensor]] = None,
+                    quick: bool = False) -> list:
+    """Per-call times (ms) of ``fn`` from triton.testing.do_bench (same signature in Triton 3.6 and 3.8): one call
+    with the usual budget, then, for a step too long to fit MIN_CUDA_SAMPLES in it, further calls whose rep is
+    sized from the samples so far for the missing ones (20% spare: do_bench sizes n_repeat by its own estimate,
+    which includes its L2 flush). The time spent is then about max(rep, MIN_CUDA_SAMPLES * step) plus do_bench's
+    few untimed estimate and warm-up calls per round."""
+    import triton.testing
+    need = MIN_CUDA_SAMPLES[quick]
+    warmup, rep = (10, 40) if quick else (25, 100)
+    times: list = []
+    for _ in range(4):  # one round normally, two for a long step; bounded whatever the estimates do
+        times += [float(t) for t in triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
+                                                            return_mode="all")]
+        missing = need - len(times)
+        if missing <= 0:
+            break
+        warmup, rep = 0, 1.2 * missing * statistics.median(times)  # warm already (do_bench still runs one call)
+    return times
+
+
+def _quantiles_ms(times_ms: Sequence[float]) -> Tuple[float, float, float, float]:
+    """(median, p20, p80, IQR) of real samples, linear interpolation between them as triton's quantiles."""
+    ts = torch.tensor(list(times_ms), dtype=torch.float64)
     q = torch.quantile(ts, torch.tensor([0.5, 0.2, 0.8, 0.25, 0.75], dtype=torch.float64)).tolist()
     return q[0], q[1], q[2], q[4] - q[3]
+
+
+def _cpu_stats(times_s: Sequence[float]) -> Tuple[float, float, float, float]:
+    return _quantiles_ms([t * 1e3 for t in times_s])
 
 
 def time_interleaved(fns: Sequence[Callable[[], object]], grads_to_none: Sequence[Optional[Sequence[torch.Tensor]]],
@@ -102,8 +133,15 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> Optiona
     return int(torch.cuda.max_memory_allocated(device) - base)
 
 
-def ceilings(device: torch.device, quick: bool = False) -> dict:
-    """Measured roofs of this device, so results read as % of what it can actually do (not spec sheets)."""
+# ceilings' key of the matmul rate in each dtype, by the dtype's name as a Result records it (harness.dtype_name)
+MATMUL_KEYS = {"bfloat16": "matmul_bf16_tflops", "float16": "matmul_fp16_tflops", "float32": "matmul_fp32_tflops"}
+
+
+def ceilings(device: torch.device, dtypes: Sequence[torch.dtype] = (), quick: bool = False) -> dict:
+    """Measured roofs of this device, so results read as % of what it can actually do (not spec sheets): copy
+    bandwidth, and the matmul rate in each of ``dtypes`` (the run's: an fp32 result read against the bf16
+    tensor-core rate, ~13x the fp32 one on an H100, looked 13x worse than it was). fp32 at torch's current float32
+    matmul precision ("highest" unless set: no TF32)."""
     if device.type == "cuda":
         a = torch.randn(1 << 28, device=device)  # 1 GiB of fp32: far beyond L2, so HBM is what gets measured
         b = torch.empty_like(a)
@@ -112,15 +150,22 @@ def ceilings(device: torch.device, quick: bool = False) -> dict:
                "copy_buffer_bytes": a.numel() * a.element_size()}
         del a, b
         k = 8192
-        x = torch.randn(k, k, device=device, dtype=torch.bfloat16)
-        y = torch.randn(k, k, device=device, dtype=torch.bfloat16)
-        ms = time_ms(lambda: x @ y, device, quick=quick)[0]
-        out["matmul_bf16_tflops"] = 2 * k ** 3 / ms / 1e9
+    else:
+        a = torch.randn(1 << 25)  # 128 MiB: beyond any CPU cache
+        b = torch.empty_like(a)
+        ms = time_ms(lambda: b.copy_(a), device, quick=True)[0]
+        out = {"copy_gbps": 2 * a.numel() * a.element_size() / ms / 1e6, "copy_buffer_bytes": a.numel() * 4}
+        del a, b
+        # short: torch's CPU matmul without native bf16/fp16 instructions ran 256^3 in ~60 ms on the AVX2 VM
+        # (0.5 GFLOP/s; fp32 ~30 GFLOP/s a thread, about its peak already at 256)
+        k = 256
+    for dtype in dict.fromkeys(dtypes):
+        x = torch.randn(k, k, device=device, dtype=dtype)
+        y = torch.randn(k, k, device=device, dtype=dtype)
+        ms = time_ms(lambda: x @ y, device, quick=quick or device.type != "cuda")[0]
+        out[MATMUL_KEYS[str(dtype).replace("torch.", "")]] = 2 * k ** 3 / ms / 1e9
         out["matmul_shape"] = [k, k, k]
         del x, y
+    if device.type == "cuda":
         torch.cuda.empty_cache()
-        return out
-    a = torch.randn(1 << 25)  # 128 MiB: beyond any CPU cache
-    b = torch.empty_like(a)
-    ms = time_ms(lambda: b.copy_(a), device, quick=True)[0]
-    return {"copy_gbps": 2 * a.numel() * a.element_size() / ms / 1e6, "copy_buffer_bytes": a.numel() * 4}
+    return out

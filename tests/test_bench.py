@@ -81,7 +81,7 @@ def test_quick_run_json_schema_and_compare(tmp_path, capsys):
     assert path.with_suffix(".csv").exists()
     d = json.loads(path.read_text())
     assert {"date_utc", "git_commit", "python", "torch", "triton", "cuda", "cudnn", "device_name"} <= set(d["env"])
-    assert d["ceilings"]["copy_gbps"] > 0
+    assert d["ceilings"]["copy_gbps"] > 0 and d["ceilings"]["matmul_fp32_tflops"] > 0  # the run's dtype
     rs = d["results"]
     assert {(r["provider"], r["mode"]) for r in rs} == {(p, m) for p in ("pykernels-cpu", "torch")
                                                        for m in ("fwd+bwd", "fwd")}
@@ -141,6 +141,56 @@ def test_tables_and_outputs(tmp_path):
     assert "Dev X" in md and "2026-01-02" in md and md.count("| V=") == 4
 
 
+def test_pct_of_matmul_is_of_the_matmul_rate_in_the_results_dtype(tmp_path):
+    """An fp32 result is not rated against the bf16 tensor-core rate (~13x fp32's on an H100); a dtype whose rate
+    was not measured gets no %; old files (matmul_bf16_tflops only) render as before."""
+    def res(dtype):
+        return harness.Result("lstm", "c", "p", "fwd", dtype, {"T": 1, "B": 1, "I": 1, "H": 1}, ms_p50=1.0,
+                              flops=60e9)  # 60 TFLOP/s
+    rs = [res("float32"), res("bfloat16"), res("float16")]
+    harness.derive(rs, {"matmul_bf16_tflops": 800.0, "matmul_fp32_tflops": 60.0})
+    assert [r.pct_of_matmul for r in rs] == [pytest.approx(100.0), pytest.approx(7.5), None]
+    env = {"date_utc": "2026-01-02T00:00:00", "device_name": "Dev X"}
+    report.write_json(tmp_path / "old.json", env, {"copy_gbps": 1.0, "matmul_bf16_tflops": 800.0}, rs[1:2])
+    report.write_json(tmp_path / "new.json", env, {"copy_gbps": 1.0, "matmul_fp32_tflops": 60.0}, rs[:1])
+    md = render.render(tmp_path)
+    assert "bf16 matmul 800 TFLOP/s (`" in md and "fp32 matmul 60.0 TFLOP/s (`" in md
+
+
+@pytest.mark.parametrize("step_ms", [0.01, 31.26, 64.2])
+@pytest.mark.parametrize("quick", [True, False])
+def test_cuda_timer_takes_a_minimum_of_samples(monkeypatch, step_ms, quick):
+    """do_bench's rep is a time budget: alone it timed a 31 ms step once in --quick (p20 = p50 = p80). A stand-in
+    with do_bench's sample-count rule, called as the installed Triton's do_bench is, gets asked for enough calls;
+    the quantiles are those of the samples it returned."""
+    import inspect
+
+    import triton.testing
+    from bench import timing
+    real = inspect.signature(triton.testing.do_bench)
+    calls, samples = [], []
+
+    def fake(fn, *args, **kwargs):
+        bound = real.bind(fn, *args, **kwargs)  # a keyword this Triton lacks raises here
+        bound.apply_defaults()
+        a = bound.arguments
+        assert a["quantiles"] is None and a["return_mode"] == "all"
+        n = max(1, int(a["rep"] / step_ms))  # triton 3.6 / 3.8: n_repeat = max(1, int(rep / estimate_ms))
+        calls.append(n)
+        times = [step_ms * (1 + 0.01 * ((len(samples) + i) % 7)) for i in range(n)]
+        samples.extend(times)
+        return times
+    monkeypatch.setattr(triton.testing, "do_bench", fake)
+    p50, p20, p80, _ = timing.time_ms(lambda: None, torch.device("cuda"), quick=quick)
+    need = timing.MIN_CUDA_SAMPLES[quick]
+    assert len(samples) >= need and len(calls) <= 2, calls
+    if step_ms > 1:
+        assert len(samples) <= 1.5 * need  # the extra time is what the minimum needs, not more
+        assert p20 < p50 < p80
+    q = torch.quantile(torch.tensor(samples, dtype=torch.float64), torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    assert (p50, p20, p80) == pytest.approx(q.tolist())
+
+
 def test_committed_results_render():
     text = render.render()
     for f in render.RESULTS.glob("*.json"):
@@ -194,6 +244,23 @@ def test_profile_prints_each_providers_kernels(capsys):
     assert "pykernels::cross_entropy_fwd" in out.split("pykernels-cpu: normalised error")[1], out
     with pytest.raises(SystemExit, match="unknown providers"):
         profile.main(["--suite", "cross_entropy", "--device", "cpu", "--providers", "nope"])
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--device", "cpu", "--shape", "N=8"], "takes N,V; missing V"),
+    (["--device", "cpu", "--shape", "N=8,V=0"], "sizes must be positive"),
+    (["--device", "cpu", "--modes", "bwd"], "--modes: unknown bwd"),  # cross_entropy has no backward-alone mode
+    (["--device", "tpu"], "expected 'cpu' or 'cuda[:N]'"),
+])
+def test_profile_checks_its_arguments_as_the_benchmark_does(args, says, capsys):
+    """bench.profile reuses python -m bench's checks: an argparse error naming the argument, not a KeyError
+    traceback or a step profiled under a mode the suite does not have."""
+    from bench import profile
+    with pytest.raises(SystemExit) as e:
+        profile.main(["--suite", "cross_entropy", "--providers", "torch", "--dtype", "fp32"] + args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err, err
 
 
 def test_attention_flop_model_and_varlen_batches():
@@ -387,6 +454,14 @@ def test_cpu_timing_runs_with_the_process_thread_count():
     (["--suite", "cross_entropy", "--baselines", "torhc"], "--baselines: unknown torhc"),
     (["--suite", "cross_entropy", "--modes", "fwd,back"], "--modes: unknown back"),
     (["--suite", "cross_entropy", "--compare", "/nonexistent/old.json"], "--compare"),
+    # attention and e2e build their cases themselves: the same value checks as the SHAPE_KEYS suites
+    (["--suite", "attention", "--shape", "B=0,H=1,L=8,E=8"], "sizes must be positive, got B=0"),
+    (["--suite", "attention", "--shape", "T=8,H=1,E=-8"], "sizes must be positive, got E=-8"),
+    (["--suite", "attention", "--shape", "B=1,H=1,L=8,E=8,causal=2"], "flags must be 0 or 1, got causal=2"),
+    (["--suite", "e2e", "--shape", "steps=0"], "sizes must be positive, got steps=0"),
+    # filters that leave nothing to time: an error, not an empty results file
+    (["--suite", "cross_entropy", "--modes", "bwd"], "--modes bwd: nothing to run, cross_entropy has only"),
+    (["--suite", "cross_entropy", "--backends", "", "--baselines", ""], "nothing to run, no provider of"),
 ])
 def test_bad_arguments_fail_before_any_timing(args, says, capsys, tmp_path, monkeypatch):
     """A typo is an argparse error up front, not a traceback or a silently empty run after the timing."""

@@ -85,6 +85,8 @@ def test_shape_override_and_bad_arguments():
     assert hf.w.cfg.vocab == 300 and not hasattr(gpt.w.cfg, "vocab")
     with pytest.raises(ValueError, match="--shape keys must be among"):
         e2e.cases(CPU, torch.float32, True, {"width": 3})
+    with pytest.raises(ValueError, match="sizes must be positive, got steps=0"):  # an empty loss curve
+        e2e.cases(CPU, torch.float32, True, {"steps": 0})
     with pytest.raises(ValueError, match="dtype must be one of"):
         e2e.cases(CPU, torch.float64, True)
 
