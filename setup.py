@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import glob
+import importlib.util
 import json
 import os
 import platform
@@ -60,17 +61,22 @@ def _gencode(archs: list[str]) -> list[str]:
     return flags
 
 
+def _load_cpuinfo():
+    """pykernels/_cpuinfo.py, by its path: importing the package would import what is being built."""
+    path = os.path.join(ROOT, "pykernels", "_cpuinfo.py")
+    spec = importlib.util.spec_from_file_location("_pykernels_cpuinfo", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _cpu_capability() -> str:
     """AVX2 when the build machine has it (at::vec then uses 256-bit vectors instead of its scalar fallback).
-    _ext refuses to load an AVX2 build on a CPU without AVX2 rather than die of an illegal instruction."""
+    _ext refuses to load an AVX2 build on a CPU without AVX2 (the same check) rather than die of an illegal
+    instruction."""
     if os.environ.get("PYKERNELS_CPU_CAPABILITY"):
         return os.environ["PYKERNELS_CPU_CAPABILITY"]
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return "default"
-    return "avx2" if (" avx2" in flags and " fma" in flags and platform.machine() == "x86_64") else "default"
+    return "avx2" if _load_cpuinfo().has_avx2() else "default"
 
 
 def _cpu_capability_flags() -> list[str]:
@@ -110,7 +116,10 @@ EXTENSION, WITH_CUDA = _extension()
 
 
 class BuildExt(cpp_extension.BuildExtension):
-    """Writes pykernels/_build_info.json next to the library: what _C was built for, read at import time."""
+    """Writes pykernels/_build_info.json next to the library: what _C was built for, read at import time. The library
+    goes to build_lib (the wheel's tree), and with inplace also to the checkout: `setup.py build_ext --inplace`,
+    `setup.py develop`, and `pip install -e .`, whose editable_wheel sets build_ext's editable_mode, which turns
+    inplace on (setuptools >= 64). A checkout's record must describe the checkout's library, never a wheel's."""
 
     def run(self):
         super().run()
@@ -126,7 +135,10 @@ class BuildExt(cpp_extension.BuildExtension):
             "nvcc_flags": EXTENSION.extra_compile_args.get("nvcc"),
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        for target in {os.path.join(ROOT, "pykernels"), os.path.join(self.build_lib, "pykernels")}:
+        targets = {os.path.join(self.build_lib, "pykernels")}
+        if self.inplace:
+            targets.add(os.path.join(ROOT, "pykernels"))
+        for target in targets:
             if os.path.isdir(target):
                 with open(os.path.join(target, "_build_info.json"), "w") as f:
                     json.dump(info, f, indent=1)

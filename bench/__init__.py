@@ -1,4 +1,4 @@
-"""pykernels benchmark harness: `python -m bench` / `pykernels-bench`.
+"""pykernels benchmark harness: `python -m bench`, run from a checkout (or an unpacked sdist); not installed.
 
 Suites register here by module name and are imported only when run: a module with NAME, MODES, providers() and
 cases() (see bench/cross_entropy.py; what they share is in bench/providers.py)."""

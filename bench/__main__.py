@@ -1,4 +1,4 @@
-"""`python -m bench` / `pykernels-bench`: every suite, every provider, side by side in one run.
+"""`python -m bench`: every suite, every provider, side by side in one run.
 
 Each provider is checked against a float32 reference on the benchmark inputs before it is timed; the run writes
 JSON (the record), CSV and PNG plots under --out and prints a table with GB/s (TFLOP/s) and % of the ceilings
@@ -113,7 +113,7 @@ def select(providers: List[Provider], backends: Optional[List[str]], baselines: 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pykernels-bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", nargs="+", default=list(SUITES), choices=list(SUITES),
                    help="default: every registered suite")

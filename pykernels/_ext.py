@@ -6,6 +6,7 @@ Triton and reference backends keep working.
 """
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import platform
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from . import _cpuinfo
 
 _BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
 
@@ -25,11 +28,10 @@ def _torch_base(version: str) -> str:
     return version.split("+")[0]
 
 
-def _cpu_has_avx2() -> bool:
-    try:
-        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "AVX512_BF16", "AMX")
-    except Exception:
-        return False
+def _libraries(this_python_only: bool = False) -> list:
+    """The _C library files next to this module: any, or only those this interpreter would import."""
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES if this_python_only else ("*.so", "*.pyd")
+    return [p for s in suffixes for p in _BUILD_INFO_PATH.parent.glob("_C" + s)]
 
 
 def _load() -> None:
@@ -48,7 +50,7 @@ def _load() -> None:
             load_error = f"damaged {_BUILD_INFO_PATH.name} (not a JSON object); {rebuild}"
             return
         build_info = info
-    elif list(_BUILD_INFO_PATH.parent.glob("_C*.so")) + list(_BUILD_INFO_PATH.parent.glob("_C*.pyd")):
+    elif _libraries():
         load_error = f"pykernels._C has no {_BUILD_INFO_PATH.name} (its build record: torch version, arches); {rebuild}"
         return
     else:
@@ -64,8 +66,13 @@ def _load() -> None:
         load_error = (f"pykernels._C was built for torch {built_for} but torch {torch.__version__} is running; "
                       "rebuild with `pip install --no-build-isolation -e .`")
         return
-    if build_info.get("cpu_capability") == "avx2" and not _cpu_has_avx2():
+    if build_info.get("cpu_capability") == "avx2" and not _cpuinfo.has_avx2():
         load_error = "pykernels._C was built with AVX2 but this CPU lacks it; rebuild here"
+        return
+    if not _libraries(this_python_only=True):
+        # Else `from . import _C` fails with Python's "partially initialized module (circular import)" text.
+        load_error = (f"pykernels._C is not built: {_BUILD_INFO_PATH.name} is there but no _C library for this "
+                      f"Python (_C{importlib.machinery.EXTENSION_SUFFIXES[0]}); {rebuild}")
         return
     try:
         from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)

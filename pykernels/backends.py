@@ -91,6 +91,9 @@ def interpreted_dot_reason(backend: str, dtype: torch.dtype, device: torch.devic
 _GPU_NODES = ("/dev/nvidia*", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
 _triton_unregistered: Optional[str] = None  # why triton_kernel_modules skipped the ops at import (None: it did not)
 _registration_seen = False
+# Kernel modules that failed to import although triton itself imports (a triton too old or broken for them), with
+# the error: the triton backend is then unavailable, and available_backends() must say so.
+_triton_import_errors: Dict[str, str] = {}
 
 
 def triton_kernel_modules(*names: str) -> tuple:
@@ -113,10 +116,19 @@ def triton_kernel_modules(*names: str) -> tuple:
             if first:  # the ops modules' calls at `import pykernels` (the same environment for all), not later ones
                 _triton_unregistered = why
             return None, why
-    try:
-        return [importlib.import_module(f"pykernels.triton.{n}") for n in names], None
-    except Exception as e:  # no triton, or a triton too old for the kernels
-        return None, f"{type(e).__name__}: {e}"
+    mods = []
+    for name in names:
+        module = f"pykernels.triton.{name}"
+        try:
+            mods.append(importlib.import_module(module))
+        except Exception as e:  # no triton, or a triton too old for the kernels
+            why = f"{type(e).__name__}: {e}"
+            if _triton_reason() is None:  # without triton at all, _triton_reason says so, and that is no surprise
+                if not _triton_import_errors:
+                    logger.warning("%s failed to import, so the triton backend is unavailable: %s", module, why)
+                _triton_import_errors[module] = why
+            return None, why
+    return mods, None
 
 
 def _device_reason(backend: str, device: torch.device) -> Optional[str]:
@@ -137,6 +149,12 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     reason = _triton_reason()
     if reason:
         return reason
+    if _triton_import_errors:
+        by_error: Dict[str, list] = {}
+        for module, why in _triton_import_errors.items():
+            by_error.setdefault(why, []).append(module)
+        return "pykernels' Triton kernels failed to import: " + "; ".join(
+            f"{', '.join(modules)}: {why}" for why, modules in by_error.items())
     if device.type == "cuda":
         if _triton_unregistered:
             return _triton_unregistered

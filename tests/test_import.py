@@ -84,8 +84,35 @@ def test_triton_kernel_modules_registers_wherever_a_call_could_run(monkeypatch, 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs them on CPU tensors: register
     mods, why = backends.triton_kernel_modules("cross_entropy")
     assert why is None and mods[0].__name__ == "pykernels.triton.cross_entropy"
+    monkeypatch.setattr(backends, "_triton_import_errors", {})  # what the failure below records, then restored
     mods, why = backends.triton_kernel_modules("no_such_kernels")
     assert mods is None and why.startswith("ModuleNotFoundError")
+    # triton imports but a kernel module does not: the backend is unusable, and available_backends() says why
+    assert backends._triton_import_errors == {"pykernels.triton.no_such_kernels": why}
+    reason = backends.available_backends("cpu")["triton"]
+    assert reason and "pykernels.triton.no_such_kernels" in reason and why in reason, reason
+
+
+def test_triton_kernels_that_fail_to_import_make_the_backend_unavailable(tmp_path):
+    """A triton that imports but cannot load pykernels' kernel modules (here a stand-in without triton.language):
+    available_backends() said triton was usable while every backend='triton' call raised. Said once at WARNING."""
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text('__version__ = "3.8.0"\n')
+    script = f"""
+import logging, sys
+sys.path[:0] = [{str(tmp_path)!r}, {ROOT!r}]
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(message)s")
+import pykernels
+print("TRITON", pykernels.available_backends("cpu")["triton"])
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (reason,) = [line for line in p.stdout.splitlines() if line.startswith("TRITON ")]
+    assert "failed to import" in reason and "No module named 'triton.language'" in reason, reason
+    assert "pykernels.triton.cross_entropy" in reason and "pykernels.triton.lstm" in reason, reason
+    warnings = [line for line in p.stdout.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "triton backend is unavailable" in warnings[0], p.stdout
 
 
 def test_dropout_mask_names_why_without_the_triton_ops(monkeypatch):
@@ -120,10 +147,39 @@ def _load_error_of_a_copy(tmp_path, info, so: bool) -> str:
     ("{", True, "unreadable"),
     (json.dumps({"torch_version": torch.__version__, "python": "2.7.18"}), True, "built for Python 2.7.18"),
     (json.dumps({"torch_version": "1.0.0", "python": sys.version.split()[0]}), True, "built for torch 1.0.0"),
+    # the record without its library (deleted, half copied): said plainly, not Python's "circular import" text
+    (json.dumps({"torch_version": torch.__version__, "python": sys.version.split()[0]}), False,
+     "is not built: _build_info.json is there but no _C library"),
 ])
 def test_a_missing_or_mismatched_extension_is_named(tmp_path, info, so, says):
     why = _load_error_of_a_copy(tmp_path, info, so)
     assert says in why and ("rebuild" in why or "pip install" in why), why
+
+
+def test_an_avx2_build_loads_on_an_avx2_cpu_whatever_aten_cpu_capability_says():
+    """ATEN_CPU_CAPABILITY=default lowers the level torch dispatches its own kernels at, not the hardware: _ext asked
+    torch.backends.cpu.get_cpu_capability(), which follows it, and refused the AVX2 build ("this CPU lacks it")."""
+    from pykernels import _cpuinfo, _ext
+    if not (_ext.loaded() and _ext.build_info.get("cpu_capability") == "avx2" and _cpuinfo.has_avx2()):
+        pytest.skip("needs the extension built for AVX2, loaded on an AVX2 CPU")
+    script = (f"import sys; sys.path.insert(0, {ROOT!r}); import pykernels; "
+              "print(pykernels.available_backends('cpu')['cpu'])")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    env.pop("PYKERNELS_DISABLE_EXTENSION", None)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "None", p.stdout
+
+
+def test_avx2_check_without_torchs_query_reads_the_cpu_flags(monkeypatch):
+    from pykernels import _cpuinfo
+    monkeypatch.setattr(_cpuinfo.platform, "machine", lambda: "x86_64")
+    monkeypatch.delattr(torch.cpu, "_is_avx2_supported", raising=False)  # a torch without it
+    for flags, has in (({"sse4_2", "avx2", "fma"}, True), ({"avx2"}, False), ({"avx", "fma"}, False), (set(), False)):
+        monkeypatch.setattr(_cpuinfo, "_proc_cpuinfo_flags", lambda flags=flags: flags)
+        assert _cpuinfo.has_avx2() is has, flags
+    monkeypatch.setattr(_cpuinfo.platform, "machine", lambda: "aarch64")
+    assert _cpuinfo.has_avx2() is False
 
 
 def test_without_any_kernel_automatic_calls_run_torchs_ops():

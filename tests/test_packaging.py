@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT
 
 SKIP = shutil.ignore_patterns(".git", "build", "dist", "*.so", "__pycache__", "*.egg-info", ".hypothesis",
-                              ".benchmarks", ".pytest_cache", "results", "out", "_build_info.json")
+                              ".benchmarks", ".pytest_cache", "out", "_build_info.json")
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
 
 
@@ -33,6 +33,7 @@ def sdist(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sdist")
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=SKIP)
+    (src / "pykernels" / "_build_info.json").write_text("{}")  # a checkout after an in-place build has one
     _run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp / "dist")], cwd=src)
     (path,) = (tmp / "dist").glob("pykernels-*.tar.gz")
     return path
@@ -63,6 +64,74 @@ def test_sdist_holds_every_csrc_file_and_include(sdist):
         assert f in names, f"sdist lacks {f}"
 
 
+def test_sdist_holds_the_measurements_cited_and_no_build_record(sdist):
+    """README.md and backends.py cite bench/results/ files as their evidence, and tests/ (shipped) read them: the sdist
+    held tests/ but not bench/results/. A _build_info.json would describe a library the sdist does not ship."""
+    names = _members(sdist)
+    cited = set()
+    for f in ("README.md", "pykernels/backends.py"):
+        with open(os.path.join(ROOT, f)) as fh:
+            cited |= set(re.findall(r"bench/results/[\w./-]+\.(?:jsonl?|png)", fh.read()))
+    assert len(cited) > 10, cited
+    missing = sorted(c for c in cited if c not in names)
+    assert not missing, f"sdist lacks {len(missing)} cited measurements, e.g. {missing[:3]}"
+    assert {"bench/__main__.py", "bench/render.py", "bench/gpu_check.sh"} <= set(names)
+    assert not any(n.startswith("bench/out/") for n in names)
+    assert "pykernels/_build_info.json" not in names
+
+
+def test_installs_pykernels_alone(sdist):
+    """The benchmark harness runs from a checkout or the unpacked sdist (it reads README.md, docs/, bench/results/):
+    the wheel installed it as a top-level package named plain `bench`, with a `pykernels-bench` script, both broken
+    outside the checkout."""
+    with tarfile.open(sdist) as tar:
+        info = {m.name.rsplit("/", 1)[-1]: m for m in tar.getmembers() if "/pykernels.egg-info/" in m.name}
+        assert tar.extractfile(info["top_level.txt"]).read().decode().split() == ["pykernels"]
+        assert "entry_points.txt" not in info or b"bench" not in tar.extractfile(info["entry_points.txt"]).read()
+
+
+def test_test_extra_installs_the_plugins_of_the_readme_test_command():
+    """README's test command (CI's) passes --benchmark-disable, an option of pytest-benchmark: `.[test]` must install
+    it, or pytest stops at "unrecognized arguments" on a fresh machine."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    with open(os.path.join(ROOT, "README.md")) as f:
+        m = re.search(r'pip install --no-build-isolation -e "\.\[([a-z,]+)\]" && TRITON_INTERPRET=1 python -m pytest '
+                      r"([^\n`]*)", f.read())
+    assert m, "README's test command not found"
+    reqs = [r for extra in m.group(1).split(",") for r in project["optional-dependencies"][extra]]
+    reqs += project["dependencies"]
+    if "--benchmark-disable" in m.group(2):
+        assert any(re.match(r"pytest[-_]benchmark\b", r) for r in reqs), reqs
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        assert '-e ".[test]"' in f.read()
+
+
+def test_build_record_is_written_only_where_the_library_is(tmp_path):
+    """build_ext writes _build_info.json next to _C. A build into build_lib (`pip wheel .`, `pip install .`, `python -m
+    build`) wrote it into the checkout too, where it then described another build's library, or none. `pip install
+    -e .` (setuptools' build_editable) must still write it into the checkout, where the package imports it from.
+    A copy of the tree whose csrc/ holds one trivial source: seconds, not a build of _C."""
+    src = tmp_path / "src"
+    (src / "csrc").mkdir(parents=True)
+    for f in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy(os.path.join(ROOT, f), src)
+    shutil.copytree(os.path.join(ROOT, "pykernels"), src / "pykernels", ignore=SKIP)
+    (src / "csrc" / "tiny.cpp").write_text("int pykernels_tiny() { return 1; }\n")
+    env = dict(os.environ, PYKERNELS_SKIP_CUDA_BUILD="1", MAX_JOBS="1")
+    lib = tmp_path / "build_lib"
+    _run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(lib), "--build-temp",
+          str(tmp_path / "build_temp")], cwd=src, env=env)
+    assert list((lib / "pykernels").glob("_C*.so")) and (lib / "pykernels" / "_build_info.json").exists()
+    assert not list((src / "pykernels").glob("_C*"))
+    assert not (src / "pykernels" / "_build_info.json").exists(), "a build into build_lib wrote into the checkout"
+    # pip install --no-build-isolation -e . calls this hook of the build backend
+    hook = f"from setuptools import build_meta; build_meta.build_editable({str(tmp_path / 'editable')!r})"
+    _run([sys.executable, "-c", hook], cwd=src, env=env)
+    assert list((src / "pykernels").glob("_C*.so")) and (src / "pykernels" / "_build_info.json").exists()
+
+
 @pytest.mark.slow
 def test_wheel_built_from_sdist_imports_and_runs(sdist, tmp_path):
     """`pip wheel <sdist>` (CPU kernels only: ~90 s on 2 cores) gives a wheel whose _C loads against this torch and
@@ -75,6 +144,7 @@ def test_wheel_built_from_sdist_imports_and_runs(sdist, tmp_path):
     with zipfile.ZipFile(whl) as z:
         names = z.namelist()
         assert "pykernels/_build_info.json" in names and any(n.startswith("pykernels/_C") for n in names), names
+        assert not any(n.startswith("bench/") for n in names), "the wheel installs the benchmark harness"
         z.extractall(site)
     script = (
         "import json, torch, pykernels\n"
