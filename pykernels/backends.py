@@ -32,8 +32,15 @@ BACKENDS = ("triton", "cuda", "cpu", "reference")
 
 logger = logging.getLogger("pykernels")
 
-# op name -> (backend that ran, {backend skipped: why}); the last call of each op, for users and tests.
+# op name -> (backend that ran, {backend skipped: why}); the last eager call of each op, for users and tests.
 last_dispatch: Dict[str, tuple] = {}
+
+
+def _record(op: str, entry: tuple) -> None:
+    """last_dispatch[op] = entry, outside torch.compile only: a traced write happens once, at trace time (not per
+    call), and Dynamo guarded the first graph on the dict being empty, so that graph compiled twice."""
+    if not torch.compiler.is_compiling():
+        last_dispatch[op] = entry
 
 # A plain list rather than a ContextVar: torch.compile (dynamo) traces through reads of module globals.
 _preferred: list = []
@@ -388,13 +395,13 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
             _no_kernel_warned = True
             logger.warning("%s: automatic calls run torch's own ops where torch can express them, else the "
                            "reference", why)
-        last_dispatch[op] = ("torch", {"cpu": why})
+        _record(op, ("torch", {"cpu": why}))
         return why
     if torch.jit.is_tracing():
         # torch.jit.trace's check re-traces under no_grad, where the sized rules may pick the other kernel ("graphs
         # differed"); torch's op traces the same in every mode and the traced graph loads without pykernels
         why = "torch.jit.trace: torch's own op (the same graph in every grad mode)"
-        last_dispatch[op] = ("torch", {"triton" if device.type == "cuda" else "cpu": why})
+        _record(op, ("torch", {"triton" if device.type == "cuda" else "cpu": why}))
         return why
     if (size is not None and device.type == "cpu" and dtype in OURS_WITHOUT_ONEDNN.get(op, {})
             and dtype not in _native.ONEDNN_DTYPES):  # an unknown size takes torch's kernel, as in _sized
@@ -414,7 +421,7 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     if why is not None:
         if not torch.compiler.is_compiling():
             logger.debug("%s: ran torch's own kernel: %s", op, why)
-        last_dispatch[op] = ("torch", {"triton" if device.type == "cuda" else "cpu": why})
+        _record(op, ("torch", {"triton" if device.type == "cuda" else "cpu": why}))
     return why
 
 
@@ -452,7 +459,7 @@ def choose(op: str, device: torch.device, backend: Optional[str],
         why = reason(_check_name(backend))
         if why:
             raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run this call: {why}")
-        last_dispatch[op] = (backend, {})
+        _record(op, (backend, {}))
         return backend
 
     preferred = (_preferred[-1] if _preferred else None) or None
@@ -469,7 +476,7 @@ def choose(op: str, device: torch.device, backend: Optional[str],
         if why is None:
             if skipped and not torch.compiler.is_compiling():
                 logger.debug("%s: ran on %r; skipped %s", op, b, skipped)
-            last_dispatch[op] = (b, skipped)
+            _record(op, (b, skipped))
             return b
         skipped[b] = why
     raise BackendUnavailableError(f"{op}: no backend can run this call: {skipped}")  # reference never refuses

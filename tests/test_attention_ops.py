@@ -121,6 +121,20 @@ def test_compile_fullgraph_parity(backend, device):
         assert max_abs_err(a, b) <= 1e-5
 
 
+def test_compile_dynamic_shapes_traces_the_argument_checks():
+    """dynamic=True traces the float defaults (softcap) as SymFloats: math.isfinite on one failed the trace, on
+    every backend, torch's SDPA included."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    cc = CompileCounterWithBackend("eager")
+    f = torch.compile(pykernels.functional.scaled_dot_product_attention, fullgraph=True, dynamic=True, backend=cc)
+    for L in (5, 7, 9):
+        q, k, v = (torch.randn(2, 3, L, 8) for _ in range(3))
+        torch.testing.assert_close(f(q, k, v, is_causal=True), torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True))
+    assert cc.frame_count == 1
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_dropout_matches_oracle_with_the_kernels_mask(backend, device, causal):

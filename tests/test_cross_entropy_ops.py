@@ -118,6 +118,26 @@ def test_compile_fullgraph_parity(backend, device):
     assert max_abs_err(le, lc) <= 1e-5 and max_abs_err(xe.grad, xc.grad) <= 1e-6
 
 
+def test_first_compiled_call_compiles_once():
+    """The dispatch record is written by eager calls only: written while tracing, the first graph of a process was
+    guarded on the record being empty and compiled again on the next, identical, call."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from pykernels import backends
+    saved = dict(backends.last_dispatch)
+    backends.last_dispatch.clear()
+    try:
+        torch._dynamo.reset()
+        cc = CompileCounterWithBackend("eager")
+        g = torch.compile(lambda x, t: pykernels.functional.cross_entropy(x, t, backend="reference"), fullgraph=True,
+                          backend=cc)
+        x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+        for _ in range(3):
+            g(x, t)
+        assert cc.frame_count == 1
+    finally:
+        backends.last_dispatch.update(saved)
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_second_backward_through_fused_path_fails_loudly(backend, device):
     require_backend(backend, device)

@@ -211,6 +211,9 @@ def test_opcheck_layer(backend, device):
             r(4 * H, H, grad=True), r(4 * H, grad=True), r(4 * H, grad=True)]
     for reverse in (False, True):
         torch.library.opcheck(torch.ops.pykernels.lstm_layer.default, (*args, reverse, backend), test_utils=utils)
+    # T = 0: the op's own branch (its input projection raised on reshape(0, -1) while the fake gave shapes)
+    empty = [r(0, B, I, grad=True)] + args[1:]
+    torch.library.opcheck(torch.ops.pykernels.lstm_layer.default, (*empty, False, backend), test_utils=utils)
     if backend in ("cpu", "cuda"):
         fwd, bwd = ops.LAYER[backend]
         xp, w, h0, c0 = r(T, B, 4 * H), r(4 * H, H), r(B, H), r(B, H)

@@ -53,7 +53,7 @@ def _check_common(fn: str, tensors: Sequence[Tuple[str, object]], dropout_p, sca
             raise ArgumentTypeError(f"{fn}: {name} must be a bool, got {type(flag).__name__}")
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise ArgumentTypeError(f"{fn}: softcap must be a float (0: off), got {type(softcap).__name__}")
-    if not (softcap >= 0.0 and math.isfinite(softcap)):
+    if not (softcap >= 0.0 and softcap != float("inf")):  # (not math.isfinite: dynamic=True traces a SymFloat)
         raise ArgumentValueError(f"{fn}: softcap must be finite and >= 0 (0: off), got {softcap}")
     if causal_alignment not in _ALIGNMENTS:
         raise ArgumentValueError(f"{fn}: causal_alignment must be 'top_left' or 'bottom_right', got "

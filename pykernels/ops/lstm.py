@@ -260,7 +260,7 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Opti
     """x (T, B, I) -> (T, B, 4H) in acc_dtype: x W_ih^T + b_ih + b_hh as one GEMM over all T*B rows."""
     T, B, _ = x.shape
     acc = acc_dtype(x.dtype)
-    x2 = x.reshape(T * B, -1)
+    x2 = x.reshape(T * B, x.shape[-1])  # (not -1: T * B may be 0)
     if gemm_dtype(x) != x.dtype:  # CPU 16-bit without fast GEMMs in it: fp32 GEMM on copies
         x2, w_ih = x2.to(acc), w_ih.to(acc)
         b_ih, b_hh = (None, None) if b_ih is None else (b_ih.to(acc), b_hh.to(acc))
@@ -270,7 +270,7 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Opti
         xp = torch.addmm(b_ih + b_hh, x2, w_ih.t())
     else:  # 16-bit: the GEMM's result rounded to its dtype, the biases added in fp32 (as before the fold)
         xp = (x2 @ w_ih.t()).to(acc) + (b_ih.to(acc) + b_hh.to(acc))
-    return xp.reshape(T, B, -1)
+    return xp.reshape(T, B, xp.shape[-1])
 
 
 def _lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
@@ -327,12 +327,12 @@ def _layer_backward(ctx, g_out, g_hn, g_cn, g_ws):
     n = ctx.needs_input_grad
     H4 = dg.shape[-1]
     dg2 = dg.reshape(T * B, H4)
-    dx, dwih = _weight_grads(dg2, x.reshape(T * B, -1), w_ih, n[0], n[3])
+    dx, dwih = _weight_grads(dg2, x.reshape(T * B, x.shape[-1]), w_ih, n[0], n[3])
     dwhh = None
     if n[4]:
         # h_{t-1} of every step in the order of dg: forward reads out[t-1] (h0 at t = 0), reverse out[t+1]
         hprev = torch.cat([h0[None], out[:-1]]) if not reverse else torch.cat([out[1:], h0[None]])
-        _, dwhh = _weight_grads(dg2, hprev.reshape(T * B, -1), w_hh, False, True)
+        _, dwhh = _weight_grads(dg2, hprev.reshape(T * B, hprev.shape[-1]), w_hh, False, True)
     db = dg2.sum(0).to(w_ih.dtype) if has_bias and (n[5] or n[6]) else None
     return (dx.reshape(x.shape) if dx is not None else None, dh0.to(h0.dtype) if n[1] else None,
             dc0.to(c0.dtype) if n[2] else None, dwih, dwhh, db if n[5] else None, db if n[6] else None, None, None)
