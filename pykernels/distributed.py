@@ -57,15 +57,14 @@ class _VocabParallelLCE(torch.autograd.Function):
     def backward(ctx, g_loss, g_lse):
         input, linear_weight, linear_bias, target, weight, w_local, m, log_s, denom = ctx.saved_tensors
         ignore_index, reduction, label_smoothing, z_loss, softcap, group, vocab_start, vocab_size, backend = ctx.args
-        _, bwd = _lce.KERNELS[backend]
         acc = _lce.acc_dtype(input.dtype)
         g = _lce.upstream_rows(g_loss, denom, reduction, input.shape[0], acc)
         valid, _, w_y, wsum = _lce.row_terms(target, weight, ignore_index, vocab_size, acc)
         cp, cy, cw = _lce.row_coefficients(g, m + log_s, valid, w_y, wsum, vocab_size, label_smoothing, z_loss)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = linear_bias is not None and ctx.needs_input_grad[2]
-        gx, gw, gb = bwd(input, linear_weight, linear_bias, target, w_local, m, log_s, cp, cy, cw, vocab_start, softcap,
-                         label_smoothing > 0, need_x, need_w, need_b)
+        gx, gw, gb = _lce.split_backward(input, linear_weight, linear_bias, target, w_local, m, log_s, cp, cy, cw,
+                                         vocab_start, softcap, label_smoothing > 0, need_x, need_w, need_b, backend)
         if need_x:
             gx = gx.contiguous()
             dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=group)  # fp32: the sum over shards, then one rounding

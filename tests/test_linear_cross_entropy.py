@@ -454,10 +454,9 @@ def test_opcheck(backend, device):
     require_backend(backend, device)
     # the cuda kernel ops take fp16/bf16 only (fp32 calls go to Triton in the functional layer, not in the op)
     dtype = {"reference": torch.float64, "cuda": torch.float16}.get(backend, torch.float32)
-    # The interpreter cannot run a triton_op's body on fake tensors (AOT tracing): the compiled-GPU tier does.
-    utils = (("test_schema", "test_autograd_registration", "test_faketensor") if (_split(backend)[0], device) ==
-             ("triton", "cpu") else ("test_schema", "test_autograd_registration", "test_faketensor",
-                                     "test_aot_dispatch_dynamic"))
+    # (AOT tracing sees the op and its backward, pykernels::linear_cross_entropy_backward, as opaque ops with fake
+    # implementations: no triton_op body runs on fake tensors, which the interpreter cannot do)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     name, fused = _split(backend)
     for red in (lce_ops.NONE, lce_ops.MEAN, lce_ops.SUM):
         for bias in (False, True):
@@ -536,6 +535,126 @@ def test_compile_fullgraph_parity(backend, device):
     assert max_abs_err(le, lc) <= 1e-5
     for a, c in zip(ge, gc):
         assert max_abs_err(a, c) <= 1e-5
+
+
+def _counting_aot_backend():
+    """(backend, seen): aot_eager that records each graph it compiles (seen["frames"]: Dynamo graphs that got
+    through AOT autograd, so a restart that specialises a float argument is not counted; seen["bw"]: the backward
+    graphs)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    seen = {"frames": 0, "bw": []}
+
+    def bw(gm, example_inputs):
+        seen["bw"].append(gm)
+        return make_boxed_func(gm.forward)
+
+    inner = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=bw)
+
+    def backend(gm, example_inputs):
+        out = inner(gm, example_inputs)
+        seen["frames"] += 1
+        return out
+    return backend, seen
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference"), BACKENDS[1],
+                                            BACKENDS[4], BACKENDS[2], BACKENDS[3]])
+def test_compile_dynamic_split_path_one_graph_for_all_shapes(backend, device, monkeypatch):
+    """The split path's backward (reduction none here; every GPU call) loops over vocabulary chunks in Python.
+    Traced into the autograd formula, that loop made V, and the chunk count N implies, guards: a recompile per
+    vocabulary size under torch.compile(dynamic=True), ConstraintViolationError with mark_dynamic on the vocabulary
+    dim. It is one op (pykernels::linear_cross_entropy_backward): one graph for every (N, V), with eager's numbers."""
+    require_backend(backend, device)
+    from pykernels.ops import linear_cross_entropy_launch as tk
+    monkeypatch.setattr(tk, "CHUNK_BYTES", 0)  # one chunk per chunk_align columns: several, N-independent
+    monkeypatch.setattr(ref, "_CHUNK", 24)
+    dtype = _one_dtype(backend)
+    name = _split(backend)[0]
+    # (N, H, V): 2 to 5 backward chunks on the CPU (64 columns; interpreted Triton: 16; reference: 24), 2 to 4
+    # on a GPU (256)
+    shapes = ([(5, 4, 70), (9, 6, 130), (3, 5, 150), (17, 4, 200)] if device == "cpu" else
+              [(40, 16, 300), (130, 32, 700), (7, 16, 520), (260, 16, 1000)])
+
+    def f(x, W, b, t, w):
+        if backend == "reference":  # (the functional's reference is torch's autograd: the op over these kernels)
+            return _op(x, W, b, t, w, -100, lce_ops.NONE, 0.1, 0.0, 3.0, backend)[0]
+        return linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction="none", label_smoothing=0.1,
+                                    softcap=3.0, backend=backend)
+
+    def case(N, H, V, seed):
+        torch.manual_seed(seed)
+        x, W, b, w, t = _make(N, H, V, dtype, device, True, True)
+        return [a.to(dtype) for a in (x, W, b)], t, w.to(lce_ops.acc_dtype(dtype)), torch.rand(N, device=device)
+
+    def run(fn, leaves, t, w, g):
+        leaves = [a.detach().clone().requires_grad_() for a in leaves]
+        out = fn(*leaves, t, w)
+        out.backward(g.to(out.dtype))
+        return [out.detach()] + [a.grad for a in leaves]
+
+    torch._dynamo.reset()
+    cb, seen = _counting_aot_backend()
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=cb)
+    for i, (N, H, V) in enumerate(shapes):
+        leaves, t, w, g = case(N, H, V, i)
+        # eager first: in a fresh process the first compiled call would write pykernels.last_dispatch, a guard
+        # of its own graph (a recompile that is not this test's subject)
+        want = run(f, leaves, t, w, g)
+        got = run(compiled, leaves, t, w, g)
+        assert backend == "reference" or pykernels.last_dispatch["linear_cross_entropy"][0] == name
+        for a, e in zip(got, want):  # the same kernels, the same chunks, the same row math
+            assert a.dtype == e.dtype and a.shape == e.shape
+            assert max_abs_err(a, e) <= (0.0 if device == "cpu" else 1e-3 * max(1.0, float(e.abs().max())))
+    assert seen["frames"] == 1, f"{seen['frames']} graphs compiled for {len(shapes)} shapes with dynamic=True"
+    assert len(seen["bw"]) == 1
+    calls = [n.target for n in seen["bw"][0].graph.nodes if n.op == "call_function"]
+    assert calls.count(torch.ops.pykernels.linear_cross_entropy_backward.default) == 1
+    assert not [c for c in calls if "dlogits" in str(c) or "bwd_triton" in str(c)]
+
+    # the vocabulary dim marked dynamic (as torch.export's Dim): compiles (it raised ConstraintViolationError)
+    torch._dynamo.reset()
+    cb, seen = _counting_aot_backend()
+    compiled = torch.compile(f, fullgraph=True, backend=cb)
+    for i, (N, H, V) in enumerate(shapes[:2]):
+        leaves, t, w, g = case(N, 8, V, 10 + i)
+        leaves = [a.detach().clone().requires_grad_() for a in leaves]
+        for a in (*leaves, t, w):
+            torch._dynamo.mark_dynamic(a, 0)
+        compiled(*leaves, t, w).backward(g.to(dtype))
+    assert seen["frames"] == 1
+
+
+def test_opcheck_split_backward_op():
+    """pykernels::linear_cross_entropy_backward (the split path's backward as one op) on the CPU backends: schema,
+    fake shapes/dtypes/strides against the real op (every combination of requested gradients, with and without a
+    bias or class weight), AOT dispatch with dynamic shapes."""
+    op = torch.ops.pykernels.linear_cross_entropy_backward.default
+    usable = pykernels.available_backends("cpu")
+    samples = [("reference", torch.float64)]
+    if usable["cpu"] is None:
+        samples += [("cpu", torch.float32), ("cpu", torch.bfloat16), ("cpu", torch.float64)]
+    if usable["triton"] is None:  # (interpreted)
+        samples += [("triton", torch.float32)]
+    for i, (name, dtype) in enumerate(samples):
+        torch.manual_seed(i)
+        for bias, weighted, grads in ((True, True, (True, True, True)), (False, True, (True, False, False)),
+                                      (True, False, (False, True, True)), (True, True, (True, True, False)),
+                                      (False, False, (False, False, True))):
+            x, W, b, t, w, *_ = _op_args("cpu", dtype, lce_ops.NONE, bias, weighted)
+            m, ls, *_ = lce_ops.KERNELS["reference"][0](x.double(), W.double(), None if b is None else b.double(),
+                                                         t, None if w is None else w.double(), 0, 2.0, True)
+            acc = lce_ops.acc_dtype(dtype)
+            c = [torch.rand(x.shape[0], dtype=acc) for _ in range(3)]
+            args = (x, W, b, t, w, m.to(acc), ls.to(acc), *c, 0, 2.0, True, *grads, name)
+            torch.library.opcheck(op, args)
+            gx, gw, gb = op(*args)
+            ex, ew, eb = lce_ops.KERNELS[name][1](*args[:-1])  # the op is the backend's kernel
+            for a, e in ((gx, ex), (gw, ew), (gb, eb)):
+                assert a.dtype == e.dtype and torch.equal(a, e)
+            assert gx.shape == ((6, 9) if grads[0] else (0,)) and gx.dtype == acc
+            assert gw.shape == ((21, 9) if grads[1] else (0,)) and gw.dtype == dtype
+            assert gb.shape == ((21,) if grads[2] and bias else (0,)) and gb.dtype == dtype
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS[:2] + BACKENDS[-2:])

@@ -12,8 +12,9 @@ Kernels, one (fwd, bwd) pair per backend in ``KERNELS``, all with the signatures
 
 ``pykernels::linear_cross_entropy`` turns a backend's per-row statistics into the loss (the reduction, the
 weighted-mean denominator, label smoothing, z-loss) and registers the autograd formula. Two paths:
-- split: the backward recomputes the logits tile by tile through the backend's ``bwd`` kernel; nothing of size
-  N x V is saved or allocated (four GEMMs in all);
+- split: the backward recomputes the logits tile by tile through the backend's ``bwd`` kernel (one op,
+  ``pykernels::linear_cross_entropy_backward``, when traced); nothing of size N x V is saved or allocated (four
+  GEMMs in all);
 - fused (``FUSED``: the cpu backend, float32/float64/bfloat16, reduction mean or sum): the forward's kernel also
   writes the gradients for an upstream gradient of 1, a block of rows at a time (three GEMMs, as torch's own),
   and the backward only scales them.
@@ -171,6 +172,50 @@ _register_cpp()
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The split path's backward as one op. The backends' ``bwd`` loops over vocabulary chunks in Python (the shared
+# launch logic: ``for c0 in range(0, V, chunk)``, chunk from N and V; the reference: chunks of 4096 columns). Traced
+# in the autograd formula, that loop would make V, and the number of chunks N implies, guards of the graph (a
+# recompile per vocabulary size under torch.compile(dynamic=True), ConstraintViolationError with a dynamic
+# vocabulary dim) and unroll one node group per chunk. Behind ``pykernels::linear_cross_entropy_backward`` a traced
+# graph holds one call whatever N and V; eager calls run the kernels directly (the same code, the same numbers).
+
+def _split_backward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
+                    weight: Optional[Tensor], m: Tensor, log_s: Tensor, coef_p: Tensor, coef_y: Tensor,
+                    coef_w: Tensor, vocab_start: int, softcap: float, smooth: bool, input_grad: bool,
+                    weight_grad: bool, bias_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """The ``bwd`` kernel of ``KERNELS[backend]`` (the kernel contract's arguments, then the backend's name):
+    (grad_input (N, H) in the accumulation dtype, grad_weight (V, H) in linear_weight's dtype, grad_bias (V,) in
+    linear_bias's dtype); an unrequested one (grad_bias also without a bias) is empty: (0,), of the accumulation
+    dtype for grad_input, of linear_weight's dtype for grad_weight, of input's for grad_bias."""
+    _, bwd = KERNELS[backend]
+    return bwd(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start,
+               softcap, smooth, input_grad, weight_grad, bias_grad)
+
+
+linear_cross_entropy_backward_op = torch.library.custom_op("pykernels::linear_cross_entropy_backward",
+                                                           mutates_args=())(_split_backward)
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start, softcap,
+      smooth, input_grad, weight_grad, bias_grad, backend):
+    N, H = input.shape
+    V = linear_weight.shape[0]
+    gx = input.new_empty((N, H) if input_grad else (0,), dtype=acc_dtype(input.dtype))
+    gw = linear_weight.new_empty((V, H) if weight_grad else (0,))
+    gb = linear_bias.new_empty((V,)) if bias_grad and linear_bias is not None else input.new_empty(0)
+    return gx, gw, gb
+
+
+def split_backward(*args) -> Tuple[Tensor, Tensor, Tensor]:
+    """``pykernels::linear_cross_entropy_backward`` (arguments as ``_split_backward``) when something traces the
+    call, else its body directly (no custom-op dispatch in eager backward passes)."""
+    if tracing(*(a for a in args if isinstance(a, Tensor))):
+        return linear_cross_entropy_backward_op(*args)
+    return _split_backward(*args)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Per-row math, shared with the vocab-parallel path. C is the number of classes of the whole vocabulary.
 
 def row_terms(target: Tensor, weight: Optional[Tensor], ignore_index: int, C: int, acc: torch.dtype
@@ -183,7 +228,9 @@ def row_terms(target: Tensor, weight: Optional[Tensor], ignore_index: int, C: in
     y = torch.where(valid & inrange, target, 0)
     if weight is None:
         w_y = valid.to(acc)
-        wsum = torch.full((), float(C), dtype=acc, device=target.device)
+        # (C itself, not float(C): a traced backward's C is the symbolic vocabulary size, which float() would
+        # specialise; the same rounding to acc)
+        wsum = torch.full((), C, dtype=acc, device=target.device)
     else:
         w_y = torch.where(valid, weight.to(acc)[y], 0.0)
         wsum = weight.to(acc).sum()
@@ -355,15 +402,14 @@ def _backward(ctx, g_loss, g_m, g_log_s, g_denom, g_gx, g_gw, g_gb):
         # saved tensor's version counter then makes a further pass through a retained graph raise, never read it.)
         return (*grads, *none)
     input, linear_weight, linear_bias, target, weight, m, log_s, denom = ctx.saved_tensors
-    _, bwd = KERNELS[backend]
     acc = acc_dtype(input.dtype)
     C = linear_weight.shape[0]
     g = upstream_rows(g_loss, denom, reduction, input.shape[0], acc)
     valid, _, w_y, wsum = row_terms(target, weight, ignore_index, C, acc)
     cp, cy, cw = row_coefficients(g, m + log_s, valid, w_y, wsum, C, label_smoothing, z_loss)
     need_b = linear_bias is not None and ctx.needs_input_grad[2]
-    gx, gw, gb = bwd(input, linear_weight, linear_bias, target, weight, m, log_s, cp, cy, cw, 0, softcap,
-                     label_smoothing > 0, need_x, need_w, need_b)
+    gx, gw, gb = split_backward(input, linear_weight, linear_bias, target, weight, m, log_s, cp, cy, cw, 0, softcap,
+                                label_smoothing > 0, need_x, need_w, need_b, backend)
     return (gx.to(input.dtype) if need_x else None), (gw if need_w else None), (gb if need_b else None), *none
 
 
