@@ -135,6 +135,152 @@ def test_compile_dynamic_shapes_traces_the_argument_checks():
     assert cc.frame_count == 1
 
 
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+def test_compile_fullgraph_varlen_reference_parity(alignment):
+    """varlen_attention on the reference (every CPU call) under torch.compile(fullgraph=True): the reference reads
+    cu_seqlens on the host and loops over the sequences, which Dynamo could not trace (GuardOnDataDependentSymNode);
+    traced calls now run it as the opaque op pykernels::attention(backend="reference"). Causal + GQA + a window +
+    padding rows past cu_seqlens[-1]; outputs, lse and q/k/v gradients equal eager's, and new offsets of the same
+    shape reuse the graph (the offsets are data, not guarded on)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    H, Hk, E, Ev = 4, 2, 8, 6
+    q, k, v = torch.randn(13, H, E), torch.randn(14, Hk, E), torch.randn(14, Hk, Ev)
+
+    def f(q, k, v, cq, ck):
+        return pykernels.functional.varlen_attention(q, k, v, cq, ck, 5, 5, is_causal=True, window=(2, -1),
+                                                     softcap=4.0, causal_alignment=alignment, return_lse=True)
+
+    cc = CompileCounterWithBackend("aot_eager")  # AOTAutograd traces the backward too; no C++ compiler needed
+    compiled = torch.compile(f, fullgraph=True, backend=cc)
+    for cq, ck in (([0, 3, 8, 11], [0, 4, 8, 12]), ([0, 5, 6, 10], [0, 2, 7, 11])):  # rows 10.. / 11.. padding
+        cq, ck = torch.tensor(cq, dtype=torch.int32), torch.tensor(ck, dtype=torch.int32)
+        xe = [t.clone().requires_grad_() for t in (q, k, v)]
+        xc = [t.clone().requires_grad_() for t in (q, k, v)]
+        oe, le = f(*xe, cq, ck)
+        oc, lc = compiled(*xc, cq, ck)
+        assert oc.shape == oe.shape and lc.shape == le.shape == (H, 13) and lc.dtype == torch.float32
+        assert max_abs_err(oe, oc) <= 1e-6 and max_abs_err(le, lc) <= 1e-6
+        assert bool((oc[int(cq[-1]):] == 0).all()) and bool(torch.isinf(lc[:, int(cq[-1]):]).all())
+        g = torch.randn_like(oe)
+        ge = torch.autograd.grad(oe, xe, g)
+        gc = torch.autograd.grad(oc, xc, g)
+        for name, a, b in zip(("dq", "dk", "dv"), ge, gc):
+            assert max_abs_err(a, b) <= 1e-5, name
+        assert bool((gc[0][int(cq[-1]):] == 0).all()) and bool((gc[1][int(ck[-1]):] == 0).all())
+    assert cc.frame_count == 1
+
+
+def test_reference_kernel_ops_dropout_masks_from_the_seed():
+    """The reference kernel ops (what a compiled reference call runs) draw their dropout keep-masks from the seed
+    tensor: the forward and the backward apply the same masks, equal to the eager reference given those masks."""
+    H, Hk, E = 2, 1, 8
+    q, k, v = torch.randn(9, H, E, dtype=torch.float64), torch.randn(11, Hk, E, dtype=torch.float64), \
+        torch.randn(11, Hk, E, dtype=torch.float64)
+    cq, ck = torch.tensor([0, 4, 8], dtype=torch.int32), torch.tensor([0, 6, 10], dtype=torch.int32)
+    seed, p = torch.tensor([987654321], dtype=torch.int64), 0.3
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, lse = attn_ops.attention_op(*_args(*x, causal=True, dropout_p=p, seed=seed, cu=(cq, ck), maxlen=(4, 6)),
+                                   "reference")
+    g = torch.randn_like(o)
+    grads = torch.autograd.grad(o, x, g)
+    masks = attn_ops._reference_keep(seed, p, [(H, 4, 6), (H, 4, 4)], q.device)
+    assert 0.5 < float(torch.cat([m.flatten() for m in masks]).double().mean()) < 0.9
+    xr = [t.clone().requires_grad_() for t in (q, k, v)]
+    ro, rl = ref.varlen_attention(*xr, cq, ck, masks, p, True, 1 / math.sqrt(E))
+    rgrads = torch.autograd.grad(ro, xr, g)
+    assert max_abs_err(o, ro) == 0 and max_abs_err(lse, rl) <= 1e-6 and lse.dtype == torch.float32
+    for a, b in zip(grads, rgrads):
+        assert max_abs_err(a, b) <= 1e-12
+    o2, _ = attn_ops.attention_op(*_args(q, k, v, causal=True, dropout_p=p, seed=seed, cu=(cq, ck), maxlen=(4, 6)),
+                                  "reference")
+    assert torch.equal(o, o2)  # the seed alone decides the masks
+
+
+@pytest.mark.parametrize("case", ["dense_float_mask", "dense_dead_row_dropout", "varlen"])
+def test_reference_kernel_ops_backward_matches_autograd(case):
+    """The reference bwd kernel op derives the gradients by hand (autograd records nothing below the autograd
+    dispatch keys, where an op's implementation runs): equal to autograd through the reference, in float64, with
+    GQA, softcap, causal + window, a float mask's summed gradient, dropout (the seed's masks), a row that sees no
+    key and varlen padding rows. A double backward of the eager op on this backend differentiates the same forward."""
+    d = dict(dtype=torch.float64)
+    seed, p = torch.tensor([4242], dtype=torch.int64), 0.25
+    H, Hk, E, Ev = 4, 2, 8, 5
+    if case == "varlen":
+        q, k, v = torch.randn(12, H, E, **d), torch.randn(13, Hk, E, **d), torch.randn(13, Hk, Ev, **d)
+        cq, ck = torch.tensor([0, 3, 3, 10], dtype=torch.int32), torch.tensor([0, 4, 6, 11], dtype=torch.int32)
+        leaves, bias = [q, k, v], None
+        args = _args(q, k, v, causal=True, window=(3, -1), softcap=2.5, dropout_p=p, seed=seed, cu=(cq, ck),
+                     maxlen=(7, 5), bottom_right=True)
+        masks = attn_ops._reference_keep(seed, p, [(H, 3, 4), (H, 0, 2), (H, 7, 5)], q.device)
+
+        def reference(q, k, v, bias):
+            return ref.varlen_attention(q, k, v, cq, ck, masks, p, True, 1 / math.sqrt(E), "bottom_right", (3, -1),
+                                        2.5)[0]
+    else:
+        L, S = 7, 9
+        q, k, v = torch.randn(2, H, L, E, **d), torch.randn(2, Hk, S, E, **d), torch.randn(2, Hk, S, Ev, **d)
+        if case == "dense_float_mask":
+            bias = torch.randn(L, S, **d)
+            kw = dict(causal=True, diag=S - L, window=(2, 1), softcap=3.0)
+            keep = None
+        else:
+            bias = torch.ones(L, S, dtype=torch.bool)
+            bias[4] = False  # query row 4 sees no key: zeros, no NaN
+            kw = dict(dropout_p=p, seed=seed)
+            keep, = attn_ops._reference_keep(seed, p, [(2, H, L, S)], q.device)
+        leaves = [q, k, v] + ([bias] if bias.dtype != torch.bool else [])
+        args = _args(q, k, v, bias=bias, **kw)
+
+        def reference(q, k, v, bias):
+            return ref.scaled_dot_product_attention(q, k, v, bias, keep, kw.get("dropout_p", 0.0),
+                                                    kw.get("causal", False), 1 / math.sqrt(E), True,
+                                                    "bottom_right" if kw.get("diag") else "top_left",
+                                                    kw.get("window", (-1, -1)), kw.get("softcap", 0.0))[0]
+    x = [t.clone().requires_grad_() for t in leaves]
+    xb = x[3] if len(x) > 3 else bias
+    o, _ = attn_ops.attention_op(*((x[0], x[1], x[2], xb) + args[4:]), "reference")
+    g = torch.randn_like(o)
+    grads = torch.autograd.grad(o, x, g)
+    xr = [t.clone().requires_grad_() for t in leaves]
+    ro = reference(xr[0], xr[1], xr[2], xr[3] if len(xr) > 3 else bias)
+    assert max_abs_err(o, ro) == 0
+    rgrads = torch.autograd.grad(ro, xr, g)
+    for a, b in zip(grads, rgrads):
+        assert a.shape == b.shape and max_abs_err(a, b) <= 1e-12
+        assert bool(torch.isfinite(a).all())
+    # double backward (eager EagerOp path): the reference forward again, the seed's masks included
+    x2 = [t.clone().requires_grad_() for t in leaves]
+    o2, _ = attn_ops.attention(*((x2[0], x2[1], x2[2], x2[3] if len(x2) > 3 else bias) + args[4:]), "reference")
+    gq, = torch.autograd.grad(o2, x2[0], g, create_graph=True)
+    hv = torch.autograd.grad(gq.square().sum(), x2[1])[0]
+    xr2 = [t.clone().requires_grad_() for t in leaves]
+    rq, = torch.autograd.grad(reference(xr2[0], xr2[1], xr2[2], xr2[3] if len(xr2) > 3 else bias), xr2[0], g,
+                              create_graph=True)
+    assert max_abs_err(hv, torch.autograd.grad(rq.square().sum(), xr2[1])[0]) <= 1e-10
+
+
+def test_opcheck_reference_kernel_ops():
+    fwd, bwd = attn_ops.REFERENCE_KERNELS
+    assert "reference" not in attn_ops.KERNELS  # KERNELS lists the backends with kernels
+    if "triton" in attn_ops.KERNELS:  # the kernel ops' schema (docs/attention.md)
+        for ours, theirs in zip((fwd, bwd), attn_ops.KERNELS["triton"]):
+            assert str(ours._schema).split("(", 1)[1] == str(theirs._schema).split("(", 1)[1]
+    for args in _samples("cpu", torch.float32):
+        torch.library.opcheck(fwd, args, test_utils=("test_schema", "test_faketensor"))
+        o, lse = fwd(*args)
+        bias = args[3]
+        torch.library.opcheck(bwd, (torch.randn_like(o),) + args[:3] + (o, lse) + args[3:] +
+                              (bias is not None and bias.dtype != torch.bool,),
+                              test_utils=("test_schema", "test_faketensor"))
+        q = args[0].detach().clone().requires_grad_()
+        if bias is not None and bias.dtype != torch.bool:
+            bias = bias.detach().clone().requires_grad_()
+        torch.library.opcheck(torch.ops.pykernels.attention.default, (q,) + args[1:3] + (bias,) + args[4:] +
+                              ("reference",), test_utils=("test_schema", "test_autograd_registration",
+                                                          "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_dropout_matches_oracle_with_the_kernels_mask(backend, device, causal):

@@ -348,7 +348,10 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if q.device.type == "meta":  # shapes only (the sequence boundaries are data a meta tensor does not hold)
         out = q.new_empty(q.shape[0], H, Ev)
         return (out, q.new_empty(H, q.shape[0], dtype=torch.float32)) if return_lse else out
-    if chosen == "reference":
+    # The reference's varlen code reads the offsets on the host and loops over the sequences: eager calls run it
+    # as plain PyTorch (full autograd), traced ones (torch.compile) as the opaque op pykernels::attention with
+    # backend "reference" below, whose dropout masks come from the seed (another random stream than eager's).
+    if chosen == "reference" and not torch.compiler.is_compiling():
         masks = None
         if dropout_p > 0:
             cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()

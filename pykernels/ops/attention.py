@@ -4,6 +4,8 @@ Kernel ops (contract in docs/attention.md), one pair per backend, the same schem
 - ``pykernels::attention_fwd`` / ``attention_bwd``: reserved for the C++/CUDA kernels (backend "cuda"); when
   the compiled extension registers them, their fakes are registered here and they join ``KERNELS``.
 - ``pykernels::attention_fwd_triton`` / ``attention_bwd_triton``: ``triton_op``s over pykernels/triton/attention.py.
+- ``pykernels::attention_fwd_reference`` / ``attention_bwd_reference``: the plain-PyTorch reference behind the same
+  contract (``REFERENCE_KERNELS``, not in ``KERNELS``), for traced reference calls (see below).
 
 ``pykernels::attention`` is the autograd-level op: the forward saves (q, k, v, bias, out, lse, seed), the backward
 recomputes the probabilities tile by tile from the lse (FlashAttention-2 style) and regenerates the dropout mask
@@ -69,6 +71,105 @@ _register_cpp()
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The reference as a pair of kernel ops (backend "reference"), for traced calls.
+#
+# An eager reference call runs pykernels/reference/attention.py directly (plain PyTorch: full autograd, double
+# backward, forward AD). Under torch.compile that code cannot be traced for varlen: it reads cu_seqlens on the host
+# and loops over the sequences (data-dependent: GuardOnDataDependentSymNode). These opaque ops run the same forward
+# with the kernels' contract (and its hand-derived backward), so a compiled varlen call on the reference goes
+# through pykernels::attention as a kernel call does. Kept out of KERNELS: that dict lists the backends with
+# kernels (the benchmarks and tests read it that way).
+
+def _reference_keep(seed: Optional[Tensor], dropout_p: float, shapes, device) -> list:
+    """Dropout keep-masks (True = keep) of the given shapes, drawn in order from a torch.Generator seeded with the
+    op's ``seed`` tensor: the forward and the backward draw the same masks. Not the stream of an eager reference
+    call (which draws from torch's global generator) nor the Triton / CUDA kernels' (Philox in the kernel)."""
+    if seed is None:
+        raise ValueError("pykernels::attention_fwd/bwd_reference: dropout_p > 0 needs a seed tensor")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed.reshape(-1)[0]) & ((1 << 64) - 1))
+    return [torch.rand(shape, generator=gen, device=device) >= dropout_p for shape in shapes]
+
+
+def _reference_call(q, k, v, bias, cu_q, cu_k, scale, is_causal, diag, bottom_right, win_left, win_right,
+                    softcap, dropout_p, seed, grad_out=None, bias_requires_grad=False):
+    """A kernel op's arguments run on the reference: its (out, lse), or with ``grad_out`` its hand-derived
+    gradients (dq, dk, dv, dbias or None)."""
+    window = (int(win_left), int(win_right))
+    masked = bool(is_causal) or window != (-1, -1)  # the diagonal matters only then
+    if cu_q is not None:
+        if masked and diag != 0:
+            raise NotImplementedError("the reference kernel ops take varlen calls with diag == 0 (per-sequence "
+                                      "alignment comes from bottom_right)")
+        alignment = "bottom_right" if bottom_right else "top_left"
+        masks = None
+        if dropout_p > 0:
+            cq, ck = cu_q.tolist(), cu_k.tolist()
+            masks = _reference_keep(seed, dropout_p, [(q.shape[1], cq[i + 1] - cq[i], ck[i + 1] - ck[i])
+                                                      for i in range(len(cq) - 1)], q.device)
+        if grad_out is None:
+            return _ref.varlen_attention(q, k, v, cu_q, cu_k, masks, dropout_p, is_causal, scale, alignment,
+                                         window, softcap)
+        return _ref.varlen_attention_backward(grad_out, q, k, v, cu_q, cu_k, masks, dropout_p, is_causal, scale,
+                                              alignment, window, softcap) + (None,)
+    L, S = q.shape[-2], k.shape[-2]
+    d = diag + (S - L if bottom_right else 0)
+    if d == 0 or not masked:
+        alignment = "top_left"
+    elif d == S - L:
+        alignment = "bottom_right"
+    else:
+        raise NotImplementedError(f"the reference kernel ops take a diagonal of 0 or S - L, got {d}")
+    keep = None
+    if dropout_p > 0:
+        keep, = _reference_keep(seed, dropout_p, [q.shape[:-1] + (S,)], q.device)
+    args = (q, k, v, bias, keep, dropout_p, is_causal, scale, k.shape[1] != q.shape[1], alignment, window, softcap)
+    if grad_out is None:
+        return _ref.scaled_dot_product_attention(*args)
+    return _ref.scaled_dot_product_attention_backward(grad_out, *args, mask_grad=bias_requires_grad)
+
+
+@torch.library.custom_op("pykernels::attention_fwd_reference", mutates_args=())
+def _attention_fwd_reference(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                             cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+                             max_seqlen_k: int, scale: float, is_causal: bool, diag: int, bottom_right: bool,
+                             win_left: int, win_right: int, softcap: float, dropout_p: float, seed: Optional[Tensor]
+                             ) -> Tuple[Tensor, Tensor]:
+    out, lse = _reference_call(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, scale, is_causal, diag, bottom_right,
+                               win_left, win_right, softcap, dropout_p, seed)
+    return out.contiguous(), lse.float().contiguous()  # the fakes' layout (lse fp32, also for float64 inputs)
+
+
+@torch.library.custom_op("pykernels::attention_bwd_reference", mutates_args=())
+def _attention_bwd_reference(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             bias: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                             max_seqlen_q: int, max_seqlen_k: int, scale: float, is_causal: bool, diag: int,
+                             bottom_right: bool, win_left: int, win_right: int, softcap: float, dropout_p: float,
+                             seed: Optional[Tensor], bias_requires_grad: bool
+                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The reference's backward derived by hand (an op's implementation runs below the autograd dispatch keys,
+    where torch.autograd records nothing; torch.func.vjp there breaks under a TorchDispatchMode), from the
+    forward recomputed with the same dropout masks (the seed's); out and lse are not read."""
+    want_dbias = bool(bias_requires_grad) and bias is not None and bias.dtype != torch.bool
+    dq, dk, dv, dbias = _reference_call(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, scale, is_causal, diag,
+                                        bottom_right, win_left, win_right, softcap, dropout_p, seed, grad_out,
+                                        want_dbias)
+    dq, dk, dv = (torch.empty_like(t).copy_(g) for t, g in ((q, dq), (k, dk), (v, dv)))  # the fake's layout
+    return dq, dk, dv, bias.new_empty(bias.shape).copy_(dbias) if want_dbias else q.new_empty(0)
+
+
+_attention_fwd_reference.register_fake(_fwd_fake)
+_attention_bwd_reference.register_fake(_bwd_fake)
+REFERENCE_KERNELS = (torch.ops.pykernels.attention_fwd_reference.default,
+                     torch.ops.pykernels.attention_bwd_reference.default)
+
+
+def kernel_ops(backend: str):
+    """(fwd, bwd) kernel ops of ``backend``: KERNELS', or the reference's."""
+    return REFERENCE_KERNELS if backend == "reference" else KERNELS[backend]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The autograd-level op.
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
@@ -78,8 +179,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], cu_seqle
     """Dense: q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), bias a bool (True = attend) or float (added)
     mask broadcastable to (B, H, L, S) or None -> (out (B, H, L, Ev), lse (B, H, L) fp32).
     Varlen (cu_seqlens_q/k int32 (nseq + 1,)): q (T, H, E), k/v (Tk, Hk, E|Ev) -> (out (T, H, Ev), lse (H, T))."""
-    return KERNELS[backend][0](q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                               is_causal, diag, bottom_right, win_left, win_right, softcap, dropout_p, seed)
+    return kernel_ops(backend)[0](q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                  is_causal, diag, bottom_right, win_left, win_right, softcap, dropout_p, seed)
 
 
 attention_op = torch.library.custom_op("pykernels::attention", mutates_args=())(_attention)
@@ -111,12 +212,15 @@ def _backward(ctx, g_o, g_lse):
     q, k, v, bias, cu_q, cu_k, o, lse, seed = ctx.saved_tensors
     max_q, max_k, scale, is_causal, diag, bottom_right, win_left, win_right, softcap, dropout_p, backend = ctx.args
     if _higher_order.create_graph(g_o):
-        if dropout_p > 0:
+        if dropout_p > 0 and backend != "reference":
             _higher_order.refuse("pykernels.attention", "its dropout mask is the kernel's own random stream",
                                  "Use dropout_p=0 or backend='reference' for higher-order gradients.")
         alignment = "bottom_right" if (bottom_right or diag != 0) else "top_left"
 
         def forward(q, k, v, bias, cu_q, cu_k):
+            if backend == "reference":  # the reference kernel ops' forward (their dropout masks: from the seed)
+                return (_reference_call(q, k, v, bias, cu_q, cu_k, scale, is_causal, diag, bottom_right,
+                                        win_left, win_right, softcap, dropout_p, seed)[0],)
             if cu_q is not None:
                 return (_ref.varlen_attention(q, k, v, cu_q, cu_k, None, 0.0, is_causal, scale, alignment,
                                               (win_left, win_right), softcap)[0],)
@@ -126,9 +230,9 @@ def _backward(ctx, g_o, g_lse):
         return _higher_order.reference_grads("pykernels.attention", forward, (q, k, v, bias, cu_q, cu_k),
                                              ctx.needs_input_grad, (g_o,))
     want_dbias = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dbias = KERNELS[backend][1](g_o, q, k, v, o, lse, bias, cu_q, cu_k, max_q, max_k, scale,
-                                            is_causal, diag, bottom_right, win_left, win_right, softcap, dropout_p,
-                                            seed, want_dbias)
+    dq, dk, dv, dbias = kernel_ops(backend)[1](g_o, q, k, v, o, lse, bias, cu_q, cu_k, max_q, max_k, scale,
+                                               is_causal, diag, bottom_right, win_left, win_right, softcap,
+                                               dropout_p, seed, want_dbias)
     return (dq, dk, dv, dbias if want_dbias else None) + (None,) * (_N_INPUTS - 4)
 
 

@@ -43,15 +43,12 @@ def allowed(L: int, S: int, device, is_causal: bool = False, alignment: str = "t
     return ok
 
 
-def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
-                                 dropout_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-                                 is_causal: bool = False, scale: Optional[float] = None,
-                                 enable_gqa: bool = False, alignment: str = "top_left",
-                                 window: Tuple[int, int] = (-1, -1), softcap: float = 0.0
-                                 ) -> Tuple[Tensor, Tensor]:
-    """Returns (out, lse): out (..., H, L, Ev) in the query's dtype, lse (..., H, L) in float32 (float64 for
-    float64 inputs). ``dropout_mask`` (bool, broadcastable to the scores, True = keep) is applied with the
-    1 / (1 - dropout_p) rescaling; without it no dropout is applied."""
+def _probs(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_mask: Optional[Tensor],
+           dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool, alignment: str,
+           window: Tuple[int, int], softcap: float):
+    """The forward up to the probabilities, shared by the forward and its hand-derived backward: (key, value with
+    the GQA heads repeated, accumulation dtype, scale, tanh of the softcapped scores or None, p, lse, dropout
+    factor (keep-mask times 1 / (1 - p)) or None)."""
     L, E = query.shape[-2], query.shape[-1]
     S = key.shape[-2]
     H, Hk = query.shape[-3] if query.dim() >= 3 else 1, key.shape[-3] if key.dim() >= 3 else 1
@@ -61,9 +58,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         key = key.repeat_interleave(H // Hk, dim=-3)
         value = value.repeat_interleave(H // Hk, dim=-3)
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    s = torch.matmul(query.to(acc), key.to(acc).transpose(-2, -1)) * (1.0 / math.sqrt(E) if scale is None else scale)
+    sc = 1.0 / math.sqrt(E) if scale is None else scale
+    s = torch.matmul(query.to(acc), key.to(acc).transpose(-2, -1)) * sc
+    t = None
     if softcap:
-        s = softcap * torch.tanh(s / softcap)
+        t = torch.tanh(s / softcap)
+        s = softcap * t
     ok = allowed(L, S, query.device, is_causal, alignment, window)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -83,10 +83,63 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     l = l.masked_fill(dead, 1.0)
     p = e / l
     lse = (m + torch.log(l)).squeeze(-1).masked_fill(dead.squeeze(-1), float("-inf"))
+    drop = None
     if dropout_mask is not None and dropout_p > 0:
-        p = p * dropout_mask.to(acc) * (1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
+        drop = dropout_mask.to(acc) * (1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
+    return key, value, acc, sc, t, p, lse, drop
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, alignment: str = "top_left",
+                                 window: Tuple[int, int] = (-1, -1), softcap: float = 0.0
+                                 ) -> Tuple[Tensor, Tensor]:
+    """Returns (out, lse): out (..., H, L, Ev) in the query's dtype, lse (..., H, L) in float32 (float64 for
+    float64 inputs). ``dropout_mask`` (bool, broadcastable to the scores, True = keep) is applied with the
+    1 / (1 - dropout_p) rescaling; without it no dropout is applied."""
+    key, value, acc, _, _, p, lse, drop = _probs(query, key, value, attn_mask, dropout_mask, dropout_p, is_causal,
+                                                 scale, enable_gqa, alignment, window, softcap)
+    if drop is not None:
+        p = p * drop
     out = torch.matmul(p, value.to(acc))
     return out.to(query.dtype), lse
+
+
+def scaled_dot_product_attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
+                                          attn_mask: Optional[Tensor] = None, dropout_mask: Optional[Tensor] = None,
+                                          dropout_p: float = 0.0, is_causal: bool = False,
+                                          scale: Optional[float] = None, enable_gqa: bool = False,
+                                          alignment: str = "top_left", window: Tuple[int, int] = (-1, -1),
+                                          softcap: float = 0.0, mask_grad: bool = False
+                                          ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """The gradients of ``scaled_dot_product_attention``'s out for ``grad_out``, derived by hand (what autograd
+    gives through the forward above, step by step): (dq, dk, dv) in the dtypes and shapes of query, key, value,
+    and the float ``attn_mask``'s gradient summed to its shape when ``mask_grad`` (else None). For callers where
+    autograd records nothing: the reference kernel ops, which run below the autograd dispatch keys."""
+    H, Hk = query.shape[-3] if query.dim() >= 3 else 1, key.shape[-3] if key.dim() >= 3 else 1
+    key_r, value_r, acc, sc, t, p, _, drop = _probs(query, key, value, attn_mask, dropout_mask, dropout_p,
+                                                    is_causal, scale, enable_gqa, alignment, window, softcap)
+    do = grad_out.to(acc)
+    pd = p if drop is None else p * drop
+    dv = torch.matmul(pd.transpose(-2, -1), do)
+    dp = torch.matmul(do, value_r.to(acc).transpose(-2, -1))
+    if drop is not None:
+        dp = dp * drop
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))  # softmax backward; 0 where p is (masked keys, dead rows)
+    dmask = None
+    if mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool:
+        dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+    if t is not None:
+        ds = ds * softcap * (1 - t * t) / softcap
+    ds = ds * sc
+    dq = torch.matmul(ds, key_r.to(acc))
+    dk = torch.matmul(ds.transpose(-2, -1), query.to(acc))
+    if H != Hk:  # repeat_interleave's backward: each kv head sums its group of query heads
+        dk = dk.unflatten(-3, (Hk, H // Hk)).sum(-3)
+        dv = dv.unflatten(-3, (Hk, H // Hk)).sum(-3)
+    return (dq.to(query.dtype).sum_to_size(query.shape), dk.to(key.dtype).sum_to_size(key.shape),
+            dv.to(value.dtype).sum_to_size(value.shape), dmask)
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -118,3 +171,25 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     lses.append(torch.full((q.shape[1], pad), float("-inf"), device=q.device,
                            dtype=lses[0].dtype if lses else torch.float32))
     return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def varlen_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                              cu_seqlens_k: Tensor, dropout_masks=None, dropout_p: float = 0.0,
+                              is_causal: bool = False, scale: Optional[float] = None, alignment: str = "top_left",
+                              window: Tuple[int, int] = (-1, -1), softcap: float = 0.0
+                              ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The gradients (dq, dk, dv) of ``varlen_attention``'s out for ``grad_out`` (T, H, Ev), derived by hand per
+    sequence (``scaled_dot_product_attention_backward``); padding rows get zeros."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for i in range(len(cq) - 1):
+        qi = q[cq[i]:cq[i + 1]].transpose(0, 1)
+        ki, vi = k[ck[i]:ck[i + 1]].transpose(0, 1), v[ck[i]:ck[i + 1]].transpose(0, 1)
+        gi = grad_out[cq[i]:cq[i + 1]].transpose(0, 1)
+        dqi, dki, dvi, _ = scaled_dot_product_attention_backward(
+            gi, qi, ki, vi, dropout_mask=None if dropout_masks is None else dropout_masks[i], dropout_p=dropout_p,
+            is_causal=is_causal, scale=scale, enable_gqa=True, alignment=alignment, window=window, softcap=softcap)
+        dq[cq[i]:cq[i + 1]] += dqi.transpose(0, 1)
+        dk[ck[i]:ck[i + 1]] += dki.transpose(0, 1)
+        dv[ck[i]:ck[i + 1]] += dvi.transpose(0, 1)
+    return dq, dk, dv
