@@ -131,7 +131,7 @@ def scaled_dot_product_attention_backward(grad_out: Tensor, query: Tensor, key: 
     if mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool:
         dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
     if t is not None:
-        ds = ds * softcap * (1 - t * t) / softcap
+        ds = ds * (1 - t * t)  # d(c tanh(s / c)) / ds
     ds = ds * sc
     dq = torch.matmul(ds, key_r.to(acc))
     dk = torch.matmul(ds.transpose(-2, -1), query.to(acc))
