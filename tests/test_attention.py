@@ -496,6 +496,48 @@ def test_bad_input_names_the_argument():
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", ["mask", "key"])
+def test_nan_scores_propagate_as_torch(backend, device, case):
+    """A row whose scores hold a NaN (a NaN or +inf in a float mask, inf - inf in q.k) gives torch's NaN output,
+    lse and gradients: the Triton and CUDA kernels took only a row sum > 0 as "saw a key", so a NaN sum wrote the
+    row as unseen (0 output, 0 gradient). A fully masked row (all -inf) still gives 0, lse -inf, zero dq."""
+    require_backend(backend, device)
+    dtype = _dtypes(backend, device)[-1]
+    if backend == "cuda" and _cuda_reason(dtype, (16, 16)):
+        pytest.skip(_cuda_reason(dtype, (16, 16)))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16, device=device).to(dtype) for n in (5, 7, 7))
+    mask = None
+    if case == "mask":
+        mask = torch.zeros(5, 7, device=device, dtype=dtype)
+        mask[0] = float("-inf")  # fully masked
+        mask[1, 2] = float("nan")
+        mask[3, 4] = float("inf")
+    else:
+        k[0, 0, 5, 2], k[0, 0, 5, 3] = float("-inf"), float("inf")  # q.k: inf - inf, or +-inf by q's signs
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = sdpa(*x, attn_mask=mask, return_lse=True, backend=backend)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, x, g)
+    ro, rl, rgrads = _ref_grads(q, k, v, mask, g, {})
+    if case == "mask":
+        assert bool(out[..., [1, 3], :].isnan().all()) and not bool(lse[..., [1, 3]].isfinite().any())
+        assert bool((out[..., 0, :] == 0).all()) and bool(torch.isneginf(lse[..., 0]).all())
+        assert bool((grads[0][..., 0, :] == 0).all())
+    else:
+        assert bool(out[:, 0].isnan().any())
+    for name, a, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ro, *rgrads)):
+        assert torch.equal(a.isnan(), r.isnan()), name
+        fin = ~r.isnan()
+        torch.testing.assert_close(a[fin].double(), r[fin].double(), atol=10 * TOL_FLOOR[dtype], rtol=0,
+                                   msg=name)
+    # lse: NaN where a score is NaN; for a +inf score logsumexp (the reference) gives +inf, the kernels NaN
+    assert torch.equal(lse.isfinite(), rl.isfinite()) and torch.equal(lse.isneginf(), rl.isneginf())
+    fin = rl.isfinite()
+    torch.testing.assert_close(lse[fin].double(), rl[fin].double(), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_window_sides_past_the_sequences_are_unbounded(backend, device):
     """INT_MAX (or int64 max) for "no limit": the kernels formed i + d + side in int32 (wrapped negative) and the
     reference in int64 (overflowed); any side of L + S or more excludes nothing."""

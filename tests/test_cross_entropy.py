@@ -254,6 +254,40 @@ def test_non_finite_logits_as_torch(backend, device, fused, smoothing):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_class_weight_as_torch(backend, device, fused, smoothing, prob, bad):
+    """A NaN / inf weight of a class no target uses: without smoothing the loss and gradient stay torch's finite
+    ones (the smoothing terms eps W / C and eps / C w_c are not formed: 0 * inf gave NaN, on every element on the
+    cpu, the class's column on triton). With smoothing (or probability targets, which weigh every class) an inf
+    weight gives torch's inf loss, not the NaN of inf - inf (or inf * 0 at the row max) in the kernels' relative
+    sums. The unused class is the row max, above and below the target logit in different rows."""
+    _setup(backend, device, torch.float32)
+    x = torch.tensor([[0.3, -1.2, 0.8, 2.5, 0.1, -0.4, 1.1], [1.5, 0.2, -0.7, 0.4, -1.0, 0.9, 2.0],
+                      [-0.5, 1.3, 0.6, -0.2, 0.7, 0.0, -1.1], [0.4, 0.5, 2.2, -0.6, 1.0, -0.3, 0.2]], device=device)
+    t = torch.tensor([1, 2, 3, 4], device=device)
+    if prob:
+        t = torch.softmax(torch.tensor([[0.1, 0.5, -0.2, 0.3, 0.0, 0.7, -0.4], [0.2, -0.1, 0.4, 0.0, 0.3, -0.5, 0.6],
+                                        [-0.3, 0.2, 0.1, 0.5, -0.2, 0.4, 0.0], [0.6, 0.0, -0.4, 0.2, 0.1, 0.3, -0.1]],
+                                       device=device), 1)
+    w = torch.tensor([0.7, 1.2, 0.9, 1.4, 0.6, 1.1, bad], device=device)  # class 6: no index target
+    g = torch.arange(1.0, 5.0, device=device)
+    xx = x.clone().requires_grad_()
+    loss = pykernels.functional.cross_entropy(xx, t, weight=w, reduction="none", label_smoothing=smoothing,
+                                              fused=fused, backend=backend)
+    loss.backward(g)
+    xt = x.clone().requires_grad_()
+    base = F.cross_entropy(xt, t, weight=w, reduction="none", label_smoothing=smoothing)
+    base.backward(g)
+    if not prob and not smoothing:
+        assert bool(torch.isfinite(loss).all()) and bool(torch.isfinite(xx.grad).all())
+    torch.testing.assert_close(loss, base, equal_nan=True)
+    torch.testing.assert_close(xx.grad, xt.grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("offset,scale", [(1e4, 3.0), (0.0, 10.0), (-300.0, 10.0)], ids=["1e4", "scale10", "-300"])
 def test_split_backward_keeps_precision_under_offsets(backend, device, offset, scale):
     """The split path's backward (reduction 'none', or fused=False) recomputes p = exp(x - lse) from the forward's

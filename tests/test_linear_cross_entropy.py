@@ -318,6 +318,36 @@ def test_confident_target_gradient(backend, device, p_y):
             assert_error_rule(f"{name} {dtype} p_y={p_y}", a, r, c)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS + FUSED_BACKENDS)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_class_weight_as_torch(backend, device, eps, bad):
+    """A NaN / inf weight of a class no target uses: without smoothing dX and dW stay torch's finite ones (the
+    coefficient formed g (w_y + eps W / C) with eps = 0 and W = sum of the weights = inf / NaN: 0 * inf made every
+    gradient NaN). With smoothing an inf weight gives torch's inf loss, not the NaN of W lse - sum_c w_c z_c."""
+    require_backend(backend, device)
+    dtype = _one_dtype(backend)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    W = torch.randn(11, 8, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    t = torch.tensor([1, 2, 3, 4, 5], device=device)
+    w = torch.rand(11, generator=gen, dtype=torch.float64).to(device) + 0.5
+    w[9] = bad  # class 9: no target
+    g = torch.tensor(1.0, dtype=torch.float64, device=device)
+    lo, go = _run(lambda x, W: linear_cross_entropy(x, W, t, weight=w, reduction="sum", label_smoothing=eps,
+                                                    backend=backend), [x, W], g)
+    lr, gr = _run(lambda x, W: F.cross_entropy(F.linear(x, W), t, weight=w, reduction="sum", label_smoothing=eps),
+                  [x.double(), W.double()], g)
+    if eps == 0:
+        assert bool(lo.isfinite()) and all(bool(a.isfinite().all()) for a in go)
+        tol = dict(atol=1e-4, rtol=1e-4) if dtype in (torch.float32, torch.float64) else dict(atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(lo.double(), lr, **tol)
+        for a, r in zip(go, gr):
+            torch.testing.assert_close(a.double(), r, **tol)
+    else:  # NaN: NaN; inf: +inf (the gradients are torch's NaN / inf mix: not compared)
+        assert (bool(lo.isnan()) and bool(lr.isnan())) if bad != bad else (lo.item() == lr.item() == float("inf"))
+
+
 @pytest.mark.gpu
 def test_cuda_memory_within_model_and_int64_offsets(monkeypatch):
     """On a GPU: fwd+bwd allocate at most the cost model's workspace (+ cuBLAS slack) beyond inputs and

@@ -68,6 +68,29 @@ def _worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
                     err = (p.double() - f.double()).abs().max().item()
                     assert err <= tol * max(1.0, f.double().abs().max().item()), \
                         f"{backend} case {i} rank {rank}: {name} error {err:.3e}"
+            # a NaN / inf weight of a class no target uses (in rank 1's shard), no smoothing: finite gradients equal
+            # to the one-process reference's (eps W / C with eps = 0 made every gradient NaN)
+            g = torch.Generator().manual_seed(7)
+            x = torch.randn(6, 12, generator=g, dtype=torch.float64).to(dtype)
+            W = (torch.randn(20, 12, generator=g, dtype=torch.float64) * 0.4).to(dtype)
+            t = torch.tensor([0, 3, 11, 5, 17, 8])
+            lo, hi = rank * 10, (rank + 1) * 10
+            for bad in (float("nan"), float("inf")):
+                w = torch.rand(20, generator=g, dtype=torch.float64) + 0.5
+                w[14] = bad
+                res = []
+                for W_, kw in ((W, dict(backend="reference")),
+                               (W[lo:hi], dict(group=dist.group.WORLD, backend=backend))):
+                    xx, WW = x.clone().requires_grad_(), W_.clone().requires_grad_()
+                    loss = linear_cross_entropy(xx, WW, t, weight=w, reduction="sum", **kw)
+                    loss.backward()
+                    res.append((loss.detach(), xx.grad, WW.grad))
+                (lf, xf, Wf), (lp, xp, Wp) = res
+                for name, p, f in (("loss", lp, lf), ("d_input", xp, xf), ("d_weight", Wp, Wf[lo:hi])):
+                    assert bool(p.isfinite().all()), f"{backend} weight {bad} rank {rank}: {name} not finite"
+                    err = (p.double() - f.double()).abs().max().item()
+                    assert err <= tol * max(1.0, f.double().abs().max().item()), \
+                        f"{backend} weight {bad} rank {rank}: {name} error {err:.3e}"
         # under autocast the loss is float32 cast once from the accumulator, as the one-process call's (it was the
         # bf16-rounded value: 1e-2 off at a loss of 9.5)
         g = torch.Generator().manual_seed(99)

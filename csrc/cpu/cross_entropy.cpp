@@ -28,6 +28,15 @@ acc_t lse_residual(acc_t m, acc_t log_s, acc_t lse) {
   return (m - a) + (log_s - b);
 }
 
+// sum_c u_c (lse - x_c) (the smoothing term with u = w, or sum_c w_c t'_c (lse - x_c) with u = w t'), formed as
+// `finite` = U log_s + sum_c u_c (m - x_c) from U = sum_c u_c. An infinite U (a +-inf class weight or target, no
+// NaN) makes the sum U itself, as torch's -sum u log_softmax (every lse - x_c > 0), where the decomposition
+// gives inf - inf or inf * 0 = NaN. (log_s - log_s): a NaN row (NaN log_s) stays NaN.
+template <typename acc_t>
+acc_t infinite_sum(acc_t U, acc_t finite, acc_t log_s) {
+  return std::isinf(U) ? U + (log_s - log_s) : finite;
+}
+
 template <typename scalar_t, typename acc_t>
 struct RowKernel {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -176,7 +185,7 @@ struct RowKernel {
       static_cast<acc_t*>(a.lse_err)[r] = lse_residual(m, log_s, lse);
       acc_t loss;
       if (tp) {
-        loss = A * log_s + sum_wd;
+        loss = infinite_sum(A, A * log_s + sum_wd, log_s);
       } else if (ignored) {
         loss = 0;
       } else if (invalid) {
@@ -184,7 +193,7 @@ struct RowKernel {
       } else {
         const acc_t wy = w ? w[y] : acc_t(1);
         loss = wy * (acc_t(1) - eps) * ((m - x_y) + log_s);
-        if (eps > 0) loss += eps / C * (W * log_s + sum_wd);
+        if (eps > 0) loss += eps / C * infinite_sum(W, W * log_s + sum_wd, log_s);
       }
       if (zl > 0 && !ignored && !invalid) loss += zl * lse * lse;
       static_cast<acc_t*>(a.loss)[r] = loss;
@@ -208,18 +217,24 @@ struct RowKernel {
       }
       return;
     }
+    // The smoothing terms (eps W / C, eps / C w_c) only with smoothing: a NaN / inf weight of a class no target
+    // uses must not make the gradient NaN through 0 * inf (torch's is finite there).
+    const bool smooth = eps > 0;
     const acc_t wy = w ? w[y] : acc_t(1);
-    const acc_t k = s * (wy * (acc_t(1) - eps) + eps * W / C + z2) * inv_sum;
+    const acc_t k = s * (wy * (acc_t(1) - eps) + (smooth ? eps * W / C : acc_t(0)) + z2) * inv_sum;
     const acc_t ew = s * eps / C;
     if (a.D == 1 && !w && std::is_same<scalar_t, acc_t>::value) {
-      // Common case: contiguous output of the accumulation dtype, vectorised.
+      // Common case: contiguous output of the accumulation dtype, vectorised (ew is 0 without smoothing).
       acc_t* out = reinterpret_cast<acc_t*>(g + gbase);
       at::vec::map([k, ew](Vec v) { return v * Vec(k) - Vec(ew); }, out, buf, C);
-    } else {
+    } else if (smooth) {
       for (int64_t c = 0; c < C; ++c) g[gbase + c * a.D] = static_cast<scalar_t>(buf[c] * k - ew * (w ? w[c] : acc_t(1)));
+    } else {
+      for (int64_t c = 0; c < C; ++c) g[gbase + c * a.D] = static_cast<scalar_t>(buf[c] * k);
     }
     // The target entry, formed in the accumulation dtype before its single rounding.
-    g[gbase + y * a.D] = static_cast<scalar_t>(buf[y] * k - ew * (w ? w[y] : acc_t(1)) - s * wy * (acc_t(1) - eps));
+    const acc_t ew_y = smooth ? ew * wy : acc_t(0);
+    g[gbase + y * a.D] = static_cast<scalar_t>(buf[y] * k - ew_y - s * wy * (acc_t(1) - eps));
   }
 };
 

@@ -464,10 +464,13 @@ __device__ __forceinline__ void finish_forward(const AttentionArgs& a, const Seq
     float sum = l[half];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    inv[half] = sum > 0.f ? 1.f / sum : 0.f;  // a row that sees no key: output 0
+    // Only sum == 0 is a row that sees no key (output 0, lse -inf): a NaN sum (a NaN or +inf score, inf - inf in
+    // q.k) is not > 0 but must give NaN output and lse, and so NaN gradients, as torch.
+    const bool seen = sum != 0.f;
+    inv[half] = seen ? 1.f / sum : 0.f;
     const int i = i0 + 8 * half;
     if (t == 0 && i < s.L) {
-      a.lse[lse_base(a, b, s, h) + i] = sum > 0.f ? (m[half] + log2f(sum)) * kLn2 : -INFINITY;
+      a.lse[lse_base(a, b, s, h) + i] = seen ? (m[half] + log2f(sum)) * kLn2 : -INFINITY;
     }
   }
   store_acc<T, DP / 8>(row_ptr<T>(a.o, a, b, s.q0, h, m0), a.o.sm, warp * 16, s.L - m0, a.Ev, o, inv[0], inv[1], g,

@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CrossE
       const float rel = (s.ms.m - pivot) + log_s;  // lse - pivot without the offset's rounding
       float loss;
       if (PROB) {
-        loss = s.wt * rel - s.wtx;
+        loss = infinite_sum(s.wt, s.wt * rel - s.wtx, rel);
       } else if (ignored) {
         loss = 0.f;
       } else if (invalid) {
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CrossE
       } else {
         const float wy = w ? w[y] : 1.f;
         loss = wy * (1.f - eps) * (rel - x_off);
-        if (eps > 0.f) loss += eps / C * (W * rel - s.wx);
+        if (eps > 0.f) loss += eps / C * infinite_sum(W, W * rel - s.wx, rel);
       }
       if (zl > 0.f && !ignored && !invalid) loss += zl * lse * lse;
       static_cast<float*>(a.loss)[r] = loss;
@@ -228,12 +228,18 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CrossE
       });
     } else {
       const float wy = w ? w[y] : 1.f;
-      const float k = sr * (wy * (1.f - eps) + eps * W / C + z2);
+      const float k = sr * (wy * (1.f - eps) + eps * W / C + z2);  // W = C without smoothing (weight_sum null)
       const float ew = sr * eps / C;
       const float hit = sr * wy * (1.f - eps);
-      map_row(row, C, a.sc, grow, D, [&](int64_t c, float x) {
-        return fast_exp((x - shift) - shift_lo) * k - ew * (w ? w[c] : 1.f) - (c == y ? hit : 0.f);
-      });
+      if (eps > 0.f) {
+        map_row(row, C, a.sc, grow, D, [&](int64_t c, float x) {
+          return fast_exp((x - shift) - shift_lo) * k - ew * (w ? w[c] : 1.f) - (c == y ? hit : 0.f);
+        });
+      } else {  // no eps / C w_c term: 0 * a NaN / inf weight of a class no target uses is NaN
+        map_row(row, C, a.sc, grow, D, [&](int64_t c, float x) {
+          return fast_exp((x - shift) - shift_lo) * k - (c == y ? hit : 0.f);
+        });
+      }
     }
   }
 }

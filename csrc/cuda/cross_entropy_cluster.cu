@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) cross_entropy_cluster_kernel(c
       // rather than kept in a register through pass 1, where the kernel is at its 40-register bound
       const float xy = to_f(row[y]);
       loss = (w ? w[y] : 1.f) * (1.f - eps) * (rel - (isfinite(xy) ? 0.f : xy));
-      if (eps > 0.f) loss += eps / C * (W * rel - s.wx);
+      if (eps > 0.f) loss += eps / C * infinite_sum(W, W * rel - s.wx, rel);
       if (zl > 0.f) loss += zl * lse * lse;
     }
     static_cast<float*>(a.loss)[r] = loss;
@@ -205,10 +205,11 @@ __global__ void __launch_bounds__(kMaxThreads, 3) cross_entropy_cluster_kernel(c
   const float fill = ignored ? 0.f : __int_as_float(0x7fffffff);
   // Chunk-local 32-bit indices in the per-element work (a chunk holds at most 64 KB).
   const int y_local = (!skip && y >= c0 && y < c1) ? static_cast<int>(y - c0) : -1;
-  const float* wc = w ? w + c0 : nullptr;
+  // the eps / C w_c term only with smoothing: 0 * a NaN / inf weight of a class no target uses is NaN
+  const float* wc = w && eps > 0.f ? w + c0 : nullptr;
   auto grad_of = [&](int cl, float x) {
     if (skip) return fill;
-    return fast_exp((x - m) - log_s) * k - ew * (wc ? wc[cl] : 1.f) - (cl == y_local ? hit : 0.f);
+    return fast_exp((x - m) - log_s) * k - (wc ? ew * wc[cl] : ew) - (cl == y_local ? hit : 0.f);
   };
   for (int i = threadIdx.x; i < head; i += nthreads) grow[c0 + i] = from_f<T>(grad_of(i, to_f(buf[i])));
   uint4* vdst = reinterpret_cast<uint4*>(grow + c0 + head);  // same misalignment as the logits row

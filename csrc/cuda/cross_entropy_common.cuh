@@ -29,6 +29,14 @@ __device__ __forceinline__ float lse_residual(float m, float log_s, float lse) {
   return isfinite(lse) ? (m - a) + (log_s - b) : 0.f;
 }
 
+// sum_c u_c (lse - x_c) (the smoothing term with u = w, or sum_c w_c t'_c (lse - x_c)), formed as `finite` =
+// U rel - sum_c u_c (x_c - pivot) from U = sum_c u_c. An infinite U (a +-inf class weight or target, no NaN) makes
+// the sum U itself, as torch's -sum u log_softmax (every lse - x_c > 0), where the decomposition gives
+// inf - inf = NaN; (rel - rel) keeps a NaN row NaN. Per row, once: nothing in the per-class loops.
+__device__ __forceinline__ float infinite_sum(float U, float finite, float rel) {
+  return isinf(U) ? U + (rel - rel) : finite;
+}
+
 // Online softmax state: running max m and sum of exp(x - m).
 struct MaxSum {
   float m, s;

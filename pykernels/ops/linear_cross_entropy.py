@@ -245,7 +245,11 @@ def rows_loss(m: Tensor, log_s: Tensor, z_target: Tensor, z_sum: Tensor, valid: 
     lse = m + log_s
     loss = w_y * (1.0 - eps) * torch.where(valid, (m - z_target) + log_s, 0.0)
     if eps:
-        loss = loss + torch.where(valid, (eps / C) * (wsum * lse - z_sum), 0.0)
+        # sum_c w_c (lse - z_c): an infinite W (a +-inf class weight, no NaN) makes it W itself, as torch's
+        # -sum w log_softmax (every lse - z_c > 0), where W lse - sum w z is inf - inf = NaN; (lse - lse) keeps a
+        # NaN row NaN
+        smooth = torch.where(wsum.isinf(), wsum + (lse - lse), wsum * lse - z_sum)
+        loss = loss + torch.where(valid, (eps / C) * smooth, 0.0)
     if z_loss:
         loss = loss + torch.where(valid, z_loss * lse.square(), 0.0)
     return torch.where(bad, float("nan"), loss)
@@ -258,7 +262,9 @@ def row_coefficient_parts(g: Tensor, valid: Tensor, w_y: Tensor, wsum: Tensor, C
     term only where coef_lse != 0), so that the fused kernel can form it once the row's lse is known."""
     eps = label_smoothing
     zero = torch.zeros((), dtype=g.dtype, device=g.device)
-    coef_p0 = torch.where(valid, g * (w_y * (1.0 - eps) + eps * wsum / C), zero).contiguous()
+    # eps W / C only with smoothing: 0 * a NaN / inf weight of a class no target uses is NaN (the kernels read
+    # coef_w, and the class weights, only with smoothing too)
+    coef_p0 = torch.where(valid, g * (w_y * (1.0 - eps) + eps * wsum / C if eps else w_y), zero).contiguous()
     coef_lse = torch.where(valid, g * (2.0 * z_loss), zero).contiguous()
     coef_y = torch.where(valid, g * w_y * (1.0 - eps), zero).contiguous()
     coef_w = torch.where(valid, g * (eps / C), zero).contiguous()

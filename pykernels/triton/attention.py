@@ -224,7 +224,9 @@ def _attn_fwd(Q, K, V, Bias, O, LSE, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, sk
                                   svn, svd, HEAD_E, HEAD_EV, scale, softcap, d, win_left, win_right, bias_ptr, sbm,
                                   sbn, seed, rows, S, dropout_p, True, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS,
                                   BOOL_BIAS, DROPOUT, IEEE, BLOCK_N)
-    seen = l_i > 0.0
+    # only l_i == 0 means "saw no key": a NaN l_i (a NaN or +inf score, inf - inf in q.k) is not > 0 but must give
+    # a NaN output and lse (and so NaN gradients through _probs), as torch
+    seen = l_i != 0.0
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     tl.store(O + b * sob + h * soh + (q0 + offs_m[:, None]) * som + offs_e[None, :] * sod,
              out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lb) & (offs_e[None, :] < HEAD_EV))

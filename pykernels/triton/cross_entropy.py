@@ -35,6 +35,15 @@ def _target_sums(TP, t_base, tc, Wt, cols, mask, eps, C, HAS_W: tl.constexpr):
 
 
 @triton.jit
+def _infinite_sum(U, finite, rel):
+    """sum_c u_c (lse - x_c), formed as ``finite`` = U rel - sum_c u_c (x_c - pivot) from U = sum_c u_c (u: the
+    class weights of smoothing, or w_c t'_c). An infinite U (a +-inf weight or target, no NaN) makes the sum U
+    itself, as torch's -sum u log_softmax (every lse - x_c > 0), where the decomposition gives inf - inf = NaN;
+    (rel - rel) keeps a NaN row NaN."""
+    return tl.where(tl.abs(U) == float("inf"), U + (rel - rel), finite)
+
+
+@triton.jit
 def _cross_entropy_kernel(X, TI, TP, Wt, Wsum, Scale, Loss, Lse, LseErr, LseIn, LseErrIn, G,
                           M, C, D, sn, sc, sd, tn, tc, td, scale_stride, ignore_index, eps, zl,
                           MODE: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
@@ -105,14 +114,14 @@ def _cross_entropy_kernel(X, TI, TP, Wt, Wsum, Scale, Loss, Lse, LseErr, LseIn, 
             lse = m + log_s
             rel = (m - pivot) + log_s  # lse - pivot without the offset's rounding
             if PROB:
-                loss = wt_sum * rel - wtx
+                loss = _infinite_sum(wt_sum, wt_sum * rel - wtx, rel)
             else:
                 w_y = 1.0
                 if HAS_W:
                     w_y = tl.load(Wt + tl.where(skip, 0, y)).to(tl.float32)
                 loss = w_y * (1.0 - eps) * (rel - x_off)
                 if SMOOTH:
-                    loss += eps / C * (W * rel - wx)
+                    loss += eps / C * _infinite_sum(W, W * rel - wx, rel)
                 loss = tl.where(skip, fill, loss)
             if ZLOSS:
                 if PROB:
@@ -153,8 +162,10 @@ def _cross_entropy_kernel(X, TI, TP, Wt, Wsum, Scale, Loss, Lse, LseErr, LseIn, 
                 w_y = tl.load(Wt + tl.where(skip, 0, y)).to(tl.float32)
             if PROB:
                 k = sr * (wt_sum + z2)
-            else:
+            elif SMOOTH:
                 k = sr * (w_y * (1.0 - eps) + eps * W / C + z2)
+            else:
+                k = sr * (w_y * (1.0 - eps) + z2)
             ew = sr * eps / C
             hit = sr * w_y * (1.0 - eps)
             for start in range(0, C, BLOCK):
@@ -165,12 +176,15 @@ def _cross_entropy_kernel(X, TI, TP, Wt, Wsum, Scale, Loss, Lse, LseErr, LseIn, 
                 if PROB:
                     g = p * k - sr * _target_sums(TP, t_base, tc, Wt, cols, mask, eps, C, HAS_W)
                 else:
-                    if HAS_W:
-                        w = tl.load(Wt + cols, mask=mask, other=0.0)
-                    else:
-                        w = 1.0
+                    g = p * k
+                    if SMOOTH:  # only with smoothing: 0 * a NaN / inf weight of an unused class is NaN
+                        if HAS_W:
+                            w = tl.load(Wt + cols, mask=mask, other=0.0)
+                        else:
+                            w = 1.0
+                        g = g - ew * w
                     # p_y - 1 formed in fp32 before the single rounding below
-                    g = p * k - ew * w - tl.where(cols == y, hit, 0.0)
+                    g = g - tl.where(cols == y, hit, 0.0)
                     g = tl.where(skip, fill, g)
                 tl.store(G + g_base + cols.to(tl.int64) * D, g.to(G.dtype.element_ty), mask=mask)
 
