@@ -200,7 +200,7 @@ TRITON_FIRST_CUDA: Dict[str, str] = {
         "the CUDA kernels measured 0.33x the Triton ones' speed forward+backward (0.09x forward) on H200 bf16, "
         "B=4 H=16 L=2048 E=128 causal (bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json)",
     "varlen_attention": "the kernels of scaled_dot_product_attention, with offsets: as measured there",
-    "lstm": "the CUDA persistent kernels measured 0.25x the Triton ones' speed forward+backward (0.41x forward) on "
+    "lstm": "the CUDA persistent kernels measured 0.25x the Triton ones' speed forward+backward (0.42x forward) on "
             "H200 bf16, T=256 B=32 I=H=512 "
             "(bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json)",
     "linear_cross_entropy":
@@ -244,9 +244,10 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
     "lstm": {
         "cuda": "cuDNN measured 4-48x faster than the Triton row-block sequence kernel on H100 fp32 "
                 "(bench/results/h100-attention-lstm-lce-20261122.jsonl); its split persistent successor (H > 64) "
-                "measured 1.15-1.89x cuDNN's speed forward on H200 bf16 at T=256 B=32 I=H=512 (two runs; "
-                "bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json), one shape and no "
-                "forward+backward comparison (that run's cuDNN baseline failed), too little to route models to it",
+                "measured 1.89x cuDNN's speed forward on H200 bf16 at T=256 B=32 I=H=512 "
+                "(bench/results/h200-attention-linear_cross_entropy-lstm-quick-20261204.json; cuDNN's time moved "
+                "between runs), one shape and no forward+backward comparison (that run's cuDNN baseline failed), "
+                "too little to route models to it",
         "cpu": "torch's oneDNN LSTM measured faster than the persistent C++ sequence kernel on 2 AVX-512 cores fp32 "
                "at T=64, B=16-64, H=128-256: ours at 0.78-0.88x its speed forward, 0.84-0.93x forward+backward; "
                "ours wins only at B=1 (1.07x with a gradient, 0.98x forward) "
@@ -324,10 +325,10 @@ OURS_FASTER_DTYPE_AVX2: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
 NATIVE_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
     "lstm_cell": {"cpu": {
         torch.bfloat16: (9, 9, "torch's LSTMCell runs bf16 GEMMs with bf16 gates (oneDNN, AVX512-BF16 here), the C++ "
-                            "cell fp32 GEMMs on converted operands above B=8 (fp32 gates, its contract) and its fused "
-                            "pass on the bf16 weights up to B=8: ours measured 0.32x torch's speed forward and 0.81x "
-                            "forward+backward at B=64, 0.75x / 1.01x at B=16 and 0.92x / 1.07x at B=12 (the fused "
-                            "forward up to B=16 since ee5d0c9), but 1.09x / 1.02x at B=8, 1.56x / 1.26x at B=5, "
+                            "cell fp32 GEMMs on converted operands (fp32 gates, its contract) beyond its fused passes "
+                            "on the bf16 weights (forward up to B=16 since ee5d0c9, backward up to B=8): ours measured "
+                            "0.32x torch's speed forward and 0.81x forward+backward at B=64, 0.75x / 1.01x at B=16 "
+                            "and 0.92x / 1.07x at B=12, but 1.09x / 1.02x at B=8, 1.56x / 1.26x at B=5, "
                             "1.97x / 1.34x at B=4, 2.68x / 1.80x at B=2 and 2.26x / 1.85x at B=1, I=H=256, 2 cores "
                             "(bench/results/cpu-lstm_cell-bfloat16-20261205-075849.json, "
                             "bench/results/cpu-lstm_cell-bfloat16-B16-20261205-085729.json, "
@@ -352,7 +353,7 @@ NATIVE_FASTER_BELOW: Dict[str, Dict[str, tuple]] = {
                 "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-080559.json; an "
                 "earlier run of the same kernel, 1.14x at 2^20 without a gradient: bench/results/history/"
                 "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-052819.json); on an "
-                "AVX2-only CPU the same crossover: 0.52x at 2^16, 0.92x at 2^18, 2.50x at 2^20, 14.3x at 2^27 with a "
+                "AVX2-only CPU the same crossover: 0.52x at 2^16, 0.93x at 2^18, 2.50x at 2^20, 14.3x at 2^27 with a "
                 "gradient, 0.26x, 0.69x, 1.34x, 6.7x without "
                 "(bench/results/cpu-cross_entropy-avx2-20261205-104540.json)")},
 }
