@@ -18,10 +18,11 @@ def _proc_cpuinfo_flags() -> set:
 def has_avx2() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
+    flags = _proc_cpuinfo_flags()
+    if flags:  # the build uses -mavx2 -mfma: a VM can mask FMA while showing AVX2, so both, as the kernel reports
+        return "avx2" in flags and "fma" in flags
+    try:  # no /proc/cpuinfo: CPUID through torch's cpuinfo (it asks for AVX2 alone; real AVX2 CPUs have FMA3)
         import torch
-        # CPUID through torch's cpuinfo; it asks for AVX2 alone, but the x86 CPUs with AVX2 also have FMA3.
         return bool(torch.cpu._is_avx2_supported())
     except (ImportError, AttributeError, RuntimeError):
-        flags = _proc_cpuinfo_flags()
-        return "avx2" in flags and "fma" in flags
+        return False

@@ -99,7 +99,7 @@ _GPU_NODES = ("/dev/nvidia*", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
 _triton_unregistered: Optional[str] = None  # why triton_kernel_modules skipped the ops at import (None: it did not)
 _registration_seen = False
 # Kernel modules that failed to import although triton itself imports (a triton too old or broken for them), with
-# the error: the triton backend is then unavailable, and available_backends() must say so.
+# the error: those ops run without Triton, and available_backends() says so.
 _triton_import_errors: Dict[str, str] = {}
 
 
@@ -132,7 +132,7 @@ def triton_kernel_modules(*names: str) -> tuple:
             why = f"{type(e).__name__}: {e}"
             if _triton_reason() is None:  # without triton at all, _triton_reason says so, and that is no surprise
                 if not _triton_import_errors:
-                    logger.warning("%s failed to import, so the triton backend is unavailable: %s", module, why)
+                    logger.warning("%s failed to import, so its ops run without the triton backend: %s", module, why)
                 _triton_import_errors[module] = why
             return None, why
     return mods, None
@@ -156,12 +156,6 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     reason = _triton_reason()
     if reason:
         return reason
-    if _triton_import_errors:
-        by_error: Dict[str, list] = {}
-        for module, why in _triton_import_errors.items():
-            by_error.setdefault(why, []).append(module)
-        return "pykernels' Triton kernels failed to import: " + "; ".join(
-            f"{', '.join(modules)}: {why}" for why, modules in by_error.items())
     if device.type == "cuda":
         if _triton_unregistered:
             return _triton_unregistered
@@ -226,7 +220,16 @@ def available_backends(device: Optional[torch.device | str] = None) -> Dict[str,
     if device.type == "cuda" and not torch.cuda.is_available():  # asked here, not per call: a CUDA tensor proves it
         return {b: None if b == "reference" else "no CUDA device here (torch.cuda.is_available() is False)"
                 for b in BACKENDS}
-    return {b: _device_reason(b, device) for b in BACKENDS}
+    out = {b: _device_reason(b, device) for b in BACKENDS}
+    if out["triton"] is None and _triton_import_errors:
+        # (reported here, not by _device_reason: a call's dispatch goes by its own op's kernel module, which each
+        # ops module checks through its triton_import_error; one broken module must not switch off the others)
+        by_error: Dict[str, list] = {}
+        for module, why in _triton_import_errors.items():
+            by_error.setdefault(why, []).append(module)
+        out["triton"] = "pykernels' Triton kernels failed to import: " + "; ".join(
+            f"{', '.join(modules)}: {why}" for why, modules in by_error.items())
+    return out
 
 
 # op -> {device type: why torch's own kernel runs automatic calls there}. Measured, never assumed: each entry

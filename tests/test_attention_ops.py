@@ -184,7 +184,7 @@ def test_reference_kernel_ops_dropout_masks_from_the_seed():
                                    "reference")
     g = torch.randn_like(o)
     grads = torch.autograd.grad(o, x, g)
-    masks = attn_ops._reference_keep(seed, p, [(H, 4, 6), (H, 4, 4)], q.device)
+    masks = ref.varlen_dropout_masks(cq, ck, H, p, q.device, attn_ops._reference_generator(seed, q.device))
     assert 0.5 < float(torch.cat([m.flatten() for m in masks]).double().mean()) < 0.9
     xr = [t.clone().requires_grad_() for t in (q, k, v)]
     ro, rl = ref.varlen_attention(*xr, cq, ck, masks, p, True, 1 / math.sqrt(E))
@@ -212,7 +212,7 @@ def test_reference_kernel_ops_backward_matches_autograd(case):
         leaves, bias = [q, k, v], None
         args = _args(q, k, v, causal=True, window=(3, -1), softcap=2.5, dropout_p=p, seed=seed, cu=(cq, ck),
                      maxlen=(7, 5), bottom_right=True)
-        masks = attn_ops._reference_keep(seed, p, [(H, 3, 4), (H, 0, 2), (H, 7, 5)], q.device)
+        masks = ref.varlen_dropout_masks(cq, ck, H, p, q.device, attn_ops._reference_generator(seed, q.device))
 
         def reference(q, k, v, bias):
             return ref.varlen_attention(q, k, v, cq, ck, masks, p, True, 1 / math.sqrt(E), "bottom_right", (3, -1),
@@ -228,7 +228,7 @@ def test_reference_kernel_ops_backward_matches_autograd(case):
             bias = torch.ones(L, S, dtype=torch.bool)
             bias[4] = False  # query row 4 sees no key: zeros, no NaN
             kw = dict(dropout_p=p, seed=seed)
-            keep, = attn_ops._reference_keep(seed, p, [(2, H, L, S)], q.device)
+            keep = torch.rand(2, H, L, S, generator=attn_ops._reference_generator(seed, q.device)) >= p
         leaves = [q, k, v] + ([bias] if bias.dtype != torch.bool else [])
         args = _args(q, k, v, bias=bias, **kw)
 

@@ -112,7 +112,28 @@ print("TRITON", pykernels.available_backends("cpu")["triton"])
     assert "failed to import" in reason and "No module named 'triton.language'" in reason, reason
     assert "pykernels.triton.cross_entropy" in reason and "pykernels.triton.lstm" in reason, reason
     warnings = [line for line in p.stdout.splitlines() if line.startswith("WARNING")]
-    assert len(warnings) == 1 and "triton backend is unavailable" in warnings[0], p.stdout
+    assert len(warnings) == 1 and "its ops run without the triton backend" in warnings[0], p.stdout
+
+
+def test_one_triton_module_failing_leaves_the_other_ops_their_kernels():
+    """Only the ops of the module that failed lose Triton: a failed lstm_layer switched off cross_entropy's too."""
+    script = f"""
+import importlib.abc, sys
+sys.path.insert(0, {ROOT!r})
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "pykernels.triton.lstm_layer":
+            raise ImportError("simulated: a Triton without an API lstm_layer uses")
+sys.meta_path.insert(0, Block())
+import torch, pykernels
+print("TRITON", pykernels.available_backends("cpu")["triton"])
+pykernels.functional.cross_entropy(torch.randn(4, 7), torch.tensor([0, 1, 2, 3]), backend="triton")
+print("RAN", pykernels.last_dispatch["cross_entropy"][0])
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "RAN triton" in p.stdout and "pykernels.triton.lstm_layer" in p.stdout, p.stdout
 
 
 def test_dropout_mask_names_why_without_the_triton_ops(monkeypatch):
@@ -171,13 +192,19 @@ def test_an_avx2_build_loads_on_an_avx2_cpu_whatever_aten_cpu_capability_says():
     assert p.stdout.strip().splitlines()[-1] == "None", p.stdout
 
 
-def test_avx2_check_without_torchs_query_reads_the_cpu_flags(monkeypatch):
+def test_avx2_check_reads_the_cpu_flags_first(monkeypatch):
+    """The build uses -mavx2 -mfma: the kernel's flags must show both (a VM can mask FMA while torch's CPUID query,
+    which asks for AVX2 alone, says yes); torch's query only where there is no /proc/cpuinfo."""
     from pykernels import _cpuinfo
     monkeypatch.setattr(_cpuinfo.platform, "machine", lambda: "x86_64")
-    monkeypatch.delattr(torch.cpu, "_is_avx2_supported", raising=False)  # a torch without it
-    for flags, has in (({"sse4_2", "avx2", "fma"}, True), ({"avx2"}, False), ({"avx", "fma"}, False), (set(), False)):
+    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: True, raising=False)
+    for flags, has in (({"sse4_2", "avx2", "fma"}, True), ({"avx2"}, False), ({"avx", "fma"}, False)):
         monkeypatch.setattr(_cpuinfo, "_proc_cpuinfo_flags", lambda flags=flags: flags)
         assert _cpuinfo.has_avx2() is has, flags
+    monkeypatch.setattr(_cpuinfo, "_proc_cpuinfo_flags", lambda: set())  # no /proc/cpuinfo: torch's answer
+    assert _cpuinfo.has_avx2() is True
+    monkeypatch.delattr(torch.cpu, "_is_avx2_supported")  # and a torch without the query
+    assert _cpuinfo.has_avx2() is False
     monkeypatch.setattr(_cpuinfo.platform, "machine", lambda: "aarch64")
     assert _cpuinfo.has_avx2() is False
 

@@ -14,28 +14,10 @@
 #include <vector>
 
 #include "../cross_entropy.h"
+#include "../cross_entropy_math.h"
 
 namespace pykernels {
 namespace {
-
-// The rounding error of lse = fl(m + log_s), exactly (TwoSum: any magnitudes, no branch; no products, so no
-// contraction): lse + residual = m + log s. 0 where lse is not finite, so that the backward's
-// exp((x - lse) - residual) gives such rows what exp(x - lse) gave them (the NaN / inf behaviour of torch).
-template <typename acc_t>
-acc_t lse_residual(acc_t m, acc_t log_s, acc_t lse) {
-  if (!std::isfinite(lse)) return acc_t(0);
-  const acc_t b = lse - m, a = lse - b;
-  return (m - a) + (log_s - b);
-}
-
-// sum_c u_c (lse - x_c) (the smoothing term with u = w, or sum_c w_c t'_c (lse - x_c) with u = w t'), formed as
-// `finite` = U log_s + sum_c u_c (m - x_c) from U = sum_c u_c. An infinite U (a +-inf class weight or target, no
-// NaN) makes the sum U itself, as torch's -sum u log_softmax (every lse - x_c > 0), where the decomposition
-// gives inf - inf or inf * 0 = NaN. (log_s - log_s): a NaN row (NaN log_s) stays NaN.
-template <typename acc_t>
-acc_t infinite_sum(acc_t U, acc_t finite, acc_t log_s) {
-  return std::isinf(U) ? U + (log_s - log_s) : finite;
-}
 
 template <typename scalar_t, typename acc_t>
 struct RowKernel {

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "convert.cuh"
+#include "../cross_entropy_math.h"
 
 namespace pykernels {
 namespace cuda {
@@ -18,23 +19,6 @@ __device__ __forceinline__ float fast_exp(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
   return y;
-}
-
-// The rounding error of lse = fl(m + log_s), exactly (TwoSum: any magnitudes, no branch on them; no products,
-// so nothing to contract into an FMA): lse + residual = m + log s. The backward forms p = exp((x - lse) - residual)
-// from it, where exp(x - lse) alone put ulp(lse) / 2 into every probability (5e-4 at logits of 1e4). 0 where lse
-// is not finite, so such rows keep what exp(x - lse) gives them (torch's NaN / inf behaviour).
-__device__ __forceinline__ float lse_residual(float m, float log_s, float lse) {
-  const float b = lse - m, a = lse - b;
-  return isfinite(lse) ? (m - a) + (log_s - b) : 0.f;
-}
-
-// sum_c u_c (lse - x_c) (the smoothing term with u = w, or sum_c w_c t'_c (lse - x_c)), formed as `finite` =
-// U rel - sum_c u_c (x_c - pivot) from U = sum_c u_c. An infinite U (a +-inf class weight or target, no NaN) makes
-// the sum U itself, as torch's -sum u log_softmax (every lse - x_c > 0), where the decomposition gives
-// inf - inf = NaN; (rel - rel) keeps a NaN row NaN. Per row, once: nothing in the per-class loops.
-__device__ __forceinline__ float infinite_sum(float U, float finite, float rel) {
-  return isinf(U) ? U + (rel - rel) : finite;
 }
 
 // Online softmax state: running max m and sum of exp(x - m).

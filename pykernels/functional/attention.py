@@ -352,11 +352,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     # as plain PyTorch (full autograd), traced ones (torch.compile) as the opaque op pykernels::attention with
     # backend "reference" below, whose dropout masks come from the seed (another random stream than eager's).
     if chosen == "reference" and not torch.compiler.is_compiling():
-        masks = None
-        if dropout_p > 0:
-            cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-            masks = [torch.rand(H, cq[i + 1] - cq[i], ck[i + 1] - ck[i], device=q.device) >= dropout_p
-                     for i in range(len(cq) - 1)]
+        masks = _ref.varlen_dropout_masks(cu_seqlens_q, cu_seqlens_k, H, dropout_p, q.device) if dropout_p > 0 else None
         out, lse = _ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, masks, dropout_p, is_causal, scale,
                                          causal_alignment, win, softcap)
         return (out, lse.detach().float()) if return_lse else out

@@ -19,6 +19,11 @@ from ..errors import ArgumentValueError
 from ._adopt import adopt
 
 
+def _with_backend(extra_repr: str, backend: Optional[str]) -> str:
+    """torch's extra_repr, then ``backend=`` when one is asked for (as the other modules' reprs)."""
+    return extra_repr + (f", backend={backend!r}" if backend else "")
+
+
 class LSTMCell(torch.nn.LSTMCell):
     """``torch.nn.LSTMCell`` whose step is one fused kernel (``pykernels.functional.lstm_cell``).
 
@@ -40,7 +45,7 @@ class LSTMCell(torch.nn.LSTMCell):
                           backend=self.backend)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", backend={self.backend!r}" if self.backend else "")
+        return _with_backend(super().extra_repr(), self.backend)
 
     @classmethod
     def from_torch(cls, module: torch.nn.LSTMCell, *, backend: Optional[str] = None) -> "LSTMCell":
@@ -117,7 +122,7 @@ class LSTM(torch.nn.LSTM):
         return output, self.permute_hidden(hidden, unsorted_indices)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", backend={self.backend!r}" if self.backend else "")
+        return _with_backend(super().extra_repr(), self.backend)
 
     @classmethod
     def from_torch(cls, module: torch.nn.LSTM, *, backend: Optional[str] = None) -> "LSTM":

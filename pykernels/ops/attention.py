@@ -80,15 +80,15 @@ _register_cpp()
 # through pykernels::attention as a kernel call does. Kept out of KERNELS: that dict lists the backends with
 # kernels (the benchmarks and tests read it that way).
 
-def _reference_keep(seed: Optional[Tensor], dropout_p: float, shapes, device) -> list:
-    """Dropout keep-masks (True = keep) of the given shapes, drawn in order from a torch.Generator seeded with the
-    op's ``seed`` tensor: the forward and the backward draw the same masks. Not the stream of an eager reference
-    call (which draws from torch's global generator) nor the Triton / CUDA kernels' (Philox in the kernel)."""
+def _reference_generator(seed: Optional[Tensor], device) -> torch.Generator:
+    """The generator of the reference ops' dropout masks, seeded with the op's ``seed`` tensor: the forward and the
+    backward draw the same masks. Not the stream of an eager reference call (which draws from torch's global
+    generator) nor the Triton / CUDA kernels' (Philox in the kernel)."""
     if seed is None:
         raise ValueError("pykernels::attention_fwd/bwd_reference: dropout_p > 0 needs a seed tensor")
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed.reshape(-1)[0]) & ((1 << 64) - 1))
-    return [torch.rand(shape, generator=gen, device=device) >= dropout_p for shape in shapes]
+    return gen
 
 
 def _reference_call(q, k, v, bias, cu_q, cu_k, scale, is_causal, diag, bottom_right, win_left, win_right,
@@ -102,11 +102,8 @@ def _reference_call(q, k, v, bias, cu_q, cu_k, scale, is_causal, diag, bottom_ri
             raise NotImplementedError("the reference kernel ops take varlen calls with diag == 0 (per-sequence "
                                       "alignment comes from bottom_right)")
         alignment = "bottom_right" if bottom_right else "top_left"
-        masks = None
-        if dropout_p > 0:
-            cq, ck = cu_q.tolist(), cu_k.tolist()
-            masks = _reference_keep(seed, dropout_p, [(q.shape[1], cq[i + 1] - cq[i], ck[i + 1] - ck[i])
-                                                      for i in range(len(cq) - 1)], q.device)
+        masks = None if dropout_p <= 0 else _ref.varlen_dropout_masks(cu_q, cu_k, q.shape[1], dropout_p, q.device,
+                                                                      _reference_generator(seed, q.device))
         if grad_out is None:
             return _ref.varlen_attention(q, k, v, cu_q, cu_k, masks, dropout_p, is_causal, scale, alignment,
                                          window, softcap)
@@ -122,7 +119,8 @@ def _reference_call(q, k, v, bias, cu_q, cu_k, scale, is_causal, diag, bottom_ri
         raise NotImplementedError(f"the reference kernel ops take a diagonal of 0 or S - L, got {d}")
     keep = None
     if dropout_p > 0:
-        keep, = _reference_keep(seed, dropout_p, [q.shape[:-1] + (S,)], q.device)
+        keep = torch.rand(q.shape[:-1] + (S,), generator=_reference_generator(seed, q.device),
+                          device=q.device) >= dropout_p
     args = (q, k, v, bias, keep, dropout_p, is_causal, scale, k.shape[1] != q.shape[1], alignment, window, softcap)
     if grad_out is None:
         return _ref.scaled_dot_product_attention(*args)
@@ -215,18 +213,10 @@ def _backward(ctx, g_o, g_lse):
         if dropout_p > 0 and backend != "reference":
             _higher_order.refuse("pykernels.attention", "its dropout mask is the kernel's own random stream",
                                  "Use dropout_p=0 or backend='reference' for higher-order gradients.")
-        alignment = "bottom_right" if (bottom_right or diag != 0) else "top_left"
 
-        def forward(q, k, v, bias, cu_q, cu_k):
-            if backend == "reference":  # the reference kernel ops' forward (their dropout masks: from the seed)
-                return (_reference_call(q, k, v, bias, cu_q, cu_k, scale, is_causal, diag, bottom_right,
-                                        win_left, win_right, softcap, dropout_p, seed)[0],)
-            if cu_q is not None:
-                return (_ref.varlen_attention(q, k, v, cu_q, cu_k, None, 0.0, is_causal, scale, alignment,
-                                              (win_left, win_right), softcap)[0],)
-            return (_ref.scaled_dot_product_attention(q, k, v, bias, None, 0.0, is_causal, scale,
-                                                      k.shape[1] != q.shape[1], alignment, (win_left, win_right),
-                                                      softcap)[0],)
+        def forward(q, k, v, bias, cu_q, cu_k):  # the reference (with the reference ops' seeded dropout masks)
+            return (_reference_call(q, k, v, bias, cu_q, cu_k, scale, is_causal, diag, bottom_right, win_left,
+                                    win_right, softcap, dropout_p, seed)[0],)
         return _higher_order.reference_grads("pykernels.attention", forward, (q, k, v, bias, cu_q, cu_k),
                                              ctx.needs_input_grad, (g_o,))
     want_dbias = bool(ctx.needs_input_grad[3])

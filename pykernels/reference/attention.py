@@ -142,6 +142,15 @@ def scaled_dot_product_attention_backward(grad_out: Tensor, query: Tensor, key: 
             dv.to(value.dtype).sum_to_size(value.shape), dmask)
 
 
+def varlen_dropout_masks(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, H: int, dropout_p: float, device,
+                         generator: Optional[torch.Generator] = None) -> list:
+    """One (H, L_i, S_i) keep-mask (True = keep) per sequence, drawn in order from ``generator`` (None: torch's
+    global one), as ``varlen_attention``'s ``dropout_masks``."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [torch.rand(H, cq[i + 1] - cq[i], ck[i + 1] - ck[i], generator=generator, device=device) >= dropout_p
+            for i in range(len(cq) - 1)]
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      dropout_masks=None, dropout_p: float = 0.0, is_causal: bool = False,
                      scale: Optional[float] = None, alignment: str = "top_left", window: Tuple[int, int] = (-1, -1),
