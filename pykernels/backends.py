@@ -319,7 +319,12 @@ OURS_FASTER_DTYPE_AVX2: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
                                     "H=512-1024), so calls without one stay torch's "
                                     "(bench/results/cpu-lstm-avx2-20261205-101416.json, "
                                     "bench/results/cpu-lstm-small-batch-avx2-20261205-101549.json, "
-                                    "bench/results/cpu-lstm-large-hidden-avx2-20261205-121415.json)")}},
+                                    "bench/results/cpu-lstm-large-hidden-avx2-20261205-121415.json); after the "
+                                    "K-blocked weight gradients 0.94-1.60x forward+backward over the same shapes, "
+                                    "below 1.0 at 7 of 21, at most 6% "
+                                    "(bench/results/cpu-lstm-avx2-k-blocked-20261205-230227.json, "
+                                    "bench/results/cpu-lstm-small-batch-avx2-k-blocked-20261205-230335.json, "
+                                    "bench/results/cpu-lstm-large-hidden-avx2-k-blocked-20261205-230511.json)")}},
 }
 
 
