@@ -226,6 +226,18 @@ def _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_
     return out, (h_n, c_n)
 
 
+def _check_like(name: str, t: Tensor, shape: tuple, input: Tensor, amp: bool, kind: str) -> None:
+    """``t`` (a parameter or state tensor, named ``name``) has ``shape`` and the input's device, and its dtype unless
+    under autocast (which casts every operand to one dtype before any kernel runs)."""
+    if tuple(t.shape) != shape:
+        raise ArgumentValueError(f"lstm: {name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.device != input.device:
+        raise ArgumentValueError(f"lstm: {name} is on {t.device} but input is on {input.device}")
+    if t.dtype != input.dtype and not amp:
+        raise ArgumentTypeError(f"lstm: {name} has dtype {t.dtype} but input has {input.dtype} (torch: input and "
+                                f"{kind} tensors must have the same dtype)")
+
+
 def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                      batch_sizes) -> None:
     """torch.nn.LSTM's checks (its module makes them before the functional call; this API is called directly too),
@@ -260,21 +272,15 @@ def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, p
                                  f"{tuple(params[0].shape)}")
     # every layer's tensors, as torch's flat-weights checks: a kernel trusts H from weight_hh_l0 and would read a
     # smaller later weight out of bounds
-    amp = _autocast.enabled(input)  # (autocast casts every operand to one dtype before any kernel runs)
+    amp = _autocast.enabled(input)
     names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if has_biases else []) + (
         ["weight_hr"] if proj_size else [])
     for k, t in enumerate(params):
         layer, name = divmod(k // per, D), names[k % per]
         shape = {"weight_ih": (4 * H, input.shape[-1] if layer[0] == 0 else H_out * D), "weight_hh": (4 * H, H_out),
                  "bias_ih": (4 * H,), "bias_hh": (4 * H,), "weight_hr": (proj_size, H)}[name]
-        pname = f"params[{k}] ({name}_l{layer[0]}{'_reverse' if layer[1] else ''})"
-        if tuple(t.shape) != shape:
-            raise ArgumentValueError(f"lstm: {pname} must have shape {shape}, got {tuple(t.shape)}")
-        if t.device != input.device:
-            raise ArgumentValueError(f"lstm: {pname} is on {t.device} but input is on {input.device}")
-        if t.dtype != input.dtype and not amp:
-            raise ArgumentTypeError(f"lstm: {pname} has dtype {t.dtype} but input has {input.dtype} (torch: input and "
-                                    f"parameter tensors must have the same dtype)")
+        _check_like(f"params[{k}] ({name}_l{layer[0]}{'_reverse' if layer[1] else ''})", t, shape, input, amp,
+                    "parameter")
     if hx is None:
         return
     if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, Tensor) for t in hx):
@@ -282,14 +288,7 @@ def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, p
     unbatched = not packed and input.dim() == 2
     B = int(batch_sizes[0]) if packed else (None if unbatched else input.shape[0 if batch_first else 1])
     for name, t, size in (("hx[0]", hx[0], H_out), ("hx[1]", hx[1], H)):
-        want = (num_layers * D, size) if unbatched else (num_layers * D, B, size)
-        if tuple(t.shape) != want:
-            raise ArgumentValueError(f"lstm: {name} must have shape {want}, got {tuple(t.shape)}")
-        if t.device != input.device:
-            raise ArgumentValueError(f"lstm: {name} is on {t.device} but input is on {input.device}")
-        if t.dtype != input.dtype and not amp:
-            raise ArgumentTypeError(f"lstm: {name} has dtype {t.dtype} but input has {input.dtype} (torch: input and "
-                                    f"hidden tensors must have the same dtype)")
+        _check_like(name, t, (num_layers * D, size) if unbatched else (num_layers * D, B, size), input, amp, "hidden")
 
 
 def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Tensor], num_layers: int = 1,
