@@ -787,3 +787,129 @@ def test_multihead_attention_packs_the_input_projections(monkeypatch):
             out, _ = ours(*args, need_weights=False)
             assert sorted(calls[:-1]) == sorted(gemms), (kw, shape, calls)  # (the last: out_proj)
             torch.testing.assert_close(out, theirs(*args, need_weights=False)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_triton_grids_fit_cuda_limits(monkeypatch):
+    """CUDA caps grid axes 1 and 2 at 65535 and Triton passes grids through unchanged, so B * H (or sequences *
+    H) must span both: B * H = 65536 is an ordinary batch of short sequences (4096 x 16 heads) that torch's SDPA
+    runs. The launches are recorded, not run (the decoding runs in every other test, and in the next one)."""
+    require_backend("triton", "cpu")
+    import pykernels.triton.attention as ta
+    grids = []
+
+    def recording(kernel):
+        class Launch:
+            def __getitem__(self, grid):
+                return lambda *args, **kw: grids.append(tuple(grid(kw) if callable(grid) else grid))
+        return Launch()
+
+    monkeypatch.setattr(ta, "wrap", recording)
+    B, H, L, E = 4096, 16, 4, 16
+    q = torch.randn(B, H, L, E)
+    lse = torch.randn(B, H, L)
+    ta.attention_fwd(q, q, q, None, None, None, L, L, 0.25, False, 0, False, -1, -1, 0.0, 0.0, None)
+    ta.attention_bwd(q, q, q, q, q, lse, None, None, None, L, L, 0.25, False, 0, False, -1, -1, 0.0, 0.0, None,
+                     False)
+    packed = torch.randn(2 * 8192, 8, E)
+    cu = torch.arange(0, 2 * 8192 + 1, 2, dtype=torch.int32)
+    ta.attention_fwd(packed, packed, packed, None, cu, cu, 2, 2, 0.25, False, 0, False, -1, -1, 0.0, 0.0, None)
+    ta.dropout_mask(torch.zeros(1, dtype=torch.int64), B, H, L, L, 0.1)
+    assert len(grids) == 5
+    for grid, heads in zip(grids, (B * H, B * H, B * H, 8192 * 8, B * H)):
+        assert grid[0] < 2 ** 31 and all(n <= 65535 for n in grid[1:]), grid
+        assert heads <= grid[1] * grid[2] < heads + grid[2], grid  # every head, few programs redo the last
+
+
+def test_triton_heads_split_over_two_grid_axes(monkeypatch):
+    """The heads on grid axes 1 x 2 (as B * H > 65535 runs), here with a cap of 3 per axis: B * H = 8 heads on a
+    3 x 3 grid, whose last program redoes the last head. Output, lse, every gradient and the dropout mask match
+    the one-axis launch, in dense, GQA and varlen calls."""
+    require_backend("triton", "cpu")
+    import pykernels.triton.attention as ta
+    q = torch.randn(2, 4, 19, 16, requires_grad=True)
+    kv = [torch.randn(2, 2, 23, 16, requires_grad=True) for _ in range(2)]
+    cu = torch.tensor([0, 5, 19], dtype=torch.int32)
+    flat = [t.detach()[0].transpose(0, 1).contiguous().requires_grad_() for t in (q, *kv)]  # (19|23, H, E)
+
+    def run():
+        dense = sdpa(q, *kv, is_causal=True, enable_gqa=True, return_lse=True, backend="triton")
+        packed = varlen_attention(*flat, cu, torch.tensor([0, 9, 23], dtype=torch.int32), 14, 14,
+                                  is_causal=True, backend="triton")
+        outs = (*dense, packed)
+        grads = torch.autograd.grad(dense[0].sum() + packed.square().sum(), [q, *kv, *flat])
+        return (*outs, *grads, ta.dropout_mask(torch.tensor([7]), 2, 4, 19, 23, 0.3))
+
+    want = run()
+    monkeypatch.setattr(ta, "_GRID_YZ", 3)
+    assert ta._grid(5, 8) == (5, 3, 3)
+    for a, b in zip(run(), want):
+        assert torch.equal(a, b)
+
+
+def test_triton_takes_any_head_dim_stride():
+    """A head dim that is not innermost, with a stride that times the head dim passes 2^31 (offsets in int64; in
+    int32 they wrapped and the kernels read and wrote ~4 GiB away from the tensors). The storage is a virtual
+    4.6 GB allocation of which 16 x 128 elements are touched."""
+    require_backend("triton", "cpu")
+    E, L, P = 128, 16, 17825792
+    try:
+        store = torch.empty(E * P, dtype=torch.float16)
+    except RuntimeError as e:  # no virtual memory for it here
+        pytest.skip(f"cannot reserve the 4.6 GB of address space: {e}")
+    q = store.as_strided((1, 1, L, E), (0, 0, 1, P))
+    q.copy_(torch.randn(1, 1, L, E, dtype=torch.float16))
+    k, v = torch.randn(2, 1, 1, L, E, dtype=torch.float16)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    got = sdpa(q, k, v, backend="triton")
+    torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "triton"])
+def test_three_d_query_takes_a_four_d_mask(backend):
+    """As torch: a (1, 1, L, S) or (1, H, L, S) mask with a 3-D (H, L, E) query (the output stays 3-D; a float
+    mask's gradient comes back in its own shape)."""
+    if backend is not None:
+        require_backend(backend, "cpu")
+    H, L, S, E = 2, 5, 6, 16
+    q, k, v = torch.randn(H, L, E), torch.randn(H, S, E), torch.randn(H, S, E)
+    for shape in ((1, 1, L, S), (1, H, L, S)):
+        for m in (torch.randn(shape, requires_grad=True), torch.rand(shape) > 0.2):
+            want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+            got = sdpa(q, k, v, attn_mask=m, backend=backend)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            if m.requires_grad:
+                g = torch.randn_like(want)
+                (gw,), (gg,) = torch.autograd.grad(want, m, g), torch.autograd.grad(got, m, g)
+                assert gg.shape == m.shape
+                torch.testing.assert_close(gg, gw, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_mask_constant_along_keys_gets_an_exact_zero_gradient(backend):
+    """Softmax ignores a per-row constant, so a float mask of size 1 along the keys has gradient 0 exactly; the
+    kernels' dS rows sum to dO.(O - O rounded) (fp16: ~1e-3 |dO||O|, 1000x torch's error), which Adam would turn
+    into full-size steps. A NaN entry still gives NaN. (The kernels' shared backward; the reference, plain torch
+    autograd, rounds as torch.)"""
+    require_backend(backend, "cpu")
+    dtype = torch.float16
+    q, k, v = (torch.randn(1, 4, n, 32, dtype=dtype) for n in (64, 64, 64))
+    for shape in ((1, 1, 1, 1), (1, 4, 1, 1), (1, 1, 64, 1)):
+        m = torch.randn(shape, dtype=dtype, requires_grad=True)
+        out = sdpa(q, k, v, attn_mask=m, backend=backend)
+        (g,) = torch.autograd.grad(out, m, 10 * torch.randn_like(out))
+        assert torch.equal(g, torch.zeros_like(g)), (shape, g.abs().max())
+    m = torch.zeros(1, 1, 64, 1, dtype=dtype)
+    m[0, 0, 3] = float("nan")
+    m.requires_grad_()
+    (g,) = torch.autograd.grad(sdpa(q, k, v, attn_mask=m, backend=backend).sum(), m)
+    assert g[0, 0, 3].isnan().all() and torch.equal(g[0, 0, 4:], torch.zeros_like(g[0, 0, 4:]))
+
+
+def test_multihead_attention_unbatched_key_padding_mask_error():
+    """An unbatched call's key_padding_mask is 1-D (S,): the error says so and shows the shape passed."""
+    mha = pykernels.nn.MultiheadAttention(8, 2)
+    x, y = torch.randn(5, 8), torch.randn(7, 8)
+    with pytest.raises(ValueError, match=r"must be \(7,\) for unbatched inputs, got \(1, 7\)"):
+        mha(x, y, y, key_padding_mask=torch.zeros(1, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"must be \(7,\) for unbatched inputs, got \(6,\)"):
+        mha(x, y, y, key_padding_mask=torch.zeros(6, dtype=torch.bool))

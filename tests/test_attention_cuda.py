@@ -47,6 +47,8 @@ def test_cuda_coverage_rules():
     assert "dtype" in fa._cuda_reason(torch.float32, (64, 64))
     assert fa._cuda_reason(f16, (256, 200)) is None
     assert "head dim 320" in fa._cuda_reason(f16, (64, 320))
+    assert fa._cuda_reason(f16, (64, 64), (65535 * 64, 7)) is None  # the grids' row-tile axis: 65535 tiles
+    assert "sequence length 4194241" in fa._cuda_reason(f16, (64, 64), (7, 65535 * 64 + 1))
     # automatic calls on CUDA try triton (GPU-validated, measured) before the unmeasured cuda kernels
     from pykernels import backends
     for op in ("scaled_dot_product_attention", "varlen_attention", "lstm"):

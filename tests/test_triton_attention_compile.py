@@ -23,7 +23,7 @@ _SCRIPT = textwrap.dedent('''
                "sbm", "sbn"]
     SCALARS = {{"H": "i32", "GROUP": "i32", "L": "i32", "S": "i32", "HEAD_E": "i32", "HEAD_EV": "i32",
                "scale": "fp32", "softcap": "fp32", "diag": "i32", "win_left": "i32", "win_right": "i32",
-               "dropout_p": "fp32"}}
+               "dropout_p": "fp32", "NBH": "i32"}}
     DT = {{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}}
 
     def sig(kern, dt, bias_t):

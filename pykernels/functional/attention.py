@@ -97,12 +97,19 @@ def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], empty
 # backend, with this reason in last_dispatch.
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_MAX_HEAD_DIM = 256  # kAttentionMaxHeadDim, csrc/cuda/attention.h
+# The cuda grids hold the 64-row tiles of a sequence on an axis CUDA caps at 65535 (launch in
+# csrc/cuda/attention_tiles.cuh refuses more): longer sequences run on the next backend.
+CUDA_MAX_SEQ_LEN = 65535 * 64
 
-def _cuda_reason(dtype: torch.dtype, head_dims: Tuple[int, int]) -> Optional[str]:
+
+def _cuda_reason(dtype: torch.dtype, head_dims: Tuple[int, int], lengths: Tuple[int, int] = (0, 0)
+                 ) -> Optional[str]:
     if dtype not in _CUDA_DTYPES:
         return f"dtype {dtype} is not supported by the cuda kernels (float16, bfloat16)"
     if max(head_dims) > CUDA_MAX_HEAD_DIM:
         return f"head dim {max(head_dims)} > {CUDA_MAX_HEAD_DIM} in the cuda kernels"
+    if max(lengths) > CUDA_MAX_SEQ_LEN:
+        return f"sequence length {max(lengths)} > {CUDA_MAX_SEQ_LEN} (65535 tiles of 64 rows) in the cuda kernels"
     return None
 
 
@@ -210,6 +217,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                     f"{attn_mask.dtype}")
         if attn_mask.device != query.device:
             raise ArgumentValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {query.device}")
+        if query.dim() == 3 and attn_mask.dim() == 4 and attn_mask.shape[0] == 1:
+            attn_mask = attn_mask.squeeze(0)  # as torch, which takes (1, H, L, S) masks of 3-D (H, L, E) queries
         try:
             ok = attn_mask.shape == score_shape or torch.broadcast_shapes(attn_mask.shape, score_shape) == score_shape
         except RuntimeError:
@@ -232,7 +241,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         if why is None and b != "reference" and dropout_p >= 1.0:
             return "dropout_p == 1 (every probability dropped) runs on the reference"
         if why is None and b == "cuda":
-            return _cuda_reason(query.dtype, (E, Ev))
+            return _cuda_reason(query.dtype, (E, Ev), (query.shape[-2], key.shape[-2]))
         return why
 
     chosen = backends.choose("scaled_dot_product_attention", query.device, backend, unsupported,
@@ -276,7 +285,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
 def _check_cu(fn: str, name: str, cu: Tensor, total: int, device: torch.device) -> None:
     if not isinstance(cu, Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.numel() < 1:
-        raise ArgumentTypeError(f"{fn}: {name} must be a 1-D int32 tensor of nseq + 1 offsets")
+        raise ArgumentTypeError(f"{fn}: {name} must be a 1-D int32 (or int64) tensor of nseq + 1 offsets")
     if cu.device != device:
         raise ArgumentValueError(f"{fn}: {name} is on {cu.device} but the tensors are on {device}")
     if cu.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -341,7 +350,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         if why is None and b != "reference" and dropout_p >= 1.0:
             return "dropout_p == 1 (every probability dropped) runs on the reference"
         if why is None and b == "cuda":
-            return _cuda_reason(q.dtype, (E, Ev))
+            return _cuda_reason(q.dtype, (E, Ev), (max_seqlen_q, max_seqlen_k))
         return why
 
     chosen = backends.choose("varlen_attention", q.device, backend, unsupported, tensors=(q, k, v))

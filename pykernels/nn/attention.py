@@ -32,7 +32,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     *blocked*; float masks are added to the scores. ``need_weights=True`` still returns the attention weights
     (computed explicitly next to the fused output, averaged over heads when ``average_attn_weights``); when
     dropout is active in training with ``need_weights=True`` the call runs torch's own implementation, whose
-    returned weights are the dropped ones. A query that can see no key gets a zero output (torch: NaN).
+    returned weights are the dropped ones. A query that can see no key gets a zero output (torch: NaN with
+    ``need_weights=True``, 0 without).
     Keyword-only extra: ``backend`` (see ``pykernels.functional.scaled_dot_product_attention``).
     """
 
@@ -130,8 +131,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if key_padding_mask.shape != (N, S):
                 extra = (self.bias_k is not None) + bool(self.add_zero_attn)  # columns padded on above
                 given = (*key_padding_mask.shape[:-1], key_padding_mask.shape[-1] - extra)
-                raise ArgumentValueError(f"MultiheadAttention: key_padding_mask must be ({N}, {S - extra}), got "
-                                         f"{given}")
+                want = (N, S - extra) if batched else (S - extra,)
+                raise ArgumentValueError(f"MultiheadAttention: key_padding_mask must be {want}"
+                                         f"{'' if batched else ' for unbatched inputs'}, got "
+                                         f"{given if batched else given[1:]}")
             kpm = key_padding_mask.reshape(N, 1, 1, S)
             if mask is None:
                 mask = kpm

@@ -107,6 +107,16 @@ def _seq(b, CuQ, CuK, L, S, diag, VARLEN: tl.constexpr, BR: tl.constexpr):
 
 
 @triton.jit
+def _tile(heads, BLOCK: tl.constexpr):
+    """(first row of this program's tile, its batch * head index). The heads span grid axes 1 and 2 (_grid: CUDA
+    caps each at 65535, which B * H can pass), the tiles axis 0, fastest, so neighbouring programs share one head's
+    K/V in L2. The few programs past the last head (axes 1 x 2 round up) redo it: the same values to the same
+    places. (Decoding one flat axis instead made ptxas spill 4x more in the sm_80 forward.)"""
+    bh = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+    return tl.program_id(0) * BLOCK, tl.minimum(bh, heads - 1)
+
+
+@triton.jit
 def _key_range(start_m, Lb, Sb, diag, win_left, win_right, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """[lo, hi) of the keys a query block can see (causal / window block skipping) and ``mid``: the blocks in
@@ -185,13 +195,12 @@ def _fwd_step(acc, m_i, l_i, q, kb, vb, start_n, offs_m, offs_d, offs_e, Lb, Sb,
 @triton.jit
 def _attn_fwd(Q, K, V, Bias, O, LSE, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
               sbb, sbh, sbm, sbn, sob, soh, som, sod, H, GROUP, L, S, HEAD_E, HEAD_EV, scale, softcap, diag,
-              win_left, win_right, dropout_p, IS_CAUSAL: tl.constexpr, BR: tl.constexpr,
+              win_left, win_right, dropout_p, NBH, IS_CAUSAL: tl.constexpr, BR: tl.constexpr,
               HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BOOL_BIAS: tl.constexpr,
               DROPOUT: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr, E: tl.constexpr,
               EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     scale, softcap, dropout_p = _f32(scale, softcap, dropout_p)
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _tile(NBH, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP  # GQA: the kv head of this query head, no repeated K/V in memory
@@ -277,7 +286,7 @@ def _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, DELT
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, DELTA, DK, DV, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
                    svb, svh, svn, svd, sbb, sbh, sbm, sbn, sdb, sdh, sdm, sdd, H, GROUP, L, S, HEAD_E, HEAD_EV,
-                   scale, softcap, diag, win_left, win_right, dropout_p, IS_CAUSAL: tl.constexpr,
+                   scale, softcap, diag, win_left, win_right, dropout_p, NBH, IS_CAUSAL: tl.constexpr,
                    BR: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BOOL_BIAS: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
                    E: tl.constexpr, EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -286,8 +295,7 @@ def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, DELTA, DK, DV, CuQ, CuK, Seed, sqb, s
     The query blocks that see every key of the block run without mask arithmetic, as the forward's key blocks.
     dK/dV are stored with the strides of K/V (the launcher allocates them like K/V)."""
     scale, softcap, dropout_p = _f32(scale, softcap, dropout_p)
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
+    start_n, bhk = _tile(NBH, BLOCK_N)
     HK = H // GROUP
     b = (bhk // HK).to(tl.int64)
     hk = (bhk % HK).to(tl.int64)
@@ -331,15 +339,14 @@ def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, DELTA, DK, DV, CuQ, CuK, Seed, sqb, s
 @triton.jit
 def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, DELTA, DQ, DBias, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
                  svb, svh, svn, svd, sbb, sbh, sbm, sbn, sdb, sdh, sdm, sdd, H, GROUP, L, S, HEAD_E, HEAD_EV, scale,
-                 softcap, diag, win_left, win_right, dropout_p, IS_CAUSAL: tl.constexpr, BR: tl.constexpr,
+                 softcap, diag, win_left, win_right, dropout_p, NBH, IS_CAUSAL: tl.constexpr, BR: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BOOL_BIAS: tl.constexpr,
                  DROPOUT: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr, DBIAS: tl.constexpr,
                  E: tl.constexpr, EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block (stored with Q's strides); with DBIAS also the gradient of the float mask, the
     score gradient dS, into a dense fp32 (B, H, L, S) buffer (zero where never visited)."""
     scale, softcap, dropout_p = _f32(scale, softcap, dropout_p)
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _tile(NBH, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
@@ -390,12 +397,15 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, DELTA, DQ, DBias, CuQ, CuK, Seed, sqb, 
 
 
 @triton.jit
-def _dropout_mask_kernel(Out, Seed, L, S, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The keep-mask the attention kernels use, materialised as (B*H, L, S) bool (tests, debugging)."""
+def _dropout_mask_kernel(Out, Seed, L, S, dropout_p, NBH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keep-mask the attention kernels use, materialised as (B*H, L, S) bool (tests, debugging); the (row,
+    column) tiles on grid axis 0, the heads as the attention kernels'."""
     dropout_p = tl.cast(dropout_p, tl.float32)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.program_id(2).to(tl.int64) * L + offs_m
+    tile, bh = _tile(NBH, 1)
+    tiles_n = tl.cdiv(S, BLOCK_N)
+    offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = bh.to(tl.int64) * L + offs_m
     keep = _keep(tl.load(Seed), rows, offs_n, S, dropout_p)
     tl.store(Out + rows[:, None] * S + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
@@ -521,6 +531,15 @@ def _tuned(kind: str):
     return _TUNED[kind]
 
 
+_GRID_YZ = 65535  # CUDA's cap on grid axes 1 and 2
+
+
+def _grid(tiles: int, heads: int) -> Tuple[int, int, int]:
+    """(tiles, y, z), y * z >= heads with y, z <= _GRID_YZ and the fewest extra programs (see _tile)."""
+    z = max(1, triton.cdiv(heads, _GRID_YZ))
+    return tiles, triton.cdiv(heads, z), z
+
+
 def _launch(kind: str, grid_fn, flags, *args) -> None:
     if autotune_enabled():
         fixed = {k: v for k, v in flags.items() if k not in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
@@ -544,8 +563,15 @@ def _nonoverlapping_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _unit_head(t: torch.Tensor) -> torch.Tensor:
+    """The head dim innermost: the kernels form head-dim offsets in int32 (int64 ones spill), which only a unit
+    stride (Triton specialises it) keeps in range for any layout."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
-    """Same strides as torch.empty_like gives (so a gradient can share the input's strides)."""
+    """Same strides as torch.empty_like gives (so a gradient can share the input's strides), head dim innermost."""
+    t = _unit_head(t)
     return t if _nonoverlapping_dense(t) else t.contiguous()
 
 
@@ -587,6 +613,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optio
     """Dense: q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) -> out (B, H, L, Ev), lse (B, H, L) fp32.
     Varlen (cu_seqlens given): q (T, H, E), k/v (Tk, Hk, E|Ev) -> out (T, H, Ev), lse (H, T) fp32."""
     varlen = cu_seqlens_q is not None
+    q, k, v = _unit_head(q), _unit_head(k), _unit_head(v)
     q4, k4, v4 = _view4(q, varlen), _view4(k, varlen), _view4(v, varlen)
     B, H, L, E, Hk, S, EV, BM, BN, rows_q, flags = _common(q4, k4, v4, bias, cu_seqlens_q, cu_seqlens_k,
                                                            max_seqlen_q, is_causal, bottom_right,
@@ -601,9 +628,10 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optio
     bias_t, sb = _bias_args(bias, B, H, L, S, q)
     cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if varlen else (None, None)  # see _seq
     seed_t = seed if seed is not None else q
-    _launch("fwd", lambda bm, bn: (triton.cdiv(rows_q, bm), B * H), flags,
+    _launch("fwd", lambda bm, bn: _grid(triton.cdiv(rows_q, bm), B * H), flags,
             q4, k4, v4, bias_t, o4, lse, cu_q, cu_k, seed_t, *q4.stride(), *k4.stride(), *v4.stride(), *sb,
-            *o4.stride(), *_scalars(H, Hk, L, S, E, EV, scale, softcap, diag, (win_left, win_right), dropout_p))
+            *o4.stride(), *_scalars(H, Hk, L, S, E, EV, scale, softcap, diag, (win_left, win_right), dropout_p),
+            B * H)
     return o, lse
 
 
@@ -619,9 +647,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     varlen = cu_seqlens_q is not None
     q, k, v = _dense(q), _dense(k), _dense(v)
     q4, k4, v4 = _view4(q, varlen), _view4(k, varlen), _view4(v, varlen)
-    do4 = _view4(grad_out, varlen)
-    if do4.stride(-1) != 1:
-        do4 = do4.contiguous()
+    do4 = _view4(_unit_head(grad_out), varlen)
     window = (win_left, win_right)
     B, H, L, E, Hk, S, EV, BM, BN, rows_q, flags = _common(q4, k4, v4, bias, cu_seqlens_q, cu_seqlens_k,
                                                            max_seqlen_q, is_causal, bottom_right, window, softcap,
@@ -639,15 +665,15 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     seed_t = seed if seed is not None else q
     scalars = _scalars(H, Hk, L, S, E, EV, scale, softcap, diag, window, dropout_p)
     strides = (*q4.stride(), *k4.stride(), *v4.stride(), *sb, *do4.stride())
-    _launch("dq", lambda bm, bn: (triton.cdiv(rows_q, bm), B * H), dict(flags, DBIAS=want_dbias),
-            q4, k4, v4, bias_t, do4, lse, delta, dq4, dbias_full, cu_q, cu_k, seed_t, *strides, *scalars)
+    _launch("dq", lambda bm, bn: _grid(triton.cdiv(rows_q, bm), B * H), dict(flags, DBIAS=want_dbias),
+            q4, k4, v4, bias_t, do4, lse, delta, dq4, dbias_full, cu_q, cu_k, seed_t, *strides, *scalars, B * H)
     BM2, BN2, warps2, stages2 = config(E, EV, q4.dtype, "dkdv", q4.device, bool(is_causal))
     flags.update(BLOCK_M=BM2, BLOCK_N=BN2, num_warps=warps2)
     if "num_stages" in flags:
         flags["num_stages"] = stages2
     rows_k = max_seqlen_k if varlen else S
-    _launch("dkdv", lambda bm, bn: (triton.cdiv(rows_k, bn), B * Hk), flags,
-            q4, k4, v4, bias_t, do4, lse, delta, dk4, dv4, cu_q, cu_k, seed_t, *strides, *scalars)
+    _launch("dkdv", lambda bm, bn: _grid(triton.cdiv(rows_k, bn), B * Hk), flags,
+            q4, k4, v4, bias_t, do4, lse, delta, dk4, dv4, cu_q, cu_k, seed_t, *strides, *scalars, B * Hk)
     if want_dbias:
         dbias = dbias_full.sum_to_size(bias.shape).to(bias.dtype)  # over the broadcast dims of the mask
     else:
@@ -659,8 +685,8 @@ def dropout_mask(seed: torch.Tensor, B: int, H: int, L: int, S: int, dropout_p: 
     """(B, H, L, S) bool keep-mask of a dense call with this seed (the mask the kernels apply)."""
     out = torch.empty(B, H, L, S, device=seed.device, dtype=torch.int8)
     BM, BN = (16, 16) if _interpreted() else (64, 64)
-    grid = (triton.cdiv(L, BM), triton.cdiv(S, BN), B * H)
-    wrap(_dropout_mask_kernel)[grid](out, seed, L, S, float(dropout_p), BLOCK_M=BM, BLOCK_N=BN)
+    grid = _grid(triton.cdiv(L, BM) * triton.cdiv(S, BN), B * H)
+    wrap(_dropout_mask_kernel)[grid](out, seed, L, S, float(dropout_p), B * H, BLOCK_M=BM, BLOCK_N=BN)
     return out.bool()
 
 
