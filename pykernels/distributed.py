@@ -5,13 +5,19 @@ are the classes ``[vocab_start, vocab_start + V_r)`` of a vocabulary of ``vocab_
 holds ``[r * V_r, (r + 1) * V_r)`` and ``vocab_size = world * V_r``). ``input``, ``target`` and the class
 ``weight`` (vocab_size,) are the same on every rank (replicated, as after a tensor-parallel all-gather).
 
+Check: before any kernel, one all_gather of 5 int64 per rank (vocab_start, V_r, vocab_size, N, H) on input's device;
+every rank raises the same ArgumentValueError unless the shards tile [0, vocab_size) (no overlap, no gap) and the
+ranks agree on vocab_size, N and H (otherwise the loss would be silently wrong, or gloo would abort the process on
+the mismatched all_reduce sizes). It moves 40 bytes per rank: latency only, but the host reads the result (on CUDA
+it waits for the work already queued on the stream).
 Forward: every rank runs the backend's forward kernel on its shard (per-row max and log-sum-exp relative to it,
 target logit, smoothing sum over its classes; never the logits), then two all_reduces combine them: MAX of the row
 max, then one SUM of the stacked (sum-exp relative to the global max, target logit, smoothing sum). The loss is
 identical on every rank.
 Backward: every rank recomputes its shard's logit tiles with the global lse, gets d_weight / d_bias of its own
 rows and its partial d_input, and one SUM all_reduce of d_input (in fp32) makes d_input right on every rank.
-Collectives: 2 in the forward (2N and 3N floats), 1 in the backward (N x H floats).
+Collectives: the check's all_gather (5 int64 per rank), 2 all_reduces in the forward (N floats, op MAX; then 3N
+floats, op SUM), 1 in the backward (N x H floats).
 """
 from __future__ import annotations
 
@@ -73,6 +79,42 @@ class _VocabParallelLCE(torch.autograd.Function):
                 None, None, None, None, None, None, None, None, None, None, None, None)
 
 
+def _check_ranks_agree(vocab_start: int, rows: int, vocab_size: int, n: int, h: int, group, device) -> None:
+    """One all_gather of 5 int64 per rank: the shards [vocab_start, vocab_start + rows) must tile [0, vocab_size)
+    and every rank must pass the same vocab_size and input of the same N x H. Otherwise the loss is silently wrong
+    (overlap, gap, vocab_size) or gloo aborts the process on mismatched collective sizes (N, H). Every rank decides
+    from the same gathered values, so all raise the same error and none is left waiting in a later collective."""
+    # on input's device, as the other collectives: a device the group's backend takes
+    mine = torch.tensor([vocab_start, rows, vocab_size, n, h], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    starts, sizes, vocab, ns, hs = zip(*torch.stack(parts).tolist())
+    for name, what, values, hint in (
+            ("vocab_size", "vocab_size", vocab, " (default: world size x the rank's rows; pass it and vocab_start "
+                                                "for uneven shards)"),
+            ("input", "input's rows N", ns, " (input and target must be replicated)"),
+            ("input", "input's in_features H", hs, "")):
+        if len(set(values)) > 1:
+            raise ArgumentValueError(f"linear_cross_entropy: {name}: the ranks disagree on {what}: {list(values)} "
+                                     f"by rank{hint}")
+    V = vocab[0]
+    untiled = f"linear_cross_entropy: vocab_start: the shards do not tile [0, {V}): "
+    end, last = 0, None  # classes [0, end) are covered, the last by shard `last`
+    for s, e, r in sorted((s, s + v, r) for r, (s, v) in enumerate(zip(starts, sizes))):
+        if not 0 <= s <= e <= V:
+            raise ArgumentValueError(f"{untiled}rank {r}'s shard [{s}, {e}) is outside the vocabulary")
+        if s == e:
+            continue  # an empty shard holds no class
+        if s < end:
+            raise ArgumentValueError(f"{untiled}rank {last[2]}'s shard [{last[0]}, {last[1]}) and rank {r}'s [{s}, "
+                                     f"{e}) overlap; pass vocab_start (and vocab_size) for uneven shards")
+        if s > end:
+            raise ArgumentValueError(f"{untiled}classes [{end}, {s}) are on no rank")
+        end, last = e, (s, e, r)
+    if end != V:
+        raise ArgumentValueError(f"{untiled}classes [{end}, {V}) are on no rank")
+
+
 def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                                         linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None,
                                         reduction: str = "mean", ignore_index: Optional[int] = None,
@@ -86,7 +128,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     "reference" (the kernel contract in plain PyTorch, chunked: also never the logits). ``_loss_dtype``: the loss's
     dtype (None: input's; float32 under autocast), cast once from the float32 accumulator."""
     from .functional.cross_entropy import _check_target_range, _index, _smoothing
-    from .functional.linear_cross_entropy import _check_options, kernel_reason
+    from .functional.linear_cross_entropy import _check_dtypes_devices, _check_options, kernel_reason
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("linear_cross_entropy: group= needs an initialised torch.distributed process group")
     if group is True:
@@ -101,19 +143,15 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     if input.shape[-1] != H:
         raise ArgumentValueError(f"linear_cross_entropy: linear_weight's last dimension ({H}) must equal input's last "
                                  f"dimension, in_features ({input.shape[-1]})")
-    if linear_weight.dtype != input.dtype:
-        raise ArgumentTypeError(f"linear_cross_entropy: linear_weight has dtype {linear_weight.dtype} but input has "
-                                f"{input.dtype}; they must match")
     if (not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.uint8)
             or tuple(target.shape) != tuple(input.shape[:-1])):
         raise ArgumentValueError(f"linear_cross_entropy: vocab-parallel target must be int64 (or uint8) class indices "
                                  f"of shape {tuple(input.shape[:-1])}")
+    _check_dtypes_devices(input, linear_weight, target, linear_bias, weight)
     target = target.to(torch.int64)  # before any comparison: a uint8 255 must not equal ignore_index -1
     vocab_start = rank * Vr if vocab_start is None else int(vocab_start)
     vocab_size = world * Vr if vocab_size is None else int(vocab_size)
-    if not 0 <= vocab_start <= vocab_size - Vr:
-        raise ArgumentValueError(f"linear_cross_entropy: shard [{vocab_start}, {vocab_start + Vr}) is outside the "
-                         f"vocabulary of {vocab_size} classes")
+    _check_ranks_agree(vocab_start, Vr, vocab_size, target.numel(), H, group, input.device)
     if linear_bias is not None and tuple(linear_bias.shape) != (Vr,):
         raise ArgumentValueError(f"linear_cross_entropy: linear_bias must have shape ({Vr},) (this rank's classes), "
                                  f"got {tuple(linear_bias.shape)}")

@@ -21,6 +21,75 @@ CASES = [  # bias, weighted, eps, zl, softcap, reduction, uneven
 ]
 
 
+def _bad_calls(rank, backends, linear_cross_entropy) -> None:
+    """Arguments the ranks disagree on, and operands the one-process call rejects: the same clear error on every
+    rank, before any kernel (shards overlapping or leaving a gap, or ranks passing different vocab_size, gave a
+    silently wrong loss; a different N or H aborted the process inside gloo; a float32 bias on float64 input and an
+    int64 class weight were not checked)."""
+    from pykernels.errors import ArgumentTypeError, ArgumentValueError
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 6, 8, 20
+    x = torch.randn(N, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64)
+    t = torch.randint(0, V, (N,), generator=g)
+    half = W[rank * 10:(rank + 1) * 10]
+    gap = (0, 9) if rank == 0 else (10, 20)
+    bad = [  # (expected, match, input, linear_weight, target, keywords)
+        (ArgumentValueError, r"vocab_start: .*\[0, 10\).*\[0, 10\) overlap", x, W[:10], t.clamp(max=9),
+         dict(vocab_start=0, vocab_size=10)),
+        (ArgumentValueError, r"vocab_start: .* classes \[9, 10\) are on no rank", x, W[gap[0]:gap[1]], t,
+         dict(vocab_start=gap[0], vocab_size=V)),
+        # 11 + 9 rows with the default vocab_start (rank x rows): [0, 11) and [9, 18)
+        (ArgumentValueError, r"vocab_start: .*\[0, 11\).*\[9, 18\) overlap", x, W[:11] if rank == 0 else W[11:], t,
+         dict(vocab_size=V)),
+        (ArgumentValueError, r"vocab_size: the ranks disagree on vocab_size: \[20, 21\]", x, half, t,
+         dict(vocab_size=V + rank)),
+        (ArgumentValueError, r"input: the ranks disagree on input's rows N: \[6, 5\]", x[:N - rank], half,
+         t[:N - rank], {}),
+        (ArgumentValueError, r"input: the ranks disagree on input's in_features H: \[8, 7\]", x[:, :H - rank],
+         half[:, :H - rank], t, {}),
+    ]
+    for backend in backends:
+        bad += [(ArgumentTypeError, "linear_bias has dtype torch.float32", x, half, t,
+                 dict(linear_bias=torch.zeros(10, dtype=torch.float32), backend=backend)),
+                (ArgumentTypeError, "weight must be a floating-point", x, half, t,
+                 dict(weight=torch.ones(V, dtype=torch.int64), backend=backend))]
+    for exc, match, xx, WW, tt, kw in bad:
+        kw.setdefault("backend", "reference")
+        with pytest.raises(exc, match=match):
+            linear_cross_entropy(xx, WW, tt, group=dist.group.WORLD, **kw)
+
+
+def _collectives(rank, linear_cross_entropy) -> None:
+    """The collectives of one forward + backward are the ones pykernels.distributed's docstring states."""
+    import pykernels.distributed as pd
+    calls, real = [], (dist.all_gather, dist.all_reduce)
+
+    def gather(parts, t, *a, **k):
+        calls.append(("all_gather", t.numel(), t.dtype))
+        return real[0](parts, t, *a, **k)
+
+    def reduce(t, *a, **k):
+        calls.append(("all_reduce", t.numel(), k.get("op")))
+        return real[1](t, *a, **k)
+
+    g = torch.Generator().manual_seed(11)
+    N, H = 7, 5
+    x = torch.randn(N, H, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(18, H, generator=g, dtype=torch.float64)
+    dist.all_gather, dist.all_reduce = gather, reduce
+    try:
+        linear_cross_entropy(x, W[rank * 9:(rank + 1) * 9], torch.randint(0, 18, (N,), generator=g),
+                             group=dist.group.WORLD, backend="reference").backward()
+    finally:
+        dist.all_gather, dist.all_reduce = real
+    assert calls == [("all_gather", 5, torch.int64), ("all_reduce", N, dist.ReduceOp.MAX),
+                     ("all_reduce", 3 * N, dist.ReduceOp.SUM), ("all_reduce", N * H, dist.ReduceOp.SUM)], calls
+    doc = " ".join(pd.__doc__.split())
+    assert ("Collectives: the check's all_gather (5 int64 per rank), 2 all_reduces in the forward (N floats, op MAX; "
+            "then 3N floats, op SUM), 1 in the backward (N x H floats)") in doc
+
+
 def _worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
     try:
         torch.set_num_threads(1)
@@ -110,6 +179,8 @@ def _worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
                                             group=dist.group.WORLD, backend=backend)
                 loss.backward()
                 assert (loss.isnan().item() if red == "mean" else loss.item() == 0.0), (backend, red, loss)
+        _bad_calls(rank, backends, linear_cross_entropy)
+        _collectives(rank, linear_cross_entropy)
         dist.barrier()  # both ranks are done communicating: no destroy_process_group, see below
     except BaseException:
         with open(os.path.join(err_dir, f"rank{rank}.txt"), "w") as fh:

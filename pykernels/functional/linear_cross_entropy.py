@@ -60,6 +60,26 @@ def _check_tensors(input, linear_weight, target) -> None:
             raise ArgumentTypeError(f"linear_cross_entropy: {name} must be a Tensor, got {type(t).__name__}")
 
 
+def _check_dtypes_devices(input, linear_weight, target, linear_bias, weight) -> None:
+    """The operands' dtypes and devices against input's (before their shapes are read); shared with the
+    vocab-parallel entry point (pykernels/distributed.py)."""
+    if linear_weight.dtype != input.dtype:
+        raise ArgumentTypeError(f"linear_cross_entropy: linear_weight has dtype {linear_weight.dtype} but input has "
+                                f"{input.dtype}; they must match")
+    if linear_bias is not None:
+        if not isinstance(linear_bias, Tensor):
+            raise ArgumentTypeError("linear_cross_entropy: linear_bias must be a Tensor or None")
+        if linear_bias.dtype != input.dtype:
+            raise ArgumentTypeError(f"linear_cross_entropy: linear_bias has dtype {linear_bias.dtype} but input has "
+                                    f"{input.dtype}")
+    if weight is not None and (not isinstance(weight, Tensor) or not weight.dtype.is_floating_point):
+        raise ArgumentTypeError("linear_cross_entropy: weight must be a floating-point Tensor")
+    for name, t in (("linear_weight", linear_weight), ("target", target), ("linear_bias", linear_bias),
+                    ("weight", weight)):
+        if t is not None and t.device != input.device:
+            raise ArgumentValueError(f"linear_cross_entropy: {name} is on {t.device} but input is on {input.device}")
+
+
 def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
                 z_loss, softcap):
     """Validates the call; returns (logits_shape, probs, out_features)."""
@@ -72,17 +92,11 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
     if linear_weight.dim() < 2:
         raise ArgumentValueError(f"linear_cross_entropy: linear_weight must have at least 2 dimensions (num_classes, "
                                  f"..., in_features), got shape {tuple(linear_weight.shape)}")
-    if linear_weight.dtype != input.dtype:
-        raise ArgumentTypeError(f"linear_cross_entropy: linear_weight has dtype {linear_weight.dtype} but input has "
-                                f"{input.dtype}; they must match")
     H = input.shape[-1]
     if linear_weight.shape[-1] != H:
         raise ArgumentValueError(f"linear_cross_entropy: linear_weight's last dimension ({linear_weight.shape[-1]}) "
                                  f"must equal input's last dimension, in_features ({H})")
-    for name, t in (("linear_weight", linear_weight), ("target", target), ("linear_bias", linear_bias),
-                    ("weight", weight)):
-        if t is not None and isinstance(t, Tensor) and t.device != input.device:
-            raise ArgumentValueError(f"linear_cross_entropy: {name} is on {t.device} but input is on {input.device}")
+    _check_dtypes_devices(input, linear_weight, target, linear_bias, weight)
     C = linear_weight.shape[0]
     out_features = tuple(linear_weight.shape[1:-1])
     if out_features and input.dim() != 2:
@@ -90,21 +104,12 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
                                  f"needs batched input (N, {H}), got input of shape {tuple(input.shape)}")
     batch = tuple(input.shape[:-1])
     logits_shape = (*batch, C, *out_features)
-    if linear_bias is not None:
-        if not isinstance(linear_bias, Tensor):
-            raise ArgumentTypeError("linear_cross_entropy: linear_bias must be a Tensor or None")
-        if tuple(linear_bias.shape) != (C, *out_features):
-            raise ArgumentValueError(f"linear_cross_entropy: linear_bias must have shape {(C, *out_features)}, got "
-                                     f"{tuple(linear_bias.shape)}")
-        if linear_bias.dtype != input.dtype:
-            raise ArgumentTypeError(f"linear_cross_entropy: linear_bias has dtype {linear_bias.dtype} but input has "
-                                    f"{input.dtype}")
-    if weight is not None:
-        if not isinstance(weight, Tensor) or not weight.dtype.is_floating_point:
-            raise ArgumentTypeError("linear_cross_entropy: weight must be a floating-point Tensor")
-        if tuple(weight.shape) != (C,):
-            raise ArgumentValueError(f"linear_cross_entropy: weight must have shape ({C},) (one per class), got "
-                                     f"{tuple(weight.shape)}")
+    if linear_bias is not None and tuple(linear_bias.shape) != (C, *out_features):
+        raise ArgumentValueError(f"linear_cross_entropy: linear_bias must have shape {(C, *out_features)}, got "
+                                 f"{tuple(linear_bias.shape)}")
+    if weight is not None and tuple(weight.shape) != (C,):
+        raise ArgumentValueError(f"linear_cross_entropy: weight must have shape ({C},) (one per class), got "
+                                 f"{tuple(weight.shape)}")
     _check_options(reduction, label_smoothing, z_loss, softcap)
     # Class probabilities when the target has the logits' shape (torch's rule).
     # Batched-input extension: input (..., H) with a 2-D weight puts the classes last; torch's cross_entropy
@@ -166,7 +171,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
       group: a torch.distributed process group: vocab-parallel loss, ``linear_weight`` (and ``linear_bias``)
         hold this rank's contiguous rows of the vocabulary, ``weight`` covers the whole vocabulary
         (see ``pykernels.distributed``); vocab_start / vocab_size override the shard's first class and the
-        vocabulary size (default: rank * rows, world * rows).
+        vocabulary size (default: rank * rows, world * rows). One small all_gather per call checks that the shards
+        tile the vocabulary and that the ranks agree on vocab_size and input's shape.
       fused: compute the gradients during the forward, for an upstream gradient of 1 (the backward only scales them: one
         GEMM fewer than recomputing the logits, three in all as torch's own). None or True: where the backend has such a
         kernel (today the "cpu" backend in float32, float64 and bfloat16), the reduction is "mean" or "sum", a gradient
