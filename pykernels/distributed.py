@@ -6,10 +6,10 @@ holds ``[r * V_r, (r + 1) * V_r)`` and ``vocab_size = world * V_r``). ``input``,
 ``weight`` (vocab_size,) are the same on every rank (replicated, as after a tensor-parallel all-gather).
 
 Check: before any kernel, one all_gather of 5 int64 per rank (vocab_start, V_r, vocab_size, N, H) on input's device;
-every rank raises the same ArgumentValueError unless the shards tile [0, vocab_size) (no overlap, no gap) and the
-ranks agree on vocab_size, N and H (otherwise the loss would be silently wrong, or gloo would abort the process on
-the mismatched all_reduce sizes). It moves 40 bytes per rank: latency only, but the host reads the result (on CUDA
-it waits for the work already queued on the stream).
+every rank raises the same ArgumentValueError (CPU; elsewhere a device-side assert, with no host read) unless the
+shards tile [0, vocab_size) (no overlap, no gap) and the ranks agree on vocab_size, N and H (otherwise the loss would
+be silently wrong, or gloo would abort the process on the mismatched all_reduce sizes). It moves 40 bytes per rank:
+latency only.
 Forward: every rank runs the backend's forward kernel on its shard (per-row max and log-sum-exp relative to it,
 target logit, smoothing sum over its classes; never the logits), then two all_reduces combine them: MAX of the row
 max, then one SUM of the stacked (sum-exp relative to the global max, target logit, smoothing sum). The loss is
@@ -79,40 +79,68 @@ class _VocabParallelLCE(torch.autograd.Function):
                 None, None, None, None, None, None, None, None, None, None, None, None)
 
 
-def _check_ranks_agree(vocab_start: int, rows: int, vocab_size: int, n: int, h: int, group, device) -> None:
-    """One all_gather of 5 int64 per rank: the shards [vocab_start, vocab_start + rows) must tile [0, vocab_size)
-    and every rank must pass the same vocab_size and input of the same N x H. Otherwise the loss is silently wrong
-    (overlap, gap, vocab_size) or gloo aborts the process on mismatched collective sizes (N, H). Every rank decides
-    from the same gathered values, so all raise the same error and none is left waiting in a later collective."""
-    # on input's device, as the other collectives: a device the group's backend takes
-    mine = torch.tensor([vocab_start, rows, vocab_size, n, h], dtype=torch.int64, device=device)
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, mine, group=group)
-    starts, sizes, vocab, ns, hs = zip(*torch.stack(parts).tolist())
+def _agree(gathered: Tensor) -> Tensor:
+    """Whether the gathered (world, 5) rows (vocab_start, V_r, vocab_size, N, H) are consistent, as a bool tensor on
+    their device (no host read): the same vocab_size, N and H everywhere, and shards that tile [0, vocab_size)
+    (inside it, sizes summing to it, no overlap; an empty shard holds no class)."""
+    start, rows, vocab, n, h = gathered.unbind(1)
+    V = vocab[0]
+    end = start + rows
+    same = (vocab == V).all() & (n == n[0]).all() & (h == h[0]).all()
+    inside = ((start >= 0) & (rows >= 0) & (end <= V)).all() & (rows.sum() == V)
+    s = torch.where(rows > 0, start, V)  # empty shards sort last and overlap nothing
+    order = s.argsort()
+    e = torch.where(rows > 0, end, V)[order]
+    return same & inside & (s[order][1:] >= e[:-1]).all()
+
+
+def _disagreement(gathered: list) -> Optional[str]:
+    """The first inconsistency of the gathered rows (host lists), as the error that names the argument; None when
+    _agree holds."""
+    starts, sizes, vocab, ns, hs = zip(*gathered)
     for name, what, values, hint in (
             ("vocab_size", "vocab_size", vocab, " (default: world size x the rank's rows; pass it and vocab_start "
                                                 "for uneven shards)"),
             ("input", "input's rows N", ns, " (input and target must be replicated)"),
             ("input", "input's in_features H", hs, "")):
         if len(set(values)) > 1:
-            raise ArgumentValueError(f"linear_cross_entropy: {name}: the ranks disagree on {what}: {list(values)} "
-                                     f"by rank{hint}")
+            return f"linear_cross_entropy: {name}: the ranks disagree on {what}: {list(values)} by rank{hint}"
     V = vocab[0]
     untiled = f"linear_cross_entropy: vocab_start: the shards do not tile [0, {V}): "
     end, last = 0, None  # classes [0, end) are covered, the last by shard `last`
     for s, e, r in sorted((s, s + v, r) for r, (s, v) in enumerate(zip(starts, sizes))):
         if not 0 <= s <= e <= V:
-            raise ArgumentValueError(f"{untiled}rank {r}'s shard [{s}, {e}) is outside the vocabulary")
+            return f"{untiled}rank {r}'s shard [{s}, {e}) is outside the vocabulary"
         if s == e:
             continue  # an empty shard holds no class
         if s < end:
-            raise ArgumentValueError(f"{untiled}rank {last[2]}'s shard [{last[0]}, {last[1]}) and rank {r}'s [{s}, "
-                                     f"{e}) overlap; pass vocab_start (and vocab_size) for uneven shards")
+            return (f"{untiled}rank {last[2]}'s shard [{last[0]}, {last[1]}) and rank {r}'s [{s}, {e}) overlap; pass "
+                    f"vocab_start (and vocab_size) for uneven shards")
         if s > end:
-            raise ArgumentValueError(f"{untiled}classes [{end}, {s}) are on no rank")
+            return f"{untiled}classes [{end}, {s}) are on no rank"
         end, last = e, (s, e, r)
-    if end != V:
-        raise ArgumentValueError(f"{untiled}classes [{end}, {V}) are on no rank")
+    return None if end == V else f"{untiled}classes [{end}, {V}) are on no rank"
+
+
+def _check_ranks_agree(vocab_start: int, rows: int, vocab_size: int, n: int, h: int, group, device) -> None:
+    """One all_gather of 5 int64 per rank: the shards [vocab_start, vocab_start + rows) must tile [0, vocab_size)
+    and every rank must pass the same vocab_size and input of the same N x H. Otherwise the loss is silently wrong
+    (overlap, gap, vocab_size) or gloo aborts the process on mismatched collective sizes (N, H). On CPU every rank
+    decides from the same gathered values, so all raise the same ArgumentValueError and none is left waiting in a
+    later collective; on other devices a device-side assert (as the target range check), which reads nothing back
+    to the host: no stream sync per call."""
+    # on input's device, as the other collectives: a device the group's backend takes
+    mine = torch.tensor([vocab_start, rows, vocab_size, n, h], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    gathered = torch.stack(parts)
+    if gathered.device.type == "cpu" and not torch.compiler.is_compiling():
+        why = _disagreement(gathered.tolist())
+        if why is not None:
+            raise ArgumentValueError(why)
+    else:
+        torch._assert_async(_agree(gathered), "linear_cross_entropy: the ranks' shards (vocab_start, rows) do not "
+                                              "tile [0, vocab_size), or they disagree on vocab_size, N or H")
 
 
 def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,

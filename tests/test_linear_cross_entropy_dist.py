@@ -225,3 +225,25 @@ def test_group_without_process_group_raises():
     from pykernels.functional import linear_cross_entropy
     with pytest.raises(RuntimeError, match="process group"):
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.randint(0, 5, (3,)), group=True)
+
+
+def test_device_side_shard_check_agrees_with_the_host_one():
+    """On a GPU the ranks' agreement is a device-side assert on pykernels.distributed._agree (no host read); on
+    CPU _disagreement's messages. Both must accept and refuse the same gathered (vocab_start, V_r, vocab_size, N,
+    H) rows: tilings in any rank order, empty shards, overlaps, gaps, shards outside the vocabulary, and ranks
+    disagreeing on vocab_size, N or H."""
+    import itertools
+    from pykernels.distributed import _agree, _disagreement
+    layouts = [[(0, 10), (10, 10)], [(10, 10), (0, 10)], [(0, 20), (20, 0)], [(0, 0), (0, 20)],
+               [(0, 7), (7, 6), (13, 7)], [(13, 7), (0, 7), (7, 6)], [(0, 10), (0, 10)], [(0, 9), (10, 10)], [(0, 11), (9, 9)], [(0, 11), (9, 11)],
+               [(-1, 11), (10, 10)], [(0, 10), (10, 11)], [(5, 0), (0, 20)], [(0, 10), (10, 10), (20, 0)],
+               [(0, 10), (10, 5), (10, 5)], [(0, 20), (5, 0), (25, 0)]]
+    seen = {True: 0, False: 0}
+    for shards, (vocab, ns, hs) in itertools.product(layouts, [(20, 6, 8), ((20, 21), 6, 8), (20, (6, 5), 8),
+                                                              (20, 6, (8, 7))]):
+        per = lambda v, r: v[min(r, len(v) - 1)] if isinstance(v, tuple) else v  # noqa: E731
+        rows = [[s, n, per(vocab, r), per(ns, r), per(hs, r)] for r, (s, n) in enumerate(shards)]
+        ok = bool(_agree(torch.tensor(rows)))
+        assert ok == (_disagreement(rows) is None), rows
+        seen[ok] += 1
+    assert seen[True] >= 6 and seen[False] >= 40
