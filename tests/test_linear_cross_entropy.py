@@ -1103,6 +1103,30 @@ def test_fused_gradients_and_a_retained_graph():
         assert max_abs_err(x.grad, 3 * ref_x) <= 1e-5 and max_abs_err(W.grad, 3 * ref_W) <= 1e-5
 
 
+def test_fused_gradients_of_two_backward_passes_share_no_storage():
+    """The fused backward hands out the saved gradients themselves (upstream gradient 1) on the node's first
+    backward only: through a retained graph, an autograd.grad result then a .backward() (or the other way round)
+    must not share storage, or in-place work on .grad (clip_grad_norm_) would rewrite the tensor already held."""
+    require_backend("cpu", "cpu")
+    x = torch.randn(9, 6, requires_grad=True)
+    W = torch.randn(13, 6, requires_grad=True)
+    b = torch.randn(13, requires_grad=True)
+    t = torch.randint(0, 13, (9,))
+    for grad_first in (True, False):
+        x.grad = W.grad = b.grad = None
+        loss = linear_cross_entropy(x, W, t, linear_bias=b, backend="cpu")
+        if not grad_first:
+            loss.backward(retain_graph=True)
+        held = torch.autograd.grad(loss, (x, W, b), retain_graph=True)
+        copies = [h.clone() for h in held]
+        if grad_first:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_((x, W, b), 1e-3)  # scales every .grad in place
+        for h, c, leaf in zip(held, copies, (x, W, b)):
+            assert leaf.grad.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
+            assert torch.equal(h, c)
+
+
 @pytest.mark.parametrize("backend,device,dtypes,max_v,budget", [
     pytest.param("cpu", "cpu", (torch.float64, torch.float32), 2300, 25, id="cpu"),
     pytest.param("triton", "cpu", (torch.float32,), 300, 8, id="triton-interp"),
