@@ -381,17 +381,35 @@ def _sized(rule, size: Optional[int], grad: bool, native: bool) -> Optional[str]
     return rule[2] if (size >= bound if native else size <= bound) else None
 
 
+# op -> why torch's own kernel, which prefer_native may hand automatic calls to, fails under forward-mode AD
+# (NotImplementedError, torch 2.14 on the CPU): under it such calls take the kernel chain, which forward_ad_reason
+# sends to the reference. torch's cross_entropy, linear_cross_entropy and lstm_cell ran jvp: they keep torch's.
+# (cuDNN's LSTM and the CUDA SDPA kernels are assumed the same, unchecked for want of a GPU: the reference is right
+# either way.)
+NATIVE_WITHOUT_FORWARD_AD: Dict[str, str] = {
+    "scaled_dot_product_attention": "torch's fused SDPA kernels (_scaled_dot_product_flash_attention_for_cpu) have "
+                                    "no forward derivative",
+    "lstm": "torch's oneDNN LSTM (mkldnn_rnn_layer) has no forward derivative",
+}
+
+
 _no_kernel_warned = False
 
 
 def prefer_native(op: str, device: torch.device, backend: Optional[str], size: Optional[int] = None,
-                  grad: bool = True, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+                  grad: bool = True, dtype: Optional[torch.dtype] = None, tensors: Sequence[object] = ()
+                  ) -> Optional[str]:
     """Why this automatic call of ``op`` should run torch's own kernel (None: run ours). Records the decision in
     ``last_dispatch`` when it says yes. The caller checks first that torch can express the call; ``size`` and
     ``grad`` (whether the call records a gradient) select the NATIVE_FASTER_BELOW rule and the sized *_DTYPE
-    ones, ``dtype`` (the input's) the NATIVE_FASTER_DTYPE one and the OURS_FASTER_DTYPE exceptions."""
+    ones, ``dtype`` (the input's) the NATIVE_FASTER_DTYPE one and the OURS_FASTER_DTYPE exceptions. ``tensors``:
+    the call's differentiable inputs, as for ``choose``: under forward-mode AD on them, never torch's kernel of an
+    op in NATIVE_WITHOUT_FORWARD_AD (``choose`` then runs the reference)."""
     global _no_kernel_warned
     if backend is not None or (_preferred and _preferred[-1] is not None) or os.environ.get("PYKERNELS_BACKEND"):
+        return None
+    if op in NATIVE_WITHOUT_FORWARD_AD and forward_ad_reason(tensors):
+        logger.debug("%s: not torch's own kernel under forward-mode AD: %s", op, NATIVE_WITHOUT_FORWARD_AD[op])
         return None
     off = os.environ.get("PYKERNELS_PREFER_NATIVE")
     if off is not None and off.strip().lower() in ("0", "false", "no", "off"):

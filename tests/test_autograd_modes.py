@@ -8,7 +8,8 @@ that cannot recompute their forward must raise, never return a gradient without 
 silently drop).
 
 Forward-mode AD (dual tensors, torch.func.jvp / jacfwd): the kernels have no forward derivative, so such calls run
-on the reference, visibly (last_dispatch), and an explicit kernel backend raises: a kernel would drop the tangent."""
+on the reference, visibly (last_dispatch), and an explicit kernel backend raises: a kernel would drop the tangent.
+Automatic calls that the measured rules give torch's own kernel keep it only where it has a forward derivative."""
 from __future__ import annotations
 
 import pytest
@@ -290,6 +291,44 @@ def test_forward_mode_runs_on_the_reference(backend, device):
         with pykernels.use_backend(backend):
             ours(None)(*primals)
         assert "forward-mode" not in str(pykernels.last_dispatch[name]), name
+
+
+def test_forward_mode_of_automatic_calls_that_torch_would_run():
+    """Automatic CPU calls that the measured rules hand to torch's own kernel (backends.prefer_native): where that
+    kernel has no forward derivative (SDPA, oneDNN's LSTM: NotImplementedError under jvp), forward-mode AD runs on
+    the reference instead; where it has one (cross_entropy's small calls), torch's kernel keeps them."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jvp
+    torch.manual_seed(0)
+    P = pykernels.functional
+    lstm = pykernels.nn.LSTM(5, 6).requires_grad_(False)  # (calls with a gradient may run ours on AVX2 CPUs)
+    frozen = lstm._flat_weights
+    mha = pykernels.nn.MultiheadAttention(8, 2)
+    k, v, t = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8), torch.randint(0, 7, (5,))
+    calls = [  # (last_dispatch key, the call, primal, where it must run)
+        ("scaled_dot_product_attention", lambda q: P.scaled_dot_product_attention(q, k, v), torch.randn(2, 2, 3, 8),
+         "reference"),
+        ("scaled_dot_product_attention", lambda e: mha(e, e, e, need_weights=False)[0], torch.randn(3, 2, 8),
+         "reference"),
+        ("lstm", lambda x: P.lstm(x, None, frozen)[0], torch.randn(4, 3, 5), "reference"),
+        ("lstm", lambda x: lstm(x)[0], torch.randn(4, 32, 5), "reference"),
+        ("cross_entropy", lambda x: P.cross_entropy(x, t), torch.randn(5, 7), "torch"),
+    ]
+    for name, f, primal in [c[:3] for c in calls]:
+        pykernels.last_dispatch.pop(name, None)
+        f(primal)
+        assert pykernels.last_dispatch[name][0] == "torch", name  # (what the rules pick without a tangent)
+    for name, f, primal, runs in calls:
+        tangent = torch.randn_like(primal)
+        with pykernels.use_backend("reference"):
+            want = jvp(f, (primal,), (tangent,))
+        got = jvp(f, (primal,), (tangent,))
+        assert pykernels.last_dispatch[name][0] == runs, (name, pykernels.last_dispatch[name])
+        with fwAD.dual_level():
+            dual = fwAD.unpack_dual(f(fwAD.make_dual(primal, tangent)))
+        assert pykernels.last_dispatch[name][0] == runs, (name, pykernels.last_dispatch[name])
+        for a, b in ((got[0], want[0]), (got[1], want[1]), (dual.primal, want[0]), (dual.tangent, want[1])):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------

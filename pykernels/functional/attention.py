@@ -228,7 +228,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                      f"scores' shape {tuple(score_shape)}")
     if (win == (-1, -1) and softcap == 0.0 and causal_alignment == "top_left" and not return_lse
             and not (is_causal and attn_mask is not None)  # what torch's SDPA expresses
-            and backends.prefer_native(fn, query.device, backend)):
+            and backends.prefer_native(fn, query.device, backend, tensors=(query, key, value, attn_mask))):
         return _native.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                                                     enable_gqa=enable_gqa)
     if scale is None:

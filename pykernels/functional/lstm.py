@@ -319,7 +319,8 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
     torch_fails = (amp and input.device.type == "cpu" and run_dtype in (torch.float16, torch.bfloat16)
                    and run_dtype not in _native.ONEDNN_DTYPES)
     if not torch_fails and backends.prefer_native("lstm", input.device, backend, size=batch, grad=grad,
-                                                  dtype=run_dtype):  # torch applies autocast itself
+                                                  dtype=run_dtype, tensors=(input, *(hx or ()), *params)):
+        # (torch applies autocast itself)
         return _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                             dropout, training, batch_sizes)
     if amp:
