@@ -1181,3 +1181,21 @@ def test_fuzz_fused_kernel_against_reference_kernels(backend, device, dtypes, ma
                 assert a.numel() == 0
 
     check()
+
+
+def test_triton_timed_autotune_off_under_deterministic_algorithms(monkeypatch):
+    """On a GPU the Triton kernels pick tiles by timing (keyed on H, V); the tiles change the summation order and so
+    the bits, so under torch.use_deterministic_algorithms(True) the first config is used, as with
+    PYKERNELS_LCE_AUTOTUNE=0 (torch turns cuDNN's benchmarking off there too)."""
+    pytest.importorskip("triton")
+    from pykernels.triton import linear_cross_entropy as tl_lce
+    monkeypatch.setattr(tl_lce, "_interpreted", lambda: False)
+    cuda = torch.device("cuda", 0)
+    assert tl_lce._kernel("fwd", cuda, torch.bfloat16)[1] == {}  # autotuned
+    torch.use_deterministic_algorithms(True)
+    try:
+        kernel, meta = tl_lce._kernel("fwd", cuda, torch.bfloat16)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    BM, BN, BK, w, st = tl_lce.GPU_CONFIGS_16BIT[0]
+    assert kernel is tl_lce._lce_fwd_kernel and meta == dict(BM=BM, BN=BN, BK=BK, num_warps=w, num_stages=st)

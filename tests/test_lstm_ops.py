@@ -775,3 +775,47 @@ def test_cuda_layer_resident_plan_without_a_gpu(monkeypatch):
     assert F._layer_unsupported("cuda", x, 0, False, 1492) is None
     why = F._layer_unsupported("cuda", x, 0, False, 1493)
     assert "hidden size 1493" in why and "streamed variant is disabled" in why, why
+
+
+def test_triton_cell_takes_any_column_stride():
+    """A state whose column stride times H passes 2^31 (a feature-major buffer): the Triton cell kernels form
+    column offsets in int64 (in int32 they wrapped and read 4 GiB away). The storage is a virtual 8 GiB
+    allocation of which a few elements are touched; what the wrapped offset would read is poisoned."""
+    _require_backend("triton", "cpu")
+    B, I, H, P, off = 2, 4, 3, 2 ** 31 - 64, 1024  # P fits int32 (Triton passes it as i32), 2 P does not
+    try:
+        store = torch.empty(off + 2 * P + B, dtype=torch.float16)
+    except RuntimeError as e:
+        pytest.skip(f"cannot reserve the 8 GiB of address space: {e}")
+    store[off - 128:off - 128 + B] = 100.0
+    cx = store.as_strided((B, H), (1, P), off)
+    cx.copy_(torch.randn(B, H, dtype=torch.float16))
+    cx.requires_grad_()
+    x, hx = torch.randn(B, I, dtype=torch.float16), torch.randn(B, H, dtype=torch.float16)
+    w_ih, w_hh = torch.randn(4 * H, I, dtype=torch.float16), torch.randn(4 * H, H, dtype=torch.float16)
+    got = pykernels.functional.lstm_cell(x, (hx, cx), w_ih, w_hh, backend="triton")
+    c64 = cx.detach().double().requires_grad_()
+    want = torch.lstm_cell(x.double(), (hx.double(), c64), w_ih.double(), w_hh.double())
+    g = [torch.randn(B, H, dtype=torch.float64) for _ in range(2)]
+    (dc,), (dc64,) = torch.autograd.grad(got, cx, [t.half() for t in g]), torch.autograd.grad(want, c64, g)
+    for a, b in zip((*got, dc), (*want, dc64)):
+        torch.testing.assert_close(a.double(), b, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend,device", CPU_KERNELS)
+def test_bias_gradients_are_two_tensors(backend, device):
+    """The gradients of b_ih and b_hh are equal but, as torch's, two tensors: one shared tensor let in-place work on
+    one (clip_grad_norm_ after p.grad = g) change the other. The cell and the sequence, every kernel path."""
+    require(backend, device)
+    B, I, H, T = 3, 5, 7, 4
+    w_ih, w_hh = torch.randn(4 * H, I, requires_grad=True), torch.randn(4 * H, H, requires_grad=True)
+    b_ih, b_hh = torch.randn(4 * H, requires_grad=True), torch.randn(4 * H, requires_grad=True)
+    h0, c0 = torch.randn(B, H), torch.randn(B, H)
+    h, c = pykernels.functional.lstm_cell(torch.randn(B, I), (h0, c0), w_ih, w_hh, b_ih, b_hh, backend=backend)
+    cell = torch.autograd.grad(h.sum() + c.sum(), (b_ih, b_hh))
+    out, _ = pykernels.functional.lstm(torch.randn(T, B, I), (h0[None], c0[None]), [w_ih, w_hh, b_ih, b_hh],
+                                       backend=backend)
+    layer = torch.autograd.grad(out.sum(), (b_ih, b_hh))
+    for gi, gh in (cell, layer):
+        torch.testing.assert_close(gi, gh, rtol=0, atol=0)
+        assert gi.untyped_storage().data_ptr() != gh.untyped_storage().data_ptr()

@@ -92,7 +92,9 @@ def test_attention_kernels_compile_for_sm80_and_sm90():
 
 def test_autotune_candidates_per_head_dim(monkeypatch):
     """The opt-in autotuner (PYKERNELS_ATTN_AUTOTUNE=1, GPU only; its launch is not exercised without a GPU):
-    candidates survive pruning at every head dim and big tiles are pruned at head dim 256."""
+    candidates survive pruning at every head dim and big tiles are pruned at head dim 256; never under
+    deterministic algorithms."""
+    import torch
     import pykernels  # noqa: F401
     from pykernels.triton import attention as a
     for kind in ("fwd", "dq", "dkdv"):
@@ -106,6 +108,11 @@ def test_autotune_candidates_per_head_dim(monkeypatch):
     monkeypatch.setenv("PYKERNELS_ATTN_AUTOTUNE", "1")
     monkeypatch.setattr(a, "_interpreted", lambda: False)
     assert a.autotune_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not a.autotune_enabled()  # a timed pick of tiles changes the bits between processes
+    finally:
+        torch.use_deterministic_algorithms(False)
     for kind in ("fwd", "dq", "dkdv"):  # the Autotuner objects build over the kernels, keyed on known args
         tuned = a._tuned(kind)
         assert set(a._TUNE_KEY) <= set(tuned.arg_names)

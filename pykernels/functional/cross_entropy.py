@@ -123,13 +123,16 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
 
     Extras (keyword-only):
       z_loss: coefficient of the PaLM z-loss ``z_loss * lse**2`` added to each counted element's loss.
-      return_lse: also return the log-sum-exp over classes, fp32, shape of the target's batch (detached).
+      return_lse: also return the log-sum-exp over classes, fp32 (fp64 for fp64 input), shape of the target's
+        batch (detached).
       fused: compute the gradient during the forward (one read of the logits, one write of the gradient, the
         minimum). None: on when the input requires grad and the reduction is "mean" or "sum". With an incoming
         gradient other than exactly 1 (e.g. loss / accumulation_steps) the backward then costs one more pass.
         The backward scales the saved gradient in place, so it runs once: a second backward through the same
         graph (retain_graph=True) raises autograd's "modified by an inplace operation" error; pass fused=False
-        for that (the split path reads the saved logits in the backward, as PyTorch).
+        for that. The split path (fused=False, and reduction="none") saves the logits themselves, not torch's
+        log-probabilities (no second (N, C) tensor): changing the logits in place after the loss makes its
+        backward raise autograd's "modified by an inplace operation" error, where torch's works.
       backend: "triton", "cuda", "cpu" or "reference"; see ``pykernels.backends``.
 
     Under ``torch.autocast`` the loss is float32 for half-precision (or float32) logits, as torch's (its float32

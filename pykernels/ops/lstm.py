@@ -224,6 +224,12 @@ def _weight_grads(dg: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool):
         ((_mm_acc(d.t(), x.to(g))).to(w.dtype) if need_w else None)
 
 
+def _bias_grads(db: Optional[Tensor], ih: bool, hh: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The gradients of b_ih and b_hh, both the bias gradient db: two tensors, as torch's (one shared tensor would
+    let an in-place change of one gradient, e.g. clipping the results of autograd.grad, change the other)."""
+    return (db if ih else None), (None if not hh else db.clone() if ih else db)
+
+
 def _cell_backward(ctx, gh, gc, gws):
     input, hx, cx, w_ih, w_hh, ws, b_ih, b_hh = ctx.saved_tensors
     if gh is None and gc is None:
@@ -237,14 +243,13 @@ def _cell_backward(ctx, gh, gc, gws):
         dx, dh, dcx, dwih, dwhh, db = whole(gh, gc, cx, ws, input, hx, w_ih, w_hh, n[0], n[1], n[3], n[4],
                                             n[5] or n[6])
         return (dx if n[0] else None, dh if n[1] else None, dcx if n[2] else None, dwih if n[3] else None,
-                dwhh if n[4] else None, db if ctx.has_bias[0] and n[5] else None,
-                db if ctx.has_bias[1] and n[6] else None, None)
+                dwhh if n[4] else None, *_bias_grads(db, ctx.has_bias[0] and n[5], ctx.has_bias[1] and n[6]), None)
     dg, dcx = CELL[ctx.backend][1](gh, gc, cx, ws)
     dx, dwih = _weight_grads(dg, input, w_ih, n[0], n[3])
     dh, dwhh = _weight_grads(dg, hx, w_hh, n[1], n[4])
     db = dg.sum(0).to(w_ih.dtype) if (n[5] or n[6]) else None
-    return (dx, dh, dcx if n[2] else None, dwih, dwhh, db if ctx.has_bias[0] and n[5] else None,
-            db if ctx.has_bias[1] and n[6] else None, None)
+    return (dx, dh, dcx if n[2] else None, dwih, dwhh,
+            *_bias_grads(db, ctx.has_bias[0] and n[5], ctx.has_bias[1] and n[6]), None)
 
 
 torch.library.register_autograd("pykernels::lstm_cell", _cell_backward, setup_context=_cell_setup)
@@ -335,7 +340,7 @@ def _layer_backward(ctx, g_out, g_hn, g_cn, g_ws):
         _, dwhh = _weight_grads(dg2, hprev.reshape(T * B, hprev.shape[-1]), w_hh, False, True)
     db = dg2.sum(0).to(w_ih.dtype) if has_bias and (n[5] or n[6]) else None
     return (dx.reshape(x.shape) if dx is not None else None, dh0.to(h0.dtype) if n[1] else None,
-            dc0.to(c0.dtype) if n[2] else None, dwih, dwhh, db if n[5] else None, db if n[6] else None, None, None)
+            dc0.to(c0.dtype) if n[2] else None, dwih, dwhh, *_bias_grads(db, n[5], n[6]), None, None)
 
 
 torch.library.register_autograd("pykernels::lstm_layer", _layer_backward, setup_context=_layer_setup)

@@ -51,3 +51,10 @@ def wrap(kernel):
                 != "InterpretedFunction":
             raise
         return kernel
+
+
+def timing_autotune_allowed() -> bool:
+    """Whether a kernel may pick its tiles by timing candidates: not under torch.use_deterministic_algorithms(True),
+    as torch turns cuDNN's benchmarking off there. The tiles change the summation order, so a timed pick can
+    change the bits from one process to the next."""
+    return not torch.are_deterministic_algorithms_enabled()

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import wrap
+from ._launch import timing_autotune_allowed, wrap
 from ._math import tanh as _tanh
 
 MAX_HEAD_DIM = 256
@@ -481,8 +481,9 @@ def config(E: int, EV: int, dtype: torch.dtype, kind: str, device: Optional[torc
 def autotune_enabled() -> bool:
     """Opt-in GPU autotuning (PYKERNELS_ATTN_AUTOTUNE=1): each kernel variant is timed over the candidate tiles
     of its head dim the first time it runs (keyed on head dims, GQA group, dtypes and the feature flags, not on
-    the sequence lengths, so varlen batches do not retune). Off by default: the table of ``config`` is used."""
-    return os.environ.get("PYKERNELS_ATTN_AUTOTUNE") == "1" and not _interpreted()
+    the sequence lengths, so varlen batches do not retune). Off by default, and under deterministic algorithms:
+    the table of ``config`` is used."""
+    return os.environ.get("PYKERNELS_ATTN_AUTOTUNE") == "1" and not _interpreted() and timing_autotune_allowed()
 
 
 def _prune(configs, named_args, **kwargs):

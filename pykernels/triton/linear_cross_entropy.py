@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..ops import linear_cross_entropy_launch as _launch
-from ._launch import wrap
+from ._launch import timing_autotune_allowed, wrap
 from ._math import tanh_fast as _tanh
 
 def _interpreted() -> bool:
@@ -189,7 +189,7 @@ def _configs(dtype: torch.dtype):
 
 
 def _autotune() -> bool:
-    return os.environ.get("PYKERNELS_LCE_AUTOTUNE", "1") != "0"
+    return os.environ.get("PYKERNELS_LCE_AUTOTUNE", "1") != "0" and timing_autotune_allowed()
 
 
 _TUNED = {}

@@ -59,8 +59,8 @@ def _gate_gemm(acc_i, acc_f, acc_g, acc_o, A, W, rows, cols, M, K, H, sam, sak, 
         acc_f = _dot(a, tl.load(w_ptrs + gate, mask=wm, other=0.0), acc_f, IEEE)
         acc_g = _dot(a, tl.load(w_ptrs + 2 * gate, mask=wm, other=0.0), acc_g, IEEE)
         acc_o = _dot(a, tl.load(w_ptrs + 3 * gate, mask=wm, other=0.0), acc_o, IEEE)
-        a_ptrs += BK * sak
-        w_ptrs += BK * swk
+        a_ptrs += tl.cast(BK, tl.int64) * sak
+        w_ptrs += tl.cast(BK, tl.int64) * swk
     return acc_i, acc_f, acc_g, acc_o
 
 
@@ -90,7 +90,7 @@ def _cell_fwd_kernel(X, HX, CX, WIH, WHH, BIH, BHH, HY, CY, WS, B, I, H,
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
     rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
-    cols = pid_h * BH + tl.arange(0, BH)
+    cols = pid_h.to(tl.int64) * BH + tl.arange(0, BH)  # int64: times a column stride, which may be any size
     acc_i = tl.zeros((BM, BH), dtype=tl.float32)
     acc_f = tl.zeros((BM, BH), dtype=tl.float32)
     acc_g = tl.zeros((BM, BH), dtype=tl.float32)
@@ -142,7 +142,7 @@ def _gate_grads(dh, dc, c_prev, WSp, ws, H, m2):
 def _cell_bwd_kernel(GH, GC, CX, WS, DG, DCX, B, H, sgb, sgh, sgcb, sgch, scb, sch,
                      HAS_GH: tl.constexpr, HAS_GC: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    cols = tl.program_id(1).to(tl.int64) * BH + tl.arange(0, BH)
     m2 = (rows < B)[:, None] & (cols < H)[None, :]
     dh = tl.zeros((BM, BH), dtype=tl.float32)
     dc = tl.zeros((BM, BH), dtype=tl.float32)
