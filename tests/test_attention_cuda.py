@@ -49,6 +49,11 @@ def test_cuda_coverage_rules():
     assert "head dim 320" in fa._cuda_reason(f16, (64, 320))
     assert fa._cuda_reason(f16, (64, 64), (65535 * 64, 7)) is None  # the grids' row-tile axis: 65535 tiles
     assert "sequence length 4194241" in fa._cuda_reason(f16, (64, 64), (7, 65535 * 64 + 1))
+    # sm_86 / sm_89 (99 KB a block) cannot run the dQ kernel at head dims 129-256; an A100 (163 KB) can
+    assert "135168 bytes" in fa._cuda_reason(f16, (256, 256), (7, 7), 101376)
+    assert fa._cuda_reason(f16, (128, 128), (7, 7), 101376) is None
+    assert fa._cuda_reason(f16, (256, 256), (7, 7), 166912) is None
+    assert fa._cuda_reason(f16, (256, 256), (7, 7), None) is None  # no backward: the forward fits (101,376 B)
     # automatic calls on CUDA try triton (GPU-validated, measured) before the unmeasured cuda kernels
     from pykernels import backends
     for op in ("scaled_dot_product_attention", "varlen_attention", "lstm"):

@@ -102,15 +102,34 @@ CUDA_MAX_HEAD_DIM = 256  # kAttentionMaxHeadDim, csrc/cuda/attention.h
 CUDA_MAX_SEQ_LEN = 65535 * 64
 
 
-def _cuda_reason(dtype: torch.dtype, head_dims: Tuple[int, int], lengths: Tuple[int, int] = (0, 0)
-                 ) -> Optional[str]:
+# The sm_80 dQ kernel at padded head dim 256 holds four 64 x 264 16-bit tiles (DqCfg, csrc/cuda/attention.cu):
+# more shared memory than sm_86 / sm_89 GPUs (A10, L4, L40, RTX 30/40) give a block (99 KB), which run the sm_80 build.
+CUDA_DQ_SMEM_256 = (2 * 64 + 2 * 64) * (256 + 8) * 2
+
+
+def _cuda_reason(dtype: torch.dtype, head_dims: Tuple[int, int], lengths: Tuple[int, int] = (0, 0),
+                 backward_smem: Optional[int] = None) -> Optional[str]:
+    """Why the cuda kernels cannot run a call; ``backward_smem``: the shared memory a block may use on the call's GPU
+    when the call will need the backward (None: no backward, or not asked)."""
     if dtype not in _CUDA_DTYPES:
         return f"dtype {dtype} is not supported by the cuda kernels (float16, bfloat16)"
     if max(head_dims) > CUDA_MAX_HEAD_DIM:
         return f"head dim {max(head_dims)} > {CUDA_MAX_HEAD_DIM} in the cuda kernels"
     if max(lengths) > CUDA_MAX_SEQ_LEN:
         return f"sequence length {max(lengths)} > {CUDA_MAX_SEQ_LEN} (65535 tiles of 64 rows) in the cuda kernels"
+    if backward_smem is not None and max(head_dims) > 128 and backward_smem < CUDA_DQ_SMEM_256:
+        return (f"head dim {max(head_dims)}: the cuda dQ kernel needs {CUDA_DQ_SMEM_256} bytes of shared memory per "
+                f"block, this GPU gives {backward_smem}")
     return None
+
+
+def _backward_smem(device: torch.device, tensors) -> Optional[int]:
+    """The shared memory per block of the call's GPU when the call records a gradient (for _cuda_reason)."""
+    if device.type != "cuda" or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if not any(isinstance(t, Tensor) and t.requires_grad for t in tensors):
+        return None
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 def _seed(device: torch.device) -> Tensor:
@@ -241,7 +260,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         if why is None and b != "reference" and dropout_p >= 1.0:
             return "dropout_p == 1 (every probability dropped) runs on the reference"
         if why is None and b == "cuda":
-            return _cuda_reason(query.dtype, (E, Ev), (query.shape[-2], key.shape[-2]))
+            return _cuda_reason(query.dtype, (E, Ev), (query.shape[-2], key.shape[-2]),
+                                _backward_smem(query.device, (query, key, value, attn_mask)))
         return why
 
     chosen = backends.choose("scaled_dot_product_attention", query.device, backend, unsupported,
@@ -350,7 +370,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         if why is None and b != "reference" and dropout_p >= 1.0:
             return "dropout_p == 1 (every probability dropped) runs on the reference"
         if why is None and b == "cuda":
-            return _cuda_reason(q.dtype, (E, Ev), (max_seqlen_q, max_seqlen_k))
+            return _cuda_reason(q.dtype, (E, Ev), (max_seqlen_q, max_seqlen_k), _backward_smem(q.device, (q, k, v)))
         return why
 
     chosen = backends.choose("varlen_attention", q.device, backend, unsupported, tensors=(q, k, v))
