@@ -37,14 +37,24 @@ def _run(backend, x, t, **kw):
 
 def _check_against_torch(backend, x, t, name="", **kw):
     """The FlashAttention rule for the loss and the gradient: pykernels at x.dtype vs float64, compared with
-    PyTorch at x.dtype vs float64. z_loss has no PyTorch counterpart: then the float32 reference is the baseline."""
+    PyTorch at x.dtype vs float64. z_loss has no PyTorch counterpart: then the float32 reference is the baseline.
+    Where torch expresses the call, the float64 reference must first be torch's float64 result: a wrong reference
+    leaves a right kernel and torch equally far from it, which the rule passes."""
     loss, grad, g = _run(backend, x, t, **kw)
     z = kw.pop("z_loss", 0.0)
+    kw.pop("fused", None)  # pykernels only: the same loss and gradient either way
     x64 = x.detach().double().requires_grad_()
     t64 = t.double() if t.dtype.is_floating_point else t
     w = kw.pop("weight", None)
-    ref, _ = ref_ce.cross_entropy(x64, t64, None if w is None else w.double(), z_loss=z, **kw)
+    w64 = None if w is None else w.double()
+    ref, _ = ref_ce.cross_entropy(x64, t64, w64, z_loss=z, **kw)
     ref.backward(g.double())
+    if not z:
+        xt = x.detach().double().requires_grad_()
+        want = F.cross_entropy(xt, t64, weight=w64, **kw)
+        want.backward(g.double())
+        torch.testing.assert_close(ref.detach(), want.detach(), rtol=1e-10, atol=1e-10, equal_nan=True)
+        torch.testing.assert_close(x64.grad, xt.grad, rtol=1e-10, atol=1e-10, equal_nan=True)
     xb = x.detach().clone().requires_grad_()
     if z:
         base, _ = ref_ce.cross_entropy(xb, t, w, z_loss=z, **kw)
@@ -184,6 +194,13 @@ def test_non_contiguous_input(backend, device):
     _check_against_torch(backend, x4, _targets((3, 4, 5), 6, device), "permuted 4-d")
     x = _logits((9, 30), dtype, device)
     _check_against_torch(backend, x, torch.tensor(4, device=device).expand(9), "expanded target")
+    # a strided class weight (torch takes any): the kernels read it with stride 1 (the cpu kernel refused it and
+    # Triton read other classes' weights when the functional did not make it contiguous)
+    w = (torch.rand(60, device=device) + 0.1)[::2]
+    assert not w.is_contiguous()
+    for reduction in ("mean", "sum", "none"):
+        _check_against_torch(backend, x, _targets((9,), 30, device), f"strided weight {reduction}", weight=w,
+                             label_smoothing=0.1, reduction=reduction)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -350,6 +367,11 @@ def test_fused_and_split_paths_agree(backend, device):
         # the fused path scales its stored gradient in a second pass (one more rounding); fresh random data put
         # the difference exactly at 4 eps of the largest entry once in CI, so the bound leaves 2x room above that
         assert max_abs_err(grads[0], grads[1]) <= 8 * torch.finfo(dtype).eps * float(grads[1].abs().max())
+    # fused with reduction 'none': the stored gradient is scaled by each row's own upstream gradient, row (n, d) of
+    # an inner dim D > 1 (_run's upstream gradient is random)
+    x = _logits((4, 13, 5), dtype, device)
+    _check_against_torch(backend, x, _targets((4, 5), 13, device), "fused none (N, C, d)", reduction="none",
+                         fused=True)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference"])
