@@ -424,6 +424,27 @@ def test_dropout_reproducible_and_rescaled(backend, device):
     torch.testing.assert_close(vals[kept], torch.full_like(vals[kept], 1 / S / 0.7), rtol=1e-2, atol=1e-3)
 
 
+def test_dropout_one_runs_on_the_reference():
+    """dropout_p == 1 drops every probability: the kernels' 1 / (1 - p) rescaling is infinite there, so a kernel
+    request refuses, naming dropout_p, and a preference runs the reference: zeros with zero gradients, as torch."""
+    require_backend("triton", "cpu")
+    q, k, v = _qkv(B=1, H=2, Hk=2, L=5, S=6, E=8, dtype=torch.float32)
+    qv, kv, vv = (t.detach()[0].transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v))  # (T, H, E)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 4, 6], dtype=torch.int32)
+    calls = (("scaled_dot_product_attention", (q, k, v), lambda **kw: sdpa(q, k, v, dropout_p=1.0, **kw)),
+             ("varlen_attention", (qv, kv, vv), lambda **kw: varlen_attention(qv, kv, vv, *cu, 3, 4, dropout_p=1.0,
+                                                                              **kw)))
+    for fn, inputs, call in calls:
+        with pytest.raises(pykernels.BackendUnavailableError, match="dropout_p"):
+            call(backend="triton")
+        with pykernels.use_backend("triton"):
+            out = call()
+        ran, skipped = pykernels.last_dispatch[fn]
+        assert ran == "reference" and "dropout_p" in skipped["triton"], (fn, ran, skipped)
+        assert bool((out == 0).all()), fn
+        assert all(bool((d == 0).all()) for d in torch.autograd.grad(out.sum(), inputs)), fn
+
+
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference"])
 def test_backward_is_deterministic_and_outputs_are_fully_written(backend, device):
     """Uninitialised memory filled with NaN (torch's deterministic mode): an element a kernel forgets to write
