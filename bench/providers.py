@@ -96,6 +96,12 @@ def max_abs_diff(a: torch.Tensor, ref: torch.Tensor, chunk_bytes: int = 1 << 28)
                               for s in range(0, ref.shape[0], step)]).max())
 
 
+def nan_max(a: float, b: float) -> float:
+    """max(a, b) that keeps a NaN (Python's max() drops it when it comes second): a provider whose loss is right and
+    whose gradient is NaN is wrong."""
+    return a if math.isnan(a) or b <= a else b
+
+
 def normalised_errors(pairs: Iterable[Tuple[Optional[torch.Tensor], torch.Tensor]]) -> Tuple[float, float]:
     """(max absolute error, max of each error / max |reference|) over (output, reference) pairs; a missing
     output (a gradient that never arrived) is an infinite error."""

@@ -3,6 +3,7 @@ reported and not timed, an end-to-end --quick run's JSON schema, --compare, prov
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -49,26 +50,50 @@ def _raises(x, t):
     raise RuntimeError("kernel launch failed")
 
 
+def _nan_grad_ce(x, t):
+    # the loss value is exact, the gradient NaN: a NaN error must fail the tolerance check (NaN > tol is False) and
+    # must survive being combined with the loss's error (Python's max(err, nan) drops it)
+    if x.requires_grad:
+        x = x * 1.0
+        x.register_hook(lambda g: torch.full_like(g, float("nan")))
+    return F.cross_entropy(x, t)
+
+
 def test_wrong_and_failing_providers_are_reported_not_timed(monkeypatch):
     timed = []
     real = harness.time_interleaved  # CPU: a case's providers are timed interleaved
     monkeypatch.setattr(harness, "time_interleaved", lambda fns, *a, **k: timed.extend(fns) or real(fns, *a, **k))
     provs = [harness.Provider("wrong-loss", lambda x, t: F.cross_entropy(x * 1.5, t)),
              harness.Provider("wrong-grad", _scaled_grad_ce),
+             harness.Provider("nan-loss", lambda x, t: F.cross_entropy(x, t) * float("nan")),
+             harness.Provider("nan-grad", _nan_grad_ce),
              harness.Provider("raises", _raises),
              harness.Provider("absent", None, "not installed"),
              harness.Provider("torch", F.cross_entropy, baseline=True)]
     cases = ce.cases(CPU, torch.float32, True, {"N": 64, "V": 300})
     rs = harness.run_suite(ce, CPU, torch.float32, True, provs, cases, ce.MODES)
     by = {(r.provider, r.mode): r for r in rs}
-    assert by["wrong-loss", "fwd"].status == by["wrong-loss", "fwd+bwd"].status == "wrong"
-    assert by["wrong-grad", "fwd+bwd"].status == "wrong" and by["wrong-grad", "fwd"].status == "ok"
+    for name in ("wrong-loss", "nan-loss"):
+        assert by[name, "fwd"].status == by[name, "fwd+bwd"].status == "wrong", name
+    for name in ("wrong-grad", "nan-grad"):
+        assert by[name, "fwd+bwd"].status == "wrong" and by[name, "fwd"].status == "ok", name
     assert by["raises", "fwd"].status == "error" and "kernel launch failed" in by["raises", "fwd"].error
     assert by["absent", "fwd"].status == "absent" and by["absent", "fwd"].error == "not installed"
     for r in rs:
         assert (r.ms_p50 is not None) == (r.status == "ok"), r
     assert by["torch", "fwd+bwd"].max_abs_err < 1e-5
-    assert len(timed) == 3  # torch in both modes, wrong-grad's forward
+    assert len(timed) == 4  # torch in both modes, wrong-grad's and nan-grad's forward
+
+
+def test_loss_suites_keep_a_nan_gradient_error():
+    """The loss suites combine the loss's error with the gradients' (the linear one's through normalised_errors): an
+    exact loss next to a NaN gradient is a NaN error, which fails the tolerance check."""
+    from bench import linear_cross_entropy as lce
+    for suite, shape in ((ce, {"N": 8, "V": 30}), (lce, {"N": 8, "H": 6, "V": 30})):
+        (case,) = suite.cases(CPU, torch.float32, True, shape)
+        ref = case.reference(case.inputs()[0])
+        grads = [torch.full_like(g, float("nan")) for g in ref[1:]]
+        assert all(math.isnan(e) for e in case.errors(ref, ref[0], grads, "fwd+bwd")), suite.NAME
 
 
 def test_quick_run_json_schema_and_compare(tmp_path, capsys):
