@@ -60,6 +60,24 @@ def _bad_calls(rank, backends, linear_cross_entropy) -> None:
             linear_cross_entropy(xx, WW, tt, group=dist.group.WORLD, **kw)
 
 
+def _compiled(rank, backend, linear_cross_entropy) -> None:
+    """torch.compile(fullgraph=True) of a vocab-parallel call (the rank check's all_gather, the forward's and the
+    backward's all_reduces traced with it): loss and gradients as eager's."""
+    g = torch.Generator().manual_seed(11)
+    x, W = torch.randn(6, 8, generator=g), torch.randn(20, 8, generator=g)
+    t = torch.randint(0, 20, (6,), generator=g)
+
+    def step(x, Wr):
+        return linear_cross_entropy(x, Wr, t, group=dist.group.WORLD, backend=backend)
+    res = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        xx, WW = x.clone().requires_grad_(), W[rank * 10:(rank + 1) * 10].clone().requires_grad_()
+        loss = fn(xx, WW)
+        res.append((loss.detach(), *torch.autograd.grad(loss, (xx, WW))))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _collectives(rank, linear_cross_entropy) -> None:
     """The collectives of one forward + backward are the ones pykernels.distributed's docstring states."""
     import pykernels.distributed as pd
@@ -181,6 +199,7 @@ def _worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
                 assert (loss.isnan().item() if red == "mean" else loss.item() == 0.0), (backend, red, loss)
         _bad_calls(rank, backends, linear_cross_entropy)
         _collectives(rank, linear_cross_entropy)
+        _compiled(rank, "cpu" if "cpu" in backends else "reference", linear_cross_entropy)
         dist.barrier()  # both ranks are done communicating: no destroy_process_group, see below
     except BaseException:
         with open(os.path.join(err_dir, f"rank{rank}.txt"), "w") as fh:
