@@ -98,6 +98,9 @@ def interpreted_dot_reason(backend: str, dtype: torch.dtype, device: torch.devic
 _GPU_NODES = ("/dev/nvidia*", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
 _triton_unregistered: Optional[str] = None  # why triton_kernel_modules skipped the ops at import (None: it did not)
 _registration_seen = False
+# Whether TRITON_INTERPRET was 1 when the Triton kernel modules were first imported (None: not imported): triton.jit
+# fixes interpreted or compiled mode as it decorates a kernel, so the variable set later does not reach them.
+_triton_imported_interpreted: Optional[bool] = None
 # Kernel modules that failed to import although triton itself imports (a triton too old or broken for them), with
 # the error: those ops run without Triton, and available_backends() says so.
 _triton_import_errors: Dict[str, str] = {}
@@ -108,7 +111,7 @@ def triton_kernel_modules(*names: str) -> tuple:
     registered). Where no GPU can exist and the interpreter is off, the Triton backend cannot run a single call,
     and registering its ops would cost every ``import pykernels`` over a second (torch.library.triton_op imports
     torch._inductor): they are skipped there, and available_backends() says why."""
-    global _triton_unregistered, _registration_seen
+    global _triton_unregistered, _registration_seen, _triton_imported_interpreted
     first, _registration_seen = not _registration_seen, True
     if not triton_interpreted() and os.environ.get("PYKERNELS_REGISTER_TRITON") != "1":
         where = None
@@ -123,6 +126,8 @@ def triton_kernel_modules(*names: str) -> tuple:
             if first:  # the ops modules' calls at `import pykernels` (the same environment for all), not later ones
                 _triton_unregistered = why
             return None, why
+    if _triton_imported_interpreted is None:
+        _triton_imported_interpreted = triton_interpreted()
     mods = []
     for name in names:
         module = f"pykernels.triton.{name}"
@@ -164,6 +169,9 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     if device.type == "cpu":
         if not triton_interpreted():
             return "triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        if _triton_imported_interpreted is False:
+            return ("TRITON_INTERPRET=1 was set after the Triton kernels were imported: they were compiled for the GPU "
+                    "(set it before `import pykernels`)")
         return _triton_unregistered or _interpreter_reason()  # (TRITON_INTERPRET=1 set after the import)
     return f"triton does not run on {device.type}"
 

@@ -252,3 +252,36 @@ print(pykernels.available_backends("cpu")["triton"])
     if any(glob.glob(g) for g in backends._GPU_NODES) and torch.version.cuda is not None:
         pytest.skip("a GPU driver's device node exists here: the ops are registered")
     assert "Triton ops are not registered" in p.stdout.strip().splitlines()[-1], p.stdout
+
+
+def test_interpreter_switched_on_after_the_kernels_were_imported_is_named():
+    """TRITON_INTERPRET=1 set after an import that registered the Triton ops in compiled mode
+    (PYKERNELS_REGISTER_TRITON=1): triton.jit chose compiled kernels as it decorated them, so CPU calls cannot run
+    them. available_backends() said usable and even a preference crashed inside Triton ("0 active drivers"); now the
+    reason is named, a preference falls back and a backend="triton" request raises BackendUnavailableError."""
+    pytest.importorskip("triton")
+    script = f"""
+import os, sys, torch
+sys.path.insert(0, {ROOT!r})
+import pykernels
+os.environ["TRITON_INTERPRET"] = "1"
+print("AVAILABLE", pykernels.available_backends("cpu")["triton"])
+x, t = torch.randn(4, 5), torch.randint(0, 5, (4,))
+with pykernels.use_backend("triton"):
+    pykernels.functional.cross_entropy(x, t)
+ran, skipped = pykernels.last_dispatch["cross_entropy"]
+print("RAN", ran, skipped.get("triton"))
+try:
+    pykernels.functional.cross_entropy(x, t, backend="triton")
+except pykernels.BackendUnavailableError as e:
+    print("REFUSED", e)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYKERNELS_BACKEND")}
+    env["PYKERNELS_REGISTER_TRITON"] = "1"
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    why = "TRITON_INTERPRET=1 was set after the Triton kernels were imported"
+    lines = {line.split(" ", 1)[0]: line for line in p.stdout.splitlines()}
+    assert why in lines.get("AVAILABLE", ""), p.stdout
+    assert lines.get("RAN", "").startswith("RAN cpu ") and why in lines["RAN"], p.stdout
+    assert why in lines.get("REFUSED", ""), p.stdout
