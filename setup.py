@@ -1,7 +1,8 @@
 """Builds pykernels._C: C++ CPU kernels always, CUDA kernels when torch is a CUDA build and nvcc is found.
 
 Install with `pip install --no-build-isolation -e .` so that _C is compiled against the torch you run.
-Knobs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, PYKERNELS_SKIP_CUDA_BUILD=1, CUDA_HOME, DEBUG=1.
+Knobs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, PYKERNELS_SKIP_CUDA_BUILD=1,
+PYKERNELS_CPU_CAPABILITY=avx2|default (default: avx2 where this machine has it), CUDA_HOME, DEBUG=1.
 """
 from __future__ import annotations
 
