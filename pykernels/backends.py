@@ -404,15 +404,22 @@ NATIVE_WITHOUT_FORWARD_AD: Dict[str, str] = {
 _no_kernel_warned = False
 
 
+def _record_native(op: str, device: torch.device, why: str) -> None:
+    """last_dispatch[op] = ("torch", {the device's first backend: why})."""
+    _record(op, ("torch", {"triton" if device.type == "cuda" else "cpu": why}))
+
+
 def prefer_native(op: str, device: torch.device, backend: Optional[str], size: Optional[int] = None,
-                  grad: bool = True, dtype: Optional[torch.dtype] = None, tensors: Sequence[object] = ()
-                  ) -> Optional[str]:
+                  grad: bool = True, dtype: Optional[torch.dtype] = None, tensors: Sequence[object] = (),
+                  uncovered: Optional[str] = None) -> Optional[str]:
     """Why this automatic call of ``op`` should run torch's own kernel (None: run ours). Records the decision in
     ``last_dispatch`` when it says yes. The caller checks first that torch can express the call; ``size`` and
     ``grad`` (whether the call records a gradient) select the NATIVE_FASTER_BELOW rule and the sized *_DTYPE
     ones, ``dtype`` (the input's) the NATIVE_FASTER_DTYPE one and the OURS_FASTER_DTYPE exceptions. ``tensors``:
     the call's differentiable inputs, as for ``choose``: under forward-mode AD on them, never torch's kernel of an
-    op in NATIVE_WITHOUT_FORWARD_AD (``choose`` then runs the reference)."""
+    op in NATIVE_WITHOUT_FORWARD_AD (``choose`` then runs the reference). ``uncovered``: why no kernel of ours can
+    run the call (an option none covers): torch's op runs it, for that reason rather than a speed rule, since the
+    only backend left is the reference (plain PyTorch)."""
     global _no_kernel_warned
     if backend is not None or (_preferred and _preferred[-1] is not None) or os.environ.get("PYKERNELS_BACKEND"):
         return None
@@ -430,13 +437,19 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
             _no_kernel_warned = True
             logger.warning("%s: automatic calls run torch's own ops where torch can express them, else the "
                            "reference", why)
-        _record(op, ("torch", {"cpu": why}))
+        _record_native(op, device, why)
         return why
     if torch.jit.is_tracing():
         # torch.jit.trace's check re-traces under no_grad, where the sized rules may pick the other kernel ("graphs
         # differed"); torch's op traces the same in every mode and the traced graph loads without pykernels
         why = "torch.jit.trace: torch's own op (the same graph in every grad mode)"
-        _record(op, ("torch", {"triton" if device.type == "cuda" else "cpu": why}))
+        _record_native(op, device, why)
+        return why
+    if uncovered is not None:
+        why = f"{uncovered}: torch's own op runs the call (the reference is plain PyTorch)"
+        if not torch.compiler.is_compiling():
+            logger.debug("%s: ran torch's own kernel: %s", op, why)
+        _record_native(op, device, why)
         return why
     if (size is not None and device.type == "cpu" and dtype in OURS_WITHOUT_ONEDNN.get(op, {})
             and dtype not in _native.ONEDNN_DTYPES):  # an unknown size takes torch's kernel, as in _sized
@@ -456,7 +469,7 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     if why is not None:
         if not torch.compiler.is_compiling():
             logger.debug("%s: ran torch's own kernel: %s", op, why)
-        _record(op, ("torch", {"triton" if device.type == "cuda" else "cpu": why}))
+        _record_native(op, device, why)
     return why
 
 

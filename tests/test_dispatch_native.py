@@ -217,6 +217,29 @@ def test_cpu_without_onednn_bf16_runs_ours_for_bf16_lstm(monkeypatch):
     assert pykernels.last_dispatch["lstm"][0] == "torch"
 
 
+def test_lstm_calls_no_kernel_covers_record_why_torch_ran(monkeypatch):
+    """Automatic LSTM calls with proj_size > 0 or a packed batch run torch's LSTM because no sequence kernel covers
+    them, and last_dispatch says so (it gave the fp32 speed rule, false in fp16, where the C++ kernel measured
+    faster); a preference runs them on the reference, with the same reason for the skipped kernel."""
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
+    from pykernels.ops import lstm as lstm_ops
+    if "cpu" not in lstm_ops.LAYER:
+        pytest.skip("the C++ LSTM kernels are not built")
+    x = torch.randn(5, 3, 8, dtype=torch.float16)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 3, 2])
+    for module, arg, why in ((pykernels.nn.LSTM(8, 16, proj_size=4).half(), x, "proj_size > 0 is not covered"),
+                             (pykernels.nn.LSTM(8, 16).half(), packed, "packed sequences are not covered")):
+        module(arg)
+        ran, skipped = pykernels.last_dispatch["lstm"]
+        assert ran == "torch" and list(skipped) == ["cpu"] and why in skipped["cpu"], skipped
+        assert "measured" not in skipped["cpu"], skipped
+        with pykernels.use_backend("cpu"):
+            module(arg)
+        ran, skipped = pykernels.last_dispatch["lstm"]
+        assert ran == "reference" and why in skipped["cpu"], skipped
+
+
 def test_cpu_without_avx512_fp32_lstm_with_a_gradient_runs_ours(monkeypatch):
     """On an x86 CPU without AVX-512 (simulated on any CPU) OURS_FASTER_DTYPE_AVX2 replaces the fp32 sequence rule:
     automatic calls with a gradient run ours at any batch size, calls without one torch's; other capabilities keep

@@ -183,6 +183,15 @@ def _cuda_layer_reason(x: Tensor, hidden: int) -> Optional[str]:
             f"this GPU, and its streamed variant is disabled (it crashed on its one GPU run)")
 
 
+def _uncovered(proj_size: int, packed: bool) -> Optional[str]:
+    """Why no backend's sequence kernel can run a call (None: the options do not stop them)."""
+    if proj_size:
+        return "proj_size > 0 is not covered by the sequence kernels"
+    if packed:
+        return "packed sequences are not covered by the sequence kernels"
+    return None
+
+
 def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool, hidden: int) -> Optional[str]:
     if b == "reference":
         return None
@@ -194,10 +203,8 @@ def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool, hidden: 
         return f"dtype {x.dtype} is not supported by the {b} sequence kernel"
     if why := backends.interpreted_dot_reason(b, x.dtype, x.device):
         return why
-    if proj_size:
-        return "proj_size > 0 is not covered by the sequence kernel"
-    if packed:
-        return "packed sequences are not covered by the sequence kernel"
+    if why := _uncovered(proj_size, packed):
+        return why
     if b == "cuda" and x.is_cuda:
         return _cuda_layer_reason(x, hidden)
     return None
@@ -303,8 +310,9 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
     packed = batch_sizes is not None
 
     # the rules are sized by batch rows and by whether a gradient is recorded; a packed batch or projections, which
-    # no sequence kernel covers, count as unknown size: torch's (where it can run them)
-    batch = None if packed or proj_size else (1 if input.dim() == 2 else input.shape[0 if batch_first else 1])
+    # no sequence kernel covers, go to torch's LSTM for that reason (where it can run them), not by a rule
+    uncovered = _uncovered(proj_size, packed)
+    batch = None if uncovered else (1 if input.dim() == 2 else input.shape[0 if batch_first else 1])
 
     def unsupported(b: str) -> Optional[str]:
         if batch == 0 and b != "reference":
@@ -319,7 +327,8 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
     torch_fails = (amp and input.device.type == "cpu" and run_dtype in (torch.float16, torch.bfloat16)
                    and run_dtype not in _native.ONEDNN_DTYPES)
     if not torch_fails and backends.prefer_native("lstm", input.device, backend, size=batch, grad=grad,
-                                                  dtype=run_dtype, tensors=(input, *(hx or ()), *params)):
+                                                  dtype=run_dtype, tensors=(input, *(hx or ()), *params),
+                                                  uncovered=uncovered):
         # (torch applies autocast itself)
         return _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                             dropout, training, batch_sizes)

@@ -57,9 +57,11 @@ class LSTM(torch.nn.LSTM):
     """``torch.nn.LSTM`` on the fused sequence kernels (``pykernels.functional.lstm``).
 
     Each layer direction runs as one input-projection GEMM plus one recurrent launch where a backend's sequence
-    kernel covers the call; proj_size > 0, PackedSequence input and float64 run the reference implementation
-    (plain PyTorch) instead — visibly: ``pykernels.last_dispatch["lstm"]`` names the backend that ran and why the
-    others were skipped. Keyword-only extra: ``backend``.
+    kernel covers the call (float64: only the cpu backend's). Automatic calls run torch's own LSTM where it measured
+    faster (``backends.NATIVE_FASTER``) and where no kernel covers the call (proj_size > 0, PackedSequence input),
+    which a preference runs on the reference implementation (plain PyTorch). Visibly:
+    ``pykernels.last_dispatch["lstm"]`` names the backend that ran and why the others were skipped (or why torch's
+    ran). Keyword-only extra: ``backend``.
     """
 
     def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
