@@ -722,6 +722,26 @@ def test_multihead_attention_dropout_and_errors():
             mha(x, k, k, attn_mask=bad)
 
 
+def test_multihead_attention_query_that_sees_no_key():
+    """Ours gives such a query a zero attention output in every mode; torch gives NaN with need_weights=True and on
+    its eval fast path (no gradient, batch_first, self-attention) even without weights, 0 otherwise, as the
+    docstring says (it said 0 whenever need_weights=False)."""
+    assert "fast path" in " ".join(pykernels.nn.MultiheadAttention.__doc__.split())
+    theirs = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    ours = pykernels.nn.MultiheadAttention(8, 2, batch_first=True)
+    ours.load_state_dict(theirs.state_dict())
+    x, kpm = torch.randn(2, 3, 8), torch.tensor([[True] * 3, [False, False, True]])  # batch 0 sees no key
+    for training, need_weights, torch_nan in ((True, True, True), (True, False, False), (False, True, True),
+                                              (False, False, True)):
+        theirs.train(training), ours.train(training)
+        with torch.no_grad():
+            got = ours(x, x, x, key_padding_mask=kpm, need_weights=need_weights)[0]
+            want = theirs(x, x, x, key_padding_mask=kpm, need_weights=need_weights)[0]
+        torch.testing.assert_close(got[0], ours.out_proj.bias.detach().expand(3, 8))  # out_proj of a zero output
+        assert bool(want[0].isnan().all()) == torch_nan, (training, need_weights)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
 def test_multihead_attention_weights_under_autocast_and_scalar_arguments():
     """Under autocast the weights take the scores' dtype with a float mask too (torch's baddbmm(mask, q, k));
     SDPA's float arguments take any real scalar, as torch's parser (numpy scalars, 0-dim tensors)."""

@@ -1,8 +1,9 @@
-"""README.md's Layout section names paths that exist (it listed pykernels/functional.py after functional became a
-package)."""
+"""README.md's facts that drift: the Layout section names paths that exist (it listed pykernels/functional.py after
+functional became a package), the Environment variables table the variables read, typed numbers their files."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 
@@ -45,3 +46,20 @@ def test_environment_variables_table_lists_every_variable_read():
     missing = {n: p for n, p in read.items() if n not in listed}
     assert not missing, f"read but not in README's Environment variables table: {missing}"
     assert not listed - set(read), f"README's table lists variables nothing reads: {listed - set(read)}"
+
+
+def test_opening_avx2_lstm_range_matches_the_committed_measurement():
+    """The opening paragraph's AVX2 fp32 LSTM range (typed, not generated) is the one of the current measurement's
+    files (it quoted 0.98–1.39×, the files before the K-blocked weight gradients)."""
+    speed = []
+    for path in glob.glob(os.path.join(ROOT, "bench/results/cpu-lstm-*avx2-k-blocked-*.json")):
+        with open(path) as f:
+            speed += [r["speedup_vs"]["torch"] for r in json.load(f)["results"]
+                      if r["provider"] == "pykernels-cpu" and r["mode"] == "fwd+bwd" and r["dtype"] == "float32"
+                      and r["status"] == "ok"]
+    assert len(speed) > 10, speed
+    with open(os.path.join(ROOT, "README.md")) as f:
+        opening = " ".join(f.read().split("<!-- results:summary:begin -->")[0].split())
+    claim = (f"{min(speed):.2f}–{max(speed):.2f}× forward+backward at B = 1–64, H = 128–1024 in fp32 (below 1× at "
+             f"{sum(s < 1 for s in speed)} of the {len(speed)} shapes, by at most {round(100 * (1 - min(speed)))}%)")
+    assert claim in opening, claim

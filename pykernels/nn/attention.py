@@ -33,7 +33,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     (computed explicitly next to the fused output, averaged over heads when ``average_attn_weights``); when
     dropout is active in training with ``need_weights=True`` the call runs torch's own implementation, whose
     returned weights are the dropped ones. A query that can see no key gets a zero output (torch: NaN with
-    ``need_weights=True``, 0 without).
+    ``need_weights=True`` and on its eval fast path without a gradient, else 0).
     Keyword-only extra: ``backend`` (see ``pykernels.functional.scaled_dot_product_attention``).
     """
 
