@@ -888,9 +888,9 @@ def test_triton_heads_split_over_two_grid_axes(monkeypatch):
 
 
 def test_triton_takes_any_head_dim_stride():
-    """A head dim that is not innermost, with a stride that times the head dim passes 2^31 (offsets in int64; in
-    int32 they wrapped and the kernels read and wrote ~4 GiB away from the tensors). The storage is a virtual
-    4.6 GB allocation of which 16 x 128 elements are touched."""
+    """A head dim that is not innermost, with a stride that times the head dim passes 2^31: the launchers copy it
+    to a unit stride (the kernels' int32 head-dim offsets wrapped and read and wrote ~4 GiB away from the
+    tensors). The storage is a virtual 4.6 GB allocation of which 16 x 128 elements are touched."""
     require_backend("triton", "cpu")
     E, L, P = 128, 16, 17825792
     try:
@@ -934,9 +934,11 @@ def test_mask_constant_along_keys_gets_an_exact_zero_gradient(backend):
     require_backend(backend, "cpu")
     dtype = torch.float16
     q, k, v = (torch.randn(1, 4, n, 32, dtype=dtype) for n in (64, 64, 64))
-    for shape in ((1, 1, 1, 1), (1, 4, 1, 1), (1, 1, 64, 1)):
+    for shape, view in (((1, 1, 1, 1), None), ((1, 4, 1, 1), None), ((1, 1, 64, 1), None), ((), None),
+                        ((4, 64, 1), (4, 64, 32)), ((1, 1, 4, 64, 1), (1, 1, 4, 64, 32))):  # 3-D / 5-D queries
         m = torch.randn(shape, dtype=dtype, requires_grad=True)
-        out = sdpa(q, k, v, attn_mask=m, backend=backend)
+        qq, kk, vv = (q, k, v) if view is None else (t.reshape(view) for t in (q, k, v))
+        out = sdpa(qq, kk, vv, attn_mask=m, backend=backend)
         (g,) = torch.autograd.grad(out, m, 10 * torch.randn_like(out))
         assert torch.equal(g, torch.zeros_like(g)), (shape, g.abs().max())
     m = torch.zeros(1, 1, 64, 1, dtype=dtype)

@@ -291,8 +291,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         value.expand(*batch, 1, S, Ev).reshape(B, 1, S, Ev)
     bias = None
     if attn_mask is not None:
-        bias = attn_mask.expand(score_shape).reshape(B, H, L, S) if attn_mask.dim() > 4 or query.dim() != 4 \
-            else attn_mask
+        Sm = attn_mask.shape[-1] if attn_mask.dim() else 1  # constant along the keys stays so (exact-zero grad)
+        bias = attn_mask.expand(*score_shape[:-1], Sm).reshape(B, H, L, Sm) \
+            if attn_mask.dim() > 4 or query.dim() != 4 else attn_mask
     diag = S - L if (alignment == "bottom_right") else 0
     seed = _seed(query.device) if dropout_p > 0 else None
     out, lse = _ops.attention(q4, k4, v4, bias, None, None, L, S, float(scale), bool(is_causal), diag, False,

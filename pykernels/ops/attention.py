@@ -223,11 +223,11 @@ def _backward(ctx, g_o, g_lse):
     dq, dk, dv, dbias = kernel_ops(backend)[1](g_o, q, k, v, o, lse, bias, cu_q, cu_k, max_q, max_k, scale,
                                                is_causal, diag, bottom_right, win_left, win_right, softcap,
                                                dropout_p, seed, want_dbias)
-    if want_dbias and bias.shape[-1] == 1:
+    if want_dbias and (bias.dim() == 0 or bias.shape[-1] == 1):
         # constant along the keys: softmax ignores it, the gradient is exactly 0 (the kernels' dS rows sum to
-        # dO.(O - O rounded), ~1e-3 |dO||O| in fp16, which an optimizer like Adam would turn into steps); * 0 keeps
-        # NaN
-        dbias = dbias * 0
+        # dO.(O - O rounded), ~1e-3 |dO||O| in fp16, which an optimizer like Adam would turn into steps); NaN kept
+        # (an inf is summed noise that overflowed a 16-bit mask's dtype, not a gradient)
+        dbias = torch.where(dbias.isnan(), dbias, 0)
     return (dq, dk, dv, dbias if want_dbias else None) + (None,) * (_N_INPUTS - 4)
 
 
