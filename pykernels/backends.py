@@ -2,7 +2,8 @@
 
 Order of precedence for one call:
 1. ``backend=`` passed to the function: a hard request. If that backend cannot run this call, a
-   ``BackendUnavailableError`` says why (nothing silently runs elsewhere).
+   ``BackendUnavailableError`` says why (nothing silently runs elsewhere). An empty call, which needs no kernel, is
+   the exception: the reference answers it, recorded in ``last_dispatch`` (see ``choose``).
 2. ``pykernels.use_backend(name)`` (context manager) or env ``PYKERNELS_BACKEND``: a preference. If the
    preferred backend cannot run the call, the next one in the device's chain runs it, and the fallback is
    logged on the ``pykernels`` logger (DEBUG) and recorded in ``pykernels.last_dispatch``.
@@ -489,22 +490,33 @@ def forward_ad_reason(tensors: Sequence[object]) -> Optional[str]:
     return None
 
 
+EMPTY_INPUT = "empty input"
+
+
 def choose(op: str, device: torch.device, backend: Optional[str],
            unsupported: Callable[[str], Optional[str]], order: Optional[Sequence[str]] = None,
-           tensors: Sequence[object] = ()) -> str:
+           tensors: Sequence[object] = (), empty: bool = False) -> str:
     """Pick the backend for one call of ``op``.
 
     ``unsupported(b)`` returns why backend ``b`` cannot run this particular call (dtype, option, ...) or None.
     ``order`` replaces the device's chain for this call where the op measured a different ranking. ``tensors``:
     the call's differentiable inputs (forward-mode tangents on them run on the reference, see forward_ad_reason).
+    ``empty``: the call has no work (an empty batch), which the reference answers as torch does (shapes, dtype,
+    NaN mean, empty gradients): it runs there under any request, a hard one included (a data loader's empty last
+    batch must not crash a model that asked for a backend), recorded as ("reference", {backend: "empty input"}).
+    A backend that cannot run on the device at all still refuses it.
     """
     forward_ad = forward_ad_reason(tensors)
 
     def reason(b: str) -> Optional[str]:
-        return _device_reason(b, device) or (forward_ad if b != "reference" else None) or unsupported(b)
+        reference_only = None if b == "reference" else EMPTY_INPUT if empty else forward_ad
+        return _device_reason(b, device) or reference_only or unsupported(b)
 
     if backend is not None:
         why = reason(_check_name(backend))
+        if why == EMPTY_INPUT:
+            _record(op, ("reference", {backend: why}))
+            return "reference"
         if why:
             raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run this call: {why}")
         _record(op, (backend, {}))

@@ -313,3 +313,86 @@ def test_sized_rules_bound_by_size_and_gradient():
     assert backends._sized("plain", None, False, native=False) is None
     assert backends._sized("plain", None, False, native=True) == "plain"
     assert backends._sized(None, 5, True, native=True) is None
+
+
+def _empty_calls():
+    """case -> call(backend) returning (op, leaves, ours, torch's): empty batches, as a data loader's last one,
+    through the functional API, a module built with backend= and patch(model, backend=)."""
+    pf = pykernels.functional
+
+    def ce(b):
+        x, t, w = torch.randn(0, 7, requires_grad=True), torch.randint(0, 7, (0,)), torch.rand(7)
+        return "cross_entropy", [x], pf.cross_entropy(x, t, w, backend=b), F.cross_entropy(x, t, w)  # NaN
+
+    def ce_module(b):
+        x, t = torch.randn(2, 7, 0, requires_grad=True), torch.randint(0, 7, (2, 0))
+        kw = dict(reduction="none", label_smoothing=0.1)
+        return "cross_entropy", [x], pykernels.nn.CrossEntropyLoss(**kw, backend=b)(x, t), \
+            torch.nn.CrossEntropyLoss(**kw)(x, t)
+
+    def lce(b, reduction):
+        x, W = torch.randn(0, 5, requires_grad=True), torch.randn(9, 5, requires_grad=True)
+        bias, t = torch.randn(9, requires_grad=True), torch.randint(0, 9, (0,))
+        return "linear_cross_entropy", [x, W, bias], \
+            pf.linear_cross_entropy(x, W, t, linear_bias=bias, reduction=reduction, backend=b), \
+            F.cross_entropy(F.linear(x, W, bias), t, reduction=reduction)
+
+    def sdpa(b, q_shape, kv_shape):
+        q = torch.randn(q_shape, requires_grad=True)
+        k, v = torch.randn(kv_shape, requires_grad=True), torch.randn(kv_shape, requires_grad=True)
+        return "scaled_dot_product_attention", [q, k, v], pf.scaled_dot_product_attention(q, k, v, backend=b), \
+            F.scaled_dot_product_attention(q, k, v)
+
+    def varlen(b, offsets):
+        q, k, v = (torch.randn(0, 2, 8, requires_grad=True) for _ in range(3))
+        cu = torch.tensor(offsets, dtype=torch.int32)
+        whole = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
+        return "varlen_attention", [q, k, v], pf.varlen_attention(q, k, v, cu, cu, 0, 0, backend=b), \
+            whole.transpose(0, 1)  # (no token: the same as all tokens in one sequence)
+
+    def lstm(b):
+        m = torch.nn.LSTM(5, 4, num_layers=2, bidirectional=True)
+        x = torch.randn(6, 0, 5, requires_grad=True)
+        return "lstm", [x, *m.parameters()], pf.lstm(x, None, list(m._flat_weights), 2, True, backend=b), m(x)
+
+    def lstm_patched(b):
+        m = torch.nn.LSTM(5, 4, proj_size=2, batch_first=True)
+        x = torch.randn(0, 6, 5, requires_grad=True)
+        want = m(x)
+        return "lstm", [x, *m.parameters()], pykernels.patch(m, backend=b)(x), want
+
+    return {"cross_entropy": ce, "CrossEntropyLoss": ce_module,
+            "linear_cross_entropy-mean": lambda b: lce(b, "mean"), "linear_cross_entropy-sum": lambda b: lce(b, "sum"),
+            "sdpa-no-batch": lambda b: sdpa(b, (0, 2, 4, 8), (0, 2, 3, 8)),
+            "sdpa-no-query": lambda b: sdpa(b, (1, 2, 0, 8), (1, 2, 3, 8)),
+            "sdpa-no-key": lambda b: sdpa(b, (1, 2, 4, 8), (1, 2, 0, 8)),
+            "varlen-no-sequence": lambda b: varlen(b, [0]), "varlen-no-token": lambda b: varlen(b, [0, 0, 0]),
+            "lstm": lstm, "patch-LSTM": lstm_patched}
+
+
+EMPTY_CALLS = _empty_calls()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("case", list(EMPTY_CALLS))
+def test_empty_call_under_a_hard_request_is_torchs(case, backend):
+    """An empty call needs no kernel: under a hard request too (backend=, a module's or patch()'s backend) the
+    reference answers it, visibly in last_dispatch, with torch's result (shapes, dtype, NaN mean, grad_fn) and
+    gradients (it raised BackendUnavailableError "empty input", crashing a model on an empty last batch)."""
+    from torch.utils._pytree import tree_leaves
+
+    from conftest import require_backend
+    require_backend(backend, "cpu")
+    op, leaves, ours, theirs = EMPTY_CALLS[case](backend)
+    assert pykernels.last_dispatch[op] == ("reference", {} if backend == "reference" else {backend: "empty input"})
+    ours, theirs = tree_leaves(ours), tree_leaves(theirs)
+    assert len(ours) == len(theirs)
+    for a, r in zip(ours, theirs):
+        assert (a.shape, a.dtype, a.requires_grad) == (r.shape, r.dtype, r.requires_grad), case
+        torch.testing.assert_close(a, r, rtol=0, atol=0, equal_nan=True)
+
+    def grads(outs):
+        got = torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs], allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, got)]
+    for g, w in zip(grads(ours), grads(theirs)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

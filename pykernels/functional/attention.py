@@ -72,8 +72,7 @@ def _clip_window(win: Tuple[int, int], n: int) -> Tuple[int, int]:
     return tuple(-1 if w >= n else w for w in win)
 
 
-def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], empty: bool,
-                   device: torch.device) -> Optional[str]:
+def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], device: torch.device) -> Optional[str]:
     if b == "reference":
         return None
     if b == "cpu":
@@ -88,8 +87,6 @@ def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], empty
         return why
     if max(head_dims) > MAX_HEAD_DIM:
         return f"head dim {max(head_dims)} > {MAX_HEAD_DIM}"
-    if empty:
-        return "empty input"
     return None
 
 
@@ -255,8 +252,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     dropout_p = float(dropout_p)
 
     def unsupported(b: str) -> Optional[str]:
-        why = _kernel_reason(b, query.dtype, (E, Ev), query.numel() == 0 or key.numel() == 0
-                             or value.numel() == 0, query.device)
+        why = _kernel_reason(b, query.dtype, (E, Ev), query.device)
         if why is None and b != "reference" and dropout_p >= 1.0:
             return "dropout_p == 1 (every probability dropped) runs on the reference"
         if why is None and b == "cuda":
@@ -265,7 +261,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         return why
 
     chosen = backends.choose("scaled_dot_product_attention", query.device, backend, unsupported,
-                             tensors=(query, key, value, attn_mask))
+                             tensors=(query, key, value, attn_mask),
+                             empty=query.numel() == 0 or key.numel() == 0 or value.numel() == 0)
     alignment = causal_alignment
     if chosen == "reference":
         keep = None
@@ -367,14 +364,15 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     dropout_p = float(dropout_p)
 
     def unsupported(b: str) -> Optional[str]:
-        why = _kernel_reason(b, q.dtype, (E, Ev), T == 0 or Tk == 0 or q.numel() == 0, q.device)
+        why = _kernel_reason(b, q.dtype, (E, Ev), q.device)
         if why is None and b != "reference" and dropout_p >= 1.0:
             return "dropout_p == 1 (every probability dropped) runs on the reference"
         if why is None and b == "cuda":
             return _cuda_reason(q.dtype, (E, Ev), (max_seqlen_q, max_seqlen_k), _backward_smem(q.device, (q, k, v)))
         return why
 
-    chosen = backends.choose("varlen_attention", q.device, backend, unsupported, tensors=(q, k, v))
+    chosen = backends.choose("varlen_attention", q.device, backend, unsupported, tensors=(q, k, v),
+                             empty=T == 0 or Tk == 0 or q.numel() == 0)
     if q.device.type == "meta":  # shapes only (the sequence boundaries are data a meta tensor does not hold)
         out = q.new_empty(q.shape[0], H, Ev)
         return (out, q.new_empty(H, q.shape[0], dtype=torch.float32)) if return_lse else out

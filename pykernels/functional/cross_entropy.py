@@ -175,8 +175,6 @@ def _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_
             return None
         if input.dtype not in _KERNEL_DTYPES[b]:
             return f"dtype {input.dtype} is not supported by the {b} kernels"
-        if input.numel() == 0:
-            return "empty input"
         if probs and target.requires_grad:
             return "gradient with respect to probability targets is only implemented by the reference"
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
@@ -188,7 +186,8 @@ def _cross_entropy(input, target, weight, reduction, probs, ignore_index, label_
     # Without a gradient the Triton kernel is the faster one on the H100 (0.75 vs 1.04 ms forward at N=8192
     # V=128256 bf16, bench/results/h100-cross_entropy-quick-20261122.json); with one, the CUDA kernel.
     order = ("triton", "cuda", "reference") if input.device.type == "cuda" and not needs_grad else None
-    chosen = backends.choose("cross_entropy", input.device, backend, unsupported, order, tensors=(input, target))
+    chosen = backends.choose("cross_entropy", input.device, backend, unsupported, order, tensors=(input, target),
+                             empty=input.numel() == 0)
     if chosen == "reference":
         # under autocast torch computes on a float32 copy of the logits: so does the reference (no-op otherwise)
         loss, lse = _ce_ref.cross_entropy(input.to(out_dtype), target, weight, ignore_index, reduction,

@@ -244,8 +244,6 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
             return "probability targets (an N x C target tensor) are only implemented by the reference"
         if out_features:
             return "K-dimensional linear_weight is only implemented by the reference"
-        if input.numel() == 0 or C == 0:
-            return "empty input"
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             return "gradient with respect to weight is only implemented by the reference"
         why = backends.interpreted_dot_reason(b, input.dtype, input.device)
@@ -254,7 +252,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
         return None
 
     chosen = backends.choose("linear_cross_entropy", input.device, backend, unsupported,
-                             tensors=(input, linear_weight, linear_bias, target))
+                             tensors=(input, linear_weight, linear_bias, target), empty=input.numel() == 0 or C == 0)
     if not probs:  # int64 before any comparison: a uint8 255 must not equal ignore_index -1
         target = target.to(torch.int64)
         _check_target_range(target, C, ii, "linear_cross_entropy")

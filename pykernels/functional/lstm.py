@@ -310,13 +310,13 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
     packed = batch_sizes is not None
 
     # the rules are sized by batch rows and by whether a gradient is recorded; a packed batch or projections, which
-    # no sequence kernel covers, go to torch's LSTM for that reason (where it can run them), not by a rule
+    # no sequence kernel covers, go to torch's LSTM for that reason (where it can run them), not by a rule.
+    # rows == 0: an empty batch
     uncovered = _uncovered(proj_size, packed)
-    batch = None if uncovered else (1 if input.dim() == 2 else input.shape[0 if batch_first else 1])
+    rows = None if packed else (1 if input.dim() == 2 else input.shape[0 if batch_first else 1])
+    batch = None if uncovered else rows
 
     def unsupported(b: str) -> Optional[str]:
-        if batch == 0 and b != "reference":
-            return "empty batch"
         return _layer_unsupported(b, input, proj_size, packed, params[1].shape[-1])
     grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                            for t in (input, *(hx or ()), *params))
@@ -338,7 +338,7 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
             return lstm(x, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first, dropout,
                         training, batch_sizes, backend=backend)
     chosen = backends.choose("lstm", input.device, backend, unsupported,
-                             tensors=(input, *(hx or ()), *params))
+                             tensors=(input, *(hx or ()), *params), empty=rows == 0)
     if chosen == "reference":
         return _ref.lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                          dropout, training, batch_sizes)
