@@ -5,18 +5,19 @@ are the classes ``[vocab_start, vocab_start + V_r)`` of a vocabulary of ``vocab_
 holds ``[r * V_r, (r + 1) * V_r)`` and ``vocab_size = world * V_r``). ``input``, ``target`` and the class
 ``weight`` (vocab_size,) are the same on every rank (replicated, as after a tensor-parallel all-gather).
 
-Check: before any kernel, one all_gather of 5 int64 per rank (vocab_start, V_r, vocab_size, N, H) on input's device;
-every rank raises the same ArgumentValueError (CPU; elsewhere a device-side assert, with no host read) unless the
-shards tile [0, vocab_size) (no overlap, no gap) and the ranks agree on vocab_size, N and H (otherwise the loss would
-be silently wrong, or gloo would abort the process on the mismatched all_reduce sizes). It moves 40 bytes per rank:
-latency only.
+Check: before any kernel, one all_gather of 6 int64 per rank (vocab_start, V_r, vocab_size, N, H, and whether the
+rank refused its own arguments) on input's device. Unless no rank refused, the shards tile [0, vocab_size) (no
+overlap, no gap) and the ranks agree on vocab_size, N and H, every rank raises (CPU: the refusing rank its own error,
+the others an ArgumentValueError naming the argument or the refusing rank; elsewhere a device-side assert, with no
+host read). Otherwise the loss would be silently wrong, gloo would abort the process on mismatched all_reduce sizes,
+or a rank raising alone would leave the others waiting. It moves 48 bytes per rank: latency only.
 Forward: every rank runs the backend's forward kernel on its shard (per-row max and log-sum-exp relative to it,
 target logit, smoothing sum over its classes; never the logits), then two all_reduces combine them: MAX of the row
 max, then one SUM of the stacked (sum-exp relative to the global max, target logit, smoothing sum). The loss is
 identical on every rank.
 Backward: every rank recomputes its shard's logit tiles with the global lse, gets d_weight / d_bias of its own
 rows and its partial d_input, and one SUM all_reduce of d_input (in fp32) makes d_input right on every rank.
-Collectives: the check's all_gather (5 int64 per rank), 2 all_reduces in the forward (N floats, op MAX; then 3N
+Collectives: the check's all_gather (6 int64 per rank), 2 all_reduces in the forward (N floats, op MAX; then 3N
 floats, op SUM), 1 in the backward (N x H floats).
 """
 from __future__ import annotations
@@ -80,13 +81,14 @@ class _VocabParallelLCE(torch.autograd.Function):
 
 
 def _agree(gathered: Tensor) -> Tensor:
-    """Whether the gathered (world, 5) rows (vocab_start, V_r, vocab_size, N, H) are consistent, as a bool tensor on
-    their device (no host read): the same vocab_size, N and H everywhere, and shards that tile [0, vocab_size)
-    (inside it, sizes summing to it, no overlap; an empty shard holds no class)."""
-    start, rows, vocab, n, h = gathered.unbind(1)
+    """Whether the gathered (world, 6) rows (vocab_start, V_r, vocab_size, N, H, refused) are consistent, as a bool
+    tensor on their device (no host read): no rank refused its own arguments, the same vocab_size, N and H
+    everywhere, and shards that tile [0, vocab_size) (inside it, sizes summing to it, no overlap; an empty shard
+    holds no class)."""
+    start, rows, vocab, n, h, refused = gathered.unbind(1)
     V = vocab[0]
     end = start + rows
-    same = (vocab == V).all() & (n == n[0]).all() & (h == h[0]).all()
+    same = (refused == 0).all() & (vocab == V).all() & (n == n[0]).all() & (h == h[0]).all()
     inside = ((start >= 0) & (rows >= 0) & (end <= V)).all() & (rows.sum() == V)
     s = torch.where(rows > 0, start, V)  # empty shards sort last and overlap nothing
     order = s.argsort()
@@ -97,7 +99,10 @@ def _agree(gathered: Tensor) -> Tensor:
 def _disagreement(gathered: list) -> Optional[str]:
     """The first inconsistency of the gathered rows (host lists), as the error that names the argument; None when
     _agree holds."""
-    starts, sizes, vocab, ns, hs = zip(*gathered)
+    starts, sizes, vocab, ns, hs, refused = zip(*gathered)
+    if any(refused):
+        return (f"linear_cross_entropy: rank(s) {[r for r, x in enumerate(refused) if x]} refused their arguments "
+                f"(the error there names them): no rank computes")
     for name, what, values, hint in (
             ("vocab_size", "vocab_size", vocab, " (default: world size x the rank's rows; pass it and vocab_start "
                                                 "for uneven shards)"),
@@ -122,17 +127,23 @@ def _disagreement(gathered: list) -> Optional[str]:
     return None if end == V else f"{untiled}classes [{end}, {V}) are on no rank"
 
 
-def _check_ranks_agree(vocab_start: int, rows: int, vocab_size: int, n: int, h: int, group, device) -> None:
-    """One all_gather of 5 int64 per rank: the shards [vocab_start, vocab_start + rows) must tile [0, vocab_size)
-    and every rank must pass the same vocab_size and input of the same N x H. Otherwise the loss is silently wrong
-    (overlap, gap, vocab_size) or gloo aborts the process on mismatched collective sizes (N, H). On CPU every rank
-    decides from the same gathered values, so all raise the same ArgumentValueError and none is left waiting in a
-    later collective; on other devices a device-side assert (as the target range check), which reads nothing back
-    to the host: no stream sync per call."""
+def _check_ranks_agree(vocab_start: int, rows: int, vocab_size: int, n: int, h: int, group, device,
+                       refused: Optional[Exception] = None) -> None:
+    """One all_gather of 6 int64 per rank: no rank refused its own arguments (``refused``: this rank's error, raised
+    here after the gather), the shards [vocab_start, vocab_start + rows) tile [0, vocab_size) and every rank passes
+    the same vocab_size and input of the same N x H. Otherwise the loss is silently wrong (overlap, gap,
+    vocab_size), gloo aborts the process on mismatched collective sizes (N, H), or a rank raising alone leaves the
+    others waiting in a collective. On CPU every rank decides from the same gathered values, so every rank raises
+    (the refusing one its own error, the others an ArgumentValueError that names it); on other devices the peers
+    of a refusing rank fail a device-side assert (as the target range check), which reads nothing back to the
+    host: no stream sync per call."""
     # on input's device, as the other collectives: a device the group's backend takes
-    mine = torch.tensor([vocab_start, rows, vocab_size, n, h], dtype=torch.int64, device=device)
+    mine = torch.tensor([vocab_start, rows, vocab_size, n, h, refused is not None], dtype=torch.int64,
+                        device=device)
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, mine, group=group)
+    if refused is not None:
+        raise refused
     gathered = torch.stack(parts)
     if gathered.device.type == "cpu" and not torch.compiler.is_compiling():
         why = _disagreement(gathered.tolist())
@@ -163,37 +174,46 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
         group = None
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
-        raise ArgumentValueError("linear_cross_entropy: vocab-parallel linear_weight must be this rank's (V_r, H) rows")
-    if not isinstance(input, Tensor) or not input.dtype.is_floating_point or input.dim() < 1:
-        raise ArgumentTypeError("linear_cross_entropy: input must be a floating-point Tensor (..., H)")
-    Vr, H = linear_weight.shape
-    if input.shape[-1] != H:
-        raise ArgumentValueError(f"linear_cross_entropy: linear_weight's last dimension ({H}) must equal input's last "
-                                 f"dimension, in_features ({input.shape[-1]})")
-    if (not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.uint8)
-            or tuple(target.shape) != tuple(input.shape[:-1])):
-        raise ArgumentValueError(f"linear_cross_entropy: vocab-parallel target must be int64 (or uint8) class indices "
-                                 f"of shape {tuple(input.shape[:-1])}")
-    _check_dtypes_devices(input, linear_weight, target, linear_bias, weight)
-    target = target.to(torch.int64)  # before any comparison: a uint8 255 must not equal ignore_index -1
-    vocab_start = rank * Vr if vocab_start is None else int(vocab_start)
-    vocab_size = world * Vr if vocab_size is None else int(vocab_size)
-    _check_ranks_agree(vocab_start, Vr, vocab_size, target.numel(), H, group, input.device)
-    if linear_bias is not None and tuple(linear_bias.shape) != (Vr,):
-        raise ArgumentValueError(f"linear_cross_entropy: linear_bias must have shape ({Vr},) (this rank's classes), "
-                                 f"got {tuple(linear_bias.shape)}")
-    if weight is not None and tuple(weight.shape) != (vocab_size,):
-        raise ArgumentValueError(f"linear_cross_entropy: weight must have shape ({vocab_size},) (the whole "
-                                 f"vocabulary), got {tuple(weight.shape)}")
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        raise ArgumentValueError("linear_cross_entropy: the vocab-parallel path treats the class weight as a "
-                                 "constant; pass weight.detach() (a weight that requires grad would get no "
-                                 "gradient)")
-    _check_options(reduction, label_smoothing, z_loss, softcap)
-    label_smoothing = _smoothing(label_smoothing)
-    ii = -100 if ignore_index is None else _index("linear_cross_entropy", "ignore_index", ignore_index)
-    _check_target_range(target, vocab_size, ii, "linear_cross_entropy")
+    device = input.device if isinstance(input, Tensor) else torch.device("cpu")
+    Vr = H = 0
+    try:  # checks of this rank's own arguments: their error is raised after the ranks' check, so no rank hangs
+        if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
+            raise ArgumentValueError("linear_cross_entropy: vocab-parallel linear_weight must be this rank's (V_r, H) "
+                                     "rows")
+        if not isinstance(input, Tensor) or not input.dtype.is_floating_point or input.dim() < 1:
+            raise ArgumentTypeError("linear_cross_entropy: input must be a floating-point Tensor (..., H)")
+        Vr, H = linear_weight.shape
+        if input.shape[-1] != H:
+            raise ArgumentValueError(f"linear_cross_entropy: linear_weight's last dimension ({H}) must equal input's "
+                                     f"last dimension, in_features ({input.shape[-1]})")
+        if (not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.uint8)
+                or tuple(target.shape) != tuple(input.shape[:-1])):
+            raise ArgumentValueError(f"linear_cross_entropy: vocab-parallel target must be int64 (or uint8) class "
+                                     f"indices of shape {tuple(input.shape[:-1])}")
+        _check_dtypes_devices(input, linear_weight, target, linear_bias, weight)
+        target = target.to(torch.int64)  # before any comparison: a uint8 255 must not equal ignore_index -1
+        vocab_start = rank * Vr if vocab_start is None else int(vocab_start)
+        vocab_size = world * Vr if vocab_size is None else int(vocab_size)
+        if linear_bias is not None and tuple(linear_bias.shape) != (Vr,):
+            raise ArgumentValueError(f"linear_cross_entropy: linear_bias must have shape ({Vr},) (this rank's "
+                                     f"classes), got {tuple(linear_bias.shape)}")
+        if weight is not None and tuple(weight.shape) != (vocab_size,):
+            raise ArgumentValueError(f"linear_cross_entropy: weight must have shape ({vocab_size},) (the whole "
+                                     f"vocabulary), got {tuple(weight.shape)}")
+        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+            raise ArgumentValueError("linear_cross_entropy: the vocab-parallel path treats the class weight as a "
+                                     "constant; pass weight.detach() (a weight that requires grad would get no "
+                                     "gradient)")
+        _check_options(reduction, label_smoothing, z_loss, softcap)
+        label_smoothing = _smoothing(label_smoothing)
+        ii = -100 if ignore_index is None else _index("linear_cross_entropy", "ignore_index", ignore_index)
+        _check_target_range(target, vocab_size, ii, "linear_cross_entropy")
+        refused = None
+    except (ArgumentValueError, ArgumentTypeError, IndexError) as e:
+        refused = e
+        vocab_start, vocab_size = vocab_start if isinstance(vocab_start, int) else 0, 0
+    _check_ranks_agree(vocab_start, Vr, vocab_size, target.numel() if isinstance(target, Tensor) else 0, H, group,
+                       device, refused)
 
     def unsupported(b: str) -> Optional[str]:
         if b == "reference":

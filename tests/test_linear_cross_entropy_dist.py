@@ -54,6 +54,11 @@ def _bad_calls(rank, backends, linear_cross_entropy) -> None:
                  dict(linear_bias=torch.zeros(10, dtype=torch.float32), backend=backend)),
                 (ArgumentTypeError, "weight must be a floating-point", x, half, t,
                  dict(weight=torch.ones(V, dtype=torch.int64), backend=backend))]
+    # one rank refusing its own arguments (here a bias of the wrong length): it raises its error, the others one
+    # naming it, after the ranks' check (before it, the others waited in a collective until gloo's reset)
+    bias = torch.zeros(11 if rank == 1 else 10, dtype=torch.float64)
+    bad.append((ArgumentValueError, r"linear_bias must have shape \(10,\)" if rank == 1 else r"rank\(s\) \[1\] refused",
+                x, half, t, dict(linear_bias=bias)))
     for exc, match, xx, WW, tt, kw in bad:
         kw.setdefault("backend", "reference")
         with pytest.raises(exc, match=match):
@@ -101,10 +106,10 @@ def _collectives(rank, linear_cross_entropy) -> None:
                              group=dist.group.WORLD, backend="reference").backward()
     finally:
         dist.all_gather, dist.all_reduce = real
-    assert calls == [("all_gather", 5, torch.int64), ("all_reduce", N, dist.ReduceOp.MAX),
+    assert calls == [("all_gather", 6, torch.int64), ("all_reduce", N, dist.ReduceOp.MAX),
                      ("all_reduce", 3 * N, dist.ReduceOp.SUM), ("all_reduce", N * H, dist.ReduceOp.SUM)], calls
     doc = " ".join(pd.__doc__.split())
-    assert ("Collectives: the check's all_gather (5 int64 per rank), 2 all_reduces in the forward (N floats, op MAX; "
+    assert ("Collectives: the check's all_gather (6 int64 per rank), 2 all_reduces in the forward (N floats, op MAX; "
             "then 3N floats, op SUM), 1 in the backward (N x H floats)") in doc
 
 
@@ -250,19 +255,21 @@ def test_device_side_shard_check_agrees_with_the_host_one():
     """On a GPU the ranks' agreement is a device-side assert on pykernels.distributed._agree (no host read); on
     CPU _disagreement's messages. Both must accept and refuse the same gathered (vocab_start, V_r, vocab_size, N,
     H) rows: tilings in any rank order, empty shards, overlaps, gaps, shards outside the vocabulary, and ranks
-    disagreeing on vocab_size, N or H."""
+    disagreeing on vocab_size, N or H, a rank that refused its own arguments."""
     import itertools
     from pykernels.distributed import _agree, _disagreement
     layouts = [[(0, 10), (10, 10)], [(10, 10), (0, 10)], [(0, 20), (20, 0)], [(0, 0), (0, 20)],
-               [(0, 7), (7, 6), (13, 7)], [(13, 7), (0, 7), (7, 6)], [(0, 10), (0, 10)], [(0, 9), (10, 10)], [(0, 11), (9, 9)], [(0, 11), (9, 11)],
-               [(-1, 11), (10, 10)], [(0, 10), (10, 11)], [(5, 0), (0, 20)], [(0, 10), (10, 10), (20, 0)],
-               [(0, 10), (10, 5), (10, 5)], [(0, 20), (5, 0), (25, 0)]]
+               [(0, 7), (7, 6), (13, 7)], [(13, 7), (0, 7), (7, 6)], [(0, 10), (0, 10)], [(0, 9), (10, 10)],
+               [(0, 11), (9, 9)], [(0, 11), (9, 11)], [(-1, 11), (10, 10)], [(0, 10), (10, 11)], [(5, 0), (0, 20)],
+               [(0, 10), (10, 10), (20, 0)], [(0, 10), (10, 5), (10, 5)], [(0, 20), (5, 0), (25, 0)]]
     seen = {True: 0, False: 0}
     for shards, (vocab, ns, hs) in itertools.product(layouts, [(20, 6, 8), ((20, 21), 6, 8), (20, (6, 5), 8),
                                                               (20, 6, (8, 7))]):
         per = lambda v, r: v[min(r, len(v) - 1)] if isinstance(v, tuple) else v  # noqa: E731
-        rows = [[s, n, per(vocab, r), per(ns, r), per(hs, r)] for r, (s, n) in enumerate(shards)]
-        ok = bool(_agree(torch.tensor(rows)))
-        assert ok == (_disagreement(rows) is None), rows
-        seen[ok] += 1
-    assert seen[True] >= 6 and seen[False] >= 40
+        for refused in (None, 0, 1):  # no rank, or rank 0 or 1, refused its own arguments
+            rows = [[s, n, per(vocab, r), per(ns, r), per(hs, r), int(r == refused)]
+                    for r, (s, n) in enumerate(shards)]
+            ok = bool(_agree(torch.tensor(rows)))
+            assert ok == (_disagreement(rows) is None), rows
+            seen[ok] += 1
+    assert seen[True] >= 6 and seen[False] >= 120
