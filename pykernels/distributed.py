@@ -136,7 +136,8 @@ def _check_ranks_agree(vocab_start: int, rows: int, vocab_size: int, n: int, h: 
     others waiting in a collective. On CPU every rank decides from the same gathered values, so every rank raises
     (the refusing one its own error, the others an ArgumentValueError that names it); on other devices the peers
     of a refusing rank fail a device-side assert (as the target range check), which reads nothing back to the
-    host: no stream sync per call."""
+    host: no stream sync per call. Under torch.compile a rank's own checks run while it traces, so its refusal
+    reaches no other rank: they wait in the gather until the group's timeout."""
     # on input's device, as the other collectives: a device the group's backend takes
     mine = torch.tensor([vocab_start, rows, vocab_size, n, h, refused is not None], dtype=torch.int64,
                         device=device)
@@ -192,8 +193,8 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
                                      f"indices of shape {tuple(input.shape[:-1])}")
         _check_dtypes_devices(input, linear_weight, target, linear_bias, weight)
         target = target.to(torch.int64)  # before any comparison: a uint8 255 must not equal ignore_index -1
-        vocab_start = rank * Vr if vocab_start is None else int(vocab_start)
-        vocab_size = world * Vr if vocab_size is None else int(vocab_size)
+        vocab_start = rank * Vr if vocab_start is None else _index("linear_cross_entropy", "vocab_start", vocab_start)
+        vocab_size = world * Vr if vocab_size is None else _index("linear_cross_entropy", "vocab_size", vocab_size)
         if linear_bias is not None and tuple(linear_bias.shape) != (Vr,):
             raise ArgumentValueError(f"linear_cross_entropy: linear_bias must have shape ({Vr},) (this rank's "
                                      f"classes), got {tuple(linear_bias.shape)}")
@@ -209,7 +210,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
         ii = -100 if ignore_index is None else _index("linear_cross_entropy", "ignore_index", ignore_index)
         _check_target_range(target, vocab_size, ii, "linear_cross_entropy")
         refused = None
-    except (ArgumentValueError, ArgumentTypeError, IndexError) as e:
+    except Exception as e:  # noqa: BLE001 (any error of this rank's arguments: re-raised after the gather)
         refused = e
         vocab_start, vocab_size = vocab_start if isinstance(vocab_start, int) else 0, 0
     _check_ranks_agree(vocab_start, Vr, vocab_size, target.numel() if isinstance(target, Tensor) else 0, H, group,

@@ -59,6 +59,10 @@ def _bad_calls(rank, backends, linear_cross_entropy) -> None:
     bias = torch.zeros(11 if rank == 1 else 10, dtype=torch.float64)
     bad.append((ArgumentValueError, r"linear_bias must have shape \(10,\)" if rank == 1 else r"rank\(s\) \[1\] refused",
                 x, half, t, dict(linear_bias=bias)))
+    # a malformed argument is refused the same way (vocab_start=[10] raised int()'s TypeError before the gather)
+    bad.append((ArgumentTypeError if rank == 1 else ArgumentValueError,
+                "vocab_start must be an int" if rank == 1 else r"rank\(s\) \[1\] refused", x, half, t,
+                dict(vocab_start=[10] if rank == 1 else 0, vocab_size=V)))
     for exc, match, xx, WW, tt, kw in bad:
         kw.setdefault("backend", "reference")
         with pytest.raises(exc, match=match):

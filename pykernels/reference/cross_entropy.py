@@ -39,7 +39,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         wt = t if w is None else t * w
         rows = -(wt * logp).sum(cd)
         counted = torch.ones_like(rows)
-        denom = torch.tensor(float(rows.numel()), dtype=acc, device=x.device)
+        # torch's divisor: input.numel() / C, 0 / 0 (a NaN mean) with no classes
+        denom = torch.tensor(float(rows.numel()) if C else float("nan"), dtype=acc, device=x.device)
     else:
         target = target.to(torch.int64)
         valid = target != ignore_index
