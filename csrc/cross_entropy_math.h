@@ -11,15 +11,6 @@
 namespace pykernels {
 
 template <typename T>
-PYKERNELS_HD_INLINE bool is_inf(T x) {
-#ifdef __CUDA_ARCH__
-  return isinf(x);
-#else
-  return std::isinf(x);
-#endif
-}
-
-template <typename T>
 PYKERNELS_HD_INLINE bool is_finite(T x) {
 #ifdef __CUDA_ARCH__
   return isfinite(x);
@@ -42,10 +33,10 @@ PYKERNELS_HD_INLINE acc_t lse_residual(acc_t m, acc_t log_s, acc_t lse) {
 // kernels form as `finite` = U rel + sum_c u_c (pivot - x_c) from U = sum_c u_c and rel = lse - pivot. An infinite
 // U (a +-inf class weight or target, no NaN) makes the sum U itself, as torch's -sum u log_softmax (every
 // lse - x_c > 0), where the decomposition gives inf - inf or inf * 0 = NaN; (rel - rel) keeps a NaN row NaN.
-// Per row, once: nothing in the per-class loops.
+// Per row, once: nothing in the per-class loops. (A NaN U takes the first branch too: NaN either way.)
 template <typename acc_t>
 PYKERNELS_HD_INLINE acc_t infinite_sum(acc_t U, acc_t finite, acc_t rel) {
-  return is_inf(U) ? U + (rel - rel) : finite;
+  return is_finite(U) ? finite : U + (rel - rel);
 }
 
 }  // namespace pykernels
