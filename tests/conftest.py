@@ -20,6 +20,8 @@ import pykernels
 
 SEED = int(os.environ.get("PYKERNELS_TEST_SEED", random.SystemRandom().randrange(2**31)))
 HAS_CUDA = torch.cuda.is_available()
+# k: every Hypothesis fuzz test runs k times its example budget (a bug hunt; the README lists the variable)
+FUZZ_SCALE = int(os.environ.get("PYKERNELS_FUZZ_SCALE", "1"))
 
 
 def pytest_report_header(config):

@@ -8,7 +8,6 @@ tier runs longer examples (each new combination of options is a Triton compile t
 too); PYKERNELS_FUZZ_SCALE=k runs k times as many (a bug hunt)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -16,10 +15,9 @@ import torch
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from conftest import HAS_CUDA, require_backend  # noqa: E402
+from conftest import FUZZ_SCALE, HAS_CUDA, require_backend  # noqa: E402
 import test_attention as ta  # noqa: E402  (not its names: pytest would collect its tests here again)
 
-SCALE = int(os.environ.get("PYKERNELS_FUZZ_SCALE", "1"))
 SEEDS = st.integers(0, 2**31 - 1)
 WINDOW_SIDE = st.sampled_from([-1, 0, 1, 3, 17])  # -1: unbounded on that side
 
@@ -85,7 +83,7 @@ GPU_BACKENDS = [p for p in ta.BACKENDS if p.values[1] == "cuda"]
 
 
 @pytest.mark.parametrize("backend,device", CPU_BACKENDS)
-@settings(max_examples=12 * SCALE, deadline=None, derandomize=False)
+@settings(max_examples=12 * FUZZ_SCALE, deadline=None, derandomize=False)
 @given(case=dense_cases(max_len=40), seed=SEEDS)
 def test_fuzz_sdpa(backend, device, case, seed):
     torch.manual_seed(seed)  # the data too is part of the example: a failure replays
@@ -93,7 +91,7 @@ def test_fuzz_sdpa(backend, device, case, seed):
 
 
 @pytest.mark.parametrize("backend,device", CPU_BACKENDS)
-@settings(max_examples=8 * SCALE, deadline=None, derandomize=False)
+@settings(max_examples=8 * FUZZ_SCALE, deadline=None, derandomize=False)
 @given(case=varlen_cases(max_len=30), seed=SEEDS)
 def test_fuzz_varlen(backend, device, case, seed):
     torch.manual_seed(seed)
@@ -103,7 +101,7 @@ def test_fuzz_varlen(backend, device, case, seed):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend,device", GPU_BACKENDS)
-@settings(max_examples=30 * SCALE, deadline=None, derandomize=False)
+@settings(max_examples=30 * FUZZ_SCALE, deadline=None, derandomize=False)
 @given(case=dense_cases(max_len=300), seed=SEEDS)
 def test_fuzz_sdpa_gpu(backend, device, case, seed):
     torch.manual_seed(seed)
@@ -113,7 +111,7 @@ def test_fuzz_sdpa_gpu(backend, device, case, seed):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend,device", GPU_BACKENDS)
-@settings(max_examples=20 * SCALE, deadline=None, derandomize=False)
+@settings(max_examples=20 * FUZZ_SCALE, deadline=None, derandomize=False)
 @given(case=varlen_cases(max_len=300), seed=SEEDS)
 def test_fuzz_varlen_gpu(backend, device, case, seed):
     torch.manual_seed(seed)

@@ -9,7 +9,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 import pykernels  # noqa: E402
-from conftest import require_backend  # noqa: E402
+from conftest import FUZZ_SCALE, require_backend  # noqa: E402
 from test_cross_entropy import _check_against_torch  # noqa: E402
 
 CASES = st.fixed_dictionaries({
@@ -22,7 +22,7 @@ CASES = st.fixed_dictionaries({
 
 @pytest.mark.parametrize("backend,dtype", [("cpu", torch.float64), ("cpu", torch.float32),
                                            ("triton", torch.float32)])
-@settings(max_examples=25, deadline=None, derandomize=False)
+@settings(max_examples=25 * FUZZ_SCALE, deadline=None, derandomize=False)
 @given(case=CASES)
 def test_fuzz_against_reference(backend, dtype, case):
     require_backend(backend, "cpu")
@@ -41,7 +41,7 @@ def test_fuzz_against_reference(backend, dtype, case):
                          ignore_index=case["ignore_index"])
 
 
-@settings(max_examples=40, deadline=None, derandomize=False)
+@settings(max_examples=40 * FUZZ_SCALE, deadline=None, derandomize=False)
 @given(C=st.integers(1, 7000), N=st.integers(1, 4), masked=st.floats(0.0, 1.0), shift=st.floats(-50.0, 50.0),
        ramp=st.floats(0.0, 60.0), seed=st.integers(0, 2**31 - 1))
 def test_fuzz_cpu_streaming_forward(C, N, masked, shift, ramp, seed):

@@ -10,7 +10,6 @@ in float64 with the 2x-PyTorch-error rule (torch at the tested dtype is the base
 CI time bounded; PYKERNELS_FUZZ_SCALE=k runs k times as many."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -22,16 +21,15 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 import pykernels  # noqa: E402
 from pykernels.testing import assert_error_rule  # noqa: E402
 
-from conftest import require_backend  # noqa: E402
+from conftest import FUZZ_SCALE, require_backend  # noqa: E402
 
-SCALE = int(os.environ.get("PYKERNELS_FUZZ_SCALE", "1"))
 SEEDS = st.integers(0, 2**31 - 1)
 F64 = torch.float64
 
 
 def _fuzz(budget, **strategies):
     """hypothesis with this test's example budget (times PYKERNELS_FUZZ_SCALE), fresh examples every run."""
-    return lambda f: settings(max_examples=budget * SCALE, deadline=None, derandomize=False)(given(**strategies)(f))
+    return lambda f: settings(max_examples=budget * FUZZ_SCALE, deadline=None, derandomize=False)(given(**strategies)(f))
 
 
 def _params(cpu, gpu):

@@ -17,7 +17,7 @@ from pykernels.ops import linear_cross_entropy as lce_ops
 from pykernels.reference import linear_cross_entropy as ref
 from pykernels.testing import assert_error_rule, max_abs_err
 
-from conftest import assert_spill_budget, run_script_compiled
+from conftest import FUZZ_SCALE, assert_spill_budget, run_script_compiled
 from conftest import require_backend as _require_backend
 
 # "cpu" is the cpu backend as the functional layer runs it: float32/float64 mean/sum calls that need a gradient take
@@ -897,7 +897,7 @@ def test_fuzz_cpu_kernel_ops_against_reference_kernels(monkeypatch):
     from pykernels.ops import linear_cross_entropy_launch as tk
     fwd, bwd = lce_ops.KERNELS["cpu"]
 
-    @hyp.settings(max_examples=25, deadline=None)
+    @hyp.settings(max_examples=25 * FUZZ_SCALE, deadline=None)
     @hyp.given(N=st.integers(1, 70), H=st.integers(1, 40), V=st.integers(1, 2300), start=st.integers(0, 50),
                dtype=st.sampled_from([torch.float64, torch.float32]), softcap=st.sampled_from([0.0, 3.0]),
                smooth=st.booleans(), weighted=st.booleans(), bias=st.booleans(),
@@ -1154,7 +1154,7 @@ def test_fuzz_fused_kernel_against_reference_kernels(backend, device, dtypes, ma
     fused, _ = lce_ops.FUSED[backend]
     ref_fwd, ref_bwd = lce_ops.KERNELS["reference"]
 
-    @hyp.settings(max_examples=budget, deadline=None)
+    @hyp.settings(max_examples=budget * FUZZ_SCALE, deadline=None)
     @hyp.given(N=st.integers(1, 70), H=st.integers(1, 40), V=st.integers(1, max_v), rows=st.integers(1, 80),
                dtype=st.sampled_from(dtypes), softcap=st.sampled_from([0.0, 3.0]),
                smooth=st.booleans(), weighted=st.booleans(), bias=st.booleans(),

@@ -16,7 +16,7 @@ from pykernels.ops import lstm as ops
 from pykernels.reference import lstm as ref
 from pykernels.testing import assert_error_rule
 
-from conftest import assert_spill_budget, run_script_compiled
+from conftest import FUZZ_SCALE, assert_spill_budget, run_script_compiled
 from conftest import require_backend as _require_backend
 
 F32 = torch.float32
@@ -635,7 +635,7 @@ def test_fuzz_cpu_layer_kernels_against_contract():
     hyp = pytest.importorskip("hypothesis")
     st = hyp.strategies
 
-    @hyp.settings(max_examples=30, deadline=None)
+    @hyp.settings(max_examples=30 * FUZZ_SCALE, deadline=None)
     @hyp.given(T=st.integers(1, 9), B=st.integers(1, 6), H=st.integers(1, 40), reverse=st.booleans(),
                dtype=st.sampled_from([F64, torch.float32, torch.bfloat16]), grads=st.sampled_from(["all", "out", "c"]),
                seed=st.integers(0, 2**31 - 1))
