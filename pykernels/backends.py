@@ -81,8 +81,27 @@ def _triton_reason() -> Optional[str]:
     return None
 
 
+_ENV_KEYS: Dict[str, object] = {}  # variable name -> os.environ's encoded key (getenv)
+
+
+def getenv(name: str) -> Optional[str]:
+    """``os.environ.get(name)``, still read at every call (the README's rule for the library's variables), at a dict
+    lookup's cost: os.environ.get of an unset variable, the usual case, encodes the key and raises and catches a
+    KeyError (1 us on 2 cores, 2-3 reads an automatic call). CPython's os.environ keeps the encoded variables in its
+    ``_data`` dict, which its own setters (``os.environ[k] = v``, ``monkeypatch.setenv``, ``del``) update: read
+    there. Under torch.compile, or if os.environ was replaced by another mapping, os.environ.get (dynamo traces it)."""
+    environ = os.environ
+    if torch.compiler.is_compiling() or type(environ) is not os._Environ:
+        return environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = environ.encodekey(name)
+    raw = environ._data.get(key)
+    return None if raw is None else environ.decodevalue(raw)
+
+
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return getenv("TRITON_INTERPRET") == "1"
 
 
 def interpreted_dot_reason(backend: str, dtype: torch.dtype, device: torch.device) -> Optional[str]:
@@ -422,15 +441,16 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     run the call (an option none covers): torch's op runs it, for that reason rather than a speed rule, since the
     only backend left is the reference (plain PyTorch)."""
     global _no_kernel_warned
-    if backend is not None or (_preferred and _preferred[-1] is not None) or os.environ.get("PYKERNELS_BACKEND"):
+    if backend is not None or (_preferred and _preferred[-1] is not None) or getenv("PYKERNELS_BACKEND"):
         return None
     if op in NATIVE_WITHOUT_FORWARD_AD and forward_ad_reason(tensors):
         logger.debug("%s: not torch's own kernel under forward-mode AD: %s", op, NATIVE_WITHOUT_FORWARD_AD[op])
         return None
-    off = os.environ.get("PYKERNELS_PREFER_NATIVE")
+    off = getenv("PYKERNELS_PREFER_NATIVE")
     if off is not None and off.strip().lower() in ("0", "false", "no", "off"):
         return None
-    if device.type == "cpu" and not _ext.loaded():
+    kind = device.type  # (a new str at each read of the property)
+    if kind == "cpu" and not _ext.loaded():
         # no kernel of the CPU's chain (the C++ one) can run: torch's op beats the reference (plain PyTorch, several
         # ops). CUDA tensors keep their chain (a GPU machine without the extension still has Triton).
         why = f"no pykernels kernel runs on CPU tensors here (cpu: {_ext.load_error})"
@@ -452,19 +472,20 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
             logger.debug("%s: ran torch's own kernel: %s", op, why)
         _record_native(op, device, why)
         return why
-    if (size is not None and device.type == "cpu" and dtype in OURS_WITHOUT_ONEDNN.get(op, {})
+    if (size is not None and kind == "cpu" and dtype in OURS_WITHOUT_ONEDNN.get(op, {})
             and dtype not in _native.ONEDNN_DTYPES):  # an unknown size takes torch's kernel, as in _sized
         return None
-    ours = OURS_FASTER_DTYPE.get(op, {}).get(device.type, {}).get(dtype)
-    if device.type == "cpu" and _native.CPU_CAPABILITY == "AVX2":
-        ours = OURS_FASTER_DTYPE_AVX2.get(op, {}).get("cpu", {}).get(dtype, ours)
-    if dtype is not None and _sized(ours, size, grad, native=False):
-        return None
-    why = NATIVE_FASTER.get(op, {}).get(device.type)
+    if dtype is not None:
+        ours = OURS_FASTER_DTYPE.get(op, {}).get(kind, {}).get(dtype)
+        if kind == "cpu" and _native.CPU_CAPABILITY == "AVX2":
+            ours = OURS_FASTER_DTYPE_AVX2.get(op, {}).get("cpu", {}).get(dtype, ours)
+        if _sized(ours, size, grad, native=False):
+            return None
+    why = NATIVE_FASTER.get(op, {}).get(kind)
     if why is None and dtype is not None:
-        why = _sized(NATIVE_FASTER_DTYPE.get(op, {}).get(device.type, {}).get(dtype), size, grad, native=True)
+        why = _sized(NATIVE_FASTER_DTYPE.get(op, {}).get(kind, {}).get(dtype), size, grad, native=True)
     if why is None and size is not None:
-        rule = NATIVE_FASTER_BELOW.get(op, {}).get(device.type)
+        rule = NATIVE_FASTER_BELOW.get(op, {}).get(kind)
         if rule is not None and size < rule[0 if grad else 1]:
             why = rule[2]
     if why is not None:
@@ -524,8 +545,9 @@ def choose(op: str, device: torch.device, backend: Optional[str],
 
     preferred = (_preferred[-1] if _preferred else None) or None
     where = "backend"
-    if preferred is None and os.environ.get("PYKERNELS_BACKEND"):
-        preferred, where = os.environ["PYKERNELS_BACKEND"], "the environment variable PYKERNELS_BACKEND"
+    if preferred is None:
+        preferred = getenv("PYKERNELS_BACKEND") or None
+        where = "the environment variable PYKERNELS_BACKEND"
     candidates = list(order or _chain(device, op))
     if preferred is not None:
         _check_name(preferred, where)

@@ -2,6 +2,7 @@
 for calls torch can express, visibly, and never against an explicit request or preference."""
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -296,6 +297,37 @@ def test_cpu_small_cross_entropy_runs_torch_large_runs_ours(monkeypatch):
     assert backends.prefer_native("cross_entropy", CUDA, None, 10) is None  # no rule on CUDA
     with pytest.raises(ValueError, match="target must have shape"):  # our argument checks come first
         ce(x, t[:5])
+
+
+def test_environment_variables_are_read_per_call_without_os_environ_get(monkeypatch):
+    """PYKERNELS_BACKEND and PYKERNELS_PREFER_NATIVE are read at each call (README), but not through
+    os.environ.get, whose encoded key and caught KeyError for an unset variable cost 1 us a read (backends.getenv):
+    an automatic call reads none through os._Environ's accessors, and a variable set or removed in between still
+    steers the next call."""
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
+    reads = []
+    for name in ("__getitem__", "get", "__contains__"):
+        original = getattr(type(os.environ), name)
+        monkeypatch.setattr(type(os.environ), name,
+                            lambda self, *a, _name=name, _f=original: reads.append((_name, a[0])) or _f(self, *a))
+    x, t = torch.randn(8, 5, requires_grad=True), torch.randint(0, 5, (8,))
+    pykernels.functional.cross_entropy(x, t)
+    assert pykernels.last_dispatch["cross_entropy"][0] == "torch"
+    assert reads == []
+    os.environ["PYKERNELS_PREFER_NATIVE"] = "off"  # (monkeypatch restores it: its delenv above recorded it)
+    pykernels.functional.cross_entropy(x, t)
+    assert pykernels.last_dispatch["cross_entropy"][0] == "cpu"
+    os.environ["PYKERNELS_BACKEND"] = "reference"
+    pykernels.functional.cross_entropy(x, t)
+    assert pykernels.last_dispatch["cross_entropy"] == ("reference", {})
+    del os.environ["PYKERNELS_BACKEND"], os.environ["PYKERNELS_PREFER_NATIVE"]
+    pykernels.functional.cross_entropy(x, t)
+    assert pykernels.last_dispatch["cross_entropy"][0] == "torch"
+    assert [r for r in reads if r[1].startswith("PYKERNELS_")] == []
+    monkeypatch.setattr(os, "environ", dict(os.environ, PYKERNELS_BACKEND="reference"))  # a replaced mapping
+    pykernels.functional.cross_entropy(x, t)
+    assert pykernels.last_dispatch["cross_entropy"][0] == "reference"
 
 
 def test_sized_rules_bound_by_size_and_gradient():
