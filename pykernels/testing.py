@@ -5,7 +5,8 @@ The rule is FlashAttention's: a kernel's error against a high-precision referenc
 """
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from typing import Callable, List, Optional
 
 import torch
 
@@ -46,3 +47,21 @@ def assert_error_rule(name: str, out: torch.Tensor, ref: torch.Tensor, baseline:
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN (floats) so an element a kernel forgets to write fails every comparison."""
     return t.fill_(float("nan")) if t.dtype.is_floating_point else t.fill_(-7)
+
+
+def python_calls(fn: Callable, *args, **kwargs) -> List[str]:
+    """The Python functions that ``fn(*args, **kwargs)`` runs, in order, as "file:qualified name": for tests that
+    keep avoidable work (an ABC isinstance check, an os.environ read, a rebuilt tuple) off the per-call path of the
+    dispatch layer, whose Python overhead outweighs the kernels at small sizes."""
+    calls: List[str] = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            code = frame.f_code
+            calls.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_qualname}")
+    sys.setprofile(profile)
+    try:
+        fn(*args, **kwargs)
+    finally:
+        sys.setprofile(None)
+    return calls

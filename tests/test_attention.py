@@ -13,7 +13,7 @@ from pykernels.functional import scaled_dot_product_attention as sdpa, varlen_at
 from pykernels.functional.attention import _cuda_reason
 from pykernels.ops.attention import KERNELS as _attn_kernels
 from pykernels.reference import attention as ref
-from pykernels.testing import assert_error_rule
+from pykernels.testing import assert_error_rule, python_calls
 
 from conftest import backend_params, require_backend
 
@@ -760,6 +760,24 @@ def test_multihead_attention_weights_under_autocast_and_scalar_arguments():
     for scale in (np.float32(0.5), torch.tensor(0.5)):
         torch.testing.assert_close(sdpa(q, q, q, scale=scale), want)
     torch.testing.assert_close(sdpa(q, q, q, dropout_p=np.float32(0.0), scale=0.5), want)
+
+
+def test_plain_call_runs_no_abc_check_and_rebuilds_no_window():
+    """Per-call overhead: a call with the default scale (None), softcap (0.0) and window runs no numbers.Real ABC
+    isinstance check (~0.5 us each, three a call before) and does not rebuild the window tuple; scalar arguments of
+    other types still take the checks (test above) and a window past the sequences is still clipped."""
+    q = torch.randn(1, 2, 5, 8)
+    for kw in ({}, {"scale": 0.5, "softcap": 2.0, "window": (1, 0)}):
+        sdpa(q, q, q, **kw)
+        calls = python_calls(sdpa, q, q, q, **kw)
+        assert not [c for c in calls if "__instancecheck__" in c or "_clip_window.<locals>" in c], (kw, calls)
+    calls = python_calls(varlen_attention, q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1),
+                         torch.tensor([0, 5], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32), 5, 5)
+    assert not [c for c in calls if "__instancecheck__" in c or "_clip_window.<locals>" in c], calls
+    with pytest.raises(TypeError, match="softcap must be a float"):
+        sdpa(q, q, q, softcap=True)
+    torch.testing.assert_close(sdpa(q, q, q, window=(99, 99), backend="reference"),
+                               sdpa(q, q, q, backend="reference"))
 
 
 def test_rows_masked_by_a_large_finite_value_as_torch():

@@ -25,10 +25,11 @@ _ALIGNMENTS = ("top_left", "bottom_right")
 def _real(x):
     """torch's argument parser takes any real scalar for a float argument (numpy scalars, 0-dim tensors): a Python
     float for those; anything else is left for the checks to name."""
-    if isinstance(x, (int, float)) or not (isinstance(x, numbers.Real)
-                                           or isinstance(x, Tensor) and x.dim() == 0 and x.dtype.is_floating_point):
+    if x is None or isinstance(x, (int, float)):  # (the usual arguments: no numbers.Real ABC check)
         return x
-    return float(x)
+    if isinstance(x, numbers.Real) or isinstance(x, Tensor) and x.dim() == 0 and x.dtype.is_floating_point:
+        return float(x)
+    return x
 
 
 def _check_common(fn: str, tensors: Sequence[Tuple[str, object]], dropout_p, scale, window, softcap,
@@ -51,7 +52,8 @@ def _check_common(fn: str, tensors: Sequence[Tuple[str, object]], dropout_p, sca
     for name, flag in flags:  # torch's parser: a bool, not anything truthy ("no" would be causal)
         if not isinstance(flag, (bool, torch.SymBool)):
             raise ArgumentTypeError(f"{fn}: {name} must be a bool, got {type(flag).__name__}")
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+    if type(softcap) is not float and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)):
+        # (a float, the usual case, skips numbers.Real's ABC check)
         raise ArgumentTypeError(f"{fn}: softcap must be a float (0: off), got {type(softcap).__name__}")
     if not (softcap >= 0.0 and softcap != float("inf")):  # (not math.isfinite: dynamic=True traces a SymFloat)
         raise ArgumentValueError(f"{fn}: softcap must be finite and >= 0 (0: off), got {softcap}")
@@ -69,6 +71,8 @@ def _check_common(fn: str, tensors: Sequence[Tuple[str, object]], dropout_p, sca
 def _clip_window(win: Tuple[int, int], n: int) -> Tuple[int, int]:
     """A side of n (the query plus key lengths) or more excludes no key: -1, before any kernel forms i + d + side
     in int32 (INT_MAX as "unbounded" wrapped to negative there)."""
+    if win[0] < n and win[1] < n:  # the usual case, (-1, -1) included: nothing to clip
+        return win
     return tuple(-1 if w >= n else w for w in win)
 
 
