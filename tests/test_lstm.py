@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import pykernels
 from pykernels.functional import lstm_cell
-from pykernels.testing import assert_error_rule
+from pykernels.testing import assert_error_rule, python_calls
 
 from conftest import backend_params
 from conftest import require_backend as _require_backend
@@ -350,6 +350,20 @@ def test_layer_empty_batch_and_bad_arguments():
                 pykernels.functional.lstm(*args, num_layers=2, bidirectional=True, backend=backend)
     with pytest.raises(RuntimeError, match="sequence length 0"):  # torch's exception type
         pykernels.nn.LSTM(5, 4)(torch.randn(0, 3, 5))
+
+
+def test_valid_call_formats_no_parameter_name():
+    """Per-call overhead: a valid call checks each parameter and state with one comparison chain, formatting its
+    name (an f-string per tensor) and calling _check_like only for a misfit (whose messages the test above checks),
+    and reads autocast's state once."""
+    m = pykernels.nn.LSTM(5, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(3, 2, 5)
+    for grad in (True, False):  # (on this CPU the two may take different paths: ours, torch's)
+        with torch.set_grad_enabled(grad):
+            m(x)
+            calls = python_calls(m, x, (torch.zeros(4, 2, 4), torch.zeros(4, 2, 4)))
+        assert [c for c in calls if c.endswith(":_check_like")] == [], calls
+        assert calls.count("_autocast.py:enabled") == 1, calls
 
 
 @pytest.mark.parametrize("backend,device", LAYER_BACKENDS)

@@ -233,6 +233,11 @@ def _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_
     return out, (h_n, c_n)
 
 
+def _fits(t: Tensor, shape: tuple, input: Tensor, amp: bool) -> bool:
+    """Whether ``_check_like`` passes ``t``: callers format its name (per parameter, per call) only when not."""
+    return t.shape == shape and t.device == input.device and (amp or t.dtype == input.dtype)
+
+
 def _check_like(name: str, t: Tensor, shape: tuple, input: Tensor, amp: bool, kind: str) -> None:
     """``t`` (a parameter or state tensor, named ``name``) has ``shape`` and the input's device, and its dtype unless
     under autocast (which casts every operand to one dtype before any kernel runs)."""
@@ -246,9 +251,10 @@ def _check_like(name: str, t: Tensor, shape: tuple, input: Tensor, amp: bool, ki
 
 
 def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
-                     batch_sizes) -> None:
+                     batch_sizes) -> bool:
     """torch.nn.LSTM's checks (its module makes them before the functional call; this API is called directly too),
-    each naming the argument: once per call, not per step."""
+    each naming the argument: once per call, not per step. Returns whether autocast is on for the input (they
+    need it)."""
     if not isinstance(input, Tensor):
         raise ArgumentTypeError(f"lstm: input must be a Tensor, got {type(input).__name__}")
     if not input.dtype.is_floating_point:
@@ -282,20 +288,26 @@ def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, p
     amp = _autocast.enabled(input)
     names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if has_biases else []) + (
         ["weight_hr"] if proj_size else [])
+    # each layer's shapes, once: weight_ih's input is the input's features in layer 0, the directions' outputs after
+    shapes = [(4 * H, H_out)] + ([(4 * H,), (4 * H,)] if has_biases else []) + ([(proj_size, H)] if proj_size else [])
+    first, later = [(4 * H, input.shape[-1])] + shapes, [(4 * H, H_out * D)] + shapes
     for k, t in enumerate(params):
-        layer, name = divmod(k // per, D), names[k % per]
-        shape = {"weight_ih": (4 * H, input.shape[-1] if layer[0] == 0 else H_out * D), "weight_hh": (4 * H, H_out),
-                 "bias_ih": (4 * H,), "bias_hh": (4 * H,), "weight_hr": (proj_size, H)}[name]
-        _check_like(f"params[{k}] ({name}_l{layer[0]}{'_reverse' if layer[1] else ''})", t, shape, input, amp,
-                    "parameter")
+        layer, j = divmod(k // per, D), k % per
+        shape = (later if layer[0] else first)[j]
+        if not _fits(t, shape, input, amp):
+            _check_like(f"params[{k}] ({names[j]}_l{layer[0]}{'_reverse' if layer[1] else ''})", t, shape, input, amp,
+                        "parameter")
     if hx is None:
-        return
+        return amp
     if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, Tensor) for t in hx):
         raise ArgumentTypeError("lstm: hx must be a tuple (h_0, c_0) of tensors or None")
     unbatched = not packed and input.dim() == 2
     B = int(batch_sizes[0]) if packed else (None if unbatched else input.shape[0 if batch_first else 1])
     for name, t, size in (("hx[0]", hx[0], H_out), ("hx[1]", hx[1], H)):
-        _check_like(name, t, (num_layers * D, size) if unbatched else (num_layers * D, B, size), input, amp, "hidden")
+        shape = (num_layers * D, size) if unbatched else (num_layers * D, B, size)
+        if not _fits(t, shape, input, amp):
+            _check_like(name, t, shape, input, amp, "hidden")
+    return amp
 
 
 def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Tensor], num_layers: int = 1,
@@ -306,7 +318,8 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
     w_ih, w_hh, [b_ih, b_hh], [w_hr]). ``input``: (T, B, I), (B, T, I) with batch_first, (T, I) unbatched, or
     the data of a PackedSequence with its ``batch_sizes`` (states then in sorted order). Returns
     (output, (h_n, c_n)) shaped as torch.nn.LSTM's."""
-    _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first, batch_sizes)
+    amp = _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
+                           batch_sizes)
     packed = batch_sizes is not None
 
     # the rules are sized by batch rows and by whether a gradient is recorded; a packed batch or projections, which
@@ -318,16 +331,15 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
 
     def unsupported(b: str) -> Optional[str]:
         return _layer_unsupported(b, input, proj_size, packed, params[1].shape[-1])
-    grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
-                                           for t in (input, *(hx or ()), *params))
-    amp = _autocast.enabled(input)
+    operands = (input, *(hx or ()), *params)  # (all tensors: checked)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in operands)
     # under autocast torch's LSTM computes in the autocast dtype: its rules are that dtype's; on a CPU whose oneDNN
     # lacks that dtype torch's autocast LSTM raises (_native.ONEDNN_DTYPES), so ours runs the call
     run_dtype = torch.get_autocast_dtype(input.device.type) if amp and _autocast.eligible(input) else input.dtype
     torch_fails = (amp and input.device.type == "cpu" and run_dtype in (torch.float16, torch.bfloat16)
                    and run_dtype not in _native.ONEDNN_DTYPES)
     if not torch_fails and backends.prefer_native("lstm", input.device, backend, size=batch, grad=grad,
-                                                  dtype=run_dtype, tensors=(input, *(hx or ()), *params),
+                                                  dtype=run_dtype, tensors=operands,
                                                   uncovered=uncovered):
         # (torch applies autocast itself)
         return _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
@@ -337,8 +349,7 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
         with _autocast.off(input):
             return lstm(x, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first, dropout,
                         training, batch_sizes, backend=backend)
-    chosen = backends.choose("lstm", input.device, backend, unsupported,
-                             tensors=(input, *(hx or ()), *params), empty=rows == 0)
+    chosen = backends.choose("lstm", input.device, backend, unsupported, tensors=operands, empty=rows == 0)
     if chosen == "reference":
         return _ref.lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                          dropout, training, batch_sizes)
