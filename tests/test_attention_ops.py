@@ -346,3 +346,42 @@ def test_fake_shapes_of_varlen_and_dense():
         o, lse = torch.ops.pykernels.attention(*_args(torch.empty(13, 4, 16), torch.empty(11, 2, 16),
                                                       torch.empty(11, 2, 8), cu=(cu, cu), maxlen=(7, 6)), "reference")
         assert o.shape == (13, 4, 8) and lse.shape == (4, 13)
+
+
+def test_triton_kernel_ops_check_their_arguments():
+    """The Triton kernel ops check shapes, dtypes, devices and (CPU tensors) the varlen offsets before a kernel runs,
+    naming the argument: cu_seqlens_q ending past the rows made the kernel read out of bounds (SIGABRT under the
+    interpreter, an illegal address on a GPU)."""
+    require_backend("triton", "cpu")
+    fwd, bwd = attn_ops.KERNELS["triton"]
+    q, k, v = torch.randn(7, 2, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
+    cq, ck = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([0, 4, 9], dtype=torch.int32)
+    for cu, name in (((torch.tensor([0, 3, 700], dtype=torch.int32), ck), "cu_seqlens_q must start at 0"),
+                     ((cq, torch.tensor([0, 5, 4], dtype=torch.int32)), "cu_seqlens_k must start at 0"),
+                     ((cq.long(), ck), "cu_seqlens_q must be a 1-D int32"), ((cq, ck[:2]), "same length")):
+        with pytest.raises(RuntimeError, match=name):
+            fwd(*_args(q, k, v, cu=cu, maxlen=(4, 5)))
+    with pytest.raises(RuntimeError, match="longer than max_seqlen"):
+        fwd(*_args(q, k, v, cu=(cq, ck), maxlen=(2, 5)))
+    with pytest.raises(RuntimeError, match="attention_fwd_triton: the query heads"):
+        fwd(*_args(q, torch.randn(9, 3, 8), torch.randn(9, 3, 8), cu=(cq, ck), maxlen=(4, 5)))
+    qd, kd, vd = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    for args, name in ((_args(qd[0], kd[0], vd[0]), "must be 4-D"), (_args(qd, kd[:1], vd[:1]), "k must have shape"),
+                       (_args(qd, kd, vd[:, :, :3]), "v must have shape"), (_args(qd, kd[..., :4], vd), "head dim"),
+                       (_args(qd, kd, vd, bias=torch.zeros(5, 7)), "bias must broadcast"),
+                       (_args(qd, kd, vd, dropout_p=0.1), "dropout needs seed"),
+                       (_args(qd.long(), kd, vd), "q must be float16"), (_args(qd, kd.half(), vd), "k must be")):
+        with pytest.raises(RuntimeError, match=name):
+            fwd(*args)
+    out, lse = fwd(*_args(qd, kd, vd))
+    with pytest.raises(RuntimeError, match="lse must have shape"):
+        bwd(torch.randn_like(out), qd, kd, vd, out, lse[:, :1], *_args(qd, kd, vd)[3:], False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "bogus"])
+def test_op_backend_argument_is_checked(backend):
+    """pykernels::attention with a backend that has no kernel ops ("cpu": attention has no C++ CPU kernel) names it
+    and the valid ones (it was a bare KeyError)."""
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match=f"attention: backend must be one of .*'reference'.*got '{backend}'"):
+        torch.ops.pykernels.attention(*_args(q, q, q), backend)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import pykernels
+from pykernels.errors import ArgumentTypeError, ArgumentValueError
 from pykernels.ops import cross_entropy as ce_ops
 from pykernels.testing import max_abs_err
 
@@ -172,3 +173,33 @@ def test_env_backend_preference(monkeypatch):
     monkeypatch.setenv("PYKERNELS_BACKEND", "reference")
     pykernels.functional.cross_entropy(torch.randn(3, 4), torch.randint(0, 4, (3,)))
     assert pykernels.last_dispatch["cross_entropy"][0] == "reference"
+
+
+def test_triton_kernel_ops_check_their_arguments():
+    """The Triton kernel ops are callable directly (torch.ops.pykernels.*): a bad argument raises naming it, before the
+    kernel runs (an empty grad_scale was read out of bounds: a segfault under the interpreter), as the C++ ops do."""
+    require_backend("triton", "cpu")
+    fwd, bwd, scale_grad_ = ce_ops.KERNELS["triton"]
+    x, t = torch.randn(4, 5, 1), torch.tensor([0, 1, 4, 2])
+    V, T = ArgumentValueError, ArgumentTypeError
+    for args, name, error in (((x, t, None, torch.ones(0)), "grad_scale", V), ((x, t[:2], None, None), "target", V),
+                              ((torch.randint(0, 3, (4, 5, 1)), t, None, None), "logits", T),
+                              ((x, t, torch.ones(3), None), "weight", V), ((x, t.int(), None, None), "target", T),
+                              ((x, torch.rand(4, 5, 2), None, None), "target", V),
+                              ((x.double(), t, None, None), "logits", T)):
+        with pytest.raises(error, match=f"cross_entropy_fwd_triton: {name}"):
+            fwd(*args, -100, 0.0, 0.0, True)
+    _, lse, _, lse_err = fwd(x, t, None, None, -100, 0.0, 0.0, False)
+    with pytest.raises(V, match="lse must have shape"):
+        bwd(torch.ones(4), x, t, None, lse[:1], lse_err, -100, 0.0, 0.0)
+    with pytest.raises(V, match="scale must have 4 elements"):
+        scale_grad_(torch.randn(4, 5, 1), torch.ones(2))
+
+
+@pytest.mark.parametrize("backend", ["reference", "bogus"])
+def test_op_backend_argument_is_checked(backend):
+    """The autograd-level op takes its backend as a string: one it has no kernels for is named, with the valid
+    ones (it was a bare KeyError)."""
+    x, t = torch.randn(4, 5, 1), torch.tensor([0, 1, 4, 2])
+    with pytest.raises(ArgumentValueError, match=f"backend must be one of .*got '{backend}'"):
+        torch.ops.pykernels.cross_entropy(x, t, None, -100, ce_ops.MEAN, 0.0, 0.0, False, backend)

@@ -428,6 +428,40 @@ def test_bad_arguments_name_the_argument():
                              else "reference")
 
 
+def test_kernel_and_autograd_ops_check_their_arguments():
+    """torch.ops.pykernels.* are callable directly: the autograd-level op checks its backend (a bare KeyError before)
+    and the class weight it indexes with the targets (an IndexError before); the Triton kernel ops check their
+    operands as the C++ ones do, before a kernel reads out of bounds (1-element coefficients for 4 rows segfaulted
+    the fused kernel under the interpreter)."""
+    x, W, t = torch.randn(4, 6), torch.randn(7, 6), torch.tensor([0, 3, 6, 2])
+    for backend in ("reference", "cpu", "triton"):
+        if pykernels.available_backends("cpu")[backend] is None:
+            with pytest.raises(ValueError, match="pykernels::linear_cross_entropy: weight must have shape"):
+                lce_ops.linear_cross_entropy_op(x, W, None, t, torch.rand(2), -100, lce_ops.MEAN, 0.0, 0.0, 0.0,
+                                                backend)
+    with pytest.raises(ValueError, match="backend must be one of .*got 'bogus'"):
+        lce_ops.linear_cross_entropy_op(x, W, None, t, None, -100, lce_ops.MEAN, 0.0, 0.0, 0.0, "bogus")
+    require_backend("triton", "cpu")
+    z = torch.zeros(1)
+    fused = torch.ops.pykernels.linear_cross_entropy_fused_triton
+    with pytest.raises(ValueError, match="coef_p0 must have shape"):
+        fused(x, W, None, t, None, z, z, z, z, 0.0, False, 2, True, True, False)
+    c = torch.zeros(4)
+    for args, name in (((x, W, None, t, None, c, c, c, c, 0.0, False, 0, True, True, False), "block_rows"),
+                       ((x, W, None, t, None, c, c, c, c, 0.0, False, 2, True, True, True), "bias_grad")):
+        with pytest.raises(ValueError, match=name):
+            fused(*args)
+    fwd, bwd = lce_ops.KERNELS["triton"]
+    for args, name in (((x, torch.randn(7, 5), None, t, None), "linear_weight"), ((x, W, None, t[:2], None), "target"),
+                       ((x, W, torch.randn(2), t, None), "linear_bias"), ((x, W, None, t, torch.rand(7).double()),
+                                                                          "weight"),
+                       ((x.long(), W, None, t, None), "input")):
+        with pytest.raises(RuntimeError, match=f"linear_cross_entropy_fwd_triton: {name}"):
+            fwd(*args, 0, 0.0, False)
+    with pytest.raises(ValueError, match="linear_cross_entropy_bwd_triton: m must have shape"):
+        bwd(x, W, None, t, None, z, c, c, c, c, 0, 0.0, False, True, True, False)
+
+
 def test_weight_that_requires_grad_gets_its_gradient():
     """The kernels treat the class weight as a constant: a weight that requires grad goes to the reference,
     visibly, and gets the gradient of the weighted mean."""

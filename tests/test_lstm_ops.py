@@ -819,3 +819,52 @@ def test_bias_gradients_are_two_tensors(backend, device):
     for gi, gh in (cell, layer):
         torch.testing.assert_close(gi, gh, rtol=0, atol=0)
         assert gi.untyped_storage().data_ptr() != gh.untyped_storage().data_ptr()
+
+
+def test_triton_ops_bad_arguments_name_the_argument():
+    """The Triton kernel ops check their arguments as the C++ ops do (test_cpp_ops_bad_arguments_name_the_argument):
+    a wrong shape or dtype raises naming it, before a kernel reads out of bounds."""
+    require("triton", "cpu")
+    fwd, bwd = ops.CELL["triton"]
+    args, _ = _cell_inputs(3, 6, 5, torch.float32, "cpu")
+    for k, bad, name in ((4, torch.randn(20, 2), "w_hh"), (1, torch.randn(1, 5), "hx"), (2, args[2].double(), "cx"),
+                         (6, None, "b_ih and b_hh"), (3, torch.randn(20, 2), "w_ih")):
+        call = list(args)
+        call[k] = bad
+        with pytest.raises(RuntimeError, match=name):
+            fwd(*call)
+    with pytest.raises(TypeError, match="input must be float16, bfloat16 or float32"):
+        fwd(args[0].long(), *args[1:])
+    with pytest.raises(ValueError, match="w_hh"):  # through the autograd-level op too
+        ops.lstm_cell_op(*args[:4], torch.randn(20, 2), *args[5:], "triton")
+    _, _, ws = fwd(*args)
+    with pytest.raises(ValueError, match="ws"):
+        bwd(None, None, args[2], ws[:, :5])
+    with pytest.raises(ValueError, match="grad_h"):
+        bwd(torch.randn(1, 1), None, args[2], ws)
+    fwd, bwd = ops.LAYER["triton"]
+    T, B, H = 3, 2, 3
+    xp, w, h0, c0 = torch.randn(T, B, 4 * H), torch.randn(4 * H, H), torch.randn(B, H), torch.randn(B, H)
+    for bad, name in (((xp[..., :8], w, h0, c0), "xproj"), ((xp.double(), w, h0, c0), "xproj"),
+                      ((xp, w[:, :2], h0, c0), "w_hh"), ((xp, w, h0, c0[:1]), "c0"), ((xp, w, h0.int(), c0), "h0")):
+        with pytest.raises(RuntimeError, match=name):
+            fwd(*bad, False)
+    _, ws = fwd(xp, w, h0, c0, False)
+    with pytest.raises(ValueError, match="grad_out"):
+        bwd(torch.randn(1, B, H), None, None, c0, ws, w, False)
+    with pytest.raises(ValueError, match="grad_cn"):
+        bwd(None, None, torch.randn(B, H + 1), c0, ws, w, False)
+    with pytest.raises(ValueError, match="ws"):
+        bwd(None, None, None, c0, ws[..., :4], w, False)
+
+
+@pytest.mark.parametrize("backend", ["reference", "bogus"])
+def test_op_backend_argument_is_checked(backend):
+    """The autograd-level ops take the backend as a string: one without kernels is named with the valid ones (the
+    cell has no reference kernel; it was a bare KeyError)."""
+    args, _ = _cell_inputs(3, 6, 5, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=f"pykernels::lstm_cell: backend must be one of .*got '{backend}'"):
+        torch.ops.pykernels.lstm_cell(*args, backend)
+    x, h0, w_ih, w_hh = torch.randn(4, 3, 6), torch.randn(3, 5), torch.randn(20, 6), torch.randn(20, 5)
+    with pytest.raises(ValueError, match="pykernels::lstm_layer: backend must be one of .*got 'bogus'"):
+        torch.ops.pykernels.lstm_layer(x, h0, h0, w_ih, w_hh, None, None, False, "bogus")

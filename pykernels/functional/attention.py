@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import _native, backends
 from ..errors import ArgumentTypeError, ArgumentValueError
 from . import _autocast
-from ..ops import attention as _ops
+from ..ops import _checks, attention as _ops
 from ..reference import attention as _ref
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
@@ -305,17 +305,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     return out
 
 
-def _check_cu(fn: str, name: str, cu: Tensor, total: int, device: torch.device) -> None:
-    if not isinstance(cu, Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.numel() < 1:
-        raise ArgumentTypeError(f"{fn}: {name} must be a 1-D int32 (or int64) tensor of nseq + 1 offsets")
-    if cu.device != device:
-        raise ArgumentValueError(f"{fn}: {name} is on {cu.device} but the tensors are on {device}")
-    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
-        if int(cu[0]) != 0 or int(cu[-1]) > total or bool((cu[1:] < cu[:-1]).any()):
-            raise ArgumentValueError(f"{fn}: {name} must start at 0, be non-decreasing and end at most at {total} "
-                                     f"(rows past its last offset are padding), got {cu.tolist()}")
-
-
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, dropout_p: float = 0.0, is_causal: bool = False,
                      scale: Optional[float] = None, window: Optional[Tuple[int, int]] = None,
@@ -352,17 +341,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         raise ArgumentValueError(f"{fn}: k must be ({Tk}, {Hk}, {E}) to match q and v, got {tuple(k.shape)}")
     if H % Hk:
         raise ArgumentValueError(f"{fn}: q heads {H} must be a multiple of k/v heads {Hk}")
-    _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, T, q.device)
-    _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, Tk, q.device)
-    if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ArgumentValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length (nseq + 1)")
+    _checks.varlen_offsets(fn, cu_seqlens_q, cu_seqlens_k, T, Tk, q.device, (torch.int32, torch.int64))
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(m, int) or m < 0:
             raise ArgumentValueError(f"{fn}: {name} must be an int >= 0, got {m!r}")
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        lq, lk = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]), (cu_seqlens_k[1:] - cu_seqlens_k[:-1])
-        if lq.numel() and (int(lq.max()) > max_seqlen_q or int(lk.max()) > max_seqlen_k):
-            raise ArgumentValueError(f"{fn}: a sequence is longer than max_seqlen_q/max_seqlen_k")
+    _checks.varlen_lengths(fn, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if scale is None:
         scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
     dropout_p = float(dropout_p)

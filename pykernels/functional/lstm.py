@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import _native, backends
 from ..errors import ArgumentTypeError, ArgumentValueError
-from ..ops import lstm as _ops
+from ..ops import _checks, lstm as _ops
 from . import _autocast
 from ..reference import lstm as _ref
 
@@ -26,58 +26,6 @@ _CELL_DTYPES = {
     "cuda": (torch.float16, torch.bfloat16, torch.float32),
     "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
-
-
-def _check_tensor(name: str, t, dtype, device) -> None:
-    if not isinstance(t, Tensor):
-        raise ArgumentTypeError(f"lstm_cell: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise ArgumentTypeError(f"lstm_cell: {name} must have the input's dtype {dtype}, got {t.dtype}")
-    if t.device != device:
-        raise ArgumentValueError(f"lstm_cell: {name} is on {t.device} but input is on {device}")
-
-
-def _check_cell_args(input, h, c, w_ih, w_hh, b_ih, b_hh) -> None:
-    # Fast path (a step costs microseconds): one expression over the common valid case; the detailed checks
-    # below only run to name the offending argument.
-    try:
-        dt, dev = input.dtype, input.device
-        B, I = input.shape
-        H4, H = w_hh.shape
-        if (dt.is_floating_point and H4 == 4 * H and w_ih.shape == (H4, I) and h.shape == (B, H)
-                and c.shape == (B, H) and h.dtype == dt and c.dtype == dt and w_ih.dtype == dt and w_hh.dtype == dt
-                and h.device == dev and c.device == dev and w_ih.device == dev and w_hh.device == dev
-                and ((b_ih is None and b_hh is None)
-                     or (b_ih is not None and b_hh is not None and b_ih.shape == (H4,) and b_hh.shape == (H4,)
-                         and b_ih.dtype == dt and b_hh.dtype == dt and b_ih.device == dev and b_hh.device == dev))):
-            return
-    except (AttributeError, ValueError, TypeError):
-        pass
-    if not isinstance(input, Tensor):
-        raise ArgumentTypeError(f"lstm_cell: input must be a Tensor, got {type(input).__name__}")
-    if not input.dtype.is_floating_point:
-        raise ArgumentTypeError(f"lstm_cell: input must be floating point, got {input.dtype}")
-    if input.dim() != 2:
-        raise ArgumentValueError(f"lstm_cell: input must be 1-D (I) or 2-D (B, I), got {input.dim()}-D")
-    for name, t in (("hx[0]", h), ("hx[1]", c), ("w_ih", w_ih), ("w_hh", w_hh)):
-        _check_tensor(name, t, input.dtype, input.device)
-    B, I = input.shape
-    if w_ih.dim() == 2 and w_ih.shape[0] % 4 == 0 and w_ih.shape[1] != I:
-        raise ArgumentValueError(f"lstm_cell: input has inconsistent input_size: got {I}, w_ih expects "
-                                 f"{w_ih.shape[1]}")
-    if w_ih.dim() != 2 or w_ih.shape[1] != I or w_ih.shape[0] % 4:
-        raise ArgumentValueError(f"lstm_cell: w_ih must have shape (4*hidden_size, {I}), got {tuple(w_ih.shape)}")
-    H = w_ih.shape[0] // 4
-    if tuple(w_hh.shape) != (4 * H, H):
-        raise ArgumentValueError(f"lstm_cell: w_hh must have shape ({4 * H}, {H}), got {tuple(w_hh.shape)}")
-    for name, t in (("hx[0]", h), ("hx[1]", c)):
-        if tuple(t.shape) != (B, H):
-            raise ArgumentValueError(f"lstm_cell: {name} must have shape ({B}, {H}), got {tuple(t.shape)}")
-    for name, t in (("b_ih", b_ih), ("b_hh", b_hh)):
-        if t is not None:
-            _check_tensor(name, t, input.dtype, input.device)
-            if tuple(t.shape) != (4 * H,):
-                raise ArgumentValueError(f"lstm_cell: {name} must have shape ({4 * H},), got {tuple(t.shape)}")
 
 
 # torch.autocast's treatment of the LSTM, so that the drop-ins return what torch's do: nn.LSTM runs in the autocast
@@ -127,7 +75,7 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
                 if not isinstance(t, Tensor) or t.dim() != 1:
                     raise ArgumentValueError(f"lstm_cell: {name} must be 1-D for unbatched (1-D) input")
             h, c = h.unsqueeze(0), c.unsqueeze(0)
-    _check_cell_args(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    _checks.lstm_cell("lstm_cell", x, h, c, w_ih, w_hh, b_ih, b_hh)
     if (b_ih is None) != (b_hh is None):  # torch takes one bias alone; the kernels take the pair
         b_ih, b_hh = (b_ih, torch.zeros_like(b_ih)) if b_hh is None else (torch.zeros_like(b_hh), b_hh)
     if backends.prefer_native("lstm_cell", x.device, backend, size=x.shape[0], dtype=x.dtype):  # measured slower

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import attention as _ref
-from . import _higher_order
+from . import _checks, _higher_order
 from ._eager import EagerOp
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,7 +164,9 @@ REFERENCE_KERNELS = (torch.ops.pykernels.attention_fwd_reference.default,
 
 def kernel_ops(backend: str):
     """(fwd, bwd) kernel ops of ``backend``: KERNELS', or the reference's."""
-    return REFERENCE_KERNELS if backend == "reference" else KERNELS[backend]
+    if backend == "reference":
+        return REFERENCE_KERNELS
+    return _checks.kernels("pykernels::attention", {**KERNELS, "reference": REFERENCE_KERNELS}, backend)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import _ext, backends
 from ..reference import cross_entropy as _ref
-from . import _higher_order
+from . import _checks, _higher_order
 from ._eager import EagerOp, tracing
 
 NONE, MEAN, SUM = 0, 1, 2
@@ -106,7 +106,7 @@ def _cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor], ign
     lse (N*D,) of acc_dtype; grad the gradient of the reduced loss when write_grad (else empty); denominator ();
     lse_err (N*D,) of acc_dtype, the rounding residual of lse that the split backward needs (internal).
     """
-    fwd, _, _ = KERNELS[backend]
+    fwd, _, _ = _checks.kernels("pykernels::cross_entropy", KERNELS, backend)
     denom = _denominator(target, weight, ignore_index, logits.shape[1], acc_dtype(logits.dtype))
     grad_scale = (1.0 / denom).reshape(1) if reduction == MEAN else None
     rows, lse, grad, lse_err = fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import _native, backends
 from ..reference import linear_cross_entropy as _ref
-from . import _higher_order
+from . import _checks, _higher_order
 from . import linear_cross_entropy_launch as _launch
 from ._eager import EagerOp, tracing
 
@@ -187,7 +187,7 @@ def _split_backward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[
     (grad_input (N, H) in the accumulation dtype, grad_weight (V, H) in linear_weight's dtype, grad_bias (V,) in
     linear_bias's dtype); an unrequested one (grad_bias also without a bias) is empty: (0,), of the accumulation
     dtype for grad_input, of linear_weight's dtype for grad_weight, of input's for grad_bias."""
-    _, bwd = KERNELS[backend]
+    _, bwd = _checks.kernels("pykernels::linear_cross_entropy_backward", KERNELS, backend)
     return bwd(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start,
                softcap, smooth, input_grad, weight_grad, bias_grad)
 
@@ -314,6 +314,10 @@ def _linear_cross_entropy(input: Tensor, linear_weight: Tensor, linear_bias: Opt
     accumulation dtype (the caller casts the loss: to the input's dtype, or to float32 under autocast, as torch):
     loss () or (N,) for reduction none; the row max m and log_s with lse = m + log_s, (N,); the mean's denominator
     (); the fused gradients in their operands' dtype (empty, of the accumulation dtype, when not written)."""
+    op = "pykernels::linear_cross_entropy"
+    kernels = _checks.kernels(op, KERNELS, backend)
+    # row_terms indexes the class weight with the targets: a short one must fail here, named, not as an IndexError
+    _checks.linear_cross_entropy(op, input, linear_weight, linear_bias, target, weight)
     acc = acc_dtype(input.dtype)
     C = linear_weight.shape[0]
     valid, bad, w_y, wsum = row_terms(target, weight, ignore_index, C, acc)
@@ -331,7 +335,7 @@ def _linear_cross_entropy(input: Tensor, linear_weight: Tensor, linear_bias: Opt
             _launch.fused_block_rows(N, C, input.element_size(), input.device),
             *(bool(fused_grads & bit) for bit in (GRAD_INPUT, GRAD_WEIGHT, GRAD_BIAS)))
     else:
-        fwd, _ = KERNELS[backend]
+        fwd, _ = kernels
         m, log_s, zy, zs = fwd(input, linear_weight, linear_bias, target, weight, 0, softcap, label_smoothing > 0)
         gx, gw, gb = (input.new_empty(0, dtype=acc) for _ in range(3))  # (outputs may not alias each other)
     rows = rows_loss(m, log_s, zy, zs, valid, bad, w_y, wsum, C, label_smoothing, z_loss)

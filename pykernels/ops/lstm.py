@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import _ext, _native, backends
 from ..reference import lstm as _ref
-from . import _higher_order
+from . import _checks, _higher_order
 from ._eager import EagerOp
 
 
@@ -170,7 +170,7 @@ def _lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor
                  b_hh: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """input (B, I), hx/cx (B, H), weights (4H, I)/(4H, H), biases (4H) or None, all of one dtype. Returns
     (h', c') in that dtype and ws (B, 5H) of acc_dtype: the activated gates i, f, g, o and c' unrounded."""
-    return CELL[backend][0](input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    return _checks.kernels("pykernels::lstm_cell", CELL, backend)[0](input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
 
 lstm_cell_op = torch.library.custom_op("pykernels::lstm_cell", mutates_args=())(_lstm_cell)
@@ -283,8 +283,9 @@ def _lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b
     """x (T, B, I), h0/c0 (B, H). Returns out (T, B, H), h_n, c_n (B, H) in x's dtype, and ws (T, B, 5H) of
     acc_dtype (activated gates and fp32 c of every step). ``reverse`` runs the sequence from t = T-1 down to 0."""
     T = x.shape[0]
+    fwd, _ = _checks.kernels("pykernels::lstm_layer", LAYER, backend)
     xp = input_projection(x, w_ih, b_ih, b_hh)
-    out, ws = LAYER[backend][0](xp, w_hh, h0.contiguous(), c0.contiguous(), reverse)
+    out, ws = fwd(xp, w_hh, h0.contiguous(), c0.contiguous(), reverse)
     if T == 0:
         return out, h0.clone(), c0.clone(), ws
     last = 0 if reverse else T - 1

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import _checks
 from ._launch import timing_autotune_allowed, wrap
 from ._math import tanh as _tanh
 
@@ -613,6 +614,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optio
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dense: q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) -> out (B, H, L, Ev), lse (B, H, L) fp32.
     Varlen (cu_seqlens given): q (T, H, E), k/v (Tk, Hk, E|Ev) -> out (T, H, Ev), lse (H, T) fp32."""
+    _checks.attention("attention_fwd_triton", q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      dropout_p, seed)
     varlen = cu_seqlens_q is not None
     q, k, v = _unit_head(q), _unit_head(k), _unit_head(v)
     q4, k4, v4 = _view4(q, varlen), _view4(k, varlen), _view4(v, varlen)
@@ -645,6 +648,8 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     """dq, dk, dv (dtypes and strides of q, k, v when those are dense; dk/dv summed over each GQA group
     in-kernel) and dbias: the gradient of a float mask, summed to the mask's shape (empty when
     bias_requires_grad is False)."""
+    _checks.attention("attention_bwd_triton", q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      dropout_p, seed, grad_out, out, lse)
     varlen = cu_seqlens_q is not None
     q, k, v = _dense(q), _dense(k), _dense(v)
     q4, k4, v4 = _view4(q, varlen), _view4(k, varlen), _view4(v, varlen)

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import _checks
 from ._launch import wrap
 
 # kernel modes; constexpr globals so @triton.jit code may read them
@@ -267,6 +268,7 @@ def _launch(mode: int, logits, target, weight, scale, lse_in, lse_err_in, loss, 
 def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                       grad_scale: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
                       write_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _checks.cross_entropy("cross_entropy_fwd_triton", logits, target, weight, grad_scale)
     N, C, D = logits.shape
     loss = torch.empty(N * D, device=logits.device, dtype=torch.float32)
     lse = torch.empty(N * D, device=logits.device, dtype=torch.float32)
@@ -281,6 +283,7 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, weight: Option
 def cross_entropy_bwd(grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
                       weight: Optional[torch.Tensor], lse: torch.Tensor, lse_err: Optional[torch.Tensor],
                       ignore_index: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
+    _checks.cross_entropy("cross_entropy_bwd_triton", logits, target, weight, grad_rows, lse, lse_err)
     N, C, D = logits.shape
     grad = torch.empty((N, C, D), device=logits.device, dtype=logits.dtype)
     if N * D:
@@ -291,6 +294,7 @@ def cross_entropy_bwd(grad_rows: torch.Tensor, logits: torch.Tensor, target: tor
 
 
 def cross_entropy_scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    _checks.cross_entropy_scale_grad("cross_entropy_scale_grad__triton", grad, scale)
     N, C, D = grad.shape
     total = grad.numel()
     if total == 0:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import linear_cross_entropy_launch as _launch
+from ..ops import _checks, linear_cross_entropy_launch as _launch
 from ._launch import timing_autotune_allowed, wrap
 from ._math import tanh_fast as _tanh
 
@@ -271,6 +271,9 @@ def linear_cross_entropy_fwd(input: torch.Tensor, linear_weight: torch.Tensor, l
                              softcap: float, smooth: bool
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row, over this shard's classes: (m, log_s, z_target, z_sum), fp32 (N,). See the contract."""
+    _checks.linear_cross_entropy_kernel("linear_cross_entropy_fwd_triton", input, linear_weight, linear_bias, target,
+                                        weight, softcap)
+    target = target.contiguous()  # the kernels read it at stride 1
     k = _geometry(input.device, input.dtype)
     N, V = input.shape[0], linear_weight.shape[0]
     splits = _launch.num_splits(N, V, input.device, k.tile_cols)
@@ -286,6 +289,10 @@ def linear_cross_entropy_bwd(input: torch.Tensor, linear_weight: torch.Tensor, l
                              softcap: float, smooth: bool, input_grad: bool, weight_grad: bool, bias_grad: bool
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input in the accumulation dtype, grad_weight, grad_bias); an unrequested one is empty."""
+    _checks.linear_cross_entropy_kernel("linear_cross_entropy_bwd_triton", input, linear_weight, linear_bias, target,
+                                        weight, softcap, (("m", m), ("log_s", log_s), ("coef_p", coef_p),
+                                                          ("coef_y", coef_y), ("coef_w", coef_w if smooth else None)))
+    target = target.contiguous()  # the kernels read it at stride 1
     return _launch.backward(_geometry(input.device, input.dtype), input, linear_weight, linear_bias, target, weight,
                             m, log_s, coef_p, coef_y, coef_w, vocab_start, softcap, smooth, input_grad, weight_grad,
                             bias_grad)

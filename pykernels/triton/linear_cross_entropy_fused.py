@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from ..errors import ArgumentValueError
+from ..ops import _checks
 from ._launch import wrap
 from .linear_cross_entropy import _interpreted, _tanh
 
@@ -118,6 +120,14 @@ def linear_cross_entropy_fused(input: torch.Tensor, linear_weight: torch.Tensor,
     """The contract of ``pykernels::linear_cross_entropy_fused`` (docs/linear_cross_entropy.md): (m, log_s, z_target,
     z_sum) per row in fp32 and, for an upstream gradient of 1 with the given per-row coefficients, the requested
     gradients (dX (N, H), dW (V, H), db (V,) in their operands' dtypes; empty when not requested)."""
+    op = "linear_cross_entropy_fused_triton"
+    _checks.linear_cross_entropy_kernel(op, input, linear_weight, linear_bias, target, weight, softcap,
+                                        (("coef_p0", coef_p0), ("coef_lse", coef_lse), ("coef_y", coef_y),
+                                         ("coef_w", coef_w)))  # (the row kernel reads all four)
+    if bias_grad and linear_bias is None:
+        raise ArgumentValueError(f"{op}: bias_grad needs linear_bias")
+    if block_rows < 1:
+        raise ArgumentValueError(f"{op}: block_rows must be >= 1, got {block_rows}")
     N, H = input.shape
     V = linear_weight.shape[0]
     dev = input.device

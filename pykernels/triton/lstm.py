@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import _checks
 from ._launch import wrap
 from ._math import tanh as _tanh
 
@@ -182,6 +183,7 @@ def lstm_cell_fwd(input: torch.Tensor, hx: torch.Tensor, cx: torch.Tensor, w_ih:
                   b_ih: Optional[torch.Tensor], b_hh: Optional[torch.Tensor]
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h', c', ws): h', c' (B, H) in the input dtype; ws (B, 5H) fp32 = activated i, f, g, o and c'."""
+    _checks.lstm_cell_kernel("lstm_cell_fwd_triton", input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     B, I = input.shape
     H = hx.shape[1]
     hy = input.new_empty(B, H)
@@ -203,6 +205,7 @@ def lstm_cell_fwd(input: torch.Tensor, hx: torch.Tensor, cx: torch.Tensor, w_ih:
 def lstm_cell_bwd(grad_h: Optional[torch.Tensor], grad_c: Optional[torch.Tensor], cx: torch.Tensor,
                   ws: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dgates (B, 4H) fp32 pre-activation, dcx (B, H) in cx's dtype)."""
+    _checks.lstm_cell_bwd("lstm_cell_bwd_triton", grad_h, grad_c, cx, ws)
     B, H = cx.shape
     dg = cx.new_empty(B, 4 * H, dtype=ws.dtype)
     dcx = cx.new_empty(B, H)

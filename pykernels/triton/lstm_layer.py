@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .lstm import _dot, _gate_grads, _pointwise_step
+from ..ops import _checks
 from ._launch import wrap
 
 logger = logging.getLogger("pykernels")
@@ -443,7 +444,10 @@ def _launch_split(kernel, p: Plan, steps: int, tensors: tuple, sizes: tuple, **m
 def lstm_layer_fwd(xproj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, reverse: bool
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The recurrence of one layer direction. xproj (T, B, 4H) fp32 = x W_ih^T + b_ih + b_hh; h0, c0 (B, H)
-    contiguous in the input dtype (w_hh's). Returns (out (T, B, H) in w_hh's dtype, ws (T, B, 5H) fp32)."""
+    in the input dtype (w_hh's). Returns (out (T, B, H) in w_hh's dtype, ws (T, B, 5H) fp32)."""
+    _checks.lstm_layer_fwd("lstm_layer_fwd_triton", xproj, w_hh, h0, c0)
+    # the kernels index xproj, h0, c0 as contiguous (a copy only for a strided view)
+    xproj, h0, c0 = xproj.contiguous(), h0.contiguous(), c0.contiguous()
     T, B, H4 = xproj.shape
     H = H4 // 4
     out = h0.new_empty(T, B, H)
@@ -464,13 +468,17 @@ def lstm_layer_fwd(xproj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0
 def lstm_layer_bwd(grad_out: Optional[torch.Tensor], grad_hn: Optional[torch.Tensor],
                    grad_cn: Optional[torch.Tensor], c0: torch.Tensor, ws: torch.Tensor, w_hh: torch.Tensor,
                    reverse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dgates (T, B, 4H) fp32, dh0 (B, H) fp32, dc0 (B, H) fp32). grad_* contiguous or None."""
+    """(dgates (T, B, 4H) fp32, dh0 (B, H) fp32, dc0 (B, H) fp32)."""
+    _checks.lstm_layer_bwd("lstm_layer_bwd_triton", grad_out, grad_hn, grad_cn, c0, ws, w_hh)
+    # the kernels index these as contiguous (a copy only for a strided view)
+    grad_out = grad_out.contiguous() if grad_out is not None else None
+    c0, ws = c0.contiguous(), ws.contiguous()
     T, B, H5 = ws.shape
     H = H5 // 5
     dg = ws.new_empty(T, B, 4 * H)
     # the running dh (recurrent part) and dc start as the gradients of h_n and c_n; the kernels update them in place
-    dh = grad_hn.to(ws.dtype, copy=True) if grad_hn is not None else ws.new_zeros(B, H)
-    dc = grad_cn.to(ws.dtype, copy=True) if grad_cn is not None else ws.new_zeros(B, H)
+    dh, dc = (g.to(ws.dtype, copy=True, memory_format=torch.contiguous_format) if g is not None
+              else ws.new_zeros(B, H) for g in (grad_hn, grad_cn))
     if not (T and B and H):
         return dg, dh, dc
     p = plan(H, w_hh.dtype, ws.device, forward=False)
