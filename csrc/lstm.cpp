@@ -99,9 +99,9 @@ void check_lstm_layer_fwd(const at::Tensor& xproj, const at::Tensor& w_hh, const
               h0.device());
 }
 
-void check_lstm_layer_bwd(const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_hn,
-                          const c10::optional<at::Tensor>& grad_cn, const at::Tensor& c0, const at::Tensor& ws,
-                          const at::Tensor& w_hh) {
+at::Tensor check_lstm_layer_bwd(const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_hn,
+                                const c10::optional<at::Tensor>& grad_cn, const at::Tensor& c0, const at::Tensor& ws,
+                                const at::Tensor& w_hh) {
   const char* op = "lstm_layer_bwd";
   TORCH_CHECK(c0.dim() == 2, op, ": c0 must be 2-D (B, H), got ", c0.dim(), "-D");
   const int64_t B = c0.size(0), H = c0.size(1);
@@ -122,6 +122,7 @@ void check_lstm_layer_bwd(const c10::optional<at::Tensor>& grad_out, const c10::
   }
   if (grad_hn.has_value()) check_state(*grad_hn, op, "grad_hn", c0, B, H);
   if (grad_cn.has_value()) check_state(*grad_cn, op, "grad_cn", c0, B, H);
+  return ws.contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_outputs(const c10::optional<at::Tensor>& grad_hn,
@@ -269,10 +270,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_bwd_cuda(const c10::optiona
                                                               const c10::optional<at::Tensor>& grad_cn,
                                                               const at::Tensor& c0, const at::Tensor& ws,
                                                               const at::Tensor& w_hh, bool reverse) {
-  check_lstm_layer_bwd(grad_out, grad_hn, grad_cn, c0, ws, w_hh);
+  const at::Tensor wsc = check_lstm_layer_bwd(grad_out, grad_hn, grad_cn, c0, ws, w_hh);
   c10::cuda::CUDAGuard guard(c0.device());
   const int64_t T = ws.size(0), B = ws.size(1), H = ws.size(2) / 5;
-  at::Tensor w = w_hh.contiguous(), c = c0.contiguous(), wsc = ws.contiguous(), barrier;
+  at::Tensor w = w_hh.contiguous(), c = c0.contiguous(), barrier;
   at::Tensor go = grad_out.has_value() ? grad_out->contiguous() : at::Tensor();
   auto [dg, dh, dc] = lstm_layer_bwd_outputs(grad_hn, grad_cn, ws);
   LstmLayerArgs a = layer_args(w, T, B, H, reverse, barrier);

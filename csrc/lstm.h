@@ -20,9 +20,10 @@ void check_lstm_cell_bwd(const c10::optional<at::Tensor>& grad_h, const c10::opt
 // Checks a call of lstm_layer_fwd / lstm_layer_bwd (the recurrence of one layer direction; names the argument).
 void check_lstm_layer_fwd(const at::Tensor& xproj, const at::Tensor& w_hh, const at::Tensor& h0,
                           const at::Tensor& c0);
-void check_lstm_layer_bwd(const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_hn,
-                          const c10::optional<at::Tensor>& grad_cn, const at::Tensor& c0, const at::Tensor& ws,
-                          const at::Tensor& w_hh);
+// Also returns ws contiguous (a copy only when it is not): every device's kernels read it by raw offsets.
+at::Tensor check_lstm_layer_bwd(const c10::optional<at::Tensor>& grad_out, const c10::optional<at::Tensor>& grad_hn,
+                                const c10::optional<at::Tensor>& grad_cn, const at::Tensor& c0, const at::Tensor& ws,
+                                const at::Tensor& w_hh);
 // The outputs of lstm_layer_bwd as the recurrence starts: dgates (T, B, 4H) to fill, and dh / dc (B, H) in ws's
 // dtype holding grad_hn / grad_cn (zeros when absent); the kernels carry them through the steps and leave dh0 / dc0.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_outputs(const c10::optional<at::Tensor>& grad_hn,

@@ -566,6 +566,25 @@ def test_layer_kernel_ops_against_contract(backend, device, reverse):
         _check_layer_kernels(fwd, bwd, T, B, H, dtype, device, reverse)
 
 
+@pytest.mark.parametrize("backend,device", CPU_KERNELS + GPU_KERNELS)
+def test_layer_bwd_takes_a_non_contiguous_ws(backend, device):
+    """The backward ops read ws by raw (T, B, 5H) offsets: a ws of the same values with other strides (batch-major
+    here) gives the same gradients as the contiguous one, not other elements' values."""
+    require(backend, device)
+    fwd, bwd = ops.LAYER[backend]
+    T, B, H = 4, 3, 16
+    xp = torch.randn(T, B, 4 * H, device=device)
+    w = torch.randn(4 * H, H, device=device) * 0.3
+    h0, c0 = torch.randn(B, H, device=device), torch.randn(B, H, device=device)
+    _, ws = fwd(xp, w, h0, c0, False)
+    ws_bm = ws.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(ws_bm, ws) and not ws_bm.is_contiguous()
+    go = torch.randn(T, B, H, device=device)
+    for name, a, b in zip(("dgates", "dh0", "dc0"), bwd(go, None, None, c0, ws_bm, w, False),
+                          bwd(go, None, None, c0, ws, w, False)):
+        assert torch.equal(a, b), name
+
+
 def _cuda_resident_here(H, dtype):
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return importlib.import_module("pykernels.functional.lstm").cuda_layer_resident(

@@ -394,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_bwd_cpu(const c10::optional
                                                              const c10::optional<at::Tensor>& grad_cn,
                                                              const at::Tensor& c0, const at::Tensor& ws,
                                                              const at::Tensor& w_hh, bool reverse) {
-  check_lstm_layer_bwd(grad_out, grad_hn, grad_cn, c0, ws, w_hh);
+  const at::Tensor wsc = check_lstm_layer_bwd(grad_out, grad_hn, grad_cn, c0, ws, w_hh);
   const int64_t T = ws.size(0), B = ws.size(1), H = ws.size(2) / 5;
   const auto acc = ws.scalar_type();
   // dh and dc carry the gradient into the state of the step being processed; they end as dh0, dc0
@@ -403,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_bwd_cpu(const c10::optional
   const at::Tensor w = w_hh.contiguous(), c_init = c0.to(acc).contiguous();
   const at::Tensor go = grad_out.has_value() ? grad_out->to(acc).contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "lstm_layer_bwd_cpu", [&] {
-    layer_bwd<at::opmath_type<scalar_t>, scalar_t>(go, c_init, ws, w, reverse, dg, dh, dc);
+    layer_bwd<at::opmath_type<scalar_t>, scalar_t>(go, c_init, wsc, w, reverse, dg, dh, dc);
   });
   return {dg, dh, dc};
 }
