@@ -180,6 +180,28 @@ def test_large_vocab_rows(backend, device, C):
     _check_against_torch(backend, x, t, f"C={C} weighted", weight=w, label_smoothing=0.1, z_loss=1e-3)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpu"])
+def test_cpu_sums_over_large_C_keep_precision(backend, device):
+    """The per-row sums over the classes that probability targets and label smoothing need (sum w t', sum w t' (m - x),
+    and the class weights' sum) at vocabulary sizes: one sequential fp32 loop each lost 3.4e-4 in the loss of
+    C = 32000 probability targets (torch 1.0e-6), 1.3e-4 of C = 128256 smoothed index targets. Logits offset by 5
+    so that the m - x terms carry it."""
+    _setup(backend, device, torch.float32)
+    N = 4
+    x = torch.randn(N, 32000, device=device) * 2 + 5
+    tp = torch.softmax(torch.randn(N, 32000, device=device) * 3, 1)
+    _check_against_torch(backend, x, tp, "probability targets C=32000", reduction="none")
+    w = torch.rand(32000, device=device) + 0.5
+    _check_against_torch(backend, x, tp, "weighted probability targets C=32000", weight=w, label_smoothing=0.3,
+                         reduction="none")
+    x = torch.randn(N, 128256, device=device) * 2 + 5
+    t = torch.randint(0, 128256, (N,), device=device)
+    _check_against_torch(backend, x, t, "label_smoothing=1 C=128256", label_smoothing=1.0, reduction="none")
+    w = torch.rand(128256, device=device) + 0.5
+    _check_against_torch(backend, x, t, "weighted label_smoothing=0.5 C=128256", weight=w, label_smoothing=0.5,
+                         reduction="none")
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_non_contiguous_input(backend, device):
     dtype = DTYPES.get((backend, device), [torch.float32])[0]

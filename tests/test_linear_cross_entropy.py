@@ -996,6 +996,30 @@ def test_cpu_kernels_16bit_across_class_blocks():
             assert_error_rule(f"{name} {dtype}", a, r, c)
 
 
+def test_cpu_kernels_smoothing_sum_over_large_V_keeps_precision():
+    """The label-smoothing statistic sum_c w_c z_c over V = 128256 classes from both C++ ops (split: 1024-class blocks
+    and two splits; fused: the whole row), against float64 with torch's fp32 sum as the baseline and the result's
+    own fp32 rounding as the floor. One fp32 accumulator per vector lane over the row (16000 terms each) was 10-20x
+    torch's error in the fused op, the blocks' sums added in fp32 6-7x; the loss takes it as eps / V (W lse - sum w z),
+    where a logit offset multiplies it (offset 300: 8.3e-5 in the loss, torch 2.1e-6)."""
+    require_backend("cpu", "cpu")
+    N, V = 4, 128256
+    x = torch.eye(N)  # one-hot rows: the logits are W's columns exactly, so only the sums differ
+    W = torch.randn(V, N) * 2 + 5
+    t = torch.randint(0, V, (N,))
+    pk = torch.ops.pykernels
+    ones = torch.ones(N)
+    for w in (None, torch.rand(V) + 0.5):
+        z = W.T.contiguous() if w is None else W.T * w
+        ref = z.double().sum(1)
+        for splits in (1, 2):
+            zs = pk.linear_cross_entropy_partials(x, W, None, t, w, 0, 0.0, True, splits)[3].sum(0)
+            assert_error_rule(f"split zs splits={splits} weighted={w is not None}", zs, ref, z.sum(1), floor=2**-24)
+        zs = pk.linear_cross_entropy_fused(x, W, None, t, w, ones, ones * 0, ones, ones, 0.0, True, 4096, False,
+                                           False, False)[3]
+        assert_error_rule(f"fused zs weighted={w is not None}", zs, ref, z.sum(1), floor=2**-24)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The fused path of the cpu backend (gradients in the forward: pykernels::linear_cross_entropy_fused).
 

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -15,6 +16,7 @@
 
 #include "../cross_entropy.h"
 #include "../cross_entropy_math.h"
+#include "row_sums.h"
 
 namespace pykernels {
 namespace {
@@ -118,16 +120,25 @@ struct RowKernel {
     // Sums of the smoothing / probability-target terms, taken relative to the row max m so that a large
     // common offset of the logits cancels exactly (loss = sum w t (m - x) + A log s, not A lse - sum w t x).
     auto relative_sums = [&](acc_t m, acc_t& A, acc_t& sum_wd) {
+      const Vec vm(m);
       if (tp) {
         const scalar_t* trow = tp + n * a.tn + d * a.td;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t t = (acc_t(1) - eps) * static_cast<acc_t>(trow[c * a.tc]) + eps / C;
-          const acc_t wt = w ? w[c] * t : t;
-          A += wt;
-          if (wt != acc_t(0)) sum_wd += wt * (m - vals[c]);  // a zero weight never multiplies a -inf logit
-        }
+        const Vec keep(acc_t(1) - eps), share(eps / C), zero(acc_t(0));
+        const auto sums = chunked_sums<acc_t, 2>(C, [&](int64_t c, int64_t k) -> std::array<Vec, 2> {
+          acc_t t[Vec::size()];  // the targets upcast (any strides, any dtype); loadu reads lanes [0, k) only
+          for (int64_t i = 0; i < k; ++i) t[i] = static_cast<acc_t>(trow[(c + i) * a.tc]);
+          const Vec tv = keep * Vec::loadu(t, k) + share;
+          const Vec wt = w ? Vec::loadu(w + c, k) * tv : tv;
+          // a zero weight never multiplies a -inf logit
+          return {wt, (wt * (vm - Vec::loadu(vals + c, k))) & (wt != zero)};
+        });
+        A = static_cast<acc_t>(sums[0]);
+        sum_wd = static_cast<acc_t>(sums[1]);
       } else if (eps > 0) {
-        for (int64_t c = 0; c < C; ++c) sum_wd += (w ? w[c] : acc_t(1)) * (m - vals[c]);
+        sum_wd = static_cast<acc_t>(chunked_sums<acc_t, 1>(C, [&](int64_t c, int64_t k) -> std::array<Vec, 1> {
+          const Vec dv = vm - Vec::loadu(vals + c, k);
+          return {w ? Vec::loadu(w + c, k) * dv : dv};
+        })[0]);
       }
     };
     acc_t lse;
@@ -224,11 +235,7 @@ template <typename scalar_t>
 void run_rows(const CrossEntropyArgs& a, bool backward) {
   using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
   const acc_t* w = static_cast<const acc_t*>(a.weight);
-  acc_t W = static_cast<acc_t>(a.C);
-  if (w) {
-    W = 0;
-    for (int64_t c = 0; c < a.C; ++c) W += w[c];
-  }
+  const acc_t W = w ? static_cast<acc_t>(weighted_sum<acc_t>(w, nullptr, a.C)) : static_cast<acc_t>(a.C);
   RowKernel<scalar_t, acc_t> k{a,
                                static_cast<const scalar_t*>(a.logits),
                                static_cast<const scalar_t*>(a.target_prob),

@@ -23,6 +23,7 @@
 #include "../huge_pages.h"
 #include "gemm_dtype.h"
 #include "../linear_cross_entropy.h"
+#include "row_sums.h"
 
 namespace pykernels {
 namespace {
@@ -121,19 +122,6 @@ acc_t exp_store_sum(acc_t* z, int64_t n, acc_t m) {
   return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, s);
 }
 
-// Sum of w[c] z[c] (w null: of z) over n columns.
-template <typename acc_t>
-acc_t weighted_sum(const acc_t* z, const acc_t* w, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  if (!w) return at::vec::reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, z, n);
-  Vec s(acc_t(0));
-  for (int64_t j = 0; j < n; j += Vec::size()) {
-    const int64_t k = std::min<int64_t>(Vec::size(), n - j);
-    s = s + Vec::loadu(z + j, k) * Vec::loadu(w + j, k);  // the tail's lanes load as 0
-  }
-  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, s);
-}
-
 template <typename acc_t>
 void partials(const at::Tensor& input, const Operands& o, const at::Tensor& target, int64_t vocab_start,
               double softcap, bool smooth, int64_t splits, at::Tensor& mp, at::Tensor& sp, at::Tensor& zyp,
@@ -146,7 +134,7 @@ void partials(const at::Tensor& input, const Operands& o, const at::Tensor& targ
                              o.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   for (int64_t k = 0; k < splits; ++k) {
     acc_t *m = mp[k].data_ptr<acc_t>(), *s = sp[k].data_ptr<acc_t>(), *zy = zyp[k].data_ptr<acc_t>();
-    acc_t* zs = smooth ? zsp[k].data_ptr<acc_t>() : nullptr;
+    std::vector<double> zs(smooth ? N : 0);  // the chunks' weighted sums, added in double (row_sums.h)
     const int64_t lo = V * k / splits, hi = V * (k + 1) / splits;  // this split's classes
     for (int64_t c0 = lo; c0 < hi; c0 += kChunkCols) {
       const int64_t c1 = std::min(hi, c0 + kChunkCols), n = c1 - c0;
@@ -177,6 +165,7 @@ void partials(const at::Tensor& input, const Operands& o, const at::Tensor& targ
         });
       }
     }
+    if (smooth) std::copy(zs.begin(), zs.end(), zsp[k].data_ptr<acc_t>());
   }
 }
 
@@ -381,7 +370,7 @@ void fused(const Operands& o, const at::Tensor& target, const at::Tensor& coef_p
           const acc_t cm = row_max(zr, V), inf = std::numeric_limits<acc_t>::infinity();
           const int64_t t = tgt[r];
           pzy[r] = t >= 0 && t < V ? zr[t] : acc_t(0);
-          if (pzs) pzs[r] = weighted_sum(zr, pw, V);
+          if (pzs) pzs[r] = static_cast<acc_t>(weighted_sum(zr, pw, V));
           // as the split forward's combination: m = 0 when not finite; log_s -inf for a row of -inf logits, NaN
           // for a NaN or +inf logit. Without softcap (whose derivative needs z) z becomes exp(z - m) here.
           const bool finite = std::isfinite(cm), from_exp = finite && row.softcap == 0;
