@@ -33,7 +33,8 @@ BACKENDS = ("triton", "cuda", "cpu", "reference")
 
 logger = logging.getLogger("pykernels")
 
-# op name -> (backend that ran, {backend skipped: why}); the last eager call of each op, for users and tests.
+# op name -> (backend that ran, {backend skipped: why}); the last eager call of each op, for users and tests. One
+# record for the process: with several threads calling an op, the last call of any of them.
 last_dispatch: Dict[str, tuple] = {}
 
 
@@ -43,8 +44,37 @@ def _record(op: str, entry: tuple) -> None:
     if not torch.compiler.is_compiling():
         last_dispatch[op] = entry
 
-# A plain list rather than a ContextVar: torch.compile (dynamo) traces through reads of module globals.
+# The open use_backend blocks, the last one in force. A plain list rather than a ContextVar: torch.compile (dynamo)
+# traces through reads of module globals and guards on them (on the names read, not on the entries' identity); and
+# one for the process, not per thread or task, since autograd runs a backward (and a checkpoint's recomputation in
+# it) on its own worker threads.
 _preferred: list = []
+
+
+class _Preference:
+    """One block's entry of ``_preferred``. Equal only to itself, so ``_preferred.remove(entry)`` (atomic) takes
+    that block's own entry: two threads' (or asyncio tasks') blocks that overlap without nesting must leave the open
+    one's preference in force, not the last one pushed."""
+    __slots__ = ("name",)
+
+    def __init__(self, name: Optional[str]):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"use_backend({self.name!r})"
+
+
+def _push(name: Optional[str]) -> _Preference:
+    """Put ``name`` in force until ``_preferred.remove`` of the entry returned."""
+    entry = _Preference(name)
+    _preferred.append(entry)
+    return entry
+
+
+def preferred() -> Optional[str]:
+    """The backend preferred by the innermost open ``use_backend`` block (None: none, or automatic)."""
+    top = _preferred[-1:]  # one read: another thread may empty the list between a test and an index
+    return top[0].name if top else None
 
 
 class BackendUnavailableError(RuntimeError):
@@ -65,12 +95,13 @@ def _check_name(name: str, where: str = "backend") -> str:
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Prefer ``name`` for pykernels ops inside the block (None: automatic)."""
-    _preferred.append(None if name is None else _check_name(name))
+    """Prefer ``name`` for pykernels ops inside the block (None: automatic). Process-wide: calls of every thread see
+    the innermost open block, and each block removes its own preference when it exits."""
+    entry = _push(None if name is None else _check_name(name))
     try:
         yield
     finally:
-        _preferred.pop()
+        _preferred.remove(entry)
 
 
 def _triton_reason() -> Optional[str]:
@@ -441,7 +472,7 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     run the call (an option none covers): torch's op runs it, for that reason rather than a speed rule, since the
     only backend left is the reference (plain PyTorch)."""
     global _no_kernel_warned
-    if backend is not None or (_preferred and _preferred[-1] is not None) or getenv("PYKERNELS_BACKEND"):
+    if backend is not None or preferred() is not None or getenv("PYKERNELS_BACKEND"):
         return None
     if op in NATIVE_WITHOUT_FORWARD_AD and forward_ad_reason(tensors):
         logger.debug("%s: not torch's own kernel under forward-mode AD: %s", op, NATIVE_WITHOUT_FORWARD_AD[op])
@@ -543,15 +574,15 @@ def choose(op: str, device: torch.device, backend: Optional[str],
         _record(op, (backend, {}))
         return backend
 
-    preferred = (_preferred[-1] if _preferred else None) or None
+    prefer = preferred()
     where = "backend"
-    if preferred is None:
-        preferred = getenv("PYKERNELS_BACKEND") or None
+    if prefer is None:
+        prefer = getenv("PYKERNELS_BACKEND") or None
         where = "the environment variable PYKERNELS_BACKEND"
     candidates = list(order or _chain(device, op))
-    if preferred is not None:
-        _check_name(preferred, where)
-        candidates = [preferred] + [b for b in candidates if b != preferred]
+    if prefer is not None:
+        _check_name(prefer, where)
+        candidates = [prefer] + [b for b in candidates if b != prefer]
     skipped: Dict[str, str] = {}
     for b in candidates:
         why = reason(b)

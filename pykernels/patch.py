@@ -94,11 +94,11 @@ def _route(ours: Callable, theirs: Callable, backend: Optional[str]) -> Callable
             return theirs(*args, **kwargs)
         if backend is None:
             return ours(*args, **kwargs)
-        backends._preferred.append(backend)  # use_backend's preference, without a context manager to trace
+        entry = backends._push(backend)  # use_backend's preference, without a context manager to trace
         try:
             return ours(*args, **kwargs)
         finally:
-            backends._preferred.pop()
+            backends._preferred.remove(entry)
 
     functools.update_wrapper(call, theirs)  # torch's name, docstring and signature (inspect follows __wrapped__)
     return call

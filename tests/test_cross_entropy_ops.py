@@ -169,6 +169,33 @@ def test_backend_selection_is_visible():
     assert set(pykernels.available_backends("cpu")) == {"triton", "cuda", "cpu", "reference"}
 
 
+def test_overlapping_preference_blocks_each_remove_their_own():
+    """use_backend blocks of two threads (or asyncio tasks) overlap without nesting: A enters, B enters, A exits.
+    A's exit must take out A's preference (it popped the last one pushed: B's, leaving A's in force inside B's
+    block), and a compiled call follows the preference left in force (dynamo guards on it)."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+    from pykernels import backends
+    x, t = torch.randn(3, 4), torch.randint(0, 4, (3,))
+    torch._dynamo.reset()
+    rec = EagerAndRecordGraphs()
+    compiled = torch.compile(pykernels.functional.cross_entropy, fullgraph=True, backend=rec)
+    a, b = pykernels.use_backend("reference"), pykernels.use_backend("cpu")
+    a.__enter__()
+    compiled(x, t)
+    b.__enter__()
+    a.__exit__(None, None, None)
+    try:
+        pykernels.functional.cross_entropy(x, t)
+        assert pykernels.last_dispatch["cross_entropy"][0] == "cpu"
+        compiled(x, t)
+    finally:
+        b.__exit__(None, None, None)
+    torch._dynamo.reset()
+    assert backends._preferred == []
+    codes = [g.code for g in rec.graphs]
+    assert len(codes) == 2 and "'cpu'" not in codes[0] and "'cpu'" in codes[1], codes
+
+
 def test_env_backend_preference(monkeypatch):
     monkeypatch.setenv("PYKERNELS_BACKEND", "reference")
     pykernels.functional.cross_entropy(torch.randn(3, 4), torch.randint(0, 4, (3,)))
