@@ -11,13 +11,13 @@ Drop-in use::
 from . import _ext
 from . import ops  # noqa: F401  (registers the operators)
 from . import functional, nn
-from .backends import BackendUnavailableError, available_backends, last_dispatch, use_backend
+from .backends import BackendUnavailableError, available_backends, checkpoint_context, last_dispatch, use_backend
 from .patch import patch, patch_functional
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "nn", "patch", "patch_functional", "use_backend", "available_backends", "last_dispatch",
-           "BackendUnavailableError", "build_info", "__version__"]
+__all__ = ["functional", "nn", "patch", "patch_functional", "use_backend", "checkpoint_context", "available_backends",
+           "last_dispatch", "BackendUnavailableError", "build_info", "__version__"]
 
 
 def build_info() -> dict:

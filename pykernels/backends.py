@@ -104,6 +104,16 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _preferred.remove(entry)
 
 
+def checkpoint_context() -> tuple:
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False,
+    context_fn=pykernels.checkpoint_context)``: the recomputation in the backward runs under the backend preference
+    that the forward ran under (``use_backend``'s innermost open block, or none), as torch restores autocast's
+    state for it. Without it, a ``use_backend`` block around the forward only leaves the recomputation to another
+    backend, whose saved tensors differ (``CheckpointError``) or whose gradients belong to another computation.
+    Called at the forward: returns (a no-op context for the forward, one re-entering its preference)."""
+    return contextlib.nullcontext(), use_backend(preferred())
+
+
 def _triton_reason() -> Optional[str]:
     try:
         import triton  # noqa: F401

@@ -360,4 +360,28 @@ def test_checkpoint_recomputes_the_same_dropout(backend, device):
             torch.manual_seed(5)
             ckpt = checkpoint(f, q, use_reentrant=False)
             g_ckpt, = torch.autograd.grad(ckpt.float().square().sum(), q)
-        assert torch.equal(plain, ckpt) and torch.equal(g_plain, g_ckpt)
+            torch.manual_seed(5)
+            ckpt_out = checkpoint(f, q, use_reentrant=False, context_fn=pykernels.checkpoint_context)
+        g_out, = torch.autograd.grad(ckpt_out.float().square().sum(), q)  # recomputed outside the block
+        assert torch.equal(plain, ckpt) and torch.equal(g_plain, g_ckpt) and torch.equal(g_plain, g_out)
+
+
+def test_checkpoint_context_recomputes_under_the_forward_preference():
+    """A use_backend block around the forward only (autocast's idiom): checkpoint's recomputation runs in the
+    backward, outside the block, where another backend saves other tensors (CheckpointError) unless
+    pykernels.checkpoint_context re-enters the forward's preference there, as torch does for autocast."""
+    from torch.utils.checkpoint import CheckpointError, checkpoint
+    x = torch.randn(16, 37, requires_grad=True)
+    t = torch.randint(0, 37, (16,))
+    lstm = pykernels.nn.LSTM(8, 16)
+    xs = torch.randn(5, 3, 8, requires_grad=True)
+    for fn, inp in ((lambda a: pykernels.functional.cross_entropy(a * 2, t), x), (lambda a: lstm(a)[0].sum(), xs)):
+        with pykernels.use_backend("reference"):
+            want, = torch.autograd.grad(fn(inp), inp)
+            y = checkpoint(fn, inp, use_reentrant=False)
+            y_ctx = checkpoint(fn, inp, use_reentrant=False, context_fn=pykernels.checkpoint_context)
+        with pytest.raises(CheckpointError, match="different number of tensors"):
+            torch.autograd.grad(y, inp)
+        with pykernels.use_backend("cpu"):  # the forward's preference wins over the one open at the backward
+            got, = torch.autograd.grad(y_ctx, inp)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
