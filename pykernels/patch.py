@@ -4,6 +4,7 @@ them rather than holding the modules (Hugging Face models call F.scaled_dot_prod
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable, Dict, Iterable, Optional, Type
 
 import torch
@@ -104,23 +105,47 @@ def _route(ours: Callable, theirs: Callable, backend: Optional[str]) -> Callable
     return call
 
 
+class _Bound:
+    """One open patch of one name: its routed function, and what the name held before it (``previous``)."""
+    __slots__ = ("routed", "previous")
+
+    def __init__(self, routed: Callable, previous: Callable):
+        self.routed, self.previous = routed, previous
+
+
+# name -> its open patches, oldest first. Undone in any order (two threads' with-blocks overlap without nesting),
+# each takes itself out: the newest gives the name back what was there before it; an older one hands what was there
+# before it to the patch opened on top of it, so the name ends as it was once every patch of it is undone.
+_open: Dict[str, list] = {}
+_open_lock = threading.Lock()
+
+
 class FunctionalPatch:
     """The names ``patch_functional`` rebound in torch.nn.functional. ``undo()``, or leaving its ``with`` block,
-    binds back what was there before (undo nested patches in reverse order)."""
+    takes this patch out: a name gets back what was there before it, unless a patch opened later still holds the
+    name (patches may be undone in any order, as threads' blocks end)."""
 
-    def __init__(self, previous: Dict[str, Callable]):
-        self._previous = previous
+    def __init__(self, bound: Dict[str, _Bound]):
+        self._bound = bound
 
     @property
     def names(self) -> tuple:
-        return tuple(self._previous)
+        return tuple(self._bound)
 
     def undo(self) -> None:
-        for name, fn in self._previous.items():
-            setattr(F, name, fn)
-        if self._previous:
-            backends.logger.info("patch_functional undone: %s", ", ".join(self._previous))
-        self._previous = {}
+        with _open_lock:
+            undone, self._bound = self._bound, {}
+            for name, bound in undone.items():
+                stack = _open[name]
+                i = stack.index(bound)  # (_Bound has no __eq__: by identity)
+                del stack[i]
+                if i < len(stack):  # a later patch is open: it gives back what this one would have
+                    if stack[i].previous is bound.routed:  # (not another library's patch made in between)
+                        stack[i].previous = bound.previous
+                else:
+                    setattr(F, name, bound.previous)
+        if undone:
+            backends.logger.info("patch_functional undone: %s", ", ".join(undone))
 
     def __enter__(self) -> "FunctionalPatch":
         return self
@@ -129,7 +154,7 @@ class FunctionalPatch:
         self.undo()
 
     def __repr__(self) -> str:
-        return f"FunctionalPatch({', '.join(self._previous) or 'undone'})"
+        return f"FunctionalPatch({', '.join(self._bound) or 'undone'})"
 
 
 def patch_functional(names: Optional[Iterable[str]] = None, *, backend: Optional[str] = None) -> FunctionalPatch:
@@ -155,10 +180,13 @@ def patch_functional(names: Optional[Iterable[str]] = None, *, backend: Optional
         raise ValueError(f"patch_functional: names {unknown} are not among {sorted(FUNCTIONALS)}")
     if backend is not None:
         backends._check_name(backend)
-    previous = {}
-    for name in dict.fromkeys(chosen):
-        previous[name] = getattr(F, name)
-        setattr(F, name, _route(FUNCTIONALS[name], previous[name], backend))
+    bound = {}
+    with _open_lock:
+        for name in dict.fromkeys(chosen):
+            previous = getattr(F, name)
+            bound[name] = _Bound(_route(FUNCTIONALS[name], previous, backend), previous)
+            _open.setdefault(name, []).append(bound[name])
+            setattr(F, name, bound[name].routed)
     backends.logger.info("patch_functional: torch.nn.functional.%s now run pykernels (backend %s)",
-                         ", ".join(previous), backend or "automatic")
-    return FunctionalPatch(previous)
+                         ", ".join(bound), backend or "automatic")
+    return FunctionalPatch(bound)

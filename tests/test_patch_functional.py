@@ -164,6 +164,34 @@ def test_undo_nesting_signature_and_bad_arguments():
     assert F.cross_entropy is originals["cross_entropy"]  # a refused patch rebinds nothing
 
 
+def test_patches_undone_in_any_order():
+    """Two threads' with-blocks overlap without nesting (A patches, B patches, A's block ends first): each undo takes
+    out its own patch, and the name is torch's again once both are undone. Each handle put back what it saw: A's
+    undo dropped B's open patch and B's bound A's routed function again, for good. Another library's patch made
+    between two of ours is what the later one gives back."""
+    original = F.cross_entropy
+    x, t = torch.randn(4, 7), torch.randint(0, 7, (4,))
+    try:
+        a = pykernels.patch_functional("cross_entropy", backend="cpu")
+        b = pykernels.patch_functional("cross_entropy", backend="reference")
+        a.undo()
+        F.cross_entropy(x, t)
+        assert pykernels.last_dispatch["cross_entropy"][0] == "reference"  # B's block still runs B's patch
+        b.undo()
+        assert F.cross_entropy is original
+
+        def other(*args, **kwargs):  # another library's patch
+            return original(*args, **kwargs)
+        a = pykernels.patch_functional("cross_entropy")
+        F.cross_entropy = other
+        with pykernels.patch_functional("cross_entropy"):
+            a.undo()
+        assert F.cross_entropy is other
+    finally:
+        F.cross_entropy = original
+        importlib.import_module("pykernels.patch")._open.clear()
+
+
 class _Logged(torch.Tensor):
     """A __torch_function__ subclass (as DTensor-like wrappers are): torch's function must see it."""
     seen: list = []
