@@ -366,6 +366,26 @@ def test_valid_call_formats_no_parameter_name():
         assert calls.count("_autocast.py:enabled") == 1, calls
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_layer_proj_size_checked_as_torch(backend):
+    """proj_size as torch.nn.LSTM checks it (0 <= proj_size < hidden_size, its messages): proj_size == hidden_size
+    died in torch's C++ ("MatrixRef ... not divisible") or ran on the reference, proj_size=-1 was reported as a
+    params count."""
+    H, I = 3, 4
+    params = [torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(4 * H), torch.randn(4 * H), torch.randn(H, H)]
+    x = torch.randn(5, 2, I)
+    with pytest.raises(ValueError, match=r"proj_size has to be smaller than hidden_size \(3"):
+        pykernels.functional.lstm(x, None, params, proj_size=H, backend=backend)
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="proj_size should be a positive integer or zero"):
+            pykernels.functional.lstm(x, None, params[:4], proj_size=bad, backend=backend)
+    m = torch.nn.LSTM(I, H, proj_size=2)
+    out, (h, c) = pykernels.functional.lstm(x, None, list(m._flat_weights), proj_size=2, backend=backend)
+    rout, (rh, rc) = m(x)
+    for a, r in ((out, rout), (h, rh), (c, rc)):
+        torch.testing.assert_close(a, r)
+
+
 @pytest.mark.parametrize("backend,device", LAYER_BACKENDS)
 @pytest.mark.parametrize("proj_size,bidirectional", [(2, True), (0, True), (0, False)])
 def test_packed_and_projected_sequences(backend, device, proj_size, bidirectional):

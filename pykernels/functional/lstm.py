@@ -215,6 +215,9 @@ def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, p
         raise RuntimeError("lstm: input has sequence length 0; torch.nn.LSTM expects it larger than 0")
     if not isinstance(num_layers, int) or num_layers < 1:
         raise ArgumentValueError(f"lstm: num_layers must be a positive int, got {num_layers!r}")
+    if not isinstance(proj_size, int) or isinstance(proj_size, bool) or proj_size < 0:  # torch.nn.LSTM's messages
+        raise ArgumentValueError(f"lstm: proj_size should be a positive integer or zero to disable projections, got "
+                                 f"{proj_size!r}")
     D = 2 if bidirectional else 1
     per = (4 if has_biases else 2) + (1 if proj_size else 0)
     params = list(params)
@@ -227,6 +230,9 @@ def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, p
         raise ArgumentValueError(f"lstm: params[1] (weight_hh_l0) must have shape (4*hidden_size, ...), got "
                                  f"{tuple(w_hh.shape)}")
     H = w_hh.shape[0] // 4
+    if proj_size and proj_size >= H:  # (torch's C++ LSTM then failed on the weights' sizes; the reference ran it)
+        raise ArgumentValueError(f"lstm: proj_size has to be smaller than hidden_size ({H}, from params[1]), got "
+                                 f"{proj_size}")
     H_out = proj_size or H
     if params[0].dim() != 2 or params[0].shape[1] != input.shape[-1]:
         raise ArgumentValueError(f"lstm: input has {input.shape[-1]} features but params[0] (weight_ih_l0) has shape "
