@@ -516,6 +516,67 @@ def test_bad_input_names_the_argument():
                          7, 9)
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_bad_input_as_torch_on_every_backend(backend):
+    """Calls whose outcome depended on the backend or died on a bare Python error: 0 key/value heads for query heads
+    (H % 0: ZeroDivisionError; torch returns zeros as if no key: refused, naming key), a float mask of neither float32
+    nor the query's dtype and float8 queries (torch raises; the reference and Triton ran them), dropout_p of a wrong
+    type (torch's TypeError, not a ValueError)."""
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)
+    k0, v0 = k[:, :0], v[:, :0]
+    qv, kv0 = torch.randn(7, 2, 8), torch.randn(9, 0, 8)
+    cq, ck = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([0, 4, 9], dtype=torch.int32)
+    for call, exc, msg in [
+            (lambda: sdpa(q, k0, v0, enable_gqa=True, backend=backend), ValueError, "key/value heads 0"),
+            (lambda: varlen_attention(qv, kv0, kv0, cq, ck, 4, 5, backend=backend), ValueError, "k/v heads 0"),
+            (lambda: sdpa(q, k, v, attn_mask=torch.zeros(5, 6, dtype=torch.float64), backend=backend), TypeError,
+             "attn_mask must be bool .* float32 or query's dtype"),
+            (lambda: sdpa(q.half(), k.half(), v.half(), attn_mask=torch.zeros(5, 6, dtype=torch.bfloat16),
+                          backend=backend), TypeError, "attn_mask"),
+            (lambda: sdpa(*(t.to(torch.float8_e4m3fn) for t in (q, k, v)), backend=backend), TypeError,
+             "query must be floating point .*float8"),
+            (lambda: varlen_attention(*(t.to(torch.float8_e4m3fn) for t in (qv, qv, qv)), cq, cq, 4, 4,
+                                      backend=backend), TypeError, "q must be floating point"),
+            (lambda: sdpa(q, k, v, dropout_p="a", backend=backend), TypeError, "dropout_p must be a float"),
+            (lambda: sdpa(q, k, v, scale="a", backend=backend), TypeError, "scale must be a float")]:
+        with pytest.raises(exc, match=msg):
+            call()
+    # what torch takes: 0 query heads of 0 key/value heads (empty), a float32 mask for float16 or float64 queries
+    for gqa in (False, True):
+        out = sdpa(q[:, :0], k0, v0, enable_gqa=gqa, backend=backend)
+        assert out.shape == (2, 0, 5, 8)
+    assert varlen_attention(qv[:, :0], kv0, kv0, cq, ck, 4, 5, backend=backend).shape == (7, 0, 8)
+    m = torch.randn(5, 6)
+    for dt in (torch.float16, torch.float64):
+        x = [t.to(dt) for t in (q, k, v)]
+        torch.testing.assert_close(sdpa(*x, attn_mask=m, backend=backend).double(),
+                                   F.scaled_dot_product_attention(*x, attn_mask=m).double(), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_varlen_max_seqlen_above_total_tokens(backend, device, monkeypatch):
+    """A max_seqlen above the total tokens is valid (flash-attn takes it), but it sized the launch grid:
+    max_seqlen_q=2**40 on a 7-token batch ran for hours under the interpreter (on a GPU: an axis-0 grid past
+    2**31 - 1). The op is given T (Tk) instead; the result is the tight bound's."""
+    require_backend(backend, device)
+    from pykernels.ops import attention as ops
+    seen, op = [], ops.attention
+
+    def recording(q, k, v, bias, cq, ck, max_q, max_k, *rest):
+        seen.append((max_q, max_k))
+        assert max_q <= q.shape[0] and max_k <= k.shape[0], "the grid is sized from an unclamped max_seqlen"
+        return op(q, k, v, bias, cq, ck, max_q, max_k, *rest)
+    monkeypatch.setattr(ops, "attention", recording)
+    dtype = _dtypes(backend, device)[-1]
+    q, k, v = (torch.randn(n, 2, 8, device=device).to(dtype) for n in (7, 9, 9))
+    cq = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+    ck = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    want = varlen_attention(q, k, v, cq, ck, 4, 5, backend=backend)
+    got = varlen_attention(q, k, v, cq, ck, 2**40, 2**40, backend=backend)
+    assert torch.equal(got, want)
+    assert backend == "reference" or seen[-1] == (7, 9)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("case", ["mask", "key"])
 def test_nan_scores_propagate_as_torch(backend, device, case):
@@ -714,6 +775,9 @@ def test_multihead_attention_dropout_and_errors():
     for kw in (dict(key_padding_mask=torch.zeros(3, 4, dtype=torch.uint8), attn_mask=torch.zeros(4, 4)),
                dict(key_padding_mask=torch.zeros(3, 4), attn_mask=torch.zeros(4, 4, dtype=torch.int64))):
         with pytest.raises(AssertionError, match="only bool and floating"):
+            mha(x, x, x, **kw)
+    for kw in (dict(attn_mask=[[0.0] * 4] * 4), dict(key_padding_mask=[[False] * 4] * 3)):  # torch: TypeError
+        with pytest.raises(TypeError, match=f"{next(iter(kw))} must be a Tensor or None"):
             mha(x, x, x, **kw)
     # masks of the wrong shape raise as torch's, even one that would reshape into place (S, L) for (L, S)
     k = torch.randn(6, 3, 8)

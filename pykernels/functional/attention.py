@@ -3,7 +3,6 @@ torch.nn.functional.scaled_dot_product_attention's signature and semantics (cont
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor
 
 from .. import _native, backends
 from ..errors import ArgumentTypeError, ArgumentValueError
-from . import _autocast
+from . import _args, _autocast
 from ..ops import _checks, attention as _ops
 from ..reference import attention as _ref
 
@@ -22,39 +21,25 @@ MAX_HEAD_DIM = 256
 _ALIGNMENTS = ("top_left", "bottom_right")
 
 
-def _real(x):
-    """torch's argument parser takes any real scalar for a float argument (numpy scalars, 0-dim tensors): a Python
-    float for those; anything else is left for the checks to name."""
-    if x is None or isinstance(x, (int, float)):  # (the usual arguments: no numbers.Real ABC check)
-        return x
-    if isinstance(x, numbers.Real) or isinstance(x, Tensor) and x.dim() == 0 and x.dtype.is_floating_point:
-        return float(x)
-    return x
-
-
 def _check_common(fn: str, tensors: Sequence[Tuple[str, object]], dropout_p, scale, window, softcap,
                   causal_alignment, flags: Sequence[Tuple[str, object]] = ()) -> Tuple[int, int]:
     for name, t in tensors:
         if not isinstance(t, Tensor):
             raise ArgumentTypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise ArgumentTypeError(f"{fn}: {name} must be floating point, got {t.dtype}")
+        _args.check_float_dtype(fn, name, t)
     (qn, q), rest = tensors[0], tensors[1:]
     for name, t in rest:
         if t.dtype != q.dtype:
             raise ArgumentTypeError(f"{fn}: {name} has dtype {t.dtype} but {qn} has {q.dtype} (they must match)")
         if t.device != q.device:
             raise ArgumentValueError(f"{fn}: {name} is on {t.device} but {qn} is on {q.device}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+    if not 0.0 <= _args.check_real(fn, "dropout_p", dropout_p) <= 1.0:  # (a str: torch's TypeError)
         raise ArgumentValueError(f"{fn}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ArgumentTypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
-    for name, flag in flags:  # torch's parser: a bool, not anything truthy ("no" would be causal)
-        if not isinstance(flag, (bool, torch.SymBool)):
-            raise ArgumentTypeError(f"{fn}: {name} must be a bool, got {type(flag).__name__}")
-    if type(softcap) is not float and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)):
-        # (a float, the usual case, skips numbers.Real's ABC check)
-        raise ArgumentTypeError(f"{fn}: softcap must be a float (0: off), got {type(softcap).__name__}")
+    if scale is not None:
+        _args.check_real(fn, "scale", scale, "a float or None")
+    for name, flag in flags:
+        _args.check_bool(fn, name, flag)
+    _args.check_real(fn, "softcap", softcap, "a float (0: off)")
     if not (softcap >= 0.0 and softcap != float("inf")):  # (not math.isfinite: dynamic=True traces a SymFloat)
         raise ArgumentValueError(f"{fn}: softcap must be finite and >= 0 (0: off), got {softcap}")
     if causal_alignment not in _ALIGNMENTS:
@@ -66,6 +51,13 @@ def _check_common(fn: str, tensors: Sequence[Tuple[str, object]], dropout_p, sca
             or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
         raise ArgumentValueError(f"{fn}: window must be (left, right) ints >= -1 (-1: unbounded), got {window!r}")
     return int(window[0]), int(window[1])
+
+
+def _multiple(H: int, Hk: int) -> bool:
+    """Whether H query heads are a multiple of Hk key/value heads (GQA). 0 is the only multiple of 0: 0 key/value
+    heads serve no query head (torch's SDPA returns zeros there, as if no key), and H % 0 raised a bare
+    ZeroDivisionError."""
+    return H % Hk == 0 if Hk else H == 0
 
 
 def _clip_window(win: Tuple[int, int], n: int) -> Tuple[int, int]:
@@ -176,7 +168,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                                 scale, enable_gqa, window=window, softcap=softcap,
                                                 causal_alignment=causal_alignment, return_lse=return_lse,
                                                 backend=backend)
-    dropout_p, scale = _real(dropout_p), _real(scale)
+    dropout_p, scale, softcap = _args.real(dropout_p), _args.real(scale), _args.real(softcap)
     win = _check_common(fn, [("query", query), ("key", key), ("value", value)], dropout_p, scale, window,
                         softcap, causal_alignment,
                         (("is_causal", is_causal), ("enable_gqa", enable_gqa), ("return_lse", return_lse)))
@@ -217,7 +209,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if gqa:
         if not enable_gqa:
             raise ArgumentValueError(f"{fn}: query has {H} heads and key/value {Hk}: pass enable_gqa=True (GQA/MQA)")
-        if H % Hk:
+        if not _multiple(H, Hk):
             raise ArgumentValueError(f"{fn}: query heads {H} must be a multiple of key/value heads {Hk} for GQA")
     batch = query.shape[:-3]
     kv_batch = key.shape[:-3]
@@ -232,9 +224,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise ArgumentTypeError(f"{fn}: attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-            raise ArgumentTypeError(f"{fn}: attn_mask must be bool (True = attend) or floating (added), got "
-                                    f"{attn_mask.dtype}")
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):  # torch's rule, on every device
+            raise ArgumentTypeError(f"{fn}: attn_mask must be bool (True = attend), or float32 or query's dtype "
+                                    f"{query.dtype} (added), got {attn_mask.dtype}")
         if attn_mask.device != query.device:
             raise ArgumentValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {query.device}")
         if query.dim() == 3 and attn_mask.dim() == 4 and attn_mask.shape[0] == 1:
@@ -314,9 +306,10 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
 
     q (T, H, E), k (Tk, H_kv, E), v (Tk, H_kv, Ev); sequence i is rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of
     q and ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of k/v (int32 offsets, nseq + 1 each); ``max_seqlen_q/k`` bound
-    the sequence lengths (they size the launch grid; no host sync). GQA when H_kv divides H. Causal alignment,
-    window and softcap as in ``scaled_dot_product_attention``, per sequence; causal defaults to top-left
-    (torch's convention; FlashAttention's varlen is bottom-right: pass causal_alignment="bottom_right").
+    the sequence lengths (they size the launch grid: one above T (Tk) is taken as T (Tk); no host sync). GQA when
+    H_kv divides H. Causal alignment, window and softcap as in ``scaled_dot_product_attention``, per sequence;
+    causal defaults to top-left (torch's convention; FlashAttention's varlen is bottom-right: pass
+    causal_alignment="bottom_right").
     Returns out (T, H, Ev), and with return_lse the log-sum-exp (H, T) fp32 (FlashAttention's layout).
     """
     fn = "varlen_attention"
@@ -327,7 +320,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                     dropout_p=dropout_p, is_causal=is_causal, scale=scale, window=window,
                                     softcap=softcap, causal_alignment=causal_alignment, return_lse=return_lse,
                                     backend=backend)
-    dropout_p, scale = _real(dropout_p), _real(scale)
+    dropout_p, scale, softcap = _args.real(dropout_p), _args.real(scale), _args.real(softcap)
     win = _check_common(fn, [("q", q), ("k", k), ("v", v)], dropout_p, scale, window, softcap, causal_alignment,
                         (("is_causal", is_causal), ("return_lse", return_lse)))
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -339,12 +332,14 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     win = _clip_window(win, T + Tk)
     if k.shape[:2] != (Tk, Hk) or k.shape[2] != E:
         raise ArgumentValueError(f"{fn}: k must be ({Tk}, {Hk}, {E}) to match q and v, got {tuple(k.shape)}")
-    if H % Hk:
+    if not _multiple(H, Hk):
         raise ArgumentValueError(f"{fn}: q heads {H} must be a multiple of k/v heads {Hk}")
     _checks.varlen_offsets(fn, cu_seqlens_q, cu_seqlens_k, T, Tk, q.device, (torch.int32, torch.int64))
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(m, int) or m < 0:
             raise ArgumentValueError(f"{fn}: {name} must be an int >= 0, got {m!r}")
+    # a bound above the total tokens is valid (flash-attn takes it) but sizes the launch grid: 2**40 ran for hours
+    max_seqlen_q, max_seqlen_k = min(max_seqlen_q, T), min(max_seqlen_k, Tk)
     _checks.varlen_lengths(fn, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if scale is None:
         scale = 1.0 / math.sqrt(E) if E > 0 else 1.0

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..functional.attention import scaled_dot_product_attention
 from .. import backends
-from ..errors import ArgumentValueError
+from ..errors import ArgumentTypeError, ArgumentValueError
 from ._adopt import adopt
 
 __all__ = ["MultiheadAttention"]
@@ -64,6 +64,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise RuntimeError("MultiheadAttention: need attn_mask if specifying the is_causal hint (as torch); "
                                "pass the causal mask, e.g. nn.Transformer.generate_square_subsequent_mask")
         for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if m is not None and not isinstance(m, Tensor):  # (m.dtype below: a bare AttributeError; torch's TypeError)
+                raise ArgumentTypeError(f"MultiheadAttention: {name} must be a Tensor or None, got {type(m).__name__}")
             if m is not None and m.dtype != torch.bool and not m.dtype.is_floating_point:
                 # torch's check and exception (F._canonical_mask): an integer mask would be added to the scores
                 raise AssertionError(f"MultiheadAttention: only bool and floating types of {name} are supported, "
