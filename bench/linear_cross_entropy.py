@@ -50,14 +50,14 @@ def loss_sum(x, W, t, opts: Optional[dict] = None):
     if not opts:
         return F.cross_entropy(z, t, reduction="sum")
     z = opts["softcap"] * torch.tanh(z / opts["softcap"])
-    ce = F.cross_entropy(z, t, weight=opts["weight"], label_smoothing=opts["label_smoothing"], reduction="sum")
+    ce = F.cross_entropy(z, t, weight=opts["weight"].float(), label_smoothing=opts["label_smoothing"], reduction="sum")
     return ce + opts["z_loss"] * (torch.logsumexp(z, 1).square() * (t != -100)).sum()
 
 
 def denominator(t, opts: Optional[dict] = None):
     """The mean's denominator: the counted rows, or with class weights the sum of the targets' weights."""
     keep = t != -100
-    return keep.sum() if not opts else opts["weight"][t[keep]].sum()
+    return keep.sum() if not opts else opts["weight"].float()[t[keep]].sum()
 
 
 def reference_options(x, W, t, opts: dict, chunk_bytes: int = CHUNK_BYTES):
@@ -116,7 +116,7 @@ class LinearCrossEntropyCase(Case):
         t[::IGNORE_EVERY] = -100
         if not self.options:
             return (x, W, t), (0, 1)
-        weight = torch.rand(self.V, device=self.device) + 0.5
+        weight = (torch.rand(self.V, device=self.device) + 0.5).to(self.dtype)  # (torch: the logits' dtype)
         return (x, W, t, dict(OPTIONS, weight=weight)), (0, 1)
 
     def reference(self, args):

@@ -167,7 +167,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     Backends: "cuda" (fp16/bf16), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" (the C++ kernels) and
     "reference" (the kernel contract in plain PyTorch, chunked: also never the logits). ``_loss_dtype``: the loss's
     dtype (None: input's; float32 under autocast), cast once from the float32 accumulator."""
-    from .functional.cross_entropy import _check_target_range, _index, _smoothing
+    from .functional.cross_entropy import _check_target_range, _check_weight_dtype, _index, _smoothing
     from .functional.linear_cross_entropy import _check_dtypes_devices, _check_options, kernel_reason
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("linear_cross_entropy: group= needs an initialised torch.distributed process group")
@@ -205,7 +205,8 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
             raise ArgumentValueError("linear_cross_entropy: the vocab-parallel path treats the class weight as a "
                                      "constant; pass weight.detach() (a weight that requires grad would get no "
                                      "gradient)")
-        _check_options(reduction, label_smoothing, z_loss, softcap)
+        label_smoothing, z_loss, softcap = _check_options(reduction, label_smoothing, z_loss, softcap, return_lse)
+        _check_weight_dtype("linear_cross_entropy", weight, _loss_dtype or input.dtype, _loss_dtype is not None)
         label_smoothing = _smoothing(label_smoothing)
         ii = -100 if ignore_index is None else _index("linear_cross_entropy", "ignore_index", ignore_index)
         _check_target_range(target, vocab_size, ii, "linear_cross_entropy")

@@ -404,7 +404,8 @@ def test_linear_cross_entropy_options_case():
     x, W, t, opts = args
     ref = lce.reference_options(x, W, t, opts, chunk_bytes=16 * 50 * 9)  # 9-row chunks
     xd, Wd = (a.double().requires_grad_() for a in (x, W))
-    want = pykernels.functional.linear_cross_entropy(xd, Wd, t, backend="reference", **opts)
+    want = pykernels.functional.linear_cross_entropy(xd, Wd, t, backend="reference",
+                                                     **dict(opts, weight=opts["weight"].double()))
     want_grads = torch.autograd.grad(want, (xd, Wd))
     for got, exp in zip(ref, (want,) + want_grads):
         assert torch.allclose(got.double(), exp, rtol=1e-5, atol=1e-6)

@@ -116,7 +116,7 @@ def test_weight_and_label_smoothing(backend, device, dtype, smoothing, weighted,
     N, C = 9, 37
     x = _logits((N, C), dtype, device)
     t = _targets((N,), C, device)
-    w = torch.rand(C, device=device) + 0.1 if weighted else None
+    w = (torch.rand(C, device=device) + 0.1).to(dtype) if weighted else None  # (torch: the logits' dtype)
     _check_against_torch(backend, x, t, "weight/smoothing", weight=w, label_smoothing=smoothing,
                          reduction=reduction)
 
@@ -431,6 +431,48 @@ def test_bad_arguments_name_the_argument():
     for fn, exc, msg in cases[1:8]:
         with pytest.raises(RuntimeError, match=msg):
             fn()
+
+
+def _names(call, exc, name):
+    with pytest.raises(exc, match=name):
+        call()
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_options_and_dtypes_as_torch(backend):
+    """Options of a wrong type are refused naming them (a str or None z_loss / label_smoothing failed on a bare
+    "'>=' not supported"; return_lse="no" and fused="no" were taken as True); a class weight of another dtype than
+    the logits with class-index targets, and float8 logits, raise on every backend as torch (the reference ran
+    them); an ignore_index past int64 is torch's ValueError (an OverflowError)."""
+    x, t = torch.randn(4, 5), torch.tensor([0, 1, 4, 2])
+    ce = pykernels.functional.cross_entropy
+
+    def run(*args, **kw):
+        return lambda: ce(*args, backend=backend, **kw)
+    for bad in ("a", None):
+        _names(run(x, t, z_loss=bad), TypeError, "z_loss must be a float")
+        _names(run(x, t, label_smoothing=bad), TypeError, "label_smoothing must be a float")
+    _names(run(x, t, return_lse="no"), TypeError, "return_lse must be a bool")
+    _names(run(x, t, fused="no"), TypeError, "fused must be a bool or None")
+    for wd in (torch.float64, torch.float16):
+        _names(run(x, t, weight=torch.ones(5, dtype=wd)), TypeError, "weight has dtype")
+        with pytest.raises(RuntimeError):  # torch's class
+            F.cross_entropy(x, t, weight=torch.ones(5, dtype=wd))
+    _names(run(x.to(torch.float8_e4m3fn), t), TypeError, "input must be floating point .*float8")
+    _names(run(x, t, ignore_index=2**70), ValueError, "ignore_index must fit in int64")
+    # what torch takes: probability targets promote with the weight; under autocast both are float32; numpy and
+    # 0-dim tensor options; fused=None
+    import numpy as np
+    p = torch.softmax(torch.randn(4, 5), 1)
+    w64 = torch.rand(5, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(ce(x, p, weight=w64, backend=backend), F.cross_entropy(x, p, weight=w64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = torch.rand(5).bfloat16()
+        torch.testing.assert_close(ce(x, t, weight=w, backend=backend), F.cross_entropy(x, t, weight=w))
+        _names(run(x, t, weight=w64), TypeError, "weight has dtype")
+    for ls in (np.float32(0.25), torch.tensor(0.25)):
+        torch.testing.assert_close(ce(x, t, label_smoothing=ls, z_loss=np.float64(0.0), fused=None, backend=backend),
+                                   F.cross_entropy(x, t, label_smoothing=0.25))
 
 
 def test_arguments_parse_as_torch():

@@ -35,7 +35,7 @@ def test_fuzz_against_reference(backend, dtype, case):
     tshape = (N,) if D is None else (N, D)
     t = torch.randint(0, C, tshape, generator=g)
     t = torch.where(torch.rand(tshape, generator=g) < case["ignore"], torch.full_like(t, case["ignore_index"]), t)
-    w = (torch.rand(C, generator=g) + 0.1) if case["weighted"] else None
+    w = (torch.rand(C, generator=g) + 0.1).to(dtype) if case["weighted"] else None  # (torch: the logits' dtype)
     _check_against_torch(backend, x, t, f"fuzz {case}", weight=w, reduction=case["reduction"],
                          label_smoothing=case["smoothing"], z_loss=case["z_loss"],
                          ignore_index=case["ignore_index"])

@@ -85,7 +85,13 @@ def _make(N, H, V, dtype, device, bias, weighted, ignore=True, scale=0.4):
     # inputs rounded to the tested dtype once, so the float64 oracle sees exactly the same numbers
     x, W = x.to(dtype).double(), W.to(dtype).double()
     b = None if b is None else b.to(dtype).double()
+    w = None if w is None else w.to(dtype).double()
     return x, W, b, w, t
+
+
+def _like(w, x):
+    """The class weight in the logits' dtype, as torch wants it with class-index targets (_make rounded it)."""
+    return None if w is None else w.to(x.dtype)
 
 
 def _oracle(x, W, b, t, w, reduction, ignore_index, eps, zl, softcap):
@@ -93,7 +99,7 @@ def _oracle(x, W, b, t, w, reduction, ignore_index, eps, zl, softcap):
     z = F.linear(x, W, b)
     if softcap:
         z = softcap * torch.tanh(z / softcap)
-    return pykernels.functional.cross_entropy(z, t, weight=w, reduction=reduction,
+    return pykernels.functional.cross_entropy(z, t, weight=_like(w, z), reduction=reduction,
                                               ignore_index=-100 if ignore_index is None else ignore_index,
                                               label_smoothing=eps, z_loss=zl, backend="reference")
 
@@ -193,8 +199,8 @@ def test_kernels_against_float64_oracle(backend, device, case):
         g = torch.rand(N if reduction == "none" else (), dtype=torch.float64, device=device) + 0.5
 
         def ours(x, W, b=None):
-            return linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=reduction, label_smoothing=eps,
-                                        z_loss=zl, softcap=sc, backend=backend)
+            return linear_cross_entropy(x, W, t, linear_bias=b, weight=_like(w, x), reduction=reduction,
+                                        label_smoothing=eps, z_loss=zl, softcap=sc, backend=backend)
 
         def torch_at(x, W, b=None):  # PyTorch's own error at this dtype: the baseline of the 2x rule
             return _oracle(x, W, b, t, w, reduction, None, eps, zl, sc)
@@ -223,7 +229,7 @@ def test_backward_in_several_vocab_chunks_and_splits(backend, device, monkeypatc
     leaves = [a.to(dtype) for a in (x, W, b)]
 
     def ours(x, W, b):
-        return linear_cross_entropy(x, W, t, linear_bias=b, weight=w, label_smoothing=0.1, backend=backend)
+        return linear_cross_entropy(x, W, t, linear_bias=b, weight=_like(w, x), label_smoothing=0.1, backend=backend)
 
     g = torch.tensor(1.0, device=device)
     one = _run(ours, leaves, g)
@@ -343,13 +349,13 @@ def test_non_finite_class_weight_as_torch(backend, device, eps, bad):
     x = torch.randn(5, 8, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     W = torch.randn(11, 8, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     t = torch.tensor([1, 2, 3, 4, 5], device=device)
-    w = torch.rand(11, generator=gen, dtype=torch.float64).to(device) + 0.5
+    w = (torch.rand(11, generator=gen, dtype=torch.float64) + 0.5).to(device=device, dtype=dtype)
     w[9] = bad  # class 9: no target
     g = torch.tensor(1.0, dtype=torch.float64, device=device)
     lo, go = _run(lambda x, W: linear_cross_entropy(x, W, t, weight=w, reduction="sum", label_smoothing=eps,
                                                     backend=backend), [x, W], g)
-    lr, gr = _run(lambda x, W: F.cross_entropy(F.linear(x, W), t, weight=w, reduction="sum", label_smoothing=eps),
-                  [x.double(), W.double()], g)
+    lr, gr = _run(lambda x, W: F.cross_entropy(F.linear(x, W), t, weight=w.double(), reduction="sum",
+                                               label_smoothing=eps), [x.double(), W.double()], g)
     if eps == 0:
         assert bool(lo.isfinite()) and all(bool(a.isfinite().all()) for a in go)
         tol = dict(atol=1e-4, rtol=1e-4) if dtype in (torch.float32, torch.float64) else dict(atol=3e-2, rtol=3e-2)
@@ -460,6 +466,40 @@ def test_kernel_and_autograd_ops_check_their_arguments():
             fwd(*args, 0, 0.0, False)
     with pytest.raises(ValueError, match="linear_cross_entropy_bwd_triton: m must have shape"):
         bwd(x, W, None, t, None, z, c, c, c, c, 0, 0.0, False, True, True, False)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_options_and_dtypes_as_torch(backend):
+    """Options of a wrong type are refused naming them (a str softcap / z_loss failed on a bare "'>=' not
+    supported"; return_lse="no" and fused="no" were taken as True); vocab_start / vocab_size without group= (they
+    were ignored: the full vocabulary's loss); a class weight of another dtype than the logits with class-index
+    targets, and float8 input, raise on every backend as torch."""
+    x, W, t = torch.randn(4, 6), torch.randn(7, 6), torch.tensor([0, 3, 6, 2])
+    lce = pykernels.functional.linear_cross_entropy
+    cases = [(dict(softcap="a"), TypeError, "softcap must be a float"),
+             (dict(z_loss=None), TypeError, "z_loss must be a float"),
+             (dict(label_smoothing="a"), TypeError, "label_smoothing must be a float"),
+             (dict(return_lse="no"), TypeError, "return_lse must be a bool"),
+             (dict(fused="no"), TypeError, "fused must be a bool or None"),
+             (dict(vocab_start=3), ValueError, "vocab_start / vocab_size .* need group="),
+             (dict(vocab_size=100), ValueError, "vocab_start / vocab_size .* need group="),
+             (dict(weight=torch.ones(7, dtype=torch.float64)), TypeError, "weight has dtype"),
+             (dict(weight=torch.ones(7, dtype=torch.float16)), TypeError, "weight has dtype")]
+    for kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            lce(x, W, t, backend=backend, **kw)
+    with pytest.raises(TypeError, match="input must be floating point .*float8"):
+        lce(x.to(torch.float8_e4m3fn), W.to(torch.float8_e4m3fn), t, backend=backend)
+    # probability targets promote with the weight (as torch); under autocast the weight is cast as the logits are
+    p = torch.softmax(torch.randn(4, 7), 1)
+    w64 = torch.rand(7, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(lce(x, W, p, weight=w64, backend=backend), F.cross_entropy(x @ W.T, p, weight=w64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = torch.rand(7).bfloat16() + 0.5
+        got = lce(x, W, t, weight=w, backend=backend)
+        assert got.dtype == torch.float32
+        with pytest.raises(TypeError, match="weight has dtype"):
+            lce(x, W, t, weight=w64, backend=backend)
 
 
 def test_weight_that_requires_grad_gets_its_gradient():
@@ -775,8 +815,8 @@ def test_module_without_torchs_class(monkeypatch):
     spec = importlib.util.spec_from_file_location("pykernels.nn._lce_without_torch", mod.__file__)
     fresh = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fresh)
-    m = fresh.LinearCrossEntropyLoss(8, 11, bias=True, weight=torch.rand(11) + 0.5, label_smoothing=0.2,
-                                     dtype=torch.float64)
+    m = fresh.LinearCrossEntropyLoss(8, 11, bias=True, weight=torch.rand(11, dtype=torch.float64) + 0.5,
+                                     label_smoothing=0.2, dtype=torch.float64)  # (torch: the logits' dtype)
     assert isinstance(m, torch.nn.modules.loss._WeightedLoss)
     assert set(m.state_dict()) == {"weight", "linear.weight", "linear.bias"}
     x, t = torch.randn(4, 8, dtype=torch.float64), torch.randint(0, 11, (4,))
@@ -982,7 +1022,7 @@ def test_cpu_kernels_16bit_across_class_blocks():
         g = torch.tensor(1.0, dtype=torch.float64)
 
         def ours(x, W, b):
-            return linear_cross_entropy(x, W, t, linear_bias=b, weight=w, label_smoothing=0.1, softcap=4.0,
+            return linear_cross_entropy(x, W, t, linear_bias=b, weight=_like(w, x), label_smoothing=0.1, softcap=4.0,
                                         backend="cpu")
 
         def torch_at(x, W, b):
@@ -1117,7 +1157,7 @@ def test_fused_path_in_several_row_blocks(backend, device, dtype, monkeypatch):
         g = torch.tensor(0.75, dtype=torch.float64, device=device)
 
         def ours(backend):
-            return lambda x, W, b: linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=red,
+            return lambda x, W, b: linear_cross_entropy(x, W, t, linear_bias=b, weight=_like(w, x), reduction=red,
                                                         label_smoothing=0.1, z_loss=1e-3, softcap=3.0,
                                                         backend=backend)
 

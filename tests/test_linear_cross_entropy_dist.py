@@ -53,7 +53,10 @@ def _bad_calls(rank, backends, linear_cross_entropy) -> None:
         bad += [(ArgumentTypeError, "linear_bias has dtype torch.float32", x, half, t,
                  dict(linear_bias=torch.zeros(10, dtype=torch.float32), backend=backend)),
                 (ArgumentTypeError, "weight must be a floating-point", x, half, t,
-                 dict(weight=torch.ones(V, dtype=torch.int64), backend=backend))]
+                 dict(weight=torch.ones(V, dtype=torch.int64), backend=backend)),
+                (ArgumentTypeError, "weight has dtype torch.float32 but the logits are torch.float64", x, half, t,
+                 dict(weight=torch.ones(V, dtype=torch.float32), backend=backend)),
+                (ArgumentTypeError, "z_loss must be a float", x, half, t, dict(z_loss="a", backend=backend))]
     # one rank refusing its own arguments (here a bias of the wrong length): it raises its error, the others one
     # naming it, after the ranks' check (before it, the others waited in a collective until gloo's reset)
     bias = torch.zeros(11 if rank == 1 else 10, dtype=torch.float64)
@@ -132,7 +135,7 @@ def _worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
                 x = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype)
                 W = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.4).to(dtype)
                 b = torch.randn(V, generator=g, dtype=torch.float64).to(dtype) if bias else None
-                w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5 if weighted else None
+                w = (torch.rand(V, generator=g, dtype=torch.float64) + 0.5).to(dtype) if weighted else None
                 t = torch.randint(0, V, (N,), generator=g)
                 t[::4] = -100
                 up = torch.rand(N if red == "none" else (), generator=g, dtype=torch.float64) + 0.5
@@ -172,7 +175,7 @@ def _worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
             t = torch.tensor([0, 3, 11, 5, 17, 8])
             lo, hi = rank * 10, (rank + 1) * 10
             for bad in (float("nan"), float("inf")):
-                w = torch.rand(20, generator=g, dtype=torch.float64) + 0.5
+                w = (torch.rand(20, generator=g, dtype=torch.float64) + 0.5).to(dtype)  # (torch: the logits')
                 w[14] = bad
                 res = []
                 for W_, kw in ((W, dict(backend="reference")),

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _native, backends
 from ..errors import ArgumentTypeError, ArgumentValueError
-from . import _autocast
+from . import _args, _autocast
 from ..ops import cross_entropy as _ce
 from ..reference import cross_entropy as _ce_ref
 
@@ -35,18 +35,33 @@ def _legacy_reduction(size_average, reduce, reduction: str) -> str:
 
 
 def _index(fn: str, name: str, v) -> int:
-    """An integer argument as torch's parser takes it (int, numpy integers: anything with __index__; not a float)."""
+    """An integer argument as torch's parser takes it (int, numpy integers: anything with __index__; not a float),
+    within int64 (torch's ValueError past it, where the kernels' launch raised an OverflowError)."""
     try:
         if isinstance(v, bool):  # an int to operator.index, not to torch's parser
             raise TypeError
-        return operator.index(v)
+        v = operator.index(v)
     except TypeError:
         raise ArgumentTypeError(f"{fn}: {name} must be an int, got {type(v).__name__}") from None
+    if not -2**63 <= v < 2**63:
+        raise ArgumentValueError(f"{fn}: {name} must fit in int64, got {v}")
+    return v
 
 
 def _smoothing(label_smoothing) -> float:
     """torch's rule: label_smoothing < 0 or NaN smooths nothing (its only bound, <= 1, is checked by the callers)."""
     return label_smoothing if label_smoothing > 0 else 0.0
+
+
+def _check_weight_dtype(op: str, weight: Optional[Tensor], logits_dtype: torch.dtype, amp: bool) -> None:
+    """torch's rule for a class weight with class-index targets (probability targets promote with it instead): the
+    logits' dtype; under autocast (``amp``; cross_entropy is on its float32 list) after its casts to float32."""
+    if weight is None:
+        return
+    dtype = torch.float32 if amp and _autocast.eligible(weight) else weight.dtype
+    if dtype != logits_dtype:
+        raise ArgumentTypeError(f"{op}: weight has dtype {weight.dtype} but the logits are {logits_dtype}; with "
+                                f"class-index targets they must match (as torch)")
 
 
 def _check_cross_entropy_args(input, target, weight, reduction, label_smoothing, z_loss, ignore_index) -> bool:
@@ -55,8 +70,7 @@ def _check_cross_entropy_args(input, target, weight, reduction, label_smoothing,
         raise ArgumentTypeError(f"cross_entropy: input must be a Tensor, got {type(input).__name__}")
     if not isinstance(target, Tensor):
         raise ArgumentTypeError(f"cross_entropy: target must be a Tensor, got {type(target).__name__}")
-    if not input.dtype.is_floating_point:
-        raise ArgumentTypeError(f"cross_entropy: input must be floating point, got {input.dtype}")
+    _args.check_float_dtype("cross_entropy", "input", input)
     if input.dim() < 1:
         raise ArgumentValueError("cross_entropy: input must have at least 1 dimension (C) or (N, C, ...), got a scalar")
     if target.device != input.device:
@@ -90,6 +104,9 @@ def _check_cross_entropy_args(input, target, weight, reduction, label_smoothing,
     if target.shape != expected and not (input.dim() == 1 and target.shape == (1,)):  # torch takes (1,) for (C,)
         raise ArgumentValueError(f"cross_entropy: target must have shape {tuple(expected)} for input of shape "
                                  f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    amp = _autocast.enabled(input)
+    _check_weight_dtype("cross_entropy", weight, torch.float32 if amp and _autocast.eligible(input) else input.dtype,
+                        amp)
     return False
 
 
@@ -140,6 +157,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
     ignore_index = _index("cross_entropy", "ignore_index", ignore_index)
+    label_smoothing = _args.check_real("cross_entropy", "label_smoothing", label_smoothing)
+    z_loss = _args.check_real("cross_entropy", "z_loss", z_loss)
+    _args.check_bool("cross_entropy", "return_lse", return_lse)
+    _args.check_bool("cross_entropy", "fused", fused, optional=True)
     probs = _check_cross_entropy_args(input, target, weight, reduction, label_smoothing, z_loss, ignore_index)
     label_smoothing = _smoothing(label_smoothing)
     if input.dim() == 1 and not probs and target.dim() == 1:

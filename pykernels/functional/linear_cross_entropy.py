@@ -6,15 +6,15 @@ torch versions that lack torch's own function.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import _native, backends
 from ..errors import ArgumentTypeError, ArgumentValueError
-from . import _autocast
-from .cross_entropy import _check_target_range, _index, _legacy_reduction, _smoothing
+from . import _args, _autocast
+from .cross_entropy import _check_target_range, _check_weight_dtype, _index, _legacy_reduction, _smoothing
 from ..ops import linear_cross_entropy as _lce
 from ..reference import linear_cross_entropy as _lce_ref
 
@@ -43,15 +43,20 @@ def _finite_nonneg(name: str, v: float) -> None:
         raise ArgumentValueError(f"linear_cross_entropy: {name} must be finite and >= 0, got {v}")
 
 
-def _check_options(reduction: str, label_smoothing: float, z_loss: float, softcap: float) -> None:
-    """The scalar options, shared with the vocab-parallel entry point (pykernels/distributed.py)."""
+def _check_options(reduction: str, label_smoothing, z_loss, softcap, return_lse) -> Tuple[float, float, float]:
+    """The scalar options, shared with the vocab-parallel entry point (pykernels/distributed.py); returns
+    label_smoothing, z_loss and softcap as Python numbers (torch's parser takes numpy scalars, 0-dim tensors)."""
+    fn = "linear_cross_entropy"
+    label_smoothing, z_loss, softcap = (_args.check_real(fn, name, v) for name, v in (
+        ("label_smoothing", label_smoothing), ("z_loss", z_loss), ("softcap", softcap)))
+    _args.check_bool(fn, "return_lse", return_lse)
     if reduction not in _lce.REDUCTIONS:
-        raise ArgumentValueError(f"linear_cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if label_smoothing > 1.0:  # torch's only bound: <= 0 and NaN mean none (callers pass 0 for those)
-        raise ArgumentValueError(f"linear_cross_entropy: label_smoothing must be between 0.0 and 1.0, got "
-                                 f"{label_smoothing}")
+        raise ArgumentValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if label_smoothing > 1.0:  # torch's only bound: <= 0 and NaN mean none (_smoothing)
+        raise ArgumentValueError(f"{fn}: label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     _finite_nonneg("z_loss", z_loss)
     _finite_nonneg("softcap", softcap)
+    return label_smoothing, z_loss, softcap
 
 
 def _check_tensors(input, linear_weight, target) -> None:
@@ -63,6 +68,7 @@ def _check_tensors(input, linear_weight, target) -> None:
 def _check_dtypes_devices(input, linear_weight, target, linear_bias, weight) -> None:
     """The operands' dtypes and devices against input's (before their shapes are read); shared with the
     vocab-parallel entry point (pykernels/distributed.py)."""
+    _args.check_float_dtype("linear_cross_entropy", "input", input)
     if linear_weight.dtype != input.dtype:
         raise ArgumentTypeError(f"linear_cross_entropy: linear_weight has dtype {linear_weight.dtype} but input has "
                                 f"{input.dtype}; they must match")
@@ -80,12 +86,9 @@ def _check_dtypes_devices(input, linear_weight, target, linear_bias, weight) -> 
             raise ArgumentValueError(f"linear_cross_entropy: {name} is on {t.device} but input is on {input.device}")
 
 
-def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
-                z_loss, softcap):
-    """Validates the call; returns (logits_shape, probs, out_features)."""
+def _check_args(input, linear_weight, target, linear_bias, weight, ignore_index, amp_dtype):
+    """Validates the tensors (the options: _check_options); returns (logits_shape, probs, out_features)."""
     _check_tensors(input, linear_weight, target)
-    if not input.dtype.is_floating_point:
-        raise ArgumentTypeError(f"linear_cross_entropy: input must be floating point, got {input.dtype}")
     if input.dim() < 1:
         raise ArgumentValueError("linear_cross_entropy: input must have at least 1 dimension (in_features), got a "
                                  "scalar")
@@ -110,7 +113,6 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
     if weight is not None and tuple(weight.shape) != (C,):
         raise ArgumentValueError(f"linear_cross_entropy: weight must have shape ({C},) (one per class), got "
                                  f"{tuple(weight.shape)}")
-    _check_options(reduction, label_smoothing, z_loss, softcap)
     # Class probabilities when the target has the logits' shape (torch's rule).
     # Batched-input extension: input (..., H) with a 2-D weight puts the classes last; torch's cross_entropy
     # wants them in dim 1, which the reference handles.
@@ -131,6 +133,7 @@ def _check_args(input, linear_weight, target, linear_bias, weight, reduction, ig
         raise ArgumentValueError(f"linear_cross_entropy: target must have shape {expected} for input of shape "
                                  f"{tuple(input.shape)} and linear_weight of shape {tuple(linear_weight.shape)}, got "
                                  f"{tuple(target.shape)}")
+    _check_weight_dtype("linear_cross_entropy", weight, amp_dtype or input.dtype, amp_dtype is not None)
     return logits_shape, False, out_features
 
 
@@ -207,7 +210,6 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     reduction = _legacy_reduction(None, None, reduction)
     if ignore_index is not None:
         ignore_index = _index("linear_cross_entropy", "ignore_index", ignore_index)
-    label_smoothing = _smoothing(label_smoothing)
     if (input.dim() == 1 and isinstance(target, Tensor) and not target.dtype.is_floating_point
             and tuple(target.shape) == (1,)):  # (1,) class index for one (H,) row, as torch
         target = target.reshape(())
@@ -220,8 +222,14 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
             return_lse=return_lse, group=group, vocab_start=vocab_start, vocab_size=vocab_size, backend=backend,
             _loss_dtype=amp_dtype)  # under autocast: float32 as torch's, cast once from the accumulator
         return out
-    logits_shape, probs, out_features = _check_args(input, linear_weight, target, linear_bias, weight, reduction,
-                                                    ignore_index, label_smoothing, z_loss, softcap)
+    if vocab_start is not None or vocab_size is not None:  # (they were ignored: the full vocabulary's loss)
+        raise ArgumentValueError("linear_cross_entropy: vocab_start / vocab_size place a vocab-parallel shard: they "
+                                 "need group=")
+    _args.check_bool("linear_cross_entropy", "fused", fused, optional=True)
+    label_smoothing, z_loss, softcap = _check_options(reduction, label_smoothing, z_loss, softcap, return_lse)
+    label_smoothing = _smoothing(label_smoothing)
+    logits_shape, probs, out_features = _check_args(input, linear_weight, target, linear_bias, weight, ignore_index,
+                                                    amp_dtype)
     if (torch.jit.is_tracing() and _native.linear_cross_entropy is not None and amp_dtype is None and not z_loss
             and not softcap and not return_lse and input.dim() <= 2
             and backends.prefer_native("linear_cross_entropy", input.device, backend)):
