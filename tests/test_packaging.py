@@ -39,6 +39,17 @@ def sdist(tmp_path_factory):
     return path
 
 
+def _require_bdist_wheel():
+    """Building a wheel (and build_editable) without build isolation uses the build requirements already installed:
+    pyproject's `wheel` (setuptools >= 70.1 has bdist_wheel itself). Without either it is the environment that is
+    incomplete ("invalid command 'bdist_wheel'"), not the package."""
+    import importlib.metadata as md
+    import importlib.util
+    major, minor = (int(x) for x in md.version("setuptools").split(".")[:2])
+    if (major, minor) < (70, 1) and importlib.util.find_spec("wheel") is None:
+        pytest.skip("no bdist_wheel here: install pyproject's build requirement `wheel` (or setuptools >= 70.1)")
+
+
 def _members(path) -> dict[str, tarfile.TarInfo]:
     with tarfile.open(path) as tar:
         root = tar.getnames()[0].split("/")[0]
@@ -113,6 +124,7 @@ def test_build_record_is_written_only_where_the_library_is(tmp_path):
     build`) wrote it into the checkout too, where it then described another build's library, or none. `pip install
     -e .` (setuptools' build_editable) must still write it into the checkout, where the package imports it from.
     A copy of the tree whose csrc/ holds one trivial source: seconds, not a build of _C."""
+    _require_bdist_wheel()
     src = tmp_path / "src"
     (src / "csrc").mkdir(parents=True)
     for f in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
@@ -136,6 +148,7 @@ def test_build_record_is_written_only_where_the_library_is(tmp_path):
 def test_wheel_built_from_sdist_imports_and_runs(sdist, tmp_path):
     """`pip wheel <sdist>` (CPU kernels only: ~90 s on 2 cores) gives a wheel whose _C loads against this torch and
     whose cpu backend computes cross-entropy as torch does, imported from outside the checkout."""
+    _require_bdist_wheel()
     env = dict(os.environ, PYKERNELS_SKIP_CUDA_BUILD="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
           "--disable-pip-version-check", str(sdist), "-w", str(tmp_path / "wheel")], cwd=tmp_path, env=env)
