@@ -58,7 +58,10 @@ class _VocabParallelLCE(torch.autograd.Function):
         ctx.args = (ignore_index, reduction, label_smoothing, z_loss, softcap, group, vocab_start, vocab_size,
                     backend)
         ctx.mark_non_differentiable(lse)
-        return loss.to(loss_dtype), lse  # one rounding, from the accumulator
+        # one rounding, from the accumulator. Traced, a fresh tensor: torch 2.11's Dynamo also returns the forward's
+        # intermediates, and an output that is one of them (a no-op .to) gets its gradient slot: zero gradients
+        # (pytorch/pytorch#180642; later torch leaves out the aliases)
+        return loss.to(loss_dtype, copy=torch.compiler.is_compiling()), lse
 
     @staticmethod
     def backward(ctx, g_loss, g_lse):

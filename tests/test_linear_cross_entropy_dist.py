@@ -72,22 +72,55 @@ def _bad_calls(rank, backends, linear_cross_entropy) -> None:
             linear_cross_entropy(xx, WW, tt, group=dist.group.WORLD, **kw)
 
 
+def _fresh_returns(gm, example_inputs) -> None:
+    """Runs Dynamo's graph; at the autograd.Function, runs its traced forward node by node: no tensor it returns may
+    be another node's value. torch 2.11's Dynamo returns every forward intermediate too, and a returned tensor that
+    is one of them (the loss's no-op .to) lost its gradient: d_input and d_weight exactly 0. torch 2.14 leaves such
+    aliases out, so there only this check sees the regression."""
+    hop = torch.ops.higher_order.autograd_function_apply
+
+    class Outer(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n.target is hop:
+                fwd, values = getattr(self.module, n.args[0].target), {}
+
+                class Inner(torch.fx.Interpreter):
+                    def run_node(self, m):
+                        values[m] = super().run_node(m)
+                        return values[m]
+                Inner(fwd).run(*self.fetch_args_kwargs_from_env(n)[0][2:])  # after (fwd_body, bwd_body)
+                for r in next(m for m in fwd.graph.nodes if m.op == "output").args[0][0][:2]:  # (loss, lse)
+                    also = [m.name for m, v in values.items() if m is not r and m.op != "output" and v is values[r]]
+                    assert not also, f"the traced forward returns {r.name}, which is also {also}"
+            return super().run_node(n)
+    with torch.no_grad():
+        Outer(gm).run(*example_inputs)
+
+
 def _compiled(rank, backend, linear_cross_entropy) -> None:
     """torch.compile(fullgraph=True) of a vocab-parallel call (the rank check's all_gather, the forward's and the
-    backward's all_reduces traced with it): loss and gradients as eager's."""
+    backward's all_reduces traced with it): loss and gradients as eager's, with inductor and with Dynamo's graph
+    run as it is; that graph's forward returns fresh tensors (_fresh_returns)."""
     g = torch.Generator().manual_seed(11)
     x, W = torch.randn(6, 8, generator=g), torch.randn(20, 8, generator=g)
     t = torch.randint(0, 20, (6,), generator=g)
 
     def step(x, Wr):
         return linear_cross_entropy(x, Wr, t, group=dist.group.WORLD, backend=backend)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm
     res = []
-    for fn in (step, torch.compile(step, fullgraph=True)):
+    for fn in (step, torch.compile(step, fullgraph=True), torch.compile(step, fullgraph=True, backend=capture)):
         xx, WW = x.clone().requires_grad_(), W[rank * 10:(rank + 1) * 10].clone().requires_grad_()
         loss = fn(xx, WW)
         res.append((loss.detach(), *torch.autograd.grad(loss, (xx, WW))))
-    for a, b in zip(*res):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for got in res[1:]:
+        for a, b in zip(got, res[0]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _fresh_returns(*graphs[0])
 
 
 def _collectives(rank, linear_cross_entropy) -> None:
