@@ -59,7 +59,7 @@ void check_lce_operands(const char* op, const at::Tensor& x, const at::Tensor& w
 void check_lce_dlogits(const char* op, const at::Tensor& x, int64_t V, const at::Tensor& m, const at::Tensor& log_s,
                        const at::Tensor& coef_p, const at::Tensor& coef_y, const at::Tensor& coef_w, bool smooth,
                        int64_t col0, const at::Tensor& dl, const c10::optional<at::Tensor>& db_part,
-                       int64_t db_rows) {
+                       int64_t db_rows, bool acc_dl) {
   const int64_t N = x.size(0);
   const auto acc = acc_type(x.scalar_type());
   for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&m, "m"}, {&log_s, "log_s"},
@@ -67,10 +67,12 @@ void check_lce_dlogits(const char* op, const at::Tensor& x, int64_t V, const at:
     check_lce_row_vector(op, name, *t, x);
   }
   if (smooth) check_lce_row_vector(op, "coef_w", coef_w, x);
-  TORCH_CHECK(dl.dim() == 2 && dl.size(0) == N && dl.stride(1) == 1 && dl.scalar_type() == x.scalar_type() &&
+  TORCH_CHECK(dl.dim() == 2 && dl.size(0) == N && dl.stride(1) == 1 &&
+                  (dl.scalar_type() == x.scalar_type() || (acc_dl && dl.scalar_type() == acc)) &&
                   dl.device() == x.device(),
-              op, ": dl must be (", N, ", n_cols) ", x.scalar_type(), " with contiguous rows, got ", dl.scalar_type(),
-              " of shape ", dl.sizes(), " strides ", dl.strides());
+              op, ": dl must be (", N, ", n_cols) ", x.scalar_type(), (acc_dl ? " or " : ""),
+              (acc_dl ? c10::toString(acc) : ""), " with contiguous rows, got ", dl.scalar_type(), " of shape ",
+              dl.sizes(), " strides ", dl.strides());
   TORCH_CHECK(col0 >= 0 && col0 + dl.size(1) <= V, op, ": columns [", col0, ", ", col0 + dl.size(1),
               ") are outside the ", V, " classes of linear_weight");
   if (db_part.has_value()) {

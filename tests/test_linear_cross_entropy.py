@@ -1060,6 +1060,68 @@ def test_cpu_kernels_smoothing_sum_over_large_V_keeps_precision():
         assert_error_rule(f"fused zs weighted={w is not None}", zs, ref, z.sum(1), floor=2**-24)
 
 
+def _cpu_peak_bytes(fn):
+    """Peak live bytes the CPU allocator handed out during fn, from the profiler's memory events (tensors alive
+    before fn do not count)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_16bit_split_path_peak_memory(dtype, monkeypatch):
+    """CPU 16-bit on the split path (float16; bfloat16 where oneDNN has no bf16 GEMMs, forced here by fused=False):
+    forward+backward peaks at most at torch's linear + cross_entropy, and within the bound of
+    docs/linear_cross_entropy.md ("Memory on the CPU") at a chunk budget that needs several chunks. The backward
+    sized its 16-bit dlogits chunk at 2 bytes per element and converted it whole to fp32 for each GEMM: 1.17x
+    torch's peak at this shape in fp16 (419 MiB above torch's 367 at 2048 x 256 x 32768 bf16)."""
+    require_backend("cpu", "cpu")
+    from pykernels import _native
+    from pykernels.ops import linear_cross_entropy_launch as tk
+    N, H, V = 1024, 128, 4096
+    torch.manual_seed(0)
+    x = torch.randn(N, H, dtype=dtype, requires_grad=True)
+    W = (torch.randn(V, H, dtype=dtype) * 0.05).requires_grad_()
+    t = torch.randint(0, V, (N,))
+
+    def peak(loss):
+        def step():
+            x.grad = W.grad = None
+            loss().backward()
+        step()  # warm up (lazy initialisation outside the measurement)
+        x.grad = W.grad = None
+        return _cpu_peak_bytes(step)
+
+    theirs = peak(lambda: F.cross_entropy(F.linear(x, W), t))
+    ours = peak(lambda: linear_cross_entropy(x, W, t, backend="cpu-split"))
+    assert ours <= theirs, f"{ours / 2**20:.1f} MiB > torch's {theirs / 2**20:.1f} MiB"
+    budget = 8 << 20
+    monkeypatch.setattr(tk, "CHUNK_BYTES", budget)
+    ours = peak(lambda: linear_cross_entropy(x, W, t, backend="cpu-split"))
+    # the documented bound: bytes per chunk column (fp32 dlogits and W rows; a 16-bit chunk where the GEMMs run in
+    # bf16 adds its fp32 copy for dX), the columns within the budget, the N x H and W-block terms, O(N) vectors
+    col = 4 * N + 4 * H if _native.gemm_dtype(x) == torch.float32 else 6 * N + 4 * H
+    chunk = min(V, max(64, budget // col // 64 * 64))
+    assert chunk < V  # several chunks
+    grads = x.element_size() * (N * H + V * H)
+    backward = grads + chunk * col + 12 * N * H + 4 * min(chunk, 1024) * H
+    forward = 4 * N * H + 4 * min(N, 4096) * min(V, 1024) + 4 * min(V, 1024) * H
+    bound = max(forward, backward) + 64 * N + (64 << 10)
+    assert ours <= bound, f"{ours / 2**20:.2f} MiB > bound {bound / 2**20:.2f} MiB"
+    # the CPU dlogits op writes a chunk in the input dtype or the accumulation dtype, and names dl otherwise
+    v = torch.zeros(N)
+    with pytest.raises(RuntimeError, match=r"dl must be \(1024, n_cols\) .* or Float"):
+        torch.ops.pykernels.linear_cross_entropy_dlogits(x.detach(), W.detach(), None, t, None, v, v, v, v, v, 0, 0.0,
+                                                         False, 0, torch.empty(N, 64, dtype=torch.float64), None)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The fused path of the cpu backend (gradients in the forward: pykernels::linear_cross_entropy_fused).
 

@@ -258,7 +258,9 @@ void dlogits(const at::Tensor& input, const Operands& o, const at::Tensor& targe
              int64_t vocab_start, double softcap, bool smooth, int64_t col0, const at::Tensor& dl,
              const c10::optional<at::Tensor>& db_part) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool in_place = std::is_same_v<acc_t, scalar_t>;  // the logits are computed in dl itself
+  // the logits are computed in dl itself when it is of the accumulation dtype (16-bit input: the launch logic's
+  // fp32 chunk, which its fp32 GEMMs read without a converted copy)
+  const bool in_place = dl.scalar_type() == c10::CppTypeToScalarType<acc_t>::value;
   const int64_t N = input.size(0), n = dl.size(1);
   const acc_t* pb = o.bias.defined() ? o.bias.data_ptr<acc_t>() + col0 : nullptr;
   const acc_t* cw = o.weight.defined() ? o.weight.data_ptr<acc_t>() + col0 : nullptr;
@@ -281,12 +283,19 @@ void dlogits(const at::Tensor& input, const Operands& o, const at::Tensor& targe
       at::parallel_for(b0, b1, 1, [&](int64_t a, int64_t b) {
         for (int64_t blk = a; blk < b; ++blk) {
           const int64_t q0 = blk * kDbRows, q1 = std::min(r1, q0 + kDbRows);
-          dlogit_rows<acc_t, scalar_t>(
-              z.data_ptr<acc_t>() + (q0 - r0) * z.stride(0), z.stride(0),
-              dl.data_ptr<scalar_t>() + q0 * dl.stride(0) + s0, dl.stride(0), q0, q1, ns, row, cw ? cw + s0 : nullptr,
-              target.data_ptr<int64_t>(), vocab_start + col0 + s0, m.data_ptr<acc_t>(), log_s.data_ptr<acc_t>(),
-              coef_p.data_ptr<acc_t>(), coef_y.data_ptr<acc_t>(), smooth ? coef_w.data_ptr<acc_t>() : nullptr,
-              db_part.has_value() ? db_part->data_ptr<acc_t>() + blk * db_part->stride(0) + s0 : nullptr);
+          auto rows = [&](auto* out) {  // out: dl's data, of scalar_t or acc_t
+            dlogit_rows(z.data_ptr<acc_t>() + (q0 - r0) * z.stride(0), z.stride(0), out + q0 * dl.stride(0) + s0,
+                        dl.stride(0), q0, q1, ns, row, cw ? cw + s0 : nullptr, target.data_ptr<int64_t>(),
+                        vocab_start + col0 + s0, m.data_ptr<acc_t>(), log_s.data_ptr<acc_t>(),
+                        coef_p.data_ptr<acc_t>(), coef_y.data_ptr<acc_t>(),
+                        smooth ? coef_w.data_ptr<acc_t>() : nullptr,
+                        db_part.has_value() ? db_part->data_ptr<acc_t>() + blk * db_part->stride(0) + s0 : nullptr);
+          };
+          if (in_place) {
+            rows(dl.data_ptr<acc_t>());
+          } else {
+            rows(dl.data_ptr<scalar_t>());
+          }
         }
       });
     }
@@ -301,7 +310,7 @@ void dlogits_cpu(const at::Tensor& input, const at::Tensor& linear_weight,
                  const c10::optional<at::Tensor>& db_part) {
   check_lce_operands(kDlogits, input, linear_weight, linear_bias, target, weight, softcap);
   check_lce_dlogits(kDlogits, input, linear_weight.size(0), m, log_s, coef_p, coef_y, coef_w, smooth, col0, dl,
-                    db_part, kDbRows);
+                    db_part, kDbRows, /*acc_dl=*/true);
   if (input.size(0) == 0 || dl.size(1) == 0) return;
   const Operands o = operands(input, linear_weight, linear_bias, weight, cpu_gemm_dtype(input.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_cross_entropy_dlogits_cpu",

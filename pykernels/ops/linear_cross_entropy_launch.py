@@ -6,11 +6,12 @@ row), the running max, the sum of exp(z - max), the target logit and (label smoo
 ``forward`` combines the splits into (m, log_s, z_target, z_sum). Splitting keeps every SM busy when there are few
 token blocks (N = 8192 at 128 rows: 64 blocks) and lets consecutive blocks share W tiles through L2.
 
-Backward: for each chunk of vocabulary columns (a bounded buffer of ``CHUNK_BYTES``), the ``dlogits`` kernel
-recomputes the logits and writes ``dlogits`` (N, chunk) in the input dtype (plus the bias gradient's per-block
-column sums); ``backward`` turns the chunk into ``dW[chunk] = dlogits^T x`` (one GEMM over all tokens: fp32
-accumulation, one rounding, deterministic), ``db[chunk]`` and ``dX_acc += dlogits W[chunk]`` (fp32 accumulator).
-No N x V tensor, no atomics, no host syncs.
+Backward: for each chunk of vocabulary columns (``CHUNK_BYTES`` bounds what a chunk holds at once:
+``column_bytes``), the ``dlogits`` kernel recomputes the logits and writes ``dlogits`` (N, chunk) in the GEMM dtype
+(``gemm_dtype``: the input dtype, but float32 on a CPU whose 16-bit GEMMs are slow, so that both GEMMs read the chunk
+without a converted copy) plus the bias gradient's per-block column sums; ``backward`` turns the chunk into
+``dW[chunk] = dlogits^T x`` (one GEMM over all tokens: fp32 accumulation, one rounding, deterministic),
+``db[chunk]`` and ``dX_acc += dlogits W[chunk]`` (fp32 accumulator). No N x V tensor, no atomics, no host syncs.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from torch import Tensor
 
 from .. import _native
 
-# Bytes of the dlogits buffer of one backward chunk (the backward's only workspace besides the fp32 dX
-# accumulator). Tests lower it to exercise several chunks.
+# Bytes one backward chunk holds at once (its dlogits buffer and the fp32 copies its GEMMs make: ``column_bytes``;
+# the backward's only N x V-dependent workspace). Tests lower it to exercise several chunks.
 CHUNK_BYTES = int(os.environ.get("PYKERNELS_LCE_CHUNK_BYTES", str(256 << 20)))
 
 # The fused path's row block (the CPU kernel pykernels::linear_cross_entropy_fused): FUSED_BLOCK_BYTES of logits in
@@ -92,8 +93,8 @@ _HAS_OUT_DTYPE = [True]
 
 def mm_acc_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc += a @ b with fp32 accumulation and no low-precision rounding of the product."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+    if a.dtype == acc.dtype:  # an fp32 chunk (CPU 16-bit: the GEMM dtype) with 16-bit W rows: only those convert
+        acc.addmm_(a, b.to(acc.dtype))
     elif acc.device.type == "cuda" and _HAS_OUT_DTYPE[0]:
         try:
             # cuBLAS: bf16/fp16 in, fp32 accumulate and out, in place (beta = 1): no temporary
@@ -120,9 +121,24 @@ def forward(k: Kernels, input: Tensor, linear_weight: Tensor, linear_bias: Optio
     return m_safe, log_s, zyp.sum(0), z_sum
 
 
-def chunk_columns(N: int, V: int, elt: int, align: int) -> int:
-    """Columns per backward chunk: a multiple of ``align``, within CHUNK_BYTES when possible, at most V."""
-    return min(V, max(align, (CHUNK_BYTES // max(N * elt, 1)) // align * align))
+def column_bytes(N: int, H: int, dtype: torch.dtype, dl_dtype: torch.dtype, device: torch.device,
+                 input_grad: bool) -> int:
+    """Bytes a backward chunk holds at once per column: its dlogits (N in ``dl_dtype``) and, off CUDA (no GEMM there
+    takes 16-bit operands into an fp32 output), the fp32 copies its GEMMs make for 16-bit inputs: its W rows for dX
+    or dW's product before its rounding (H), and mm_acc_'s copy of a 16-bit chunk for dX (N)."""
+    acc = acc_dtype(dtype)
+    n = N * dl_dtype.itemsize
+    if device.type != "cuda" and dtype != acc:
+        n += H * acc.itemsize
+        if dl_dtype != acc and input_grad:
+            n += N * acc.itemsize
+    return n
+
+
+def chunk_columns(V: int, col_bytes: int, align: int) -> int:
+    """Columns per backward chunk: a multiple of ``align``, within CHUNK_BYTES (``col_bytes`` per column) when
+    possible, at most V."""
+    return min(V, max(align, (CHUNK_BYTES // max(col_bytes, 1)) // align * align))
 
 
 def backward(k: Kernels, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
@@ -144,10 +160,12 @@ def backward(k: Kernels, input: Tensor, linear_weight: Tensor, linear_bias: Opti
         gw.zero_()
         gb.zero_()
         return gx, gw, gb
-    g = _native.gemm_dtype(input)  # CPU 16-bit without fast GEMMs in it: dW from fp32 GEMMs on converted operands
+    # CPU 16-bit without fast GEMMs in it: fp32 GEMMs on a converted x and on an fp32 dlogits chunk (a 16-bit chunk
+    # converted for each GEMM held 10 bytes per element)
+    g = _native.gemm_dtype(input)
     xg = input.to(g) if weight_grad else None
-    chunk = chunk_columns(N, V, input.element_size(), k.chunk_align)
-    buf = torch.empty(N, chunk, device=dev, dtype=input.dtype)
+    chunk = chunk_columns(V, column_bytes(N, H, input.dtype, g, dev, input_grad), k.chunk_align)
+    buf = torch.empty(N, chunk, device=dev, dtype=g)
     dbp = torch.empty(-(-N // k.db_rows), chunk, device=dev, dtype=acc) if want_db else None
     for c0 in range(0, V, chunk):
         nc = min(chunk, V - c0)
@@ -158,10 +176,10 @@ def backward(k: Kernels, input: Tensor, linear_weight: Tensor, linear_bias: Opti
             db.zero_()  # a kernel with larger blocks than db_rows writes fewer rows
         k.dlogits(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p, coef_y, coef_w, vocab_start,
                   softcap, smooth, c0, dl, db)
-        if weight_grad and g == input.dtype:
-            torch.mm(dl.t(), input, out=gw[c0:c0 + nc])
+        if weight_grad and g == gw.dtype:
+            torch.mm(dl.t(), xg, out=gw[c0:c0 + nc])
         elif weight_grad:
-            gw[c0:c0 + nc] = dl.t().to(g) @ xg
+            gw[c0:c0 + nc] = dl.t() @ xg  # fp32 product, rounded once to W's dtype
         if want_db:
             gb[c0:c0 + nc] = db.sum(0).to(gb.dtype)
         if input_grad:
