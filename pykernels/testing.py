@@ -58,7 +58,7 @@ def python_calls(fn: Callable, *args, **kwargs) -> List[str]:
     def profile(frame, event, arg):
         if event == "call":
             code = frame.f_code
-            calls.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_qualname}")
+            calls.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{getattr(code, 'co_qualname', code.co_name)}")  # (3.11+)
     sys.setprofile(profile)
     try:
         fn(*args, **kwargs)

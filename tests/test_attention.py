@@ -551,6 +551,10 @@ def test_bad_input_as_torch_on_every_backend(backend):
         x = [t.to(dt) for t in (q, k, v)]
         torch.testing.assert_close(sdpa(*x, attn_mask=m, backend=backend).double(),
                                    F.scaled_dot_product_attention(*x, attn_mask=m).double(), atol=2e-3, rtol=0)
+    # 0-dim integer tensors for float arguments, as torch's parser takes them (they were refused)
+    torch.testing.assert_close(sdpa(q, k, v, dropout_p=torch.tensor(0), scale=torch.tensor(1), backend=backend),
+                               F.scaled_dot_product_attention(q, k, v, dropout_p=torch.tensor(0), scale=torch.tensor(1)),
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -838,8 +842,8 @@ def test_plain_call_runs_no_abc_check_and_rebuilds_no_window():
     calls = python_calls(varlen_attention, q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1),
                          torch.tensor([0, 5], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32), 5, 5)
     assert not [c for c in calls if "__instancecheck__" in c or "_clip_window.<locals>" in c], calls
-    with pytest.raises(TypeError, match="softcap must be a float"):
-        sdpa(q, q, q, softcap=True)
+    with pytest.raises(TypeError, match="softcap must be a float"):  # (the fast path still checks)
+        sdpa(q, q, q, softcap="a")
     torch.testing.assert_close(sdpa(q, q, q, window=(99, 99), backend="reference"),
                                sdpa(q, q, q, backend="reference"))
 

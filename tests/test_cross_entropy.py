@@ -40,6 +40,8 @@ def _check_against_torch(backend, x, t, name="", **kw):
     PyTorch at x.dtype vs float64. z_loss has no PyTorch counterpart: then the float32 reference is the baseline.
     Where torch expresses the call, the float64 reference must first be torch's float64 result: a wrong reference
     leaves a right kernel and torch equally far from it, which the rule passes."""
+    if kw.get("weight") is not None and not t.dtype.is_floating_point:
+        kw["weight"] = kw["weight"].to(x.dtype)  # torch: the logits' dtype with class-index targets (rounded once)
     loss, grad, g = _run(backend, x, t, **kw)
     z = kw.pop("z_loss", 0.0)
     kw.pop("fused", None)  # pykernels only: the same loss and gradient either way
@@ -473,6 +475,9 @@ def test_options_and_dtypes_as_torch(backend):
     for ls in (np.float32(0.25), torch.tensor(0.25)):
         torch.testing.assert_close(ce(x, t, label_smoothing=ls, z_loss=np.float64(0.0), fused=None, backend=backend),
                                    F.cross_entropy(x, t, label_smoothing=0.25))
+    # torch's parser takes a 0-dim tensor of any real or bool dtype and a numpy bool for a float (these were refused)
+    for ls in (torch.tensor(0), torch.tensor(False), np.False_):
+        torch.testing.assert_close(ce(x, t, label_smoothing=ls, backend=backend), F.cross_entropy(x, t, label_smoothing=ls))
 
 
 def test_arguments_parse_as_torch():
@@ -646,7 +651,7 @@ def test_uint8_targets_and_empty_batch():
 def test_module_is_a_drop_in(backend, device):
     dtype = DTYPES.get((backend, device), [torch.float32])[0]
     _setup(backend, device, dtype)
-    w = torch.rand(8, device=device) + 0.5
+    w = (torch.rand(8, device=device) + 0.5).to(dtype)  # torch: the logits' dtype (class-index targets)
     theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.05)
     ours = pykernels.nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.05, backend=backend)
     assert isinstance(ours, torch.nn.CrossEntropyLoss)

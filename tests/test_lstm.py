@@ -379,8 +379,9 @@ def test_layer_proj_size_checked_as_torch(backend):
     for bad in (-1, 1.0, True):
         with pytest.raises(ValueError, match="proj_size should be a positive integer or zero"):
             pykernels.functional.lstm(x, None, params[:4], proj_size=bad, backend=backend)
+    import numpy as np
     m = torch.nn.LSTM(I, H, proj_size=2)
-    out, (h, c) = pykernels.functional.lstm(x, None, list(m._flat_weights), proj_size=2, backend=backend)
+    out, (h, c) = pykernels.functional.lstm(x, None, list(m._flat_weights), proj_size=np.int64(2), backend=backend)
     rout, (rh, rc) = m(x)
     for a, r in ((out, rout), (h, rh), (c, rc)):
         torch.testing.assert_close(a, r)

@@ -15,12 +15,15 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def real(x):
-    """torch's argument parser takes any real scalar for a float argument (numpy scalars, 0-dim tensors): a Python
-    float for those; anything else is left for the checks to name."""
-    if x is None or isinstance(x, (int, float)) or not (isinstance(x, numbers.Real)
-                                           or isinstance(x, Tensor) and x.dim() == 0 and x.dtype.is_floating_point):
+    """torch's argument parser takes any real scalar for a float argument (numpy scalars and bools, 0-dim tensors of
+    any real or bool dtype): a Python float for those; anything else is left for the checks to name."""
+    if x is None or isinstance(x, (int, float)):
         return x
-    return float(x)
+    if isinstance(x, Tensor):
+        return float(x) if x.dim() == 0 and not x.dtype.is_complex else x
+    if isinstance(x, numbers.Real) or type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_"):
+        return float(x)
+    return x
 
 
 def check_real(fn: str, name: str, x, what: str = "a float"):
@@ -38,7 +41,7 @@ def check_bool(fn: str, name: str, x, optional: bool = False) -> None:
     """torch's parser: a bool (or None where ``optional``), not anything truthy ("no" would be True)."""
     if not (isinstance(x, (bool, torch.SymBool)) or optional and x is None):
         raise ArgumentTypeError(f"{fn}: {name} must be a bool{' or None' if optional else ''}, got "
-                                f"{type(x).__name__}")
+                                f"{type(x).__module__}.{type(x).__name__}")
 
 
 def check_float_dtype(fn: str, name: str, t: Tensor) -> None:

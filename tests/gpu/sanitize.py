@@ -40,7 +40,7 @@ def cross_entropy(backends):
                     x = torch.randn(shape[0], C + 3, device=dev, dtype=dtype)[:, 1:C + 1]  # strided rows
                 t = torch.randint(0, C, shape[:1] + shape[2:], device=dev)
                 t.view(-1)[::3] = -100
-                w = torch.rand(C, device=dev) + 0.5
+                w = (torch.rand(C, device=dev) + 0.5).to(dtype)  # torch: the logits' dtype (class-index targets)
                 for fused in (True, False):
                     xx = x.detach().clone().requires_grad_()
                     loss = pykernels.functional.cross_entropy(xx, t, weight=w, fused=fused, backend=backend, **kw)
@@ -218,7 +218,7 @@ def linear_cross_entropy(backends):
                     x = x.contiguous()
                 W = (torch.randn(V, Hd, device=dev) * Hd ** -0.5).to(dtype)
                 b = (torch.randn(V, device=dev) * 0.1).to(dtype) if kw.pop("linear_bias", False) else None
-                w = torch.rand(V, device=dev) + 0.5 if kw.pop("weight", False) else None
+                w = (torch.rand(V, device=dev) + 0.5).to(dtype) if kw.pop("weight", False) else None
                 t = torch.randint(0, V, (N,), device=dev)
                 t[1::5] = kw.get("ignore_index", -100)  # never every row: a mean over no rows is NaN
                 leaves = [a.detach().clone().requires_grad_() for a in (x, W) + ((b,) if b is not None else ())]
