@@ -3,6 +3,7 @@ wrong one is refused with an error naming it, before any comparison raises a bar
 from __future__ import annotations
 
 import numbers
+import operator
 
 import torch
 from torch import Tensor
@@ -12,6 +13,18 @@ from ..errors import ArgumentTypeError
 # The floating dtypes torch's kernels for these ops compute in: float8 and the other narrow types have no
 # softmax / matmul there (torch raises NotImplementedError), so no backend may run them either.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def is_index(x) -> bool:
+    """An integer as torch's parser takes it (int, numpy integers, SymInt: anything with __index__), not a bool (an
+    int to operator.index, not to torch's parser) and not a float."""
+    if isinstance(x, bool):
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
 
 
 def real(x):

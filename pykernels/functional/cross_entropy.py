@@ -37,12 +37,9 @@ def _legacy_reduction(size_average, reduce, reduction: str) -> str:
 def _index(fn: str, name: str, v) -> int:
     """An integer argument as torch's parser takes it (int, numpy integers: anything with __index__; not a float),
     within int64 (torch's ValueError past it, where the kernels' launch raised an OverflowError)."""
-    try:
-        if isinstance(v, bool):  # an int to operator.index, not to torch's parser
-            raise TypeError
-        v = operator.index(v)
-    except TypeError:
-        raise ArgumentTypeError(f"{fn}: {name} must be an int, got {type(v).__name__}") from None
+    if not _args.is_index(v):
+        raise ArgumentTypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
+    v = operator.index(v)
     if not -2**63 <= v < 2**63:
         raise ArgumentValueError(f"{fn}: {name} must fit in int64, got {v}")
     return v

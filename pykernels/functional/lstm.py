@@ -8,7 +8,6 @@ reference (plain PyTorch) — the reason is recorded in ``pykernels.last_dispatc
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -17,7 +16,7 @@ from torch import Tensor
 from .. import _native, backends
 from ..errors import ArgumentTypeError, ArgumentValueError
 from ..ops import _checks, lstm as _ops
-from . import _autocast
+from . import _args, _autocast
 from ..reference import lstm as _ref
 
 __all__ = ["lstm_cell", "lstm"]
@@ -199,17 +198,6 @@ def _check_like(name: str, t: Tensor, shape: tuple, input: Tensor, amp: bool, ki
                                 f"{kind} tensors must have the same dtype)")
 
 
-def _is_index(x) -> bool:
-    """An integer as torch's size arguments take it (int, numpy integer, SymInt), not a bool."""
-    if isinstance(x, bool):
-        return False
-    try:
-        operator.index(x)
-    except TypeError:
-        return False
-    return True
-
-
 def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                      batch_sizes) -> bool:
     """torch.nn.LSTM's checks (its module makes them before the functional call; this API is called directly too),
@@ -227,7 +215,7 @@ def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, p
         raise RuntimeError("lstm: input has sequence length 0; torch.nn.LSTM expects it larger than 0")
     if not isinstance(num_layers, int) or num_layers < 1:
         raise ArgumentValueError(f"lstm: num_layers must be a positive int, got {num_layers!r}")
-    if not _is_index(proj_size) or proj_size < 0:  # torch.nn.LSTM's messages (it takes a numpy int too)
+    if not _args.is_index(proj_size) or proj_size < 0:  # torch.nn.LSTM's messages (it takes a numpy int too)
         raise ArgumentValueError(f"lstm: proj_size should be a positive integer or zero to disable projections, got "
                                  f"{proj_size!r}")
     D = 2 if bidirectional else 1
