@@ -470,6 +470,18 @@ def _record_native(op: str, device: torch.device, why: str) -> None:
     _record(op, ("torch", {"triton" if device.type == "cuda" else "cpu": why}))
 
 
+def _exported_size(size):
+    """A size as the rules compare it. Under torch.export a symbolic size (a dynamic dimension) is read as its
+    example value, the size eager would see: comparing the SymInt itself guards on it, and export refuses a guard
+    inside the range the user declared ("Constraints violated"). The exported graph thus holds the kernel chosen for
+    the example input, at every size. (torch.compile keeps the SymInt: its guards recompile when a call crosses a
+    rule's bound, choosing again.) A size without an example value (unbacked) is unknown (None)."""
+    if isinstance(size, torch.SymInt) and torch.compiler.is_exporting():
+        hint = getattr(size.node, "hint", None)
+        return hint if isinstance(hint, int) else None
+    return size
+
+
 def prefer_native(op: str, device: torch.device, backend: Optional[str], size: Optional[int] = None,
                   grad: bool = True, dtype: Optional[torch.dtype] = None, tensors: Sequence[object] = (),
                   uncovered: Optional[str] = None) -> Optional[str]:
@@ -491,6 +503,7 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     if off is not None and off.strip().lower() in ("0", "false", "no", "off"):
         return None
     kind = device.type  # (a new str at each read of the property)
+    size = _exported_size(size)
     if kind == "cpu" and not _ext.loaded():
         # no kernel of the CPU's chain (the C++ one) can run: torch's op beats the reference (plain PyTorch, several
         # ops). CUDA tensors keep their chain (a GPU machine without the extension still has Triton).

@@ -20,11 +20,18 @@ def is_index(x) -> bool:
     int to operator.index, not to torch's parser) and not a float."""
     if isinstance(x, bool):
         return False
+    if isinstance(x, torch.SymInt):  # (its __index__ would specialise it: a guard on the traced size)
+        return True
     try:
         operator.index(x)
     except TypeError:
         return False
     return True
+
+
+def index(x):
+    """An ``is_index`` argument as an int (numpy integers converted), a SymInt kept symbolic."""
+    return x if isinstance(x, torch.SymInt) else operator.index(x)
 
 
 def real(x):

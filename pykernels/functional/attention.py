@@ -336,10 +336,12 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         raise ArgumentValueError(f"{fn}: q heads {H} must be a multiple of k/v heads {Hk}")
     _checks.varlen_offsets(fn, cu_seqlens_q, cu_seqlens_k, T, Tk, q.device, (torch.int32, torch.int64))
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(m, int) or m < 0:
+        # (any integer torch's parser takes: numpy ints, and the SymInt that export hands over for q.shape[0])
+        if not _args.is_index(m) or m < 0:
             raise ArgumentValueError(f"{fn}: {name} must be an int >= 0, got {m!r}")
-    # a bound above the total tokens is valid (flash-attn takes it) but sizes the launch grid: 2**40 ran for hours
-    max_seqlen_q, max_seqlen_k = min(max_seqlen_q, T), min(max_seqlen_k, Tk)
+    # a bound above the total tokens is valid (flash-attn takes it) but sizes the launch grid: 2**40 ran for hours.
+    # sym_min keeps a symbolic bound symbolic (min() would guard on it, specialising an exported token count).
+    max_seqlen_q, max_seqlen_k = (torch.sym_min(_args.index(m), n) for m, n in ((max_seqlen_q, T), (max_seqlen_k, Tk)))
     _checks.varlen_lengths(fn, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if scale is None:
         scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
@@ -368,7 +370,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         return (out, lse.detach().float()) if return_lse else out
     seed = _seed(q.device) if dropout_p > 0 else None
     out, lse = _ops.attention(q, k, v, None, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
-                                 int(max_seqlen_q), int(max_seqlen_k), float(scale), bool(is_causal), 0,
+                                 max_seqlen_q, max_seqlen_k, float(scale), bool(is_causal), 0,
                                  causal_alignment == "bottom_right", win[0], win[1], float(softcap), dropout_p,
                                  seed, chosen)
     return (out, lse.detach()) if return_lse else out
