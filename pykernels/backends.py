@@ -446,8 +446,10 @@ def _sized(rule, size: Optional[int], grad: bool, native: bool) -> Optional[str]
         return (rule if isinstance(rule, str) else rule[2]) if native else None
     if isinstance(rule, str):
         return rule
-    bound = rule[0 if grad else 1]
-    return rule[2] if (size >= bound if native else size <= bound) else None
+    below = _below(size, rule[0 if grad else 1] + (0 if native else 1))  # (the OURS rules' bound is inclusive)
+    if below is None:
+        return _sized(rule, None, grad, native)
+    return rule[2] if below != native else None
 
 
 # op -> why torch's own kernel, which prefer_native may hand automatic calls to, fails under forward-mode AD
@@ -470,16 +472,19 @@ def _record_native(op: str, device: torch.device, why: str) -> None:
     _record(op, ("torch", {"triton" if device.type == "cuda" else "cpu": why}))
 
 
-def _exported_size(size):
-    """A size as the rules compare it. Under torch.export a symbolic size (a dynamic dimension) is read as its
-    example value, the size eager would see: comparing the SymInt itself guards on it, and export refuses a guard
-    inside the range the user declared ("Constraints violated"). The exported graph thus holds the kernel chosen for
-    the example input, at every size. (torch.compile keeps the SymInt: its guards recompile when a call crosses a
-    rule's bound, choosing again.) A size without an example value (unbacked) is unknown (None)."""
-    if isinstance(size, torch.SymInt) and torch.compiler.is_exporting():
-        hint = getattr(size.node, "hint", None)
-        return hint if isinstance(hint, int) else None
-    return size
+def _below(size, bound) -> Optional[bool]:
+    """size < bound, as the size rules compare; None where an export cannot tell without a guard. Under torch.export
+    a dynamic dimension is symbolic and comparing it guards, which export refuses inside the range the user declared
+    ("Constraints violated"): there a rule applies only where it holds over the whole range, and a range across its
+    bound is an unknown size (as strict export hides the SymInt behind an int, the test is the same in both modes,
+    and the program does not depend on the example input). torch.compile compares: its guards recompile when a call
+    crosses the bound, choosing again."""
+    if not torch.compiler.is_exporting():
+        return size < bound
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    if statically_known_true(size < bound):
+        return True
+    return False if statically_known_true(size >= bound) else None
 
 
 def prefer_native(op: str, device: torch.device, backend: Optional[str], size: Optional[int] = None,
@@ -503,7 +508,6 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     if off is not None and off.strip().lower() in ("0", "false", "no", "off"):
         return None
     kind = device.type  # (a new str at each read of the property)
-    size = _exported_size(size)
     if kind == "cpu" and not _ext.loaded():
         # no kernel of the CPU's chain (the C++ one) can run: torch's op beats the reference (plain PyTorch, several
         # ops). CUDA tensors keep their chain (a GPU machine without the extension still has Triton).
@@ -540,7 +544,7 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
         why = _sized(NATIVE_FASTER_DTYPE.get(op, {}).get(kind, {}).get(dtype), size, grad, native=True)
     if why is None and size is not None:
         rule = NATIVE_FASTER_BELOW.get(op, {}).get(kind)
-        if rule is not None and size < rule[0 if grad else 1]:
+        if rule is not None and _below(size, rule[0 if grad else 1]):  # (None, a range across the bound: ours)
             why = rule[2]
     if why is not None:
         if not torch.compiler.is_compiling():
