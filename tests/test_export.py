@@ -101,3 +101,36 @@ def test_export_varlen_max_seqlen_from_the_token_count():
     torch.testing.assert_close(ep.module()(q2, cu2), Varlen()(q2, cu2))
     out = PF.varlen_attention(q, q, q, cu, cu, np.int64(5), np.int32(5))
     torch.testing.assert_close(out, PF.varlen_attention(q, q, q, cu, cu, 5, 5))
+
+
+_LOAD = r'''
+import sys, torch, pykernels
+ep = torch.export.load(sys.argv[1])
+try:
+    ep.module()(torch.randn(8, 33), torch.randint(0, 33, (8,)))
+    print("ran")
+except pykernels.BackendUnavailableError as e:
+    print(e)
+'''
+
+
+def test_loaded_program_names_the_missing_backend(tmp_path):
+    """A program exported with backend="cpu" and loaded where the extension is off says which backend is missing
+    and why (it said "backend must be one of (), got 'cpu'", blaming an argument the user never wrote)."""
+    import os
+    import subprocess
+    import sys
+
+    class CE(torch.nn.Module):
+        def forward(self, x, t):
+            return PF.cross_entropy(x, t, backend="cpu")
+
+    if pykernels.available_backends("cpu")["cpu"] is not None:
+        pytest.skip("no C++ extension here")
+    path = str(tmp_path / "ce.pt2")
+    torch.export.save(torch.export.export(CE(), (torch.randn(8, 33), torch.randint(0, 33, (8,)))), path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYKERNELS_DISABLE_EXTENSION="1", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", _LOAD, path], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "backend 'cpu' cannot run here" in out.stdout and "PYKERNELS_DISABLE_EXTENSION" in out.stdout, out.stdout

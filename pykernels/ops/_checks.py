@@ -30,7 +30,16 @@ def kernels(op: str, table: dict, backend: str):
     try:
         return table[backend]
     except (KeyError, TypeError):
-        raise ArgumentValueError(f"{op}: backend must be one of {tuple(table)}, got {backend!r}") from None
+        pass
+    from .. import backends  # (here: backends imports the ops modules)
+    why = (backends.available_backends("cpu" if backend == "cpu" else None)[backend]
+           if isinstance(backend, str) and backend in backends.BACKENDS else None)
+    if why is not None:
+        # a backend this process lacks (no extension, Triton not registered, no GPU): say why, as choose() does. A
+        # graph traced (exported, cached) where it ran and loaded here names it, not the user.
+        raise backends.BackendUnavailableError(f"{op}: backend {backend!r} cannot run here (the call, or the graph "
+                                               f"that holds it, names it): {why}")
+    raise ArgumentValueError(f"{op}: backend must be one of {tuple(table)}, got {backend!r}")
 
 
 def _dtype_names(dtypes: Tuple[torch.dtype, ...]) -> str:
