@@ -9,6 +9,8 @@ from typing import Callable, Dict, Iterable, Optional, Type
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import _native, backends
 from . import functional as pf
@@ -77,11 +79,17 @@ if _native.linear_cross_entropy is not None:  # torch >= 2.13
     FUNCTIONALS["linear_cross_entropy"] = pf.linear_cross_entropy
 
 
+# torch.Tensor, Parameter, and the tensors of torch's own tracers (non-strict torch.export and make_fx hand the
+# model FakeTensors, functionalised): those stand for plain tensors, and the traced graph must hold our ops.
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter, FakeTensor, FunctionalTensor)
+
+
 def _plain(tensors: Iterable) -> bool:
-    """Every tensor argument a dense strided torch.Tensor or Parameter. Nested (jagged) tensors, sparse layouts and
-    tensor subclasses (DTensor, __torch_function__ wrappers) stay with the function the name was bound to."""
+    """Every tensor argument a dense strided torch.Tensor or Parameter (or a tracer's stand-in for one). Nested
+    (jagged) tensors, sparse layouts and tensor subclasses (DTensor, __torch_function__ wrappers) stay with the
+    function the name was bound to."""
     for t in tensors:
-        if isinstance(t, torch.Tensor) and (type(t) not in (torch.Tensor, torch.nn.Parameter) or t.is_nested
+        if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN_TYPES or t.is_nested
                                             or t.layout != torch.strided):
             return False
     return True

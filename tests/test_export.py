@@ -134,3 +134,24 @@ def test_loaded_program_names_the_missing_backend(tmp_path):
     out = subprocess.run([sys.executable, "-c", _LOAD, path], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "backend 'cpu' cannot run here" in out.stdout and "PYKERNELS_DISABLE_EXTENSION" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+def test_export_of_a_patched_functional_holds_our_ops(strict):
+    """patch_functional under torch.export: non-strict export (the default) hands the model FakeTensors, which the
+    patch took for tensor subclasses and sent to torch's function, so the program held aten ops, unlike strict
+    export and torch.compile."""
+    if pykernels.available_backends("cpu")["cpu"] is not None:
+        pytest.skip("no C++ extension here")
+
+    class M(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.nn.functional.cross_entropy(x, t, label_smoothing=0.1)
+
+    x, t = torch.randn(8, 33), torch.randint(0, 33, (8,))
+    with pykernels.patch_functional(backend="cpu"):
+        ep = torch.export.export(M(), (x, t), strict=strict)
+        want = M()(x, t)
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert "pykernels.cross_entropy.default" in ops and not any("cross_entropy_loss" in o for o in ops), ops
+    torch.testing.assert_close(ep.module()(x, t), want)
