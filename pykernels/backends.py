@@ -449,7 +449,9 @@ def _sized(rule, size: Optional[int], grad: bool, native: bool) -> Optional[str]
     below = _below(size, rule[0 if grad else 1] + (0 if native else 1))  # (the OURS rules' bound is inclusive)
     if below is None:
         return _sized(rule, None, grad, native)
-    return rule[2] if below != native else None
+    if below:  # (a branch: under torch.compile a guard on the symbolic size; a SymBool compared with a bool raises)
+        return None if native else rule[2]
+    return rule[2] if native else None
 
 
 # op -> why torch's own kernel, which prefer_native may hand automatic calls to, fails under forward-mode AD

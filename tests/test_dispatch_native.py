@@ -330,6 +330,36 @@ def test_environment_variables_are_read_per_call_without_os_environ_get(monkeypa
     assert pykernels.last_dispatch["cross_entropy"][0] == "reference"
 
 
+@pytest.mark.parametrize("case", ["lstm fp32", "lstm_cell bf16", "cross_entropy"])
+def test_sized_rules_under_compile_with_a_dynamic_batch(case):
+    """The sized rules on a symbolic batch (Dynamo makes it one at the second distinct batch): they raised
+    "BooleanAtom not allowed" comparing a SymBool with a bool. Batches across each rule's bound (the fp32 LSTM's
+    small-batch bound, bf16 lstm_cell's 9, cross-entropy's 2^20 logits) compile and match eager."""
+    torch.manual_seed(0)
+    if case == "lstm fp32":
+        m = pykernels.nn.LSTM(8, 16, batch_first=True)
+        make = lambda b: (torch.randn(b, 5, 8, requires_grad=True),)
+        batches = (1, 2, 3, 4, 6)
+    elif case == "lstm_cell bf16":
+        m = pykernels.nn.LSTMCell(8, 16, dtype=torch.bfloat16)
+        make = lambda b: (torch.randn(b, 8, dtype=torch.bfloat16, requires_grad=True),)
+        batches = (4, 5, 12)
+    else:
+        m = pykernels.nn.CrossEntropyLoss()
+        make = lambda b: (torch.randn(b, 1024, requires_grad=True), torch.randint(0, 1024, (b,)))
+        batches = (16, 24, 2048)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="eager")
+    for b in batches:
+        args = make(b)
+        out = compiled(*args)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().sum().backward()
+        want = m(*[a.detach().requires_grad_(a.requires_grad) for a in args])
+        want = want[0] if isinstance(want, tuple) else want
+        torch.testing.assert_close(out, want)
+
+
 def test_sized_rules_bound_by_size_and_gradient():
     """A sized *_DTYPE rule (with a gradient, without, why): NATIVE tables from that size up, OURS_FASTER_DTYPE up
     to it (a bound of 0: no non-empty batch); an unknown size (None) takes torch's kernel under either; plain reasons
