@@ -20,7 +20,8 @@ def is_index(x) -> bool:
     int to operator.index, not to torch's parser) and not a float."""
     if isinstance(x, bool):
         return False
-    if isinstance(x, torch.SymInt):  # (its __index__ would specialise it: a guard on the traced size)
+    # (operator.index would specialise a symbolic int: a guard on its value. Dynamo shows a dynamic int as an int)
+    if isinstance(x, (int, torch.SymInt)):
         return True
     try:
         operator.index(x)
@@ -31,7 +32,7 @@ def is_index(x) -> bool:
 
 def index(x):
     """An ``is_index`` argument as an int (numpy integers converted), a SymInt kept symbolic."""
-    return x if isinstance(x, torch.SymInt) else operator.index(x)
+    return x if isinstance(x, (int, torch.SymInt)) else operator.index(x)
 
 
 def real(x):

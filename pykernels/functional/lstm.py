@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import _native, backends
+from .. import _ext, _native, backends
 from ..errors import ArgumentTypeError, ArgumentValueError
 from ..ops import _checks, lstm as _ops
 from . import _args, _autocast
@@ -292,9 +292,15 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
     run_dtype = torch.get_autocast_dtype(input.device.type) if amp and _autocast.eligible(input) else input.dtype
     torch_fails = (amp and input.device.type == "cpu" and run_dtype in (torch.float16, torch.bfloat16)
                    and run_dtype not in _native.ONEDNN_DTYPES)
-    if not torch_fails and backends.prefer_native("lstm", input.device, backend, size=batch, grad=grad,
-                                                  dtype=run_dtype, tensors=operands,
-                                                  uncovered=uncovered):
+    # Traced on the CPU (torch.compile, export), torch's LSTM decomposes over the time steps: one guard per sequence
+    # length (a recompile each, then eager past the recompile limit) and minutes of inductor compile for a long
+    # sequence; our op keeps T symbolic. So there, where our CPU kernel runs, only what it does not cover (and
+    # what torch must run) goes to torch's.
+    traced_cpu = (input.device.type == "cpu" and uncovered is None and torch.compiler.is_compiling()
+                  and _ext.loaded())
+    if not torch_fails and not traced_cpu and backends.prefer_native(
+            "lstm", input.device, backend, size=batch, grad=grad, dtype=run_dtype, tensors=operands,
+            uncovered=uncovered):
         # (torch applies autocast itself)
         return _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                             dropout, training, batch_sizes)
