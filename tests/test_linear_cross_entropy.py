@@ -1077,7 +1077,7 @@ def _cpu_peak_bytes(fn):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cpu_16bit_split_path_peak_memory(dtype, monkeypatch):
-    """CPU 16-bit on the split path (float16; bfloat16 where oneDNN has no bf16 GEMMs, forced here by fused=False):
+    """CPU 16-bit on the split path (float16; bfloat16, forced here by fused=False where oneDNN has bf16 GEMMs):
     forward+backward peaks at most at torch's linear + cross_entropy, and within the bound of
     docs/linear_cross_entropy.md ("Memory on the CPU") at a chunk budget that needs several chunks. The backward
     sized its 16-bit dlogits chunk at 2 bytes per element and converted it whole to fp32 for each GEMM: 1.17x
@@ -1106,12 +1106,16 @@ def test_cpu_16bit_split_path_peak_memory(dtype, monkeypatch):
     monkeypatch.setattr(tk, "CHUNK_BYTES", budget)
     ours = peak(lambda: linear_cross_entropy(x, W, t, backend="cpu-split"))
     # the documented bound: bytes per chunk column (fp32 dlogits and W rows; a 16-bit chunk where the GEMMs run in
-    # bf16 adds its fp32 copy for dX), the columns within the budget, the N x H and W-block terms, O(N) vectors
-    col = 4 * N + 4 * H if _native.gemm_dtype(x) == torch.float32 else 6 * N + 4 * H
+    # bf16, converted for dX a block of columns at a time), the columns within the budget, the N x H and W-block
+    # terms, O(N) vectors
+    bf16_gemms = _native.gemm_dtype(x) != torch.float32
+    col = 2 * N + 4 * H + (4 * (N + H)) // tk.ACC_SPLITS if bf16_gemms else 4 * N + 4 * H
     chunk = min(V, max(64, budget // col // 64 * 64))
     assert chunk < V  # several chunks
     grads = x.element_size() * (N * H + V * H)
     backward = grads + chunk * col + 12 * N * H + 4 * min(chunk, 1024) * H
+    if bf16_gemms:  # the dlogits op's logit block, fp32 and the bf16 product it is copied from
+        backward += 6 * min(N, 4096) * min(chunk, 1024)
     forward = 4 * N * H + 4 * min(N, 4096) * min(V, 1024) + 4 * min(V, 1024) * H
     bound = max(forward, backward) + 64 * N + (64 << 10)
     assert ours <= bound, f"{ours / 2**20:.2f} MiB > bound {bound / 2**20:.2f} MiB"

@@ -89,6 +89,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 _HAS_OUT_DTYPE = [True]
+# mm_acc_ off CUDA converts a 16-bit chunk to fp32 in this many column blocks, with their W rows (a whole copy held
+# twice a bf16 chunk: the peak went above torch's linear + cross_entropy on CPUs with bf16 GEMMs)
+ACC_SPLITS = 4
 
 
 def mm_acc_(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -103,8 +106,11 @@ def mm_acc_(acc: Tensor, a: Tensor, b: Tensor) -> None:
         except (TypeError, RuntimeError):  # a torch without addmm(out_dtype=)
             _HAS_OUT_DTYPE[0] = False
         acc.add_(torch.mm(a, b))  # one rounding of each chunk's product to the input dtype
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    else:  # no CPU GEMM takes 16-bit operands into an fp32 output: fp32 operands, ACC_SPLITS blocks of the inner
+        # dimension at a time (each W row converted and read once)
+        step = max(1, -(-a.shape[1] // ACC_SPLITS))
+        for k0 in range(0, a.shape[1], step):
+            acc.addmm_(a[:, k0:k0 + step].to(acc.dtype), b[k0:k0 + step].to(acc.dtype))
 
 
 def forward(k: Kernels, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
@@ -125,13 +131,14 @@ def column_bytes(N: int, H: int, dtype: torch.dtype, dl_dtype: torch.dtype, devi
                  input_grad: bool) -> int:
     """Bytes a backward chunk holds at once per column: its dlogits (N in ``dl_dtype``) and, off CUDA (no GEMM there
     takes 16-bit operands into an fp32 output), the fp32 copies its GEMMs make for 16-bit inputs: its W rows for dX
-    or dW's product before its rounding (H), and mm_acc_'s copy of a 16-bit chunk for dX (N)."""
+    or dW's product before its rounding (H), and for a 16-bit chunk mm_acc_'s copies for dX, a block of chunk columns
+    and their W rows at a time ((N + H) / ACC_SPLITS)."""
     acc = acc_dtype(dtype)
     n = N * dl_dtype.itemsize
     if device.type != "cuda" and dtype != acc:
         n += H * acc.itemsize
         if dl_dtype != acc and input_grad:
-            n += N * acc.itemsize
+            n += -(-(N + H) * acc.itemsize // ACC_SPLITS)
     return n
 
 
