@@ -128,6 +128,7 @@ class BuildExt(cpp_extension.BuildExtension):
             "torch_version": torch.__version__,
             "torch_cuda": torch.version.cuda,
             "with_cuda": WITH_CUDA,
+            "cuda_skipped": os.environ.get("PYKERNELS_SKIP_CUDA_BUILD") == "1",
             "cuda_home": cpp_extension.CUDA_HOME if WITH_CUDA else None,
             "arch_list": _arch_list() if WITH_CUDA else [],
             "python": platform.python_version(),

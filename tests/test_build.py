@@ -164,6 +164,8 @@ def test_cuda_kernels_compiled_for_requested_arches_without_spills():
     if _nvcc() is None:
         pytest.skip("no nvcc: the CUDA sources cannot be compiled here")
     info = pykernels.build_info()
+    if info.get("cuda_skipped"):
+        pytest.skip("built with PYKERNELS_SKIP_CUDA_BUILD=1")
     assert info.get("with_cuda"), "torch is a CUDA build and nvcc exists, but _C was built without its CUDA kernels"
     assert torch._C._dispatch_has_kernel_for_dispatch_key("pykernels::cross_entropy_fwd", "CUDA")
     tool = _cuobjdump()
