@@ -28,8 +28,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("DEBUG") == "1"
 
 
+SKIP_CUDA = os.environ.get("PYKERNELS_SKIP_CUDA_BUILD") == "1"
+
+
 def _with_cuda() -> bool:
-    if os.environ.get("PYKERNELS_SKIP_CUDA_BUILD") == "1":
+    if SKIP_CUDA:
         return False
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and \
         os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
@@ -128,7 +131,7 @@ class BuildExt(cpp_extension.BuildExtension):
             "torch_version": torch.__version__,
             "torch_cuda": torch.version.cuda,
             "with_cuda": WITH_CUDA,
-            "cuda_skipped": os.environ.get("PYKERNELS_SKIP_CUDA_BUILD") == "1",
+            "cuda_skipped": SKIP_CUDA,
             "cuda_home": cpp_extension.CUDA_HOME if WITH_CUDA else None,
             "arch_list": _arch_list() if WITH_CUDA else [],
             "python": platform.python_version(),

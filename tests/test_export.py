@@ -42,8 +42,8 @@ class _Attention(torch.nn.Module):
         return self.mha(x, x, x, need_weights=False)[0]
 
 
-def _case(name, batch):
-    """(module, example args at this batch, dynamic_shapes, args at another batch)."""
+def _case(name):
+    """(module, args at a batch: n -> tuple, dynamic_shapes)."""
     torch.manual_seed(0)
     B = Dim("B", min=2, max=1 << 16)
     if name == "cross_entropy":
@@ -73,7 +73,7 @@ def test_export_with_dynamic_batch(name, batch, strict):
         pytest.skip("declared range ends at 64")
     if strict and batch == 32:
         pytest.skip("(CI time: strict export runs at the two other example batches)")
-    m, args, dynamic = _case(name, batch)
+    m, args, dynamic = _case(name)
     with torch.no_grad():
         ep = torch.export.export(m, args(batch), dynamic_shapes=dynamic, strict=strict)
         buf = io.BytesIO()
@@ -155,3 +155,18 @@ def test_export_of_a_patched_functional_holds_our_ops(strict):
     ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert "pykernels.cross_entropy.default" in ops and not any("cross_entropy_loss" in o for o in ops), ops
     torch.testing.assert_close(ep.module()(x, t), want)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+def test_export_size_rule_holds_over_the_whole_declared_range(strict):
+    """cross_entropy's rule (torch's kernel below 2^20 logits): a declared range wholly below the bound exports
+    torch's op; one across it, an unknown size, exports ours (and neither guards)."""
+    if pykernels.available_backends("cpu")["cpu"] is not None:
+        pytest.skip("no C++ extension here")
+    m = _Loss(pykernels.nn.CrossEntropyLoss())
+    args = (torch.randn(32, 16), torch.randint(0, 64, (32,)))
+    for top, want in ((1000, "aten.cross_entropy_loss"), (1 << 16, "pykernels.cross_entropy")):
+        B = Dim("B", min=2, max=top)
+        ep = torch.export.export(m, args, dynamic_shapes=({0: B}, {0: B}), strict=strict)
+        ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+        assert any(o.startswith(want) for o in ops), (top, ops)

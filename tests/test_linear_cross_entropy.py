@@ -1109,7 +1109,7 @@ def test_cpu_16bit_split_path_peak_memory(dtype, monkeypatch):
     # bf16, converted for dX a block of columns at a time), the columns within the budget, the N x H and W-block
     # terms, O(N) vectors
     bf16_gemms = _native.gemm_dtype(x) != torch.float32
-    col = 2 * N + 4 * H + (4 * (N + H)) // tk.ACC_SPLITS if bf16_gemms else 4 * N + 4 * H
+    col = 2 * N + -(-4 * (N + H) // tk.ACC_SPLITS) if bf16_gemms else 4 * N + 4 * H
     chunk = min(V, max(64, budget // col // 64 * 64))
     assert chunk < V  # several chunks
     grads = x.element_size() * (N * H + V * H)

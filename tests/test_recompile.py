@@ -40,13 +40,17 @@ def test_varlen_max_seqlen_stays_symbolic():
 
 
 @pytest.mark.skipif(pykernels.available_backends("cpu")["cpu"] is not None, reason="no C++ extension here")
-def test_lstm_sequence_length_stays_symbolic():
-    """Where the size rules pick torch's LSTM (fp32, batch 4 with a gradient), a traced call ran torch's LSTM,
-    which decomposes over the time steps: a guard (and a recompile) per sequence length, then eager; inductor
-    took minutes per compile. Traced CPU calls run our op, which keeps T symbolic."""
+def test_lstm_sequence_length_stays_symbolic(monkeypatch):
+    """Where the size rules pick torch's LSTM (fp32 from batch 3 with a gradient on an AVX-512 CPU, set here so
+    that AVX2 CPUs test it too), a traced call ran torch's LSTM, which decomposes over the time steps: a guard (and a
+    recompile) per sequence length, then eager; inductor took minutes per compile. Traced CPU calls run our op,
+    which keeps T symbolic."""
+    from pykernels import _native
+    monkeypatch.setattr(_native, "CPU_CAPABILITY", "AVX512")
     torch.manual_seed(0)
     m = pykernels.nn.LSTM(16, 32, num_layers=2, batch_first=True)
     n = _graphs(lambda x: m(x)[0], lambda T: (torch.randn(4, T, 16, requires_grad=True),))
     assert n <= 2
     x = torch.randn(4, 11, 16)
     torch.testing.assert_close(torch.compile(lambda x: m(x)[0], backend="eager")(x), m(x)[0])
+    torch._dynamo.reset()

@@ -157,7 +157,7 @@ struct RowKernel {
       // exp, not exp_u20: the gradient is p itself here, and exp_u20's few ulps near p = 1 put it at 2.8x torch's
       // error where torch's exp is the 1-ulp one (AVX-512 builds; logits near 1e4); exp_u20 stays in the sums
       at::vec::map([lse, lse_err](Vec v) { return ((v - Vec(lse)) - Vec(lse_err)).exp(); }, buf, vals, C);
-      inv_sum = std::isfinite(lse) ? acc_t(1) : nan;  // see below: exp_u20 does not carry a NaN through
+      inv_sum = std::isfinite(lse) ? acc_t(1) : nan;  // a non-finite lse: exp(x - lse) is 0 or NaN, torch's is NaN
     } else {
       acc_t m, s, A = 0, sum_wd = 0;
       if (g) {  // the probabilities stay in buf for the gradient pass

@@ -131,13 +131,14 @@ def column_bytes(N: int, H: int, dtype: torch.dtype, dl_dtype: torch.dtype, devi
                  input_grad: bool) -> int:
     """Bytes a backward chunk holds at once per column: its dlogits (N in ``dl_dtype``) and, off CUDA (no GEMM there
     takes 16-bit operands into an fp32 output), the fp32 copies its GEMMs make for 16-bit inputs: its W rows for dX
-    or dW's product before its rounding (H), and for a 16-bit chunk mm_acc_'s copies for dX, a block of chunk columns
-    and their W rows at a time ((N + H) / ACC_SPLITS)."""
+    or dW's product before its rounding (H) with an fp32 chunk; with a 16-bit one (bf16 GEMMs: dW's product is bf16)
+    mm_acc_'s copies for dX, a block of chunk columns and their W rows at a time ((N + H) / ACC_SPLITS)."""
     acc = acc_dtype(dtype)
     n = N * dl_dtype.itemsize
     if device.type != "cuda" and dtype != acc:
-        n += H * acc.itemsize
-        if dl_dtype != acc and input_grad:
+        if dl_dtype == acc:
+            n += H * acc.itemsize
+        elif input_grad:
             n += -(-(N + H) * acc.itemsize // ACC_SPLITS)
     return n
 
