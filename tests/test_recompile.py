@@ -4,11 +4,11 @@ recompile_limit (8) silently sends the function back to eager. Ours must compile
 (Dynamo's automatic dynamic: the first shape, then one symbolic graph). CPU tier."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import pykernels
+from conftest import require_backend
 
 SIZES = (5, 7, 9, 13, 17, 24, 33, 40, 64, 100)
 
@@ -39,12 +39,12 @@ def test_varlen_max_seqlen_stays_symbolic():
     assert _graphs(f, make) <= 2
 
 
-@pytest.mark.skipif(pykernels.available_backends("cpu")["cpu"] is not None, reason="no C++ extension here")
 def test_lstm_sequence_length_stays_symbolic(monkeypatch):
     """Where the size rules pick torch's LSTM (fp32 from batch 3 with a gradient on an AVX-512 CPU, set here so
     that AVX2 CPUs test it too), a traced call ran torch's LSTM, which decomposes over the time steps: a guard (and a
     recompile) per sequence length, then eager; inductor took minutes per compile. Traced CPU calls run our op,
     which keeps T symbolic."""
+    require_backend("cpu", "cpu")  # (the fix routes traced calls to the C++ kernel)
     from pykernels import _native
     monkeypatch.setattr(_native, "CPU_CAPABILITY", "AVX512")
     torch.manual_seed(0)
