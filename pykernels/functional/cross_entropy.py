@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import operator
 import warnings
 from typing import Optional
 
@@ -39,7 +38,7 @@ def _index(fn: str, name: str, v) -> int:
     within int64 (torch's ValueError past it, where the kernels' launch raised an OverflowError)."""
     if not _args.is_index(v):
         raise ArgumentTypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
-    v = operator.index(v)
+    v = _args.index(v)
     if not -2**63 <= v < 2**63:
         raise ArgumentValueError(f"{fn}: {name} must fit in int64, got {v}")
     return v
