@@ -348,19 +348,35 @@ OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
                                "the forward alone 0.58-1.22x, so calls without a gradient stay torch's "
                                "(bench/results/cpu-lstm-bfloat16-small-batch-20261205-083823.json; at B=16-64 "
                                "0.49-0.81x, bench/results/cpu-lstm-bfloat16-20261205-080626.json)"),
-        torch.float16: "torch's CPU LSTM runs fp16 GEMMs (5-100x slower than fp32 ones on this CPU), ours fp32 "
-                       "ones on converted operands: the C++ sequence kernel measured 3.5-7.7x torch's speed "
-                       "forward and 5.4-6.2x forward+backward at T=64, B=1-64, H=128-256, 2 cores "
-                       "(bench/results/cpu-lstm-float16-20261205-080843.json)"}},
+        torch.float16: (16, 8, "where oneDNN has fp16 (AVX512-FP16, a 2-core Intel Xeon; elsewhere "
+                               "OURS_WITHOUT_ONEDNN) torch's fp16 LSTM runs it, and the C++ sequence kernel (fp32 "
+                               "GEMMs on converted operands) measured, at T=64, with a gradient 1.24-9.95x its speed "
+                               "up to B=8 (H=128-1024) and 1.14-2.89x at B=16 (H=128-768), but 0.92x / 1.16x at "
+                               "B=32 (H=768 / 256) and 0.78-1.06x at B=64; without a gradient 1.35-3.50x up to B=4, "
+                               "0.99-1.40x at B=8, 0.71-0.90x at B=16 and 0.49-0.62x at B=64 "
+                               "(bench/results/cpu-lstm-lstm_cell-linear_cross_entropy-float16-20261206-093147.json, "
+                               "bench/results/cpu-lstm-float16-small-batch-20261206-093447.json, "
+                               "bench/results/cpu-lstm-float16-large-hidden-20261206-093915.json, "
+                               "bench/results/cpu-lstm-float16-B16-20261206-094113.json, "
+                               "bench/results/cpu-lstm-float16-B32-20261206-094130.json, "
+                               "bench/results/cpu-lstm-float16-B16-20261206-094152.json, "
+                               "bench/results/cpu-lstm-float16-B32-20261206-094216.json)")}},
 }
 
 
-# op -> {16-bit dtype: why}: on a CPU whose oneDNN lacks that dtype (``_native.ONEDNN_DTYPES``: no AVX512-BF16 / AMX)
+# op -> {16-bit dtype: why}: on a CPU whose oneDNN lacks that dtype (``_native.ONEDNN_DTYPES``: bf16 needs AVX512-BF16
+# or AMX, fp16 AVX512-FP16 or AMX-FP16)
 # torch runs its GEMMs on generic loops (and its LSTM under autocast raises), ours on fp32 GEMMs of converted operands
 # (``_native.gemm_dtype``): there ours runs every automatic CPU call of the op in that dtype, ahead of the other
 # rules, which were measured where oneDNN had it. Read at each call.
 OURS_WITHOUT_ONEDNN: Dict[str, Dict[torch.dtype, str]] = {
-    "lstm": {torch.bfloat16: "without oneDNN bf16 torch's CPU LSTM runs bf16 GEMM loops: on an AVX2-only AMD EPYC, "
+    "lstm": {torch.float16: "without oneDNN fp16 (no AVX512-FP16 / AMX-FP16: an AMD EPYC with AVX-512, 2 cores) "
+                            "torch's CPU LSTM runs fp16 GEMM loops (5-100x slower than its fp32 ones there), ours "
+                            "fp32 GEMMs on converted operands: the C++ sequence kernel measured 3.5-7.7x torch's speed "
+                            "forward and 5.4-6.2x forward+backward at T=64, B=1-64, H=128-256 "
+                            "(bench/results/cpu-lstm-float16-20261205-080843.json), and 4.2-9.6x / 26-50x on an "
+                            "AVX2-only one (bench/results/cpu-lstm-float16-avx2-20261205-101214.json)",
+             torch.bfloat16: "without oneDNN bf16 torch's CPU LSTM runs bf16 GEMM loops: on an AVX2-only AMD EPYC, "
                              "2 cores, T=64, H=128-512, B=1-64, the C++ sequence kernel (fp32 GEMMs on converted "
                              "operands) measured 3.7-9.9x its speed forward and 13.6-60x forward+backward (torch's "
                              "own bf16 gradients at H=256, B=2-8 missed the harness's tolerance, untimed); at "
@@ -422,18 +438,46 @@ NATIVE_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
 # whole op. Measured, like NATIVE_FASTER.
 NATIVE_FASTER_BELOW: Dict[str, Dict[str, tuple]] = {
     "cross_entropy": {
-        "cpu": (1 << 20, 1 << 20,
+        "cpu": (1 << 20, 1 << 22,
                 "torch's cross-entropy measured faster than the C++ kernel on small logits, 2 cores fp32: ours at "
                 "0.42x torch's speed at 2^16 with a gradient, 0.69x at 2^18, 1.56-1.80x at 2^20-2^21, 6.9x at 2^27; "
-                "without a gradient 0.28x at 2^16, 0.56x at 2^18, 0.98x at 2^20, 1.13x at 2^21, 5.9x at 2^27 "
-                "(bench/results/"
+                "without a gradient 0.28x at 2^16, 0.56x at 2^18, 0.98x at 2^20, 1.13x at 2^21, 5.9x at 2^27 on an "
+                "AMD EPYC with AVX-512 (bench/results/"
                 "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-080559.json; an "
                 "earlier run of the same kernel, 1.14x at 2^20 without a gradient: bench/results/history/"
                 "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-052819.json); on an "
-                "AVX2-only CPU the same crossover: 0.52x at 2^16, 0.93x at 2^18, 2.50x at 2^20, 14.3x at 2^27 with a "
-                "gradient, 0.26x, 0.69x, 1.34x, 6.7x without "
+                "Intel Xeon with AVX-512, where torch's forward runs 512-bit vectors and ours 256-bit ones, the "
+                "same crossover with a gradient (0.67x at 2^18, 1.10x at 2^20, 1.21-1.63x at 2^21-2^22) but a "
+                "later one without: 0.70x at 2^20, 0.86x at 2^21, 0.82-0.98x at 2^22, 2.25-3.93x at 2^23 "
+                "(bench/results/"
+                "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261206-092334.json, "
+                "bench/results/cpu-cross_entropy-20261206-093512.json, "
+                "bench/results/cpu-cross_entropy-20261206-093537.json, "
+                "bench/results/cpu-cross_entropy-20261206-094318.json, "
+                "bench/results/cpu-cross_entropy-20261206-094336.json, "
+                "bench/results/cpu-cross_entropy-20261206-094357.json, "
+                "bench/results/cpu-cross_entropy-20261206-094418.json): forward-only calls run ours from 2^22")},
+}
+
+
+# As NATIVE_FASTER_BELOW, on x86 CPUs without AVX-512 (``_native.CPU_CAPABILITY == "AVX2"``), where torch's kernels
+# lose their 512-bit vectors and ours (built for AVX2) do not: an entry here replaces the op's entry there.
+NATIVE_FASTER_BELOW_AVX2: Dict[str, Dict[str, tuple]] = {
+    "cross_entropy": {
+        "cpu": (1 << 20, 1 << 20,
+                "torch's cross-entropy measured faster than the C++ kernel on small logits on an AVX2-only CPU (a "
+                "2-core AMD EPYC), fp32: ours at 0.52x torch's speed at 2^16, 0.93x at 2^18, 2.50x at 2^20, 14.3x "
+                "at 2^27 with a gradient, 0.26x, 0.69x, 1.34x, 6.7x without "
                 "(bench/results/cpu-cross_entropy-avx2-20261205-104540.json)")},
 }
+
+
+def native_below(op: str, kind: str) -> Optional[tuple]:
+    """The NATIVE_FASTER_BELOW rule of ``op`` on device type ``kind`` for this CPU: (size from which ours runs a call
+    with a gradient, without one, why), or None."""
+    if kind == "cpu" and _native.CPU_CAPABILITY == "AVX2" and op in NATIVE_FASTER_BELOW_AVX2:
+        return NATIVE_FASTER_BELOW_AVX2[op].get(kind)
+    return NATIVE_FASTER_BELOW.get(op, {}).get(kind)
 
 
 def _sized(rule, size: Optional[int], grad: bool, native: bool) -> Optional[str]:
@@ -545,7 +589,7 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     if why is None and dtype is not None:
         why = _sized(NATIVE_FASTER_DTYPE.get(op, {}).get(kind, {}).get(dtype), size, grad, native=True)
     if why is None and size is not None:
-        rule = NATIVE_FASTER_BELOW.get(op, {}).get(kind)
+        rule = native_below(op, kind)
         if rule is not None and _below(size, rule[0 if grad else 1]):  # (None, a range across the bound: ours)
             why = rule[2]
     if why is not None:

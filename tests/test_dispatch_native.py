@@ -43,10 +43,13 @@ def test_every_entry_cites_a_committed_measurement():
     import os
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rules = [(op, why) for op, d in backends.NATIVE_FASTER.items() for why in d.values()]
-    rules += [(op, rule[2]) for op, d in backends.NATIVE_FASTER_BELOW.items() for rule in d.values()]
-    rules += [(op, why) for table in (backends.NATIVE_FASTER_DTYPE, backends.OURS_FASTER_DTYPE)
+    rules += [(op, rule[2]) for table in (backends.NATIVE_FASTER_BELOW, backends.NATIVE_FASTER_BELOW_AVX2)
+              for op, d in table.items() for rule in d.values()]
+    rules += [(op, why) for table in (backends.NATIVE_FASTER_DTYPE, backends.OURS_FASTER_DTYPE,
+                                      backends.OURS_FASTER_DTYPE_AVX2)
               for op, d in table.items() for per in d.values()
               for why in (v[-1] if isinstance(v, tuple) else v for v in per.values())]
+    rules += [(op, why) for op, d in backends.OURS_WITHOUT_ONEDNN.items() for why in d.values()]
     def cited(why):  # the measurement files a rule's text names
         return re.findall(r"bench/results/[^ ;),]+", why)
 
@@ -218,6 +221,31 @@ def test_cpu_without_onednn_bf16_runs_ours_for_bf16_lstm(monkeypatch):
     assert pykernels.last_dispatch["lstm"][0] == "torch"
 
 
+def test_cpu_fp16_lstm_rule_follows_onednn_fp16(monkeypatch):
+    """fp16 sequences: where oneDNN has fp16 (simulated on any CPU) torch's fp16 LSTM wins at large batches, so
+    automatic calls run ours only up to the sized rule's batches (with a gradient, without one); where it has none
+    (OURS_WITHOUT_ONEDNN) ours runs every size."""
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
+    from pykernels.ops import lstm as lstm_ops
+    if "cpu" not in lstm_ops.LAYER:
+        pytest.skip("the C++ LSTM kernels are not built")
+    with_grad, without, _ = backends.OURS_FASTER_DTYPE["lstm"]["cpu"][torch.float16]
+    assert without < with_grad
+    lstm = pykernels.nn.LSTM(5, 7).half()
+
+    def ran(batch, grad):
+        with torch.set_grad_enabled(grad):
+            lstm(torch.randn(4, batch, 5, dtype=torch.float16))
+        return pykernels.last_dispatch["lstm"][0]
+
+    monkeypatch.setattr(pykernels._native, "ONEDNN_DTYPES", frozenset({torch.bfloat16, torch.float16}))
+    assert [ran(with_grad, True), ran(with_grad + 1, True)] == ["cpu", "torch"]
+    assert [ran(without, False), ran(without + 1, False)] == ["cpu", "torch"]
+    monkeypatch.setattr(pykernels._native, "ONEDNN_DTYPES", frozenset({torch.bfloat16}))
+    assert [ran(with_grad + 1, True), ran(without + 1, False)] == ["cpu", "cpu"]
+
+
 def test_lstm_calls_no_kernel_covers_record_why_torch_ran(monkeypatch):
     """Automatic LSTM calls with proj_size > 0 or a packed batch run torch's LSTM because no sequence kernel covers
     them, and last_dispatch says so (it gave the fp32 speed rule, false in fp16, where the C++ kernel measured
@@ -267,7 +295,7 @@ def test_cpu_small_cross_entropy_runs_torch_large_runs_ours(monkeypatch):
     requests, ours runs."""
     monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
     monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
-    with_grad, without = backends.NATIVE_FASTER_BELOW["cross_entropy"]["cpu"][:2]
+    with_grad, without = backends.native_below("cross_entropy", "cpu")[:2]
     ce = pykernels.functional.cross_entropy
     x = torch.randn(64, 33, requires_grad=True)
     t = torch.randint(0, 33, (64,))
@@ -297,6 +325,12 @@ def test_cpu_small_cross_entropy_runs_torch_large_runs_ours(monkeypatch):
     assert backends.prefer_native("cross_entropy", CUDA, None, 10) is None  # no rule on CUDA
     with pytest.raises(ValueError, match="target must have shape"):  # our argument checks come first
         ce(x, t[:5])
+    # the bound without a gradient per CPU: 2^22 logits with AVX-512 (torch's 512-bit forward), 2^20 on AVX2 only
+    for cap, bound in (("AVX512", 1 << 22), ("AVX2", 1 << 20)):
+        monkeypatch.setattr(pykernels._native, "CPU_CAPABILITY", cap)
+        assert backends.native_below("cross_entropy", "cpu")[:2] == (1 << 20, bound), cap
+        native = backends.prefer_native("cross_entropy", torch.device("cpu"), None, 1 << 21, grad=False)
+        assert (native is not None) == (bound > 1 << 21), cap
 
 
 def test_environment_variables_are_read_per_call_without_os_environ_get(monkeypatch):
