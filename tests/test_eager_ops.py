@@ -151,7 +151,8 @@ def test_jit_trace_of_the_modules_passes_its_check():
         torch.testing.assert_close(traced(x)[0], lstm(x)[0])
         assert pykernels.last_dispatch["lstm"][0] != "torch"  # outside tracing the rules apply again
         loss = pykernels.nn.CrossEntropyLoss()
-        logits, t = torch.randn(64, 2 ** 14), torch.randint(0, 2 ** 14, (64,))  # 2^20 logits: ours, untraced
+        # 2^20 logits with a gradient: ours, untraced (native_below)
+        logits, t = torch.randn(64, 2 ** 14, requires_grad=True), torch.randint(0, 2 ** 14, (64,))
         traced = torch.jit.trace(loss, (logits, t))
         torch.testing.assert_close(traced(logits, t), loss(logits, t))
 
