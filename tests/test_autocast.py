@@ -112,6 +112,33 @@ def test_lstm_under_autocast_avoids_a_failing_torch_lstm(monkeypatch, grad):
         assert pykernels.last_dispatch["lstm"][0] != "torch", pykernels.last_dispatch["lstm"]
 
 
+def test_lstm_under_fp16_autocast_with_grad_mode_avoids_torch_even_where_onednn_has_fp16(monkeypatch):
+    """torch's CPU LSTM under fp16 autocast raises whenever grad mode is on, also where oneDNN has fp16 (an Intel
+    Xeon with AVX512-FP16; simulated here on any CPU), where the fp16 speed rule hands large batches to torch:
+    such calls never reach torch's autocast LSTM (they run on fp16 copies, as autocast would, by the fp16 rules),
+    with or without a gradient to record."""
+    monkeypatch.setattr(pykernels._native, "ONEDNN_DTYPES", frozenset({torch.bfloat16, torch.float16}))
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
+    from pykernels import backends
+    big = backends.OURS_FASTER_DTYPE["lstm"]["cpu"][torch.float16][0] + 1  # torch's by the speed rule
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(8, 16)
+    ours = pykernels.nn.LSTM(8, 16)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, big, 8)
+    for requires_grad in (True, False):
+        ours.requires_grad_(requires_grad)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out, _ = ours(x)  # raised "could not create a primitive descriptor" in torch's autocast LSTM
+        assert out.dtype == torch.float16
+        want, _ = copy.deepcopy(theirs).half()(x.half())
+        torch.testing.assert_close(out.float(), want.float(), atol=2e-3, rtol=0)
+        if requires_grad:
+            out.float().sum().backward()
+            assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference", None])
 def test_lstm_and_cell_under_autocast(backend):
     """nn.LSTM runs in the autocast dtype (torch's CPU rnn layer is on the lower-precision list), also when its

@@ -287,11 +287,14 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
         return _layer_unsupported(b, input, proj_size, packed, params[1].shape[-1])
     operands = (input, *(hx or ()), *params)  # (all tensors: checked)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in operands)
-    # under autocast torch's LSTM computes in the autocast dtype: its rules are that dtype's; on a CPU whose oneDNN
-    # lacks that dtype torch's autocast LSTM raises (_native.ONEDNN_DTYPES), so ours runs the call
+    # under autocast torch's LSTM computes in the autocast dtype: its rules are that dtype's. Its CPU autocast LSTM
+    # raises ("could not create a primitive descriptor for the LSTM forward propagation primitive") in a 16-bit
+    # dtype this CPU's oneDNN lacks (_native.ONEDNN_DTYPES), and in fp16 under grad mode even where oneDNN has fp16
+    # (an Intel Xeon with AVX512-FP16, torch 2.14.1; no_grad ran): ours runs those calls
     run_dtype = torch.get_autocast_dtype(input.device.type) if amp and _autocast.eligible(input) else input.dtype
     torch_fails = (amp and input.device.type == "cpu" and run_dtype in (torch.float16, torch.bfloat16)
-                   and run_dtype not in _native.ONEDNN_DTYPES)
+                   and (run_dtype not in _native.ONEDNN_DTYPES
+                        or (run_dtype == torch.float16 and torch.is_grad_enabled())))
     # Traced on the CPU (torch.compile, export), torch's LSTM decomposes over the time steps: one guard per sequence
     # length (a recompile each, then eager past the recompile limit) and minutes of inductor compile for a long
     # sequence; our op keeps T symbolic. So there, where our CPU kernel runs, only what it does not cover (and
