@@ -340,14 +340,19 @@ OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
                               "torch's (bench/results/cpu-lstm-small-batch-20261205-083703.json; at B=1 H=256 1.07x "
                               "and 0.98x in bench/results/"
                               "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-080559.json,"
-                              " where oneDNN's own time was 2.4x lower than in another run the same hour)"),
+                              " where oneDNN's own time was 2.4x lower than in another run the same hour); on an "
+                              "Intel Xeon with AVX-512 the same bound: 1.16-1.53x at B=1, 1.00-1.34x at B=2, "
+                              "0.88-1.24x at B=4, 0.80-0.90x at B=8 with a gradient "
+                              "(bench/results/cpu-lstm-small-batch-20261206-101028.json)"),
         torch.bfloat16: (4, 0, "with a gradient the C++ sequence kernel (fp32 gates and GEMMs on converted operands) "
                                "measured faster than oneDNN's bf16 LSTM up to B=4, 2 cores, T=64: forward+backward "
                                "1.79-3.15x at B=1, 1.67-2.41x at B=2, 1.10-1.42x at B=4, 0.78-1.07x at B=8 "
                                "(H=128-512); "
                                "the forward alone 0.58-1.22x, so calls without a gradient stay torch's "
                                "(bench/results/cpu-lstm-bfloat16-small-batch-20261205-083823.json; at B=16-64 "
-                               "0.49-0.81x, bench/results/cpu-lstm-bfloat16-20261205-080626.json)"),
+                               "0.49-0.81x, bench/results/cpu-lstm-bfloat16-20261205-080626.json); on an Intel "
+                               "Xeon with AMX the same bound: 2.07-3.17x at B=1, 1.42-2.54x at B=2, 1.06-2.01x at B=4, "
+                               "0.78-1.31x at B=8 (bench/results/cpu-lstm-bfloat16-small-batch-20261206-101153.json)"),
         torch.float16: (16, 8, "where oneDNN has fp16 (AVX512-FP16, a 2-core Intel Xeon; elsewhere "
                                "OURS_WITHOUT_ONEDNN) torch's fp16 LSTM runs it, and the C++ sequence kernel (fp32 "
                                "GEMMs on converted operands) measured, at T=64, with a gradient 1.24-9.95x its speed "
