@@ -171,7 +171,7 @@ def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monke
         ours(packed)
         assert pykernels.last_dispatch["lstm"][0] == "torch"
     ours.float(), theirs.float()
-    # fp16 sequence (OURS_FASTER_DTYPE): automatic calls run ours
+    # fp16 sequence where oneDNN has no fp16 (OURS_WITHOUT_ONEDNN): automatic calls run ours
     if "cpu" in lstm_ops.LAYER:
         half = pykernels.nn.LSTM(5, 7, num_layers=2).half()
         half(x.half())
