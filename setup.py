@@ -3,6 +3,8 @@
 Install with `pip install --no-build-isolation -e .` so that _C is compiled against the torch you run.
 Knobs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, PYKERNELS_SKIP_CUDA_BUILD=1,
 PYKERNELS_CPU_CAPABILITY=avx2|default (default: avx2 where this machine has it), CUDA_HOME, DEBUG=1.
+On x86-64 it also builds pykernels._C_avx512 (csrc/cpu/avx512/: kernels compiled for AVX-512, whatever the build
+machine has), which pykernels loads only on CPUs where torch dispatches at AVX512.
 """
 from __future__ import annotations
 
@@ -89,6 +91,17 @@ def _cpu_capability_flags() -> list[str]:
     return []
 
 
+# csrc/cpu/avx512/ compiled as at::vec's AVX512 capability (512-bit Vectorized, in namespace at::vec::AVX512).
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512",
+                "-Wno-maybe-uninitialized"]  # (GCC 12 flags its own avx512fintrin.h)
+
+
+def _wide_cpu_libraries() -> list[str]:
+    """The ISA-specific CPU libraries built besides _C: AVX-512 on x86-64 (any GCC or Clang compiles it there)."""
+    return ["avx512"] if platform.machine().lower() in ("x86_64", "amd64") and os.name == "posix" else []
+
+
 def _sources(with_cuda: bool) -> list[str]:
     src = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if with_cuda:
@@ -116,7 +129,21 @@ def _extension():
                                        extra_link_args=link), with_cuda
 
 
+def _wide_extensions() -> list:
+    """pykernels._C_<isa>: a plain shared library of the kernels in csrc/cpu/<isa>/ with C entry points, loaded by
+    pykernels/_ext.py through ctypes (RTLD_LOCAL: the AVX-512 copies of inline torch and std functions it holds
+    never replace anyone else's). Not a Python module: it has no PyInit."""
+    opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+    flags = {"avx512": AVX512_FLAGS}
+    return [cpp_extension.CppExtension(f"pykernels._C_{isa}", sorted(glob.glob(f"csrc/cpu/{isa}/*.cpp")),
+                                       extra_compile_args={"cxx": opt + ["-fvisibility=hidden", "-Wno-unknown-pragmas",
+                                                                         "-fopenmp"] + flags[isa]},
+                                       extra_link_args=["-fopenmp"])
+            for isa in _wide_cpu_libraries()]
+
+
 EXTENSION, WITH_CUDA = _extension()
+WIDE_EXTENSIONS = _wide_extensions()
 
 
 class BuildExt(cpp_extension.BuildExtension):
@@ -136,6 +163,7 @@ class BuildExt(cpp_extension.BuildExtension):
             "arch_list": _arch_list() if WITH_CUDA else [],
             "python": platform.python_version(),
             "cpu_capability": _cpu_capability(),
+            "wide_cpu_libraries": _wide_cpu_libraries(),
             "cxx_flags": EXTENSION.extra_compile_args.get("cxx"),
             "nvcc_flags": EXTENSION.extra_compile_args.get("nvcc"),
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -151,6 +179,6 @@ class BuildExt(cpp_extension.BuildExtension):
 
 # Project metadata, dependencies and packages live in pyproject.toml; only the extension is described here.
 setup(
-    ext_modules=[EXTENSION],
+    ext_modules=[EXTENSION] + WIDE_EXTENSIONS,
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
 )

@@ -77,10 +77,12 @@ def environment(device: torch.device) -> dict:
                    capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1), driver=_driver())
     else:
         # the same CPU name can hide different vector units (VMs sold as "AMD EPYC" with and without AVX-512), and
-        # torch's 16-bit CPU paths depend on them: record torch's capability and oneDNN's native 16-bit dtypes
-        from pykernels import _native
+        # torch's 16-bit CPU paths depend on them: record torch's capability and oneDNN's native 16-bit dtypes, and
+        # the ISA our own C++ CPU kernels ran at (AVX512 where pykernels._C_avx512 is in use)
+        from pykernels import _ext, _native
         cap, name = torch.backends.cpu.get_cpu_capability(), _cpu_name()
         env.update(device_name=f"{name} ({cap})", cpu=name, threads=torch.get_num_threads(),
                    cores=os.cpu_count(), cpu_capability=cap,
-                   onednn_dtypes=sorted(str(d).replace("torch.", "") for d in _native.ONEDNN_DTYPES))
+                   onednn_dtypes=sorted(str(d).replace("torch.", "") for d in _native.ONEDNN_DTYPES),
+                   pykernels_cpu_kernels=_ext.cpu_kernels)
     return env

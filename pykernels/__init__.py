@@ -21,5 +21,8 @@ __all__ = ["functional", "nn", "patch", "patch_functional", "use_backend", "chec
 
 
 def build_info() -> dict:
-    """Metadata of the compiled extension (torch, CUDA, arches), and why it is unusable if it is."""
-    return {**_ext.build_info, "loaded": _ext.loaded(), "load_error": _ext.load_error}
+    """Metadata of the compiled extension (torch, CUDA, arches), and why it is unusable if it is; ``cpu_kernels``: the
+    ISA its CPU kernels run at here ("AVX512" when the AVX-512 library is in use, else the build's), and
+    ``cpu_kernels_note``: why the AVX-512 library is not in use, if it is not."""
+    return {**_ext.build_info, "loaded": _ext.loaded(), "load_error": _ext.load_error,
+            "cpu_kernels": _ext.cpu_kernels, "cpu_kernels_note": _ext.wide_error}

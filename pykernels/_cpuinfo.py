@@ -26,3 +26,10 @@ def has_avx2() -> bool:
         return bool(torch.cpu._is_avx2_supported())
     except (ImportError, AttributeError, RuntimeError):
         return False
+
+
+def has_avx512() -> bool:
+    """AVX-512 F, BW, VL and DQ, what pykernels._C_avx512 is compiled for (at::vec's AVX512 level asks the same)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _proc_cpuinfo_flags()

@@ -6,6 +6,7 @@ Triton and reference backends keep working.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.machinery
 import json
 import os
@@ -22,16 +23,81 @@ _BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
 build_info: dict = {}
 load_error: Optional[str] = None  # why _C is unusable, or None when loaded
 _loaded = False
+# The ISA the C++ CPU kernels run at: "AVX512" where _C_avx512's kernels are registered into _C, else _C's build
+# capability ("AVX2" or "DEFAULT"); None without _C. wide_error: why _C_avx512 is not in use, or None.
+cpu_kernels: Optional[str] = None
+wide_error: Optional[str] = None
+_WIDE_KERNELS = ("cross_entropy_rows",)  # the entry points of a wide library, each registered into _C by its name
 
 
 def _torch_base(version: str) -> str:
     return version.split("+")[0]
 
 
-def _libraries(this_python_only: bool = False) -> list:
-    """The _C library files next to this module: any, or only those this interpreter would import."""
+def _libraries(this_python_only: bool = False, name: str = "_C") -> list:
+    """The library files called name next to this module: any, or only those this interpreter would import."""
     suffixes = importlib.machinery.EXTENSION_SUFFIXES if this_python_only else ("*.so", "*.pyd")
-    return [p for s in suffixes for p in _BUILD_INFO_PATH.parent.glob("_C" + s)]
+    return [p for s in suffixes for p in _BUILD_INFO_PATH.parent.glob(name + s)]
+
+
+def _wide_reason() -> Optional[str]:
+    """Why _C_avx512's kernels cannot run here, or None. torch's own dispatch level decides, so that
+    ATEN_CPU_CAPABILITY=avx2 (or default) lowers ours with torch's."""
+    if "avx512" not in build_info.get("wide_cpu_libraries", []):
+        return "this build has no _C_avx512 (built on a CPU other than x86-64, or before it existed)"
+    if not _cpuinfo.has_avx512():
+        return "this CPU lacks AVX-512 (F, BW, VL, DQ)"
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return (f"torch dispatches its CPU kernels at {torch.backends.cpu.get_cpu_capability()} here "
+                "(ATEN_CPU_CAPABILITY), ours follow it")
+    if not _libraries(this_python_only=True, name="_C_avx512"):
+        return "_C_avx512 is listed in the build record but its library is missing; rebuild"
+    return None
+
+
+def _main_library() -> ctypes.CDLL:
+    """_C through ctypes (the library already loaded: the same handle, its initialisers do not run again)."""
+    from . import _C
+    main = ctypes.CDLL(_C.__file__)
+    main.pykernels_set_wide_kernel.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+    main.pykernels_wide_kernel.argtypes = [ctypes.c_char_p]
+    main.pykernels_wide_kernel.restype = ctypes.c_void_p
+    return main
+
+
+def set_wide_kernels(on: bool) -> Optional[str]:
+    """Registers _C_avx512's kernels into _C (on) or takes them out (off: _C's own run); returns why they are not
+    registered, or None. Runs once at import; tests call it to run the CPU kernels at both levels."""
+    global cpu_kernels, wide_error
+    if not _loaded:
+        return load_error
+    why = _wide_reason() if on else "switched off (pykernels._ext.set_wide_kernels)"
+    try:
+        main = _main_library()
+        fns = dict.fromkeys(_WIDE_KERNELS)
+        if why is None:
+            # RTLD_LOCAL (ctypes' default): the library's AVX-512 copies of inline functions (std::, c10::) stay
+            # visible to no other library, so no code outside its own kernels can end up running them
+            wide = ctypes.CDLL(str(_libraries(this_python_only=True, name="_C_avx512")[0]))
+            if wide.pykernels_wide_kernels_abi() != main.pykernels_wide_kernels_abi():
+                why = "_C_avx512 is from another build than _C (their argument layouts differ); rebuild"
+            else:
+                fns = {name: ctypes.cast(getattr(wide, "pykernels_" + name), ctypes.c_void_p) for name in fns}
+        for name, fn in fns.items():
+            if main.pykernels_set_wide_kernel(name.encode(), fn) != 0:
+                raise AttributeError(f"_C has no slot for {name}")
+    except (OSError, AttributeError) as e:  # a stale library: _C's own kernels run, the import goes on
+        why = f"_C_avx512 could not be registered into _C ({e}); rebuild"
+    cpu_kernels = "AVX2" if build_info.get("cpu_capability") == "avx2" else "DEFAULT"
+    if why is None:
+        cpu_kernels = "AVX512"
+    wide_error = why
+    return why
+
+
+def wide_kernel(name: str) -> Optional[int]:
+    """The address of the wide kernel registered into _C under name, or None: _C's own runs."""
+    return _main_library().pykernels_wide_kernel(name.encode()) if _loaded else None
 
 
 def _load() -> None:
@@ -80,6 +146,7 @@ def _load() -> None:
         load_error = f"pykernels._C failed to load: {e}; {rebuild}"
         return
     _loaded = True
+    set_wide_kernels(True)
 
 
 def loaded() -> bool:

@@ -28,7 +28,8 @@ def pytest_report_header(config):
     info = pykernels.build_info()
     return [f"pykernels test seed: {SEED} (set PYKERNELS_TEST_SEED to replay)",
             f"torch {torch.__version__}, cuda available: {HAS_CUDA}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}",
-            f"extension: loaded={info['loaded']} with_cuda={info.get('with_cuda')} error={info['load_error']}",
+            f"extension: loaded={info['loaded']} with_cuda={info.get('with_cuda')} error={info['load_error']} "
+            f"cpu_kernels={info['cpu_kernels']} ({info['cpu_kernels_note'] or 'AVX-512 library in use'})",
             f"backends: {pykernels.available_backends()}"]
 
 
@@ -49,6 +50,19 @@ def _seed(request):
     # A different but replayable stream per test: fresh random data every run, never zeros.
     torch.manual_seed(SEED + hash(request.node.nodeid) % 100_000)
     yield
+
+
+@pytest.fixture(params=["wide", "base"])
+def cpu_kernel_level(request):
+    """Runs a test at each ISA level of the C++ CPU kernels this machine has: _C_avx512's kernels registered into _C
+    ("wide", where they load here) and _C's own ("base"), then restores what the import chose."""
+    from pykernels import _ext
+    chosen = _ext.cpu_kernels == "AVX512"
+    if request.param == "wide" and not chosen:
+        pytest.skip(f"no AVX-512 CPU kernels here: {_ext.wide_error or _ext.load_error}")
+    _ext.set_wide_kernels(request.param == "wide")
+    yield request.param
+    _ext.set_wide_kernels(chosen)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

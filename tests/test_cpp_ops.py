@@ -4,7 +4,8 @@ in CI; the same checks on CUDA tensors in the GPU tier (`-m gpu`), plus shapes t
 paths (misaligned rows, the sm_90 cluster kernel for rows >= 16 KB).
 
 Every test runs with torch's deterministic mode, whose empty() fills new float tensors with NaN: an output
-element the kernel forgets to write (an ignored row's zero gradient included) fails the comparison.
+element the kernel forgets to write (an ignored row's zero gradient included) fails the comparison. Each test runs
+with the CPU kernels at each ISA level this machine has (conftest.cpu_kernel_level: AVX-512, and _C's own build).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ if not _ext.loaded():
         raise RuntimeError(f"pykernels._C must load in this run: {_ext.load_error}")
     pytest.skip(f"pykernels._C unavailable: {_ext.load_error}", allow_module_level=True)
 
+pytestmark = pytest.mark.usefixtures("cpu_kernel_level")
 ops = torch.ops.pykernels
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -123,7 +125,8 @@ def make_target(kind, x, ignore_index=-100):
     return t
 
 
-SHAPES = [(7, 33, 1), (3, 1000, 1), (5, 17, 3), (4, 1, 1), (2, 300, 2)]
+# (C = 4099: the forward without a gradient streams rows in chunks of 2048 classes, the last one a 3-class tail)
+SHAPES = [(7, 33, 1), (3, 1000, 1), (5, 17, 3), (4, 1, 1), (2, 300, 2), (2, 4099, 1)]
 LAYOUTS = ["contiguous", "transposed", "sliced", "classes_last"]
 CONFIGS = [  # (weighted, label_smoothing, z_loss, ignore_index, grad_scale)
     (False, 0.0, 0.0, -100, None),
@@ -178,7 +181,7 @@ def check_against_oracle(x, kind, configs=CONFIGS, layout=""):
         # another order), and an empty (0,) gradient of the logits' dtype.
         loss2, lse2, g2, lse_err2 = ops.cross_entropy_fwd(x, t, w, scale, ii, eps, zl, False)
         assert g2.shape == (0,) and g2.dtype == dtype
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and x.shape[1] <= 2048:
             assert torch.equal(loss2, loss) and torch.equal(lse2, lse) and torch.equal(lse_err2, lse_err)
         assert_close(f"loss without grad {where}", loss2, rloss, *ltol)
         assert_close(f"lse without grad {where}", lse2, rlse, *ltol)

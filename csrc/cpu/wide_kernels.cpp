@@ -1,0 +1,37 @@
+// The table behind wide_kernels.h, and the C functions through which pykernels/_ext.py fills it (ctypes).
+#include "wide_kernels.h"
+
+#include <atomic>
+#include <cstring>
+
+namespace pykernels {
+namespace {
+std::atomic<CrossEntropyRowsFn> cross_entropy_rows{nullptr};
+}  // namespace
+
+CrossEntropyRowsFn wide_cross_entropy_rows() { return cross_entropy_rows.load(std::memory_order_acquire); }
+
+}  // namespace pykernels
+
+extern "C" {
+
+__attribute__((visibility("default"))) int pykernels_wide_kernels_abi() { return PYKERNELS_WIDE_KERNELS_ABI; }
+
+// Registers fn (null: _C's own kernel again) under name; 0 on success, -1 for an unknown name.
+__attribute__((visibility("default"))) int pykernels_set_wide_kernel(const char* name, void* fn) {
+  if (std::strcmp(name, "cross_entropy_rows") == 0) {
+    pykernels::cross_entropy_rows.store(reinterpret_cast<pykernels::CrossEntropyRowsFn>(fn),
+                                        std::memory_order_release);
+    return 0;
+  }
+  return -1;
+}
+
+// What is registered under name (null: nothing, or an unknown name).
+__attribute__((visibility("default"))) void* pykernels_wide_kernel(const char* name) {
+  if (std::strcmp(name, "cross_entropy_rows") == 0) {
+    return reinterpret_cast<void*>(pykernels::wide_cross_entropy_rows());
+  }
+  return nullptr;
+}
+}

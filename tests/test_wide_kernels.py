@@ -1,0 +1,165 @@
+"""The AVX-512 CPU library pykernels._C_avx512 (csrc/cpu/avx512/): built next to _C on x86-64, registered into _C at
+import where torch itself dispatches at AVX512, and kept from every other library. Its kernels' results are tested
+by the kernel tests at both levels (conftest.cpu_kernel_level)."""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pykernels
+from pykernels import _cpuinfo, _ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+if not _ext.loaded():
+    if os.environ.get("PYKERNELS_REQUIRE_EXTENSION") == "1":
+        raise RuntimeError(f"pykernels._C must load in this run: {_ext.load_error}")
+    pytest.skip(f"pykernels._C unavailable: {_ext.load_error}", allow_module_level=True)
+
+BASE = "AVX2" if _ext.build_info.get("cpu_capability") == "avx2" else "DEFAULT"
+CHOSEN = _ext.cpu_kernels == "AVX512"  # what the import chose (tests restore it)
+BUILT = "avx512" in _ext.build_info.get("wide_cpu_libraries", [])
+# Which kernels a 512-bit-capable disassembly shows: zmm registers, mask registers, the upper 16 xmm / ymm ones
+# (EVEX encodings only), each only in AVX-512 code.
+EVEX_OPERAND = ("%zmm", "%k1", "%k2", "%k3", "%k4", "%k5", "%k6", "%k7") + tuple(
+    f"mm{i}" for i in range(16, 32))
+
+
+@pytest.fixture
+def restore_choice():
+    """(Request it before monkeypatch: it must restore after monkeypatch's undo.)"""
+    yield
+    _ext.set_wide_kernels(CHOSEN)
+    assert (_ext.cpu_kernels == "AVX512") == CHOSEN, _ext.wide_error
+
+
+def wide_library():
+    paths = _ext._libraries(this_python_only=True, name="_C_avx512")
+    return paths[0] if paths else None
+
+
+def test_built_on_x86_64():
+    """A build on x86-64 always has it (the compiler needs no AVX-512 CPU), so wheels built anywhere carry it."""
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86-64 only")
+    assert BUILT and wide_library() is not None, _ext.build_info
+
+
+def test_registered_exactly_where_torch_dispatches_at_avx512():
+    reason = _ext._wide_reason()
+    expected = BUILT and _cpuinfo.has_avx512() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert (reason is None) == expected, reason
+    info = pykernels.build_info()
+    if expected:
+        assert info["cpu_kernels"] == "AVX512" and info["cpu_kernels_note"] is None
+        wide = ctypes.CDLL(str(wide_library()))  # the loaded library: the same handle
+        assert _ext.wide_kernel("cross_entropy_rows") == ctypes.cast(wide.pykernels_cross_entropy_rows,
+                                                                     ctypes.c_void_p).value
+    else:
+        assert info["cpu_kernels"] == BASE and info["cpu_kernels_note"] == reason
+        assert _ext.wide_kernel("cross_entropy_rows") is None
+
+
+def test_the_wide_library_stays_out_of_the_global_namespace():
+    """Loaded RTLD_LOCAL: no other library can bind to its symbols, among them its AVX-512 copies of inline
+    functions of torch's and the standard library's headers, which would crash a later call on a CPU without it."""
+    if not CHOSEN:
+        pytest.skip(f"the AVX-512 library is not in use here: {_ext.wide_error}")
+    everything = ctypes.CDLL(None)
+    assert not hasattr(everything, "pykernels_cross_entropy_rows")
+    assert not hasattr(everything, "pykernels_wide_kernels_abi")
+
+
+def test_the_wide_library_exports_only_its_entry_points():
+    """-fvisibility=hidden: its dynamic symbol table holds the C entry points and nothing compiled for AVX-512 that a
+    lookup elsewhere could find."""
+    if wide_library() is None or shutil.which("nm") is None:
+        pytest.skip("needs the AVX-512 library and nm")
+    out = subprocess.run(["nm", "-D", "--defined-only", str(wide_library())], capture_output=True, text=True,
+                         check=True).stdout
+    names = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    assert names == {"pykernels_cross_entropy_rows", "pykernels_wide_kernels_abi"}, names
+
+
+def _text_disassembly(path) -> str:
+    return subprocess.run(["objdump", "-d", "-j", ".text", "--no-show-raw-insn", str(path)], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_only_the_wide_library_holds_avx512_code():
+    """_C runs on any CPU of its build capability: not one EVEX operand in it. The wide library really is 512-bit code
+    (its flags reached the compiler)."""
+    if shutil.which("objdump") is None:
+        pytest.skip("needs objdump")
+    from pykernels import _C
+    main = _text_disassembly(_C.__file__)
+    found = [op for op in EVEX_OPERAND if op in main]
+    assert not found, f"_C holds AVX-512 instructions ({found}): it would die on an AVX2-only CPU"
+    if wide_library() is None:
+        pytest.skip("no AVX-512 library in this build")
+    assert _text_disassembly(wide_library()).count("%zmm") > 100
+
+
+def test_calls_go_through_the_registered_kernel(restore_choice):
+    """_C's cross-entropy runs whatever is registered (here a recorder that computes nothing: the outputs stay as
+    the deterministic mode's empty() made them, NaN), and its own kernel again once that is taken out."""
+    calls = []
+    recorder = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_bool)(lambda args, backward: calls.append(backward))
+    main = _ext._main_library()
+    x = torch.randn(3, 40, 1)
+    t = torch.randint(0, 40, (3,))
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert main.pykernels_set_wide_kernel(b"cross_entropy_rows", ctypes.cast(recorder, ctypes.c_void_p)) == 0
+        loss, lse, grad, lse_err = torch.ops.pykernels.cross_entropy_fwd(x, t, None, None, -100, 0.0, 0.0, True)
+        g = torch.ops.pykernels.cross_entropy_bwd(torch.ones(1), x, t, None, lse, lse_err, -100, 0.0, 0.0)
+        assert calls == [False, True]
+        assert loss.isnan().all() and grad.isnan().all() and g.isnan().all()
+        _ext.set_wide_kernels(False)
+        loss, *_ = torch.ops.pykernels.cross_entropy_fwd(x, t, None, None, -100, 0.0, 0.0, True)
+        assert calls == [False, True]
+        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x[..., 0], t, reduction="none"))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert main.pykernels_set_wide_kernel(b"no_such_kernel", None) == -1
+
+
+def test_reasons_come_in_order(restore_choice, monkeypatch):
+    """Why the wide kernels are not in use names the first missing condition: the build, the CPU, torch's level,
+    the file."""
+    monkeypatch.setitem(_ext.build_info, "wide_cpu_libraries", [])
+    assert "no _C_avx512" in _ext.set_wide_kernels(True) and _ext.cpu_kernels == BASE
+    monkeypatch.setitem(_ext.build_info, "wide_cpu_libraries", ["avx512"])
+    monkeypatch.setattr(_cpuinfo, "has_avx512", lambda: False)
+    assert "lacks AVX-512" in _ext.set_wide_kernels(True)
+    monkeypatch.setattr(_cpuinfo, "has_avx512", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert "ATEN_CPU_CAPABILITY" in _ext.set_wide_kernels(True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    real = _ext._libraries
+    monkeypatch.setattr(_ext, "_libraries", lambda this_python_only=False, name="_C":
+                        [] if name == "_C_avx512" else real(this_python_only, name))
+    assert "missing" in _ext.set_wide_kernels(True) and _ext.cpu_kernels == BASE
+    assert _ext.wide_kernel("cross_entropy_rows") is None
+    assert "switched off" in _ext.set_wide_kernels(False)
+
+
+def test_aten_cpu_capability_lowers_ours_with_torchs():
+    if not CHOSEN:
+        pytest.skip(f"the AVX-512 library is not in use here: {_ext.wide_error}")
+    script = (f"import sys; sys.path.insert(0, {ROOT!r}); import pykernels; "
+              "i = pykernels.build_info(); print(i['cpu_kernels'], '|', i['cpu_kernels_note'])")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    env.pop("PYKERNELS_DISABLE_EXTENSION", None)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    level, note = p.stdout.strip().splitlines()[-1].split(" | ")
+    assert level == BASE and "ATEN_CPU_CAPABILITY" in note, p.stdout
