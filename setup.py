@@ -139,7 +139,7 @@ def _wide_extensions() -> list:
                                        extra_compile_args={"cxx": opt + ["-fvisibility=hidden", "-Wno-unknown-pragmas",
                                                                          "-fopenmp"] + flags[isa]},
                                        extra_link_args=["-fopenmp"])
-            for isa in _wide_cpu_libraries()]
+            for isa in _wide_cpu_libraries() if glob.glob(f"csrc/cpu/{isa}/*.cpp")]
 
 
 EXTENSION, WITH_CUDA = _extension()
@@ -163,7 +163,7 @@ class BuildExt(cpp_extension.BuildExtension):
             "arch_list": _arch_list() if WITH_CUDA else [],
             "python": platform.python_version(),
             "cpu_capability": _cpu_capability(),
-            "wide_cpu_libraries": _wide_cpu_libraries(),
+            "wide_cpu_libraries": [e.name.rsplit("_", 1)[-1] for e in WIDE_EXTENSIONS],
             "cxx_flags": EXTENSION.extra_compile_args.get("cxx"),
             "nvcc_flags": EXTENSION.extra_compile_args.get("nvcc"),
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

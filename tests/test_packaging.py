@@ -144,6 +144,19 @@ def test_build_record_is_written_only_where_the_library_is(tmp_path):
     assert list((src / "pykernels").glob("_C*.so")) and (src / "pykernels" / "_build_info.json").exists()
 
 
+def _expected_cpu_kernels() -> str:
+    """The ISA a fresh build's CPU kernels run at on this machine (x86-64: AVX-512 where torch dispatches at it)."""
+    import platform
+
+    import torch
+
+    from pykernels import _cpuinfo
+    if platform.machine().lower() in ("x86_64", "amd64") and _cpuinfo.has_avx512() and \
+            torch.backends.cpu.get_cpu_capability() == "AVX512":
+        return "AVX512"
+    return "AVX2" if _cpuinfo.has_avx2() else "DEFAULT"
+
+
 @pytest.mark.slow
 def test_wheel_built_from_sdist_imports_and_runs(sdist, tmp_path):
     """`pip wheel <sdist>` (CPU kernels only: ~90 s on 2 cores) gives a wheel whose _C loads against this torch and
@@ -165,6 +178,8 @@ def test_wheel_built_from_sdist_imports_and_runs(sdist, tmp_path):
         "info = pykernels.build_info()\n"
         "assert info['loaded'] and info['torch_version'] == torch.__version__, info\n"
         "assert pykernels.available_backends('cpu')['cpu'] is None, pykernels.available_backends('cpu')\n"
+        # the AVX-512 library travels in the wheel and loads where the checkout's does
+        f"assert info['cpu_kernels'] == {_expected_cpu_kernels()!r}, info\n"
         "x = torch.randn(37, 1001, dtype=torch.float64, requires_grad=True); t = torch.randint(0, 1001, (37,))\n"
         "ours = pykernels.functional.cross_entropy(x, t, backend='cpu')\n"
         "ref = torch.nn.functional.cross_entropy(x, t)\n"
