@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import json
+import logging
 import os
 import platform
 from pathlib import Path
@@ -43,6 +44,8 @@ def _libraries(this_python_only: bool = False, name: str = "_C") -> list:
 def _wide_reason() -> Optional[str]:
     """Why _C_avx512's kernels cannot run here, or None. torch's own dispatch level decides, so that
     ATEN_CPU_CAPABILITY=avx2 (or default) lowers ours with torch's."""
+    if os.environ.get("PYKERNELS_DISABLE_AVX512") == "1":
+        return "disabled by PYKERNELS_DISABLE_AVX512=1"
     if "avx512" not in build_info.get("wide_cpu_libraries", []):
         return "this build has no _C_avx512 (built on a CPU other than x86-64, or before it existed)"
     if not _cpuinfo.has_avx512():
@@ -92,6 +95,7 @@ def set_wide_kernels(on: bool) -> Optional[str]:
     if why is None:
         cpu_kernels = "AVX512"
     wide_error = why
+    logging.getLogger("pykernels").debug("C++ CPU kernels run at %s%s", cpu_kernels, f" ({why})" if why else "")
     return why
 
 
