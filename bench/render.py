@@ -44,7 +44,9 @@ def _rate(v) -> str:
 
 
 def _device(env: dict) -> str:
-    return env.get("device_name") or env.get("gpu") or env.get("cpu") or env.get("device", "?")
+    name = env.get("device_name") or env.get("gpu") or env.get("cpu") or env.get("device", "?")
+    ours = env.get("pykernels_cpu_kernels")  # a run with our CPU kernels below torch's level says so
+    return name if ours in (None, env.get("cpu_capability")) else f"{name}, pykernels' CPU kernels at {ours}"
 
 
 def _name(path: Path):

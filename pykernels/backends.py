@@ -443,6 +443,28 @@ NATIVE_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
 # whole op. Measured, like NATIVE_FASTER.
 NATIVE_FASTER_BELOW: Dict[str, Dict[str, tuple]] = {
     "cross_entropy": {
+        "cpu": (1 << 20, 1 << 21,
+                "torch's cross-entropy measured faster than the C++ kernel on small logits, 2 cores fp32: ours at "
+                "0.42x torch's speed at 2^16 with a gradient, 0.69x at 2^18, 1.56-1.80x at 2^20-2^21, 6.9x at 2^27 "
+                "on an AMD EPYC with AVX-512 (bench/results/"
+                "cpu-cross_entropy-linear_cross_entropy-attention-lstm-lstm_cell-e2e-20261205-080559.json); "
+                "without a gradient, with the kernel built for AVX-512 (pykernels._C_avx512) on an Intel Xeon with "
+                "AVX-512: 0.79x at 2^19, 0.87-1.10x at 2^20 (three shapes), 1.17x at 2^21, 1.40-1.44x at 2^22, "
+                "3.74x at 2^27; with a gradient 0.81x at 2^18, 1.33x at 2^19, 1.46-1.81x at 2^20, 4.81x at 2^27 "
+                "(bench/results/cpu-cross_entropy-20261206-114401.json, "
+                "bench/results/cpu-cross_entropy-20261206-114940.json, "
+                "bench/results/cpu-cross_entropy-20261206-115013.json, "
+                "bench/results/cpu-cross_entropy-20261206-115042.json, "
+                "bench/results/cpu-cross_entropy-20261206-115114.json, "
+                "bench/results/cpu-cross_entropy-20261206-115145.json): forward-only calls run ours from 2^21")},
+}
+
+
+# As NATIVE_FASTER_BELOW, where torch dispatches at AVX512 but our CPU kernels run as built into _C, for AVX2
+# (``_ext.cpu_kernels != "AVX512"``: PYKERNELS_DISABLE_AVX512=1, a build without _C_avx512): torch's 512-bit forward
+# then wins longer. An entry here replaces the op's entry there.
+NATIVE_FASTER_BELOW_OURS_AVX2: Dict[str, Dict[str, tuple]] = {
+    "cross_entropy": {
         "cpu": (1 << 20, 1 << 22,
                 "torch's cross-entropy measured faster than the C++ kernel on small logits, 2 cores fp32: ours at "
                 "0.42x torch's speed at 2^16 with a gradient, 0.69x at 2^18, 1.56-1.80x at 2^20-2^21, 6.9x at 2^27; "
@@ -461,7 +483,10 @@ NATIVE_FASTER_BELOW: Dict[str, Dict[str, tuple]] = {
                 "bench/results/cpu-cross_entropy-20261206-094318.json, "
                 "bench/results/cpu-cross_entropy-20261206-094336.json, "
                 "bench/results/cpu-cross_entropy-20261206-094357.json, "
-                "bench/results/cpu-cross_entropy-20261206-094418.json): forward-only calls run ours from 2^22")},
+                "bench/results/cpu-cross_entropy-20261206-094418.json; again in the hour of the AVX-512 kernel's "
+                "runs, with PYKERNELS_DISABLE_AVX512=1: 0.77x at 2^20, 0.87x at 2^21 without a gradient, "
+                "bench/results/cpu-cross_entropy-ours-avx2-20261206-114539.json): forward-only calls run ours from "
+                "2^22")},
 }
 
 
@@ -478,10 +503,16 @@ NATIVE_FASTER_BELOW_AVX2: Dict[str, Dict[str, tuple]] = {
 
 
 def native_below(op: str, kind: str) -> Optional[tuple]:
-    """The NATIVE_FASTER_BELOW rule of ``op`` on device type ``kind`` for this CPU: (size from which ours runs a call
-    with a gradient, without one, why), or None."""
-    if kind == "cpu" and _native.CPU_CAPABILITY == "AVX2" and op in NATIVE_FASTER_BELOW_AVX2:
-        return NATIVE_FASTER_BELOW_AVX2[op].get(kind)
+    """The NATIVE_FASTER_BELOW rule of ``op`` on device type ``kind`` for this CPU and the ISA our CPU kernels run at:
+    (size from which ours runs a call with a gradient, without one, why), or None."""
+    if kind == "cpu":
+        table = {}
+        if _native.CPU_CAPABILITY == "AVX2":
+            table = NATIVE_FASTER_BELOW_AVX2
+        elif _native.CPU_CAPABILITY == "AVX512" and _ext.cpu_kernels != "AVX512":
+            table = NATIVE_FASTER_BELOW_OURS_AVX2
+        if op in table:
+            return table[op].get(kind)
     return NATIVE_FASTER_BELOW.get(op, {}).get(kind)
 
 

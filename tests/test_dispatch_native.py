@@ -43,7 +43,8 @@ def test_every_entry_cites_a_committed_measurement():
     import os
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rules = [(op, why) for op, d in backends.NATIVE_FASTER.items() for why in d.values()]
-    rules += [(op, rule[2]) for table in (backends.NATIVE_FASTER_BELOW, backends.NATIVE_FASTER_BELOW_AVX2)
+    rules += [(op, rule[2]) for table in (backends.NATIVE_FASTER_BELOW, backends.NATIVE_FASTER_BELOW_AVX2,
+                                          backends.NATIVE_FASTER_BELOW_OURS_AVX2)
               for op, d in table.items() for rule in d.values()]
     rules += [(op, why) for table in (backends.NATIVE_FASTER_DTYPE, backends.OURS_FASTER_DTYPE,
                                       backends.OURS_FASTER_DTYPE_AVX2)
@@ -325,12 +326,15 @@ def test_cpu_small_cross_entropy_runs_torch_large_runs_ours(monkeypatch):
     assert backends.prefer_native("cross_entropy", CUDA, None, 10) is None  # no rule on CUDA
     with pytest.raises(ValueError, match="target must have shape"):  # our argument checks come first
         ce(x, t[:5])
-    # the bound without a gradient per CPU: 2^22 logits with AVX-512 (torch's 512-bit forward), 2^20 on AVX2 only
-    for cap, bound in (("AVX512", 1 << 22), ("AVX2", 1 << 20)):
+    # the bound without a gradient per CPU and per level of our kernels: on AVX-512 2^21 logits with ours built for
+    # it, 2^22 with ours at AVX2 (torch's 512-bit forward wins longer); 2^20 on AVX2 only
+    for cap, ours, bound in (("AVX512", "AVX512", 1 << 21), ("AVX512", "AVX2", 1 << 22), ("AVX2", "AVX2", 1 << 20)):
         monkeypatch.setattr(pykernels._native, "CPU_CAPABILITY", cap)
-        assert backends.native_below("cross_entropy", "cpu")[:2] == (1 << 20, bound), cap
-        native = backends.prefer_native("cross_entropy", torch.device("cpu"), None, 1 << 21, grad=False)
-        assert (native is not None) == (bound > 1 << 21), cap
+        monkeypatch.setattr(pykernels._ext, "cpu_kernels", ours)
+        assert backends.native_below("cross_entropy", "cpu")[:2] == (1 << 20, bound), (cap, ours)
+        for size in (bound - 1, bound):
+            native = backends.prefer_native("cross_entropy", torch.device("cpu"), None, size, grad=False)
+            assert (native is not None) == (size < bound), (cap, ours, size)
 
 
 def test_environment_variables_are_read_per_call_without_os_environ_get(monkeypatch):
