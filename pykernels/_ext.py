@@ -37,7 +37,8 @@ def _torch_base(version: str) -> str:
 
 def _libraries(this_python_only: bool = False, name: str = "_C") -> list:
     """The library files called name next to this module: any, or only those this interpreter would import."""
-    suffixes = importlib.machinery.EXTENSION_SUFFIXES if this_python_only else ("*.so", "*.pyd")
+    # (".*.so": "_C*.so" would also match _C_avx512's files)
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES if this_python_only else (".so", ".*.so", ".pyd", ".*.pyd")
     return [p for s in suffixes for p in _BUILD_INFO_PATH.parent.glob(name + s)]
 
 

@@ -20,7 +20,7 @@ from pykernels import _ext
 
 def _so() -> str:
     """The built library; a failure when CI requires it, a skip for a user without a compiler."""
-    files = glob.glob(os.path.join(os.path.dirname(pykernels.__file__), "_C*.so"))
+    files = [str(p) for p in _ext._libraries(this_python_only=True)]  # _C's, never _C_avx512's
     why = None if (files and _ext.loaded()) else (_ext.load_error or "pykernels._C is not built")
     if why:
         pytest.fail(why) if os.environ.get("PYKERNELS_REQUIRE_EXTENSION") == "1" else pytest.skip(why)
