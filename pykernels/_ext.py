@@ -82,7 +82,8 @@ def set_wide_kernels(on: bool) -> Optional[str]:
         if why is None:
             # RTLD_LOCAL (ctypes' default): the library's AVX-512 copies of inline functions (std::, c10::) stay
             # visible to no other library, so no code outside its own kernels can end up running them
-            wide = ctypes.CDLL(str(_libraries(this_python_only=True, name="_C_avx512")[0]))
+            wide = ctypes.CDLL(str(_libraries(this_python_only=True, name="_C_avx512")[0]),
+                               mode=os.RTLD_LOCAL | os.RTLD_NOW)  # (whatever sys.setdlopenflags says)
             if wide.pykernels_wide_kernels_abi() != main.pykernels_wide_kernels_abi():
                 why = "_C_avx512 is from another build than _C (their argument layouts differ); rebuild"
             else:

@@ -75,6 +75,15 @@ def test_the_wide_library_stays_out_of_the_global_namespace():
     everything = ctypes.CDLL(None)
     assert not hasattr(everything, "pykernels_cross_entropy_rows")
     assert not hasattr(everything, "pykernels_wide_kernels_abi")
+    # also where a program imports extensions RTLD_GLOBAL (some do, for extensions that share symbols)
+    script = (f"import sys, os, ctypes; sys.path.insert(0, {ROOT!r}); "
+              "sys.setdlopenflags(os.RTLD_GLOBAL | os.RTLD_NOW); import pykernels; "
+              "assert pykernels.build_info()['cpu_kernels'] == 'AVX512', pykernels.build_info(); "
+              "print(hasattr(ctypes.CDLL(None), 'pykernels_cross_entropy_rows'))")
+    env = {k: v for k, v in os.environ.items() if k != "PYKERNELS_DISABLE_EXTENSION"}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "False", p.stdout
 
 
 def test_the_wide_library_exports_only_its_entry_points():
