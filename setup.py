@@ -152,6 +152,25 @@ class BuildExt(cpp_extension.BuildExtension):
     `setup.py develop`, and `pip install -e .`, whose editable_wheel sets build_ext's editable_mode, which turns
     inplace on (setuptools >= 64). A checkout's record must describe the checkout's library, never a wheel's."""
 
+    failed_wide: set = set()
+
+    def build_extension(self, ext):
+        """A wide library is optional: where it fails to build (a compiler or assembler without AVX-512), the build
+        goes on without it and _C's own CPU kernels serve (the record lists only the wide libraries built)."""
+        if ext not in WIDE_EXTENSIONS:
+            return super().build_extension(ext)
+        try:
+            return super().build_extension(ext)
+        except Exception as e:  # noqa: BLE001 - whatever the compiler's failure, _C stands without it
+            self.failed_wide.add(ext.name)
+            print(f"WARNING: {ext.name} was not built ({e}); pykernels' CPU kernels will run as built into _C",
+                  file=sys.stderr)
+
+    def build_extensions(self):
+        super().build_extensions()
+        # what failed is no output: neither copied into the checkout (inplace) nor listed for a wheel or editable install
+        self.extensions = [e for e in self.extensions if e.name not in self.failed_wide]
+
     def run(self):
         super().run()
         info = {
@@ -163,7 +182,8 @@ class BuildExt(cpp_extension.BuildExtension):
             "arch_list": _arch_list() if WITH_CUDA else [],
             "python": platform.python_version(),
             "cpu_capability": _cpu_capability(),
-            "wide_cpu_libraries": [e.name.rsplit("_", 1)[-1] for e in WIDE_EXTENSIONS],
+            "wide_cpu_libraries": [e.name.rsplit("_", 1)[-1] for e in WIDE_EXTENSIONS
+                                   if e.name not in self.failed_wide],
             "cxx_flags": EXTENSION.extra_compile_args.get("cxx"),
             "nvcc_flags": EXTENSION.extra_compile_args.get("nvcc"),
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

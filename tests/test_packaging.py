@@ -157,6 +157,33 @@ def _expected_cpu_kernels() -> str:
     return "AVX2" if _cpuinfo.has_avx2() else "DEFAULT"
 
 
+def test_a_wide_library_that_fails_to_build_leaves_the_build_standing(tmp_path):
+    """csrc/cpu/avx512/ that does not compile (a compiler without AVX-512): the build ends with _C, a warning, and a
+    record without the library, so that import never looks for it."""
+    import json
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the AVX-512 library is built on x86-64 only")
+    src = tmp_path / "src"
+    (src / "csrc" / "cpu" / "avx512").mkdir(parents=True)
+    for f in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy(os.path.join(ROOT, f), src)
+    shutil.copytree(os.path.join(ROOT, "pykernels"), src / "pykernels", ignore=SKIP)
+    (src / "csrc" / "tiny.cpp").write_text("int pykernels_tiny() { return 1; }\n")
+    (src / "csrc" / "cpu" / "avx512" / "broken.cpp").write_text("#error no AVX-512 here\n")
+    env = dict(os.environ, PYKERNELS_SKIP_CUDA_BUILD="1", MAX_JOBS="1")
+    p = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "pykernels._C_avx512 was not built" in p.stderr, p.stderr[-3000:]
+    assert list((src / "pykernels").glob("_C.*.so")) and not list((src / "pykernels").glob("_C_avx512*"))
+    assert json.loads((src / "pykernels" / "_build_info.json").read_text())["wide_cpu_libraries"] == []
+    _require_bdist_wheel()  # and as `pip install --no-build-isolation -e .` builds it
+    hook = f"from setuptools import build_meta; build_meta.build_editable({str(tmp_path / 'editable')!r})"
+    _run([sys.executable, "-c", hook], cwd=src, env=env)
+    assert json.loads((src / "pykernels" / "_build_info.json").read_text())["wide_cpu_libraries"] == []
+
+
 @pytest.mark.slow
 def test_wheel_built_from_sdist_imports_and_runs(sdist, tmp_path):
     """`pip wheel <sdist>` (CPU kernels only: ~90 s on 2 cores) gives a wheel whose _C loads against this torch and
