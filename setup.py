@@ -109,36 +109,35 @@ def _sources(with_cuda: bool) -> list[str]:
     return src
 
 
+OPT = ["-O0", "-g"] if DEBUG else ["-O3"]
+# C++ flags of every library. The C++ standard is the one torch asks for (C++20 for torch >= 2.13); torch's vec
+# headers use #pragma unroll. -fopenmp: torch's OpenMP backend inlines at::parallel_for as `#pragma omp parallel`,
+# which a translation unit compiled without OpenMP ignores: every CPU kernel ran on one thread until 2026-12-04. The
+# link's libgomp.so.1 is the copy torch has already loaded (same soname): one OpenMP runtime, torch's thread count.
+CXX = OPT + ["-fvisibility=hidden", "-Wno-unknown-pragmas", "-fopenmp"]
+LINK = ["-fopenmp"]
+
+
 def _extension():
     with_cuda = _with_cuda()
-    opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-    # The C++ standard is the one torch asks for (C++20 for torch >= 2.13); torch's vec headers use #pragma unroll.
-    # -fopenmp: torch's OpenMP backend inlines at::parallel_for as `#pragma omp parallel`, which a translation unit
-    # compiled without OpenMP ignores: every CPU kernel ran on one thread until 2026-12-04. The link's
-    # libgomp.so.1 is the copy torch has already loaded (same soname): one OpenMP runtime, torch's thread count.
-    cxx = opt + ["-fvisibility=hidden", "-Wno-unknown-pragmas", "-fopenmp"]
-    cxx += _cpu_capability_flags()
-    link = ["-fopenmp"]
+    cxx = CXX + _cpu_capability_flags()
     if not with_cuda:
         return cpp_extension.CppExtension("pykernels._C", _sources(False), extra_compile_args={"cxx": cxx},
-                                          extra_link_args=link), with_cuda
+                                          extra_link_args=LINK), with_cuda
     cxx.append("-DPYKERNELS_WITH_CUDA")
-    nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "-DPYKERNELS_WITH_CUDA",
+    nvcc = OPT + ["-lineinfo", "--expt-relaxed-constexpr", "-DPYKERNELS_WITH_CUDA",
                   f"--threads={os.environ.get('NVCC_THREADS', '1')}"] + _gencode(_arch_list())
     return cpp_extension.CUDAExtension("pykernels._C", _sources(True), extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                                       extra_link_args=link), with_cuda
+                                       extra_link_args=LINK), with_cuda
 
 
 def _wide_extensions() -> list:
     """pykernels._C_<isa>: a plain shared library of the kernels in csrc/cpu/<isa>/ with C entry points, loaded by
     pykernels/_ext.py through ctypes (RTLD_LOCAL: the AVX-512 copies of inline torch and std functions it holds
     never replace anyone else's). Not a Python module: it has no PyInit."""
-    opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     flags = {"avx512": AVX512_FLAGS}
     return [cpp_extension.CppExtension(f"pykernels._C_{isa}", sorted(glob.glob(f"csrc/cpu/{isa}/*.cpp")),
-                                       extra_compile_args={"cxx": opt + ["-fvisibility=hidden", "-Wno-unknown-pragmas",
-                                                                         "-fopenmp"] + flags[isa]},
-                                       extra_link_args=["-fopenmp"])
+                                       extra_compile_args={"cxx": CXX + flags[isa]}, extra_link_args=LINK)
             for isa in _wide_cpu_libraries() if glob.glob(f"csrc/cpu/{isa}/*.cpp")]
 
 
@@ -152,7 +151,9 @@ class BuildExt(cpp_extension.BuildExtension):
     `setup.py develop`, and `pip install -e .`, whose editable_wheel sets build_ext's editable_mode, which turns
     inplace on (setuptools >= 64). A checkout's record must describe the checkout's library, never a wheel's."""
 
-    failed_wide: set = set()
+    def initialize_options(self):
+        super().initialize_options()
+        self.failed_wide = set()  # names of the wide libraries that did not build
 
     def build_extension(self, ext):
         """A wide library is optional: where it fails to build (a compiler or assembler without AVX-512), the build
@@ -168,7 +169,7 @@ class BuildExt(cpp_extension.BuildExtension):
 
     def build_extensions(self):
         super().build_extensions()
-        # what failed is no output: neither copied into the checkout (inplace) nor listed for a wheel or editable install
+        # what failed is no output: not copied into the checkout (inplace), not listed for a wheel or editable install
         self.extensions = [e for e in self.extensions if e.name not in self.failed_wide]
 
     def run(self):

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import _cpuinfo
+from . import _cpuinfo, _native
 
 _BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
 
@@ -51,9 +51,9 @@ def _wide_reason() -> Optional[str]:
         return "this build has no _C_avx512 (built on a CPU other than x86-64, or before it existed)"
     if not _cpuinfo.has_avx512():
         return "this CPU lacks AVX-512 (F, BW, VL, DQ)"
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return (f"torch dispatches its CPU kernels at {torch.backends.cpu.get_cpu_capability()} here "
-                "(ATEN_CPU_CAPABILITY), ours follow it")
+    if _native.CPU_CAPABILITY != "AVX512":
+        return (f"torch dispatches its CPU kernels at {_native.CPU_CAPABILITY} here (ATEN_CPU_CAPABILITY), "
+                "ours follow it")
     if not _libraries(this_python_only=True, name="_C_avx512"):
         return "_C_avx512 is listed in the build record but its library is missing; rebuild"
     return None
@@ -93,9 +93,7 @@ def set_wide_kernels(on: bool) -> Optional[str]:
                 raise AttributeError(f"_C has no slot for {name}")
     except (OSError, AttributeError) as e:  # a stale library: _C's own kernels run, the import goes on
         why = f"_C_avx512 could not be registered into _C ({e}); rebuild"
-    cpu_kernels = "AVX2" if build_info.get("cpu_capability") == "avx2" else "DEFAULT"
-    if why is None:
-        cpu_kernels = "AVX512"
+    cpu_kernels = "AVX512" if why is None else "AVX2" if build_info.get("cpu_capability") == "avx2" else "DEFAULT"
     wide_error = why
     logging.getLogger("pykernels").debug("C++ CPU kernels run at %s%s", cpu_kernels, f" ({why})" if why else "")
     return why

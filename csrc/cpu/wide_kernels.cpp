@@ -7,6 +7,11 @@
 namespace pykernels {
 namespace {
 std::atomic<CrossEntropyRowsFn> cross_entropy_rows{nullptr};
+
+// The slot registered under name, or null for an unknown name (the one place that maps names to slots).
+std::atomic<CrossEntropyRowsFn>* slot(const char* name) {
+  return std::strcmp(name, "cross_entropy_rows") == 0 ? &cross_entropy_rows : nullptr;
+}
 }  // namespace
 
 CrossEntropyRowsFn wide_cross_entropy_rows() { return cross_entropy_rows.load(std::memory_order_acquire); }
@@ -19,19 +24,15 @@ __attribute__((visibility("default"))) int pykernels_wide_kernels_abi() { return
 
 // Registers fn (null: _C's own kernel again) under name; 0 on success, -1 for an unknown name.
 __attribute__((visibility("default"))) int pykernels_set_wide_kernel(const char* name, void* fn) {
-  if (std::strcmp(name, "cross_entropy_rows") == 0) {
-    pykernels::cross_entropy_rows.store(reinterpret_cast<pykernels::CrossEntropyRowsFn>(fn),
-                                        std::memory_order_release);
-    return 0;
-  }
-  return -1;
+  auto* s = pykernels::slot(name);
+  if (!s) return -1;
+  s->store(reinterpret_cast<pykernels::CrossEntropyRowsFn>(fn), std::memory_order_release);
+  return 0;
 }
 
 // What is registered under name (null: nothing, or an unknown name).
 __attribute__((visibility("default"))) void* pykernels_wide_kernel(const char* name) {
-  if (std::strcmp(name, "cross_entropy_rows") == 0) {
-    return reinterpret_cast<void*>(pykernels::wide_cross_entropy_rows());
-  }
-  return nullptr;
+  auto* s = pykernels::slot(name);
+  return s ? reinterpret_cast<void*>(s->load(std::memory_order_acquire)) : nullptr;
 }
 }
