@@ -68,6 +68,19 @@ def cpu_kernel_level(request):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def fresh_python(code: str, **env_vars: str) -> str:
+    """The last stdout line of ``code`` run in a fresh interpreter that imports from this checkout, with the extension
+    enabled and ``env_vars`` set (for what a process reads once, e.g. ATEN_CPU_CAPABILITY); fails on a non-zero exit."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "PYKERNELS_DISABLE_EXTENSION"}
+    env.update(env_vars)
+    p = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); {code}"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout.strip().splitlines()[-1]
+
+
 def run_script_compiled(script: str, **fmt):
     """Run ``script.format(root=ROOT, **fmt)`` in a fresh interpreter without TRITON_INTERPRET (so that Triton
     compiles for real GPU targets, no GPU needed) and return the JSON printed on its last stdout line."""

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, fresh_python
 from pykernels import backends
 
 _OPS = ("attention", "cross_entropy", "linear_cross_entropy", "lstm")
@@ -183,13 +183,9 @@ def test_an_avx2_build_loads_on_an_avx2_cpu_whatever_aten_cpu_capability_says():
     from pykernels import _cpuinfo, _ext
     if not (_ext.loaded() and _ext.build_info.get("cpu_capability") == "avx2" and _cpuinfo.has_avx2()):
         pytest.skip("needs the extension built for AVX2, loaded on an AVX2 CPU")
-    script = (f"import sys; sys.path.insert(0, {ROOT!r}); import pykernels; "
-              "print(pykernels.available_backends('cpu')['cpu'])")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    env.pop("PYKERNELS_DISABLE_EXTENSION", None)
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.strip().splitlines()[-1] == "None", p.stdout
+    out = fresh_python("import pykernels; print(pykernels.available_backends('cpu')['cpu'])",
+                       ATEN_CPU_CAPABILITY="default")
+    assert out == "None", out
 
 
 def test_avx2_check_reads_the_cpu_flags_first(monkeypatch):

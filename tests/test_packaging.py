@@ -119,28 +119,38 @@ def test_test_extra_installs_the_plugins_of_the_readme_test_command():
         assert '-e ".[test]"' in f.read()
 
 
-def test_build_record_is_written_only_where_the_library_is(tmp_path):
-    """build_ext writes _build_info.json next to _C. A build into build_lib (`pip wheel .`, `pip install .`, `python -m
-    build`) wrote it into the checkout too, where it then described another build's library, or none. `pip install
-    -e .` (setuptools' build_editable) must still write it into the checkout, where the package imports it from.
-    A copy of the tree whose csrc/ holds one trivial source: seconds, not a build of _C."""
-    _require_bdist_wheel()
+def _tiny_tree(tmp_path):
+    """(checkout, env): a copy of the build files and the package's Python code whose csrc/ holds one trivial
+    source, built in seconds (CPU only, one job), not a build of _C."""
     src = tmp_path / "src"
     (src / "csrc").mkdir(parents=True)
     for f in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
         shutil.copy(os.path.join(ROOT, f), src)
     shutil.copytree(os.path.join(ROOT, "pykernels"), src / "pykernels", ignore=SKIP)
     (src / "csrc" / "tiny.cpp").write_text("int pykernels_tiny() { return 1; }\n")
-    env = dict(os.environ, PYKERNELS_SKIP_CUDA_BUILD="1", MAX_JOBS="1")
+    return src, dict(os.environ, PYKERNELS_SKIP_CUDA_BUILD="1", MAX_JOBS="1")
+
+
+def _build_editable(src, env):
+    """The build backend's hook that `pip install --no-build-isolation -e .` calls."""
+    hook = f"from setuptools import build_meta; build_meta.build_editable({str(src.parent / 'editable')!r})"
+    _run([sys.executable, "-c", hook], cwd=src, env=env)
+
+
+def test_build_record_is_written_only_where_the_library_is(tmp_path):
+    """build_ext writes _build_info.json next to _C. A build into build_lib (`pip wheel .`, `pip install .`, `python -m
+    build`) wrote it into the checkout too, where it then described another build's library, or none. `pip install
+    -e .` (setuptools' build_editable) must still write it into the checkout, where the package imports it from.
+    A copy of the tree whose csrc/ holds one trivial source: seconds, not a build of _C."""
+    _require_bdist_wheel()
+    src, env = _tiny_tree(tmp_path)
     lib = tmp_path / "build_lib"
     _run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(lib), "--build-temp",
           str(tmp_path / "build_temp")], cwd=src, env=env)
     assert list((lib / "pykernels").glob("_C*.so")) and (lib / "pykernels" / "_build_info.json").exists()
     assert not list((src / "pykernels").glob("_C*"))
     assert not (src / "pykernels" / "_build_info.json").exists(), "a build into build_lib wrote into the checkout"
-    # pip install --no-build-isolation -e . calls this hook of the build backend
-    hook = f"from setuptools import build_meta; build_meta.build_editable({str(tmp_path / 'editable')!r})"
-    _run([sys.executable, "-c", hook], cwd=src, env=env)
+    _build_editable(src, env)
     assert list((src / "pykernels").glob("_C*.so")) and (src / "pykernels" / "_build_info.json").exists()
 
 
@@ -164,14 +174,9 @@ def test_a_wide_library_that_fails_to_build_leaves_the_build_standing(tmp_path):
     import platform
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("the AVX-512 library is built on x86-64 only")
-    src = tmp_path / "src"
+    src, env = _tiny_tree(tmp_path)
     (src / "csrc" / "cpu" / "avx512").mkdir(parents=True)
-    for f in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
-        shutil.copy(os.path.join(ROOT, f), src)
-    shutil.copytree(os.path.join(ROOT, "pykernels"), src / "pykernels", ignore=SKIP)
-    (src / "csrc" / "tiny.cpp").write_text("int pykernels_tiny() { return 1; }\n")
     (src / "csrc" / "cpu" / "avx512" / "broken.cpp").write_text("#error no AVX-512 here\n")
-    env = dict(os.environ, PYKERNELS_SKIP_CUDA_BUILD="1", MAX_JOBS="1")
     p = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, env=env, capture_output=True,
                        text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -179,8 +184,7 @@ def test_a_wide_library_that_fails_to_build_leaves_the_build_standing(tmp_path):
     assert list((src / "pykernels").glob("_C.*.so")) and not list((src / "pykernels").glob("_C_avx512*"))
     assert json.loads((src / "pykernels" / "_build_info.json").read_text())["wide_cpu_libraries"] == []
     _require_bdist_wheel()  # and as `pip install --no-build-isolation -e .` builds it
-    hook = f"from setuptools import build_meta; build_meta.build_editable({str(tmp_path / 'editable')!r})"
-    _run([sys.executable, "-c", hook], cwd=src, env=env)
+    _build_editable(src, env)
     assert json.loads((src / "pykernels" / "_build_info.json").read_text())["wide_cpu_libraries"] == []
 
 

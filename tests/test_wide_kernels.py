@@ -7,15 +7,13 @@ import ctypes
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import pykernels
-from pykernels import _cpuinfo, _ext
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import fresh_python
+from pykernels import _cpuinfo, _ext, _native
 
 if not _ext.loaded():
     if os.environ.get("PYKERNELS_REQUIRE_EXTENSION") == "1":
@@ -76,14 +74,10 @@ def test_the_wide_library_stays_out_of_the_global_namespace():
     assert not hasattr(everything, "pykernels_cross_entropy_rows")
     assert not hasattr(everything, "pykernels_wide_kernels_abi")
     # also where a program imports extensions RTLD_GLOBAL (some do, for extensions that share symbols)
-    script = (f"import sys, os, ctypes; sys.path.insert(0, {ROOT!r}); "
-              "sys.setdlopenflags(os.RTLD_GLOBAL | os.RTLD_NOW); import pykernels; "
-              "assert pykernels.build_info()['cpu_kernels'] == 'AVX512', pykernels.build_info(); "
-              "print(hasattr(ctypes.CDLL(None), 'pykernels_cross_entropy_rows'))")
-    env = {k: v for k, v in os.environ.items() if k != "PYKERNELS_DISABLE_EXTENSION"}
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.strip().splitlines()[-1] == "False", p.stdout
+    out = fresh_python("import os, ctypes; sys.setdlopenflags(os.RTLD_GLOBAL | os.RTLD_NOW); import pykernels; "
+                       "assert pykernels.build_info()['cpu_kernels'] == 'AVX512', pykernels.build_info(); "
+                       "print(hasattr(ctypes.CDLL(None), 'pykernels_cross_entropy_rows'))")
+    assert out == "False", out
 
 
 def test_the_wide_library_exports_only_its_entry_points():
@@ -150,9 +144,9 @@ def test_reasons_come_in_order(restore_choice, monkeypatch):
     monkeypatch.setattr(_cpuinfo, "has_avx512", lambda: False)
     assert "lacks AVX-512" in _ext.set_wide_kernels(True)
     monkeypatch.setattr(_cpuinfo, "has_avx512", lambda: True)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(_native, "CPU_CAPABILITY", "AVX2")
     assert "ATEN_CPU_CAPABILITY" in _ext.set_wide_kernels(True)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(_native, "CPU_CAPABILITY", "AVX512")
     real = _ext._libraries
     monkeypatch.setattr(_ext, "_libraries", lambda this_python_only=False, name="_C":
                         [] if name == "_C_avx512" else real(this_python_only, name))
@@ -164,11 +158,7 @@ def test_reasons_come_in_order(restore_choice, monkeypatch):
 def test_aten_cpu_capability_lowers_ours_with_torchs():
     if not CHOSEN:
         pytest.skip(f"the AVX-512 library is not in use here: {_ext.wide_error}")
-    script = (f"import sys; sys.path.insert(0, {ROOT!r}); import pykernels; "
-              "i = pykernels.build_info(); print(i['cpu_kernels'], '|', i['cpu_kernels_note'])")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
-    env.pop("PYKERNELS_DISABLE_EXTENSION", None)
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    level, note = p.stdout.strip().splitlines()[-1].split(" | ")
-    assert level == BASE and "ATEN_CPU_CAPABILITY" in note, p.stdout
+    out = fresh_python("import pykernels; i = pykernels.build_info(); "
+                       "print(i['cpu_kernels'], '|', i['cpu_kernels_note'])", ATEN_CPU_CAPABILITY="avx2")
+    level, note = out.split(" | ")
+    assert level == BASE and "ATEN_CPU_CAPABILITY" in note, out
