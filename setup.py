@@ -94,7 +94,7 @@ def _cpu_capability_flags() -> list[str]:
 # csrc/cpu/avx512/ compiled as at::vec's AVX512 capability (512-bit Vectorized, in namespace at::vec::AVX512).
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
                 "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512",
-                "-Wno-maybe-uninitialized"]  # (GCC 12 flags its own avx512fintrin.h)
+                "-Wno-maybe-uninitialized", "-Wno-uninitialized"]  # (GCC 12 flags its own avx512fintrin.h)
 
 
 def _wide_cpu_libraries() -> list[str]:

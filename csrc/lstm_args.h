@@ -59,4 +59,24 @@ struct LstmLayerArgs {
   bool reverse = false;
 };
 
+// The CPU kernels' description of one layer direction (cpu/lstm_layer_kernels.h): the fields of LstmLayerArgs, but
+// every operand the glue converts lives in the accumulation dtype (fp32; fp64 for fp64 inputs): xproj, c0, ws,
+// grad_out (null: none), dgates, dh, dc. w_hh, h0 and out are in the input dtype. All contiguous. Also the ABI
+// between _C and the AVX-512 library (wide_kernels.h).
+struct LstmLayerCpuArgs {
+  const void* xproj = nullptr;
+  const void* w_hh = nullptr;
+  const void* h0 = nullptr;
+  const void* c0 = nullptr;
+  void* out = nullptr;
+  void* ws = nullptr;
+  const void* grad_out = nullptr;
+  void* dgates = nullptr;
+  void* dh = nullptr;
+  void* dc = nullptr;
+  DType dtype = DType::F32;
+  int64_t T = 0, B = 0, H = 0;
+  bool reverse = false;
+};
+
 }  // namespace pykernels

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import pykernels
+from pykernels import _ext
 from pykernels.ops import lstm as ops
 from pykernels.reference import lstm as ref
 from pykernels.testing import assert_error_rule
@@ -645,9 +646,11 @@ def _cpu_layer_against_contract(T, B, H, reverse, dtype, grads, seed):
     return (out, ws) + tuple(grads_out)
 
 
+@pytest.mark.usefixtures("cpu_kernel_level")
 def test_fuzz_cpu_layer_kernels_against_contract():
     """Random sizes (T, B, H from 1), directions, dtypes and absent incoming gradients: the C++ sequence kernels
-    against the contract's plain-PyTorch kernels in float64 on the same rounded inputs."""
+    against the contract's plain-PyTorch kernels in float64 on the same rounded inputs, at each ISA level of the CPU
+    kernels this machine has (conftest.cpu_kernel_level)."""
     require("cpu", "cpu")
     if "cpu" not in ops.LAYER:
         pytest.fail("no cpu sequence kernel registered")
@@ -664,12 +667,15 @@ def test_fuzz_cpu_layer_kernels_against_contract():
     check()
 
 
-@pytest.mark.parametrize("T,B,H", [(5, 7, 77), (3, 64, 20), (4, 3, 130), (6, 2, 40), (3, 8, 33)])
+@pytest.mark.usefixtures("cpu_kernel_level")
+@pytest.mark.parametrize("T,B,H", [(5, 7, 77), (3, 64, 20), (4, 3, 130), (6, 2, 40), (3, 8, 33), (3, 11, 20),
+                                   (2, 9, 19)])
 def test_cpu_layer_kernels_on_thread_teams(T, B, H):
     """The persistent C++ recurrence splits the hidden units over an OpenMP team with one barrier per step: teams of
     1, 2 and 3 threads (more panels than threads, fewer, a last panel with fewer units, B not a multiple of the row
-    tile: a last tile of 1 or of 2 rows) agree with the contract and bit for bit with each other, in every dtype and both directions. A missing
-    barrier shows as a mismatch between the teams."""
+    tile: a last tile of 1 to 5 rows at AVX-512's 6, of 1 or 2 at AVX2's 3) agree with the contract and bit for bit
+    with each other, in every dtype and both directions, at each ISA level. A missing barrier shows as a mismatch
+    between the teams."""
     require("cpu", "cpu")
     prev = torch.get_num_threads()
     try:
@@ -684,6 +690,37 @@ def test_cpu_layer_kernels_on_thread_teams(T, B, H):
                         assert torch.equal(a, b), (dtype, reverse)
     finally:
         torch.set_num_threads(prev)
+
+
+def test_cpu_layer_kernels_agree_bitwise_across_isa_levels():
+    """The AVX-512 build of the recurrence (6-row tiles of 512-bit vectors) sums every output element's terms in the
+    same order as _C's own (3-row tiles of 256-bit ones at AVX2): both give the same bits, for every last tile of 0 to
+    5 rows, a last panel with fewer units, K blocked and not, every dtype and both directions."""
+    require("cpu", "cpu")
+    if _ext.cpu_kernels != "AVX512":
+        pytest.skip(f"no AVX-512 CPU kernels here: {_ext.wide_error or _ext.load_error}")
+    fwd, bwd = ops.LAYER["cpu"]
+    g = torch.Generator().manual_seed(3)
+    cases = [(3, b, h) for b in range(1, 13) for h in (5, 40)] + [(2, 7, 130), (2, 13, 517)]
+    try:
+        for T, B, H in cases:
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                xp = torch.randn(T, B, 4 * H, generator=g)
+                w = (torch.randn(4 * H, H, generator=g) * H ** -0.5).to(dtype)
+                h0, c0 = (torch.randn(B, H, generator=g).to(dtype) for _ in range(2))
+                go, gh = torch.randn(T, B, H, generator=g).to(dtype), torch.randn(B, H, generator=g).to(dtype)
+                for reverse in (False, True):
+                    runs = []
+                    for wide in (True, False):
+                        _ext.set_wide_kernels(wide)
+                        assert (_ext.cpu_kernels == "AVX512") == wide
+                        assert (_ext.wide_kernel("lstm_layer_fwd") is not None) == wide
+                        out, ws = fwd(xp, w, h0, c0, reverse)
+                        runs.append((out, ws) + tuple(bwd(go, gh, None, c0, ws, w, reverse)))
+                    for name, a, b in zip(("out", "ws", "dgates", "dh0", "dc0"), *runs):
+                        assert torch.equal(a, b), (T, B, H, dtype, reverse, name)
+    finally:
+        _ext.set_wide_kernels(True)
 
 
 def test_cuda_persistent_kernels_use_tensor_cores():

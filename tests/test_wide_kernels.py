@@ -58,11 +58,11 @@ def test_registered_exactly_where_torch_dispatches_at_avx512():
     if expected:
         assert info["cpu_kernels"] == "AVX512" and info["cpu_kernels_note"] is None
         wide = ctypes.CDLL(str(wide_library()))  # the loaded library: the same handle
-        assert _ext.wide_kernel("cross_entropy_rows") == ctypes.cast(wide.pykernels_cross_entropy_rows,
-                                                                     ctypes.c_void_p).value
+        for name in _ext._WIDE_KERNELS:
+            assert _ext.wide_kernel(name) == ctypes.cast(getattr(wide, "pykernels_" + name), ctypes.c_void_p).value
     else:
         assert info["cpu_kernels"] == BASE and info["cpu_kernels_note"] == reason
-        assert _ext.wide_kernel("cross_entropy_rows") is None
+        assert all(_ext.wide_kernel(name) is None for name in _ext._WIDE_KERNELS)
 
 
 def test_the_wide_library_stays_out_of_the_global_namespace():
@@ -133,6 +133,38 @@ def test_calls_go_through_the_registered_kernel(restore_choice):
     finally:
         torch.use_deterministic_algorithms(prev)
     assert main.pykernels_set_wide_kernel(b"no_such_kernel", None) == -1
+
+
+def test_lstm_calls_go_through_the_registered_kernels(restore_choice):
+    """The LSTM recurrence runs whatever is registered for its forward and backward (recorders that compute nothing:
+    the outputs stay NaN), except in float64, which the AVX-512 library does not hold; its own kernels again once
+    they are taken out."""
+    calls = []
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+    rec_fwd, rec_bwd = fn(lambda args: calls.append("fwd")), fn(lambda args: calls.append("bwd"))
+    main = _ext._main_library()
+    ops = torch.ops.pykernels
+    T, B, H = 3, 2, 5
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for name, rec in ((b"lstm_layer_fwd", rec_fwd), (b"lstm_layer_bwd", rec_bwd)):
+            assert main.pykernels_set_wide_kernel(name, ctypes.cast(rec, ctypes.c_void_p)) == 0
+        for dtype, acc in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                           (torch.float64, torch.float64)):
+            xp, w = torch.randn(T, B, 4 * H, dtype=acc), torch.randn(4 * H, H).to(dtype)
+            h0 = c0 = torch.zeros(B, H, dtype=dtype)
+            out, ws = ops.lstm_layer_fwd(xp, w, h0, c0, False)
+            dg, dh, dc = ops.lstm_layer_bwd(torch.ones(T, B, H, dtype=dtype), None, None, c0, ws.nan_to_num(), w, False)
+            if dtype == torch.float64:
+                assert calls == ["fwd", "bwd"] * 2 and not out.isnan().any() and not dg.isnan().any()
+            else:
+                assert calls[-2:] == ["fwd", "bwd"] and out.isnan().all() and ws.isnan().all() and dg.isnan().all()
+        _ext.set_wide_kernels(False)
+        out, _ = ops.lstm_layer_fwd(xp.float(), w.float(), h0.float(), c0.float(), False)
+        assert calls == ["fwd", "bwd"] * 2 and not out.isnan().any()
+    finally:
+        torch.use_deterministic_algorithms(prev)
 
 
 def test_reasons_come_in_order(restore_choice, monkeypatch):

@@ -7,15 +7,22 @@
 #include <cstdint>
 
 #include "../cross_entropy_args.h"
+#include "../lstm_args.h"
 
 namespace pykernels {
 
 using CrossEntropyRowsFn = void (*)(const CrossEntropyArgs*, bool backward);
+using LstmLayerFn = void (*)(const LstmLayerCpuArgs*);
 
-// The registered cross-entropy row kernel, or null.
+// The registered kernels (names "cross_entropy_rows", "lstm_layer_fwd", "lstm_layer_bwd"), or null.
 CrossEntropyRowsFn wide_cross_entropy_rows();
+LstmLayerFn wide_lstm_layer_fwd();
+LstmLayerFn wide_lstm_layer_bwd();
 
 }  // namespace pykernels
 
-// The ABI both libraries must agree on: a library whose value differs (a stale build) is refused.
-#define PYKERNELS_WIDE_KERNELS_ABI (1000 + static_cast<int>(sizeof(pykernels::CrossEntropyArgs)))
+// The ABI both libraries must agree on: a library whose value differs (a stale build) is refused. The version
+// counts the entry points' signatures; the sizes catch a changed argument struct.
+#define PYKERNELS_WIDE_KERNELS_ABI                                                                 \
+  (2 * 1000000 + static_cast<int>(sizeof(pykernels::CrossEntropyArgs)) * 1000 + \
+   static_cast<int>(sizeof(pykernels::LstmLayerCpuArgs)))
