@@ -333,6 +333,45 @@ NATIVE_FASTER: Dict[str, Dict[str, str]] = {
 # measure: batch rows for lstm and lstm_cell; 0: no non-empty batch).
 OURS_FASTER_DTYPE: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
     "lstm": {"cpu": {
+        torch.float32: (4, 4, "with the recurrence built for AVX-512 (pykernels._C_avx512, 6-row tiles), on a 2-core "
+                              "Intel Xeon, T=64: forward+backward 1.43-1.61x oneDNN's speed at B=1 (1.35-1.96x at "
+                              "H=256-1024 in the other runs), 1.23-1.44x at B=2, 1.08-1.41x at B=4, but 0.91-1.06x "
+                              "at B=8 (H=128-1024), 0.74-1.10x at B=16-64; the forward alone 1.01-1.36x at B=1, "
+                              "1.34-1.98x at B=2, 1.07-1.22x at B=4, 0.88-1.42x at B=8, 0.77-1.02x at B=16-64 "
+                              "(bench/results/cpu-lstm-small-batch-20261206-150110.json, "
+                              "bench/results/cpu-lstm-20261206-150151.json, "
+                              "bench/results/cpu-lstm-B16-20261206-150208.json, "
+                              "bench/results/cpu-lstm-B16-H512-20261206-150228.json, "
+                              "bench/results/cpu-lstm-B32-20261206-150247.json, "
+                              "bench/results/cpu-lstm-large-hidden-20261206-150446.json)"),
+        torch.bfloat16: (8, 0, "with the recurrence built for AVX-512 the C++ sequence kernel (fp32 gates and GEMMs "
+                               "on converted operands) measured faster than oneDNN's bf16 LSTM (AMX) up to B=8 with a "
+                               "gradient, 2-core Intel Xeon, T=64: forward+backward 2.73-3.68x at B=1, 2.21-3.19x at "
+                               "B=2, 1.83-2.64x at B=4, 1.02-1.65x at B=8 (H=128-512), 0.93x at B=16 and 0.71x at "
+                               "B=64; the forward alone 0.53-1.02x at B=1, so calls without a gradient stay torch's "
+                               "(bench/results/cpu-lstm-bfloat16-small-batch-20261206-150635.json, "
+                               "bench/results/cpu-lstm-bfloat16-20261206-150709.json)"),
+        torch.float16: (32, 8, "where oneDNN has fp16 (AVX512-FP16, a 2-core Intel Xeon; elsewhere "
+                               "OURS_WITHOUT_ONEDNN) torch's fp16 LSTM runs it, and the C++ sequence kernel built for "
+                               "AVX-512 (fp32 GEMMs on converted operands) measured, at T=64, with a gradient "
+                               "1.82-11.5x its speed up to B=8 (H=128-512), 1.50-2.59x at B=16, 1.25x / 1.52x at "
+                               "B=32 (H=768 / 256), 1.10x / 0.91x at B=64 (H=256 / 512); without a gradient "
+                               "1.14-3.77x up to B=8, 0.93-1.04x at B=16, 0.72-1.00x at B=32 and 0.54-0.80x at B=64 "
+                               "(bench/results/cpu-lstm-float16-small-batch-20261206-150911.json, "
+                               "bench/results/cpu-lstm-float16-20261206-150950.json, "
+                               "bench/results/cpu-lstm-float16-B16-20261206-151144.json, "
+                               "bench/results/cpu-lstm-float16-B16-H512-20261206-151209.json, "
+                               "bench/results/cpu-lstm-float16-B32-20261206-151016.json, "
+                               "bench/results/cpu-lstm-float16-B32-H768-20261206-151052.json, "
+                               "bench/results/cpu-lstm-float16-B64-H512-20261206-151122.json)")}},
+}
+
+
+# As OURS_FASTER_DTYPE, where torch dispatches at AVX512 but our CPU kernels run as built into _C, for AVX2
+# (``_ext.cpu_kernels != "AVX512"``: PYKERNELS_DISABLE_AVX512=1, a build without _C_avx512, and every measurement
+# before the recurrence joined _C_avx512): an entry here replaces that dtype's entry there.
+OURS_FASTER_DTYPE_OURS_AVX2: Dict[str, Dict[str, Dict[torch.dtype, object]]] = {
+    "lstm": {"cpu": {
         torch.float32: (2, 0, "the persistent C++ sequence kernel measured faster than oneDNN's for one or two "
                               "sequences with a gradient, 2 cores, T=64: forward+backward 1.23x, 1.50x, 1.09x at "
                               "H=128, 256, 512 (B=1), 1.22x, 1.28x, 1.15x (B=2); from B=4 0.91-1.08x; the forward "
@@ -506,6 +545,18 @@ NATIVE_FASTER_BELOW_AVX2: Dict[str, Dict[str, tuple]] = {
 }
 
 
+def ours_faster_dtype(op: str, kind: str, dtype: torch.dtype) -> object:
+    """The OURS_FASTER_DTYPE exception of ``op`` in ``dtype`` on device type ``kind`` for this CPU and the ISA our CPU
+    kernels run at (as ``native_below``), or None."""
+    ours = OURS_FASTER_DTYPE.get(op, {}).get(kind, {}).get(dtype)
+    if kind == "cpu":
+        if _native.CPU_CAPABILITY == "AVX2":
+            return OURS_FASTER_DTYPE_AVX2.get(op, {}).get("cpu", {}).get(dtype, ours)
+        if _native.CPU_CAPABILITY == "AVX512" and _ext.cpu_kernels != "AVX512":
+            return OURS_FASTER_DTYPE_OURS_AVX2.get(op, {}).get("cpu", {}).get(dtype, ours)
+    return ours
+
+
 def native_below(op: str, kind: str) -> Optional[tuple]:
     """The NATIVE_FASTER_BELOW rule of ``op`` on device type ``kind`` for this CPU and the ISA our CPU kernels run at:
     (size from which ours runs a call with a gradient, without one, why), or None."""
@@ -619,12 +670,8 @@ def prefer_native(op: str, device: torch.device, backend: Optional[str], size: O
     if (size is not None and kind == "cpu" and dtype in OURS_WITHOUT_ONEDNN.get(op, {})
             and dtype not in _native.ONEDNN_DTYPES):  # an unknown size takes torch's kernel, as in _sized
         return None
-    if dtype is not None:
-        ours = OURS_FASTER_DTYPE.get(op, {}).get(kind, {}).get(dtype)
-        if kind == "cpu" and _native.CPU_CAPABILITY == "AVX2":
-            ours = OURS_FASTER_DTYPE_AVX2.get(op, {}).get("cpu", {}).get(dtype, ours)
-        if _sized(ours, size, grad, native=False):
-            return None
+    if dtype is not None and _sized(ours_faster_dtype(op, kind, dtype), size, grad, native=False):
+        return None
     why = NATIVE_FASTER.get(op, {}).get(kind)
     if why is None and dtype is not None:
         why = _sized(NATIVE_FASTER_DTYPE.get(op, {}).get(kind, {}).get(dtype), size, grad, native=True)

@@ -121,7 +121,7 @@ def test_lstm_under_fp16_autocast_with_grad_mode_avoids_torch_even_where_onednn_
     monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
     monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
     from pykernels import backends
-    big = backends.OURS_FASTER_DTYPE["lstm"]["cpu"][torch.float16][0] + 1  # torch's by the speed rule
+    big = backends.ours_faster_dtype("lstm", "cpu", torch.float16)[0] + 1  # torch's by the speed rule
     torch.manual_seed(0)
     theirs = torch.nn.LSTM(8, 16)
     ours = pykernels.nn.LSTM(8, 16)

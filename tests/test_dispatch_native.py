@@ -47,7 +47,7 @@ def test_every_entry_cites_a_committed_measurement():
                                           backends.NATIVE_FASTER_BELOW_OURS_AVX2)
               for op, d in table.items() for rule in d.values()]
     rules += [(op, why) for table in (backends.NATIVE_FASTER_DTYPE, backends.OURS_FASTER_DTYPE,
-                                      backends.OURS_FASTER_DTYPE_AVX2)
+                                      backends.OURS_FASTER_DTYPE_AVX2, backends.OURS_FASTER_DTYPE_OURS_AVX2)
               for op, d in table.items() for per in d.values()
               for why in (v[-1] if isinstance(v, tuple) else v for v in per.values())]
     rules += [(op, why) for op, d in backends.OURS_WITHOUT_ONEDNN.items() for why in d.values()]
@@ -135,7 +135,7 @@ def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monke
     theirs = torch.nn.LSTM(5, 7, num_layers=2)
     ours = pykernels.nn.LSTM(5, 7, num_layers=2)
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(6, 3, 5)
+    x = torch.randn(6, backends.ours_faster_dtype("lstm", "cpu", torch.float32)[0] + 1, 5)  # past the fp32 rule
     assert torch.equal(ours(x)[0], theirs(x)[0])
     assert pykernels.last_dispatch["lstm"][0] == "torch"
     from pykernels.ops import lstm as lstm_ops
@@ -148,13 +148,15 @@ def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monke
                        F.scaled_dot_product_attention(q, q, q, is_causal=True))
     assert pykernels.last_dispatch["scaled_dot_product_attention"][0] == "torch"
     h = pykernels.functional.lstm_cell(x[0], None, theirs.weight_ih_l0, theirs.weight_hh_l0)
-    assert h[0].shape == (3, 7) and pykernels.last_dispatch["lstm_cell"][0] != "torch"
-    # fp32 / bf16 sequences at small batches with a gradient (OURS_FASTER_DTYPE, sized): ours; without a gradient,
-    # or larger, or packed: torch's
+    assert h[0].shape == (x.shape[1], 7) and pykernels.last_dispatch["lstm_cell"][0] != "torch"
+    # fp32 / bf16 sequences at small batches (the OURS_FASTER_DTYPE rule for this CPU and the ISA of our kernels,
+    # sized with a gradient and without): ours; larger, or packed: torch's
     for dtype in (torch.float32, torch.bfloat16):
         if "cpu" not in lstm_ops.LAYER:
             break
-        most, _, _ = backends.OURS_FASTER_DTYPE["lstm"]["cpu"][dtype]
+        most, without, _ = backends.ours_faster_dtype("lstm", "cpu", dtype)
+        if most > 64:  # every batch with a gradient (AVX2-only CPUs, fp32)
+            continue
         ours.to(dtype), theirs.to(dtype)
         small = torch.randn(6, most, 5, dtype=dtype)
         out = ours(small)[0]
@@ -164,8 +166,10 @@ def test_cpu_automatic_lstm_and_sdpa_run_torch_and_explicit_calls_run_ours(monke
         ours(small[:, 0])  # unbatched: one row
         assert pykernels.last_dispatch["lstm"][0] == "cpu"
         with torch.no_grad():
-            ours(small)
-        assert pykernels.last_dispatch["lstm"][0] == "torch"
+            ours(small[:, :max(without, 1)])
+            assert pykernels.last_dispatch["lstm"][0] == ("cpu" if without else "torch"), dtype
+            ours(torch.randn(6, without + 1, 5, dtype=dtype))
+            assert pykernels.last_dispatch["lstm"][0] == "torch", dtype
         ours(torch.randn(6, most + 1, 5, dtype=dtype))
         assert pykernels.last_dispatch["lstm"][0] == "torch"
         packed = torch.nn.utils.rnn.pack_padded_sequence(small, [6] + [4] * (most - 1))
@@ -231,7 +235,7 @@ def test_cpu_fp16_lstm_rule_follows_onednn_fp16(monkeypatch):
     from pykernels.ops import lstm as lstm_ops
     if "cpu" not in lstm_ops.LAYER:
         pytest.skip("the C++ LSTM kernels are not built")
-    with_grad, without, _ = backends.OURS_FASTER_DTYPE["lstm"]["cpu"][torch.float16]
+    with_grad, without, _ = backends.ours_faster_dtype("lstm", "cpu", torch.float16)
     assert without < with_grad
     lstm = pykernels.nn.LSTM(5, 7).half()
 
@@ -288,6 +292,37 @@ def test_cpu_without_avx512_fp32_lstm_with_a_gradient_runs_ours(monkeypatch):
         with torch.no_grad():
             lstm(x)
         assert pykernels.last_dispatch["lstm"][0] == "torch", cap
+
+
+def test_lstm_rules_follow_the_isa_of_our_cpu_kernels(monkeypatch):
+    """Where torch dispatches at AVX512, the sequence rules measured with our recurrence built for AVX-512
+    (OURS_FASTER_DTYPE) hold while its AVX-512 build runs, those measured with the AVX2 one
+    (OURS_FASTER_DTYPE_OURS_AVX2) once ours run at AVX2 (PYKERNELS_DISABLE_AVX512=1, no _C_avx512); AVX2-only CPUs
+    keep OURS_FASTER_DTYPE_AVX2. The automatic calls follow them."""
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
+    from pykernels import _ext
+    from pykernels.ops import lstm as lstm_ops
+    table = {"AVX512": backends.OURS_FASTER_DTYPE, "AVX2": backends.OURS_FASTER_DTYPE_OURS_AVX2}
+    monkeypatch.setattr(pykernels._native, "CPU_CAPABILITY", "AVX512")
+    assert backends.OURS_FASTER_DTYPE["lstm"]["cpu"][torch.float32][:2] != \
+        backends.OURS_FASTER_DTYPE_OURS_AVX2["lstm"]["cpu"][torch.float32][:2]
+    lstm = pykernels.nn.LSTM(5, 7)
+    for level in ("AVX512", "AVX2"):
+        monkeypatch.setattr(_ext, "cpu_kernels", level)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert backends.ours_faster_dtype("lstm", "cpu", dtype) == table[level]["lstm"]["cpu"][dtype]
+        with_grad, without, _ = table[level]["lstm"]["cpu"][torch.float32]
+        if "cpu" not in lstm_ops.LAYER:
+            continue
+        lstm(torch.randn(3, with_grad, 5))
+        assert pykernels.last_dispatch["lstm"][0] == "cpu", level
+        with torch.no_grad():
+            lstm(torch.randn(3, max(without, 1), 5))
+        assert pykernels.last_dispatch["lstm"][0] == ("cpu" if without else "torch"), level
+    monkeypatch.setattr(pykernels._native, "CPU_CAPABILITY", "AVX2")
+    assert backends.ours_faster_dtype("lstm", "cpu", torch.float32) == \
+        backends.OURS_FASTER_DTYPE_AVX2["lstm"]["cpu"][torch.float32]
 
 
 def test_cpu_small_cross_entropy_runs_torch_large_runs_ours(monkeypatch):

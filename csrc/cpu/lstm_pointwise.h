@@ -1,5 +1,5 @@
 // Vectorised pointwise parts of the LSTM step on the CPU, shared by the cell ops (cpu/lstm.cpp) and the sequence
-// ops (cpu/lstm_layer.cpp): the gate update (activations, cell update, h and the workspace) and the gate
+// ops (cpu/lstm_layer_kernels.h): the gate update (activations, cell update, h and the workspace) and the gate
 // gradients. Each is written once, templated on the storage type of every operand, because the cell reads its
 // state in the input dtype while the sequence keeps c and the incoming gradients in the accumulation dtype.
 #pragma once

@@ -3,7 +3,7 @@
 Kernel ops, one set per backend, same schemas:
 - ``pykernels::lstm_cell_{fwd,bwd}``: C++ schemas in csrc/lstm.cpp, CPU and CUDA kernels ("cpu" / "cuda"
   backends); their fakes are registered here. ``pykernels::lstm_cell_grads``: the cell's whole backward, CPU only.
-- ``pykernels::lstm_layer_{fwd,bwd}``: C++ schemas in csrc/lstm.cpp, CPU kernels (csrc/cpu/lstm_layer.cpp) and,
+- ``pykernels::lstm_layer_{fwd,bwd}``: C++ schemas in csrc/lstm.cpp, CPU kernels (csrc/cpu/lstm_layer_kernels.h) and,
   in CUDA builds, persistent CUDA kernels (csrc/cuda/lstm_layer.cu): the "cpu" / "cuda" backends' sequence op.
 - ``pykernels::lstm_cell_{fwd,bwd}_triton`` and ``pykernels::lstm_layer_{fwd,bwd}_triton``: ``triton_op``s over
   pykernels/triton/lstm.py (cell) and pykernels/triton/lstm_layer.py (sequence).
