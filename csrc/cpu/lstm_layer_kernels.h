@@ -62,7 +62,7 @@ inline int64_t time_of(int64_t s, int64_t T, bool reverse) { return reverse ? T 
 
 // Batch rows per register tile: 4R accumulators + one weight vector + R broadcasts fit the ISA's vector registers:
 // AVX2's 16 take 3 rows, AVX-512's 32 take 6 (24 accumulators: each weight load feeds 6 FMAs; at 3 rows the
-// AVX-512 build ran no faster than the AVX2 one, at 6 the recurrence ran 1.3-1.8x faster on 2 cores, docs/lstm.md).
+// AVX-512 build was not clearly faster than the AVX2 one, at 6 the recurrence ran 1.3-2x faster, docs/lstm.md).
 #ifdef CPU_CAPABILITY_AVX512
 constexpr int kRows = 6;
 #else
@@ -71,9 +71,9 @@ constexpr int kRows = 3;
 // Vectors of hidden units per backward tile (its R x kBwdVecs accumulators share each broadcast of dgates).
 constexpr int kBwdVecs = 4;
 // Terms of the K loops (fwd_tile: K = H, bwd_rows: K = 4H) that the register accumulators take before their partial
-// sums go to a PairwiseSum. The 12 accumulators of a tile fill the registers, so there is no room for several
-// interleaved ones; one fp32 FMA chain over all of K = 4H had 7-10x the error of torch's LSTM backward at
-// H = 1024-1500 (dh0), K = H 2-2.6x in the forward. Blocks with a pairwise sum of the blocks: the error of
+// sums go to a PairwiseSum. The accumulators of a tile (12 at AVX2, 24 at AVX-512) fill the registers, so there is
+// no room for several interleaved ones; one fp32 FMA chain over all of K = 4H had 7-10x the error of torch's LSTM
+// backward at H = 1024-1500 (dh0), K = H 2-2.6x in the forward. Blocks with a pairwise sum of the blocks: the error of
 // ~kKBlock + log2(K / kKBlock) sequential additions (128: dh0 and the forward 0.6-1.2x torch's error at
 // H = 600-1500; 64: 0.6-0.8x). Each block costs its partials' adds and stores and the loop's exit: at 128 the op
 // runs ~5-12% slower at B >= 8, H >= 256 (1 thread; within noise at B = 1-2, where the panel's loads bound it).
@@ -115,8 +115,7 @@ struct PairwiseSum {
   }
 };
 
-// tile(std::integral_constant<int, R>(), r) over the batch: tiles of kRows rows, then one tile of the rows left,
-// so that each tile streams the panel once (B = 2 as two 1-row tiles read it twice).
+// The tile of the `left` (< kRows) rows from row r, if any: one instantiation per height.
 template <int R = kRows - 1, typename F>
 inline void last_row_tile(int64_t left, int64_t r, const F& tile) {
   if constexpr (R > 0) {
@@ -125,6 +124,8 @@ inline void last_row_tile(int64_t left, int64_t r, const F& tile) {
   }
 }
 
+// tile(std::integral_constant<int, R>(), r) over the batch: tiles of kRows rows, then one tile of the rows left,
+// so that each tile streams the panel once (B = 2 as two 1-row tiles read it twice).
 template <typename F>
 inline void for_row_tiles(int64_t B, const F& tile) {
   int64_t r = 0;
