@@ -22,6 +22,7 @@
 #include "../cross_entropy_args.h"
 #include "../cross_entropy_math.h"
 #include "row_sums.h"
+#include "visit_dtype.h"
 
 namespace pykernels {
 namespace {
@@ -284,12 +285,7 @@ void run_rows(const CrossEntropyArgs& a, bool backward) {
 // Runs the forward (backward false: loss, lse, lse_err and, when a.grad, the gradient) or the backward (the gradient
 // from a.lse_in) of every row of a.
 inline void cross_entropy_rows(const CrossEntropyArgs& a, bool backward) {
-  switch (a.dtype) {
-    case DType::F32: return run_rows<float>(a, backward);
-    case DType::F64: return run_rows<double>(a, backward);
-    case DType::F16: return run_rows<c10::Half>(a, backward);
-    case DType::BF16: return run_rows<c10::BFloat16>(a, backward);
-  }
+  visit_dtype(a.dtype, [&](auto t) { run_rows<decltype(t)>(a, backward); });
 }
 
 }  // namespace

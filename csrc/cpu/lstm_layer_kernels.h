@@ -33,6 +33,7 @@
 
 #include "../lstm_args.h"
 #include "lstm_pointwise.h"
+#include "visit_dtype.h"
 
 namespace pykernels {
 namespace {
@@ -413,30 +414,19 @@ void layer_bwd(const LstmLayerCpuArgs& a) {
   });
 }
 
-
 // The entry points: a.dtype F32, F16 or BF16 (acc float); F64 (acc double) in _C's build only.
-inline void lstm_layer_fwd_kernel(const LstmLayerCpuArgs& a) {
-  switch (a.dtype) {
-    case DType::F32: return layer_fwd<float>(a);
-    case DType::F16: return layer_fwd<c10::Half>(a);
-    case DType::BF16: return layer_fwd<c10::BFloat16>(a);
-#ifndef CPU_CAPABILITY_AVX512
-    case DType::F64: return layer_fwd<double>(a);
+#ifdef CPU_CAPABILITY_AVX512
+constexpr bool kLayerDouble = false;
+#else
+constexpr bool kLayerDouble = true;
 #endif
-    default: break;
-  }
+
+inline void lstm_layer_fwd_kernel(const LstmLayerCpuArgs& a) {
+  visit_dtype<kLayerDouble>(a.dtype, [&](auto t) { layer_fwd<decltype(t)>(a); });
 }
 
 inline void lstm_layer_bwd_kernel(const LstmLayerCpuArgs& a) {
-  switch (a.dtype) {
-    case DType::F32: return layer_bwd<float>(a);
-    case DType::F16: return layer_bwd<c10::Half>(a);
-    case DType::BF16: return layer_bwd<c10::BFloat16>(a);
-#ifndef CPU_CAPABILITY_AVX512
-    case DType::F64: return layer_bwd<double>(a);
-#endif
-    default: break;
-  }
+  visit_dtype<kLayerDouble>(a.dtype, [&](auto t) { layer_bwd<decltype(t)>(a); });
 }
 
 }  // namespace
