@@ -28,7 +28,8 @@ _loaded = False
 # capability ("AVX2" or "DEFAULT"); None without _C. wide_error: why _C_avx512 is not in use, or None.
 cpu_kernels: Optional[str] = None
 wide_error: Optional[str] = None
-_WIDE_KERNELS = ("cross_entropy_rows", "lstm_layer_fwd", "lstm_layer_bwd")  # the entry points of a wide library, each registered into _C by its name
+# the entry points of a wide library, each registered into _C by its name
+_WIDE_KERNELS = ("cross_entropy_rows", "lstm_layer_fwd", "lstm_layer_bwd")
 
 
 def _torch_base(version: str) -> str:
