@@ -1,14 +1,16 @@
-"""Render the measured files of bench/results/ as markdown: the README's result sections come from here.
+"""Render the measured files of bench/results/ as markdown: the result sections of README.md and docs/results.md.
 
 - ``*.json`` (``python -m bench``): one table per (file, suite), headed by its device, date, versions, commit and
   measured ceilings; columns that are empty in every row of a table (no FLOP model, no CUDA memory) are left out.
 - ``*.jsonl`` (the retired ``bench/quick_gpu.py``: an ``_about`` line, then one line per case): one table per
   (file, family), headed by the file's device and date (the date is the one in the file name) and its ``_about``.
 
-The README holds generated sections between ``<!-- results:<name>:begin -->`` and ``<!-- results:<name>:end -->``:
-``tables`` (every table above) and ``summary`` (the ratios of pykernels to the other provider in each JSONL family,
-as ranges over its cases). `python -m bench.render --readme README.md` rewrites them, `--check` exits 1 when the
-README differs from what the committed files give. Nothing in those sections is typed by hand.
+Generated sections sit between ``<!-- results:<name>:begin -->`` and ``<!-- results:<name>:end -->``: README.md's
+``headline`` (one row per op, machine, dtype and provider over every file: median and range of the speed-up over the
+baseline), docs/results.md's ``summary`` (one line per file and suite: ours' time over the baseline's, as ranges over
+its cases) and ``tables`` (every table above). `python -m bench.render --readme` rewrites both files (or the one
+named), `--check` exits 1 when one differs from what the committed files give. Nothing in those sections is typed by
+hand.
 
 Plots: `--plots` draws each JSON file's plots (bench/report.py, needs matplotlib) into
 ``bench/results/plots/<file name>/``; the tables section links every plot of a suite that exists there, so the
@@ -29,6 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 PLOTS = "plots"  # under the results directory: one folder per JSON file
 README = REPO / "README.md"
+RESULTS_DOC = REPO / "docs" / "results.md"
+GENERATED = (README, RESULTS_DOC)  # the files --readme / --check handle when none is named
 DASH = "–"
 
 
@@ -81,7 +85,7 @@ COLUMNS: List[Tuple[str, Callable[[dict], str]]] = [
 ]
 
 
-def render_file(path: Path) -> str:
+def render_file(path: Path, base: Path = REPO) -> str:
     d = json.loads(path.read_text())
     env, ceil = d["env"], d.get("ceilings", {})
     tables = []
@@ -99,7 +103,7 @@ def render_file(path: Path) -> str:
         absent = sorted({f"{r['provider']}: {r['error']}" for r in rs if r["status"] == "absent"})
         if absent:
             lines += ["", "Not measured: " + "; ".join(absent)]
-        links = _plot_links(path, rs)
+        links = _plot_links(path, rs, base)
         if links:
             lines += ["", "Plots: " + " · ".join(links)]
         tables.append("\n".join(lines))
@@ -110,11 +114,12 @@ def _plot_dir(path: Path) -> Path:
     return path.parent / PLOTS / path.stem
 
 
-def _plot_links(path: Path, records: List[dict]) -> List[str]:
-    """Markdown links to the committed plots of these records (those present in the file's plot folder)."""
+def _plot_links(path: Path, records: List[dict], base: Path = REPO) -> List[str]:
+    """Markdown links, relative to the folder ``base`` of the file that holds them, to the committed plots of these
+    records (those present in the file's plot folder)."""
     from .report import plot_groups, results_of
     folder = _plot_dir(path)
-    return [f"[{title.split(' ', 1)[1]}]({Path(os.path.relpath(folder / name, REPO)).as_posix()})"
+    return [f"[{title.split(' ', 1)[1]}]({Path(os.path.relpath(folder / name, base)).as_posix()})"
             for name, (title, *_) in plot_groups(results_of(records)).items() if (folder / name).exists()]
 
 
@@ -241,29 +246,119 @@ def summary(results_dir: Path = RESULTS) -> str:
     return "\n".join(lines) or "No side-by-side results have been measured yet."
 
 
+# The README's one table: every measured comparison of ours with the suite's baseline, grouped.
+SUITE_ORDER = ("cross_entropy", "linear_cross_entropy", "attention", "lstm", "lstm_cell", "e2e")
+HEADLINE_MODES = {"fwd+bwd": "forward+backward", "train": "forward+backward", "fwd": "forward"}
+JSONL_MODES = {"fwdbwd_ms": "forward+backward", "fwd_ms": "forward"}
+
+
+def _short_device(name: str) -> str:
+    """One name per machine across file formats (the JSONL files say "H100 80GB HBM3", the JSON ones "NVIDIA H100
+    80GB HBM3"), without trademark marks."""
+    return re.sub(r"\s+", " ", re.sub(r"\(R\)|\(TM\)|^NVIDIA ", "", name)).strip()
+
+
+class _Group:
+    def __init__(self):
+        self.speed: Dict[str, List[float]] = {}
+        self.cases, self.files, self.dates, self.ceiling = set(), set(), set(), []
+
+    def add(self, mode: str, speed: float, case, path: Path, date: str, pct=None, kind=None):
+        self.speed.setdefault(mode, []).append(speed)
+        self.cases.add((path.name, case))
+        self.files.add(path.name)
+        self.dates.add(date)
+        if pct is not None:
+            self.ceiling.append((pct, kind))
+
+
+def _headline_groups(results_dir: Path) -> Dict[tuple, _Group]:
+    """(suite, device, dtype, ours, baseline) -> the speed-ups (baseline's time over ours) of every case."""
+    groups: Dict[tuple, _Group] = {}
+    for path in sorted(results_dir.glob("*.json")):
+        d = json.loads(path.read_text())
+        device, date = _short_device(_device(d["env"])), d["env"]["date_utc"][:10]
+        ok = [r for r in d["results"] if r["status"] == "ok" and r.get("ms_p50")]
+        base = {(r["suite"], r["case"], r["mode"], r["dtype"]): r for r in ok if r["provider"] == "torch"}
+        for r in ok:
+            t = base.get((r["suite"], r["case"], r["mode"], r["dtype"]))
+            if not r["provider"].startswith("pykernels") or t is None or r["mode"] not in HEADLINE_MODES:
+                continue
+            pct, kind = ((r["pct_of_copy_bw"], "copy BW") if r.get("pct_of_copy_bw") is not None else
+                         (r["pct_of_matmul"], "matmul") if r.get("pct_of_matmul") is not None else (None, None))
+            g = groups.setdefault((r["suite"], device, r["dtype"], r["provider"], "torch"), _Group())
+            g.add(HEADLINE_MODES[r["mode"]], t["ms_p50"] / r["ms_p50"], r["case"], path, date, pct, kind)
+    for path in sorted(results_dir.glob("*.jsonl")):
+        _, device, date, records = _read_jsonl(path)
+        device = _short_device(device)
+        for i, r in enumerate(records):
+            for metric, mode in JSONL_MODES.items():
+                ours = r.get("pykernels_" + metric)
+                for k, other in r.items():
+                    if (k.endswith("_" + metric) and not k.startswith("pykernels") and isinstance(ours, (int, float))
+                            and isinstance(other, (int, float)) and ours > 0 and other > 0):
+                        key = (r["family"], device, str(r.get("dtype", DASH)).replace("torch.", ""), "pykernels",
+                               k[:-len(metric) - 1])
+                        groups.setdefault(key, _Group()).add(mode, other / ours, i, path, date)
+    return groups
+
+
+def _speed_cell(speeds: List[float]) -> str:
+    if not speeds:
+        return DASH
+    s = sorted(speeds)
+    med = s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+    return f"{med:.2f}×" if len(s) == 1 else f"{med:.2f}× ({s[0]:.2f}–{s[-1]:.2f})"
+
+
+def headline(results_dir: Path = RESULTS) -> str:
+    """One row per (op, device, dtype, our provider, baseline) over every committed file: the median and range of
+    the speed-up (baseline's time over ours, above 1: ours faster) per mode, and ours' best % of the ceiling."""
+    groups = _headline_groups(results_dir)
+    if not groups:
+        return "No side-by-side results have been measured yet."
+    order = {s: i for i, s in enumerate(SUITE_ORDER)}
+    rows = []
+    for key in sorted(groups, key=lambda k: (order.get(k[0], len(order)), k[0], k[1], k[2], k[3], k[4])):
+        suite, device, dtype, ours, other = key
+        g = groups[key]
+        best = max(g.ceiling, default=None)
+        rows.append([suite, device, dtype, f"{ours} vs {other}",
+                     _speed_cell(g.speed.get("forward+backward", [])), _speed_cell(g.speed.get("forward", [])),
+                     DASH if best is None else f"{best[0]:.0f}% {best[1]}",
+                     str(len(g.cases)), f"{max(g.dates)} ({len(g.files)} file{'s' * (len(g.files) > 1)})"])
+    header = ["op", "device", "dtype", "provider", "speed-up forward+backward", "speed-up forward",
+              "best % of ceiling", "cases", "latest (files)"]
+    return "\n".join(_table(header, rows, always=len(header)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 
-def render(results_dir: Path = RESULTS) -> str:
+def render(results_dir: Path = RESULTS, base: Path = REPO) -> str:
+    """Every table; plot links relative to ``base``, the folder of the file that will hold them."""
     files = sorted(list(results_dir.glob("*.json")) + list(results_dir.glob("*.jsonl")))
     if not files:
         return "No results have been measured yet."
-    return "\n\n".join(render_jsonl(f.resolve()) if f.suffix == ".jsonl" else render_file(f.resolve())
+    return "\n\n".join(render_jsonl(f.resolve()) if f.suffix == ".jsonl" else render_file(f.resolve(), base)
                        for f in files)
 
 
-SECTIONS: Dict[str, Callable[[Path], str]] = {"tables": render, "summary": summary}
+# section name -> its text from (results directory, folder of the file being written)
+SECTIONS: Dict[str, Callable[[Path, Path], str]] = {"tables": render, "summary": lambda r, _: summary(r),
+                                                    "headline": lambda r, _: headline(r)}
 _SECTION = re.compile(r"(<!-- results:(\w+):begin -->).*?(<!-- results:\2:end -->)", re.S)
 
 
-def update_readme(text: str, results_dir: Path = RESULTS) -> str:
-    """``text`` with every results section regenerated; at least one must exist, and only known names."""
+def update_readme(text: str, results_dir: Path = RESULTS, base: Path = REPO) -> str:
+    """``text`` (a file in the folder ``base``) with every results section regenerated; at least one must exist, and
+    only known names."""
     names = [m.group(2) for m in _SECTION.finditer(text)]
     if not names:
         raise ValueError("the README has no <!-- results:<name>:begin --> ... <!-- results:<name>:end --> section")
     unknown = sorted(set(names) - set(SECTIONS))
     if unknown:
         raise ValueError(f"unknown results section(s) {unknown}; known: {sorted(SECTIONS)}")
-    return _SECTION.sub(lambda m: f"{m.group(1)}\n{SECTIONS[m.group(2)](results_dir)}\n{m.group(3)}", text)
+    return _SECTION.sub(lambda m: f"{m.group(1)}\n{SECTIONS[m.group(2)](results_dir, base)}\n{m.group(3)}", text)
 
 
 def main(argv=None) -> int:
@@ -272,10 +367,10 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(RESULTS), help="directory of .json / .jsonl files")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--out", default=None, help="write the tables to this file")
-    g.add_argument("--readme", default=None, const=str(README), nargs="?",
-                   help="rewrite this file's results sections (default README.md)")
-    g.add_argument("--check", default=None, const=str(README), nargs="?", metavar="README",
-                   help="exit 1 if this file's results sections are stale (default README.md)")
+    g.add_argument("--readme", default=None, const="", nargs="?", metavar="FILE",
+                   help="rewrite this file's results sections (default: README.md and docs/results.md)")
+    g.add_argument("--check", default=None, const="", nargs="?", metavar="FILE",
+                   help="exit 1 if this file's results sections are stale (default: README.md and docs/results.md)")
     g.add_argument("--plots", action="store_true",
                    help="draw every JSON file's plots into <results>/plots/<file>/ (then --readme links them)")
     a = p.parse_args(argv)
@@ -284,21 +379,24 @@ def main(argv=None) -> int:
         for path in write_all_plots(results):
             print(path)
     elif a.out:
-        Path(a.out).write_text(render(results) + "\n")
-    elif a.readme or a.check:
-        path = Path(a.readme or a.check)
-        if not path.is_file():
-            p.error(f"{'--check' if a.check else '--readme'} {path}: no such file")
-        old = path.read_text()
-        new = update_readme(old, results)
-        if a.check:
-            if new != old:
-                print(f"{path} is stale: run `python -m bench.render --readme {path}` and commit it",
-                      file=sys.stderr)
-                return 1
-            print(f"{path}: results sections up to date")
-        elif new != old:
-            path.write_text(new)
+        Path(a.out).write_text(render(results, Path(a.out).resolve().parent) + "\n")
+    elif a.readme is not None or a.check is not None:
+        named = a.readme if a.readme is not None else a.check
+        stale = 0
+        for path in [Path(named)] if named else GENERATED:
+            if not path.is_file():
+                p.error(f"{'--check' if a.check is not None else '--readme'} {path}: no such file")
+            old = path.read_text()
+            new = update_readme(old, results, path.resolve().parent)
+            if a.check is None:
+                if new != old:
+                    path.write_text(new)
+            elif new != old:
+                print(f"{path} is stale: run `python -m bench.render --readme` and commit it", file=sys.stderr)
+                stale = 1
+            else:
+                print(f"{path}: results sections up to date")
+        return stale
     else:
         print(render(results))
     return 0

@@ -76,11 +76,12 @@ def test_sdist_holds_every_csrc_file_and_include(sdist):
 
 
 def test_sdist_holds_the_measurements_cited_and_no_build_record(sdist):
-    """README.md and backends.py cite bench/results/ files as their evidence, and tests/ (shipped) read them: the sdist
-    held tests/ but not bench/results/. A _build_info.json would describe a library the sdist does not ship."""
+    """README.md, docs/results.md and backends.py cite bench/results/ files as their evidence, and tests/ (shipped) read
+    them: the sdist held tests/ but not bench/results/. A _build_info.json would describe a library the sdist does not
+    ship."""
     names = _members(sdist)
     cited = set()
-    for f in ("README.md", "pykernels/backends.py"):
+    for f in ("README.md", "docs/results.md", "pykernels/backends.py"):
         with open(os.path.join(ROOT, f)) as fh:
             cited |= set(re.findall(r"bench/results/[\w./-]+\.(?:jsonl?|png)", fh.read()))
     assert len(cited) > 10, cited

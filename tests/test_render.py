@@ -1,5 +1,6 @@
-"""bench/render.py: the README's result sections are exactly what the committed files in bench/results/ give
-(this test is the CI check), every table names its device and date, JSONL tables and the ratio summary."""
+"""bench/render.py: the result sections of README.md and docs/results.md are exactly what the committed files in
+bench/results/ give (this test is the CI check), every table names its device and date, JSONL tables, the ratio
+summary and the README's headline table."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,21 @@ DATE = re.compile(r"\b20\d\d-\d\d-\d\d\b")
 
 
 def test_readme_is_generated_from_the_committed_results(capsys):
-    assert render.main(["--check"]) == 0, "README.md is stale: run `python -m bench.render --readme`"
-    text = render.README.read_text()
+    assert render.main(["--check"]) == 0, "README.md or docs/results.md is stale: run `python -m bench.render --readme`"
+    assert "README.md" in capsys.readouterr().out  # --check without a file checks both
+    assert "<!-- results:headline:begin -->" in render.README.read_text()
+    text = render.RESULTS_DOC.read_text()
     assert "<!-- results:tables:begin -->" in text and "<!-- results:summary:begin -->" in text
+
+
+def test_links_resolve_from_the_file_that_holds_them():
+    """Every relative link of README.md and docs/results.md names a file (the plots' links, written for the README
+    at the top level, broke when the tables moved to docs/)."""
+    for doc in render.GENERATED:
+        links = re.findall(r"\]\(([^)#:]+)\)", doc.read_text())
+        assert links, doc
+        missing = [t for t in links if not (doc.parent / t).exists()]
+        assert not missing, f"{doc.name}: {len(missing)} broken links, e.g. {missing[:3]}"
 
 
 def test_every_table_names_device_and_date():
@@ -121,3 +134,33 @@ def test_json_summary_is_each_providers_time_over_torchs(tmp_path):
         "- **lstm** on Dev W, 2026-01-03, 2 cases (`" + str(tmp_path / "gpu-lstm-20260103.json") + "`), time over "
         "torch's (below 1: faster): pykernels-cuda at forward+backward time 0.50–2.00×, forward time 3.00×, peak "
         "extra memory 0.25× (forward+backward)."]  # pykernels-triton: no torch time of its case to compare
+
+
+def test_headline_groups_every_file_by_op_machine_dtype_and_provider(tmp_path):
+    """One row per (op, machine, dtype, provider) over every file, JSON and JSONL alike: speed-up = the baseline's time
+    over ours (the median, then the range), ours' best % of ceiling, cases and files; a JSONL file's device is named
+    as a JSON file's (no "NVIDIA ")."""
+    def run(name, date, cases, dtype="float32"):
+        rs = [harness.Result("lstm", f"T={t}", p, mode, dtype, {"T": t}, ms_p50=ms, ms_p20=ms, ms_p80=ms)
+              for t, p, mode, ms in cases]
+        for r in rs:
+            r.pct_of_matmul = 40.0 if r.provider != "torch" else 50.0
+        report.write_json(tmp_path / name, {"date_utc": f"{date}T00:00:00", "device_name": "NVIDIA Dev H"},
+                          {"copy_gbps": 1.0}, rs)
+    run("gpu-lstm-20260103.json", "2026-01-03", [(1, "torch", "fwd+bwd", 4.0), (1, "pykernels-cuda", "fwd+bwd", 2.0),
+                                                 (1, "torch", "fwd", 1.0), (1, "pykernels-cuda", "fwd", 2.0)])
+    run("gpu-lstm-20260104.json", "2026-01-04", [(2, "torch", "fwd+bwd", 3.0), (2, "pykernels-cuda", "fwd+bwd", 1.0),
+                                                 (3, "torch", "fwd+bwd", 1.0), (3, "pykernels-cuda", "fwd+bwd", 2.0),
+                                                 (3, "pykernels-triton", "fwd", 1.0)])
+    run("gpu-lstm-bf16-20260104.json", "2026-01-04",
+        [(1, "torch", "fwd+bwd", 1.0), (1, "pykernels-cuda", "fwd+bwd", 1.0)], dtype="bfloat16")
+    (tmp_path / "gpu0-x-20260105.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"_about": "python -m bench.quick_gpu; Dev H (driver 1.0)"},
+        {"family": "lstm", "dtype": "torch.float32", "pykernels_fwdbwd_ms": 1.0, "cudnn_fwdbwd_ms": 4.0})) + "\n")
+    lines = render.headline(tmp_path).splitlines()
+    assert lines[0].startswith("| op | device | dtype | provider | speed-up forward+backward | speed-up forward |")
+    assert lines[2:] == [
+        "| lstm | Dev H | bfloat16 | pykernels-cuda vs torch | 1.00× | – | 40% matmul | 1 | 2026-01-04 (1 file) |",
+        "| lstm | Dev H | float32 | pykernels vs cudnn | 4.00× | – | – | 1 | 2026-01-05 (1 file) |",
+        "| lstm | Dev H | float32 | pykernels-cuda vs torch | 2.00× (0.50–3.00) | 0.50× | 40% matmul | 3 | "
+        "2026-01-04 (2 files) |"]  # pykernels-triton: no torch time of its case to compare
