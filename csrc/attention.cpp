@@ -16,6 +16,7 @@
 
 #include "attention_args.h"
 #include "cuda_check.h"
+#include "dtype_of.h"
 #include "cuda/attention.h"
 
 namespace pykernels {
@@ -25,11 +26,9 @@ constexpr const char* kFwd = "attention_fwd (cuda)";
 constexpr const char* kBwd = "attention_bwd (cuda)";
 
 DType attn_dtype(const at::Tensor& q, const char* op) {
-  switch (q.scalar_type()) {
-    case at::kHalf: return DType::F16;
-    case at::kBFloat16: return DType::BF16;
-    default: TORCH_CHECK(false, op, ": q must be float16 or bfloat16, got ", q.scalar_type());
-  }
+  const auto d = dtype16_of(q.scalar_type());
+  TORCH_CHECK(d, op, ": q must be float16 or bfloat16, got ", q.scalar_type());
+  return *d;
 }
 
 // Last dimension contiguous (the tile loads read rows); anything else is copied once.
@@ -70,13 +69,12 @@ void set_mask(const char* op, Call& c, const at::Tensor& bias) {
   AttentionArgs& a = c.a;
   TORCH_CHECK(!c.varlen, op, ": bias (attn_mask) is not supported with cu_seqlens (varlen)");
   TORCH_CHECK(bias.device() == c.q.device(), op, ": bias must be on ", c.q.device(), ", got ", bias.device());
-  switch (bias.scalar_type()) {
-    case at::kBool: a.mask_bool = true; break;
-    case at::kFloat: a.mask_dtype = DType::F32; break;
-    case at::kHalf: a.mask_dtype = DType::F16; break;
-    case at::kBFloat16: a.mask_dtype = DType::BF16; break;
-    case at::kDouble: a.mask_dtype = DType::F64; break;
-    default: TORCH_CHECK(false, op, ": bias must be bool or floating, got ", bias.scalar_type());
+  if (bias.scalar_type() == at::kBool) {
+    a.mask_bool = true;
+  } else {
+    const auto d = dtype_of(bias.scalar_type());
+    TORCH_CHECK(d, op, ": bias must be bool or floating, got ", bias.scalar_type());
+    a.mask_dtype = *d;
   }
   TORCH_CHECK(bias.dim() <= 4, op, ": bias must have at most 4 dims (B, H, L, S), got ", bias.dim());
   c.mask = bias.expand({a.B, a.H, a.L, a.S});  // raises, naming the shapes, when it does not broadcast

@@ -2,6 +2,7 @@
 // Contract: docs/cross_entropy.md. The CPU kernels are in cpu/cross_entropy.cpp, the CUDA ones in
 // cuda/cross_entropy.cu; both consume the CrossEntropyArgs built here, once.
 #include "cross_entropy.h"
+#include "dtype_of.h"
 #include "huge_pages.h"
 
 #include <ATen/ATen.h>
@@ -18,13 +19,9 @@
 namespace pykernels {
 
 static DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::F32;
-    case at::kHalf: return DType::F16;
-    case at::kBFloat16: return DType::BF16;
-    case at::kDouble: return DType::F64;
-    default: TORCH_CHECK(false, "cross_entropy: logits must be float32, float16, bfloat16 or float64, got ", t);
-  }
+  const auto d = dtype_of(t);
+  TORCH_CHECK(d, "cross_entropy: logits must be float32, float16, bfloat16 or float64, got ", t);
+  return *d;
 }
 
 static void check_vector(const at::Tensor& v, const char* name, int64_t numel, const at::Tensor& logits,

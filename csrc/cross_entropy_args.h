@@ -3,15 +3,9 @@
 #pragma once
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define PYKERNELS_HD __host__ __device__
-#else
-#define PYKERNELS_HD
-#endif
+#include "dtype.h"
 
 namespace pykernels {
-
-enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
 
 struct CrossEntropyArgs {
   // logits: logical (N, C, D), element (n, c, d) at n*sn + c*sc + d*sd; row r = n*D + d.

@@ -17,6 +17,7 @@
 
 #include "cuda/linear_cross_entropy.h"
 #include "cuda_check.h"
+#include "dtype_of.h"
 #include "linear_cross_entropy_args.h"
 #endif
 
@@ -101,11 +102,9 @@ LinearCrossEntropyArgs make_args(const char* op, const at::Tensor& x, const at::
                                  bool smooth) {
   LinearCrossEntropyArgs a;
   TORCH_CHECK(x.is_cuda(), op, ": input must be a CUDA tensor");
-  switch (x.scalar_type()) {
-    case at::kHalf: a.dtype = DType::F16; break;
-    case at::kBFloat16: a.dtype = DType::BF16; break;
-    default: TORCH_CHECK(false, op, ": input must be float16 or bfloat16, got ", x.scalar_type());
-  }
+  const auto d = dtype16_of(x.scalar_type());
+  TORCH_CHECK(d, op, ": input must be float16 or bfloat16, got ", x.scalar_type());
+  a.dtype = *d;
   check_lce_operands(op, x, w, bias, target, weight, softcap);
   a.N = x.size(0);
   a.H = x.size(1);

@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda_check.h"
+#include "dtype_of.h"
 #include "cuda/lstm.h"
 #endif
 
@@ -155,12 +156,9 @@ TORCH_LIBRARY_FRAGMENT(pykernels, m) {
 namespace {
 
 DType lstm_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::F32;
-    case at::kHalf: return DType::F16;
-    case at::kBFloat16: return DType::BF16;
-    default: TORCH_CHECK(false, "lstm (cuda): dtype must be float32, float16 or bfloat16, got ", t);
-  }
+  const auto d = dtype_of(t);
+  TORCH_CHECK(d && *d != DType::F64, "lstm (cuda): dtype must be float32, float16 or bfloat16, got ", t);
+  return *d;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& input, const at::Tensor& hx,

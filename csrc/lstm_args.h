@@ -3,7 +3,7 @@
 #pragma once
 #include <cstdint>
 
-#include "cross_entropy_args.h"  // DType, PYKERNELS_HD
+#include "dtype.h"
 
 namespace pykernels {
 

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "../dtype_of.h"
 #include "../lstm.h"
 #include "lstm_layer_kernels.h"
 #include "wide_kernels.h"
@@ -13,12 +14,7 @@ namespace {
 
 LstmLayerCpuArgs layer_args(const at::Tensor& w_hh, int64_t T, int64_t B, int64_t H, bool reverse) {
   LstmLayerCpuArgs a;
-  switch (w_hh.scalar_type()) {  // (checked: one of these)
-    case at::kHalf: a.dtype = DType::F16; break;
-    case at::kBFloat16: a.dtype = DType::BF16; break;
-    case at::kDouble: a.dtype = DType::F64; break;
-    default: a.dtype = DType::F32;
-  }
+  a.dtype = *dtype_of(w_hh.scalar_type());  // checked: a floating dtype
   a.w_hh = w_hh.data_ptr();
   a.T = T;
   a.B = B;

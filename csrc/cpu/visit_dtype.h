@@ -3,7 +3,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "../cross_entropy_args.h"  // DType
+#include "../dtype.h"
 
 namespace pykernels {
 namespace {

@@ -5,7 +5,7 @@
 #pragma once
 #include <cstdint>
 
-#include "../cross_entropy_args.h"  // PYKERNELS_HD
+#include "../dtype.h"
 
 namespace pykernels {
 
