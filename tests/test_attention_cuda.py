@@ -62,6 +62,30 @@ def test_cuda_coverage_rules():
     assert backends._chain(torch.device("cuda"), "cross_entropy") == ("cuda", "triton", "reference")
 
 
+def test_backward_smem_is_read_under_compile_too(monkeypatch):
+    """The shared memory that decides whether the cuda dQ kernel fits (head dims 129-256 on sm_86 / sm_89) is read
+    under torch.compile as in eager calls, as a constant of the graph (pykernels/_device_props.py): compiled calls
+    skipped the query and failed at the launch. No GPU needed: the device's properties are stood in for, a CPU
+    tensor records the gradient, and the traced function branches on the value."""
+    props = type("Props", (), {"multi_processor_count": 84, "shared_memory_per_block_optin": 101376})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    dev = torch.device("cuda", 0)
+
+    def f(t):
+        smem = fa._backward_smem(dev, (t,))
+        why = fa._cuda_reason(torch.float16, (256, 256), (7, 7), smem)
+        return t * (2.0 if why is not None and "135168 bytes" in why else 3.0), smem
+
+    torch._dynamo.reset()
+    t = torch.ones(2, requires_grad=True)
+    out, smem = torch.compile(f, fullgraph=True)(t)
+    assert smem == 101376 and out.tolist() == [2.0, 2.0]
+    with torch.no_grad():  # no backward: no query, the forward fits
+        out, smem = torch.compile(f, fullgraph=True)(t)
+    assert smem is None and out.tolist() == [3.0, 3.0]
+    torch._dynamo.reset()
+
+
 def test_cuda_backend_on_cpu_tensors_says_why():
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(pykernels.BackendUnavailableError, match="cuda backend runs on CUDA tensors"):

@@ -832,6 +832,14 @@ def test_cuda_layer_resident_plan_without_a_gpu(monkeypatch):
     why = F._layer_unsupported("cuda", x, 0, False, 1493)
     assert "hidden size 1493" in why and "streamed variant is disabled" in why, why
 
+    def fits(t):  # the same query under torch.compile: a constant of the graph (it was skipped there)
+        return t * (2.0 if F._cuda_layer_fits(0, 1492, torch.float16) else 0.0) + \
+            (1.0 if F._cuda_layer_fits(0, 1493, torch.float16) else 0.0)
+
+    torch._dynamo.reset()
+    assert torch.compile(fits, fullgraph=True)(torch.ones(2)).tolist() == [2.0, 2.0]
+    torch._dynamo.reset()
+
 
 def test_triton_cell_takes_any_column_stride():
     """A state whose column stride times H passes 2^31 (a feature-major buffer): the Triton cell kernels form

@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import _native, backends
+from .. import _device_props, _native, backends
 from ..errors import ArgumentTypeError, ArgumentValueError
 from . import _args, _autocast
 from ..ops import _checks, attention as _ops
@@ -117,12 +117,13 @@ def _cuda_reason(dtype: torch.dtype, head_dims: Tuple[int, int], lengths: Tuple[
 
 
 def _backward_smem(device: torch.device, tensors) -> Optional[int]:
-    """The shared memory per block of the call's GPU when the call records a gradient (for _cuda_reason)."""
-    if device.type != "cuda" or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    """The shared memory per block of the call's GPU when the call records a gradient (for _cuda_reason); under
+    torch.compile too (a constant of the graph)."""
+    if device.type != "cuda" or not torch.is_grad_enabled():
         return None
     if not any(isinstance(t, Tensor) and t.requires_grad for t in tensors):
         return None
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return _device_props.smem_optin(device.index)
 
 
 def _seed(device: torch.device) -> Tensor:

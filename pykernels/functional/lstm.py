@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import _ext, _native, backends
+from .. import _device_props, _ext, _native, backends
 from ..errors import ArgumentTypeError, ArgumentValueError
 from ..ops import _checks, lstm as _ops
 from . import _args, _autocast
@@ -120,12 +120,16 @@ def cuda_layer_resident(hidden: int, dtype: torch.dtype, sms: int, smem_max: int
     return all(op(hidden, dtype, forward, sms, smem_max) for forward in (True, False))
 
 
+@torch.compiler.assume_constant_result
+def _cuda_layer_fits(index: Optional[int], hidden: int, dtype: torch.dtype) -> bool:
+    # a host query of the launcher's plan: a constant of the graph under torch.compile (pykernels/_device_props.py)
+    return cuda_layer_resident(hidden, dtype, _device_props.sm_count(index), _device_props.smem_optin(index))
+
+
 def _cuda_layer_reason(x: Tensor, hidden: int) -> Optional[str]:
-    # eager calls only: under torch.compile the kernel's own error says the same (the plan is a host query)
-    if torch.compiler.is_compiling() or not hasattr(torch.ops.pykernels, "lstm_layer_resident"):
+    if not hasattr(torch.ops.pykernels, "lstm_layer_resident"):
         return None
-    props = torch.cuda.get_device_properties(x.device)
-    if cuda_layer_resident(hidden, x.dtype, props.multi_processor_count, props.shared_memory_per_block_optin):
+    if _cuda_layer_fits(x.device.index, hidden, x.dtype):
         return None
     return (f"hidden size {hidden} ({x.dtype}): W_hh does not fit in the cuda sequence kernel's shared memory on "
             f"this GPU, and its streamed variant is disabled (it crashed on its one GPU run)")
