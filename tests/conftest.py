@@ -13,10 +13,19 @@ import os
 import random
 import warnings
 
-import pytest
-import torch
+# torch's inductor cache does not key on ATEN_CPU_CAPABILITY (README, "Environment variables"): a run at a lowered
+# level read kernels compiled for the other vector width from the shared cache (test_compile_fullgraph_parity[cpu]
+# failed so). One cache per level, unless the caller chose one; before the imports, whose first inductor use fixes
+# the directory (and sets the variable).
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"pykernels_inductor_{os.environ['ATEN_CPU_CAPABILITY']}")
 
-import pykernels
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import pykernels  # noqa: E402
 
 SEED = int(os.environ.get("PYKERNELS_TEST_SEED", random.SystemRandom().randrange(2**31)))
 HAS_CUDA = torch.cuda.is_available()
