@@ -86,6 +86,22 @@ def test_backward_smem_is_read_under_compile_too(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_constant_mark_is_torchs():
+    """pykernels marks its GPU queries as torch.compiler.assume_constant_result does, without importing Dynamo at
+    `import pykernels`: the same attribute, and nothing else, as this torch's decorator sets."""
+    from pykernels import _device_props
+
+    def theirs():
+        pass
+
+    def ours():
+        pass
+
+    torch.compiler.assume_constant_result(theirs)
+    _device_props.constant_under_compile(ours)
+    assert theirs.__dict__ == ours.__dict__ == {"_dynamo_marked_constant": True}
+
+
 def test_cuda_backend_on_cpu_tensors_says_why():
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(pykernels.BackendUnavailableError, match="cuda backend runs on CUDA tensors"):

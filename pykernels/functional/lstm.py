@@ -120,7 +120,7 @@ def cuda_layer_resident(hidden: int, dtype: torch.dtype, sms: int, smem_max: int
     return all(op(hidden, dtype, forward, sms, smem_max) for forward in (True, False))
 
 
-@torch.compiler.assume_constant_result
+@_device_props.constant_under_compile
 def _cuda_layer_fits(index: Optional[int], hidden: int, dtype: torch.dtype) -> bool:
     # a host query of the launcher's plan: a constant of the graph under torch.compile (pykernels/_device_props.py)
     return cuda_layer_resident(hidden, dtype, _device_props.sm_count(index), _device_props.smem_optin(index))
