@@ -64,3 +64,34 @@ def test_avx2_lstm_range_in_words_matches_the_committed_measurement():
     claim = (f"{min(speed):.2f}–{max(speed):.2f}× forward+backward at B = 1–64, H = 128–1024 in fp32 (below 1× at "
              f"{sum(s < 1 for s in speed)} of the {len(speed)} shapes, by at most {round(100 * (1 - min(speed)))}%)")
     assert claim in opening, claim
+
+
+def test_what_runs_where_thresholds_are_the_rules():
+    """README's "What runs where" table types the automatic dispatch's thresholds (not generated): they must be the
+    ones pykernels/backends.py's rule tables hold, so that a re-measured rule cannot leave the README behind."""
+    import torch
+
+    from pykernels import backends as b
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = " ".join(f.read().split("## What runs where")[1].split("## Results at a glance")[0].split())
+    f32, bf16, f16 = (b.OURS_FASTER_DTYPE["lstm"]["cpu"][t][:2] for t in (torch.float32, torch.bfloat16, torch.float16))
+    a32, abf16, af16 = (b.OURS_FASTER_DTYPE_OURS_AVX2["lstm"]["cpu"][t][:2]
+                        for t in (torch.float32, torch.bfloat16, torch.float16))
+    assert f32[0] == f32[1] and bf16[1] == 0 and a32[1] == 0 and abf16[1] == 0  # the shapes the sentences assume
+    cell = b.NATIVE_FASTER_DTYPE["lstm_cell"]["cpu"][torch.bfloat16][:2]
+    assert cell[0] == cell[1]
+    ce, ce_ours_avx2, ce_avx2 = (t["cross_entropy"]["cpu"][:2] for t in (
+        b.NATIVE_FASTER_BELOW, b.NATIVE_FASTER_BELOW_OURS_AVX2, b.NATIVE_FASTER_BELOW_AVX2))
+    assert ce[0] == ce_ours_avx2[0] and ce_avx2[0] == ce_avx2[1]
+    log2 = lambda n: n.bit_length() - 1  # noqa: E731
+    claims = [
+        f"fp32 ours up to batch {f32[0]} (with or without a gradient), bf16 up to {bf16[0]} with a gradient, "
+        f"fp16 up to {f16[0]} with one and {f16[1]} without",
+        f"(ours held at AVX2: fp32 {a32[0]} and bf16 {abf16[0]} with a gradient, fp16 {af16[0]} / {af16[1]})",
+        f"bf16 from batch {cell[0]} torch's",
+        f"from 2^{log2(ce[0])} logits with a gradient and 2^{log2(ce[1])} without (2^{log2(ce_ours_avx2[1])} with "
+        f"ours held at AVX2 under torch's AVX512, 2^{log2(ce_avx2[0])} on AVX2-only CPUs)",
+    ]
+    missing = [c for c in claims if c not in section]
+    assert not missing, f"README's What runs where differs from backends.py: {missing}"
