@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -201,20 +202,29 @@ def _span(ratios: List[float]) -> str:
     return lo if lo == hi else f"{lo}–{hi}"
 
 
+def _torch_pairs(results: List[dict]) -> List[Tuple[dict, dict]]:
+    """(record of ours, torch's record of the same suite, case, mode and dtype) for every ok record of a pykernels
+    provider that has one: what the summary and the headline compare."""
+    ok = [r for r in results if r["status"] == "ok"]
+    torch_of = {(r["suite"], r["case"], r["mode"], r["dtype"]): r for r in ok if r["provider"] == "torch"}
+    return [(r, torch_of[key]) for r in ok if r["provider"].startswith("pykernels")
+            for key in [(r["suite"], r["case"], r["mode"], r["dtype"])] if key in torch_of]
+
+
 def _json_summary(path: Path) -> List[str]:
     """One line per suite of a harness JSON file: each pykernels provider's time over torch's (the ``torch``
     baseline every suite has), per mode, the range over the cases, and its peak extra memory over torch's."""
     d = json.loads(path.read_text())
+    compared = _torch_pairs(d["results"])
     lines = []
     for suite in dict.fromkeys(r["suite"] for r in d["results"]):
         rs = [r for r in d["results"] if r["suite"] == suite and r["status"] == "ok"]
-        torch_of = {(r["case"], r["mode"]): r for r in rs if r["provider"] == "torch"}
         parts = []
         for prov in dict.fromkeys(r["provider"] for r in rs if r["provider"].startswith("pykernels")):
             times, mems = [], []
             for mode in dict.fromkeys(r["mode"] for r in rs):
-                pairs = [(r, torch_of[(r["case"], mode)]) for r in rs
-                         if r["provider"] == prov and r["mode"] == mode and (r["case"], mode) in torch_of]
+                pairs = [(r, t) for r, t in compared if r["suite"] == suite and r["provider"] == prov
+                         and r["mode"] == mode]
                 ratios = [r["ms_p50"] / t["ms_p50"] for r, t in pairs if r.get("ms_p50") and t.get("ms_p50")]
                 if ratios:
                     times.append(f"{MODE_NAMES.get(mode, mode)} time {_span(ratios)}×")
@@ -278,11 +288,8 @@ def _headline_groups(results_dir: Path) -> Dict[tuple, _Group]:
     for path in sorted(results_dir.glob("*.json")):
         d = json.loads(path.read_text())
         device, date = _short_device(_device(d["env"])), d["env"]["date_utc"][:10]
-        ok = [r for r in d["results"] if r["status"] == "ok" and r.get("ms_p50")]
-        base = {(r["suite"], r["case"], r["mode"], r["dtype"]): r for r in ok if r["provider"] == "torch"}
-        for r in ok:
-            t = base.get((r["suite"], r["case"], r["mode"], r["dtype"]))
-            if not r["provider"].startswith("pykernels") or t is None or r["mode"] not in HEADLINE_MODES:
+        for r, t in _torch_pairs(d["results"]):
+            if r["mode"] not in HEADLINE_MODES or not (r.get("ms_p50") and t.get("ms_p50")):
                 continue
             pct, kind = ((r["pct_of_copy_bw"], "copy BW") if r.get("pct_of_copy_bw") is not None else
                          (r["pct_of_matmul"], "matmul") if r.get("pct_of_matmul") is not None else (None, None))
@@ -306,9 +313,8 @@ def _headline_groups(results_dir: Path) -> Dict[tuple, _Group]:
 def _speed_cell(speeds: List[float]) -> str:
     if not speeds:
         return DASH
-    s = sorted(speeds)
-    med = s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
-    return f"{med:.2f}×" if len(s) == 1 else f"{med:.2f}× ({s[0]:.2f}–{s[-1]:.2f})"
+    med = statistics.median(speeds)
+    return f"{med:.2f}×" if len(speeds) == 1 else f"{med:.2f}× ({min(speeds):.2f}–{max(speeds):.2f})"
 
 
 def headline(results_dir: Path = RESULTS) -> str:

@@ -145,8 +145,8 @@ TORCH_LIBRARY_FRAGMENT(pykernels, m) {
   m.def("lstm_cell_grads(Tensor? grad_h, Tensor? grad_c, Tensor cx, Tensor ws, Tensor input, Tensor hx, Tensor w_ih, "
         "Tensor w_hh, bool input_grad, bool hx_grad, bool w_ih_grad, bool w_hh_grad, bool bias_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // One layer direction's recurrence: CPU (cpu/lstm_layer.cpp, kernels in cpu/lstm_layer_kernels.h) and CUDA (cuda/lstm_layer.cu, persistent) kernels.
-  // Same contract as the Triton ops.
+  // One layer direction's recurrence: CPU (cpu/lstm_layer.cpp, kernels in cpu/lstm_layer_kernels.h) and CUDA
+  // (cuda/lstm_layer.cu, persistent) kernels. Same contract as the Triton ops.
   m.def("lstm_layer_fwd(Tensor xproj, Tensor w_hh, Tensor h0, Tensor c0, bool reverse) -> (Tensor, Tensor)");
   m.def("lstm_layer_bwd(Tensor? grad_out, Tensor? grad_hn, Tensor? grad_cn, Tensor c0, Tensor ws, Tensor w_hh, "
         "bool reverse) -> (Tensor, Tensor, Tensor)");

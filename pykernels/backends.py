@@ -545,15 +545,24 @@ NATIVE_FASTER_BELOW_AVX2: Dict[str, Dict[str, tuple]] = {
 }
 
 
+def _cpu_variant(avx2: dict, ours_avx2: dict) -> dict:
+    """Of a CPU rule's variant tables, the one measured where this process runs: ``avx2`` on an AVX2-only CPU,
+    ``ours_avx2`` where torch dispatches at AVX512 but our CPU kernels run as built into _C; else none ({}: the
+    main table holds). An entry of the variant replaces the main table's."""
+    if _native.CPU_CAPABILITY == "AVX2":
+        return avx2
+    if _native.CPU_CAPABILITY == "AVX512" and _ext.cpu_kernels != "AVX512":
+        return ours_avx2
+    return {}
+
+
 def ours_faster_dtype(op: str, kind: str, dtype: torch.dtype) -> object:
     """The OURS_FASTER_DTYPE exception of ``op`` in ``dtype`` on device type ``kind`` for this CPU and the ISA our CPU
     kernels run at (as ``native_below``), or None."""
     ours = OURS_FASTER_DTYPE.get(op, {}).get(kind, {}).get(dtype)
     if kind == "cpu":
-        if _native.CPU_CAPABILITY == "AVX2":
-            return OURS_FASTER_DTYPE_AVX2.get(op, {}).get("cpu", {}).get(dtype, ours)
-        if _native.CPU_CAPABILITY == "AVX512" and _ext.cpu_kernels != "AVX512":
-            return OURS_FASTER_DTYPE_OURS_AVX2.get(op, {}).get("cpu", {}).get(dtype, ours)
+        variant = _cpu_variant(OURS_FASTER_DTYPE_AVX2, OURS_FASTER_DTYPE_OURS_AVX2)
+        return variant.get(op, {}).get("cpu", {}).get(dtype, ours)
     return ours
 
 
@@ -561,13 +570,9 @@ def native_below(op: str, kind: str) -> Optional[tuple]:
     """The NATIVE_FASTER_BELOW rule of ``op`` on device type ``kind`` for this CPU and the ISA our CPU kernels run at:
     (size from which ours runs a call with a gradient, without one, why), or None."""
     if kind == "cpu":
-        table = {}
-        if _native.CPU_CAPABILITY == "AVX2":
-            table = NATIVE_FASTER_BELOW_AVX2
-        elif _native.CPU_CAPABILITY == "AVX512" and _ext.cpu_kernels != "AVX512":
-            table = NATIVE_FASTER_BELOW_OURS_AVX2
-        if op in table:
-            return table[op].get(kind)
+        variant = _cpu_variant(NATIVE_FASTER_BELOW_AVX2, NATIVE_FASTER_BELOW_OURS_AVX2)
+        if op in variant:
+            return variant[op].get(kind)
     return NATIVE_FASTER_BELOW.get(op, {}).get(kind)
 
 
