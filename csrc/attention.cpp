@@ -175,7 +175,7 @@ void set_lse(AttentionArgs& a, const at::Tensor& lse, bool varlen) {
   a.lse_sh = varlen ? lse.stride(0) : lse.stride(1);
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& cu_q, const c10::optional<at::Tensor>& cu_k, c10::SymInt max_q,
     c10::SymInt max_k, double scale, bool is_causal, c10::SymInt diag, bool bottom_right, c10::SymInt win_left,
@@ -194,10 +194,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     lse = at::empty({a.B, a.H, a.L}, c.q.options().dtype(at::kFloat));
   }
   a.o = view_of(out, c.varlen);
+  // varlen: zeros for the padding rows no block writes (0, as a row without keys)
+  at::Tensor lse_lo = c.varlen ? at::zeros_like(lse) : at::empty_like(lse);
   a.lse = lse.data_ptr<float>();
+  a.lse_lo = lse_lo.data_ptr<float>();
   set_lse(a, lse, c.varlen);
   if (lse.numel() > 0) check_cuda(cuda::attention_fwd(a, c10::cuda::getCurrentCUDAStream()), kFwd);
-  return {out, lse};
+  return {out, lse, lse_lo};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
@@ -261,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 TORCH_LIBRARY_FRAGMENT(pykernels, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
         "SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, bool is_causal, SymInt diag, bool bottom_right, "
-        "SymInt win_left, SymInt win_right, float softcap, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+        "SymInt win_left, SymInt win_right, float softcap, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)");
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? bias, "
         "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
         "bool is_causal, SymInt diag, bool bottom_right, SymInt win_left, SymInt win_right, float softcap, "

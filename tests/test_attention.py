@@ -4,6 +4,8 @@ scaled_dot_product_attention / varlen_attention on every backend against that or
 against torch's own error at the same dtype), dropout, determinism, unwritten outputs, bad input, dispatch."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -848,26 +850,69 @@ def test_plain_call_runs_no_abc_check_and_rebuilds_no_window():
                                sdpa(q, q, q, backend="reference"))
 
 
-def test_rows_masked_by_a_large_finite_value_as_torch():
-    """Hugging Face pads with finfo.min: a row whose every score is that large gets torch's uniform average (the
-    reference normalised through lse = m + log(S), which rounds back to m: S times too large)."""
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_rows_masked_by_a_large_finite_value_as_torch(backend, device):
+    """Hugging Face pads with finfo.min (older code with -1e9): a row whose every score sits at such a value gets
+    torch's uniform average, and its gradients (q, k, v and the mask's) are those of torch's math path at float32,
+    where the mask absorbs q.k in that row. The kernels' backward recomputes P = exp(s - lse) through an lse that
+    rounded log(S) away (S times too large; torch's own CPU flash backward is); the forward's lse_lo corrects it
+    (pykernels/ops/attention.py, _exact_probabilities). The CUDA kernels repair rows whose max is within ~1e8
+    (their exp2-domain offset rounds at |m| 2^-23): beyond, they give the forward exactly and zero gradients."""
+    require_backend(backend, device)
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, n, 16) for n in (4, 6, 6))
-    for fill in (torch.finfo(torch.float32).min, -1e9):
-        mask = torch.zeros(1, 1, 4, 6)
-        mask[..., 1, :] = fill
-        x = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = sdpa(*x, attn_mask=mask, backend="reference")
-        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        torch.testing.assert_close(out, want)
-        # gradients as torch's math path at float32, where the mask absorbs q.k in that row (its CPU flash kernel's
-        # backward recomputes P through the rounded lse too: S times too large there)
-        g = torch.randn_like(out)
-        x32 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        want = ((x32[0] @ x32[1].transpose(-2, -1)) * 16 ** -0.5 + mask).softmax(-1) @ x32[2]
-        rg = torch.autograd.grad(want, x32, g)
-        for a, r in zip(torch.autograd.grad(out, x, g), rg):
-            torch.testing.assert_close(a, r)
+    for dtype in _dtypes(backend, device):
+        q, k, v = (torch.randn(2, 2, n, 16, device=device, dtype=dtype) for n in (5, 7, 7))
+        fills = [(torch.finfo(torch.float32).min, torch.float32), (-1e9, torch.float32)]
+        if dtype == torch.bfloat16:
+            fills.append((torch.finfo(dtype).min, dtype))  # a mask in the model's dtype, as Hugging Face builds it
+        for fill, mask_dtype in fills:
+            mask = torch.zeros(1, 1, 5, 7, device=device)
+            mask[..., 1, :] = fill  # every score of row 1
+            mask[..., 3, 2:] = fill  # most of row 3 (its max is an ordinary score)
+            mask = mask.to(mask_dtype)
+            x = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+            out = sdpa(*x, backend=backend)
+            x32 = [t.detach().float().requires_grad_() for t in x]
+            want = ((x32[0] @ x32[1].transpose(-2, -1)) * 16 ** -0.5 + x32[3]).softmax(-1) @ x32[2]
+            tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(out.float(), want, **tol)
+            g = torch.randn_like(out)
+            got = torch.autograd.grad(out, x, g)
+            g_ref = g.float()
+            if backend == "cuda" and abs(fill) >= 1e8:  # no gradient from the unrepairable row 1, the rest exact
+                g_ref[..., 1, :] = 0
+            for name, a, r in zip("qkvm", got, torch.autograd.grad(want, x32, g_ref)):
+                if name == "m":  # summed over the batch and heads: the mask's dtype, a sum of 4 rows' errors
+                    torch.testing.assert_close(a.float(), r, **(tol if mask_dtype == torch.float32 else
+                                                                dict(atol=1e-1, rtol=5e-2)))
+                else:
+                    torch.testing.assert_close(a.float(), r, **tol, msg=lambda m: f"{name} {fill}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_lse_lo_is_what_rounding_took_from_the_lse(backend):
+    """The forward kernel ops' third output: lse + lse_lo is the row's log-sum-exp beyond fp32 (0 on the
+    reference, whose backward never reads the lse). A finfo.min row keeps its log(S) there; ordinary rows hold a
+    rounding error, at most half an ulp of their lse."""
+    require_backend(backend, "cpu")
+    from pykernels.ops import attention as attn_ops
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16) for n in (5, 7, 7))
+    mask = torch.randn(1, 1, 5, 7)
+    mask[..., 1, :] = torch.finfo(torch.float32).min
+    fwd = attn_ops.kernel_ops(backend)[0]
+    _, lse, lse_lo = fwd(q, k, v, mask, None, None, 5, 7, 0.25, False, 0, False, -1, -1, 0.0, 0.0, None)
+    if backend == "reference":
+        assert (lse_lo == 0).all()
+        return
+    s = (q.double() @ k.double().transpose(-2, -1)) * 0.25 + mask.double()
+    exact = torch.logsumexp(s, -1)
+    row1 = torch.full_like(lse_lo[..., 1], math.log(7))
+    torch.testing.assert_close(lse_lo[..., 1], row1, rtol=1e-6, atol=0)
+    rest = [0, 2, 3, 4]
+    assert (lse_lo[..., rest].abs() <= torch.finfo(torch.float32).eps * lse[..., rest].abs()).all()
+    torch.testing.assert_close(lse.double()[..., rest] + lse_lo.double()[..., rest], exact[..., rest],
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_multihead_attention_fp16_weights_and_nested_inputs():

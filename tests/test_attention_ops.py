@@ -72,7 +72,7 @@ def test_opcheck_kernel_ops(backend, device):
     u = ("test_schema",) if device == "cpu" else ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     for args in _samples(device, _dtype(device)):
         torch.library.opcheck(fwd, args, test_utils=u)
-        o, lse = fwd(*args)
+        o, lse, _ = fwd(*args)
         bias = args[3]
         torch.library.opcheck(bwd, (torch.randn_like(o),) + args[:3] + (o, lse) + args[3:] +
                               (bias is not None and bias.dtype != torch.bool,), test_utils=u)
@@ -180,7 +180,7 @@ def test_reference_kernel_ops_dropout_masks_from_the_seed():
     cq, ck = torch.tensor([0, 4, 8], dtype=torch.int32), torch.tensor([0, 6, 10], dtype=torch.int32)
     seed, p = torch.tensor([987654321], dtype=torch.int64), 0.3
     x = [t.clone().requires_grad_() for t in (q, k, v)]
-    o, lse = attn_ops.attention_op(*_args(*x, causal=True, dropout_p=p, seed=seed, cu=(cq, ck), maxlen=(4, 6)),
+    o, lse, _ = attn_ops.attention_op(*_args(*x, causal=True, dropout_p=p, seed=seed, cu=(cq, ck), maxlen=(4, 6)),
                                    "reference")
     g = torch.randn_like(o)
     grads = torch.autograd.grad(o, x, g)
@@ -192,7 +192,7 @@ def test_reference_kernel_ops_dropout_masks_from_the_seed():
     assert max_abs_err(o, ro) == 0 and max_abs_err(lse, rl) <= 1e-6 and lse.dtype == torch.float32
     for a, b in zip(grads, rgrads):
         assert max_abs_err(a, b) <= 1e-12
-    o2, _ = attn_ops.attention_op(*_args(q, k, v, causal=True, dropout_p=p, seed=seed, cu=(cq, ck), maxlen=(4, 6)),
+    o2, _, _ = attn_ops.attention_op(*_args(q, k, v, causal=True, dropout_p=p, seed=seed, cu=(cq, ck), maxlen=(4, 6)),
                                   "reference")
     assert torch.equal(o, o2)  # the seed alone decides the masks
 
@@ -239,7 +239,7 @@ def test_reference_kernel_ops_backward_matches_autograd(case):
                                                     kw.get("window", (-1, -1)), kw.get("softcap", 0.0))[0]
     x = [t.clone().requires_grad_() for t in leaves]
     xb = x[3] if len(x) > 3 else bias
-    o, _ = attn_ops.attention_op(*((x[0], x[1], x[2], xb) + args[4:]), "reference")
+    o, _, _ = attn_ops.attention_op(*((x[0], x[1], x[2], xb) + args[4:]), "reference")
     g = torch.randn_like(o)
     grads = torch.autograd.grad(o, x, g)
     xr = [t.clone().requires_grad_() for t in leaves]
@@ -251,7 +251,7 @@ def test_reference_kernel_ops_backward_matches_autograd(case):
         assert bool(torch.isfinite(a).all())
     # double backward (eager EagerOp path): the reference forward again, the seed's masks included
     x2 = [t.clone().requires_grad_() for t in leaves]
-    o2, _ = attn_ops.attention(*((x2[0], x2[1], x2[2], x2[3] if len(x2) > 3 else bias) + args[4:]), "reference")
+    o2, _, _ = attn_ops.attention(*((x2[0], x2[1], x2[2], x2[3] if len(x2) > 3 else bias) + args[4:]), "reference")
     gq, = torch.autograd.grad(o2, x2[0], g, create_graph=True)
     hv = torch.autograd.grad(gq.square().sum(), x2[1])[0]
     xr2 = [t.clone().requires_grad_() for t in leaves]
@@ -268,7 +268,7 @@ def test_opcheck_reference_kernel_ops():
             assert str(ours._schema).split("(", 1)[1] == str(theirs._schema).split("(", 1)[1]
     for args in _samples("cpu", torch.float32):
         torch.library.opcheck(fwd, args, test_utils=("test_schema", "test_faketensor"))
-        o, lse = fwd(*args)
+        o, lse, _ = fwd(*args)
         bias = args[3]
         torch.library.opcheck(bwd, (torch.randn_like(o),) + args[:3] + (o, lse) + args[3:] +
                               (bias is not None and bias.dtype != torch.bool,),
@@ -292,7 +292,7 @@ def test_dropout_matches_oracle_with_the_kernels_mask(backend, device, causal):
     v = torch.randn(B, Hk, S, E, device=device, dtype=dtype)
     seed, p = torch.tensor([123456789012], device=device), 0.35
     x = [t.clone().requires_grad_() for t in (q, k, v)]
-    o, lse = attn_ops.attention_op(*_args(*x, causal=causal, dropout_p=p, seed=seed), backend)
+    o, lse, _ = attn_ops.attention_op(*_args(*x, causal=causal, dropout_p=p, seed=seed), backend)
     g = torch.randn_like(o)
     grads = torch.autograd.grad(o, x, g)
     keep = attn_ops.dropout_mask(seed, B, H, L, S, p)
@@ -322,7 +322,7 @@ def test_many_blocks_gqa_window_float_mask_grad(backend, device):
     for causal, diag, window in ((True, S - L, (9, -1)), (False, 0, (4, 20)), (True, 0, (-1, -1))):
         x = [t.clone().requires_grad_() for t in leaves]
         bias = x[3] if len(x) > 3 else None
-        o, _ = attn_ops.attention_op(*_args(*x[:3], bias=bias, causal=causal, diag=diag, window=window), backend)
+        o, _, _ = attn_ops.attention_op(*_args(*x[:3], bias=bias, causal=causal, diag=diag, window=window), backend)
         g = torch.randn_like(o)
         grads = torch.autograd.grad(o, x, g)
         x64 = [t.detach().double().requires_grad_() for t in leaves]
@@ -340,10 +340,10 @@ def test_fake_shapes_of_varlen_and_dense():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         q, k, v = torch.empty(2, 4, 7, 16), torch.empty(2, 2, 9, 16), torch.empty(2, 2, 9, 24)
-        o, lse = torch.ops.pykernels.attention(*_args(q, k, v), "reference")
+        o, lse, _ = torch.ops.pykernels.attention(*_args(q, k, v), "reference")
         assert o.shape == (2, 4, 7, 24) and lse.shape == (2, 4, 7) and lse.dtype == torch.float32
         cu = torch.empty(3, dtype=torch.int32)
-        o, lse = torch.ops.pykernels.attention(*_args(torch.empty(13, 4, 16), torch.empty(11, 2, 16),
+        o, lse, _ = torch.ops.pykernels.attention(*_args(torch.empty(13, 4, 16), torch.empty(11, 2, 16),
                                                       torch.empty(11, 2, 8), cu=(cu, cu), maxlen=(7, 6)), "reference")
         assert o.shape == (13, 4, 8) and lse.shape == (4, 13)
 
@@ -373,7 +373,7 @@ def test_triton_kernel_ops_check_their_arguments():
                        (_args(qd.long(), kd, vd), "q must be float16"), (_args(qd, kd.half(), vd), "k must be")):
         with pytest.raises(RuntimeError, match=name):
             fwd(*args)
-    out, lse = fwd(*_args(qd, kd, vd))
+    out, lse, _ = fwd(*_args(qd, kd, vd))
     with pytest.raises(RuntimeError, match="lse must have shape"):
         bwd(torch.randn_like(out), qd, kd, vd, out, lse[:, :1], *_args(qd, kd, vd)[3:], False)
 

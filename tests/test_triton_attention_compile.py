@@ -27,12 +27,12 @@ _SCRIPT = textwrap.dedent('''
     DT = {{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}}
 
     def sig(kern, dt, bias_t):
-        ptrs = {{"fwd": ["Q", "K", "V", "Bias", "O", "LSE", "CuQ", "CuK", "Seed"],
+        ptrs = {{"fwd": ["Q", "K", "V", "Bias", "O", "LSE", "LSE_LO", "CuQ", "CuK", "Seed"],
                 "dkdv": ["Q", "K", "V", "Bias", "DO", "LSE", "DELTA", "DK", "DV", "CuQ", "CuK", "Seed"],
                 "dq": ["Q", "K", "V", "Bias", "DO", "LSE", "DELTA", "DQ", "DBias", "CuQ", "CuK", "Seed"]}}[kern]
         s = {{}}
         for p in ptrs:
-            s[p] = {{"Bias": bias_t, "LSE": "*fp32", "DELTA": "*fp32", "DBias": "*fp32", "CuQ": "*i32",
+            s[p] = {{"Bias": bias_t, "LSE": "*fp32", "LSE_LO": "*fp32", "DELTA": "*fp32", "DBias": "*fp32", "CuQ": "*i32",
                     "CuK": "*i32", "Seed": "*i64"}}.get(p, "*" + dt)
         for st in STRIDES + (["sob", "soh", "som", "sod"] if kern == "fwd" else ["sdb", "sdh", "sdm", "sdd"]):
             s[st] = "i64"

@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cfloat>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -187,7 +188,11 @@ __device__ __forceinline__ float masked_score(const AttentionArgs& a, const Seq&
   if (!a.mask) return x;
   const float mv = mask_at(a, b, h, i, j);
   if (a.mask_bool) return mv != 0.f ? x : -INFINITY;
-  return x + mv * kLog2e;
+  // A finite mask below -FLT_MAX ln 2 (finfo.min, Hugging Face's padding) overflows to -inf in the exp2 domain and
+  // would turn a row it fills into one that sees no key (output 0, not torch's uniform average): it is held at the
+  // lowest exp2-domain value instead (-inf and NaN pass unchanged).
+  const float y = mv * kLog2e;
+  return x + (y == -INFINITY && mv != -INFINITY ? -FLT_MAX : y);
 }
 
 // Dropout: whether score (i, j) of (batch b, query head h) is kept; 1 / (1 - p) scales the kept ones.
@@ -293,7 +298,24 @@ __device__ __forceinline__ QueryTile query_tile(const AttentionArgs& a, int BM) 
 
 // lse (natural log, -inf for a row that sees nothing) -> the exp2-domain offset of its probabilities. A row
 // that sees nothing gets +inf, so exp2(s - offset) = 0 for it instead of exp2(-inf + inf) = NaN.
-__device__ __forceinline__ float lse_offset(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+// __fmul_rn: never contracted into an FMA, so the forward's lse_lo2 (below) sees the offset the backward uses.
+__device__ __forceinline__ float lse_offset(float lse) {
+  return lse == -INFINITY ? INFINITY : __fmul_rn(lse, kLog2e);
+}
+
+// How far the backward's exp2 offset, lse_offset(lse), lies below the row's exp2-domain log-sum-exp m + log2(l):
+// the backward's P~ = exp2(s - offset) are exp2(lo2) times the true probabilities, and the forward's lse_lo
+// (lo2 ln 2) lets pykernels/ops/attention.py scale dO by exp(-lse_lo) to make them exact. lo2 is the rounding of
+// lse and of the offset, ~|m| 2^-23: nothing in ordinary rows, log2(S) in a row whose every score sits at a large
+// mask value (lse rounds back to m). m - offset is exact when the two are close (Sterbenz).
+__device__ __forceinline__ float lse_lo2(float m, float log2_l, float lse) {
+  return __fadd_rn(__fsub_rn(m, lse_offset(lse)), log2_l);
+}
+
+// Past this |lo2| the scale cannot repair the row in 16 bits (P~ or the scaled dO leave fp16's range): rows whose
+// max lies beyond ~1e8 in magnitude, i.e. every score at a huge mask value (-1e9, finfo.min). The forward gives
+// them lse -inf, so the backward sees them as rows without keys: zero gradients, never inf or NaN.
+constexpr float kMaxLseLo2 = 12.f;
 
 // Gradient columns per block of the backward kernels (sm_80 and sm_90a): the whole head dim up to 128; at 256 the
 // dK/dV (dQ) accumulators of all columns would not fit in registers, so blockIdx.z picks a 128-column half and each
@@ -453,7 +475,7 @@ __device__ __forceinline__ void softmax_tile(const AttentionArgs& a, const Seq& 
   });
 }
 
-// Normalises the output rows, writes them and their lse (natural log; -inf for a row that sees no key).
+// Normalises the output rows, writes them, their lse (natural log; -inf for a row that sees no key) and lse_lo.
 template <typename T, int DP>
 __device__ __forceinline__ void finish_forward(const AttentionArgs& a, const Seq& s, int64_t b, int64_t h, int m0,
                                                int i0, int warp, int g, int t, const float (&m)[2], const float (&l)[2],
@@ -470,7 +492,18 @@ __device__ __forceinline__ void finish_forward(const AttentionArgs& a, const Seq
     inv[half] = seen ? 1.f / sum : 0.f;
     const int i = i0 + 8 * half;
     if (t == 0 && i < s.L) {
-      a.lse[lse_base(a, b, s, h) + i] = seen ? (m[half] + log2f(sum)) * kLn2 : -INFINITY;
+      const float log2_l = log2f(sum);
+      float lse = seen ? (m[half] + log2_l) * kLn2 : -INFINITY, lo = 0.f;
+      if (seen) {
+        const float lo2 = lse_lo2(m[half], log2_l, lse);
+        if (fabsf(lo2) > kMaxLseLo2) {
+          lse = -INFINITY;  // (a NaN lo2 is kept: NaN gradients, as torch)
+        } else {
+          lo = lo2 * kLn2;
+        }
+      }
+      a.lse[lse_base(a, b, s, h) + i] = lse;
+      a.lse_lo[lse_base(a, b, s, h) + i] = lo;
     }
   }
   store_acc<T, DP / 8>(row_ptr<T>(a.o, a, b, s.q0, h, m0), a.o.sm, warp * 16, s.L - m0, a.Ev, o, inv[0], inv[1], g,

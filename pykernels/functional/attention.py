@@ -290,7 +290,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             if attn_mask.dim() > 4 or query.dim() != 4 else attn_mask
     diag = S - L if (alignment == "bottom_right") else 0
     seed = _seed(query.device) if dropout_p > 0 else None
-    out, lse = _ops.attention(q4, k4, v4, bias, None, None, L, S, float(scale), bool(is_causal), diag, False,
+    out, lse, _ = _ops.attention(q4, k4, v4, bias, None, None, L, S, float(scale), bool(is_causal), diag, False,
                                  win[0], win[1], float(softcap), dropout_p, seed, chosen)
     out = out.reshape(query.shape[:-1] + (Ev,))
     if return_lse:
@@ -370,7 +370,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                          causal_alignment, win, softcap)
         return (out, lse.detach().float()) if return_lse else out
     seed = _seed(q.device) if dropout_p > 0 else None
-    out, lse = _ops.attention(q, k, v, None, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
+    out, lse, _ = _ops.attention(q, k, v, None, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
                                  max_seqlen_q, max_seqlen_k, float(scale), bool(is_causal), 0,
                                  causal_alignment == "bottom_right", win[0], win[1], float(softcap), dropout_p,
                                  seed, chosen)

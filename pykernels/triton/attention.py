@@ -2,7 +2,7 @@
 
 Forward: one program per (query block, batch*head); online softmax over the key blocks the block can see
 (causal and window block skipping; the blocks that need no masking run a loop without mask arithmetic), writes
-the output and the per-row log-sum-exp. Backward (FlashAttention-2 style, recomputing the probabilities from the
+the output, the per-row log-sum-exp and what its rounding lost (lse_lo, for the backward). Backward (FlashAttention-2 style, recomputing the probabilities from the
 lse): dK/dV per key block of one kv head, looping over the query heads of its GQA group and the query blocks
 that can see it; dQ (and the float-mask gradient) per query block. Every gradient element is written once by one
 program: the backward is deterministic (bitwise reproducible), no atomics.
@@ -194,7 +194,7 @@ def _fwd_step(acc, m_i, l_i, q, kb, vb, start_n, offs_m, offs_d, offs_e, Lb, Sb,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Bias, O, LSE, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+def _attn_fwd(Q, K, V, Bias, O, LSE, LSE_LO, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
               sbb, sbh, sbm, sbn, sob, soh, som, sod, H, GROUP, L, S, HEAD_E, HEAD_EV, scale, softcap, diag,
               win_left, win_right, dropout_p, NBH, IS_CAUSAL: tl.constexpr, BR: tl.constexpr,
               HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BOOL_BIAS: tl.constexpr,
@@ -240,8 +240,14 @@ def _attn_fwd(Q, K, V, Bias, O, LSE, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, sk
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     tl.store(O + b * sob + h * soh + (q0 + offs_m[:, None]) * som + offs_e[None, :] * sod,
              out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lb) & (offs_e[None, :] < HEAD_EV))
-    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    log_l = tl.log(tl.where(seen, l_i, 1.0))
+    lse = tl.where(seen, m_i + log_l, float("-inf"))
     tl.store(LSE + rows, lse, mask=offs_m < Lb)
+    # what rounding took from lse = m_i + log_l, exactly (Knuth's TwoSum): a row whose scores all sit at a huge mask
+    # value (finfo.min: lse rounds back to m_i) keeps its log(l) here for the backward; 0 in rows without keys
+    m_s, lse_s = tl.where(seen, m_i, 0.0), tl.where(seen, lse, 0.0)
+    back = lse_s - m_s
+    tl.store(LSE_LO + rows, (m_s - (lse_s - back)) + (log_l - back), mask=offs_m < Lb)
 
 
 @triton.jit
@@ -611,9 +617,10 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optio
                   cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
                   max_seqlen_k: int, scale: float, is_causal: bool, diag: int, bottom_right: bool, win_left: int,
                   win_right: int, softcap: float, dropout_p: float, seed: Optional[torch.Tensor]
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dense: q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) -> out (B, H, L, Ev), lse (B, H, L) fp32.
-    Varlen (cu_seqlens given): q (T, H, E), k/v (Tk, Hk, E|Ev) -> out (T, H, Ev), lse (H, T) fp32."""
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense: q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) -> out (B, H, L, Ev), lse (B, H, L) fp32 and
+    lse_lo (lse's layout: the row's log-sum-exp minus lse, what its rounding lost).
+    Varlen (cu_seqlens given): q (T, H, E), k/v (Tk, Hk, E|Ev) -> out (T, H, Ev), lse and lse_lo (H, T) fp32."""
     _checks.attention("attention_fwd_triton", q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       dropout_p, seed)
     varlen = cu_seqlens_q is not None
@@ -625,18 +632,20 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optio
     if varlen:  # padding rows past cu_seqlens_q[-1] belong to no program: 0 and -inf, as a row without keys
         o = q.new_zeros(q.shape[0], H, EV)
         lse = torch.full((H, q.shape[0]), float("-inf"), device=q.device, dtype=torch.float32)
+        lse_lo = torch.zeros_like(lse)
     else:
         o = q.new_empty(B, H, L, EV)
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+        lse_lo = torch.empty_like(lse)
     o4 = _view4(o, varlen)
     bias_t, sb = _bias_args(bias, B, H, L, S, q)
     cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if varlen else (None, None)  # see _seq
     seed_t = seed if seed is not None else q
     _launch("fwd", lambda bm, bn: _grid(triton.cdiv(rows_q, bm), B * H), flags,
-            q4, k4, v4, bias_t, o4, lse, cu_q, cu_k, seed_t, *q4.stride(), *k4.stride(), *v4.stride(), *sb,
-            *o4.stride(), *_scalars(H, Hk, L, S, E, EV, scale, softcap, diag, (win_left, win_right), dropout_p),
+            q4, k4, v4, bias_t, o4, lse, lse_lo, cu_q, cu_k, seed_t, *q4.stride(), *k4.stride(), *v4.stride(),
+            *sb, *o4.stride(), *_scalars(H, Hk, L, S, E, EV, scale, softcap, diag, (win_left, win_right), dropout_p),
             B * H)
-    return o, lse
+    return o, lse, lse_lo
 
 
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
