@@ -67,6 +67,13 @@ _SCRIPT = textwrap.dedent('''
                             num_warps=warps, num_stages=stages)  # as the launcher
             ptx = c.asm["ptx"]
             out.append((kern, arch, dt, e, sorted(fl), "wgmma" in ptx, "mma.sync" in ptx, spills(c), nospill))
+    for arch in (80, 90):  # the backward's delta pass: no spill at the largest head dim
+        for dt, ev in (("bf16", 256), ("fp32", 64)):
+            sig_d = {{"DO": "*" + dt, "O": "*" + dt, "Delta": "*fp32"}}
+            sig_d.update({{st: "i64" for st in ("sdb", "sdh", "sdm", "sdd", "sob", "soh", "som", "sod")}})
+            sig_d.update({{"H": "i32", "L": "i32", "HEAD_EV": "i32", "NBH": "i32"}})
+            c = compile_for(a._attn_bwd_delta, sig_d, {{"EV": ev, "BLOCK_M": max(16, 4096 // ev)}}, arch, num_warps=4)
+            out.append(("delta", arch, dt, ev, [], False, False, spills(c), True))
     print(json.dumps(out))
 ''')
 
@@ -79,9 +86,12 @@ ATTN_KNOWN_SPILLS = {("fwd", 80, "bf16", 128): 60, ("fwd", 90, "bf16", 128): 28,
 
 def test_attention_kernels_compile_for_sm80_and_sm90():
     rows = run_script_compiled(_SCRIPT)
-    assert len(rows) == 11
+    assert len(rows) == 15
     for kern, arch, dt, e, flags, wgmma, mma, n_spills, nospill in rows:
         what = f"{kern} sm_{arch} {dt} E={e} {flags}"
+        if kern == "delta":  # (no product of tiles)
+            assert_spill_budget(what, n_spills, ATTN_KNOWN_SPILLS, (kern, arch, dt, e))
+            continue
         if dt != "fp32":  # fp32 inputs use exact fp32 FMA dots (input_precision="ieee"), by design
             assert wgmma or mma, f"{what}: no tensor-core instruction"
         if arch == 90 and kern == "fwd" and dt in ("bf16", "fp16"):

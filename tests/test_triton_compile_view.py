@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 # (read in a helper function, which torch's analysis treats as a possible write): never leaves that require grad.
 WRITES = {
     "_attn_fwd": {"O", "LSE", "LSE_LO", "CuQ", "CuK"}, "_attn_bwd_dq": {"DQ", "DBias", "CuQ", "CuK"},
-    "_attn_bwd_dkdv": {"DK", "DV", "CuQ", "CuK"}, "_dropout_mask_kernel": {"Out"},
+    "_attn_bwd_dkdv": {"DK", "DV", "CuQ", "CuK"}, "_attn_bwd_delta": {"Delta"}, "_dropout_mask_kernel": {"Out"},
     "_cross_entropy_kernel": {"Loss", "Lse", "LseErr", "G"}, "_scale_grad_kernel": {"G"},
     "_lce_fwd_kernel": {"Mp", "Sp", "ZYp", "ZSp"}, "_lce_dlogits_kernel": {"DL", "DBp"},
     "_lce_fused_rows_kernel": {"Z", "M", "LS", "ZY", "ZS"},
