@@ -26,7 +26,7 @@ import re
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -178,19 +178,30 @@ def render_jsonl(path: Path) -> str:
 METRICS = {"fwdbwd_ms": "forward+backward time", "fwd_ms": "forward time", "peak_extra_mib": "peak extra memory"}
 
 
+def _against_others(r: dict, metric: str) -> Iterator[Tuple[str, float, float]]:
+    """(other provider, pykernels' value, its value) for each ``<other>_<metric>`` key of a quick_gpu record,
+    where both are numbers and the other's is positive (a ratio's denominator)."""
+    suffix = "_" + metric
+    ours = r.get("pykernels" + suffix)
+    if not isinstance(ours, (int, float)):
+        return
+    for k, theirs in r.items():
+        if k.endswith(suffix) and not k.startswith("pykernels") and isinstance(theirs, (int, float)) and theirs > 0:
+            yield k[:-len(suffix)], ours, theirs
+
+
 def _ratio_ranges(rs: List[dict]) -> List[str]:
     """'<metric> lo–hi× <other>'s': pykernels' value over the other provider's, the range over the cases."""
     out = []
     for metric, label in METRICS.items():
-        suffix = "_" + metric
-        others = dict.fromkeys(k[:-len(suffix)] for r in rs for k in r if k.endswith(suffix))
-        others.pop("pykernels", None)
-        for other in others:
-            ratios = sorted(r[f"pykernels{suffix}"] / r[other + suffix] for r in rs
-                            if isinstance(r.get(f"pykernels{suffix}"), (int, float)) and r.get(other + suffix))
-            if ratios:
-                span = f"{ratios[0]:.2f}" if len(ratios) == 1 else f"{ratios[0]:.2f}–{ratios[-1]:.2f}"
-                out.append(f"{label} {span}× {other}'s")
+        ratios: Dict[str, List[float]] = {}
+        for r in rs:
+            for other, ours, theirs in _against_others(r, metric):
+                ratios.setdefault(other, []).append(ours / theirs)
+        for other, rr in ratios.items():
+            rr.sort()
+            span = f"{rr[0]:.2f}" if len(rr) == 1 else f"{rr[0]:.2f}–{rr[-1]:.2f}"
+            out.append(f"{label} {span}× {other}'s")
     return out
 
 
@@ -300,13 +311,11 @@ def _headline_groups(results_dir: Path) -> Dict[tuple, _Group]:
         device = _short_device(device)
         for i, r in enumerate(records):
             for metric, mode in JSONL_MODES.items():
-                ours = r.get("pykernels_" + metric)
-                for k, other in r.items():
-                    if (k.endswith("_" + metric) and not k.startswith("pykernels") and isinstance(ours, (int, float))
-                            and isinstance(other, (int, float)) and ours > 0 and other > 0):
+                for other, ours, theirs in _against_others(r, metric):
+                    if ours > 0:
                         key = (r["family"], device, str(r.get("dtype", DASH)).replace("torch.", ""), "pykernels",
-                               k[:-len(metric) - 1])
-                        groups.setdefault(key, _Group()).add(mode, other / ours, i, path, date)
+                               other)
+                        groups.setdefault(key, _Group()).add(mode, theirs / ours, i, path, date)
     return groups
 
 
