@@ -852,41 +852,50 @@ def test_plain_call_runs_no_abc_check_and_rebuilds_no_window():
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_rows_masked_by_a_large_finite_value_as_torch(backend, device):
-    """Hugging Face pads with finfo.min (older code with -1e9): a row whose every score sits at such a value gets
-    torch's uniform average, and its gradients (q, k, v and the mask's) are those of torch's math path at float32,
-    where the mask absorbs q.k in that row. The kernels' backward recomputes P = exp(s - lse) through an lse that
-    rounded log(S) away (S times too large; torch's own CPU flash backward is); the forward's lse_lo corrects it
-    (pykernels/ops/attention.py, _exact_probabilities). The CUDA kernels repair rows whose max is within ~1e8
-    (their exp2-domain offset rounds at |m| 2^-23): beyond, they give the forward exactly and zero gradients."""
+    """Hugging Face pads with finfo.min (older code with -1e9): a row whose every visible score sits at such a value
+    gets torch's uniform average, and its gradients (q, k, v and the mask's) are those of torch's math path at
+    float32, where the mask absorbs q.k in that row (the reference at float32 here, which has causal, window, soft
+    cap and GQA). The kernels' backward recomputes P = exp(s - lse) through an lse that rounded log(S) away (S times
+    too large; torch's own CPU flash backward is); the forward's lse_lo corrects it (pykernels/ops/attention.py,
+    _exact_probabilities). The CUDA kernels repair rows whose max is within ~1e8 (their exp2-domain offset rounds
+    at |m| 2^-23): beyond, they give the forward exactly and no gradient from that row."""
     require_backend(backend, device)
     torch.manual_seed(0)
+    options = ({}, dict(is_causal=True), dict(softcap=5.0), dict(window=(1, 2)), dict(enable_gqa=True))
     for dtype in _dtypes(backend, device):
-        q, k, v = (torch.randn(2, 2, n, 16, device=device, dtype=dtype) for n in (5, 7, 7))
         fills = [(torch.finfo(torch.float32).min, torch.float32), (-1e9, torch.float32)]
         if dtype == torch.bfloat16:
             fills.append((torch.finfo(dtype).min, dtype))  # a mask in the model's dtype, as Hugging Face builds it
-        for fill, mask_dtype in fills:
-            mask = torch.zeros(1, 1, 5, 7, device=device)
-            mask[..., 1, :] = fill  # every score of row 1
-            mask[..., 3, 2:] = fill  # most of row 3 (its max is an ordinary score)
-            mask = mask.to(mask_dtype)
-            x = [t.clone().requires_grad_() for t in (q, k, v, mask)]
-            out = sdpa(*x, backend=backend)
-            x32 = [t.detach().float().requires_grad_() for t in x]
-            want = ((x32[0] @ x32[1].transpose(-2, -1)) * 16 ** -0.5 + x32[3]).softmax(-1) @ x32[2]
-            tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-            torch.testing.assert_close(out.float(), want, **tol)
-            g = torch.randn_like(out)
-            got = torch.autograd.grad(out, x, g)
-            g_ref = g.float()
-            if backend == "cuda" and abs(fill) >= 1e8:  # no gradient from the unrepairable row 1, the rest exact
-                g_ref[..., 1, :] = 0
-            for name, a, r in zip("qkvm", got, torch.autograd.grad(want, x32, g_ref)):
-                if name == "m":  # summed over the batch and heads: the mask's dtype, a sum of 4 rows' errors
-                    torch.testing.assert_close(a.float(), r, **(tol if mask_dtype == torch.float32 else
-                                                                dict(atol=1e-1, rtol=5e-2)))
-                else:
-                    torch.testing.assert_close(a.float(), r, **tol, msg=lambda m: f"{name} {fill}: {m}")
+        for kw in options:
+            q = torch.randn(2, 2, 5, 16, device=device, dtype=dtype)
+            k, v = (torch.randn(2, 1 if kw.get("enable_gqa") else 2, 7, 16, device=device, dtype=dtype)
+                    for _ in range(2))
+            for fill, mask_dtype in fills:
+                mask = torch.zeros(1, 1, 5, 7, device=device)
+                mask[..., 1, :] = fill  # every score of row 1
+                mask[..., 3, 2:] = fill  # most of row 3 (its max is an ordinary score)
+                mask = mask.to(mask_dtype)
+                x = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+                out = sdpa(*x[:3], attn_mask=x[3], backend=backend, **kw)
+                x32 = [t.detach().float().requires_grad_() for t in x]
+                want, _ = ref.scaled_dot_product_attention(
+                    *x32[:3], attn_mask=x32[3], is_causal=kw.get("is_causal", False),
+                    enable_gqa=kw.get("enable_gqa", False), window=kw.get("window", (-1, -1)),
+                    softcap=kw.get("softcap", 0.0))
+                what = f"{dtype} {kw} fill {fill:g}"
+                tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+                torch.testing.assert_close(out.float(), want, **tol, msg=lambda m: f"out, {what}: {m}")
+                g = torch.randn_like(out)
+                got = torch.autograd.grad(out, x, g)
+                g_ref = g.float()
+                if backend == "cuda" and abs(fill) >= 1e8:  # no gradient from the unrepairable row 1, the rest exact
+                    g_ref[..., 1, :] = 0
+                for name, a, r in zip(("dq", "dk", "dv", "dmask"), got, torch.autograd.grad(want, x32, g_ref)):
+                    if name == "dmask" and mask_dtype != torch.float32:  # 4 rows' errors summed in a 16-bit dtype
+                        t = dict(atol=1e-1, rtol=5e-2)
+                    else:
+                        t = tol
+                    torch.testing.assert_close(a.float(), r, **t, msg=lambda m: f"{name}, {what}: {m}")
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

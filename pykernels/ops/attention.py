@@ -9,7 +9,8 @@ Kernel ops (contract in docs/attention.md), one pair per backend, the same schem
 
 ``pykernels::attention`` is the autograd-level op: the forward saves (q, k, v, bias, out, lse, lse_lo, seed), the
 backward recomputes the probabilities tile by tile from the lse (FlashAttention-2 style; lse_lo corrects them where
-lse's rounding lost mass) and regenerates the dropout mask from the seed. It covers dense (B, H, L, E) and packed varlen (T, H, E) calls.
+lse's rounding lost mass) and regenerates the dropout mask from the seed. It covers dense (B, H, L, E) and packed
+varlen (T, H, E) calls.
 """
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 Forward: one program per (query block, batch*head); online softmax over the key blocks the block can see
 (causal and window block skipping; the blocks that need no masking run a loop without mask arithmetic), writes
-the output, the per-row log-sum-exp and what its rounding lost (lse_lo, for the backward). Backward (FlashAttention-2 style, recomputing the probabilities from the
-lse): dK/dV per key block of one kv head, looping over the query heads of its GQA group and the query blocks
+the output, the per-row log-sum-exp and what its rounding lost (lse_lo, for the backward). Backward
+(FlashAttention-2 style, recomputing the probabilities from the lse; delta = rowsum(dO O) in a pass of its own):
+dK/dV per key block of one kv head, looping over the query heads of its GQA group and the query blocks
 that can see it; dQ (and the float-mask gradient) per query block. Every gradient element is written once by one
 program: the backward is deterministic (bitwise reproducible), no atomics.
 
