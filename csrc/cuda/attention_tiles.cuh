@@ -6,7 +6,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cfloat>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -25,6 +24,10 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+// The exp2-domain score a mask too large for that domain is held at: the lowest whose lse survives the round trip
+// through the natural log (fl(fl(y ln 2) log2 e) == y; -FLT_MAX does not), so its rows' gradients are exact
+// (lse_lo2). Rows mixing two such mask values weigh them equally (torch: only the larger one counts).
+constexpr float kMaskHold2 = -0x1.fffffcp+127f;
 
 // ---------------------------------------------------------------------------------------------------------
 // Tiles global -> shared.
@@ -188,11 +191,11 @@ __device__ __forceinline__ float masked_score(const AttentionArgs& a, const Seq&
   if (!a.mask) return x;
   const float mv = mask_at(a, b, h, i, j);
   if (a.mask_bool) return mv != 0.f ? x : -INFINITY;
-  // A finite mask below -FLT_MAX ln 2 (finfo.min, Hugging Face's padding) overflows to -inf in the exp2 domain and
-  // would turn a row it fills into one that sees no key (output 0, not torch's uniform average): it is held at the
-  // lowest exp2-domain value instead (-inf and NaN pass unchanged).
+  // A finite mask below -FLT_MAX ln 2 (fp32 / bf16 finfo.min, Hugging Face's padding) overflows to -inf in the exp2
+  // domain and would turn a row it fills into one that sees no key (output 0, not torch's uniform average): it is
+  // held at kMaskHold2 (-inf and NaN pass unchanged).
   const float y = mv * kLog2e;
-  return x + (y == -INFINITY && mv != -INFINITY ? -FLT_MAX : y);
+  return x + (y == -INFINITY && mv != -INFINITY ? kMaskHold2 : y);
 }
 
 // Dropout: whether score (i, j) of (batch b, query head h) is kept; 1 / (1 - p) scales the kept ones.
@@ -298,24 +301,28 @@ __device__ __forceinline__ QueryTile query_tile(const AttentionArgs& a, int BM) 
 
 // lse (natural log, -inf for a row that sees nothing) -> the exp2-domain offset of its probabilities. A row
 // that sees nothing gets +inf, so exp2(s - offset) = 0 for it instead of exp2(-inf + inf) = NaN.
-// __fmul_rn: never contracted into an FMA, so the forward's lse_lo2 (below) sees the offset the backward uses.
+// __fmul_rn: never contracted into an FMA, so the forward's lse_gaps (below) see the offset the backward uses.
 __device__ __forceinline__ float lse_offset(float lse) {
   return lse == -INFINITY ? INFINITY : __fmul_rn(lse, kLog2e);
 }
 
-// How far the backward's exp2 offset, lse_offset(lse), lies below the row's exp2-domain log-sum-exp m + log2(l):
-// the backward's P~ = exp2(s - offset) are exp2(lo2) times the true probabilities, and the forward's lse_lo
-// (lo2 ln 2) lets pykernels/ops/attention.py scale dO by exp(-lse_lo) to make them exact. lo2 is the rounding of
-// lse and of the offset, ~|m| 2^-23: nothing in ordinary rows, log2(S) in a row whose every score sits at a large
-// mask value (lse rounds back to m). m - offset is exact when the two are close (Sterbenz).
-__device__ __forceinline__ float lse_lo2(float m, float log2_l, float lse) {
-  return __fadd_rn(__fsub_rn(m, lse_offset(lse)), log2_l);
+// How far the backward's exp2 offset, lse_offset(lse), lies below the row's max m (d) and below its exp2-domain
+// log-sum-exp m + log2(l) (lo2): the backward's P~ = exp2(s - offset) are at most exp2(d) and exp2(lo2) times the
+// true probabilities, and the forward's lse_lo (lo2 ln 2) lets pykernels/ops/attention.py scale dO by exp(-lse_lo)
+// to make them exact. lo2 is the rounding of lse and of the offset, ~|m| 2^-23: nothing in ordinary rows,
+// log2(S) in a row whose every score sits at a large mask value (lse rounds back to m; d = 0 when the round trip
+// m -> lse -> offset is exact, as for 1e9 and finfo.min, else +-1 ulp of m). m - offset is exact (Sterbenz).
+__device__ __forceinline__ void lse_gaps(float m, float log2_l, float lse, float& d, float& lo2) {
+  d = __fsub_rn(m, lse_offset(lse));
+  lo2 = __fadd_rn(d, log2_l);
 }
 
-// Past this |lo2| the scale cannot repair the row in 16 bits (P~ or the scaled dO leave fp16's range): rows whose
-// max lies beyond ~1e8 in magnitude, i.e. every score at a huge mask value (-1e9, finfo.min). The forward gives
-// them lse -inf, so the backward sees them as rows without keys: zero gradients, never inf or NaN.
-constexpr float kMaxLseLo2 = 12.f;
+// The row is repairable while P~ <= 2^kMaxP2 (fp16 holds it, and P~ dO' in fp32) and the dO scale exp2(-lo2) <= 2
+// (fp16 dO cannot overflow by more than a doubling); else (a row max beyond ~1e8 whose round trip is off by an
+// ulp: ~15% of such values) the forward gives it lse -inf, so the backward sees a row without keys: zero gradients,
+// never inf or NaN.
+constexpr float kMaxP2 = 8.f;
+constexpr float kMinLo2 = -1.f;
 
 // Gradient columns per block of the backward kernels (sm_80 and sm_90a): the whole head dim up to 128; at 256 the
 // dK/dV (dQ) accumulators of all columns would not fit in registers, so blockIdx.z picks a 128-column half and each
@@ -495,8 +502,9 @@ __device__ __forceinline__ void finish_forward(const AttentionArgs& a, const Seq
       const float log2_l = log2f(sum);
       float lse = seen ? (m[half] + log2_l) * kLn2 : -INFINITY, lo = 0.f;
       if (seen) {
-        const float lo2 = lse_lo2(m[half], log2_l, lse);
-        if (fabsf(lo2) > kMaxLseLo2) {
+        float d, lo2;
+        lse_gaps(m[half], log2_l, lse, d, lo2);
+        if (d > kMaxP2 || lo2 < kMinLo2) {
           lse = -INFINITY;  // (a NaN lo2 is kept: NaN gradients, as torch)
         } else {
           lo = lo2 * kLn2;

@@ -236,7 +236,7 @@ def attention(op: str, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], 
               grad_out: Optional[Tensor] = None, out: Optional[Tensor] = None, lse: Optional[Tensor] = None) -> None:
     """Dense q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), bias broadcastable to (B, H, L, S); varlen q (T, H, E),
     k / v (Tk, Hk, E|Ev) with int32 offsets; Hk divides H; backward: grad_out and out of the output's shape, lse fp32
-    (B, H, L) or (H, T)."""
+    contiguous (B, H, L) or (H, T)."""
     tensor(op, "q", q, dtype=TRITON_DTYPES)
     dev = q.device
     for name, t in (("k", k), ("v", v)):
@@ -281,7 +281,7 @@ def attention(op: str, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], 
         if t is not None:
             tensor(op, name, t, out_shape, device=dev)
     if lse is not None:
-        tensor(op, "lse", lse, lse_shape, F32, dev)
+        tensor(op, "lse", lse, lse_shape, F32, dev, contiguous=True)  # the kernels index its rows
 
 
 # ---------------------------------------------------------------------------------------------------------

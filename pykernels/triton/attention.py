@@ -686,7 +686,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     B, H, L, E, Hk, S, EV, BM, BN, rows_q, flags = _common(q4, k4, v4, bias, cu_seqlens_q, cu_seqlens_k,
                                                            max_seqlen_q, is_causal, bottom_right, window, softcap,
                                                            dropout_p, "dq")
-    delta = _delta(do4, _view4(out, varlen), flags["EV"])
+    delta = _delta(do4, _view4(_unit_head(out), varlen), flags["EV"])  # (head-dim offsets are int32)
     new = torch.zeros_like if varlen else torch.empty_like  # varlen padding rows: no program writes them
     dq, dk, dv = new(q), new(k), new(v)
     dq4, dk4, dv4 = _view4(dq, varlen), _view4(dk, varlen), _view4(dv, varlen)
