@@ -441,3 +441,41 @@ def test_tile_visibility_is_exact(tmp_path):
     when visible() holds for every score in it: a false yes would skip masking (wrong results), a false no would
     send a full tile down the slower checked path."""
     _host_check(tmp_path, _VISIBLE_MAIN)
+
+
+def test_finish_forward_rule_repairs_the_usual_large_mask_fills():
+    """csrc/cuda/attention_tiles.cuh's finish_forward (mask hold kMaskHold2, lse_gaps, the lse nudges, the keep rule)
+    replayed in float32 numpy, operation for operation: a row filled with a large mask value gets an lse_lo that the
+    backward's dO scale can use (P~ <= 2^8, scale <= 1 + 2^-10) for every usual fill, fp32 / bf16 finfo.min
+    included, at 2 to 1,024 keys; the first hold tried, -FLT_MAX, would not have survived the round trip. A mirror
+    of the CUDA code, not the code itself: the GPU tier runs test_rows_masked_by_a_large_finite_value_as_torch."""
+    np = pytest.importorskip("numpy")
+    f = np.float32
+    log2e, ln2 = f(1.4426950408889634), f(0.6931471805599453)
+    hold = f(float.fromhex("-0x1.fffffcp+127"))
+    with np.errstate(over="ignore"):
+        assert f(f(f(-np.finfo(f).max) * ln2) * log2e) != -np.finfo(f).max
+        assert f(f(hold * ln2) * log2e) == hold
+
+        def kept(fill, n, rng):
+            y = f(f(fill) * log2e)  # masked_score: x + mv * log2e, held where it overflows
+            s = (rng.standard_normal(n).astype(f) * f(2) * log2e + (y if np.isfinite(y) else hold)).astype(f)
+            m = s.max()
+            log2_l = f(np.log2(np.sum(np.exp2(s - m), dtype=f)))
+            lse = f(f(m + log2_l) * ln2)
+
+            def gaps(lse):
+                d = f(m - f(lse * log2e))  # lse_offset: __fmul_rn
+                return d, f(d + log2_l)
+            d, lo2 = gaps(lse)
+            for _ in range(3):
+                if lo2 >= -f(2.0 ** -10):
+                    break
+                lse = np.nextafter(lse, f(-np.inf))
+                d, lo2 = gaps(lse)
+            return d <= 8 and lo2 >= -f(2.0 ** -10)
+
+        rng = np.random.default_rng(0)
+        for fill in (-3.0, -1e4, -65504.0, -1e6, -1e7, -3e7, -1e8, -1e9, -1e12, -3.3895314e38, -3.4028235e38):
+            for n in (2, 7, 64, 1024):
+                assert all(kept(fill, n, rng) for _ in range(50)), (fill, n)

@@ -317,12 +317,13 @@ __device__ __forceinline__ void lse_gaps(float m, float log2_l, float lse, float
   lo2 = __fadd_rn(d, log2_l);
 }
 
-// The row is repairable while P~ <= 2^kMaxP2 (fp16 holds it, and P~ dO' in fp32) and the dO scale exp2(-lo2) <= 2
-// (fp16 dO cannot overflow by more than a doubling); else (a row max beyond ~1e8 whose round trip is off by an
-// ulp: ~15% of such values) the forward gives it lse -inf, so the backward sees a row without keys: zero gradients,
-// never inf or NaN.
+// The row is repairable while P~ <= 2^kMaxP2 (fp16 holds it, and P~ dO' in fp32) and lo2 >= -kLo2Slack: the dO
+// scale exp2(-lo2) stays ~1, so a 16-bit dO cannot overflow. finish_forward lowers lse by an ulp or two where the
+// offset would lie above the row's log-sum-exp; a row still outside (a row max beyond 2^25 ~ 3e7 whose round trip
+// m -> lse -> offset is off by an ulp, >= 4 there: ~15% of random such values, none of the usual fills) gets
+// lse -inf, so the backward sees a row without keys: zero gradients, never inf or NaN.
 constexpr float kMaxP2 = 8.f;
-constexpr float kMinLo2 = -1.f;
+constexpr float kLo2Slack = 0x1p-10f;
 
 // Gradient columns per block of the backward kernels (sm_80 and sm_90a): the whole head dim up to 128; at 256 the
 // dK/dV (dQ) accumulators of all columns would not fit in registers, so blockIdx.z picks a 128-column half and each
@@ -504,7 +505,11 @@ __device__ __forceinline__ void finish_forward(const AttentionArgs& a, const Seq
       if (seen) {
         float d, lo2;
         lse_gaps(m[half], log2_l, lse, d, lo2);
-        if (d > kMaxP2 || lo2 < kMinLo2) {
+        for (int k = 0; k < 3 && lo2 < -kLo2Slack; ++k) {  // (an offset above the lse: lower lse, see lse_gaps)
+          lse = nextafterf(lse, -INFINITY);
+          lse_gaps(m[half], log2_l, lse, d, lo2);
+        }
+        if (d > kMaxP2 || lo2 < -kLo2Slack) {
           lse = -INFINITY;  // (a NaN lo2 is kept: NaN gradients, as torch)
         } else {
           lo = lo2 * kLn2;
