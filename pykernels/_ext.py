@@ -163,4 +163,24 @@ def has_cuda_kernels() -> bool:
     return _loaded and bool(build_info.get("with_cuda"))
 
 
+def cuda_arch_reason(major: int, minor: int) -> Optional[str]:
+    """Why _C's CUDA kernels cannot launch on a GPU of compute capability major.minor (None: they can). The build's
+    TORCH_CUDA_ARCH_LIST entries: "X.Y" is machine code that runs on X.Z for Z >= Y, "X.Ya" on X.Y only, "+PTX"
+    adds code the driver compiles for any later GPU. Without a match a launch fails with "no kernel image is
+    available" instead of taking the next backend."""
+    archs = build_info.get("arch_list") or []
+    for a in archs:
+        ptx, num = a.endswith("+PTX"), a.replace("+PTX", "")
+        specific = num.endswith("a")
+        try:
+            x, y = (int(v) for v in num.rstrip("a").split("."))
+        except ValueError:
+            return None  # an entry this check cannot read: let the launch decide
+        if (major, minor) == (x, y) or (not specific and major == x and minor >= y) or \
+                (ptx and (major, minor) >= (x, y)):
+            return None
+    return (f"pykernels._C has no CUDA code for compute capability {major}.{minor} (built for "
+            f"{', '.join(archs) or 'no architecture'}): rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")
+
+
 _load()

@@ -217,7 +217,9 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
             return f"the cuda backend runs on CUDA tensors, got {device.type}"
         if not _ext.loaded():
             return _ext.load_error
-        return None if _ext.has_cuda_kernels() else "pykernels._C was built without CUDA kernels"
+        if not _ext.has_cuda_kernels():
+            return "pykernels._C was built without CUDA kernels"
+        return _ext.cuda_arch_reason(*torch.cuda.get_device_capability(device))
     # triton
     reason = _triton_reason()
     if reason:

@@ -231,3 +231,28 @@ def test_old_triton_interpreter_with_new_numpy_is_refused_with_the_reason(monkey
         assert (why is not None) == broken, (tv, nv, why)
         if broken:
             assert tv in why and nv in why and "triton >= 3.7" in why
+
+
+def test_cuda_backend_needs_code_for_the_gpu(monkeypatch):
+    """The default build (8.0, 9.0, 9.0a; no PTX) has no code for a T4 (7.5), V100 (7.0) or Blackwell (10.0, 12.0):
+    there the cuda backend must refuse with the reason, so automatic calls take the next backend, instead of
+    failing at the launch with "no kernel image is available" (seen in review, 2026-12-06)."""
+    from pykernels import backends
+    monkeypatch.setitem(_ext.build_info, "arch_list", ["8.0", "9.0", "9.0a"])
+    for cap, ok in (((8, 0), True), ((8, 6), True), ((8, 9), True), ((9, 0), True), ((7, 5), False),
+                    ((7, 0), False), ((10, 0), False), ((12, 0), False)):
+        assert (_ext.cuda_arch_reason(*cap) is None) == ok, cap
+    assert "TORCH_CUDA_ARCH_LIST=7.5" in _ext.cuda_arch_reason(7, 5)
+    monkeypatch.setitem(_ext.build_info, "arch_list", ["8.0", "9.0a", "9.0+PTX"])
+    assert _ext.cuda_arch_reason(12, 0) is None and _ext.cuda_arch_reason(9, 0) is None
+    assert _ext.cuda_arch_reason(7, 5) is not None
+    monkeypatch.setitem(_ext.build_info, "arch_list", ["9.0a"])  # arch-specific code: that GPU only
+    assert _ext.cuda_arch_reason(9, 0) is None and _ext.cuda_arch_reason(10, 0) is not None
+    # the dispatch's view: a loaded CUDA build on a 7.5 GPU
+    monkeypatch.setitem(_ext.build_info, "arch_list", ["8.0", "9.0", "9.0a"])
+    monkeypatch.setattr(_ext, "loaded", lambda: True)
+    monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert "compute capability 7.5" in backends._device_reason("cuda", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert backends._device_reason("cuda", torch.device("cuda")) is None
