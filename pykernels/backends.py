@@ -612,8 +612,8 @@ _no_kernel_warned = False
 
 
 def _record_native(op: str, device: torch.device, why: str) -> None:
-    """last_dispatch[op] = ("torch", {the device's first backend: why})."""
-    _record(op, ("torch", {"triton" if device.type == "cuda" else "cpu": why}))
+    """last_dispatch[op] = ("torch", {the op's first backend on the device: why})."""
+    _record(op, ("torch", {_chain(device, op)[0]: why}))
 
 
 def _below(size, bound) -> Optional[bool]:

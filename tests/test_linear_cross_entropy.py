@@ -1375,3 +1375,27 @@ def test_triton_timed_autotune_off_under_deterministic_algorithms(monkeypatch):
         torch.use_deterministic_algorithms(False)
     BM, BN, BK, w, st = tl_lce.GPU_CONFIGS_16BIT[0]
     assert kernel is tl_lce._lce_fwd_kernel and meta == dict(BM=BM, BN=BN, BK=BK, num_warps=w, num_stages=st)
+
+
+def test_cuda_chunk_accumulation_without_fp32_output_gemm_stays_exact(monkeypatch, caplog):
+    """mm_acc_ on CUDA accumulates each 16-bit chunk's product in fp32 through addmm(out_dtype=); where this torch
+    refuses that for the operands, it now says so once and converts the chunks to fp32 (it used to round the first
+    chunk's product to the 16-bit dtype silently). Fake CUDA tensors: the dispatch and the ops, without a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from pykernels.ops import linear_cross_entropy_launch as launch
+    monkeypatch.setattr(launch, "_HAS_OUT_DTYPE", [True])
+    real, calls = torch.addmm, []
+
+    def addmm(*args, **kw):
+        calls.append((args[1].dtype, args[2].dtype, kw.get("out_dtype")))
+        if "out_dtype" in kw:
+            raise RuntimeError("self and mat2 must have the same dtype")
+        return real(*args, **kw)
+    with FakeTensorMode():
+        acc = torch.zeros(4, 8, device="cuda")
+        a, b = (torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in ((4, 6), (6, 8)))
+        monkeypatch.setattr(torch, "addmm", addmm)
+        with caplog.at_level("WARNING", logger="pykernels"):
+            launch.mm_acc_(acc, a, b)
+    assert launch._HAS_OUT_DTYPE == [False] and "no fp32-output GEMM" in caplog.text
+    assert calls[0][2] == torch.float32  # tried the fp32-output GEMM first

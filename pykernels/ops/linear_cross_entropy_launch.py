@@ -22,7 +22,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _native
+from .. import _native, backends
 
 # Bytes one backward chunk holds at once (its dlogits buffer and the fp32 copies its GEMMs make: ``column_bytes``;
 # the backward's only N x V-dependent workspace). Tests lower it to exercise several chunks.
@@ -98,19 +98,21 @@ def mm_acc_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc += a @ b with fp32 accumulation and no low-precision rounding of the product."""
     if a.dtype == acc.dtype:  # an fp32 chunk (CPU 16-bit: the GEMM dtype) with 16-bit W rows: only those convert
         acc.addmm_(a, b.to(acc.dtype))
-    elif acc.device.type == "cuda" and _HAS_OUT_DTYPE[0]:
+        return
+    if acc.device.type == "cuda" and _HAS_OUT_DTYPE[0]:
         try:
             # cuBLAS: bf16/fp16 in, fp32 accumulate and out, in place (beta = 1): no temporary
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
-        except (TypeError, RuntimeError):  # a torch without addmm(out_dtype=)
+        except (TypeError, RuntimeError) as e:  # a torch without addmm(out_dtype=) for these operands
             _HAS_OUT_DTYPE[0] = False
-        acc.add_(torch.mm(a, b))  # one rounding of each chunk's product to the input dtype
-    else:  # no CPU GEMM takes 16-bit operands into an fp32 output: fp32 operands, ACC_SPLITS blocks of the inner
-        # dimension at a time (each W row converted and read once)
-        step = max(1, -(-a.shape[1] // ACC_SPLITS))
-        for k0 in range(0, a.shape[1], step):
-            acc.addmm_(a[:, k0:k0 + step].to(acc.dtype), b[k0:k0 + step].to(acc.dtype))
+            backends.logger.warning("linear_cross_entropy: no fp32-output GEMM for %s operands here (%s): their "
+                                    "chunks convert to fp32 (exact, slower)", a.dtype, e)
+    # no GEMM takes 16-bit operands into an fp32 output (every CPU GEMM): fp32 operands, ACC_SPLITS blocks of the
+    # inner dimension at a time (each W row converted and read once)
+    step = max(1, -(-a.shape[1] // ACC_SPLITS))
+    for k0 in range(0, a.shape[1], step):
+        acc.addmm_(a[:, k0:k0 + step].to(acc.dtype), b[k0:k0 + step].to(acc.dtype))
 
 
 def forward(k: Kernels, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
