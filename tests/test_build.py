@@ -188,7 +188,11 @@ def test_missing_extension_degrades_gracefully():
     code = ("import os; os.environ['PYKERNELS_DISABLE_EXTENSION']='1'; import pykernels, torch; "
             "b = pykernels.available_backends('cpu'); assert b['cpu'] and b['reference'] is None, b; "
             "x = torch.randn(3, 5, requires_grad=True); pykernels.functional.cross_entropy(x, torch.tensor([0, 1, 2]))"
-            ".backward(); print(b['cpu'])")
+            ".backward(); print(b['cpu']); "
+            # torch's own linear cross-entropy where torch has one (it ran the reference, N x V logits and all)
+            "f = pykernels.functional.linear_cross_entropy(x, torch.randn(7, 5), torch.tensor([0, 1, 2])); "
+            "ran = pykernels.last_dispatch['linear_cross_entropy'][0]; "
+            "assert ran == ('torch' if hasattr(torch.nn.functional, 'linear_cross_entropy') else 'reference'), ran")
     env = dict(os.environ)
     p = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]

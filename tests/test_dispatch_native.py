@@ -494,6 +494,11 @@ def _empty_calls():
         x = torch.randn(6, 0, 5, requires_grad=True)
         return "lstm", [x, *m.parameters()], pf.lstm(x, None, list(m._flat_weights), 2, True, backend=b), m(x)
 
+    def cell(b):
+        m = torch.nn.LSTMCell(5, 4)
+        x = torch.randn(0, 5, requires_grad=True)
+        return "lstm_cell", [x, *m.parameters()], pykernels.nn.LSTMCell.from_torch(m, backend=b)(x), m(x)
+
     def lstm_patched(b):
         m = torch.nn.LSTM(5, 4, proj_size=2, batch_first=True)
         x = torch.randn(0, 6, 5, requires_grad=True)
@@ -506,7 +511,7 @@ def _empty_calls():
             "sdpa-no-query": lambda b: sdpa(b, (1, 2, 0, 8), (1, 2, 3, 8)),
             "sdpa-no-key": lambda b: sdpa(b, (1, 2, 4, 8), (1, 2, 0, 8)),
             "varlen-no-sequence": lambda b: varlen(b, [0]), "varlen-no-token": lambda b: varlen(b, [0, 0, 0]),
-            "lstm": lstm, "patch-LSTM": lstm_patched}
+            "lstm": lstm, "patch-LSTM": lstm_patched, "lstm_cell": cell}
 
 
 EMPTY_CALLS = _empty_calls()

@@ -230,10 +230,11 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     label_smoothing = _smoothing(label_smoothing)
     logits_shape, probs, out_features = _check_args(input, linear_weight, target, linear_bias, weight, ignore_index,
                                                     amp_dtype)
-    if (torch.jit.is_tracing() and _native.linear_cross_entropy is not None and amp_dtype is None and not z_loss
-            and not softcap and not return_lse and input.dim() <= 2
+    if (_native.linear_cross_entropy is not None and amp_dtype is None and not z_loss and not softcap
+            and not return_lse and input.dim() <= 2
             and backends.prefer_native("linear_cross_entropy", input.device, backend)):
-        # as the other ops: a traced graph records torch's own op where torch can express the call
+        # as the other ops: torch's own op where torch can express the call and a rule says so (a traced graph; no
+        # kernel of ours on CPU tensors without _C); no speed rule sends linear cross-entropy there
         return _native.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
                                             reduction=reduction, ignore_index=ignore_index,
                                             label_smoothing=label_smoothing)

@@ -93,7 +93,8 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
             return _ops.triton_import_error if b == "triton" else _ops.cpp_error
         return None
 
-    chosen = backends.choose("lstm_cell", x.device, backend, unsupported, tensors=(x, h, c, w_ih, w_hh, b_ih, b_hh))
+    chosen = backends.choose("lstm_cell", x.device, backend, unsupported, tensors=(x, h, c, w_ih, w_hh, b_ih, b_hh),
+                             empty=x.shape[0] == 0)
     if chosen == "reference":
         hy, cy = _ref.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
     else:
