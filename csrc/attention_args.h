@@ -20,7 +20,7 @@ struct AttentionArgs {
   AttnView dout;         // backward: dO, the layout of o
   AttnView dq, dk, dv;   // backward outputs, the layouts of q, k, v
   float* lse = nullptr;  // (B, H, L) fp32, or (H, T) for varlen: row m of (b, h) at b * lse_sb + h * lse_sh + m
-  float* lse_lo = nullptr;  // forward: the lse's correction for the backward (lse_lo_of), the layout of lse
+  float* lse_lo = nullptr;  // forward: the lse's correction for the backward (lse_gaps), the layout of lse
   const float* delta = nullptr;  // backward: rowsum(dO * O), the layout of lse
   int64_t lse_sb = 0, lse_sh = 0;
   const int32_t* cu_q = nullptr;  // varlen: (B + 1) offsets of the sequences; null for dense calls

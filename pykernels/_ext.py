@@ -177,7 +177,7 @@ def cuda_arch_reason(major: int, minor: int) -> Optional[str]:
         except ValueError:
             return None  # an entry this check cannot read: let the launch decide
         if (major, minor) == (x, y) or (not specific and major == x and minor >= y) or \
-                (ptx and (major, minor) >= (x, y)):
+                (ptx and not specific and (major, minor) >= (x, y)):  # (an "a" target's PTX runs on it alone)
             return None
     return (f"pykernels._C has no CUDA code for compute capability {major}.{minor} (built for "
             f"{', '.join(archs) or 'no architecture'}): rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")

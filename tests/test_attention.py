@@ -894,6 +894,22 @@ def test_rows_masked_by_a_large_finite_value_as_torch(backend, device):
                     else:
                         t = tol
                     torch.testing.assert_close(a.float(), r, **t, msg=lambda m: f"{name}, {what}: {m}")
+        # lse rounded up: floats near -1e8 lie 8 apart and log(100 keys) = 4.6 rounds to 8 (lse_lo -3.4): the
+        # backward scaled dO by 30 and a GradScaler-sized fp16 dO overflowed (inf / NaN gradients); now lse is
+        # taken one float lower and the scale stays <= 1
+        q = torch.randn(1, 2, 4, 16, device=device, dtype=dtype)
+        k, v = (torch.randn(1, 2, 100, 16, device=device, dtype=dtype) for _ in range(2))
+        mask = torch.zeros(1, 1, 4, 100, device=device)
+        mask[..., 1, :] = -1e8
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = sdpa(*x, attn_mask=mask, backend=backend)
+        g = torch.full_like(out, 3000.0)
+        x32 = [t.detach().float().requires_grad_() for t in x]
+        want, _ = ref.scaled_dot_product_attention(*x32, attn_mask=mask)
+        tol = dict(atol=3e-2, rtol=1e-4) if dtype == torch.float32 else dict(atol=60.0, rtol=2e-2)
+        for name, a, r in zip(("dq", "dk", "dv"), torch.autograd.grad(out, x, g),
+                              torch.autograd.grad(want, x32, g.float())):
+            torch.testing.assert_close(a.float(), r, **tol, msg=lambda m: f"{name}, {dtype}, -1e8 at 100 keys: {m}")
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -243,12 +243,21 @@ def _attn_fwd(Q, K, V, Bias, O, LSE, LSE_LO, CuQ, CuK, Seed, sqb, sqh, sqm, sqd,
              out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lb) & (offs_e[None, :] < HEAD_EV))
     log_l = tl.log(tl.where(seen, l_i, 1.0))
     lse = tl.where(seen, m_i + log_l, float("-inf"))
-    tl.store(LSE + rows, lse, mask=offs_m < Lb)
     # what rounding took from lse = m_i + log_l, exactly (Knuth's TwoSum): a row whose scores all sit at a huge mask
     # value (finfo.min: lse rounds back to m_i) keeps its log(l) here for the backward; 0 in rows without keys
     m_s, lse_s = tl.where(seen, m_i, 0.0), tl.where(seen, lse, 0.0)
     back = lse_s - m_s
-    tl.store(LSE_LO + rows, (m_s - (lse_s - back)) + (log_l - back), mask=offs_m < Lb)
+    lse_lo = (m_s - (lse_s - back)) + (log_l - back)
+    # lse rounded up (lse_lo < 0, only where an ulp of m_i exceeds 2 log(l), e.g. -1e8 at 100 keys) would make the
+    # backward scale dO up by exp(-lse_lo), out of fp16's range: take the float below (>= m_i, so the recomputed
+    # probabilities stay <= 1; m_i - lse exact by Sterbenz), and the scale is <= 1
+    up = lse_lo < -0.0009765625
+    bits = lse_s.to(tl.int32, bitcast=True)
+    lse_dn = tl.where(lse_s < 0, bits + 1, bits - 1).to(tl.float32, bitcast=True)
+    lse = tl.where(up, lse_dn, lse)
+    lse_lo = tl.where(up, (m_s - lse_dn) + log_l, lse_lo)
+    tl.store(LSE + rows, lse, mask=offs_m < Lb)
+    tl.store(LSE_LO + rows, lse_lo, mask=offs_m < Lb)
 
 
 @triton.jit
