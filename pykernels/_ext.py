@@ -7,17 +7,19 @@ Triton and reference backends keep working.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.machinery
 import json
 import logging
 import os
 import platform
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from . import _cpuinfo, _native
+from ._device_props import constant_under_compile
 
 _BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
 
@@ -163,12 +165,17 @@ def has_cuda_kernels() -> bool:
     return _loaded and bool(build_info.get("with_cuda"))
 
 
+@constant_under_compile  # (Dynamo would warn tracing the lru_cache below; the answer is a constant of a graph)
 def cuda_arch_reason(major: int, minor: int) -> Optional[str]:
     """Why _C's CUDA kernels cannot launch on a GPU of compute capability major.minor (None: they can). The build's
     TORCH_CUDA_ARCH_LIST entries: "X.Y" is machine code that runs on X.Z for Z >= Y, "X.Ya" on X.Y only, "+PTX"
     adds code the driver compiles for any later GPU. Without a match a launch fails with "no kernel image is
-    available" instead of taking the next backend."""
-    archs = build_info.get("arch_list") or []
+    available" instead of taking the next backend. Asked at every dispatch of a CUDA call: the answer is cached."""
+    return _arch_reason(major, minor, tuple(build_info.get("arch_list") or ()))
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_reason(major: int, minor: int, archs: Tuple[str, ...]) -> Optional[str]:
     for a in archs:
         ptx, num = a.endswith("+PTX"), a.replace("+PTX", "")
         specific = num.endswith("a")
