@@ -709,6 +709,18 @@ def forward_ad_reason(tensors: Sequence[object]) -> Optional[str]:
     return None
 
 
+def reverse_transform_reason() -> Optional[str]:
+    """Why no kernel can run a call under functorch's reverse mode (``torch.func.grad`` / ``vjp`` / ``jacrev``;
+    None: not under it). torch's custom-op autograd refuses those transforms ("must override the setup_context
+    staticmethod"), where plain PyTorch (the reference) and torch's own ops run them."""
+    if torch.compiler.is_compiling():
+        return None
+    grad = torch._C._functorch.TransformType.Grad  # (vjp and jacrev push a Grad level too)
+    if any(i.key() == grad for i in torch._C._functorch.get_interpreter_stack() or ()):
+        return "functorch's reverse mode (torch.func.grad / vjp / jacrev): the kernel ops' autograd refuses it"
+    return None
+
+
 EMPTY_INPUT = "empty input"
 
 
@@ -725,7 +737,7 @@ def choose(op: str, device: torch.device, backend: Optional[str],
     batch must not crash a model that asked for a backend), recorded as ("reference", {backend: "empty input"}).
     A backend that cannot run on the device at all still refuses it.
     """
-    forward_ad = forward_ad_reason(tensors)
+    forward_ad = forward_ad_reason(tensors) or reverse_transform_reason()
 
     def reason(b: str) -> Optional[str]:
         reference_only = None if b == "reference" else EMPTY_INPUT if empty else forward_ad

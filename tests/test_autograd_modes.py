@@ -9,7 +9,9 @@ silently drop).
 
 Forward-mode AD (dual tensors, torch.func.jvp / jacfwd): the kernels have no forward derivative, so such calls run
 on the reference, visibly (last_dispatch), and an explicit kernel backend raises: a kernel would drop the tangent.
-Automatic calls that the measured rules give torch's own kernel keep it only where it has a forward derivative."""
+Automatic calls that the measured rules give torch's own kernel keep it only where it has a forward derivative.
+functorch's reverse mode (torch.func.grad / vjp / jacrev) runs on the reference the same way: torch's custom-op
+autograd refuses it."""
 from __future__ import annotations
 
 import pytest
@@ -291,6 +293,34 @@ def test_forward_mode_runs_on_the_reference(backend, device):
         with pykernels.use_backend(backend):
             ours(None)(*primals)
         assert "forward-mode" not in str(pykernels.last_dispatch[name]), name
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("cpu", "cpu", id="cpu"),
+                                            pytest.param("triton", "cpu", id="triton-interp"),
+                                            pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+                                            pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu)])
+def test_functorch_reverse_mode_runs_on_the_reference(backend, device):
+    """torch.func.grad / vjp / jacrev: torch's custom-op autograd refuses functorch's reverse mode (\"must override
+    the setup_context staticmethod\"), so such calls run on the reference, visibly, and a kernel backend asked by
+    name raises; they failed whenever a kernel was chosen (an automatic LSTMCell on the CPU: every call)."""
+    require_backend(backend, device)
+    from torch.func import grad, vjp
+    for name, ours, theirs, primals in _forward_mode_calls(device):
+        cotangent = torch.randn_like(theirs(*primals))
+        want = vjp(theirs, *primals)[1](cotangent)
+        with pykernels.use_backend(backend):
+            got = vjp(ours(None), *primals)[1](cotangent)
+            ran, why = pykernels.last_dispatch[name]
+            assert ran == "reference" and "reverse mode" in why[backend], f"{name}: {ran} {why}"
+            got_grad = grad(lambda *a: (ours(None)(*a) * cotangent).sum())(*primals)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(got_grad, want[0].to(got_grad.dtype), rtol=1e-4, atol=1e-5, msg=name)
+        with pytest.raises(pykernels.BackendUnavailableError, match="reverse mode"):
+            vjp(ours(backend), *primals)
+        with pykernels.use_backend(backend):  # outside the transform the kernels run again
+            ours(None)(*primals)
+        assert "reverse mode" not in str(pykernels.last_dispatch[name]), name
 
 
 def test_forward_mode_of_automatic_calls_that_torch_would_run():
