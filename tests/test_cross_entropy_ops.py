@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pykernels
 from pykernels.errors import ArgumentTypeError, ArgumentValueError
@@ -140,18 +141,34 @@ def test_first_compiled_call_compiles_once():
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
-def test_second_backward_through_fused_path_fails_loudly(backend, device):
+def test_second_backward_through_the_fused_path(backend, device):
+    """The fused forward saves the gradient for an upstream 1. Through a retained graph: an upstream gradient of 1
+    on the CPU hands the saved gradient out (first pass) or a copy (later ones), so any number of passes agree with
+    torch's and share no storage; one scaled in place (another upstream gradient; any on a GPU, which would sync to
+    tell) is gone after the first pass, and a second raises naming fused=False, not autograd's "modified by an
+    inplace operation" (a plain retain_graph=True, autograd.grad twice, raised that until 2026-12-06)."""
     require_backend(backend, device)
     x = torch.randn(4, 9, device=device, requires_grad=True)
-    loss = pykernels.functional.cross_entropy(x, torch.randint(0, 9, (4,), device=device), backend=backend)
-    loss.backward(torch.tensor(2.0, device=device), retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward(torch.tensor(2.0, device=device))
+    t = torch.randint(0, 9, (4,), device=device)
+    want = torch.autograd.grad(F.cross_entropy(x, t), x)[0]
+    loss = pykernels.functional.cross_entropy(x, t, backend=backend)
+    two = torch.tensor(2.0, device=device)
+    if device == "cpu":
+        held = [torch.autograd.grad(loss, x, retain_graph=True)[0] for _ in range(3)]
+        loss.backward(retain_graph=True)
+        held.append(torch.autograd.grad(loss, x, two, retain_graph=True)[0])  # (out of place: the first is held)
+        for g, k in zip(held + [x.grad], (1, 1, 1, 2, 1)):
+            torch.testing.assert_close(g, k * want)
+        assert len({g.data_ptr() for g in held + [x.grad]}) == 5
+        loss = pykernels.functional.cross_entropy(x, t, backend=backend)
+    torch.testing.assert_close(torch.autograd.grad(loss, x, two, retain_graph=True)[0], 2 * want)
+    with pytest.raises(RuntimeError, match="retain_graph=True.*fused=False"):
+        loss.backward(two)
     y = x.detach().requires_grad_()  # fused=False supports retain_graph like PyTorch
-    loss = pykernels.functional.cross_entropy(y, torch.randint(0, 9, (4,), device=device), fused=False,
-                                              backend=backend)
-    loss.backward(retain_graph=True)
+    loss = pykernels.functional.cross_entropy(y, t, fused=False, backend=backend)
+    loss.backward(torch.tensor(2.0, device=device), retain_graph=True)
     loss.backward()
+    torch.testing.assert_close(y.grad, 3 * want)
 
 
 def test_backend_selection_is_visible():

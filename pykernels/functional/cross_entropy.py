@@ -141,9 +141,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
       fused: compute the gradient during the forward (one read of the logits, one write of the gradient, the
         minimum). None: on when the input requires grad and the reduction is "mean" or "sum". With an incoming
         gradient other than exactly 1 (e.g. loss / accumulation_steps) the backward then costs one more pass.
-        The backward scales the saved gradient in place, so it runs once: a second backward through the same
-        graph (retain_graph=True) raises autograd's "modified by an inplace operation" error; pass fused=False
-        for that. The split path (fused=False, and reduction="none") saves the logits themselves, not torch's
+        Through a retained graph (retain_graph=True): with an incoming gradient of 1 on the CPU any number of
+        backward passes; otherwise the first scales the saved gradient in place (no second (N, C) buffer), and a
+        second backward through the same graph raises, naming fused=False, which takes any number. The split path (fused=False, and reduction="none") saves the logits themselves, not torch's
         log-probabilities (no second (N, C) tensor): changing the logits in place after the loss makes its
         backward raise autograd's "modified by an inplace operation" error, where torch's works.
       backend: "triton", "cuda", "cpu" or "reference"; see ``pykernels.backends``.

@@ -25,6 +25,7 @@ from .. import _ext, backends
 from ..reference import cross_entropy as _ref
 from . import _checks, _higher_order
 from ._eager import EagerOp, tracing
+from ._fused_grads import hand_out
 
 NONE, MEAN, SUM = 0, 1, 2
 REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
@@ -172,16 +173,9 @@ def _backward(ctx, g_loss, g_lse, g_grad, g_denom, g_lse_err):
                                              ctx.saved_tensors[:3], ctx.needs_input_grad, (g_loss,))
     g = g_loss.to(acc_dtype(g_loss.dtype)).reshape(-1).contiguous()  # may arrive expanded (stride 0)
     if write_grad:
-        (grad,) = ctx.saved_tensors
-        if tracing(grad):
-            # A traced graph may not mutate a saved forward output: scale out of place (one more pass).
-            scale = g.reshape(grad.shape[0], 1, grad.shape[2]) if g.numel() > 1 else g
-            grad = (grad * scale).to(grad.dtype)
-        else:
-            scale_grad_(grad, g)  # in place; a no-op on the device when g == 1
-            # Kernels write through raw pointers: bump the version so a second backward through this graph
-            # fails loudly instead of rescaling an already scaled gradient.
-            torch.autograd.graph.increment_version(grad)
+        def mul(grad, g):  # per row (reduction="none": g is (N * D,)) or a scalar
+            return (grad * (g.reshape(grad.shape[0], 1, grad.shape[2]) if g.numel() > 1 else g)).to(grad.dtype)
+        (grad,) = hand_out(ctx, "pykernels.cross_entropy", lambda: ctx.saved_tensors, g, mul, scale_grad_)
         return grad, None, None, None, None, None, None, None, None
     logits, target, weight, lse, lse_err, denom = ctx.saved_tensors
     grad_rows = g / denom if reduction == MEAN else g

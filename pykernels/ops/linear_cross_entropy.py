@@ -33,6 +33,7 @@ from ..reference import linear_cross_entropy as _ref
 from . import _checks, _higher_order
 from . import linear_cross_entropy_launch as _launch
 from ._eager import EagerOp, tracing
+from ._fused_grads import hand_out
 
 NONE, MEAN, SUM = 0, 1, 2
 REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
@@ -368,22 +369,8 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (ignore_index, reduction, label_smoothing, z_loss, softcap, backend, fused[0] if fused else 0)
     if ctx.args[-1]:
         ctx.save_for_backward(gx, gw, gb)  # the gradients for an upstream 1: nothing else is needed
-        ctx.handed_out = False  # (see _scaled)
     else:
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, m, log_s, denom)
-
-
-def _scaled(ctx, saved: Tuple[Tensor, ...], g: Tensor) -> Tuple[Tensor, ...]:
-    """The fused gradients times the upstream scalar g. For g exactly 1 on the CPU, no pass: the saved tensors
-    themselves, but once per node; a later backward through a retained graph copies them, since the first ones
-    may be held (an autograd.grad result) or be a leaf's .grad, which .backward(), clip_grad_norm_, zero_grad change
-    in place: results of two backward passes must not share storage."""
-    if tracing(*saved, g) or g.device.type != "cpu" or not bool(g == 1):
-        return tuple(t * g for t in saved)
-    if ctx.handed_out:
-        return tuple(t.clone() for t in saved)
-    ctx.handed_out = True
-    return saved
 
 
 def _reference_loss(ignore_index: int, reduction: int, label_smoothing: float, z_loss: float, softcap: float):
@@ -415,7 +402,8 @@ def _backward(ctx, g_loss, g_m, g_log_s, g_denom, g_gx, g_gw, g_gb):
         g = g_loss.to(acc_dtype(saved[0].dtype))
         wanted = [ctx.needs_input_grad[i] and bool(fused_grads & bit)
                   for i, bit in enumerate((GRAD_INPUT, GRAD_WEIGHT, GRAD_BIAS))]
-        scaled = iter(_scaled(ctx, tuple(t for t, w in zip(saved, wanted) if w), g))
+        scaled = iter(hand_out(ctx, "pykernels.linear_cross_entropy",
+                               lambda: tuple(t for t, w in zip(saved, wanted) if w), g, lambda t, g: t * g))
         grads = tuple(next(scaled) if w else None for w in wanted)
         # (A saved tensor handed out may become a leaf's .grad itself, which a later .backward() adds to in place;
         # its version counter then makes a further pass through a retained graph raise, never read the sum.)
