@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import _ext, backends
 from ..reference import cross_entropy as _ref
 from . import _checks, _higher_order
-from ._eager import EagerOp, tracing
+from ._eager import EagerOp
 from ._fused_grads import hand_out
 
 NONE, MEAN, SUM = 0, 1, 2
