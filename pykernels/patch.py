@@ -50,11 +50,13 @@ def patch(model: torch.nn.Module, *, backend: Optional[str] = None) -> torch.nn.
     keeps training the model, the state_dict keys are unchanged and tied weights stay tied. A module reachable
     under several names becomes one replacement. ``backend`` is passed to every replacement (None: automatic).
     If ``model`` itself is a supported module, its replacement is returned (a module cannot replace itself).
+    pykernels modules already in ``model`` (an earlier patch) take ``backend`` when one is given.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
     backends.backend_name(backend)
     done: Dict[int, torch.nn.Module] = {}
+    drop_ins = tuple(c.__self__ for c in _CONVERTERS.values() if isinstance(getattr(c, "__self__", None), type))
 
     def convert(m: torch.nn.Module) -> torch.nn.Module:
         if id(m) not in done:
@@ -62,6 +64,8 @@ def patch(model: torch.nn.Module, *, backend: Optional[str] = None) -> torch.nn.
             done[id(m)] = conv(m, backend=backend) if conv is not None else m
             if conv is not None:
                 _share_hooks(done[id(m)], m)
+            elif backend is not None and isinstance(m, drop_ins):  # patched before: it ignored the new backend
+                m.backend = backend
             if conv is None:
                 for name, child in list(m._modules.items()):  # named_children() would skip a repeated child
                     new = None if child is None else convert(child)

@@ -541,6 +541,10 @@ def test_legacy_reduction_arguments():
     want = F.cross_entropy(F.linear(xb, Wb).double(), p.double())  # the same bf16 logits, the loss in float64
     assert abs(got.item() - want.item()) < 1e-5 * abs(want.item())
     assert "options=None" in repr(pykernels.nn.LinearCrossEntropyLoss(8, 5))  # torch's repr prints it too
+    assert repr(pykernels.nn.CrossEntropyLoss(label_smoothing=0.1)) == repr(torch.nn.CrossEntropyLoss()) \
+        == "CrossEntropyLoss()"  # (torch's prints none of its settings)
+    assert repr(pykernels.nn.CrossEntropyLoss(z_loss=0.5, backend="reference")) \
+        == "CrossEntropyLoss(z_loss=0.5, backend='reference')"
 
 
 def test_weight_that_requires_grad_gets_its_gradient():

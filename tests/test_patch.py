@@ -65,6 +65,11 @@ def test_gpt_tied_head_stays_tied_and_patch_is_idempotent():
     swapped = [m for m in model.modules() if type(m).__module__.startswith("pykernels.")]
     pykernels.patch(model)
     assert [m for m in model.modules() if type(m).__module__.startswith("pykernels.")] == swapped
+    assert swapped and all(m.backend is None for m in swapped)
+    pykernels.patch(model, backend="reference")  # a second patch's backend reaches the modules the first made
+    assert [m for m in model.modules() if type(m).__module__.startswith("pykernels.")] == swapped
+    assert all(m.backend == "reference" for m in swapped)
+    assert pykernels.patch(pykernels.nn.LSTMCell(2, 3), backend="reference").backend == "reference"
 
 
 def test_subclasses_shared_modules_and_extras():

@@ -37,10 +37,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         """The same loss as a pykernels one, sharing its ``weight`` buffer, settings and hooks."""
         return adopt(cls, module, z_loss=z_loss, fused=fused, backend=backend)
 
-    def extra_repr(self) -> str:
-        parts = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
-        if self.label_smoothing:
-            parts.append(f"label_smoothing={self.label_smoothing}")
+    def extra_repr(self) -> str:  # torch's module prints none of its settings; ours prints the extras
+        parts = []
         if self.z_loss:
             parts.append(f"z_loss={self.z_loss}")
         if self.backend:
