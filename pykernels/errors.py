@@ -2,7 +2,7 @@
 sizes, dtypes, devices), so a caller's ``except RuntimeError`` must keep working after a drop-in swap; Python's
 convention (and pykernels' messages, which name the argument) call them ValueError / TypeError. These are both."""
 
-__all__ = ["ArgumentValueError", "ArgumentTypeError"]
+__all__ = ["ArgumentValueError", "ArgumentTypeError", "ArgumentAssertionError"]
 
 
 class ArgumentValueError(ValueError, RuntimeError):
@@ -11,3 +11,8 @@ class ArgumentValueError(ValueError, RuntimeError):
 
 class ArgumentTypeError(TypeError, RuntimeError):
     """An argument of the wrong type or dtype."""
+
+
+class ArgumentAssertionError(ArgumentValueError, AssertionError):
+    """An argument that torch's own call checks with ``assert`` (torch.nn.MultiheadAttention's shapes): raised as
+    what torch raises, too, so a drop-in keeps the caller's ``except AssertionError``."""

@@ -790,6 +790,24 @@ def test_multihead_attention_dropout_and_errors():
     for bad in (torch.zeros(6, 4, dtype=torch.bool), torch.zeros(6, 6, 4), torch.zeros(4, 7), torch.zeros(5, 4, 6)):
         with pytest.raises(RuntimeError, match="attn_mask must have shape"):
             mha(x, k, k, attn_mask=bad)
+    # shapes torch's module asserts: AssertionError too (and still RuntimeError, ValueError)
+    for args, kw in (((x[None],) * 3, {}), ((x, x[0], x[0]), {}), ((torch.randn(4, 3, 6), x, x), {}),
+                     ((x, x, k), {}), ((x, x, x), dict(key_padding_mask=torch.zeros(3, 5, dtype=torch.bool))),
+                     ((x, x, x), dict(attn_mask=torch.zeros(4))), ((x, x, x), dict(attn_mask=torch.zeros(1, 1, 4, 4)))):
+        for module in (mha, torch.nn.MultiheadAttention(8, 2)):
+            with pytest.raises(AssertionError):
+                module(*args, **kw)
+        with pytest.raises(pykernels.errors.ArgumentValueError):
+            mha(*args, **kw)
+    # ... except where torch drops the mask for the is_causal hint (no key padding, no weights): unchecked there
+    ref = torch.nn.MultiheadAttention(8, 2)
+    ref.load_state_dict(mha.state_dict())
+    ref.eval()
+    for bad in (torch.zeros(6, 4, dtype=torch.bool), torch.zeros(1, 1), torch.zeros(3, 4, 4)):
+        kw = dict(attn_mask=bad, is_causal=True, need_weights=False)
+        torch.testing.assert_close(mha(x, x, x, **kw)[0], ref(x, x, x, **kw)[0])
+        with pytest.raises(RuntimeError, match="attn_mask must have shape"):
+            mha(x, x, x, attn_mask=bad, is_causal=True)  # (weights: the mask is used)
 
 
 def test_multihead_attention_query_that_sees_no_key():

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..functional.attention import scaled_dot_product_attention
 from .. import backends
-from ..errors import ArgumentTypeError, ArgumentValueError
+from ..errors import ArgumentAssertionError, ArgumentTypeError
 from ._adopt import adopt
 
 __all__ = ["MultiheadAttention"]
@@ -75,8 +75,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         same_qkv = same_kv and query is key
         batched = query.dim() == 3
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
-            raise ArgumentValueError(f"MultiheadAttention: query, key, value must all be 2-D (unbatched) or 3-D, got "
-                                     f"{query.dim()}, {key.dim()}, {value.dim()}")
+            raise ArgumentAssertionError(f"MultiheadAttention: query, key, value must all be 2-D (unbatched) or 3-D, "
+                                         f"got {query.dim()}, {key.dim()}, {value.dim()}")
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
@@ -87,16 +87,24 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         L, N, E = query.shape
         Hn, hd = self.num_heads, self.head_dim
         if E != self.embed_dim:
-            raise ArgumentValueError(f"MultiheadAttention: query's embedding dim {E} != embed_dim {self.embed_dim}")
+            raise ArgumentAssertionError(f"MultiheadAttention: query's embedding dim {E} != embed_dim "
+                                         f"{self.embed_dim}")
         if key.shape[:2] != value.shape[:2] or key.shape[1] != N:
-            raise ArgumentValueError(f"MultiheadAttention: key {tuple(key.shape)} and value {tuple(value.shape)} must "
-                                     f"match each other and the query's batch {N}")
+            raise ArgumentAssertionError(f"MultiheadAttention: key {tuple(key.shape)} and value "
+                                         f"{tuple(value.shape)} must match each other and the query's batch {N}")
         q, k, v = self._in_projection(query, key, value, same_qkv, same_kv)
+        # torch's rule: the hint replaces the mask only without key padding and without weights (the weights are
+        # computed from the mask, padded for bias_k / add_zero_attn, whose extra keys a causal call would hide);
+        # the mask is then dropped unchecked, as torch's F.multi_head_attention_forward does
+        use_causal = is_causal and key_padding_mask is None and not need_weights
+        if use_causal:
+            attn_mask = None
         if attn_mask is not None:
             # torch's shapes and exception type: a transposed (S, L) mask must not be reshaped into place
             want = (L, key.shape[0]) if attn_mask.dim() == 2 else (N * Hn, L, key.shape[0])
             if attn_mask.dim() not in (2, 3):
-                raise ArgumentValueError(f"MultiheadAttention: attn_mask must be 2-D or 3-D, got {attn_mask.dim()}-D")
+                raise ArgumentAssertionError(f"MultiheadAttention: attn_mask must be 2-D or 3-D, got "
+                                             f"{attn_mask.dim()}-D")
             if tuple(attn_mask.shape) != want:
                 raise RuntimeError(f"MultiheadAttention: the {attn_mask.dim()}-D attn_mask must have shape {want}, got "
                                    f"{tuple(attn_mask.shape)}")
@@ -122,11 +130,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 attn_mask = F.pad(attn_mask, (0, 1))
             if key_padding_mask is not None:
                 key_padding_mask = F.pad(key_padding_mask, (0, 1))
-        # torch's rule: the hint replaces the mask only without key padding and without weights (the weights are
-        # computed from the mask, padded for bias_k / add_zero_attn, whose extra keys a causal call would hide)
-        use_causal = is_causal and key_padding_mask is None and not need_weights
         mask = None
-        if attn_mask is not None and not use_causal:
+        if attn_mask is not None:
             am = attn_mask.reshape(1, 1, L, S) if attn_mask.shape[0] == 1 else attn_mask.reshape(N, Hn, L, S)
             mask = am
         if key_padding_mask is not None:
@@ -134,9 +139,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 extra = (self.bias_k is not None) + bool(self.add_zero_attn)  # columns padded on above
                 given = (*key_padding_mask.shape[:-1], key_padding_mask.shape[-1] - extra)
                 want = (N, S - extra) if batched else (S - extra,)
-                raise ArgumentValueError(f"MultiheadAttention: key_padding_mask must be {want}"
-                                         f"{'' if batched else ' for unbatched inputs'}, got "
-                                         f"{given if batched else given[1:]}")
+                raise ArgumentAssertionError(f"MultiheadAttention: key_padding_mask must be {want}"
+                                             f"{'' if batched else ' for unbatched inputs'}, got "
+                                             f"{given if batched else given[1:]}")
             kpm = key_padding_mask.reshape(N, 1, 1, S)
             if mask is None:
                 mask = kpm
