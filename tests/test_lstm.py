@@ -148,6 +148,13 @@ def test_cell_bad_arguments_name_the_argument():
         lstm_cell(x, (h, c), torch.randn(7, 3), w_hh)
     with pytest.raises(ValueError, match="w_hh"):
         lstm_cell(x, (h, c), w_ih, torch.randn(8, 3))
+    with pytest.raises(ValueError, match=r"w_ih must have shape \(8, 3\)"):  # hidden_size is w_hh's, as torch's
+        lstm_cell(x, (h, c), torch.randn(12, 3), w_hh)
+    # a (1, 4H) bias broadcasts in torch's cell: the same values and the row's gradient
+    rows = [torch.randn(1, 8, requires_grad=True) for _ in range(2)]
+    got, want = lstm_cell(x, (h, c), w_ih, w_hh, *rows), torch.lstm_cell(x, (h, c), w_ih, w_hh, *rows)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got[1].sum(), rows), torch.autograd.grad(want[1].sum(), rows))
     with pytest.raises(ValueError, match=r"hx\[1\]"):
         lstm_cell(x, (h, torch.randn(3, 2)), w_ih, w_hh)
     with pytest.raises(TypeError, match="w_hh"):
@@ -466,7 +473,14 @@ def test_state_dict_optimizer_and_patch_both_ways():
     opt.step()
     opt2 = torch.optim.Adam(pm.parameters(), lr=1e-2)
     pm.load_state_dict(tm.state_dict())
-    opt2.load_state_dict(opt.state_dict())
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # (a plain load shares the moment tensors)
+    x = torch.randn(2, 3, 3)
+    for module, optimizer in ((tm, opt), (pm, opt2)):  # one more step each: the same parameters after
+        optimizer.zero_grad()
+        module(x)[0].sum().backward()
+        optimizer.step()
+    for a, b in zip(tm.parameters(), pm.parameters()):
+        torch.testing.assert_close(a, b)
     # patch(): the same Parameter objects, so the optimizer built before patching still drives the module
     model = torch.nn.Sequential(torch.nn.LSTMCell(3, 4), torch.nn.Linear(4, 1))
     model.add_module("rnn", torch.nn.LSTM(3, 4))

@@ -136,14 +136,16 @@ def lstm_cell(fn: str, input: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: 
     for name, t in ((names[0], h), (names[1], c), ("w_ih", w_ih), ("w_hh", w_hh)):
         _like_input(fn, name, t, input)
     B, I = input.shape
-    if w_ih.dim() == 2 and w_ih.shape[0] % 4 == 0 and w_ih.shape[1] != I:
+    if w_hh.dim() != 2 or w_hh.shape[0] != 4 * w_hh.shape[1]:
+        raise ArgumentValueError(f"{fn}: w_hh must have shape (4*hidden_size, hidden_size), got "
+                                 f"{tuple(w_hh.shape)}")
+    H = w_hh.shape[1]  # (torch's hidden_size)
+    if w_ih.dim() == 2 and w_ih.shape[0] == 4 * H and w_ih.shape[1] != I:
         raise ArgumentValueError(f"{fn}: input has inconsistent input_size: got {I}, w_ih expects "
                                  f"{w_ih.shape[1]}")
-    if w_ih.dim() != 2 or w_ih.shape[1] != I or w_ih.shape[0] % 4:
-        raise ArgumentValueError(f"{fn}: w_ih must have shape (4*hidden_size, {I}), got {tuple(w_ih.shape)}")
-    H = w_ih.shape[0] // 4
-    if tuple(w_hh.shape) != (4 * H, H):
-        raise ArgumentValueError(f"{fn}: w_hh must have shape ({4 * H}, {H}), got {tuple(w_hh.shape)}")
+    if tuple(w_ih.shape) != (4 * H, I):
+        raise ArgumentValueError(f"{fn}: w_ih must have shape ({4 * H}, {I}) (4*hidden_size, input_size), got "
+                                 f"{tuple(w_ih.shape)}")
     for name, t in ((names[0], h), (names[1], c)):
         if tuple(t.shape) != (B, H):
             raise ArgumentValueError(f"{fn}: {name} must have shape ({B}, {H}), got {tuple(t.shape)}")
