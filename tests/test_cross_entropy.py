@@ -541,6 +541,10 @@ def test_legacy_reduction_arguments():
     want = F.cross_entropy(F.linear(xb, Wb).double(), p.double())  # the same bf16 logits, the loss in float64
     assert abs(got.item() - want.item()) < 1e-5 * abs(want.item())
     assert "options=None" in repr(pykernels.nn.LinearCrossEntropyLoss(8, 5))  # torch's repr prints it too
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):  # accepted (ignored: the kernels never hold the logits)
+        pykernels.functional.linear_cross_entropy(xb, Wb, p, options=torch.nn.LinearCrossEntropyOptions())
+        with pytest.raises(TypeError, match="options must be"):  # torch: AttributeError deep inside
+            pykernels.functional.linear_cross_entropy(xb, Wb, p, options="x")
     assert repr(pykernels.nn.CrossEntropyLoss(label_smoothing=0.1)) == repr(torch.nn.CrossEntropyLoss()) \
         == "CrossEntropyLoss()"  # (torch's prints none of its settings)
     assert repr(pykernels.nn.CrossEntropyLoss(z_loss=0.5, backend="reference")) \

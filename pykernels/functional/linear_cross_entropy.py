@@ -192,6 +192,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     to the autocast dtype (the projection runs in it) and the loss is float32.
     """
     _check_tensors(input, linear_weight, target)  # before autocast reads input.device
+    options_type = getattr(torch.nn, "LinearCrossEntropyOptions", None)  # (torch >= 2.13)
+    if options is not None and options_type is not None and not isinstance(options, options_type):
+        raise ArgumentTypeError(f"linear_cross_entropy: options must be a torch.nn.LinearCrossEntropyOptions or "
+                                f"None, got {type(options).__name__}")  # (ignored, but a typo must not pass)
     if not _autocast.enabled(input):
         return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                                      label_smoothing, z_loss, softcap, return_lse, group, vocab_start, vocab_size,
