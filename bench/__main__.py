@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -18,6 +17,7 @@ import torch
 from . import SUITES, load_suite
 from .environment import environment
 from .harness import Provider, add_speedups, check_shape_values, derive, run_suite
+from .render import _rate
 from .report import Progress, print_table, regressions, write_csv, write_json, write_plots
 from .timing import ceilings
 
@@ -64,6 +64,10 @@ def suite_cases(suite, name: str, device: torch.device, dtype: torch.dtype, quic
     return suite.cases(device, dtype, quick, shape=shape)
 
 
+def _load(env: dict) -> str:
+    return f"load average {env['load_avg']:.1f} on {env.get('cores')} cores"
+
+
 def _device(p: argparse.ArgumentParser, text: str) -> torch.device:
     try:
         device = torch.device(text)
@@ -79,22 +83,25 @@ def _device(p: argparse.ArgumentParser, text: str) -> torch.device:
 
 
 def _check_names(p: argparse.ArgumentParser, flag: str, names: Optional[List[str]], here: set,
-                 anywhere: set, device: torch.device) -> None:
-    """A name no suite has on this device is a typo: an error. One that only other suites have (a list shared by
-    several runs, e.g. gpu_check.sh's BENCH_ARGS) is noted and skipped."""
+                 anywhere: set, device: torch.device, absent: set = frozenset()) -> None:
+    """A name no suite has is a typo: an error. One that only other suites have (a list shared by several runs, e.g.
+    gpu_check.sh's BENCH_ARGS) is noted and skipped. ``absent``: the names that cannot run on this device."""
     names = set(names or ())
     if names - anywhere:
+        runs, cannot = sorted(anywhere - absent), sorted(anywhere & absent)
         p.error(f"{flag}: unknown {', '.join(sorted(names - anywhere))}; on {device.type} the suites have "
-                f"{', '.join(sorted(anywhere)) or 'none'}")
+                f"{', '.join(runs) or 'none'}" + (f" (and {', '.join(cannot)}, which cannot run on {device.type}: "
+                                                  "reported absent)" if cannot else ""))
     if names - here:
         print(f"note: {flag} {', '.join(sorted(names - here))}: not in the suites run here, skipped")
 
 
 def _provider_names(device: torch.device, dtype: torch.dtype, suites) -> tuple:
-    """(pykernels backends, baselines) of the providers of these suites on this device."""
+    """(pykernels backends, baselines, those of both absent in every suite) of these suites' providers here."""
     provs = [q for s in suites for q in s.providers(device, dtype)]
-    return ({q.name[len("pykernels-"):] for q in provs if q.name.startswith("pykernels-")},
-            {q.name for q in provs if q.baseline})
+    name = lambda q: q.name[len("pykernels-"):] if q.name.startswith("pykernels-") else q.name  # noqa: E731
+    return ({name(q) for q in provs if q.name.startswith("pykernels-")}, {q.name for q in provs if q.baseline},
+            {name(q) for q in provs} - {name(q) for q in provs if not q.absent})
 
 
 def select(providers: List[Provider], backends: Optional[List[str]], baselines: Optional[List[str]]):
@@ -120,14 +127,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="'cpu' or 'cuda[:N]' (default: cuda when torch sees a GPU)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--quick", action="store_true", help="one shape per suite, short timing (about a minute)")
+    p.add_argument("--quick", action="store_true", help="one shape per suite (e2e: one per workload), short "
+                   "timing (every suite: about 2 minutes on a 2-core CPU)")
     p.add_argument("--backends", default=None, help="pykernels backends, e.g. 'cuda,triton' (default: those "
                    "that target the device; 'reference' only when named)")
     p.add_argument("--baselines", default=None, help="e.g. 'torch,torch.compile,liger' (default: all; '' none)")
     p.add_argument("--modes", default=None, help="e.g. 'fwd+bwd' (default: every mode of the suite)")
     p.add_argument("--shape", default=None, help="one shape instead of the preset, with exactly one --suite, e.g. "
                    "'N=4096,V=50257' (cross_entropy), 'B=4,H=16,L=2048,E=128,causal=1' (attention), "
-                   "'B=8,T=256,steps=20' (e2e: sets those fields of both models)")
+                   "'B=8,T=256,steps=20' (e2e: sets those fields in each of its workloads char-lstm, gpt and "
+                   "hf-gpt2 that has them)")
     p.add_argument("--preset", default=None, help="a suite's named shape grid instead of its default shapes, with "
                    "exactly one --suite, e.g. 'fa2' (attention: FlashAttention-2's grid) or 'tutorial' (Triton's)")
     p.add_argument("--list", action="store_true", help="print each --suite's modes, shapes per device (default and "
@@ -190,8 +199,8 @@ def main(argv=None) -> int:
         p.error(f"--shape {a.shape}: {e}" if a.shape else str(e))
     here = _provider_names(device, dtype, [s for s, _, _, _ in plan])
     anywhere = _provider_names(device, dtype, [load_suite(n) for n in SUITES]) if backends or baselines else here
-    _check_names(p, "--backends", backends, here[0], anywhere[0], device)
-    _check_names(p, "--baselines", baselines, here[1], anywhere[1], device)
+    _check_names(p, "--backends", backends, here[0], anywhere[0], device, anywhere[2])
+    _check_names(p, "--baselines", baselines, here[1], anywhere[1], device, anywhere[2])
     modes_here = {m for _, _, _, ms in plan for m in ms}
     _check_names(p, "--modes", modes, modes_here, {m for n in SUITES for m in load_suite(n).MODES} if modes
                  else modes_here, device)
@@ -225,13 +234,12 @@ def main(argv=None) -> int:
     env = environment(device)
     ceil = ceilings(device, (dtype,), quick=a.quick)
     threads = f" | {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if device.type == "cpu" and load > 0.75 * (os.cpu_count() or 1):
-        print(f"note: this machine is busy (load average {load:.1f} on {os.cpu_count()} cores): CPU times will be "
-              "noisy, and a provider sharing a core with another process can read many times slower")
+    if device.type == "cpu" and env["busy"]:
+        print(f"note: this machine is busy ({_load(env)}): CPU times will be noisy, and a provider sharing a core "
+              "with another process can read many times slower")
     print(f"{env['device_name']}{threads} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
           f"commit {env['git_commit'][:10]} | {env['date_utc']}")
-    print("measured ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceil.items() if isinstance(v, float)))
+    print("measured ceilings: " + ", ".join(f"{k} {_rate(v)}" for k, v in ceil.items() if isinstance(v, float)))
 
     bar = Progress(sum(len(p) * len(c) * len(m) for _, p, c, m in plan))
     results = []
@@ -251,9 +259,14 @@ def main(argv=None) -> int:
     print_table(results, f"{env['device_name']}, {env['date_utc'][:10]}")
     print(f"written: {path}, {path.with_suffix('.csv').name}" + (f", {len(plots)} plots" if plots else ""))
     if old is not None:
-        old_dev = old.get("env", {}).get("device_name", old.get("env", {}).get("gpu", "?"))
+        old_env = old.get("env", {})
+        old_dev = old_env.get("device_name", old_env.get("gpu", "?"))
         if old_dev != env["device_name"]:
             print(f"note: {a.compare} was measured on {old_dev}, this run on {env['device_name']}")
+        busy = [f"{what} ({_load(e)})" for what, e in ((a.compare, old_env), ("this run", env)) if e.get("busy")]
+        if busy:
+            print(f"note: {' and '.join(busy)} ran on a busy machine: CPU times are noisy, a difference may be the "
+                  "load's")
         lines = regressions(old, results)
         common = len({(o.get("suite"), o.get("case"), o.get("dtype"), o.get("provider"), o.get("mode"))
                       for o in old["results"]} & {(r.suite, r.case, r.dtype, r.provider, r.mode) for r in results})

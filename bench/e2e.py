@@ -134,7 +134,7 @@ class TrainingCase(Case):
         if not rel <= self.tol:  # NaN fails too
             worst = max(range(len(ref)), key=lambda i: abs(losses[i] - ref[i]))
             raise WrongOutput(f"loss curve off by {rel:.3e} (relative) at step {worst}: {losses[worst]:.5f} vs "
-                              f"torch's {ref[worst]:.5f}; tolerance {self.tol:g}")
+                              f"torch's {ref[worst]:.5f}; tolerance {self.tol:g}", abs_err, rel)
         return step, [], (abs_err, rel)
 
     def tokens(self, mode):

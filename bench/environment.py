@@ -63,10 +63,14 @@ def _driver() -> str:
 
 
 def environment(device: torch.device) -> dict:
+    # other processes' load at the start (1-minute average): on a busy machine CPU times are noisy, and a provider
+    # sharing a core with another process can read many times slower
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "git_commit": git_commit(), "git_dirty": git_dirty(), "python": platform.python_version(),
            "torch": torch.__version__, "triton": _version("triton"), "pykernels": _version("pykernels"),
-           "cuda": torch.version.cuda, "device": device.type}
+           "cuda": torch.version.cuda, "device": device.type, "cores": os.cpu_count(), "load_avg": load,
+           "busy": load is not None and load > 0.75 * (os.cpu_count() or 1)}
     try:
         env["cudnn"] = torch.backends.cudnn.version()
     except Exception:
@@ -81,8 +85,7 @@ def environment(device: torch.device) -> dict:
         # the ISA our own C++ CPU kernels ran at (AVX512 where pykernels._C_avx512 is in use)
         from pykernels import _ext, _native
         cap, name = torch.backends.cpu.get_cpu_capability(), _cpu_name()
-        env.update(device_name=f"{name} ({cap})", cpu=name, threads=torch.get_num_threads(),
-                   cores=os.cpu_count(), cpu_capability=cap,
+        env.update(device_name=f"{name} ({cap})", cpu=name, threads=torch.get_num_threads(), cpu_capability=cap,
                    onednn_dtypes=sorted(str(d).replace("torch.", "") for d in _native.ONEDNN_DTYPES),
                    pykernels_cpu_kernels=_ext.cpu_kernels)
     return env

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -97,6 +98,7 @@ class Result:
     ms_p20: Optional[float] = None
     ms_p80: Optional[float] = None
     ms_iqr: Optional[float] = None  # CPU (torch.utils.benchmark) only
+    samples_ms: List[float] = dataclasses.field(default_factory=list)  # what the quantiles are of (timing.Timing)
     graph_ms_p50: Optional[float] = None  # launch-bound cases on CUDA: the step replayed from a CUDA graph
     graph_ms_p20: Optional[float] = None
     graph_ms_p80: Optional[float] = None
@@ -118,7 +120,11 @@ class Result:
 
 
 class WrongOutput(Exception):
-    pass
+    """The provider's output missed the reference; the errors ride along so that its Result records them."""
+
+    def __init__(self, message: str, max_abs_err: Optional[float] = None, rel_err: Optional[float] = None):
+        super().__init__(message)
+        self.max_abs_err, self.rel_err = max_abs_err, rel_err
 
 
 @dataclasses.dataclass
@@ -172,7 +178,7 @@ def prepare(case: Case, prov: Provider, mode: str, args0: tuple, diff: Sequence[
     errs = case.errors(ref, out, [t.grad for t in leaves], mode)
     if not errs[1] <= case.tol:  # NaN fails too
         raise WrongOutput(f"error {errs[1]:.3e} (normalised; max abs {errs[0]:.3e}) vs the fp32 reference, "
-                          f"tolerance {case.tol:g}")
+                          f"tolerance {case.tol:g}", *errs)
     return step, leaves, errs
 
 
@@ -196,6 +202,9 @@ def _checked(case: Case, prov: Provider, mode: str, args0, diff, ref) -> Tuple["
         return r, step, leaves
     except WrongOutput as e:
         r.status, r.error = "wrong", str(e)
+        # NaN/inf stay in the error text: the JSON keeps null there, as NaN is not valid JSON
+        r.max_abs_err, r.rel_err = (float(v) if v is not None and math.isfinite(v) else None
+                                    for v in (e.max_abs_err, e.rel_err))
     except Exception as e:  # a provider that cannot run this case is reported, not fatal
         _failed(r, e)
     return r, None, []
@@ -207,7 +216,8 @@ def measure(case: Case, prov: Provider, mode: str, args0, diff, ref, device: tor
     if step is None:
         return r
     try:
-        r.ms_p50, r.ms_p20, r.ms_p80, r.ms_iqr = time_ms(step, device, grad_to_none=leaves or None, quick=quick)
+        r.ms_p50, r.ms_p20, r.ms_p80, r.ms_iqr, r.samples_ms = time_ms(step, device, grad_to_none=leaves or None,
+                                                                       quick=quick)
         if case.launch_bound and device.type == "cuda":
             try:
                 r.graph_ms_p50, r.graph_ms_p20, r.graph_ms_p80 = time_ms_graph(step, device, leaves or None)
@@ -238,9 +248,9 @@ def measure_interleaved(case: Case, providers: List[Provider], mode: str, args0,
                     stats.append(time_ms(step, torch.device("cpu"), grad_to_none=leaves or None, quick=quick))
                 except Exception as e:
                     _failed(r, e)
-                    stats.append((None, None, None, None))
+                    stats.append((None, None, None, None, []))
         for (r, _, leaves), st in zip(live, stats):
-            r.ms_p50, r.ms_p20, r.ms_p80, r.ms_iqr = st
+            r.ms_p50, r.ms_p20, r.ms_p80, r.ms_iqr, r.samples_ms = st
             for t in leaves:
                 t.grad = None
     return [r for r, _, _ in staged]

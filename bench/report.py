@@ -7,32 +7,40 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 from .harness import Result
+from .render import _rate
 
-COLUMNS = [  # (header, field or speed-up key, format); shared by the plain and the rich table
+COLUMNS = [  # (header, field or speed-up key, format or "rate"); shared by the plain and the rich table
     ("suite", "suite", ""), ("case", "case", ""), ("dtype", "dtype", ""), ("mode", "mode", ""),
     ("provider", "provider", ""), ("status", "status", ""), ("ms p50", "ms_p50", ".3f"),
     ("p20-p80", None, ""), ("graph ms", "graph_ms_p50", ".3f"), ("GB/s", "gbps", ".1f"), ("%copy", "pct_of_copy_bw", ".1f"),
-    ("TFLOP/s", "tflops", ".1f"), ("%mm", "pct_of_matmul", ".1f"), ("tok/s", "tokens_per_s", ".0f"),
+    ("TFLOP/s", "tflops", "rate"), ("%mm", "pct_of_matmul", ".1f"), ("tok/s", "tokens_per_s", ".0f"),
     ("speed-up", None, ""),
     ("extra MiB", None, ".0f"),
 ]
 
 
+# a list of scalars as json.dumps(indent=...) writes it, an element a line (a string holds no raw newline)
+_SCALAR_LIST = re.compile(r"\[\n\s*([^\[\]{}]*?)\n\s*\]")
+
+
 def write_json(path: Path, env: dict, ceilings: dict, results: List[Result]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"env": env, "ceilings": ceilings,
-                                "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+    text = json.dumps({"env": env, "ceilings": ceilings, "results": [dataclasses.asdict(r) for r in results]},
+                      indent=1)
+    # each list on one line: a CUDA result's samples_ms holds hundreds of numbers
+    path.write_text(_SCALAR_LIST.sub(lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text))
 
 
 def write_csv(path: Path, results: List[Result]) -> None:
-    fields = [f.name for f in dataclasses.fields(Result)]
+    fields = [f.name for f in dataclasses.fields(Result) if f.name != "samples_ms"]  # the JSON has them
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in results:
             row = dataclasses.asdict(r)
@@ -118,7 +126,7 @@ def results_of(records: List[dict]) -> List[Result]:
 
 
 def _cells(r: Result) -> List[str]:
-    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    f = lambda v, spec: "-" if v is None else _rate(v) if spec == "rate" else format(v, spec)  # noqa: E731
     cells = []
     for head, field, spec in COLUMNS:
         if head == "p20-p80":

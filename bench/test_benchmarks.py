@@ -17,8 +17,13 @@ from bench import SUITES, harness, load_suite
 pytest.importorskip("pytest_benchmark")
 
 DEVICE = torch.device(os.environ.get("PYKERNELS_BENCH_DEVICE", "cpu"))
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    pytest.skip(f"PYKERNELS_BENCH_DEVICE={DEVICE}: no CUDA device is visible to torch", allow_module_level=True)
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 NAMES = os.environ.get("PYKERNELS_BENCH_SUITES", ",".join(SUITES)).split(",")
+if set(NAMES) - set(SUITES):
+    raise pytest.UsageError(f"PYKERNELS_BENCH_SUITES: unknown {', '.join(sorted(set(NAMES) - set(SUITES)))}; the "
+                            f"suites are {', '.join(SUITES)}")
 PARAMS = [pytest.param(case, prov, mode, id=f"{name}-{case.name}-{prov.name}-{mode}".replace(" ", "-"))
           for name in NAMES for suite in [load_suite(name)]
           for case in suite.cases(DEVICE, DTYPE, quick=True)

@@ -11,7 +11,7 @@ in the slow stretch looked slower.
 from __future__ import annotations
 
 import statistics
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,12 +31,21 @@ def _torch_benchmark():
     return tb
 
 
+class Timing(NamedTuple):
+    """A step's times in milliseconds: the quantiles and the samples they are of (CUDA: one per timed call; CPU:
+    blocked_autorange's blocks, each the mean of its calls)."""
+    p50: float
+    p20: float
+    p80: float
+    iqr: Optional[float]  # CPU only
+    samples: List[float]
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none: Optional[Sequence[torch.Tensor]] = None,
-            quick: bool = False) -> Tuple[float, float, float, Optional[float]]:
-    """(median, p20, p80, IQR or None) in milliseconds."""
+            quick: bool = False) -> Timing:
+    """``fn``'s Timing on ``device`` (CUDA: do_bench's per-call samples, no IQR)."""
     if device.type == "cuda":
-        q = _quantiles_ms(cuda_samples_ms(fn, grad_to_none, quick))
-        return q[0], q[1], q[2], None
+        return _quantiles_ms(cuda_samples_ms(fn, grad_to_none, quick))._replace(iqr=None)
     return time_interleaved([fn], [grad_to_none], quick=quick)[0]
 
 
@@ -67,22 +76,18 @@ def cuda_samples_ms(fn: Callable[[], object], grad_to_none: Optional[Sequence[to
     return times
 
 
-def _quantiles_ms(times_ms: Sequence[float]) -> Tuple[float, float, float, float]:
-    """(median, p20, p80, IQR) of real samples, linear interpolation between them as triton's quantiles."""
+def _quantiles_ms(times_ms: Sequence[float]) -> Timing:
+    """Median, p20, p80 and IQR of real samples, linear interpolation between them as triton's quantiles."""
     ts = torch.tensor(list(times_ms), dtype=torch.float64)
     q = torch.quantile(ts, torch.tensor([0.5, 0.2, 0.8, 0.25, 0.75], dtype=torch.float64)).tolist()
-    return q[0], q[1], q[2], q[4] - q[3]
-
-
-def _cpu_stats(times_s: Sequence[float]) -> Tuple[float, float, float, float]:
-    return _quantiles_ms([t * 1e3 for t in times_s])
+    return Timing(q[0], q[1], q[2], q[4] - q[3], ts.tolist())
 
 
 def time_interleaved(fns: Sequence[Callable[[], object]], grads_to_none: Sequence[Optional[Sequence[torch.Tensor]]],
                      quick: bool = False, rounds: int = 5) -> list:
-    """CPU: (median, p20, p80, IQR) in milliseconds of each of ``fns``, timed in ``rounds`` rounds that each give
-    every function 1/rounds of time_ms's budget (a rotated order per round, so none always goes first), the
-    samples of all rounds pooled: a drift of the machine's speed during the run reaches every function alike."""
+    """CPU: the Timing of each of ``fns``, timed in ``rounds`` rounds that each give every function 1/rounds of
+    time_ms's budget (a rotated order per round, so none always goes first), the samples of all rounds pooled: a
+    drift of the machine's speed during the run reaches every function alike."""
     tb = _torch_benchmark()
 
     def runner(fn, leaves):
@@ -106,7 +111,7 @@ def time_interleaved(fns: Sequence[Callable[[], object]], grads_to_none: Sequenc
             m = tb.Timer(stmt="run()", globals={"run": runs[j]}, num_threads=threads).blocked_autorange(
                 min_run_time=budget)
             samples[j].extend(m.times)
-    return [_cpu_stats(s) for s in samples]
+    return [_quantiles_ms([t * 1e3 for t in s]) for s in samples]
 
 
 def time_ms_graph(fn: Callable[[], object], device: torch.device,

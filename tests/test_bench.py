@@ -2,8 +2,10 @@
 reported and not timed, an end-to-end --quick run's JSON schema, --compare, provider selection, rendering."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from bench import harness, render, report
 CPU = torch.device("cpu")
 RESULT_KEYS = {"suite", "case", "shape", "dtype", "provider", "mode", "status", "ms_p50", "ms_p20", "ms_p80",
                "gbps", "pct_of_copy_bw", "tflops", "pct_of_matmul", "peak_extra_mem_bytes", "speedup_vs", "error",
-               "max_abs_err"}
+               "max_abs_err", "samples_ms"}
 
 
 def test_byte_model():
@@ -82,6 +84,9 @@ def test_wrong_and_failing_providers_are_reported_not_timed(monkeypatch):
     for r in rs:
         assert (r.ms_p50 is not None) == (r.status == "ok"), r
     assert by["torch", "fwd+bwd"].max_abs_err < 1e-5
+    tol = cases[0].tol  # a wrong result records its errors; a NaN one null, as JSON has no NaN
+    assert by["wrong-loss", "fwd"].rel_err > tol and by["wrong-grad", "fwd+bwd"].max_abs_err > 0
+    assert by["nan-loss", "fwd"].rel_err is None
     assert len(timed) == 4  # torch in both modes, wrong-grad's and nan-grad's forward
 
 
@@ -105,7 +110,9 @@ def test_quick_run_json_schema_and_compare(tmp_path, capsys):
     (path,) = (tmp_path / "a").glob("*.json")
     assert path.with_suffix(".csv").exists()
     d = json.loads(path.read_text())
-    assert {"date_utc", "git_commit", "python", "torch", "triton", "cuda", "cudnn", "device_name"} <= set(d["env"])
+    assert "samples_ms" not in path.with_suffix(".csv").read_text().splitlines()[0]
+    assert {"date_utc", "git_commit", "python", "torch", "triton", "cuda", "cudnn", "device_name", "load_avg",
+            "busy"} <= set(d["env"])
     assert d["ceilings"]["copy_gbps"] > 0 and d["ceilings"]["matmul_fp32_tflops"] > 0  # the run's dtype
     rs = d["results"]
     assert {(r["provider"], r["mode"]) for r in rs} == {(p, m) for p in ("pykernels-cpu", "torch")
@@ -116,18 +123,24 @@ def test_quick_run_json_schema_and_compare(tmp_path, capsys):
         assert r["status"] == (cpu_kernel if r["provider"] == "pykernels-cpu" else "ok"), r["error"]
         if r["status"] == "ok":
             assert 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"] and r["gbps"] > 0 and r["pct_of_copy_bw"] > 0
+            assert len(r["samples_ms"]) >= 5 and statistics.median(r["samples_ms"]) == pytest.approx(r["ms_p50"])
             assert set(r["speedup_vs"]) == ({"torch"} if r["provider"] != "torch" else set())
 
     # --compare against a doctored earlier run in which every call took 1 ns: any real time is a regression. (A
     # ratio of the real run was not enough on a loaded 2-core machine: a cold first run of these 15-us calls came
-    # in at 2x, and once at over 10x, the warm second run's time.)
+    # in at 2x, and once at over 10x, the warm second run's time.) Written as an older file: no samples, and on a
+    # busy machine.
     for r in rs:
         r["ms_p50"] = 1e-6
+        del r["samples_ms"]
+    d["env"].update(busy=True, load_avg=3.5, cores=2)
     old = tmp_path / "old.json"
     old.write_text(json.dumps(d))
     assert cli.main(args + ["--modes", "fwd", "--out", str(tmp_path / "b"), "--compare", str(old)]) == 0
-    regs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("REGRESSION")]
+    out = capsys.readouterr().out
+    regs = [line for line in out.splitlines() if line.startswith("REGRESSION")]
     assert len(regs) == (2 if cpu_kernel == "ok" else 1) and all(" fwd " in line for line in regs)
+    assert f"note: {old} (load average 3.5 on 2 cores)" in out and "ran on a busy machine" in out
 
 
 def test_regression_threshold_and_status_change():
@@ -161,7 +174,13 @@ def test_tables_and_outputs(tmp_path):
     assert (tmp_path / "r.csv").read_text().count("\n") == 5
     assert all(p.exists() for p in report.write_plots(tmp_path, rs))  # none without matplotlib
     assert "cross_entropy" in report.table(rs)
+    rs[0].tflops = 1.234e-3  # a CPU's rate: three significant digits, not 0.0
+    assert "0.00123" in report.table(rs)
+    rs[0].samples_ms, rs[0].error = [1.0, 1.02, 0.99], 'x [1, 2]\n{"a": [3]}'
     report.write_json(tmp_path / "r.json", {"date_utc": "2026-01-02T00:00:00", "device_name": "Dev X"}, {}, rs)
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text)["results"] == [dataclasses.asdict(r) for r in rs]  # lists on one line, strings intact
+    assert '"samples_ms": [1.0, 1.02, 0.99],' in text
     md = render.render(tmp_path)
     assert "Dev X" in md and "2026-01-02" in md and md.count("| V=") == 4
 
@@ -206,7 +225,8 @@ def test_cuda_timer_takes_a_minimum_of_samples(monkeypatch, step_ms, quick):
         samples.extend(times)
         return times
     monkeypatch.setattr(triton.testing, "do_bench", fake)
-    p50, p20, p80, _ = timing.time_ms(lambda: None, torch.device("cuda"), quick=quick)
+    p50, p20, p80, iqr, got = timing.time_ms(lambda: None, torch.device("cuda"), quick=quick)
+    assert got == samples and iqr is None  # every sample, in the order taken
     need = timing.MIN_CUDA_SAMPLES[quick]
     assert len(samples) >= need and len(calls) <= 2, calls
     if step_ms > 1:
@@ -228,7 +248,8 @@ def test_launch_bound_cases_are_also_timed_from_a_cuda_graph(monkeypatch):
     be captured keeps its eager timing and says why. (The device object only; the timers are stand-ins.)"""
     from bench import lstm_cell
     cuda = torch.device("cuda")
-    monkeypatch.setattr(harness, "time_ms", lambda *a, **k: (2.0, 1.9, 2.1, None))
+    from bench import timing
+    monkeypatch.setattr(harness, "time_ms", lambda *a, **k: timing.Timing(2.0, 1.9, 2.1, None, [2.0, 1.9, 2.1]))
     monkeypatch.setattr(harness, "peak_extra_memory", lambda *a, **k: 0)
     case = lstm_cell.LSTMCellCase(3, 5, 4, torch.float32, CPU)
     assert case.launch_bound and not ce.CrossEntropyCase(4, 10, torch.float32, CPU).launch_bound
@@ -238,6 +259,7 @@ def test_launch_bound_cases_are_also_timed_from_a_cuda_graph(monkeypatch):
     monkeypatch.setattr(harness, "time_ms_graph", lambda *a, **k: (0.5, 0.4, 0.6))
     r = harness.measure(case, prov, "fwd+bwd", args, diff, ref, cuda, quick=True)
     assert r.status == "ok" and (r.ms_p50, r.graph_ms_p50, r.graph_ms_p20, r.graph_ms_p80) == (2.0, 0.5, 0.4, 0.6)
+    assert r.samples_ms == [2.0, 1.9, 2.1]
     assert "graph ms" in report.table([r])
 
     def not_capturable(*a, **k):
@@ -477,6 +499,8 @@ def test_cpu_timing_runs_with_the_process_thread_count():
     (["--suite", "lstm_cell", "--shape", "B=2,I=8,H=8,Q=1"], "unknown Q"),
     (["--suite", "attention", "--shape", "B=1,H=2,L=8"], "lacks 'E'"),
     (["--suite", "cross_entropy", "--backends", "cpu,nonsense"], "--backends: unknown nonsense"),
+    # a name of another device's backend is no typo, but it cannot run here
+    (["--device", "cpu", "--backends", "nonsense"], "which cannot run on cpu: reported absent"),
     (["--suite", "cross_entropy", "--baselines", "torhc"], "--baselines: unknown torhc"),
     (["--suite", "cross_entropy", "--modes", "fwd,back"], "--modes: unknown back"),
     (["--suite", "cross_entropy", "--compare", "/nonexistent/old.json"], "--compare"),

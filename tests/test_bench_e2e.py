@@ -69,6 +69,7 @@ def test_suite_reports_ok_tokens_and_wrong(monkeypatch):
         assert ours.tokens == 2 * 16 and ours.tokens_per_s == pytest.approx(32e3 / ours.ms_p50)
         bad = by[model, "perturbed"]
         assert bad.status == "wrong" and "loss curve off" in bad.error and bad.ms_p50 is None
+        assert bad.rel_err > e2e.TOL[torch.float32] and bad.max_abs_err > 0
     assert len(timed) == 2 * len(_models())  # torch and pykernels-auto for each model, never the wrong one
     if "hf-gpt2" in _models():  # patch_functional routed the model's own calls to pykernels
         import pykernels

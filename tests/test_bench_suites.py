@@ -13,7 +13,7 @@ import pykernels
 
 from bench import SUITES
 from bench import __main__ as cli
-from bench import attention, harness, linear_cross_entropy, lstm, lstm_cell, providers
+from bench import attention, harness, linear_cross_entropy, lstm, lstm_cell, providers, timing
 
 from conftest import require_backend
 
@@ -161,8 +161,9 @@ def test_errors_are_chunked_and_nan_is_wrong():
 def test_wrong_provider_is_reported_not_timed(monkeypatch, name):
     mod = MODULES[name]
     timed = []
+    stub = timing.Timing(1.0, 1.0, 1.0, None, [1.0])
     monkeypatch.setattr(harness, "time_interleaved",  # CPU: a case's providers are timed interleaved
-                        lambda fns, *a, **k: timed.extend(fns) or [(1.0, 1.0, 1.0, None)] * len(fns))
+                        lambda fns, *a, **k: timed.extend(fns) or [stub] * len(fns))
     torch_p = next(p for p in mod.providers(CPU, torch.float32) if p.name == "torch")
     provs = [harness.Provider("wrong", WRONG[name]), torch_p]
     rs = harness.run_suite(mod, CPU, torch.float32, True, provs, mod.cases(CPU, torch.float32, True, TINY[name]),
@@ -170,6 +171,7 @@ def test_wrong_provider_is_reported_not_timed(monkeypatch, name):
     by = {(r.provider, r.mode): r for r in rs}
     for mode in mod.MODES:
         assert by["wrong", mode].status == "wrong" and by["wrong", mode].ms_p50 is None
+        assert by["wrong", mode].rel_err > 1e-5 and by["wrong", mode].max_abs_err > 0  # recorded, not only in text
         assert by["torch", mode].status == "ok", by["torch", mode].error
         assert by["torch", mode].rel_err < 1e-5
     assert len(timed) == len(mod.MODES)  # torch in every mode only
