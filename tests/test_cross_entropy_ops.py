@@ -247,3 +247,12 @@ def test_op_backend_argument_is_checked(backend):
     x, t = torch.randn(4, 5, 1), torch.tensor([0, 1, 4, 2])
     with pytest.raises(ArgumentValueError, match=f"backend must be one of .*got '{backend}'"):
         torch.ops.pykernels.cross_entropy(x, t, None, -100, ce_ops.MEAN, 0.0, 0.0, False, backend)
+
+
+def test_triton_forward_grid_stays_within_cuda_limits():
+    """Without a gradient the Triton kernel gets a program a row, up to CUDA's 2^31 - 1 grid extent: beyond it (a
+    3-D segmentation map of 2^31 voxels) the programs stride over the rest, as the kernel's row loop allows."""
+    tce = pytest.importorskip("pykernels.triton.cross_entropy")
+    cpu = torch.device("cpu")
+    assert tce._grid(7, 5, 2, cpu, write_grad=False) == 7 and tce._grid(0, 5, 2, cpu, write_grad=False) == 1
+    assert tce._grid(2 ** 31 + 5, 2, 2, cpu, write_grad=False) == 2 ** 31 - 1

@@ -230,9 +230,12 @@ def _config(C: int, elem_bytes: int) -> Tuple[int, int]:
     return block, warps
 
 
+_MAX_GRID_X = 2 ** 31 - 1  # CUDA's limit on a grid's x extent (a forward over 2^31 rows: 3-D segmentation maps)
+
+
 def _grid(M: int, C: int, elem_bytes: int, device: torch.device, write_grad: bool) -> int:
     if device.type != "cuda" or not write_grad:
-        return max(M, 1)
+        return max(min(M, _MAX_GRID_X), 1)  # a program a row; the kernel strides over rows beyond the grid
     props = torch.cuda.get_device_properties(device)
     # Persistent programs whose rows stay in L2 until pass 2 re-reads them (3/4 of L2 as budget).
     l2 = getattr(props, "L2_cache_size", 50 << 20)
