@@ -170,6 +170,15 @@ def test_lstm_and_cell_under_autocast(backend):
                                                   cell.bias_hh, backend=backend)
         assert h.dtype == rh.dtype, (inp.dtype, h.dtype, rh.dtype)
         torch.testing.assert_close(h.float(), rh.float(), atol=2e-2, rtol=0)
+    # the other half dtype in the state (or in the input, hx=None): torch's cell update promotes to float32
+    for amp, inp, state in ((torch.bfloat16, xc, tuple(t.half() for t in hc)), (torch.bfloat16, xc.half(), None),
+                            (torch.float16, xc.bfloat16(), None), (torch.float16, xc, hc)):
+        with torch.autocast("cpu", dtype=amp):
+            rh, rc = cell(inp, state)
+            h, c = pykernels.functional.lstm_cell(inp, state, cell.weight_ih, cell.weight_hh, cell.bias_ih,
+                                                  cell.bias_hh, backend=backend)
+        assert (h.dtype, c.dtype) == (rh.dtype, rc.dtype), (amp, inp.dtype, h.dtype, rh.dtype)
+        torch.testing.assert_close(h.float(), rh.float(), atol=2e-2, rtol=0)
 
 
 @pytest.mark.parametrize("backend", [None, "reference"])

@@ -264,7 +264,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if chosen == "reference":
         keep = None
         if dropout_p > 0:
-            keep = torch.rand(score_shape, device=query.device) >= dropout_p
+            # float32 whatever the default dtype: a bfloat16 default drew p = 0.1 as 0.1016 (its 8-bit grid)
+            keep = torch.rand(score_shape, device=query.device, dtype=torch.float32) >= dropout_p
         k_, v_ = key, value
         if not gqa and Hk != H:  # broadcast of a single kv head
             k_ = key.expand(*key.shape[:-3], H, S, E) if key.dim() >= 3 else key.expand(*query.shape[:-2], S, E)

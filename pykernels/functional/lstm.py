@@ -30,13 +30,16 @@ _CELL_DTYPES = {
 
 # torch.autocast's treatment of the LSTM, so that the drop-ins return what torch's do: nn.LSTM runs in the autocast
 # dtype on CPU (oneDNN's rnn layer is on the lower-precision list) and CUDA, and so does the cell on CUDA
-# (lstm_cell is on the list). torch's CPU cell only multiplies in the autocast dtype and returns the dtype of its
-# cell state (the zeros it makes for hx=None take the input's): the cell runs in that dtype here.
+# (lstm_cell is on the list). torch's CPU cell only multiplies in the autocast dtype, and its cell update promotes
+# those gates with the cell state (the zeros it makes for hx=None take the input's): the cell runs in that promoted
+# dtype here (the state's own, except bf16 gates with an fp16 state or the other way round: float32).
 def _cell_autocast_dtype(input: Tensor, hx) -> torch.dtype:
     if input.device.type != "cpu":
         return torch.get_autocast_dtype(input.device.type)
     c = hx[1] if isinstance(hx, (tuple, list)) and len(hx) == 2 else input  # a malformed hx: named by the checks
-    return c.dtype if _autocast.eligible(c) else input.dtype
+    if not (isinstance(c, Tensor) and c.dtype.is_floating_point):
+        return input.dtype
+    return torch.promote_types(torch.get_autocast_dtype("cpu"), c.dtype)
 
 
 def _cast(input: Tensor, hx, weights: Sequence[Optional[Tensor]], dtype: torch.dtype):

@@ -122,8 +122,8 @@ def _reference_call(q, k, v, bias, cu_q, cu_k, scale, is_causal, diag, bottom_ri
         raise NotImplementedError(f"the reference kernel ops take a diagonal of 0 or S - L, got {d}")
     keep = None
     if dropout_p > 0:
-        keep = torch.rand(q.shape[:-1] + (S,), generator=_reference_generator(seed, q.device),
-                          device=q.device) >= dropout_p
+        keep = torch.rand(q.shape[:-1] + (S,), generator=_reference_generator(seed, q.device), device=q.device,
+                          dtype=torch.float32) >= dropout_p  # (float32 whatever the default dtype: see reference)
     args = (q, k, v, bias, keep, dropout_p, is_causal, scale, k.shape[1] != q.shape[1], alignment, window, softcap)
     if grad_out is None:
         return _ref.scaled_dot_product_attention(*args)

@@ -147,8 +147,9 @@ def varlen_dropout_masks(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, H: int, dro
     """One (H, L_i, S_i) keep-mask (True = keep) per sequence, drawn in order from ``generator`` (None: torch's
     global one), as ``varlen_attention``'s ``dropout_masks``."""
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    return [torch.rand(H, cq[i + 1] - cq[i], ck[i + 1] - ck[i], generator=generator, device=device) >= dropout_p
-            for i in range(len(cq) - 1)]
+    # float32 whatever the default dtype: a bfloat16 default drew p = 0.1 as 0.1016 (its 8-bit grid)
+    return [torch.rand(H, cq[i + 1] - cq[i], ck[i + 1] - ck[i], generator=generator, device=device,
+                       dtype=torch.float32) >= dropout_p for i in range(len(cq) - 1)]
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
