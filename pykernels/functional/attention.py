@@ -72,7 +72,7 @@ def _kernel_reason(b: str, dtype: torch.dtype, head_dims: Tuple[int, int], devic
     if b == "reference":
         return None
     if b == "cpu":
-        return "attention has no C++ CPU kernel (the reference runs it)"
+        return "attention has no C++ CPU kernel (automatic CPU calls run torch's SDPA, else the reference)"
     if b not in _ops.KERNELS:
         if b == "triton":
             return _ops.triton_import_error or "the Triton attention ops are not registered"
