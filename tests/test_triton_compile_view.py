@@ -55,7 +55,9 @@ def _scenario():
     for ls, zl in ((0.0, 0.0), (0.1, 1e-3)):
         x = torch.randn(5, 37, requires_grad=True)
         t = torch.randint(0, 37, (5,))
-        cross_entropy(x, t, label_smoothing=ls, z_loss=zl, weight=torch.rand(37), backend="triton").backward()
+        # (an upstream gradient other than 1: the fused gradient's in-place scale kernel; 1 hands it out as it is)
+        cross_entropy(x, t, label_smoothing=ls, z_loss=zl, weight=torch.rand(37), backend="triton").backward(
+            torch.tensor(2.0))
         cross_entropy(x, t, label_smoothing=ls, z_loss=zl, fused=False, backend="triton").backward()
         x = torch.randn(9, 16, requires_grad=True)
         W = torch.randn(37, 16, requires_grad=True)
