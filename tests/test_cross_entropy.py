@@ -18,7 +18,7 @@ BACKENDS = backend_params()
 CPU_KERNELS = pykernels.available_backends("cpu")["cpu"] is None
 DTYPES = {  # dtypes each backend is tested in; bf16 is not tested under the interpreter (TOOLCHAIN.md)
     ("reference", "cpu"): [torch.float32, torch.float64],
-    ("cpu", "cpu"): [torch.float32, torch.float64, torch.bfloat16],
+    ("cpu", "cpu"): [torch.float32, torch.float64, torch.bfloat16, torch.float16],
     ("triton", "cpu"): [torch.float32, torch.float16],
     ("cuda", "cuda"): [torch.bfloat16, torch.float16, torch.float32],
     ("triton", "cuda"): [torch.bfloat16, torch.float16, torch.float32],

@@ -199,7 +199,7 @@ def test_fuzz_lstm_module_against_torch(backend, device, dtype, budget):
 def test_fuzz_lstm_cell_module_against_torch(backend, device, dtype, budget):
     require_backend(backend, device)
 
-    @_fuzz(budget, I=st.integers(1, 40), H=st.integers(1, 40), B=st.sampled_from([None, 1, 2, 5, 9]),
+    @_fuzz(budget, I=st.integers(1, 40), H=st.integers(1, 40), B=st.sampled_from([None, 1, 2, 5, 9, 17]),
            bias=st.booleans(), states=st.booleans(), strided=st.booleans(), seed=SEEDS)
     def check(I, H, B, bias, states, strided, seed):
         g = torch.Generator().manual_seed(seed)

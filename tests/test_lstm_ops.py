@@ -49,7 +49,8 @@ def _cell_inputs(B, I, H, dtype, device, bias=True, strided=False):
 
 @pytest.mark.parametrize("backend,device", CPU_KERNELS + GPU_KERNELS)
 @pytest.mark.parametrize("B,I,H,bias,strided", [(1, 3, 5, True, False), (19, 10, 33, False, True),
-                                                (3, 17, 16, True, True), (16, 9, 41, True, False)])
+                                                (3, 17, 16, True, True), (16, 9, 41, True, False),
+                                                (33, 10, 33, True, False)])  # (B > 16: the C++ batched forward)
 def test_cell_kernel_ops_against_float64(backend, device, B, I, H, bias, strided):
     """Forward outputs and workspace, then the backward kernel's gate gradients and dc_prev."""
     require(backend, device)
