@@ -248,6 +248,30 @@ def test_sdpa_against_oracle(backend, device, case):
             assert bool((out[..., 3, :] == 0).all())
 
 
+# (L, S, kwargs): where a key block is partly visible, at offsets modulo the kernels' block sizes (16 under the
+# interpreter, 64/128 on a GPU): a block range off by one there passed every other test (mutation review)
+BLOCK_EDGE_CASES = [(32, 32 + d, dict(is_causal=True, causal_alignment="bottom_right"))
+                    for d in (1, 14, 15, 16, 17, 65)] \
+    + [(48, 33, dict(is_causal=True, causal_alignment="bottom_right"))] \
+    + [(40, 40, dict(window=w)) for w in ((17, -1), (1, 3), (3, 17))]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_block_edges_of_causal_and_window_ranges(backend, device):
+    require_backend(backend, device)
+    dtype = _dtypes(backend, device)[-1]
+    for L, S, kw in BLOCK_EDGE_CASES:
+        q = torch.randn(1, 2, L, 16, device=device).to(dtype)
+        k, v = (torch.randn(1, 2, S, 16, device=device).to(dtype) for _ in range(2))
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = sdpa(*x, backend=backend, **kw)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, x, g)
+        ro, _, rgrads = _ref_grads(q, k, v, None, g, kw)
+        for name, a, r in zip(("out", "dq", "dk", "dv"), (out,) + grads, (ro,) + rgrads):
+            assert_error_rule(f"{name} L={L} S={S} {kw}", a, r, floor=TOL_FLOOR[dtype])
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_leading_dims_broadcast_as_torch(backend, device):
     """torch broadcasts query's leading dims against key/value's (with GQA all but the heads): a query batch of 1

@@ -309,6 +309,38 @@ def test_dropout_matches_oracle_with_the_kernels_mask(backend, device, causal):
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_dropout_matches_oracle_with_the_kernels_mask(backend, device, causal):
+    """varlen: sequence i's keep-mask is rows cq[i]:cq[i+1], columns 0:len_k(i) of the dense (H, T, Tk) mask (counter
+    row * Tk + the sequence's own key index); the backward must regenerate it (a dK/dV pass counting with the
+    sequence's length instead of Tk passed every other test: mutation review)."""
+    require_backend(backend, device)
+    dtype = _dtype(device)
+    H, Hk, E, p = 4, 2, 16, 0.3
+    cq = torch.tensor([0, 5, 12, 30], device=device, dtype=torch.int32)
+    ck = torch.tensor([0, 7, 16, 37], device=device, dtype=torch.int32)
+    T, Tk = 30, 37
+    q = torch.randn(T, H, E, device=device, dtype=dtype)
+    k, v = (torch.randn(Tk, Hk, E, device=device, dtype=dtype) for _ in range(2))
+    seed = torch.tensor([77], device=device)
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, _, _ = attn_ops.attention_op(*_args(*x, causal=causal, dropout_p=p, seed=seed, cu=(cq, ck), maxlen=(18, 21),
+                                           bottom_right=True), backend)
+    g = torch.randn_like(o)
+    grads = torch.autograd.grad(o, x, g)
+    full = attn_ops.dropout_mask(seed, 1, H, T, Tk, p)[0]
+    cql, ckl = cq.tolist(), ck.tolist()
+    masks = [full[:, cql[i]:cql[i + 1], :ckl[i + 1] - ckl[i]].cpu() for i in range(3)]
+    x64 = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ro, _ = ref.varlen_attention(*x64, cq.cpu(), ck.cpu(), masks, p, causal, 1 / math.sqrt(E),
+                                 alignment="bottom_right")
+    rgrads = torch.autograd.grad(ro, x64, g.double().cpu())
+    floor = 2e-5 if dtype == torch.float32 else 4e-3
+    for name, a, r in zip(("out", "dq", "dk", "dv"), (o,) + grads, (ro,) + rgrads):
+        assert_error_rule(name, a.cpu(), r, floor=floor)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_many_blocks_gqa_window_float_mask_grad(backend, device):
     """Sizes spanning several tiles in both directions (block skipping of causal + window in dK/dV and dQ), GQA
     groups of 3, a float mask broadcast over the heads whose gradient is summed over it."""
