@@ -145,6 +145,10 @@ def test_z_loss_and_lse(backend, device, dtype):
     x = _logits((11, 50), dtype, device)
     t = _targets((11,), 50, device)
     _check_against_torch(backend, x, t, "z_loss", z_loss=1e-2)
+    p = torch.softmax(torch.randn(11, 50, device=device), dim=1).to(dtype)  # probability targets (their own path)
+    for reduction in ("mean", "sum", "none"):
+        _check_against_torch(backend, x, p, f"z_loss probs {reduction}", z_loss=1e-2, label_smoothing=0.1,
+                             reduction=reduction)
     loss, lse = pykernels.functional.cross_entropy(x, t, reduction="none", return_lse=True, backend=backend)
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.shape == (11,)
     assert_error_rule("lse", lse, torch.logsumexp(x.double(), 1), floor=1e-6 if dtype != torch.float64 else None)

@@ -159,6 +159,9 @@ def test_cell_bad_arguments_name_the_argument():
         lstm_cell(x, (h, torch.randn(3, 2)), w_ih, w_hh)
     with pytest.raises(TypeError, match="w_hh"):
         lstm_cell(x, (h, c), w_ih, w_hh.double())
+    for b in ((torch.randn(8), None), (None, torch.randn(8))):  # the reference oracle takes one bias alone too
+        torch.testing.assert_close(pykernels.reference.lstm.lstm_cell(x, h, c, w_ih, w_hh, *b),
+                                   torch.lstm_cell(x, (h, c), w_ih, w_hh, *b))
     # torch's cell takes one bias alone (the other is 0), and raises RuntimeError for these: ours are both
     for b in ((torch.randn(8, requires_grad=True), None), (None, torch.randn(8, requires_grad=True))):
         got, want = lstm_cell(x, (h, c), w_ih, w_hh, *b), torch.lstm_cell(x, (h, c), w_ih, w_hh, *b)
