@@ -1052,9 +1052,12 @@ def test_cpu_kernels_smoothing_sum_over_large_V_keeps_precision():
     for w in (None, torch.rand(V) + 0.5):
         z = W.T.contiguous() if w is None else W.T * w
         ref = z.double().sum(1)
-        for splits in (1, 2):
-            zs = pk.linear_cross_entropy_partials(x, W, None, t, w, 0, 0.0, True, splits)[3].sum(0)
-            assert_error_rule(f"split zs splits={splits} weighted={w is not None}", zs, ref, z.sum(1), floor=2**-24)
+        lse_ref = torch.logsumexp(W.T.double(), 1)
+        for splits in (1, 2, 7):  # (7 does not divide V: the last split takes the remainder)
+            m, s_, _, zs = pk.linear_cross_entropy_partials(x, W, None, t, w, 0, 0.0, True, splits)
+            assert_error_rule(f"split zs splits={splits} weighted={w is not None}", zs.sum(0), ref, z.sum(1),
+                              floor=2**-24)
+            torch.testing.assert_close(torch.logsumexp(m.double() + s_.double().log(), 0), lse_ref)
         zs = pk.linear_cross_entropy_fused(x, W, None, t, w, ones, ones * 0, ones, ones, 0.0, True, 4096, False,
                                            False, False)[3]
         assert_error_rule(f"fused zs weighted={w is not None}", zs, ref, z.sum(1), floor=2**-24)
