@@ -453,23 +453,40 @@ def test_list_suites(capsys):
     assert "linear_cross_entropy: modes" in out and "--preset grid: 12 shapes" in out
 
 
-def test_cpu_timing_interleaves_providers_against_drift():
-    """The machine slows down for a stretch (as the 2-core VM does, 19% at random moments): two identical
-    functions timed one after the other would differ by it (1.32x here), timed interleaved they agree; and a
-    function twice as slow still reads about 2x. The work sleeps, so other processes on the cores do not matter."""
+def test_cpu_timing_interleaves_providers_against_drift(monkeypatch):
+    """The machine slows down for a stretch (as the 2-core VM does, 19% at random moments): two identical functions
+    timed one after the other would differ by it, so each function gets a slice of 1/rounds of the budget in every
+    round, the order rotated per round (none always first), and the slices' samples are pooled. Checked on a fake
+    timer whose machine runs 1.5x slower for its first two slices (timed one after the other: 1.5x apart; interleaved:
+    equal; a sleep-based check of the drift was order-dependent, its step landing anywhere in a round); then on real
+    sleeps, that a function twice as slow still reads about 2x."""
     import time as _time
     from bench import timing
-    calls = [0]
+    tb = timing._torch_benchmark()
+    slices = []
 
-    def work(base, drift):
-        def fn():
-            calls[0] += 1
-            _time.sleep(base * (1.5 if drift and calls[0] < 250 else 1.0))  # the first stretch of the run is slow
-        return fn
+    class FakeTimer:  # one sample a slice: the machine's speed at that slice
+        def __init__(self, stmt, globals, num_threads):
+            self.run = globals["run"]
 
-    (ma, *_), (mb, *_) = timing.time_interleaved([work(1e-3, True), work(1e-3, True)], [None] * 2, quick=True)
-    assert 0.85 < ma / mb < 1.18, (ma, mb)
-    (m1, *_), (m2, *_) = timing.time_interleaved([work(1e-3, False), work(2e-3, False)], [None] * 2, quick=True)
+        def blocked_autorange(self, min_run_time):
+            self.run()
+            slices.append(min_run_time)
+            return type("M", (), {"times": [1e-3 * (1.5 if len(slices) <= 2 else 1.0)] * 3})()
+
+    names = []
+    fns = [lambda: names.append("a"), lambda: names.append("b")]
+    with monkeypatch.context() as m:
+        m.setattr(tb, "Timer", FakeTimer)
+        (ma, *_), (mb, *_) = timing.time_interleaved(fns, [None] * 2, quick=True)
+        assert names[2:] == list("abbaabbaab") and slices == [0.2 / 5] * 10  # (after one warm-up call each)
+        assert ma == mb  # each had one slow slice of five
+        slices.clear()
+        (mc, *_), = timing.time_interleaved(fns[:1], [None], quick=True, rounds=2)
+        (md, *_), = timing.time_interleaved(fns[1:], [None], quick=True, rounds=2)
+        assert mc / md == 1.5  # one after the other: the drift reads as a difference
+    (m1, *_), (m2, *_) = timing.time_interleaved([lambda: _time.sleep(1e-3), lambda: _time.sleep(2e-3)], [None] * 2,
+                                                 quick=True)
     assert 1.6 < m2 / m1 < 2.5, (m1, m2)
 
 
