@@ -427,12 +427,12 @@ def test_reference_dropout_keeps_its_rate_under_a_bfloat16_default_dtype():
     cu_q, cu_k = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, S], dtype=torch.int32)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
+    packed = [t[0].transpose(0, 1) for t in (q, k, v)]  # (T, H, E)
     try:
         outs = [pykernels.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, backend="reference"),
-                pykernels.functional.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-                                                      cu_q, cu_k, 1, S, dropout_p=p, backend="reference"),
-                attn_ops.attention_op(*_args(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), dropout_p=p,
-                                             seed=torch.tensor([7]), cu=(cu_q, cu_k), maxlen=(1, S)), "reference")[0]]
+                pykernels.functional.varlen_attention(*packed, cu_q, cu_k, 1, S, dropout_p=p, backend="reference"),
+                attn_ops.attention_op(*_args(*packed, dropout_p=p, seed=torch.tensor([7]), cu=(cu_q, cu_k),
+                                             maxlen=(1, S)), "reference")[0]]
     finally:
         torch.set_default_dtype(default)
     for out in outs:  # E[out] = 1 (the rescaled keep rate)

@@ -143,9 +143,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         gradient other than exactly 1 (e.g. loss / accumulation_steps) the backward then costs one more pass.
         Through a retained graph (retain_graph=True): with an incoming gradient of 1 on the CPU any number of
         backward passes; otherwise the first scales the saved gradient in place (no second (N, C) buffer), and a
-        second backward through the same graph raises, naming fused=False, which takes any number. The split path (fused=False, and reduction="none") saves the logits themselves, not torch's
-        log-probabilities (no second (N, C) tensor): changing the logits in place after the loss makes its
-        backward raise autograd's "modified by an inplace operation" error, where torch's works.
+        second backward through the same graph raises, naming fused=False, which takes any number. The split
+        path (fused=False, and reduction="none") saves the logits themselves, not torch's log-probabilities (no
+        second (N, C) tensor): changing the logits in place after the loss makes its backward raise autograd's
+        "modified by an inplace operation" error, where torch's works.
       backend: "triton", "cuda", "cpu" or "reference"; see ``pykernels.backends``.
 
     Under ``torch.autocast`` the loss is float32 for half-precision (or float32) logits, as torch's (its float32

@@ -78,8 +78,9 @@ def lstm_cell(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, 
                 if not isinstance(t, Tensor) or t.dim() != 1:
                     raise ArgumentValueError(f"lstm_cell: {name} must be 1-D for unbatched (1-D) input")
             h, c = h.unsqueeze(0), c.unsqueeze(0)
-    # torch adds the biases by broadcasting: a (1, 4H) row is its (4H,) bias (a view: the gradient reaches the row)
-    b_ih, b_hh = (b.reshape(-1) if isinstance(b, Tensor) and b.dim() == 2 and b.shape[0] == 1 else b
+    # torch adds the biases by broadcasting: a (1, 4H) row is its (4H,) bias (a view: the gradient reaches the row;
+    # any other shape reaches the checks as given, so that their message shows it)
+    b_ih, b_hh = (b.reshape(-1) if isinstance(b, Tensor) and tuple(b.shape) == (1, 4 * H) else b
                   for b in (b_ih, b_hh))
     _checks.lstm_cell("lstm_cell", x, h, c, w_ih, w_hh, b_ih, b_hh)
     if (b_ih is None) != (b_hh is None):  # torch takes one bias alone; the kernels take the pair

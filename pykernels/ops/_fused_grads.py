@@ -21,8 +21,8 @@ def hand_out(ctx, op: str, saved: Callable[[], Tuple[Tensor, ...]], g: Tensor,
       autograd.grad result) or be a leaf's .grad, which .backward(), clip_grad_norm_, zero_grad change in place:
       results of two backward passes must not share storage.
     - otherwise, given ``scale_`` (an in-place scaler: no second N x C buffer at the peak of the backward) and on the
-      node's first pass (nothing holds them), scaled in place. The saved gradient is then gone: a later backward through the graph raises, naming the way out,
-      instead of autograd's "modified by an inplace operation".
+      node's first pass (nothing holds them), scaled in place. The saved gradient is then gone: a later backward
+      through the graph raises, naming the way out, instead of autograd's "modified by an inplace operation".
     - otherwise ``mul`` out of place (also whenever a graph is traced: it may not mutate a saved output)."""
     if getattr(ctx, "scaled_in_place", False):
         raise RuntimeError(
