@@ -130,6 +130,8 @@ Call make_call(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, c
     }
     TORCH_CHECK(cu_q->numel() == cu_k->numel(), op, ": cu_seqlens_q and cu_seqlens_k must have the same length");
     TORCH_CHECK(c.k.size(0) == c.v.size(0), op, ": k and v must have the same number of rows");
+    TORCH_CHECK(max_q >= 0 && max_k >= 0, op, ": max_seqlen_q and max_seqlen_k must be non-negative, got ", max_q,
+                " and ", max_k);
     a.B = cu_q->numel() - 1;
     a.L = max_q;
     a.S = max_k;
@@ -215,9 +217,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                      diag.expect_int(), bottom_right, win_left.expect_int(), win_right.expect_int(), softcap,
                      dropout_p, seed);
   AttentionArgs& a = c.a;
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == q.scalar_type(), kBwd,
-              ": grad_out must have out's shape ", out.sizes(), " and q's dtype");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), kBwd, ": lse must be contiguous float32");
+  // the kernels index out, grad_out and lse by the shapes of q and v: a direct op call must match them exactly
+  std::vector<int64_t> out_shape = q.sizes().vec();
+  out_shape.back() = a.Ev;
+  const std::vector<int64_t> lse_shape =
+      c.varlen ? std::vector<int64_t>{a.H, q.size(0)} : std::vector<int64_t>{a.B, a.H, a.L};
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, {"out", &out}}) {
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(out_shape) && t->scalar_type() == q.scalar_type() &&
+                    t->device() == q.device(),
+                kBwd, ": ", name, " must be ", q.scalar_type(), " of shape ", at::IntArrayRef(out_shape), " on ",
+                q.device(), ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  }
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.sizes() == at::IntArrayRef(lse_shape) &&
+                  lse.device() == q.device(),
+              kBwd, ": lse must be contiguous float32 of shape ", at::IntArrayRef(lse_shape), " on ", q.device(),
+              ", got ", lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
   at::Tensor dout = rows_contiguous(grad_out);
   // delta = rowsum(dO * O) in fp32, in the layout of lse (as the Triton launcher computes it)
   at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1);

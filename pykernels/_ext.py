@@ -176,6 +176,8 @@ def cuda_arch_reason(major: int, minor: int) -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _arch_reason(major: int, minor: int, archs: Tuple[str, ...]) -> Optional[str]:
+    if (major, minor) < (8, 0):  # no arch list helps: the kernels use bf16 mma.sync, cp.async and ldmatrix
+        return f"the CUDA kernels need compute capability 8.0 or newer, not compute capability {major}.{minor}"
     for a in archs:
         ptx, num = a.endswith("+PTX"), a.replace("+PTX", "")
         specific = num.endswith("a")

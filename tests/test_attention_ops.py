@@ -410,6 +410,31 @@ def test_triton_kernel_ops_check_their_arguments():
         bwd(torch.randn_like(out), qd, kd, vd, out, lse[:, :1], *_args(qd, kd, vd)[3:], False)
 
 
+@pytest.mark.gpu
+def test_cuda_kernel_ops_check_the_backward_inputs():
+    """Direct calls of the CUDA kernel ops: the backward checks out, grad_out and lse against q's and v's shapes,
+    dtype and device (the kernels index them by those: an lse of (B, H, L - 1) or a grad_out of a smaller value
+    head dim was read out of bounds, a CPU lse handed a host pointer to the kernel), and a varlen call's maximum
+    lengths are non-negative."""
+    require_backend("cuda", "cuda")
+    fwd, bwd = attn_ops.KERNELS["cuda"]
+    qd, kd, vd = (torch.randn(2, 4, 17, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    out, lse, _ = fwd(*_args(qd, kd, vd))
+    g = torch.randn_like(out)
+    rest = _args(qd, kd, vd)[3:]
+    for args, name in (((g, out, lse[:, :, :-1]), "lse must be"), ((g, out, lse.cpu()), "lse must be"),
+                       ((g[..., :56], out[..., :56], lse), "grad_out must be"), ((g.cpu(), out, lse), "grad_out must"),
+                       ((g, out.float(), lse), "out must be")):
+        with pytest.raises(RuntimeError, match=name):
+            bwd(args[0], qd, kd, vd, args[1], args[2], *rest, False)
+    bwd(g, qd, kd, vd, out, lse, *rest, False)  # the same call with consistent tensors runs
+    q, k = torch.randn(7, 2, 64, device="cuda", dtype=torch.float16), torch.randn(9, 2, 64, device="cuda",
+                                                                                 dtype=torch.float16)
+    cq, ck = (torch.tensor(c, dtype=torch.int32, device="cuda") for c in ([0, 3, 7], [0, 4, 9]))
+    with pytest.raises(RuntimeError, match="max_seqlen_q and max_seqlen_k must be non-negative"):
+        fwd(*_args(q, k, k, cu=(cq, ck), maxlen=(-1, 5)))
+
+
 @pytest.mark.parametrize("backend", ["cpu", "bogus"])
 def test_op_backend_argument_is_checked(backend):
     """pykernels::attention with a backend that has no kernel ops ("cpu": attention has no C++ CPU kernel) names it

@@ -246,7 +246,11 @@ def test_cuda_backend_needs_code_for_the_gpu(monkeypatch):
     for cap, ok in (((8, 0), True), ((8, 6), True), ((8, 9), True), ((9, 0), True), ((7, 5), False),
                     ((7, 0), False), ((10, 0), False), ((12, 0), False)):
         assert (_ext.cuda_arch_reason(*cap) is None) == ok, cap
-    assert "TORCH_CUDA_ARCH_LIST=7.5" in _ext.cuda_arch_reason(7, 5)
+    assert "TORCH_CUDA_ARCH_LIST=10.0" in _ext.cuda_arch_reason(10, 0)
+    assert "need compute capability 8.0 or newer" in _ext.cuda_arch_reason(7, 5)  # not "rebuild for 7.5"
+    monkeypatch.setitem(_ext.build_info, "arch_list", ["7.5", "8.0"])
+    assert "need compute capability 8.0" in _ext.cuda_arch_reason(7, 5)
+    monkeypatch.setitem(_ext.build_info, "arch_list", ["8.0", "9.0", "9.0a"])
     monkeypatch.setitem(_ext.build_info, "arch_list", ["8.0", "9.0a", "9.0+PTX"])
     assert _ext.cuda_arch_reason(12, 0) is None and _ext.cuda_arch_reason(9, 0) is None
     assert _ext.cuda_arch_reason(7, 5) is not None

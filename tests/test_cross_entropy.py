@@ -307,6 +307,39 @@ def test_non_finite_logits_as_torch(backend, device, fused, smoothing):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("shape", [(7, 10), (7, 10, 3), (7, 4099)], ids=["misaligned", "strided", "wide"])
+def test_nan_where_a_thread_starts_poisons_the_row(backend, device, shape):
+    """A NaN logit makes its row's loss, log-sum-exp and gradient NaN wherever it sits: at the first class of a
+    row that starts off a 16-byte boundary (classes taken one at a time), of a strided (N, C, D) row, at a
+    thread's or chunk's first class of a wide row (odd C: the cluster kernel on sm_90), or last. The CUDA kernels'
+    online max-sum lost a NaN seen while their running max was still -inf, returning a finite loss."""
+    _setup(backend, device, torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=gen) * 3).to(device)
+    C = shape[1]
+    spots = [0, 1, 4, 8, C // 2, C - 1]  # rows 1..6; row 0 stays finite
+    for r, c in enumerate(spots, 1):
+        if x.dim() == 3:
+            x[r, c, r % shape[2]] = float("nan")
+        else:
+            x[r, c] = float("nan")
+    t = torch.randint(0, C, (shape[0],) + tuple(shape[2:]), generator=gen).to(device)
+    g = torch.rand(t.shape, generator=gen).to(device) + 0.5
+    xx = x.clone().requires_grad_()
+    loss = pykernels.functional.cross_entropy(xx, t, reduction="none", backend=backend)
+    assert pykernels.last_dispatch["cross_entropy"][0] == backend
+    loss.backward(g)
+    xt = x.clone().requires_grad_()
+    base = F.cross_entropy(xt, t, reduction="none")
+    base.backward(g)
+    assert bool(base[1:].isnan().any(-1).all() if base.dim() > 1 else base[1:].isnan().all())  # the test's premise
+    torch.testing.assert_close(loss, base, equal_nan=True, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(xx.grad, xt.grad, equal_nan=True, atol=1e-4, rtol=1e-4)
+    _, lse = pykernels.functional.cross_entropy(x, t, reduction="none", return_lse=True, backend=backend)
+    torch.testing.assert_close(lse, torch.logsumexp(x, 1), equal_nan=True, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])

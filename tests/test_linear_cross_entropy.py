@@ -366,6 +366,36 @@ def test_non_finite_class_weight_as_torch(backend, device, eps, bad):
         assert (bool(lo.isnan()) and bool(lr.isnan())) if bad != bad else (lo.item() == lr.item() == float("inf"))
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS + FUSED_BACKENDS)
+def test_nan_input_row_poisons_its_row_as_torch(backend, device):
+    """A NaN in an input row makes that row's loss, log-sum-exp and input gradient NaN (every one of its logits
+    is NaN) and the weight gradient NaN, as torch's; the other rows' loss and gradient stay finite and equal. The
+    CUDA forward's online log-sum-exp skipped tiles with no finite logit and returned lse -inf for such a row."""
+    require_backend(backend, device)
+    dtype = _one_dtype(backend)
+    gen = torch.Generator().manual_seed(3)
+    N, H, V = 6, 16, 300
+    x = torch.randn(N, H, generator=gen, dtype=torch.float64)
+    W = torch.randn(V, H, generator=gen, dtype=torch.float64) / 4
+    x[2] = float("nan")
+    x[4, 3] = float("nan")
+    t = torch.randint(0, V, (N,), generator=gen)
+    x, W, t = x.to(device=device, dtype=dtype), W.to(device=device, dtype=dtype), t.to(device)
+    g = (torch.rand(N, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    lo, (gx, gw) = _run(lambda x, W: linear_cross_entropy(x, W, t, reduction="none", backend=backend), [x, W], g)
+    lr, (rx, rw) = _run(lambda x, W: F.cross_entropy(F.linear(x, W), t, reduction="none"),
+                        [x.double(), W.double()], g)
+    _, lse = linear_cross_entropy(x, W, t, reduction="none", return_lse=True, backend=backend)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype in (torch.float32, torch.float64) else dict(atol=3e-2, rtol=3e-2)
+    bad = torch.tensor([False, False, True, False, True, False], device=device)
+    assert bool(lr[bad].isnan().all()) and bool(rw.isnan().all())  # the test's premise
+    torch.testing.assert_close(lo.double(), lr, equal_nan=True, **tol)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(F.linear(x.double(), W.double()), 1), equal_nan=True,
+                               **tol)
+    torch.testing.assert_close(gx.double(), rx, equal_nan=True, **tol)
+    assert bool(gw.isnan().all())
+
+
 @pytest.mark.gpu
 def test_cuda_memory_within_model_and_int64_offsets(monkeypatch):
     """On a GPU: fwd+bwd allocate at most the cost model's workspace (+ cuBLAS slack) beyond inputs and
@@ -1378,6 +1408,44 @@ def test_triton_timed_autotune_off_under_deterministic_algorithms(monkeypatch):
         torch.use_deterministic_algorithms(False)
     BM, BN, BK, w, st = tl_lce.GPU_CONFIGS_16BIT[0]
     assert kernel is tl_lce._lce_fwd_kernel and meta == dict(BM=BM, BN=BN, BK=BK, num_warps=w, num_stages=st)
+
+
+def test_triton_autotuning_leaves_no_stale_bias_partials(monkeypatch):
+    """The first call per (H, V) on a GPU times every config on the real buffers. The bias partials have a row per
+    block of the smallest BM, and a config writes only its own BM's rows: the rows a losing smaller-BM trial wrote
+    were summed into the bias gradient (the winner's real run does not overwrite them). Here under the interpreter,
+    through the same autotune builder, with a fake timer making the larger BM win: the first call's bias gradient
+    must equal the second's and torch's."""
+    pytest.importorskip("triton")
+    require_backend("triton", "cpu")
+    from pykernels.ops import linear_cross_entropy_launch as launch
+    from pykernels.triton import linear_cross_entropy as tl_lce
+    configs = [(32, 16, 16, 4, 1), (16, 16, 16, 4, 1)]  # (BM, BN, BK, warps, stages): the first is "fastest"
+
+    def fake_bench(fn, quantiles=None, **kw):
+        fn()
+        return [1.0 if fake_bench.order.pop(0) == 32 else 2.0] * 3
+    tuned = {}
+
+    def kernel(kind, device, dtype):
+        base = tl_lce._lce_fwd_kernel if kind == "fwd" else tl_lce._lce_dlogits_kernel
+        if kind not in tuned:
+            tuned[kind] = tl_lce._autotuned(base, configs, do_bench=fake_bench)
+        return tuned[kind], {}
+    monkeypatch.setattr(tl_lce, "_kernel", kernel)
+    monkeypatch.setattr(tl_lce, "_geometry", lambda device, dtype: launch.Kernels(
+        tl_lce._partials, tl_lce._dlogits, 16, 16, min(c[0] for c in configs)))  # db rows of the smallest BM
+    gen = torch.Generator().manual_seed(0)
+    x, W = torch.randn(100, 16, generator=gen), torch.randn(40, 16, generator=gen)
+    b, t = torch.randn(40, generator=gen), torch.randint(0, 40, (100,), generator=gen)
+    bb = b.double().requires_grad_()
+    want, = torch.autograd.grad(F.cross_entropy(F.linear(x.double(), W.double(), bb), t), bb)
+    for call in ("tuning", "cached"):
+        fake_bench.order = [32, 16] * 2  # the forward's trials, then the backward's
+        bl = b.clone().requires_grad_()
+        got, = torch.autograd.grad(linear_cross_entropy(x, W, t, linear_bias=bl, backend="triton"), bl)
+        assert tuned["bwd"].best_config.kwargs["BM"] == 32
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5, msg=call)
 
 
 def test_cuda_chunk_accumulation_without_fp32_output_gemm_stays_exact(monkeypatch, caplog):

@@ -620,6 +620,22 @@ def test_split_layer_kernels_against_contract(T, B, H, slice_on_chip, dtypes, re
             _check_layer_kernels(fwd, bwd, T, B, H, dtype, "cpu", reverse, absent_grads=T == 1)
 
 
+def test_split_layer_persistent_knob(monkeypatch):
+    """PYKERNELS_LSTM_PERSISTENT=0 plans the split kernels one launch per step on a GPU (no grid barrier, for SMs
+    that are not all this process's); by default a GPU plan is persistent where the tiles allow. The env var is
+    read at import, as documented."""
+    require("triton", "cpu")
+    from pykernels.triton import lstm_layer as kl
+    for fwd in (True, False):
+        args = (768, 2, fwd, 132, False, kl.RESIDENT_MAX, kl.TILE_BYTES, kl.CHUNK_BYTES)
+        assert kl._plan(*args).persistent and not kl._plan(*args, False).persistent
+        assert kl._plan(*args, False)._replace(persistent=True) == kl._plan(*args)  # the same tiles otherwise
+    monkeypatch.setenv("PYKERNELS_LSTM_PERSISTENT", "0")
+    assert kl.PERSISTENT and not importlib.reload(kl).PERSISTENT
+    monkeypatch.delenv("PYKERNELS_LSTM_PERSISTENT")
+    assert importlib.reload(kl).PERSISTENT
+
+
 def triton_cdiv(a, b):
     return -(-a // b)
 

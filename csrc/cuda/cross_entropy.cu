@@ -270,12 +270,6 @@ DeviceInfo device_info() {
   return info;
 }
 
-// Tuning knobs for measurements (bench/): PYKERNELS_CE_THREADS, PYKERNELS_CE_L2_PERCENT. 0 = default.
-int64_t knob(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? std::atoll(v) : 0;
-}
-
 template <typename T, bool PROB, int MODE>
 cudaError_t launch(const CrossEntropyArgs& a, cudaStream_t stream) {
   const DeviceInfo info = device_info();
@@ -283,7 +277,7 @@ cudaError_t launch(const CrossEntropyArgs& a, cudaStream_t stream) {
   const int64_t vecs = (a.C * static_cast<int64_t>(sizeof(T)) + 15) / 16;
   int threads = 64;
   while (threads < kMaxThreads && threads * 4 < vecs) threads *= 2;
-  if (const int64_t t = knob("PYKERNELS_CE_THREADS")) threads = static_cast<int>(t);
+  if (const int t = threads_knob("PYKERNELS_CE_THREADS", kMaxThreads)) threads = t;  // measurement knobs (bench/)
   int64_t blocks = static_cast<int64_t>(info.sms) * (2048 / threads);
   if (MODE == kFwdGrad) {
     // Rows in flight vs L2 for pass 2's re-read. Measured on H100 (bench/tune_cross_entropy.py): 2.5x L2 worth

@@ -49,12 +49,6 @@ constexpr int kDefaultThreads = 256;
 constexpr int64_t kChunkBytes = 64 * 1024;
 constexpr int kMaxCluster = 8;              // the portable maximum
 
-// Measurement knobs (bench/tune_cross_entropy.py); 0 = default.
-int64_t knob(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? std::atoll(v) : 0;
-}
-
 // ASYNC: pass 1 fills shared memory with cp.async and reads the values back from it (opt-in measurement knob
 // PYKERNELS_CE_CLUSTER_CPASYNC=1); else 16-byte loads into registers, 4 per thread in flight, then stored.
 template <typename T, bool ASYNC>
@@ -234,14 +228,16 @@ cudaError_t launch_cluster(const CrossEntropyArgs& a, int cs, int64_t chunk, cud
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) return err;
-  if (attr.binaryVersion < 90) return cudaErrorNotSupported;  // built without sm_90 code: empty body
+  // built without sm_90 code, or JIT-compiled from older PTX (a "+PTX" arch list: binaryVersion is then the
+  // device's, ptxVersion the PTX's): the body is compiled out
+  if (attr.binaryVersion < 90 || attr.ptxVersion < 90) return cudaErrorNotSupported;
   const size_t smem = static_cast<size_t>(chunk) * sizeof(T) + 16;  // + room for the misalignment offset
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(a.rows() * cs));
-  const int64_t threads = knob("PYKERNELS_CE_CLUSTER_THREADS");
-  cfg.blockDim = dim3(threads > 0 && threads <= kMaxThreads ? static_cast<unsigned>(threads) : kDefaultThreads);
+  const int threads = threads_knob("PYKERNELS_CE_CLUSTER_THREADS", kMaxThreads);
+  cfg.blockDim = dim3(threads ? threads : kDefaultThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute at[1];

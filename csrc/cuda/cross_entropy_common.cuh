@@ -4,7 +4,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "convert.cuh"
 #include "../cross_entropy_math.h"
@@ -12,6 +14,18 @@
 namespace pykernels {
 namespace cuda {
 namespace ce {
+
+// Measurement knobs (bench/tune_cross_entropy.py): an integer environment variable, 0 when unset.
+inline int64_t knob(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::atoll(v) : 0;
+}
+
+// A thread-count knob in whole warps within [32, max] (block_reduce shuffles with full masks); 0 when unset.
+inline int threads_knob(const char* name, int max) {
+  const int64_t t = knob(name);
+  return t > 0 ? static_cast<int>(std::min<int64_t>(max, std::max<int64_t>(32, t / 32 * 32))) : 0;
+}
 
 // e^x through the SFU's ex2.approx (about 2 ulp): one FMUL + one MUFU instead of expf's ~10 instructions,
 // which matters because a row costs two exponentials per element. -inf -> 0, NaN -> NaN.
@@ -38,7 +52,7 @@ struct MaxSum {
       return;
     }
     if (vmax > m) {
-      s = (m == -INFINITY ? 0.f : s * fast_exp(m - vmax));
+      s = (m == -INFINITY ? s * 0.f : s * fast_exp(m - vmax));  // while m is -inf, s is 0 or a NaN to keep
       m = vmax;
     }
 #pragma unroll
@@ -47,8 +61,11 @@ struct MaxSum {
   }
   __device__ __forceinline__ void merge(MaxSum o) {
     const float nm = fmaxf(m, o.m);
-    if (nm == -INFINITY) return;
-    s = (m == -INFINITY ? 0.f : s * fast_exp(m - nm)) + (o.m == -INFINITY ? 0.f : o.s * fast_exp(o.m - nm));
+    if (nm == -INFINITY) {  // both sides saw no finite logit: their s are 0 or NaN, and a NaN must survive
+      s += o.s;
+      return;
+    }
+    s = (m == -INFINITY ? s * 0.f : s * fast_exp(m - nm)) + (o.m == -INFINITY ? o.s * 0.f : o.s * fast_exp(o.m - nm));
     m = nm;
   }
 };

@@ -154,7 +154,10 @@ __device__ __forceinline__ float logit(const LinearCrossEntropyArgs& a, float ac
 // (m, s) <- the (max, sum exp(z - max)) of the union of two sets of logits; an empty set is (-inf, 0).
 __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
   const float mn = fmaxf(m, m2);
-  if (mn == -INFINITY) return;
+  if (mn == -INFINITY) {  // no finite logit on either side: s and s2 are 0 or NaN, and a NaN must survive
+    s += s2;
+    return;
+  }
   s = s * exp2_approx((m - mn) * kLog2e) + s2 * exp2_approx((m2 - mn) * kLog2e);
   m = mn;
 }
@@ -236,7 +239,12 @@ __global__ void __launch_bounds__(kThreads, 1) lce_fwd_kernel(const LinearCrossE
             }
           }
           const float mn = fmaxf(st.m[i], tmax);
-          if (mn == -INFINITY) continue;  // nothing finite yet: s stays 0
+          if (mn == -INFINITY) {  // nothing finite yet: s stays 0, or NaN when a logit was (a NaN input row)
+#pragma unroll
+            for (int j = 0; j < 16; ++j)
+              if (z[j] != z[j]) st.s[i] = z[j];
+            continue;
+          }
           const float off = mn * kLog2e;
           float sum = 0.f;
 #pragma unroll

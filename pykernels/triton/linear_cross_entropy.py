@@ -206,10 +206,25 @@ def _kernel(kind: str, device: torch.device, dtype: torch.dtype):
         return base, dict(BM=BM, BN=BN, BK=BK, num_warps=w, num_stages=st)
     key = (kind, dtype == torch.float32)
     if key not in _TUNED:
-        cfgs = [triton.Config(dict(BM=BM, BN=BN, BK=BK), num_warps=w, num_stages=st)
-                for BM, BN, BK, w, st in _configs(dtype)]
-        _TUNED[key] = triton.autotune(configs=cfgs, key=["H", "V"])(base)
+        _TUNED[key] = _autotuned(base, _configs(dtype))
     return _TUNED[key], {}
+
+
+def _zero_bias_partials(nargs) -> None:
+    """A config's run writes the bias partials of its own BM's rows only, so while tuning a losing config with a
+    smaller BM left rows that the winner does not overwrite, and they were summed into the bias gradient (the first
+    call per shape). Zeroed before every run of every config (before each trial, and before the winner's real run).
+    Not ``reset_to_zero``: without a bias gradient DBp aliases m."""
+    if nargs.get("HAS_DB"):
+        nargs["DBp"].zero_()
+
+
+def _autotuned(base, configs, **kw):
+    """``base`` autotuned over ``configs`` ((BM, BN, BK, warps, stages) each) on the (H, V) key."""
+    hook = _zero_bias_partials if base is _lce_dlogits_kernel else None
+    cfgs = [triton.Config(dict(BM=BM, BN=BN, BK=BK), num_warps=w, num_stages=st, pre_hook=hook)
+            for BM, BN, BK, w, st in configs]
+    return triton.autotune(configs=cfgs, key=["H", "V"], **kw)(base)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -49,6 +49,10 @@ logger = logging.getLogger("pykernels")
 
 # H up to which the row-block kernels run (W_hh is one register tile of 4 x H x H); above it, the split kernels.
 RESIDENT_MAX = int(os.environ.get("PYKERNELS_LSTM_RESIDENT_MAX", "64"))
+# 0: the split kernels launch once per step (no grid barrier). For GPUs whose SMs are not all this process's (an
+# MPS thread limit, kernels of another stream holding SMs for the whole layer): the persistent grid assumes one
+# resident program per SM, and a program that never gets an SM traps the context after SPIN_LIMIT polls.
+PERSISTENT = os.environ.get("PYKERNELS_LSTM_PERSISTENT", "1") != "0"
 # Bytes of a program's W_hh slice kept on chip for the whole launch. Triton keeps such loop-invariant dot
 # operands in shared memory; the compile tests check the split kernels at this budget against the A100/H100
 # shared memory limits and for (almost) no spills.
@@ -396,7 +400,7 @@ def _split_tiles(K: int, N: int, itemsize: int, nc: int, tile_bytes: int, chunk_
 
 @functools.lru_cache(maxsize=None)
 def _plan(H: int, itemsize: int, forward: bool, n_sm: int, interpreted: bool, resident_max: int,
-          tile_bytes: int, chunk_bytes: int) -> Plan:
+          tile_bytes: int, chunk_bytes: int, persistent_ok: bool = True) -> Plan:
     """``plan`` with the module's knobs as arguments (a test that changes one gets a fresh plan)."""
     if H <= resident_max:  # forward: BH covers H (one tile); backward: BH units x BK rows of W_hh per dot
         bh = max(16, triton.next_power_of_2(H)) if forward else (16 if interpreted else 64)
@@ -404,7 +408,7 @@ def _plan(H: int, itemsize: int, forward: bool, n_sm: int, interpreted: bool, re
     nc = 2 if interpreted else SPLIT_WARPS
     bh = max(BH_MIN, triton.next_power_of_2(triton.cdiv(H, n_sm)))
     bh_max = _pow2_floor(chunk_bytes // (nc * 16 * itemsize * (4 if forward else 1)))  # a BK = 16 chunk fits
-    persistent = not interpreted and bh <= bh_max
+    persistent = persistent_ok and not interpreted and bh <= bh_max
     bh = min(bh, bh_max)
     bk, ns, resident = _split_tiles(H if forward else 4 * H, 4 * bh if forward else bh, itemsize, nc, tile_bytes,
                                     chunk_bytes)
@@ -425,7 +429,7 @@ def plan(H: int, dtype: torch.dtype, device: torch.device, forward: bool) -> Pla
     SMs and two chunks per dot, and always launches per step (its programs run one after another)."""
     interpreted = device.type != "cuda"
     n_sm = INTERP_SMS if interpreted else torch.cuda.get_device_properties(device).multi_processor_count
-    return _plan(H, dtype.itemsize, forward, n_sm, interpreted, RESIDENT_MAX, TILE_BYTES, CHUNK_BYTES)
+    return _plan(H, dtype.itemsize, forward, n_sm, interpreted, RESIDENT_MAX, TILE_BYTES, CHUNK_BYTES, PERSISTENT)
 
 
 def _launch_split(kernel, p: Plan, steps: int, tensors: tuple, sizes: tuple, **meta) -> None:
