@@ -30,6 +30,7 @@ from torch import Tensor
 
 from . import backends
 from .errors import ArgumentTypeError, ArgumentValueError
+from .ops import _higher_order
 from .ops import linear_cross_entropy as _lce
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
@@ -44,8 +45,12 @@ class _VocabParallelLCE(torch.autograd.Function):
         smooth = label_smoothing > 0
         w_local = None if weight is None else weight[vocab_start:vocab_start + linear_weight.shape[0]].contiguous()
         m_l, ls_l, zy, zs = fwd(input, linear_weight, linear_bias, target, w_local, vocab_start, softcap, smooth)
-        m = m_l.clone()
+        # A shard with no finite logit in a row (an empty shard, or classes all at -inf) reports m = 0 with log_s =
+        # -inf: it must not lift the row's max, or exp(true max - 0) underflows for logits below ~-87 (fp32) and the
+        # loss becomes -inf. With no finite logit anywhere the max is the kernels' 0 again.
+        m = m_l.masked_fill(ls_l == float("-inf"), float("-inf"))
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        m = m.masked_fill(m == float("-inf"), 0.0)
         stats = torch.stack([torch.exp((m_l - m) + ls_l), zy.to(acc), zs.to(acc)])
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
         log_s = torch.log(stats[0])
@@ -65,6 +70,11 @@ class _VocabParallelLCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, g_lse):
+        if _higher_order.create_graph(g_loss):  # the collectives are outside autograd: a graph would miss them
+            _higher_order.refuse("pykernels.linear_cross_entropy (vocab-parallel)", "its statistics and d_input are "
+                                 "combined by collectives that autograd does not record", "Compute second-order "
+                                 "terms without group= (on the whole weight), or with torch.distributed.nn's "
+                                 "differentiable collectives around F.linear and F.cross_entropy.")
         input, linear_weight, linear_bias, target, weight, w_local, m, log_s, denom = ctx.saved_tensors
         ignore_index, reduction, label_smoothing, z_loss, softcap, group, vocab_start, vocab_size, backend = ctx.args
         acc = _lce.acc_dtype(input.dtype)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch.multiprocessing.spawn import ProcessException
 
 CASES = [  # bias, weighted, eps, zl, softcap, reduction, uneven
@@ -70,6 +71,69 @@ def _bad_calls(rank, backends, linear_cross_entropy) -> None:
         kw.setdefault("backend", "reference")
         with pytest.raises(exc, match=match):
             linear_cross_entropy(xx, WW, tt, group=dist.group.WORLD, **kw)
+
+
+def _edge_cases(rank, backends, linear_cross_entropy) -> None:
+    """Shards without a finite logit: an empty shard (rank 1 holds [V, V)) and a shard whose classes are all at
+    -inf, next to logits far below 0 (-1000 in fp64, -120 in fp32: exp underflows). Their m = 0 joined the MAX and
+    made the loss -inf with NaN gradients. Then the module: nn.LinearCrossEntropyLoss(group=) with a class weight of
+    the whole vocabulary and uneven shards (its constructor wanted a (num_classes,) weight, the shard's), and a
+    double backward, which the collectives cannot carry: a clear error, not silently wrong second derivatives."""
+    import pykernels
+    g = torch.Generator().manual_seed(21)
+    N, H, V = 5, 6, 9
+    for backend in backends:
+        dtype = torch.float64 if backend == "reference" else torch.float32
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        low = -1000.0 if dtype == torch.float64 else -120.0
+        x = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype)
+        W = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+        t = torch.randint(0, V, (N,), generator=g)
+        for case in ("empty", "minus_inf"):
+            b = torch.full((V,), low, dtype=dtype)
+            if case == "empty":
+                lo, hi = (0, V) if rank == 0 else (V, V)
+            else:
+                lo, hi = (0, 5) if rank == 0 else (5, V)
+                b[5:] = float("-inf")
+                t = t.clamp(max=4)  # a target at -inf would make the loss inf
+            res = []
+            for W_, b_, kw in ((W, b, dict(backend="reference")),
+                               (W[lo:hi], b[lo:hi], dict(group=dist.group.WORLD, vocab_start=lo, vocab_size=V,
+                                                         backend=backend))):
+                xx, WW = x.clone().requires_grad_(), W_.clone().requires_grad_()
+                loss = linear_cross_entropy(xx, WW, t, linear_bias=b_, reduction="sum", **kw)
+                loss.backward()
+                res.append((loss.detach(), xx.grad, WW.grad))
+            (lf, xf, Wf), (lp, xp, Wp) = res
+            for name, p, f in (("loss", lp, lf), ("d_input", xp, xf), ("d_weight", Wp, Wf[lo:hi])):
+                assert bool(p.isfinite().all()) and bool(f.isfinite().all()), f"{backend} {case}: {name} {p}"
+                if not p.numel():  # the empty shard's d_weight
+                    continue
+                err = (p.double() - f.double()).abs().max().item()
+                assert err <= tol * max(1.0, f.double().abs().max().item()), f"{backend} {case}: {name} {err:.3e}"
+    # the module: a (vocab_size,) class weight, uneven shards [0, 4) and [4, 9)
+    lo, hi = (0, 4) if rank == 0 else (4, V)
+    x = torch.randn(N, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64)
+    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    t = torch.randint(0, V, (N,), generator=g)
+    mod = pykernels.nn.LinearCrossEntropyLoss(H, hi - lo, weight=w, label_smoothing=0.1, group=dist.group.WORLD,
+                                              vocab_start=lo, vocab_size=V, dtype=torch.float64,
+                                              backend="reference")
+    with torch.no_grad():
+        mod.linear.weight.copy_(W[lo:hi])
+    assert mod.weight.shape == (V,) and f"vocab_start={lo}" in repr(mod)
+    want = F.cross_entropy(F.linear(x, W), t, weight=w, label_smoothing=0.1)
+    assert abs(mod(x, t).item() - want.item()) <= 1e-10 * abs(want.item())
+    with pytest.raises(ValueError, match="vocab_start and vocab_size .* need group="):
+        pykernels.nn.LinearCrossEntropyLoss(H, V, vocab_size=V)
+    # a double backward raises on every rank, naming the way out
+    xx = x.clone().requires_grad_()
+    loss = linear_cross_entropy(xx, W[lo:hi], t, group=dist.group.WORLD, vocab_start=lo, vocab_size=V,
+                                backend="reference")
+    with pytest.raises(RuntimeError, match=r"vocab-parallel.*create_graph=True.*without group="):
+        torch.autograd.grad(loss, xx, create_graph=True)
 
 
 def _fresh_returns(gm, example_inputs) -> None:
@@ -133,7 +197,7 @@ def _collectives(rank, linear_cross_entropy) -> None:
         return real[0](parts, t, *a, **k)
 
     def reduce(t, *a, **k):
-        calls.append(("all_reduce", t.numel(), k.get("op")))
+        calls.append(("all_reduce", t.numel(), k.get("op"), t.dtype))
         return real[1](t, *a, **k)
 
     g = torch.Generator().manual_seed(11)
@@ -146,8 +210,19 @@ def _collectives(rank, linear_cross_entropy) -> None:
                              group=dist.group.WORLD, backend="reference").backward()
     finally:
         dist.all_gather, dist.all_reduce = real
-    assert calls == [("all_gather", 6, torch.int64), ("all_reduce", N, dist.ReduceOp.MAX),
-                     ("all_reduce", 3 * N, dist.ReduceOp.SUM), ("all_reduce", N * H, dist.ReduceOp.SUM)], calls
+    f64 = torch.float64
+    assert calls == [("all_gather", 6, torch.int64), ("all_reduce", N, dist.ReduceOp.MAX, f64),
+                     ("all_reduce", 3 * N, dist.ReduceOp.SUM, f64), ("all_reduce", N * H, dist.ReduceOp.SUM, f64)], calls
+    # 16-bit input: the statistics and the partial d_input travel in fp32 (summed, then rounded once)
+    calls.clear()
+    xb = x.detach().bfloat16().requires_grad_()
+    dist.all_gather, dist.all_reduce = gather, reduce
+    try:
+        linear_cross_entropy(xb, W[rank * 9:(rank + 1) * 9].bfloat16(), torch.randint(0, 18, (N,), generator=g),
+                             group=dist.group.WORLD, backend="reference").backward()
+    finally:
+        dist.all_gather, dist.all_reduce = real
+    assert [c[3] for c in calls[1:]] == [torch.float32] * 3, calls
     doc = " ".join(pd.__doc__.split())
     assert ("Collectives: the check's all_gather (6 int64 per rank), 2 all_reduces in the forward (N floats, op MAX; "
             "then 3N floats, op SUM), 1 in the backward (N x H floats)") in doc
@@ -157,7 +232,6 @@ def _worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        import pykernels
         from pykernels.functional import linear_cross_entropy
         for backend in backends:
             dtype = torch.float64 if backend == "reference" else torch.float32
@@ -243,6 +317,7 @@ def _worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
                 loss.backward()
                 assert (loss.isnan().item() if red == "mean" else loss.item() == 0.0), (backend, red, loss)
         _bad_calls(rank, backends, linear_cross_entropy)
+        _edge_cases(rank, backends, linear_cross_entropy)
         _collectives(rank, linear_cross_entropy)
         _compiled(rank, "cpu" if "cpu" in backends else "reference", linear_cross_entropy)
         dist.barrier()  # both ranks are done communicating: no destroy_process_group, see below
@@ -256,15 +331,45 @@ def _worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
     os._exit(0)
 
 
-def test_vocab_parallel_matches_single_process(tmp_path):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    import pykernels
-    backends = ["reference"] + (["cpu"] if pykernels.available_backends("cpu")["cpu"] is None else [])
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        if pykernels.available_backends("cpu")["triton"] is None:
-            backends.append("triton")
-    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path), backends), nprocs=2,
+def _subgroup_worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
+    """World 3, the vocabulary sharded over the subgroup of global ranks 1 and 2 (group ranks 0 and 1): the
+    default vocab_start is the group rank's, and every collective stays in the group (global rank 0 takes no part
+    after creating it)."""
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        sub = dist.new_group([1, 2])  # every rank creates it
+        if rank > 0:
+            from pykernels.functional import linear_cross_entropy
+            g = torch.Generator().manual_seed(5)
+            x = torch.randn(7, 10, generator=g, dtype=torch.float64)
+            W = torch.randn(16, 10, generator=g, dtype=torch.float64)
+            t = torch.randint(0, 16, (7,), generator=g)
+            lo, hi = (rank - 1) * 8, rank * 8
+            for backend in backends:
+                dt = torch.float64 if backend == "reference" else torch.float32
+                res = []
+                for W_, kw in ((W, dict(backend="reference")), (W[lo:hi], dict(group=sub, backend=backend))):
+                    xx, WW = x.to(dt).clone().requires_grad_(), W_.to(dt).clone().requires_grad_()
+                    loss = linear_cross_entropy(xx, WW, t, label_smoothing=0.1, **kw)
+                    loss.backward()
+                    res.append((loss.detach(), xx.grad, WW.grad))
+                (lf, xf, Wf), (lp, xp, Wp) = res
+                tol = 1e-10 if dt == torch.float64 else 2e-5
+                for name, p, f in (("loss", lp, lf), ("d_input", xp, xf), ("d_weight", Wp, Wf[lo:hi])):
+                    err = (p.double() - f.double()).abs().max().item()
+                    assert err <= tol * max(1.0, f.double().abs().max().item()), f"{backend} {name} {err:.3e}"
+        dist.barrier()
+    except BaseException:
+        with open(os.path.join(err_dir, f"rank{rank}.txt"), "w") as fh:
+            fh.write(traceback.format_exc())
+        raise
+    open(os.path.join(err_dir, f"done{rank}"), "w").close()
+    os._exit(0)  # as _worker
+
+
+def _spawn(worker, world: int, tmp_path, backends) -> None:
+    ctx = mp.start_processes(worker, args=(world, str(tmp_path / "store"), str(tmp_path), backends), nprocs=world,
                              join=False, start_method="spawn")
     try:
         import time
@@ -280,7 +385,26 @@ def test_vocab_parallel_matches_single_process(tmp_path):
         for p in ctx.processes:
             if p.is_alive():
                 p.terminate()
-    assert sorted(p.name for p in tmp_path.glob("done*")) == ["done0", "done1"]
+    assert sorted(p.name for p in tmp_path.glob("done*")) == [f"done{r}" for r in range(world)]
+
+
+def _backends():
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import pykernels
+    backends = ["reference"] + (["cpu"] if pykernels.available_backends("cpu")["cpu"] is None else [])
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        if pykernels.available_backends("cpu")["triton"] is None:
+            backends.append("triton")
+    return backends
+
+
+def test_vocab_parallel_on_a_subgroup(tmp_path):
+    _spawn(_subgroup_worker, 3, tmp_path, [b for b in _backends() if b != "triton"])
+
+
+def test_vocab_parallel_matches_single_process(tmp_path):
+    _spawn(_worker, 2, tmp_path, _backends())
 
 
 def test_group_without_process_group_raises():
@@ -301,7 +425,8 @@ def test_device_side_shard_check_agrees_with_the_host_one():
     layouts = [[(0, 10), (10, 10)], [(10, 10), (0, 10)], [(0, 20), (20, 0)], [(0, 0), (0, 20)],
                [(0, 7), (7, 6), (13, 7)], [(13, 7), (0, 7), (7, 6)], [(0, 10), (0, 10)], [(0, 9), (10, 10)],
                [(0, 11), (9, 9)], [(0, 11), (9, 11)], [(-1, 11), (10, 10)], [(0, 10), (10, 11)], [(5, 0), (0, 20)],
-               [(0, 10), (10, 10), (20, 0)], [(0, 10), (10, 5), (10, 5)], [(0, 20), (5, 0), (25, 0)]]
+               [(0, 10), (10, 10), (20, 0)], [(0, 10), (10, 5), (10, 5)], [(0, 20), (5, 0), (25, 0)],
+               [(0, 11), (10, 9)], [(0, 11), (10, 10)], [(10, 10), (0, 11)]]  # (overlaps of one class)
     seen = {True: 0, False: 0}
     for shards, (vocab, ns, hs) in itertools.product(layouts, [(20, 6, 8), ((20, 21), 6, 8), (20, (6, 5), 8),
                                                               (20, 6, (8, 7))]):
