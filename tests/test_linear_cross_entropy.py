@@ -396,6 +396,35 @@ def test_nan_input_row_poisons_its_row_as_torch(backend, device):
     assert bool(gw.isnan().all())
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS + FUSED_BACKENDS)
+def test_minus_inf_bias_masks_whole_tiles_as_torch(backend, device):
+    """A bias of -inf masking part of the vocabulary (padding classes): whole logit tiles and splits of -inf, whose
+    online log-sum-exp must stay (max -inf, sum 0) instead of exp(-inf - -inf) = NaN. Loss as torch's, and zero
+    gradients for the masked classes (mutation review: dropping the kernels' -inf guard passed every test)."""
+    require_backend(backend, device)
+    dtype = _one_dtype(backend)
+    gen = torch.Generator().manual_seed(4)
+    N, H, V = 8, 16, 48
+    x = torch.randn(N, H, generator=gen, dtype=torch.float64)
+    W = torch.randn(V, H, generator=gen, dtype=torch.float64) / 4
+    b = torch.randn(V, generator=gen, dtype=torch.float64)
+    b[16:32] = float("-inf")
+    t = torch.randint(0, 16, (N,), generator=gen)
+    x, W, b, t = x.to(device=device, dtype=dtype), W.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), \
+        t.to(device)
+    g = torch.tensor(1.0, dtype=torch.float64, device=device)
+    lo, (gx, gw) = _run(lambda x, W: linear_cross_entropy(x, W, t, linear_bias=b, reduction="sum", backend=backend),
+                        [x, W], g)
+    lr, (rx, rw) = _run(lambda x, W: F.cross_entropy(F.linear(x, W, b.double()), t, reduction="sum"),
+                        [x.double(), W.double()], g)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype in (torch.float32, torch.float64) else dict(atol=3e-2, rtol=3e-2)
+    assert bool(lo.isfinite()) and bool(gx.isfinite().all()) and bool(gw.isfinite().all())
+    torch.testing.assert_close(lo.double(), lr, **tol)
+    torch.testing.assert_close(gx.double(), rx, **tol)
+    torch.testing.assert_close(gw.double(), rw, **tol)
+    assert bool((gw[16:32] == 0).all())
+
+
 @pytest.mark.gpu
 def test_cuda_memory_within_model_and_int64_offsets(monkeypatch):
     """On a GPU: fwd+bwd allocate at most the cost model's workspace (+ cuBLAS slack) beyond inputs and
