@@ -105,6 +105,14 @@ def run_script_compiled(script: str, **fmt):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def skip_unless_required(why: str) -> None:
+    """Skip for ``why`` (something this run lacks: the C++ kernels, the Triton interpreter), except where the run
+    must have it (PYKERNELS_REQUIRE_EXTENSION=1, as CI): there a skip would hide a broken build, so fail."""
+    if os.environ.get("PYKERNELS_REQUIRE_EXTENSION") == "1":
+        pytest.fail(f"this run must have it, but: {why}")
+    pytest.skip(why)
+
+
 def require_backend(name: str, device: str) -> None:
     why = pykernels.available_backends(device)[name]
     if why is None:

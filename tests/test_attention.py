@@ -437,11 +437,19 @@ def test_dropout_reproducible_and_rescaled(backend, device):
     q = torch.zeros(1, 2, L, 16, device=device, dtype=dtype)  # uniform attention: p = 1/S everywhere
     k = torch.randn(1, 2, S, 16, device=device, dtype=dtype)
     v = torch.eye(S, device=device, dtype=dtype).expand(1, 2, S, S)
-    torch.manual_seed(7)
-    o1 = sdpa(q, k, v, dropout_p=0.3, backend=backend)
-    torch.manual_seed(7)
-    o2 = sdpa(q, k, v, dropout_p=0.3, backend=backend)
+    outs, grads = [], []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(7)
+        o = sdpa(*leaves, dropout_p=0.3, backend=backend)
+        go = torch.linspace(-1, 1, o.numel(), device=device, dtype=dtype).reshape(o.shape)
+        grads.append(torch.autograd.grad(o, leaves, go))
+        outs.append(o.detach())
+    o1, o2 = outs
     assert torch.equal(o1, o2)
+    for a, b in zip(*grads):  # the backward regenerates the same mask (dk is 0 here: q = 0)
+        assert torch.equal(a, b)
+    assert bool(grads[0][0].abs().sum() > 0) and bool(grads[0][2].abs().sum() > 0)
     o3 = sdpa(q, k, v, dropout_p=0.3, backend=backend)
     assert not torch.equal(o1, o3)
     vals = o1.float().flatten()
@@ -542,12 +550,14 @@ def test_bad_input_names_the_argument():
                          7, 9)
 
 
-@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("backend", [None, "reference", "triton"])
 def test_bad_input_as_torch_on_every_backend(backend):
     """Calls whose outcome depended on the backend or died on a bare Python error: 0 key/value heads for query heads
     (H % 0: ZeroDivisionError; torch returns zeros as if no key: refused, naming key), a float mask of neither float32
     nor the query's dtype and float8 queries (torch raises; the reference and Triton ran them), dropout_p of a wrong
     type (torch's TypeError, not a ValueError)."""
+    if backend == "triton":
+        require_backend("triton", "cpu")
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)
     k0, v0 = k[:, :0], v[:, :0]
     qv, kv0 = torch.randn(7, 2, 8), torch.randn(9, 0, 8)
@@ -573,7 +583,7 @@ def test_bad_input_as_torch_on_every_backend(backend):
         assert out.shape == (2, 0, 5, 8)
     assert varlen_attention(qv[:, :0], kv0, kv0, cq, ck, 4, 5, backend=backend).shape == (7, 0, 8)
     m = torch.randn(5, 6)
-    for dt in (torch.float16, torch.float64):
+    for dt in (torch.float16,) + ((torch.float64,) if backend != "triton" else ()):  # (Triton: no float64)
         x = [t.to(dt) for t in (q, k, v)]
         torch.testing.assert_close(sdpa(*x, attn_mask=m, backend=backend).double(),
                                    F.scaled_dot_product_attention(*x, attn_mask=m).double(), atol=2e-3, rtol=0)

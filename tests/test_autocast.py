@@ -11,13 +11,13 @@ import torch.nn.functional as F
 
 import pykernels
 
+from conftest import require_backend
+
 CE_BACKENDS = ["cpu", "reference", "triton"]  # triton runs on CPU tensors under TRITON_INTERPRET=1
 
 
 def _skip_unavailable(backend):
-    why = pykernels.available_backends("cpu").get(backend)
-    if why:
-        pytest.skip(why)
+    require_backend(backend, "cpu")  # (the cpu and interpreted triton backends fail instead where CI needs them)
 
 
 @pytest.mark.parametrize("backend", CE_BACKENDS)
@@ -44,8 +44,14 @@ def test_cross_entropy_under_autocast(backend, reduction, amp):
         loss.sum().backward()
         assert logits.grad.dtype == amp
         outs[name] = loss.detach(), logits.grad, w.grad
-    for ours, theirs in zip(outs["ours"], outs["torch"]):
-        torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=1e-5)
+    # the loss: float32 from the same half logits (ours differ by rounding only, <= 1.2e-7 relative); the gradients
+    # within one ulp of the autocast dtype at their largest magnitude (Triton's float16: 0.6 of it). The former
+    # rtol 2e-2 passed a loss 1.8% off.
+    loss, theirs = outs["ours"][0], outs["torch"][0]
+    torch.testing.assert_close(loss, theirs, rtol=1e-6, atol=1e-6)
+    for ours, theirs in zip(outs["ours"][1:], outs["torch"][1:]):
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=0,
+                                   atol=torch.finfo(amp).eps * theirs.float().abs().max().item())
     with torch.autocast("cpu", dtype=amp):  # float64 is not autocast's: it stays float64
         x = torch.randn(5, 7, dtype=torch.float64)
         assert pykernels.functional.cross_entropy(x, t[:5].clamp(0) % 7, backend="reference").dtype == torch.float64

@@ -51,7 +51,8 @@ def _second_order(f, leaves):
 
 
 def _compare(name, ours, theirs, leaves, dtype):
-    """ours vs theirs (torch) at dtype, both against theirs in float64 (the 2x rule; float64: a 1e-9 floor)."""
+    """ours vs theirs (torch) at dtype, both against theirs in float64 (the error rule at 4x: second-order terms;
+    float64: a 1e-9 floor)."""
     got = _second_order(ours, leaves)
     ref = _second_order(theirs, [t.double() for t in leaves])
     base = _second_order(theirs, leaves) if dtype != F64 else ref

@@ -35,11 +35,28 @@ def _run(backend, x, t, **kw):
     return loss.detach(), x.grad, g
 
 
+def _torch_z_term(x, t, w, z, reduction="mean", ignore_index=-100, **_):
+    """The z_loss term from torch's own pieces, not pykernels.reference: z * lse^2 for every counted row (a
+    non-ignored class index; every row of probabilities), reduced as the loss (mean: over torch's divisor, the
+    counted rows' class weights, or the row count for probabilities)."""
+    lse = torch.logsumexp(x, 0 if x.dim() == 1 else 1)
+    if t.dtype.is_floating_point:
+        counted, denom = torch.ones_like(lse), lse.numel()
+    else:
+        valid = t != ignore_index
+        counted = valid.to(lse.dtype)
+        wy = torch.ones_like(lse) if w is None else w[torch.where(valid, t, 0)]
+        denom = (wy * counted).sum()
+    rows = z * lse.square() * counted
+    return rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.sum() / denom
+
+
 def _check_against_torch(backend, x, t, name="", **kw):
     """The FlashAttention rule for the loss and the gradient: pykernels at x.dtype vs float64, compared with
     PyTorch at x.dtype vs float64. z_loss has no PyTorch counterpart: then the float32 reference is the baseline.
-    Where torch expresses the call, the float64 reference must first be torch's float64 result: a wrong reference
-    leaves a right kernel and torch equally far from it, which the rule passes."""
+    The float64 reference must first be torch's float64 result (plus the z term built from torch's logsumexp): a
+    wrong reference leaves a right kernel and torch equally far from it, which the rule passes (the reference
+    backend compared with itself passed a wrong z term)."""
     if kw.get("weight") is not None and not t.dtype.is_floating_point:
         kw["weight"] = kw["weight"].to(x.dtype)  # torch: the logits' dtype with class-index targets (rounded once)
     loss, grad, g = _run(backend, x, t, **kw)
@@ -51,12 +68,11 @@ def _check_against_torch(backend, x, t, name="", **kw):
     w64 = None if w is None else w.double()
     ref, _ = ref_ce.cross_entropy(x64, t64, w64, z_loss=z, **kw)
     ref.backward(g.double())
-    if not z:
-        xt = x.detach().double().requires_grad_()
-        want = F.cross_entropy(xt, t64, weight=w64, **kw)
-        want.backward(g.double())
-        torch.testing.assert_close(ref.detach(), want.detach(), rtol=1e-10, atol=1e-10, equal_nan=True)
-        torch.testing.assert_close(x64.grad, xt.grad, rtol=1e-10, atol=1e-10, equal_nan=True)
+    xt = x.detach().double().requires_grad_()
+    want = F.cross_entropy(xt, t64, weight=w64, **kw) + (_torch_z_term(xt, t64, w64, z, **kw) if z else 0)
+    want.backward(g.double())
+    torch.testing.assert_close(ref.detach(), want.detach(), rtol=1e-10, atol=1e-10, equal_nan=True)
+    torch.testing.assert_close(x64.grad, xt.grad, rtol=1e-10, atol=1e-10, equal_nan=True)
     xb = x.detach().clone().requires_grad_()
     if z:
         base, _ = ref_ce.cross_entropy(xb, t, w, z_loss=z, **kw)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import pykernels
 from pykernels import backends
 
+from conftest import skip_unless_required
+
 CUDA = torch.device("cuda")
 
 
@@ -210,7 +212,7 @@ def test_cpu_without_onednn_bf16_runs_ours_for_bf16_lstm(monkeypatch):
     monkeypatch.setattr(pykernels._native, "ONEDNN_DTYPES", frozenset())
     from pykernels.ops import lstm as lstm_ops
     if "cpu" not in lstm_ops.LAYER or "cpu" not in lstm_ops.CELL:
-        pytest.skip("the C++ LSTM kernels are not built")
+        skip_unless_required("the C++ LSTM kernels are not built")
     lstm = pykernels.nn.LSTM(5, 7).bfloat16()
     x = torch.randn(6, 40, 5, dtype=torch.bfloat16)
     for grad in (False, True):
@@ -234,7 +236,7 @@ def test_cpu_fp16_lstm_rule_follows_onednn_fp16(monkeypatch):
     monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
     from pykernels.ops import lstm as lstm_ops
     if "cpu" not in lstm_ops.LAYER:
-        pytest.skip("the C++ LSTM kernels are not built")
+        skip_unless_required("the C++ LSTM kernels are not built")
     with_grad, without, _ = backends.ours_faster_dtype("lstm", "cpu", torch.float16)
     assert without < with_grad
     lstm = pykernels.nn.LSTM(5, 7).half()
@@ -259,7 +261,7 @@ def test_lstm_calls_no_kernel_covers_record_why_torch_ran(monkeypatch):
     monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
     from pykernels.ops import lstm as lstm_ops
     if "cpu" not in lstm_ops.LAYER:
-        pytest.skip("the C++ LSTM kernels are not built")
+        skip_unless_required("the C++ LSTM kernels are not built")
     x = torch.randn(5, 3, 8, dtype=torch.float16)
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 3, 2])
     for module, arg, why in ((pykernels.nn.LSTM(8, 16, proj_size=4).half(), x, "proj_size > 0 is not covered"),
@@ -282,7 +284,7 @@ def test_cpu_without_avx512_fp32_lstm_with_a_gradient_runs_ours(monkeypatch):
     monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
     from pykernels.ops import lstm as lstm_ops
     if "cpu" not in lstm_ops.LAYER:
-        pytest.skip("the C++ LSTM kernels are not built")
+        skip_unless_required("the C++ LSTM kernels are not built")
     lstm = pykernels.nn.LSTM(5, 7)
     x = torch.randn(6, 40, 5)
     for cap, with_grad in (("AVX2", "cpu"), ("AVX512", "torch"), ("DEFAULT", "torch")):

@@ -6,7 +6,8 @@ given states, key padding + bias_kv + zero_attn + 3-D float mask, ...) are where
 Each module runs on a CPU-tier backend as a *preference* (``pykernels.use_backend``), as ``pykernels.patch`` users
 get it: what the backend's kernel does not cover falls back visibly, and ``last_dispatch`` must then name the
 backend that ran. Outputs and the gradients of the inputs, the states and every parameter are judged against torch
-in float64 with the 2x-PyTorch-error rule (torch at the tested dtype is the baseline). Fixed example budgets keep
+in float64 with the PyTorch-error rule at 3x (torch at the tested dtype is the baseline; the fixed-shape tests
+hold 2x). Fixed example budgets keep
 CI time bounded; PYKERNELS_FUZZ_SCALE=k runs k times as many."""
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def _judge_runs(what, runs, dtype, no_grad=None):
 
 
 def _judge(what, got, ref, base, dtype):
-    """Outputs or gradients, element by element, under the 2x rule (float64 runs: a 1e-9 floor)."""
+    """Outputs or gradients, element by element, under the error rule at 3x (float64 runs: a 1e-9 floor)."""
     assert len(got) == len(ref) == len(base), what
     for k, (o, r, b) in enumerate(zip(got, ref, base)):
         assert (o is None) == (r is None), f"{what} [{k}]: {o is None=} but {r is None=}"

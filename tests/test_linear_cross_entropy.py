@@ -202,7 +202,7 @@ def test_kernels_against_float64_oracle(backend, device, case):
             return linear_cross_entropy(x, W, t, linear_bias=b, weight=_like(w, x), reduction=reduction,
                                         label_smoothing=eps, z_loss=zl, softcap=sc, backend=backend)
 
-        def torch_at(x, W, b=None):  # PyTorch's own error at this dtype: the baseline of the 2x rule
+        def torch_at(x, W, b=None):  # the plain-PyTorch oracle at this dtype: the baseline of the 2x rule
             return _oracle(x, W, b, t, w, reduction, None, eps, zl, sc)
 
         lr, gr = _run(torch_at, leaves, g)
@@ -564,8 +564,7 @@ def test_options_and_dtypes_as_torch(backend):
 def test_weight_that_requires_grad_gets_its_gradient():
     """The kernels treat the class weight as a constant: a weight that requires grad goes to the reference,
     visibly, and gets the gradient of the weighted mean."""
-    if pykernels.available_backends("cpu")["cpu"] is not None:
-        pytest.skip("needs the C++ extension's cpu backend")
+    require_backend("cpu", "cpu")
     x, W, t = torch.randn(7, 4, dtype=torch.float64, requires_grad=True), torch.randn(5, 4, dtype=torch.float64), \
         torch.randint(0, 5, (7,))
     w = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_()

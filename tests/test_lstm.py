@@ -168,9 +168,9 @@ def test_cell_bad_arguments_name_the_argument():
         torch.testing.assert_close(got, want)
         gb = torch.autograd.grad(got[0].sum(), [t for t in b if t is not None])
         torch.testing.assert_close(gb, torch.autograd.grad(want[0].sum(), [t for t in b if t is not None]))
-    for bad in ((x, (h, torch.randn(3, 2)), w_ih, w_hh), (x, (h, c), w_ih, w_hh.double()),
-                (x, (h, c, c), w_ih, w_hh), (x, (h[0], c), w_ih, w_hh)):
-        with pytest.raises(RuntimeError):
+    for bad, match in (((x, (h, torch.randn(3, 2)), w_ih, w_hh), r"hx\[1\]"), ((x, (h, c), w_ih, w_hh.double()), "w_hh"),
+                       ((x, (h, c, c), w_ih, w_hh), "hx must be a tuple"), ((x, (h[0], c), w_ih, w_hh), r"hx\[0\]")):
+        with pytest.raises(RuntimeError, match=match):  # (ours are also ValueError / TypeError)
             lstm_cell(*bad)
     with pytest.raises(ValueError, match="b_hh"):
         lstm_cell(x, (h, c), w_ih, w_hh, torch.randn(8), torch.randn(7))

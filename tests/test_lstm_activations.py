@@ -12,13 +12,15 @@ import torch
 
 from pykernels.ops import lstm as ops
 
+from conftest import skip_unless_required
+
 TINY = torch.finfo(torch.float32).tiny
 
 
 @pytest.fixture(autouse=True)
 def _cpu_kernels():
     if "cpu" not in ops.CELL:
-        pytest.skip(ops.cpp_error)
+        skip_unless_required(ops.cpp_error)
 
 
 def _sample(seed: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 import pykernels
 from bench import models
+from conftest import require_backend
 
 SWAPPED = (torch.nn.MultiheadAttention, torch.nn.LSTM, torch.nn.LSTMCell, torch.nn.CrossEntropyLoss)
 TINY = {"lstm": (models.CharLSTM, models.CharLSTMConfig(embed=16, hidden=24, layers=2)),
@@ -134,9 +135,7 @@ def test_linear_cross_entropy_loss_is_swapped_too():
 def test_round_trip_on_the_triton_kernels(name):
     """patch(model, backend="triton"): every swapped module runs the Triton kernels (under the interpreter on
     CPU), with the same loss and gradients as the torch modules."""
-    why = pykernels.available_backends("cpu").get("triton")
-    if why:
-        pytest.skip(why)
+    require_backend("triton", "cpu")
     model = _model(name)
     x, t = _batch()
     loss0, grads0 = _loss_and_grads(model, x, t)

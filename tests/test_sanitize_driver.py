@@ -12,6 +12,8 @@ import pytest
 
 from pykernels import backends
 
+from conftest import skip_unless_required
+
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["cross_entropy", "lstm_cell", "lstm_layer", "attention", "attention_mma_sync", "linear_cross_entropy"]
 
@@ -26,7 +28,7 @@ def test_every_family_is_driven():
 def test_driver_runs_on_cpu(family):
     why = backends._interpreter_reason()  # the driver runs each family on the interpreted Triton kernels too
     if why:
-        pytest.skip(why)
+        skip_unless_required(why)
     env = dict(os.environ, SANITIZE_DEVICE="cpu", TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "tests/gpu/sanitize.py", family], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
