@@ -41,9 +41,9 @@ def _cell_inputs(B, I, H, dtype, device, bias=True, strided=False):
     t = [r(B, I), r(B, H), r(B, H), r(4 * H, I) * 0.5, r(4 * H, H) * 0.5] + ([r(4 * H), r(4 * H)] if bias else
                                                                            [None, None])
     lo = [None if v is None else v.to(dtype) for v in t]
-    if strided:  # the same values through other strides (.to made them dense): x, hx and W_hh with a column stride
+    if strided:  # the same values through other strides (.to made them dense): x, hx, cx and W_hh with a column stride
         # of 2, W_ih column-major, the biases as the two columns of one (4H, 2) tensor (stride 2)
-        lo[0], lo[1], lo[4] = (torch.stack([v, v], -1)[..., 0] for v in (lo[0], lo[1], lo[4]))
+        lo[0], lo[1], lo[2], lo[4] = (torch.stack([v, v], -1)[..., 0] for v in (lo[0], lo[1], lo[2], lo[4]))
         lo[3] = lo[3].t().contiguous().t()
         if bias:
             both = torch.stack(lo[5:], 1)
@@ -653,6 +653,90 @@ def test_split_layer_persistent_knob(monkeypatch):
     assert kl.PERSISTENT and not importlib.reload(kl).PERSISTENT
     monkeypatch.delenv("PYKERNELS_LSTM_PERSISTENT")
     assert importlib.reload(kl).PERSISTENT
+
+
+def _16bit(backend, device):
+    return [torch.float16] + ([torch.bfloat16] if backend != "triton" or device == "cuda" else [])
+
+
+@pytest.mark.parametrize("backend,device", CPU_KERNELS + GPU_KERNELS)
+def test_16bit_kernels_keep_fp32_gates_and_round_where_the_contract_says(backend, device):
+    """The precision contract in 16 bits, checked from the kernels' own outputs so that no rounding flip can fail
+    it (the error-rule floors of 16-bit runs are too wide to see these; mutation review): the cell's gates and c
+    in fp32 (ws within 2e-5 of float64 on the rounded inputs, not rounded to 16 bits); the layer's next step
+    computed from h rounded to the input dtype (out[t - 1]); its dh0 from the gate gradients rounded to W_hh's
+    dtype (dg rounded @ W_hh)."""
+    require(backend, device)
+    cf, _ = ops.CELL[backend]
+    lf, lb = ops.LAYER[backend]
+    g = torch.Generator().manual_seed(12)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(device)
+    for dt in _16bit(backend, device):
+        for B in (3, 19):  # (cpu: the fused small-batch path and the BLAS one)
+            I, H = 16, 24
+            lo = [v.to(dt) for v in (r(B, I), r(B, H), r(B, H), r(4 * H, I) * .5, r(4 * H, H) * .5, r(4 * H),
+                                     r(4 * H))]
+            d = [v.double() for v in lo]
+            _, _, ws = cf(*lo)
+            gi, gf, gg, go = (d[0] @ d[3].t() + d[1] @ d[4].t() + d[5] + d[6]).chunk(4, 1)
+            i, f, gt, o = gi.sigmoid(), gf.sigmoid(), gg.tanh(), go.sigmoid()
+            ref = torch.cat([i, f, gt, o, f * d[2] + i * gt], 1)
+            err = (ws.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+            assert err < 2e-5, f"cell {dt} B={B}: ws {err:.1e} from float64 (gates rounded to 16 bits?)"
+        for H in (9, 40):
+            B = 5
+            xp = r(2, B, 4 * H)
+            w = (r(4 * H, H) * .3).to(dt)
+            h0, c0 = r(B, H).to(dt), r(B, H).to(dt)
+            out, ws = lf(xp, w, h0, c0, False)
+            gi, gf, gg, go = (xp[1].double() + out[0].double() @ w.double().t()).chunk(4, 1)
+            ref = torch.cat([gi.sigmoid(), gf.sigmoid(), gg.tanh(), go.sigmoid()], 1)
+            err = (ws[1, :, :4 * H].double() - ref).abs().max().item()
+            assert err < 1e-5, f"layer {dt} H={H}: step 1's gates {err:.1e} from those of the rounded h"
+            dg, dh0, _ = lb(r(2, B, H).to(dt), None, None, c0, ws, w, False)
+            ref = dg[0].to(dt).double() @ w.double()
+            err = (dh0.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+            assert err < 1e-5, f"layer {dt} H={H}: dh0 {err:.1e} from round(dg) @ W_hh"
+
+
+@pytest.mark.parametrize("backend,device", CPU_KERNELS + GPU_KERNELS)
+def test_layer_ops_take_strided_states_and_grad_out(backend, device):
+    """Direct op calls with a strided h0 / c0 and grad_out (the functional layer makes them contiguous first, so
+    only the op's own handling is checked here): the same results as with contiguous copies."""
+    require(backend, device)
+    lf, lb = ops.LAYER[backend]
+    T, B, H = 3, 4, 9
+    xp = torch.randn(T, B, 4 * H, device=device)
+    w = torch.randn(4 * H, H, device=device) * .3
+    h0, c0 = torch.randn(B, 2 * H, device=device)[:, ::2], torch.randn(B, 2 * H, device=device)[:, 1::2]
+    for a, b in zip(lf(xp, w, h0, c0, False), lf(xp, w, h0.contiguous(), c0.contiguous(), False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _, ws = lf(xp, w, h0.contiguous(), c0.contiguous(), False)
+    go = torch.randn(T, B, 2 * H, device=device)[..., ::2]
+    for a, b in zip(lb(go, None, None, c0, ws, w, False), lb(go.contiguous(), None, None, c0.contiguous(), ws, w,
+                                                              False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cpu_cell_backward_over_several_chunks():
+    """The C++ cell backward split over threads (grain 16384 / 5H rows: B = 5000, H = 3 gives several chunks;
+    every other test's B fits one): every row's gate gradients and dc_prev against float64."""
+    require("cpu", "cpu")
+    _, cb = ops.CELL["cpu"]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        B, H = 5000, 3
+        ws = torch.cat([torch.rand(B, 4 * H), torch.randn(B, H)], 1)
+        cx, gh, gc = torch.randn(B, H), torch.randn(B, H), torch.randn(B, H)
+        dg, dcx = cb(gh, gc, cx, ws)
+    finally:
+        torch.set_num_threads(prev)
+    ref_dg, ref_dcx = _gate_grads64(ws, cx.double(), gh.double(), gc.double(), F32)
+    torch.testing.assert_close(dg.double(), ref_dg, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dcx.double(), ref_dcx, rtol=1e-5, atol=1e-5)
 
 
 def triton_cdiv(a, b):
