@@ -397,10 +397,12 @@ def test_nan_input_row_poisons_its_row_as_torch(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS + FUSED_BACKENDS)
-def test_minus_inf_bias_masks_whole_tiles_as_torch(backend, device):
+@pytest.mark.parametrize("masked", [(16, 32), (0, 16)], ids=["inner", "leading"])
+def test_minus_inf_bias_masks_whole_tiles_as_torch(backend, device, masked):
     """A bias of -inf masking part of the vocabulary (padding classes): whole logit tiles and splits of -inf, whose
     online log-sum-exp must stay (max -inf, sum 0) instead of exp(-inf - -inf) = NaN. Loss as torch's, and zero
-    gradients for the masked classes (mutation review: dropping the kernels' -inf guard passed every test)."""
+    gradients for the masked classes (mutation review: dropping the kernels' -inf guard passed every test). The
+    leading case starts every row's running max at -inf (the fused kernel's guard)."""
     require_backend(backend, device)
     dtype = _one_dtype(backend)
     gen = torch.Generator().manual_seed(4)
@@ -408,8 +410,8 @@ def test_minus_inf_bias_masks_whole_tiles_as_torch(backend, device):
     x = torch.randn(N, H, generator=gen, dtype=torch.float64)
     W = torch.randn(V, H, generator=gen, dtype=torch.float64) / 4
     b = torch.randn(V, generator=gen, dtype=torch.float64)
-    b[16:32] = float("-inf")
-    t = torch.randint(0, 16, (N,), generator=gen)
+    b[masked[0]:masked[1]] = float("-inf")
+    t = torch.randint(0, 16, (N,), generator=gen) + (16 if masked[0] == 0 else 0)  # targets never masked
     x, W, b, t = x.to(device=device, dtype=dtype), W.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), \
         t.to(device)
     g = torch.tensor(1.0, dtype=torch.float64, device=device)
@@ -422,7 +424,65 @@ def test_minus_inf_bias_masks_whole_tiles_as_torch(backend, device):
     torch.testing.assert_close(lo.double(), lr, **tol)
     torch.testing.assert_close(gx.double(), rx, **tol)
     torch.testing.assert_close(gw.double(), rw, **tol)
-    assert bool((gw[16:32] == 0).all())
+    assert bool((gw[masked[0]:masked[1]] == 0).all())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS + FUSED_BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_class_weight_with_smoothing_on_every_path(backend, device, reduction):
+    """Class weights and label smoothing together with a reduction the fused paths take (the oracle's only case of
+    both used reduction "none", which never runs fused: a fused smoothing gradient without the weight passed)."""
+    require_backend(backend, device)
+    dtype = _one_dtype(backend)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    W = torch.randn(20, 8, generator=gen, dtype=torch.float64) * 0.5
+    w = torch.rand(20, generator=gen, dtype=torch.float64) + 0.5
+    t = torch.randint(0, 20, (6,), generator=gen)
+    g = torch.tensor(1.0, dtype=torch.float64, device=device)
+    x, W, w, t = x.to(device, dtype), W.to(device, dtype), w.to(device, dtype), t.to(device)
+    lo, go = _run(lambda x, W: linear_cross_entropy(x, W, t, weight=w, label_smoothing=0.3, reduction=reduction,
+                                                    backend=backend), [x, W], g)
+    lr, gr = _run(lambda x, W: F.cross_entropy(F.linear(x, W), t, weight=w.double(), label_smoothing=0.3,
+                                               reduction=reduction), [x.double(), W.double()], g)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype in (torch.float32, torch.float64) else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(lo.double(), lr, **tol)
+    for a, r in zip(go, gr):
+        torch.testing.assert_close(a.double(), r, **tol)
+
+
+def test_triton_fused_accumulates_dw_in_fp32_over_many_row_blocks(monkeypatch):
+    """The Triton fused path sums dW and db over its row blocks in fp32 and rounds once: with a row block of one
+    token (128 blocks) in fp16, its error stays within 2x torch's one-GEMM fp16 error (summing in fp16 was 2.8x)."""
+    require_backend("triton-fused", "cpu")
+    monkeypatch.setattr(lce_ops._launch, "fused_block_rows", lambda *a, **k: 1)
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 128, 8, 20
+    x = torch.randn(N, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64)
+    t = torch.randint(0, V, (N,), generator=g)
+
+    def run(fn, dt):
+        xs, Ws, bs = (u.to(dt).requires_grad_() for u in (x, W, b))
+        fn(xs, Ws, bs).backward()
+        return Ws.grad.double(), bs.grad.double()
+    ours = run(lambda x, W, b: linear_cross_entropy(x, W, t, linear_bias=b, reduction="sum", backend="triton-fused"),
+               torch.float16)
+    base = run(lambda x, W, b: F.cross_entropy(F.linear(x, W, b), t, reduction="sum"), torch.float16)
+    ref = run(lambda x, W, b: F.cross_entropy(F.linear(x, W, b), t, reduction="sum"), torch.float64)
+    for name, o, bs, r in zip(("dW", "db"), ours, base, ref):
+        assert_error_rule(f"fused {name}", o, r, bs)
+
+
+def test_label_smoothing_of_one_is_in_range():
+    """label_smoothing = 1.0 is valid (torch takes [0, 1]): the loss is the uniform target's."""
+    x, W, t = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([1, 2, 0])
+    want = F.cross_entropy(F.linear(x, W), t, label_smoothing=1.0)
+    for backend in ("reference", "cpu"):
+        if backend == "cpu":
+            require_backend("cpu", "cpu")
+        torch.testing.assert_close(linear_cross_entropy(x, W, t, label_smoothing=1.0, backend=backend), want)
 
 
 @pytest.mark.gpu

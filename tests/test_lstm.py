@@ -321,6 +321,16 @@ def test_layer_unbatched_default_state_and_only_output_used(backend, device):
     rg = torch.autograd.grad(ref(xr)[0].sum(), [xr] + list(ref.parameters()))
     for a, r in zip(g, rg):
         assert_error_rule("grad", a, r, dtype=torch.float32, floor=1e-5)
+    # an explicit unbatched state (num_layers * 2, H): each layer and direction its own row (mutation review: with
+    # one layer and direction a wrong unsqueeze axis gave the same shape)
+    h0, c0 = torch.randn(4, 5, dtype=F64, device=device), torch.randn(4, 5, dtype=F64, device=device)
+    rout, (rh, rc) = ref(x, (h0, c0))
+    for got in (ours(x.float(), (h0.float(), c0.float())),  # the module and the functional API
+                pykernels.functional.lstm(x.float(), (h0.float(), c0.float()),
+                                          [p.detach() for p in ours._flat_weights], num_layers=2, bidirectional=True,
+                                          backend=backend)):
+        for a, r in zip((got[0], *got[1]), (rout, rh, rc)):
+            assert_error_rule("unbatched with a state", a, r, dtype=torch.float32, floor=1e-5)
 
 
 def test_layer_empty_batch_and_bad_arguments():
