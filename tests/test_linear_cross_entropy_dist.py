@@ -212,7 +212,8 @@ def _collectives(rank, linear_cross_entropy) -> None:
         dist.all_gather, dist.all_reduce = real
     f64 = torch.float64
     assert calls == [("all_gather", 6, torch.int64), ("all_reduce", N, dist.ReduceOp.MAX, f64),
-                     ("all_reduce", 3 * N, dist.ReduceOp.SUM, f64), ("all_reduce", N * H, dist.ReduceOp.SUM, f64)], calls
+                     ("all_reduce", 3 * N, dist.ReduceOp.SUM, f64),
+                     ("all_reduce", N * H, dist.ReduceOp.SUM, f64)], calls
     # 16-bit input: the statistics and the partial d_input travel in fp32 (summed, then rounded once)
     calls.clear()
     xb = x.detach().bfloat16().requires_grad_()

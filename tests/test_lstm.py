@@ -168,7 +168,8 @@ def test_cell_bad_arguments_name_the_argument():
         torch.testing.assert_close(got, want)
         gb = torch.autograd.grad(got[0].sum(), [t for t in b if t is not None])
         torch.testing.assert_close(gb, torch.autograd.grad(want[0].sum(), [t for t in b if t is not None]))
-    for bad, match in (((x, (h, torch.randn(3, 2)), w_ih, w_hh), r"hx\[1\]"), ((x, (h, c), w_ih, w_hh.double()), "w_hh"),
+    for bad, match in (((x, (h, torch.randn(3, 2)), w_ih, w_hh), r"hx\[1\]"),
+                       ((x, (h, c), w_ih, w_hh.double()), "w_hh"),
                        ((x, (h, c, c), w_ih, w_hh), "hx must be a tuple"), ((x, (h[0], c), w_ih, w_hh), r"hx\[0\]")):
         with pytest.raises(RuntimeError, match=match):  # (ours are also ValueError / TypeError)
             lstm_cell(*bad)

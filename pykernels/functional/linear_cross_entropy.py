@@ -177,15 +177,15 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         vocabulary size (default: rank * rows, world * rows). One small all_gather per call checks that the shards
         tile the vocabulary and that the ranks agree on vocab_size and input's shape.
       fused: compute the gradients during the forward, for an upstream gradient of 1 (the backward only scales them: one
-        GEMM fewer than recomputing the logits, three in all as torch's own). None: on the "cpu" backend (float32, float64
-        and bfloat16); True: also on "triton" (CUDA, not yet measured faster); either where the reduction is "mean" or
-        "sum", a gradient is needed and there is no ``group``; otherwise (logged on the ``pykernels`` logger) the backward recomputes the
-        logits. The forward then computes the gradient of every operand that requires one, whether or not a backward
-        asks for it, and keeps them until the backward. Through a retained graph (retain_graph=True)
-        ``torch.autograd.grad`` may run any number of times, but a saved gradient that a ``.backward()`` made a leaf's
-        ``.grad`` is then accumulated into in place, so a third ``.backward()`` raises autograd's "modified by an
-        inplace operation". False: always recompute (for repeated backward passes, or a forward whose backward never
-        runs or asks for only some gradients: it then costs only its own GEMM).
+        GEMM fewer than recomputing the logits, three in all as torch's own). None: on the "cpu" backend (float32,
+        float64 and bfloat16); True: also on "triton" (CUDA, not yet measured faster); either where the reduction is
+        "mean" or "sum", a gradient is needed and there is no ``group``; otherwise (logged on the ``pykernels`` logger)
+        the backward recomputes the logits. The forward then computes the gradient of every operand that requires one,
+        whether or not a backward asks for it, and keeps them until the backward. Through a retained graph
+        (retain_graph=True) ``torch.autograd.grad`` may run any number of times, but a saved gradient that a
+        ``.backward()`` made a leaf's ``.grad`` is then accumulated into in place, so a third ``.backward()`` raises
+        autograd's "modified by an inplace operation". False: always recompute (for repeated backward passes, or a
+        forward whose backward never runs or asks for only some gradients: it then costs only its own GEMM).
       backend: "triton", "cuda", "cpu" or "reference"; see ``pykernels.backends``.
 
     Under ``torch.autocast``, as torch's linear then cross_entropy: input, linear_weight and linear_bias are cast
