@@ -73,7 +73,10 @@ def cpu_kernel_level(request):
         pytest.skip(f"no AVX-512 CPU kernels here: {_ext.wide_error or _ext.load_error}")
     _ext.set_wide_kernels(request.param == "wide")
     yield request.param
-    _ext.set_wide_kernels(chosen)
+    # as the import: set_wide_kernels(True), which registers them where they load and otherwise keeps the reason why
+    # not (set_wide_kernels(False) on a CPU without AVX-512 replaced "this CPU lacks AVX-512" by "switched off")
+    _ext.set_wide_kernels(True)
+    assert (_ext.cpu_kernels == "AVX512") == chosen, _ext.wide_error
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

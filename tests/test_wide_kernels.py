@@ -33,7 +33,7 @@ EVEX_OPERAND = ("%zmm", "%k1", "%k2", "%k3", "%k4", "%k5", "%k6", "%k7") + tuple
 def restore_choice():
     """(Request it before monkeypatch: it must restore after monkeypatch's undo.)"""
     yield
-    _ext.set_wide_kernels(CHOSEN)
+    _ext.set_wide_kernels(True)  # as the import (False would replace the reason they are not used by "switched off")
     assert (_ext.cpu_kernels == "AVX512") == CHOSEN, _ext.wide_error
 
 
