@@ -323,6 +323,23 @@ def test_non_finite_logits_as_torch(backend, device, fused, smoothing):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_gradient_scaled_by_any_upstream_scalar(backend, device, reduction):
+    """The fused path writes the gradient in the forward for an upstream gradient of 1 and scales it in the
+    backward: an upstream 0 must give zeros and 0.5 half of torch's (the Triton scale kernel's early exit for 1,
+    put on 0 instead, passed every test: mutation review)."""
+    _setup(backend, device, torch.float32)
+    x = _logits((6, 9), torch.float32, device)
+    t = torch.randint(0, 9, (6,), device=device)
+    for s in (0.0, 0.5, 1.0):
+        xx, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (pykernels.functional.cross_entropy(xx, t, reduction=reduction, fused=True, backend=backend) * s).backward()
+        (F.cross_entropy(xt, t, reduction=reduction) * s).backward()
+        torch.testing.assert_close(xx.grad, xt.grad, atol=1e-6, rtol=1e-5, msg=f"upstream {s}")
+        assert s != 0.0 or bool((xx.grad == 0).all())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("shape", [(7, 10), (7, 10, 3), (7, 4099)], ids=["misaligned", "strided", "wide"])
 def test_nan_where_a_thread_starts_poisons_the_row(backend, device, shape):
     """A NaN logit makes its row's loss, log-sum-exp and gradient NaN wherever it sits: at the first class of a
