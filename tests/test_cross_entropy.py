@@ -48,6 +48,8 @@ def _torch_z_term(x, t, w, z, reduction="mean", ignore_index=-100, **_):
         wy = torch.ones_like(lse) if w is None else w[torch.where(valid, t, 0)]
         denom = (wy * counted).sum()
     rows = z * lse.square() * counted
+    if reduction == "mean" and not bool(counted.sum() > 0):  # all ignored: torch's NaN mean, a zero gradient
+        return rows.sum() * 0
     return rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.sum() / denom
 
 
