@@ -70,6 +70,11 @@ def _one_dtype(backend):
             "cpu-split": torch.float32, "triton-fused": torch.float32}[backend]
 
 
+def _tol(dtype):
+    """Absolute and relative tolerance of the single-case tests against a float64 torch expectation."""
+    return dict(atol=1e-4, rtol=1e-4) if dtype in (torch.float32, torch.float64) else dict(atol=3e-2, rtol=3e-2)
+
+
 def _rule_dtype(dtype):
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
@@ -358,7 +363,7 @@ def test_non_finite_class_weight_as_torch(backend, device, eps, bad):
                                                label_smoothing=eps), [x.double(), W.double()], g)
     if eps == 0:
         assert bool(lo.isfinite()) and all(bool(a.isfinite().all()) for a in go)
-        tol = dict(atol=1e-4, rtol=1e-4) if dtype in (torch.float32, torch.float64) else dict(atol=3e-2, rtol=3e-2)
+        tol = _tol(dtype)
         torch.testing.assert_close(lo.double(), lr, **tol)
         for a, r in zip(go, gr):
             torch.testing.assert_close(a.double(), r, **tol)
@@ -386,7 +391,7 @@ def test_nan_input_row_poisons_its_row_as_torch(backend, device):
     lr, (rx, rw) = _run(lambda x, W: F.cross_entropy(F.linear(x, W), t, reduction="none"),
                         [x.double(), W.double()], g)
     _, lse = linear_cross_entropy(x, W, t, reduction="none", return_lse=True, backend=backend)
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype in (torch.float32, torch.float64) else dict(atol=3e-2, rtol=3e-2)
+    tol = _tol(dtype)
     bad = torch.tensor([False, False, True, False, True, False], device=device)
     assert bool(lr[bad].isnan().all()) and bool(rw.isnan().all())  # the test's premise
     torch.testing.assert_close(lo.double(), lr, equal_nan=True, **tol)
@@ -419,7 +424,7 @@ def test_minus_inf_bias_masks_whole_tiles_as_torch(backend, device, masked):
                         [x, W], g)
     lr, (rx, rw) = _run(lambda x, W: F.cross_entropy(F.linear(x, W, b.double()), t, reduction="sum"),
                         [x.double(), W.double()], g)
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype in (torch.float32, torch.float64) else dict(atol=3e-2, rtol=3e-2)
+    tol = _tol(dtype)
     assert bool(lo.isfinite()) and bool(gx.isfinite().all()) and bool(gw.isfinite().all())
     torch.testing.assert_close(lo.double(), lr, **tol)
     torch.testing.assert_close(gx.double(), rx, **tol)
@@ -445,7 +450,7 @@ def test_class_weight_with_smoothing_on_every_path(backend, device, reduction):
                                                     backend=backend), [x, W], g)
     lr, gr = _run(lambda x, W: F.cross_entropy(F.linear(x, W), t, weight=w.double(), label_smoothing=0.3,
                                                reduction=reduction), [x.double(), W.double()], g)
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype in (torch.float32, torch.float64) else dict(atol=3e-2, rtol=3e-2)
+    tol = _tol(dtype)
     torch.testing.assert_close(lo.double(), lr, **tol)
     for a, r in zip(go, gr):
         torch.testing.assert_close(a.double(), r, **tol)

@@ -4,6 +4,7 @@ vocab_start / vocab_size), and must get the same loss and lse, the full d_input 
 d_bias. The reference kernels in float64 always; the Triton kernels (fp32) when the run is interpreted."""
 from __future__ import annotations
 
+import functools
 import os
 import traceback
 
@@ -229,144 +230,145 @@ def _collectives(rank, linear_cross_entropy) -> None:
             "then 3N floats, op SUM), 1 in the backward (N x H floats)") in doc
 
 
-def _worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        from pykernels.functional import linear_cross_entropy
-        for backend in backends:
-            dtype = torch.float64 if backend == "reference" else torch.float32
-            tol = 1e-10 if dtype == torch.float64 else 2e-5
-            for i, (bias, weighted, eps, zl, sc, red, uneven) in enumerate(CASES):
-                g = torch.Generator().manual_seed(1234 + i)  # the same problem on every rank
-                N, H, V = 11, 20, 37 if uneven else 36
-                x = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype)
-                W = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.4).to(dtype)
-                b = torch.randn(V, generator=g, dtype=torch.float64).to(dtype) if bias else None
-                w = (torch.rand(V, generator=g, dtype=torch.float64) + 0.5).to(dtype) if weighted else None
-                t = torch.randint(0, V, (N,), generator=g)
-                t[::4] = -100
-                up = torch.rand(N if red == "none" else (), generator=g, dtype=torch.float64) + 0.5
-                lo, hi = (0, 19) if rank == 0 else (19, V)
-                if not uneven:
-                    lo, hi = rank * V // world, (rank + 1) * V // world
+def _worker_process(body):
+    """The spawned side of _spawn: joins the gloo group, runs body(rank, world, backends), waits for every rank, and
+    leaves a done<rank> file, or the traceback in rank<rank>.txt."""
+    @functools.wraps(body)  # spawn pickles the worker by its module-level name
+    def run(rank: int, world: int, store: str, err_dir: str, backends) -> None:
+        try:
+            torch.set_num_threads(1)
+            dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+            body(rank, world, backends)
+            dist.barrier()  # every rank is done communicating: no destroy_process_group, see below
+        except BaseException:
+            with open(os.path.join(err_dir, f"rank{rank}.txt"), "w") as fh:
+                fh.write(traceback.format_exc())
+            raise
+        open(os.path.join(err_dir, f"done{rank}"), "w").close()
+        # Skip gloo's and the interpreter's teardown: once in CI (2026-12-04) a worker aborted after its checks with
+        # "terminate called without an active exception" (a native thread still joinable when it was destroyed)
+        os._exit(0)
+    return run
 
-                def run(x, W, b, **kw):
-                    x, W = x.clone().requires_grad_(), W.clone().requires_grad_()
-                    b = None if b is None else b.clone().requires_grad_()
-                    loss, lse = linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=red,
-                                                     label_smoothing=eps, z_loss=zl, softcap=sc, return_lse=True,
-                                                     **kw)
-                    loss.backward(up.to(loss.dtype))
-                    return loss.detach(), lse, x.grad, W.grad, None if b is None else b.grad
 
-                full = run(x, W, b, backend="reference")
-                kw = dict(group=dist.group.WORLD, backend=backend)
-                if uneven:
-                    kw.update(vocab_start=lo, vocab_size=V)
-                part = run(x, W[lo:hi], None if b is None else b[lo:hi], **kw)
-                names = ("loss", "lse", "d_input", "d_weight", "d_bias")
-                for name, p, f in zip(names, part, full):
-                    if f is None:
-                        assert p is None, name
-                        continue
-                    if name in ("d_weight", "d_bias"):
-                        f = f[lo:hi]
-                    err = (p.double() - f.double()).abs().max().item()
-                    assert err <= tol * max(1.0, f.double().abs().max().item()), \
-                        f"{backend} case {i} rank {rank}: {name} error {err:.3e}"
-            # a NaN / inf weight of a class no target uses (in rank 1's shard), no smoothing: finite gradients equal
-            # to the one-process reference's (eps W / C with eps = 0 made every gradient NaN)
-            g = torch.Generator().manual_seed(7)
-            x = torch.randn(6, 12, generator=g, dtype=torch.float64).to(dtype)
-            W = (torch.randn(20, 12, generator=g, dtype=torch.float64) * 0.4).to(dtype)
-            t = torch.tensor([0, 3, 11, 5, 17, 8])
-            lo, hi = rank * 10, (rank + 1) * 10
-            for bad in (float("nan"), float("inf")):
-                w = (torch.rand(20, generator=g, dtype=torch.float64) + 0.5).to(dtype)  # (torch: the logits')
-                w[14] = bad
-                res = []
-                for W_, kw in ((W, dict(backend="reference")),
-                               (W[lo:hi], dict(group=dist.group.WORLD, backend=backend))):
-                    xx, WW = x.clone().requires_grad_(), W_.clone().requires_grad_()
-                    loss = linear_cross_entropy(xx, WW, t, weight=w, reduction="sum", **kw)
-                    loss.backward()
-                    res.append((loss.detach(), xx.grad, WW.grad))
-                (lf, xf, Wf), (lp, xp, Wp) = res
-                for name, p, f in (("loss", lp, lf), ("d_input", xp, xf), ("d_weight", Wp, Wf[lo:hi])):
-                    assert bool(p.isfinite().all()), f"{backend} weight {bad} rank {rank}: {name} not finite"
-                    err = (p.double() - f.double()).abs().max().item()
-                    assert err <= tol * max(1.0, f.double().abs().max().item()), \
-                        f"{backend} weight {bad} rank {rank}: {name} error {err:.3e}"
-        # under autocast the loss is float32 cast once from the accumulator, as the one-process call's (it was the
-        # bf16-rounded value: 1e-2 off at a loss of 9.5)
-        g = torch.Generator().manual_seed(99)
-        x, W = torch.randn(16, 24, generator=g), torch.randn(40, 24, generator=g)
-        t = torch.randint(0, 40, (16,), generator=g)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            one = linear_cross_entropy(x, W, t, backend="reference")
-            part = linear_cross_entropy(x, W[rank * 20:(rank + 1) * 20], t, group=dist.group.WORLD,
-                                        backend="reference")
-        assert part.dtype == one.dtype == torch.float32
-        assert abs(part.item() - one.item()) <= 1e-5 * abs(one.item()), (part.item(), one.item())
-        # an empty batch: torch's NaN mean and 0 sum on every backend (the Triton launcher divided by 0 rows)
-        x = torch.randn(0, 24, requires_grad=True)
-        for backend in backends:
-            for red, want in (("mean", float("nan")), ("sum", 0.0)):
-                loss = linear_cross_entropy(x, W[rank * 20:(rank + 1) * 20], t[:0], reduction=red,
-                                            group=dist.group.WORLD, backend=backend)
+@_worker_process
+def _worker(rank: int, world: int, backends) -> None:
+    from pykernels.functional import linear_cross_entropy
+    for backend in backends:
+        dtype = torch.float64 if backend == "reference" else torch.float32
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        for i, (bias, weighted, eps, zl, sc, red, uneven) in enumerate(CASES):
+            g = torch.Generator().manual_seed(1234 + i)  # the same problem on every rank
+            N, H, V = 11, 20, 37 if uneven else 36
+            x = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype)
+            W = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.4).to(dtype)
+            b = torch.randn(V, generator=g, dtype=torch.float64).to(dtype) if bias else None
+            w = (torch.rand(V, generator=g, dtype=torch.float64) + 0.5).to(dtype) if weighted else None
+            t = torch.randint(0, V, (N,), generator=g)
+            t[::4] = -100
+            up = torch.rand(N if red == "none" else (), generator=g, dtype=torch.float64) + 0.5
+            lo, hi = (0, 19) if rank == 0 else (19, V)
+            if not uneven:
+                lo, hi = rank * V // world, (rank + 1) * V // world
+
+            def run(x, W, b, **kw):
+                x, W = x.clone().requires_grad_(), W.clone().requires_grad_()
+                b = None if b is None else b.clone().requires_grad_()
+                loss, lse = linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=red,
+                                                 label_smoothing=eps, z_loss=zl, softcap=sc, return_lse=True,
+                                                 **kw)
+                loss.backward(up.to(loss.dtype))
+                return loss.detach(), lse, x.grad, W.grad, None if b is None else b.grad
+
+            full = run(x, W, b, backend="reference")
+            kw = dict(group=dist.group.WORLD, backend=backend)
+            if uneven:
+                kw.update(vocab_start=lo, vocab_size=V)
+            part = run(x, W[lo:hi], None if b is None else b[lo:hi], **kw)
+            names = ("loss", "lse", "d_input", "d_weight", "d_bias")
+            for name, p, f in zip(names, part, full):
+                if f is None:
+                    assert p is None, name
+                    continue
+                if name in ("d_weight", "d_bias"):
+                    f = f[lo:hi]
+                err = (p.double() - f.double()).abs().max().item()
+                assert err <= tol * max(1.0, f.double().abs().max().item()), \
+                    f"{backend} case {i} rank {rank}: {name} error {err:.3e}"
+        # a NaN / inf weight of a class no target uses (in rank 1's shard), no smoothing: finite gradients equal
+        # to the one-process reference's (eps W / C with eps = 0 made every gradient NaN)
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(6, 12, generator=g, dtype=torch.float64).to(dtype)
+        W = (torch.randn(20, 12, generator=g, dtype=torch.float64) * 0.4).to(dtype)
+        t = torch.tensor([0, 3, 11, 5, 17, 8])
+        lo, hi = rank * 10, (rank + 1) * 10
+        for bad in (float("nan"), float("inf")):
+            w = (torch.rand(20, generator=g, dtype=torch.float64) + 0.5).to(dtype)  # (torch: the logits')
+            w[14] = bad
+            res = []
+            for W_, kw in ((W, dict(backend="reference")),
+                           (W[lo:hi], dict(group=dist.group.WORLD, backend=backend))):
+                xx, WW = x.clone().requires_grad_(), W_.clone().requires_grad_()
+                loss = linear_cross_entropy(xx, WW, t, weight=w, reduction="sum", **kw)
                 loss.backward()
-                assert (loss.isnan().item() if red == "mean" else loss.item() == 0.0), (backend, red, loss)
-        _bad_calls(rank, backends, linear_cross_entropy)
-        _edge_cases(rank, backends, linear_cross_entropy)
-        _collectives(rank, linear_cross_entropy)
-        _compiled(rank, "cpu" if "cpu" in backends else "reference", linear_cross_entropy)
-        dist.barrier()  # both ranks are done communicating: no destroy_process_group, see below
-    except BaseException:
-        with open(os.path.join(err_dir, f"rank{rank}.txt"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
-    open(os.path.join(err_dir, f"done{rank}"), "w").close()
-    # Skip gloo's and the interpreter's teardown: once in CI (2026-12-04) a worker aborted after its checks with
-    # "terminate called without an active exception" (a native thread still joinable when it was destroyed)
-    os._exit(0)
+                res.append((loss.detach(), xx.grad, WW.grad))
+            (lf, xf, Wf), (lp, xp, Wp) = res
+            for name, p, f in (("loss", lp, lf), ("d_input", xp, xf), ("d_weight", Wp, Wf[lo:hi])):
+                assert bool(p.isfinite().all()), f"{backend} weight {bad} rank {rank}: {name} not finite"
+                err = (p.double() - f.double()).abs().max().item()
+                assert err <= tol * max(1.0, f.double().abs().max().item()), \
+                    f"{backend} weight {bad} rank {rank}: {name} error {err:.3e}"
+    # under autocast the loss is float32 cast once from the accumulator, as the one-process call's (it was the
+    # bf16-rounded value: 1e-2 off at a loss of 9.5)
+    g = torch.Generator().manual_seed(99)
+    x, W = torch.randn(16, 24, generator=g), torch.randn(40, 24, generator=g)
+    t = torch.randint(0, 40, (16,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        one = linear_cross_entropy(x, W, t, backend="reference")
+        part = linear_cross_entropy(x, W[rank * 20:(rank + 1) * 20], t, group=dist.group.WORLD,
+                                    backend="reference")
+    assert part.dtype == one.dtype == torch.float32
+    assert abs(part.item() - one.item()) <= 1e-5 * abs(one.item()), (part.item(), one.item())
+    # an empty batch: torch's NaN mean and 0 sum on every backend (the Triton launcher divided by 0 rows)
+    x = torch.randn(0, 24, requires_grad=True)
+    for backend in backends:
+        for red, want in (("mean", float("nan")), ("sum", 0.0)):
+            loss = linear_cross_entropy(x, W[rank * 20:(rank + 1) * 20], t[:0], reduction=red,
+                                        group=dist.group.WORLD, backend=backend)
+            loss.backward()
+            assert (loss.isnan().item() if red == "mean" else loss.item() == 0.0), (backend, red, loss)
+    _bad_calls(rank, backends, linear_cross_entropy)
+    _edge_cases(rank, backends, linear_cross_entropy)
+    _collectives(rank, linear_cross_entropy)
+    _compiled(rank, "cpu" if "cpu" in backends else "reference", linear_cross_entropy)
 
 
-def _subgroup_worker(rank: int, world: int, store: str, err_dir: str, backends) -> None:
+@_worker_process
+def _subgroup_worker(rank: int, world: int, backends) -> None:
     """World 3, the vocabulary sharded over the subgroup of global ranks 1 and 2 (group ranks 0 and 1): the
     default vocab_start is the group rank's, and every collective stays in the group (global rank 0 takes no part
     after creating it)."""
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        sub = dist.new_group([1, 2])  # every rank creates it
-        if rank > 0:
-            from pykernels.functional import linear_cross_entropy
-            g = torch.Generator().manual_seed(5)
-            x = torch.randn(7, 10, generator=g, dtype=torch.float64)
-            W = torch.randn(16, 10, generator=g, dtype=torch.float64)
-            t = torch.randint(0, 16, (7,), generator=g)
-            lo, hi = (rank - 1) * 8, rank * 8
-            for backend in backends:
-                dt = torch.float64 if backend == "reference" else torch.float32
-                res = []
-                for W_, kw in ((W, dict(backend="reference")), (W[lo:hi], dict(group=sub, backend=backend))):
-                    xx, WW = x.to(dt).clone().requires_grad_(), W_.to(dt).clone().requires_grad_()
-                    loss = linear_cross_entropy(xx, WW, t, label_smoothing=0.1, **kw)
-                    loss.backward()
-                    res.append((loss.detach(), xx.grad, WW.grad))
-                (lf, xf, Wf), (lp, xp, Wp) = res
-                tol = 1e-10 if dt == torch.float64 else 2e-5
-                for name, p, f in (("loss", lp, lf), ("d_input", xp, xf), ("d_weight", Wp, Wf[lo:hi])):
-                    err = (p.double() - f.double()).abs().max().item()
-                    assert err <= tol * max(1.0, f.double().abs().max().item()), f"{backend} {name} {err:.3e}"
-        dist.barrier()
-    except BaseException:
-        with open(os.path.join(err_dir, f"rank{rank}.txt"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
-    open(os.path.join(err_dir, f"done{rank}"), "w").close()
-    os._exit(0)  # as _worker
+    sub = dist.new_group([1, 2])  # every rank creates it
+    if rank > 0:
+        from pykernels.functional import linear_cross_entropy
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(7, 10, generator=g, dtype=torch.float64)
+        W = torch.randn(16, 10, generator=g, dtype=torch.float64)
+        t = torch.randint(0, 16, (7,), generator=g)
+        lo, hi = (rank - 1) * 8, rank * 8
+        for backend in backends:
+            dt = torch.float64 if backend == "reference" else torch.float32
+            res = []
+            for W_, kw in ((W, dict(backend="reference")), (W[lo:hi], dict(group=sub, backend=backend))):
+                xx, WW = x.to(dt).clone().requires_grad_(), W_.to(dt).clone().requires_grad_()
+                loss = linear_cross_entropy(xx, WW, t, label_smoothing=0.1, **kw)
+                loss.backward()
+                res.append((loss.detach(), xx.grad, WW.grad))
+            (lf, xf, Wf), (lp, xp, Wp) = res
+            tol = 1e-10 if dt == torch.float64 else 2e-5
+            for name, p, f in (("loss", lp, lf), ("d_input", xp, xf), ("d_weight", Wp, Wf[lo:hi])):
+                err = (p.double() - f.double()).abs().max().item()
+                assert err <= tol * max(1.0, f.double().abs().max().item()), f"{backend} {name} {err:.3e}"
 
 
 def _spawn(worker, world: int, tmp_path, backends) -> None:
