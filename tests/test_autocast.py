@@ -187,6 +187,41 @@ def test_lstm_and_cell_under_autocast(backend):
         torch.testing.assert_close(h.float(), rh.float(), atol=2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference", None])
+@pytest.mark.parametrize("amp,inp,state", [(torch.bfloat16, torch.float16, None),
+                                           (torch.bfloat16, torch.float16, torch.bfloat16),
+                                           (torch.bfloat16, torch.float16, torch.float32),
+                                           (torch.float16, torch.bfloat16, None)],
+                         ids=["bf16-fp16-none", "bf16-fp16-bf16", "bf16-fp16-fp32", "fp16-bf16-none"])
+def test_lstm_with_the_other_half_dtype_under_autocast(backend, amp, inp, state):
+    """The 16-bit input oneDNN does not take (fp16 under grad mode; bf16 without AVX512-BF16) runs torch's step-by-step
+    LSTM under autocast: only its gate GEMMs are cast, and the cell update promotes them with the state, so fp16
+    input under bf16 autocast returns float32, as torch's (ours returned bf16). Where torch's call raises (its
+    oneDNN path in a dtype this CPU lacks), ours runs in the autocast dtype."""
+    if backend is not None:
+        _skip_unavailable(backend)
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(8, 16, num_layers=2)
+    ours = pykernels.nn.LSTM(8, 16, num_layers=2, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 3, 8).to(inp)
+    hx = None if state is None else tuple(torch.randn(2, 3, 16).to(state) for _ in range(2))
+    with torch.autocast("cpu", dtype=amp):
+        try:
+            ref, (rh, rc) = theirs(x, hx)
+        except RuntimeError:  # torch's oneDNN LSTM lacks the dtype here
+            ref = None
+        out, (h, c) = ours(x, hx)
+    if ref is None:
+        assert out.dtype == h.dtype == c.dtype == amp
+        return
+    assert (out.dtype, h.dtype, c.dtype) == (ref.dtype, rh.dtype, rc.dtype), (out.dtype, ref.dtype)
+    for a, b in ((out, ref), (h, rh), (c, rc)):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=0)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())
+
+
 @pytest.mark.parametrize("backend", [None, "reference"])
 def test_attention_under_autocast(backend):
     """SDPA is on autocast's lower-precision list: float32 (or mixed) q/k/v and a float mask run in the autocast

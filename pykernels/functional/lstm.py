@@ -29,8 +29,8 @@ _CELL_DTYPES = {
 
 
 # torch.autocast's treatment of the LSTM, so that the drop-ins return what torch's do: nn.LSTM runs in the autocast
-# dtype on CPU (oneDNN's rnn layer is on the lower-precision list) and CUDA, and so does the cell on CUDA
-# (lstm_cell is on the list). torch's CPU cell only multiplies in the autocast dtype, and its cell update promotes
+# dtype on CUDA and, where it takes oneDNN's rnn layer (on the lower-precision list), on CPU (_autocast_lstm); so does
+# the cell on CUDA (lstm_cell is on the list). torch's CPU cell only multiplies in the autocast dtype, and its cell update promotes
 # those gates with the cell state (the zeros it makes for hx=None take the input's): the cell runs in that promoted
 # dtype here (the state's own, except bf16 gates with an fp16 state or the other way round: float32).
 def _cell_autocast_dtype(input: Tensor, hx) -> torch.dtype:
@@ -170,6 +170,27 @@ def _layer_unsupported(b: str, x: Tensor, proj_size: int, packed: bool, hidden: 
     return None
 
 
+def _autocast_lstm(input: Tensor, hx) -> Tuple[torch.dtype, bool]:
+    """(the dtype torch's LSTM computes in under autocast, whether that call raises). On the CPU autocast casts
+    only inside oneDNN's rnn layer (on the lower-precision list), which torch's LSTM takes for float32 input, and
+    for 16-bit input where oneDNN has that dtype (fp16: outside grad mode only). That layer raises ("could not
+    create a primitive descriptor for the LSTM forward propagation primitive") in a 16-bit dtype this CPU's oneDNN
+    lacks (_native.ONEDNN_DTYPES), and in fp16 under grad mode even where oneDNN has fp16 (an Intel Xeon with
+    AVX512-FP16, torch 2.14.1). Other input takes torch's step-by-step LSTM, whose gate GEMMs alone are cast: its cell
+    update promotes those gates with the state (the lstm_cell rule above), so fp16 input under bf16 autocast
+    returns float32."""
+    amp = torch.get_autocast_dtype(input.device.type)
+    if input.device.type != "cpu":
+        return amp, False
+    grad, half = torch.is_grad_enabled(), (torch.float16, torch.bfloat16)
+    onednn = (torch._C._get_mkldnn_enabled() and input.numel() > 0
+              and (input.dtype == torch.float32 or (input.dtype in _native.ONEDNN_DTYPES
+                                                    and not (input.dtype == torch.float16 and grad))))
+    if onednn:
+        return amp, amp in half and (amp not in _native.ONEDNN_DTYPES or (amp == torch.float16 and grad))
+    return _cell_autocast_dtype(input, hx), False
+
+
 def _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first, dropout,
                  training, batch_sizes):
     """torch's own LSTM (cuDNN on CUDA) with this function's conventions (unbatched input, default state)."""
@@ -299,14 +320,7 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
         return _layer_unsupported(b, input, proj_size, packed, params[1].shape[-1])
     operands = (input, *(hx or ()), *params)  # (all tensors: checked)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in operands)
-    # under autocast torch's LSTM computes in the autocast dtype: its rules are that dtype's. Its CPU autocast LSTM
-    # raises ("could not create a primitive descriptor for the LSTM forward propagation primitive") in a 16-bit
-    # dtype this CPU's oneDNN lacks (_native.ONEDNN_DTYPES), and in fp16 under grad mode even where oneDNN has fp16
-    # (an Intel Xeon with AVX512-FP16, torch 2.14.1; no_grad ran): ours runs those calls
-    run_dtype = torch.get_autocast_dtype(input.device.type) if amp and _autocast.eligible(input) else input.dtype
-    torch_fails = (amp and input.device.type == "cpu" and run_dtype in (torch.float16, torch.bfloat16)
-                   and (run_dtype not in _native.ONEDNN_DTYPES
-                        or (run_dtype == torch.float16 and torch.is_grad_enabled())))
+    run_dtype, torch_fails = _autocast_lstm(input, hx) if amp and _autocast.eligible(input) else (input.dtype, False)
     # Traced on the CPU (torch.compile, export), torch's LSTM decomposes over the time steps: one guard per sequence
     # length (a recompile each, then eager past the recompile limit) and minutes of inductor compile for a long
     # sequence; our op keeps T symbolic. So there, where our CPU kernel runs, only what it does not cover (and
@@ -320,7 +334,9 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
         return _native_lstm(input, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first,
                             dropout, training, batch_sizes)
     if amp:
-        x, hx, params = _cast(input, hx, params, torch.get_autocast_dtype(input.device.type))
+        # (float64 input: the weights in the autocast dtype fail the dtype check, as torch's GEMM raises)
+        x, hx, params = _cast(input, hx, params,
+                              run_dtype if _autocast.eligible(input) else torch.get_autocast_dtype(input.device.type))
         with _autocast.off(input):
             return lstm(x, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first, dropout,
                         training, batch_sizes, backend=backend)
