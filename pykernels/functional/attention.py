@@ -126,6 +126,17 @@ def _backward_smem(device: torch.device, tensors) -> Optional[int]:
     return _device_props.smem_optin(device.index)
 
 
+def _unsupported(b: str, q: Tensor, head_dims: Tuple[int, int], lengths, dropout_p: float, tensors) -> Optional[str]:
+    """Why backend ``b`` cannot run an attention call with queries like ``q`` (None: it can); ``tensors``: the
+    operands whose gradient the call may record."""
+    why = _kernel_reason(b, q.dtype, head_dims, q.device)
+    if why is None and b != "reference" and dropout_p >= 1.0:
+        return "dropout_p == 1 (every probability dropped) runs on the reference"
+    if why is None and b == "cuda":
+        return _cuda_reason(q.dtype, head_dims, lengths, _backward_smem(q.device, tensors))
+    return why
+
+
 def _seed(device: torch.device) -> Tensor:
     # Drawn from torch's generator of the device (torch.manual_seed reproduces it), kept on the device: no sync.
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
@@ -249,13 +260,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     dropout_p = float(dropout_p)
 
     def unsupported(b: str) -> Optional[str]:
-        why = _kernel_reason(b, query.dtype, (E, Ev), query.device)
-        if why is None and b != "reference" and dropout_p >= 1.0:
-            return "dropout_p == 1 (every probability dropped) runs on the reference"
-        if why is None and b == "cuda":
-            return _cuda_reason(query.dtype, (E, Ev), (query.shape[-2], key.shape[-2]),
-                                _backward_smem(query.device, (query, key, value, attn_mask)))
-        return why
+        return _unsupported(b, query, (E, Ev), (query.shape[-2], key.shape[-2]), dropout_p,
+                            (query, key, value, attn_mask))
 
     chosen = backends.choose("scaled_dot_product_attention", query.device, backend, unsupported,
                              tensors=(query, key, value, attn_mask),
@@ -350,12 +356,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     dropout_p = float(dropout_p)
 
     def unsupported(b: str) -> Optional[str]:
-        why = _kernel_reason(b, q.dtype, (E, Ev), q.device)
-        if why is None and b != "reference" and dropout_p >= 1.0:
-            return "dropout_p == 1 (every probability dropped) runs on the reference"
-        if why is None and b == "cuda":
-            return _cuda_reason(q.dtype, (E, Ev), (max_seqlen_q, max_seqlen_k), _backward_smem(q.device, (q, k, v)))
-        return why
+        return _unsupported(b, q, (E, Ev), (max_seqlen_q, max_seqlen_k), dropout_p, (q, k, v))
 
     chosen = backends.choose("varlen_attention", q.device, backend, unsupported, tensors=(q, k, v),
                              empty=T == 0 or Tk == 0 or q.numel() == 0)
