@@ -103,6 +103,17 @@ def _torch_lstm_under_autocast(theirs, inp, dtype):
     return copy.deepcopy(theirs).to(dtype)(inp.to(dtype))
 
 
+def _two_layer_lstms(backend):
+    """torch's two-layer LSTM (seeded) and ours with its weights, on ``backend`` (None: automatic)."""
+    if backend is not None:
+        _skip_unavailable(backend)
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(8, 16, num_layers=2)
+    ours = pykernels.nn.LSTM(8, 16, num_layers=2, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_lstm_under_autocast_avoids_a_failing_torch_lstm(monkeypatch, grad):
     """Where this CPU's oneDNN lacks the autocast dtype (simulated here on any CPU), torch's LSTM under autocast
@@ -151,12 +162,7 @@ def test_lstm_and_cell_under_autocast(backend):
     input already is lower precision (an autocast linear before it: mixed dtypes used to raise); the CPU cell
     keeps float32 inputs float32 and follows lower-precision ones, as torch's. Gradients reach float32 weights.
     backend None: automatic dispatch, which must not hand the call to a torch LSTM that raises on this CPU."""
-    if backend is not None:
-        _skip_unavailable(backend)
-    torch.manual_seed(0)
-    theirs = torch.nn.LSTM(8, 16, num_layers=2)
-    ours = pykernels.nn.LSTM(8, 16, num_layers=2, backend=backend)
-    ours.load_state_dict(theirs.state_dict())
+    theirs, ours = _two_layer_lstms(backend)
     x = torch.randn(5, 3, 8)
     for inp in (x, x.bfloat16()):
         ref, (rh, rc) = _torch_lstm_under_autocast(theirs, inp, torch.bfloat16)
@@ -198,12 +204,7 @@ def test_lstm_with_the_other_half_dtype_under_autocast(backend, amp, inp, state)
     LSTM under autocast: only its gate GEMMs are cast, and the cell update promotes them with the state, so fp16
     input under bf16 autocast returns float32, as torch's (ours returned bf16). Where torch's call raises (its
     oneDNN path in a dtype this CPU lacks), ours runs in the autocast dtype."""
-    if backend is not None:
-        _skip_unavailable(backend)
-    torch.manual_seed(0)
-    theirs = torch.nn.LSTM(8, 16, num_layers=2)
-    ours = pykernels.nn.LSTM(8, 16, num_layers=2, backend=backend)
-    ours.load_state_dict(theirs.state_dict())
+    theirs, ours = _two_layer_lstms(backend)
     x = torch.randn(5, 3, 8).to(inp)
     hx = None if state is None else tuple(torch.randn(2, 3, 16).to(state) for _ in range(2))
     with torch.autocast("cpu", dtype=amp):
