@@ -2,7 +2,7 @@
 sizes, dtypes, devices), so a caller's ``except RuntimeError`` must keep working after a drop-in swap; Python's
 convention (and pykernels' messages, which name the argument) call them ValueError / TypeError. These are both."""
 
-__all__ = ["ArgumentValueError", "ArgumentTypeError", "ArgumentAssertionError"]
+__all__ = ["ArgumentValueError", "ArgumentTypeError", "ArgumentDtypeError", "ArgumentAssertionError"]
 
 
 class ArgumentValueError(ValueError, RuntimeError):
@@ -11,6 +11,11 @@ class ArgumentValueError(ValueError, RuntimeError):
 
 class ArgumentTypeError(TypeError, RuntimeError):
     """An argument of the wrong type or dtype."""
+
+
+class ArgumentDtypeError(ArgumentTypeError, NotImplementedError):
+    """A tensor of a dtype the call has no kernel for (integer logits): torch's kernels raise NotImplementedError
+    ('"log_softmax_lastdim_kernel_impl" not implemented for 'Long''), which this is too."""
 
 
 class ArgumentAssertionError(ArgumentValueError, AssertionError):

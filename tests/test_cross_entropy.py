@@ -545,6 +545,10 @@ def test_options_and_dtypes_as_torch(backend):
         with pytest.raises(RuntimeError):  # torch's class
             F.cross_entropy(x, t, weight=torch.ones(5, dtype=wd))
     _names(run(x.to(torch.float8_e4m3fn), t), TypeError, "input must be floating point .*float8")
+    # integer logits: torch's NotImplementedError ("not implemented for 'Long'") as well as a named TypeError
+    with pytest.raises(NotImplementedError):
+        F.cross_entropy(t.repeat(5, 1).t(), t)
+    _names(run(t.repeat(5, 1).t(), t), NotImplementedError, "input must be floating point .*int64")
     _names(run(x, t, ignore_index=2**70), ValueError, "ignore_index must fit in int64")
     # what torch takes: probability targets promote with the weight; under autocast both are float32; numpy and
     # 0-dim tensor options; fused=None

@@ -8,7 +8,7 @@ import operator
 import torch
 from torch import Tensor
 
-from ..errors import ArgumentTypeError
+from ..errors import ArgumentDtypeError, ArgumentTypeError
 
 # The floating dtypes torch's kernels for these ops compute in: float8 and the other narrow types have no
 # softmax / matmul there (torch raises NotImplementedError), so no backend may run them either.
@@ -67,5 +67,5 @@ def check_bool(fn: str, name: str, x, optional: bool = False) -> None:
 
 def check_float_dtype(fn: str, name: str, t: Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
-        raise ArgumentTypeError(f"{fn}: {name} must be floating point (float16, bfloat16, float32 or float64), got "
+        raise ArgumentDtypeError(f"{fn}: {name} must be floating point (float16, bfloat16, float32 or float64), got "
                                 f"{t.dtype}")

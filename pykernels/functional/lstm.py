@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _device_props, _ext, _native, backends
-from ..errors import ArgumentTypeError, ArgumentValueError
+from ..errors import ArgumentDtypeError, ArgumentTypeError, ArgumentValueError
 from ..ops import _checks, lstm as _ops
 from . import _args, _autocast
 from ..reference import lstm as _ref
@@ -239,7 +239,7 @@ def _check_lstm_args(input, hx, params, num_layers, bidirectional, has_biases, p
     if not isinstance(input, Tensor):
         raise ArgumentTypeError(f"lstm: input must be a Tensor, got {type(input).__name__}")
     if not input.dtype.is_floating_point:
-        raise ArgumentTypeError(f"lstm: input must be floating point, got {input.dtype}")
+        raise ArgumentDtypeError(f"lstm: input must be floating point, got {input.dtype}")
     packed = batch_sizes is not None
     if input.dim() not in ((2,) if packed else (2, 3)):
         raise ArgumentValueError(f"lstm: input must be 2-D (T, I) or 3-D ({'B, T' if batch_first else 'T, B'}, I), or "

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..errors import ArgumentTypeError, ArgumentValueError
+from ..errors import ArgumentDtypeError, ArgumentTypeError, ArgumentValueError
 from ._eager import tracing
 
 # What the Triton kernels compute in (fp32 accumulation, fp32 statistics and workspaces).
@@ -130,7 +130,7 @@ def lstm_cell(fn: str, input: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: 
     if not isinstance(input, Tensor):
         raise ArgumentTypeError(f"{fn}: input must be a Tensor, got {type(input).__name__}")
     if not input.dtype.is_floating_point:
-        raise ArgumentTypeError(f"{fn}: input must be floating point, got {input.dtype}")
+        raise ArgumentDtypeError(f"{fn}: input must be floating point, got {input.dtype}")
     if input.dim() != 2:
         raise ArgumentValueError(f"{fn}: input must be 2-D (B, I), got {input.dim()}-D")
     for name, t in ((names[0], h), (names[1], c), ("w_ih", w_ih), ("w_hh", w_hh)):
@@ -297,7 +297,7 @@ def linear_cross_entropy(op: str, input: Tensor, linear_weight: Tensor, linear_b
     int64 (N,); weight (V,) (of ``acc`` when given); all on input's device."""
     tensor(op, "input", input, ("N", "H"), dtypes)
     if dtypes is None and not input.dtype.is_floating_point:
-        raise ArgumentTypeError(f"{op}: input must be floating point, got {input.dtype}")
+        raise ArgumentDtypeError(f"{op}: input must be floating point, got {input.dtype}")
     (N, H), dev = input.shape, input.device
     tensor(op, "linear_weight", linear_weight, ("V", H), input.dtype, dev)
     V = linear_weight.shape[0]
@@ -309,7 +309,7 @@ def linear_cross_entropy(op: str, input: Tensor, linear_weight: Tensor, linear_b
     if weight is not None:
         tensor(op, "weight", weight, (V,), acc, dev)
         if acc is None and not weight.dtype.is_floating_point:
-            raise ArgumentTypeError(f"{op}: weight must be floating point, got {weight.dtype}")
+            raise ArgumentDtypeError(f"{op}: weight must be floating point, got {weight.dtype}")
 
 
 def linear_cross_entropy_kernel(op: str, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
