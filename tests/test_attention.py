@@ -5,6 +5,7 @@ against torch's own error at the same dtype), dropout, determinism, unwritten ou
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -270,6 +271,47 @@ def test_block_edges_of_causal_and_window_ranges(backend, device):
         ro, _, rgrads = _ref_grads(q, k, v, None, g, kw)
         for name, a, r in zip(("out", "dq", "dk", "dv"), (out,) + grads, (ro,) + rgrads):
             assert_error_rule(f"{name} L={L} S={S} {kw}", a, r, floor=TOL_FLOOR[dtype])
+
+
+@pytest.mark.parametrize("fwd,dq,dkdv", [((32, 16), (16, 32), (32, 16)), ((16, 32), (32, 16), (16, 32))],
+                         ids=["tall", "wide"])
+def test_triton_tiles_with_unequal_query_and_key_blocks(fwd, dq, dkdv, monkeypatch):
+    """The interpreter's default tiles are 16 x 16; GPUs launch BLOCK_M != BLOCK_N (128 x 64, ...). A key range, a
+    diagonal block or a grid that took one for the other (causal hi, the unmasked middle, the window bound, the
+    forward grid) passed every other CPU test (mutation review): here the launcher's tile override gives each kernel
+    unequal tiles, forward and backward, over the block-edge cases, varlen and a GQA mask that differs per head."""
+    require_backend("triton", "cpu")
+    import pykernels.triton.attention as ta
+    monkeypatch.setattr(ta, "TILE_OVERRIDE", {"fwd": (*fwd, 4, 1), "dq": (*dq, 4, 1), "dkdv": (*dkdv, 4, 1)})
+    gen = torch.Generator().manual_seed(0)
+    cases = [c for c in BLOCK_EDGE_CASES if c[1] != 32 + 65] + [
+        (53, 37, dict(is_causal=True, causal_alignment="bottom_right")), (40, 40, dict(is_causal=True)),
+        (33, 70, {}), (9, 20, dict(enable_gqa=True, mask=torch.rand(2, 4, 9, 20, generator=gen) < 0.6)),
+        (9, 20, dict(enable_gqa=True, mask=torch.randn(1, 4, 9, 20, generator=gen)))]
+    for L, S, kw in cases:
+        kw = dict(kw)
+        mask = kw.pop("mask", None)
+        Hk = 2 if kw.get("enable_gqa") else 4
+        q = torch.randn(2, 4, L, 16, generator=gen)
+        k, v = (torch.randn(2, Hk, S, 16, generator=gen) for _ in range(2))
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = sdpa(*x, attn_mask=mask, backend="triton", return_lse=True, **kw)
+        g = torch.randn(out.shape, generator=gen)
+        grads = torch.autograd.grad(out, x, g)
+        ro, rl, rgrads = _ref_grads(q, k, v, mask, g, kw)
+        assert pykernels.last_dispatch["scaled_dot_product_attention"][0] == "triton"
+        for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + grads, (ro, rl) + rgrads):
+            finite = torch.isfinite(r)
+            assert bool((torch.isfinite(a) == finite).all()), f"{name} L={L} S={S} {kw}: non-finite positions"
+            assert_error_rule(f"{name} L={L} S={S} {kw}", a[finite], r[finite], floor=TOL_FLOOR[torch.float32])
+    cq = torch.tensor([0, 5, 40, 41], dtype=torch.int32)  # varlen: a sequence over several query tiles
+    ck = torch.tensor([0, 9, 44, 70], dtype=torch.int32)
+    q, k, v = (torch.randn(n, 2, 16, generator=gen) for n in (41, 70, 70))
+    out = varlen_attention(q, k, v, cq, ck, 35, 35, is_causal=True, causal_alignment="bottom_right",
+                           backend="triton")
+    ro = varlen_attention(q.double(), k.double(), v.double(), cq, ck, 35, 35, is_causal=True,
+                          causal_alignment="bottom_right", backend="reference")
+    assert_error_rule("varlen out", out, ro, floor=TOL_FLOOR[torch.float32])
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -1111,6 +1153,26 @@ def test_triton_takes_any_head_dim_stride():
     torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_bool_mask_with_causal_and_window_both_apply(backend):
+    """A bool attn_mask with is_causal (or a window, a side of 0 included) is the AND of both: what torch gives for
+    the combined mask. The automatic CPU call must not hand it to torch's SDPA, which refuses mask + is_causal
+    (mutation review: an OR of the two masks, a window side of 0 taken as unbounded, and that hand-off passed)."""
+    torch.manual_seed(0)
+    L, S = 6, 9
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64) for n in (L, S, S))
+    m = torch.rand(L, S) < 0.6
+    m[:, 0] = True
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    for kw, extra in ((dict(is_causal=True), j <= i),
+                      (dict(window=(0, 0)), j == i),
+                      (dict(window=(0, 2)), (j >= i) & (j <= i + 2)),
+                      (dict(window=(2, 0)), (j >= i - 2) & (j <= i))):
+        got = sdpa(q, k, v, attn_mask=m, backend=backend, **kw)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m & extra)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=str(kw))
+
+
 @pytest.mark.parametrize("backend", [None, "reference", "triton"])
 def test_three_d_query_takes_a_four_d_mask(backend):
     """As torch: a (1, 1, L, S) or (1, H, L, S) mask with a 3-D (H, L, E) query (the output stays 3-D; a float
@@ -1153,6 +1215,36 @@ def test_mask_constant_along_keys_gets_an_exact_zero_gradient(backend):
     m.requires_grad_()
     (g,) = torch.autograd.grad(sdpa(q, k, v, attn_mask=m, backend=backend).sum(), m)
     assert g[0, 0, 3].isnan().all() and torch.equal(g[0, 0, 4:], torch.zeros_like(g[0, 0, 4:]))
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_multihead_attention_bool_attn_mask_and_bool_key_padding(backend):
+    """Both bool masks block (the OR of the blocked positions, as torch's -inf + -inf); a batch whose every key is
+    padded next to a float attn_mask gives a zero output, as torch's (mutation review: an AND of the two masks, and
+    a padded key at finfo.min instead of -inf, which averages v, passed)."""
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(8, 2, dtype=torch.float64)
+    ours = pykernels.nn.MultiheadAttention(8, 2, dtype=torch.float64, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+    am = torch.rand(5, 5) < 0.4
+    am[:, 0] = False
+    kpm = torch.rand(2, 5) < 0.4
+    kpm[:, 0] = False
+    for nw in (True, False):
+        (o1, w1), (o2, w2) = theirs(x, x, x, key_padding_mask=kpm, attn_mask=am, need_weights=nw), \
+            ours(x, x, x, key_padding_mask=kpm, attn_mask=am, need_weights=nw)
+        torch.testing.assert_close(o2, o1, rtol=1e-9, atol=1e-9)
+        if nw:
+            torch.testing.assert_close(w2, w1, rtol=1e-9, atol=1e-9)
+    kpm = torch.tensor([[True] * 5, [False] * 4 + [True]])  # batch 0 sees no key
+    fam = torch.randn(5, 5, dtype=torch.float64)
+    theirs.train(), ours.train()  # dropout 0; torch's non-fast path
+    with warnings.catch_warnings():  # torch's "mismatched key_padding_mask and attn_mask is deprecated"
+        warnings.simplefilter("ignore", UserWarning)
+        o1, _ = theirs(x, x, x, key_padding_mask=kpm, attn_mask=fam, need_weights=False)
+        o2, _ = ours(x, x, x, key_padding_mask=kpm, attn_mask=fam, need_weights=False)
+    torch.testing.assert_close(o2, o1, rtol=1e-9, atol=1e-9)
 
 
 def test_multihead_attention_unbatched_key_padding_mask_error():

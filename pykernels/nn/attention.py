@@ -158,9 +158,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         weights = None
         if need_weights:
-            s = torch.matmul(q * (hd ** -0.5), k.transpose(-2, -1))  # scaled first, as torch: fp16 q.k can overflow
-            if use_causal:
-                s = s.masked_fill(torch.ones(L, S, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+            # (never causal: use_causal excludes weights) scaled first, as torch: fp16 q.k can overflow
+            s = torch.matmul(q * (hd ** -0.5), k.transpose(-2, -1))
             if sdpa_mask is not None:
                 s = (s.masked_fill(~sdpa_mask, float("-inf")) if sdpa_mask.dtype == torch.bool
                      else s + sdpa_mask.to(s.dtype))  # torch's baddbmm(mask, ...): weights in the scores' dtype
