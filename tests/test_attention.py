@@ -315,6 +315,31 @@ def test_triton_tiles_with_unequal_query_and_key_blocks(fwd, dq, dkdv, monkeypat
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_no_row_past_the_sequence_is_read(backend, device):
+    """q, k, v (and dO) as views into buffers whose rows past the sequence are NaN: a load without its row bound
+    reads them, and NaN times a zero probability is NaN (the V load's key bound dropped passed the other tests but
+    by luck, on whatever memory followed the tensor: mutation review)."""
+    require_backend(backend, device)
+    dtype = _dtypes(backend, device)[-1]
+    gen = torch.Generator().manual_seed(0)
+
+    def padded(n, pad=19):  # (1, 2, n, 16) view of a (1, 2, n + pad, 16) buffer, NaN past n
+        buf = torch.randn(1, 2, n + pad, 16, generator=gen).to(device=device, dtype=dtype)
+        buf[:, :, n:] = float("nan")
+        return buf[:, :, :n]
+    for L, S, kw in ((21, 37, {}), (37, 21, dict(is_causal=True, causal_alignment="bottom_right"))):
+        q, k, v = padded(L), padded(S), padded(S)
+        x = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = sdpa(*x, backend=backend, **kw)
+        g = padded(L)
+        grads = torch.autograd.grad(out, x, g)
+        ro, _, rgrads = _ref_grads(q, k, v, None, g, kw)
+        for name, a, r in zip(("out", "dq", "dk", "dv"), (out,) + grads, (ro,) + rgrads):
+            assert bool(a.isfinite().all()), f"{name} L={L} S={S}: NaN read past the sequence"
+            assert_error_rule(f"{name} L={L} S={S} {kw}", a, r, floor=TOL_FLOOR[dtype])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_leading_dims_broadcast_as_torch(backend, device):
     """torch broadcasts query's leading dims against key/value's (with GQA all but the heads): a query batch of 1
     against 5 key/value batches, a query without a head dim, one query head against three; dq sums back."""
