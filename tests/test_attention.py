@@ -1055,6 +1055,15 @@ def test_lse_lo_is_what_rounding_took_from_the_lse(backend):
     assert (lse_lo[..., rest].abs() <= torch.finfo(torch.float32).eps * lse[..., rest].abs()).all()
     torch.testing.assert_close(lse.double()[..., rest] + lse_lo.double()[..., rest], exact[..., rest],
                                rtol=1e-6, atol=1e-6)
+    # a row at -1e8 over 100 keys: m + log(100) rounds up to the next float (an ulp there is 8), which would make the
+    # backward's scale exp(-lse_lo) e^3.4; the kernel takes the float below, m itself (rounding the wrong way,
+    # away from m, passed the checks above: mutation review)
+    q, k, v = (torch.randn(1, 2, n, 16) for n in (3, 100, 100))
+    mask = torch.zeros(1, 1, 3, 100)
+    mask[..., 1, :] = -1e8
+    _, lse, lse_lo = fwd(q, k, v, mask, None, None, 3, 100, 0.25, False, 0, False, -1, -1, 0.0, 0.0, None)
+    assert (lse[..., 1] == -1e8).all(), lse[..., 1]
+    torch.testing.assert_close(lse_lo[..., 1], torch.full_like(lse_lo[..., 1], math.log(100)), rtol=1e-6, atol=0)
 
 
 def test_multihead_attention_fp16_weights_and_nested_inputs():
