@@ -287,6 +287,39 @@ def test_minus_inf_logits_without_smoothing(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_minus_inf_logits_with_zero_probability_target_or_weight(device, dtype):
+    # docs/cross_entropy.md: a probability target (or class weight) of 0 at a -inf logit adds nothing (torch's
+    # -sum t log_softmax gives NaN there): the loss is the row's loss without those classes, their gradient 0.
+    # (Dropping the `& (wt != zero)` mask of the relative sums, 0 * inf = NaN, passed every test: mutation review.)
+    skip_unsupported(device, dtype)
+    N, C, keep = 4, 40, 25
+    x = make_logits("contiguous", N, C, 1, dtype, device)
+    x[:, keep:] = float("-inf")
+    t = make_target("prob", x)
+    t0 = t.clone()
+    t0[:, keep:] = 0  # zero targets at the masked classes
+    wpos = torch.rand(C, dtype=acc_of(dtype), device=device) + 0.5
+    w = wpos.clone()
+    w[keep:] = 0  # or zero weights there (targets > 0, with smoothing: t' = eps / C > 0 too)
+    for tt, ww, eps in ((t0, None, 0.0), (t0, wpos, 0.0), (t, w, 0.1)):
+        # oracle on the kept classes, the targets smoothed over all C classes beforehand
+        tk = ((1 - eps) * tt.double() + eps / C)[:, :keep]
+        rloss, rlse, rgrad = oracle(x[:, :keep], tk, None if ww is None else ww[:keep])
+        ltol = LOSS_TOL.get(dtype, LOSS_TOL_LOW)
+        for write_grad in (False, True):  # the streaming forward, then the one that keeps the gradient
+            loss, lse, grad, lse_err = ops.cross_entropy_fwd(x, tt, ww, None, -100, eps, 0.0, write_grad)
+            assert_close(f"loss eps={eps} grad={write_grad}", loss, rloss, *ltol)
+            assert_close(f"lse eps={eps} grad={write_grad}", lse, rlse, *ltol)
+        assert (grad[:, keep:] == 0).all()
+        assert_close(f"grad eps={eps}", grad[:, :keep], rgrad, *GRAD_TOL[dtype])
+        gb = ops.cross_entropy_bwd(torch.ones(1, dtype=acc_of(dtype), device=device), x, tt, ww, lse, lse_err,
+                                   -100, eps, 0.0)
+        assert (gb[:, keep:] == 0).all()
+        assert_close(f"bwd grad eps={eps}", gb[:, :keep], rgrad, *GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_large_common_offset_keeps_loss_exact(device):
     # loss = lse - x_y must not inherit the rounding of lse ~ 1e4 (fp32 ulp there: 1e-3).
     skip_unsupported(device)
