@@ -1159,6 +1159,27 @@ def test_cpu_kernels_16bit_across_class_blocks():
             assert_error_rule(f"{name} {dtype}", a, r, c)
 
 
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_cpu_split_path_across_1024_class_blocks(softcap):
+    """The split forward over three 1024-class blocks (bias, class weights and target offset by the block start, the
+    running max rescaled) and the split backward with one chunk of V = 2100 columns (wider than the C++ kernel's
+    1024-class blocks): the bias, the class weights (smoothing term) and the target column of every block offset by
+    the block's start; targets in all three blocks. float64 against the float64 oracle at rounding level (the class
+    weights read without the sub-block offset gave dX 6-10% off and passed the 16-bit tolerances; a target one past a
+    block, a bias or weight without the block offset were caught by the fuzz only: mutation review)."""
+    require_backend("cpu-split", "cpu")
+    x, W, b, w, t = _make(24, 16, 2100, torch.float64, "cpu", True, True)
+    t[1::3] = torch.randint(1024, 2100, (8,))
+    t[2], t[5] = 1024, 2048  # the first class of a block: one past the previous block's last column
+    g = torch.tensor(0.75, dtype=torch.float64)
+    lo, go = _run(lambda x, W, b: linear_cross_entropy(x, W, t, linear_bias=b, weight=w, label_smoothing=0.1,
+                                                       softcap=softcap, backend="cpu-split"), [x, W, b], g)
+    lr, gr = _run(lambda x, W, b: _oracle(x, W, b, t, w, "mean", None, 0.1, 0.0, softcap), [x, W, b], g)
+    torch.testing.assert_close(lo, lr, rtol=1e-10, atol=1e-12, msg=lambda m: f"loss: {m}")
+    for name, a, r in zip(("d_input", "d_weight", "d_bias"), go, gr):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_cpu_kernels_smoothing_sum_over_large_V_keeps_precision():
     """The label-smoothing statistic sum_c w_c z_c over V = 128256 classes from both C++ ops (split: 1024-class blocks
     and two splits; fused: the whole row), against float64 with torch's fp32 sum as the baseline and the result's
@@ -1268,6 +1289,27 @@ def _count_fused(monkeypatch, backend="cpu", force=()):
 
     monkeypatch.setitem(lce_ops.FUSED, backend, (counted, dtypes))
     return calls
+
+
+def test_cpu_fused_bf16_sums_dw_over_row_blocks_in_fp32(monkeypatch):
+    """bf16 on the fused CPU path in 1-row blocks (forced where oneDNN has no bf16 GEMMs): dW summed over the 512
+    blocks in fp32 and rounded once. All logits 0 over 2 classes: every row's dlogits are exactly (-1/2, 1/2), so dW
+    is exactly (-256, 256); a bf16 running sum stalls at 128 (128 + 0.5 rounds back to 128), which the other tests'
+    tolerances passed (mutation review)."""
+    require_backend("cpu", "cpu")
+    from pykernels.ops import linear_cross_entropy_launch as tk
+    monkeypatch.setattr(tk, "FUSED_MIN_ROWS", 1)
+    monkeypatch.setattr(tk, "FUSED_BLOCK_BYTES", 0)
+    calls = _count_fused(monkeypatch, force=(torch.bfloat16,))
+    N = 512
+    x = torch.ones(N, 1, dtype=torch.bfloat16)
+    W = torch.zeros(2, 1, dtype=torch.bfloat16)
+    t = torch.zeros(N, dtype=torch.long)
+    g = torch.tensor(1.0)
+    lo, (gx, gw) = _run(lambda x, W: linear_cross_entropy(x, W, t, reduction="sum", backend="cpu"), [x, W], g)
+    assert len(calls) == 1
+    torch.testing.assert_close(gw, torch.tensor([[-256.0], [256.0]], dtype=torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(gx, torch.zeros(N, 1, dtype=torch.bfloat16), rtol=0, atol=0)
 
 
 def test_fused_path_exactly_when_it_applies(monkeypatch):
