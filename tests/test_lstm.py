@@ -557,3 +557,67 @@ def test_saved_activation_memory_as_documented(dtype):
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "lstm.md")) as f:
         docs = " ".join(f.read().split())
     assert "So 24 bytes in fp32 and 22 in fp16 / bf16" in docs
+
+
+class _Twice(torch.nn.Module):
+    def forward(self, w):
+        return 2.0 * w
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_parametrized_weight_reaches_the_kernels(backend):
+    """nn.LSTM re-reads its flat weights each forward: a parametrized weight (weight_norm, spectral_norm, any
+    register_parametrization) is the one used, as in torch.nn.LSTM (dropping the re-read passed: mutation review)."""
+    import torch.nn.utils.parametrize as parametrize
+    require_backend(backend, "cpu")
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    ours = pykernels.nn.LSTM(3, 4, num_layers=2, bidirectional=True, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    for m in (theirs, ours):
+        parametrize.register_parametrization(m, "weight_hh_l1_reverse", _Twice())
+    x = torch.randn(5, 2, 3)
+    want, (wh, wc) = theirs(x)
+    got, (gh, gc) = ours(x)
+    for a, b in ((got, want), (gh, wh), (gc, wc)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cell_unbatched_on_torchs_cell(monkeypatch):
+    """An unbatched call that the sized NATIVE_FASTER_DTYPE rule hands to torch's cell returns (H,) states, as
+    torch.nn.LSTMCell (today's rule starts above batch 1, so a lowered threshold reaches the path: an unsqueezed
+    result passed every test, mutation review)."""
+    from pykernels import backends
+    rule = backends.NATIVE_FASTER_DTYPE["lstm_cell"]["cpu"][torch.bfloat16]
+    monkeypatch.setattr(pykernels._native, "ONEDNN_DTYPES", frozenset({torch.bfloat16, torch.float16}))
+    monkeypatch.setitem(backends.NATIVE_FASTER_DTYPE["lstm_cell"]["cpu"], torch.bfloat16, (1, 1, rule[2]))
+    monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("PYKERNELS_PREFER_NATIVE", raising=False)
+    cell = torch.nn.LSTMCell(5, 7).bfloat16()
+    x = torch.randn(5).bfloat16()
+    got = pykernels.functional.lstm_cell(x, None, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    assert pykernels.last_dispatch["lstm_cell"][0] == "torch"
+    want = cell(x)
+    assert all(a.shape == (7,) and torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "cpu"])
+@pytest.mark.parametrize("proj_size", [0, 2])
+def test_functional_unbatched_multilayer_states(backend, proj_size):
+    """functional.lstm on unbatched (T, I) input with num_layers * D > 1: h_n/c_n are (L*D, H) as torch's, on the
+    kernels and on torch's LSTM (the automatic call)."""
+    if backend is not None:
+        require_backend(backend, "cpu")
+    if backend == "cpu" and proj_size:
+        pytest.skip("the cpu kernel does not cover proj_size")
+    torch.manual_seed(0)
+    m = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=proj_size)
+    x = torch.randn(5, 3)
+    h0, c0 = torch.randn(4, proj_size or 4), torch.randn(4, 4)
+    for hx in (None, (h0, c0)):
+        want, (wh, wc) = m(x, hx)
+        got, (gh, gc) = pykernels.functional.lstm(x, hx, list(m._flat_weights), num_layers=2, bidirectional=True,
+                                                  proj_size=proj_size, backend=backend)
+        assert gh.shape == wh.shape and gc.shape == wc.shape
+        for a, b in ((got, want), (gh, wh), (gc, wc)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
