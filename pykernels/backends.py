@@ -220,7 +220,8 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
         if not _ext.has_cuda_kernels():
             return "pykernels._C was built without CUDA kernels"
         return _ext.cuda_arch_reason(*torch.cuda.get_device_capability(device))
-    # triton
+    if backend != "triton":  # (every entry point checks the name first: a new backend must get its branch here)
+        raise ValueError(f"unknown backend {backend!r}")
     reason = _triton_reason()
     if reason:
         return reason

@@ -165,3 +165,12 @@ def test_module_compiled_in_place_runs_the_replacement(monkeypatch):
     x = torch.randn(3, 2, 8)
     ours(x, x, x, need_weights=False)
     assert calls and ours._compiled_call_impl is not None
+
+
+def test_repatch_without_backend_keeps_the_earlier_one():
+    """patch(model) with no backend leaves the backend an earlier patch(model, backend=...) gave (the docstring:
+    modules already patched take ``backend`` only when one is given)."""
+    model = torch.nn.Sequential(torch.nn.LSTMCell(2, 3))
+    pykernels.patch(model, backend="reference")
+    pykernels.patch(model)
+    assert model[0].backend == "reference"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import pykernels
-from pykernels import _native
+from pykernels import _native, backends
 from pykernels.testing import assert_error_rule
 
 from conftest import require_backend
@@ -320,3 +320,55 @@ def test_hugging_face_model_under_torch_compile():
     torch._dynamo.reset()
     for a, b in zip(got, want):  # the model's loss upcasts the logits to float32: fp32 summation order
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_patch_functional_with_a_repeated_name_comes_undone():
+    """A name listed twice is patched once: undo() gives torch's function back (patching it twice left the first
+    routed function bound for good)."""
+    original = F.cross_entropy
+    try:
+        p = pykernels.patch_functional(["cross_entropy", "cross_entropy"])
+        assert p.names == ("cross_entropy",)
+        p.undo()
+        assert F.cross_entropy is original
+    finally:
+        F.cross_entropy = original
+        importlib.import_module("pykernels.patch")._open.clear()
+
+
+def test_sparse_and_strided_nested_tensors_stay_with_torch():
+    """A sparse-layout argument, or a nested tensor of the strided layout (a plain torch.Tensor by type, unlike the
+    jagged one), goes to the function the name was bound to, as subclasses do."""
+    pp = importlib.import_module("pykernels.patch")
+    nt = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)])  # layout=torch.strided (the default)
+    assert type(nt) is torch.Tensor and not pp._plain([nt])
+    assert not pp._plain([torch.eye(3).to_sparse()])
+    assert not pp._plain([torch.eye(3).to_sparse_csr()])
+    assert pp._plain([torch.eye(3), torch.nn.Parameter(torch.eye(3)), 1.0])
+
+
+def test_routed_call_takes_out_only_its_own_preference(monkeypatch):
+    """patch_functional(backend=...) pushes its preference for the call and removes that entry, not the last one
+    pushed: a use_backend block another thread opened during the call stays in force, and exits cleanly."""
+    import threading
+    pp = importlib.import_module("pykernels.patch")
+    inside, opened = threading.Event(), threading.Event()
+
+    def slow(*args, **kwargs):  # stands for pykernels' function, busy while the other thread enters its block
+        inside.set()
+        assert opened.wait(10)
+        return backends.preferred()
+
+    monkeypatch.setitem(pp.FUNCTIONALS, "cross_entropy", slow)
+    original, seen = F.cross_entropy, {}
+    with pykernels.patch_functional("cross_entropy", backend="reference"):
+        worker = threading.Thread(target=lambda: seen.setdefault("ran_under", F.cross_entropy(torch.ones(1))))
+        worker.start()
+        assert inside.wait(10)
+        with pykernels.use_backend("cpu"):
+            opened.set()
+            worker.join(10)
+            seen["after"] = backends.preferred()
+    assert F.cross_entropy is original
+    assert seen == {"ran_under": "cpu", "after": "cpu"}  # (process-wide: the innermost open entry)
+    assert backends._preferred == []
