@@ -549,6 +549,12 @@ def test_options_and_dtypes_as_torch(backend):
     with pytest.raises(NotImplementedError):
         F.cross_entropy(t.repeat(5, 1).t(), t)
     _names(run(t.repeat(5, 1).t(), t), NotImplementedError, "input must be floating point .*int64")
+    # a class-index target of the input's shape is torch's probability target, an integer one refused: also the
+    # (1,) target of a (1,) input, which the (C,) input's (1,) target rule took (a loss of 0 where torch raises)
+    for xx, tt in ((torch.randn(1), torch.tensor([0])), (x, torch.zeros(4, 5, dtype=torch.long))):
+        with pytest.raises(RuntimeError, match="Expected floating point type for target with class probabilities"):
+            F.cross_entropy(xx, tt)
+        _names(run(xx, tt), TypeError, "holds class probabilities and must be floating point")
     _names(run(x, t, ignore_index=2**70), ValueError, "ignore_index must fit in int64")
     # what torch takes: probability targets promote with the weight; under autocast both are float32; numpy and
     # 0-dim tensor options; fused=None
@@ -830,3 +836,37 @@ def test_cpu_gradients_are_advised_huge_pages():
     small = torch.randn(4, 10, requires_grad=True)  # below 8 MiB: left to the allocator
     pykernels.functional.cross_entropy(small, torch.zeros(4, dtype=torch.long), backend="cpu").backward()
     assert " hg" not in _vm_flags(small.grad.data_ptr())
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference" and p.values[1] == "cpu"])
+def test_fused_reduction_none_later_backward_scales_each_element(backend, device):
+    """reduction="none" with fused=True: a later backward through a retained graph (the first one's upstream
+    gradient 1 handed the saved gradient out) multiplies out of place, element by element on the (N, C, d) layout
+    (rows n*d1*d2 + i: a per-element upstream gradient read in the wrong order passed every other test)."""
+    require_backend(backend, device)
+    x = torch.randn(3, 5, 4, 2, device=device, dtype=torch.float32)
+    t = torch.randint(0, 5, (3, 4, 2), device=device)
+    t[0, 1, 1] = -100
+    g = torch.randn(3, 4, 2, device=device)
+    xt = x.clone().requires_grad_()
+    want = torch.autograd.grad(F.cross_entropy(xt, t, reduction="none"), xt, g)[0]
+    xo = x.clone().requires_grad_()
+    loss = pykernels.functional.cross_entropy(xo, t, reduction="none", fused=True, backend=backend)
+    torch.autograd.grad(loss, xo, torch.ones_like(g), retain_graph=True)  # upstream 1: the saved gradient itself
+    got = torch.autograd.grad(loss, xo, g)[0]  # a later pass: out of place, per element
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference"])
+def test_reduction_none_defaults_to_the_split_path(backend, device):
+    """fused=None with reduction="none" is the split path (docstring): like torch's, any number of backward passes
+    through a retained graph with any upstream gradient (the fused path raises on the second, naming fused=False)."""
+    require_backend(backend, device)
+    x = torch.randn(6, 9, device=device, requires_grad=True)
+    t = torch.randint(0, 9, (6,), device=device)
+    g = torch.randn(6, device=device)
+    want = torch.autograd.grad(F.cross_entropy(x, t, reduction="none"), x, g)[0]
+    loss = pykernels.functional.cross_entropy(x, t, reduction="none", backend=backend)
+    loss.backward(g, retain_graph=True)
+    loss.backward(g)
+    torch.testing.assert_close(x.grad, 2 * want)

@@ -90,6 +90,9 @@ def _check_cross_entropy_args(input, target, weight, reduction, label_smoothing,
         if ignore_index >= 0:
             raise ArgumentValueError("cross_entropy: ignore_index is not supported for probability (floating) targets")
         return True
+    if target.shape == input.shape and input.dim() > 0:  # torch's rule, also for a (1,) target of a (1,) input
+        raise ArgumentTypeError(f"cross_entropy: a target of the input's shape {tuple(input.shape)} holds class "
+                                f"probabilities and must be floating point, got {target.dtype}")
     if target.dtype.is_floating_point:
         raise ArgumentValueError(f"cross_entropy: floating target must have the input's shape {tuple(input.shape)} "
                                  f"(class probabilities), got {tuple(target.shape)}")
