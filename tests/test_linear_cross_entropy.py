@@ -1198,7 +1198,7 @@ def test_cpu_kernels_smoothing_sum_over_large_V_keeps_precision():
         ref = z.double().sum(1)
         lse_ref = torch.logsumexp(W.T.double(), 1)
         for splits in (1, 2, 7):  # (7 does not divide V: the last split takes the remainder)
-            # the launcher's forward, which combines the splits (their fp32 sum failed 2x torch's error: 8.3e-2 > 8.0e-2)
+            # the launcher's forward, which combines the splits (their fp32 sum failed the 2x rule: 8.3e-2 > 8.0e-2)
             m, log_s, _, zs = lce_ops._launch.forward(lce_ops._CPU, x, W, None, t, w, 0, 0.0, True, splits)
             assert_error_rule(f"split zs splits={splits} weighted={w is not None}", zs, ref, z.sum(1), floor=2**-24)
             torch.testing.assert_close(m.double() + log_s.double(), lse_ref)

@@ -68,4 +68,4 @@ def check_bool(fn: str, name: str, x, optional: bool = False) -> None:
 def check_float_dtype(fn: str, name: str, t: Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise ArgumentDtypeError(f"{fn}: {name} must be floating point (float16, bfloat16, float32 or float64), got "
-                                f"{t.dtype}")
+                                 f"{t.dtype}")

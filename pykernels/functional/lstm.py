@@ -29,10 +29,11 @@ _CELL_DTYPES = {
 
 
 # torch.autocast's treatment of the LSTM, so that the drop-ins return what torch's do: nn.LSTM runs in the autocast
-# dtype on CUDA and, where it takes oneDNN's rnn layer (on the lower-precision list), on CPU (_autocast_lstm); so does
-# the cell on CUDA (lstm_cell is on the list). torch's CPU cell only multiplies in the autocast dtype, and its cell update promotes
-# those gates with the cell state (the zeros it makes for hx=None take the input's): the cell runs in that promoted
-# dtype here (the state's own, except bf16 gates with an fp16 state or the other way round: float32).
+# dtype on CUDA and, where it takes oneDNN's rnn layer (on the lower-precision list), on CPU (_autocast_lstm); so
+# does the cell on CUDA (lstm_cell is on the list). torch's CPU cell only multiplies in the autocast dtype, and its
+# cell update promotes those gates with the cell state (the zeros it makes for hx=None take the input's): the cell
+# runs in that promoted dtype here (the state's own, except bf16 gates with an fp16 state or the other way round:
+# float32).
 def _cell_autocast_dtype(input: Tensor, hx) -> torch.dtype:
     if input.device.type != "cpu":
         return torch.get_autocast_dtype(input.device.type)
