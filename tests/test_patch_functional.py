@@ -19,6 +19,8 @@ from pykernels.testing import assert_error_rule
 
 from conftest import require_backend
 
+_patch = importlib.import_module("pykernels.patch")  # (pykernels.patch is the function)
+
 HAS_LCE = _native.linear_cross_entropy is not None
 CPU = [pytest.param("reference", "cpu", id="reference"), pytest.param("cpu", "cpu", id="cpu"),
        pytest.param("triton", "cpu", id="triton-interp")]
@@ -187,9 +189,15 @@ def test_patches_undone_in_any_order():
         with pykernels.patch_functional("cross_entropy"):
             a.undo()
         assert F.cross_entropy is other
+        F.cross_entropy = original
+        # a name listed twice is patched once (patched twice, the first routed function stayed bound for good)
+        c = pykernels.patch_functional(["cross_entropy", "cross_entropy"])
+        assert c.names == ("cross_entropy",)
+        c.undo()
+        assert F.cross_entropy is original
     finally:
         F.cross_entropy = original
-        importlib.import_module("pykernels.patch")._open.clear()
+        _patch._open.clear()
 
 
 class _Logged(torch.Tensor):
@@ -215,7 +223,12 @@ def test_subclasses_and_nested_tensors_stay_with_torch():
         seqs = [torch.randn(n, 2, 8) for n in (3, 5)]  # (length, heads, E) each
         nt = torch.nested.nested_tensor(seqs, layout=torch.jagged).transpose(1, 2)  # (B, H, j, E)
         # to torch's function (which may call the name again per sequence, with plain tensors)
-        assert not importlib.import_module("pykernels.patch")._plain([nt])
+        assert not _patch._plain([nt])
+        # so do a nested tensor of the strided layout (a plain torch.Tensor by type) and sparse layouts
+        strided = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)])
+        assert type(strided) is torch.Tensor and not _patch._plain([strided])
+        assert not _patch._plain([torch.eye(3).to_sparse()]) and not _patch._plain([torch.eye(3).to_sparse_csr()])
+        assert _patch._plain([torch.eye(3), torch.nn.Parameter(torch.eye(3)), 1.0])
         try:
             out = F.scaled_dot_product_attention(nt, nt, nt)
         except RuntimeError:  # torch's own refusal on this build
@@ -322,36 +335,10 @@ def test_hugging_face_model_under_torch_compile():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_patch_functional_with_a_repeated_name_comes_undone():
-    """A name listed twice is patched once: undo() gives torch's function back (patching it twice left the first
-    routed function bound for good)."""
-    original = F.cross_entropy
-    try:
-        p = pykernels.patch_functional(["cross_entropy", "cross_entropy"])
-        assert p.names == ("cross_entropy",)
-        p.undo()
-        assert F.cross_entropy is original
-    finally:
-        F.cross_entropy = original
-        importlib.import_module("pykernels.patch")._open.clear()
-
-
-def test_sparse_and_strided_nested_tensors_stay_with_torch():
-    """A sparse-layout argument, or a nested tensor of the strided layout (a plain torch.Tensor by type, unlike the
-    jagged one), goes to the function the name was bound to, as subclasses do."""
-    pp = importlib.import_module("pykernels.patch")
-    nt = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)])  # layout=torch.strided (the default)
-    assert type(nt) is torch.Tensor and not pp._plain([nt])
-    assert not pp._plain([torch.eye(3).to_sparse()])
-    assert not pp._plain([torch.eye(3).to_sparse_csr()])
-    assert pp._plain([torch.eye(3), torch.nn.Parameter(torch.eye(3)), 1.0])
-
-
 def test_routed_call_takes_out_only_its_own_preference(monkeypatch):
     """patch_functional(backend=...) pushes its preference for the call and removes that entry, not the last one
     pushed: a use_backend block another thread opened during the call stays in force, and exits cleanly."""
     import threading
-    pp = importlib.import_module("pykernels.patch")
     inside, opened = threading.Event(), threading.Event()
 
     def slow(*args, **kwargs):  # stands for pykernels' function, busy while the other thread enters its block
@@ -359,7 +346,7 @@ def test_routed_call_takes_out_only_its_own_preference(monkeypatch):
         assert opened.wait(10)
         return backends.preferred()
 
-    monkeypatch.setitem(pp.FUNCTIONALS, "cross_entropy", slow)
+    monkeypatch.setitem(_patch.FUNCTIONALS, "cross_entropy", slow)
     original, seen = F.cross_entropy, {}
     with pykernels.patch_functional("cross_entropy", backend="reference"):
         worker = threading.Thread(target=lambda: seen.setdefault("ran_under", F.cross_entropy(torch.ones(1))))
