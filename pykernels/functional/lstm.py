@@ -321,7 +321,8 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
         return _layer_unsupported(b, input, proj_size, packed, params[1].shape[-1])
     operands = (input, *(hx or ()), *params)  # (all tensors: checked)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in operands)
-    run_dtype, torch_fails = _autocast_lstm(input, hx) if amp and _autocast.eligible(input) else (input.dtype, False)
+    cast = amp and _autocast.eligible(input)  # (float64 input stays float64 under autocast)
+    run_dtype, torch_fails = _autocast_lstm(input, hx) if cast else (input.dtype, False)
     # Traced on the CPU (torch.compile, export), torch's LSTM decomposes over the time steps: one guard per sequence
     # length (a recompile each, then eager past the recompile limit) and minutes of inductor compile for a long
     # sequence; our op keeps T symbolic. So there, where our CPU kernel runs, only what it does not cover (and
@@ -336,8 +337,7 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], params: Sequence[Te
                             dropout, training, batch_sizes)
     if amp:
         # (float64 input: the weights in the autocast dtype fail the dtype check, as torch's GEMM raises)
-        x, hx, params = _cast(input, hx, params,
-                              run_dtype if _autocast.eligible(input) else torch.get_autocast_dtype(input.device.type))
+        x, hx, params = _cast(input, hx, params, run_dtype if cast else torch.get_autocast_dtype(input.device.type))
         with _autocast.off(input):
             return lstm(x, hx, params, num_layers, bidirectional, has_biases, proj_size, batch_first, dropout,
                         training, batch_sizes, backend=backend)
