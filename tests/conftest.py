@@ -46,6 +46,14 @@ def pytest_report_header(config):
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with -m gpu)")
     config.addinivalue_line("markers", "slow: long-running")
+    # Hypothesis draws its examples from SEED too (unless --hypothesis-seed is given), so that the seed in the report
+    # header replays a fuzz failure along with the rest of the run.
+    try:
+        import hypothesis.core
+    except ImportError:  # the fuzz tests skip themselves
+        return
+    if config.getoption("--hypothesis-seed", None) is None:
+        hypothesis.core.global_force_seed = SEED
 
 
 def pytest_collection_modifyitems(config, items):
