@@ -27,8 +27,10 @@ def test_byte_model():
     N, V = 8192, 128256
     assert ce.minimal_bytes(N, V, 2, "fwd+bwd") == 2 * N * V * 2 + 8 * N  # read logits + write grad + targets
     assert ce.minimal_bytes(N, V, 2, "fwd") == N * V * 2 + 8 * N
-    case = ce.CrossEntropyCase(4096, 32000, torch.float32, CPU)
-    assert case.bytes("fwd+bwd") == 2 * 4096 * 32000 * 4 + 8 * 4096
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)):  # the logits' own element size
+        case = ce.CrossEntropyCase(4096, 32000, dtype, CPU)
+        assert case.bytes("fwd+bwd") == 2 * 4096 * 32000 * size + 8 * 4096
+        assert case.bytes("fwd") == 4096 * 32000 * size + 8 * 4096
 
 
 def test_reference_matches_torch():
@@ -323,6 +325,8 @@ def test_attention_flop_model_and_varlen_batches():
     assert case.flops("fwd") == sum(2 * 2 * n * n * 16 for n in case.lengths)  # per sequence, causal halved
     gqa = at.make_case({"B": 1, "H": 8, "Hkv": 2, "L": 64, "E": 16}, torch.float32, CPU)
     assert gqa.name == "gqa B=1 H=8 Hkv=2 L=64 E=16" and gqa.shape["Hkv"] == 2
+    for mode in at.MODES:  # K/V heads are shared, the work is not: QK^T and PV run once per query head
+        assert gqa.flops(mode) == at.flops(1, 8, 64, 16, False, mode)
     rs = [harness.Result("attention", c.name, "p", "fwd", "bfloat16", c.shape, tflops=1.0)
           for c in (gqa, case, at.make_case({"B": 1, "H": 8, "L": 64, "E": 16}, torch.float32, CPU))]
     assert sorted(report.plot_groups(rs)) == ["attention-fwd-bfloat16.png", "attention-gqa-fwd-bfloat16.png",
@@ -557,3 +561,55 @@ def test_names_of_other_suites_are_skipped_with_a_note(capsys, tmp_path, monkeyp
                      "cpu,auto", "--modes", "fwd,train", "--no-plots", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "--backends auto: not in the suites run here" in out and "--modes train: not in the suites" in out
+
+
+def test_cpu_timing_reports_milliseconds_and_the_quartile_range(monkeypatch):
+    """torch.utils.benchmark's Measurement.times are seconds per call; the harness reports ms, and its IQR is
+    p75 - p25."""
+    from bench import timing
+    tb = timing._torch_benchmark()
+
+    class FakeTimer:
+        def __init__(self, stmt, globals, num_threads):
+            self.run = globals["run"]
+
+        def blocked_autorange(self, min_run_time):
+            self.run()
+            return type("M", (), {"times": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3]})()
+
+    monkeypatch.setattr(tb, "Timer", FakeTimer)
+    t = timing.time_ms(lambda: None, CPU, quick=True)
+    assert sorted(t.samples) == pytest.approx(sorted([1.0, 2.0, 3.0, 4.0, 5.0] * 5))
+    assert (t.p50, t.p20, t.p80, t.iqr) == pytest.approx((3.0, 1.8, 4.2, 2.0))
+
+
+def test_ceilings_count_read_plus_write_and_two_flops_per_multiply_add(monkeypatch):
+    """The roofs every % of ceiling is read against: a copy moves its buffer twice (read + write), a k^3 matmul is
+    2 k^3 FLOPs. 2 ms per call stands in for the measurement."""
+    from bench import timing
+    monkeypatch.setattr(timing, "time_ms", lambda fn, device, **kw: timing.Timing(2.0, 2.0, 2.0, None, [2.0]))
+    c = timing.ceilings(CPU, [torch.float32])
+    assert c["copy_buffer_bytes"] == 128 * 2**20
+    assert c["copy_gbps"] == pytest.approx(2 * 128 * 2**20 / 2.0 / 1e6)
+    k = c["matmul_shape"][0]
+    assert c["matmul_shape"] == [k, k, k] and c["matmul_fp32_tflops"] == pytest.approx(2 * k**3 / 2.0 / 1e9)
+
+
+def test_headline_best_pct_is_ours_highest_and_memory_is_in_mib(tmp_path):
+    """'best % of ceiling' is the highest of our cases (not the lowest, not torch's), without relying on the README
+    snapshot (a bug there would become the new snapshot); the memory columns say MiB: bytes / 2**20, in the rendered
+    and in the terminal tables."""
+    env = {"date_utc": "2026-01-03T00:00:00", "device_name": "Dev"}
+    rs = [harness.Result("lstm", f"T={t}", p, "fwd+bwd", "float32", {"T": t}, ms_p50=1.0, ms_p20=1.0, ms_p80=1.0,
+                         pct_of_matmul=pct)
+          for t, p, pct in ((1, "torch", 90.0), (1, "pykernels-cuda", 30.0), (2, "torch", 90.0),
+                            (2, "pykernels-cuda", 45.0))]
+    report.write_json(tmp_path / "gpu-lstm-20260103.json", env, {"copy_gbps": 1.0}, rs)
+    assert "| 1.00× (1.00–1.00) | – | 45% matmul | 2 |" in render.headline(tmp_path)
+    r = harness.Result("lstm", "T=1", "pykernels-cuda", "fwd+bwd", "float32", {"T": 1}, ms_p50=1.0, ms_p20=1.0,
+                       ms_p80=1.0, peak_extra_mem_bytes=100 * 2**20, model_extra_mem_bytes=50 * 2**20)
+    mem = tmp_path / "mem"
+    mem.mkdir()
+    report.write_json(mem / "gpu-lstm-20260103.json", env, {"copy_gbps": 1.0}, [r])
+    assert next(line for line in render.render(mem).splitlines() if line.startswith("| T=1")).endswith("| 100 |")
+    assert report.table([r]).splitlines()[2].endswith("100 (model 50)")
