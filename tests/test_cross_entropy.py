@@ -3,6 +3,7 @@ for every backend (parametrised: see conftest.backend_params)."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -774,6 +775,37 @@ def test_module_is_a_drop_in(backend, device):
     assert_error_rule("module", ours(x, t), ref_ce.cross_entropy(x.double(), t, w.double(), 2,
                                                                  label_smoothing=0.05)[0],
                       theirs(x, t) if dtype != torch.bfloat16 else None, floor=1e-2 if dtype == torch.bfloat16 else None)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_module_forwards_z_loss_and_legacy_arguments(backend):
+    """The module's keyword-only z_loss reaches the op (from_torch's too); size_average / reduce map onto the
+    reduction as torch's module does; a misspelt backend fails at construction, not at the first call."""
+    require_backend(backend, "cpu")
+    x, t = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 5, (6,))
+    want = pykernels.functional.cross_entropy(x, t, z_loss=1e-2, backend=backend)
+    assert not torch.allclose(want, F.cross_entropy(x, t))  # (the term is visible)
+    torch.testing.assert_close(pykernels.nn.CrossEntropyLoss(z_loss=1e-2, backend=backend)(x, t), want)
+    swapped = pykernels.nn.CrossEntropyLoss.from_torch(torch.nn.CrossEntropyLoss(), z_loss=1e-2, backend=backend)
+    assert swapped.z_loss == 1e-2
+    torch.testing.assert_close(swapped(x, t), want)
+    for sa, rd in [(None, False), (False, None), (True, False), (False, True), (True, None)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (torch's deprecation warnings)
+            theirs = torch.nn.CrossEntropyLoss(size_average=sa, reduce=rd)
+            ours = pykernels.nn.CrossEntropyLoss(size_average=sa, reduce=rd, backend=backend)
+        assert ours.reduction == theirs.reduction, (sa, rd)
+        torch.testing.assert_close(ours(x, t), theirs(x, t))
+    for make in (pykernels.nn.CrossEntropyLoss, lambda **kw: pykernels.nn.LinearCrossEntropyLoss(4, 5, **kw)):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            make(backend="refrence")
+
+
+def test_reference_backend_returns_torchs_dtype():
+    x, t = torch.randn(4, 5).bfloat16(), torch.randint(0, 5, (4,))
+    for reduction in ("mean", "none"):
+        got = pykernels.functional.cross_entropy(x, t, reduction=reduction, backend="reference")
+        assert got.dtype == F.cross_entropy(x, t, reduction=reduction).dtype == torch.bfloat16
 
 
 def test_patch_swaps_the_loss_in_place():

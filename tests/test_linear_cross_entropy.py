@@ -980,6 +980,45 @@ def test_module_is_a_drop_in():
         torch.testing.assert_close(swapped(x, t), theirs(x, t))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_module_forwards_z_loss_softcap_backend_and_prints_them(backend):
+    require_backend(backend, "cpu")
+    kw = dict(z_loss=1e-2, softcap=2.0)
+    x, t = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 7, (5,))
+    m = pykernels.nn.LinearCrossEntropyLoss(6, 7, bias=True, dtype=torch.float64, backend=backend, **kw)
+    with torch.no_grad():
+        m.linear.weight.mul_(4.0)  # logits beyond the softcap
+    want = pykernels.functional.linear_cross_entropy(x, m.linear.weight, t, linear_bias=m.linear.bias,
+                                                     backend="reference", **kw)
+    assert not torch.allclose(want, F.cross_entropy(F.linear(x, m.linear.weight, m.linear.bias), t))
+    torch.testing.assert_close(m(x, t), want)
+    assert pykernels.last_dispatch["linear_cross_entropy"][0] == backend
+    assert "z_loss=0.01" in repr(m) and "softcap=2.0" in repr(m) and f"backend='{backend}'" in repr(m)
+    if hasattr(torch.nn, "LinearCrossEntropyLoss"):
+        theirs = torch.nn.LinearCrossEntropyLoss(6, 7, bias=True, dtype=torch.float64)
+        theirs.load_state_dict(m.state_dict())
+        swapped = pykernels.nn.LinearCrossEntropyLoss.from_torch(theirs, backend=backend, **kw)
+        torch.testing.assert_close(swapped(x, t), want)
+        assert "softcap=2.0" in repr(swapped)
+
+
+@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch < 2.13 has no such module")
+@pytest.mark.parametrize("out_features", [(3,), (3, 2)])
+def test_module_with_out_features_as_torchs(out_features):
+    """K-dimensional logits: the flat (C * prod(out_features), H) linear weight is read class-major, as torch's
+    module reads it; the loss and every parameter's gradient match."""
+    theirs = torch.nn.LinearCrossEntropyLoss(5, 7, out_features=out_features, bias=True, dtype=torch.float64)
+    ours = pykernels.nn.LinearCrossEntropyLoss(5, 7, out_features=out_features, bias=True, dtype=torch.float64,
+                                               backend="reference")
+    ours.load_state_dict(theirs.state_dict())
+    x, t = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 7, (4, *out_features))
+    for m in (theirs, ours):
+        m(x, t).backward()
+    torch.testing.assert_close(ours(x, t), theirs(x, t))
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=lambda msg: f"{name}: {msg}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Compiled for real GPU targets without a GPU.
 

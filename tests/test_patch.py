@@ -114,6 +114,31 @@ def test_from_torch_refuses_subclasses_and_parametrized_modules():
     assert type(pykernels.nn.LSTM.from_torch(ours)) is pykernels.nn.LSTM  # (a pykernels module: still fine)
 
 
+def test_from_torch_shares_objects_not_containers_and_takes_the_new_extras():
+    """adopt(): the same buffer objects, but copied containers (a hook, a buffer or a rebinding on the new module
+    stays off the old one); the extras given are set, also when converting a pykernels module (whose own extras are
+    left as they were); a misspelt backend fails at the conversion."""
+    x, t = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 5, (6,))
+    theirs = torch.nn.CrossEntropyLoss(weight=torch.rand(5, dtype=torch.float64) + 0.5)
+    ours = pykernels.nn.CrossEntropyLoss.from_torch(theirs, backend="reference")
+    assert ours.weight is theirs.weight
+    calls = []
+    ours.register_forward_hook(lambda *a: calls.append("ours"))
+    ours.register_buffer("extra", torch.zeros(1))
+    theirs(x, t)
+    assert calls == [] and "extra" not in theirs.state_dict()
+    ours.weight = None
+    assert theirs.weight is not None
+    first = pykernels.nn.CrossEntropyLoss(z_loss=0.5, backend="reference")
+    again = pykernels.nn.CrossEntropyLoss.from_torch(first, z_loss=0.25, backend="cpu")
+    assert (again.z_loss, again.backend) == (0.25, "cpu") and (first.z_loss, first.backend) == (0.5, "reference")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pykernels.nn.CrossEntropyLoss.from_torch(torch.nn.CrossEntropyLoss(), backend="refrence")
+    if hasattr(torch.nn, "LinearCrossEntropyLoss"):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            pykernels.nn.LinearCrossEntropyLoss.from_torch(torch.nn.LinearCrossEntropyLoss(4, 5), backend="refrence")
+
+
 @pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch < 2.13 has no such module")
 def test_linear_cross_entropy_loss_is_swapped_too():
     torch.manual_seed(0)
