@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import pykernels  # noqa: E402
 
 SEED = int(os.environ.get("PYKERNELS_TEST_SEED", random.SystemRandom().randrange(2**31)))
+os.environ["PYKERNELS_TEST_SEED"] = str(SEED)  # pytest-xdist workers (and test subprocesses) inherit the header's seed
 HAS_CUDA = torch.cuda.is_available()
 # k: every Hypothesis fuzz test runs k times its example budget (a bug hunt; the README lists the variable)
 FUZZ_SCALE = int(os.environ.get("PYKERNELS_FUZZ_SCALE", "1"))
