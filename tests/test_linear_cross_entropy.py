@@ -291,7 +291,8 @@ def test_batched_and_unbatched_input_and_lse(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS + FUSED_BACKENDS)
 def test_non_contiguous_and_degenerate_shapes(backend, device):
-    """Strided input / weight (a transposed copy, a column slice), N = 1, V = 1, H = 1."""
+    """Strided input / weight (a transposed copy, every other column: copied to rows by rows_contiguous), N = 1,
+    V = 1, H = 1."""
     require_backend(backend, device)
     dtype = _one_dtype(backend)
     for N, H, V in ((6, 10, 21), (1, 7, 5), (4, 3, 1), (5, 1, 9)):
@@ -311,6 +312,72 @@ def test_non_contiguous_and_degenerate_shapes(backend, device):
         assert_error_rule(f"loss {N}x{H}x{V}", lo, lr, dtype=_rule_dtype(dtype))
         for name, a, r in zip(("d_input", "d_weight", "d_bias"), go, gr):
             assert_error_rule(f"{name} {N}x{H}x{V}", a, r, dtype=_rule_dtype(dtype))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS + FUSED_BACKENDS)
+def test_row_padded_input_and_weight(backend, device):
+    """x and W as column slices of wider tensors (unit stride along H, padded rows, row strides unlike each other and
+    H): rows_contiguous keeps such views, so the kernels must read each with its own row stride. (_run clones its
+    leaves, which makes such views contiguous: here the views are taken of the leaves.)"""
+    require_backend(backend, device)
+    dtype = _one_dtype(backend)
+    N, H, V = 9, 12, 21
+    xb, Wb = torch.randn(N, H + 3, device=device), torch.randn(V, H + 7, device=device) * 0.3
+    b, t = torch.randn(V, device=device), torch.randint(0, V, (N,), device=device)
+    got = []
+    for dt, fn in ((dtype, lambda x, W, b: linear_cross_entropy(x, W, t, linear_bias=b, label_smoothing=0.1,
+                                                                 backend=backend)),
+                   (torch.float64, lambda x, W, b: _oracle(x, W, b, t, None, "mean", None, 0.1, 0.0, 0.0))):
+        leaves = [a.detach().to(dt, copy=True).requires_grad_() for a in (xb, Wb, b)]
+        x, W = leaves[0][:, :H], leaves[1][:, :H]
+        assert x.stride() == (H + 3, 1) and W.stride() == (H + 7, 1)
+        loss = fn(x, W, leaves[2])
+        loss.backward()
+        got.append([loss.detach()] + [a.grad for a in leaves])
+    for name, a, r in zip(("loss", "d_input", "d_weight", "d_bias"), *got):
+        assert_error_rule(name, a, r, dtype=_rule_dtype(dtype))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS[1:] + FUSED_BACKENDS)
+def test_token_block_whose_targets_have_zero_weight(backend, device):
+    """A whole token block (16 rows under the interpreter) whose targets all have class weight 0, so the target
+    coefficient is 0 in every row, while smoothing and z_loss still give every logit a gradient: such a block is not
+    dead (only all-ignored blocks are skipped)."""
+    require_backend(backend, device)
+    dtype = _one_dtype(backend)
+    N, H, V = 16, 8, 20
+    x, W = torch.randn(N, H, device=device, dtype=dtype), torch.randn(V, H, device=device, dtype=dtype) * 0.3
+    t = torch.randint(0, 10, (N,), device=device)
+    w = torch.ones(V, device=device, dtype=dtype)
+    w[:10] = 0.0  # every target's weight
+    g = torch.tensor(1.0, device=device)
+    lo, go = _run(lambda x, W: linear_cross_entropy(x, W, t, weight=w, reduction="sum", label_smoothing=0.2,
+                                                    z_loss=1e-2, backend=backend), [x, W], g)
+    lr, gr = _run(lambda x, W: _oracle(x, W, None, t, w, "sum", None, 0.2, 1e-2, 0.0), [x.double(), W.double()], g)
+    assert_error_rule("loss", lo, lr, dtype=_rule_dtype(dtype))
+    for name, a, r in zip(("d_input", "d_weight"), go, gr):
+        assert float(r.abs().max()) > 1e-3
+        assert_error_rule(name, a, r, dtype=_rule_dtype(dtype))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[1] == "cpu" and p.values[0] != "reference"])
+def test_half_backward_in_several_vocab_chunks(backend, device, monkeypatch):
+    """fp16 on the CPU: the chunked backward runs fp32 GEMMs on converted operands (gemm_dtype) and writes each
+    chunk's dW rows from there; several chunks must land each at its own rows (the fp32 test takes the other
+    branch)."""
+    require_backend(backend, device)
+    from pykernels.ops import linear_cross_entropy_launch as launch
+    N, H, V = 20, 16, 50
+    x, W = torch.randn(N, H).half(), (torch.randn(V, H) * 0.3).half()
+    t = torch.randint(0, V, (N,))
+    monkeypatch.setattr(launch, "CHUNK_BYTES", 1)  # the smallest chunks the launcher makes: several, the last partial
+    g = torch.tensor(1.0)
+    lo, go = _run(lambda x, W: linear_cross_entropy(x, W, t, reduction="sum", backend=backend), [x, W], g)
+    lr, gr = _run(lambda x, W: _oracle(x, W, None, t, None, "sum", None, 0.0, 0.0, 0.0), [x.double(), W.double()], g)
+    lt, gt = _run(lambda x, W: F.cross_entropy(F.linear(x, W), t, reduction="sum"), [x, W], g)
+    assert_error_rule("loss", lo, lr, lt)
+    for name, a, r, c in zip(("d_input", "d_weight"), go, gr, gt):
+        assert_error_rule(name, a, r, c)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS[1:] + FUSED_BACKENDS)
