@@ -547,6 +547,29 @@ def test_triton_fused_accumulates_dw_in_fp32_over_many_row_blocks(monkeypatch):
         assert_error_rule(f"fused {name}", o, r, bs)
 
 
+def test_triton_fused_sums_db_over_row_blocks_in_fp32_and_returns_the_operands_dtype():
+    """The fused op's db: each row block's column sums are added in fp32, not rounded to fp16 per block (the test
+    above has one-row blocks, whose sums are exact in fp16). W = 0, so every row's logits are the bias; rows r and
+    r + N/2 have opposite coefficients, so the exact db is 0, and 3-row blocks never pair them: fp16 block sums leave
+    ~1e-1. Then the op's contract: dX, dW, db in the operands' dtype (autograd would cast an fp32 dW silently)."""
+    require_backend("triton-fused", "cpu")
+    fused, _ = lce_ops.FUSED["triton"]
+    N, H, V = 128, 4, 16
+    x, W, b = torch.randn(N, H).half(), torch.zeros(V, H, dtype=torch.float16), torch.randn(V).half()
+    c = (torch.rand(N // 2) + 1.0) * 50
+    zero = torch.zeros(N)
+    gb = fused(x, W, b, torch.full((N,), -100), None, torch.cat([c, -c]), zero, zero, zero, 0.0, False, 3,
+               False, False, True)[6]
+    assert gb.dtype == torch.float16 and gb.shape == (V,)
+    assert gb.double().abs().max().item() < 1e-3, gb
+    N, H, V = 5, 3, 7
+    x, W, b = torch.randn(N, H).half(), torch.randn(V, H).half(), torch.randn(V).half()
+    got = fused(x, W, b, torch.randint(0, V, (N,)), None, *(torch.rand(N) for _ in range(4)), 0.0, False, 2,
+                True, True, True)
+    assert [(g.dtype, tuple(g.shape)) for g in got[4:]] == [(torch.float16, (N, H)), (torch.float16, (V, H)),
+                                                          (torch.float16, (V,))]
+
+
 def test_label_smoothing_of_one_is_in_range():
     """label_smoothing = 1.0 is valid (torch takes [0, 1]): the loss is the uniform target's."""
     x, W, t = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([1, 2, 0])
