@@ -113,6 +113,15 @@ def _edge_cases(rank, backends, linear_cross_entropy) -> None:
                     continue
                 err = (p.double() - f.double()).abs().max().item()
                 assert err <= tol * max(1.0, f.double().abs().max().item()), f"{backend} {case}: {name} {err:.3e}"
+    # every class at -inf on every shard (rows all ignored): lse is -inf as torch.logsumexp gives, not NaN from
+    # exp(-inf - -inf), and the sum over ignored rows is 0
+    x3, W3, b3 = torch.randn(3, 4), torch.randn(6, 4), torch.full((6,), float("-inf"))
+    lo3, hi3 = rank * 3, rank * 3 + 3
+    for backend in backends:
+        loss, lse = linear_cross_entropy(x3, W3[lo3:hi3], torch.full((3,), -100), linear_bias=b3[lo3:hi3],
+                                         reduction="sum", return_lse=True, group=dist.group.WORLD, backend=backend)
+        assert torch.equal(lse.double(), torch.full((3,), float("-inf"), dtype=torch.float64)), (backend, lse)
+        assert loss.item() == 0.0, (backend, loss)
     # the module: a (vocab_size,) class weight, uneven shards [0, 4) and [4, 9)
     lo, hi = (0, 4) if rank == 0 else (4, V)
     x = torch.randn(N, H, generator=g, dtype=torch.float64)
