@@ -883,7 +883,8 @@ def test_cpu_gradients_are_advised_huge_pages():
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference" and p.values[1] == "cpu"])
 def test_fused_reduction_none_later_backward_scales_each_element(backend, device):
     """reduction="none" with fused=True: a later backward through a retained graph (the first one's upstream
-    gradient 1 handed the saved gradient out) multiplies out of place, element by element on the (N, C, d) layout
+    gradient 1 handed the saved gradient out) multiplies out of place (the first result stays as it was), element by
+    element on the (N, C, d) layout
     (rows n*d1*d2 + i: a per-element upstream gradient read in the wrong order passed every other test)."""
     require_backend(backend, device)
     x = torch.randn(3, 5, 4, 2, device=device, dtype=torch.float32)
@@ -894,9 +895,25 @@ def test_fused_reduction_none_later_backward_scales_each_element(backend, device
     want = torch.autograd.grad(F.cross_entropy(xt, t, reduction="none"), xt, g)[0]
     xo = x.clone().requires_grad_()
     loss = pykernels.functional.cross_entropy(xo, t, reduction="none", fused=True, backend=backend)
-    torch.autograd.grad(loss, xo, torch.ones_like(g), retain_graph=True)  # upstream 1: the saved gradient itself
+    held = torch.autograd.grad(loss, xo, torch.ones_like(g), retain_graph=True)[0]  # upstream 1: the saved gradient
+    first = held.clone()
     got = torch.autograd.grad(loss, xo, g)[0]  # a later pass: out of place, per element
     torch.testing.assert_close(got, want)
+    assert torch.equal(held, first)  # (scaling in place would rewrite the gradient the first pass handed out)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference" and p.values[1] == "cpu"])
+def test_fused_second_backward_after_in_place_scaling_names_the_way_out(backend, device):
+    """fused=True: a first backward with an upstream gradient other than 1 scales the saved gradient in place; a
+    second one through the retained graph raises naming fused=False (not autograd's "modified by an inplace
+    operation")."""
+    require_backend(backend, device)
+    x = torch.randn(6, 9, device=device, requires_grad=True)
+    t = torch.randint(0, 9, (6,), device=device)
+    loss = pykernels.functional.cross_entropy(x, t, fused=True, backend=backend)
+    loss.backward(torch.tensor(2.0), retain_graph=True)
+    with pytest.raises(RuntimeError, match="fused=False"):
+        loss.backward(torch.tensor(2.0))
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference"])

@@ -1582,7 +1582,8 @@ def test_fused_gradients_and_a_retained_graph():
 def test_fused_gradients_of_two_backward_passes_share_no_storage():
     """The fused backward hands out the saved gradients themselves (upstream gradient 1) on the node's first
     backward only: through a retained graph, an autograd.grad result then a .backward() (or the other way round)
-    must not share storage, or in-place work on .grad (clip_grad_norm_) would rewrite the tensor already held."""
+    must not share storage, or in-place work on .grad (clip_grad_norm_) would rewrite the tensor already held; nor
+    may a later pass with another upstream gradient scale them in place."""
     require_backend("cpu", "cpu")
     x = torch.randn(9, 6, requires_grad=True)
     W = torch.randn(13, 6, requires_grad=True)
@@ -1601,6 +1602,14 @@ def test_fused_gradients_of_two_backward_passes_share_no_storage():
         for h, c, leaf in zip(held, copies, (x, W, b)):
             assert leaf.grad.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
             assert torch.equal(h, c)
+    # an upstream gradient of 1, then one of 2 through the same graph: the second pass must not scale in place the
+    # tensors the first one handed out
+    loss = linear_cross_entropy(x, W, t, linear_bias=b, backend="cpu")
+    held = torch.autograd.grad(loss, (x, W, b), retain_graph=True)
+    copies = [h.clone() for h in held]
+    twice = torch.autograd.grad(loss, (x, W, b), grad_outputs=torch.tensor(2.0))
+    for h, c, d in zip(held, copies, twice):
+        assert torch.equal(h, c) and torch.equal(d, 2 * c)
 
 
 @pytest.mark.parametrize("backend,device,dtypes,max_v,budget", [
