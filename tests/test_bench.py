@@ -457,6 +457,23 @@ def test_list_suites(capsys):
     assert "linear_cross_entropy: modes" in out and "--preset grid: 12 shapes" in out
 
 
+def _fake_timer(times):
+    """A stand-in for torch.utils.benchmark.Timer that runs the statement once per slice and returns times(n) (seconds
+    per call) as the n-th slice's samples; also returns the list of the slices' min_run_time."""
+    slices = []
+
+    class FakeTimer:
+        def __init__(self, stmt, globals, num_threads):
+            self.run = globals["run"]
+
+        def blocked_autorange(self, min_run_time):
+            self.run()
+            slices.append(min_run_time)
+            return type("M", (), {"times": times(len(slices))})()
+
+    return FakeTimer, slices
+
+
 def test_cpu_timing_interleaves_providers_against_drift(monkeypatch):
     """The machine slows down for a stretch (as the 2-core VM does, 19% at random moments): two identical functions
     timed one after the other would differ by it, so each function gets a slice of 1/rounds of the budget in every
@@ -467,16 +484,8 @@ def test_cpu_timing_interleaves_providers_against_drift(monkeypatch):
     import time as _time
     from bench import timing
     tb = timing._torch_benchmark()
-    slices = []
-
-    class FakeTimer:  # one sample a slice: the machine's speed at that slice
-        def __init__(self, stmt, globals, num_threads):
-            self.run = globals["run"]
-
-        def blocked_autorange(self, min_run_time):
-            self.run()
-            slices.append(min_run_time)
-            return type("M", (), {"times": [1e-3 * (1.5 if len(slices) <= 2 else 1.0)] * 3})()
+    # one sample a slice: the machine's speed at that slice
+    FakeTimer, slices = _fake_timer(lambda n: [1e-3 * (1.5 if n <= 2 else 1.0)] * 3)
 
     names = []
     fns = [lambda: names.append("a"), lambda: names.append("b")]
@@ -568,16 +577,7 @@ def test_cpu_timing_reports_milliseconds_and_the_quartile_range(monkeypatch):
     p75 - p25."""
     from bench import timing
     tb = timing._torch_benchmark()
-
-    class FakeTimer:
-        def __init__(self, stmt, globals, num_threads):
-            self.run = globals["run"]
-
-        def blocked_autorange(self, min_run_time):
-            self.run()
-            return type("M", (), {"times": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3]})()
-
-    monkeypatch.setattr(tb, "Timer", FakeTimer)
+    monkeypatch.setattr(tb, "Timer", _fake_timer(lambda n: [1e-3, 2e-3, 3e-3, 4e-3, 5e-3])[0])
     t = timing.time_ms(lambda: None, CPU, quick=True)
     assert sorted(t.samples) == pytest.approx(sorted([1.0, 2.0, 3.0, 4.0, 5.0] * 5))
     assert (t.p50, t.p20, t.p80, t.iqr) == pytest.approx((3.0, 1.8, 4.2, 2.0))

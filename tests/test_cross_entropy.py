@@ -614,11 +614,8 @@ def test_arguments_parse_as_torch():
 
 
 def test_legacy_reduction_arguments():
+    # (size_average / reduce: test_module_forwards_z_loss_and_legacy_arguments, functional and module together)
     x, t = torch.randn(5, 4), torch.randint(0, 4, (5,))
-    for sa, rd in [(None, False), (False, None), (True, True), (False, True)]:
-        expected = F.cross_entropy(x, t, size_average=sa, reduce=rd)
-        got = pykernels.functional.cross_entropy(x, t, size_average=sa, reduce=rd)
-        torch.testing.assert_close(got, expected)
     # the old spelling of "mean", which torch still takes with a deprecation warning (so must a drop-in)
     W = torch.randn(4, 4)
     for call in (lambda: pykernels.functional.cross_entropy(x, t, reduction="elementwise_mean"),
@@ -780,7 +777,7 @@ def test_module_is_a_drop_in(backend, device):
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_module_forwards_z_loss_and_legacy_arguments(backend):
     """The module's keyword-only z_loss reaches the op (from_torch's too); size_average / reduce map onto the
-    reduction as torch's module does; a misspelt backend fails at construction, not at the first call."""
+    reduction as torch's module and functional do (ours too); a misspelt backend fails at construction, not at the first call."""
     require_backend(backend, "cpu")
     x, t = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 5, (6,))
     want = pykernels.functional.cross_entropy(x, t, z_loss=1e-2, backend=backend)
@@ -789,13 +786,17 @@ def test_module_forwards_z_loss_and_legacy_arguments(backend):
     swapped = pykernels.nn.CrossEntropyLoss.from_torch(torch.nn.CrossEntropyLoss(), z_loss=1e-2, backend=backend)
     assert swapped.z_loss == 1e-2
     torch.testing.assert_close(swapped(x, t), want)
-    for sa, rd in [(None, False), (False, None), (True, False), (False, True), (True, None)]:
+    for sa, rd in [(None, False), (False, None), (True, False), (False, True), (True, None), (True, True)]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (torch's deprecation warnings)
             theirs = torch.nn.CrossEntropyLoss(size_average=sa, reduce=rd)
             ours = pykernels.nn.CrossEntropyLoss(size_average=sa, reduce=rd, backend=backend)
+            want = F.cross_entropy(x, t, size_average=sa, reduce=rd)
+            got = pykernels.functional.cross_entropy(x, t, size_average=sa, reduce=rd, backend=backend)
         assert ours.reduction == theirs.reduction, (sa, rd)
-        torch.testing.assert_close(ours(x, t), theirs(x, t))
+        torch.testing.assert_close(theirs(x, t), want)
+        torch.testing.assert_close(ours(x, t), want)
+        torch.testing.assert_close(got, want)
     for make in (pykernels.nn.CrossEntropyLoss, lambda **kw: pykernels.nn.LinearCrossEntropyLoss(4, 5, **kw)):
         with pytest.raises(ValueError, match="backend must be one of"):
             make(backend="refrence")
