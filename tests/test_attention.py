@@ -131,9 +131,9 @@ def test_varlen_reference_is_the_dense_reference_per_sequence():
     out, lse = ref.varlen_attention(q, k, v, cq, ck, is_causal=True, alignment="bottom_right")
     assert out.shape == (10, 4, 5) and lse.shape == (4, 10)
     for a, b, c, d in ((0, 3, 0, 4), (3, 10, 9, 11)):
-        o, l_ = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1),
-                                               attn_mask=ref.allowed(b - a, d - c, "cpu", True, "bottom_right"),
-                                               enable_gqa=True), None
+        o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1),
+                                           attn_mask=ref.allowed(b - a, d - c, "cpu", True, "bottom_right"),
+                                           enable_gqa=True)
         torch.testing.assert_close(out[a:b], o.transpose(0, 1), rtol=1e-10, atol=1e-10)
 
 

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import pykernels
 from pykernels.ops import attention as attn_ops

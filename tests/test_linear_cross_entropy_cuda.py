@@ -188,7 +188,7 @@ def _deep_logits(x, W, b, softcap):
 
 def _deep_partials(PARTIALS, DEV, dtype, H, splits, softcap=20.0):
     x, W, b, cw, t, vs = _deep_inputs(dtype, H)
-    N, V = x.shape[0], W.shape[0]
+    V = W.shape[0]
     dev = lambda a: a.to(DEV)  # noqa: E731
     mp, sp, zyp, zsp = PARTIALS(dev(x), dev(W), dev(b), dev(t), dev(cw), vs, softcap, True, splits)
     mp, sp, zyp, zsp = (a.double().cpu() for a in (mp, sp, zyp, zsp))
@@ -215,7 +215,7 @@ def _deep_partials(PARTIALS, DEV, dtype, H, splits, softcap=20.0):
 
 def _deep_dlogits(DLOGITS, DEV, dtype, H, ldl_pad, softcap=20.0):
     x, W, b, cw, t, vs = _deep_inputs(dtype, H, seed=1)
-    N, V = x.shape[0], W.shape[0]
+    N = x.shape[0]
     z = _deep_logits(x, W, b, softcap)
     m = z.amax(1)
     ls = torch.logsumexp(z - m[:, None], 1)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import warnings
 
 import pytest
 import torch
@@ -912,9 +911,8 @@ def test_cuda_layer_refuses_a_streamed_w_hh(dtype):
     run(300)
     with pytest.raises(RuntimeError, match="hidden size 2000 .* streamed kernel is disabled"):
         run(2000)
-    xp = torch.randn(2, 3, 4 * 2000, device="cuda")  # the backward alone refuses it too
     w = torch.randn(4 * 2000, 2000, device="cuda").to(dtype)
-    ws = torch.rand(2, 3, 5 * 2000, device="cuda")
+    ws = torch.rand(2, 3, 5 * 2000, device="cuda")  # the backward alone refuses it too
     with pytest.raises(RuntimeError, match="lstm_layer_bwd .*hidden size 2000"):
         bwd(torch.ones(2, 3, 2000, device="cuda", dtype=dtype), None, None, torch.zeros(3, 2000, device="cuda",
             dtype=dtype), ws, w, False)
