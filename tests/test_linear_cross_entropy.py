@@ -675,9 +675,14 @@ def test_kernel_and_autograd_ops_check_their_arguments():
     for args, name in (((x, torch.randn(7, 5), None, t, None), "linear_weight"), ((x, W, None, t[:2], None), "target"),
                        ((x, W, torch.randn(2), t, None), "linear_bias"), ((x, W, None, t, torch.rand(7).double()),
                                                                           "weight"),
-                       ((x.long(), W, None, t, None), "input")):
+                       ((x.long(), W, None, t, None), "input"),
+                       # read at stride 1: a strided view was read as its first 7 elements of storage
+                       ((x, W, torch.randn(14)[::2], t, None), "linear_bias must be contiguous"),
+                       ((x, W, None, t, torch.rand(14)[::2]), "weight must be contiguous")):
         with pytest.raises(RuntimeError, match=f"linear_cross_entropy_fwd_triton: {name}"):
             fwd(*args, 0, 0.0, False)
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        fused(x, W, None, t, torch.rand(14)[::2], c, c, c, c, 0.0, False, 2, True, True, False)
     with pytest.raises(ValueError, match="linear_cross_entropy_bwd_triton: m must have shape"):
         bwd(x, W, None, t, None, z, c, c, c, c, 0, 0.0, False, True, True, False)
 
@@ -1722,6 +1727,14 @@ def test_triton_autotuning_leaves_no_stale_bias_partials(monkeypatch):
         got, = torch.autograd.grad(linear_cross_entropy(x, W, t, linear_bias=bl, backend="triton"), bl)
         assert tuned["bwd"].best_config.kwargs["BM"] == 32
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5, msg=call)
+    # without a bias gradient the partials' buffer, which tuning zeroes, must alias no other argument (it was the
+    # row maxima m): a new shape, tuned again
+    xs = x[:50, :8].contiguous().requires_grad_()
+    xd = xs.detach().double().requires_grad_()
+    want_x, = torch.autograd.grad(F.cross_entropy(F.linear(xd, W[:, :8].double()), t[:50]), xd)
+    fake_bench.order = [32, 16] * 2
+    got_x, = torch.autograd.grad(linear_cross_entropy(xs, W[:, :8], t[:50], backend="triton"), xs)
+    torch.testing.assert_close(got_x.double(), want_x, atol=1e-5, rtol=1e-5)
 
 
 def test_cuda_chunk_accumulation_without_fp32_output_gemm_stays_exact(monkeypatch, caplog):

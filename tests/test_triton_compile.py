@@ -57,6 +57,38 @@ def test_cross_entropy_kernels_compile_for_sm80_and_sm90_without_spills():
                             CE_KNOWN_SPILLS, (name, arch, dt, mode, prob, weighted))
 
 
+_AUTOTUNERS = textwrap.dedent('''
+    import os, sys, json
+    os.environ.pop("TRITON_INTERPRET", None)   # the kernels as a GPU builds them (JITFunction, not interpreted)
+    os.environ.pop("PYKERNELS_LCE_AUTOTUNE", None)
+    sys.path.insert(0, {root!r})
+    import torch
+    from pykernels.triton import attention, linear_cross_entropy as lce
+    lce._interpreted = lambda: False
+    built = [(f"lce {{kind}} {{dt}}", lce._kernel(kind, torch.device("cuda", 0), dt)[0])
+             for kind in ("fwd", "bwd") for dt in (torch.bfloat16, torch.float32)]
+    built += [(f"attention {{kind}}", attention._tuned(kind)) for kind in attention._KERNELS]
+    out = []
+    for name, kernel in built:
+        try:
+            torch.library.wrap_triton(kernel)
+            out.append((name, type(kernel).__name__, None))
+        except RuntimeError as e:
+            out.append((name, type(kernel).__name__, str(e)))
+    print(json.dumps(out))
+''')
+
+
+def test_every_gpu_autotuner_is_accepted_by_wrap_triton():
+    """Every launch goes through torch.library.wrap_triton, which refuses autotuners whose configs carry hooks; the
+    interpreter's kernels pass it anyway, so the CPU tier must build the GPU's autotuners in a process without
+    TRITON_INTERPRET. (A Config pre_hook on the linear cross-entropy's dlogits autotuner failed every GPU backward.)"""
+    rows = run_script_compiled(_AUTOTUNERS)
+    assert len(rows) == 4 + 3, rows
+    for name, kind, err in rows:
+        assert kind == "Autotuner" and err is None, (name, kind, err)
+
+
 def test_launches_run_on_their_tensors_device(monkeypatch):
     """Triton launches on the current CUDA device: every pykernels launch switches to its first CUDA tensor's
     device when that is another one (model parallelism in one process), and does nothing otherwise. Checked with

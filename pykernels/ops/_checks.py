@@ -318,6 +318,9 @@ def linear_cross_entropy_kernel(op: str, input: Tensor, linear_weight: Tensor, l
     """A Triton kernel's operands (fp32 class weight, softcap >= 0) and its per-row fp32 vectors ``rows`` (name,
     tensor; None: not read)."""
     linear_cross_entropy(op, input, linear_weight, linear_bias, target, weight, TRITON_DTYPES, F32)
+    for name, t in (("linear_bias", linear_bias), ("weight", weight)):
+        if t is not None:
+            tensor(op, name, t, contiguous=True)  # read at stride 1 (as the C++ ops require too)
     if not softcap >= 0.0:
         raise ArgumentValueError(f"{op}: softcap must be >= 0, got {softcap}")
     for name, t in rows:

@@ -210,20 +210,15 @@ def _kernel(kind: str, device: torch.device, dtype: torch.dtype):
     return _TUNED[key], {}
 
 
-def _zero_bias_partials(nargs) -> None:
-    """A config's run writes the bias partials of its own BM's rows only, so while tuning a losing config with a
-    smaller BM left rows that the winner does not overwrite, and they were summed into the bias gradient (the first
-    call per shape). Zeroed before every run of every config (before each trial, and before the winner's real run).
-    Not ``reset_to_zero``: without a bias gradient DBp aliases m."""
-    if nargs.get("HAS_DB"):
-        nargs["DBp"].zero_()
-
-
 def _autotuned(base, configs, **kw):
-    """``base`` autotuned over ``configs`` ((BM, BN, BK, warps, stages) each) on the (H, V) key."""
-    hook = _zero_bias_partials if base is _lce_dlogits_kernel else None
-    cfgs = [triton.Config(dict(BM=BM, BN=BN, BK=BK), num_warps=w, num_stages=st, pre_hook=hook)
-            for BM, BN, BK, w, st in configs]
+    """``base`` autotuned over ``configs`` ((BM, BN, BK, warps, stages) each) on the (H, V) key. The dlogits kernel's
+    bias partials (DBp) are reset to zero before every trial and after the tuning: a config writes the partials of
+    its own BM's rows only, so the rows a losing smaller-BM trial wrote were summed into the first call's bias
+    gradient. ``reset_to_zero``, not a Config pre_hook: torch.library.wrap_triton refuses autotuners whose configs
+    carry hooks (so every GPU backward failed with one), and torch.compile honours reset_to_zero too."""
+    cfgs = [triton.Config(dict(BM=BM, BN=BN, BK=BK), num_warps=w, num_stages=st) for BM, BN, BK, w, st in configs]
+    if base is _lce_dlogits_kernel:
+        kw = dict(kw, reset_to_zero=["DBp"])
     return triton.autotune(configs=cfgs, key=["H", "V"], **kw)(base)
 
 
@@ -263,9 +258,10 @@ def _dlogits(input, linear_weight, linear_bias, target, weight, m, log_s, coef_p
         return (triton.cdiv(N, META["BM"]) * triton.cdiv(nc, META["BN"]),)
 
     has_b = linear_bias is not None
+    dbp = db if db is not None else m.new_empty(1)  # never an alias of another argument: tuning zeroes it
     wrap(kernel)[grid](
         input, linear_weight, linear_bias if has_b else input, target, weight if weight is not None else m,
-        m, log_s, coef_p, coef_y, coef_w, dl, db if db is not None else m, N, V, H, vocab_start, col0, nc,
+        m, log_s, coef_p, coef_y, coef_w, dl, dbp, N, V, H, vocab_start, col0, nc,
         input.stride(0), linear_weight.stride(0), dl.stride(0), db.stride(0) if db is not None else 0,
         float(softcap or 1.0),
         HAS_BIAS=has_b, HAS_CW=weight is not None, SOFTCAP=bool(softcap), SMOOTH=smooth, HAS_DB=db is not None,
