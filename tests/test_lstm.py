@@ -621,3 +621,61 @@ def test_functional_unbatched_multilayer_states(backend, proj_size):
         assert gh.shape == wh.shape and gc.shape == wc.shape
         for a, b in ((got, want), (gh, wh), (gc, wc)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", LAYER_BACKENDS)
+def test_layer_parameter_grads_when_input_and_state_need_none(backend, device):
+    """The usual training call: the input and the initial state do not require grad, the parameters do. Every
+    parameter gets its gradient (the weight GEMMs must not be keyed on the input's or the state's flag)."""
+    require_backend(backend, device)
+    ref, ours, base = _torch_and_ours(backend, device, torch.float32, 3, 5, bidirectional=True)
+    x = torch.randn(4, 2, 3, dtype=F64, device=device)
+    hx = tuple(torch.randn(2, 2, 5, dtype=F64, device=device) for _ in range(2))
+    gout = torch.randn(4, 2, 10, dtype=F64, device=device)
+    r = torch.autograd.grad(ref(x, hx)[0], list(ref.parameters()), gout)
+    b = torch.autograd.grad(base(x.float(), tuple(h.float() for h in hx))[0], list(base.parameters()), gout.float())
+    g = torch.autograd.grad(ours(x.float(), tuple(h.float() for h in hx))[0], list(ours.parameters()), gout.float(),
+                            allow_unused=True)
+    assert pykernels.last_dispatch["lstm"][0] == backend
+    for (name, _), a, rr, bb in zip(ours.named_parameters(), g, r, b):
+        assert a is not None, f"{backend}: no gradient for {name}"
+        assert_error_rule(f"{backend} grad {name}", a, rr, bb, dtype=torch.float32, factor=3.0)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_cell_weight_grads_when_input_and_state_need_none(backend, device):
+    """A cell step whose input and state do not require grad (the first step of a loop, hx None, or a state from
+    no_grad code): W_ih, W_hh and the biases still get their gradients."""
+    require_backend(backend, device)
+    cell = torch.nn.LSTMCell(7, 11, dtype=F64, device=device)
+    x = torch.randn(5, 7, dtype=F64, device=device)
+    hc = (torch.randn(5, 11, dtype=F64, device=device), torch.randn(5, 11, dtype=F64, device=device))
+    gouts = [torch.randn(5, 11, dtype=F64, device=device) for _ in range(2)]
+    ref = torch.autograd.grad(cell(x, hc), list(cell.parameters()), gouts)
+    for dtype in _dtypes(backend, device):
+        w = [p.detach().to(dtype).requires_grad_() for p in cell.parameters()]
+        base = torch.autograd.grad(torch._VF.lstm_cell(x.to(dtype), tuple(t.to(dtype) for t in hc), *w), w,
+                                   [g.to(dtype) for g in gouts])
+        w = [p.detach().to(dtype).requires_grad_() for p in cell.parameters()]
+        out = lstm_cell(x.to(dtype), tuple(t.to(dtype) for t in hc), *w, backend=backend)
+        got = torch.autograd.grad(out, w, [g.to(dtype) for g in gouts], allow_unused=True)
+        for k, (a, r, b) in enumerate(zip(got, ref, base)):
+            assert a is not None, f"{backend} {dtype}: no gradient for parameter {k}"
+            assert_error_rule(f"{backend} {dtype} grad param{k}", a, r, b, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend,device", LAYER_BACKENDS)
+def test_layer_bias_hh_grad_with_bias_ih_frozen(backend, device):
+    """A frozen b_ih (requires_grad False) and a trained b_hh: b_hh still gets its gradient (the bias gradient must
+    not be keyed on b_ih's flag alone)."""
+    require_backend(backend, device)
+    ref, ours, _ = _torch_and_ours(backend, device, torch.float32, 3, 5)
+    for m in (ref, ours):
+        m.bias_ih_l0.requires_grad_(False)
+    x = torch.randn(4, 2, 3, dtype=F64, device=device)
+    gout = torch.randn(4, 2, 5, dtype=F64, device=device)
+    (r,) = torch.autograd.grad(ref(x)[0], [ref.bias_hh_l0], gout)
+    (g,) = torch.autograd.grad(ours(x.float())[0], [ours.bias_hh_l0], gout.float(), allow_unused=True)
+    assert pykernels.last_dispatch["lstm"][0] == backend
+    assert g is not None, f"{backend}: no gradient for bias_hh_l0"
+    assert_error_rule(f"{backend} grad bias_hh_l0", g, r, dtype=torch.float32, floor=1e-5)

@@ -1050,3 +1050,25 @@ def test_op_backend_argument_is_checked(backend):
     x, h0, w_ih, w_hh = torch.randn(4, 3, 6), torch.randn(3, 5), torch.randn(20, 6), torch.randn(20, 5)
     with pytest.raises(ValueError, match="pykernels::lstm_layer: backend must be one of .*got 'bogus'"):
         torch.ops.pykernels.lstm_layer(x, h0, h0, w_ih, w_hh, None, None, False, "bogus")
+
+
+@pytest.mark.parametrize("backend,device", CPU_KERNELS + GPU_KERNELS)
+def test_16bit_cell_accumulates_the_gate_gemms_in_fp32(backend, device):
+    """fp16 cell over a long K (I = 1024): the gate GEMMs accumulate in fp32, so the fp32 workspace (activated
+    gates, c') matches float64 on the same rounded operands to ~1e-6, not to the ~1e-3 of partial sums rounded to
+    fp16 per K block. Weights ~ 1/sqrt(I): gates O(1), not saturated (test_cell_kernel_ops_against_float64's 0.5
+    saturates them at this K and its 16-bit workspace floor of 8e-3 cannot see the rounding)."""
+    require(backend, device)
+    fwd, _ = ops.CELL[backend]
+    B, I, H = 4, 1024, 16
+    g = torch.Generator().manual_seed(0)
+    t = [torch.randn(*s, generator=g, dtype=F64) for s in ((B, I), (B, H), (B, H), (4 * H, I), (4 * H, H))]
+    t[3] *= I ** -0.5
+    t[4] *= H ** -0.5
+    lo = [v.to(torch.float16).to(device) for v in t]
+    x, hx, cx, wi, wh = (v.to(F64) for v in lo)
+    _, _, ws = fwd(*lo, None, None)
+    gi, gf, gg, go = (x @ wi.t() + hx @ wh.t()).chunk(4, 1)
+    i, f, gt, o = gi.sigmoid(), gf.sigmoid(), gg.tanh(), go.sigmoid()
+    assert_error_rule("ws fp16 I=1024", ws, torch.cat([i, f, gt, o, f * cx + i * gt], 1), dtype=torch.float32,
+                      floor=2e-5)
