@@ -1759,3 +1759,21 @@ def test_cuda_chunk_accumulation_without_fp32_output_gemm_stays_exact(monkeypatc
             launch.mm_acc_(acc, a, b)
     assert launch._HAS_OUT_DTYPE == [False] and "no fp32-output GEMM" in caplog.text
     assert calls[0][2] == torch.float32  # tried the fp32-output GEMM first
+
+
+def test_triton_fused_writes_only_the_requested_gradients():
+    """The fused op's contract (and its fake's shapes): a gradient not requested comes back empty, (0,), also db
+    when there is a bias (want_b must follow bias_grad, not the bias: a (V,) db nobody asked for costs a column sum
+    per row block, and its shape differs from the fake's under torch.compile); the requested ones are full-size."""
+    require_backend("triton-fused", "cpu")
+    fused, _ = lce_ops.FUSED["triton"]
+    N, H, V = 5, 3, 7
+    x, W, b = torch.randn(N, H), torch.randn(V, H), torch.randn(V)
+    t = torch.randint(0, V, (N,))
+    coefs = [torch.rand(N) for _ in range(4)]
+    for flags in ((True, True, False), (False, True, False), (True, False, False), (False, False, True)):
+        got = fused(x, W, b, t, None, *coefs, 0.0, False, 2, *flags)[4:]
+        want = [shape if on else (0,) for on, shape in zip(flags, ((N, H), (V, H), (V,)))]
+        assert [tuple(g.shape) for g in got] == want, (flags, [g.shape for g in got])
+        fake = lce_ops._fused_fake(x, W, b, t, None, *coefs, 0.0, False, 2, *flags)[4:]
+        assert [tuple(g.shape) for g in fake] == want, flags

@@ -450,3 +450,61 @@ def test_device_side_shard_check_agrees_with_the_host_one():
             assert ok == (_disagreement(rows) is None), rows
             seen[ok] += 1
     assert seen[True] >= 6 and seen[False] >= 120
+
+
+@_worker_process
+def _options_worker(rank: int, world: int, backends) -> None:
+    """Calls the other tests never make, each against torch in float64 (the same problem on every rank, uneven
+    shards [0, 9) and [9, 20)): a frozen LM head (input and bias require grad, linear_weight does not: the
+    backward's flags were read from the wrong slots and d_input / d_bias came back None); an ignore_index other
+    than -100, both a valid class id held by rank 0 and -1 (every other test used the default); uint8 targets
+    (widened before the kernels); targets on every shard boundary (lo - 1, lo, hi - 1, hi: an off-by-one in a
+    kernel's shard range takes the neighbour's class or drops its own); an out-of-range target raising on every
+    rank."""
+    from pykernels.functional import linear_cross_entropy
+    g = torch.Generator().manual_seed(31)
+    N, H, V = 12, 10, 20
+    lo, hi = (0, 9) if rank == 0 else (9, V)
+    x64 = torch.randn(N, H, generator=g, dtype=torch.float64)
+    W64 = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.4
+    b64 = torch.randn(V, generator=g, dtype=torch.float64)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[:6] = torch.tensor([0, 8, 9, 10, 19, 5])  # both ends of both shards, and class 5 (an ignore_index below)
+    kw = dict(group=dist.group.WORLD, vocab_start=lo, vocab_size=V)
+    for backend in backends:
+        dtype = torch.float64 if backend == "reference" else torch.float32
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        x, W, b = (u.to(dtype) for u in (x64, W64, b64))
+
+        def close(name, p, f):
+            assert p is not None, f"{backend} rank {rank}: {name} is None"
+            err = (p.double() - f.double()).abs().max().item()
+            assert err <= tol * max(1.0, f.double().abs().max().item()), f"{backend} rank {rank}: {name} {err:.3e}"
+
+        for ii, tt, eps in ((-100, t, 0.0), (5, t, 0.1), (-1, torch.where(t == 8, -1, t), 0.1)):
+            for grads in ("x,b", "W"):  # the frozen head, then only the head trained
+                xx = x.clone().requires_grad_("x" in grads)
+                WW = W[lo:hi].clone().requires_grad_("W" in grads)
+                bb = b[lo:hi].clone().requires_grad_("b" in grads)
+                for targets in ((tt, tt.to(torch.uint8)) if ii != -1 else (tt,)):
+                    loss = linear_cross_entropy(xx, WW, targets, linear_bias=bb, ignore_index=ii,
+                                                label_smoothing=eps, backend=backend, **kw)
+                    loss.backward()
+                    xr, Wr, br = (u.clone().requires_grad_() for u in (x64, W64, b64))
+                    want = F.cross_entropy(F.linear(xr, Wr, br), tt, ignore_index=ii, label_smoothing=eps)
+                    want.backward()
+                    what = f"ignore_index={ii} {targets.dtype} grads={grads}"
+                    close(f"{what} loss", loss.detach(), want.detach())
+                    for name, leaf, ref in (("d_input", xx, xr.grad), ("d_weight", WW, Wr.grad[lo:hi]),
+                                            ("d_bias", bb, br.grad[lo:hi])):
+                        if leaf.requires_grad:
+                            close(f"{what} {name}", leaf.grad, ref)
+                            leaf.grad = None
+        # a target past the vocabulary: every rank raises torch's IndexError, before any kernel
+        for bad in (V, V + 3):
+            with pytest.raises(IndexError, match=f"target {bad} is out of bounds for {V} classes"):
+                linear_cross_entropy(x, W[lo:hi], torch.where(t == 19, bad, t), backend=backend, **kw)
+
+
+def test_vocab_parallel_options_the_others_leave_out(tmp_path):
+    _spawn(_options_worker, 2, tmp_path, _backends())
