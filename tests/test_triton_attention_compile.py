@@ -66,14 +66,26 @@ _SCRIPT = textwrap.dedent('''
             c = compile_for(fn, sig(kern, dt, "*i1" if flags["BOOL_BIAS"] else "*" + dt), flags, arch,
                             num_warps=warps, num_stages=stages)  # as the launcher
             ptx = c.asm["ptx"]
-            out.append((kern, arch, dt, e, sorted(fl), "wgmma" in ptx, "mma.sync" in ptx, spills(c), nospill))
+            out.append((kern, arch, dt, e, sorted(fl), "wgmma" in ptx, "mma.sync" in ptx, spills(c), nospill,
+                        c.metadata.shared))
+    for kern in ("fwd", "dkdv", "dq"):  # the largest fp32 tiles on sm_86 / sm_89, whose blocks get the least shared
+        # memory (101376 B)
+        flags = dict(IS_CAUSAL=False, BR=False, HAS_WINDOW=False, SOFTCAP=False, HAS_BIAS=True, BOOL_BIAS=False,
+                     DROPOUT=False, VARLEN=False, IEEE=True, E=256, EV=256)
+        if kern == "dq":
+            flags["DBIAS"] = True
+        bm, bn, warps, stages = a.config(256, 256, torch.float32, kern)
+        flags.update(BLOCK_M=bm, BLOCK_N=bn)
+        fn = {{"fwd": a._attn_fwd, "dkdv": a._attn_bwd_dkdv, "dq": a._attn_bwd_dq}}[kern]
+        c = compile_for(fn, sig(kern, "fp32", "*fp32"), flags, 86, num_warps=warps, num_stages=stages)
+        out.append((kern, 86, "fp32", 256, ["HAS_BIAS"], False, False, 0, False, c.metadata.shared))
     for arch in (80, 90):  # the backward's delta pass: no spill at the largest head dim
         for dt, ev in (("bf16", 256), ("fp32", 64)):
             sig_d = {{"DO": "*" + dt, "O": "*" + dt, "Delta": "*fp32"}}
             sig_d.update({{st: "i64" for st in ("sdb", "sdh", "sdm", "sdd", "sob", "soh", "som", "sod")}})
             sig_d.update({{"H": "i32", "L": "i32", "HEAD_EV": "i32", "NBH": "i32"}})
             c = compile_for(a._attn_bwd_delta, sig_d, {{"EV": ev, "BLOCK_M": max(16, 4096 // ev)}}, arch, num_warps=4)
-            out.append(("delta", arch, dt, ev, [], False, False, spills(c), True))
+            out.append(("delta", arch, dt, ev, [], False, False, spills(c), True, c.metadata.shared))
     print(json.dumps(out))
 ''')
 
@@ -84,11 +96,19 @@ _SCRIPT = textwrap.dedent('''
 ATTN_KNOWN_SPILLS = {("fwd", 80, "bf16", 128): 60, ("fwd", 90, "bf16", 128): 28, ("dq", 80, "bf16", 128): 284}
 
 
+# the most shared memory a block may opt in to (CUDA C Programming Guide, compute capabilities): sm_86 / sm_89 have
+# the least of the architectures the kernels run on
+SHARED_PER_BLOCK = {80: 166912, 86: 101376, 90: 232448}
+
+
 def test_attention_kernels_compile_for_sm80_and_sm90():
     rows = run_script_compiled(_SCRIPT)
-    assert len(rows) == 15
-    for kern, arch, dt, e, flags, wgmma, mma, n_spills, nospill in rows:
+    assert len(rows) == 18
+    for kern, arch, dt, e, flags, wgmma, mma, n_spills, nospill, shared in rows:
         what = f"{kern} sm_{arch} {dt} E={e} {flags}"
+        assert shared <= SHARED_PER_BLOCK[arch], f"{what}: {shared} B of shared memory, over sm_{arch}'s limit"
+        if arch == 86:  # (compiled for the shared memory check only)
+            continue
         if kern == "delta":  # (no product of tiles)
             assert_spill_budget(what, n_spills, ATTN_KNOWN_SPILLS, (kern, arch, dt, e))
             continue

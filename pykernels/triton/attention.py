@@ -498,7 +498,10 @@ def config(E: int, EV: int, dtype: torch.dtype, kind: str, device: Optional[torc
             return tuple(entry["tile"])
     e = max(E, EV)
     if dtype == torch.float32:  # fp32 tiles are twice the bytes: halve them
-        return (64, 32, 4, 2) if e <= 64 else (32, 32, 4, 2) if e <= 128 else (16, 32, 4, 1)
+        if e > 128:  # dK/dV with a float mask needs 102400 B of shared memory at 32-key tiles, over the 101376 B a
+            # block may have on sm_86 / sm_89 (A10, L4, RTX 30/40); 66560 B at 16
+            return (16, 16, 4, 1) if kind == "dkdv" else (16, 32, 4, 1)
+        return (64, 32, 4, 2) if e <= 64 else (32, 32, 4, 2)
     if kind == "fwd":
         if e <= 64:
             return 128, 64, 4, 3
