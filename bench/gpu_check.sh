@@ -4,6 +4,9 @@
 #   STAGES="build test sanitize bench tune profile" SUITES="attention lstm" FAMILIES="attention lstm_layer" bash bench/gpu_check.sh
 # (defaults: every suite, every sanitizer family)
 # SUITES default: every suite registered in bench/__init__.py (full presets: several minutes; BENCH_ARGS=--quick)
+# The default STAGES take far longer than one 600-s device call: split them over calls, e.g. first
+#   STAGES="build test" TEST_TIMEOUT=420, then STAGES="sanitize", then STAGES="bench" BENCH_ARGS=--quick
+# (a warm machine keeps the built extension between calls; a fresh one needs "build" again).
 set -uo pipefail
 OUT=${OUT:-/tmp/pykernels_out}
 mkdir -p "$OUT"
