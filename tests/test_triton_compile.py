@@ -89,6 +89,27 @@ def test_every_gpu_autotuner_is_accepted_by_wrap_triton():
         assert kind == "Autotuner" and err is None, (name, kind, err)
 
 
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_gpu_launch_glue_binds_every_kernel_argument(mode):
+    """tests/gpu_glue_driver.py: every Triton launcher down its GPU branch (GPU tiles, the autotuners on, fake CUDA
+    tensors of an H100), each launch's arguments bound as Triton binds them and its grid within CUDA's limits; in
+    "compile" mode through torch's HOPifier, which refused the linear cross-entropy autotuner's Config pre_hook."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_glue_driver.py")
+    p = subprocess.run([sys.executable, script, mode, "autotune"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    lines = p.stdout.strip().splitlines()
+    assert p.returncode == 0 and lines, p.stderr[-4000:]
+    cases = [line for line in lines if line.startswith(f"[{mode} autotune]")]
+    assert len(cases) == 8 and all(line.endswith(": ok") for line in cases), "\n".join(lines) + p.stderr[-3000:]
+    assert lines[-1].endswith("problems: 0"), "\n".join(lines)
+    if mode == "eager":
+        assert int(lines[-1].split()[2].rstrip(";")) > 1000, lines[-1]  # (every autotune config launched)
+
+
 def test_launches_run_on_their_tensors_device(monkeypatch):
     """Triton launches on the current CUDA device: every pykernels launch switches to its first CUDA tensor's
     device when that is another one (model parallelism in one process), and does nothing otherwise. Checked with
