@@ -679,3 +679,125 @@ def test_layer_bias_hh_grad_with_bias_ih_frozen(backend, device):
     assert pykernels.last_dispatch["lstm"][0] == backend
     assert g is not None, f"{backend}: no gradient for bias_hh_l0"
     assert_error_rule(f"{backend} grad bias_hh_l0", g, r, dtype=torch.float32, floor=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in LAYER_BACKENDS if p.values[1] == "cpu"])
+def test_dropout_probability_is_p_not_one_minus_p(backend, device):
+    """dropout=p drops a fraction p between layers, as torch.nn.LSTM (same seed, same CPU mask stream): the
+    dropout test's p = 0.5 cannot tell p from 1 - p (mutation review)."""
+    require_backend(backend, device)
+    theirs = torch.nn.LSTM(3, 4, num_layers=2, dropout=0.2, device=device)
+    m = pykernels.nn.LSTM(3, 4, num_layers=2, dropout=0.2, backend=backend, device=device)
+    m.load_state_dict(theirs.state_dict())
+    x = torch.randn(6, 5, 3, device=device)
+    torch.manual_seed(11)
+    got, (gh, gc) = m(x)
+    assert pykernels.last_dispatch["lstm"][0] == backend
+    torch.manual_seed(11)
+    want, (wh, wc) = theirs(x)
+    for name, a, b in (("out", got, want), ("h_n", gh, wh), ("c_n", gc, wc)):
+        assert_error_rule(f"dropout 0.2 {name} vs torch", a, b, dtype=torch.float32, floor=1e-5)
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "cpu"])
+@pytest.mark.parametrize("proj_size", [0, 2])
+def test_unbatched_input_with_batch_first(backend, proj_size):
+    """Unbatched (T, I) input is (T, I) whatever batch_first says, in the module and the functional API, with and
+    without a state; every test of unbatched input had batch_first=False (mutation review: unsqueezing at the
+    batch_first axis, or squeezing the output at axis 1, passed; proj_size > 0 takes torch's LSTM in an automatic
+    call)."""
+    if backend is not None:
+        require_backend(backend, "cpu")
+    if backend == "cpu" and proj_size:
+        pytest.skip("the cpu kernel does not cover proj_size")
+    torch.manual_seed(0)
+    kw = dict(num_layers=2, bidirectional=True, batch_first=True, proj_size=proj_size)
+    theirs = torch.nn.LSTM(3, 4, **kw)
+    ours = pykernels.nn.LSTM(3, 4, **kw, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 3)
+    h0, c0 = torch.randn(4, proj_size or 4), torch.randn(4, 4)
+    for hx in (None, (h0, c0)):
+        want, (wh, wc) = theirs(x, hx)
+        for got, (gh, gc) in (ours(x, hx),
+                              pykernels.functional.lstm(x, hx, list(theirs._flat_weights), **kw, backend=backend)):
+            assert got.shape == want.shape == (5, 2 * (proj_size or 4))
+            assert gh.shape == wh.shape and gc.shape == wc.shape
+            for a, b in ((got, want), (gh, wh), (gc, wc)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_functional_packed_data_ignores_batch_first(backend):
+    """functional.lstm on a PackedSequence's data with batch_first=True: the data is (sum(lengths), I) whatever
+    batch_first says, as torch's packed LSTM (the module passes batch_first=False for packed input: only a direct
+    call reaches the reference's own guard, which dropping passed: mutation review)."""
+    torch.manual_seed(0)
+    m = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(3, 5, 3)
+    packed = pack_padded_sequence(x, torch.tensor([5, 3, 2]), batch_first=True)
+    want, (wh, wc) = m(packed)
+    got, (gh, gc) = pykernels.functional.lstm(packed.data, None, list(m._flat_weights), num_layers=2,
+                                              bidirectional=True, batch_first=True,
+                                              batch_sizes=packed.batch_sizes, backend=backend)
+    for a, b in ((got, want.data), (gh, wh), (gc, wc)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_module_state_dims_named_as_torch():
+    """A state whose tensors' dims do not match the input's: torch.nn.LSTM's messages (with one tensor right and
+    the other wrong, or both wrong for unbatched input, dropping the module's check raised only a later size
+    message: mutation review)."""
+    pm, tm = pykernels.nn.LSTM(3, 4), torch.nn.LSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    z = torch.zeros
+    cases = [(x, (z(1, 2, 4), z(2, 4)), r"batched 3-D input, hx and cx should also be 3-D but got \(3-D, 2-D\)"),
+             (x, (z(2, 4), z(1, 2, 4)), r"batched 3-D input, hx and cx should also be 3-D but got \(2-D, 3-D\)"),
+             (x[:, 0], (z(1, 1, 4), z(1, 1, 4)), r"unbatched 2-D input, hx and cx should also be 2-D but got "
+                                                  r"\(3-D, 3-D\)"),
+             (x[:, 0], (z(1, 4), z(1, 1, 4)), r"unbatched 2-D input, hx and cx should also be 2-D but got "
+                                               r"\(2-D, 3-D\)")]
+    for inp, hx, msg in cases:
+        for m in (tm, pm):
+            with pytest.raises(RuntimeError, match=msg):
+                m(inp, hx)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_cell_unbatched_with_a_state(backend, device):
+    """Unbatched (I,) input with an explicit (H,) state, functional and module: (H,) states back, torch's values
+    and gradients (the unbatched test passes hx=None; a wrong unsqueeze axis of the state was caught only by the
+    fuzz's random draw: mutation review)."""
+    require_backend(backend, device)
+    cell = torch.nn.LSTMCell(3, 6, dtype=F64, device=device)
+    ours = pykernels.nn.LSTMCell(3, 6, device=device, backend=backend)
+    ours.load_state_dict({k: v.float() for k, v in cell.state_dict().items()})
+    x, h0, c0 = (torch.randn(n, dtype=F64, device=device) for n in (3, 6, 6))
+    lr = [t.clone().requires_grad_() for t in (x, h0, c0)]
+    rh, rc = cell(lr[0], (lr[1], lr[2]))
+    rg = torch.autograd.grad(rh.sum() + 2 * rc.sum(), lr)
+    w = [p.detach() for p in ours.parameters()]
+    for run in (lambda a, hx: lstm_cell(a, hx, *w, backend=backend), ours):
+        lv = [t.float().requires_grad_() for t in (x, h0, c0)]
+        h, c = run(lv[0], (lv[1], lv[2]))
+        assert h.shape == (6,) and c.shape == (6,)
+        g = torch.autograd.grad(h.sum() + 2 * c.sum(), lv)
+        for name, a, r in (("h", h, rh), ("c", c, rc), ("dx", g[0], rg[0]), ("dh0", g[1], rg[1]), ("dc0", g[2], rg[2])):
+            assert_error_rule(f"unbatched cell {name}", a, r, dtype=torch.float32, floor=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", LAYER_BACKENDS)
+def test_packed_default_state(backend, device):
+    """A PackedSequence without hx: zero states in sorted order (the packed test always passes one; a wrong default
+    was caught only by the fuzz's random draw: mutation review)."""
+    require_backend(backend, device)
+    theirs = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, device=device)
+    ours = pykernels.nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, device=device)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 4, 3, device=device)
+    packed = pack_padded_sequence(x, torch.tensor([2, 5, 1, 3]), enforce_sorted=False)
+    want, (wh, wc) = theirs(packed)
+    with pykernels.use_backend(backend):
+        got, (gh, gc) = ours(packed)
+    for name, a, b in (("out", got.data, want.data), ("h_n", gh, wh), ("c_n", gc, wc)):
+        assert_error_rule(f"packed default state {name}", a, b, dtype=torch.float32, floor=1e-5)
