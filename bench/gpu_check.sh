@@ -6,7 +6,9 @@
 # SUITES default: every suite registered in bench/__init__.py (full presets: several minutes; BENCH_ARGS=--quick)
 # The default STAGES take far longer than one 600-s device call: split them over calls, e.g. first
 #   STAGES="build test" TEST_TIMEOUT=420, then STAGES="sanitize", then STAGES="bench" BENCH_ARGS=--quick
-# (a warm machine keeps the built extension between calls; a fresh one needs "build" again).
+# (a warm machine keeps the built extension between calls; a fresh one needs "build" again). The GPU tier had 551
+# tests when it last ran (549 in 360 s at -n 8) and 851 on 2026-12-07: split it over calls with TESTS, e.g.
+#   TESTS="tests/test_attention.py tests/test_attention_fuzz.py tests/test_attention_cuda.py", then the rest.
 set -uo pipefail
 OUT=${OUT:-/tmp/pykernels_out}
 mkdir -p "$OUT"

@@ -80,6 +80,9 @@ def cpu_kernel_level(request):
     chosen = _ext.cpu_kernels == "AVX512"
     if request.param == "wide" and not chosen:
         pytest.skip(f"no AVX-512 CPU kernels here: {_ext.wide_error or _ext.load_error}")
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if request.param == "wide" and any(str(v).startswith("cuda") for k, v in params.items() if k in ("device", "dev")):
+        pytest.skip("a CUDA test: the CPU kernels' ISA level does not change what it runs (its 'base' run covers it)")
     _ext.set_wide_kernels(request.param == "wide")
     yield request.param
     # as the import: set_wide_kernels(True), which registers them where they load and otherwise keeps the reason why
