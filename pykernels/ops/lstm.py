@@ -238,7 +238,9 @@ def _cell_backward(ctx, gh, gc, gws):
         return _higher_order.reference_grads("pykernels.lstm_cell", _ref.lstm_cell,
                                              (input, hx, cx, w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad, (gh, gc))
     n = ctx.needs_input_grad
-    whole = CELL_GRADS.get(ctx.backend)
+    # (CPU kernels only: CELL["cpu"] is CELL["cuda"], whose ops follow the tensors' device, so a direct op call named
+    # "cpu" may hold CUDA tensors)
+    whole = CELL_GRADS.get(ctx.backend) if ws.device.type == "cpu" else None
     if whole is not None:
         dx, dh, dcx, dwih, dwhh, db = whole(gh, gc, cx, ws, input, hx, w_ih, w_hh, n[0], n[1], n[3], n[4],
                                             n[5] or n[6])
