@@ -2,6 +2,7 @@
 reported and not timed, an end-to-end --quick run's JSON schema, --compare, provider selection, rendering."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -15,9 +16,10 @@ import pykernels
 
 from bench import __main__ as cli
 from bench import cross_entropy as ce
-from bench import harness, render, report
+from bench import harness, render, report, timing
 
 CPU = torch.device("cpu")
+STUB = timing.Timing(1.0, 1.0, 1.0, None, [1.0])  # a measurement stand-in
 RESULT_KEYS = {"suite", "case", "shape", "dtype", "provider", "mode", "status", "ms_p50", "ms_p20", "ms_p80",
                "gbps", "pct_of_copy_bw", "tflops", "pct_of_matmul", "peak_extra_mem_bytes", "speedup_vs", "error",
                "max_abs_err", "samples_ms"}
@@ -613,3 +615,115 @@ def test_headline_best_pct_is_ours_highest_and_memory_is_in_mib(tmp_path):
     report.write_json(mem / "gpu-lstm-20260103.json", env, {"copy_gbps": 1.0}, [r])
     assert next(line for line in render.render(mem).splitlines() if line.startswith("| T=1")).endswith("| 100 |")
     assert report.table([r]).splitlines()[2].endswith("100 (model 50)")
+
+
+def test_an_fp32_provider_off_by_a_thousandth_is_wrong(monkeypatch):
+    """fp32 kernels agree with the fp32 reference to summation order (<= 8e-7 measured, bench/providers.py): a
+    provider 0.1% off is reported wrong and not timed. (Every other wrong provider of the tests is off by 1% or
+    more, so a tolerance loosened 100x went unnoticed.)"""
+    monkeypatch.setattr(harness, "time_interleaved", lambda fns, *a, **k: [STUB] * len(fns))
+    provs = [harness.Provider("off-1e-3", lambda x, t: F.cross_entropy(x, t) * (1 + 1e-3)),
+             harness.Provider("torch", F.cross_entropy, baseline=True)]
+    rs = harness.run_suite(ce, CPU, torch.float32, True, provs, ce.cases(CPU, torch.float32, True, {"N": 64, "V": 300}),
+                           ce.MODES)
+    by = {(r.provider, r.mode): r for r in rs}
+    for mode in ce.MODES:
+        assert by["off-1e-3", mode].status == "wrong" and by["off-1e-3", mode].ms_p50 is None, mode
+        assert by["off-1e-3", mode].rel_err == pytest.approx(1e-3, rel=0.05)
+        assert by["torch", mode].status == "ok"
+
+
+def _clobbers_its_logits(x, t):
+    # the right loss and gradient, then writes into its logits (as Liger's kernel writes the gradient there)
+    loss = F.cross_entropy(x, t)
+    x.data.zero_()
+    return loss
+
+
+def test_each_provider_gets_its_own_copy_of_the_inputs(monkeypatch):
+    """A provider that writes into its inputs does not change what the next provider is checked (and timed) on."""
+    monkeypatch.setattr(harness, "time_interleaved", lambda fns, *a, **k: [STUB] * len(fns))
+    provs = [harness.Provider("clobbers", _clobbers_its_logits), harness.Provider("torch", F.cross_entropy)]
+    rs = harness.run_suite(ce, CPU, torch.float32, True, provs, ce.cases(CPU, torch.float32, True, {"N": 64, "V": 300}),
+                           ce.MODES)
+    for r in rs:
+        assert r.status == "ok" and r.rel_err < 1e-5, (r.provider, r.mode, r.error)
+
+
+def test_timed_cpu_calls_start_without_gradients(monkeypatch):
+    """Each timed call starts with the leaves' .grad reset (else the backward accumulates into the last call's
+    gradient: an extra full-size add in every timed step)."""
+    tb = timing._torch_benchmark()
+    monkeypatch.setattr(tb, "Timer", _fake_timer(lambda n: [1e-3])[0])
+    leaf = torch.zeros(3, requires_grad=True)
+    seen = []
+
+    def step():
+        seen.append(leaf.grad is None)
+        leaf.grad = torch.ones(3)
+    timing.time_interleaved([step], [[leaf]], quick=True, rounds=3)
+    assert len(seen) == 4 and all(seen)  # the warm-up call and one per round
+
+
+def test_cuda_steps_are_timed_and_measured_without_gradients(monkeypatch):
+    """On CUDA the leaves go to do_bench as grad_to_none (reset before every timed call), and the peak memory is
+    measured with them reset (the step's gradients are part of its extra memory). Stand-in timers, CPU tensors."""
+    seen = {}
+
+    def fake_time_ms(step, device, grad_to_none=None, quick=False):
+        seen["grad_to_none"] = grad_to_none
+        step()  # leaves gradients behind, as the timed calls do
+        return STUB
+
+    def fake_peak(step, device):
+        seen["grads_at_peak"] = [t.grad for t in seen["grad_to_none"] or ()]
+        return 0
+    monkeypatch.setattr(harness, "time_ms", fake_time_ms)
+    monkeypatch.setattr(harness, "peak_extra_memory", fake_peak)
+    (case,) = ce.cases(CPU, torch.float32, True, {"N": 8, "V": 30})
+    args, diff = case.inputs()
+    r = harness.measure(case, harness.Provider("torch", F.cross_entropy), "fwd+bwd", args, diff,
+                        case.reference(args), torch.device("cuda"), quick=True)
+    assert r.status == "ok" and r.peak_extra_mem_bytes == 0
+    assert seen["grad_to_none"] and all(t.requires_grad for t in seen["grad_to_none"])
+    assert seen["grads_at_peak"] == [None] * len(seen["grad_to_none"])
+
+
+def test_peak_extra_memory_is_the_steps_own_peak(monkeypatch):
+    """Peak bytes of one call beyond what was live before it: the peak statistic is reset first (an earlier
+    provider's peak is not this one's) and the baseline is taken before the call (not after it, which would drop
+    what the call keeps). A stand-in allocator: 1000 bytes live, an earlier peak of 5000, the step allocates 300
+    bytes at its peak and keeps 100."""
+    state = {"alloc": 1000, "peak": 5000}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: state["alloc"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: state.update(peak=state["alloc"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: state["peak"])
+
+    def step():
+        state["peak"] = max(state["peak"], state["alloc"] + 300)
+        state["alloc"] += 100
+    assert timing.peak_extra_memory(step, torch.device("cuda")) == 300
+    assert timing.peak_extra_memory(step, CPU) is None
+
+
+
+def test_csv_columns_hold_their_fields(tmp_path):
+    """The CSV read back by its header gives each result's own values (shape and speed-ups as JSON)."""
+    rs = [harness.Result("cross_entropy", f"V={v}", p, "fwd+bwd", "float32", {"N": 8, "V": v}, ms_p50=1.0 + v / 1e4,
+                         ms_p20=1.0, ms_p80=2.0, bytes=1e6, samples_ms=[1.0, 2.0]) for v in (100, 200)
+          for p in ("a", "b")]
+    rs.append(harness.Result("cross_entropy", "V=100", "c", "fwd+bwd", "float32", {"N": 8, "V": 100},
+                             status="absent", error="not installed"))
+    harness.derive(rs, {"copy_gbps": 10.0})
+    harness.add_speedups(rs, ["a"])
+    report.write_csv(tmp_path / "r.csv", rs)
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(rs) and "samples_ms" not in rows[0]
+    for row, r in zip(rows, rs):
+        assert (row["suite"], row["case"], row["provider"], row["mode"], row["status"]) == \
+            (r.suite, r.case, r.provider, r.mode, r.status)
+        assert row["ms_p50"] == ("" if r.ms_p50 is None else str(r.ms_p50)) and row["error"] == (r.error or "")
+        assert row["gbps"] == ("" if r.gbps is None else str(r.gbps))
+        assert json.loads(row["shape"]) == r.shape and json.loads(row["speedup_vs"]) == r.speedup_vs

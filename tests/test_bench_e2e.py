@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from bench import __main__ as cli
-from bench import e2e, harness, models
+from bench import e2e, harness, models, timing
 
 CPU = torch.device("cpu")
+STUB = timing.Timing(1.0, 1.0, 1.0, None, [1.0])  # a measurement stand-in
 TINY = {"B": 2, "T": 16, "steps": 3, "embed": 16, "hidden": 16, "heads": 2, "layers": 1}
 
 
@@ -119,3 +120,46 @@ def test_a_reference_that_cannot_run_is_reported_on_every_provider(monkeypatch):
     rs = harness.run_suite(e2e, CPU, torch.float32, True, provs, [lstm], e2e.MODES)
     assert [(r.status, r.ms_p50) for r in rs] == [("error", None)] * 2
     assert all(r.error == "reference failed: RuntimeError: could not create a primitive descriptor" for r in rs)
+
+
+def _ascends(model):
+    """A "kernel" with the exact forward and the backward's sign wrong: step 0's loss is torch's, the later steps'
+    are not. Only a check of the whole curve (not of its first loss) catches it."""
+    for p in model.parameters():
+        p.register_hook(torch.neg)
+    return model
+
+
+def test_a_wrong_gradient_is_caught_by_the_later_steps_of_the_curve(monkeypatch):
+    monkeypatch.setattr(harness, "time_interleaved", lambda fns, *a, **k: [STUB] * len(fns))
+    provs = [p for p in e2e.providers(CPU, torch.float32) if p.name == "torch"] + [harness.Provider("ascends",
+                                                                                                    _ascends)]
+    cases = [c for c in e2e.cases(CPU, torch.float32, True, TINY) if c.w.model in ("char-lstm", "gpt")]
+    rs = harness.run_suite(e2e, CPU, torch.float32, True, provs, cases, e2e.MODES)
+    by = {(r.case.split()[0], r.provider): r for r in rs}
+    for model in ("char-lstm", "gpt"):
+        assert by[model, "torch"].status == "ok" and by[model, "torch"].rel_err == 0
+        bad = by[model, "ascends"]
+        assert bad.status == "wrong" and bad.ms_p50 is None and " at step 0:" not in bad.error, bad.error
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, model, by):
+        super().__init__()
+        self.model, self.by = model, by
+
+    def forward(self, *args):
+        return self.model(*args) * self.by
+
+
+def test_mixed_precision_curve_check_catches_a_loss_off_by_a_tenth(monkeypatch):
+    """The bf16 run (the GPU runs' default dtype) checks the curve too: a loss 10% off is wrong there, torch's own
+    curve agrees with itself. (The tests ran fp32 only: a bf16 tolerance of 2.0 went unnoticed.)"""
+    monkeypatch.setattr(harness, "time_interleaved", lambda fns, *a, **k: [STUB] * len(fns))
+    provs = [p for p in e2e.providers(CPU, torch.bfloat16) if p.name == "torch"] + [
+        harness.Provider("off-10%", lambda m: _Scaled(m, 1.1))]
+    cases = [c for c in e2e.cases(CPU, torch.bfloat16, True, TINY) if c.w.model == "gpt"]
+    rs = harness.run_suite(e2e, CPU, torch.bfloat16, True, provs, cases, e2e.MODES)
+    by = {r.provider: r for r in rs}
+    assert by["torch"].status == "ok", by["torch"].error
+    assert by["off-10%"].status == "wrong" and by["off-10%"].rel_err > 0.05, by["off-10%"].error

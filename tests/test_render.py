@@ -164,3 +164,40 @@ def test_headline_groups_every_file_by_op_machine_dtype_and_provider(tmp_path):
         "| lstm | Dev H | float32 | pykernels vs cudnn | 4.00× | – | – | 1 | 2026-01-05 (1 file) |",
         "| lstm | Dev H | float32 | pykernels-cuda vs torch | 2.00× (0.50–3.00) | 0.50× | 40% matmul | 3 | "
         "2026-01-04 (2 files) |"]  # pykernels-triton: no torch time of its case to compare
+
+
+def test_json_summary_memory_is_of_the_forward_backward_mode_only(tmp_path):
+    """The summary's peak extra memory is labelled "(forward+backward)": a forward-only record's memory (another
+    ratio) stays out of it."""
+    rs = [harness.Result("lstm", "T=1", p, mode, "bfloat16", {"T": 1}, ms_p50=ms, ms_p20=ms, ms_p80=ms,
+                         peak_extra_mem_bytes=mem)
+          for p, mode, ms, mem in (("torch", "fwd+bwd", 4.0, 100), ("pykernels-cuda", "fwd+bwd", 2.0, 25),
+                                   ("torch", "fwd", 1.0, 100), ("pykernels-cuda", "fwd", 1.0, 10))]
+    report.write_json(tmp_path / "gpu-lstm-20260103.json", {"date_utc": "2026-01-03T00:00:00", "device_name": "Dev W"},
+                      {"copy_gbps": 1.0}, rs)
+    assert render.summary(tmp_path).endswith(
+        "pykernels-cuda at forward+backward time 0.50×, forward time 1.00×, peak extra memory 0.25× "
+        "(forward+backward).")
+
+
+def test_json_tables_show_p20_before_p80_and_name_absent_providers(tmp_path):
+    """Checked on a file of its own, not only through the README snapshot (a bug there becomes the new snapshot
+    when the README is regenerated with it)."""
+    rs = [harness.Result("lstm", "T=1", "torch", "fwd", "float32", {"T": 1}, ms_p50=2.0, ms_p20=1.5, ms_p80=3.0),
+          harness.Result("lstm", "T=1", "liger", "fwd", "float32", {"T": 1}, status="absent",
+                         error="liger runs on CUDA only")]
+    report.write_json(tmp_path / "cpu-lstm-20260103.json", {"date_utc": "2026-01-03T00:00:00", "device_name": "Dev"},
+                      {"copy_gbps": 1.0}, rs)
+    md = render.render(tmp_path)
+    assert "| T=1 | float32 | fwd | torch | 2.000 | 1.500–3.000 |" in md and "| liger" not in md
+    assert "Not measured: liger: liger runs on CUDA only" in md
+
+
+def test_headline_counts_a_training_step_as_forward_backward(tmp_path):
+    """The e2e suite's mode "train" is a forward+backward comparison in the headline (checked outside the snapshot)."""
+    rs = [harness.Result("e2e", "gpt B=2 T=8", p, "train", "float32", {"B": 2, "T": 8}, ms_p50=ms, ms_p20=ms,
+                         ms_p80=ms, tokens=16.0) for p, ms in (("torch", 3.0), ("pykernels-auto", 2.0))]
+    report.write_json(tmp_path / "cpu-e2e-20260103.json", {"date_utc": "2026-01-03T00:00:00", "device_name": "Dev"},
+                      {"copy_gbps": 1.0}, rs)
+    assert "| e2e | Dev | float32 | pykernels-auto vs torch | 1.50× | – | – | 1 | 2026-01-03 (1 file) |" in \
+        render.headline(tmp_path)
