@@ -215,7 +215,7 @@ def _autotuned(base, configs, **kw):
     bias partials (DBp) are reset to zero before every trial and after the tuning: a config writes the partials of
     its own BM's rows only, so the rows a losing smaller-BM trial wrote were summed into the first call's bias
     gradient. ``reset_to_zero``, not a Config pre_hook: torch.library.wrap_triton refuses autotuners whose configs
-    carry hooks (so every GPU backward failed with one), and torch.compile honours reset_to_zero too."""
+    carry hooks (every GPU backward traced by torch.compile failed with one), and inductor honours reset_to_zero."""
     cfgs = [triton.Config(dict(BM=BM, BN=BN, BK=BK), num_warps=w, num_stages=st) for BM, BN, BK, w, st in configs]
     if base is _lce_dlogits_kernel:
         kw = dict(kw, reset_to_zero=["DBp"])
