@@ -103,8 +103,8 @@ def test_installs_pykernels_alone(sdist):
 
 
 def test_test_extra_installs_the_plugins_of_the_readme_test_command():
-    """README's test command (CI's) passes --benchmark-disable, an option of pytest-benchmark: `.[test]` must install
-    it, or pytest stops at "unrecognized arguments" on a fresh machine."""
+    """README's test command (CI's) passes --benchmark-disable, an option of pytest-benchmark, and -n, pytest-xdist's:
+    `.[test]` must install them, or pytest stops at "unrecognized arguments" on a fresh machine."""
     tomllib = pytest.importorskip("tomllib")
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)["project"]
@@ -116,6 +116,8 @@ def test_test_extra_installs_the_plugins_of_the_readme_test_command():
     reqs += project["dependencies"]
     if "--benchmark-disable" in m.group(2):
         assert any(re.match(r"pytest[-_]benchmark\b", r) for r in reqs), reqs
+    if re.search(r"(^| )-n ", m.group(2)):
+        assert any(re.match(r"pytest[-_]xdist\b", r) for r in reqs), reqs
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         assert '-e ".[test]"' in f.read()
 
