@@ -876,6 +876,15 @@ def test_multihead_attention_dropout_and_errors():
     o1, _ = mha(x, x, x, need_weights=False)
     o2, _ = mha(x, x, x, need_weights=False)
     assert torch.equal(o1, o2)
+    # a negative dropout in training: torch's module runs it with weights (no dropout) and raises without them
+    ref = torch.nn.MultiheadAttention(8, 2, dropout=-0.1)
+    neg = pykernels.nn.MultiheadAttention.from_torch(ref)
+    for module in (ref, neg):
+        module.train()
+        with pytest.raises((RuntimeError, ValueError), match="dropout"):
+            module(x, x, x, need_weights=False)
+    for a, b in zip(neg(x, x, x), ref(x, x, x)):
+        torch.testing.assert_close(a, b)
     with pytest.raises(RuntimeError, match="is_causal"):
         mha(x, x, x, is_causal=True)
     # an integer mask is refused as torch's (AssertionError), never added to the scores (+1 instead of -inf)

@@ -54,9 +54,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-        if (need_weights and self.training and self.dropout > 0.0
+        if (need_weights and self.training and self.dropout != 0.0
                 or query.is_nested or key.is_nested or value.is_nested):
-            # torch's own path: the dropped weights it returns; nested tensors (its inference fast path)
+            # torch's own path: the dropped weights it returns (a negative dropout it skips there: no dropout; our
+            # SDPA refuses one, as torch's does without weights); nested tensors (its inference fast path)
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
