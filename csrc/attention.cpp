@@ -6,7 +6,12 @@
 // fp32 and larger head dims to the next backend, visibly (pykernels/functional/attention.py, _cuda_reason); a
 // direct call of these ops with them raises, naming the argument.
 #ifdef PYKERNELS_WITH_CUDA
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers, not ATen/ATen.h (half of the compile time)
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -234,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
               ", got ", lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
   at::Tensor dout = rows_contiguous(grad_out);
   // delta = rowsum(dO * O) in fp32, in the layout of lse (as the Triton launcher computes it)
-  at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+  at::Tensor delta = dout.to(at::kFloat).mul(out.to(at::kFloat)).sum(-1);
   if (c.varlen) delta = delta.t();
   delta = delta.contiguous();
   // Gradients with the inputs' strides (the fakes' empty_like); the kernels write rows, so a gradient whose last

@@ -1,11 +1,12 @@
 // Cross-entropy operators: schemas, argument checks, and the CUDA implementation's glue.
 // Contract: docs/cross_entropy.md. The CPU kernels are in cpu/cross_entropy.cpp, the CUDA ones in
 // cuda/cross_entropy.cu; both consume the CrossEntropyArgs built here, once.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers, not ATen/ATen.h (half of the compile time)
 #include "cross_entropy.h"
 #include "dtype_of.h"
 #include "huge_pages.h"
 
-#include <ATen/ATen.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #ifdef PYKERNELS_WITH_CUDA

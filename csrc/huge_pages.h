@@ -7,7 +7,7 @@
 // variable; these kernels advise them for their own large outputs. PYKERNELS_CPU_HUGE_PAGES=0 turns it off (read
 // once). Only advice: where the kernel's THP setting is "never", or madvise fails, nothing changes.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <cstdlib>

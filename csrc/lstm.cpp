@@ -1,8 +1,10 @@
 // LSTM operators (cell and sequence): schemas, argument checks, and the CUDA implementation's glue. Contract: docs/lstm.md.
 // The CPU kernels are in cpu/lstm.cpp, the CUDA ones in cuda/lstm.cu.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers, not ATen/ATen.h (half of the compile time)
 #include "lstm.h"
 
-#include <ATen/ATen.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #ifdef PYKERNELS_WITH_CUDA

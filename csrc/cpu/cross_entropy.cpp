@@ -1,6 +1,7 @@
 // CPU implementations of the cross-entropy ops (docs/cross_entropy.md): the row kernel (cross_entropy_rows.h) in
 // the AVX-512 library where one is registered (wide_kernels.h), else as compiled here.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers, not ATen/ATen.h (half of the compile time)
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include "../cross_entropy.h"

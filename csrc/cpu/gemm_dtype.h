@@ -5,7 +5,7 @@
 // on its ONEDNN_DTYPES; both ask torch's own test, mkldnn::_is_mkldnn_bf16_supported.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 namespace pykernels {

@@ -6,7 +6,11 @@
 // target's logit, the smoothing sum) or turns them into dlogits in place (with the bias gradient's column sums per
 // block of rows). The block bounds the workspace: no N x V tensor. Math in the accumulation dtype (float32; float64
 // for float64), softcap applied in the pass.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers, not ATen/ATen.h (half of the compile time)
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -3,7 +3,10 @@
 // biases, applies the activations, updates the cell and writes h', c' and the workspace. torch's eager CPU cell
 // runs ~10 separate elementwise passes over the gates instead. Backward: one vectorised pass from (dh, dc, cx, ws)
 // to the gate gradients and dc_prev; the GEMMs for dx, dh and the weights run in the autograd formula.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers, not ATen/ATen.h (half of the compile time)
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -1,7 +1,8 @@
 // CPU implementations of the LSTM sequence ops (docs/lstm.md): one layer direction over a padded sequence, the
 // recurrence of pykernels::lstm_layer. The kernels (cpu/lstm_layer_kernels.h) run from the AVX-512 library where
 // one is registered (wide_kernels.h), else as compiled here; this file checks, allocates and converts.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers, not ATen/ATen.h (half of the compile time)
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "../dtype_of.h"
