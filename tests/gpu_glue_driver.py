@@ -5,7 +5,9 @@ every argument, options, the grid evaluated with the meta the GPU run would have
 wrap_triton disabled (what a triton_op does in eager); mode "compile": enabled, so each launch goes through torch's
 HOPifier as under torch.compile (it refused a Config pre_hook there, which the interpreter's kernels never meet).
 Usage: python3 tests/gpu_glue_driver.py [eager|compile] [autotune]; prints "launches checked: N; problems: M" last,
-after one line per case ("ok", "PROBLEMS" or "RAISED ...")."""
+after one line per case ("ok", "PROBLEMS" or "RAISED ..."). Debugging aids (no test uses them): DUMP=1 also prints
+each distinct launch (grid, options, constexprs); RECORD=FILE writes each distinct specialisation (argument types,
+constexprs, options) as JSON, the input of pykernels.triton._compile.compile_for to build them for a GPU target."""
 import inspect
 import os
 import sys

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from bench import __main__ as cli
-from bench import e2e, harness, models, timing
+from bench import e2e, harness, models
+
+from test_bench import STUB  # a measurement stand-in
 
 CPU = torch.device("cpu")
-STUB = timing.Timing(1.0, 1.0, 1.0, None, [1.0])  # a measurement stand-in
 TINY = {"B": 2, "T": 16, "steps": 3, "embed": 16, "hidden": 16, "heads": 2, "layers": 1}
 
 
