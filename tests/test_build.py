@@ -280,3 +280,37 @@ def test_cuda_backend_needs_code_for_the_gpu(monkeypatch):
     assert "compute capability 7.5" in backends._device_reason("cuda", torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert backends._device_reason("cuda", torch.device("cuda")) is None
+
+
+
+def test_sources_keep_the_build_light():
+    """The 2-core CI builds everything: .cu files include no torch header (raw pointers), and every C++ file that
+    reaches ATen (itself or through one of our headers) asks for per-operator headers: TORCH_ASSERT_ONLY_METHOD_
+    OPERATORS before its first #include, which makes <ATen/ATen.h> an #error (it took ~35 s of each file's ~50 s)."""
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    torch_header = re.compile(r"^\s*#\s*include\s*<(torch|ATen|c10)/", re.M)
+    cu = glob.glob(os.path.join(csrc, "cuda", "*.cu")) + glob.glob(os.path.join(csrc, "cuda", "*.cuh"))
+    assert cu and not [f for f in cu if torch_header.search(open(f).read())]
+
+    def reaches_torch(path, seen):
+        text = open(path).read()
+        if torch_header.search(text):
+            return True
+        for inc in re.findall(r'^\s*#\s*include\s*"([^"]+)"', text, re.M):
+            dep = os.path.normpath(os.path.join(os.path.dirname(path), inc))
+            if dep not in seen and os.path.exists(dep):
+                seen.add(dep)
+                if reaches_torch(dep, seen):
+                    return True
+        return False
+
+    cpp = glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp"))
+    guarded = 0
+    for f in cpp:
+        text = open(f).read()
+        if reaches_torch(f, set()):
+            first = re.search(r"^\s*#\s*include", text, re.M).start()
+            guard = text.find("#define TORCH_ASSERT_ONLY_METHOD_OPERATORS")
+            assert 0 <= guard < first, f"{f}: no TORCH_ASSERT_ONLY_METHOD_OPERATORS before the first #include"
+            guarded += 1
+    assert guarded >= 8, guarded
