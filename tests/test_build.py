@@ -17,6 +17,8 @@ import torch
 import pykernels
 from pykernels import _ext
 
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
 
 def _so() -> str:
     """The built library; a failure when CI requires it, a skip for a user without a compiler."""
@@ -92,12 +94,13 @@ def kernel_sass(kernels):
     if tool is None:
         pytest.skip("no cuobjdump to inspect the binary")
     out = {}
-    listed = _text_sections(tool, _so())
+    so = _so()
+    listed = _text_sections(tool, so)
     for arch in pykernels.build_info()["arch_list"]:
         sm = "sm_" + arch.replace(".", "").replace("+PTX", "")
         found = out.setdefault(sm, {})
         sources = sorted({src for src, name, s in listed if s == sm and any(k in name for k in kernels)})
-        for name, f in (fn for src in sources for fn in _functions(tool, _so(), sm, src)):
+        for name, f in (fn for src in sources for fn in _functions(tool, so, sm, src)):
             kern = next((k for k in kernels if k in name), None)
             if kern is not None:
                 found.setdefault(kern, []).append(f)
@@ -223,13 +226,12 @@ def test_cuda_sources_are_cpp17_clean():
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("no nvcc")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    csrc = os.path.join(root, "csrc")
-    sources = sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
+    sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     assert sources
     procs = [(src, subprocess.Popen(
         [nvcc, "-std=c++17", "-Werror", "all-warnings", "-gencode=arch=compute_90a,code=compute_90a", "-cuda",
-         "-Xcicc", "-O0", f"-I{csrc}", src, "-o", os.devnull], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+         "-Xcicc", "-O0", f"-I{CSRC}", src, "-o", os.devnull],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         for src in sources]
     failed = {os.path.basename(src): p.communicate()[0][-1500:] for src, p in procs if p.wait() != 0}
     assert not failed, failed
@@ -282,14 +284,13 @@ def test_cuda_backend_needs_code_for_the_gpu(monkeypatch):
     assert backends._device_reason("cuda", torch.device("cuda")) is None
 
 
-
 def test_sources_keep_the_build_light():
     """The 2-core CI builds everything: .cu files include no torch header (raw pointers), and every C++ file that
-    reaches ATen (itself or through one of our headers) asks for per-operator headers: TORCH_ASSERT_ONLY_METHOD_
-    OPERATORS before its first #include, which makes <ATen/ATen.h> an #error (it took ~35 s of each file's ~50 s)."""
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    reaches ATen (itself or through one of our headers) asks for per-operator headers with
+    TORCH_ASSERT_ONLY_METHOD_OPERATORS before its first #include, which makes <ATen/ATen.h> an #error (it took
+    ~35 s of each file's ~50 s)."""
     torch_header = re.compile(r"^\s*#\s*include\s*<(torch|ATen|c10)/", re.M)
-    cu = glob.glob(os.path.join(csrc, "cuda", "*.cu")) + glob.glob(os.path.join(csrc, "cuda", "*.cuh"))
+    cu = glob.glob(os.path.join(CSRC, "cuda", "*.cu")) + glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))
     assert cu and not [f for f in cu if torch_header.search(open(f).read())]
 
     def reaches_torch(path, seen):
@@ -304,7 +305,7 @@ def test_sources_keep_the_build_light():
                     return True
         return False
 
-    cpp = glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp"))
+    cpp = glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
     guarded = 0
     for f in cpp:
         text = open(f).read()
