@@ -87,6 +87,11 @@ def fake_run(self, *args, grid, warmup, **kwargs):
         if not p.is_constexpr and p.name in meta and hasattr(meta[p.name], "device") \
                 and meta[p.name].device.type != "cuda":
             PROBLEMS.append(f"{where}: {p.name} on {meta[p.name].device}")
+    if "IEEE" in meta:  # exact fp32 dots exactly when the products' operands are fp32 (TF32 rounds them to 10
+        # mantissa bits on a GPU; the interpreter's dots are exact either way, so no CPU run would see it)
+        operand = next(n for n in ("Q", "X", "WHH") if n in meta)
+        if meta["IEEE"] != (meta[operand].dtype == torch.float32):
+            PROBLEMS.append(f"{where}: IEEE={meta['IEEE']} for {operand} in {meta[operand].dtype}")
     g = grid(meta) if callable(grid) else grid
     g = tuple(g) + (1,) * (3 - len(g))
     if not (0 < g[0] < 2 ** 31 and 0 < g[1] <= 65535 and 0 < g[2] <= 65535):

@@ -1188,6 +1188,8 @@ def test_kernels_compile_for_sm80_and_sm90():
         if dt == "bf16":
             assert (wgmma if arch == 90 else mma), f"{where}: no tensor-core instruction"
             assert pipelined, f"{where}: loads are not pipelined (cp.async)"
+        else:  # fp32: exact fp32 FMA dots (input_precision="ieee"), no TF32 tensor cores
+            assert not (wgmma or mma), f"{where}: tensor-core (TF32) instruction in an fp32 kernel"
         assert_spill_budget(where, n_spills, LCE_KNOWN_SPILLS, (name, arch, dt, tuple(cfg)))
 
 

@@ -112,8 +112,10 @@ def test_attention_kernels_compile_for_sm80_and_sm90():
         if kern == "delta":  # (no product of tiles)
             assert_spill_budget(what, n_spills, ATTN_KNOWN_SPILLS, (kern, arch, dt, e))
             continue
-        if dt != "fp32":  # fp32 inputs use exact fp32 FMA dots (input_precision="ieee"), by design
+        if dt != "fp32":
             assert wgmma or mma, f"{what}: no tensor-core instruction"
+        else:  # fp32 inputs use exact fp32 FMA dots (input_precision="ieee"), by design: no TF32 tensor cores
+            assert not (wgmma or mma), f"{what}: tensor-core (TF32) instruction in an fp32 kernel"
         if arch == 90 and kern == "fwd" and dt in ("bf16", "fp16"):
             assert wgmma, f"{what}: the sm_90 forward must use wgmma"
         if nospill:
