@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .timing import MATMUL_KEYS, peak_extra_memory, time_interleaved, time_ms, time_ms_graph
+from .timing import matmul_roof, peak_extra_memory, time_interleaved, time_ms, time_ms_graph
 
 # modes whose step runs the backward; "fwd" runs under torch.no_grad(); "bwd" times the backward alone: the
 # forward runs once, untimed, and each timed step goes back through its retained graph (as FlashAttention's and
@@ -287,7 +287,7 @@ def run_suite(suite, device: torch.device, dtype: torch.dtype, quick: bool, prov
 
 def derive(results: List[Result], ceilings: dict) -> None:
     """GB/s, TFLOP/s and tokens/s from each case's byte/FLOP/token counts, % of the measured ceilings (the matmul
-    rate in the result's dtype; none where that dtype's was not measured)."""
+    roof of the result's dtype, timing.matmul_roof; none where that dtype's rate was not measured)."""
     for r in results:
         if not r.ms_p50:
             continue
@@ -299,7 +299,7 @@ def derive(results: List[Result], ceilings: dict) -> None:
                 r.pct_of_copy_bw = 100 * r.gbps / ceilings["copy_gbps"]
         if r.flops:
             r.tflops = r.flops / r.ms_p50 / 1e9
-            ceiling = ceilings.get(MATMUL_KEYS.get(r.dtype, ""))  # the matmul rate in the result's own dtype
+            ceiling = matmul_roof(r.dtype, ceilings)  # the best matmul rate for the result's dtype
             if ceiling:
                 r.pct_of_matmul = 100 * r.tflops / ceiling
 

@@ -198,6 +198,10 @@ def test_pct_of_matmul_is_of_the_matmul_rate_in_the_results_dtype(tmp_path):
     rs = [res("float32"), res("bfloat16"), res("float16")]
     harness.derive(rs, {"matmul_bf16_tflops": 800.0, "matmul_fp32_tflops": 60.0})
     assert [r.pct_of_matmul for r in rs] == [pytest.approx(100.0), pytest.approx(7.5), None]
+    # a CPU whose 16-bit matmul is slower than its fp32 one: 16-bit work is read against the fp32 rate (converting
+    # the operands is the faster way to that product), not 24000% of the 16-bit rate
+    harness.derive(rs, {"matmul_bf16_tflops": 0.25, "matmul_fp16_tflops": 120.0, "matmul_fp32_tflops": 80.0})
+    assert [r.pct_of_matmul for r in rs] == [pytest.approx(75.0), pytest.approx(75.0), pytest.approx(50.0)]
     env = {"date_utc": "2026-01-02T00:00:00", "device_name": "Dev X"}
     report.write_json(tmp_path / "old.json", env, {"copy_gbps": 1.0, "matmul_bf16_tflops": 800.0}, rs[1:2])
     report.write_json(tmp_path / "new.json", env, {"copy_gbps": 1.0, "matmul_fp32_tflops": 60.0}, rs[:1])
@@ -589,12 +593,15 @@ def test_ceilings_count_read_plus_write_and_two_flops_per_multiply_add(monkeypat
     """The roofs every % of ceiling is read against: a copy moves its buffer twice (read + write), a k^3 matmul is
     2 k^3 FLOPs. 2 ms per call stands in for the measurement."""
     from bench import timing
-    monkeypatch.setattr(timing, "time_ms", lambda fn, device, **kw: timing.Timing(2.0, 2.0, 2.0, None, [2.0]))
+    # a roof is the fast end of the samples (p20 = 2 ms here), not their median (4 ms)
+    monkeypatch.setattr(timing, "time_ms", lambda fn, device, **kw: timing.Timing(4.0, 2.0, 5.0, None, [2.0, 4.0]))
     c = timing.ceilings(CPU, [torch.float32])
     assert c["copy_buffer_bytes"] == 128 * 2**20
     assert c["copy_gbps"] == pytest.approx(2 * 128 * 2**20 / 2.0 / 1e6)
     k = c["matmul_shape"][0]
     assert c["matmul_shape"] == [k, k, k] and c["matmul_fp32_tflops"] == pytest.approx(2 * k**3 / 2.0 / 1e9)
+    c = timing.ceilings(CPU, [torch.bfloat16])  # a 16-bit CPU run also measures fp32, its roof where faster
+    assert c["matmul_bf16_tflops"] == c["matmul_fp32_tflops"] == pytest.approx(2 * k**3 / 2.0 / 1e9)
 
 
 def test_headline_best_pct_is_ours_highest_and_memory_is_in_mib(tmp_path):
