@@ -174,7 +174,7 @@ def ceilings(device: torch.device, dtypes: Sequence[torch.dtype] = (), quick: bo
         ms = time_ms(lambda: x @ y, device, quick=quick or device.type != "cuda").p20
         out[MATMUL_KEYS[str(dtype).replace("torch.", "")]] = 2 * k ** 3 / ms / 1e9
         out["matmul_shape"] = [k, k, k]
-        del x, y
+        x = y = None  # (not del: the lambda above reads them, pyflakes flags a del)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
