@@ -51,7 +51,7 @@ void check_lce_operands(const char* op, const at::Tensor& x, const at::Tensor& w
               op, ": linear_weight must be (V, ", x.size(1), ") ", x.scalar_type(), " with contiguous rows on ",
               x.device(), ", got ", w.scalar_type(), " of shape ", w.sizes());
   TORCH_CHECK(w.size(0) < std::numeric_limits<int32_t>::max(), op, ": linear_weight has ", w.size(0),
-              " rows; the kernels take fewer than 2^31 classes per shard");
+              " rows; the kernels take fewer than 2^31 - 1 classes per shard");
   check_vector(target, op, "target", x.size(0), at::kLong, x);
   if (bias.has_value()) check_vector(*bias, op, "linear_bias", w.size(0), x.scalar_type(), x);
   if (weight.has_value()) check_vector(*weight, op, "weight", w.size(0), acc_type(x.scalar_type()), x);

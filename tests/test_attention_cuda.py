@@ -86,6 +86,17 @@ def test_backward_smem_is_read_under_compile_too(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_device_props_of_no_index_are_the_current_devices(monkeypatch):
+    """index None (a call's device without an index) reads the current device, not device 0, on a multi-GPU host."""
+    from pykernels import _device_props
+    props = {i: type(f"P{i}", (), {"multi_processor_count": 10 * (i + 1),
+                                   "shared_memory_per_block_optin": 1000 * (i + 1)}) for i in (0, 1)}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props[d])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _device_props.smem_optin(None) == 2000 and _device_props.sm_count(None) == 20
+    assert _device_props.smem_optin(0) == 1000 and _device_props.sm_count(0) == 10
+
+
 def test_constant_mark_is_torchs():
     """pykernels marks its GPU queries as torch.compiler.assume_constant_result does, without importing Dynamo at
     `import pykernels`: the same attribute, and nothing else, as this torch's decorator sets."""

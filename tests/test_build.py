@@ -274,6 +274,16 @@ def test_cuda_backend_needs_code_for_the_gpu(monkeypatch):
     assert _ext.cuda_arch_reason(7, 5) is not None
     monkeypatch.setitem(_ext.build_info, "arch_list", ["9.0a"])  # arch-specific code: that GPU only
     assert _ext.cuda_arch_reason(9, 0) is None and _ext.cuda_arch_reason(10, 0) is not None
+    monkeypatch.setitem(_ext.build_info, "arch_list", ["9.0a+PTX"])  # ... its PTX too (sm_90a PTX needs sm_90)
+    assert _ext.cuda_arch_reason(9, 0) is None
+    assert _ext.cuda_arch_reason(10, 0) is not None and _ext.cuda_arch_reason(12, 0) is not None
+    monkeypatch.setitem(_ext.build_info, "arch_list", ["sm_90", "8.0"])  # an entry it cannot read: the launch decides
+    assert _ext.cuda_arch_reason(9, 0) is None
+    # a build without its CUDA kernels has none, whatever its arch list
+    monkeypatch.setitem(_ext.build_info, "with_cuda", False)
+    assert _ext.has_cuda_kernels() is False
+    monkeypatch.setitem(_ext.build_info, "with_cuda", True)
+    assert _ext.has_cuda_kernels() is _ext.loaded()
     # the dispatch's view: a loaded CUDA build on a 7.5 GPU
     monkeypatch.setitem(_ext.build_info, "arch_list", ["8.0", "9.0", "9.0a"])
     monkeypatch.setattr(_ext, "loaded", lambda: True)

@@ -542,3 +542,17 @@ def test_empty_call_under_a_hard_request_is_torchs(case, backend):
         return [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, got)]
     for g, w in zip(grads(ours), grads(theirs)):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_gemm_dtype_rule(monkeypatch):
+    """The dtype our CPU GEMMs run in (C++ twin csrc/cpu/gemm_dtype.h): fp16 always fp32, bf16 fp32 unless oneDNN has
+    bf16 GEMMs, fp32 / fp64 their own; tensors off the CPU their own."""
+    from pykernels import _native
+    h, b, f, d = (torch.empty(2, dtype=t) for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    assert _native.gemm_dtype(f) == torch.float32 and _native.gemm_dtype(d) == torch.float64
+    for onednn in (frozenset(), frozenset({torch.bfloat16, torch.float16})):
+        monkeypatch.setattr(_native, "ONEDNN_DTYPES", onednn)
+        assert _native.gemm_dtype(h) == torch.float32, onednn  # (torch's fp16 GEMMs measured 5-100x slower)
+        assert _native.gemm_dtype(b) == (torch.bfloat16 if onednn else torch.float32), onednn
+    for t in (torch.float16, torch.bfloat16):
+        assert _native.gemm_dtype(torch.empty(2, dtype=t, device="meta")) == t

@@ -4,6 +4,7 @@ cannot run a single call, so the ops are not registered there and available_back
 from __future__ import annotations
 
 import glob
+import importlib.machinery
 import json
 import os
 import subprocess
@@ -144,8 +145,9 @@ def test_dropout_mask_names_why_without_the_triton_ops(monkeypatch):
         ops.dropout_mask(torch.tensor([1]), 1, 1, 2, 2, 0.5)
 
 
-def _load_error_of_a_copy(tmp_path, info, so: bool) -> str:
-    """available_backends('cpu')['cpu'] of a copy of the package's Python files with the given build record."""
+def _load_error_of_a_copy(tmp_path, info, so) -> str:
+    """available_backends('cpu')['cpu'] of a copy of the package's Python files with the given build record and an
+    empty _C library file (so: True for this Python's name, or the file name)."""
     import shutil
     pkg = tmp_path / "pykernels"
     shutil.copytree(os.path.join(ROOT, "pykernels"), pkg, ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.json",
@@ -153,12 +155,16 @@ def _load_error_of_a_copy(tmp_path, info, so: bool) -> str:
     if info is not None:
         (pkg / "_build_info.json").write_text(info)
     if so:
-        (pkg / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+        (pkg / (so if isinstance(so, str) else "_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"")
     script = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import pykernels; "
               "assert pykernels.__file__.startswith(sys.path[0]); print(pykernels.available_backends('cpu')['cpu'])")
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]  # never a failed import
     return p.stdout.strip().splitlines()[-1]
+
+
+PY = sys.version.split()[0]
+OTHER_MINOR = f"{sys.version_info.major}.{sys.version_info.minor - 1}.0"
 
 
 @pytest.mark.parametrize("info,so,says", [
@@ -167,10 +173,20 @@ def _load_error_of_a_copy(tmp_path, info, so: bool) -> str:
     ("[1]", True, "not a JSON object"),
     ("{", True, "unreadable"),
     (json.dumps({"torch_version": torch.__version__, "python": "2.7.18"}), True, "built for Python 2.7.18"),
-    (json.dumps({"torch_version": "1.0.0", "python": sys.version.split()[0]}), True, "built for torch 1.0.0"),
+    # another minor version of Python 3 (its ABI differs): refused by the record, not by a failed import
+    (json.dumps({"torch_version": torch.__version__, "python": OTHER_MINOR}), True, f"built for Python {OTHER_MINOR}"),
+    (json.dumps({"torch_version": "1.0.0", "python": PY}), True, "built for torch 1.0.0"),
+    # the same torch release with another local tag (+cpu, +cu130) is not refused for its version: the load decides
+    (json.dumps({"torch_version": torch.__version__.split("+")[0] + "+other", "python": PY}), True,
+     "failed to load"),
+    # a good record and a broken library: the import goes on and says why
+    (json.dumps({"torch_version": torch.__version__, "python": PY}), True, "failed to load"),
     # the record without its library (deleted, half copied): said plainly, not Python's "circular import" text
-    (json.dumps({"torch_version": torch.__version__, "python": sys.version.split()[0]}), False,
+    (json.dumps({"torch_version": torch.__version__, "python": PY}), False,
      "is not built: _build_info.json is there but no _C library"),
+    # only another Python's library (a record without "python", as older builds wrote)
+    (json.dumps({"torch_version": torch.__version__}), "_C.cpython-30-x86_64-linux-gnu.so",
+     "is not built: _build_info.json is there but no _C library for this Python"),
 ])
 def test_a_missing_or_mismatched_extension_is_named(tmp_path, info, so, says):
     why = _load_error_of_a_copy(tmp_path, info, so)
@@ -186,6 +202,18 @@ def test_an_avx2_build_loads_on_an_avx2_cpu_whatever_aten_cpu_capability_says():
     out = fresh_python("import pykernels; print(pykernels.available_backends('cpu')['cpu'])",
                        ATEN_CPU_CAPABILITY="default")
     assert out == "None", out
+
+
+def test_avx512_needs_every_subset_the_wide_library_is_built_for(monkeypatch):
+    """_C_avx512 is compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq: a CPU missing any of them gets _C's."""
+    from pykernels import _cpuinfo
+    monkeypatch.setattr(_cpuinfo.platform, "machine", lambda: "x86_64")
+    full = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"}
+    monkeypatch.setattr(_cpuinfo, "_proc_cpuinfo_flags", lambda: full)
+    assert _cpuinfo.has_avx512() is True
+    for missing in ("avx512f", "avx512bw", "avx512vl", "avx512dq"):
+        monkeypatch.setattr(_cpuinfo, "_proc_cpuinfo_flags", lambda m=missing: full - {m})
+        assert _cpuinfo.has_avx512() is False, missing
 
 
 def test_avx2_check_reads_the_cpu_flags_first(monkeypatch):

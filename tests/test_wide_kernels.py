@@ -185,6 +185,24 @@ def test_reasons_come_in_order(restore_choice, monkeypatch):
     assert "missing" in _ext.set_wide_kernels(True) and _ext.cpu_kernels == BASE
     assert _ext.wide_kernel("cross_entropy_rows") is None
     assert "switched off" in _ext.set_wide_kernels(False)
+    monkeypatch.setenv("PYKERNELS_DISABLE_AVX512", "1")  # the user's switch comes first
+    assert "PYKERNELS_DISABLE_AVX512=1" in _ext.set_wide_kernels(True) and _ext.cpu_kernels == BASE
+
+
+def test_a_stale_library_without_a_slot_leaves_cs_own_kernels(restore_choice, monkeypatch):
+    """A _C from before one of the wide entry points existed has no slot for it: _C's own kernels run, the reason
+    says rebuild, and nothing raises (set_wide_kernels runs at import)."""
+    if not _ext.loaded():
+        pytest.skip(f"no _C: {_ext.load_error}")
+
+    class Stale:
+        @staticmethod
+        def pykernels_set_wide_kernel(name, fn):
+            return 1  # no slot of that name
+
+    monkeypatch.setattr(_ext, "_main_library", lambda: Stale())
+    why = _ext.set_wide_kernels(False)
+    assert "could not be registered" in why and "rebuild" in why and _ext.cpu_kernels == BASE, why
 
 
 def test_aten_cpu_capability_lowers_ours_with_torchs():

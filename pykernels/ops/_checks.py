@@ -302,7 +302,7 @@ def linear_cross_entropy(op: str, input: Tensor, linear_weight: Tensor, linear_b
     tensor(op, "linear_weight", linear_weight, ("V", H), input.dtype, dev)
     V = linear_weight.shape[0]
     if V >= 2**31 - 1:
-        raise ArgumentValueError(f"{op}: linear_weight has {V} rows; the kernels take fewer than 2^31 classes")
+        raise ArgumentValueError(f"{op}: linear_weight has {V} rows; the kernels take fewer than 2^31 - 1 classes")
     tensor(op, "target", target, (N,), torch.int64, dev)
     if linear_bias is not None:
         tensor(op, "linear_bias", linear_bias, (V,), input.dtype, dev)
