@@ -401,12 +401,30 @@ def test_triton_kernel_ops_check_their_arguments():
                        (_args(qd, kd, vd[:, :, :3]), "v must have shape"), (_args(qd, kd[..., :4], vd), "head dim"),
                        (_args(qd, kd, vd, bias=torch.zeros(5, 7)), "bias must broadcast"),
                        (_args(qd, kd, vd, dropout_p=0.1), "dropout needs seed"),
+                       (_args(qd, kd, vd, dropout_p=0.1, seed=torch.tensor([1], dtype=torch.int32)),
+                        "dropout needs seed"),
+                       (_args(qd, kd, vd, dropout_p=1.0, seed=torch.tensor([1])), r"dropout_p must be in \[0, 1\)"),
+                       (_args(qd, kd[:, :0], vd[:, :0]), "multiple of the kv heads"),
                        (_args(qd.long(), kd, vd), "q must be float16"), (_args(qd, kd.half(), vd), "k must be")):
         with pytest.raises(RuntimeError, match=name):
             fwd(*args)
     out, lse, _ = fwd(*_args(qd, kd, vd))
     with pytest.raises(RuntimeError, match="lse must have shape"):
         bwd(torch.randn_like(out), qd, kd, vd, out, lse[:, :1], *_args(qd, kd, vd)[3:], False)
+    strided = torch.empty(*lse.shape[:-1], 2 * lse.shape[-1])[..., ::2].copy_(lse)  # read at stride 1
+    with pytest.raises(RuntimeError, match="lse must be contiguous"):
+        bwd(torch.randn_like(out), qd, kd, vd, out, strided, *_args(qd, kd, vd)[3:], False)
+
+
+def test_a_backend_without_kernels_for_the_op_is_named_with_a_gpu_present(monkeypatch):
+    """attention has no C++ CPU kernel: a direct op call with backend 'cpu' is a bad backend (the valid ones listed),
+    judged for the CPU also where CUDA is the default device (asked of the default device, the cpu backend read as
+    unavailable there)."""
+    from pykernels.ops import _checks
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _checks.kernels("attention", {"triton": None, "reference": None}, "cpu")
 
 
 @pytest.mark.gpu

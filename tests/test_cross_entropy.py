@@ -613,6 +613,36 @@ def test_arguments_parse_as_torch():
                 ce(x, t, ignore_index=bad, backend=backend)
 
 
+def test_scalar_tensor_arguments_parse_as_torch():
+    """A float argument given as a tensor: torch's parser takes a 0-dim one that needs no gradient (complex with no
+    imaginary part too) and refuses a (1,) one, one that requires grad (TypeError) and a complex value (RuntimeError):
+    ours the same, naming the argument. Bool arguments take no None where torch's take none."""
+    x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    ce = pykernels.functional.cross_entropy
+    for ls in (torch.tensor(0.1), torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.1 + 0j)):
+        torch.testing.assert_close(ce(x, t, label_smoothing=ls, backend="reference"),
+                                   F.cross_entropy(x, t, label_smoothing=ls))
+    for ls, error in ((torch.tensor([0.1]), TypeError), (torch.tensor(0.1, requires_grad=True), TypeError),
+                      (torch.tensor(0.1 + 1j), RuntimeError)):
+        with pytest.raises(error):
+            F.cross_entropy(x, t, label_smoothing=ls)
+        with pytest.raises(error, match="label_smoothing must be a float"):
+            ce(x, t, label_smoothing=ls, backend="reference")
+    with pytest.raises(TypeError, match="return_lse must be a bool, got"):
+        ce(x, t, return_lse=None, backend="reference")
+    q = torch.randn(1, 1, 3, 8)
+    with pytest.raises(TypeError):
+        F.scaled_dot_product_attention(q, q, q, is_causal=None)
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        pykernels.functional.scaled_dot_product_attention(q, q, q, is_causal=None, backend="reference")
+    # what torch.compile(dynamic=True) or make_fx hand over for a dynamic scalar stays symbolic
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from pykernels.functional import _args
+    env = ShapeEnv()
+    for sym in (env.create_unbacked_symfloat(), env.create_unbacked_symint()):
+        assert _args.check_real("f", "softcap", sym) is sym
+
+
 def test_legacy_reduction_arguments():
     # (size_average / reduce: test_module_forwards_z_loss_and_legacy_arguments, functional and module together)
     x, t = torch.randn(5, 4), torch.randint(0, 4, (5,))

@@ -230,7 +230,9 @@ def test_triton_kernel_ops_check_their_arguments():
                               ((torch.randint(0, 3, (4, 5, 1)), t, None, None), "logits", T),
                               ((x, t, torch.ones(3), None), "weight", V), ((x, t.int(), None, None), "target", T),
                               ((x, torch.rand(4, 5, 2), None, None), "target", V),
-                              ((x.double(), t, None, None), "logits", T)):
+                              ((x.double(), t, None, None), "logits", T),
+                              ((x, t[:, None], None, None), "target must have shape", V),  # the rank, not a prefix
+                              ((torch.randn(4, 0, 1), t.clamp(max=0), None, None), "logits must have at least one", V)):
         with pytest.raises(error, match=f"cross_entropy_fwd_triton: {name}"):
             fwd(*args, -100, 0.0, 0.0, True)
     _, lse, _, lse_err = fwd(x, t, None, None, -100, 0.0, 0.0, False)
@@ -238,6 +240,10 @@ def test_triton_kernel_ops_check_their_arguments():
         bwd(torch.ones(4), x, t, None, lse[:1], lse_err, -100, 0.0, 0.0)
     with pytest.raises(V, match="scale must have 4 elements"):
         scale_grad_(torch.randn(4, 5, 1), torch.ones(2))
+    g = torch.randn(4, 5, 1)
+    want = g * 3.0
+    scale_grad_(g, torch.full((1,), 3.0))  # one element: the mean's scalar, read at stride 0
+    torch.testing.assert_close(g, want)
 
 
 @pytest.mark.parametrize("backend", ["reference", "bogus"])

@@ -130,6 +130,29 @@ def test_a_dispatch_mode_sees_the_op(case):
     assert f"pykernels.{op._qualname.split('::')[1]}.default" in rec.ops, rec.ops
 
 
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_wrapped_and_subclassed_tensors_see_the_op(monkeypatch):
+    """Tensor subclasses (DTensor-like wrappers, __torch_function__ loggers), functorch's wrapped tensors (vmap,
+    grad) and functional tensors (export) take the custom op, whose pieces they may not handle; a Parameter is a
+    plain tensor."""
+    from pykernels.ops._eager import tracing
+    assert not tracing(torch.randn(2), torch.nn.Parameter(torch.randn(2)))
+    assert tracing(torch.randn(2), torch.randn(2).as_subclass(_Sub))
+    assert tracing(torch._to_functional_tensor(torch.randn(2)))
+    seen = []
+    torch.func.vmap(lambda x: seen.append(tracing(x)) or x)(torch.randn(3, 2))
+    torch.func.grad(lambda x: seen.append(tracing(x)) or x.sum())(torch.randn(2))
+    assert seen == [True, True]
+    eager, op, args, leaves = _setup("cross_entropy")
+    calls = []
+    monkeypatch.setattr(eager, "op", lambda *a: calls.append(1) or op(*a))
+    eager(args[0].detach().as_subclass(_Sub), *args[1:])
+    assert calls
+
+
 def test_jit_trace_records_the_op():
     eager, op, args, leaves = _setup("cross_entropy")
     x = args[0].detach()

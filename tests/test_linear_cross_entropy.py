@@ -685,6 +685,9 @@ def test_kernel_and_autograd_ops_check_their_arguments():
         fused(x, W, None, t, torch.rand(14)[::2], c, c, c, c, 0.0, False, 2, True, True, False)
     with pytest.raises(ValueError, match="linear_cross_entropy_bwd_triton: m must have shape"):
         bwd(x, W, None, t, None, z, c, c, c, c, 0, 0.0, False, True, True, False)
+    for cap in (-1.0, float("nan")):  # (a NaN passes a `softcap < 0` check)
+        with pytest.raises(ValueError, match="softcap must be >= 0"):
+            fwd(x, W, None, t, None, 0, cap, False)
 
 
 @pytest.mark.parametrize("backend", [None, "reference"])

@@ -150,6 +150,8 @@ def test_cell_bad_arguments_name_the_argument():
         lstm_cell(x, (h, c), w_ih, torch.randn(8, 3))
     with pytest.raises(ValueError, match=r"w_ih must have shape \(8, 3\)"):  # hidden_size is w_hh's, as torch's
         lstm_cell(x, (h, c), torch.randn(12, 3), w_hh)
+    with pytest.raises(ValueError, match=r"w_hh must have shape .*got \(6, 2\)"):  # w_ih agreeing with a wrong w_hh
+        lstm_cell(x, (h, c), torch.randn(6, 3), torch.randn(6, 2))
     # a (1, 4H) bias broadcasts in torch's cell: the same values and the row's gradient
     rows = [torch.randn(1, 8, requires_grad=True) for _ in range(2)]
     got, want = lstm_cell(x, (h, c), w_ih, w_hh, *rows), torch.lstm_cell(x, (h, c), w_ih, w_hh, *rows)

@@ -37,11 +37,14 @@ def index(x):
 
 def real(x):
     """torch's argument parser takes any real scalar for a float argument (numpy scalars and bools, 0-dim tensors of
-    any real or bool dtype): a Python float for those; anything else is left for the checks to name."""
+    any real or bool dtype that need no gradient, complex ones with no imaginary part): a Python float for those;
+    anything else is left for the checks to name."""
     if x is None or isinstance(x, (int, float)):
         return x
     if isinstance(x, Tensor):
-        return float(x) if x.dim() == 0 and not x.dtype.is_complex else x
+        if x.dim() != 0 or x.requires_grad or x.dtype.is_complex and x.imag != 0:
+            return x
+        return float(x.real if x.dtype.is_complex else x)
     if isinstance(x, numbers.Real) or type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_"):
         return float(x)
     return x
