@@ -413,7 +413,8 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     for name, arch, dt, mma, n_spills in rows:
         # bf16 on tensor cores; fp32 on exact fp32 FMA (input_precision="ieee": TF32 would round the operands to
         # 10 mantissa bits, which only a GPU run could tell from the interpreter's exact dots)
-        assert mma in (None, dt != "fp32"), f"{name} sm_{arch} {dt}: {'no' if not mma else 'TF32'} tensor-core instruction"
+        assert mma in (None, dt != "fp32"), \
+            f"{name} sm_{arch} {dt}: {'no' if not mma else 'TF32'} tensor-core instruction"
         assert_spill_budget(f"{name} sm_{arch} {dt}", n_spills, LSTM_KNOWN_SPILLS, (name, arch, dt))
 
 
