@@ -95,8 +95,8 @@ def _problem(E: int, seqlen: int, causal: bool):
     B, H = max(1, 16384 // seqlen), max(1, 2048 // E)
     q, k, v, do = (torch.randn(B, H, seqlen, E, device=dev, dtype=torch.bfloat16) for _ in range(4))
     args = (None, None, None, seqlen, seqlen, E ** -0.5, causal, 0, False, -1, -1, 0.0, 0.0, None)
-    o, lse, _ = fwd(q, k, v, *args)
-    steps = {"fwd": lambda: fwd(q, k, v, *args), "dq": lambda: bwd(do, q, k, v, o, lse, *args, False)}
+    o, lse, lse_lo = fwd(q, k, v, *args)
+    steps = {"fwd": lambda: fwd(q, k, v, *args), "dq": lambda: bwd(do, q, k, v, o, lse, lse_lo, *args, False)}
     steps["dkdv"] = steps["dq"]
     return (B, H, seqlen, E), steps
 

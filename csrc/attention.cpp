@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -212,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& lse_lo,
+    const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& cu_q, const c10::optional<at::Tensor>& cu_k, c10::SymInt max_q,
     c10::SymInt max_k, double scale, bool is_causal, c10::SymInt diag, bool bottom_right, c10::SymInt win_left,
     c10::SymInt win_right, double softcap, double dropout_p, const c10::optional<at::Tensor>& seed,
@@ -233,11 +235,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                 kBwd, ": ", name, " must be ", q.scalar_type(), " of shape ", at::IntArrayRef(out_shape), " on ",
                 q.device(), ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
   }
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.sizes() == at::IntArrayRef(lse_shape) &&
-                  lse.device() == q.device(),
-              kBwd, ": lse must be contiguous float32 of shape ", at::IntArrayRef(lse_shape), " on ", q.device(),
-              ", got ", lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
-  at::Tensor dout = rows_contiguous(grad_out);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"lse", &lse},
+                                {"lse_lo", lse_lo.has_value() ? &*lse_lo : nullptr}}) {
+    if (!t) continue;
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->sizes() == at::IntArrayRef(lse_shape) &&
+                    t->device() == q.device(),
+                kBwd, ": ", name, " must be contiguous float32 of shape ", at::IntArrayRef(lse_shape), " on ",
+                q.device(), ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  }
+  // The probabilities are exp(s - lse - lse_lo); the kernels recompute exp2(s log2(e) - offset) from lse alone and
+  // take lse_lo through dO's rows: with r = exp(-lse_lo), dV = (r P~)^T dO = P~^T (r dO) and
+  // dS = r P~ (dP - D) = P~ ((r dO) V^T - D(r dO)) (D = rowsum(dO O), linear in dO). r dO is formed in fp32 and
+  // rounded once to dO's dtype, so where r << 1 (a row filled by a finfo.min mask: r = 1/S) a tiny 16-bit dO
+  // underflows there (the Triton kernels apply lse_lo to P in fp32 instead: docs/attention.md).
+  at::Tensor dout = grad_out;
+  if (lse_lo.has_value()) {
+    at::Tensor r = lse_lo->neg().exp();
+    r = (c.varlen ? r.t() : r).unsqueeze(-1);  // varlen (H, T) -> (T, H, 1), the rows of grad_out (T, H, Ev)
+    dout = at::empty_like(grad_out);
+    at::mul_out(dout, grad_out, r);
+  }
+  dout = rows_contiguous(dout);
   // delta = rowsum(dO * O) in fp32, in the layout of lse (as the Triton launcher computes it)
   at::Tensor delta = dout.to(at::kFloat).mul(out.to(at::kFloat)).sum(-1);
   if (c.varlen) delta = delta.t();
@@ -284,10 +302,10 @@ TORCH_LIBRARY_FRAGMENT(pykernels, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
         "SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, bool is_causal, SymInt diag, bool bottom_right, "
         "SymInt win_left, SymInt win_right, float softcap, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)");
-  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? bias, "
-        "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
-        "bool is_causal, SymInt diag, bool bottom_right, SymInt win_left, SymInt win_right, float softcap, "
-        "float dropout_p, Tensor? seed, bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? lse_lo, "
+        "Tensor? bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, "
+        "float scale, bool is_causal, SymInt diag, bool bottom_right, SymInt win_left, SymInt win_right, "
+        "float softcap, float dropout_p, Tensor? seed, bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {

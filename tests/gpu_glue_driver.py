@@ -190,8 +190,8 @@ def _attn():
                 seed = torch.zeros(1, dtype=torch.int64, device="cuda") if drop else None
                 o, lse, lo = ta.attention_fwd(q, k, v, b, None, None, 0, 0, 0.1, causal, 0, False, -1, -1, 0.0, drop,
                                               seed)
-                ta.attention_bwd(o, q, k, v, o, lse, b, None, None, 0, 0, 0.1, causal, 0, False, -1, -1, 0.0, drop,
-                                 seed, bias)
+                ta.attention_bwd(o, q, k, v, o, lse, lo, b, None, None, 0, 0, 0.1, causal, 0, False, -1, -1, 0.0,
+                                 drop, seed, bias)
 
 
 @case("attention varlen fwd+bwd bf16")
@@ -200,8 +200,8 @@ def _attn_varlen():
     cu_q = torch.empty(3, device="cuda", dtype=torch.int32)
     cu_k = torch.empty(3, device="cuda", dtype=torch.int32)
     o, lse, lo = ta.attention_fwd(q, k, v, None, cu_q, cu_k, 400, 500, 0.1, True, 0, True, -1, -1, 30.0, 0.0, None)
-    ta.attention_bwd(o, q, k, v, o, lse, None, cu_q, cu_k, 400, 500, 0.1, True, 0, True, -1, -1, 30.0, 0.0, None,
-                     False)
+    ta.attention_bwd(o, q, k, v, o, lse, lo, None, cu_q, cu_k, 400, 500, 0.1, True, 0, True, -1, -1, 30.0, 0.0,
+                     None, False)
 
 
 @case("attention dropout_mask")

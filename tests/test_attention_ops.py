@@ -71,9 +71,9 @@ def test_opcheck_kernel_ops(backend, device):
     u = ("test_schema",) if device == "cpu" else ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     for args in _samples(device, _dtype(device)):
         torch.library.opcheck(fwd, args, test_utils=u)
-        o, lse, _ = fwd(*args)
+        o, lse, lo = fwd(*args)
         bias = args[3]
-        torch.library.opcheck(bwd, (torch.randn_like(o),) + args[:3] + (o, lse) + args[3:] +
+        torch.library.opcheck(bwd, (torch.randn_like(o),) + args[:3] + (o, lse, lo) + args[3:] +
                               (bias is not None and bias.dtype != torch.bool,), test_utils=u)
 
 
@@ -267,9 +267,9 @@ def test_opcheck_reference_kernel_ops():
             assert str(ours._schema).split("(", 1)[1] == str(theirs._schema).split("(", 1)[1]
     for args in _samples("cpu", torch.float32):
         torch.library.opcheck(fwd, args, test_utils=("test_schema", "test_faketensor"))
-        o, lse, _ = fwd(*args)
+        o, lse, lo = fwd(*args)
         bias = args[3]
-        torch.library.opcheck(bwd, (torch.randn_like(o),) + args[:3] + (o, lse) + args[3:] +
+        torch.library.opcheck(bwd, (torch.randn_like(o),) + args[:3] + (o, lse, lo) + args[3:] +
                               (bias is not None and bias.dtype != torch.bool,),
                               test_utils=("test_schema", "test_faketensor"))
         q = args[0].detach().clone().requires_grad_()
@@ -410,10 +410,10 @@ def test_triton_kernel_ops_check_their_arguments():
             fwd(*args)
     out, lse, _ = fwd(*_args(qd, kd, vd))
     with pytest.raises(RuntimeError, match="lse must have shape"):
-        bwd(torch.randn_like(out), qd, kd, vd, out, lse[:, :1], *_args(qd, kd, vd)[3:], False)
+        bwd(torch.randn_like(out), qd, kd, vd, out, lse[:, :1], None, *_args(qd, kd, vd)[3:], False)
     strided = torch.empty(*lse.shape[:-1], 2 * lse.shape[-1])[..., ::2].copy_(lse)  # read at stride 1
     with pytest.raises(RuntimeError, match="lse must be contiguous"):
-        bwd(torch.randn_like(out), qd, kd, vd, out, strided, *_args(qd, kd, vd)[3:], False)
+        bwd(torch.randn_like(out), qd, kd, vd, out, strided, None, *_args(qd, kd, vd)[3:], False)
 
 
 def test_a_backend_without_kernels_for_the_op_is_named_with_a_gpu_present(monkeypatch):
@@ -443,8 +443,8 @@ def test_cuda_kernel_ops_check_the_backward_inputs():
                        ((g[..., :56], out[..., :56], lse), "grad_out must be"), ((g.cpu(), out, lse), "grad_out must"),
                        ((g, out.float(), lse), "out must be")):
         with pytest.raises(RuntimeError, match=name):
-            bwd(args[0], qd, kd, vd, args[1], args[2], *rest, False)
-    bwd(g, qd, kd, vd, out, lse, *rest, False)  # the same call with consistent tensors runs
+            bwd(args[0], qd, kd, vd, args[1], args[2], None, *rest, False)
+    bwd(g, qd, kd, vd, out, lse, None, *rest, False)  # the same call with consistent tensors runs
     q, k = torch.randn(7, 2, 64, device="cuda", dtype=torch.float16), torch.randn(9, 2, 64, device="cuda",
                                                                                  dtype=torch.float16)
     cq, ck = (torch.tensor(c, dtype=torch.int32, device="cuda") for c in ([0, 3, 7], [0, 4, 9]))

@@ -28,8 +28,9 @@ _SCRIPT = textwrap.dedent('''
 
     def sig(kern, dt, bias_t):
         ptrs = {{"fwd": ["Q", "K", "V", "Bias", "O", "LSE", "LSE_LO", "CuQ", "CuK", "Seed"],
-                "dkdv": ["Q", "K", "V", "Bias", "DO", "LSE", "DELTA", "DK", "DV", "CuQ", "CuK", "Seed"],
-                "dq": ["Q", "K", "V", "Bias", "DO", "LSE", "DELTA", "DQ", "DBias", "CuQ", "CuK", "Seed"]}}[kern]
+                "dkdv": ["Q", "K", "V", "Bias", "DO", "LSE", "LSE_LO", "DELTA", "DK", "DV", "CuQ", "CuK", "Seed"],
+                "dq": ["Q", "K", "V", "Bias", "DO", "LSE", "LSE_LO", "DELTA", "DQ", "DBias", "CuQ", "CuK",
+                       "Seed"]}}[kern]
         s = {{}}
         for p in ptrs:
             s[p] = {{"Bias": bias_t, "LSE": "*fp32", "LSE_LO": "*fp32", "DELTA": "*fp32", "DBias": "*fp32", "CuQ": "*i32",
@@ -57,6 +58,8 @@ _SCRIPT = textwrap.dedent('''
                 continue
             flags = dict(IS_CAUSAL=False, BR=False, HAS_WINDOW=False, SOFTCAP=False, HAS_BIAS=False,
                          BOOL_BIAS=False, DROPOUT=False, VARLEN=False, IEEE=dt == "fp32", E=e, EV=e)
+            if kern != "fwd":
+                flags["HAS_LSE_LO"] = True  # (the autograd op's backward passes it)
             if kern == "dq":
                 flags["DBIAS"] = False
             flags.update(fl)
@@ -72,6 +75,8 @@ _SCRIPT = textwrap.dedent('''
         # memory (101376 B)
         flags = dict(IS_CAUSAL=False, BR=False, HAS_WINDOW=False, SOFTCAP=False, HAS_BIAS=True, BOOL_BIAS=False,
                      DROPOUT=False, VARLEN=False, IEEE=True, E=256, EV=256)
+        if kern != "fwd":
+            flags["HAS_LSE_LO"] = True
         if kern == "dq":
             flags["DBIAS"] = True
         bm, bn, warps, stages = a.config(256, 256, torch.float32, kern)

@@ -308,8 +308,8 @@ __device__ __forceinline__ float lse_offset(float lse) {
 
 // How far the backward's exp2 offset, lse_offset(lse), lies below the row's max m (d) and below its exp2-domain
 // log-sum-exp m + log2(l) (lo2): the backward's P~ = exp2(s - offset) are at most exp2(d) and exp2(lo2) times the
-// true probabilities, and the forward's lse_lo (lo2 ln 2) lets pykernels/ops/attention.py scale dO by exp(-lse_lo)
-// to make them exact. lo2 is the rounding of lse and of the offset, ~|m| 2^-23: nothing in ordinary rows,
+// true probabilities, and the forward's lse_lo (lo2 ln 2) lets the backward's glue (csrc/attention.cpp) scale dO by
+// exp(-lse_lo) to make them exact. lo2 is the rounding of lse and of the offset, ~|m| 2^-23: nothing in ordinary rows,
 // log2(S) in a row whose every score sits at a large mask value (lse rounds back to m; d = 0 when the round trip
 // m -> lse -> offset is exact, as for 1e9 and finfo.min, else +-1 ulp of m). m - offset is exact (Sterbenz).
 __device__ __forceinline__ void lse_gaps(float m, float log2_l, float lse, float& d, float& lo2) {

@@ -235,10 +235,11 @@ def varlen_lengths(fn: str, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int) 
 
 def attention(op: str, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], cu_q: Optional[Tensor],
               cu_k: Optional[Tensor], max_q: int, max_k: int, dropout_p: float, seed: Optional[Tensor],
-              grad_out: Optional[Tensor] = None, out: Optional[Tensor] = None, lse: Optional[Tensor] = None) -> None:
+              grad_out: Optional[Tensor] = None, out: Optional[Tensor] = None, lse: Optional[Tensor] = None,
+              lse_lo: Optional[Tensor] = None) -> None:
     """Dense q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), bias broadcastable to (B, H, L, S); varlen q (T, H, E),
-    k / v (Tk, Hk, E|Ev) with int32 offsets; Hk divides H; backward: grad_out and out of the output's shape, lse fp32
-    contiguous (B, H, L) or (H, T)."""
+    k / v (Tk, Hk, E|Ev) with int32 offsets; Hk divides H; backward: grad_out and out of the output's shape, lse (and
+    lse_lo) fp32 contiguous (B, H, L) or (H, T)."""
     tensor(op, "q", q, dtype=TRITON_DTYPES)
     dev = q.device
     for name, t in (("k", k), ("v", v)):
@@ -282,8 +283,9 @@ def attention(op: str, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], 
     for name, t in (("grad_out", grad_out), ("out", out)):
         if t is not None:
             tensor(op, name, t, out_shape, device=dev)
-    if lse is not None:
-        tensor(op, "lse", lse, lse_shape, F32, dev, contiguous=True)  # the kernels index its rows
+    for name, t in (("lse", lse), ("lse_lo", lse_lo)):
+        if t is not None:
+            tensor(op, name, t, lse_shape, F32, dev, contiguous=True)  # the kernels index their rows
 
 
 # ---------------------------------------------------------------------------------------------------------

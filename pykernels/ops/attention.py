@@ -8,9 +8,9 @@ Kernel ops (contract in docs/attention.md), one pair per backend, the same schem
   contract (``REFERENCE_KERNELS``, not in ``KERNELS``), for traced reference calls (see below).
 
 ``pykernels::attention`` is the autograd-level op: the forward saves (q, k, v, bias, out, lse, lse_lo, seed), the
-backward recomputes the probabilities tile by tile from the lse (FlashAttention-2 style; lse_lo corrects them where
-lse's rounding lost mass) and regenerates the dropout mask from the seed. It covers dense (B, H, L, E) and packed
-varlen (T, H, E) calls.
+backward recomputes the probabilities tile by tile from the lse (FlashAttention-2 style; the backward kernel ops take
+lse_lo, which corrects them where lse's rounding lost mass) and regenerates the dropout mask from the seed. It covers
+dense (B, H, L, E) and packed varlen (T, H, E) calls.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import backends
 from ..reference import attention as _ref
 from . import _checks, _higher_order
-from ._eager import EagerOp, tracing
+from ._eager import EagerOp
 
 # ---------------------------------------------------------------------------------------------------------
 # Fakes, shared by every backend's kernel ops.
@@ -38,7 +38,7 @@ def _fwd_fake(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     return out, q.new_empty(rows, dtype=torch.float32), q.new_empty(rows, dtype=torch.float32)
 
 
-def _bwd_fake(grad_out, q, k, v, out, lse, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+def _bwd_fake(grad_out, q, k, v, out, lse, lse_lo, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
               is_causal, diag, bottom_right, win_left, win_right, softcap, dropout_p, seed, bias_requires_grad):
     dbias = (bias.new_empty(bias.shape) if bias_requires_grad and bias is not None and bias.dtype != torch.bool
              else q.new_empty(0))
@@ -145,14 +145,14 @@ def _attention_fwd_reference(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
 
 @torch.library.custom_op("pykernels::attention_bwd_reference", mutates_args=())
 def _attention_bwd_reference(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                             bias: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                             max_seqlen_q: int, max_seqlen_k: int, scale: float, is_causal: bool, diag: int,
-                             bottom_right: bool, win_left: int, win_right: int, softcap: float, dropout_p: float,
-                             seed: Optional[Tensor], bias_requires_grad: bool
+                             lse_lo: Optional[Tensor], bias: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+                             cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                             is_causal: bool, diag: int, bottom_right: bool, win_left: int, win_right: int,
+                             softcap: float, dropout_p: float, seed: Optional[Tensor], bias_requires_grad: bool
                              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The reference's backward derived by hand (an op's implementation runs below the autograd dispatch keys,
     where torch.autograd records nothing; torch.func.vjp there breaks under a TorchDispatchMode), from the
-    forward recomputed with the same dropout masks (the seed's); out and lse are not read."""
+    forward recomputed with the same dropout masks (the seed's); out, lse and lse_lo are not read."""
     want_dbias = bool(bias_requires_grad) and bias is not None and bias.dtype != torch.bool
     dq, dk, dv, dbias = _reference_call(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, scale, is_causal, diag,
                                         bottom_right, win_left, win_right, softcap, dropout_p, seed, grad_out,
@@ -184,9 +184,9 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], cu_seqle
     """Dense: q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), bias a bool (True = attend) or float (added)
     mask broadcastable to (B, H, L, S) or None -> (out (B, H, L, Ev), lse (B, H, L) fp32, lse_lo).
     Varlen (cu_seqlens_q/k int32 (nseq + 1,)): q (T, H, E), k/v (Tk, Hk, E|Ev) -> (out (T, H, Ev), lse (H, T),
-    lse_lo). lse_lo (lse's layout, fp32): log of how much the backend's backward overestimates each row's
-    probabilities (Triton: what rounding took from lse; CUDA: with its exp2 offset's rounding; the reference: 0),
-    which _backward removes (_exact_probabilities)."""
+    lse_lo). lse_lo (lse's layout, fp32): log of how much exp(s - lse) overestimates each row's probabilities
+    (Triton: what rounding took from lse; CUDA: with its exp2 offset's rounding; the reference: 0), which the
+    backward kernel ops take back (docs/attention.md)."""
     return kernel_ops(backend)[0](q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                   is_causal, diag, bottom_right, win_left, win_right, softcap, dropout_p, seed)
 
@@ -214,24 +214,6 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (max_q, max_k, scale, is_causal, diag, bottom_right, win_left, win_right, softcap, dropout_p, backend)
 
 
-# Backends whose forward computes lse_lo (the reference returns 0: its backward needs no correction).
-LSE_LO_BACKENDS = frozenset({"triton", "cuda"})
-
-
-def _exact_probabilities(g_o: Tensor, lse_lo: Tensor, varlen: bool) -> Tensor:
-    """g_o with each query row scaled by r = exp(-lse_lo). The backward kernels recompute P~ = exp(s - lse) from
-    the rounded lse; the true probabilities are r P~. Since dV = (r P~)^T dO = P~^T (r dO) and
-    dS = r P~ (dP - D) = P~ ((r dO) V^T - D(r dO)) with D = rowsum(dO O) linear in dO, the unchanged kernels given
-    r dO return every gradient (dQ, dK, dV, the mask's) of the true probabilities. r is 1 up to rounding except
-    where lse lost real mass: a row whose every score sits at a huge mask value (Hugging Face's finfo.min padding:
-    lse rounds back to the row max and P~ is S times too large)."""
-    r = torch.exp(-lse_lo)
-    r = (r.t() if varlen else r).unsqueeze(-1)  # varlen (H, T) -> (T, H), the rows of g_o (T, H, Ev)
-    if tracing(g_o, r):  # (a graph fuses the product and the cast; Dynamo refuses a strided out=)
-        return (g_o * r).to(g_o.dtype)
-    return torch.mul(g_o, r, out=torch.empty_like(g_o))  # one pass: the product in fp32, stored in g_o's dtype
-
-
 def _backward(ctx, g_o, g_lse, g_lse_lo):
     if g_o is None:
         return (None,) * _N_INPUTS
@@ -248,9 +230,7 @@ def _backward(ctx, g_o, g_lse, g_lse_lo):
         return _higher_order.reference_grads("pykernels.attention", forward, (q, k, v, bias, cu_q, cu_k),
                                              ctx.needs_input_grad, (g_o,))
     want_dbias = bool(ctx.needs_input_grad[3])
-    if backend in LSE_LO_BACKENDS:
-        g_o = _exact_probabilities(g_o, lse_lo, cu_q is not None)
-    dq, dk, dv, dbias = kernel_ops(backend)[1](g_o, q, k, v, o, lse, bias, cu_q, cu_k, max_q, max_k, scale,
+    dq, dk, dv, dbias = kernel_ops(backend)[1](g_o, q, k, v, o, lse, lse_lo, bias, cu_q, cu_k, max_q, max_k, scale,
                                                is_causal, diag, bottom_right, win_left, win_right, softcap,
                                                dropout_p, seed, want_dbias)
     if want_dbias and (bias.dim() == 0 or bias.shape[-1] == 1):

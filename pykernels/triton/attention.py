@@ -3,7 +3,8 @@
 Forward: one program per (query block, batch*head); online softmax over the key blocks the block can see
 (causal and window block skipping; the blocks that need no masking run a loop without mask arithmetic), writes
 the output, the per-row log-sum-exp and what its rounding lost (lse_lo, for the backward). Backward
-(FlashAttention-2 style, recomputing the probabilities from the lse; delta = rowsum(dO O) in a pass of its own):
+(FlashAttention-2 style, recomputing the probabilities exp(s - lse - lse_lo); delta = rowsum(dO O) in a pass of its
+own):
 dK/dV per key block of one kv head, looping over the query heads of its GQA group and the query blocks
 that can see it; dQ (and the float-mask gradient) per query block. Every gradient element is written once by one
 program: the backward is deterministic (bitwise reproducible), no atomics.
@@ -261,18 +262,21 @@ def _attn_fwd(Q, K, V, Bias, O, LSE, LSE_LO, CuQ, CuK, Seed, sqb, sqh, sqm, sqd,
 
 
 @triton.jit
-def _probs(s, lse):
-    """p = exp(s - lse) of a recomputed tile; rows that saw no key (lse = -inf) give 0, not NaN."""
+def _probs(s, lse, lse_lo):
+    """p = exp(s - lse - lse_lo) of a recomputed tile (lse_lo: a column of the rows' values, or 0.0); rows that saw
+    no key (lse = -inf) give 0, not NaN. s - lse first: both sit at a huge mask value in a row the mask fills
+    (finfo.min, where lse + lse_lo rounds back to lse), and their difference is small, so lse_lo (there log S)
+    still counts."""
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-    return tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp(s - lse_safe[:, None]))
+    return tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp((s - lse_safe[:, None]) - lse_lo))
 
 
 @triton.jit
-def _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, DELTA, b, h, q0, Lb, Sb, L, S, H, sqb,
-               sqh, sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV, scale, softcap, d, win_left, win_right, bias_ptr,
-               sbm, sbn, seed, dropout_p, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BOOL_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-               IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, LSE_LO, DELTA, b, h, q0, Lb, Sb, L, S, H,
+               sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV, scale, softcap, d, win_left, win_right,
+               bias_ptr, sbm, sbn, seed, dropout_p, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BOOL_BIAS: tl.constexpr,
+               DROPOUT: tl.constexpr, HAS_LSE_LO: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
     """One query block's contribution to a key block's dK, dV. MASK=False: every key of the block is visible to
     every query of the sequence in the query block (queries past its end see nothing through their lse)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -282,10 +286,13 @@ def _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, DELT
                  mask=(offs_m[:, None] < Lb) & (offs_e[None, :] < HEAD_EV), other=0.0)
     rows = (b * H + h) * L + q0 + offs_m
     lse = tl.load(LSE + rows, mask=offs_m < Lb, other=float("-inf"))
+    lse_lo = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_LSE_LO:
+        lse_lo = tl.load(LSE_LO + rows, mask=offs_m < Lb, other=0.0)
     delta = tl.load(DELTA + rows, mask=offs_m < Lb, other=0.0)
     s, t = _scores(q, kT, offs_m, offs_n, Lb, Sb, scale, softcap, d, win_left, win_right, bias_ptr,
                    sbm, sbn, MASK, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
-    p = _probs(s, lse)
+    p = _probs(s, lse, lse_lo[:, None])
     dp = _dot(do, vT, IEEE)
     if DROPOUT:
         keep = _keep(seed, rows, offs_n, S, dropout_p)
@@ -301,12 +308,13 @@ def _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, DELT
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, DELTA, DK, DV, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
-                   svb, svh, svn, svd, sbb, sbh, sbm, sbn, sdb, sdh, sdm, sdd, H, GROUP, L, S, HEAD_E, HEAD_EV,
+def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, LSE_LO, DELTA, DK, DV, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, skh, skn,
+                   skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, sdb, sdh, sdm, sdd, H, GROUP, L, S, HEAD_E, HEAD_EV,
                    scale, softcap, diag, win_left, win_right, dropout_p, NBH, IS_CAUSAL: tl.constexpr,
                    BR: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BOOL_BIAS: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
-                   E: tl.constexpr, EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BOOL_BIAS: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, HAS_LSE_LO: tl.constexpr,
+                   IEEE: tl.constexpr, E: tl.constexpr, EV: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one kv head: loops over the query heads of its GQA group and over the query
     blocks that can see the key block, so every gradient is written once, deterministically (no atomics).
     The query blocks that see every key of the block run without mask arithmetic, as the forward's key blocks.
@@ -337,15 +345,17 @@ def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, DELTA, DK, DV, CuQ, CuK, Seed, sqb, s
         h = hk * GROUP + g
         bias_ptr = Bias + b * sbb + h * sbh
         for start_m in range(m_lo, m_mid, BLOCK_M):  # the diagonal / boundary query blocks
-            dk, dv = _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, DELTA, b, h, q0, Lb,
-                                Sb, L, S, H, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV, scale,
+            dk, dv = _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, LSE_LO, DELTA, b, h,
+                                q0, Lb, Sb, L, S, H, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV, scale,
                                 softcap, d, win_left, win_right, bias_ptr, sbm, sbn, seed, dropout_p, True,
-                                IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, DROPOUT, IEEE, BLOCK_M)
+                                IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, DROPOUT, HAS_LSE_LO, IEEE,
+                                BLOCK_M)
         for start_m in range(m_mid, m_hi, BLOCK_M):  # blocks that see every key: no mask arithmetic
-            dk, dv = _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, DELTA, b, h, q0, Lb,
-                                Sb, L, S, H, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV, scale,
+            dk, dv = _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, LSE_LO, DELTA, b, h,
+                                q0, Lb, Sb, L, S, H, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV, scale,
                                 softcap, d, win_left, win_right, bias_ptr, sbm, sbn, seed, dropout_p, False,
-                                IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, DROPOUT, IEEE, BLOCK_M)
+                                IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, DROPOUT, HAS_LSE_LO, IEEE,
+                                BLOCK_M)
     dk = dk * scale
     tl.store(DK + b * skb + hk * skh + (k0 + offs_n[:, None]) * skn + offs_d[None, :] * skd,
              dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < Sb) & (offs_d[None, :] < HEAD_E))
@@ -354,12 +364,13 @@ def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, DELTA, DK, DV, CuQ, CuK, Seed, sqb, s
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, DELTA, DQ, DBias, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
-                 svb, svh, svn, svd, sbb, sbh, sbm, sbn, sdb, sdh, sdm, sdd, H, GROUP, L, S, HEAD_E, HEAD_EV, scale,
-                 softcap, diag, win_left, win_right, dropout_p, NBH, IS_CAUSAL: tl.constexpr, BR: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BOOL_BIAS: tl.constexpr,
-                 DROPOUT: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr, DBIAS: tl.constexpr,
-                 E: tl.constexpr, EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, LSE_LO, DELTA, DQ, DBias, CuQ, CuK, Seed, sqb, sqh, sqm, sqd, skb, skh, skn,
+                 skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, sdb, sdh, sdm, sdd, H, GROUP, L, S, HEAD_E, HEAD_EV,
+                 scale, softcap, diag, win_left, win_right, dropout_p, NBH, IS_CAUSAL: tl.constexpr,
+                 BR: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BOOL_BIAS: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, HAS_LSE_LO: tl.constexpr,
+                 IEEE: tl.constexpr, DBIAS: tl.constexpr, E: tl.constexpr, EV: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     """dQ of one query block (stored with Q's strides); with DBIAS also the gradient of the float mask, the
     score gradient dS, into a dense fp32 (B, H, L, S) buffer (zero where never visited)."""
     scale, softcap, dropout_p = _f32(scale, softcap, dropout_p)
@@ -380,7 +391,13 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, DELTA, DQ, DBias, CuQ, CuK, Seed, sqb, 
     do = tl.load(DO + b * sdb + h * sdh + (q0 + offs_m[:, None]) * sdm + offs_e[None, :] * sdd,
                  mask=(offs_m[:, None] < Lb) & (offs_e[None, :] < HEAD_EV), other=0.0)
     rows = (b * H + h) * L + q0 + offs_m
+    # P = r P~ with P~ = exp(s - lse) and r = exp(-lse_lo) per row: dQ's sum runs along the row, so r is applied
+    # to the fp32 dQ at the end, never to the 16-bit dS (no underflow in rows the mask fills, and no row vector
+    # held across the loop: on sm_80 that spilled)
     lse = tl.load(LSE + rows, mask=offs_m < Lb, other=float("-inf"))
+    r = tl.full([BLOCK_M], 1.0, tl.float32)
+    if HAS_LSE_LO and DBIAS:  # (the mask's gradient is the true dS, element by element)
+        r = tl.exp(-tl.load(LSE_LO + rows, mask=offs_m < Lb, other=0.0))
     delta = tl.load(DELTA + rows, mask=offs_m < Lb, other=0.0)
     bias_ptr = Bias + b * sbb + h * sbh
     seed = 0
@@ -397,18 +414,21 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, DELTA, DQ, DBias, CuQ, CuK, Seed, sqb, 
                      mask=(offs_e[:, None] < HEAD_EV) & (offs_n[None, :] < Sb), other=0.0)
         s, t = _scores(q, tl.trans(k), offs_m, offs_n, Lb, Sb, scale, softcap, d, win_left, win_right, bias_ptr,
                        sbm, sbn, True, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
-        p = _probs(s, lse)
+        p = _probs(s, lse, 0.0)
         dp = _dot(do, vT, IEEE)
         if DROPOUT:
             dp = tl.where(_keep(seed, rows, offs_n, S, dropout_p), dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         if DBIAS:
-            tl.store(DBias + rows[:, None] * S + offs_n[None, :], ds,
+            tl.store(DBias + rows[:, None] * S + offs_n[None, :], ds * r[:, None],
                      mask=(offs_m[:, None] < Lb) & (offs_n[None, :] < Sb))
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += _dot(ds.to(q.dtype), k, IEEE)
-    dq = dq * scale
+    if HAS_LSE_LO:  # (from a scalar base: `rows` held across the loop spilled on sm_80)
+        lo_base = LSE_LO + ((b * H + h) * L + q0 + start_m)
+        r = tl.exp(-tl.load(lo_base + tl.arange(0, BLOCK_M), mask=offs_m < Lb, other=0.0))
+    dq = dq * (scale * r)[:, None]
     tl.store(DQ + b * sqb + h * sqh + (q0 + offs_m[:, None]) * sqm + offs_d[None, :] * sqd,
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < HEAD_E))
 
@@ -680,16 +700,17 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optio
 
 
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, bias: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+                  lse: torch.Tensor, lse_lo: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                  cu_seqlens_q: Optional[torch.Tensor],
                   cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
                   is_causal: bool, diag: int, bottom_right: bool, win_left: int, win_right: int, softcap: float,
                   dropout_p: float, seed: Optional[torch.Tensor], bias_requires_grad: bool
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (dtypes and strides of q, k, v when those are dense; dk/dv summed over each GQA group
     in-kernel) and dbias: the gradient of a float mask, summed to the mask's shape (empty when
-    bias_requires_grad is False)."""
+    bias_requires_grad is False); the probabilities exp(s - lse - lse_lo) (lse_lo None: exp(s - lse))."""
     _checks.attention("attention_bwd_triton", q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      dropout_p, seed, grad_out, out, lse)
+                      dropout_p, seed, grad_out, out, lse, lse_lo)
     varlen = cu_seqlens_q is not None
     q, k, v = _dense(q), _dense(k), _dense(v)
     q4, k4, v4 = _view4(q, varlen), _view4(k, varlen), _view4(v, varlen)
@@ -699,6 +720,8 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                                                            max_seqlen_q, is_causal, bottom_right, window, softcap,
                                                            dropout_p, "dq")
     delta = _delta(do4, _view4(_unit_head(out), varlen), flags["EV"])  # (head-dim offsets are int32)
+    flags["HAS_LSE_LO"] = lse_lo is not None
+    lse_lo_t = lse if lse_lo is None else lse_lo  # (a pointer the kernels do not read)
     new = torch.zeros_like if varlen else torch.empty_like  # varlen padding rows: no program writes them
     dq, dk, dv = new(q), new(k), new(v)
     dq4, dk4, dv4 = _view4(dq, varlen), _view4(dk, varlen), _view4(dv, varlen)
@@ -711,14 +734,15 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     scalars = _scalars(H, Hk, L, S, E, EV, scale, softcap, diag, window, dropout_p)
     strides = (*q4.stride(), *k4.stride(), *v4.stride(), *sb, *do4.stride())
     _launch("dq", lambda bm, bn: _grid(triton.cdiv(rows_q, bm), B * H), dict(flags, DBIAS=want_dbias),
-            q4, k4, v4, bias_t, do4, lse, delta, dq4, dbias_full, cu_q, cu_k, seed_t, *strides, *scalars, B * H)
+            q4, k4, v4, bias_t, do4, lse, lse_lo_t, delta, dq4, dbias_full, cu_q, cu_k, seed_t, *strides, *scalars,
+            B * H)
     BM2, BN2, warps2, stages2 = config(E, EV, q4.dtype, "dkdv", q4.device, bool(is_causal))
     flags.update(BLOCK_M=BM2, BLOCK_N=BN2, num_warps=warps2)
     if "num_stages" in flags:
         flags["num_stages"] = stages2
     rows_k = max_seqlen_k if varlen else S
     _launch("dkdv", lambda bm, bn: _grid(triton.cdiv(rows_k, bn), B * Hk), flags,
-            q4, k4, v4, bias_t, do4, lse, delta, dk4, dv4, cu_q, cu_k, seed_t, *strides, *scalars, B * Hk)
+            q4, k4, v4, bias_t, do4, lse, lse_lo_t, delta, dk4, dv4, cu_q, cu_k, seed_t, *strides, *scalars, B * Hk)
     if want_dbias:
         dbias = dbias_full.sum_to_size(bias.shape).to(bias.dtype)  # over the broadcast dims of the mask
     else:
