@@ -120,6 +120,19 @@ def _tile(heads, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _program(NBH, HEADS, CuQ, CuK, L, S, diag, VARLEN: tl.constexpr, BR: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile: its first row (_tile), batch entry (0 for varlen, whose sequences are rows q0 / k0 of
+    one packed entry), head (of HEADS per entry) and _seq's q0, k0, Lb, Sb, d."""
+    start, bh = _tile(NBH, BLOCK)
+    b = (bh // HEADS).to(tl.int64)
+    head = (bh % HEADS).to(tl.int64)
+    q0, k0, Lb, Sb, d = _seq(b, CuQ, CuK, L, S, diag, VARLEN, BR)
+    if VARLEN:
+        b = b * 0
+    return start, b, head, q0, k0, Lb, Sb, d
+
+
+@triton.jit
 def _key_range(start_m, Lb, Sb, diag, win_left, win_right, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """[lo, hi) of the keys a query block can see (causal / window block skipping) and ``mid``: the blocks in
@@ -203,13 +216,8 @@ def _attn_fwd(Q, K, V, Bias, O, LSE, LSE_LO, CuQ, CuK, Seed, sqb, sqh, sqm, sqd,
               DROPOUT: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr, E: tl.constexpr,
               EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     scale, softcap, dropout_p = _f32(scale, softcap, dropout_p)
-    start_m, bh = _tile(NBH, BLOCK_M)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    start_m, b, h, q0, k0, Lb, Sb, d = _program(NBH, H, CuQ, CuK, L, S, diag, VARLEN, BR, BLOCK_M)
     hk = h // GROUP  # GQA: the kv head of this query head, no repeated K/V in memory
-    q0, k0, Lb, Sb, d = _seq(b, CuQ, CuK, L, S, diag, VARLEN, BR)
-    if VARLEN:
-        b = b * 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, E)
     offs_e = tl.arange(0, EV)
@@ -320,13 +328,7 @@ def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, LSE_LO, DELTA, DK, DV, CuQ, CuK, Seed
     The query blocks that see every key of the block run without mask arithmetic, as the forward's key blocks.
     dK/dV are stored with the strides of K/V (the launcher allocates them like K/V)."""
     scale, softcap, dropout_p = _f32(scale, softcap, dropout_p)
-    start_n, bhk = _tile(NBH, BLOCK_N)
-    HK = H // GROUP
-    b = (bhk // HK).to(tl.int64)
-    hk = (bhk % HK).to(tl.int64)
-    q0, k0, Lb, Sb, d = _seq(b, CuQ, CuK, L, S, diag, VARLEN, BR)
-    if VARLEN:
-        b = b * 0
+    start_n, b, hk, q0, k0, Lb, Sb, d = _program(NBH, H // GROUP, CuQ, CuK, L, S, diag, VARLEN, BR, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, E)
     offs_e = tl.arange(0, EV)
@@ -374,13 +376,8 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, LSE_LO, DELTA, DQ, DBias, CuQ, CuK, See
     """dQ of one query block (stored with Q's strides); with DBIAS also the gradient of the float mask, the
     score gradient dS, into a dense fp32 (B, H, L, S) buffer (zero where never visited)."""
     scale, softcap, dropout_p = _f32(scale, softcap, dropout_p)
-    start_m, bh = _tile(NBH, BLOCK_M)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    start_m, b, h, q0, k0, Lb, Sb, d = _program(NBH, H, CuQ, CuK, L, S, diag, VARLEN, BR, BLOCK_M)
     hk = h // GROUP
-    q0, k0, Lb, Sb, d = _seq(b, CuQ, CuK, L, S, diag, VARLEN, BR)
-    if VARLEN:
-        b = b * 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, E)
     offs_e = tl.arange(0, EV)
