@@ -408,12 +408,14 @@ def test_triton_kernel_ops_check_their_arguments():
                        (_args(qd.long(), kd, vd), "q must be float16"), (_args(qd, kd.half(), vd), "k must be")):
         with pytest.raises(RuntimeError, match=name):
             fwd(*args)
-    out, lse, _ = fwd(*_args(qd, kd, vd))
-    with pytest.raises(RuntimeError, match="lse must have shape"):
-        bwd(torch.randn_like(out), qd, kd, vd, out, lse[:, :1], None, *_args(qd, kd, vd)[3:], False)
+    out, lse, lo = fwd(*_args(qd, kd, vd))
+    g, rest = torch.randn_like(out), _args(qd, kd, vd)[3:]
     strided = torch.empty(*lse.shape[:-1], 2 * lse.shape[-1])[..., ::2].copy_(lse)  # read at stride 1
-    with pytest.raises(RuntimeError, match="lse must be contiguous"):
-        bwd(torch.randn_like(out), qd, kd, vd, out, strided, None, *_args(qd, kd, vd)[3:], False)
+    for name, lse_arg, lo_arg in (("lse", lse[:, :1], None), ("lse", strided, None), ("lse_lo", lse, lo[:, :1]),
+                                  ("lse_lo", lse, strided), ("lse_lo", lse, lo.double())):
+        with pytest.raises(RuntimeError, match=f"attention_bwd_triton: {name} must"):
+            bwd(g, qd, kd, vd, out, lse_arg, lo_arg, *rest, False)
+    bwd(g, qd, kd, vd, out, lse, lo, *rest, False)  # the same call with consistent tensors runs
 
 
 def test_a_backend_without_kernels_for_the_op_is_named_with_a_gpu_present(monkeypatch):
@@ -429,22 +431,24 @@ def test_a_backend_without_kernels_for_the_op_is_named_with_a_gpu_present(monkey
 
 @pytest.mark.gpu
 def test_cuda_kernel_ops_check_the_backward_inputs():
-    """Direct calls of the CUDA kernel ops: the backward checks out, grad_out and lse against q's and v's shapes,
-    dtype and device (the kernels index them by those: an lse of (B, H, L - 1) or a grad_out of a smaller value
-    head dim was read out of bounds, a CPU lse handed a host pointer to the kernel), and a varlen call's maximum
-    lengths are non-negative."""
+    """Direct calls of the CUDA kernel ops: the backward checks out, grad_out, lse and lse_lo against q's and v's
+    shapes, dtype and device (the kernels index them by those: an lse of (B, H, L - 1) or a grad_out of a smaller
+    value head dim was read out of bounds, a CPU lse handed a host pointer to the kernel), and a varlen call's
+    maximum lengths are non-negative."""
     require_backend("cuda", "cuda")
     fwd, bwd = attn_ops.KERNELS["cuda"]
     qd, kd, vd = (torch.randn(2, 4, 17, 64, device="cuda", dtype=torch.float16) for _ in range(3))
-    out, lse, _ = fwd(*_args(qd, kd, vd))
+    out, lse, lo = fwd(*_args(qd, kd, vd))
     g = torch.randn_like(out)
     rest = _args(qd, kd, vd)[3:]
-    for args, name in (((g, out, lse[:, :, :-1]), "lse must be"), ((g, out, lse.cpu()), "lse must be"),
-                       ((g[..., :56], out[..., :56], lse), "grad_out must be"), ((g.cpu(), out, lse), "grad_out must"),
-                       ((g, out.float(), lse), "out must be")):
+    for args, name in (((g, out, lse[:, :, :-1], lo), "lse must be"), ((g, out, lse.cpu(), lo), "lse must be"),
+                       ((g, out, lse, lo[:, :, :-1]), "lse_lo must be"), ((g, out, lse, lo.cpu()), "lse_lo must be"),
+                       ((g[..., :56], out[..., :56], lse, lo), "grad_out must be"),
+                       ((g.cpu(), out, lse, lo), "grad_out must"), ((g, out.float(), lse, lo), "out must be")):
         with pytest.raises(RuntimeError, match=name):
-            bwd(args[0], qd, kd, vd, args[1], args[2], None, *rest, False)
-    bwd(g, qd, kd, vd, out, lse, None, *rest, False)  # the same call with consistent tensors runs
+            bwd(args[0], qd, kd, vd, args[1], args[2], args[3], *rest, False)
+    for lse_lo in (lo, None):  # the same call with consistent tensors runs
+        bwd(g, qd, kd, vd, out, lse, lse_lo, *rest, False)
     q, k = torch.randn(7, 2, 64, device="cuda", dtype=torch.float16), torch.randn(9, 2, 64, device="cuda",
                                                                                  dtype=torch.float16)
     cq, ck = (torch.tensor(c, dtype=torch.int32, device="cuda") for c in ([0, 3, 7], [0, 4, 9]))
