@@ -247,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   // take lse_lo through dO's rows: with r = exp(-lse_lo), dV = (r P~)^T dO = P~^T (r dO) and
   // dS = r P~ (dP - D) = P~ ((r dO) V^T - D(r dO)) (D = rowsum(dO O), linear in dO). r dO is formed in fp32 and
   // rounded once to dO's dtype, so where r << 1 (a row filled by a finfo.min mask: r = 1/S) a tiny 16-bit dO
-  // underflows there (the Triton kernels apply lse_lo to P in fp32 instead: docs/attention.md).
+  // underflows there (the Triton kernels apply lse_lo in fp32 instead: docs/attention.md).
   at::Tensor dout = grad_out;
   if (lse_lo.has_value()) {
     at::Tensor r = lse_lo->neg().exp();
