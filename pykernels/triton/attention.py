@@ -422,7 +422,8 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, LSE_LO, DELTA, DQ, DBias, CuQ, CuK, See
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += _dot(ds.to(q.dtype), k, IEEE)
-    if HAS_LSE_LO:  # (from a scalar base: `rows` held across the loop spilled on sm_80)
+    if HAS_LSE_LO and not DBIAS:  # (DBIAS loaded r above; here from a scalar base: `rows` held across the
+        # loop spilled on sm_80)
         lo_base = LSE_LO + ((b * H + h) * L + q0 + start_m)
         r = tl.exp(-tl.load(lo_base + tl.arange(0, BLOCK_M), mask=offs_m < Lb, other=0.0))
     dq = dq * (scale * r)[:, None]
