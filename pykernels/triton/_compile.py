@@ -6,7 +6,7 @@ sm_80 and sm_90 and inspects the result (PTX instructions, spills). Used by the 
 from __future__ import annotations
 
 import inspect
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -19,16 +19,21 @@ def _jit_fn(kernel):
 
 
 def compile_for(kernel, signature: Dict[str, str], constexprs: Dict[str, object], arch: int, num_warps: int = 4,
-                num_stages: Optional[int] = None):
+                num_stages: Optional[int] = None, divisible: Iterable[str] = ()):
     """Compile ``kernel`` for ``sm_<arch>``. ``signature`` maps every non-constexpr argument to a Triton type
     ("*bf16", "*fp32", "*i64", "i32", "i64", "fp32"); ``constexprs`` maps constexpr arguments to values;
-    ``num_stages`` as the launcher passes it (None: Triton's default)."""
+    ``num_stages`` as the launcher passes it (None: Triton's default). A launch specialises what the values show:
+    an int equal to 1 becomes a constexpr (pass it in ``constexprs``), and pointers and ints divisible by 16 are
+    marked so (name them in ``divisible``), which lets loads vectorise and changes register allocation: compile as
+    the kernel is launched where spills are counted."""
     fn = _jit_fn(kernel)
     if not hasattr(fn, "arg_names"):
         fn = triton.JITFunction(inspect.unwrap(kernel.fn if hasattr(kernel, "fn") else kernel))
     sig = dict(signature)
     sig.update({name: "constexpr" for name in constexprs})
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
     options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 

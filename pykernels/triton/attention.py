@@ -44,10 +44,11 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _keep(seed, rows, offs_n, S, dropout_p):
-    """Dropout keep-mask of a tile: Philox(seed; counter = row * S + col) > p. ``rows`` are global int64 row
-    indices (batch*head*rows + row), so every score of the call has its own counter."""
-    idx = rows[:, None] * S + offs_n[None, :].to(tl.int64)
+def _keep(seed, rows, cols, S, dropout_p):
+    """Dropout keep-mask of a tile: Philox(seed; counter = row * S + col) > p. ``rows`` are global int64 query row
+    indices (batch*head*rows + row), so every score of the call has its own counter; ``rows`` and the key columns
+    ``cols`` come shaped to broadcast into the tile ((M, 1) and (1, N), or transposed for a (keys, queries) tile)."""
+    idx = rows * S + cols.to(tl.int64)
     lo = (idx & 0xFFFFFFFF).to(tl.uint32)
     hi = (idx >> 32).to(tl.uint32)
     zero = lo * 0
@@ -56,30 +57,31 @@ def _keep(seed, rows, offs_n, S, dropout_p):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, Lb, Sb, scale, softcap, diag, win_left, win_right, bias_ptr, sbm, sbn,
+def _scores(a, b, qi, kj, Lb, Sb, scale, softcap, diag, win_left, win_right, bias_ptr, sbm, sbn,
             MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
             HAS_BIAS: tl.constexpr, BOOL_BIAS: tl.constexpr, IEEE: tl.constexpr):
-    """Scores of one (BLOCK_M, BLOCK_N) tile in fp32 with -inf where masked; also tanh(s/cap) for the backward.
+    """Scores a @ b of one tile in fp32 with -inf where masked; also tanh(s/cap) for the backward. ``qi`` / ``kj``:
+    the query / key index of each row or column, shaped to broadcast into the tile: (M, 1) and (1, N) for a
+    (queries, keys) tile (a = Q, b = K^T), (1, M) and (N, 1) for its transpose (a = K, b = Q^T; the dK/dV kernel).
     MASK=False: the caller knows the tile is inside the sequence and fully visible (no bound/causal/window)."""
-    s = _dot(q, k, IEEE) * scale
+    s = _dot(a, b, IEEE) * scale
     t = s
     if SOFTCAP:
         t = _tanh(s / softcap)
         s = softcap * t
     if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_m[:, None].to(tl.int64) * sbm + offs_n[None, :].to(tl.int64) * sbn,
-                    mask=(offs_m[:, None] < Lb) & (offs_n[None, :] < Sb), other=0)
+        m = tl.load(bias_ptr + qi.to(tl.int64) * sbm + kj.to(tl.int64) * sbn, mask=(qi < Lb) & (kj < Sb), other=0)
         if BOOL_BIAS:
-            s = tl.where(b != 0, s, float("-inf"))
+            s = tl.where(m != 0, s, float("-inf"))
         else:
-            s = s + b.to(tl.float32)
+            s = s + m.to(tl.float32)
     if MASK:
-        ok = (offs_n[None, :] < Sb) & (offs_m[:, None] < Lb)
+        ok = (kj < Sb) & (qi < Lb)
         if IS_CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None] + diag)
+            ok = ok & (kj <= qi + diag)
         if HAS_WINDOW:  # a negative bound means unbounded on that side
-            ok = ok & ((offs_n[None, :] >= offs_m[:, None] + diag - win_left) | (win_left < 0))
-            ok = ok & ((offs_n[None, :] <= offs_m[:, None] + diag + win_right) | (win_right < 0))
+            ok = ok & ((kj >= qi + diag - win_left) | (win_left < 0))
+            ok = ok & ((kj <= qi + diag + win_right) | (win_right < 0))
         s = tl.where(ok, s, float("-inf"))
     return s, t
 
@@ -193,8 +195,8 @@ def _fwd_step(acc, m_i, l_i, q, kb, vb, start_n, offs_m, offs_d, offs_e, Lb, Sb,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = tl.load(kb + offs_n[None, :].to(tl.int64) * skn + offs_d[:, None] * skd,
                 mask=(offs_n[None, :] < Sb) & (offs_d[:, None] < HEAD_E), other=0.0)
-    s, _ = _scores(q, k, offs_m, offs_n, Lb, Sb, scale, softcap, diag, win_left, win_right, bias_ptr, sbm, sbn,
-                   MASK, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
+    s, _ = _scores(q, k, offs_m[:, None], offs_n[None, :], Lb, Sb, scale, softcap, diag, win_left, win_right,
+                   bias_ptr, sbm, sbn, MASK, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet: no NaN
     p = tl.exp(s - m_safe[:, None])
@@ -203,7 +205,7 @@ def _fwd_step(acc, m_i, l_i, q, kb, vb, start_n, offs_m, offs_d, offs_e, Lb, Sb,
     v = tl.load(vb + offs_n[:, None].to(tl.int64) * svn + offs_e[None, :] * svd,
                 mask=(offs_n[:, None] < Sb) & (offs_e[None, :] < HEAD_EV), other=0.0)
     if DROPOUT:  # the normaliser sums the undropped probabilities; the output uses the kept ones, rescaled
-        p = tl.where(_keep(seed, rows, offs_n, S_all, dropout_p), p / (1.0 - dropout_p), 0.0)
+        p = tl.where(_keep(seed, rows[:, None], offs_n[None, :], S_all, dropout_p), p / (1.0 - dropout_p), 0.0)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return acc, m_new, l_i
 
@@ -271,25 +273,28 @@ def _attn_fwd(Q, K, V, Bias, O, LSE, LSE_LO, CuQ, CuK, Seed, sqb, sqh, sqm, sqd,
 
 @triton.jit
 def _probs(s, lse, lse_lo):
-    """p = exp(s - lse - lse_lo) of a recomputed tile (lse_lo: a column of the rows' values, or 0.0); rows that saw
-    no key (lse = -inf) give 0, not NaN. s - lse first: both sit at a huge mask value in a row the mask fills
-    (finfo.min, where lse + lse_lo rounds back to lse), and their difference is small, so lse_lo (there log S)
-    still counts."""
+    """p = exp(s - lse - lse_lo) of a recomputed tile (lse, lse_lo: the queries' values shaped to broadcast into
+    it, as _scores' qi; lse_lo may be 0.0); queries that saw no key (lse = -inf) give 0, not NaN. s - lse first:
+    both sit at a huge mask value in a row the mask fills (finfo.min, where lse + lse_lo rounds back to lse), and
+    their difference is small, so lse_lo (there log S) still counts."""
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-    return tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp((s - lse_safe[:, None]) - lse_lo))
+    return tl.where(lse == float("-inf"), 0.0, tl.exp((s - lse_safe) - lse_lo))
 
 
 @triton.jit
-def _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, LSE_LO, DELTA, b, h, q0, Lb, Sb, L, S, H,
+def _dkdv_step(dk, dv, k, v, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, LSE_LO, DELTA, b, h, q0, Lb, Sb, L, S, H,
                sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV, scale, softcap, d, win_left, win_right,
                bias_ptr, sbm, sbn, seed, dropout_p, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
                HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BOOL_BIAS: tl.constexpr,
                DROPOUT: tl.constexpr, HAS_LSE_LO: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
     """One query block's contribution to a key block's dK, dV. MASK=False: every key of the block is visible to
-    every query of the sequence in the query block (queries past its end see nothing through their lse)."""
+    every query of the sequence in the query block (queries past its end see nothing through their lse).
+    Every tile is (keys, queries), the transpose of the forward's: all four products then have the key block as
+    their M dimension (S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q), which Hopper's wgmma needs to be
+    64 rows per warpgroup; a query block as M (S = Q K^T with 32 queries) took mma.sync there."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = tl.load(Q + b * sqb + h * sqh + (q0 + offs_m[:, None]) * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Lb) & (offs_d[None, :] < HEAD_E), other=0.0)
+    qT = tl.load(Q + b * sqb + h * sqh + (q0 + offs_m[None, :]) * sqm + offs_d[:, None] * sqd,
+                 mask=(offs_m[None, :] < Lb) & (offs_d[:, None] < HEAD_E), other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + (q0 + offs_m[:, None]) * sdm + offs_e[None, :] * sdd,
                  mask=(offs_m[:, None] < Lb) & (offs_e[None, :] < HEAD_EV), other=0.0)
     rows = (b * H + h) * L + q0 + offs_m
@@ -298,20 +303,20 @@ def _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, LSE_
     if HAS_LSE_LO:
         lse_lo = tl.load(LSE_LO + rows, mask=offs_m < Lb, other=0.0)
     delta = tl.load(DELTA + rows, mask=offs_m < Lb, other=0.0)
-    s, t = _scores(q, kT, offs_m, offs_n, Lb, Sb, scale, softcap, d, win_left, win_right, bias_ptr,
-                   sbm, sbn, MASK, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
-    p = _probs(s, lse, lse_lo[:, None])
-    dp = _dot(do, vT, IEEE)
+    sT, tT = _scores(k, qT, offs_m[None, :], offs_n[:, None], Lb, Sb, scale, softcap, d, win_left, win_right,
+                     bias_ptr, sbm, sbn, MASK, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
+    pT = _probs(sT, lse[None, :], lse_lo[None, :])
+    dpT = _dot(v, tl.trans(do), IEEE)
     if DROPOUT:
-        keep = _keep(seed, rows, offs_n, S, dropout_p)
-        dv += _dot(tl.trans(tl.where(keep, p / (1.0 - dropout_p), 0.0)).to(do.dtype), do, IEEE)
-        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        keep = _keep(seed, rows[None, :], offs_n[:, None], S, dropout_p)
+        dv += _dot(tl.where(keep, pT / (1.0 - dropout_p), 0.0).to(do.dtype), do, IEEE)
+        dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
     else:
-        dv += _dot(tl.trans(p).to(do.dtype), do, IEEE)
-    ds = p * (dp - delta[:, None])
+        dv += _dot(pT.to(do.dtype), do, IEEE)
+    dsT = pT * (dpT - delta[None, :])
     if SOFTCAP:
-        ds = ds * (1.0 - t * t)
-    dk += _dot(tl.trans(ds).to(q.dtype), q, IEEE)
+        dsT = dsT * (1.0 - tT * tT)
+    dk += _dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
     return dk, dv
 
 
@@ -332,10 +337,10 @@ def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, LSE_LO, DELTA, DK, DV, CuQ, CuK, Seed
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, E)
     offs_e = tl.arange(0, EV)
-    kT = tl.load(K + b * skb + hk * skh + (k0 + offs_n[None, :]) * skn + offs_d[:, None] * skd,
-                 mask=(offs_d[:, None] < HEAD_E) & (offs_n[None, :] < Sb), other=0.0)
-    vT = tl.load(V + b * svb + hk * svh + (k0 + offs_n[None, :]) * svn + offs_e[:, None] * svd,
-                 mask=(offs_e[:, None] < HEAD_EV) & (offs_n[None, :] < Sb), other=0.0)
+    k = tl.load(K + b * skb + hk * skh + (k0 + offs_n[:, None]) * skn + offs_d[None, :] * skd,
+                mask=(offs_n[:, None] < Sb) & (offs_d[None, :] < HEAD_E), other=0.0)
+    v = tl.load(V + b * svb + hk * svh + (k0 + offs_n[:, None]) * svn + offs_e[None, :] * svd,
+                mask=(offs_n[:, None] < Sb) & (offs_e[None, :] < HEAD_EV), other=0.0)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
@@ -347,13 +352,13 @@ def _attn_bwd_dkdv(Q, K, V, Bias, DO, LSE, LSE_LO, DELTA, DK, DV, CuQ, CuK, Seed
         h = hk * GROUP + g
         bias_ptr = Bias + b * sbb + h * sbh
         for start_m in range(m_lo, m_mid, BLOCK_M):  # the diagonal / boundary query blocks
-            dk, dv = _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, LSE_LO, DELTA, b, h,
+            dk, dv = _dkdv_step(dk, dv, k, v, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, LSE_LO, DELTA, b, h,
                                 q0, Lb, Sb, L, S, H, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV, scale,
                                 softcap, d, win_left, win_right, bias_ptr, sbm, sbn, seed, dropout_p, True,
                                 IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, DROPOUT, HAS_LSE_LO, IEEE,
                                 BLOCK_M)
         for start_m in range(m_mid, m_hi, BLOCK_M):  # blocks that see every key: no mask arithmetic
-            dk, dv = _dkdv_step(dk, dv, kT, vT, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, LSE_LO, DELTA, b, h,
+            dk, dv = _dkdv_step(dk, dv, k, v, start_m, offs_n, offs_d, offs_e, Q, DO, LSE, LSE_LO, DELTA, b, h,
                                 q0, Lb, Sb, L, S, H, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, HEAD_E, HEAD_EV, scale,
                                 softcap, d, win_left, win_right, bias_ptr, sbm, sbn, seed, dropout_p, False,
                                 IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, DROPOUT, HAS_LSE_LO, IEEE,
@@ -409,12 +414,12 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, LSE, LSE_LO, DELTA, DQ, DBias, CuQ, CuK, See
                     mask=(offs_n[:, None] < Sb) & (offs_d[None, :] < HEAD_E), other=0.0)
         vT = tl.load(V + b * svb + hk * svh + (k0 + offs_n[None, :]) * svn + offs_e[:, None] * svd,
                      mask=(offs_e[:, None] < HEAD_EV) & (offs_n[None, :] < Sb), other=0.0)
-        s, t = _scores(q, tl.trans(k), offs_m, offs_n, Lb, Sb, scale, softcap, d, win_left, win_right, bias_ptr,
-                       sbm, sbn, True, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
-        p = _probs(s, lse, 0.0)
+        s, t = _scores(q, tl.trans(k), offs_m[:, None], offs_n[None, :], Lb, Sb, scale, softcap, d, win_left,
+                       win_right, bias_ptr, sbm, sbn, True, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_BIAS, BOOL_BIAS, IEEE)
+        p = _probs(s, lse[:, None], 0.0)
         dp = _dot(do, vT, IEEE)
         if DROPOUT:
-            dp = tl.where(_keep(seed, rows, offs_n, S, dropout_p), dp / (1.0 - dropout_p), 0.0)
+            dp = tl.where(_keep(seed, rows[:, None], offs_n[None, :], S, dropout_p), dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         if DBIAS:
             tl.store(DBias + rows[:, None] * S + offs_n[None, :], ds * r[:, None],
@@ -459,7 +464,7 @@ def _dropout_mask_kernel(Out, Seed, L, S, dropout_p, NBH, BLOCK_M: tl.constexpr,
     offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = bh.to(tl.int64) * L + offs_m
-    keep = _keep(tl.load(Seed), rows, offs_n, S, dropout_p)
+    keep = _keep(tl.load(Seed), rows[:, None], offs_n[None, :], S, dropout_p)
     tl.store(Out + rows[:, None] * S + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
 
@@ -503,15 +508,17 @@ def _arch(device: Optional[torch.device]) -> Optional[str]:
 
 
 def config(E: int, EV: int, dtype: torch.dtype, kind: str, device: Optional[torch.device] = None,
-           causal: bool = False) -> Tuple[int, int, int, int]:
+           causal: bool = False, arch: Optional[str] = None) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; kind is "fwd", "dkdv" or "dq". On a GPU whose
-    architecture bench/tune_attention.py measured (attention_tiles.json), 16-bit calls take its winner."""
+    architecture bench/tune_attention.py measured (attention_tiles.json), 16-bit calls take its winner. ``arch``
+    ("sm_90", ...) stands for the device's (compiling without a GPU)."""
     if kind in TILE_OVERRIDE:  # (first: the tests launch unequal tiles under the interpreter too)
         return tuple(TILE_OVERRIDE[kind])
     if _interpreted():
         return 16, 16, 4, 1
+    arch = arch or _arch(device)
     if dtype in (torch.float16, torch.bfloat16):
-        entry = MEASURED_TILES.get(_arch(device) or "", {}).get("entries", {}).get(tile_key(kind, E, EV, causal))
+        entry = MEASURED_TILES.get(arch or "", {}).get("entries", {}).get(tile_key(kind, E, EV, causal))
         if entry:
             return tuple(entry["tile"])
     e = max(E, EV)
@@ -528,9 +535,13 @@ def config(E: int, EV: int, dtype: torch.dtype, kind: str, device: Optional[torc
         return 64, 32, 4, 2
     if e <= 64:
         return (64, 64, 4, 2) if kind == "dq" else (32, 64, 4, 2)
-    if e <= 128:  # ptxas -v: dK/dV with 8 warps no spill on sm_80/sm_90 (4 warps: 104 / 80 bytes); dQ with 32-key
-        # tiles spills none on sm_90 and 284 bytes on sm_80 (64-key tiles: 360 / 272)
-        return (64, 32, 8, 2) if kind == "dq" else (32, 64, 8, 2)
+    if e <= 128:  # (ptxas -v on the kernels compiled as launched: tests/test_triton_attention_compile.py)
+        if kind == "dq":
+            return 64, 32, 8, 2
+        # dK/dV: 128-key tiles on Hopper, so that each of the two warpgroups owns 64 keys, wgmma's M (64-key tiles
+        # make both warpgroups compute the same S^T and dP^T), 16 queries a step: no spill (32: 188 bytes); on
+        # sm_80 (mma.sync, 16 rows a warp) 64-key tiles, which spill least there
+        return (16, 128, 8, 2) if arch == "sm_90" else (32, 64, 8, 2)
     return (32, 32, 4, 1) if kind == "dq" else (16, 32, 4, 1)
 
 
