@@ -14,7 +14,7 @@ from conftest import assert_spill_budget, run_script_compiled
 pytest.importorskip("triton")
 
 _SCRIPT = textwrap.dedent('''
-    import os, sys, json
+    import os, re, sys, json
     os.environ.pop("TRITON_INTERPRET", None)   # compile for real targets, not for the interpreter
     sys.path.insert(0, {root!r})
     import torch
@@ -53,6 +53,14 @@ _SCRIPT = textwrap.dedent('''
                or k in ("HEAD_E", "HEAD_EV")]
         return s, div
 
+    def replicated(ttgir):
+        """Whether a wgmma product's rows are fewer than its layout's warps cover (16 a warp): then warpgroups
+        compute the same rows twice."""
+        warps_m = {{name: int(w) for name, w in re.findall(
+            r"^#(mma\\d*) = #ttg.nvidia_mma<{{versionMajor = 3,[^>]*warpsPerCTA = \\[(\\d+), \\d+\\]", ttgir, re.M)}}
+        return any(int(m) < 16 * warps_m[name]
+                   for m, name in re.findall(r"warp_group_dot .*-> tensor<(\\d+)x\\d+xf32, #(mma\\d*)>", ttgir))
+
     out = []
     VARIANTS = [  # (kernel, dtype, head dim, flags, must not spill)
         ("fwd", "bf16", 128, {{"IS_CAUSAL": True}}, True),
@@ -83,7 +91,7 @@ _SCRIPT = textwrap.dedent('''
             c = compile_for(fn, s, flags, arch, num_warps=warps, num_stages=stages, divisible=div)  # as launched
             ptx = c.asm["ptx"]
             out.append((kern, arch, dt, e, sorted(fl), "wgmma" in ptx, "mma.sync" in ptx, spills(c), nospill,
-                        c.metadata.shared))
+                        c.metadata.shared, replicated(c.asm["ttgir"])))
     for kern in ("fwd", "dkdv", "dq"):  # the largest fp32 tiles on sm_86 / sm_89, whose blocks get the least shared
         # memory (101376 B)
         flags = dict(IS_CAUSAL=False, BR=False, HAS_WINDOW=False, SOFTCAP=False, HAS_BIAS=True, BOOL_BIAS=False,
@@ -96,14 +104,14 @@ _SCRIPT = textwrap.dedent('''
         flags.update(BLOCK_M=bm, BLOCK_N=bn)
         fn = {{"fwd": a._attn_fwd, "dkdv": a._attn_bwd_dkdv, "dq": a._attn_bwd_dq}}[kern]
         c = compile_for(fn, sig(kern, "fp32", "*fp32"), flags, 86, num_warps=warps, num_stages=stages)
-        out.append((kern, 86, "fp32", 256, ["HAS_BIAS"], False, False, 0, False, c.metadata.shared))
+        out.append((kern, 86, "fp32", 256, ["HAS_BIAS"], False, False, 0, False, c.metadata.shared, False))
     for arch in (80, 90):  # the backward's delta pass: no spill at the largest head dim
         for dt, ev in (("bf16", 256), ("fp32", 64)):
             sig_d = {{"DO": "*" + dt, "O": "*" + dt, "Delta": "*fp32"}}
             sig_d.update({{st: "i64" for st in ("sdb", "sdh", "sdm", "sdd", "sob", "soh", "som", "sod")}})
             sig_d.update({{"H": "i32", "L": "i32", "HEAD_EV": "i32", "NBH": "i32"}})
             c = compile_for(a._attn_bwd_delta, sig_d, {{"EV": ev, "BLOCK_M": max(16, 4096 // ev)}}, arch, num_warps=4)
-            out.append(("delta", arch, dt, ev, [], False, False, spills(c), True, c.metadata.shared))
+            out.append(("delta", arch, dt, ev, [], False, False, spills(c), True, c.metadata.shared, False))
     print(json.dumps(out))
 ''')
 
@@ -123,7 +131,7 @@ SHARED_PER_BLOCK = {80: 166912, 86: 101376, 90: 232448}
 def test_attention_kernels_compile_for_sm80_and_sm90():
     rows = run_script_compiled(_SCRIPT)
     assert len(rows) == 18
-    for kern, arch, dt, e, flags, wgmma, mma, n_spills, nospill, shared in rows:
+    for kern, arch, dt, e, flags, wgmma, mma, n_spills, nospill, shared, twice in rows:
         what = f"{kern} sm_{arch} {dt} E={e} {flags}"
         assert shared <= SHARED_PER_BLOCK[arch], f"{what}: {shared} B of shared memory, over sm_{arch}'s limit"
         if arch == 86:  # (compiled for the shared memory check only)
@@ -137,6 +145,7 @@ def test_attention_kernels_compile_for_sm80_and_sm90():
             assert not (wgmma or mma), f"{what}: tensor-core (TF32) instruction in an fp32 kernel"
         if arch == 90 and dt in ("bf16", "fp16"):  # (mma.sync on Hopper: a tile whose M is under 64 a warpgroup)
             assert wgmma and not mma, f"{what}: the sm_90 kernels must run every product on wgmma"
+            assert not twice, f"{what}: a wgmma product has fewer rows than its warps cover (computed twice)"
         if nospill:
             assert_spill_budget(what, n_spills, ATTN_KNOWN_SPILLS, (kern, arch, dt, e))
 
@@ -178,7 +187,7 @@ def test_measured_tiles_are_used_where_measured(monkeypatch, tmp_path):
     from pykernels.triton import attention as a
     from bench import tune_attention as tune
     monkeypatch.setattr(a, "_interpreted", lambda: False)
-    table = a.config(128, 128, torch.bfloat16, "dq")
+    table = a.config(128, 128, torch.bfloat16, "dq", arch="sm_90")
     for kind in ("fwd", "dq", "dkdv"):
         for e in (64, 128, 256):
             cands = tune.candidates(kind, e, a.config(e, e, torch.bfloat16, kind))
@@ -188,7 +197,7 @@ def test_measured_tiles_are_used_where_measured(monkeypatch, tmp_path):
     stamp = {"date": "2026-12-05", "torch": "x", "triton": "y", "commit": None}
     old = {"sm_80": {"entries": {"fwd/64/full": {"tile": [64, 64, 4, 2]}}},
            "sm_90": {"entries": {"dkdv/64/full": {"tile": [32, 64, 4, 2]}}}}
-    merged = tune.merge(old, "sm_90", "NVIDIA H200", stamp, {"dq/128/causal": {"tile": [128, 32, 8, 2]}})
+    merged = tune.merge(old, "sm_90", "NVIDIA H200", stamp, {"dq/128/causal": {"tile": [64, 64, 8, 2]}})
     assert merged["sm_80"] == old["sm_80"] and merged["sm_90"]["device"] == "NVIDIA H200"
     assert set(merged["sm_90"]["entries"]) == {"dkdv/64/full", "dq/128/causal"}
     path = tmp_path / "tiles.json"
@@ -196,11 +205,13 @@ def test_measured_tiles_are_used_where_measured(monkeypatch, tmp_path):
     monkeypatch.setattr(a, "MEASURED_TILES", a.load_tiles(str(path)))
     monkeypatch.setattr(a, "_arch", lambda device: "sm_90" if device is not None else None)
     dev = torch.device("cpu")  # (the architecture lookup is patched: no GPU here)
-    assert a.config(128, 128, torch.bfloat16, "dq", dev, True) == (128, 32, 8, 2)
-    assert a.config(100, 128, torch.float16, "dq", dev, True) == (128, 32, 8, 2)  # the 128 bucket
+    assert table != (64, 64, 8, 2)
+    assert a.config(128, 128, torch.bfloat16, "dq", dev, True) == (64, 64, 8, 2)
+    assert a.config(100, 128, torch.float16, "dq", dev, True) == (64, 64, 8, 2)  # the 128 bucket
     assert a.config(128, 128, torch.bfloat16, "dq", dev, False) == table  # not measured: the table
-    assert a.config(128, 128, torch.float32, "dq", dev, True) != (128, 32, 8, 2)  # fp32: the table
-    assert a.config(128, 128, torch.bfloat16, "dq", None, True) == table  # no device: the table
+    assert a.config(128, 128, torch.float32, "dq", dev, True) != (64, 64, 8, 2)  # fp32: the table
+    assert a.config(128, 128, torch.bfloat16, "dq", None, True) == a.config(128, 128, torch.bfloat16, "dq")  # no
+    # device: the table for no architecture
     monkeypatch.setattr(a, "_arch", lambda device: "sm_80")
     assert a.config(64, 64, torch.bfloat16, "fwd", dev) == (64, 64, 4, 2)
     committed = a.load_tiles()

@@ -536,11 +536,12 @@ def config(E: int, EV: int, dtype: torch.dtype, kind: str, device: Optional[torc
     if e <= 64:
         return (64, 64, 4, 2) if kind == "dq" else (32, 64, 4, 2)
     if e <= 128:  # (ptxas -v on the kernels compiled as launched: tests/test_triton_attention_compile.py)
+        # On Hopper the tile's M (dQ: queries; dK/dV: keys) is 128 for 8 warps, 64 rows for each warpgroup, wgmma's
+        # M: with 64, Triton lays S (dK/dV: S^T) and dP out over all 8 warps, 16 rows each, so both warpgroups
+        # compute the same products. dK/dV takes 16 queries a step (no spill; 32: 188 bytes). On sm_80 (mma.sync,
+        # 16 rows a warp) the 64-row tiles, which spill least there.
         if kind == "dq":
-            return 64, 32, 8, 2
-        # dK/dV: 128-key tiles on Hopper, so that each of the two warpgroups owns 64 keys, wgmma's M (64-key tiles
-        # make both warpgroups compute the same S^T and dP^T), 16 queries a step: no spill (32: 188 bytes); on
-        # sm_80 (mma.sync, 16 rows a warp) 64-key tiles, which spill least there
+            return (128, 32, 8, 2) if arch == "sm_90" else (64, 32, 8, 2)
         return (16, 128, 8, 2) if arch == "sm_90" else (32, 64, 8, 2)
     return (32, 32, 4, 1) if kind == "dq" else (16, 32, 4, 1)
 
