@@ -171,7 +171,8 @@ def _cell_config(dtype: torch.dtype, H: int) -> Tuple[int, int, int, int]:
     if dtype == torch.float32:
         return 32, 32, 32, 4
     # 16-bit: K steps of 32 and 8 warps for the 64-unit tiles: ptxas -v reports no spill on sm_80 or sm_90 (BK = 64
-    # with 4 warps spilled 132 / 2916 bytes); the 32-unit tiles spill 108 bytes on sm_90 (896 with BK = 64)
+    # with 4 warps spilled 132 / 2916 bytes); the 32-unit tiles spilled 108 bytes on sm_90 (896 with BK = 64). (Those
+    # counts are of kernels compiled with all-int64 strides; compiled as launched neither tile spills.)
     return (32, 64, 32, 8) if H >= 512 else (32, 32, 32, 4)
 
 
