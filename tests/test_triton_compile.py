@@ -57,6 +57,47 @@ def test_cross_entropy_kernels_compile_for_sm80_and_sm90_without_spills():
                             CE_KNOWN_SPILLS, (name, arch, dt, mode, prob, weighted))
 
 
+_LAUNCHED = textwrap.dedent('''
+    import os, re, sys, json
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.path.insert(0, {root!r})
+    from pykernels.triton import cross_entropy as k
+    from pykernels.triton._compile import compile_for, spills
+    out = []
+    for arch in (80, 90):
+        for dt, size in (("bf16", 2), ("fp32", 4)):
+            block, warps = k._config(128256, size)
+            # (N, C) logits as the launcher passes them, viewed (N, C, 1): D and the unit strides are constants
+            sig = {{"X": f"*{{dt}}", "TI": "*i64", "TP": f"*{{dt}}", "Wt": "*fp32", "Wsum": "*fp32",
+                   "Scale": "*fp32", "Loss": "*fp32", "Lse": "*fp32", "LseErr": "*fp32", "LseIn": "*fp32",
+                   "LseErrIn": "*fp32", "G": f"*{{dt}}", "M": "i32", "C": "i32", "sn": "i64", "tn": "i64",
+                   "tc": "i64", "td": "i64", "scale_stride": "i32", "ignore_index": "i64", "eps": "fp32",
+                   "zl": "fp32"}}
+            div = [a for a, t in sig.items() if t.startswith("*")] + ["C", "sn"]  # 16-divisible: V = 128256
+            for mode in (0, 1, 2):
+                c = compile_for(k._cross_entropy_kernel, sig,
+                                dict(D=1, sc=1, sd=1, MODE=mode, PROB=False, HAS_W=False, SMOOTH=False, ZLOSS=False,
+                                     HAS_SCALE=False, HAS_LSE_ERR=mode == 2, BLOCK=block), arch, num_warps=warps,
+                                divisible=div)
+                ptx = c.asm["ptx"]
+                out.append((arch, dt, mode, len(re.findall(r"ld\\.global[.a-z0-9]*\\.v4", ptx)),
+                            len(re.findall(r"st\\.global[.a-z0-9]*\\.v4", ptx)), spills(c)))
+    print(json.dumps(out))
+''')
+
+
+def test_cross_entropy_kernel_moves_16_bytes_an_access_as_launched():
+    """The bandwidth-bound kernel, compiled as a launch on contiguous (N, V) logits with V = 128256 specialises it:
+    its row loads (and the gradient's stores) are 16-byte vectors, without which it cannot reach the copy
+    bandwidth. (V not divisible by 16 misaligns the rows: scalar accesses there, as in any row-wise kernel.)"""
+    for arch, dt, mode, v4_loads, v4_stores, n_spills in run_script_compiled(_LAUNCHED):
+        what = f"sm_{arch} {dt} mode={mode}"
+        assert v4_loads > 0, f"{what}: no 16-byte loads"
+        if mode != 0:  # (the forward writes no gradient)
+            assert v4_stores > 0, f"{what}: no 16-byte gradient stores"
+        assert_spill_budget(what, n_spills, {}, None)
+
+
 _AUTOTUNERS = textwrap.dedent('''
     import os, sys, json
     os.environ.pop("TRITON_INTERPRET", None)   # the kernels as a GPU builds them (JITFunction, not interpreted)
