@@ -1,7 +1,7 @@
 """The Triton attention kernels compiled for real GPU targets (sm_80, sm_90) without a GPU: the interpreter is
 more lenient than the compiler, so every kernel and feature variant must also compile; tensor cores must be used
-(mma.sync on sm_80; wgmma alone in the sm_90 bf16/fp16 forward and backward) and the main configurations, compiled
-as they are launched, must not spill."""
+(mma.sync on sm_80; wgmma alone in the sm_90 bf16/fp16 forward and backward, no product computed twice) and the main
+configurations, compiled as they are launched, must not spill and must load their tiles by 16-byte cp.async."""
 from __future__ import annotations
 
 import json
@@ -91,7 +91,7 @@ _SCRIPT = textwrap.dedent('''
             c = compile_for(fn, s, flags, arch, num_warps=warps, num_stages=stages, divisible=div)  # as launched
             ptx = c.asm["ptx"]
             out.append((kern, arch, dt, e, sorted(fl), "wgmma" in ptx, "mma.sync" in ptx, spills(c), nospill,
-                        c.metadata.shared, replicated(c.asm["ttgir"])))
+                        c.metadata.shared, replicated(c.asm["ttgir"]), "cp.async.cg" in ptx))
     for kern in ("fwd", "dkdv", "dq"):  # the largest fp32 tiles on sm_86 / sm_89, whose blocks get the least shared
         # memory (101376 B)
         flags = dict(IS_CAUSAL=False, BR=False, HAS_WINDOW=False, SOFTCAP=False, HAS_BIAS=True, BOOL_BIAS=False,
@@ -104,14 +104,14 @@ _SCRIPT = textwrap.dedent('''
         flags.update(BLOCK_M=bm, BLOCK_N=bn)
         fn = {{"fwd": a._attn_fwd, "dkdv": a._attn_bwd_dkdv, "dq": a._attn_bwd_dq}}[kern]
         c = compile_for(fn, sig(kern, "fp32", "*fp32"), flags, 86, num_warps=warps, num_stages=stages)
-        out.append((kern, 86, "fp32", 256, ["HAS_BIAS"], False, False, 0, False, c.metadata.shared, False))
+        out.append((kern, 86, "fp32", 256, ["HAS_BIAS"], False, False, 0, False, c.metadata.shared, False, None))
     for arch in (80, 90):  # the backward's delta pass: no spill at the largest head dim
         for dt, ev in (("bf16", 256), ("fp32", 64)):
             sig_d = {{"DO": "*" + dt, "O": "*" + dt, "Delta": "*fp32"}}
             sig_d.update({{st: "i64" for st in ("sdb", "sdh", "sdm", "sdd", "sob", "soh", "som", "sod")}})
             sig_d.update({{"H": "i32", "L": "i32", "HEAD_EV": "i32", "NBH": "i32"}})
             c = compile_for(a._attn_bwd_delta, sig_d, {{"EV": ev, "BLOCK_M": max(16, 4096 // ev)}}, arch, num_warps=4)
-            out.append(("delta", arch, dt, ev, [], False, False, spills(c), True, c.metadata.shared, False))
+            out.append(("delta", arch, dt, ev, [], False, False, spills(c), True, c.metadata.shared, False, None))
     print(json.dumps(out))
 ''')
 
@@ -131,7 +131,7 @@ SHARED_PER_BLOCK = {80: 166912, 86: 101376, 90: 232448}
 def test_attention_kernels_compile_for_sm80_and_sm90():
     rows = run_script_compiled(_SCRIPT)
     assert len(rows) == 18
-    for kern, arch, dt, e, flags, wgmma, mma, n_spills, nospill, shared, twice in rows:
+    for kern, arch, dt, e, flags, wgmma, mma, n_spills, nospill, shared, twice, async16 in rows:
         what = f"{kern} sm_{arch} {dt} E={e} {flags}"
         assert shared <= SHARED_PER_BLOCK[arch], f"{what}: {shared} B of shared memory, over sm_{arch}'s limit"
         if arch == 86:  # (compiled for the shared memory check only)
@@ -148,6 +148,7 @@ def test_attention_kernels_compile_for_sm80_and_sm90():
             assert not twice, f"{what}: a wgmma product has fewer rows than its warps cover (computed twice)"
         if nospill:
             assert_spill_budget(what, n_spills, ATTN_KNOWN_SPILLS, (kern, arch, dt, e))
+            assert async16, f"{what}: the tiles are not loaded by 16-byte asynchronous copies (cp.async.cg)"
 
 
 def test_autotune_candidates_per_head_dim(monkeypatch):
