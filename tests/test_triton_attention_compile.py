@@ -72,6 +72,7 @@ _SCRIPT = textwrap.dedent('''
         ("dkdv", "fp16", 64, {{"HAS_BIAS": True, "DROPOUT": True, "SOFTCAP": True, "HAS_WINDOW": True}}, False),
         ("dq", "bf16", 128, {{"IS_CAUSAL": True}}, True),
         ("dq", "fp16", 64, {{"HAS_BIAS": True, "DBIAS": True, "DROPOUT": True, "VARLEN": True}}, False),
+        ("dq", "bf16", 256, {{"IS_CAUSAL": True}}, False),
     ]
     for arch in (80, 90):
         for kern, dt, e, fl, nospill in VARIANTS:
@@ -130,7 +131,7 @@ SHARED_PER_BLOCK = {80: 166912, 86: 101376, 90: 232448}
 
 def test_attention_kernels_compile_for_sm80_and_sm90():
     rows = run_script_compiled(_SCRIPT)
-    assert len(rows) == 18
+    assert len(rows) == 19
     for kern, arch, dt, e, flags, wgmma, mma, n_spills, nospill, shared, twice, async16 in rows:
         what = f"{kern} sm_{arch} {dt} E={e} {flags}"
         assert shared <= SHARED_PER_BLOCK[arch], f"{what}: {shared} B of shared memory, over sm_{arch}'s limit"

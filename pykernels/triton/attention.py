@@ -543,7 +543,10 @@ def config(E: int, EV: int, dtype: torch.dtype, kind: str, device: Optional[torc
         if kind == "dq":
             return (128, 32, 8, 2) if arch == "sm_90" else (64, 32, 8, 2)
         return (16, 128, 8, 2) if arch == "sm_90" else (32, 64, 8, 2)
-    return (32, 32, 4, 1) if kind == "dq" else (16, 32, 4, 1)
+    if kind == "dq":  # Hopper: as at 128, 128 queries for 8 warps on wgmma, no spill causal or with softcap and
+        # window (192 KB of shared memory); with a mask tensor 132-424 bytes (the mma.sync 32 x 32 tile: 0-32)
+        return (128, 32, 8, 2) if arch == "sm_90" else (32, 32, 4, 1)
+    return 16, 32, 4, 1  # (dK/dV on wgmma needs 64 keys: 712 bytes of spill on sm_90)
 
 
 def autotune_enabled() -> bool:
