@@ -516,8 +516,8 @@ def config(E: int, EV: int, dtype: torch.dtype, kind: str, device: Optional[torc
         return tuple(TILE_OVERRIDE[kind])
     if _interpreted():
         return 16, 16, 4, 1
-    arch = arch or _arch(device)
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in (torch.float16, torch.bfloat16):  # (the fp32 tiles below are the same on every architecture)
+        arch = arch or _arch(device)
         entry = MEASURED_TILES.get(arch or "", {}).get("entries", {}).get(tile_key(kind, E, EV, causal))
         if entry:
             return tuple(entry["tile"])
