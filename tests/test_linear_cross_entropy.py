@@ -1124,11 +1124,8 @@ _COMPILE = '''
 import json, os, sys
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, {root!r})
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from pykernels.triton import linear_cross_entropy as k
-from pykernels.triton._compile import _jit_fn, spills
+from pykernels.triton._compile import compile_for, spills
 
 # The runtime JIT specialises 16-byte aligned pointers and ints divisible by 16 ("tt.divisibility"); mimic it
 # for a contiguous problem with H % 16 == 0, so the check sees the loads the GPU will run (vectorised, pipelined).
@@ -1137,14 +1134,8 @@ ALIGNED = ("X", "W", "B", "T", "CW", "Mp", "Sp", "ZYp", "ZSp", "Mx", "LS", "CP",
 
 
 def compile_aligned(kernel, signature, constexprs, arch, num_warps, num_stages):
-    fn = _jit_fn(kernel)
-    sig = dict(signature)
-    sig.update({{name: "constexpr" for name in constexprs}})
-    attrs = {{(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED if a in signature}}
-    src = ASTSource(fn=fn, signature=sig, constexprs={{(fn.arg_names.index(a),): v for a, v in constexprs.items()}},
-                    attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={{"num_warps": num_warps, "num_stages": num_stages}})
+    return compile_for(kernel, signature, constexprs, arch, num_warps=num_warps, num_stages=num_stages,
+                       divisible=[a for a in ALIGNED if a in signature])
 
 
 out = []

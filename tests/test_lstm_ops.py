@@ -374,10 +374,9 @@ UNIT = ("sxi", "shh", "sch", "swik", "swhk", "sgh", "sgch", "swk")  # the inner 
 def compile_for(kern, sig, flags, arch, **kw):
     """As launched on contiguous operands with 16-divisible sizes: unit strides are constants, pointers, the
     other strides and I, H are 16-divisible (the launch specialises so: pykernels.triton._compile.compile_for)."""
-    flags = dict(flags, **{{u: 1 for u in UNIT if u in sig}})
-    sig = {{a: t for a, t in sig.items() if a not in flags}}
-    div = [a for a, t in sig.items() if t.startswith("*") or a[0] == "s" or a in ("I", "H")]
-    return compile_any(kern, sig, flags, arch, divisible=div, **kw)
+    unit = [u for u in UNIT if u in sig]
+    div = [a for a, t in sig.items() if a not in unit and (t.startswith("*") or a[0] == "s" or a in ("I", "H"))]
+    return compile_any(kern, sig, flags, arch, unit=unit, divisible=div, **kw)
 
 
 out = []
@@ -458,9 +457,8 @@ for arch, sms, dt, H, persistent in ((80, 108, "bf16", 768, True), (90, 132, "bf
                                                    DC="*fp32")
             meta["HAS_GOUT"] = True
         # as launched on a contiguous W_hh: its unit stride a constant, pointers, H and the row stride 16-divisible
-        sig.update(BAR="*i32", T="i32", B="i32", H="i32", swr="i64", STEP="i32")
-        meta["swk"] = 1
-        c = compile_for(kern, sig, meta, arch, num_warps=p.warps, num_stages=1,
+        sig.update(BAR="*i32", T="i32", B="i32", H="i32", swr="i64", swk="i64", STEP="i32")
+        c = compile_for(kern, sig, meta, arch, num_warps=p.warps, num_stages=1, unit=["swk"],
                         divisible=[a for a, t in sig.items() if t.startswith("*")] + ["H", "swr"])
         ptx, ttgir = c.asm["ptx"], c.asm["ttgir"]
         before_loop = ttgir[:ttgir.index("scf.for")]

@@ -43,15 +43,13 @@ _SCRIPT = textwrap.dedent('''
         s.update(SCALARS)
         return s
 
-    def launched(kern, dt, bias_t, flags):
-        """(signature, divisible): as a launch on contiguous 16-bit tensors with 16-divisible head dims specialises
-        the kernel (Triton makes a unit stride a constant and marks 16-divisible pointers and ints)."""
-        s = sig(kern, dt, bias_t)
-        flags.update({{k: 1 for k in UNIT if k in s}})
-        s = {{k: v for k, v in s.items() if k not in UNIT}}
-        div = [k for k, v in s.items() if v.startswith("*") or (k[0] == "s" and k[1] in "qkvdo" and len(k) == 3)
-               or k in ("HEAD_E", "HEAD_EV")]
-        return s, div
+    def launched(s):
+        """(unit, divisible) of signature ``s`` as a launch on contiguous 16-bit tensors with 16-divisible head dims
+        specialises the kernel (Triton makes a unit stride a constant and marks 16-divisible pointers and ints)."""
+        unit = [k for k in UNIT if k in s]
+        div = [k for k, v in s.items() if k not in unit and (v.startswith("*") or k in ("HEAD_E", "HEAD_EV")
+                                                             or (k[0] == "s" and k[1] in "qkvdo" and len(k) == 3))]
+        return unit, div
 
     def replicated(ttgir):
         """Whether a wgmma product's rows are fewer than its layout's warps cover (16 a warp): then warpgroups
@@ -88,8 +86,10 @@ _SCRIPT = textwrap.dedent('''
             bm, bn, warps, stages = a.config(e, e, DT[dt], kern, arch=f"sm_{{arch}}")
             flags.update(BLOCK_M=bm, BLOCK_N=bn)
             fn = {{"fwd": a._attn_fwd, "dkdv": a._attn_bwd_dkdv, "dq": a._attn_bwd_dq}}[kern]
-            s, div = launched(kern, dt, "*i1" if flags["BOOL_BIAS"] else "*" + dt, flags)
-            c = compile_for(fn, s, flags, arch, num_warps=warps, num_stages=stages, divisible=div)  # as launched
+            s = sig(kern, dt, "*i1" if flags["BOOL_BIAS"] else "*" + dt)
+            unit, div = launched(s)
+            c = compile_for(fn, s, flags, arch, num_warps=warps, num_stages=stages, unit=unit,
+                            divisible=div)  # as launched
             ptx = c.asm["ptx"]
             out.append((kern, arch, dt, e, sorted(fl), "wgmma" in ptx, "mma.sync" in ptx, spills(c), nospill,
                         c.metadata.shared, replicated(c.asm["ttgir"]), "cp.async.cg" in ptx))

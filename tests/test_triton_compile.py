@@ -70,15 +70,16 @@ _LAUNCHED = textwrap.dedent('''
             # (N, C) logits as the launcher passes them, viewed (N, C, 1): D and the unit strides are constants
             sig = {{"X": f"*{{dt}}", "TI": "*i64", "TP": f"*{{dt}}", "Wt": "*fp32", "Wsum": "*fp32",
                    "Scale": "*fp32", "Loss": "*fp32", "Lse": "*fp32", "LseErr": "*fp32", "LseIn": "*fp32",
-                   "LseErrIn": "*fp32", "G": f"*{{dt}}", "M": "i32", "C": "i32", "sn": "i64", "tn": "i64",
+                   "LseErrIn": "*fp32", "G": f"*{{dt}}", "M": "i32", "C": "i32", "sn": "i64", "sc": "i64",
+                   "sd": "i64", "tn": "i64",
                    "tc": "i64", "td": "i64", "scale_stride": "i32", "ignore_index": "i64", "eps": "fp32",
                    "zl": "fp32"}}
             div = [a for a, t in sig.items() if t.startswith("*")] + ["C", "sn"]  # 16-divisible: V = 128256
             for mode in (0, 1, 2):
                 c = compile_for(k._cross_entropy_kernel, sig,
-                                dict(D=1, sc=1, sd=1, MODE=mode, PROB=False, HAS_W=False, SMOOTH=False, ZLOSS=False,
+                                dict(D=1, MODE=mode, PROB=False, HAS_W=False, SMOOTH=False, ZLOSS=False,
                                      HAS_SCALE=False, HAS_LSE_ERR=mode == 2, BLOCK=block), arch, num_warps=warps,
-                                divisible=div)
+                                unit=("sc", "sd"), divisible=div)
                 ptx = c.asm["ptx"]
                 out.append((arch, dt, mode, len(re.findall(r"ld\\.global[.a-z0-9]*\\.v4", ptx)),
                             len(re.findall(r"st\\.global[.a-z0-9]*\\.v4", ptx)), spills(c)))

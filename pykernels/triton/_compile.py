@@ -19,16 +19,17 @@ def _jit_fn(kernel):
 
 
 def compile_for(kernel, signature: Dict[str, str], constexprs: Dict[str, object], arch: int, num_warps: int = 4,
-                num_stages: Optional[int] = None, divisible: Iterable[str] = ()):
+                num_stages: Optional[int] = None, unit: Iterable[str] = (), divisible: Iterable[str] = ()):
     """Compile ``kernel`` for ``sm_<arch>``. ``signature`` maps every non-constexpr argument to a Triton type
     ("*bf16", "*fp32", "*i64", "i32", "i64", "fp32"); ``constexprs`` maps constexpr arguments to values;
     ``num_stages`` as the launcher passes it (None: Triton's default). A launch specialises what the values show:
-    an int equal to 1 becomes a constexpr (pass it in ``constexprs``), and pointers and ints divisible by 16 are
-    marked so (name them in ``divisible``), which lets loads vectorise and changes register allocation: compile as
-    the kernel is launched where spills are counted."""
+    an int equal to 1 becomes a constexpr (name it in ``unit``, e.g. an innermost stride), and pointers and ints
+    divisible by 16 are marked so (name them in ``divisible``), which lets loads vectorise and changes register
+    allocation: compile as the kernel is launched where spills are counted."""
     fn = _jit_fn(kernel)
     if not hasattr(fn, "arg_names"):
         fn = triton.JITFunction(inspect.unwrap(kernel.fn if hasattr(kernel, "fn") else kernel))
+    constexprs = dict(constexprs, **{name: 1 for name in unit})
     sig = dict(signature)
     sig.update({name: "constexpr" for name in constexprs})
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
